@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The README's test command: installs what it needs, then runs the CPU test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,5 @@
+import sys
+
+from wideep.cli import main
+
+sys.exit(main())
