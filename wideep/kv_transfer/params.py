@@ -1,0 +1,131 @@
+"""`kv_transfer_params` as vLLM's NixlConnector and llm-d's sidecar spell them, plus the env knobs.
+
+The field names are the wire contract between router/sidecar, prefill server and decode server
+(engine.md §3, router.md §5); keep them exactly as vLLM names them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_SIDE_CHANNEL_PORT = 5600
+DEFAULT_ABORT_TIMEOUT_S = 480.0
+
+# What the sidecar sends on the prefill leg: "compute the prompt and hold the KV for me".
+PREFILL_LEG_PARAMS: dict[str, Any] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+def side_channel_base_port() -> int:
+    """Base port of the side channel; rank r listens on base + r. WIDEEP_KV_SIDE_CHANNEL_PORT wins over
+    vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT so tests can give every server its own ephemeral range."""
+    raw = os.environ.get("WIDEEP_KV_SIDE_CHANNEL_PORT") or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT")
+    if not raw:
+        return DEFAULT_SIDE_CHANNEL_PORT
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"VLLM_NIXL_SIDE_CHANNEL_PORT / WIDEEP_KV_SIDE_CHANNEL_PORT must be an integer, got {raw!r}")
+
+
+def side_channel_host() -> str:
+    """The address the consumer is told to dial (the pod IP on Kubernetes)."""
+    return os.environ.get("WIDEEP_KV_SIDE_CHANNEL_HOST") or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST") or "127.0.0.1"
+
+
+def abort_timeout_s() -> float:
+    """How long a producer holds blocks nobody has read (vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT)."""
+    raw = os.environ.get("VLLM_NIXL_ABORT_REQUEST_TIMEOUT")
+    return float(raw) if raw else DEFAULT_ABORT_TIMEOUT_S
+
+
+def engine_id_for_rank(base: str, dp_rank: int) -> str:
+    """vLLM suffixes the engine id with the DP rank so each rank is its own NIXL agent."""
+    return f"{base}_dp{dp_rank}"
+
+
+@dataclass
+class KVTransferConfig:
+    """`--kv-transfer-config` JSON: which connector, which role, what to do when a KV read fails."""
+
+    kv_connector: str = "NixlConnector"
+    kv_role: str = "kv_both"                 # kv_producer | kv_consumer | kv_both
+    kv_load_failure_policy: str = "recompute"  # fail | recompute
+    engine_id: str | None = None             # base id; default: a random uuid per server start
+    kv_connector_extra_config: dict[str, Any] | None = None
+
+    ROLES = ("kv_producer", "kv_consumer", "kv_both")
+    POLICIES = ("fail", "recompute")
+
+    def __post_init__(self) -> None:
+        if self.kv_role not in self.ROLES:
+            raise ValueError(f"kv_transfer_config.kv_role must be one of {', '.join(self.ROLES)}, got {self.kv_role!r}")
+        if self.kv_load_failure_policy not in self.POLICIES:
+            raise ValueError(
+                f"kv_transfer_config.kv_load_failure_policy must be one of {', '.join(self.POLICIES)}, "
+                f"got {self.kv_load_failure_policy!r}")
+
+    @property
+    def is_producer(self) -> bool:
+        return self.kv_role in ("kv_producer", "kv_both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.kv_role in ("kv_consumer", "kv_both")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "KVTransferConfig | None":
+        if d is None:
+            return None
+        if not isinstance(d, dict):
+            raise ValueError(f"kv_transfer_config must be a JSON object, got {d!r}")
+        known = {"kv_connector", "kv_role", "kv_load_failure_policy", "engine_id", "kv_connector_extra_config"}
+        # vLLM's KVTransferConfig has more knobs (kv_buffer_device, kv_rank, ...): accept and ignore them.
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class RemotePrefillParams:
+    """What a consumer needs to pull a prompt's KV: parsed from the producer's returned params."""
+
+    remote_engine_id: str
+    remote_block_ids: list[int]
+    remote_request_id: str
+    remote_host: str
+    remote_port: int
+    tp_size: int = 1
+
+    @classmethod
+    def parse(cls, p: dict[str, Any]) -> "RemotePrefillParams":
+        def need(name: str, typ: type) -> Any:
+            v = p.get(name)
+            if not isinstance(v, typ) or isinstance(v, bool) and typ is int:
+                raise ValueError(f"kv_transfer_params.{name} must be {typ.__name__}, got {v!r}")
+            return v
+
+        block_ids = p.get("remote_block_ids")
+        if not isinstance(block_ids, list) or not all(isinstance(b, int) and b >= 0 for b in block_ids):
+            raise ValueError(f"kv_transfer_params.remote_block_ids must be a list of block ids, got {block_ids!r}")
+        return cls(
+            remote_engine_id=need("remote_engine_id", str),
+            remote_block_ids=block_ids,
+            remote_request_id=str(p.get("remote_request_id") or ""),
+            remote_host=need("remote_host", str),
+            remote_port=need("remote_port", int),
+            tp_size=int(p.get("tp_size") or 1),
+        )
+
+
+def wants_remote_decode(p: dict[str, Any] | None) -> bool:
+    return bool(p and p.get("do_remote_decode"))
+
+
+def wants_remote_prefill(p: dict[str, Any] | None) -> bool:
+    return bool(p and p.get("do_remote_prefill"))
