@@ -1,0 +1,236 @@
+"""Parse and validate OpenAI completion / chat request bodies into one typed request.
+
+Every rejection is an APIError(400) whose `param` names the offending field, as vLLM does.
+Field names and defaults follow vLLM's protocol (max_tokens 16 for completions, unlimited for chat;
+max_completion_tokens wins over max_tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from wideep.server.errors import APIError, bad_request
+
+Kind = Literal["completion", "chat"]
+
+_CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
+_MISSING = object()
+
+
+@dataclass
+class GenerateRequest:
+    """What a completion or chat body asks for, validated; the prompt is tokenized later."""
+
+    kind: Kind
+    model: str | None
+    prompt_text: str | None = None            # completions: text prompt
+    prompt_token_ids: list[int] | None = None  # completions: token-id prompt
+    messages: list[dict[str, Any]] | None = None  # chat
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    kv_transfer_params: dict[str, Any] | None = None
+    max_tokens_param: str = "max_tokens"  # which field set the limit, for error messages
+
+
+def _type_name(t: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "a boolean", str: "a string", dict: "an object", list: "an array"}
+    if isinstance(t, tuple):
+        return " or ".join(names.get(x, x.__name__) for x in t)
+    return names.get(t, t.__name__)
+
+
+def _field(body: dict[str, Any], name: str, types: type | tuple, default: Any = None) -> Any:
+    """body[name] checked against `types` (bool is never an int or float here); null means default."""
+    v = body.get(name, _MISSING)
+    if v is _MISSING or v is None:
+        return default
+    wanted = types if isinstance(types, tuple) else (types,)
+    ok = any(
+        isinstance(v, t) and not (isinstance(v, bool) and t in (int, float))
+        for t in wanted
+    )
+    if not ok:
+        raise bad_request(f"'{name}' must be {_type_name(types)}, got {type(v).__name__} {v!r:.60}", name)
+    if float in wanted and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v) if int not in wanted else v
+    return v
+
+
+def _int_range(body: dict[str, Any], name: str, default: Any, lo: int | None = None) -> Any:
+    v = _field(body, name, int, default)
+    if v is not None and lo is not None and v < lo:
+        raise bad_request(f"'{name}' must be >= {lo}, got {v}", name)
+    return v
+
+
+def _token_ids(v: Any, param: str) -> list[int]:
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+        raise bad_request(f"'{param}' must be a list of non-negative integer token ids", param)
+    return v
+
+
+def _parse_common(body: Any, kind: Kind) -> GenerateRequest:
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object", None)
+    req = GenerateRequest(kind=kind, model=_field(body, "model", str))
+
+    n = _field(body, "n", int, 1)
+    if n != 1:
+        raise bad_request(f"only n=1 is supported, got n={n}", "n")
+    best_of = _field(body, "best_of", int, None)
+    if best_of not in (None, 1):
+        raise bad_request(f"best_of is not supported (got {best_of})", "best_of")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _field(body, name, (int, float), 0.0) != 0:
+            raise bad_request(f"'{name}' is not supported; omit it or send 0", name)
+    if _field(body, "repetition_penalty", (int, float), 1.0) != 1:
+        raise bad_request("'repetition_penalty' is not supported; omit it or send 1", "repetition_penalty")
+    if body.get("logit_bias"):
+        raise bad_request("'logit_bias' is not supported", "logit_bias")
+
+    # Output length: max_completion_tokens (newer OpenAI name) wins over max_tokens.
+    mct = _int_range(body, "max_completion_tokens", None)
+    mt = _int_range(body, "max_tokens", None)
+    if mct is not None:
+        req.max_tokens, req.max_tokens_param = mct, "max_completion_tokens"
+    else:
+        req.max_tokens = mt if mt is not None else (16 if kind == "completion" else None)
+    if req.max_tokens is not None and req.max_tokens < 1:
+        raise bad_request(f"'{req.max_tokens_param}' must be >= 1, got {req.max_tokens}", req.max_tokens_param)
+
+    req.temperature = _field(body, "temperature", (int, float), 1.0)
+    if req.temperature < 0:
+        raise bad_request(f"'temperature' must be >= 0, got {req.temperature}", "temperature")
+    req.top_p = _field(body, "top_p", (int, float), 1.0)
+    if not 0 < req.top_p <= 1:
+        raise bad_request(f"'top_p' must be in (0, 1], got {req.top_p}", "top_p")
+    req.top_k = _field(body, "top_k", int, 0)
+    if req.top_k < -1:
+        raise bad_request(f"'top_k' must be -1, 0 (off) or a positive integer, got {req.top_k}", "top_k")
+    req.seed = _field(body, "seed", int, None)
+    req.min_tokens = _int_range(body, "min_tokens", 0, 0)
+    if req.max_tokens is not None and req.min_tokens > req.max_tokens:
+        raise bad_request(f"'min_tokens' ({req.min_tokens}) must be <= {req.max_tokens_param} ({req.max_tokens})", "min_tokens")
+    req.ignore_eos = _field(body, "ignore_eos", bool, False)
+    req.include_stop_str_in_output = _field(body, "include_stop_str_in_output", bool, False)
+    req.skip_special_tokens = _field(body, "skip_special_tokens", bool, True)
+
+    stop = _field(body, "stop", (str, list), [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not all(isinstance(s, str) and s for s in stop):
+        raise bad_request("'stop' must be a non-empty string or a list of non-empty strings", "stop")
+    req.stop = stop
+    req.stop_token_ids = _token_ids(_field(body, "stop_token_ids", list, []), "stop_token_ids")
+
+    req.stream = _field(body, "stream", bool, False)
+    opts = _field(body, "stream_options", dict, None)
+    if opts is not None:
+        if not req.stream:
+            raise bad_request("'stream_options' can only be set when 'stream' is true", "stream_options")
+        req.include_usage = _field(opts, "include_usage", bool, False)
+        req.continuous_usage_stats = _field(opts, "continuous_usage_stats", bool, False)
+
+    req.kv_transfer_params = _field(body, "kv_transfer_params", dict, None)
+    return req
+
+
+def parse_completion(body: Any) -> GenerateRequest:
+    req = _parse_common(body, "completion")
+    if "prompt" not in body or body["prompt"] is None:
+        raise bad_request("'prompt' is required", "prompt")
+    prompt = body["prompt"]
+    # A batch of one is accepted; vLLM's batched prompts are not (n=1 serving, one stream per request).
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("'prompt' must not be empty", "prompt")
+        req.prompt_text = prompt
+    elif isinstance(prompt, list):
+        if not prompt:
+            raise bad_request("'prompt' must not be empty", "prompt")
+        if all(isinstance(p, (str, list)) for p in prompt):
+            raise bad_request("only one prompt per request is supported", "prompt")
+        req.prompt_token_ids = _token_ids(prompt, "prompt")
+    else:
+        raise bad_request("'prompt' must be a string or a list of token ids", "prompt")
+    if _field(body, "echo", bool, False):
+        raise bad_request("'echo' is not supported", "echo")
+    if body.get("logprobs") not in (None, 0, False):
+        raise bad_request("'logprobs' is not supported", "logprobs")
+    if body.get("suffix"):
+        raise bad_request("'suffix' is not supported", "suffix")
+    req.add_special_tokens = _field(body, "add_special_tokens", bool, True)
+    return req
+
+
+def parse_chat(body: Any) -> GenerateRequest:
+    req = _parse_common(body, "chat")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array of {role, content} objects", "messages")
+    req.messages = [_parse_message(m, i) for i, m in enumerate(messages)]
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise bad_request("'logprobs' is not supported", "logprobs")
+    if body.get("tools"):
+        raise bad_request("'tools' are not supported", "tools")
+    fmt = _field(body, "response_format", dict, None)
+    if fmt is not None and fmt.get("type") != "text":
+        raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format")
+    req.add_generation_prompt = _field(body, "add_generation_prompt", bool, True)
+    req.add_special_tokens = _field(body, "add_special_tokens", bool, False)
+    req.chat_template_kwargs = _field(body, "chat_template_kwargs", dict, {})
+    return req
+
+
+def _parse_message(m: Any, i: int) -> dict[str, Any]:
+    param = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise bad_request(f"'{param}' must be an object with 'role' and 'content'", param)
+    role = m.get("role")
+    if role not in _CHAT_ROLES:
+        raise bad_request(f"'{param}.role' must be one of {sorted(_CHAT_ROLES)}, got {role!r}", f"{param}.role")
+    content = m.get("content")
+    if content is None:
+        if role != "assistant":
+            raise bad_request(f"'{param}.content' is required", f"{param}.content")
+        content = ""
+    elif isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"'{param}.content[{j}]' must be {{\"type\": \"text\", \"text\": ...}}; "
+                                  "only text parts are supported", f"{param}.content")
+            parts.append(part["text"])
+        content = "".join(parts)
+    elif not isinstance(content, str):
+        raise bad_request(f"'{param}.content' must be a string or a list of text parts", f"{param}.content")
+    out = {"role": role, "content": content}
+    if isinstance(m.get("name"), str):
+        out["name"] = m["name"]
+    return out
+
+
+def check_model(req_model: str | None, served: list[str]) -> str:
+    """The served name a request is for; an unknown name is vLLM's 404 NotFoundError with param 'model'."""
+    if not req_model:
+        return served[0]
+    if req_model not in served:
+        raise APIError(f"The model `{req_model}` does not exist.", 404, "model", "NotFoundError")
+    return req_model
