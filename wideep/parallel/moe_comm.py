@@ -4,15 +4,20 @@ interface; backends (local, allgather_reducescatter, all_to_all, symmetric-memor
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 
 @dataclass
 class DispatchResult:
-    """Tokens this rank received for its local experts, grouped by local expert (contiguous rows)."""
+    """Tokens this rank received for its local experts, grouped by local expert (contiguous rows).
+
+    Rows past tokens_per_expert.sum() exist only in static-shape layouts (CUDA graphs): they are
+    padding with weight 0; the expert computation may skip them or compute garbage, combine ignores them.
+    """
 
     x: torch.Tensor                  # [N, hidden] rows for local experts, sorted by local expert
     tokens_per_expert: torch.Tensor  # [num_local_experts] int64 row counts (may be a padded layout's counts)
@@ -31,10 +36,28 @@ class MoEDispatcher:
     # True when dispatch/combine use only fixed shapes and no host sync (CUDA-graph capturable).
     graph_capturable = False
 
-    def __init__(self, num_experts: int, ep_rank: int = 0, ep_size: int = 1):
+    def __init__(self, num_experts: int, ep_rank: int = 0, ep_size: int = 1, group: Any = None, **options: Any):
+        if num_experts % ep_size:
+            raise ValueError(
+                f"num_experts (physical, incl. redundant) = {num_experts} must be divisible by the EP size {ep_size}")
         self.num_experts = num_experts
         self.ep_rank = ep_rank
         self.ep_size = ep_size
+        self.group = group            # torch.distributed ProcessGroup of the EP ranks (None = WORLD)
+        # Upper bound on tokens per rank for this step, the same on every rank (set by DP lockstep);
+        # None: the backend agrees on it itself where it needs one.
+        self.max_tokens_per_rank: int | None = None
+        self.options = options
+
+    def set_max_tokens_per_rank(self, n: int | None) -> None:
+        """Every rank of the group calls this with the same n before a forward (padded batch size)."""
+        self.max_tokens_per_rank = n
+
+    @property
+    def local_expert_range(self) -> tuple[int, int]:
+        """[first, last) physical expert ids owned by this rank: rank r owns r*L .. (r+1)*L-1."""
+        n = self.num_local_experts
+        return self.ep_rank * n, (self.ep_rank + 1) * n
 
     @property
     def num_local_experts(self) -> int:
@@ -45,3 +68,50 @@ class MoEDispatcher:
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         raise NotImplementedError
+
+
+# ---- registry: backends register by name; model code asks for one by name only ----------------------
+
+_BACKENDS: dict[str, Callable[..., MoEDispatcher] | str] = {
+    # built-ins are imported lazily ("module:Class") so importing this file stays cheap
+    "allgather_reducescatter": "wideep.parallel.allgather_dispatch:AllGatherReduceScatterDispatcher",
+    "all_to_all": "wideep.parallel.all_to_all_dispatch:AllToAllDispatcher",
+}
+# vLLM / llm-d backend names mapped onto the closest wideep backend (engine.md §1, §5).
+ALIASES = {
+    "naive": "allgather_reducescatter",
+    "allgather": "allgather_reducescatter",
+    "deepep_low_latency": "allgather_reducescatter",
+    "deepep_high_throughput": "all_to_all",
+    "pplx": "all_to_all",
+}
+
+
+def register_dispatcher(name: str, factory: Callable[..., MoEDispatcher] | str | None = None):
+    """Register a backend: `register_dispatcher("x", Cls)`, or as a class decorator `@register_dispatcher("x")`."""
+    if factory is not None:
+        _BACKENDS[name] = factory
+        return factory
+
+    def deco(cls):
+        _BACKENDS[name] = cls
+        return cls
+    return deco
+
+
+def available_dispatchers() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_dispatcher(name: str, num_experts: int, ep_rank: int = 0, ep_size: int = 1, group: Any = None,
+                   **options: Any) -> MoEDispatcher:
+    """Instantiate backend `name` (or its vLLM alias) for `num_experts` physical experts over `ep_size` ranks."""
+    key = ALIASES.get(name, name)
+    if key not in _BACKENDS:
+        raise ValueError(f"unknown all2all_backend {name!r}; choose one of {', '.join(available_dispatchers())}")
+    factory = _BACKENDS[key]
+    if isinstance(factory, str):
+        module, _, attr = factory.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+        _BACKENDS[key] = factory
+    return factory(num_experts, ep_rank=ep_rank, ep_size=ep_size, group=group, **options)

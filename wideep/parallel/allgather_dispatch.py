@@ -1,0 +1,76 @@
+"""allgather_reducescatter: every rank sees every token, computes its own experts, sums go home by reduce-scatter.
+
+Fixed shapes (each rank pads to the group's max tokens per rank), no host sync in static mode, so it
+can be captured in a CUDA graph: the decode backend for small EP (vLLM's "naive"/allgather path).
+Traffic is EP× the tokens regardless of routing, which is why all_to_all wins for prefill/large EP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from wideep.parallel import _comm
+from wideep.parallel.expert_grouping import group_by_local_expert
+from wideep.parallel.moe_comm import DispatchResult, MoEDispatcher
+
+
+@dataclass
+class _Handle:
+    num_tokens: int          # this rank's real T
+    padded_tokens: int       # T padded to the group's max
+    rows: torch.Tensor       # [N] row of the gathered batch each dispatched row came from
+    valid: torch.Tensor | None
+
+
+class AllGatherReduceScatterDispatcher(MoEDispatcher):
+    name = "allgather_reducescatter"
+    graph_capturable = True
+
+    def __init__(self, num_experts: int, ep_rank: int = 0, ep_size: int = 1, group=None,
+                 static_shapes: bool = False, **options):
+        super().__init__(num_experts, ep_rank, ep_size, group, **options)
+        # static_shapes: fixed-size DispatchResult (padding rows past tokens_per_expert.sum()); set by
+        # the model runner while capturing/replaying CUDA graphs.
+        self.static_shapes = static_shapes
+
+    def _padded_tokens(self, t: int, device: torch.device) -> int:
+        if self.ep_size == 1:
+            return t
+        if self.max_tokens_per_rank is not None:
+            if t > self.max_tokens_per_rank:
+                raise ValueError(f"{t} tokens on rank {self.ep_rank} exceed max_tokens_per_rank="
+                                 f"{self.max_tokens_per_rank} agreed for this step")
+            return self.max_tokens_per_rank
+        return _comm.all_reduce_max_int(t, device, self.group)
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        t = x.shape[0]
+        tp = self._padded_tokens(t, x.device)
+        pad = tp - t
+        if self.ep_size > 1:
+            if pad:
+                x = F.pad(x, (0, 0, 0, pad))
+                topk_ids = F.pad(topk_ids, (0, 0, 0, pad), value=-1)
+                topk_weights = F.pad(topk_weights, (0, 0, 0, pad))
+            x = _comm.all_gather_rows(x, self.ep_size, self.group)
+            topk_ids = _comm.all_gather_rows(topk_ids, self.ep_size, self.group)
+            topk_weights = _comm.all_gather_rows(topk_weights, self.ep_size, self.group)
+        first, _ = self.local_expert_range
+        g = group_by_local_expert(topk_ids - first, self.num_local_experts, self.static_shapes)
+        weights = topk_weights.reshape(-1)[g.order]
+        if g.valid is not None:
+            weights = torch.where(g.valid, weights, torch.zeros_like(weights))
+        return DispatchResult(x=x[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
+                              handle=_Handle(t, tp, g.rows, g.valid))
+
+    def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        h: _Handle = result.handle
+        if h.valid is not None:
+            y = torch.where(h.valid.unsqueeze(1), y, torch.zeros_like(y))
+        out = torch.zeros((h.padded_tokens * self.ep_size, y.shape[1]), dtype=y.dtype, device=y.device)
+        out.index_add_(0, h.rows, y)
+        if self.ep_size > 1:
+            out = _comm.reduce_scatter_rows(out, self.ep_size, self.group)
+        return out[: h.num_tokens]
