@@ -244,3 +244,8 @@ class KVEventPublisher:
                 if seq >= start_seq:
                     self._replay.send_multipart([ident, b"", seq.to_bytes(8, "big"), payload])
             self._replay.send_multipart([ident, b"", END_OF_REPLAY.to_bytes(8, "big", signed=True), b""])
+
+
+def create_publisher(config: dict[str, Any] | KVEventsConfig | None, data_parallel_rank: int) -> KVEventPublisher | None:
+    """What the engine process calls (engine/proc.py): a running publisher, or None when events are off."""
+    return KVEventPublisher.create(config, data_parallel_rank)
