@@ -1,0 +1,183 @@
+"""EngineCore: one rank, in-process. add_request / abort_request / step, and nothing else to know.
+
+A step = schedule (scheduler.py) -> forward + sample (model_runner.py) -> update and report
+(scheduler.py). `schedule()` and `execute()` are also exposed separately so a DP-lockstep loop can
+agree on the step's shape across ranks between the two (pad decode batches, run dummy batches).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from wideep.engine.api import EngineRequest, EngineStats, InvalidRequest, KVEvent, RequestOutput
+from wideep.engine.block_manager import BlockManager
+from wideep.engine.config import EngineArgs
+from wideep.engine.kv_cache import bytes_per_block, kv_cache_budget, num_blocks_for_budget
+from wideep.engine.request import Request
+from wideep.engine.scheduler import Scheduler, SchedulerConnector, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "half": torch.float16, "fp16": torch.float16, "float32": torch.float32, "float": torch.float32}
+    if name not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {name!r}")
+    return table[name]
+
+
+def load_eos_token_ids(model_dir: str | Path, config=None) -> set[int]:
+    """EOS ids from generation_config.json, else config.json (an int or a list in HF files)."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        p = Path(model_dir) / name
+        if p.exists():
+            v = json.loads(p.read_text()).get("eos_token_id")
+            if v is not None:
+                ids.update(v if isinstance(v, list) else [v])
+                break
+    if not ids and config is not None and getattr(config, "eos_token_id", None) is not None:
+        v = config.eos_token_id
+        ids.update(v if isinstance(v, list) else [v])
+    return ids
+
+
+class EngineCore:
+    def __init__(self, args: EngineArgs, *, model=None, dispatcher=None, ep_rank: int = 0, ep_size: int = 1,
+                 connector: SchedulerConnector | None = None):
+        self.args = args
+        self.device = resolve_device(args.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        if model is None:
+            from wideep.model.loader import load_model
+            model = load_model(args.model, self.device, self.dtype, dispatcher=dispatcher,
+                               ep_rank=ep_rank, ep_size=ep_size)
+        self.model = model
+        cfg = model.config
+        self.vocab_size = int(cfg.vocab_size)
+        self.max_model_len = int(args.max_model_len or min(int(cfg.max_position_embeddings), 8192))
+        self.eos_token_ids = load_eos_token_ids(args.model, cfg) if args.model else set()
+
+        from wideep.engine.model_runner import ModelRunner
+        self.runner = ModelRunner(model, args, self.device, self.max_model_len)
+        self.num_blocks = self._size_kv_cache()
+        self.runner.allocate_kv_cache(self.num_blocks)
+        self.runner.capture_cuda_graphs()
+        self.block_manager = BlockManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
+                                   self.max_model_len, connector)
+        log.info("engine ready in %.1fs: %d KV blocks of %d tokens, max_model_len %d, device %s",
+                 time.perf_counter() - t0, self.num_blocks, args.block_size, self.max_model_len, self.device)
+
+    def _size_kv_cache(self) -> int:
+        per_block = bytes_per_block(self.model.num_layers, self.args.block_size, self.model.kv_cache_dim,
+                                    self.runner.dtype)
+        peak = 0
+        if self.device.type == "cuda" and not self.args.kv_cache_memory_bytes:
+            # Profile the largest prefill (no cache yet: a one-block scratch cache, nothing written).
+            self.runner.allocate_kv_cache(1)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            self.runner.dummy_run(min(self.args.max_num_batched_tokens, self.max_model_len))
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - base
+            self.runner.kv_caches = []
+            torch.cuda.empty_cache()
+        return num_blocks_for_budget(kv_cache_budget(self.args, self.device, peak), per_block)
+
+    # ---- requests --------------------------------------------------------------------------------
+    def validate(self, req: EngineRequest) -> int:
+        """Raises InvalidRequest naming the field; returns the resolved max_tokens."""
+        sp = req.sampling_params
+        sp.validate()
+        if not req.request_id:
+            raise InvalidRequest("request_id must be a non-empty string", "request_id")
+        if req.request_id in self.scheduler.requests:
+            raise InvalidRequest(f"request_id {req.request_id!r} is already in use", "request_id")
+        ids = req.prompt_token_ids
+        if not ids:
+            raise InvalidRequest("prompt must not be empty", "prompt")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in ids):
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt")
+        n = len(ids)
+        if n >= self.max_model_len:
+            raise InvalidRequest(
+                f"prompt has {n} tokens but max_model_len is {self.max_model_len}: shorten the prompt "
+                "(it must leave room for at least one generated token)", "prompt")
+        max_tokens = sp.max_tokens if sp.max_tokens is not None else self.max_model_len - n
+        if n + max_tokens > self.max_model_len:
+            raise InvalidRequest(
+                f"max_tokens {max_tokens} plus the prompt's {n} tokens exceeds max_model_len "
+                f"{self.max_model_len}: lower max_tokens to at most {self.max_model_len - n}", "max_tokens")
+        need = self.block_manager.blocks_needed(n + max_tokens - 1)
+        if need > self.num_blocks:
+            raise InvalidRequest(
+                f"prompt + max_tokens need {need} KV blocks but the cache holds {self.num_blocks}: "
+                "lower max_tokens or give the engine more KV cache memory", "max_tokens")
+        return max_tokens
+
+    def add_request(self, req: EngineRequest) -> None:
+        max_tokens = self.validate(req)
+        self.scheduler.add(Request(req, self.eos_token_ids, max_tokens))
+
+    def abort_request(self, request_id: str) -> bool:
+        """Frees the request's blocks at once; its final output (finish_reason "abort") comes from the next step()."""
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping --------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        return self.scheduler.schedule()
+
+    def execute(self, out: SchedulerOutput, pad_to: int | None = None) -> list[RequestOutput]:
+        sampled = self.runner.execute(out, pad_to) if not out.is_empty else []
+        return self.scheduler.update(out, sampled)
+
+    def step(self) -> list[RequestOutput]:
+        return self.execute(self.schedule())
+
+    def execute_dummy_batch(self, num_tokens: int = 1, decode: bool = True) -> None:
+        """A forward over dummy tokens that writes nothing to the cache (DP lockstep: ranks without
+        work still join every MoE collective)."""
+        self.runner.dummy_run(num_tokens, decode=decode)
+
+    # ---- observability ---------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s, bm = self.scheduler, self.block_manager
+        return EngineStats(
+            dp_rank=self.args.data_parallel_rank, num_running=len(s.running),
+            num_waiting=len(s.waiting) + len(s.waiting_for_kv), kv_cache_usage=bm.usage,
+            num_blocks=bm.num_blocks, block_size=bm.block_size,
+            prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
+            num_preemptions=s.num_preemptions, prompt_tokens=s.prompt_tokens,
+            generation_tokens=s.generation_tokens)
+
+    def take_kv_events(self) -> list[KVEvent]:
+        return self.block_manager.take_events()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.block_manager.reset_prefix_cache()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks

@@ -1,0 +1,212 @@
+"""Turns a scheduled batch into the model's inputs, runs the forward and samples.
+
+Decode-only batches on CUDA replay a CUDA graph captured for the next larger size in
+`cuda_graph_sizes` (static input buffers, padding rows have slot -1 and seq_len 0); prefill and
+mixed batches run eagerly. The graph's block table is `max_model_len / block_size` wide.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from wideep.engine.config import EngineArgs
+from wideep.engine.kv_cache import allocate_kv_caches
+from wideep.engine.sampler import Sampler
+from wideep.engine.scheduler import SchedulerOutput
+from wideep.model.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    hidden: torch.Tensor
+
+
+class ModelRunner:
+    def __init__(self, model, args: EngineArgs, device: torch.device, max_model_len: int):
+        self.model = model
+        self.args = args
+        self.device = device
+        self.block_size = args.block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.dtype = next(model.parameters()).dtype
+        self.sampler = Sampler(device, args.seed)
+        self.kv_caches: list[torch.Tensor] = []
+        self.graphs: dict[int, _Graph] = {}
+        self.graph_pool = None
+
+    # ---- KV cache ----------------------------------------------------------------------------
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = allocate_kv_caches(self.model.num_layers, num_blocks, self.block_size,
+                                            self.model.kv_cache_dim, self.dtype, self.device)
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def _prepare(self, out: SchedulerOutput, block_table_width: int | None = None):
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        tables: list[list[int]] = []
+        bs = self.block_size
+        for s in out.seqs:
+            req = s.request
+            end = s.start + s.num_new_tokens
+            input_ids.extend(req.all_token_ids[s.start:end])
+            positions.extend(range(s.start, end))
+            blocks = req.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(s.start, end))
+            qsl.append(qsl[-1] + s.num_new_tokens)
+            seq_lens.append(end)
+            query_lens.append(s.num_new_tokens)
+            tables.append(blocks)
+        width = block_table_width or max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+        attn = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.tensor(padded, dtype=torch.int32).to(dev, non_blocking=True),
+            num_decodes=out.num_decodes, query_lens=query_lens, seq_lens_cpu=seq_lens)
+        ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
+        return ids, pos, attn, qsl
+
+    # ---- execution ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, pad_to: int | None = None) -> list[int]:
+        """Runs one scheduled step; returns the sampled token of each seq that samples, in order."""
+        graph = self._graph_for(len(out.seqs), pad_to) if out.is_decode_only else None
+        if graph is not None:
+            hidden = self._replay(graph, out)
+            qsl = list(range(len(out.seqs) + 1))
+        else:
+            ids, pos, attn, qsl = self._prepare(out)
+            hidden = self.model.forward(ids, pos, attn, self.kv_caches)
+        sample_rows = [qsl[i + 1] - 1 for i, s in enumerate(out.seqs) if s.samples]
+        if not sample_rows:
+            return []
+        idx = torch.tensor(sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
+        logits = self.model.compute_logits(hidden[idx])
+        return self.sampler(logits, [s.request for s in out.seqs if s.samples])
+
+    @torch.inference_mode()
+    def dummy_run(self, num_tokens: int, decode: bool = False) -> None:
+        """A forward over `num_tokens` dummy tokens that writes nothing to the cache (slot -1):
+        keeps MoE collectives in step across DP ranks, and profiles activation memory."""
+        if decode:
+            graph = self._graph_for(num_tokens, None)
+            if graph is not None:
+                self._fill_graph_padding(graph, 0)
+                graph.graph.replay()
+                return
+            q = [1] * num_tokens
+            seq_lens = [1] * num_tokens
+            nd = num_tokens
+        else:
+            q, seq_lens, nd = [num_tokens], [num_tokens], 0
+        nb = -(-max(seq_lens) // self.block_size)
+        attn = AttentionMetadata(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=self.device),
+            query_start_loc=torch.tensor([0] + list(_cumsum(q)), dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros((len(q), nb), dtype=torch.int32, device=self.device),
+            num_decodes=nd, query_lens=q, seq_lens_cpu=seq_lens)
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        pos = torch.zeros(num_tokens, dtype=torch.long, device=self.device) if decode else \
+            torch.arange(num_tokens, dtype=torch.long, device=self.device)
+        self.model.forward(ids, pos, attn, self.kv_caches)
+
+    # ---- CUDA graphs -----------------------------------------------------------------------------
+    def _graph_for(self, batch: int, pad_to: int | None) -> _Graph | None:
+        need = max(batch, pad_to or 0)
+        for size in sorted(self.graphs):
+            if size >= need:
+                return self.graphs[size]
+        return None
+
+    def _fill_graph_padding(self, g: _Graph, start: int) -> None:
+        g.input_ids[start:].zero_()
+        g.positions[start:].zero_()
+        g.slot_mapping[start:].fill_(-1)
+        g.seq_lens[start:].zero_()
+        g.block_tables[start:].zero_()
+
+    def _replay(self, g: _Graph, out: SchedulerOutput) -> torch.Tensor:
+        b = len(out.seqs)
+        bs = self.block_size
+        ids, pos, slots, lens = [], [], [], []
+        table = torch.zeros((b, self.max_blocks_per_seq), dtype=torch.int32)
+        for i, s in enumerate(out.seqs):
+            req = s.request
+            p = s.start
+            ids.append(req.all_token_ids[p])
+            pos.append(p)
+            slots.append(req.block_ids[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            table[i, :len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.int32)
+        g.input_ids[:b].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        g.positions[:b].copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
+        g.slot_mapping[:b].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
+        g.seq_lens[:b].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+        g.block_tables[:b].copy_(table, non_blocking=True)
+        self._fill_graph_padding(g, b)
+        g.graph.replay()
+        return g.hidden[:b]
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> None:
+        if self.device.type != "cuda" or self.args.enforce_eager:
+            return
+        sizes = sorted({s for s in self.args.cuda_graph_sizes if 0 < s <= self.args.max_num_seqs}, reverse=True)
+        t0 = time.perf_counter()
+        for size in sizes:
+            try:
+                self.graphs[size] = self._capture(size)
+            except Exception as exc:  # a non-capturable model/dispatcher: stay eager
+                log.warning("CUDA graph capture failed at batch %d (%s); decode runs eagerly", size, exc)
+                self.graphs.clear()
+                return
+        log.info("captured %d CUDA graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
+
+    def _capture(self, size: int) -> _Graph:
+        dev = self.device
+        ids = torch.zeros(size, dtype=torch.long, device=dev)
+        pos = torch.zeros(size, dtype=torch.long, device=dev)
+        slots = torch.full((size,), -1, dtype=torch.long, device=dev)
+        seq_lens = torch.zeros(size, dtype=torch.int32, device=dev)
+        tables = torch.zeros((size, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
+        attn = AttentionMetadata(
+            slot_mapping=slots, query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=dev),
+            seq_lens=seq_lens, block_tables=tables, num_decodes=size,
+            query_lens=[1] * size, seq_lens_cpu=[self.max_model_len] * size)
+        for _ in range(2):  # warm up (allocator, lazy inits) outside the graph
+            self.model.forward(ids, pos, attn, self.kv_caches)
+        torch.cuda.synchronize(dev)
+        graph = torch.cuda.CUDAGraph()
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            hidden = self.model.forward(ids, pos, attn, self.kv_caches)
+        torch.cuda.synchronize(dev)
+        return _Graph(graph, ids, pos, slots, seq_lens, tables, hidden)
+
+
+def _cumsum(xs: list[int]):
+    total = 0
+    for x in xs:
+        total += x
+        yield total

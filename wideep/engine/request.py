@@ -1,0 +1,86 @@
+"""The engine's view of one request: its tokens, how many have KV in the cache, its blocks.
+
+The scheduler's one invariant: `num_tokens - num_computed_tokens` tokens still need a forward pass.
+A running request in decode has exactly one (the token sampled last step); a preempted request
+has all of them again (recompute).
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from wideep.engine.api import EngineRequest, SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # P/D consumer: blocks allocated, KV arriving
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(self, req: EngineRequest, eos_token_ids: set[int], max_tokens: int):
+        self.request_id = req.request_id
+        self.prompt_token_ids = list(req.prompt_token_ids)
+        self.sampling_params: SamplingParams = req.sampling_params
+        self.kv_transfer_params: dict[str, Any] | None = req.kv_transfer_params
+        self.arrival_time = req.arrival_time
+        self.eos_token_ids = eos_token_ids
+        self.max_tokens = max_tokens            # resolved (never None)
+        self.all_token_ids: list[int] = list(req.prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1             # prompt tokens found in the prefix cache at first schedule
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []       # hashes of this request's full, computed blocks
+        self.status = RequestStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+        self.num_remote_tokens_total = 0       # P/D: computed tokens once remote KV has landed
+        self.generator = None                   # torch.Generator for seeded sampling, made by the runner
+        self.num_emitted = 0                    # output tokens already reported
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+
+    def check_stop(self, max_model_len: int) -> bool:
+        """Sets finish_reason after a token was appended; True when the request is done."""
+        sp = self.sampling_params
+        last = self.all_token_ids[-1]
+        if self.num_output_tokens >= sp.min_tokens:
+            if not sp.ignore_eos and last in self.eos_token_ids:
+                self.finish_reason, self.stop_reason = "stop", None
+                return True
+            if last in sp.stop_token_ids:
+                self.finish_reason, self.stop_reason = "stop", last
+                return True
+        if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
+            self.finish_reason = "length"
+            return True
+        return False
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})")

@@ -1,0 +1,237 @@
+"""Continuous batching with chunked prefill, decode-first batches and preemption by recompute.
+
+Every step each scheduled request advances by `num_tokens - num_computed_tokens` tokens (capped
+by the token budget): one for a decode, a chunk for a prefill. Running requests go first (oldest
+first); if blocks run out, the newest running request is preempted (its blocks freed, its tokens
+recomputed later). Waiting requests are admitted only in steps without preemption.
+
+P/D seam: an optional `SchedulerConnector` (kv_transfer/) can (a) say that a waiting request's
+prefix will arrive from a remote engine: the request then parks in WAITING_FOR_REMOTE_KV with its
+blocks allocated until the connector reports it loaded; (b) keep a finished request's blocks
+held (producer side) until the connector reports them sent.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from wideep.engine.api import RequestOutput
+from wideep.engine.block_manager import BlockManager
+from wideep.engine.request import Request, RequestStatus
+
+
+class SchedulerConnector(Protocol):
+    def get_num_remote_tokens(self, request: Request, num_local_tokens: int) -> tuple[int, bool]:
+        """(tokens beyond the local prefix-cache hit that a remote engine will provide, loads asynchronously)."""
+        ...
+
+    def on_blocks_allocated(self, request: Request, num_remote_tokens: int) -> None:
+        """Start pulling remote KV into request.block_ids."""
+        ...
+
+    def finished_loading(self) -> set[str]:
+        """Ids of requests whose remote KV has landed since the last call."""
+        ...
+
+    def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
+        """(keep the request's blocks until sent, kv_transfer_params for the final output)."""
+        ...
+
+    def finished_sending(self) -> set[str]:
+        """Ids of held requests whose blocks may now be freed."""
+        ...
+
+
+@dataclass
+class ScheduledSeq:
+    request: Request
+    start: int            # first position computed this step (== num_computed_tokens before it)
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Reaches the end of the known tokens, so this step produces its next token."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)   # decodes (1 new token) first
+    num_decodes: int = 0
+    num_tokens: int = 0
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def is_decode_only(self) -> bool:
+        return bool(self.seqs) and self.num_decodes == len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, connector: SchedulerConnector | None = None):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.connector = connector
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.waiting_for_kv: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}      # finished, blocks kept for a remote consumer
+        self.requests: dict[str, Request] = {}  # every unfinished request by id
+        self.finished_outputs: list[RequestOutput] = []  # aborts etc. reported by the next step
+        self.num_preemptions = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self.finished_outputs)
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+            del self.waiting_for_kv[request_id]
+        else:
+            self.waiting.remove(req)
+        req.finish_reason = "abort"
+        self._finish(req)
+        self.finished_outputs.append(self._output(req, []))
+        return True
+
+    def _finish(self, req: Request) -> dict[str, Any] | None:
+        req.status = RequestStatus.FINISHED
+        self.requests.pop(req.request_id, None)
+        params = None
+        if self.connector is not None:
+            hold, params = self.connector.request_finished(req)
+            if hold:
+                self.held[req.request_id] = req
+                return params
+        self.bm.free(req)
+        return params
+
+    def _preempt(self, req: Request) -> None:
+        self.bm.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _poll_connector(self) -> None:
+        if self.connector is None:
+            return
+        for rid in self.connector.finished_sending():
+            req = self.held.pop(rid, None)
+            if req is not None:
+                self.bm.free(req)
+        for rid in self.connector.finished_loading():
+            req = self.waiting_for_kv.pop(rid, None)
+            if req is not None:
+                req.num_computed_tokens = req.num_remote_tokens_total
+                req.status = RequestStatus.WAITING
+                self.waiting.appendleft(req)
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        self._poll_connector()
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            req = self.running[idx]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.bm.allocate(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                break
+            scheduled.append(ScheduledSeq(req, req.num_computed_tokens, n))
+            budget -= n
+            idx += 1
+
+        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            cached = self.bm.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            num_local = req.num_computed_tokens + len(cached) * self.bm.block_size
+            num_remote, load_async = 0, False
+            if self.connector is not None and req.num_computed_tokens == 0:
+                num_remote, load_async = self.connector.get_num_remote_tokens(req, num_local)
+            if num_remote and load_async:
+                if not self.bm.allocate(req, num_remote, cached):
+                    break
+                self.waiting.popleft()
+                req.num_remote_tokens_total = num_local + num_remote
+                req.num_cached_tokens = num_local + num_remote
+                req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+                self.waiting_for_kv[req.request_id] = req
+                self.connector.on_blocks_allocated(req, num_remote)
+                continue
+            n = min(req.num_tokens - num_local, budget)
+            if not self.bm.allocate(req, n, cached):
+                break
+            self.bm.record_lookup(req.num_tokens, len(cached) * self.bm.block_size)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = len(cached) * self.bm.block_size
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(ScheduledSeq(req, req.num_computed_tokens, n))
+            budget -= n
+
+        scheduled.sort(key=lambda s: s.num_new_tokens != 1)   # stable: decodes first
+        out.seqs = scheduled
+        out.num_decodes = sum(1 for s in scheduled if s.num_new_tokens == 1)
+        out.num_tokens = sum(s.num_new_tokens for s in scheduled)
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
+        """Applies a step's result; `sampled` has one token per seq that samples, in batch order."""
+        outputs: list[RequestOutput] = self.finished_outputs
+        self.finished_outputs = []
+        it = iter(sampled)
+        for s in out.seqs:
+            req = s.request
+            req.num_computed_tokens = s.start + s.num_new_tokens
+            self.prompt_tokens += max(0, min(req.num_computed_tokens, req.num_prompt_tokens) - s.start)
+            self.bm.cache_full_blocks(req)
+            if not s.samples:
+                continue
+            token = next(it)
+            req.append_token(token)
+            self.generation_tokens += 1
+            new = req.all_token_ids[req.num_prompt_tokens + req.num_emitted:]
+            req.num_emitted = req.num_output_tokens
+            params = None
+            if req.check_stop(self.max_model_len):
+                self.running.remove(req)
+                params = self._finish(req)
+            outputs.append(self._output(req, new, params))
+        return outputs
+
+    def _output(self, req: Request, new_token_ids: list[int], params: dict[str, Any] | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id, new_token_ids=list(new_token_ids), finished=req.is_finished,
+            finish_reason=req.finish_reason if req.is_finished else None,
+            stop_reason=req.stop_reason if req.is_finished else None,
+            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
+            kv_transfer_params=params)
