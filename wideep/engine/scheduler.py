@@ -145,6 +145,15 @@ class Scheduler:
                 req.num_computed_tokens = req.num_remote_tokens_total
                 req.status = RequestStatus.WAITING
                 self.waiting.appendleft(req)
+        # P/D (kv_transfer): a pull that failed under kv_load_failure_policy=fail ends the request.
+        for rid, error in getattr(self.connector, "failed_loading", dict)().items():
+            req = self.waiting_for_kv.pop(rid, None)
+            if req is not None:
+                req.finish_reason = "error"
+                self._finish(req)
+                failed = self._output(req, [])
+                failed.error = error
+                self.finished_outputs.append(failed)
 
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

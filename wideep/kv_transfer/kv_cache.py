@@ -1,0 +1,70 @@
+"""The engine's paged KV cache seen as byte regions indexed by block id (dim 0 of every tensor).
+
+The transport moves bytes; this module turns block ids into contiguous host buffers and back.
+On GPU both directions stage through pinned host memory (gather on device, one D2H copy; one H2D
+copy, scatter on device), which is what a TCP transport needs and what NIXL would skip.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable memoryview on a contiguous CPU tensor's bytes (shares memory)."""
+    assert t.device.type == "cpu" and t.is_contiguous()
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
+
+
+class PagedKVCaches:
+    def __init__(self, caches: list[torch.Tensor]):
+        if not caches:
+            raise ValueError("no KV cache tensors to transfer")
+        nb = caches[0].shape[0]
+        for i, c in enumerate(caches):
+            if c.shape[0] != nb:
+                raise ValueError(f"KV cache region {i} has {c.shape[0]} blocks, region 0 has {nb}")
+        self.caches = caches
+        self.device = caches[0].device
+        self.num_blocks = nb
+
+    def layout(self) -> list[dict[str, Any]]:
+        return [{"shape": list(c.shape[1:]), "dtype": _dtype_name(c.dtype)} for c in self.caches]
+
+    def block_nbytes(self) -> int:
+        return sum(c[0].numel() * c.element_size() for c in self.caches)
+
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
+        if bad:
+            raise ValueError(f"block ids {bad[:5]} out of range 0..{self.num_blocks - 1}")
+        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
+
+    def staging(self, num_blocks: int) -> list[torch.Tensor]:
+        """Host buffers for `num_blocks` blocks of every region (pinned when the cache is on GPU)."""
+        pin = self.device.type == "cuda"
+        return [torch.empty((num_blocks, *c.shape[1:]), dtype=c.dtype, pin_memory=pin) for c in self.caches]
+
+    def gather(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """Copies the blocks out into host tensors (producer side)."""
+        idx = self._index(block_ids)
+        if self.device.type == "cpu":
+            return [c.index_select(0, idx) for c in self.caches]
+        out = self.staging(len(block_ids))
+        for dst, c in zip(out, self.caches):
+            dst.copy_(c.index_select(0, idx), non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return out
+
+    def scatter(self, block_ids: list[int], host: list[torch.Tensor]) -> None:
+        """Writes host tensors (from staging()) into the blocks (consumer side)."""
+        idx = self._index(block_ids)
+        for c, src in zip(self.caches, host):
+            c.index_copy_(0, idx, src.to(self.device, non_blocking=True))
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()

@@ -1,0 +1,199 @@
+"""KV block transport: the producer's block server and the consumer's block client (TCP).
+
+The engine-facing side is two small interfaces, so NIXL/UCX (RDMA reads) or NCCL (send/recv
+between ranks) can replace TCP without touching the connector:
+
+  BlockSource (producer): metadata(), read(engine_id, request_id, block_ids) -> region byte views,
+                          release(engine_id, request_id, after_read)
+  KVTransport (consumer): handshake(host, port, mine) -> theirs; read_into(host, port, engine_id,
+                          request_id, block_ids, buffers); release(host, port, engine_id, request_id)
+
+Everything here is torch-free; tensors are seen as flat byte buffers (memoryviews).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import threading
+from typing import Any, Protocol
+
+from wideep.kv_transfer.protocol import (PROTOCOL_VERSION, KVHandshakeError, KVTransferError, layout_mismatch,
+                                         recv_header, recv_into_exact, send_frame)
+
+log = logging.getLogger("wideep.kv_transfer")
+
+
+class BlockSource(Protocol):
+    def metadata(self) -> dict[str, Any]:
+        """{"engine_id", "model", "block_size", "layout"}"""
+        ...
+
+    def read(self, engine_id: str, request_id: str, block_ids: list[int]) -> list[memoryview]:
+        """One contiguous byte view per region with the blocks in order; raises KVTransferError."""
+        ...
+
+    def release(self, engine_id: str, request_id: str, after_read: bool) -> None:
+        """The consumer is done with (or gives up on) the request's blocks: free them."""
+        ...
+
+
+class KVTransport(Protocol):
+    def handshake(self, host: str, port: int, mine: dict[str, Any]) -> dict[str, Any]: ...
+
+    def read_into(self, host: str, port: int, engine_id: str, request_id: str, block_ids: list[int],
+                  buffers: list[memoryview], release: bool = True) -> int: ...
+
+    def release(self, host: str, port: int, engine_id: str, request_id: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------- server
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        source: BlockSource = self.server.source  # type: ignore[attr-defined]
+        sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:
+            try:
+                msg = recv_header(sock)
+            except (ConnectionError, OSError):
+                return
+            if msg is None:
+                return
+            try:
+                self._serve_one(sock, source, msg)
+            except (ConnectionError, OSError):
+                return
+
+    @staticmethod
+    def _serve_one(sock: socket.socket, source: BlockSource, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        try:
+            if op == "hello":
+                send_frame(sock, {"ok": True, "version": PROTOCOL_VERSION, **source.metadata()})
+            elif op == "read":
+                views = source.read(str(msg.get("engine_id")), str(msg.get("request_id")),
+                                    [int(b) for b in msg.get("block_ids") or []])
+                sizes = [v.nbytes for v in views]
+                send_frame(sock, {"ok": True, "nbytes": sum(sizes), "region_nbytes": sizes}, views)
+                if msg.get("release", True):
+                    source.release(str(msg.get("engine_id")), str(msg.get("request_id")), after_read=True)
+            elif op == "release":
+                source.release(str(msg.get("engine_id")), str(msg.get("request_id")), after_read=False)
+                send_frame(sock, {"ok": True})
+            else:
+                send_frame(sock, {"ok": False, "error": f"unknown op {op!r}"})
+        except KVTransferError as exc:
+            send_frame(sock, {"ok": False, "error": str(exc)})
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class BlockServer:
+    """Serves a BlockSource on host:port from background threads (one per consumer connection)."""
+
+    def __init__(self, source: BlockSource, host: str, port: int):
+        self.source = source
+        try:
+            self._server = _Server((host, port), _Handler)
+        except OSError as exc:
+            raise OSError(f"cannot listen on KV side channel {host}:{port} ({exc}); set "
+                          "VLLM_NIXL_SIDE_CHANNEL_PORT / WIDEEP_KV_SIDE_CHANNEL_PORT to a free base port") from exc
+        self._server.source = source  # type: ignore[attr-defined]
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"kv-side-channel-{self.port}",
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# ---------------------------------------------------------------------------------------- client
+class TcpTransport:
+    """Consumer side: one cached connection per producer address, serialized by a lock."""
+
+    def __init__(self, connect_timeout_s: float = 10.0, io_timeout_s: float = 120.0):
+        self.connect_timeout_s = connect_timeout_s
+        self.io_timeout_s = io_timeout_s
+        self._conns: dict[tuple[str, int], tuple[socket.socket, threading.Lock]] = {}
+        self._lock = threading.Lock()
+
+    def _conn(self, host: str, port: int) -> tuple[socket.socket, threading.Lock]:
+        with self._lock:
+            c = self._conns.get((host, port))
+            if c is None:
+                try:
+                    s = socket.create_connection((host, port), timeout=self.connect_timeout_s)
+                except OSError as exc:
+                    raise KVTransferError(f"cannot reach KV side channel {host}:{port}: {exc}") from exc
+                s.settimeout(self.io_timeout_s)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                c = (s, threading.Lock())
+                self._conns[(host, port)] = c
+            return c
+
+    def _drop(self, host: str, port: int) -> None:
+        with self._lock:
+            c = self._conns.pop((host, port), None)
+        if c:
+            try:
+                c[0].close()
+            except OSError:
+                pass
+
+    def _call(self, host: str, port: int, msg: dict[str, Any], buffers: list[memoryview] | None = None
+              ) -> dict[str, Any]:
+        sock, lock = self._conn(host, port)
+        with lock:
+            try:
+                send_frame(sock, msg)
+                reply = recv_header(sock)
+                if reply is None:
+                    raise ConnectionError("producer closed the side channel")
+                if reply.get("ok") and reply.get("nbytes"):
+                    sizes = reply.get("region_nbytes") or []
+                    want = [b.nbytes for b in buffers or []]
+                    if sizes != want:
+                        # Drain so the connection stays in sync, then refuse.
+                        recv_into_exact(sock, memoryview(bytearray(reply["nbytes"])))
+                        raise KVTransferError(f"producer sent regions of {sizes} bytes, expected {want}")
+                    for b in buffers or []:
+                        recv_into_exact(sock, b.cast("B"))
+            except (ConnectionError, OSError) as exc:
+                self._drop(host, port)
+                raise KVTransferError(f"KV side channel {host}:{port} failed: {exc}") from exc
+        if not reply.get("ok"):
+            raise KVTransferError(f"producer {host}:{port} refused {msg['op']}: {reply.get('error')}")
+        return reply
+
+    def handshake(self, host: str, port: int, mine: dict[str, Any]) -> dict[str, Any]:
+        theirs = self._call(host, port, {"op": "hello", "version": PROTOCOL_VERSION, **mine})
+        why = layout_mismatch(mine, theirs)
+        if why:
+            raise KVHandshakeError(f"P/D handshake with {host}:{port} failed: {why}")
+        return theirs
+
+    def read_into(self, host: str, port: int, engine_id: str, request_id: str, block_ids: list[int],
+                  buffers: list[memoryview], release: bool = True) -> int:
+        reply = self._call(host, port, {"op": "read", "engine_id": engine_id, "request_id": request_id,
+                                        "block_ids": list(block_ids), "release": release}, buffers)
+        return int(reply.get("nbytes") or 0)
+
+    def release(self, host: str, port: int, engine_id: str, request_id: str) -> None:
+        self._call(host, port, {"op": "release", "engine_id": engine_id, "request_id": request_id})
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+        for s, _ in conns:
+            try:
+                s.close()
+            except OSError:
+                pass
