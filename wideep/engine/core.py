@@ -80,6 +80,13 @@ class EngineCore:
         self.num_blocks = self._size_kv_cache()
         self.runner.allocate_kv_cache(self.num_blocks)
         self.runner.capture_cuda_graphs()
+        if connector is None and args.kv_transfer_config:
+            # P/D (kv_transfer/): producer serves held blocks on the side channel, consumer pulls them.
+            from wideep.kv_transfer.connector import make_connector
+            connector = make_connector(args)
+        self.connector = connector
+        if connector is not None and hasattr(connector, "register_kv_caches"):
+            connector.register_kv_caches(self.runner.kv_caches)
         self.block_manager = BlockManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.max_model_len, connector)
@@ -160,6 +167,21 @@ class EngineCore:
         """A forward over dummy tokens that writes nothing to the cache (DP lockstep: ranks without
         work still join every MoE collective)."""
         self.runner.dummy_run(num_tokens, decode=decode)
+
+    # ---- P/D KV transfer (kv_transfer/) ----------------------------------------------------------
+    def kv_transfer_wait_s(self) -> float | None:
+        """While KV transfers are all this rank waits on (held producer blocks, consumer pulls in
+        flight), how long the loop may block on input before polling them; None otherwise."""
+        s = self.scheduler
+        if self.connector is None or s.running or s.waiting or s.finished_outputs:
+            return None
+        if s.waiting_for_kv:
+            return 0.002
+        return 0.05 if s.held else None
+
+    def poll_kv_transfers(self) -> None:
+        """Frees blocks the consumer has read (or that timed out) and wakes requests whose KV landed."""
+        self.scheduler._poll_connector()
 
     # ---- observability ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:

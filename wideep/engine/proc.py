@@ -157,7 +157,14 @@ class EngineLoop:
     def run(self) -> None:
         while self.running:
             has_work = self.core.has_unfinished()
-            if has_work:
+            kv_wait = self.core.kv_transfer_wait_s() if hasattr(self.core, "kv_transfer_wait_s") else None
+            if kv_wait is not None:
+                # P/D: only KV transfers pending; nap on input instead of spinning, then poll them.
+                if not self._drain_inputs(int(kv_wait * 1000)) and os.getppid() != self.parent_pid:
+                    log.warning("parent process went away; engine exiting")
+                    return
+                self.core.poll_kv_transfers()
+            elif has_work:
                 self._drain_inputs(0)
             else:
                 timeout = self.coordinator.idle_timeout_s(self.core)

@@ -314,3 +314,14 @@ class KVConnector:
     def num_loading(self) -> int:
         with self._lock:
             return len(self._loading)
+
+
+def make_connector(args) -> KVConnector:
+    """The connector an EngineCore builds from EngineArgs.kv_transfer_config (`--kv-transfer-config`)."""
+    cfg = KVTransferConfig.from_dict(args.kv_transfer_config)
+    assert cfg is not None
+    advertised = side_channel_host()
+    explicit = os.environ.get("WIDEEP_KV_SIDE_CHANNEL_HOST") or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST")
+    listen = os.environ.get("WIDEEP_KV_SIDE_CHANNEL_LISTEN_HOST") or ("0.0.0.0" if explicit else "127.0.0.1")
+    return KVConnector(cfg, model=args.model, block_size=args.block_size, dp_rank=args.data_parallel_rank,
+                       host=advertised, listen_host=listen)
