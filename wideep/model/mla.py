@@ -1,0 +1,120 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3).
+
+Every token's K/V is a compressed latent: c_kv (kv_lora_rank) and one shared rope'd k_pe. Only those go
+into the paged cache. Prefill up-projects the latents through kv_b_proj into per-head K/V (MHA form,
+cheap when many queries share the context); decode absorbs kv_b_proj into the query and the output
+(W_UK, W_UV) so it attends over the latents directly (576 values per token for R1, MQA-shaped).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMetadata, paged_mla_decode, write_latent_cache
+from .config import ModelConfig
+from .layers import RMSNorm
+from .rope import RotaryEmbedding, softmax_scale
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads = c.num_attention_heads
+        self.q_lora_rank = c.q_lora_rank
+        self.kv_lora_rank = c.kv_lora_rank
+        self.nope = c.qk_nope_head_dim
+        self.rope_dim = c.qk_rope_head_dim
+        self.v_dim = c.v_head_dim
+        self.qk_head_dim = c.qk_head_dim
+        if c.q_lora_rank is None:  # DeepSeek-V2-Lite style: one projection
+            self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+        self.scale = softmax_scale(c)
+
+    # W_UK [H, nope, L] and W_UV [H, v, L]: views of kv_b_proj, so weight reloads (EPLB, P/D) stay consistent.
+    def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, self.num_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        q_pe = RotaryEmbedding.apply(q_pe, cos, sin)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = RotaryEmbedding.apply(k_pe, cos, sin)
+        write_latent_cache(kv_cache, torch.cat([c_kv, k_pe], dim=-1), attn.slot_mapping)
+
+        out = x.new_empty(t, self.num_heads, self.v_dim)
+        nd = attn.num_decodes
+        if nd > 0:
+            out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], attn, kv_cache)
+        if attn.num_seqs > nd:
+            self._prefill(q_nope, q_pe, attn, kv_cache, out)
+        return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
+
+    def _decode(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache) -> torch.Tensor:
+        nd = attn.num_decodes
+        w_uk, w_uv = self._w_uk_uv()
+        q_lat = torch.einsum("bhn,hnl->bhl", q_nope, w_uk)
+        o_lat = paged_mla_decode(
+            q_lat, q_pe, kv_cache, attn.block_tables[:nd], attn.seq_lens[:nd], self.kv_lora_rank, self.scale
+        )
+        return torch.einsum("bhl,hvl->bhv", o_lat, w_uv)
+
+    def _prefill(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache, out) -> None:
+        """Per sequence: up-project its whole cached context, causal attention with the prefix offset."""
+        block_size = kv_cache.shape[1]
+        flat = kv_cache.view(-1, kv_cache.shape[-1])
+        starts = [0]
+        for q in attn.query_lens:
+            starts.append(starts[-1] + q)
+        for i in range(attn.num_decodes, attn.num_seqs):
+            q_len, ctx_len = attn.query_lens[i], attn.seq_lens_cpu[i]
+            if q_len == 0:
+                continue
+            lo, hi = starts[i], starts[i] + q_len
+            n_blocks = (ctx_len + block_size - 1) // block_size
+            bt = attn.block_tables[i, :n_blocks].to(torch.long)
+            slots = (bt[:, None] * block_size + torch.arange(block_size, device=bt.device)[None, :]).reshape(-1)
+            latent = flat[slots[:ctx_len]]
+            c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            kv = self.kv_b_proj(c_kv).view(ctx_len, self.num_heads, self.nope + self.v_dim)
+            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe[:, None, :].expand(ctx_len, self.num_heads, self.rope_dim)], dim=-1)
+            q = torch.cat([q_nope[lo:hi], q_pe[lo:hi]], dim=-1)
+            # query j sits at position ctx_len - q_len + j and sees keys 0..that position
+            if q_len == ctx_len:
+                mask, causal = None, True
+            else:
+                qpos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+                mask = torch.arange(ctx_len, device=q.device)[None, :] <= qpos[:, None]
+                causal = False
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                attn_mask=mask, is_causal=causal, scale=self.scale,
+            )
+            out[lo:hi] = o.transpose(0, 1)

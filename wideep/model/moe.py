@@ -1,0 +1,137 @@
+"""DeepSeek-V3 MoE layer: noaux_tc gate, routed experts behind the dispatch/combine seam, shared experts.
+
+Routed experts run as one grouped GEMM over rows sorted by expert (torch._grouped_mm on CUDA bf16;
+a per-expert loop elsewhere - never a loop over tokens).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wideep.parallel.moe_comm import MoEDispatcher
+
+from .config import ModelConfig
+from .layers import GatedMLP
+
+
+class TopkRouter(nn.Module):
+    """noaux_tc: sigmoid scores; the correction bias picks groups and experts but never weighs them."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (topk_ids [T, K] int64 logical experts, topk_weights [T, K] float32)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        biased = scores + self.e_score_correction_bias.float()
+        t = x.shape[0]
+        per_group = self.n_experts // self.n_group
+        group_scores = biased.view(t, self.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        expert_mask = group_mask[:, :, None].expand(t, self.n_group, per_group).reshape(t, self.n_experts)
+        biased = biased.masked_fill(expert_mask == 0, float("-inf"))
+        topk_ids = biased.topk(self.top_k, dim=-1, sorted=False)[1]
+        topk_weights = scores.gather(1, topk_ids)
+        if self.norm_topk_prob:
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_ids, topk_weights * self.routed_scaling_factor
+
+
+def _use_grouped_mm(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+def grouped_mlp(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """SiLU-gated expert MLPs over rows grouped by expert.
+
+    x [N, H] (rows of expert e contiguous, in expert order), w13 [E, 2I, H] (gate ‖ up), w2 [E, H, I],
+    tokens_per_expert [E]. Rows past sum(tokens_per_expert) are left as zeros (padded layouts).
+    impl: "auto" (grouped_mm on CUDA bf16, else loop), "grouped_mm", or "loop".
+    """
+    if impl == "auto":
+        impl = "grouped_mm" if _use_grouped_mm(x) else "loop"
+    inter = w2.shape[-1]
+    if impl == "grouped_mm":
+        offs = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
+        h = torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)
+        h = F.silu(h[:, :inter]) * h[:, inter:]
+        y = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)
+        n_valid = offs[-1] if offs.numel() else torch.zeros((), dtype=torch.int32, device=x.device)
+        row_ok = torch.arange(x.shape[0], device=x.device) < n_valid
+        return torch.where(row_ok[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+    if impl != "loop":
+        raise ValueError(f"grouped_mlp: unknown impl {impl!r}")
+    y = x.new_zeros(x.shape[0], w2.shape[1])
+    start = 0
+    for e, n in enumerate(tokens_per_expert.tolist()):
+        if n:
+            rows = x[start : start + n]
+            h = F.linear(rows, w13[e])
+            y[start : start + n] = F.linear(F.silu(h[:, :inter]) * h[:, inter:], w2[e])
+            start += n
+    return y
+
+
+class RoutedExperts(nn.Module):
+    """This rank's routed experts, stacked: w13 [E_local, 2I, H] (gate ‖ up), w2 [E_local, H, I]."""
+
+    def __init__(self, num_local: int, hidden: int, inter: int):
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter))
+        self.impl = "auto"
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return grouped_mlp(x, self.w13, self.w2, tokens_per_expert, self.impl)
+
+
+class DeepseekV3MoE(nn.Module):
+    """Gate -> (expert_map) -> dispatch -> local grouped GEMM × weights -> combine, plus shared experts.
+
+    `expert_map` (None by default) is the EPLB hook: a callable taking logical topk_ids [T, K] and
+    returning physical slot ids [T, K] (it may also record per-physical-expert load). Without it,
+    physical id == logical id and rank r owns the contiguous slice of experts.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int, dispatcher: MoEDispatcher, num_local_experts: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = TopkRouter(config)
+        self.experts = RoutedExperts(num_local_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            GatedMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+        self.dispatcher = dispatcher
+        self.expert_map: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_ids, topk_weights = self.gate(x)
+        if self.expert_map is not None:
+            topk_ids = self.expert_map(topk_ids)
+        result = self.dispatcher.dispatch(x, topk_ids, topk_weights)
+        y = self.experts(result.x, result.tokens_per_expert)
+        y = y * result.weights.to(y.dtype)[:, None]
+        out = self.dispatcher.combine(y, result)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
