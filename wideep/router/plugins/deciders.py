@@ -1,0 +1,50 @@
+"""P/D deciders: should this request get a separate prefill leg (router.md §5 selective PD)?"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wideep.router.registry import Plugin, register
+from wideep.router.types import Endpoint, LLMRequest
+
+
+def cached_tokens_on(req: LLMRequest, ep: Endpoint) -> int:
+    """Tokens of the prompt already cached on `ep`, as found by a prefix producer (0 if none ran)."""
+    best = 0
+    for key in ("prefix-match", "precise-prefix-match"):
+        m = req.data.get(key)
+        if m is not None:
+            best = max(best, m.matched_blocks.get(ep.name, 0) * m.block_size)
+    return best
+
+
+@register("always-disagg-pd-decider")
+class AlwaysDisaggDecider(Plugin):
+    def disaggregate(self, req: LLMRequest, decode: Endpoint) -> bool:
+        return True
+
+
+@dataclass
+class PrefixPDParams:
+    non_cached_tokens: int = 0   # 0 = never disaggregate
+    prompt_tokens: int = 0
+
+    def validate(self):
+        if self.non_cached_tokens < 0 or self.prompt_tokens < 0:
+            raise ValueError("nonCachedTokens and promptTokens must be >= 0")
+
+
+@register("prefix-based-pd-decider")
+class PrefixBasedDecider(Plugin):
+    """Disaggregate iff nonCachedTokens > 0, prompt >= promptTokens, and the part of the prompt the
+    decode endpoint does not cache is at least nonCachedTokens."""
+
+    Params = PrefixPDParams
+
+    def disaggregate(self, req: LLMRequest, decode: Endpoint) -> bool:
+        p = self.params
+        if p.non_cached_tokens <= 0:
+            return False
+        prompt = req.num_prompt_tokens
+        if prompt < p.prompt_tokens:
+            return False
+        return prompt - cached_tokens_on(req, decode) >= p.non_cached_tokens

@@ -1,0 +1,163 @@
+"""Approximate prefix-cache routing: the router remembers which blocks it sent where.
+
+Nothing is confirmed by the engine, so PreRequest records every block of the prompt on the
+chosen decode and prefill endpoints; a per-endpoint LRU (sized from vllm:cache_config_info
+num_gpu_blocks, else lruCapacityPerServer) forgets like the engine's cache would.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from wideep.router.framework import DataProducer, PreRequest, Scorer
+from wideep.router.prefix_hash import block_hashes, root_hash
+from wideep.router.registry import register
+from wideep.router.types import Endpoint, LLMRequest
+
+
+@dataclass
+class PrefixMatch:
+    hashes: list[int]
+    block_size: int
+    matched_blocks: dict[str, int] = field(default_factory=dict)   # endpoint name -> consecutive hits
+
+
+@dataclass
+class PrefixParams:
+    block_size_tokens: int = 16
+    auto_tune: bool = False
+    max_prefix_tokens_to_match: int = 131072
+    lru_capacity_per_server: int = 31250
+    match_length_weight: float = 0.0
+
+    def validate(self):
+        if self.block_size_tokens < 1:
+            raise ValueError("blockSizeTokens must be >= 1")
+        if self.max_prefix_tokens_to_match < 1 or self.lru_capacity_per_server < 1:
+            raise ValueError("maxPrefixTokensToMatch and lruCapacityPerServer must be >= 1")
+        if not 0.0 <= self.match_length_weight <= 1.0:
+            raise ValueError("matchLengthWeight must be in [0, 1]")
+
+
+class PrefixIndex:
+    """hash -> endpoints holding it, plus an LRU of hashes per endpoint."""
+
+    def __init__(self, default_capacity: int):
+        self.default_capacity = default_capacity
+        self.by_hash: dict[int, set[str]] = {}
+        self.lru: dict[str, OrderedDict[int, None]] = {}
+
+    def lookup(self, hashes: list[int], names: set[str]) -> dict[str, int]:
+        match: dict[str, int] = {}
+        active = set(names)
+        for h in hashes:
+            active &= self.by_hash.get(h, set())
+            if not active:
+                break
+            for n in active:
+                match[n] = match.get(n, 0) + 1
+        return match
+
+    def add(self, name: str, hashes: list[int], capacity: int | None) -> None:
+        lru = self.lru.setdefault(name, OrderedDict())
+        cap = capacity or self.default_capacity
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+                self.by_hash.setdefault(h, set()).add(name)
+        while len(lru) > cap:
+            old, _ = lru.popitem(last=False)
+            holders = self.by_hash.get(old)
+            if holders is not None:
+                holders.discard(name)
+                if not holders:
+                    del self.by_hash[old]
+
+    def forget(self, name: str) -> None:
+        for h in self.lru.pop(name, {}):
+            holders = self.by_hash.get(h)
+            if holders:
+                holders.discard(name)
+                if not holders:
+                    del self.by_hash[h]
+
+
+def prefix_score(match_blocks: int, total_blocks: int, block_size: int, w: float) -> float:
+    """w*min(1, matchedTok/8192)^2 + (1-w)*matchBlocks/totalBlocks."""
+    if total_blocks <= 0:
+        return 0.0
+    matched_tok = match_blocks * block_size
+    return w * min(1.0, matched_tok / 8192) ** 2 + (1 - w) * match_blocks / total_blocks
+
+
+class _ApproxPrefixCore(DataProducer, PreRequest):
+    Params = PrefixParams
+    DATA_KEY = "prefix-match"
+
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        self.index = PrefixIndex(params.lru_capacity_per_server)
+
+    def block_size(self, eps: list[Endpoint]) -> int:
+        if self.params.auto_tune:
+            for e in eps:
+                if e.metrics.block_size:
+                    return max(64, e.metrics.block_size)
+        return self.params.block_size_tokens
+
+    def produce(self, req: LLMRequest, eps):
+        bs = self.block_size(eps)
+        salt = str(req.body.get("cache_salt") or "")
+        hashes = block_hashes(req.token_ids or [], bs, root_hash(req.model, salt), self.params.max_prefix_tokens_to_match)
+        m = PrefixMatch(hashes=hashes, block_size=bs)
+        m.matched_blocks = self.index.lookup(hashes, {e.name for e in eps})
+        req.data[self.DATA_KEY] = m
+
+    def pre_request(self, req, result, headers):
+        m = req.data.get(self.DATA_KEY)
+        if m is None:
+            return
+        for r in result.profile_results.values():
+            if r is not None and r.targets:
+                ep = r.targets[0]
+                self.index.add(ep.name, m.hashes, ep.metrics.num_gpu_blocks)
+
+
+@register("approx-prefix-cache-producer")
+class ApproxPrefixCacheProducer(_ApproxPrefixCore):
+    pass
+
+
+@register("prefix-cache-scorer")
+class PrefixCacheScorer(_ApproxPrefixCore, Scorer):
+    """Scores consecutive cached blocks; uses a configured approx-prefix-cache-producer if one
+    exists, otherwise keeps its own index."""
+
+    category = "affinity"
+
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        self.producer: _ApproxPrefixCore | None = None
+
+    def wire(self, plugins):
+        for p in plugins.values():
+            if isinstance(p, ApproxPrefixCacheProducer):
+                self.producer = p
+
+    def produce(self, req, eps):
+        if self.producer is None:
+            super().produce(req, eps)
+
+    def pre_request(self, req, result, headers):
+        if self.producer is None:
+            super().pre_request(req, result, headers)
+
+    def score(self, req, eps):
+        m = req.data.get(self.DATA_KEY)
+        if m is None:
+            return {e: 0.0 for e in eps}
+        total = len(m.hashes)
+        w = self.params.match_length_weight
+        return {e: prefix_score(m.matched_blocks.get(e.name, 0), total, m.block_size, w) for e in eps}

@@ -1,0 +1,131 @@
+"""Load scorers: each maps candidates to [0,1], higher = better (formulas of router.md §1)."""
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from wideep.router.framework import ResponseHooks, Scorer
+from wideep.router.registry import register
+
+
+def _min_max_inverse(values: dict) -> dict:
+    """(max - v) / (max - min), or 1 for everyone when all are equal."""
+    lo, hi = min(values.values()), max(values.values())
+    if hi == lo:
+        return {k: 1.0 for k in values}
+    return {k: (hi - v) / (hi - lo) for k, v in values.items()}
+
+
+@register("queue-scorer")
+class QueueScorer(Scorer):
+    def score(self, req, eps):
+        return _min_max_inverse({e: e.metrics.waiting for e in eps}) if eps else {}
+
+
+@register("running-requests-size-scorer")
+class RunningRequestsSizeScorer(Scorer):
+    def score(self, req, eps):
+        return _min_max_inverse({e: e.metrics.running for e in eps}) if eps else {}
+
+
+@register("kv-cache-utilization-scorer")
+class KVCacheUtilizationScorer(Scorer):
+    def score(self, req, eps):
+        return {e: 1.0 - e.metrics.kv_usage for e in eps}
+
+
+@dataclass
+class LoadAwareParams:
+    threshold: int = 128
+
+    def validate(self):
+        if self.threshold <= 0:
+            raise ValueError("threshold must be > 0")
+
+
+@register("load-aware-scorer")
+class LoadAwareScorer(Scorer):
+    """0.5 for an empty queue, then linearly down to 0 at `threshold` waiting requests."""
+
+    Params = LoadAwareParams
+
+    def score(self, req, eps):
+        out = {}
+        for e in eps:
+            q = e.metrics.waiting
+            out[e] = 0.5 if q == 0 else max(0.0, 0.5 * (1.0 - q / self.params.threshold))
+        return out
+
+
+@dataclass
+class ActiveRequestParams:
+    idle_threshold: int = 0
+    max_busy_score: float = 1.0
+    request_timeout: str = "2m"
+
+    def validate(self):
+        if self.idle_threshold < 0:
+            raise ValueError("idleThreshold must be >= 0")
+        if not 0.0 <= self.max_busy_score <= 1.0:
+            raise ValueError("maxBusyScore must be in [0, 1]")
+
+
+@register("active-request-scorer")
+class ActiveRequestScorer(Scorer):
+    """In-flight requests the router sent (inflight-load-producer counts them): 1 when idle,
+    else (max - c) / max * maxBusyScore."""
+
+    Params = ActiveRequestParams
+
+    def score(self, req, eps):
+        if not eps:
+            return {}
+        p = self.params
+        mx = max(e.inflight_requests for e in eps)
+        out = {}
+        for e in eps:
+            c = e.inflight_requests
+            out[e] = 1.0 if c <= p.idle_threshold else (mx - c) / mx * p.max_busy_score
+        return out
+
+
+@dataclass
+class TokenLoadParams:
+    max_tokens: int = 4194304
+
+    def validate(self):
+        if self.max_tokens <= 0:
+            raise ValueError("maxTokens must be > 0")
+
+
+@register("token-load-scorer")
+class TokenLoadScorer(Scorer):
+    Params = TokenLoadParams
+
+    def score(self, req, eps):
+        return {e: 1.0 - min(1.0, e.inflight_tokens / self.params.max_tokens) for e in eps}
+
+
+SESSION_HEADER = "x-session-token"
+
+
+@register("session-affinity-scorer")
+class SessionAffinityScorer(Scorer, ResponseHooks):
+    """Sends a session back to the endpoint that served it: the token is base64(endpoint name),
+    handed to the client in the response header and echoed by it on the next request."""
+
+    category = "affinity"
+
+    def score(self, req, eps):
+        tok = req.headers.get(SESSION_HEADER)
+        want = None
+        if tok:
+            try:
+                want = base64.b64decode(tok, validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                want = None
+        return {e: 1.0 if e.name == want else 0.0 for e in eps}
+
+    def on_response_headers(self, req, result, headers):
+        headers[SESSION_HEADER] = base64.b64encode(result.target.name.encode()).decode()

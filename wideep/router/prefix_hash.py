@@ -1,0 +1,29 @@
+"""Chained xxhash64 block keys (router.md §2), shared by the approximate and precise prefix index.
+
+h0 = xxh64(model || cache_salt); h_i = xxh64(LE64(xxh64(block_i tokens as LE uint32)) || LE64(h_{i-1})).
+Only full blocks are hashed: a partial tail block cannot be cached by the engine either.
+"""
+from __future__ import annotations
+
+import struct
+
+import xxhash
+
+
+def root_hash(model: str, cache_salt: str = "") -> int:
+    return xxhash.xxh64_intdigest((model + cache_salt).encode())
+
+
+def chain_block(parent: int, tokens: list[int] | tuple[int, ...]) -> int:
+    inner = xxhash.xxh64_intdigest(struct.pack(f"<{len(tokens)}I", *[t & 0xFFFFFFFF for t in tokens]))
+    return xxhash.xxh64_intdigest(struct.pack("<QQ", inner, parent))
+
+
+def block_hashes(token_ids: list[int], block_size: int, parent: int, max_tokens: int | None = None) -> list[int]:
+    n = len(token_ids) if max_tokens is None else min(len(token_ids), max_tokens)
+    out = []
+    h = parent
+    for start in range(0, n - block_size + 1, block_size):
+        h = chain_block(h, token_ids[start:start + block_size])
+        out.append(h)
+    return out

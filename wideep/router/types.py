@@ -1,0 +1,113 @@
+"""The nouns every router part shares: an endpoint (one DP rank's HTTP port), its metrics, a request."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLE_LABEL = "llm-d.ai/role"
+
+
+@dataclass
+class EndpointMetrics:
+    """What the scraper last read from the endpoint's /metrics (vLLM names, router.md §3)."""
+
+    waiting: int = 0                 # vllm:num_requests_waiting
+    running: int = 0                 # vllm:num_requests_running
+    kv_usage: float = 0.0            # vllm:kv_cache_usage_perc (0..1)
+    block_size: int | None = None    # vllm:cache_config_info{block_size}
+    num_gpu_blocks: int | None = None
+    updated_at: float = 0.0          # monotonic time of the last good scrape
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One schedulable target: a pod IP plus one targetPort (`<pod>-rank-<i>`)."""
+
+    name: str
+    address: str                      # "ip:port"
+    labels: dict[str, str] = field(default_factory=dict)
+    rank: int = 0                     # DP rank: picks the KV-events port (base + rank)
+    kv_events: str | None = None      # explicit ZMQ endpoint for KV events, overrides base + rank
+    metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
+    healthy: bool = False             # last scrape succeeded and is fresh
+    inflight_requests: int = 0        # maintained by inflight-load-producer
+    inflight_tokens: int = 0
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    @property
+    def role(self) -> str | None:
+        return self.labels.get(ROLE_LABEL)
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.name}@{self.address})"
+
+
+@dataclass(eq=False)
+class LLMRequest:
+    """A parsed inference request as plugins see it; `data` carries per-request plugin state."""
+
+    body: dict[str, Any]
+    headers: dict[str, str]                      # lower-case names
+    path: str = "/v1/completions"
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    model: str = ""
+    prompt_text: str = ""                        # completions prompt or rendered chat text
+    token_ids: list[int] | None = None           # filled by token-producer
+    data: dict[str, Any] = field(default_factory=dict)
+    arrived_at: float = field(default_factory=time.monotonic)
+    prompt_bytes: bytes = b""
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.token_ids) if self.token_ids is not None else max(1, len(self.prompt_bytes) // 4)
+
+
+@dataclass
+class ProfileRunResult:
+    """One profile's outcome: endpoints in preference order plus every candidate's total score."""
+
+    targets: list[Endpoint]
+    scores: dict[str, float] = field(default_factory=dict)   # endpoint name -> weighted sum
+
+
+@dataclass
+class SchedulingResult:
+    primary_profile: str
+    profile_results: dict[str, ProfileRunResult | None]
+
+    @property
+    def primary(self) -> ProfileRunResult:
+        res = self.profile_results[self.primary_profile]
+        assert res is not None
+        return res
+
+    @property
+    def target(self) -> Endpoint:
+        return self.primary.targets[0]
+
+
+class SchedulingError(Exception):
+    """A request the router cannot place; `status` and `reason` become the HTTP answer."""
+
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+def no_endpoints(message: str = "no ready endpoint in the pool") -> SchedulingError:
+    return SchedulingError(503, "no-endpoints", message)
+
+
+def saturated(message: str, reason: str = "rejected-saturated") -> SchedulingError:
+    return SchedulingError(429, reason, message)
