@@ -1,0 +1,129 @@
+"""Command lines of the stack's processes, shared by the local launcher and the Kubernetes renderer.
+
+A pod runs exactly what `wideep up` runs locally; only the values differ (a shell expression such
+as `$START_RANK` in a pod, a number on this host). `Raw` marks a word the pod's shell expands.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+
+from wideep.deploy.spec import DeploySpec, RoleSpec, engine_flag_args
+
+
+class Raw(str):
+    """A shell word left unquoted in a pod script (e.g. "$START_RANK")."""
+
+
+Word = str  # str or Raw
+
+
+def kv_transfer_config(role: RoleSpec) -> str:
+    cfg = {"kv_connector": "NixlConnector", "kv_role": role.kv_role, "kv_load_failure_policy": "fail"}
+    return json.dumps(cfg, separators=(",", ":"))
+
+
+@dataclass
+class RankLayout:
+    """Where one node's ranks sit in the role's DP group; numbers locally, shell words in a pod."""
+    port: Word
+    supervisor_port: Word
+    dp_size: Word
+    dp_size_local: Word
+    start_rank: Word
+    dp_address: Word
+    rpc_port: Word
+    host: Word = "0.0.0.0"
+
+
+def serve_argv(spec: DeploySpec, role: RoleSpec, layout: RankLayout, *, executable: list[str] | None = None,
+               kv_events_config: dict | None = None) -> list[Word]:
+    """`wideep serve MODEL ...` for one node of a role (the pod entrypoint, vLLM flag names)."""
+    argv: list[Word] = list(executable or ["wideep"]) + ["serve", spec.model.path]
+    argv += ["--served-model-name", spec.model.name,
+             "--host", layout.host,
+             "--port", layout.port,
+             "--data-parallel-supervisor-port", layout.supervisor_port,
+             "--data-parallel-size", layout.dp_size,
+             "--data-parallel-size-local", layout.dp_size_local,
+             "--data-parallel-start-rank", layout.start_rank,
+             "--data-parallel-address", layout.dp_address,
+             "--data-parallel-rpc-port", layout.rpc_port]
+    if role.expert_parallel:
+        argv.append("--enable-expert-parallel")
+    argv += ["--all2all-backend", role.all2all_backend,
+             "--kv-transfer-config", kv_transfer_config(role)]
+    args = dict(role.engine_args)
+    if kv_events_config is not None:
+        args = {k: v for k, v in args.items() if k.replace("_", "-") != "kv-events-config"}
+        args["kv-events-config"] = kv_events_config
+    argv += engine_flag_args(args)
+    return argv
+
+
+def vllm_serve_argv(spec: DeploySpec, role: RoleSpec, layout: RankLayout) -> list[Word]:
+    """The seeds' `vllm serve` line (llm-d wide-ep-lws G2, multi-port external LB) for one node."""
+    argv: list[Word] = ["vllm", "serve", spec.model.path,
+                        "--served-model-name", spec.model.name,
+                        "--port", layout.port,
+                        "--trust-remote-code",
+                        "--disable-uvicorn-access-log",
+                        "--data-parallel-multi-port-external-lb",
+                        "--data-parallel-supervisor-port", layout.supervisor_port]
+    if role.expert_parallel:
+        argv.append("--enable-expert-parallel")
+    argv += ["--tensor-parallel-size", Raw("$TP_SIZE"),
+             "--data-parallel-size", layout.dp_size,
+             "--data-parallel-size-local", layout.dp_size_local,
+             "--data-parallel-address", layout.dp_address,
+             "--data-parallel-rpc-port", layout.rpc_port,
+             "--data-parallel-start-rank", layout.start_rank,
+             "--kv_transfer_config", kv_transfer_config(role),
+             "--all2all-backend", role.all2all_backend]
+    argv += engine_flag_args(role.engine_args) + engine_flag_args(role.vllm_args)
+    return argv
+
+
+def sidecar_argv(role: RoleSpec, *, port: int, vllm_port: int, executable: list[str] | None = None,
+                 allowlist: list[str] | None = None) -> list[str]:
+    """`wideep sidecar`: decode listener port+i forwards to the decode server vllm_port+i."""
+    argv = list(executable or ["wideep"]) + [
+        "sidecar", f"--port={port}", f"--vllm-port={vllm_port}",
+        f"--data-parallel-size={role.dp_per_node}", "--kv-connector=nixlv2", "--enable-prefiller-sampling"]
+    if allowlist:
+        argv.append("--prefiller-allowlist=" + ",".join(allowlist))
+    return argv
+
+
+def router_argv(spec: DeploySpec, *, config_path: str, port: int | None, grpc_port: int, health_port: int,
+                metrics_port: int, executable: list[str] | None = None, endpoints_file: str | None = None,
+                pool: tuple[str, str] | None = None, envoy: bool = False) -> list[str]:
+    """`wideep router`: the Endpoint Picker (+ built-in proxy on `port`, or Envoy in front with --envoy)."""
+    argv = list(executable or ["wideep"]) + [
+        "router", "--config", config_path]
+    if port is not None:  # None: no HTTP listener here (a Gateway or an Envoy container fronts the EPP)
+        argv += ["--port", str(port)]
+    argv += ["--grpc-port", str(grpc_port), "--health-port", str(health_port), "--metrics-port", str(metrics_port)]
+    if endpoints_file:
+        argv += ["--endpoints-file", endpoints_file]
+    if pool:
+        argv += ["--pool-name", pool[0], "--pool-namespace", pool[1]]
+    if envoy:
+        argv.append("--envoy")
+    return argv
+
+
+def shell_join(argv: list[Word], indent: str = "  ") -> str:
+    """One flag per line, quoted except for `Raw` words, so a rendered script reads like the seeds'."""
+    lines: list[str] = []
+    cur: list[str] = []
+    for w in argv:
+        q = str(w) if isinstance(w, Raw) else shlex.quote(str(w))
+        if str(w).startswith("--") and cur:
+            lines.append(" ".join(cur))
+            cur = []
+        cur.append(q)
+    if cur:
+        lines.append(" ".join(cur))
+    return (" \\\n" + indent).join(lines)
