@@ -235,11 +235,12 @@ class KVConnector:
     def _pull(self, load: _Load) -> None:
         rid = load.request.request_id
         error = load.error
-        if error is None:
+        misconfigured = False   # a handshake mismatch fails the request whatever the policy: recomputing
+        if error is None:       # would hide a broken deployment (P/D silently running decode-only)
             try:
                 self._read_blocks(load)
             except KVHandshakeError as exc:
-                error = str(exc)
+                error, misconfigured = str(exc), True
             except (KVTransferError, ValueError, RuntimeError) as exc:
                 error = f"KV read from {load.remote.remote_host}:{load.remote.remote_port} failed: {exc}"
             except Exception as exc:  # never leave a request parked forever
@@ -257,7 +258,7 @@ class KVConnector:
                 self._loaded.add(rid)
                 return
             self.stats["loads_failed"] += 1
-            if self.cfg.kv_load_failure_policy == "recompute":
+            if self.cfg.kv_load_failure_policy == "recompute" and not misconfigured:
                 log.warning("kv_transfer: %s; recomputing the prompt of %s locally", error, rid)
                 self._fallback[rid] = (load.request, load.num_local_tokens)
                 self._loaded.add(rid)
