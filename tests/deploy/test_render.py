@@ -214,7 +214,7 @@ def test_golden_32xh200_lws(tmp_path):
         shutil.copytree(tmp_path, GOLDEN)
     assert sorted(p.name for p in GOLDEN.iterdir()) == sorted(files)
     for name in files:
-        assert (tmp_path / name).read_text() == (GOLDEN / name).read_text(), (
+        assert (tmp_path / name).read_text(encoding="utf-8") == (GOLDEN / name).read_text(encoding="utf-8"), (
             f"{name} differs from tests/deploy/golden; if intended, rerun with WIDEEP_UPDATE_GOLDEN=1")
 
 

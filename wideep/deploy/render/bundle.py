@@ -67,7 +67,7 @@ _Dumper.add_representer(str, _str)
 
 
 def dump_objects(objs: list[dict[str, Any]]) -> str:
-    return "---\n".join(yaml.dump(o, Dumper=_Dumper, sort_keys=False, width=4096) for o in objs)
+    return "---\n".join(yaml.dump(o, Dumper=_Dumper, sort_keys=False, width=4096, allow_unicode=True) for o in objs)
 
 
 def write_bundle(files: Bundle, out: Path) -> list[Path]:
@@ -75,6 +75,6 @@ def write_bundle(files: Bundle, out: Path) -> list[Path]:
     written = []
     for name, objs in files.items():
         p = out / name
-        p.write_text(dump_objects(objs))
+        p.write_text(dump_objects(objs), encoding="utf-8")
         written.append(p)
     return written
