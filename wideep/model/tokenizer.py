@@ -1,0 +1,138 @@
+"""Tokenizer layer of the frontend: HF tokenizer.json through `tokenizers`, chat templates from
+tokenizer_config.json through jinja2, and incremental detokenization for streaming.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+def _token_str(v: Any) -> str | None:
+    if isinstance(v, dict):  # AddedToken serialized form
+        return v.get("content")
+    return v
+
+
+class Tokenizer:
+    """A model directory's tokenizer: encode/decode token ids, render chat prompts."""
+
+    def __init__(self, model_dir: str | Path):
+        d = Path(model_dir)
+        tj = d / "tokenizer.json"
+        if not tj.is_file():
+            raise FileNotFoundError(f"{tj}: not found (the model directory needs a tokenizer.json)")
+        self._tok = _HFTokenizer.from_file(str(tj))
+        cfg_path = d / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.bos_token = _token_str(self.config.get("bos_token"))
+        self.eos_token = _token_str(self.config.get("eos_token"))
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        self.chat_template: str | None = template
+        self._compiled = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render messages with the model's jinja chat template (as transformers does). With tokenize=True,
+        returns ids encoded without adding special tokens (the template already carries BOS)."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("this model has no chat template (tokenizer_config.json 'chat_template'); "
+                             "use the completions API or pass a template")
+        compiled = self._compile(template) if chat_template else (self._compiled or self._compile(template, cache=True))
+        text = compiled.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **kwargs,
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def _compile(self, template: str, cache: bool = False):
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
+        compiled = env.from_string(template)
+        if cache:
+            self._compiled = compiled
+        return compiled
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas for streaming.
+
+    Decodes a short window [prefix_offset:] and emits only what extends the text of [prefix_offset:read_offset],
+    and holds back while the new text ends in U+FFFD (the decoder's mark for an incomplete UTF-8 sequence),
+    so a multi-byte character split across byte-level tokens is never emitted in halves. Decoding from a
+    token boundary keeps space handling (word-joining or byte-level 'Ġ') identical to a full decode.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = list(prompt_ids)
+        # a little prompt context so the first generated token decodes with its leading space
+        self.prefix_offset = max(len(self.ids) - 5, 0)
+        self.read_offset = len(self.ids)
+        self.text = ""
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add(self, new_ids: Sequence[int]) -> str:
+        """Append generated ids; return the newly complete text (possibly empty)."""
+        self.ids.extend(new_ids)
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.ids[self.prefix_offset :])
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            delta = full_text[len(prefix_text) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """At the end of a sequence: emit whatever is held back (even an incomplete character)."""
+        prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.ids[self.prefix_offset :])
+        delta = full_text[len(prefix_text) :] if full_text.startswith(prefix_text) else ""
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.text += delta
+        return delta
