@@ -162,5 +162,6 @@ def load_model(
                 else:
                     stacked[slot] = _read_weight(reader, f"{prefix}.{e}.down_proj.weight", (h, inter), device, dtype, block)
             tensor.data = stacked
+    model.requires_grad_(False)
     model.eval()
     return model
