@@ -3,7 +3,6 @@ subprocess on an ephemeral loopback port."""
 from __future__ import annotations
 
 import json
-import string
 import subprocess
 import sys
 import time
@@ -18,12 +17,13 @@ HERE = Path(__file__).parent
 
 
 def make_word_tokenizer(out: Path) -> Path:
-    """tokenizer.json + tokenizer_config.json: specials, w0..w3999, punctuation, digits (like bench-assets)."""
+    """tokenizer.json + tokenizer_config.json: specials, w0..w3999 and digits (bench-assets' builder minus
+    punctuation, so that the fake server's whitespace word count equals the token count exactly)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     out.mkdir(parents=True, exist_ok=True)
     vocab: dict[str, int] = {}
-    for t in ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(4000)] + list(string.punctuation) + list("0123456789"):
+    for t in ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(4000)] + list("0123456789"):
         vocab.setdefault(t, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
