@@ -66,7 +66,8 @@ class BlockManager:
 
     # ---- allocation ----------------------------------------------------------------------
     def can_allocate(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
-        need = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids) - len(cached_blocks)
+        total = request.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
+        need = self.blocks_needed(total) - len(request.block_ids) - len(cached_blocks)
         revived = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
         return need <= len(self.free_queue) - revived
 

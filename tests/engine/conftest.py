@@ -1,0 +1,26 @@
+"""Engine test helpers: build EngineCores on the tiny checkpoint and check they end clean."""
+from __future__ import annotations
+
+import pytest
+
+from wideep.engine.config import EngineArgs
+
+
+@pytest.fixture
+def make_core(tiny_model_dir):
+    """make_core(**engine_args) -> EngineCore; after the test every core must have no requests left
+    and all its blocks free again (aborts included)."""
+    from wideep.engine.core import EngineCore
+
+    cores = []
+
+    def factory(**kwargs):
+        kwargs.setdefault("block_size", 16)
+        core = EngineCore(EngineArgs(model=str(tiny_model_dir), **kwargs))
+        cores.append(core)
+        return core
+
+    yield factory
+    for core in cores:
+        assert not core.has_unfinished(), "requests left in the engine"
+        assert core.num_free_blocks == core.num_blocks, "blocks leaked"

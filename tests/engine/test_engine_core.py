@@ -1,0 +1,177 @@
+"""EngineCore end to end on the tiny checkpoint: correctness against transformers and against itself
+under batching, chunked prefill, prefix caching, preemption; sampling; stops; aborts; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wideep.engine.api import BlockStored, EngineRequest, InvalidRequest, SamplingParams
+from wideep.engine.block_hash import hash_prompt_blocks
+
+from engine_test_utils import random_prompts, run
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0)
+
+
+def test_greedy_matches_transformers(make_core, tiny_model_dir):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    prompts = random_prompts(3, [7, 40, 93], seed=1)
+    # Small token budget: the 40/93-token prompts are prefilled in chunks on top of their own cache.
+    core = make_core(max_num_batched_tokens=32)
+    ours = run(core, prompts, SamplingParams(max_tokens=12, temperature=0))
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        ref = out[0, len(p):].tolist()
+        if 1 in ref:                      # eos (id 1) ends both
+            ref = ref[:ref.index(1) + 1]
+        assert ours[i][0] == ref, f"prompt {i}"
+
+
+def test_batched_equals_alone(make_core):
+    prompts = random_prompts(32, [3, 17, 64, 65, 150, 31, 200, 9], seed=2)
+    core = make_core(enable_prefix_caching=False, max_num_batched_tokens=256, max_num_seqs=16)
+    together = run(core, prompts, GREEDY)
+    for i, p in enumerate(prompts):
+        alone = run(core, [p], GREEDY, prefix=f"alone{i}-")
+        assert alone[0][:2] == together[i][:2], f"prompt {i}"
+
+
+def test_warm_prefix_cache_equals_cold_and_reports_hits(make_core):
+    shared = random_prompts(1, [100], seed=3)[0]
+    prompts = [shared + tail for tail in random_prompts(4, [5, 20, 33, 1], seed=4)]
+    core = make_core()
+    cold = run(core, prompts, GREEDY, prefix="cold")
+    hits_after_cold = core.stats().prefix_cache_hits
+    warm = run(core, prompts, GREEDY, prefix="warm")
+    stats = core.stats()
+    for i in range(len(prompts)):
+        assert warm[i][:2] == cold[i][:2]
+        assert warm[i][3] >= 96          # 6 full blocks of the shared prefix were found
+    assert stats.prefix_cache_hits > hits_after_cold
+    assert stats.prefix_cache_queries >= stats.prefix_cache_hits
+    # every stored hash is the chained hash of the tokens it says it holds
+    events = [e for e in core.take_kv_events() if isinstance(e, BlockStored)]
+    assert events
+    first = next(e for e in events if e.parent_block_hash is None)
+    assert first.block_hashes == hash_prompt_blocks(first.token_ids, 16)
+
+
+def test_preemption_equals_no_preemption(make_core):
+    prompts = random_prompts(8, [40, 23, 50, 33], seed=5)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    roomy = make_core()
+    ref = run(roomy, prompts, params)
+    per_block = 4 * 16 * roomy.model.kv_cache_dim * 4     # layers x block x dim x fp32
+    tight = make_core(kv_cache_memory_bytes=10 * per_block)
+    assert tight.num_blocks == 10
+    got = run(tight, prompts, params)
+    assert tight.stats().num_preemptions > 0
+    for i in range(len(prompts)):
+        assert got[i][:2] == ref[i][:2], f"prompt {i}"
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(make_core):
+    core = make_core()
+    prompt = random_prompts(1, [20], seed=6)[0]
+    sp = lambda seed: SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=seed, ignore_eos=True)
+    # two identical seeded requests in one batch, plus an unseeded one alongside
+    a = run(core, [prompt, prompt, prompt], [sp(7), sp(7), SamplingParams(max_tokens=16, temperature=1.0)])
+    b = run(core, [prompt], [sp(7)], prefix="b")
+    c = run(core, [prompt], [sp(8)], prefix="c")
+    assert a[0][0] == a[1][0] == b[0][0]
+    assert c[0][0] != b[0][0]
+
+
+def test_top_k_one_is_greedy(make_core):
+    core = make_core()
+    prompts = random_prompts(2, [12, 30], seed=7)
+    greedy = run(core, prompts, GREEDY, prefix="g")
+    topk1 = run(core, prompts, SamplingParams(max_tokens=10, temperature=0.8, top_k=1), prefix="k")
+    assert [greedy[i][0] for i in range(2)] == [topk1[i][0] for i in range(2)]
+
+
+def test_stop_token_ids_min_tokens_and_length(make_core):
+    core = make_core()
+    prompt = random_prompts(1, [15], seed=8)[0]
+    base = run(core, [prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), prefix="base")[0]
+    assert base[1] == "length" and len(base[0]) == 8
+    stop_tok = base[0][2]
+    stopped = run(core, [prompt], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[stop_tok]), prefix="s")[0]
+    assert stopped[0] == base[0][:3] and stopped[1] == "stop" and stopped[2] == stop_tok
+    held = run(core, [prompt], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[stop_tok], min_tokens=5),
+               prefix="m")[0]
+    assert len(held[0]) >= 5 and stop_tok not in held[0][:5]
+
+
+def test_eos_stops_unless_ignored(make_core):
+    core = make_core()
+    eos = next(iter(core.eos_token_ids))
+    prompt = random_prompts(1, [15], seed=9)[0]
+    base = run(core, [prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), prefix="b")[0]
+    # make EOS the model's own next choice by treating its first greedy token as EOS
+    core.eos_token_ids.add(base[0][0])
+    try:
+        stopped = run(core, [prompt], SamplingParams(max_tokens=6, temperature=0), prefix="e")[0]
+        ignored = run(core, [prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), prefix="i")[0]
+    finally:
+        core.eos_token_ids.discard(base[0][0])
+        core.eos_token_ids.add(eos)
+    assert stopped[0] == base[0][:1] and stopped[1] == "stop" and stopped[2] is None
+    assert ignored[0] == base[0]
+
+
+def test_abort_anywhere_frees_blocks(make_core):
+    core = make_core(max_num_seqs=2, max_num_batched_tokens=32)
+    prompts = random_prompts(4, [50, 70, 20, 90], seed=10)
+    for i, p in enumerate(prompts):
+        core.add_request(EngineRequest(f"a{i}", p, SamplingParams(max_tokens=20, temperature=0)))
+    core.step()                         # a0 mid-prefill (chunk of 32), others waiting
+    assert core.abort_request("a0")      # running, mid-prefill
+    assert core.abort_request("a3")      # waiting
+    assert not core.abort_request("nope")
+    finished = {}
+    while core.has_unfinished():
+        for out in core.step():
+            if out.finished:
+                finished[out.request_id] = out.finish_reason
+                if out.request_id == "a1" and "a2" not in finished:
+                    pass
+        if "a2" not in finished and core.stats().num_running == 2 and core.abort_request("a2"):
+            pass                        # a2 aborted while decoding
+    assert finished["a0"] == finished["a3"] == finished["a2"] == "abort"
+    assert finished["a1"] in ("length", "stop")
+
+
+@pytest.mark.parametrize("bad, param", [
+    (dict(prompt=[]), "prompt"),
+    (dict(prompt=list(range(2, 300))), "prompt"),          # longer than max_model_len 256
+    (dict(prompt=[5, 6], max_tokens=255), "max_tokens"),    # prompt + max_tokens > max_model_len
+    (dict(prompt=[5, 99999]), "prompt"),                    # not a token id
+])
+def test_bad_requests_name_the_field(make_core, bad, param):
+    core = make_core(max_model_len=256)
+    sp = SamplingParams(max_tokens=bad.get("max_tokens", 4))
+    with pytest.raises(InvalidRequest) as err:
+        core.add_request(EngineRequest("bad", bad["prompt"], sp))
+    assert err.value.param == param and param in str(err.value)
+    assert not core.has_unfinished()
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(max_tokens=-1), "max_tokens"),
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-0.5), "temperature"), (dict(top_k=-2), "top_k"),
+])
+def test_bad_sampling_params_name_the_field(kwargs, param):
+    with pytest.raises(InvalidRequest) as err:
+        SamplingParams(**kwargs)
+    assert err.value.param == param and param in str(err.value)
+
+
+def test_dummy_batch_writes_nothing(make_core):
+    core = make_core()
+    before = [c.clone() for c in core.runner.kv_caches]
+    core.execute_dummy_batch(4)
+    core.execute_dummy_batch(8, decode=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, core.runner.kv_caches))
