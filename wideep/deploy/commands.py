@@ -86,31 +86,42 @@ def vllm_serve_argv(spec: DeploySpec, role: RoleSpec, layout: RankLayout) -> lis
 
 
 def sidecar_argv(role: RoleSpec, *, port: int, vllm_port: int, executable: list[str] | None = None,
-                 allowlist: list[str] | None = None) -> list[str]:
+                 allowlist: list[str] | None = None, host: str | None = None) -> list[str]:
     """`wideep sidecar`: decode listener port+i forwards to the decode server vllm_port+i."""
     argv = list(executable or ["wideep"]) + [
         "sidecar", f"--port={port}", f"--vllm-port={vllm_port}",
         f"--data-parallel-size={role.dp_per_node}", "--kv-connector=nixlv2", "--enable-prefiller-sampling"]
     if allowlist:
         argv.append("--prefiller-allowlist=" + ",".join(allowlist))
+    if host:
+        argv.append(f"--host={host}")
     return argv
 
 
 def router_argv(spec: DeploySpec, *, config_path: str, port: int | None, grpc_port: int, health_port: int,
                 metrics_port: int, executable: list[str] | None = None, endpoints_file: str | None = None,
-                pool: tuple[str, str] | None = None, envoy: bool = False) -> list[str]:
-    """`wideep router`: the Endpoint Picker (+ built-in proxy on `port`, or Envoy in front with --envoy)."""
-    argv = list(executable or ["wideep"]) + [
-        "router", "--config", config_path]
-    if port is not None:  # None: no HTTP listener here (a Gateway or an Envoy container fronts the EPP)
+                pool: tuple[str, str] | None = None, mode: str = "builtin",
+                envoy_admin_port: int | None = None, host: str | None = None) -> list[str]:
+    """`wideep router`: the Endpoint Picker. mode: builtin (its own HTTP proxy on `port`), envoy (it
+    starts Envoy on `port` in front of its ext_proc), ext-proc (gRPC only; a Gateway or an Envoy
+    container fronts it)."""
+    argv = list(executable or ["wideep"]) + ["router", "--config", config_path]
+    if mode == "envoy":
+        argv.append("--envoy")
+    elif mode == "ext-proc":
+        argv.append("--ext-proc")
+    if host:
+        argv += ["--host", host]
+    if port is not None:
         argv += ["--port", str(port)]
-    argv += ["--grpc-port", str(grpc_port), "--health-port", str(health_port), "--metrics-port", str(metrics_port)]
+    argv += ["--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
+             "--metrics-port", str(metrics_port), "--failure-mode", spec.router.failure_mode]
+    if envoy_admin_port is not None:
+        argv += ["--envoy-admin-port", str(envoy_admin_port)]
     if endpoints_file:
         argv += ["--endpoints-file", endpoints_file]
     if pool:
         argv += ["--pool-name", pool[0], "--pool-namespace", pool[1]]
-    if envoy:
-        argv.append("--envoy")
     return argv
 
 

@@ -98,7 +98,8 @@ def epp_objects(spec: DeploySpec, config_text: str) -> list[dict[str, Any]]:
     argv = router_argv(spec, config_path=f"{CONFIG_DIR}/config.yaml",
                        port=PROXY_PORT if mode == "builtin" else None,
                        grpc_port=spec.router.grpc_port, health_port=spec.router.health_port,
-                       metrics_port=spec.router.metrics_port, pool=(spec.name, spec.namespace))
+                       metrics_port=spec.router.metrics_port, pool=(spec.name, spec.namespace),
+                       mode="builtin" if mode == "builtin" else "ext-proc")
     ports = [{"name": "grpc-ext-proc", "containerPort": spec.router.grpc_port, "protocol": "TCP"},
              {"name": "grpc-health", "containerPort": spec.router.health_port, "protocol": "TCP"},
              {"name": "metrics", "containerPort": spec.router.metrics_port, "protocol": "TCP"}]
