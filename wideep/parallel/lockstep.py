@@ -1,0 +1,184 @@
+"""DP lockstep: every rank of an EP group runs a forward whenever any rank has work.
+
+The MoE layers of one forward are collectives over the whole group, so a rank with nothing to do
+still runs a dummy batch (random routing) while others work. Shaped like vLLM's wave mechanism
+(engine.md §2):
+- while a "wave" runs, each iteration all-reduces [has_work, tokens] over a gloo CPU group: the
+  same answer on every rank says whether to step (and the group's max tokens per rank, which the
+  dispatcher pads to) or to stop (everyone idle → the wave ends, wave += 1);
+- while idle, the engine loop blocks on its request socket and on a small ZMQ wake socket; a rank
+  that gets a request pushes "wake(wave)" to its peers, so nobody polls and nobody burns a core;
+- a collective that fails (dead peer: connection closed, or the group timeout) raises EPGroupError,
+  which brings the engine down with that message instead of hanging.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from wideep.parallel.dist import EPGroup, EPGroupError
+
+log = logging.getLogger(__name__)
+
+try:  # the engine's seam; a stand-in keeps this module importable on its own
+    from wideep.engine.proc import StepDecision
+except ImportError:  # pragma: no cover
+    from dataclasses import dataclass
+
+    @dataclass
+    class StepDecision:  # type: ignore[no-redef]
+        run_step: bool
+        pad_to: int | None = None
+        dummy_batch: int = 0
+
+
+def _advertised_host(dp_address: str) -> tuple[str, str]:
+    """(bind address, address peers dial) for the wake socket."""
+    import os
+
+    if dp_address in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1", "127.0.0.1"
+    host = os.environ.get("WIDEEP_HOST_IP") or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST") or \
+        socket.gethostbyname(socket.gethostname())
+    return "0.0.0.0", host
+
+
+class DPLockstepCoordinator:
+    """The engine loop's StepCoordinator for data_parallel_size > 1 (see wideep.engine.proc)."""
+
+    def __init__(self, dp_address: str = "127.0.0.1", dummy_tokens: int = 1):
+        self.dp_address = dp_address
+        self.dummy_tokens = dummy_tokens
+        self.group: EPGroup | None = None
+        self.dispatcher = None
+        self.eplb = None            # EplbState or None
+        self.routers: list[Any] = []  # ExpertRouter hooks (random routing in dummy forwards)
+        self.running = False
+        self.wave = 0
+        self.steps = 0              # lockstep forwards run in the current process
+        self.dummy_steps = 0
+        self._ctx = None
+        self._wake_in = None
+        self._wake_out: list[Any] = []
+        self._forward_pending = False
+
+    # ---- set-up (in the engine process, once the group exists) -----------------------------------
+    def attach(self, group: EPGroup, dispatcher=None, eplb=None, routers=None) -> None:
+        import zmq
+
+        self.group = group
+        self.dispatcher = dispatcher
+        self.eplb = eplb
+        self.routers = list(routers or (eplb.routers if eplb is not None else []))
+        self._ctx = zmq.Context()
+        self._wake_in = self._ctx.socket(zmq.PULL)
+        bind_host, dial_host = _advertised_host(self.dp_address)
+        port = self._wake_in.bind_to_random_port(f"tcp://{bind_host}")
+        addrs: list[Any] = [None] * group.size
+        try:
+            dist.all_gather_object(addrs, f"tcp://{dial_host}:{port}", group=group.cpu_group)
+        except Exception as exc:  # noqa: BLE001
+            raise EPGroupError(f"DP lockstep set-up failed on rank {group.rank}: {exc}") from exc
+        for r, addr in enumerate(addrs):
+            if r == group.rank:
+                continue
+            s = self._ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 1000)
+            s.connect(addr)
+            self._wake_out.append(s)
+
+    def poll_sockets(self) -> list[Any]:
+        """Extra sockets the engine loop should wake up on while idle."""
+        return [self._wake_in] if self._wake_in is not None else []
+
+    def close(self) -> None:
+        for s in self._wake_out + ([self._wake_in] if self._wake_in is not None else []):
+            s.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+
+    # ---- StepCoordinator ---------------------------------------------------------------------------
+    def idle_timeout_s(self, core) -> float | None:
+        # During a wave an idle rank must not block: the others wait for it in the next collective.
+        return 0.0 if self.running else None
+
+    def decide(self, core, scheduled) -> StepDecision:
+        if self._forward_pending:
+            self._after_forward()
+        has_work = scheduled is not None and not scheduled.is_empty
+        if not self.running:
+            if has_work or scheduled is not None:
+                self.running = True
+                self._send_wake()
+            elif self._take_wake():
+                self.running = True
+            else:
+                return StepDecision(run_step=False)
+        else:
+            self._take_wake()  # drop duplicates of the current wave
+        tokens = scheduled.num_tokens if has_work else self.dummy_tokens
+        unfinished = 1 if (scheduled is not None or core.has_unfinished()) else 0
+        any_unfinished, max_tokens = self._all_reduce_max([unfinished, tokens])
+        if not any_unfinished:
+            self.running = False
+            self.wave += 1
+            return StepDecision(run_step=False)
+        if self.dispatcher is not None:
+            self.dispatcher.set_max_tokens_per_rank(max(max_tokens, self.dummy_tokens))
+        dummy = not has_work
+        for r in self.routers:
+            r.dummy = dummy
+        self._forward_pending = True
+        self.steps += 1
+        self.dummy_steps += int(dummy)
+        return StepDecision(run_step=scheduled is not None, dummy_batch=self.dummy_tokens)
+
+    # ---- internals ---------------------------------------------------------------------------------
+    def _after_forward(self) -> None:
+        """Runs at the top of the next iteration, on every rank at the same lockstep step."""
+        self._forward_pending = False
+        for r in self.routers:
+            r.dummy = False
+        if self.eplb is not None:
+            try:
+                self.eplb.step()
+            except Exception as exc:  # noqa: BLE001
+                raise EPGroupError(f"EPLB rebalance failed on rank {self.group.rank}: {exc}") from exc
+
+    def _all_reduce_max(self, values: list[int]) -> list[int]:
+        t = torch.tensor(values, dtype=torch.int64)
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group.cpu_group)
+        except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError/DistBackendError variants
+            raise EPGroupError(
+                f"DP lockstep: rank {self.group.rank} of {self.group.size} lost the EP group at wave {self.wave} "
+                f"(a peer rank died or stopped responding within {self.group.timeout_s:.0f}s): {exc}") from exc
+        return t.tolist()
+
+    def _send_wake(self) -> None:
+        import zmq
+
+        msg = str(self.wave).encode()
+        for s in self._wake_out:
+            try:
+                s.send(msg, zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("wake message to a peer rank dropped (peer not reading)")
+
+    def _take_wake(self) -> bool:
+        """Drain the wake socket; True if a peer started the current wave."""
+        import zmq
+
+        woke = False
+        while self._wake_in is not None:
+            try:
+                w = int(self._wake_in.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            woke = woke or w == self.wave  # older waves are stale duplicates
+        return woke
