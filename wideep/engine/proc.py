@@ -150,6 +150,9 @@ class EngineLoop:
         self.publisher = publisher
         self.poller = zmq.Poller()
         self.poller.register(inp, zmq.POLLIN)
+        # DP lockstep: a peer's "wake up" message must end the idle wait too (parallel/lockstep.py)
+        for sock in getattr(coordinator, "poll_sockets", lambda: [])():
+            self.poller.register(sock, zmq.POLLIN)
         self.parent_pid = os.getppid()
         self.last_stats = 0.0
         self.running = True
