@@ -87,7 +87,6 @@ class Director:
     def schedule(self, req: LLMRequest, subset: list[str] | None = None) -> Decision:
         t0 = time.perf_counter()
         cands = self.candidates(subset)
-        self.metrics.ready_endpoints.set(len(self.datastore.ready()))
         if not cands:
             raise no_endpoints("no ready endpoint in the pool" + (" within the subset hint" if subset else ""))
         if not req.data.get("parsed"):

@@ -72,11 +72,12 @@ class Profile:
             eps = f.filter(req, eps)
             if not eps:
                 return None
-        totals = {ep: 0.0 for ep in eps}
+        totals = dict.fromkeys(eps, 0.0)
         for sp in self.scorers:
+            w = sp.weight
             for ep, s in sp.plugin.score(req, eps).items():
                 if ep in totals:
-                    totals[ep] += min(1.0, max(0.0, float(s))) * sp.weight
+                    totals[ep] += (s if 0.0 <= s <= 1.0 else (0.0 if s < 0.0 else 1.0)) * w
         assert self.picker is not None
         targets = self.picker.pick(req, list(totals.items()))
         if not targets:

@@ -25,6 +25,9 @@ class MaxScorePicker(Picker):
     Params = PickerParams
 
     def pick(self, req, scored):
+        if self.params.max_num_of_endpoints == 1 and scored:
+            best = max(s for _, s in scored)
+            return [random.choice([e for e, s in scored if s == best])]
         scored = list(scored)
         random.shuffle(scored)
         scored.sort(key=lambda x: x[1], reverse=True)

@@ -160,4 +160,5 @@ class PrefixCacheScorer(_ApproxPrefixCore, Scorer):
             return {e: 0.0 for e in eps}
         total = len(m.hashes)
         w = self.params.match_length_weight
-        return {e: prefix_score(m.matched_blocks.get(e.name, 0), total, m.block_size, w) for e in eps}
+        hits = m.matched_blocks
+        return {e: prefix_score(hits[e.name], total, m.block_size, w) if e.name in hits else 0.0 for e in eps}
