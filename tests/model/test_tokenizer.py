@@ -32,8 +32,8 @@ def test_incremental_detokenizer_never_emits_half_a_character(byte_level_dir):
     ids = tok.encode(TEXT, add_special_tokens=False)
     assert len(ids) > len(TEXT)  # really split below character level
     assert any("\ufffd" in tok.decode([i]) for i in ids)
-    detok = IncrementalDetokenizer(tok)
-    pieces = [detok.add([i]) for i in ids]
+    detok = tok.incremental_detokenizer()
+    pieces = [detok.add(i) for i in ids]
     pieces.append(detok.flush())
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == TEXT == detok.text

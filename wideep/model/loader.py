@@ -118,9 +118,9 @@ def load_model(
 ) -> DeepseekV3ForCausalLM:
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
-    if config.n_routed_experts % ep_size:
-        raise ValueError(f"ep_size {ep_size} does not divide n_routed_experts {config.n_routed_experts}")
     if local_expert_ids is None:
+        if config.n_routed_experts % ep_size:
+            raise ValueError(f"ep_size {ep_size} does not divide n_routed_experts {config.n_routed_experts}")
         local_expert_ids = default_local_expert_ids(config.n_routed_experts, ep_rank, ep_size)
     if dispatcher is None:
         if ep_size != 1:

@@ -103,28 +103,57 @@ def tensor_specs(cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...], str]]
 
 
 class _RandomSource:
-    """Deterministic values: exact randn for small tensors; windows of a shared random pool for big ones
-    (R1-width slices hold tens of billions of values; drawing each one would take many minutes)."""
+    """Deterministic random weights from a seed.
+
+    Small tensors are exact randn draws. R1-width slices hold tens of billions of values (drawing and
+    FP8-quantizing each would take many minutes), so big tensors are stacks of 128-row windows of one
+    random pool per (kind, in_features); the pool is rounded to bf16 and block-quantized to FP8 once, so
+    an FP8 weight is a slice of the quantized pool (exact 128x128 blocks) and its bf16 twin the same
+    slice of the bf16 pool.
+    """
+
+    POOL_ROWS = 8192
 
     def __init__(self, seed: int):
         self.gen = torch.Generator().manual_seed(seed)
-        self._pool: torch.Tensor | None = None
+        self._pools: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+
+    def uses_pool(self, shape: tuple[int, ...], kind: str) -> bool:
+        return len(shape) == 2 and math.prod(shape) > _POOL_THRESHOLD and shape[1] % 128 == 0 and kind in ("linear", "embed")
+
+    def _pool(self, kind: str, cols: int, fp8: bool) -> dict[str, torch.Tensor]:
+        key = (kind, cols)
+        if key not in self._pools:
+            w = torch.randn(self.POOL_ROWS, cols, generator=self.gen)
+            if kind == "linear":
+                w /= math.sqrt(cols)
+            self._pools[key] = {"bf16": w.to(torch.bfloat16)}
+        pool = self._pools[key]
+        if fp8 and "fp8" not in pool:
+            pool["fp8"], pool["scale"] = quantize_block_fp8(pool["bf16"])
+        return pool
+
+    def pooled(self, shape: tuple[int, int], kind: str, fp8: bool) -> dict[str, torch.Tensor]:
+        """{'bf16': w} or {'fp8': q, 'scale': scale_inv} for a big 2-D tensor."""
+        rows, cols = shape
+        pool = self._pool(kind, cols, fp8)
+        n_windows = self.POOL_ROWS // 128
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in (("fp8", "scale") if fp8 else ("bf16",))}
+        done = 0
+        while done < rows:
+            take_blocks = min(-(-(rows - done) // 128), n_windows)
+            start = int(torch.randint(0, n_windows - take_blocks + 1, (1,), generator=self.gen)) * 128
+            take = min(rows - done, take_blocks * 128)
+            if fp8:
+                parts["fp8"].append(pool["fp8"][start : start + take])
+                parts["scale"].append(pool["scale"][start // 128 : start // 128 + take_blocks])
+            else:
+                parts["bf16"].append(pool["bf16"][start : start + take])
+            done += take
+        return {k: torch.cat(v).contiguous() if len(v) > 1 else v[0].clone() for k, v in parts.items()}
 
     def normal(self, shape: tuple[int, ...]) -> torch.Tensor:
-        n = math.prod(shape)
-        if n <= _POOL_THRESHOLD:
-            return torch.randn(shape, generator=self.gen)
-        if self._pool is None:
-            self._pool = torch.randn(1 << 24, generator=self.gen)
-        pool = self._pool
-        out = torch.empty(n)
-        filled = 0
-        while filled < n:
-            off = int(torch.randint(0, pool.numel(), (1,), generator=self.gen))
-            take = min(n - filled, pool.numel() - off)
-            out[filled : filled + take] = pool[off : off + take]
-            filled += take
-        return out.view(shape)
+        return torch.randn(shape, generator=self.gen)
 
 
 def _init(src: _RandomSource, shape: tuple[int, ...], kind: str) -> torch.Tensor:
@@ -183,14 +212,18 @@ def make_model(
         shard_bytes = 0
 
     for k, (name, shape, kind) in enumerate(specs):
-        value = _init(src, shape, kind)
-        if kind == "bias":
-            tensors = {name: value.float()}
-        elif fp8 and _is_fp8_weight(name):
+        quantize = fp8 and _is_fp8_weight(name)
+        if src.uses_pool(shape, kind):
+            got = src.pooled(shape, kind, quantize)
+            tensors = {name: got["fp8"], name + "_scale_inv": got["scale"]} if quantize else {name: got["bf16"]}
+        elif kind == "bias":
+            tensors = {name: _init(src, shape, kind).float()}
+        elif quantize:
+            value = _init(src, shape, kind)
             q, scale = quantize_block_fp8(value.to(torch.bfloat16), block)
             tensors = {name: q, name + "_scale_inv": scale}
         else:
-            tensors = {name: value.to(torch.bfloat16)}
+            tensors = {name: _init(src, shape, kind).to(torch.bfloat16)}
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if shard_bytes and shard_bytes + size > shard_size_bytes:
             flush()

@@ -48,6 +48,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def incremental_detokenizer(
+        self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True
+    ) -> "IncrementalDetokenizer":
+        return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -94,6 +99,10 @@ class Tokenizer:
         return compiled
 
 
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    return Tokenizer(model_dir)
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas for streaming.
 
@@ -115,9 +124,12 @@ class IncrementalDetokenizer:
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def add(self, new_ids: Sequence[int]) -> str:
-        """Append generated ids; return the newly complete text (possibly empty)."""
-        self.ids.extend(new_ids)
+    def add(self, new_ids: int | Sequence[int]) -> str:
+        """Append generated id(s); return the newly complete text (possibly empty)."""
+        if isinstance(new_ids, int):
+            self.ids.append(new_ids)
+        else:
+            self.ids.extend(new_ids)
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full_text = self._decode(self.ids[self.prefix_offset :])
         if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
