@@ -1,7 +1,8 @@
 """`wideep bench --stack SPEC`: bring a stack up with `wideep up -f SPEC`, benchmark it, take it down.
 
-The stack is a subprocess: ready when it prints a line with "ready" (its URL, if on that line,
-becomes the target) or when the target answers GET /v1/models; stopped with SIGTERM (then
+The stack is a subprocess: ready once its ready line ("ready at URL", whose URL becomes the
+target unless --base-url is given) was printed, or --base-url was given, and the target answers
+GET /v1/models; stopped with SIGTERM (then
 SIGKILL after a grace period), always, even when the benchmark fails.
 """
 from __future__ import annotations
@@ -37,9 +38,9 @@ class Stack:
         for line in self.proc.stdout:
             self._lines.append(line)
             sys.stderr.write(f"[stack] {line}")
-            if "ready" in line.lower():
-                m = URL_RE.search(line)
-                if m and not self.base_url:
+            m = URL_RE.search(line)
+            if m and "ready" in line.lower():  # `wideep up`: "ready at http://HOST:PORT (router) ..."
+                if not self.base_url:
                     self.base_url = m.group(0).rstrip("/")
                 self._ready.set()
 
@@ -61,9 +62,7 @@ class Stack:
             if self.proc.poll() is not None:
                 raise StackError(f"`{' '.join(self.command)}` exited with {self.proc.returncode} before it was ready:\n"
                                  + "".join(self._lines[-30:]))
-            if (self._ready.is_set() and (not self.base_url or self._answers())) or self._answers():
-                if not self.base_url:
-                    raise StackError("the stack is ready but printed no URL; pass --base-url")
+            if (self._ready.is_set() or self.base_url) and self._answers():
                 return self.base_url
             time.sleep(0.5)
         raise StackError(f"the stack was not ready within {self.ready_timeout:.0f}s")
