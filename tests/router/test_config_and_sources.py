@@ -185,3 +185,14 @@ def test_prometheus_parsing():
                           'vllm:cache_config_info{block_size="64",engine="0",num_gpu_blocks="9000"} 1.0\n')
     assert (m.waiting, m.running, m.kv_usage, m.block_size, m.num_gpu_blocks) == (3, 7, 0.42, 64, 9000)
     assert metrics_from_text('vllm:gpu_cache_usage_perc 0.5\n').kv_usage == 0.5
+
+
+def test_router_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, wideep.router.app, wideep.router.extproc, wideep.router.proxy, wideep.router.envoy, "
+            "wideep.router.k8s, wideep.router.cli; from wideep.router.plugins import load_all; load_all(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
