@@ -51,3 +51,30 @@ def test_bench_against_tiny_model_server(tiny_model_dir, tmp_path, api):
     if api == "completion":
         assert ok["prompt_tokens"]["mean"] == pytest.approx(ISL, abs=1)  # the server counts the same prompt
     assert ok["latency"]["time_to_first_token"]["max"] > 0
+
+
+@pytest.mark.slow
+def test_bench_stack_default_end_to_end(tmp_path):
+    """`wideep bench --stack default`: the embedded tiny P/D stack (router + prefill + decode) from
+    nothing to a report, then stopped. Heavy on 2 cores (4 engine processes): opt-in."""
+    import subprocess
+
+    import yaml
+
+    from wideep.utils.net import free_port
+
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "load": {"type": "concurrent", "stages": [{"concurrency_level": 2, "num_requests": 4}]},
+        "api": {"type": "completion", "streaming": True},
+        "server": {"type": "vllm", "ignore_eos": True},
+        "data": {"type": "random", "input_distribution": {"min": 20, "max": 20, "mean": 20, "std_dev": 0},
+                 "output_distribution": {"min": 6, "max": 6, "mean": 6, "std_dev": 0}},
+    }))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "wideep", "bench", "--stack", "default", "--stack-args",
+                           f"--router-port {free_port()}", "-c", str(cfg), "-o", str(out), "--no-plots"],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    s = json.loads((out / "summary_lifecycle_metrics.json").read_text())
+    assert s["successes"]["count"] == 4 and s["successes"]["token_count_mismatches"] == 0

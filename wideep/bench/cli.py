@@ -29,8 +29,11 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, help="seed for prompts and arrivals (default: load.base_seed or the clock)")
     p.add_argument("--no-progress", action="store_true", help="no live display (also off when stdout is not a TTY)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--stack", metavar="SPEC", help="start `wideep up -f SPEC`, benchmark it, stop it")
+    p.add_argument("--stack", metavar="SPEC",
+                   help="start `wideep up -f SPEC` (SPEC 'default': the embedded tiny CPU stack), benchmark it, stop it")
     p.add_argument("--stack-timeout", type=float, default=900.0, help="seconds to wait for the stack to be ready")
+    p.add_argument("--stack-args", default="", metavar="ARGS",
+                   help="extra arguments for `wideep up`, one string (e.g. \"--router-port 9000 --port-base 31000\")")
     sub = p.add_subparsers(dest="bench_command", metavar="{compare}")
     sub.required = False
     c = sub.add_parser("compare", help="put finished runs side by side (table + overlaid plots)")
@@ -69,7 +72,9 @@ def main(args) -> int:
         if args.stack:
             from .stack import Stack
 
-            with Stack(args.stack, args.base_url, args.stack_timeout) as stack:
+            import shlex
+
+            with Stack(args.stack, args.base_url, args.stack_timeout, extra_args=tuple(shlex.split(args.stack_args))) as stack:
                 for item in plan:
                     item["opts"].base_url = item["opts"].base_url or stack.base_url
                 return _run_plan(plan, args)

@@ -64,14 +64,20 @@ async def _model_name(cfg: BenchConfig) -> str:
     import aiohttp
 
     url = cfg.server.base_url.rstrip("/") + "/v1/models"
-    async with aiohttp.ClientSession() as s:
-        async with s.get(url, timeout=aiohttp.ClientTimeout(total=30)) as r:
-            body = await r.json()
-    return body["data"][0]["id"]
+    headers = {"Authorization": f"Bearer {cfg.server.api_key}"} if cfg.server.api_key else {}
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as r:
+                body = await r.json()
+        return body["data"][0]["id"]
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"server.model_name is unset and GET {url} did not name a model ({exc}); "
+                          "set server.model_name or --model") from None
 
 
-def _tokenizer(cfg: BenchConfig) -> Optional[BenchTokenizer]:
-    name = (cfg.tokenizer.pretrained_model_name_or_path if cfg.tokenizer else None) or cfg.server.model_name
+def _tokenizer(cfg: BenchConfig, model: Optional[str]) -> Optional[BenchTokenizer]:
+    """tokenizer.pretrained_model_name_or_path, else the served model name (as inference-perf falls back)."""
+    name = (cfg.tokenizer.pretrained_model_name_or_path if cfg.tokenizer else None) or model
     if name is None:
         if cfg.data.type == "mock":
             return None
@@ -151,7 +157,8 @@ def run_benchmark(cfg: BenchConfig, opts: RunOptions, name: str = "bench") -> Pa
     from .progress import make_progress
 
     cfg = apply_overrides(cfg, opts)
-    tok = _tokenizer(cfg)
+    model = asyncio.run(_model_name(cfg))
+    tok = _tokenizer(cfg, model)
     seed = opts.seed if opts.seed is not None else cfg.load.base_seed
     if seed is None:
         seed = int(time.time() * 1000)
@@ -160,7 +167,6 @@ def run_benchmark(cfg: BenchConfig, opts: RunOptions, name: str = "bench") -> Pa
     label = opts.label or name
 
     async def go():
-        model = await _model_name(cfg)
         with make_progress(opts.progress) as progress:
             return await LoadGenerator(cfg, tok, prompts, model, progress, seed).run()
 

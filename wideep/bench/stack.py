@@ -26,9 +26,15 @@ class StackError(RuntimeError):
 
 class Stack:
     def __init__(self, spec: str, base_url: Optional[str] = None, ready_timeout: float = 900.0,
-                 command: Optional[list[str]] = None):
+                 command: Optional[list[str]] = None, extra_args: tuple[str, ...] = ()):
+        """spec: a deployment spec file for `wideep up -f`, or "default" for the embedded tiny CPU stack."""
+        import tempfile
+
         self.spec, self.base_url, self.ready_timeout = spec, base_url, ready_timeout
-        self.command = command or [sys.executable, "-m", "wideep", "up", "-f", spec]
+        self._state_dir = tempfile.mkdtemp(prefix="wideep-bench-stack-")
+        self.command = command or [sys.executable, "-m", "wideep", "up", *([] if spec == "default" else ["-f", spec]),
+                                   "--quiet", "--ready-timeout", str(ready_timeout),
+                                   "--state-file", os.path.join(self._state_dir, "up.json"), *extra_args]
         self.proc: Optional[subprocess.Popen] = None
         self._ready = threading.Event()
         self._lines: list[str] = []
