@@ -265,3 +265,18 @@ def test_bad_config_is_named():
         KVTransferConfig.from_dict({"kv_role": "kv_sender"})
     with pytest.raises(ValueError, match="kv_load_failure_policy"):
         KVTransferConfig.from_dict({"kv_role": "kv_both", "kv_load_failure_policy": "retry"})
+
+
+def test_bfloat16_cache_round_trips_bit_exact():
+    """bf16 has no numpy dtype: the byte views must still carry it exactly, block order kept."""
+    from wideep.kv_transfer.kv_cache import PagedKVCaches, byte_view
+    src = PagedKVCaches([torch.randn(10, 4, 6).to(torch.bfloat16) for _ in range(3)])
+    dst = PagedKVCaches([torch.zeros(10, 4, 6, dtype=torch.bfloat16) for _ in range(3)])
+    got = src.gather([7, 2, 5])
+    staging = dst.staging(3)
+    for g, s_ in zip(got, staging):
+        byte_view(s_)[:] = byte_view(g)
+    dst.scatter([0, 9, 4], staging)
+    for a, b in zip(src.caches, dst.caches):
+        assert torch.equal(a[[7, 2, 5]], b[[0, 9, 4]])
+        assert not b[[1, 2, 3]].any()

@@ -32,6 +32,10 @@ class PagedKVCaches:
         self.caches = caches
         self.device = caches[0].device
         self.num_blocks = nb
+        # Copies run on their own stream so they overlap the engine's compute. Safe: a held block's
+        # writes finished before its request did (sampling syncs), and a pulled block is only read by
+        # the engine after scatter() has synchronized this stream.
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def layout(self) -> list[dict[str, Any]]:
         return [{"shape": list(c.shape[1:]), "dtype": _dtype_name(c.dtype)} for c in self.caches]
@@ -43,7 +47,7 @@ class PagedKVCaches:
         bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
         if bad:
             raise ValueError(f"block ids {bad[:5]} out of range 0..{self.num_blocks - 1}")
-        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return torch.tensor(block_ids, dtype=torch.long)   # host; moved on the copy stream
 
     def staging(self, num_blocks: int) -> list[torch.Tensor]:
         """Host buffers for `num_blocks` blocks of every region (pinned when the cache is on GPU)."""
@@ -56,15 +60,22 @@ class PagedKVCaches:
         if self.device.type == "cpu":
             return [c.index_select(0, idx) for c in self.caches]
         out = self.staging(len(block_ids))
-        for dst, c in zip(out, self.caches):
-            dst.copy_(c.index_select(0, idx), non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
+        with torch.cuda.stream(self._stream):
+            idx = idx.to(self.device, non_blocking=True)
+            for dst, c in zip(out, self.caches):
+                dst.copy_(c.index_select(0, idx), non_blocking=True)
+        self._stream.synchronize()
         return out
 
     def scatter(self, block_ids: list[int], host: list[torch.Tensor]) -> None:
         """Writes host tensors (from staging()) into the blocks (consumer side)."""
         idx = self._index(block_ids)
-        for c, src in zip(self.caches, host):
-            c.index_copy_(0, idx, src.to(self.device, non_blocking=True))
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+        if self._stream is None:
+            for c, src in zip(self.caches, host):
+                c.index_copy_(0, idx, src)
+            return
+        with torch.cuda.stream(self._stream):
+            idx = idx.to(self.device, non_blocking=True)
+            for c, src in zip(self.caches, host):
+                c.index_copy_(0, idx, src.to(self.device, non_blocking=True))
+        self._stream.synchronize()

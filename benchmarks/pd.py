@@ -1,0 +1,335 @@
+"""P/D benchmark: KV transfer throughput over the side channel and the TTFT P/D adds to a long prompt.
+
+Two processes: a producer (prefill) on --prefill-device and a consumer (decode) on --decode-device.
+
+  1. host copy   : the ceiling a host-staged transport can reach — pinned D2H / H2D copies on GPU,
+                   a memcpy on CPU — for the bytes of one prompt's KV.
+  2. transfer    : the real connector path (gather on the producer's device -> pinned host -> TCP ->
+                   pinned host -> scatter into the consumer's paged cache) for prompts of several
+                   lengths, in GB/s, with the cache layout of the model (one [blocks, block_size,
+                   kv_lora_rank + rope] tensor per layer).
+  3. TTFT        : real EngineCores. Aggregated = the decode engine computes the prompt itself.
+                   P/D = producer prefill (to its one token) + consumer pull + last-token step.
+
+CPU (small, a sanity run):   python benchmarks/pd.py --preset tiny --device cpu
+GPU (lead, two GPUs):        python benchmarks/pd.py --preset layer-slice --num-moe-layers 1 --fp8 \
+                                 --prefill-device cuda:0 --decode-device cuda:1 --block-size 64 --markdown
+GPU (one GPU, two procs):    ... --prefill-device cuda:0 --decode-device cuda:0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wideep.kv_transfer.connector import KVConnector  # noqa: E402
+from wideep.kv_transfer.params import KVTransferConfig  # noqa: E402
+from wideep.utils.net import free_port  # noqa: E402
+
+R1_LAYERS = 61          # DeepSeek-R1: the full model's KV per token, for extrapolation
+R1_KV_DIM = 512 + 64
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _fake_request(rid: str, block_ids: list[int]):
+    return types.SimpleNamespace(request_id=rid, block_ids=block_ids, finish_reason="length",
+                                 kv_transfer_params={"do_remote_decode": True}, num_prompt_tokens=0)
+
+
+# ------------------------------------------------------------------------------------------ host copy
+def host_copy_bandwidth(nbytes: int, device: torch.device, reps: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    out["host_memcpy_GBps"] = nbytes * reps / (time.perf_counter() - t) / 1e9
+    if device.type == "cuda":
+        dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        for name, (a, b) in {"d2h_pinned_GBps": (pinned, dev), "h2d_pinned_GBps": (dev, pinned)}.items():
+            a.copy_(b, non_blocking=True)
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(reps):
+                a.copy_(b, non_blocking=True)
+            _sync(device)
+            out[name] = nbytes * reps / (time.perf_counter() - t) / 1e9
+    return out
+
+
+# ------------------------------------------------------------------------------------------ transfer
+def _producer_main(conn, layout: dict, device: str) -> None:
+    """Holds fake requests on command and serves them over the side channel."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    caches = [torch.randn(layout["num_blocks"], layout["block_size"], layout["dim"], device=dev).to(layout["dtype"])
+              for _ in range(layout["layers"])]
+    pc = KVConnector(KVTransferConfig(kv_role="kv_producer", engine_id="bench-p"), model="bench",
+                     block_size=layout["block_size"], host="127.0.0.1", port=free_port(), listen_host="127.0.0.1")
+    pc.register_kv_caches(caches)
+    conn.send({"port": pc.port})
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        _, params = pc.request_finished(_fake_request(msg["rid"], msg["block_ids"]))
+        conn.send(params)
+    pc.shutdown()
+
+
+def transfer_bench(args, layout: dict, prompt_lens: list[int]) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_producer_main, args=(child, layout, args.prefill_device), daemon=True)
+    proc.start()
+    rows = []
+    try:
+        parent.recv()
+        dev = torch.device(args.decode_device)
+        caches = [torch.zeros(layout["num_blocks"], layout["block_size"], layout["dim"], device=dev,
+                              dtype=layout["dtype"]) for _ in range(layout["layers"])]
+        cc = KVConnector(KVTransferConfig(kv_role="kv_consumer", engine_id="bench-d"), model="bench",
+                         block_size=layout["block_size"], host="127.0.0.1", port=0)
+        cc.register_kv_caches(caches)
+        bs = layout["block_size"]
+        n = 0
+        for plen in prompt_lens:
+            nblocks = -(-plen // bs)
+            if nblocks > layout["num_blocks"]:
+                continue
+            times = []
+            for rep in range(args.warmup + args.reps):
+                n += 1
+                ids = list(range(nblocks))
+                parent.send({"rid": f"b{n}", "block_ids": ids})
+                params = parent.recv()
+                req = types.SimpleNamespace(request_id=f"c{n}", block_ids=ids, num_computed_tokens=0,
+                                            num_prompt_tokens=plen + 1, kv_transfer_params=params)
+                from wideep.kv_transfer.connector import _Load
+                from wideep.kv_transfer.params import RemotePrefillParams
+                load = _Load(req, RemotePrefillParams.parse(params), ids, ids, 0)
+                t = time.perf_counter()
+                cc._read_blocks(load)
+                _sync(dev)
+                if rep >= args.warmup:
+                    times.append(time.perf_counter() - t)
+            nbytes = nblocks * sum(c[0].numel() * c.element_size() for c in caches)
+            med = statistics.median(times)
+            rows.append({"prompt_tokens": plen, "blocks": nblocks, "MB": nbytes / 1e6, "ms": med * 1e3,
+                         "GBps": nbytes / med / 1e9})
+        cc.shutdown()
+    finally:
+        parent.send(None)
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ TTFT
+def _engine_args(args, device: str, role: str | None):
+    from wideep.engine.config import EngineArgs
+    kv = {"kv_connector": "NixlConnector", "kv_role": role, "kv_load_failure_policy": "fail"} if role else None
+    return EngineArgs(model=args.model_dir, device=device, block_size=args.block_size, enforce_eager=True,
+                      enable_prefix_caching=False, max_model_len=args.prompt_len + 64,
+                      max_num_batched_tokens=max(8192, args.prompt_len + 64),
+                      kv_cache_memory_bytes=args.kv_cache_bytes, kv_transfer_config=kv)
+
+
+def _first_token(core, rid, prompt, max_tokens, params=None):
+    from wideep.engine.api import EngineRequest, SamplingParams
+    t = time.perf_counter()
+    core.add_request(EngineRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0), params))
+    while True:
+        core.poll_kv_transfers()
+        for o in core.step():
+            if o.request_id == rid and (o.new_token_ids or o.finished):
+                _sync(core.device)
+                dt = time.perf_counter() - t
+                while not o.finished:   # drain the request so its blocks are freed
+                    for o2 in core.step():
+                        if o2.request_id == rid:
+                            o = o2
+                core.abort_request(rid)
+                return dt, o
+        if core.kv_transfer_wait_s() is not None:
+            time.sleep(0.0005)
+
+
+def _prefill_main(conn, args) -> None:
+    from wideep.engine.core import EngineCore
+    dev = torch.device(args.prefill_device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    os.environ["WIDEEP_KV_SIDE_CHANNEL_PORT"] = str(free_port())
+    core = EngineCore(_engine_args(args, args.prefill_device, "kv_producer"))
+    conn.send("ready")
+    while True:
+        if not conn.poll(0.005):
+            core.poll_kv_transfers()
+            continue
+        msg = conn.recv()
+        if msg is None:
+            break
+        dt, out = _first_token(core, msg["rid"], msg["prompt"], 1, {"do_remote_decode": True})
+        conn.send({"prefill_s": dt, "params": out.kv_transfer_params, "token": out.new_token_ids})
+    core.connector.shutdown()
+
+
+def ttft_bench(args) -> dict:
+    from wideep.engine.core import EngineCore
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_prefill_main, args=(child, args), daemon=True)
+    proc.start()
+    try:
+        dev = torch.device(args.decode_device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        core = EngineCore(_engine_args(args, args.decode_device, "kv_consumer"))
+        assert parent.recv() == "ready"
+        g = torch.Generator().manual_seed(0)
+        agg, pre, dec, same = [], [], [], True
+        for rep in range(args.warmup + args.reps):
+            prompt = torch.randint(10, 4000, (args.prompt_len,), generator=g).tolist()
+            a, aout = _first_token(core, f"agg{rep}", prompt, 2)
+            parent.send({"rid": f"p{rep}", "prompt": prompt})
+            r = parent.recv()
+            d, dout = _first_token(core, f"d{rep}", prompt, 2, r["params"])
+            if rep >= args.warmup:
+                agg.append(a)
+                pre.append(r["prefill_s"])
+                dec.append(d)
+                same = same and dout.new_token_ids[:1] == aout.new_token_ids[:1]
+        res = {"prompt_tokens": args.prompt_len, "aggregated_ttft_ms": statistics.median(agg) * 1e3,
+               "pd_prefill_ms": statistics.median(pre) * 1e3,
+               "pd_decode_first_token_ms": statistics.median(dec) * 1e3,
+               "first_token_equal": same}
+        res["pd_ttft_ms"] = res["pd_prefill_ms"] + res["pd_decode_first_token_ms"]
+        res["pd_added_ms"] = res["pd_ttft_ms"] - res["aggregated_ttft_ms"]
+        if core.connector is not None:
+            core.connector.shutdown()
+        return res
+    finally:
+        parent.send(None)
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "layer-slice"])
+    ap.add_argument("--num-moe-layers", type=int, default=None)
+    ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--model-dir", default=None, help="use this checkpoint instead of making one")
+    ap.add_argument("--device", default=None, help="shorthand for --prefill-device and --decode-device")
+    ap.add_argument("--prefill-device", default=None)
+    ap.add_argument("--decode-device", default=None)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=2048)
+    ap.add_argument("--transfer-lens", default="512,2048,8192,32768", help="prompt lengths for the transfer table")
+    ap.add_argument("--kv-cache-bytes", type=int, default=None, help="engine KV budget (default 1 GiB GPU, 64 MiB CPU)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--markdown", action="store_true", help="print a docs/perf.md section")
+    args = ap.parse_args(argv)
+    default_dev = "cuda:0" if torch.cuda.is_available() else "cpu"
+    args.prefill_device = args.prefill_device or args.device or default_dev
+    args.decode_device = args.decode_device or args.device or ("cuda:1" if torch.cuda.device_count() > 1 else default_dev)
+    on_gpu = torch.device(args.decode_device).type == "cuda"
+    args.kv_cache_bytes = args.kv_cache_bytes or ((1 << 30) if on_gpu else (64 << 20))
+
+    tmp = None
+    if args.model_dir is None:
+        from wideep.model.make_model import make_model
+        tmp = tempfile.TemporaryDirectory(prefix="pd-bench-")
+        kw = {"fp8": args.fp8}
+        if args.num_moe_layers is not None:
+            kw["num_moe_layers"] = args.num_moe_layers
+        make_model(args.preset, tmp.name, **kw)
+        args.model_dir = tmp.name
+    cfg = json.loads(Path(args.model_dir, "config.json").read_text())
+    dim = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    lens = [int(x) for x in args.transfer_lens.split(",") if x]
+    max_blocks = -(-max(lens) // args.block_size)
+    layout = {"layers": cfg["num_hidden_layers"], "block_size": args.block_size, "dim": dim, "dtype": dtype,
+              "num_blocks": max_blocks}
+    per_token = layout["layers"] * dim * torch.empty(0, dtype=dtype).element_size()
+
+    results: dict = {"machine": {"prefill_device": args.prefill_device, "decode_device": args.decode_device,
+                                 "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                                 "cpus": os.cpu_count()},
+                     "model": {"preset": args.preset, "layers": layout["layers"], "kv_dim": dim,
+                               "dtype": str(dtype), "kv_bytes_per_token": per_token},
+                     "date": time.strftime("%Y-%m-%d")}
+    results["host_copy"] = host_copy_bandwidth(per_token * args.prompt_len, torch.device(args.decode_device),
+                                               max(args.reps, 5))
+    results["transfer"] = transfer_bench(args, layout, lens)
+    r1_bytes = R1_LAYERS * R1_KV_DIM * 2 * args.prompt_len
+    best = max((r["GBps"] for r in results["transfer"]), default=0)
+    results["r1_extrapolation"] = {"bytes_per_prompt": r1_bytes,
+                                   "ms_at_best_measured_GBps": r1_bytes / (best * 1e9) * 1e3 if best else None}
+    if not args.skip_ttft:
+        results["ttft"] = ttft_bench(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    if args.markdown:
+        print(to_markdown(results, args))
+    else:
+        print(json.dumps(results, indent=2, default=str))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def to_markdown(r: dict, args) -> str:
+    m = r["machine"]
+    lines = [f"## P/D KV transfer ({r['date']}, {m['gpu'] or 'CPU'}; prefill {m['prefill_device']}, "
+             f"decode {m['decode_device']})", "",
+             f"Command: `python benchmarks/pd.py {' '.join(sys.argv[1:])}`", "",
+             f"Model {r['model']['preset']}: {r['model']['layers']} layers x {r['model']['kv_dim']} "
+             f"{r['model']['dtype']} = {r['model']['kv_bytes_per_token']} B of KV per token; TCP side channel "
+             "staged through pinned host memory.", "",
+             "| prompt tokens | blocks | MB | transfer ms | GB/s |", "|---:|---:|---:|---:|---:|"]
+    for t in r["transfer"]:
+        lines.append(f"| {t['prompt_tokens']} | {t['blocks']} | {t['MB']:.1f} | {t['ms']:.2f} | {t['GBps']:.2f} |")
+    hc = ", ".join(f"{k} {v:.1f}" for k, v in r["host_copy"].items())
+    lines += ["", f"Host-copy ceiling: {hc} (GB/s).",
+              f"DeepSeek-R1 (61 layers, bf16) {args.prompt_len}-token prompt = "
+              f"{r['r1_extrapolation']['bytes_per_prompt'] / 1e6:.0f} MB -> "
+              f"{r['r1_extrapolation']['ms_at_best_measured_GBps'] or float('nan'):.1f} ms at the best measured rate."]
+    if "ttft" in r:
+        t = r["ttft"]
+        lines += ["", f"TTFT, {t['prompt_tokens']}-token prompt: aggregated {t['aggregated_ttft_ms']:.1f} ms; "
+                      f"P/D {t['pd_ttft_ms']:.1f} ms = prefill {t['pd_prefill_ms']:.1f} + pull and first decode step "
+                      f"{t['pd_decode_first_token_ms']:.1f}; P/D adds {t['pd_added_ms']:.1f} ms "
+                      f"(first token equal: {t['first_token_equal']})."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
