@@ -280,3 +280,14 @@ def test_bfloat16_cache_round_trips_bit_exact():
     for a, b in zip(src.caches, dst.caches):
         assert torch.equal(a[[7, 2, 5]], b[[0, 9, 4]])
         assert not b[[1, 2, 3]].any()
+
+
+def test_consumer_abort_before_the_pull_releases_the_producer(trio):
+    p, d = trio["p"], trio["d"]
+    _, final = p.run(p.add(list(range(12)), 1, {"do_remote_decode": True}))
+    drid = d.add(list(range(12)), 4, final.kv_transfer_params)
+    d.sched.abort(drid)                   # still waiting: no blocks, no pull yet
+    p.settle()
+    assert p.used_blocks == 0 and p.conn.stats["held_expired"] == 0 and p.conn.stats["blocks_sent"] == 0
+    d.settle()
+    assert d.used_blocks == 0

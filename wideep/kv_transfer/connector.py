@@ -164,6 +164,12 @@ class KVConnector:
             self._loaded.discard(rid)
             self._fallback.pop(rid, None)
             self._failed.pop(rid, None)
+        if (self.cfg.is_consumer and wants_remote_prefill(request.kv_transfer_params)
+                and not getattr(request, _DONE_ATTR, False)):
+            # Aborted before its pull started: tell the producer now instead of letting it wait the timeout.
+            setattr(request, _DONE_ATTR, True)
+            self._release_async(request)
+            return False, None
         if not (self.cfg.is_producer and wants_remote_decode(request.kv_transfer_params)):
             return False, None
         if request.finish_reason not in ("length", "stop") or not request.block_ids or self.server is None:

@@ -170,6 +170,12 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
     if local < 1 or start < 0 or start + local > size:
         raise ValueError(f"--data-parallel-start-rank {start} + --data-parallel-size-local {local} "
                          f"must fit in --data-parallel-size {size}")
+    if ns.kv_transfer_config is not None:
+        from wideep.kv_transfer.params import KVTransferConfig
+        try:
+            KVTransferConfig.from_dict(ns.kv_transfer_config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--kv-transfer-config: {e}") from None
     if ns.kv_events_config is not None:
         try:
             KVEventsConfig.from_dict(ns.kv_events_config)
