@@ -150,6 +150,17 @@ def move_expert_weights(tensors: Sequence[torch.Tensor], old: list[int], new: li
     return len(local_dst) + len({d for d, _, _ in received})
 
 
+def _append_report(report: RebalanceReport, rank: int) -> None:
+    """WIDEEP_EPLB_REPORT=<path>: append one JSON line per rebalance (observability for tests and runs)."""
+    import json
+    import os
+
+    path = os.environ.get("WIDEEP_EPLB_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"rank": rank, **report.__dict__}) + "\n")
+
+
 def src_or_peer(group_rank: int, group: Any) -> int:
     """P2P ops take global ranks; the EP group is WORLD in wideep, but map through the group if not."""
     if group is None or group is dist.group.WORLD:
@@ -240,6 +251,7 @@ class EplbState:
         self.window.zero_()
         report = RebalanceReport(self.steps, before, after, moved)
         self.reports.append(report)
+        _append_report(report, self.ep_rank)
         log.info("EPLB rebalance at step %d: balancedness %.3f -> %.3f, %d local slots refilled",
                  report.step, before, after, moved)
         return report
