@@ -100,3 +100,14 @@ def test_engine_flag_args():
     assert engine_flag_args({"max-num-seqs": 256, "enable_dbo": True, "x": False,
                              "kv-events-config": {"a": 1}}) == [
         "--max-num-seqs", "256", "--enable-dbo", "--kv-events-config", '{"a":1}']
+
+
+def test_deploy_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, wideep.deploy.cli, wideep.deploy.launcher, wideep.deploy.status;"
+            "from wideep.deploy.spec import load_spec; from wideep.deploy.render import render_bundle;"
+            f"render_bundle(load_spec({str(ROOT / 'examples' / 'tiny-cpu.yaml')!r}));"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
