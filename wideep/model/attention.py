@@ -75,10 +75,11 @@ def write_latent_cache(kv_cache: torch.Tensor, latent: torch.Tensor, slot_mappin
     slot = slot_mapping.to(torch.long)
     latent = latent.to(flat.dtype)
     valid = slot >= 0
-    first = torch.argmax(valid.to(torch.int32))
+    first = torch.argmax(valid.to(torch.int32)).reshape(1)  # index_select, not [tensor]: no host sync
     any_valid = valid.any()
-    fill_slot = torch.where(any_valid, slot[first], torch.zeros_like(slot[first]))
-    fill_val = torch.where(any_valid, latent[first], flat[0])
+    first_slot = slot.index_select(0, first)[0]
+    fill_slot = torch.where(any_valid, first_slot, torch.zeros_like(first_slot))
+    fill_val = torch.where(any_valid, latent.index_select(0, first)[0], flat[0])
     target = torch.where(valid, slot, fill_slot)
     src = torch.where(valid[:, None], latent, fill_val[None, :])
     flat.index_copy_(0, target, src)
