@@ -82,6 +82,13 @@ def main(args) -> int:
     except ConfigError as exc:
         print(f"wideep bench: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from .stack import StackError
+
+        if not isinstance(exc, StackError):
+            raise
+        print(f"wideep bench: the stack did not come up: {exc}", file=sys.stderr)
+        return 1
 
 
 def _plan(args, load_workloads) -> list[dict]:
