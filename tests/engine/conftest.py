@@ -16,6 +16,7 @@ def make_core(tiny_model_dir):
 
     def factory(**kwargs):
         kwargs.setdefault("block_size", 16)
+        kwargs.setdefault("kv_cache_memory_bytes", 8 << 20)   # ~400 blocks: plenty, and cheap to allocate
         core = EngineCore(EngineArgs(model=str(tiny_model_dir), **kwargs))
         cores.append(core)
         return core

@@ -59,13 +59,13 @@ def test_warm_prefix_cache_equals_cold_and_reports_hits(make_core):
 
 
 def test_preemption_equals_no_preemption(make_core):
-    prompts = random_prompts(8, [40, 23, 50, 33], seed=5)
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = random_prompts(6, [40, 23, 50, 33], seed=5)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     roomy = make_core()
     ref = run(roomy, prompts, params)
     per_block = 4 * 16 * roomy.model.kv_cache_dim * 4     # layers x block x dim x fp32
-    tight = make_core(kv_cache_memory_bytes=10 * per_block)
-    assert tight.num_blocks == 10
+    tight = make_core(kv_cache_memory_bytes=8 * per_block)
+    assert tight.num_blocks == 8
     got = run(tight, prompts, params)
     assert tight.stats().num_preemptions > 0
     for i in range(len(prompts)):

@@ -85,6 +85,8 @@ class OutputProcessor:
                     self.to_abort.append(out.request_id)
                 break
         if finished:
+            if not isinstance(stop_reason, str):
+                st.text += st.detok.flush()   # no stop string cut the text: emit any held-back bytes
             st.finished = True
             self.states.pop(out.request_id, None)
             visible = len(st.text)
@@ -117,30 +119,5 @@ class OutputProcessor:
 
 
 def make_detokenizer(tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
-    """An object with `add(token_id) -> str` (the new text that token completes)."""
-    return _FallbackDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens)
-
-
-class _FallbackDetokenizer:
-    """Decode a sliding window and emit the difference; hold back incomplete UTF-8 (U+FFFD)."""
-
-    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool):
-        self.tok = tokenizer
-        self.skip = skip_special_tokens
-        self.ids = list(prompt_token_ids[-6:])
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=self.skip)
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            new = full[len(prefix):]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            return new
-        return ""
+    """wideep.model.tokenizer.IncrementalDetokenizer: `add(ids) -> new text`, `flush() -> held-back text`."""
+    return tokenizer.incremental_detokenizer(prompt_token_ids, skip_special_tokens=skip_special_tokens)
