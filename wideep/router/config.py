@@ -48,6 +48,7 @@ class PickerConfig:
     handler: fw.ProfileHandler
     profiles: dict[str, fw.Profile]
     producers: list[fw.DataProducer]
+    screeners: list[fw.Screener]
     pre_request: list[fw.PreRequest]
     response_hooks: list[fw.ResponseHooks]
     feature_gates: list[str] = field(default_factory=list)
@@ -145,6 +146,7 @@ def build(doc: dict[str, Any]) -> PickerConfig:
     feature_gates = _list(doc, "featureGates")
     return PickerConfig(
         plugins=plugins, handler=handler, profiles=profiles, producers=producers,
+        screeners=[p for p in plugins.values() if isinstance(p, fw.Screener)],
         pre_request=[p for p in plugins.values() if isinstance(p, fw.PreRequest)],
         response_hooks=[p for p in plugins.values() if isinstance(p, fw.ResponseHooks)],
         feature_gates=[str(g) for g in feature_gates],

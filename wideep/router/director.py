@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from wideep.router.config import PickerConfig
 from wideep.router.datastore import Datastore
 from wideep.router.flow_control import FlowController
+from wideep.router.framework import DataProducer
 from wideep.router.metrics import RouterMetrics
 from wideep.router.tokenize import request_text
 from wideep.router.types import (Endpoint, LLMRequest, ProfileRunResult, SchedulingError, SchedulingResult,
@@ -34,7 +35,14 @@ class Decision:
         return self.result.target
 
     @property
+    def target_address(self) -> str:
+        """Where the built-in proxy connects (the pod's primary port under the S5 primaryPort handlers)."""
+        return self.result.destination_override or self.result.target.address
+
+    @property
     def destination(self) -> str:
+        if self.result.destination_override:
+            return self.result.destination_override
         return ",".join(e.address for e in self.result.primary.targets)
 
 
@@ -50,6 +58,8 @@ class Director:
         self.scheduler = cfg.scheduler()
         self.flow = FlowController(cfg.flow_control, cfg.saturation, cfg.flow_control_enabled)
         self._fallbacks_seen = 0
+        self._async_producers = [p for p in cfg.producers
+                                 if type(p).produce_async is not DataProducer.produce_async]
 
     # ---- request side ------------------------------------------------------------------------
     def parse_request(self, body: bytes, headers: dict[str, str], path: str) -> LLMRequest:
@@ -79,16 +89,37 @@ class Director:
         self.metrics.requests.inc()
         try:
             await self.flow.admit(lambda: self.candidates(subset))
+            if self._async_producers and req.data.get("parsed"):
+                cands = self.screen(req, self.candidates(subset))
+                for p in self._async_producers:
+                    try:
+                        await p.produce_async(req, cands)
+                    except Exception:  # a producer's I/O failing must not fail the request
+                        log.exception("producer %s failed for request %s", p.name, req.request_id)
             return self.schedule(req, subset)
         except SchedulingError as exc:
             self.metrics.errors.labels(str(exc.status), exc.reason).inc()
             raise
+
+    def screen(self, req: LLMRequest, cands: list[Endpoint]) -> list[Endpoint]:
+        """Every screener sees the same candidates; an endpoint stays if all of them keep it."""
+        if not self.cfg.screeners:
+            return cands
+        keep = None
+        for s in self.cfg.screeners:
+            ids = {id(e) for e in s.screen(req, cands)}
+            keep = ids if keep is None else keep & ids
+        return [e for e in cands if id(e) in keep]
 
     def schedule(self, req: LLMRequest, subset: list[str] | None = None) -> Decision:
         t0 = time.perf_counter()
         cands = self.candidates(subset)
         if not cands:
             raise no_endpoints("no ready endpoint in the pool" + (" within the subset hint" if subset else ""))
+        if self.cfg.screeners and req.data.get("parsed"):
+            cands = self.screen(req, cands)
+            if not cands:
+                raise no_endpoints("the screeners left no endpoint")
         if not req.data.get("parsed"):
             result = _single(random.choice(cands))
         else:

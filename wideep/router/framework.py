@@ -1,6 +1,6 @@
 """Plugin roles (router.md §1) and the scheduling cycle that strings them together.
 
-A request goes: producers -> profile handler picks profiles -> each profile runs its filters
+A request goes: screeners (intersected) -> producers -> profile handler picks profiles -> each profile runs its filters
 (in order, stop when empty), its weighted scorers (each clamped to [0,1], times weight, summed),
 then its picker -> handler.process_results -> pre-request hooks -> response hooks per chunk.
 """
@@ -29,11 +29,23 @@ class Picker(Plugin):
         raise NotImplementedError
 
 
+class Screener(Plugin):
+    """Runs on the pool's candidates before producers and profiles; the director intersects the
+    sets of all screeners (llm-d: results are intersected)."""
+
+    def screen(self, req: LLMRequest, eps: list[Endpoint]) -> list[Endpoint]:
+        raise NotImplementedError
+
+
 class DataProducer(Plugin):
     """Runs before scheduling to attach data (token ids, prefix matches) to the request."""
 
     def produce(self, req: LLMRequest, eps: list[Endpoint]) -> None:
         raise NotImplementedError
+
+    async def produce_async(self, req: LLMRequest, eps: list[Endpoint]) -> None:
+        """Optional I/O step the director awaits before scheduling (e.g. remote tokenization);
+        `produce` then runs synchronously inside the scheduling cycle."""
 
 
 class PreRequest(Plugin):

@@ -76,7 +76,7 @@ class BuiltinProxy:
         assert self.session is not None
         fwd = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         fwd.update(d.request_headers)
-        url = f"http://{d.target.address}{request.path_qs}"
+        url = f"http://{d.target_address}{request.path_qs}"
         resp: web.StreamResponse | None = None
         try:
             async with self.session.request(request.method, url, headers=fwd, data=body or None) as up:

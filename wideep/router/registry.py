@@ -60,7 +60,8 @@ def register(type_name: str) -> Callable[[type[Plugin]], type[Plugin]]:
 
 
 def snake(name: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+    """camelCase -> snake_case, acronyms kept whole: maxTTFTPenaltyMs -> max_ttft_penalty_ms."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
 def camel(name: str) -> str:

@@ -35,9 +35,14 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
     return out
 
 
+def _adapters(text: str | None) -> frozenset[str]:
+    return frozenset(a.strip() for a in (text or "").split(",") if a.strip())
+
+
 def metrics_from_text(text: str) -> EndpointMetrics:
     m = EndpointMetrics()
     usage_new, usage_old = None, None
+    lora_ts = None
     for name, labels, value in parse_prometheus(text):
         if name == "vllm:num_requests_waiting":
             m.waiting += int(value)
@@ -47,6 +52,16 @@ def metrics_from_text(text: str) -> EndpointMetrics:
             usage_new = max(usage_new or 0.0, value)
         elif name == "vllm:gpu_cache_usage_perc":
             usage_old = max(usage_old or 0.0, value)
+        elif name == "vllm:lora_requests_info":
+            # one sample per change, value = its timestamp: the newest sample is the current state
+            if lora_ts is None or value >= lora_ts:
+                lora_ts = value
+                m.running_lora = _adapters(labels.get("running_lora_adapters"))
+                m.waiting_lora = _adapters(labels.get("waiting_lora_adapters"))
+                try:
+                    m.max_lora = int(float(labels.get("max_lora") or 0))
+                except ValueError:
+                    m.max_lora = 0
         elif name == "vllm:cache_config_info":
             try:
                 if "block_size" in labels:

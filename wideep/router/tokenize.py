@@ -83,3 +83,105 @@ class LocalTokenizer:
                                      bos_token=self._special("bos_token"), eos_token=self._special("eos_token"))
         # the template already carries BOS; do not add it twice
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+class RemoteTokenizer:
+    """Token ids from the model server itself: POST /v1/chat/completions/render (vLLM) for chat,
+    falling back to POST /tokenize {"messages"} when the server has no render endpoint, and
+    /tokenize {"prompt"} for completions. Any failure returns None (the caller estimates)."""
+
+    RENDER = "/v1/chat/completions/render"
+
+    def __init__(self, url: str, timeout_s: float):
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.session = None
+        self.render_missing: set[str] = set()   # base URLs that answered 404/405 to render
+        self.calls = 0
+        self.failures = 0
+
+    def _base(self, eps) -> str | None:
+        if self.url:
+            return self.url
+        if not eps:
+            return None
+        import random
+
+        return f"http://{random.choice(eps).address}"
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def _post(self, url: str, payload: dict) -> tuple[int, Any]:
+        import aiohttp
+
+        if self.session is None:
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        async with self.session.post(url, json=payload) as r:
+            if r.status != 200:
+                return r.status, None
+            return 200, await r.json(content_type=None)
+
+    async def token_ids(self, req, eps) -> list[int] | None:
+        import asyncio
+        import logging
+
+        import aiohttp
+
+        body = req.body
+        chat = req.path.endswith("/chat/completions")
+        if not chat:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                return list(prompt)
+        base = self._base(eps)
+        if base is None:
+            return None
+        self.calls += 1
+        try:
+            if chat and base not in self.render_missing:
+                payload = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+                status, doc = await self._post(base + self.RENDER, payload)
+                if status == 200:
+                    ids = extract_token_ids(doc)
+                    if ids is not None:
+                        return ids
+                if status in (404, 405):
+                    self.render_missing.add(base)
+                elif status != 200:
+                    raise RuntimeError(f"render answered HTTP {status}")
+            payload = {"model": body.get("model"), ("messages" if chat else "prompt"):
+                       body.get("messages", []) if chat else request_text(body, False)}
+            status, doc = await self._post(base + "/tokenize", payload)
+            ids = extract_token_ids(doc) if status == 200 else None
+            if ids is None:
+                raise RuntimeError(f"/tokenize answered HTTP {status}" if status != 200 else "/tokenize: no token ids")
+            return ids
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, RuntimeError, ValueError) as exc:
+            self.failures += 1
+            if self.failures in (1, 10, 100) or self.failures % 1000 == 0:
+                logging.getLogger(__name__).warning(
+                    "token-producer: remote tokenization at %s failed (%s); using the estimate (%d failures)",
+                    base, exc, self.failures)
+            return None
+
+
+def extract_token_ids(doc: Any) -> list[int] | None:
+    """Token ids out of a /tokenize or render answer ({"tokens"}, {"prompt_token_ids"}, {"token_ids"},
+    possibly one level down, or a one-element list of those)."""
+    if isinstance(doc, list) and len(doc) == 1:
+        doc = doc[0]
+    if not isinstance(doc, dict):
+        return None
+    for key in ("tokens", "prompt_token_ids", "token_ids"):
+        v = doc.get(key)
+        if isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            return v
+    for v in doc.values():
+        if isinstance(v, dict):
+            ids = extract_token_ids(v)
+            if ids is not None:
+                return ids
+    return None

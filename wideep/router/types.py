@@ -18,6 +18,9 @@ class EndpointMetrics:
     kv_usage: float = 0.0            # vllm:kv_cache_usage_perc (0..1)
     block_size: int | None = None    # vllm:cache_config_info{block_size}
     num_gpu_blocks: int | None = None
+    running_lora: frozenset[str] = frozenset()   # vllm:lora_requests_info{running_lora_adapters}
+    waiting_lora: frozenset[str] = frozenset()   # vllm:lora_requests_info{waiting_lora_adapters}
+    max_lora: int = 0                            # vllm:lora_requests_info{max_lora}
     updated_at: float = 0.0          # monotonic time of the last good scrape
 
 
@@ -83,6 +86,9 @@ class ProfileRunResult:
 class SchedulingResult:
     primary_profile: str
     profile_results: dict[str, ProfileRunResult | None]
+    # Where to send the request when it is not the primary target's own address (the deprecated
+    # S5 handlers with primaryPort route to the pod's primary port and name the rank in a header).
+    destination_override: str | None = None
 
     @property
     def primary(self) -> ProfileRunResult:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ["profile_handlers", "deciders", "filters", "scorers", "prefix", "precise", "pickers", "producers"]
+FAMILIES = ["profile_handlers", "deciders", "filters", "scorers", "prefix", "precise", "pickers", "producers",
+            "affinity", "legacy", "screeners"]
 
 
 def load_all() -> None:

@@ -162,3 +162,18 @@ class PrefixCacheScorer(_ApproxPrefixCore, Scorer):
         w = self.params.match_length_weight
         hits = m.matched_blocks
         return {e: prefix_score(hits[e.name], total, m.block_size, w) if e.name in hits else 0.0 for e in eps}
+
+
+def prefix_fractions(req: LLMRequest) -> dict[str, float] | None:
+    """Per endpoint, the share of the prompt's blocks cached there, from whichever prefix producer
+    ran (precise KV events preferred over the approximate index); None when none ran."""
+    m = req.data.get("precise-prefix-match")
+    if m is not None:
+        total = len(m.hashes)
+        weighted = getattr(m, "weighted", None) or m.matched_blocks
+        return {n: v / total for n, v in weighted.items()} if total else {}
+    m = req.data.get("prefix-match")
+    if m is not None:
+        total = len(m.hashes)
+        return {n: v / total for n, v in m.matched_blocks.items()} if total else {}
+    return None

@@ -1,34 +1,59 @@
 """Data producers: token ids for the request, and the router's own in-flight load per endpoint."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from wideep.router.framework import DataProducer, PreRequest, ResponseHooks
 from wideep.router.registry import register
-from wideep.router.tokenize import LocalTokenizer, estimate_token_ids
+from wideep.router.tokenize import LocalTokenizer, RemoteTokenizer, estimate_token_ids
 
 
 @dataclass
 class TokenProducerParams:
-    mode: str = "estimate"          # estimate | tokenizer
+    mode: str = ""                  # estimate | tokenizer | vllm ("" = vllm when vllm.url is set, else estimate)
     tokenizer: str = ""             # directory with tokenizer.json (mode tokenizer)
+    vllm: dict = field(default_factory=dict)   # {url: "http://host:port" ("" = a candidate endpoint), timeoutMs}
 
     def validate(self):
-        if self.mode not in ("estimate", "tokenizer"):
-            raise ValueError(f"mode {self.mode!r}: use estimate or tokenizer")
+        bad = set(self.vllm) - {"url", "timeoutMs"}
+        if bad:
+            raise ValueError(f"vllm: unknown key(s) {sorted(bad)}; known: timeoutMs, url")
+        if not self.mode:
+            self.mode = "vllm" if self.vllm.get("url") else "estimate"
+        if self.mode not in ("estimate", "tokenizer", "vllm"):
+            raise ValueError(f"mode {self.mode!r}: use estimate, tokenizer or vllm")
         if self.mode == "tokenizer" and not self.tokenizer:
             raise ValueError("mode tokenizer needs 'tokenizer: <dir with tokenizer.json>'")
+        url = self.vllm.get("url", "")
+        if not isinstance(url, str) or (url and not url.startswith(("http://", "https://"))):
+            raise ValueError(f"vllm.url must be an http(s) URL, got {url!r}")
+        t = self.vllm.get("timeoutMs", 2000)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+            raise ValueError(f"vllm.timeoutMs must be a number > 0, got {t!r}")
 
 
 @register("token-producer")
 class TokenProducer(DataProducer):
-    """Fills req.token_ids once, before any prefix producer runs."""
+    """Fills req.token_ids once, before any prefix producer runs. Mode vllm asks the model server
+    (its chat render endpoint, else /tokenize) so precise routing hashes the engine's own ids
+    (R#1861); when that fails the request still routes, on the byte estimate."""
 
     Params = TokenProducerParams
 
     def __init__(self, name, params):
         super().__init__(name, params)
         self.local = LocalTokenizer(params.tokenizer) if params.mode == "tokenizer" else None
+        self.remote = RemoteTokenizer(params.vllm.get("url", ""), params.vllm.get("timeoutMs", 2000) / 1000.0) \
+            if params.mode == "vllm" else None
+
+    async def produce_async(self, req, eps):
+        if self.remote is None or req.token_ids is not None:
+            return
+        req.token_ids = await self.remote.token_ids(req, eps)   # None on failure: produce() estimates
+
+    async def stop(self):
+        if self.remote is not None:
+            await self.remote.close()
 
     def produce(self, req, eps):
         if req.token_ids is not None:
