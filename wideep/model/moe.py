@@ -49,8 +49,25 @@ class TopkRouter(nn.Module):
         return topk_ids, topk_weights * self.routed_scaling_factor
 
 
+_GROUPED_MM_WORKS: dict[int | None, bool] = {}
+
+
 def _use_grouped_mm(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+    """CUDA + bf16 + a GPU whose torch build runs _grouped_mm (probed once per device, on device-only tensors
+    so the probe is legal even inside CUDA-graph capture)."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    key = x.device.index
+    if key not in _GROUPED_MM_WORKS:
+        try:
+            a = torch.zeros(16, 16, dtype=torch.bfloat16, device=x.device)
+            b = torch.zeros(2, 16, 16, dtype=torch.bfloat16, device=x.device)
+            offs = torch.arange(1, 3, dtype=torch.int32, device=x.device) * 8
+            torch._grouped_mm(a, b.transpose(-2, -1), offs=offs)
+            _GROUPED_MM_WORKS[key] = True
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_WORKS[key] = False
+    return _GROUPED_MM_WORKS[key]
 
 
 def grouped_mlp(
