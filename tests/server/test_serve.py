@@ -1,4 +1,4 @@
-"""A real `wideep serve` (tiny model, 2 DP ranks, ports port+0/port+1) driven by the official openai client,
+"""A real `wideep serve` (tiny model, 2 DP ranks = one EP group, ports port+0/port+1) driven by the official openai client,
 raw HTTP, prometheus_client's parser and a ZMQ SUB client."""
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ BLOCK = 16
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
+    """2 DP ranks that form one EP group (experts split, DP lockstep), as the wide-EP pods run."""
     side = free_port_range(2)
     srv = start_server(tiny_model_dir, tmp_path_factory.mktemp("serve"), dp_size=2,
-                       extra_args=["--kv-transfer-config", '{"kv_connector":"NixlConnector","kv_role":"kv_both"}'],
+                       extra_args=["--kv-transfer-config", '{"kv_connector":"NixlConnector","kv_role":"kv_both"}',
+                                   "--enable-expert-parallel", "--data-parallel-rpc-port", str(free_port_range(1))],
                        env={"WIDEEP_KV_SIDE_CHANNEL_PORT": str(side), "VLLM_NIXL_ABORT_REQUEST_TIMEOUT": "30"})
     try:
         yield srv
