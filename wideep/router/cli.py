@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("endpoints")
     e.add_argument("--endpoint", dest="endpoints", action="append", default=[], metavar="IP:PORT[,role=prefill]",
                    help="one endpoint (repeatable); options: role=prefill|decode|both, name=, rank=, "
-                        "kv-events=tcp://h:p, label.<k>=<v>")
+                        "kv-events=tcp://h:p, kv-events-replay=tcp://h:p, label.<k>=<v>")
     e.add_argument("--endpoints-file", metavar="YAML",
                    help="list of {address: ip:port, name, labels: {llm-d.ai/role: prefill|decode}, rank, kvEvents}")
     e.add_argument("--pool-name", help="Kubernetes InferencePool to follow (in-cluster)")

@@ -29,7 +29,7 @@ class Datastore:
         for e in eps:
             old = self._eps.get(e.name)
             if old is not None and old.address == e.address:
-                old.labels, old.rank, old.kv_events = e.labels, e.rank, e.kv_events
+                old.labels, old.rank, old.kv_events, old.kv_events_replay = e.labels, e.rank, e.kv_events, e.kv_events_replay
                 new[e.name] = old
             else:
                 new[e.name] = e
@@ -75,13 +75,13 @@ def _rank_from_name(name: str) -> int:
 
 
 def parse_endpoint_flag(text: str) -> Endpoint:
-    """`ip:port[,role=prefill][,name=x][,rank=1][,kv-events=tcp://h:p][,label.k=v]` (repeatable flag)."""
+    """`ip:port[,role=prefill][,name=x][,rank=1][,kv-events=tcp://h:p][,kv-events-replay=tcp://h:p][,label.k=v]` (repeatable flag)."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise ValueError("--endpoint: empty value")
     addr = _check_address(parts[0], f"--endpoint {text!r}")
     labels: dict[str, str] = {}
-    name, rank, kv = None, None, None
+    name, rank, kv, kv_replay = None, None, None, None
     for opt in parts[1:]:
         k, sep, v = opt.partition("=")
         if not sep:
@@ -96,13 +96,15 @@ def parse_endpoint_flag(text: str) -> Endpoint:
             rank = int(v)
         elif k == "kv-events":
             kv = v
+        elif k == "kv-events-replay":
+            kv_replay = v
         elif k.startswith("label."):
             labels[k[len("label."):]] = v
         else:
-            raise ValueError(f"--endpoint {text!r}: unknown option {k!r} (role, name, rank, kv-events, label.<key>)")
+            raise ValueError(f"--endpoint {text!r}: unknown option {k!r} (role, name, rank, kv-events, kv-events-replay, label.<key>)")
     name = name or addr
     return Endpoint(name=name, address=addr, labels=labels, rank=_rank_from_name(name) if rank is None else rank,
-                    kv_events=kv)
+                    kv_events=kv, kv_events_replay=kv_replay)
 
 
 def parse_endpoints_doc(doc: Any, where: str = "endpoints file") -> list[Endpoint]:
@@ -117,9 +119,9 @@ def parse_endpoints_doc(doc: Any, where: str = "endpoints file") -> list[Endpoin
         w = f"{where}[{i}]"
         if not isinstance(item, dict):
             raise ValueError(f"{w}: expected a mapping with 'address'")
-        bad = set(item) - {"address", "name", "labels", "rank", "kvEvents"}
+        bad = set(item) - {"address", "name", "labels", "rank", "kvEvents", "kvEventsReplay"}
         if bad:
-            raise ValueError(f"{w}: unknown key(s) {sorted(bad)}; use address, name, labels, rank, kvEvents")
+            raise ValueError(f"{w}: unknown key(s) {sorted(bad)}; use address, name, labels, rank, kvEvents, kvEventsReplay")
         addr = _check_address(item.get("address"), w)
         labels = item.get("labels") or {}
         if not isinstance(labels, dict):
@@ -133,7 +135,8 @@ def parse_endpoints_doc(doc: Any, where: str = "endpoints file") -> list[Endpoin
         names.add(name)
         rank = item.get("rank")
         out.append(Endpoint(name=name, address=addr, labels=labels,
-                            rank=_rank_from_name(name) if rank is None else int(rank), kv_events=item.get("kvEvents")))
+                            rank=_rank_from_name(name) if rank is None else int(rank), kv_events=item.get("kvEvents"),
+                            kv_events_replay=item.get("kvEventsReplay")))
     return out
 
 

@@ -33,6 +33,7 @@ class Endpoint:
     labels: dict[str, str] = field(default_factory=dict)
     rank: int = 0                     # DP rank: picks the KV-events port (base + rank)
     kv_events: str | None = None      # explicit ZMQ endpoint for KV events, overrides base + rank
+    kv_events_replay: str | None = None   # explicit ZMQ ROUTER replay endpoint (else replayPort + rank)
     metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
     healthy: bool = False             # last scrape succeeded and is fresh
     inflight_requests: int = 0        # maintained by inflight-load-producer

@@ -41,19 +41,26 @@ def _check_keys(where: str, d: Any, known: set[str]) -> dict:
 @dataclass
 class PreciseParams:
     token_processor_config: dict = field(default_factory=dict)   # {blockSize, hashSeed}
-    kv_events_config: dict = field(default_factory=dict)         # {topicFilter, discoverPods, podDiscoveryConfig{socketPort}}
+    kv_events_config: dict = field(default_factory=dict)
+    # {topicFilter, discoverPods, replayTimeoutMs, podDiscoveryConfig{socketPort, replayPort}}
     indexer_config: dict = field(default_factory=dict)           # accepted for compatibility
 
     def validate(self):
         tp = _check_keys("tokenProcessorConfig", self.token_processor_config, {"blockSize", "hashSeed"})
         kv = _check_keys("kvEventsConfig", self.kv_events_config,
-                         {"topicFilter", "discoverPods", "podDiscoveryConfig", "zmqEndpoint", "concurrency"})
-        pd = _check_keys("kvEventsConfig.podDiscoveryConfig", kv.get("podDiscoveryConfig"), {"socketPort", "socketIP"})
+                         {"topicFilter", "discoverPods", "podDiscoveryConfig", "zmqEndpoint", "concurrency",
+                          "replayTimeoutMs"})
+        pd = _check_keys("kvEventsConfig.podDiscoveryConfig", kv.get("podDiscoveryConfig"),
+                         {"socketPort", "socketIP", "replayPort"})
         self.block_size = int(tp.get("blockSize", 16))
         self.hash_seed = str(tp.get("hashSeed", ""))
         self.topic_filter = str(kv.get("topicFilter", "kv@"))
         self.discover_pods = bool(kv.get("discoverPods", True))
         self.socket_port = int(pd.get("socketPort", 5557))
+        self.replay_port = int(pd.get("replayPort", 0))            # 0 = no replay (vLLM's default)
+        self.replay_timeout_s = float(kv.get("replayTimeoutMs", 1000)) / 1000.0
+        if self.replay_timeout_s <= 0:
+            raise ValueError("kvEventsConfig.replayTimeoutMs must be > 0")
         if self.block_size < 1:
             raise ValueError("tokenProcessorConfig.blockSize must be >= 1")
 
@@ -141,18 +148,33 @@ class KVBlockIndex:
 
 
 class KVEventSubscriber:
-    """One ZMQ SUB socket per endpoint, kept in step with the endpoint list."""
+    """One ZMQ SUB socket per endpoint, kept in step with the endpoint list.
+
+    Sequence numbers are per publisher and consecutive. A gap (or first contact after the
+    publisher already sent batches) means lost events: when the endpoint has a replay address
+    (the engine's ROUTER `replay_endpoint`), we ask it for everything from the first missing seq
+    (DEALER sends [b"", start u64 BE]; frames [b"", seq, payload] come back, then seq -1) and apply
+    the batches we have not applied yet, before the live batch that revealed the gap."""
 
     def __init__(self, index: KVBlockIndex, params: PreciseParams):
         self.index = index
         self.params = params
         self.sockets: dict[str, tuple[str, Any, asyncio.Task]] = {}
-        self.last_seq: dict[str, int] = {}
+        self.last_seq: dict[str, int] = {}      # last seq applied per endpoint
+        self.gaps = 0                            # gaps seen (events possibly lost)
+        self.replayed = 0                        # batches recovered by replay
         self._task: asyncio.Task | None = None
         self.ctx = None
 
     def address_of(self, ep: Endpoint) -> str:
         return ep.kv_events or f"tcp://{ep.host}:{self.params.socket_port + ep.rank}"
+
+    def replay_address_of(self, ep: Endpoint) -> str | None:
+        if ep.kv_events_replay:
+            return ep.kv_events_replay
+        if self.params.replay_port:
+            return f"tcp://{ep.host}:{self.params.replay_port + ep.rank}"
+        return None
 
     async def start(self, datastore) -> None:
         import zmq.asyncio
@@ -168,35 +190,84 @@ class KVEventSubscriber:
     def sync(self, eps: list[Endpoint]) -> None:
         import zmq
 
-        want = {e.name: self.address_of(e) for e in eps}
+        want = {e.name: (self.address_of(e), self.replay_address_of(e)) for e in eps}
         for name in list(self.sockets):
             if want.get(name) != self.sockets[name][0]:
                 addr, sock, task = self.sockets.pop(name)
                 task.cancel()
                 sock.close(linger=0)
                 self.index.all_cleared(name)
-        for name, addr in want.items():
+                self.last_seq.pop(name, None)
+        for name, addrs in want.items():
             if name not in self.sockets:
                 sock = self.ctx.socket(zmq.SUB)
                 sock.setsockopt(zmq.SUBSCRIBE, self.params.topic_filter.encode())
-                sock.connect(addr)
-                self.sockets[name] = (addr, sock, asyncio.create_task(self._reader(name, sock)))
+                sock.connect(addrs[0])
+                self.sockets[name] = (addrs, sock, asyncio.create_task(self._reader(name, sock, addrs[1])))
 
-    async def _reader(self, name: str, sock) -> None:
+    async def _reader(self, name: str, sock, replay_addr: str | None) -> None:
         while True:
             frames = await sock.recv_multipart()
-            if len(frames) != 3:
-                log.warning("KV events from %s: expected 3 frames, got %d", name, len(frames))
-                continue
-            seq = int.from_bytes(frames[1], "big")
-            prev = self.last_seq.get(name)
-            if prev is not None and seq != prev + 1:
-                log.warning("KV events from %s: sequence gap %s -> %s (events lost)", name, prev, seq)
-            self.last_seq[name] = seq
-            try:
-                self.index.apply(name, frames[2])
-            except Exception:  # a malformed batch must not kill the subscriber
-                log.exception("KV events from %s: bad batch", name)
+            await self.on_message(name, frames, replay_addr)
+
+    async def on_message(self, name: str, frames: list[bytes], replay_addr: str | None) -> None:
+        """One live message: replay what is missing before it, then apply it (unless replay did)."""
+        if len(frames) != 3 or len(frames[1]) != 8:
+            log.warning("KV events from %s: expected [topic, seq(8 bytes), payload], got %d frames", name, len(frames))
+            return
+        seq = int.from_bytes(frames[1], "big")
+        prev = self.last_seq.get(name)
+        if prev is not None and seq <= prev:
+            return                                   # already applied (through a replay)
+        expected = 0 if prev is None else prev + 1
+        if seq != expected:
+            if prev is not None:
+                self.gaps += 1
+                log.warning("KV events from %s: sequence gap %s -> %s%s", name, prev, seq,
+                            "; replaying" if replay_addr else " (events lost: no replay endpoint)")
+            if replay_addr:
+                await self.replay(name, replay_addr, expected)
+        if seq > self.last_seq.get(name, -1):
+            self._apply(name, seq, frames[2])
+
+    def _apply(self, name: str, seq: int, payload: bytes) -> None:
+        self.last_seq[name] = seq
+        try:
+            self.index.apply(name, payload)
+        except Exception:  # a malformed batch must not kill the subscriber
+            log.exception("KV events from %s: bad batch", name)
+
+    async def replay(self, name: str, addr: str, start_seq: int) -> int:
+        """Ask the engine's replay socket for batches from start_seq on; returns how many applied."""
+        import zmq
+
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        applied = 0
+        try:
+            sock.connect(addr)
+            await sock.send_multipart([b"", start_seq.to_bytes(8, "big")])
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.params.replay_timeout_s
+            while True:
+                left = deadline - loop.time()
+                if left <= 0 or not await sock.poll(timeout=int(left * 1000) + 1):
+                    log.warning("KV events from %s: replay at %s timed out after %d batches", name, addr, applied)
+                    break
+                frames = await sock.recv_multipart()
+                if len(frames) < 3 or len(frames[-2]) != 8:
+                    log.warning("KV events from %s: bad replay frame", name)
+                    continue
+                seq = int.from_bytes(frames[-2], "big", signed=True)
+                if seq < 0:
+                    break                              # end of replay
+                if seq > self.last_seq.get(name, -1):
+                    self._apply(name, seq, frames[-1])
+                    applied += 1
+        finally:
+            sock.close(linger=0)
+        self.replayed += applied
+        return applied
 
     async def stop(self) -> None:
         if self._task:
