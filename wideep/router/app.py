@@ -35,6 +35,7 @@ class RouterOptions:
     pool_selector: dict[str, str] | None = None
     target_ports: list[int] | None = None
     k8s_api_server: str | None = None
+    k8s_watch: bool = True                                    # False: LIST every 2 s instead of a watch
     mode: str = "builtin"
     host: str = "0.0.0.0"
     port: int | None = None                                   # 8080 builtin, 8081 envoy
@@ -98,7 +99,7 @@ class Router:
             from wideep.router.k8s import KubernetesSource
 
             self.k8s = KubernetesSource(self.datastore, o.pool_namespace, o.pool_name, o.pool_selector,
-                                        o.target_ports, api_server=o.k8s_api_server)
+                                        o.target_ports, api_server=o.k8s_api_server, watch=o.k8s_watch)
             await self.k8s.start()
         await self.scraper.start()
         await self.scraper.scrape_all()

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--pool-selector", metavar="K=V[,K=V]", help="pod label selector instead of an InferencePool")
     e.add_argument("--target-ports", metavar="P[,P]", help="with --pool-selector: one endpoint per port per pod")
     e.add_argument("--k8s-api-server", help="API server URL (default: in-cluster)")
+    e.add_argument("--k8s-poll", action="store_true",
+                   help="LIST the pods every 2 s instead of following them with a watch")
     e.add_argument("--refresh-metrics-interval", type=float, default=0.05, metavar="S",
                    help="scrape each endpoint's /metrics every S seconds (default 0.05)")
     e.add_argument("--staleness", type=float, default=2.0, metavar="S",
@@ -70,7 +72,7 @@ def options_from_args(args):
         endpoints_file=args.endpoints_file, pool_name=args.pool_name, pool_namespace=args.pool_namespace,
         pool_selector=_kv_list(args.pool_selector, "--pool-selector"),
         target_ports=[int(x) for x in args.target_ports.split(",")] if args.target_ports else None,
-        k8s_api_server=args.k8s_api_server, mode=args.mode or "builtin", host=args.host, port=args.port,
+        k8s_api_server=args.k8s_api_server, k8s_watch=not args.k8s_poll, mode=args.mode or "builtin", host=args.host, port=args.port,
         grpc_port=args.grpc_port, grpc_health_port=args.grpc_health_port, metrics_port=args.metrics_port,
         envoy_admin_port=args.envoy_admin_port, envoy_concurrency=args.envoy_concurrency,
         refresh_metrics_interval_s=args.refresh_metrics_interval, staleness_s=args.staleness,
