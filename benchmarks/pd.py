@@ -13,7 +13,8 @@ Two processes: a producer (prefill) on --prefill-device and a consumer (decode) 
 
 CPU (small, a sanity run):   python benchmarks/pd.py --preset tiny --device cpu
 GPU (lead, two GPUs):        python benchmarks/pd.py --preset layer-slice --num-moe-layers 1 --fp8 \
-                                 --prefill-device cuda:0 --decode-device cuda:1 --block-size 64 --markdown
+                                 --prefill-device cuda:0 --decode-device cuda:1 --block-size 64 \
+                                 --transfer-layers 61 --markdown
 GPU (one GPU, two procs):    ... --prefill-device cuda:0 --decode-device cuda:0
 """
 from __future__ import annotations
@@ -81,6 +82,8 @@ def _producer_main(conn, layout: dict, device: str) -> None:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    else:
+        torch.set_num_threads(1)   # copies are memory-bound; spinning OpenMP workers only add latency
     caches = [torch.randn(layout["num_blocks"], layout["block_size"], layout["dim"], device=dev).to(layout["dtype"])
               for _ in range(layout["layers"])]
     pc = KVConnector(KVTransferConfig(kv_role="kv_producer", engine_id="bench-p"), model="bench",
@@ -102,9 +105,12 @@ def transfer_bench(args, layout: dict, prompt_lens: list[int]) -> list[dict]:
     proc = ctx.Process(target=_producer_main, args=(child, layout, args.prefill_device), daemon=True)
     proc.start()
     rows = []
+    threads = torch.get_num_threads()
     try:
         parent.recv()
         dev = torch.device(args.decode_device)
+        if dev.type == "cpu":
+            torch.set_num_threads(1)
         caches = [torch.zeros(layout["num_blocks"], layout["block_size"], layout["dim"], device=dev,
                               dtype=layout["dtype"]) for _ in range(layout["layers"])]
         cc = KVConnector(KVTransferConfig(kv_role="kv_consumer", engine_id="bench-d"), model="bench",
@@ -138,6 +144,7 @@ def transfer_bench(args, layout: dict, prompt_lens: list[int]) -> list[dict]:
                          "GBps": nbytes / med / 1e9})
         cc.shutdown()
     finally:
+        torch.set_num_threads(threads)
         parent.send(None)
         proc.join(30)
         if proc.is_alive():
@@ -249,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--transfer-lens", default="512,2048,8192,32768", help="prompt lengths for the transfer table")
+    ap.add_argument("--transfer-layers", type=int, default=None,
+                    help="KV regions in the transfer table (default: the model's layers; 61 = DeepSeek-R1's full KV)")
     ap.add_argument("--kv-cache-bytes", type=int, default=None, help="engine KV budget (default 1 GiB GPU, 64 MiB CPU)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -276,7 +285,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     lens = [int(x) for x in args.transfer_lens.split(",") if x]
     max_blocks = -(-max(lens) // args.block_size)
-    layout = {"layers": cfg["num_hidden_layers"], "block_size": args.block_size, "dim": dim, "dtype": dtype,
+    layout = {"layers": args.transfer_layers or cfg["num_hidden_layers"], "block_size": args.block_size, "dim": dim, "dtype": dtype,
               "num_blocks": max_blocks}
     per_token = layout["layers"] * dim * torch.empty(0, dtype=dtype).element_size()
 
@@ -311,9 +320,9 @@ def to_markdown(r: dict, args) -> str:
     lines = [f"## P/D KV transfer ({r['date']}, {m['gpu'] or 'CPU'}; prefill {m['prefill_device']}, "
              f"decode {m['decode_device']})", "",
              f"Command: `python benchmarks/pd.py {' '.join(sys.argv[1:])}`", "",
-             f"Model {r['model']['preset']}: {r['model']['layers']} layers x {r['model']['kv_dim']} "
-             f"{r['model']['dtype']} = {r['model']['kv_bytes_per_token']} B of KV per token; TCP side channel "
-             "staged through pinned host memory.", "",
+             f"Model preset {r['model']['preset']} (TTFT); transfer table over {r['model']['layers']} layer caches x "
+             f"{r['model']['kv_dim']} {r['model']['dtype']} = {r['model']['kv_bytes_per_token']} B of KV per token; "
+             "TCP side channel staged through pinned host memory.", "",
              "| prompt tokens | blocks | MB | transfer ms | GB/s |", "|---:|---:|---:|---:|---:|"]
     for t in r["transfer"]:
         lines.append(f"| {t['prompt_tokens']} | {t['blocks']} | {t['MB']:.1f} | {t['ms']:.2f} | {t['GBps']:.2f} |")

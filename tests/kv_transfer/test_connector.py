@@ -269,14 +269,15 @@ def test_bad_config_is_named():
 
 def test_bfloat16_cache_round_trips_bit_exact():
     """bf16 has no numpy dtype: the byte views must still carry it exactly, block order kept."""
-    from wideep.kv_transfer.kv_cache import PagedKVCaches, byte_view
+    from wideep.kv_transfer.kv_cache import PagedKVCaches
     src = PagedKVCaches([torch.randn(10, 4, 6).to(torch.bfloat16) for _ in range(3)])
     dst = PagedKVCaches([torch.zeros(10, 4, 6, dtype=torch.bfloat16) for _ in range(3)])
-    got = src.gather([7, 2, 5])
-    staging = dst.staging(3)
-    for g, s_ in zip(got, staging):
-        byte_view(s_)[:] = byte_view(g)
-    dst.scatter([0, 9, 4], staging)
+    scatter = dst.scatterer([0, 9, 4])
+    for i, (view, buf) in enumerate(zip(src.gather([7, 2, 5]), scatter.buffers())):
+        assert view.nbytes == src.region_nbytes(3)[i]
+        buf[:] = view
+        scatter.region(i)
+    scatter.finish()
     for a, b in zip(src.caches, dst.caches):
         assert torch.equal(a[[7, 2, 5]], b[[0, 9, 4]])
         assert not b[[1, 2, 3]].any()

@@ -343,3 +343,27 @@ def test_sidecar_cli_process_end_to_end(tmp_path):
                 await d.stop()
 
     run(serve_and_query(free_port_range(2), free_port_range(2)))
+
+
+def test_cli_flags_build_the_config(tmp_path):
+    import argparse
+
+    from wideep.kv_transfer import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    allow = tmp_path / "allow"
+    allow.write_text("10.0.0.1:8000\n# comment\n10.0.0.2\n")
+    ns = parser.parse_args(["sidecar", "--port", "9000", "--model-server-port", "9200", "--data-parallel-size", "4",
+                            "--prefiller-allowlist", "10.0.0.3:8000", "--allowlist-file", str(allow),
+                            "--on-prefill-failure", "error", "--enable-prefiller-sampling", "--kv-connector", "nixlv2"])
+    cfg = cli.build_config(ns)
+    assert (cfg.port, cfg.vllm_port, cfg.data_parallel_size) == (9000, 9200, 4)
+    assert cfg.prefiller_allowlist == ["10.0.0.3:8000", "10.0.0.1:8000", "10.0.0.2"]
+    assert cfg.on_prefill_failure == "error" and cfg.enable_prefiller_sampling
+    # SSRF protection without an allowlist refuses every prefiller
+    cfg = cli.build_config(parser.parse_args(["sidecar", "--enable-ssrf-protection"]))
+    assert cfg.prefiller_allowlist == []
+    assert Sidecar(cfg)._allowed("127.0.0.1:8000") is False
+    with pytest.raises(SystemExit, match="nixlv2"):
+        cli.build_config(parser.parse_args(["sidecar", "--connector", "lmcache"]))

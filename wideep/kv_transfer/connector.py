@@ -24,11 +24,11 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from wideep.kv_transfer.kv_cache import PagedKVCaches, byte_view
+from wideep.kv_transfer.kv_cache import PagedKVCaches
 from wideep.kv_transfer.params import (KVTransferConfig, RemotePrefillParams, abort_timeout_s, engine_id_for_rank,
                                        side_channel_base_port, side_channel_host, wants_remote_decode,
                                        wants_remote_prefill)
@@ -127,7 +127,7 @@ class KVConnector:
         self.transport.close()
 
     # ---------------------------------------------------------------- producer (BlockSource)
-    def read(self, engine_id: str, request_id: str, block_ids: list[int]) -> list[memoryview]:
+    def read(self, engine_id: str, request_id: str, block_ids: list[int]) -> tuple[list[int], Iterator[memoryview]]:
         if engine_id != self.engine_id:
             raise KVTransferError(f"engine id {engine_id!r} is not this producer ({self.engine_id!r}); "
                                   "the prefill server restarted since the prefill?")
@@ -139,12 +139,11 @@ class KVConnector:
         if stray:
             raise KVTransferError(f"blocks {sorted(stray)[:8]} do not belong to request {request_id!r}")
         assert self.caches is not None
-        host = self.caches.gather(block_ids)
-        views = [byte_view(t) for t in host]
+        sizes = self.caches.region_nbytes(len(block_ids))
         with self._lock:
             self.stats["blocks_sent"] += len(block_ids)
-            self.stats["bytes_sent"] += sum(v.nbytes for v in views)
-        return views
+            self.stats["bytes_sent"] += sum(sizes)
+        return sizes, self.caches.gather(block_ids)
 
     def release(self, engine_id: str, request_id: str, after_read: bool) -> None:
         if engine_id != self.engine_id:
@@ -279,10 +278,13 @@ class KVConnector:
         if key not in self._handshaken:
             self.transport.handshake(r.remote_host, r.remote_port, self.metadata())
             self._handshaken.add(key)
-        staging = self.caches.staging(len(load.local_block_ids))
-        nbytes = self.transport.read_into(r.remote_host, r.remote_port, r.remote_engine_id, r.remote_request_id,
-                                          load.remote_block_ids, [byte_view(t) for t in staging], release=True)
-        self.caches.scatter(load.local_block_ids, staging)
+        scatter = self.caches.scatterer(load.local_block_ids)
+        try:
+            nbytes = self.transport.read_into(r.remote_host, r.remote_port, r.remote_engine_id,
+                                              r.remote_request_id, load.remote_block_ids, scatter.buffers(),
+                                              release=True, on_region=scatter.region)
+        finally:
+            scatter.finish()   # no copy may still be in flight into blocks the scheduler might free
         with self._lock:
             self.stats["blocks_received"] += len(load.local_block_ids)
             self.stats["bytes_received"] += nbytes

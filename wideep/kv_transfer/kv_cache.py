@@ -6,7 +6,7 @@ copy, scatter on device), which is what a TCP transport needs and what NIXL woul
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -54,28 +54,58 @@ class PagedKVCaches:
         pin = self.device.type == "cuda"
         return [torch.empty((num_blocks, *c.shape[1:]), dtype=c.dtype, pin_memory=pin) for c in self.caches]
 
-    def gather(self, block_ids: list[int]) -> list[torch.Tensor]:
-        """Copies the blocks out into host tensors (producer side)."""
+    def region_nbytes(self, num_blocks: int) -> list[int]:
+        return [num_blocks * c[0].numel() * c.element_size() for c in self.caches]
+
+    def gather(self, block_ids: list[int]) -> Iterator[memoryview]:
+        """The blocks of each region in turn as host bytes (producer side). On GPU every region's
+        device-to-host copy is queued at once and each is yielded as soon as it lands, so the
+        copies overlap the network send of the earlier regions."""
         idx = self._index(block_ids)
-        if self.device.type == "cpu":
-            return [c.index_select(0, idx) for c in self.caches]
+        if self._stream is None:
+            for c in self.caches:
+                yield byte_view(c.index_select(0, idx))
+            return
         out = self.staging(len(block_ids))
+        events = []
         with torch.cuda.stream(self._stream):
             idx = idx.to(self.device, non_blocking=True)
             for dst, c in zip(out, self.caches):
                 dst.copy_(c.index_select(0, idx), non_blocking=True)
-        self._stream.synchronize()
-        return out
+                ev = torch.cuda.Event()
+                ev.record(self._stream)
+                events.append(ev)
+        for dst, ev in zip(out, events):
+            ev.synchronize()
+            yield byte_view(dst)
 
-    def scatter(self, block_ids: list[int], host: list[torch.Tensor]) -> None:
-        """Writes host tensors (from staging()) into the blocks (consumer side)."""
-        idx = self._index(block_ids)
-        if self._stream is None:
-            for c, src in zip(self.caches, host):
-                c.index_copy_(0, idx, src)
+    def scatterer(self, block_ids: list[int]) -> "Scatter":
+        return Scatter(self, block_ids)
+
+
+class Scatter:
+    """Writes received regions into the consumer's blocks one by one (on GPU: queued host-to-device
+    copies that overlap the receive of the next region); finish() returns once all have landed."""
+
+    def __init__(self, caches: PagedKVCaches, block_ids: list[int]):
+        self.caches = caches
+        self.host = caches.staging(len(block_ids))
+        self.idx = caches._index(block_ids)
+        if caches._stream is not None:
+            with torch.cuda.stream(caches._stream):
+                self.idx = self.idx.to(caches.device, non_blocking=True)
+
+    def buffers(self) -> list[memoryview]:
+        return [byte_view(t) for t in self.host]
+
+    def region(self, i: int) -> None:
+        c, src = self.caches.caches[i], self.host[i]
+        if self.caches._stream is None:
+            c.index_copy_(0, self.idx, src)
             return
-        with torch.cuda.stream(self._stream):
-            idx = idx.to(self.device, non_blocking=True)
-            for c, src in zip(self.caches, host):
-                c.index_copy_(0, idx, src.to(self.device, non_blocking=True))
-        self._stream.synchronize()
+        with torch.cuda.stream(self.caches._stream):
+            c.index_copy_(0, self.idx, src.to(self.caches.device, non_blocking=True))
+
+    def finish(self) -> None:
+        if self.caches._stream is not None:
+            self.caches._stream.synchronize()

@@ -16,7 +16,7 @@ import logging
 import socket
 import socketserver
 import threading
-from typing import Any, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from wideep.kv_transfer.protocol import (PROTOCOL_VERSION, KVHandshakeError, KVTransferError, layout_mismatch,
                                          recv_header, recv_into_exact, send_frame)
@@ -29,8 +29,9 @@ class BlockSource(Protocol):
         """{"engine_id", "model", "block_size", "layout"}"""
         ...
 
-    def read(self, engine_id: str, request_id: str, block_ids: list[int]) -> list[memoryview]:
-        """One contiguous byte view per region with the blocks in order; raises KVTransferError."""
+    def read(self, engine_id: str, request_id: str, block_ids: list[int]) -> tuple[list[int], Iterable[memoryview]]:
+        """(bytes of each region, the regions' bytes in turn with the blocks in order); raises
+        KVTransferError before anything is sent. The iterable may produce lazily (pipelined copies)."""
         ...
 
     def release(self, engine_id: str, request_id: str, after_read: bool) -> None:
@@ -42,7 +43,10 @@ class KVTransport(Protocol):
     def handshake(self, host: str, port: int, mine: dict[str, Any]) -> dict[str, Any]: ...
 
     def read_into(self, host: str, port: int, engine_id: str, request_id: str, block_ids: list[int],
-                  buffers: list[memoryview], release: bool = True) -> int: ...
+                  buffers: list[memoryview], release: bool = True,
+                  on_region: Callable[[int], None] | None = None) -> int:
+        """Fills buffers[i] with region i (on_region(i) right after, to overlap the next receive)."""
+        ...
 
     def release(self, host: str, port: int, engine_id: str, request_id: str) -> None: ...
 
@@ -74,10 +78,13 @@ class _Handler(socketserver.BaseRequestHandler):
             if op == "hello":
                 send_frame(sock, {"ok": True, "version": PROTOCOL_VERSION, **source.metadata()})
             elif op == "read":
-                views = source.read(str(msg.get("engine_id")), str(msg.get("request_id")),
-                                    [int(b) for b in msg.get("block_ids") or []])
-                sizes = [v.nbytes for v in views]
-                send_frame(sock, {"ok": True, "nbytes": sum(sizes), "region_nbytes": sizes}, views)
+                sizes, views = source.read(str(msg.get("engine_id")), str(msg.get("request_id")),
+                                           [int(b) for b in msg.get("block_ids") or []])
+                send_frame(sock, {"ok": True, "nbytes": sum(sizes), "region_nbytes": sizes})
+                for size, view in zip(sizes, views):
+                    if view.nbytes != size:   # cannot happen unless the cache changed shape: drop the line
+                        raise ConnectionError(f"region of {view.nbytes} bytes, announced {size}")
+                    sock.sendall(view)
                 if msg.get("release", True):
                     source.release(str(msg.get("engine_id")), str(msg.get("request_id")), after_read=True)
             elif op == "release":
@@ -148,8 +155,8 @@ class TcpTransport:
             except OSError:
                 pass
 
-    def _call(self, host: str, port: int, msg: dict[str, Any], buffers: list[memoryview] | None = None
-              ) -> dict[str, Any]:
+    def _call(self, host: str, port: int, msg: dict[str, Any], buffers: list[memoryview] | None = None,
+              on_region: Callable[[int], None] | None = None) -> dict[str, Any]:
         sock, lock = self._conn(host, port)
         with lock:
             try:
@@ -164,8 +171,10 @@ class TcpTransport:
                         # Drain so the connection stays in sync, then refuse.
                         recv_into_exact(sock, memoryview(bytearray(reply["nbytes"])))
                         raise KVTransferError(f"producer sent regions of {sizes} bytes, expected {want}")
-                    for b in buffers or []:
+                    for i, b in enumerate(buffers or []):
                         recv_into_exact(sock, b.cast("B"))
+                        if on_region is not None:
+                            on_region(i)
             except (ConnectionError, OSError) as exc:
                 self._drop(host, port)
                 raise KVTransferError(f"KV side channel {host}:{port} failed: {exc}") from exc
@@ -181,9 +190,10 @@ class TcpTransport:
         return theirs
 
     def read_into(self, host: str, port: int, engine_id: str, request_id: str, block_ids: list[int],
-                  buffers: list[memoryview], release: bool = True) -> int:
+                  buffers: list[memoryview], release: bool = True,
+                  on_region: Callable[[int], None] | None = None) -> int:
         reply = self._call(host, port, {"op": "read", "engine_id": engine_id, "request_id": request_id,
-                                        "block_ids": list(block_ids), "release": release}, buffers)
+                                        "block_ids": list(block_ids), "release": release}, buffers, on_region)
         return int(reply.get("nbytes") or 0)
 
     def release(self, host: str, port: int, engine_id: str, request_id: str) -> None:
