@@ -73,7 +73,8 @@ class ExpertRouter:
         pick = (torch.arange(t * k, device=topk_ids.device).view(t, k) + self.salt) % self.logcnt[topk_ids]
         phys = self.log2phy[topk_ids, pick]
         if self.record:
-            self.load += torch.bincount(phys.reshape(-1), minlength=self.num_physical)
+            flat = phys.reshape(-1)
+            self.load.scatter_add_(0, flat, torch.ones_like(flat))  # no bincount: keeps it graph-capturable
         return phys
 
     def set_maps(self, log2phy: torch.Tensor, logcnt: torch.Tensor) -> None:

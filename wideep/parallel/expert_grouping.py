@@ -25,7 +25,9 @@ def group_by_local_expert(local_ids: torch.Tensor, num_local: int, static: bool)
     mine = (flat >= 0) & (flat < num_local)
     key = torch.where(mine, flat, torch.full_like(flat, num_local))
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_local + 1)
+    # scatter_add, not bincount: bincount sizes its output from the data (a host sync, not capturable)
+    counts = torch.zeros(num_local + 1, dtype=torch.int64, device=key.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
     tokens_per_expert = counts[:num_local].to(torch.int64)
     if static:
         valid = mine[order]
