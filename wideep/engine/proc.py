@@ -162,8 +162,11 @@ class EngineLoop:
             has_work = self.core.has_unfinished()
             kv_wait = self.core.kv_transfer_wait_s() if hasattr(self.core, "kv_transfer_wait_s") else None
             if kv_wait is not None:
-                # P/D: only KV transfers pending; nap on input instead of spinning, then poll them.
-                if not self._drain_inputs(int(kv_wait * 1000)) and os.getppid() != self.parent_pid:
+                # P/D: only KV transfers pending; nap on input instead of spinning (no longer than the
+                # DP-lockstep coordinator allows: peers may need this rank's dummy batch), then poll them.
+                timeout = self.coordinator.idle_timeout_s(self.core)
+                wait = kv_wait if timeout is None else min(kv_wait, timeout)
+                if not self._drain_inputs(int(wait * 1000)) and os.getppid() != self.parent_pid:
                     log.warning("parent process went away; engine exiting")
                     return
                 self.core.poll_kv_transfers()
