@@ -182,8 +182,13 @@ def test_inflight_load_producer():
 
 
 def test_profile_weighted_sum_clamped():
-    class Const:
-        def __init__(self, v): self.v = v
+    from wideep.router.framework import Scorer
+
+    class Const(Scorer):
+        def __init__(self, v):
+            super().__init__("const", None)
+            self.v = v
+
         def score(self, req, eps): return {e: self.v for e in eps}
     a = ep("a")
     prof = Profile("p", scorers=[ScoredPlugin(Const(2.0), 3.0), ScoredPlugin(Const(-1.0), 5.0), ScoredPlugin(Const(0.5), 2.0)],

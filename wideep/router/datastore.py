@@ -54,8 +54,8 @@ class Datastore:
         return e.healthy and now - e.metrics.updated_at <= self.staleness_s
 
     def ready(self) -> list[Endpoint]:
-        now = time.monotonic()
-        return [e for e in self._eps.values() if self.is_ready(e, now)]
+        oldest = time.monotonic() - self.staleness_s    # same test as is_ready, inlined (hot path)
+        return [e for e in self._eps.values() if e.healthy and e.metrics.updated_at >= oldest]
 
 
 # ---- static sources -------------------------------------------------------------------------

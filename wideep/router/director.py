@@ -105,6 +105,8 @@ class Director:
         """Every screener sees the same candidates; an endpoint stays if all of them keep it."""
         if not self.cfg.screeners:
             return cands
+        if len(self.cfg.screeners) == 1:
+            return self.cfg.screeners[0].screen(req, cands)
         keep = None
         for s in self.cfg.screeners:
             ids = {id(e) for e in s.screen(req, cands)}

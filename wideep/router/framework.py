@@ -18,15 +18,29 @@ class Filter(Plugin):
 
 
 class Scorer(Plugin):
+    """Implement `score_values` (one float per endpoint, aligned with `eps`: the scheduler's fast
+    path) or `score` (a dict); each is derived from the other."""
+
     category = "distribution"   # or "affinity" (prefix, session): informative, as in llm-d
+    bounded = False             # True: score_values is always within [0, 1], the scheduler skips the clamp
 
     def score(self, req: LLMRequest, eps: list[Endpoint]) -> dict[Endpoint, float]:
-        raise NotImplementedError
+        if type(self).score_values is Scorer.score_values:
+            raise NotImplementedError(f"{type(self).__name__} implements neither score nor score_values")
+        return dict(zip(eps, self.score_values(req, eps)))
+
+    def score_values(self, req: LLMRequest, eps: list[Endpoint]) -> list[float]:
+        d = self.score(req, eps)
+        return [d.get(e, 0.0) for e in eps]
 
 
 class Picker(Plugin):
     def pick(self, req: LLMRequest, scored: list[tuple[Endpoint, float]]) -> list[Endpoint]:
         raise NotImplementedError
+
+    def pick_values(self, req: LLMRequest, eps: list[Endpoint], totals: list[float]) -> list[Endpoint]:
+        """Fast path with aligned lists; pickers may override to skip building the pairs."""
+        return self.pick(req, list(zip(eps, totals)))
 
 
 class Screener(Plugin):
@@ -84,17 +98,26 @@ class Profile:
             eps = f.filter(req, eps)
             if not eps:
                 return None
-        totals = dict.fromkeys(eps, 0.0)
+        totals: list[float] | None = None
         for sp in self.scorers:
             w = sp.weight
-            for ep, s in sp.plugin.score(req, eps).items():
-                if ep in totals:
-                    totals[ep] += (s if 0.0 <= s <= 1.0 else (0.0 if s < 0.0 else 1.0)) * w
+            vals = sp.plugin.score_values(req, eps)
+            if len(vals) != len(eps):
+                raise ValueError(f"scorer {sp.plugin.name} returned {len(vals)} scores for {len(eps)} endpoints")
+            if not sp.plugin.bounded:   # clamp to [0, 1]
+                vals = [v if 0.0 <= v <= 1.0 else (0.0 if v < 0.0 else 1.0) for v in vals]
+            # times the weight, summed
+            if totals is None:
+                totals = [v * w for v in vals] if w != 1.0 else list(vals)
+            else:
+                totals = [t + v * w for t, v in zip(totals, vals)] if w != 1.0 else [t + v for t, v in zip(totals, vals)]
+        if totals is None:
+            totals = [0.0] * len(eps)
         assert self.picker is not None
-        targets = self.picker.pick(req, list(totals.items()))
+        targets = self.picker.pick_values(req, eps, totals)
         if not targets:
             return None
-        return ProfileRunResult(targets=targets, scores={ep.name: s for ep, s in totals.items()})
+        return ProfileRunResult(targets=targets, candidates=eps, totals=totals)
 
 
 class ProfileHandler(Plugin):

@@ -6,6 +6,8 @@ Only full blocks are hashed: a partial tail block cannot be cached by the engine
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 
 import xxhash
 
@@ -14,8 +16,20 @@ def root_hash(model: str, cache_salt: str = "") -> int:
     return xxhash.xxh64_intdigest((model + cache_salt).encode())
 
 
+_LITTLE = sys.byteorder == "little" and array("I").itemsize == 4
+
+
+def _le_u32(tokens) -> bytes:
+    if _LITTLE:
+        try:
+            return array("I", tokens).tobytes()          # C speed; ids outside uint32 fall through
+        except OverflowError:
+            pass
+    return struct.pack(f"<{len(tokens)}I", *[t & 0xFFFFFFFF for t in tokens])
+
+
 def chain_block(parent: int, tokens: list[int] | tuple[int, ...]) -> int:
-    inner = xxhash.xxh64_intdigest(struct.pack(f"<{len(tokens)}I", *[t & 0xFFFFFFFF for t in tokens]))
+    inner = xxhash.xxh64_intdigest(_le_u32(tokens))
     return xxhash.xxh64_intdigest(struct.pack("<QQ", inner, parent))
 
 

@@ -77,10 +77,16 @@ class LLMRequest:
 
 @dataclass
 class ProfileRunResult:
-    """One profile's outcome: endpoints in preference order plus every candidate's total score."""
+    """One profile's outcome: endpoints in preference order plus every candidate's total score
+    (kept as two aligned lists; the name -> score dict is built only when someone asks)."""
 
     targets: list[Endpoint]
-    scores: dict[str, float] = field(default_factory=dict)   # endpoint name -> weighted sum
+    candidates: list[Endpoint] = field(default_factory=list)
+    totals: list[float] = field(default_factory=list)
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return {e.name: s for e, s in zip(self.candidates, self.totals)}
 
 
 @dataclass

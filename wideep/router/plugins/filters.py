@@ -15,7 +15,8 @@ class DecodeFilter(Filter):
     ROLES = {"decode", "prefill-decode", "both"}
 
     def filter(self, req, eps):
-        return [e for e in eps if e.labels.get(ROLE_LABEL) is None or e.labels[ROLE_LABEL] in self.ROLES]
+        roles = self.ROLES
+        return [e for e in eps if (r := e.labels.get(ROLE_LABEL)) is None or r in roles]
 
 
 @register("prefill-filter")
@@ -23,7 +24,8 @@ class PrefillFilter(Filter):
     ROLES = {"prefill", "prefill-decode", "both"}
 
     def filter(self, req, eps):
-        return [e for e in eps if e.labels.get(ROLE_LABEL) in self.ROLES]
+        roles = self.ROLES
+        return [e for e in eps if e.labels.get(ROLE_LABEL) in roles]
 
 
 @dataclass

@@ -24,6 +24,13 @@ class MaxScorePicker(Picker):
 
     Params = PickerParams
 
+    def pick_values(self, req, eps, totals):
+        if self.params.max_num_of_endpoints == 1 and eps:
+            best = max(totals)
+            winners = [e for e, s in zip(eps, totals) if s == best]
+            return [winners[0] if len(winners) == 1 else random.choice(winners)]
+        return self.pick(req, list(zip(eps, totals)))
+
     def pick(self, req, scored):
         if self.params.max_num_of_endpoints == 1 and scored:
             best = max(s for _, s in scored)
@@ -37,6 +44,9 @@ class MaxScorePicker(Picker):
 @register("random-picker")
 class RandomPicker(Picker):
     Params = PickerParams
+
+    def pick_values(self, req, eps, totals):
+        return random.sample(eps, min(len(eps), self.params.max_num_of_endpoints))
 
     def pick(self, req, scored):
         eps = [e for e, _ in scored]

@@ -131,19 +131,21 @@ class KVBlockIndex:
     def keys_for(self, token_ids: list[int]) -> list[int]:
         return block_hashes(token_ids, self.block_size, self.root)
 
-    def match(self, keys: list[int], names: set[str]) -> dict[str, float]:
+    def match(self, keys: list[int], names: set[str] | None = None) -> dict[str, float]:
         """Consecutive hits from block 0 per endpoint, each weighted by the medium it sits on."""
         score: dict[str, float] = {}
-        active = set(names)
+        active: set[str] | None = None
         for k in keys:
             h = self.holders.get(k)
             if not h:
                 break
-            active &= h.keys()
+            active = set(h) if active is None else active & h.keys()
             if not active:
                 break
             for n in active:
                 score[n] = score.get(n, 0.0) + MEDIUM_WEIGHT.get(h[n], DEFAULT_MEDIUM_WEIGHT)
+        if names is not None:
+            score = {n: v for n, v in score.items() if n in names}
         return score
 
 
@@ -297,7 +299,7 @@ class _PreciseCore(DataProducer):
 
     def produce(self, req, eps):
         keys = self.index.keys_for(req.token_ids or [])
-        weighted = self.index.match(keys, {e.name for e in eps})
+        weighted = self.index.match(keys)   # holders outside `eps` are never read
         m = PrefixMatch(hashes=keys, block_size=self.index.block_size,
                         matched_blocks={k: int(round(v)) for k, v in weighted.items()})
         m.weighted = weighted  # type: ignore[attr-defined]
@@ -336,9 +338,10 @@ class PrecisePrefixCacheScorer(_PreciseCore, Scorer):
         if self.producer is None:
             super().produce(req, eps)
 
-    def score(self, req, eps):
+    def score_values(self, req, eps):
         m = req.data.get(self.DATA_KEY)
-        if m is None or not m.hashes:
-            return {e: 0.0 for e in eps}
+        if m is None or not m.hashes or not m.weighted:
+            return [0.0] * len(eps)
         total = len(m.hashes)
-        return {e: m.weighted.get(e.name, 0.0) / total for e in eps}
+        w = m.weighted
+        return [w.get(e.name, 0.0) / total for e in eps]

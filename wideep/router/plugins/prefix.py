@@ -40,48 +40,92 @@ class PrefixParams:
 
 
 class PrefixIndex:
-    """hash -> endpoints holding it, plus an LRU of hashes per endpoint."""
+    """hash -> endpoints holding it, plus an LRU of hashes per endpoint.
+
+    Holders are an int bitmask (one bit per endpoint name), so walking a prompt's blocks is one
+    big-int AND per block whatever the pool size; only endpoints that drop out are visited."""
 
     def __init__(self, default_capacity: int):
         self.default_capacity = default_capacity
-        self.by_hash: dict[int, set[str]] = {}
+        self.by_hash: dict[int, int] = {}
         self.lru: dict[str, OrderedDict[int, None]] = {}
+        self.bit_of: dict[str, int] = {}
+        self.name_of: dict[int, str] = {}      # bit index -> name
 
-    def lookup(self, hashes: list[int], names: set[str]) -> dict[str, int]:
+    def _bit(self, name: str) -> int:
+        bit = self.bit_of.get(name)
+        if bit is None:
+            idx = len(self.bit_of)
+            bit = self.bit_of[name] = 1 << idx
+            self.name_of[idx] = name
+        return bit
+
+    def holders(self, h: int) -> set[str]:
+        return self._names(self.by_hash.get(h, 0))
+
+    def _names(self, mask: int) -> set[str]:
+        out = set()
+        while mask:
+            low = mask & -mask
+            out.add(self.name_of[low.bit_length() - 1])
+            mask ^= low
+        return out
+
+    def lookup(self, hashes: list[int], names: set[str] | None = None) -> dict[str, int]:
+        """Consecutive hits from block 0 per endpoint; stops at the first block nobody still has."""
         match: dict[str, int] = {}
-        active = set(names)
+        by_hash, name_of = self.by_hash, self.name_of
+        active = -1          # all bits
+        depth = 0
         for h in hashes:
-            active &= self.by_hash.get(h, set())
+            nxt = active & by_hash.get(h, 0)
+            if nxt != active and depth:
+                dropped = active & ~nxt
+                while dropped:
+                    low = dropped & -dropped
+                    match[name_of[low.bit_length() - 1]] = depth
+                    dropped ^= low
+            active = nxt
             if not active:
                 break
-            for n in active:
-                match[n] = match.get(n, 0) + 1
+            depth += 1
+        if active > 0:
+            while active:
+                low = active & -active
+                match[name_of[low.bit_length() - 1]] = depth
+                active ^= low
+        if names is not None:
+            match = {n: c for n, c in match.items() if n in names}
         return match
 
     def add(self, name: str, hashes: list[int], capacity: int | None) -> None:
         lru = self.lru.setdefault(name, OrderedDict())
         cap = capacity or self.default_capacity
+        bit = self._bit(name)
+        by_hash = self.by_hash
         for h in hashes:
             if h in lru:
                 lru.move_to_end(h)
             else:
                 lru[h] = None
-                self.by_hash.setdefault(h, set()).add(name)
+                by_hash[h] = by_hash.get(h, 0) | bit
         while len(lru) > cap:
             old, _ = lru.popitem(last=False)
-            holders = self.by_hash.get(old)
-            if holders is not None:
-                holders.discard(name)
-                if not holders:
-                    del self.by_hash[old]
+            self._drop(old, bit)
+
+    def _drop(self, h: int, bit: int) -> None:
+        mask = self.by_hash.get(h, 0) & ~bit
+        if mask:
+            self.by_hash[h] = mask
+        else:
+            self.by_hash.pop(h, None)
 
     def forget(self, name: str) -> None:
+        bit = self.bit_of.get(name)
+        if bit is None:
+            return
         for h in self.lru.pop(name, {}):
-            holders = self.by_hash.get(h)
-            if holders:
-                holders.discard(name)
-                if not holders:
-                    del self.by_hash[h]
+            self._drop(h, bit)
 
 
 def prefix_score(match_blocks: int, total_blocks: int, block_size: int, w: float) -> float:
@@ -112,7 +156,7 @@ class _ApproxPrefixCore(DataProducer, PreRequest):
         salt = str(req.body.get("cache_salt") or "")
         hashes = block_hashes(req.token_ids or [], bs, root_hash(req.model, salt), self.params.max_prefix_tokens_to_match)
         m = PrefixMatch(hashes=hashes, block_size=bs)
-        m.matched_blocks = self.index.lookup(hashes, {e.name for e in eps})
+        m.matched_blocks = self.index.lookup(hashes)   # holders outside `eps` are never read
         req.data[self.DATA_KEY] = m
 
     def pre_request(self, req, result, headers):
@@ -136,6 +180,7 @@ class PrefixCacheScorer(_ApproxPrefixCore, Scorer):
     exists, otherwise keeps its own index."""
 
     category = "affinity"
+    bounded = True
 
     def __init__(self, name, params):
         super().__init__(name, params)
@@ -154,14 +199,25 @@ class PrefixCacheScorer(_ApproxPrefixCore, Scorer):
         if self.producer is None:
             super().pre_request(req, result, headers)
 
-    def score(self, req, eps):
+    def score_values(self, req, eps):
         m = req.data.get(self.DATA_KEY)
-        if m is None:
-            return {e: 0.0 for e in eps}
+        hits = m.matched_blocks if m is not None else None
+        if not hits:
+            return [0.0] * len(eps)
         total = len(m.hashes)
         w = self.params.match_length_weight
-        hits = m.matched_blocks
-        return {e: prefix_score(hits[e.name], total, m.block_size, w) if e.name in hits else 0.0 for e in eps}
+        if w == 0.0:   # the default: matchBlocks / totalBlocks
+            inv = 1.0 / total
+            return [hits.get(e.name, 0) * inv for e in eps]
+        by_count: dict[int, float] = {}
+        out = []
+        for e in eps:
+            c = hits.get(e.name, 0)
+            s = by_count.get(c)
+            if s is None:
+                s = by_count[c] = prefix_score(c, total, m.block_size, w)
+            out.append(s)
+        return out
 
 
 def prefix_fractions(req: LLMRequest) -> dict[str, float] | None:

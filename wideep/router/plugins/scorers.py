@@ -9,30 +9,37 @@ from wideep.router.framework import ResponseHooks, Scorer
 from wideep.router.registry import register
 
 
-def _min_max_inverse(values: dict) -> dict:
+def min_max_inverse(values: list) -> list[float]:
     """(max - v) / (max - min), or 1 for everyone when all are equal."""
-    lo, hi = min(values.values()), max(values.values())
+    if not values:
+        return []
+    lo, hi = min(values), max(values)
     if hi == lo:
-        return {k: 1.0 for k in values}
-    return {k: (hi - v) / (hi - lo) for k, v in values.items()}
+        return [1.0] * len(values)
+    span = hi - lo
+    return [(hi - v) / span for v in values]
 
 
 @register("queue-scorer")
 class QueueScorer(Scorer):
-    def score(self, req, eps):
-        return _min_max_inverse({e: e.metrics.waiting for e in eps}) if eps else {}
+    bounded = True
+
+    def score_values(self, req, eps):
+        return min_max_inverse([e.metrics.waiting for e in eps])
 
 
 @register("running-requests-size-scorer")
 class RunningRequestsSizeScorer(Scorer):
-    def score(self, req, eps):
-        return _min_max_inverse({e: e.metrics.running for e in eps}) if eps else {}
+    bounded = True
+
+    def score_values(self, req, eps):
+        return min_max_inverse([e.metrics.running for e in eps])
 
 
 @register("kv-cache-utilization-scorer")
 class KVCacheUtilizationScorer(Scorer):
-    def score(self, req, eps):
-        return {e: 1.0 - e.metrics.kv_usage for e in eps}
+    def score_values(self, req, eps):
+        return [1.0 - e.metrics.kv_usage for e in eps]
 
 
 @dataclass
@@ -49,13 +56,11 @@ class LoadAwareScorer(Scorer):
     """0.5 for an empty queue, then linearly down to 0 at `threshold` waiting requests."""
 
     Params = LoadAwareParams
+    bounded = True
 
-    def score(self, req, eps):
-        out = {}
-        for e in eps:
-            q = e.metrics.waiting
-            out[e] = 0.5 if q == 0 else max(0.0, 0.5 * (1.0 - q / self.params.threshold))
-        return out
+    def score_values(self, req, eps):
+        t = self.params.threshold
+        return [0.5 if (q := e.metrics.waiting) == 0 else max(0.0, 0.5 * (1.0 - q / t)) for e in eps]
 
 
 @dataclass
@@ -77,17 +82,19 @@ class ActiveRequestScorer(Scorer):
     else (max - c) / max * maxBusyScore."""
 
     Params = ActiveRequestParams
+    bounded = True
 
-    def score(self, req, eps):
+    def score_values(self, req, eps):
         if not eps:
-            return {}
+            return []
         p = self.params
-        mx = max(e.inflight_requests for e in eps)
-        out = {}
-        for e in eps:
-            c = e.inflight_requests
-            out[e] = 1.0 if c <= p.idle_threshold else (mx - c) / mx * p.max_busy_score
-        return out
+        counts = [e.inflight_requests for e in eps]
+        mx = max(counts)
+        idle = p.idle_threshold
+        if mx <= idle:
+            return [1.0] * len(counts)
+        k = p.max_busy_score / mx
+        return [1.0 if c <= idle else (mx - c) * k for c in counts]
 
 
 @dataclass
@@ -102,9 +109,11 @@ class TokenLoadParams:
 @register("token-load-scorer")
 class TokenLoadScorer(Scorer):
     Params = TokenLoadParams
+    bounded = True
 
-    def score(self, req, eps):
-        return {e: 1.0 - min(1.0, e.inflight_tokens / self.params.max_tokens) for e in eps}
+    def score_values(self, req, eps):
+        m = self.params.max_tokens
+        return [1.0 - min(1.0, e.inflight_tokens / m) for e in eps]
 
 
 SESSION_HEADER = "x-session-token"
@@ -125,7 +134,7 @@ class SessionAffinityScorer(Scorer, ResponseHooks):
                 want = base64.b64decode(tok, validate=True).decode()
             except (binascii.Error, UnicodeDecodeError):
                 want = None
-        return {e: 1.0 if e.name == want else 0.0 for e in eps}
+        return {e: 1.0 if e.name == want else 0.0 for e in eps} if want else dict.fromkeys(eps, 0.0)
 
     def on_response_headers(self, req, result, headers):
         headers[SESSION_HEADER] = base64.b64encode(result.target.name.encode()).decode()
