@@ -367,3 +367,27 @@ def test_cli_flags_build_the_config(tmp_path):
     assert Sidecar(cfg)._allowed("127.0.0.1:8000") is False
     with pytest.raises(SystemExit, match="nixlv2"):
         cli.build_config(parser.parse_args(["sidecar", "--connector", "lmcache"]))
+
+
+def test_sidecar_process_exits_cleanly_on_sigterm():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "wideep", "sidecar", "--port", str(port), "--vllm-port",
+                             str(free_port()), "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                import urllib.request
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/sidecar/stats", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "sidecar did not start"
+            time.sleep(0.1)
+        proc.terminate()
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)

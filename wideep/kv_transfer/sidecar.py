@@ -269,11 +269,22 @@ class Sidecar:
 
 
 async def run_sidecar(cfg: SidecarConfig, ready: asyncio.Event | None = None) -> None:
+    """Runs until SIGTERM/SIGINT; then stops listening and closes upstream connections."""
+    import signal
+
     sidecar = Sidecar(cfg)
     await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
     if ready is not None:
         ready.set()
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
+        log.info("sidecar: shutting down")
     finally:
         await sidecar.stop()
