@@ -9,6 +9,7 @@ c_kv followed by the rope'd k_pe of each token. Slot = block_id * block_size + o
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +94,25 @@ def gather_context(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.
 
 
 def paged_mla_decode(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kv_lora_rank: int,
+    scale: float,
+) -> torch.Tensor:
+    """Absorbed-MLA decode: the fused Triton kernel (mla_decode_triton) on CUDA when triton imports, else the
+    torch reference below. Env WIDEEP_MLA_DECODE=torch|triton forces one (triton on CPU = its interpreter)."""
+    if q_lat.is_cuda or os.environ.get("WIDEEP_MLA_DECODE") == "triton":
+        from .mla_decode_triton import paged_mla_decode_triton, use_triton
+
+        if use_triton(q_lat):
+            return paged_mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lora_rank, scale)
+    return paged_mla_decode_torch(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lora_rank, scale)
+
+
+def paged_mla_decode_torch(
     q_lat: torch.Tensor,
     q_pe: torch.Tensor,
     kv_cache: torch.Tensor,
