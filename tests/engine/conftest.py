@@ -1,7 +1,15 @@
 """Engine test helpers: build EngineCores on the tiny checkpoint and check they end clean."""
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# One intra-op thread: on a shared 2-core machine, OpenMP threads spin against other jobs and a tiny
+# model's step gets ~25x slower. Spawned engine processes inherit OMP_NUM_THREADS.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 from wideep.engine.config import EngineArgs
 
