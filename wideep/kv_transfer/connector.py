@@ -60,6 +60,7 @@ def model_fingerprint(model: str) -> str:
 class _Held:
     block_ids: list[int]
     deadline: float
+    readers: int = 0     # reads in flight: the timeout must not free blocks while they are being sent
 
 
 @dataclass
@@ -140,10 +141,22 @@ class KVConnector:
             raise KVTransferError(f"blocks {sorted(stray)[:8]} do not belong to request {request_id!r}")
         assert self.caches is not None
         sizes = self.caches.region_nbytes(len(block_ids))
+        return sizes, self._stream_blocks(request_id, block_ids)
+
+    def _stream_blocks(self, request_id: str, block_ids: list[int]) -> Iterator[memoryview]:
         with self._lock:
-            self.stats["blocks_sent"] += len(block_ids)
-            self.stats["bytes_sent"] += sum(sizes)
-        return sizes, self.caches.gather(block_ids)
+            held = self._held.get(request_id)
+            if held is None:   # expired between the request and the send: drop the connection
+                raise ConnectionError(f"KV of {request_id!r} expired while being read")
+            held.readers += 1
+        try:
+            yield from self.caches.gather(block_ids)
+            with self._lock:
+                self.stats["blocks_sent"] += len(block_ids)
+                self.stats["bytes_sent"] += sum(self.caches.region_nbytes(len(block_ids)))
+        finally:
+            with self._lock:
+                held.readers -= 1
 
     def release(self, engine_id: str, request_id: str, after_read: bool) -> None:
         if engine_id != self.engine_id:
@@ -174,6 +187,10 @@ class KVConnector:
         if request.finish_reason not in ("length", "stop") or not request.block_ids or self.server is None:
             return False, None
         with self._lock:
+            if rid in self._held:
+                log.warning("kv_transfer: request id %r is still held from an earlier request; not holding "
+                            "this one (use unique request ids)", rid)
+                return False, None
             self._held[rid] = _Held(list(request.block_ids), time.monotonic() + self.timeout_s)
         params = {
             "do_remote_prefill": True,
@@ -191,7 +208,7 @@ class KVConnector:
         now = time.monotonic()
         with self._lock:
             for rid, h in list(self._held.items()):
-                if h.deadline <= now:
+                if h.deadline <= now and h.readers == 0:
                     log.warning("kv_transfer: nobody read the KV of %s within %.0f s; freeing its %d blocks",
                                 rid, self.timeout_s, len(h.block_ids))
                     del self._held[rid]
