@@ -59,7 +59,9 @@ def bench_prefill(core: EngineCore, prompts: list[list[int]], tag: str) -> float
 
 def bench_decode(core: EngineCore, batch: int, ctx: int, steps: int, warmup: int, seed: int) -> dict:
     prompts = rand_prompts(batch, ctx, core.vocab_size, seed)
-    sp = SamplingParams(max_tokens=warmup + steps + 4, temperature=0, ignore_eos=True)
+    # Early sequences decode in mixed steps while later ones still prefill in chunks: leave room for those tokens.
+    prefill_steps = -(-batch * ctx // core.args.max_num_batched_tokens)
+    sp = SamplingParams(max_tokens=warmup + steps + prefill_steps + 8, temperature=0, ignore_eos=True)
     ids = [f"d{batch}-{i}" for i in range(batch)]
     for rid, p in zip(ids, prompts):
         core.add_request(EngineRequest(rid, p, sp))
@@ -73,7 +75,7 @@ def bench_decode(core: EngineCore, batch: int, ctx: int, steps: int, warmup: int
     t0 = time.perf_counter()
     for _ in range(steps):
         out = core.schedule()
-        assert out.is_decode_only and len(out.seqs) == batch
+        assert out.is_decode_only and len(out.seqs) == batch, (out.is_decode_only, len(out.seqs), batch)
         core.execute(out)
     sync(core.device)
     dt = (time.perf_counter() - t0) / steps
