@@ -391,3 +391,13 @@ def test_sidecar_process_exits_cleanly_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_sidecar_never_imports_torch():
+    code = ("import sys, wideep.kv_transfer.cli as c, wideep.kv_transfer.sidecar, wideep.kv_transfer.transport, "
+            "wideep.kv_transfer.protocol, wideep.kv_transfer.params; "
+            "import argparse; p = argparse.ArgumentParser(); c.register(p.add_subparsers()); "
+            "c.build_config(p.parse_args(['sidecar'])); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
