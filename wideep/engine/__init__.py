@@ -1,1 +1,17 @@
+"""One engine rank (nano-vllm sized, vLLM v1 shaped).
 
+api.py            the contract: SamplingParams, EngineRequest, RequestOutput, EngineStats, KV events
+config.py         EngineArgs (vLLM knob names)
+request.py        a request's engine-side state
+block_hash.py     chained prefix-block hashes (torch-free: the router computes the same keys)
+block_manager.py  paged KV blocks, prefix cache, LRU eviction, KV events
+scheduler.py      continuous batching, chunked prefill, preemption, P/D connector seam
+sampler.py        batched device sampling (greedy, temperature, top-k/p, seeds, min_tokens)
+kv_cache.py       cache sizing from the memory budget
+model_runner.py   batch -> model inputs, CUDA graphs for decode, sampling
+core.py           EngineCore: add_request / abort_request / step
+proc.py           the engine process loop over ZMQ, StepCoordinator seam (DP lockstep)
+client.py         AsyncEngineClient + start_engine (the frontend's handle)
+output_processor.py  detokenization and stop strings (shared with the HTTP frontend)
+llm.py            offline LLM.generate;  cli.py: `wideep generate`
+"""
