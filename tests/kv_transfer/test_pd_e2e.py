@@ -83,8 +83,9 @@ def _stop(procs: dict[str, subprocess.Popen]) -> None:
 
 
 class Stack:
-    def __init__(self, model_dir, tmp_path):
+    def __init__(self, model_dir, tmp_path, serve_extra: list[str] | None = None):
         self.model = str(model_dir)
+        self.serve_extra = serve_extra or []
         self.p_port, self.d_port, self.s_port, self.s2_port = (free_port_range(DP) for _ in range(4))
         self.procs: dict[str, subprocess.Popen] = {}
         self.log_dir = tmp_path
@@ -97,7 +98,8 @@ class Stack:
         kv = {"kv_connector": "NixlConnector", "kv_role": role, "kv_load_failure_policy": "fail"}
         cmd = [sys.executable, "-m", "wideep", "serve", self.model, "--host", "127.0.0.1", "--port", str(port),
                "--data-parallel-size", str(DP), "--block-size", str(BLOCK), "--kv-cache-memory-bytes", "4M",
-               "--max-model-len", "512", "--enforce-eager", "--kv-transfer-config", json.dumps(kv), *extra]
+               "--max-model-len", "512", "--enforce-eager", "--kv-transfer-config", json.dumps(kv), *extra,
+               *[a.replace("{rpc}", str(free_port())) for a in self.serve_extra]]
         self.procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def sidecar(self, name: str, port: int, *extra: str):
@@ -235,3 +237,19 @@ def test_unread_blocks_are_freed_after_the_producer_timeout(stack):
     assert status == 200 and json.loads(body)["kv_transfer_params"]["do_remote_prefill"] is True
     assert _usage(stack.p_port + 1) > 0
     _wait_usage_zero(stack.all_server_ports(), limit_s=15)
+
+
+@pytest.mark.slow
+def test_pd_with_expert_parallel_groups(tiny_model_dir, tmp_path):
+    """Both roles as EP groups (DP=2 lockstep, experts split): P/D still equals aggregated on both ranks."""
+    s = Stack(tiny_model_dir, tmp_path, ["--enable-expert-parallel", "--data-parallel-rpc-port", "{rpc}"])
+    try:
+        s.start()
+        for rank in range(DP):
+            prompt = [(i * 29 + rank) % 700 + 9 for i in range(37)]
+            hdr = {"x-prefiller-host-port": f"127.0.0.1:{s.p_port + rank}"}
+            assert _complete(s.s_port + rank, prompt, True, hdr) == _complete(s.s_port + rank, prompt, True)
+            assert s.sidecar_stats(s.s_port + rank)["local_prefill_fallbacks"] == 0
+        _wait_usage_zero(s.all_server_ports(), limit_s=15)
+    finally:
+        _stop(s.procs)
