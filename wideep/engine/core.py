@@ -129,7 +129,13 @@ class EngineCore:
             raise InvalidRequest(
                 f"prompt has {n} tokens but max_model_len is {self.max_model_len}: shorten the prompt "
                 "(it must leave room for at least one generated token)", "prompt")
-        max_tokens = sp.max_tokens if sp.max_tokens is not None else self.max_model_len - n
+        capacity = self.num_blocks * self.args.block_size        # tokens the whole cache holds
+        if sp.max_tokens is None:   # "as many as fit": bounded by max_model_len and by the cache
+            max_tokens = min(self.max_model_len, capacity + 1) - n
+            if max_tokens < 1:
+                raise InvalidRequest(f"prompt has {n} tokens but the KV cache holds only {capacity}", "prompt")
+        else:
+            max_tokens = sp.max_tokens
         if n + max_tokens > self.max_model_len:
             raise InvalidRequest(
                 f"max_tokens {max_tokens} plus the prompt's {n} tokens exceeds max_model_len "
