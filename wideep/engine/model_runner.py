@@ -182,7 +182,9 @@ class ModelRunner:
                 return
         log.info("captured %d CUDA graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
 
-    def _capture(self, size: int) -> _Graph:
+    def _capture(self, size: int, capture: bool = True) -> _Graph:
+        """Static buffers for a decode batch of `size` and a CUDA graph of the forward over them.
+        capture=False gives an eager stand-in with the same buffers (tests the static-shape path on CPU)."""
         dev = self.device
         ids = torch.zeros(size, dtype=torch.long, device=dev)
         pos = torch.zeros(size, dtype=torch.long, device=dev)
@@ -193,6 +195,10 @@ class ModelRunner:
             slot_mapping=slots, query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=dev),
             seq_lens=seq_lens, block_tables=tables, num_decodes=size,
             query_lens=[1] * size, seq_lens_cpu=[self.max_model_len] * size)
+        if not capture:
+            hidden = self.model.forward(ids, pos, attn, self.kv_caches)
+            return _Graph(_EagerReplay(lambda: hidden.copy_(self.model.forward(ids, pos, attn, self.kv_caches))),
+                          ids, pos, slots, seq_lens, tables, hidden)
         for _ in range(2):  # warm up (allocator, lazy inits) outside the graph
             self.model.forward(ids, pos, attn, self.kv_caches)
         torch.cuda.synchronize(dev)
@@ -203,6 +209,16 @@ class ModelRunner:
             hidden = self.model.forward(ids, pos, attn, self.kv_caches)
         torch.cuda.synchronize(dev)
         return _Graph(graph, ids, pos, slots, seq_lens, tables, hidden)
+
+    @torch.inference_mode()
+    def use_static_decode(self, sizes: list[int]) -> None:
+        """Eager stand-ins for CUDA graphs (same static buffers and padding): the graph path on CPU."""
+        self.graphs = {size: self._capture(size, capture=False) for size in sizes}
+
+
+class _EagerReplay:
+    def __init__(self, fn):
+        self.replay = fn
 
 
 def _cumsum(xs: list[int]):
