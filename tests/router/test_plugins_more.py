@@ -387,3 +387,16 @@ def test_token_producer_without_url_asks_a_candidate_endpoint():
             await runner.cleanup()
 
     assert asyncio.run(main()) == [1, 2, 3] and len(seen) == 1
+
+
+def test_endpoint_role_attributes_follow_label_assignment():
+    from wideep.router.types import ROLE_LABEL, Endpoint
+
+    e = Endpoint(name="x", address="1.2.3.4:8000")
+    assert (e.role, e.can_decode, e.can_prefill) == (None, True, False)
+    e.labels = {ROLE_LABEL: "prefill"}
+    assert (e.role, e.can_decode, e.can_prefill) == ("prefill", False, True)
+    ds = Datastore()
+    ds.set_endpoints([e])
+    ds.set_endpoints([Endpoint(name="x", address="1.2.3.4:8000", labels={ROLE_LABEL: "both"})])
+    assert ds.get("x") is e and (e.can_decode, e.can_prefill) == (True, True)   # refreshed in place

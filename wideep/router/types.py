@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ROLE_LABEL = "llm-d.ai/role"
+DECODE_ROLES = frozenset({"decode", "prefill-decode", "both"})    # or no role label at all
+PREFILL_ROLES = frozenset({"prefill", "prefill-decode", "both"})
 
 
 @dataclass
@@ -47,9 +49,19 @@ class Endpoint:
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
 
-    @property
-    def role(self) -> str | None:
-        return self.labels.get(ROLE_LABEL)
+    # role / can_decode / can_prefill are derived from the labels once, not per request (the role
+    # filters read them for every candidate): assigning `labels` (as the datastore does on every
+    # refresh) re-derives them; change the role label by assigning a new dict, not in place.
+    def __setattr__(self, key, value):
+        object.__setattr__(self, key, value)
+        if key == "labels":
+            self._derive()
+
+    def _derive(self) -> None:
+        role = self.labels.get(ROLE_LABEL)
+        object.__setattr__(self, "role", role)
+        object.__setattr__(self, "can_decode", role is None or role in DECODE_ROLES)
+        object.__setattr__(self, "can_prefill", role in PREFILL_ROLES)
 
     def __repr__(self) -> str:
         return f"Endpoint({self.name}@{self.address})"

@@ -73,21 +73,21 @@ class LoraAffinityScorer(Scorer):
     there, 0 when the endpoint's slots are full."""
 
     category = "affinity"
+    bounded = True
 
-    def score(self, req, eps):
+    @staticmethod
+    def lora_score(model: str, m) -> float:
+        if model in m.running_lora:
+            return 1.0
+        if len(m.running_lora) + len(m.waiting_lora) < m.max_lora:
+            return 0.8
+        if model in m.waiting_lora:
+            return 0.6
+        return 0.0
+
+    def score_values(self, req, eps):
         model = req.model
-        out = {}
-        for e in eps:
-            m = e.metrics
-            if model in m.running_lora:
-                out[e] = 1.0
-            elif len(m.running_lora) + len(m.waiting_lora) < m.max_lora:
-                out[e] = 0.8
-            elif model in m.waiting_lora:
-                out[e] = 0.6
-            else:
-                out[e] = 0.0
-        return out
+        return [self.lora_score(model, e.metrics) for e in eps]
 
 
 @dataclass

@@ -5,27 +5,25 @@ from dataclasses import dataclass, field
 
 from wideep.router.framework import Filter
 from wideep.router.registry import register
-from wideep.router.types import ROLE_LABEL
+from wideep.router.types import DECODE_ROLES, PREFILL_ROLES
 
 
 @register("decode-filter")
 class DecodeFilter(Filter):
     """Decode-capable endpoints; an endpoint with no role label can do both."""
 
-    ROLES = {"decode", "prefill-decode", "both"}
+    ROLES = DECODE_ROLES
 
     def filter(self, req, eps):
-        roles = self.ROLES
-        return [e for e in eps if (r := e.labels.get(ROLE_LABEL)) is None or r in roles]
+        return [e for e in eps if e.can_decode]
 
 
 @register("prefill-filter")
 class PrefillFilter(Filter):
-    ROLES = {"prefill", "prefill-decode", "both"}
+    ROLES = PREFILL_ROLES
 
     def filter(self, req, eps):
-        roles = self.ROLES
-        return [e for e in eps if e.labels.get(ROLE_LABEL) in roles]
+        return [e for e in eps if e.can_prefill]
 
 
 @dataclass

@@ -17,9 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from wideep.router.framework import Screener
-from wideep.router.plugins.filters import DecodeFilter, PrefillFilter
 from wideep.router.registry import register
-from wideep.router.types import ROLE_LABEL
 
 REVISION_LABEL = "disaggregatedset.x-k8s.io/revision"
 
@@ -47,12 +45,10 @@ class DisaggregatedSetRolloutScreener(Screener):
         p = self.params
         if p.current_revision and p.current_revision in by_rev:
             return p.current_revision
-        pool_has_prefill = any(e.labels.get(ROLE_LABEL) in PrefillFilter.ROLES for eps in by_rev.values() for e in eps)
+        pool_has_prefill = any(e.can_prefill for eps in by_rev.values() for e in eps)
 
         def complete(eps):
-            dec = any(e.labels.get(ROLE_LABEL) is None or e.labels[ROLE_LABEL] in DecodeFilter.ROLES for e in eps)
-            pre = any(e.labels.get(ROLE_LABEL) in PrefillFilter.ROLES for e in eps)
-            return dec and (pre or not pool_has_prefill)
+            return any(e.can_decode for e in eps) and (not pool_has_prefill or any(e.can_prefill for e in eps))
 
         done = [r for r, eps in by_rev.items() if complete(eps)]
         if not done:
