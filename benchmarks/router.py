@@ -1,8 +1,9 @@
 """Router benchmark (CPU): scheduling latency vs pool size, and the latency/throughput a request
 pays for going through the built-in proxy or Envoy+ext_proc instead of straight to the backend.
 
-    .venv/bin/python benchmarks/router.py                 # full run (~2 min on 2 cores)
+    .venv/bin/python benchmarks/router.py                 # full run (~1-2 min on 2 cores)
     .venv/bin/python benchmarks/router.py --quick         # smoke run
+    .venv/bin/python benchmarks/router.py --profile 256   # cProfile of scheduling at 256 endpoints
 
 Compare with llm-d's Go EPP: scheduler P50 0.10-0.20 ms (router.md §7).
 """
@@ -172,7 +173,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--profile", type=int, metavar="N", help="only profile scheduling with N endpoints")
     a = ap.parse_args()
+    if a.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(scheduling_latency, a.profile, 2000)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        return
     iters = 300 if a.quick else 3000
     sched = [scheduling_latency(n, iters) for n in (8, 64, 256)]
     print("scheduling latency (wide-ep-lws config, ~1.7 KB prompts, 16 shared prefixes):")
