@@ -102,11 +102,11 @@ def use_triton(q: torch.Tensor) -> bool:
 
 def _mla_decode_split_kernel(
     Q_LAT, Q_PE, KV, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
-    sm_scale_log2, num_splits, H, L, R,
+    sm_scale_log2, num_splits, H,
     stride_ql_b, stride_ql_h, stride_qp_b, stride_qp_h,
     stride_kv_blk, stride_kv_tok, stride_bt_b,
     stride_o_b, stride_o_h, stride_o_s, stride_lse_b, stride_lse_h,
-    PAGE: constexpr, BLOCK_L: constexpr, BLOCK_R: constexpr,
+    L: constexpr, R: constexpr, PAGE: constexpr, BLOCK_L: constexpr, BLOCK_R: constexpr,
     BLOCK_H: constexpr, BLOCK_N: constexpr, SPLIT: constexpr, IEEE: constexpr,
     DOT_F32: constexpr,  # interpreter only: its bf16 dot is wrong, so dots run on fp32 copies
 ):
@@ -142,8 +142,16 @@ def _mla_decode_split_kernel(
         tmask = toks < end
         page = tl.load(bt_row + toks // PAGE, mask=tmask, other=0).to(tl.int64)
         row = page * stride_kv_blk + (toks % PAGE).to(tl.int64) * stride_kv_tok
-        kv = tl.load(KV + row[:, None] + offs_l[None, :], mask=tmask[:, None] & lmask[None, :], other=0.0)
-        kpe = tl.load(KV + row[:, None] + L + offs_r[None, :], mask=tmask[:, None] & rmask[None, :], other=0.0)
+        if BLOCK_L == L:   # R1: whole rows, a mask constant along them keeps the loads 16-byte wide
+            kv_mask = tmask[:, None]
+        else:
+            kv_mask = tmask[:, None] & lmask[None, :]
+        if BLOCK_R == R:
+            pe_mask = tmask[:, None]
+        else:
+            pe_mask = tmask[:, None] & rmask[None, :]
+        kv = tl.load(KV + row[:, None] + offs_l[None, :], mask=kv_mask, other=0.0)
+        kpe = tl.load(KV + row[:, None] + L + offs_r[None, :], mask=pe_mask, other=0.0)
         if DOT_F32:
             kv = kv.to(tl.float32)
             kpe = kpe.to(tl.float32)
@@ -214,7 +222,9 @@ def _kernels(interpret: bool):
     if interpret != interpreter_active():
         raise RuntimeError("the Triton MLA decode runs on CPU tensors only under TRITON_INTERPRET=1 (set before "
                            "triton is imported) and on CUDA tensors only without it")
-    return triton.jit(_mla_decode_split_kernel), triton.jit(_mla_decode_combine_kernel)
+    # num_splits varies with the batch size: one compiled variant for all of its values
+    return (triton.jit(_mla_decode_split_kernel, do_not_specialize=["num_splits"]),
+            triton.jit(_mla_decode_combine_kernel, do_not_specialize=["num_splits"]))
 
 
 # ---- launch -----------------------------------------------------------------------------------------
@@ -244,13 +254,15 @@ def choose_num_splits(batch: int, head_groups: int, max_ctx: int, block_n: int, 
 _chosen: dict[tuple, DecodeConfig] = {}
 
 
-def _candidates(num_heads: int, interpret: bool) -> tuple[DecodeConfig, ...]:
+def _candidates(num_heads: int, interpret: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[DecodeConfig, ...]:
     forced = os.environ.get(CONFIG_ENV)
     if forced:
         return (DecodeConfig.parse(forced),)
     if interpret:
         return (INTERPRET_CONFIG,)
-    return CUDA_CONFIGS_MANY_HEADS if num_heads >= 64 else CUDA_CONFIGS_FEW_HEADS
+    if num_heads >= 64 and dtype in (torch.bfloat16, torch.float16):
+        return CUDA_CONFIGS_MANY_HEADS
+    return CUDA_CONFIGS_FEW_HEADS   # few heads, or fp32 (tests): no tensor-core path, keep tiles small
 
 
 def mla_decode(
@@ -310,7 +322,7 @@ def mla_decode(
     elif key in _chosen:
         candidates = (_chosen[key],)
     else:
-        candidates = _candidates(h, interpret)
+        candidates = _candidates(h, interpret, dt)
     num_sms = 4 if interpret else _num_sms(q_lat.device.index if q_lat.device.index is not None
                                            else torch.cuda.current_device())
     last_exc: Exception | None = None
@@ -339,12 +351,12 @@ def _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, cfg: Deco
     head_groups = -(-h // cfg.block_h)
     splits = num_splits or choose_num_splits(b, head_groups, max_ctx, cfg.block_n, num_sms)
     grid = (head_groups, b, splits)
-    common = dict(PAGE=kv_cache.shape[1], BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_H=cfg.block_h,
+    common = dict(L=lat, R=rope, PAGE=kv_cache.shape[1], BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_H=cfg.block_h,
                   BLOCK_N=cfg.block_n, IEEE=ieee, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits == 1:
         split_kernel[grid](
             q_lat, q_pe, kv_cache, block_tables, seq_lens, out, out,
-            scale * _LOG2E, 1, h, lat, rope,
+            scale * _LOG2E, 1, h,
             q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
             out.stride(0), out.stride(1), 0, 0, 0,
@@ -355,7 +367,7 @@ def _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, cfg: Deco
     lse = torch.empty((b, h, splits), dtype=torch.float32, device=q_lat.device)
     split_kernel[grid](
         q_lat, q_pe, kv_cache, block_tables, seq_lens, part, lse,
-        scale * _LOG2E, splits, h, lat, rope,
+        scale * _LOG2E, splits, h,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
