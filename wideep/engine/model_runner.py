@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from wideep.engine.config import EngineArgs
@@ -65,9 +66,14 @@ class ModelRunner:
             req = s.request
             end = s.start + s.num_new_tokens
             input_ids.extend(req.all_token_ids[s.start:end])
-            positions.extend(range(s.start, end))
             blocks = req.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(s.start, end))
+            if s.num_new_tokens == 1:
+                positions.append(s.start)
+                slots.append(blocks[s.start // bs] * bs + s.start % bs)
+            else:
+                p = np.arange(s.start, end)
+                positions.extend(p.tolist())
+                slots.extend((np.asarray(blocks, dtype=np.int64)[p // bs] * bs + p % bs).tolist())
             qsl.append(qsl[-1] + s.num_new_tokens)
             seq_lens.append(end)
             query_lens.append(s.num_new_tokens)
@@ -146,24 +152,28 @@ class ModelRunner:
         g.block_tables[start:].zero_()
 
     def _replay(self, g: _Graph, out: SchedulerOutput) -> torch.Tensor:
-        b = len(out.seqs)
+        """Fills the graph's static inputs (real rows, then padding rows: slot -1, seq_len 0) from one
+        host staging array per buffer, and replays."""
+        b, size = len(out.seqs), g.input_ids.shape[0]
         bs = self.block_size
-        ids, pos, slots, lens = [], [], [], []
-        table = torch.zeros((b, self.max_blocks_per_seq), dtype=torch.int32)
+        ids = np.zeros(size, dtype=np.int64)
+        pos = np.zeros(size, dtype=np.int64)
+        slots = np.full(size, -1, dtype=np.int64)
+        lens = np.zeros(size, dtype=np.int32)
+        table = np.zeros((size, self.max_blocks_per_seq), dtype=np.int32)
         for i, s in enumerate(out.seqs):
             req = s.request
             p = s.start
-            ids.append(req.all_token_ids[p])
-            pos.append(p)
-            slots.append(req.block_ids[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            table[i, :len(req.block_ids)] = torch.tensor(req.block_ids, dtype=torch.int32)
-        g.input_ids[:b].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
-        g.positions[:b].copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
-        g.slot_mapping[:b].copy_(torch.tensor(slots, dtype=torch.long), non_blocking=True)
-        g.seq_lens[:b].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        g.block_tables[:b].copy_(table, non_blocking=True)
-        self._fill_graph_padding(g, b)
+            ids[i] = req.all_token_ids[p]
+            pos[i] = p
+            slots[i] = req.block_ids[p // bs] * bs + p % bs
+            lens[i] = p + 1
+            table[i, :len(req.block_ids)] = req.block_ids
+        g.input_ids.copy_(torch.from_numpy(ids))
+        g.positions.copy_(torch.from_numpy(pos))
+        g.slot_mapping.copy_(torch.from_numpy(slots))
+        g.seq_lens.copy_(torch.from_numpy(lens))
+        g.block_tables.copy_(torch.from_numpy(table))
         g.graph.replay()
         return g.hidden[:b]
 
