@@ -108,7 +108,8 @@ def test_num_splits_is_shape_static_and_bounded():
     assert mdt.choose_num_splits(128, 2, 2048, 32, 132) == 1          # enough programs: single pass
     assert mdt.choose_num_splits(1, 2, 4096, 32, 132) == mdt.MAX_SPLITS
     assert mdt.choose_num_splits(1, 2, 128, 32, 132) == 2              # >= 2 tiles per split
-    assert mdt.choose_num_splits(32, 2, 163840, 32, 132) == 3          # ~one wave
+    assert mdt.choose_num_splits(32, 2, 163840, 32, 132) == 2          # one wave (128 programs), not 1.5
+    assert mdt.choose_num_splits(64, 2, 163840, 32, 132) == 1
 
 
 @torch.no_grad()

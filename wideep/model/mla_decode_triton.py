@@ -239,14 +239,13 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def choose_num_splits(batch: int, head_groups: int, max_ctx: int, block_n: int, num_sms: int) -> int:
-    """Splits of each context so batch*head_groups*splits fills about one wave of SMs.
+    """Splits of each context so batch*head_groups*splits fills (without exceeding) one wave of SMs.
 
-    Depends only on static shapes (graph safe). Each split keeps >= 2 tiles of the padded context.
+    Rounded down: a wave and a half costs two waves. Depends only on static shapes (graph safe).
+    Each split keeps >= 2 tiles of the padded context.
     """
     programs = batch * head_groups
-    if programs >= num_sms:
-        return 1
-    want = -(-num_sms // programs)
+    want = num_sms // programs
     cap = max(1, max_ctx // (2 * block_n))
     return max(1, min(want, cap, MAX_SPLITS))
 
@@ -319,10 +318,10 @@ def mla_decode(
     key = (q_lat.device, h, lat, rope, page, dt)
     if config is not None:
         candidates = (config,)
-    elif key in _chosen:
-        candidates = (_chosen[key],)
-    else:
+    else:  # the config that worked before first; the rest still back it up (a new variant may not compile)
         candidates = _candidates(h, interpret, dt)
+        if key in _chosen:
+            candidates = (_chosen[key],) + tuple(c for c in candidates if c != _chosen[key])
     num_sms = 4 if interpret else _num_sms(q_lat.device.index if q_lat.device.index is not None
                                            else torch.cuda.current_device())
     last_exc: Exception | None = None
