@@ -54,15 +54,15 @@ def parse_configs(text: str) -> list[str]:
 
 def build_case(torch, b, ctx, heads, page, sets, device, dtype, seed=0):
     """sets × (q_lat, q_pe, block table) over one cache pool; every seq is full (seq_len = ctx)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)   # on the device: GBs of random data in no time
     pages = ctx // page
     pool = sets * b * pages + 1
-    cache = torch.randn(pool, page, L + R, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+    cache = torch.randn(pool, page, L + R, generator=g, device=device, dtype=dtype)
     cache[-1] = float("nan")              # a block nobody owns: any stray read poisons the result
-    perm = torch.randperm(pool - 1, generator=g).to(torch.int32)
+    perm = torch.randperm(pool - 1, generator=torch.Generator().manual_seed(seed)).to(torch.int32)
     tables = perm[: sets * b * pages].view(sets, b, pages).to(device)
-    qs = [(torch.randn(b, heads, L, generator=g).to(device=device, dtype=dtype),
-           torch.randn(b, heads, R, generator=g).to(device=device, dtype=dtype)) for _ in range(sets)]
+    qs = [(torch.randn(b, heads, L, generator=g, device=device, dtype=dtype),
+           torch.randn(b, heads, R, generator=g, device=device, dtype=dtype)) for _ in range(sets)]
     seq_lens = torch.full((b,), ctx, dtype=torch.int32, device=device)
     return cache, tables, qs, seq_lens
 

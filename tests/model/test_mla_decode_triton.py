@@ -112,18 +112,17 @@ def test_num_splits_is_shape_static_and_bounded():
     assert mdt.choose_num_splits(64, 2, 163840, 32, 132) == 1
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU runner; on CUDA the engine test below covers the model")
 @torch.no_grad()
 def test_model_decode_logits_match_reference(tiny_model_dir, paged_runner, monkeypatch):
     """The tiny model (fp32) through prefill + decodes: triton decode == torch decode logits."""
     from wideep.model.loader import load_model
 
-    model = load_model(tiny_model_dir).to(DEVICE) if DEVICE == "cuda" else load_model(tiny_model_dir)
+    model = load_model(tiny_model_dir)
     logits = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv(mdt.BACKEND_ENV, backend)
         runner = paged_runner(model, block_size=16)
-        if DEVICE == "cuda":
-            runner.caches = [c.to(DEVICE) for c in runner.caches]
         runner.step([(0, list(range(3, 22))), (1, [5, 6, 7])])
         outs = []
         for tok in (9, 10):
