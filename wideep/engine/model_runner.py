@@ -6,6 +6,7 @@ mixed batches run eagerly. The graph's block table is `max_model_len / block_siz
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -46,6 +47,12 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: dict[int, _Graph] = {}
         self.graph_pool = None
+        # DP lockstep (parallel/lockstep.py) sets this each step, the same on every rank: False runs
+        # decode batches eagerly too (one rank that cannot replay a graph makes the whole step eager).
+        self.use_graphs = True
+        # EP: the dispatcher's graph_mode(size) context (static shapes, `size` tokens per rank) wraps
+        # every capture and replay of a graph of that size (parallel/graph_dispatch.py).
+        self._graph_dispatch = getattr(getattr(model, "dispatcher", None), "graph_mode", None)
 
     # ---- KV cache ----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -117,7 +124,7 @@ class ModelRunner:
             graph = self._graph_for(num_tokens, None)
             if graph is not None:
                 self._fill_graph_padding(graph, 0)
-                graph.graph.replay()
+                self._replay_graph(graph)
                 return
             q = [1] * num_tokens
             seq_lens = [1] * num_tokens
@@ -138,11 +145,20 @@ class ModelRunner:
 
     # ---- CUDA graphs -----------------------------------------------------------------------------
     def _graph_for(self, batch: int, pad_to: int | None) -> _Graph | None:
+        if not self.use_graphs:
+            return None
         need = max(batch, pad_to or 0)
         for size in sorted(self.graphs):
             if size >= need:
                 return self.graphs[size]
         return None
+
+    def _dispatch_mode(self, size: int):
+        return self._graph_dispatch(size) if self._graph_dispatch is not None else contextlib.nullcontext()
+
+    def _replay_graph(self, g: _Graph) -> None:
+        with self._dispatch_mode(g.input_ids.shape[0]):
+            g.graph.replay()
 
     def _fill_graph_padding(self, g: _Graph, start: int) -> None:
         g.input_ids[start:].zero_()
@@ -174,7 +190,7 @@ class ModelRunner:
         g.slot_mapping.copy_(torch.from_numpy(slots))
         g.seq_lens.copy_(torch.from_numpy(lens))
         g.block_tables.copy_(torch.from_numpy(table))
-        g.graph.replay()
+        self._replay_graph(g)
         return g.hidden[:b]
 
     @torch.inference_mode()
@@ -185,7 +201,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         for size in sizes:
             try:
-                self.graphs[size] = self._capture(size)
+                with self._dispatch_mode(size):
+                    self.graphs[size] = self._capture(size)
             except Exception as exc:  # a non-capturable model/dispatcher: stay eager
                 log.warning("CUDA graph capture failed at batch %d (%s); decode runs eagerly", size, exc)
                 self.graphs.clear()
@@ -223,7 +240,10 @@ class ModelRunner:
     @torch.inference_mode()
     def use_static_decode(self, sizes: list[int]) -> None:
         """Eager stand-ins for CUDA graphs (same static buffers and padding): the graph path on CPU."""
-        self.graphs = {size: self._capture(size, capture=False) for size in sizes}
+        self.graphs = {}
+        for size in sizes:
+            with self._dispatch_mode(size):
+                self.graphs[size] = self._capture(size, capture=False)
 
 
 class _EagerReplay:

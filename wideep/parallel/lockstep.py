@@ -5,7 +5,9 @@ still runs a dummy batch (random routing) while others work. Shaped like vLLM's 
 (engine.md §2):
 - while a "wave" runs, each iteration all-reduces [has_work, tokens] over a gloo CPU group: the
   same answer on every rank says whether to step (and the group's max tokens per rank, which the
-  dispatcher pads to) or to stop (everyone idle → the wave ends, wave += 1);
+  dispatcher pads to) or to stop (everyone idle → the wave ends, wave += 1); the same all-reduce
+  carries each rank's CUDA-graph proposal (step_shape.py): decode-only steps replay one agreed graph
+  size on every rank, dummy ranks included, and one rank that cannot makes the step eager everywhere;
 - while idle, the engine loop blocks on its request socket and on a small ZMQ wake socket; a rank
   that gets a request pushes "wake(wave)" to its peers, so nobody polls and nobody burns a core;
 - a collective that fails (dead peer: connection closed, or the group timeout) raises EPGroupError,
@@ -21,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from wideep.parallel.dist import EPGroup, EPGroupError
+from wideep.parallel.step_shape import StepProposal, StepShape, decide_shape
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,9 @@ class DPLockstepCoordinator:
         self.wave = 0
         self.steps = 0              # lockstep forwards run in the current process
         self.dummy_steps = 0
+        self.graph_steps = 0         # lockstep forwards that replayed a CUDA graph (all ranks agreed)
+        self.eager_steps = 0
+        self.last_shape: StepShape | None = None
         self._ctx = None
         self._wake_in = None
         self._wake_out: list[Any] = []
@@ -121,22 +127,45 @@ class DPLockstepCoordinator:
                 return StepDecision(run_step=False)
         else:
             self._take_wake()  # drop duplicates of the current wave
-        tokens = scheduled.num_tokens if has_work else self.dummy_tokens
-        unfinished = 1 if (scheduled is not None or core.has_unfinished()) else 0
-        any_unfinished, max_tokens = self._all_reduce_max([unfinished, tokens])
-        if not any_unfinished:
+        graph_sizes = self._graph_sizes(core)
+        decode_only = has_work and scheduled.is_decode_only
+        proposal = StepProposal(
+            tokens=scheduled.num_tokens if has_work else self.dummy_tokens,
+            graphable=bool(graph_sizes) and (decode_only or not has_work),   # a dummy batch replays too
+            unfinished=scheduled is not None or core.has_unfinished())
+        shape = decide_shape(self._all_reduce_max(proposal.encode()), graph_sizes)
+        if not shape.any_unfinished:
             self.running = False
             self.wave += 1
             return StepDecision(run_step=False)
-        if self.dispatcher is not None:
-            self.dispatcher.set_max_tokens_per_rank(max(max_tokens, self.dummy_tokens))
+        self.last_shape = shape
+        runner = getattr(core, "runner", None)
+        if runner is not None and hasattr(runner, "use_graphs"):
+            runner.use_graphs = not shape.eager   # min cudagraph mode wins: one eager rank, all eager
+        if shape.eager:
+            pad_to, dummy_tokens = None, self.dummy_tokens
+            self.eager_steps += 1
+            if self.dispatcher is not None:
+                self.dispatcher.set_max_tokens_per_rank(max(shape.max_tokens, self.dummy_tokens))
+        else:
+            # every rank, dummy ones too, replays the graph of the agreed size
+            pad_to = dummy_tokens = shape.graph_size
+            self.graph_steps += 1
+            if self.dispatcher is not None:
+                self.dispatcher.set_max_tokens_per_rank(shape.graph_size)
         dummy = not has_work
         for r in self.routers:
             r.dummy = dummy
         self._forward_pending = True
         self.steps += 1
         self.dummy_steps += int(dummy)
-        return StepDecision(run_step=scheduled is not None, dummy_batch=self.dummy_tokens)
+        return StepDecision(run_step=scheduled is not None, pad_to=pad_to, dummy_batch=dummy_tokens)
+
+    @staticmethod
+    def _graph_sizes(core) -> list[int]:
+        """Captured decode graph sizes (the same on every rank: build_ep_core checks); [] = eager only."""
+        runner = getattr(core, "runner", None)
+        return sorted(getattr(runner, "graphs", None) or ())
 
     # ---- internals ---------------------------------------------------------------------------------
     def _after_forward(self) -> None:

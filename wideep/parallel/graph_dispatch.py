@@ -1,0 +1,101 @@
+"""Two MoE dispatch backends behind one: a graph backend for captured decode, the configured one otherwise.
+
+vLLM-style split (engine.md §5): decode steps replay CUDA graphs, which need a dispatcher with fixed
+shapes and no host sync (DeepEP low-latency; here allgather_reducescatter in static-shape mode);
+prefill and mixed steps run eagerly with the configured backend (DeepEP high-throughput; here
+all_to_all, or allgather). The model runner enters `graph_mode(size)` around capturing (and
+replaying) a graph of `size` tokens per rank; everything else goes to the eager backend.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from wideep.parallel.moe_comm import ALIASES, DispatchResult, MoEDispatcher, get_dispatcher
+
+log = logging.getLogger(__name__)
+
+# Overrides the decode (CUDA-graph) backend; it must be graph capturable.
+DECODE_BACKEND_ENV = "WIDEEP_DECODE_ALL2ALL_BACKEND"
+DEFAULT_GRAPH_BACKEND = "allgather_reducescatter"
+
+
+class GraphModeDispatcher(MoEDispatcher):
+    graph_capturable = True
+
+    def __init__(self, eager: MoEDispatcher, graph: MoEDispatcher):
+        if not graph.graph_capturable:
+            raise ValueError(f"decode backend {graph.name!r} is not CUDA-graph capturable")
+        if (eager.num_experts, eager.ep_rank, eager.ep_size) != (graph.num_experts, graph.ep_rank, graph.ep_size):
+            raise ValueError("eager and graph dispatchers must cover the same experts and EP group")
+        super().__init__(eager.num_experts, eager.ep_rank, eager.ep_size, eager.group)
+        self.eager = eager
+        self.graph = graph
+        self.active: MoEDispatcher = eager
+        self.graph_size: int | None = None
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.eager.name} (eager) + {self.graph.name} (graphs)"
+
+    def set_max_tokens_per_rank(self, n: int | None) -> None:
+        self.max_tokens_per_rank = n
+        if self.graph_size is None:
+            self.eager.set_max_tokens_per_rank(n)
+
+    @contextmanager
+    def graph_mode(self, size: int) -> Iterator[None]:
+        """Inside: every rank runs a forward of exactly `size` tokens through the static graph backend."""
+        g = self.graph
+        saved = (getattr(g, "static_shapes", False), g.max_tokens_per_rank, self.active)
+        if hasattr(g, "static_shapes"):
+            g.static_shapes = True
+        g.set_max_tokens_per_rank(size)
+        self.active, self.graph_size = g, size
+        try:
+            yield
+        finally:
+            if hasattr(g, "static_shapes"):
+                g.static_shapes = saved[0]
+            g.set_max_tokens_per_rank(saved[1])
+            self.active, self.graph_size = saved[2], None
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        return self.active.dispatch(x, topk_ids, topk_weights)
+
+    def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        return self.active.combine(y, result)
+
+
+def graph_backend_name(eager_backend: str, eager: MoEDispatcher | None = None) -> str:
+    """The decode backend: $WIDEEP_DECODE_ALL2ALL_BACKEND, else the configured backend when it is
+    graph capturable, else allgather_reducescatter."""
+    forced = os.environ.get(DECODE_BACKEND_ENV)
+    if forced:
+        return ALIASES.get(forced, forced)
+    if eager is not None and eager.graph_capturable:
+        return ALIASES.get(eager_backend, eager_backend)
+    return DEFAULT_GRAPH_BACKEND
+
+
+def make_graph_mode_dispatcher(backend: str, num_experts: int, ep_rank: int, ep_size: int,
+                               group=None) -> GraphModeDispatcher:
+    """The configured backend for eager steps plus a capturable one for CUDA-graph decode; shares one
+    instance when the configured backend is itself capturable. Logs the choice."""
+    eager = get_dispatcher(backend, num_experts, ep_rank=ep_rank, ep_size=ep_size, group=group)
+    gname = graph_backend_name(backend, eager)
+    if gname == ALIASES.get(backend, backend):
+        graph = eager
+    else:
+        graph = get_dispatcher(gname, num_experts, ep_rank=ep_rank, ep_size=ep_size, group=group)
+    d = GraphModeDispatcher(eager, graph)
+    if ep_rank == 0:
+        log.info("EP MoE dispatch: prefill/mixed (eager) backend %s, decode (CUDA graph) backend %s%s",
+                 eager.name, graph.name,
+                 f" (from ${DECODE_BACKEND_ENV})" if os.environ.get(DECODE_BACKEND_ENV) else
+                 "" if graph is eager else f" ({eager.name} is not graph capturable)")
+    return d
