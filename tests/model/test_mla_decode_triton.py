@@ -145,3 +145,21 @@ def test_engine_greedy_outputs_unchanged(tiny_model_dir, monkeypatch):
         got[backend] = [o.token_ids for o in llm.generate(prompts, sp)]
     assert got["triton"] == got["torch"]
     assert all(len(t) == 5 for t in got["torch"])
+
+
+def test_auto_mode_falls_back_to_reference_when_kernel_cannot_run(monkeypatch):
+    """A kernel that fails to compile/launch in auto mode warns and hands over to the torch reference."""
+    q_lat, q_pe, cache, tables, seq_lens = make_case(16, [20, 9], seed=9)
+    ref = paged_mla_decode_torch(q_lat, q_pe, cache, tables, seq_lens, 64, 0.2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no MLA decode tile config compiled")
+
+    monkeypatch.setattr(mdt, "mla_decode", broken)
+    monkeypatch.setattr(mdt, "_broken", False)
+    monkeypatch.setenv(mdt.BACKEND_ENV, "triton")   # forced: the failure surfaces
+    with pytest.raises(RuntimeError):
+        mdt.paged_mla_decode_triton(q_lat, q_pe, cache, tables, seq_lens, 64, 0.2)
+    monkeypatch.setenv(mdt.BACKEND_ENV, "auto")
+    assert torch.equal(mdt.paged_mla_decode_triton(q_lat, q_pe, cache, tables, seq_lens, 64, 0.2), ref)
+    assert mdt._broken and not mdt.use_triton(q_lat)

@@ -18,6 +18,7 @@ rows past seq_len are never read (masked loads), so stale or NaN pages cannot le
 Without CUDA the kernels run under the Triton interpreter (numpy), which is what the unit tests use.
 """
 import functools
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
 # real class (not a string) so both the JIT and the interpreter see the parameters as compile-time constants
 constexpr = tl.constexpr if tl is not None else "constexpr"
+
+log = logging.getLogger(__name__)
+_broken = False   # auto mode saw the kernel fail: the torch reference serves from then on
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -84,9 +88,13 @@ def triton_available() -> bool:
     return triton is not None
 
 
+def _mode() -> str:
+    return os.environ.get(BACKEND_ENV, "auto").strip().lower()
+
+
 def use_triton(q: torch.Tensor) -> bool:
     """Backend choice: env WIDEEP_MLA_DECODE=torch|triton forces one; auto = triton on CUDA if importable."""
-    mode = os.environ.get(BACKEND_ENV, "auto").strip().lower()
+    mode = _mode()
     if mode == "torch":
         return False
     if mode == "triton":
@@ -95,7 +103,7 @@ def use_triton(q: torch.Tensor) -> bool:
         return True
     if mode != "auto":
         raise ValueError(f"{BACKEND_ENV} must be auto, torch or triton, got {mode!r}")
-    return q.is_cuda and triton is not None
+    return q.is_cuda and triton is not None and not _broken
 
 
 # ---- kernels (plain functions, wrapped per target in _kernels) ------------------------------------
@@ -381,7 +389,22 @@ def _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, cfg: Deco
 
 
 def paged_mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lora_rank: int, scale: float):
-    """Drop-in for `attention.paged_mla_decode` (same signature)."""
+    """Drop-in for `attention.paged_mla_decode` (same signature).
+
+    In auto mode a kernel that cannot run here (no config compiles, a launcher error) must not take the
+    engine down: warn once and use the torch reference from then on. Forced mode (=triton) raises.
+    """
+    global _broken
     if q_lat.shape[-1] != kv_lora_rank:
         raise ValueError(f"q_lat's last dim {q_lat.shape[-1]} != kv_lora_rank {kv_lora_rank}")
-    return mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, scale)
+    try:
+        return mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, scale)
+    except Exception as exc:
+        capturing = q_lat.is_cuda and torch.cuda.is_current_stream_capturing()
+        if _mode() == "triton" or capturing or isinstance(exc, ValueError):
+            raise
+        _broken = True
+        log.warning("Triton MLA decode failed (%s); falling back to the torch reference", exc)
+        from .attention import paged_mla_decode_torch
+
+        return paged_mla_decode_torch(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lora_rank, scale)
