@@ -294,6 +294,7 @@ schedulingProfiles:
 def test_token_producer_params():
     assert create("token-producer", "t", {"vllm": {"url": "http://x:8000"}}).params.mode == "vllm"
     assert create("token-producer", "t", None).params.mode == "estimate"
+    assert create("token-producer", "t", {"vllm": {"url": ""}}).params.mode == "vllm"   # "" = a pool endpoint
     with pytest.raises(ConfigError, match="vllm.url"):
         create("token-producer", "t", {"vllm": {"url": "ftp://x"}})
     with pytest.raises(ConfigError, match="unknown key"):

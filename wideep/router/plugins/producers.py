@@ -10,7 +10,7 @@ from wideep.router.tokenize import LocalTokenizer, RemoteTokenizer, estimate_tok
 
 @dataclass
 class TokenProducerParams:
-    mode: str = ""                  # estimate | tokenizer | vllm ("" = vllm when vllm.url is set, else estimate)
+    mode: str = ""                  # estimate | tokenizer | vllm ("" = vllm when a `vllm` mapping is given)
     tokenizer: str = ""             # directory with tokenizer.json (mode tokenizer)
     vllm: dict = field(default_factory=dict)   # {url: "http://host:port" ("" = a candidate endpoint), timeoutMs}
 
@@ -19,7 +19,7 @@ class TokenProducerParams:
         if bad:
             raise ValueError(f"vllm: unknown key(s) {sorted(bad)}; known: timeoutMs, url")
         if not self.mode:
-            self.mode = "vllm" if self.vllm.get("url") else "estimate"
+            self.mode = "vllm" if self.vllm else "estimate"
         if self.mode not in ("estimate", "tokenizer", "vllm"):
             raise ValueError(f"mode {self.mode!r}: use estimate, tokenizer or vllm")
         if self.mode == "tokenizer" and not self.tokenizer:
