@@ -113,3 +113,30 @@ def test_eplb_bad_redundant_count_is_a_clear_error(tiny_model_dir):
                       eplb_config={"num_redundant_experts": 1}, **SMALL)
     with pytest.raises(DPRunError, match="must be divisible by the EP size"):
         generate_dp(args, _requests()[:1], timeout_s=120)
+
+
+# The CUDA-graph decode path on CPU: eager stand-ins of the static graph sizes, so every decode step
+# goes through the per-step size agreement, padding to the agreed size, static-shape dispatch (the
+# graph backend even when all_to_all is configured) and dummy ranks replaying the same size.
+# With sizes "1,2" rank 0's 3-sequence decode steps exceed the largest graph: eager on every rank.
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend,sizes", [("allgather_reducescatter", "1,2,4"), ("all_to_all", "1,2")])
+def test_ep_graph_path_matches_ep1(references, tmp_path, monkeypatch, backend, sizes):
+    from wideep.parallel.multi_rank import STATIC_DECODE_ENV
+
+    model_dir, ref = references["uniform"]
+    report = tmp_path / "lockstep.jsonl"
+    monkeypatch.setenv(STATIC_DECODE_ENV, sizes)
+    monkeypatch.setenv("WIDEEP_LOCKSTEP_REPORT", str(report))
+    assert _run(model_dir, 2, backend) == ref
+    ranks = [json.loads(line) for line in report.read_text().splitlines()]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    a, b = ranks
+    # lockstep: both ranks ran the same forwards, replaying the same graph sizes the same number of times
+    assert (a["steps"], a["graph_steps"], a["eager_steps"], a["graph_sizes"]) == \
+        (b["steps"], b["graph_steps"], b["eager_steps"], b["graph_sizes"])
+    assert a["graph_steps"] > 0, "no decode step replayed a graph"
+    assert a["eager_steps"] > 0, "prefill steps must run eagerly"
+    assert a["dummy_steps"] + b["dummy_steps"] > 0, "an idle rank never replayed a dummy graph"
+    used = {int(s) for s in a["graph_sizes"]}
+    assert used <= {int(s) for s in sizes.split(",")}

@@ -82,7 +82,7 @@ def graph_backend_name(eager_backend: str, eager: MoEDispatcher | None = None) -
     return DEFAULT_GRAPH_BACKEND
 
 
-def make_graph_mode_dispatcher(backend: str, num_experts: int, ep_rank: int, ep_size: int,
+def make_graph_mode_dispatcher(backend: str, num_experts: int, ep_rank: int = 0, ep_size: int = 1,
                                group=None) -> GraphModeDispatcher:
     """The configured backend for eager steps plus a capturable one for CUDA-graph decode; shares one
     instance when the configured backend is itself capturable. Logs the choice."""

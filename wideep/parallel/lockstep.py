@@ -66,6 +66,7 @@ class DPLockstepCoordinator:
         self.dummy_steps = 0
         self.graph_steps = 0         # lockstep forwards that replayed a CUDA graph (all ranks agreed)
         self.eager_steps = 0
+        self.graph_size_steps: dict[int, int] = {}
         self.last_shape: StepShape | None = None
         self._ctx = None
         self._wake_in = None
@@ -102,7 +103,19 @@ class DPLockstepCoordinator:
         """Extra sockets the engine loop should wake up on while idle."""
         return [self._wake_in] if self._wake_in is not None else []
 
+    def summary(self) -> dict[str, Any]:
+        """Step counts of this rank's lockstep (how many forwards replayed which graph, how many ran eager)."""
+        return {"rank": self.group.rank if self.group is not None else 0, "steps": self.steps,
+                "dummy_steps": self.dummy_steps, "graph_steps": self.graph_steps, "eager_steps": self.eager_steps,
+                "graph_sizes": {str(k): v for k, v in sorted(self.graph_size_steps.items())}}
+
     def close(self) -> None:
+        if self.group is not None:
+            info = self.summary()
+            log.info("DP lockstep rank %d: %d forwards (%d dummy), %d replayed a graph %s, %d eager",
+                     info["rank"], self.steps, self.dummy_steps, self.graph_steps, info["graph_sizes"],
+                     self.eager_steps)
+            _append_report(info)
         for s in self._wake_out + ([self._wake_in] if self._wake_in is not None else []):
             s.close(linger=0)
         if self._ctx is not None:
@@ -151,6 +164,7 @@ class DPLockstepCoordinator:
             # every rank, dummy ones too, replays the graph of the agreed size
             pad_to = dummy_tokens = shape.graph_size
             self.graph_steps += 1
+            self.graph_size_steps[shape.graph_size] = self.graph_size_steps.get(shape.graph_size, 0) + 1
             if self.dispatcher is not None:
                 self.dispatcher.set_max_tokens_per_rank(shape.graph_size)
         dummy = not has_work
@@ -211,3 +225,14 @@ class DPLockstepCoordinator:
                 break
             woke = woke or w == self.wave  # older waves are stale duplicates
         return woke
+
+
+def _append_report(info: dict[str, Any]) -> None:
+    """WIDEEP_LOCKSTEP_REPORT=<path>: one JSON line per rank at shutdown (observability for tests and runs)."""
+    import json
+    import os
+
+    path = os.environ.get("WIDEEP_LOCKSTEP_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(info) + "\n")

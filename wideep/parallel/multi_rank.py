@@ -22,7 +22,7 @@ def build_ep_core(args, pcfg, group, coordinator=None):
     from wideep.model.config import ModelConfig
     from wideep.model.loader import load_model
     from wideep.parallel.eplb import EplbState, ExpertRouter, check_eplb_sizes, initial_placement, maps_from_phy2log
-    from wideep.parallel.moe_comm import get_dispatcher
+    from wideep.parallel.graph_dispatch import make_graph_mode_dispatcher
 
     cfg = ModelConfig.from_dir(args.model)
     n_log = int(cfg.n_routed_experts)
@@ -37,8 +37,9 @@ def build_ep_core(args, pcfg, group, coordinator=None):
     def local_expert_ids(layer: int) -> list[int]:
         return phy2log[position[layer], lo:lo + per].tolist()
 
-    dispatcher = get_dispatcher(pcfg.all2all_backend, n_phy, ep_rank=pcfg.ep_rank, ep_size=pcfg.ep_size,
-                                group=group.group)
+    # the configured backend for prefill/mixed steps, a capturable one for CUDA-graph decode
+    dispatcher = make_graph_mode_dispatcher(pcfg.all2all_backend, n_phy, ep_rank=pcfg.ep_rank,
+                                            ep_size=pcfg.ep_size, group=group.group)
     device = group.device
     dtype = resolve_dtype(args.dtype, device)
     model = load_model(args.model, device, dtype, dispatcher=dispatcher, ep_rank=pcfg.ep_rank,
@@ -61,10 +62,62 @@ def build_ep_core(args, pcfg, group, coordinator=None):
             layer.expert_map = r
             routers.append(r)
     args = dataclasses.replace(args, device=str(device))
-    core = EngineCore(args, model=model)
+    core = EngineCore(args, model=model)   # captures the decode graphs (collectives: all ranks, same order)
+    sizes = static_decode_sizes_from_env()
+    if sizes and device.type != "cuda":
+        core.runner.use_static_decode(sizes)
+    _agree_on_graphs(core, group)
     if coordinator is not None:
         coordinator.attach(group, dispatcher=dispatcher, eplb=eplb, routers=routers)
     return core
+
+
+STATIC_DECODE_ENV = "WIDEEP_STATIC_DECODE_SIZES"
+
+
+def static_decode_sizes_from_env() -> list[int]:
+    """$WIDEEP_STATIC_DECODE_SIZES="1,2,4": on CPU (gloo cannot be captured, so no CUDA graphs) run
+    decode through the graph path anyway, with eager stand-ins of those sizes: the same per-step
+    agreement, padding, static-shape dispatch and dummy replays as CUDA graphs on GPU."""
+    raw = os.environ.get(STATIC_DECODE_ENV, "")
+    try:
+        return sorted({int(x) for x in raw.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"${STATIC_DECODE_ENV} must be a comma-separated list of batch sizes, got {raw!r}") from None
+
+
+def _agree_on_graphs(core, group) -> None:
+    """Every rank must replay the same graph sizes; if capture differed anywhere, all run eagerly."""
+    import torch.distributed as dist
+
+    from wideep.parallel.dist import EPGroupError
+
+    mine = sorted(core.runner.graphs)
+    if group.size == 1:
+        return
+    everyone: list[Any] = [None] * group.size
+    try:
+        dist.all_gather_object(everyone, mine, group=group.cpu_group)
+    except Exception as exc:  # noqa: BLE001
+        raise EPGroupError(f"rank {group.rank}: agreeing on CUDA graph sizes failed: {exc}") from exc
+    if any(e != mine for e in everyone):
+        log.warning("rank %d: CUDA graph sizes differ across ranks (%s); decode runs eagerly on every rank",
+                    group.rank, everyone)
+        core.runner.graphs.clear()
+    elif group.rank == 0:
+        log.info("EP group: %s decode graph sizes %s on all %d ranks",
+                 "CUDA" if core.device.type == "cuda" else "static-shape (eager stand-in)", mine or "none",
+                 group.size)
+
+
+def _eager_only(args) -> bool:
+    """CPU ranks talk over gloo, which CUDA graphs cannot capture: eager there, graphs on CUDA."""
+    if args.enforce_eager:
+        return True
+    if args.device == "auto":
+        import torch
+        return not torch.cuda.is_available()
+    return not str(args.device).startswith("cuda")
 
 
 def run_dp_engine_process(args_dict: dict, input_addr: str, output_addr: str, ready=None) -> None:
@@ -127,7 +180,7 @@ async def _generate_dp(args, requests, assignment, delays, timeout_s) -> dict[st
         for rank in range(n):
             rank_args = dataclasses.replace(
                 args, data_parallel_rank=rank, data_parallel_size_local=n, data_parallel_start_rank=0,
-                data_parallel_address="127.0.0.1", data_parallel_rpc_port=port, enforce_eager=True)
+                data_parallel_address="127.0.0.1", data_parallel_rpc_port=port, enforce_eager=_eager_only(args))
             inp, out = ipc_addresses()
             client = AsyncEngineClient(inp, out)
             client.process = spawn_engine_process(rank_args, inp, out, target=run_dp_engine_process)
