@@ -56,7 +56,7 @@ def test_the_encoded_max_reduce_is_what_each_rank_decides_from():
     props = [decode(3), StepProposal(tokens=40, graphable=False), dummy()]
     reduced = [max(col) for col in zip(*(p.encode() for p in props))]
     assert decide_shape(reduced, SIZES) == agree(props, SIZES)
-    assert reduced == [1, 40, 1]
+    assert reduced == [1, 40, 1, 0]
     with pytest.raises(ValueError):
         agree([], SIZES)
 
@@ -108,3 +108,9 @@ def test_graph_mode_dispatch_equals_eager_single_rank():
     with d.graph_mode(4):
         static = run()
     torch.testing.assert_close(static, eager)
+
+
+def test_decode_only_flag_separates_eager_decode_from_prefill():
+    assert agree([decode(2), decode(1)], []).decode_only            # eager (no graphs) but decode-only
+    mixed = agree([decode(2), StepProposal(tokens=7, graphable=False, prefill=True)], SIZES)
+    assert mixed.eager and not mixed.decode_only

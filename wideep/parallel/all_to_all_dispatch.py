@@ -66,12 +66,14 @@ class AllToAllDispatcher(MoEDispatcher):
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         h: _Handle = result.handle
-        per_row = torch.zeros((h.num_recv, y.shape[1]), dtype=y.dtype, device=y.device)
-        per_row.index_add_(0, h.rows, y)
+        # fp32 sums (per rank, then over ranks), partials travel in the activation dtype (as DeepEP's combine)
+        per_row = torch.zeros((h.num_recv, y.shape[1]), dtype=torch.float32, device=y.device)
+        per_row.index_add_(0, h.rows, y.float())
+        per_row = per_row.to(y.dtype)
         if self.ep_size > 1:
             back = _comm.all_to_all_rows(per_row, h.recv_counts, h.send_counts, self.group)
         else:
             back = per_row
-        out = torch.zeros((h.num_tokens, y.shape[1]), dtype=y.dtype, device=y.device)
-        out.index_add_(0, h.send_token, back)
-        return out
+        out = torch.zeros((h.num_tokens, y.shape[1]), dtype=torch.float32, device=y.device)
+        out.index_add_(0, h.send_token, back.float())
+        return out.to(y.dtype)

@@ -69,8 +69,10 @@ class AllGatherReduceScatterDispatcher(MoEDispatcher):
         h: _Handle = result.handle
         if h.valid is not None:
             y = torch.where(h.valid.unsqueeze(1), y, torch.zeros_like(y))
-        out = torch.zeros((h.padded_tokens * self.ep_size, y.shape[1]), dtype=y.dtype, device=y.device)
-        out.index_add_(0, h.rows, y)
+        # fp32 sums over the top-k experts and over ranks, one rounding at the end: the numerics of
+        # EP=1 (LocalDispatcher), so EP=N greedy tokens match EP=1 in bf16 too (2x reduce-scatter bytes)
+        out = torch.zeros((h.padded_tokens * self.ep_size, y.shape[1]), dtype=torch.float32, device=y.device)
+        out.index_add_(0, h.rows, y.float())
         if self.ep_size > 1:
             out = _comm.reduce_scatter_rows(out, self.ep_size, self.group)
-        return out[: h.num_tokens]
+        return out[: h.num_tokens].to(y.dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from typing import Any
 
 import torch
@@ -67,6 +68,10 @@ class DPLockstepCoordinator:
         self.graph_steps = 0         # lockstep forwards that replayed a CUDA graph (all ranks agreed)
         self.eager_steps = 0
         self.graph_size_steps: dict[int, int] = {}
+        # loop-iteration wall time (agreement + forward + sampling + output) per kind of lockstep step
+        self.step_time_s: dict[str, list[float]] = {"decode_graph": [0.0, 0], "decode_eager": [0.0, 0],
+                                                    "prefill_or_mixed": [0.0, 0]}
+        self._step_started = 0.0
         self.last_shape: StepShape | None = None
         self._ctx = None
         self._wake_in = None
@@ -107,7 +112,9 @@ class DPLockstepCoordinator:
         """Step counts of this rank's lockstep (how many forwards replayed which graph, how many ran eager)."""
         return {"rank": self.group.rank if self.group is not None else 0, "steps": self.steps,
                 "dummy_steps": self.dummy_steps, "graph_steps": self.graph_steps, "eager_steps": self.eager_steps,
-                "graph_sizes": {str(k): v for k, v in sorted(self.graph_size_steps.items())}}
+                "graph_sizes": {str(k): v for k, v in sorted(self.graph_size_steps.items())},
+                "step_ms": {k: {"count": int(n), "mean": (t / n * 1e3) if n else None}
+                            for k, (t, n) in self.step_time_s.items()}}
 
     def close(self) -> None:
         if self.group is not None:
@@ -128,6 +135,7 @@ class DPLockstepCoordinator:
 
     def decide(self, core, scheduled) -> StepDecision:
         if self._forward_pending:
+            self._record_step_time()
             self._after_forward()
         has_work = scheduled is not None and not scheduled.is_empty
         if not self.running:
@@ -145,7 +153,8 @@ class DPLockstepCoordinator:
         proposal = StepProposal(
             tokens=scheduled.num_tokens if has_work else self.dummy_tokens,
             graphable=bool(graph_sizes) and (decode_only or not has_work),   # a dummy batch replays too
-            unfinished=scheduled is not None or core.has_unfinished())
+            unfinished=scheduled is not None or core.has_unfinished(),
+            prefill=has_work and not decode_only)
         shape = decide_shape(self._all_reduce_max(proposal.encode()), graph_sizes)
         if not shape.any_unfinished:
             self.running = False
@@ -171,6 +180,7 @@ class DPLockstepCoordinator:
         for r in self.routers:
             r.dummy = dummy
         self._forward_pending = True
+        self._step_started = time.perf_counter()
         self.steps += 1
         self.dummy_steps += int(dummy)
         return StepDecision(run_step=scheduled is not None, pad_to=pad_to, dummy_batch=dummy_tokens)
@@ -182,6 +192,15 @@ class DPLockstepCoordinator:
         return sorted(getattr(runner, "graphs", None) or ())
 
     # ---- internals ---------------------------------------------------------------------------------
+    def _record_step_time(self) -> None:
+        shape = self.last_shape
+        if shape is None:
+            return
+        kind = "prefill_or_mixed" if not shape.decode_only else "decode_eager" if shape.eager else "decode_graph"
+        acc = self.step_time_s[kind]
+        acc[0] += time.perf_counter() - self._step_started
+        acc[1] += 1
+
     def _after_forward(self) -> None:
         """Runs at the top of the next iteration, on every rank at the same lockstep step."""
         self._forward_pending = False

@@ -6,7 +6,9 @@ engine.md §2); the proposals travel in the DP lockstep's per-step MAX all-reduc
 as "bigger wins" integers:
 - tokens: the rank's token count (a dummy batch counts as `dummy_tokens`);
 - needs_eager: 1 if the rank cannot replay a graph this step (prefill or mixed batch, or no graphs):
-  the minimum cudagraph mode wins, one eager rank makes the whole step eager.
+  the minimum cudagraph mode wins, one eager rank makes the whole step eager;
+- prefill: 1 if the rank's batch is not decode-only (tells decode steps that run eagerly, e.g. with
+  enforce_eager, from prefill/mixed steps in the step-time report).
 With graphs, every rank (dummy ranks too) replays the smallest captured size >= the group's max
 tokens; a step bigger than the largest graph runs eagerly everywhere.
 """
@@ -24,10 +26,11 @@ class StepProposal:
     tokens: int                 # real tokens scheduled, or the dummy batch size when idle
     graphable: bool             # decode-only (or a dummy batch) and this rank has graphs captured
     unfinished: bool = True     # this rank still has requests (the wave goes on while any rank does)
+    prefill: bool = False       # the batch has prefill tokens (not decode-only)
 
     def encode(self) -> list[int]:
-        """The all-reduce(MAX) payload: [unfinished, tokens, needs_eager]."""
-        return [int(self.unfinished), int(self.tokens), int(not self.graphable)]
+        """The all-reduce(MAX) payload: [unfinished, tokens, needs_eager, prefill]."""
+        return [int(self.unfinished), int(self.tokens), int(not self.graphable), int(self.prefill)]
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class StepShape:
     any_unfinished: bool        # False: everyone is idle, the wave ends and nobody steps
     max_tokens: int             # the group's max tokens per rank (eager dispatchers pad to it)
     graph_size: int | None      # the CUDA graph every rank replays; None = eager on every rank
+    decode_only: bool = True    # no rank has prefill tokens this step
 
     @property
     def eager(self) -> bool:
@@ -48,13 +52,14 @@ def decide_shape(reduced: Sequence[int], graph_sizes: Iterable[int]) -> StepShap
 
     `graph_sizes`: the captured batch sizes, the same on every rank (empty: no graphs, always eager).
     """
-    unfinished, max_tokens, needs_eager = (int(v) for v in reduced)
+    unfinished, max_tokens, needs_eager, prefill = (int(v) for v in reduced)
     sizes = sorted(graph_sizes)
     size = None
     if not needs_eager and sizes:
         i = bisect_left(sizes, max_tokens)
         size = sizes[i] if i < len(sizes) else None   # over the largest graph: eager
-    return StepShape(any_unfinished=bool(unfinished), max_tokens=max_tokens, graph_size=size)
+    return StepShape(any_unfinished=bool(unfinished), max_tokens=max_tokens, graph_size=size,
+                     decode_only=not prefill)
 
 
 def agree(proposals: Sequence[StepProposal], graph_sizes: Iterable[int]) -> StepShape:
