@@ -6,6 +6,11 @@ layers), built in memory (no checkpoint on disk). Decode: B sequences per rank, 
 `--context` tokens of KV already cached, one new token each; prefill: `--prefill-tokens` new
 tokens per rank. A second, synchronized pass measures the share of step time spent in
 dispatch + combine. The whole run has a hard deadline; ranks exit without collective teardown.
+On CUDA the decode step is a replayed CUDA graph (as the engine runs decode): the MoE dispatch in
+the graph is the static-shape decode backend (allgather_reducescatter, also when all_to_all is the
+configured backend: wideep.parallel.graph_dispatch); `--enforce-eager` measures eager decode with
+the configured backend. The dispatch+combine share is always measured eagerly (it syncs around
+each call, which a graph cannot contain). Prefill is eager.
 
   GPU (2×H200):  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
                  python benchmarks/ep.py --ep 2 --compare-ep1 --out docs/ep_bench.json
@@ -63,10 +68,12 @@ def _build_model(opts: dict, rank: int, world: int, group, device, dtype):
     from wideep.model.deepseek_v3 import DeepseekV3ForCausalLM
     from wideep.model.make_model import preset_config
     from wideep.model.rope import RotaryEmbedding
-    from wideep.parallel.moe_comm import get_dispatcher
+    from wideep.parallel.graph_dispatch import make_graph_mode_dispatcher
 
     cfg = preset_config(opts["preset"], num_moe_layers=opts["num_moe_layers"])
-    inner = get_dispatcher(opts["backend"], cfg.n_routed_experts, ep_rank=rank, ep_size=world, group=group)
+    # configured backend for eager forwards, a capturable one (static shapes) inside CUDA graphs
+    inner = make_graph_mode_dispatcher(opts["backend"], cfg.n_routed_experts, ep_rank=rank, ep_size=world,
+                                       group=group)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     disp = TimedDispatcher(inner, sync)
     saved = torch.get_default_dtype()
@@ -116,16 +123,36 @@ def _bench_rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
                             model.kv_cache_dim, dtype, device)
     results: dict[str, Any] = {"rank": rank, "device": str(device), "decode": [], "prefill": None}
 
-    def run(ids, pos, attn, steps, timed):
+    def run(ids, pos, attn, steps, timed, graph=None):
         disp.timing = timed
         disp.seconds = 0.0
         sync()
         t = time.perf_counter()
         with torch.inference_mode():
             for _ in range(steps):
-                model.forward(ids, pos, attn, kv)
+                if graph is not None:
+                    graph.replay()
+                else:
+                    model.forward(ids, pos, attn, kv)
         sync()
         return (time.perf_counter() - t) / steps, disp.seconds / steps
+
+    use_graphs = device.type == "cuda" and not opts.get("enforce_eager", False)
+    results["decode_mode"] = f"cuda graphs ({disp.inner.graph.name}, static shapes)" if use_graphs else \
+        f"eager ({disp.inner.eager.name})"
+
+    def capture(ids, pos, attn, b):
+        """Every rank captures the decode forward of its b tokens (same b everywhere: the collectives
+        inside the graph are matched across ranks)."""
+        with torch.inference_mode(), disp.inner.graph_mode(b):
+            for _ in range(2):
+                model.forward(ids, pos, attn, kv)
+            sync()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                model.forward(ids, pos, attn, kv)
+            sync()
+        return g
 
     for b in opts["batch_sizes"]:
         tables = [list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)) for i in range(b)]
@@ -133,11 +160,14 @@ def _bench_rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
         g = torch.Generator().manual_seed(rank * 100 + b)
         ids = torch.randint(0, cfg.vocab_size, (b,), generator=g).to(device)
         pos = torch.full((b,), ctx, dtype=torch.long, device=device)
-        run(ids, pos, attn, opts["warmup"], False)
-        step_s, _ = run(ids, pos, attn, opts["steps"], False)
-        timed_step_s, comm_s = run(ids, pos, attn, opts["steps"], True)
+        graph = capture(ids, pos, attn, b) if use_graphs else None
+        run(ids, pos, attn, opts["warmup"], False, graph)
+        step_s, _ = run(ids, pos, attn, opts["steps"], False, graph)
+        timed_step_s, comm_s = run(ids, pos, attn, opts["steps"], True)   # eager: syncs around dispatch
         results["decode"].append({"batch": b, "step_s": step_s, "tok_s": b / step_s,
+                                  "eager_step_s": timed_step_s,
                                   "dispatch_combine_share": comm_s / timed_step_s if timed_step_s else 0.0})
+        del graph
 
     n = opts["prefill_tokens"]
     if n:
@@ -164,7 +194,8 @@ def _bench_rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
 
 def _summarize(ep: int, backend: str, per_rank: list[dict]) -> dict[str, Any]:
     """Per-GPU numbers: each rank serves its own batch, the step ends when the slowest rank ends."""
-    out: dict[str, Any] = {"ep": ep, "backend": backend, "device": per_rank[0]["device"], "decode": []}
+    out: dict[str, Any] = {"ep": ep, "backend": backend, "device": per_rank[0]["device"], "decode": [],
+                           "decode_mode": per_rank[0].get("decode_mode", "eager")}
     for i, d in enumerate(per_rank[0]["decode"]):
         step = max(r["decode"][i]["step_s"] for r in per_rank)
         share = sum(r["decode"][i]["dispatch_combine_share"] for r in per_rank) / len(per_rank)
@@ -183,17 +214,19 @@ def _summarize(ep: int, backend: str, per_rank: list[dict]) -> dict[str, Any]:
 
 def _markdown(rows: list[dict], opts: dict) -> str:
     lines = [f"EP benchmark: preset {opts['preset']} ({opts['num_moe_layers']} MoE layers), decode context "
-             f"{opts['context']}, eager (no CUDA graphs), device {rows[0]['device'] if rows else '?'}", "",
-             "| EP | backend | phase | seqs or tokens / rank | step ms | tokens/s per GPU | dispatch+combine share |",
-             "|---|---|---|---|---|---|---|"]
+             f"{opts['context']}, device {rows[0]['device'] if rows else '?'}; decode "
+             f"{'eager' if opts.get('enforce_eager') else 'CUDA graphs where on CUDA'}, prefill eager; "
+             "dispatch+combine share measured eagerly", "",
+             "| EP | backend | phase | mode | seqs or tokens / rank | step ms | tokens/s per GPU | dispatch+combine share |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for d in r["decode"]:
-            lines.append(f"| {r['ep']} | {r['backend']} | decode | {d['batch_per_rank']} | {d['step_ms']:.2f} | "
-                         f"{d['tok_s_per_gpu']:.0f} | {d['dispatch_combine_share']:.0%} |")
+            lines.append(f"| {r['ep']} | {r['backend']} | decode | {r['decode_mode']} | {d['batch_per_rank']} | "
+                         f"{d['step_ms']:.2f} | {d['tok_s_per_gpu']:.0f} | {d['dispatch_combine_share']:.0%} |")
         if r.get("prefill"):
             p = r["prefill"]
-            lines.append(f"| {r['ep']} | {r['backend']} | prefill | {p['tokens_per_rank']} | {p['step_ms']:.2f} | "
-                         f"{p['tok_s_per_gpu']:.0f} | {p['dispatch_combine_share']:.0%} |")
+            lines.append(f"| {r['ep']} | {r['backend']} | prefill | eager | {p['tokens_per_rank']} | "
+                         f"{p['step_ms']:.2f} | {p['tok_s_per_gpu']:.0f} | {p['dispatch_combine_share']:.0%} |")
     return "\n".join(lines)
 
 
@@ -212,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="decode eagerly with the configured backend (default on CUDA: replay a CUDA graph)")
     ap.add_argument("--timeout", type=float, default=1200.0, help="hard deadline for each EP run (s)")
     ap.add_argument("--collective-timeout", type=float, default=300.0)
     ap.add_argument("--out", type=Path, default=None, help="write JSON results here")
@@ -223,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_sizes": [int(x) for x in a.batch_sizes.split(",") if x],
             "context": a.context, "prefill_tokens": a.prefill_tokens, "prefill_seq_len": a.prefill_seq_len,
             "block_size": a.block_size, "steps": a.steps, "warmup": a.warmup, "device": a.device,
-            "collective_timeout": a.collective_timeout}
+            "collective_timeout": a.collective_timeout, "enforce_eager": a.enforce_eager}
     runs = [(a.ep, b) for b in a.backends.split(",") if b]
     if a.compare_ep1:
         runs.append((1, "allgather_reducescatter"))  # with EP=1 every backend is the local MoE

@@ -64,7 +64,7 @@ def build_ep_core(args, pcfg, group, coordinator=None):
     args = dataclasses.replace(args, device=str(device))
     core = EngineCore(args, model=model)   # captures the decode graphs (collectives: all ranks, same order)
     sizes = static_decode_sizes_from_env()
-    if sizes and device.type != "cuda":
+    if sizes and device.type != "cuda" and not args.enforce_eager:
         core.runner.use_static_decode(sizes)
     _agree_on_graphs(core, group)
     if coordinator is not None:
@@ -116,8 +116,10 @@ def _eager_only(args) -> bool:
         return True
     if args.device == "auto":
         import torch
-        return not torch.cuda.is_available()
-    return not str(args.device).startswith("cuda")
+        on_cuda = torch.cuda.is_available()
+    else:
+        on_cuda = str(args.device).startswith("cuda")
+    return not on_cuda and not static_decode_sizes_from_env()   # the CPU stand-ins are an explicit opt-in
 
 
 def run_dp_engine_process(args_dict: dict, input_addr: str, output_addr: str, ready=None) -> None:
