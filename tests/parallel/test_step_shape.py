@@ -114,3 +114,20 @@ def test_decode_only_flag_separates_eager_decode_from_prefill():
     assert agree([decode(2), decode(1)], []).decode_only            # eager (no graphs) but decode-only
     mixed = agree([decode(2), StepProposal(tokens=7, graphable=False, prefill=True)], SIZES)
     assert mixed.eager and not mixed.decode_only
+
+
+def test_a_capture_failing_on_another_rank_fails_here_too(monkeypatch):
+    """The first graph_mode(size) is the capture: its outcome is agreed across ranks (here: a peer failed)."""
+    d = make_graph_mode_dispatcher("allgather_reducescatter", 8)
+    votes = []
+    monkeypatch.setattr(d, "_all_ok", lambda ok: votes.append(ok) or False)
+    with pytest.raises(RuntimeError, match="failed on another EP rank"):
+        with d.graph_mode(4):
+            pass
+    with d.graph_mode(4):      # a replay: no vote, no error
+        pass
+    with pytest.raises(ZeroDivisionError):   # this rank's own failure propagates as is (and is voted)
+        with d.graph_mode(2):
+            1 / 0
+    assert votes == [True, False]
+    assert d.active is d.eager and not d.eager.static_shapes

@@ -27,7 +27,7 @@ DEFAULT_GRAPH_BACKEND = "allgather_reducescatter"
 class GraphModeDispatcher(MoEDispatcher):
     graph_capturable = True
 
-    def __init__(self, eager: MoEDispatcher, graph: MoEDispatcher):
+    def __init__(self, eager: MoEDispatcher, graph: MoEDispatcher, agree_group=None):
         if not graph.graph_capturable:
             raise ValueError(f"decode backend {graph.name!r} is not CUDA-graph capturable")
         if (eager.num_experts, eager.ep_rank, eager.ep_size) != (graph.num_experts, graph.ep_rank, graph.ep_size):
@@ -37,6 +37,11 @@ class GraphModeDispatcher(MoEDispatcher):
         self.graph = graph
         self.active: MoEDispatcher = eager
         self.graph_size: int | None = None
+        # gloo group: the first graph_mode(size) of each size is a capture (the runner captures every
+        # size once, on all ranks in the same order); its outcome is agreed so that one rank failing
+        # makes every rank give up graphs at the same size instead of leaving peers in a collective
+        self.agree_group = agree_group
+        self._seen: set[int] = set()
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -56,13 +61,30 @@ class GraphModeDispatcher(MoEDispatcher):
             g.static_shapes = True
         g.set_max_tokens_per_rank(size)
         self.active, self.graph_size = g, size
+        first, ok = size not in self._seen, True
         try:
             yield
+        except BaseException:
+            ok = False
+            raise
         finally:
             if hasattr(g, "static_shapes"):
                 g.static_shapes = saved[0]
             g.set_max_tokens_per_rank(saved[1])
             self.active, self.graph_size = saved[2], None
+            if first:
+                self._seen.add(size)
+                if not self._all_ok(ok) and ok:
+                    raise RuntimeError(f"CUDA graph capture of size {size} failed on another EP rank")
+
+    def _all_ok(self, ok: bool) -> bool:
+        if self.agree_group is None:
+            return ok
+        import torch.distributed as dist
+
+        t = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.agree_group)
+        return int(t.item()) == 0
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         return self.active.dispatch(x, topk_ids, topk_weights)
@@ -83,7 +105,7 @@ def graph_backend_name(eager_backend: str, eager: MoEDispatcher | None = None) -
 
 
 def make_graph_mode_dispatcher(backend: str, num_experts: int, ep_rank: int = 0, ep_size: int = 1,
-                               group=None) -> GraphModeDispatcher:
+                               group=None, agree_group=None) -> GraphModeDispatcher:
     """The configured backend for eager steps plus a capturable one for CUDA-graph decode; shares one
     instance when the configured backend is itself capturable. Logs the choice."""
     eager = get_dispatcher(backend, num_experts, ep_rank=ep_rank, ep_size=ep_size, group=group)
@@ -92,7 +114,7 @@ def make_graph_mode_dispatcher(backend: str, num_experts: int, ep_rank: int = 0,
         graph = eager
     else:
         graph = get_dispatcher(gname, num_experts, ep_rank=ep_rank, ep_size=ep_size, group=group)
-    d = GraphModeDispatcher(eager, graph)
+    d = GraphModeDispatcher(eager, graph, agree_group=agree_group if ep_size > 1 else None)
     if ep_rank == 0:
         log.info("EP MoE dispatch: prefill/mixed (eager) backend %s, decode (CUDA graph) backend %s%s",
                  eager.name, graph.name,

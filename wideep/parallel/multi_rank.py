@@ -39,7 +39,7 @@ def build_ep_core(args, pcfg, group, coordinator=None):
 
     # the configured backend for prefill/mixed steps, a capturable one for CUDA-graph decode
     dispatcher = make_graph_mode_dispatcher(pcfg.all2all_backend, n_phy, ep_rank=pcfg.ep_rank,
-                                            ep_size=pcfg.ep_size, group=group.group)
+                                            ep_size=pcfg.ep_size, group=group.group, agree_group=group.cpu_group)
     device = group.device
     dtype = resolve_dtype(args.dtype, device)
     model = load_model(args.model, device, dtype, dispatcher=dispatcher, ep_rank=pcfg.ep_rank,
