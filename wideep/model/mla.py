@@ -113,8 +113,13 @@ class MLAttention(nn.Module):
                 qpos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
                 mask = torch.arange(ctx_len, device=q.device)[None, :] <= qpos[:, None]
                 causal = False
+            if q.is_cuda and v.shape[-1] != q.shape[-1]:
+                # Fused SDPA kernels need equal q/k/v head dims (192 vs 128 here); without padding PyTorch
+                # falls back to the math kernel, which materializes H x q_len x ctx fp32 scores (32 GB at 8k).
+                v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
+            # [1, H, L, D]: the fused kernels (flash / memory-efficient) take 4-D inputs only.
             o = F.scaled_dot_product_attention(
-                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                 attn_mask=mask, is_causal=causal, scale=self.scale,
-            )
-            out[lo:hi] = o.transpose(0, 1)
+            )[0]
+            out[lo:hi] = o.transpose(0, 1)[..., : self.v_dim]
