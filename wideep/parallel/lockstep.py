@@ -72,6 +72,7 @@ class DPLockstepCoordinator:
         self.step_time_s: dict[str, list[float]] = {"decode_graph": [0.0, 0], "decode_eager": [0.0, 0],
                                                     "prefill_or_mixed": [0.0, 0]}
         self._step_started = 0.0
+        self._leaving = False
         self.last_shape: StepShape | None = None
         self._ctx = None
         self._wake_in = None
@@ -153,7 +154,7 @@ class DPLockstepCoordinator:
         proposal = StepProposal(
             tokens=scheduled.num_tokens if has_work else self.dummy_tokens,
             graphable=bool(graph_sizes) and (decode_only or not has_work),   # a dummy batch replays too
-            unfinished=scheduled is not None or core.has_unfinished(),
+            unfinished=not self._leaving and (scheduled is not None or core.has_unfinished()),
             prefill=has_work and not decode_only)
         shape = decide_shape(self._all_reduce_max(proposal.encode()), graph_sizes)
         if not shape.any_unfinished:
@@ -184,6 +185,22 @@ class DPLockstepCoordinator:
         self.steps += 1
         self.dummy_steps += int(dummy)
         return StepDecision(run_step=scheduled is not None, pad_to=pad_to, dummy_batch=dummy_tokens)
+
+    def leave_wave(self, core, timeout_s: float = 10.0) -> None:
+        """On shutdown in the middle of a wave: keep joining the group's forwards with dummy batches
+        (proposing "idle") until the group agrees the wave is over, so peers finish their step and see
+        a clean end instead of a dead rank. Bounded; a peer that is gone ends it at once."""
+        if self.group is None or not self.running:
+            return
+        self._leaving = True
+        deadline = time.monotonic() + timeout_s
+        try:
+            while self.running and time.monotonic() < deadline:
+                d = self.decide(core, None)
+                if d.dummy_batch:
+                    core.execute_dummy_batch(d.dummy_batch)
+        except Exception as exc:  # noqa: BLE001 - a peer already left: nothing to wait for
+            log.info("rank %d left the wave at shutdown: %s", self.group.rank, str(exc).splitlines()[0][:200])
 
     @staticmethod
     def _graph_sizes(core) -> list[int]:

@@ -140,12 +140,17 @@ def run_dp_engine_process(args_dict: dict, input_addr: str, output_addr: str, re
         torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // pcfg.data_parallel_size_local))
     coordinator = DPLockstepCoordinator(dp_address=pcfg.data_parallel_address)
 
+    built: dict[str, Any] = {}
+
     def factory(a):
         group = init_ep_group(pcfg, device=a.device)
-        return build_ep_core(a, pcfg, group, coordinator)
+        built["core"] = build_ep_core(a, pcfg, group, coordinator)
+        return built["core"]
 
     try:
         run_engine_process(args, input_addr, output_addr, ready, coordinator=coordinator, core_factory=factory)
+        if "core" in built:   # shut down normally: let peers finish the current lockstep wave with us
+            coordinator.leave_wave(built["core"])
     finally:
         coordinator.close()
         destroy_ep_group(timeout_s=5)
