@@ -131,3 +131,26 @@ def test_a_capture_failing_on_another_rank_fails_here_too(monkeypatch):
             1 / 0
     assert votes == [True, False]
     assert d.active is d.eager and not d.eager.static_shapes
+
+
+def test_padding_rows_of_a_graph_forward_skip_the_experts():
+    torch.manual_seed(1)
+    d = make_graph_mode_dispatcher("allgather_reducescatter", 8)
+    x, ids, w = torch.randn(4, 16), torch.randint(0, 8, (4, 2)), torch.rand(4, 2)
+
+    def run():
+        r = d.dispatch(x, ids, w)
+        return d.combine(r.x * r.weights[:, None], r), int(r.tokens_per_expert.sum())
+
+    eager, n_eager = run()
+    with d.graph_mode(4, num_real=2):
+        padded, n_padded = run()
+    assert n_eager == 8 and n_padded == 4            # 2 real rows × top-2
+    torch.testing.assert_close(padded[:2], eager[:2])
+    assert torch.count_nonzero(padded[2:]) == 0
+    with d.graph_mode(4, num_real=0):                 # a dummy batch: nothing reaches an expert
+        dummy, n_dummy = run()
+    assert n_dummy == 0 and torch.count_nonzero(dummy) == 0
+    with d.graph_mode(4):                             # the capture: every row is real
+        full, _ = run()
+    torch.testing.assert_close(full, eager)

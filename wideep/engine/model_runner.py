@@ -124,7 +124,7 @@ class ModelRunner:
             graph = self._graph_for(num_tokens, None)
             if graph is not None:
                 self._fill_graph_padding(graph, 0)
-                self._replay_graph(graph)
+                self._replay_graph(graph, 0)
                 return
             q = [1] * num_tokens
             seq_lens = [1] * num_tokens
@@ -153,11 +153,14 @@ class ModelRunner:
                 return self.graphs[size]
         return None
 
-    def _dispatch_mode(self, size: int):
-        return self._graph_dispatch(size) if self._graph_dispatch is not None else contextlib.nullcontext()
+    def _dispatch_mode(self, size: int, num_real: int | None = None):
+        if self._graph_dispatch is None:
+            return contextlib.nullcontext()
+        return self._graph_dispatch(size, num_real)
 
-    def _replay_graph(self, g: _Graph) -> None:
-        with self._dispatch_mode(g.input_ids.shape[0]):
+    def _replay_graph(self, g: _Graph, num_real: int) -> None:
+        """num_real: rows [num_real, size) are padding (EP: they skip the routed experts)."""
+        with self._dispatch_mode(g.input_ids.shape[0], num_real):
             g.graph.replay()
 
     def _fill_graph_padding(self, g: _Graph, start: int) -> None:
@@ -190,7 +193,7 @@ class ModelRunner:
         g.slot_mapping.copy_(torch.from_numpy(slots))
         g.seq_lens.copy_(torch.from_numpy(lens))
         g.block_tables.copy_(torch.from_numpy(table))
-        self._replay_graph(g)
+        self._replay_graph(g, b)
         return g.hidden[:b]
 
     @torch.inference_mode()

@@ -42,6 +42,11 @@ class GraphModeDispatcher(MoEDispatcher):
         # makes every rank give up graphs at the same size instead of leaving peers in a collective
         self.agree_group = agree_group
         self._seen: set[int] = set()
+        # rows [num_real, size) of a graph forward are padding (a smaller batch, or a dummy batch: 0):
+        # their routing is dropped so they cost no expert compute, and dummy ranks do not pile their
+        # identical padding tokens onto one rank's experts. A device scalar, set before each replay.
+        self._num_real = 0
+        self._real: torch.Tensor | None = None
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -53,9 +58,14 @@ class GraphModeDispatcher(MoEDispatcher):
             self.eager.set_max_tokens_per_rank(n)
 
     @contextmanager
-    def graph_mode(self, size: int) -> Iterator[None]:
-        """Inside: every rank runs a forward of exactly `size` tokens through the static graph backend."""
+    def graph_mode(self, size: int, num_real: int | None = None) -> Iterator[None]:
+        """Inside: every rank runs a forward of exactly `size` tokens through the static graph backend,
+        of which the first `num_real` are real (None: all; the capture)."""
         g = self.graph
+        self._num_real = size if num_real is None else num_real
+        if self._real is not None:
+            with torch.inference_mode():   # the engine runs (and created it) in inference mode
+                self._real.fill_(self._num_real)
         saved = (getattr(g, "static_shapes", False), g.max_tokens_per_rank, self.active)
         if hasattr(g, "static_shapes"):
             g.static_shapes = True
@@ -87,7 +97,19 @@ class GraphModeDispatcher(MoEDispatcher):
         return int(t.item()) == 0
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        if self.graph_size is not None:
+            topk_ids = self._drop_padding_rows(topk_ids)
         return self.active.dispatch(x, topk_ids, topk_weights)
+
+    def _drop_padding_rows(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        if self._real is None or self._real.device != topk_ids.device:
+            if topk_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("graph_mode: run one forward before capturing (the padding-row count "
+                                   "must live outside the graph)")
+            with torch.inference_mode():
+                self._real = torch.full((), self._num_real, dtype=torch.int64, device=topk_ids.device)
+        real = torch.arange(topk_ids.shape[0], device=topk_ids.device) < self._real
+        return torch.where(real.unsqueeze(1), topk_ids, torch.full_like(topk_ids, -1))
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         return self.active.combine(y, result)
