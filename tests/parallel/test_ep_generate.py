@@ -140,3 +140,18 @@ def test_ep_graph_path_matches_ep1(references, tmp_path, monkeypatch, backend, s
     assert a["dummy_steps"] + b["dummy_steps"] > 0, "an idle rank never replayed a dummy graph"
     used = {int(s) for s in a["graph_sizes"]}
     assert used <= {int(s) for s in sizes.split(",")}
+
+
+@pytest.mark.timeout(300)
+def test_eplb_rebalance_on_the_graph_path_keeps_tokens(references, tmp_path, monkeypatch):
+    """EPLB moves expert weights in place between lockstep steps while decode runs the static graph path."""
+    from wideep.parallel.multi_rank import STATIC_DECODE_ENV
+
+    model_dir, ref = references["skewed"]
+    report = tmp_path / "eplb.jsonl"
+    monkeypatch.setenv("WIDEEP_EPLB_REPORT", str(report))
+    monkeypatch.setenv(STATIC_DECODE_ENV, "1,2,4")
+    got = _run(model_dir, 2, "all_to_all", enable_eplb=True,
+               eplb_config={"window_size": 4, "step_interval": 3, "num_redundant_experts": 2})
+    assert got == ref
+    assert sum(json.loads(line)["moved_experts"] for line in report.read_text().splitlines()) > 0

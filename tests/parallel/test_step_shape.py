@@ -154,3 +154,17 @@ def test_padding_rows_of_a_graph_forward_skip_the_experts():
     with d.graph_mode(4):                             # the capture: every row is real
         full, _ = run()
     torch.testing.assert_close(full, eager)
+
+
+def test_eplb_load_ignores_padding_rows_of_graph_forwards():
+    from wideep.parallel.eplb import ExpertRouter, maps_from_phy2log
+
+    d = make_graph_mode_dispatcher("allgather_reducescatter", 8)
+    l2p, cnt = maps_from_phy2log(torch.arange(8), 8, 1)
+    r = ExpertRouter(l2p, cnt, 8, salt=0, device=torch.device("cpu"))
+    r.real_rows = d.real_rows
+    ids = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    r(ids)                                   # eager: every row counts
+    with d.graph_mode(3, num_real=1):
+        r(ids)                               # graph forward with 2 padding rows: only row 0 counts
+    assert r.load.tolist() == [0, 2, 2, 1, 1, 1, 1, 0]

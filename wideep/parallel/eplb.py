@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,9 @@ class ExpertRouter:
         self.load = torch.zeros(num_physical, dtype=torch.int64, device=device)
         self.record = True
         self.dummy = False
+        # graph forwards: (num_rows, device) -> bool mask of real rows (None outside graphs), so padding
+        # and dummy rows, whose routing the dispatcher drops, are not counted as expert load either
+        self.real_rows: Callable[[int, torch.device], torch.Tensor | None] | None = None
 
     def __call__(self, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.dummy:
@@ -74,7 +77,9 @@ class ExpertRouter:
         phys = self.log2phy[topk_ids, pick]
         if self.record:
             flat = phys.reshape(-1)
-            self.load.scatter_add_(0, flat, torch.ones_like(flat))  # no bincount: keeps it graph-capturable
+            real = self.real_rows(t, topk_ids.device) if self.real_rows is not None else None
+            ones = torch.ones_like(flat) if real is None else real.unsqueeze(1).expand(t, k).reshape(-1).to(flat.dtype)
+            self.load.scatter_add_(0, flat, ones)  # no bincount: keeps it graph-capturable
         return phys
 
     def set_maps(self, log2phy: torch.Tensor, logcnt: torch.Tensor) -> None:

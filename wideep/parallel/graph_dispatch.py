@@ -101,14 +101,20 @@ class GraphModeDispatcher(MoEDispatcher):
             topk_ids = self._drop_padding_rows(topk_ids)
         return self.active.dispatch(x, topk_ids, topk_weights)
 
-    def _drop_padding_rows(self, topk_ids: torch.Tensor) -> torch.Tensor:
-        if self._real is None or self._real.device != topk_ids.device:
-            if topk_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+    def real_rows(self, num_rows: int, device: torch.device) -> torch.Tensor | None:
+        """Inside graph_mode: bool [num_rows], True for real rows (read from a device scalar at replay)."""
+        if self.graph_size is None:
+            return None
+        if self._real is None or self._real.device != device:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("graph_mode: run one forward before capturing (the padding-row count "
                                    "must live outside the graph)")
             with torch.inference_mode():
-                self._real = torch.full((), self._num_real, dtype=torch.int64, device=topk_ids.device)
-        real = torch.arange(topk_ids.shape[0], device=topk_ids.device) < self._real
+                self._real = torch.full((), self._num_real, dtype=torch.int64, device=device)
+        return torch.arange(num_rows, device=device) < self._real
+
+    def _drop_padding_rows(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        real = self.real_rows(topk_ids.shape[0], topk_ids.device)
         return torch.where(real.unsqueeze(1), topk_ids, torch.full_like(topk_ids, -1))
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:

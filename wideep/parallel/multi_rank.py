@@ -61,6 +61,8 @@ def build_ep_core(args, pcfg, group, coordinator=None):
             r.record = False
             layer.expert_map = r
             routers.append(r)
+    for r in routers:   # graph forwards: padding/dummy rows are not expert load (EPLB statistics)
+        r.real_rows = dispatcher.real_rows
     args = dataclasses.replace(args, device=str(device))
     core = EngineCore(args, model=model)   # captures the decode graphs (collectives: all ranks, same order)
     sizes = static_decode_sizes_from_env()
