@@ -2,7 +2,9 @@
 
 `run_dp_engine_process` is the engine-process entry for data_parallel_size > 1: it joins the EP
 group, builds the expert-parallel model (dispatcher backend, this rank's expert slots, EPLB hooks)
-and runs the ordinary engine loop (wideep.engine.proc) with the DP lockstep coordinator.
+and runs the ordinary engine loop (wideep.engine.proc) with the DP lockstep coordinator. On CUDA,
+decode steps replay CUDA graphs captured on every rank with the static-shape decode backend
+(graph_dispatch.py), one graph size agreed per step (step_shape.py); on CPU (gloo) ranks run eagerly.
 `generate_dp` starts all ranks on this host, spreads requests over them and collects the outputs.
 """
 from __future__ import annotations
