@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .fp8 import quantize_block_fp8
-from .make_tokenizer import write_tokenizer
+from .make_tokenizer import SPECIAL_TOKENS, write_tokenizer
 
 YARN = {
     "type": "yarn",
@@ -49,6 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 _FP8_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                 "gate_proj", "up_proj", "down_proj")
 _POOL_THRESHOLD = 1 << 22
+LM_HEAD_GAIN = 3.0  # logit std ~3 for a unit-RMS hidden state (see _peaky_lm_head)
 
 
 def preset_config(preset: str, **overrides: Any) -> ModelConfig:
@@ -168,6 +169,16 @@ def _init(src: _RandomSource, shape: tuple[int, ...], kind: str) -> torch.Tensor
     raise ValueError(kind)
 
 
+def _peaky_lm_head(w: torch.Tensor) -> torch.Tensor:
+    """Random weights give near-flat logits, so sampling at temperature 1 would pick one of the special
+    tokens (which decode to no text) about 0.15% of the time, and clients that count tokens by
+    re-tokenizing the text (inference-perf) would see mismatches. Logits with a spread like a trained
+    model's (std ~3) and zero rows for the special tokens make that practically impossible."""
+    w = w.float() * LM_HEAD_GAIN
+    w[: len(SPECIAL_TOKENS)] = 0
+    return w.to(torch.bfloat16)
+
+
 def _is_fp8_weight(name: str) -> bool:
     parts = name.split(".")
     return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _FP8_LINEARS
@@ -224,6 +235,8 @@ def make_model(
             tensors = {name: q, name + "_scale_inv": scale}
         else:
             tensors = {name: _init(src, shape, kind).to(torch.bfloat16)}
+        if name == "lm_head.weight":
+            tensors[name] = _peaky_lm_head(tensors[name])
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if shard_bytes and shard_bytes + size > shard_size_bytes:
             flush()
