@@ -144,6 +144,7 @@ def _bench_rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
     def capture(ids, pos, attn, b):
         """Every rank captures the decode forward of its b tokens (same b everywhere: the collectives
         inside the graph are matched across ranks)."""
+        disp.timing = False  # the timed eager run of the previous size left it on; no syncs inside a capture
         with torch.inference_mode(), disp.inner.graph_mode(b):
             for _ in range(2):
                 model.forward(ids, pos, attn, kv)
