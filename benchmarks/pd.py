@@ -292,7 +292,8 @@ def main(argv=None) -> int:
     results: dict = {"machine": {"prefill_device": args.prefill_device, "decode_device": args.decode_device,
                                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                                  "cpus": os.cpu_count()},
-                     "model": {"preset": args.preset, "layers": layout["layers"], "kv_dim": dim,
+                     "model": {"preset": args.preset if tmp else f"{Path(args.model_dir).name} (hidden {cfg['hidden_size']})",
+                               "layers": layout["layers"], "kv_dim": dim,
                                "dtype": str(dtype), "kv_bytes_per_token": per_token},
                      "date": time.strftime("%Y-%m-%d")}
     results["host_copy"] = host_copy_bandwidth(per_token * args.prompt_len, torch.device(args.decode_device),
