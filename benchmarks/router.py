@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAKE = ROOT / "tests" / "router" / "fake_openai_server.py"
+FAKE = ROOT / "tests" / "fake_openai_server.py"
 
 
 def pct(xs, q):

@@ -13,7 +13,7 @@ import pytest
 
 from wideep.utils.net import free_port
 
-HERE = Path(__file__).parent
+FAKE = Path(__file__).parents[1] / "fake_openai_server.py"
 
 
 def make_word_tokenizer(out: Path) -> Path:
@@ -49,7 +49,7 @@ class FakeServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "fake_openai_server.py"), "--port", str(self.port), "--max-seconds", "300", *flags],
+            [sys.executable, str(FAKE), "--port", str(self.port), "--max-seconds", "300", *flags],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -11,7 +11,7 @@ import yaml
 from wideep.bench.config import parse_config
 from wideep.bench.runner import RunOptions, run_benchmark
 
-HERE = Path(__file__).parent
+FAKE = Path(__file__).parents[1] / "fake_openai_server.py"
 
 
 def workload(url: str, tok: Path, out: Path, *, stages=None, load_type="concurrent", api="completion",
@@ -145,7 +145,7 @@ def test_stack_is_started_benchmarked_and_stopped(word_tokenizer, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     stack = Stack("unused.yaml", base_url=url, ready_timeout=60,
-                  command=[sys.executable, str(HERE / "fake_openai_server.py"), "--port", str(port), "--max-seconds", "120"])
+                  command=[sys.executable, str(FAKE), "--port", str(port), "--max-seconds", "120"])
     with stack:
         cfg = parse_config(workload(stack.base_url, word_tokenizer, tmp_path / "st",
                                     stages=[{"concurrency_level": 2, "num_requests": 4}]))

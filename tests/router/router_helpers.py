@@ -38,7 +38,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
-FAKE = Path(__file__).with_name("fake_openai_server.py")
+FAKE = Path(__file__).parents[1] / "fake_openai_server.py"
 
 
 class Backend:

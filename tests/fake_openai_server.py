@@ -1,9 +1,12 @@
 """Tiny fake OpenAI-compatible streaming server (loopback only, self-terminating).
 Emulates: TTFT = ttft_base + prompt_tokens*prefill_per_tok ; then one token every --itl seconds.
-Tokens are words 'wN' separated by spaces (one token per SSE chunk).
-Router tests: every response carries `x-backend-name: <--name>`; GET /stats returns the counters and
+Tokens are words 'wN' separated by spaces (one token per SSE chunk, or --tokens-per-chunk).
+Shared by the bench and router tests (and benchmarks/router.py).
+Bench flags: --fail-every N answers every Nth request with --fail-status and an OpenAI error body;
+--disconnect-every N drops the connection of every Nth stream after --disconnect-after tokens.
+Router flags: every response carries `x-backend-name: <--name>`; GET /stats returns the counters and
 the request headers the router added (x-prefiller-host-port, x-gateway-destination-endpoint)."""
-import argparse, asyncio, json, os, random, signal, time
+import argparse, asyncio, json, os, random, time
 from aiohttp import web
 
 p = argparse.ArgumentParser()
@@ -13,6 +16,11 @@ p.add_argument("--ttft", type=float, default=0.02)
 p.add_argument("--prefill-per-tok", type=float, default=0.00002)
 p.add_argument("--itl", type=float, default=0.01)
 p.add_argument("--max-seconds", type=float, default=240)
+p.add_argument("--tokens-per-chunk", type=int, default=1)
+p.add_argument("--fail-every", type=int, default=0)
+p.add_argument("--fail-status", type=int, default=504)
+p.add_argument("--disconnect-every", type=int, default=0)
+p.add_argument("--disconnect-after", type=int, default=3)
 p.add_argument("--name", default="backend")
 a = p.parse_args()
 STATS = {"requests": 0, "running": 0, "gen_tokens": 0, "prompt_tokens": 0}
@@ -47,7 +55,13 @@ async def gen(request, chat):
     model = body.get("model", a.model)
     obj = "chat.completion.chunk" if chat else "text_completion"
     STATS["requests"] += 1; STATS["running"] += 1; STATS["prompt_tokens"] += pt
+    nth = STATS["requests"]
     try:
+        if a.fail_every and nth % a.fail_every == 0:
+            return web.json_response({"error": {"message": f"injected failure {a.fail_status}", "type": "server_error",
+                                                "param": None, "code": a.fail_status}}, status=a.fail_status,
+                                     headers=ID)
+        drop = bool(a.disconnect_every and nth % a.disconnect_every == 0)
         await asyncio.sleep(a.ttft + pt * a.prefill_per_tok)
         words = [f"w{random.randrange(4000)}" for _ in range(n)]
         usage = {"prompt_tokens": pt, "completion_tokens": n, "total_tokens": pt + n}
@@ -69,16 +83,22 @@ async def gen(request, chat):
         if chat:
             await send({"id": rid, "object": obj, "created": created, "model": model,
                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+        k = max(1, a.tokens_per_chunk)
+        groups = [" ".join(words[j:j + k]) for j in range(0, n, k)]
         try:
-            for i, w in enumerate(words):
+            for i, w in enumerate(groups):
                 if i:
-                    await asyncio.sleep(a.itl)
+                    await asyncio.sleep(a.itl * k)
+                if drop and i * k >= a.disconnect_after:
+                    STATS["dropped"] = STATS.get("dropped", 0) + 1
+                    request.transport.close()  # mid-stream disconnect: no [DONE], truncated chunked body
+                    return resp
                 piece = w if i == 0 else " " + w
-                fin = "length" if i == n - 1 else None
+                fin = "length" if i == len(groups) - 1 else None
                 c = {"index": 0, "delta": {"content": piece}, "finish_reason": fin} if chat else \
                     {"index": 0, "text": piece, "finish_reason": fin, "logprobs": None}
                 await send({"id": rid, "object": obj, "created": created, "model": model, "choices": [c]})
-                STATS["gen_tokens"] += 1
+                STATS["gen_tokens"] += len(w.split())
             if usage_in_stream:
                 await send({"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage})
             await resp.write(b"data: [DONE]\n\n")
