@@ -97,9 +97,11 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):
                         yield out
                         if decision is None:
                             return
-                elif kind == "request_body":
-                    body += msg.request_body.body
-                    if msg.request_body.end_of_stream and not scheduled:
+                elif kind in ("request_body", "request_trailers"):
+                    trailers = kind == "request_trailers"
+                    if not trailers:
+                        body += msg.request_body.body
+                    if (trailers or msg.request_body.end_of_stream) and not scheduled:
                         scheduled = True
                         decision, out = await self._schedule(headers, bytes(body), subset)
                         yield out
@@ -107,16 +109,8 @@ class ExtProcServer(pb_grpc.ExternalProcessorServicer):
                             return
                         for chunk in body_chunks(bytes(body), request=True):
                             yield chunk
-                elif kind == "request_trailers":
-                    if not scheduled:
-                        scheduled = True
-                        decision, out = await self._schedule(headers, bytes(body), subset)
-                        yield out
-                        if decision is None:
-                            return
-                        for chunk in body_chunks(bytes(body), request=True):
-                            yield chunk
-                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+                    if trailers:
+                        yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
                 elif kind == "response_headers":
                     added: dict[str, str] = {}
                     if decision is not None:
