@@ -150,3 +150,23 @@ def post(port, body, path="/v1/completions", headers=None, timeout=30):
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
+
+
+async def serve_app(app):
+    """Start an aiohttp app on loopback port 0 (the OS picks a free one, no race); returns (runner, port)."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
+async def until(cond, timeout=10.0):
+    """Poll cond() on the event loop until it holds; TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.01)

@@ -15,7 +15,7 @@ from wideep.router.director import Director
 from wideep.router.k8s import KubernetesSource, endpoints_from_pods, parse_pool
 from wideep.router.registry import ConfigError
 
-from router_helpers import ep, request
+from router_helpers import ep, request, serve_app
 
 DATA = Path(__file__).with_name("data")
 
@@ -155,11 +155,7 @@ def test_kubernetes_source_against_a_loopback_api_server():
         app = web.Application()
         app.router.add_get("/apis/inference.networking.k8s.io/v1/namespaces/llm-d/inferencepools/wide-ep-lws", pool)
         app.router.add_get("/api/v1/namespaces/llm-d/pods", pods)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        runner, port = await serve_app(app)
         ds = Datastore()
         src = KubernetesSource(ds, "llm-d", pool_name="wide-ep-lws", api_server=f"http://127.0.0.1:{port}",
                                token="tok123")

@@ -14,6 +14,8 @@ from aiohttp import web
 from wideep.router.datastore import Datastore
 from wideep.router.k8s import KubernetesSource
 
+from router_helpers import serve_app, until
+
 DATA = Path(__file__).with_name("data")
 POOL_PATH = "/apis/inference.networking.k8s.io/v1/namespaces/llm-d/inferencepools/wide-ep-lws"
 PODS_PATH = "/api/v1/namespaces/llm-d/pods"
@@ -59,6 +61,12 @@ class FakeAPIServer:
         await resp.write_eof()
         return resp
 
+    async def serve(self):
+        app = web.Application()
+        app.router.add_get(POOL_PATH, self.get_pool)
+        app.router.add_get(PODS_PATH, self.pods)
+        return await serve_app(app)
+
     async def push(self, ev):
         await self.watch_queues[-1].put(ev)
 
@@ -70,25 +78,10 @@ class FakeAPIServer:
             await asyncio.sleep(0.01)
 
 
-async def until(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.01)
-
-
 def test_watch_follows_pods_and_handles_resource_versions():
     async def main():
         api = FakeAPIServer()
-        app = web.Application()
-        app.router.add_get(POOL_PATH, api.get_pool)
-        app.router.add_get(PODS_PATH, api.pods)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        runner, port = await api.serve()
         ds = Datastore()
         src = KubernetesSource(ds, "llm-d", pool_name="wide-ep-lws", api_server=f"http://127.0.0.1:{port}",
                                token="t", poll_s=0.1, watch_timeout_s=60)
@@ -147,14 +140,7 @@ def test_watch_follows_pods_and_handles_resource_versions():
 def test_poll_mode_still_lists():
     async def main():
         api = FakeAPIServer()
-        app = web.Application()
-        app.router.add_get(POOL_PATH, api.get_pool)
-        app.router.add_get(PODS_PATH, api.pods)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        runner, port = await api.serve()
         src = KubernetesSource(Datastore(), "llm-d", pool_name="wide-ep-lws", api_server=f"http://127.0.0.1:{port}",
                                poll_s=0.05, watch=False)
         try:

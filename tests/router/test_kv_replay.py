@@ -13,7 +13,7 @@ from wideep.router.datastore import Datastore, parse_endpoint_flag
 from wideep.router.registry import create
 from wideep.utils.net import free_port_range
 
-from router_helpers import ep, request
+from router_helpers import ep, request, until
 
 BS = 4
 TOKENS = list(range(100, 100 + 8 * BS))        # 8 full blocks
@@ -53,14 +53,6 @@ def matched(scorer, e):
     return req.data["precise-prefix-match"].matched_blocks.get(e.name, 0)
 
 
-async def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.02)
-
-
 def test_late_subscriber_catches_up_through_replay():
     """Blocks stored before the router connected (ZMQ slow joiner) come back by replay from seq 0."""
     base = free_port_range(2)
@@ -77,7 +69,7 @@ def test_late_subscriber_catches_up_through_replay():
         await asyncio.sleep(0.1)
         await scorer.start(Ctx)
         try:
-            await wait_for(lambda: "pod-rank-0" in scorer.subscriber.sockets)
+            await until(lambda: "pod-rank-0" in scorer.subscriber.sockets)
             j = 4
             while matched(scorer, e) < 5:                  # live batches until one arrives -> replay
                 pub.publish([stored(j, 5000 + j - 1)] if j < 8 else [stored(3, 5002)])

@@ -15,7 +15,7 @@ from wideep.router.registry import ConfigError, create, snake
 from wideep.router.scrape import metrics_from_text
 from wideep.router.types import ProfileRunResult, SchedulingResult
 
-from router_helpers import ep, request
+from router_helpers import ep, request, serve_app
 
 REV = "disaggregatedset.x-k8s.io/revision"
 
@@ -325,11 +325,7 @@ def test_token_producer_vllm_mode_against_a_loopback_server():
             app.router.add_post("/tokenize", tokenize)
             if with_render:
                 app.router.add_post("/v1/chat/completions/render", render)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]
+            runner, port = await serve_app(app)
             tp = create("token-producer", "tp", {"vllm": {"url": f"http://127.0.0.1:{port}"}})
             try:
                 r1, r2, r3 = request("aa bbb c"), request("hello there", chat=True), request("hello there", chat=True)
@@ -372,11 +368,7 @@ def test_token_producer_without_url_asks_a_candidate_endpoint():
     async def main():
         app = web.Application()
         app.router.add_post("/tokenize", tokenize)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        runner, port = await serve_app(app)
         tp = create("token-producer", "tp", {"mode": "vllm"})
         try:
             r = request("x y z")
