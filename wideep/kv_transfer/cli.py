@@ -56,14 +56,11 @@ def _main(args: argparse.Namespace) -> int:
     import logging
 
     from wideep.kv_transfer.sidecar import run_sidecar
+    from wideep.utils.aio import install_uvloop
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = build_config(args)
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
+    install_uvloop()
     try:
         asyncio.run(run_sidecar(cfg))
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ from wideep.router.director import Director
 from wideep.router.grpc_health import HealthService
 from wideep.router.metrics import RouterMetrics
 from wideep.router.scrape import MetricsScraper
+from wideep.utils.aio import install_uvloop
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +187,7 @@ def run_router(opts: RouterOptions) -> int:
     """Blocking entry point (the CLI and the DEPLOY launcher): runs until SIGINT/SIGTERM."""
     import signal
 
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
+    install_uvloop()
 
     async def main():
         router = Router(opts)

@@ -15,6 +15,8 @@ import signal
 import time
 from typing import Any
 
+from wideep.utils.aio import install_uvloop
+
 log = logging.getLogger("wideep.frontend")
 
 
@@ -143,10 +145,5 @@ async def _drain(state, site, timeout: float) -> None:
 def run_frontend(payload: dict[str, Any]) -> int:
     logging.basicConfig(level=os.environ.get("WIDEEP_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s frontend[%(process)d] %(message)s")
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    install_uvloop()
     return asyncio.run(serve_frontend(payload))

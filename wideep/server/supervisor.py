@@ -31,6 +31,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from wideep.server.args import ServeConfig
+from wideep.utils.aio import install_uvloop
 
 log = logging.getLogger("wideep.supervisor")
 
@@ -241,10 +242,5 @@ def serve_config_from_dict(d: dict) -> ServeConfig:
 def run_supervisor(cfg: ServeConfig) -> int:
     logging.basicConfig(level=os.environ.get("WIDEEP_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    install_uvloop()
     return asyncio.run(Supervisor(cfg).run())
