@@ -336,11 +336,6 @@ class KVConnector:
             failed, self._failed = self._failed, {}
         return failed
 
-    @property
-    def num_loading(self) -> int:
-        with self._lock:
-            return len(self._loading)
-
 
 def make_connector(args) -> KVConnector:
     """The connector an EngineCore builds from EngineArgs.kv_transfer_config (`--kv-transfer-config`)."""

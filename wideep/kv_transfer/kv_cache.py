@@ -40,9 +40,6 @@ class PagedKVCaches:
     def layout(self) -> list[dict[str, Any]]:
         return [{"shape": list(c.shape[1:]), "dtype": _dtype_name(c.dtype)} for c in self.caches]
 
-    def block_nbytes(self) -> int:
-        return sum(c[0].numel() * c.element_size() for c in self.caches)
-
     def _index(self, block_ids: list[int]) -> torch.Tensor:
         bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
         if bad:

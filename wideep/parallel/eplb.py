@@ -214,10 +214,6 @@ class EplbState:
         per = self.num_physical // self.ep_size
         return self.phy2log[moe_position, self.ep_rank * per:(self.ep_rank + 1) * per].tolist()
 
-    def set_dummy(self, dummy: bool) -> None:
-        for r in self.routers:
-            r.dummy = dummy
-
     def step(self) -> RebalanceReport | None:
         """After every lockstep forward (real or dummy) on every rank: record, and rebalance on schedule."""
         if self.routers:

@@ -43,12 +43,6 @@ class Datastore:
     def get(self, name: str) -> Endpoint | None:
         return self._eps.get(name)
 
-    def by_address(self, address: str) -> Endpoint | None:
-        for e in self._eps.values():
-            if e.address == address:
-                return e
-        return None
-
     def is_ready(self, e: Endpoint, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
         return e.healthy and now - e.metrics.updated_at <= self.staleness_s
