@@ -31,7 +31,6 @@ def request(prompt="hello", model="m", headers=None, chat=False):
 
 # ---- processes and an in-process router ---------------------------------------------------------
 import asyncio
-import os
 import subprocess
 import sys
 import threading

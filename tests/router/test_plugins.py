@@ -12,7 +12,7 @@ import xxhash
 from wideep.router.framework import Profile, ScoredPlugin
 from wideep.router.prefix_hash import block_hashes, chain_block, root_hash
 from wideep.router.registry import ConfigError, create
-from wideep.router.types import LLMRequest, ProfileRunResult, SchedulingResult
+from wideep.router.types import ProfileRunResult, SchedulingResult
 
 from router_helpers import ep, request
 

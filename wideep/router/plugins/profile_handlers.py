@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from wideep.router.framework import PreRequest, Profile, ProfileHandler, profile_failed
 from wideep.router.registry import ConfigError, Plugin, register
-from wideep.router.types import LLMRequest, ProfileRunResult, SchedulingResult
+from wideep.router.types import SchedulingResult
 
 log = logging.getLogger(__name__)
 
