@@ -6,6 +6,7 @@ max_completion_tokens wins over max_tokens).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,6 +16,8 @@ Kind = Literal["completion", "chat"]
 
 _CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 _MISSING = object()
+# The engine wire (msgpack) and torch carry signed 64-bit ints: larger JSON integers are a 400 here.
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 @dataclass
@@ -67,7 +70,11 @@ def _field(body: dict[str, Any], name: str, types: type | tuple, default: Any = 
     if not ok:
         raise bad_request(f"'{name}' must be {_type_name(types)}, got {type(v).__name__} {v!r:.60}", name)
     if float in wanted and isinstance(v, int) and not isinstance(v, bool):
-        v = float(v) if int not in wanted else v
+        v = float(v)  # a number field: 2 and 2.0 mean the same, and a float never overflows the wire
+    if isinstance(v, int) and not isinstance(v, bool) and not _INT64_MIN <= v <= _INT64_MAX:
+        raise bad_request(f"'{name}' is out of range for a 64-bit integer, got {v!r:.60}", name)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise bad_request(f"'{name}' must be a finite number, got {v!r}", name)
     return v
 
 
@@ -79,7 +86,8 @@ def _int_range(body: dict[str, Any], name: str, default: Any, lo: int | None = N
 
 
 def _token_ids(v: Any, param: str) -> list[int]:
-    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= _INT64_MAX
+                                          for t in v):
         raise bad_request(f"'{param}' must be a list of non-negative integer token ids", param)
     return v
 
