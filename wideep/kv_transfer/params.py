@@ -113,13 +113,17 @@ class RemotePrefillParams:
         block_ids = p.get("remote_block_ids")
         if not isinstance(block_ids, list) or not all(isinstance(b, int) and b >= 0 for b in block_ids):
             raise ValueError(f"kv_transfer_params.remote_block_ids must be a list of block ids, got {block_ids!r}")
+        try:
+            tp_size = int(p.get("tp_size") or 1)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"kv_transfer_params.tp_size must be an integer, got {p.get('tp_size')!r}") from None
         return cls(
             remote_engine_id=need("remote_engine_id", str),
             remote_block_ids=block_ids,
             remote_request_id=str(p.get("remote_request_id") or ""),
             remote_host=need("remote_host", str),
             remote_port=need("remote_port", int),
-            tp_size=int(p.get("tp_size") or 1),
+            tp_size=tp_size,
         )
 
 
