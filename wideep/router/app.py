@@ -143,7 +143,9 @@ class Router:
             log.info("envoy gateway on %s:%d (config %s)", o.host, o.proxy_port, self.envoy.config_path)
 
     async def _serve(self, app: web.Application, port: int) -> None:
-        runner = web.AppRunner(app, access_log=None)
+        # handler_cancellation: a client that hangs up cancels the proxy's handler, which closes the
+        # upstream request, so the endpoint aborts it (frees its KV) even for a non-streaming request.
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, self.opts.host, port, backlog=4096).start()
         self._runners.append(runner)
