@@ -113,7 +113,9 @@ class Sidecar:
             app[RANK_KEY] = rank
             app.router.add_get("/sidecar/stats", self._stats)
             app.router.add_route("*", "/{tail:.*}", self._handle)
-            runner = web.AppRunner(app, access_log=None)
+            # handler_cancellation: a client hanging up cancels the handler, which drops the decode
+            # connection (the server aborts the request) even while a non-streaming answer is pending.
+            runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
             await runner.setup()
             site = web.TCPSite(runner, self.cfg.host, self.cfg.port + rank if self.cfg.port else 0)
             await site.start()

@@ -1,0 +1,57 @@
+"""Review: a client that hangs up on a non-streaming request through the sidecar must make the
+sidecar hang up on the decode server too (its frontend then aborts the engine request and frees
+its KV blocks); before, the sidecar waited for the decode server's full answer for nobody."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+from aiohttp import web
+
+from wideep.kv_transfer.sidecar import Sidecar, SidecarConfig
+from wideep.utils.net import free_port
+
+
+def test_client_hangup_on_non_streaming_request_reaches_the_decode_server():
+    async def main():
+        started, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def completions(request):
+            started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return web.json_response({"choices": [{"text": "late"}]})
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        decode = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)  # as wideep's frontend
+        await decode.setup()
+        dport = free_port()
+        await web.TCPSite(decode, "127.0.0.1", dport).start()
+        sc = Sidecar(SidecarConfig(port=free_port(), vllm_port=dport, host="127.0.0.1"))
+        await sc.start()
+        writer = None
+        try:
+            body = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 400}).encode()
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.ports[0])
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+            await asyncio.wait_for(started.wait(), 10)
+            writer.transport.abort()
+            writer = None
+            try:
+                await asyncio.wait_for(cancelled.wait(), 10)
+            except asyncio.TimeoutError:
+                raise AssertionError("the sidecar kept the decode request open after the client left") from None
+        finally:
+            if writer is not None:
+                writer.close()
+            await sc.stop()
+            await decode.cleanup()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
