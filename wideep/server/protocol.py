@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgpack
+
 from wideep.server.errors import APIError, bad_request
 
 Kind = Literal["completion", "chat"]
@@ -155,6 +157,11 @@ def _parse_common(body: Any, kind: Kind) -> GenerateRequest:
         req.continuous_usage_stats = _field(opts, "continuous_usage_stats", bool, False)
 
     req.kv_transfer_params = _field(body, "kv_transfer_params", dict, None)
+    if req.kv_transfer_params is not None:
+        try:  # passed to the engine as is: it must survive the engine wire (msgpack, 64-bit ints)
+            msgpack.packb(req.kv_transfer_params, use_bin_type=True)
+        except (OverflowError, ValueError, TypeError) as e:
+            raise bad_request(f"'kv_transfer_params' cannot be sent to the engine: {e}", "kv_transfer_params") from None
     return req
 
 

@@ -268,3 +268,5 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}", None) from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply", None) from None
