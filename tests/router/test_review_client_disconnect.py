@@ -84,3 +84,20 @@ def test_client_hangup_on_non_streaming_request_reaches_the_endpoint():
         finally:
             s.close()
         assert up.cancelled.wait(10), "the proxy kept the endpoint's request open after the client left"
+
+
+def test_deeply_nested_body_is_routed_not_a_500():
+    """The director routes a body it cannot parse at random (the endpoint answers 400); JSON nested
+    past the recursion limit raised RecursionError (not a ValueError) out of parse_request."""
+    from wideep.router.config import load_config_text
+    from wideep.router.datastore import Datastore
+    from wideep.router.director import Director
+
+    from router_helpers import ep
+
+    ds = Datastore()
+    ds.set_endpoints([ep("e0")])
+    director = Director(load_config_text("plugins: [{type: prefix-cache-scorer}]"), ds)
+    req = director.parse_request(b"[" * 100_000, {}, "/v1/completions")
+    assert not req.data.get("parsed") and req.body == {}
+    assert director.schedule(req).target.name == "e0"

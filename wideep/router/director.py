@@ -66,7 +66,7 @@ class Director:
         """A body that is not a JSON object is still routed (at random), as llm-d does for no body."""
         try:
             doc = json.loads(body) if body else None
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past the limit
             doc = None
         req = LLMRequest(body=doc if isinstance(doc, dict) else {}, headers=headers, path=path.split("?")[0])
         if isinstance(doc, dict):
