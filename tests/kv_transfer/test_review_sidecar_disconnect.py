@@ -55,3 +55,24 @@ def test_client_hangup_on_non_streaming_request_reaches_the_decode_server():
             await decode.cleanup()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_deeply_nested_pd_body_is_400():
+    """json.loads raises RecursionError (not ValueError) for JSON nested past the recursion limit."""
+    async def main():
+        sc = Sidecar(SidecarConfig(port=free_port(), vllm_port=free_port(), host="127.0.0.1"))
+        await sc.start()
+        try:
+            import aiohttp
+
+            async with aiohttp.ClientSession() as s:
+                async with s.post(f"http://127.0.0.1:{sc.ports[0]}/v1/completions", data=b"[" * 100_000,
+                                  headers={"x-prefiller-host-port": "127.0.0.1:1",
+                                           "content-type": "application/json"}) as r:
+                    assert r.status == 400, await r.text()
+                    err = (await r.json())["error"]
+                    assert err["code"] == 400 and "JSON" in err["message"]
+        finally:
+            await sc.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

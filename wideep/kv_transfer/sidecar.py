@@ -186,7 +186,7 @@ class Sidecar:
             body = json.loads(raw)
             if not isinstance(body, dict):
                 raise ValueError("not an object")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested past the limit
             return openai_error(400, f"request body must be a JSON object: {exc}", "invalid_request_error")
         self.stats["pd_requests"] += 1
 
