@@ -76,3 +76,26 @@ def test_deeply_nested_pd_body_is_400():
             await sc.stop()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_body_nested_below_the_json_limit_reaches_the_prefill_leg():
+    """json.loads takes ~1000 levels, copy.deepcopy of the prefill leg gave up near 300 (500)."""
+    async def main():
+        sc = Sidecar(SidecarConfig(port=free_port(), vllm_port=free_port(), host="127.0.0.1"))
+        await sc.start()
+        try:
+            import aiohttp
+
+            body = b'{"prompt": "hi", "user": ' + b"[" * 600 + b"]" * 600 + b"}"
+            async with aiohttp.ClientSession() as s:
+                async with s.post(f"http://127.0.0.1:{sc.ports[0]}/v1/completions", data=body,
+                                  headers={"x-prefiller-host-port": f"127.0.0.1:{free_port()}",
+                                           "content-type": "application/json"}) as r:
+                    # prefiller and decode server are both down: the sidecar's own 502, not a crash
+                    assert r.status == 502, await r.text()
+                    assert (await r.json())["error"]["code"] == "upstream_unreachable"
+            assert sc.stats["prefill_failures"] == 1
+        finally:
+            await sc.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

@@ -11,7 +11,6 @@ Pure aiohttp: the sidecar never imports torch.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 import random
@@ -211,7 +210,7 @@ class Sidecar:
     async def _prefill_leg(self, request: web.Request, prefiller: str, body: dict[str, Any]
                            ) -> tuple[dict[str, Any] | None, str | web.Response | None]:
         """Send the one-token prefill leg. Returns (params, None) or (None, why) / (None, 4xx response)."""
-        leg = copy.deepcopy(body)
+        leg = dict(body)   # only top-level keys change (a deepcopy hit the recursion limit on nested bodies)
         leg["stream"] = False
         leg.pop("stream_options", None)
         leg["max_tokens"] = 1
