@@ -153,6 +153,8 @@ class AsyncEngineClient:
         try:
             return await asyncio.wait_for(fut, timeout)
         except (asyncio.TimeoutError, EngineDeadError):
+            if fut in self._stats_waiters:  # a hung engine must not grow the list one scrape at a time
+                self._stats_waiters.remove(fut)
             return self.latest_stats
 
     async def reset_prefix_cache(self) -> None:
