@@ -63,6 +63,10 @@ class StepCoordinator(Protocol):
         """Called every iteration with this rank's scheduled batch (None when it has no work)."""
         ...
 
+    def explain_failure(self, exc: Exception) -> Exception:
+        """The error to report when a forward raised `exc` (exc itself when there is nothing to add)."""
+        ...
+
 
 class SingleRankCoordinator:
     def idle_timeout_s(self, core) -> float | None:
@@ -70,6 +74,9 @@ class SingleRankCoordinator:
 
     def decide(self, core, scheduled) -> StepDecision:
         return StepDecision(run_step=scheduled is not None)
+
+    def explain_failure(self, exc: Exception) -> Exception:
+        return exc
 
 
 def _make_kv_event_publisher(args: EngineArgs):
@@ -196,11 +203,19 @@ class EngineLoop:
             decision = self.coordinator.decide(self.core, scheduled)
             outputs = []
             ran_real = False
-            if scheduled is not None and decision.run_step:
-                outputs = self.core.execute(scheduled, decision.pad_to)
-                ran_real = not scheduled.is_empty
-            if decision.dummy_batch and not ran_real:
-                self.core.execute_dummy_batch(decision.dummy_batch)
+            try:
+                if scheduled is not None and decision.run_step:
+                    outputs = self.core.execute(scheduled, decision.pad_to)
+                    ran_real = not scheduled.is_empty
+                if decision.dummy_batch and not ran_real:
+                    self.core.execute_dummy_batch(decision.dummy_batch)
+            except Exception as exc:
+                # A forward's collectives (MoE dispatch/combine) fail when a peer rank dies: let the
+                # coordinator name that, so the error says which group was lost rather than "gloo read error".
+                explained = self.coordinator.explain_failure(exc)
+                if explained is exc:
+                    raise
+                raise explained from exc
             self._publish(outputs)
 
     def _drain_inputs(self, timeout_ms: int) -> bool:

@@ -229,6 +229,14 @@ class DPLockstepCoordinator:
             except Exception as exc:  # noqa: BLE001
                 raise EPGroupError(f"EPLB rebalance failed on rank {self.group.rank}: {exc}") from exc
 
+    def explain_failure(self, exc: Exception) -> Exception:
+        """A collective inside the forward (MoE dispatch/combine) failing means a peer rank is gone."""
+        if isinstance(exc, EPGroupError) or not _is_collective_failure(exc):
+            return exc
+        return EPGroupError(
+            f"DP lockstep: rank {self.group.rank} of {self.group.size} lost the EP group at wave {self.wave} "
+            f"during a forward's MoE collective (a peer rank died or stopped responding): {exc}")
+
     def _all_reduce_max(self, values: list[int]) -> list[int]:
         t = torch.tensor(values, dtype=torch.int64)
         try:
@@ -272,3 +280,12 @@ def _append_report(info: dict[str, Any]) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(info) + "\n")
+
+
+def _is_collective_failure(exc: Exception) -> bool:
+    """gloo raises plain RuntimeErrors naming its transport; NCCL raises DistBackendError."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        m in text for m in ("gloo", "NCCL", "Connection reset", "Connection closed", "Socket Timeout"))
