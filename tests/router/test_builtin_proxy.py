@@ -112,6 +112,7 @@ def test_no_live_endpoint_503_and_saturated_429():
         assert st == 503
         err = json.loads(body)["error"]
         assert err["code"] == 503 and "no ready endpoint" in err["message"]
+        assert err["type"] == "ServiceUnavailableError" and hdr["Retry-After"] == "1"   # an outage, not throttling
 
     (b,) = start_backends(["slow"], ttft=1.5)
     cfg = ("featureGates: [flowControl]\nflowControl: {maxQueueSize: 0, maxInflightPerEndpoint: 1}\n"
@@ -128,7 +129,7 @@ def test_no_live_endpoint_503_and_saturated_429():
             st, hdr, body = post(port, {"model": "m", "prompt": "y", "max_tokens": 1})
             assert st == 429
             assert hdr["x-llm-d-request-dropped-reason"] == "rejected-saturated"
-            assert json.loads(body)["error"]["type"] == "rate_limit_error"
+            assert json.loads(body)["error"]["type"] == "RateLimitError"
             t.join(20)
             assert first["r"][0] == 200
     finally:

@@ -13,6 +13,7 @@ import asyncio
 import multiprocessing
 import os
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -23,6 +24,7 @@ import zmq.asyncio
 from wideep.engine.api import EngineRequest, EngineStats, InvalidRequest, RequestOutput
 from wideep.engine.config import EngineArgs
 from wideep.engine.proc import pack, run_engine_process, unpack
+from wideep.utils.proc import describe_exit
 
 
 class EngineDeadError(RuntimeError):
@@ -56,6 +58,9 @@ class AsyncEngineClient:
         self.outp.bind(output_addr)
         self.info: dict[str, Any] = {}
         self.latest_stats = EngineStats()
+        self.stats_time: float | None = None    # monotonic time latest_stats came from the engine
+        self.last_heard: float | None = None    # monotonic time of the engine's last message (heartbeats included)
+        self.steps = 0                          # the engine's step counter, from its last heartbeat
         self._streams: dict[str, _Stream] = {}
         self._stats_waiters: list[asyncio.Future] = []
         self._ready = asyncio.Event()
@@ -143,6 +148,10 @@ class AsyncEngineClient:
         if self.is_alive():
             await self.inp.send(pack({"type": "abort", "request_ids": [request_id]}))
 
+    def silent_for(self) -> float:
+        """Seconds since the engine last sent anything (it heartbeats every HEARTBEAT_S, busy or idle)."""
+        return 0.0 if self.last_heard is None else time.monotonic() - self.last_heard
+
     async def stats(self, timeout: float = 5.0) -> EngineStats:
         """Fresh stats from the engine (answered between steps); the last known ones if it is slow or dead."""
         if not self.is_alive():
@@ -165,9 +174,11 @@ class AsyncEngineClient:
         while True:
             msg = unpack(await self.outp.recv())
             kind = msg.get("type")
+            self.last_heard = time.monotonic()
             if kind == "outputs":
                 if msg.get("stats"):
                     self.latest_stats = EngineStats.from_dict(msg["stats"])
+                    self.stats_time = self.last_heard
                 for d in msg["outputs"]:
                     stream = self._streams.get(d["request_id"])
                     if stream is not None:
@@ -176,8 +187,14 @@ class AsyncEngineClient:
                 stream = self._streams.get(msg["request_id"])
                 if stream is not None:
                     stream.queue.put_nowait(InvalidRequest(msg["message"], msg.get("param")))
+            elif kind == "heartbeat":
+                self.steps = int(msg.get("steps") or 0)
+                if msg.get("stats"):
+                    self.latest_stats = EngineStats.from_dict(msg["stats"])
+                    self.stats_time = self.last_heard
             elif kind == "stats":
                 self.latest_stats = EngineStats.from_dict(msg["stats"])
+                self.stats_time = self.last_heard
                 waiters, self._stats_waiters = self._stats_waiters, []
                 for f in waiters:
                     if not f.done():
@@ -196,7 +213,7 @@ class AsyncEngineClient:
             await sentinel_ready.wait()
         finally:
             loop.remove_reader(self.process.sentinel)
-        self._mark_dead(f"engine process {self.process.pid} exited with code {self.process.exitcode}")
+        self._mark_dead(f"engine process {self.process.pid} {describe_exit(self.process.exitcode)}")
 
     def _mark_dead(self, why: str) -> None:
         if self._dead:

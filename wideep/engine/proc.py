@@ -13,6 +13,7 @@ Wire (msgpack maps, one per ZMQ message). The client binds both sockets; the eng
     {"type": "error", "request_id": str, "message": str, "param": str | None}   # request rejected
     {"type": "stats", "stats": EngineStats.to_dict()}
     {"type": "fatal", "message": str}       # the engine is going down
+    {"type": "heartbeat", "steps": int, "stats": EngineStats.to_dict()}   # every HEARTBEAT_S, busy or idle
 
 The loop blocks on the input socket while there is no work (no busy loop). Each iteration it asks a
 StepCoordinator what to do: the default runs a step whenever this rank has work; the DP-lockstep one
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.1
 PARENT_CHECK_S = 1.0
+HEARTBEAT_S = 1.0   # the loop proves it turns at least this often (the frontend's stall check counts on it)
 
 
 def pack(msg: dict[str, Any]) -> bytes:
@@ -174,6 +176,8 @@ class EngineLoop:
             self.poller.register(sock, zmq.POLLIN)
         self.parent_pid = os.getppid()
         self.last_stats = 0.0
+        self.last_heartbeat = 0.0
+        self.steps = 0
         self.running = True
 
     def run(self) -> None:
@@ -184,7 +188,7 @@ class EngineLoop:
                 # P/D: only KV transfers pending; nap on input instead of spinning (no longer than the
                 # DP-lockstep coordinator allows: peers may need this rank's dummy batch), then poll them.
                 timeout = self.coordinator.idle_timeout_s(self.core)
-                wait = kv_wait if timeout is None else min(kv_wait, timeout)
+                wait = min(kv_wait, HEARTBEAT_S) if timeout is None else min(kv_wait, timeout, HEARTBEAT_S)
                 if not self._drain_inputs(int(wait * 1000)) and os.getppid() != self.parent_pid:
                     log.warning("parent process went away; engine exiting")
                     return
@@ -193,7 +197,7 @@ class EngineLoop:
                 self._drain_inputs(0)
             else:
                 timeout = self.coordinator.idle_timeout_s(self.core)
-                wait = PARENT_CHECK_S if timeout is None else min(timeout, PARENT_CHECK_S)
+                wait = min(PARENT_CHECK_S, HEARTBEAT_S) if timeout is None else min(timeout, PARENT_CHECK_S, HEARTBEAT_S)
                 if not self._drain_inputs(int(wait * 1000)) and os.getppid() != self.parent_pid:
                     log.warning("parent process went away; engine exiting")
                     return
@@ -207,6 +211,7 @@ class EngineLoop:
                 if scheduled is not None and decision.run_step:
                     outputs = self.core.execute(scheduled, decision.pad_to)
                     ran_real = not scheduled.is_empty
+                    self.steps += 1
                 if decision.dummy_batch and not ran_real:
                     self.core.execute_dummy_batch(decision.dummy_batch)
             except Exception as exc:
@@ -264,3 +269,6 @@ class EngineLoop:
             self.last_stats = now
         if outputs:
             self.outp.send(pack({"type": "outputs", "outputs": [o.to_dict() for o in outputs], "stats": stats}))
+        if now - self.last_heartbeat >= HEARTBEAT_S:
+            self.last_heartbeat = now
+            self.outp.send(pack({"type": "heartbeat", "steps": self.steps, "stats": self.core.stats().to_dict()}))

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--connector", "--kv-connector", dest="connector", default="nixlv2",
                    help="P/D protocol (only nixlv2: vLLM NixlConnector kv_transfer_params)")
     p.add_argument("--prefill-timeout", type=float, default=600.0, help="seconds to wait for the prefill leg")
+    p.add_argument("--no-validate-before-prefill", dest="validate_before_prefill", action="store_false",
+                   help="skip asking the decode server (a wideep frontend) to check a request before its "
+                        "prefill leg; needed in front of a decode server that does not know the check")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_main)
 
@@ -48,7 +51,8 @@ def build_config(args: argparse.Namespace):
                          host=args.host, vllm_host=args.vllm_host, prefiller_allowlist=allow,
                          on_prefill_failure=args.on_prefill_failure,
                          enable_prefiller_sampling=args.enable_prefiller_sampling,
-                         prefill_timeout_s=args.prefill_timeout)
+                         prefill_timeout_s=args.prefill_timeout,
+                         validate_before_prefill=args.validate_before_prefill)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from wideep.kv_transfer.kv_cache import PagedKVCaches
 from wideep.kv_transfer.params import (KVTransferConfig, RemotePrefillParams, abort_timeout_s, engine_id_for_rank,
                                        side_channel_base_port, side_channel_host, wants_remote_decode,
                                        wants_remote_prefill)
+from wideep.kv_transfer.peers import PeerAllowlist, PeerNotAllowed, check_peer, kv_peer_allowlist_from_env
 from wideep.kv_transfer.protocol import KVHandshakeError, KVTransferError
 from wideep.kv_transfer.transport import BlockServer, KVTransport, TcpTransport
 
@@ -77,7 +78,8 @@ class _Load:
 class KVConnector:
     def __init__(self, cfg: KVTransferConfig, *, model: str, block_size: int, dp_rank: int = 0,
                  tp_size: int = 1, transport: KVTransport | None = None, host: str | None = None,
-                 port: int | None = None, listen_host: str = "0.0.0.0", timeout_s: float | None = None):
+                 port: int | None = None, listen_host: str = "0.0.0.0", timeout_s: float | None = None,
+                 peers: PeerAllowlist | None = None):
         self.cfg = cfg
         self.model = model_fingerprint(model)
         self.block_size = block_size
@@ -89,6 +91,7 @@ class KVConnector:
         self.listen_host = listen_host
         self.timeout_s = abort_timeout_s() if timeout_s is None else timeout_s
         self.transport: KVTransport = transport or TcpTransport()
+        self.peers = peers   # producers this consumer may dial (None: any); checked before every connection
         self.caches: PagedKVCaches | None = None
         self.server: BlockServer | None = None
         self._lock = threading.Lock()
@@ -96,7 +99,9 @@ class KVConnector:
         self._held: dict[str, _Held] = {}
         self._to_free: set[str] = set()
         # consumer
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-pull") if cfg.is_consumer else None
+        # Pulls to different producers (and to one) run side by side: a stalled producer holds a worker
+        # for its own requests only, bounded by the transport's I/O timeout.
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kv-pull") if cfg.is_consumer else None
         self._loading: set[str] = set()
         self._loaded: set[str] = set()
         self._fallback: dict[str, tuple[Any, int]] = {}   # id → (request, tokens to resume from) after a failed pull
@@ -261,15 +266,15 @@ class KVConnector:
         if error is None:       # would hide a broken deployment (P/D silently running decode-only)
             try:
                 self._read_blocks(load)
-            except KVHandshakeError as exc:
+            except (KVHandshakeError, PeerNotAllowed) as exc:
                 error, misconfigured = str(exc), True
             except (KVTransferError, ValueError, RuntimeError) as exc:
                 error = f"KV read from {load.remote.remote_host}:{load.remote.remote_port} failed: {exc}"
             except Exception as exc:  # never leave a request parked forever
                 log.exception("kv_transfer: unexpected error pulling KV of %s", rid)
                 error = f"KV read failed: {type(exc).__name__}: {exc}"
-        if error is not None and load.remote is not None:
-            self._release_quietly(load.remote)
+        if error is not None and load.remote is not None and self._pool is not None:
+            self._pool.submit(self._release_quietly, load.remote)   # not inline: a silent producer would stall us twice
         with self._lock:
             if rid not in self._loading:   # aborted meanwhile: hand the blocks back
                 self._held.pop(rid, None)
@@ -291,6 +296,7 @@ class KVConnector:
     def _read_blocks(self, load: _Load) -> None:
         r = load.remote
         assert r is not None and self.caches is not None
+        check_peer(self.peers, r.remote_host, r.remote_port)
         key = (r.remote_host, r.remote_port, r.remote_engine_id)
         if key not in self._handshaken:
             self.transport.handshake(r.remote_host, r.remote_port, self.metadata())
@@ -308,6 +314,7 @@ class KVConnector:
 
     def _release_quietly(self, r: RemotePrefillParams) -> None:
         try:
+            check_peer(self.peers, r.remote_host, r.remote_port)
             self.transport.release(r.remote_host, r.remote_port, r.remote_engine_id, r.remote_request_id)
         except Exception:  # noqa: BLE001 - e.g. UnicodeError for a bad host: it must not kill the pull's cleanup
             pass   # the producer's timeout frees the blocks
@@ -345,4 +352,4 @@ def make_connector(args) -> KVConnector:
     explicit = os.environ.get("WIDEEP_KV_SIDE_CHANNEL_HOST") or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST")
     listen = os.environ.get("WIDEEP_KV_SIDE_CHANNEL_LISTEN_HOST") or ("0.0.0.0" if explicit else "127.0.0.1")
     return KVConnector(cfg, model=args.model, block_size=args.block_size, dp_rank=args.data_parallel_rank,
-                       host=advertised, listen_host=listen)
+                       host=advertised, listen_host=listen, peers=kv_peer_allowlist_from_env())

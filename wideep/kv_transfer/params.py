@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_SIDE_CHANNEL_PORT = 5600
+# Asks a wideep frontend to check a completion request exactly as it would serve it and answer
+# 200 {"valid": true} or the error, running nothing: the sidecar asks the decode rank before it
+# spends prefill KV on a request decode would refuse.
+VALIDATE_ONLY_HEADER = "x-wideep-validate-only"
 DEFAULT_ABORT_TIMEOUT_S = 480.0
 
 # What the sidecar sends on the prefill leg: "compute the prompt and hold the KV for me".

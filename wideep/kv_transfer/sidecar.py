@@ -21,7 +21,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from wideep.kv_transfer.params import PREFILL_LEG_PARAMS
+from wideep.kv_transfer.params import PREFILL_LEG_PARAMS, VALIDATE_ONLY_HEADER
+from wideep.utils.errors import error_bytes, error_headers
 
 log = logging.getLogger("wideep.sidecar")
 
@@ -47,6 +48,8 @@ class SidecarConfig:
     on_prefill_failure: str = "local"        # local: decode prefills itself | error: 502
     enable_prefiller_sampling: bool = False
     prefill_timeout_s: float = 600.0
+    validate_timeout_s: float = 60.0         # the decode rank's check of a request before its prefill leg
+    validate_before_prefill: bool = True     # needs a wideep decode server (it answers VALIDATE_ONLY_HEADER)
     seed: int | None = None                  # prefiller sampling RNG (tests)
 
     def __post_init__(self) -> None:
@@ -56,10 +59,8 @@ class SidecarConfig:
             raise ValueError(f"--data-parallel-size must be >= 1, got {self.data_parallel_size}")
 
 
-def openai_error(status: int, message: str, type_: str, param: str | None = None,
-                 code: str | int | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code if code is not None else status}}
-    return web.json_response(body, status=status)
+def openai_error(status: int, message: str, param: str | None = None) -> web.Response:
+    return web.Response(status=status, body=error_bytes(message, status, param), headers=error_headers(status))
 
 
 def parse_allowlist(entries: list[str] | None) -> tuple[set[str], set[str]] | None:
@@ -99,7 +100,8 @@ class Sidecar:
         self.ports: list[int] = []
         # Counters a test or an operator can read at GET /sidecar/stats.
         self.stats: dict[str, int] = {"pd_requests": 0, "plain_requests": 0, "prefill_failures": 0,
-                                      "local_prefill_fallbacks": 0, "rejected_prefillers": 0}
+                                      "local_prefill_fallbacks": 0, "rejected_prefillers": 0,
+                                      "refused_before_prefill": 0}
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -153,17 +155,16 @@ class Sidecar:
     def _choose_prefiller(self, header: str) -> tuple[str | None, web.Response | None]:
         candidates = [h.strip() for h in header.split(",") if h.strip()]
         if not candidates:
-            return None, openai_error(400, f"{PREFILLER_HEADER} is empty", "invalid_request_error", PREFILLER_HEADER)
+            return None, openai_error(400, f"{PREFILLER_HEADER} is empty", PREFILLER_HEADER)
         for c in candidates:
             if _split_host_port(c) is None:
-                return None, openai_error(400, f"{PREFILLER_HEADER} entry {c!r} is not host:port",
-                                          "invalid_request_error", PREFILLER_HEADER)
+                return None, openai_error(400, f"{PREFILLER_HEADER} entry {c!r} is not host:port", PREFILLER_HEADER)
             if not self._allowed(c):
                 self.stats["rejected_prefillers"] += 1
                 log.warning("sidecar: rejected prefiller %s (not in allowlist)", c)
                 return None, openai_error(
                     403, f"prefiller {c!r} named in {PREFILLER_HEADER} is not in the sidecar's allowlist",
-                    "permission_denied", PREFILLER_HEADER, "prefiller_not_allowed")
+                    PREFILLER_HEADER)
         if len(candidates) > 1 and self.cfg.enable_prefiller_sampling:
             return self._rng.choice(candidates), None
         return candidates[0], None
@@ -186,8 +187,14 @@ class Sidecar:
             if not isinstance(body, dict):
                 raise ValueError("not an object")
         except (ValueError, RecursionError) as exc:  # RecursionError: nested past the limit
-            return openai_error(400, f"request body must be a JSON object: {exc}", "invalid_request_error")
+            return openai_error(400, f"request body must be a JSON object: {exc}")
         self.stats["pd_requests"] += 1
+        # Decode checks the request first: one it would refuse (too long, bad parameters, decode
+        # down) must not leave prefill KV held until the producer's timeout.
+        refused = await self._validate_on_decode(request, rank, raw) if self.cfg.validate_before_prefill else None
+        if refused is not None:
+            self.stats["refused_before_prefill"] += 1
+            return refused
 
         kv_params, failure = await self._prefill_leg(request, prefiller, body)
         if failure is not None:
@@ -195,8 +202,7 @@ class Sidecar:
             if isinstance(failure, web.Response):  # prefiller answered 4xx: pass its error through
                 return failure
             if self.cfg.on_prefill_failure == "error":
-                return openai_error(502, f"prefill on {prefiller} failed: {failure}", "bad_gateway", None,
-                                    "prefill_failed")
+                return openai_error(502, f"prefill on {prefiller} failed: {failure}")
             log.warning("sidecar: prefill on %s failed (%s); decode rank %d prefills locally", prefiller, failure, rank)
             self.stats["local_prefill_fallbacks"] += 1
             decode_body = dict(body)
@@ -206,6 +212,27 @@ class Sidecar:
             decode_body["kv_transfer_params"] = kv_params
         return await self._forward(request, self._decode_base(rank) + request.path_qs,
                                    json.dumps(decode_body).encode())
+
+    async def _validate_on_decode(self, request: web.Request, rank: int, raw: bytes) -> web.Response | None:
+        """None when the decode rank would accept the request, else the answer to give the client."""
+        headers = {"content-type": "application/json", VALIDATE_ONLY_HEADER: "1"}
+        if "authorization" in request.headers:
+            headers["authorization"] = request.headers["authorization"]
+        assert self._session is not None
+        try:
+            async with self._session.post(self._decode_base(rank) + request.path_qs, data=raw, headers=headers,
+                                          timeout=aiohttp.ClientTimeout(total=self.cfg.validate_timeout_s)) as resp:
+                if resp.status == 200:
+                    await resp.read()
+                    return None
+                body = await resp.read()
+                out = web.Response(status=resp.status, body=body,
+                                   content_type=resp.content_type or "application/json")
+                if resp.headers.get("Retry-After"):
+                    out.headers["Retry-After"] = resp.headers["Retry-After"]
+                return out
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return openai_error(503, f"decode rank {rank} is not available ({type(exc).__name__})")
 
     async def _prefill_leg(self, request: web.Request, prefiller: str, body: dict[str, Any]
                            ) -> tuple[dict[str, Any] | None, str | web.Response | None]:
@@ -249,7 +276,7 @@ class Sidecar:
         try:
             upstream = await self._session.request(request.method, url, data=body or None, headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
-            return openai_error(502, f"decode server {url} unreachable: {exc}", "bad_gateway", None, "upstream_unreachable")
+            return openai_error(503, f"decode rank {request.app[RANK_KEY]} is not available ({type(exc).__name__})")
         try:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for k, v in upstream.headers.items():
@@ -261,6 +288,9 @@ class Sidecar:
             async for chunk in upstream.content.iter_any():
                 await resp.write(chunk)
             await resp.write_eof()
+            return resp
+        except ConnectionResetError:   # the client hung up: an ordinary event, not an error to log
+            upstream.close()
             return resp
         except BaseException:
             upstream.close()  # client went away: drop the decode connection so the server aborts the request

@@ -43,7 +43,14 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while the Rust side works (encode does not), so a long prompt
+        # tokenized on a worker thread leaves the caller's event loop running.
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry: a text longer than max_model_len times this
+        cannot fit the context, whatever it tokenizes to (checked before tokenizing it)."""
+        return max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1) or 1
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -72,7 +72,9 @@ class Director:
         if isinstance(doc, dict):
             req.model = str(doc.get("model") or "")
             req.prompt_text = request_text(doc, req.path.endswith("/chat/completions"))
-            req.prompt_bytes = req.prompt_text.encode()
+            # surrogatepass: JSON may spell a lone surrogate ("\\ud800"); the model server answers
+            # that with a 400, the router must only hash it
+            req.prompt_bytes = req.prompt_text.encode("utf-8", "surrogatepass")
             req.data["parsed"] = True
         if headers.get("x-request-id"):
             req.request_id = headers["x-request-id"]

@@ -1,19 +1,19 @@
-"""OpenAI-style error bodies for answers the router gives itself."""
+"""OpenAI-style error bodies for answers the router gives itself (the shared encoder of wideep.utils.errors)."""
 from __future__ import annotations
-
-import json
 
 from wideep.router.flow_control import REASON_HEADER
 from wideep.router.types import SchedulingError
+from wideep.utils.errors import error_bytes
+from wideep.utils.errors import error_headers as _headers
 
 
 def error_body(exc: SchedulingError) -> bytes:
-    kind = "rate_limit_error" if exc.status == 429 else "service_unavailable"
-    return json.dumps({"error": {"message": exc.message, "type": kind, "param": None, "code": exc.status}}).encode()
+    return error_bytes(exc.message, exc.status)
 
 
 def error_headers(exc: SchedulingError) -> dict[str, str]:
-    h = {"content-type": "application/json"}
+    """429 names why it shed (flow control); 503 carries Retry-After: an outage, not a rejection."""
+    h = {k.lower(): v for k, v in _headers(exc.status).items()}
     if exc.status == 429:
         h[REASON_HEADER] = exc.reason
     return h

@@ -51,6 +51,15 @@ class BuiltinProxy:
         return web.Response(status=200 if ok else 503, text="ok" if ok else "no ready endpoint")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._handle(request)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise   # the client went away (aiohttp handles both quietly)
+        except Exception:  # noqa: BLE001 - whatever happens, the client gets an OpenAI error body
+            log.exception("unexpected error proxying %s %s", request.method, request.path)
+            return _error(SchedulingError(500, "router-error", "internal error in the router; see its log"))
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
         req = self.director.parse_request(body, headers, request.path)
@@ -58,7 +67,7 @@ class BuiltinProxy:
             try:
                 decision = await self.director.route(req)
             except SchedulingError as exc:
-                return web.Response(status=exc.status, body=error_body(exc), headers=error_headers(exc))
+                return _error(exc)
             try:
                 return await self._forward(request, body, headers, decision)
             except aiohttp.ClientConnectorError as exc:
@@ -68,8 +77,7 @@ class BuiltinProxy:
                 log.warning("endpoint %s refused the connection (%s)%s", decision.target.name, exc,
                             "; rescheduling" if attempt == 0 else "")
                 req.data = {"parsed": req.data.get("parsed", False)}
-        exc = SchedulingError(503, "upstream-unavailable", "the chosen endpoints refused the connection")
-        return web.Response(status=503, body=error_body(exc), headers=error_headers(exc))
+        return _error(SchedulingError(503, "upstream-unavailable", "the chosen endpoints refused the connection"))
 
     async def _forward(self, request: web.Request, body: bytes, headers: dict[str, str],
                        d: Decision) -> web.StreamResponse:
@@ -78,25 +86,54 @@ class BuiltinProxy:
         fwd.update(d.request_headers)
         url = f"http://{d.target_address}{request.path_qs}"
         resp: web.StreamResponse | None = None
+        sse = False
         try:
             async with self.session.request(request.method, url, headers=fwd, data=body or None) as up:
                 out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_BY_HOP}
                 hooks: dict[str, str] = {}
                 self.director.response_headers(d, hooks)
                 out_headers.update(hooks)
+                sse = up.content_type == "text/event-stream"
                 resp = web.StreamResponse(status=up.status, reason=up.reason, headers=out_headers)
                 if up.content_length is not None:
                     resp.content_length = up.content_length
-                await resp.prepare(request)
+                await _to_client(resp.prepare(request))
                 async for chunk in up.content.iter_any():
-                    await resp.write(chunk)
+                    await _to_client(resp.write(chunk))
                     self.director.response_body(d, chunk, False)
-                await resp.write_eof()
+                await _to_client(resp.write_eof())
                 return resp
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, ConnectionResetError) as exc:
-            if resp is not None:
-                raise  # mid-stream: the client sees the cut, as it would from the endpoint
-            err = SchedulingError(502, "upstream-error", f"endpoint {d.target.name} failed: {exc}")
-            return web.Response(status=502, body=error_body(err), headers=error_headers(err))
+        except _ClientGone:
+            return resp   # the client hung up: ordinary, nothing to log; leaving drops the upstream request
+        except aiohttp.ClientConnectorError:
+            raise   # nothing was sent yet: handle() reschedules
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            err = SchedulingError(502, "upstream-error", f"endpoint {d.target.name} failed: {type(exc).__name__}")
+            if resp is None:
+                return _error(err)
+            if sse:  # mid-stream: end the stream the way the model server ends a failed one
+                log.warning("endpoint %s failed mid-stream: %s", d.target.name, exc)
+                try:
+                    await resp.write(b"data: " + error_body(err) + b"\n\ndata: [DONE]\n\n")
+                    await resp.write_eof()
+                except ConnectionResetError:
+                    pass
+                return resp
+            raise  # mid-body of a JSON answer: the client sees the cut, as it would from the endpoint
         finally:
             self.director.finish(d)
+
+
+class _ClientGone(Exception):
+    """Writing to the downstream client failed (it disconnected)."""
+
+
+async def _to_client(write) -> None:
+    try:
+        await write
+    except ConnectionResetError as exc:   # aiohttp's ClientConnectionResetError is one too
+        raise _ClientGone() from exc
+
+
+def _error(exc: SchedulingError) -> web.Response:
+    return web.Response(status=exc.status, body=error_body(exc), headers=error_headers(exc))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 
 from aiohttp import web
 
@@ -13,6 +14,7 @@ from wideep.server.metrics import CONTENT_TYPE
 from wideep.server.protocol import check_model
 from wideep.server.serving import OpenAIServing, read_json
 from wideep.server.state import FrontendState
+from wideep.utils.errors import client_message
 
 log = logging.getLogger("wideep.frontend")
 
@@ -20,7 +22,9 @@ STATE_KEY = web.AppKey("state", FrontendState)
 
 
 def _error_response(e: APIError, request_id: str | None = None) -> web.Response:
-    headers = {"X-Request-Id": request_id} if request_id else None
+    headers = {k: v for k, v in e.headers().items() if k != "Content-Type"}
+    if request_id:
+        headers["X-Request-Id"] = request_id
     return web.Response(text=e.json(), status=e.status, content_type="application/json", headers=headers)
 
 
@@ -41,9 +45,10 @@ async def errors_middleware(request: web.Request, handler):
     except Exception as e:  # noqa: BLE001 - last resort: an error body, never a hang or an HTML page
         state = request.app[STATE_KEY]
         if state.engine_errors and isinstance(e, state.engine_errors):
-            return _error_response(APIError(f"the engine is not available: {e}", 503))
+            return _error_response(APIError(f"the engine is not available: {client_message(str(e))}", 503))
         log.exception("unhandled error on %s", request.path)
-        return _error_response(APIError(f"internal error: {type(e).__name__}: {e}", 500))
+        # The text of an unexpected exception may name files and internals: it stays in the log.
+        return _error_response(APIError(f"internal error ({type(e).__name__}); see the server log", 500))
 
 
 @web.middleware
@@ -63,7 +68,7 @@ async def availability_middleware(request: web.Request, handler):
     state = request.app[STATE_KEY]
     if request.method == "POST" and request.path.startswith("/v1/"):
         if state.engine_dead_reason:
-            raise APIError(f"the engine process is gone: {state.engine_dead_reason}", 503)
+            raise APIError(f"the engine process is gone: {client_message(state.engine_dead_reason)}", 503)
         if state.draining:
             raise APIError("the server is shutting down", 503)
     return await handler(request)
@@ -77,12 +82,14 @@ def build_app(state: FrontendState) -> web.Application:
 
     async def health(request: web.Request) -> web.Response:
         if state.engine_dead_reason or not state.client.is_alive():
-            raise APIError(f"engine dead: {state.engine_dead_reason or 'not alive'}", 503)
+            raise APIError(f"engine dead: {client_message(state.engine_dead_reason or 'not alive')}", 503)
+        stalled = state.stalled()
+        if stalled:
+            raise APIError(stalled, 503)
         return web.Response(status=200)
 
     async def readyz(request: web.Request) -> web.Response:
-        if state.engine_dead_reason or not state.client.is_alive():
-            raise APIError(f"engine dead: {state.engine_dead_reason or 'not alive'}", 503)
+        await health(request)
         if state.draining or not state.ready:
             raise APIError("not ready" if not state.ready else "draining", 503)
         return web.Response(status=200)
@@ -101,6 +108,9 @@ def build_app(state: FrontendState) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         if state.client.is_alive():
             state.metrics.update_engine_stats(await state.client.stats(timeout=0.5))
+        # Numbers older than the stall bound are not exported (a frozen engine is not "0 waiting").
+        age = None if state.client.stats_time is None else time.monotonic() - state.client.stats_time
+        state.metrics.set_stats_age(age, fresh=age is not None and age <= state.stall_timeout_s)
         return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def version(request: web.Request) -> web.Response:

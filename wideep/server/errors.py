@@ -1,19 +1,11 @@
-"""OpenAI-style HTTP errors: every failure a client sees is `{"error": {message, type, param, code}}`."""
+"""The frontend's HTTP errors: raise APIError anywhere in request handling; the app answers with the
+shared OpenAI error body (wideep.utils.errors)."""
 from __future__ import annotations
 
 import json
-from http import HTTPStatus
 from typing import Any
 
-_TYPES = {
-    400: "BadRequestError",
-    401: "AuthenticationError",
-    404: "NotFoundError",
-    405: "MethodNotAllowedError",
-    413: "RequestEntityTooLargeError",
-    500: "InternalServerError",
-    503: "ServiceUnavailableError",
-}
+from wideep.utils.errors import error_body, error_headers, error_type
 
 
 class APIError(Exception):
@@ -24,13 +16,16 @@ class APIError(Exception):
         self.message = message
         self.status = status
         self.param = param
-        self.type = type or _TYPES.get(status, HTTPStatus(status).phrase.replace(" ", "") + "Error")
+        self.type = type or error_type(status)
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+        return error_body(self.message, self.status, self.param, self.type)
 
     def json(self) -> str:
         return json.dumps(self.body())
+
+    def headers(self) -> dict[str, str]:
+        return error_headers(self.status)
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:

@@ -27,7 +27,22 @@ class SiblingProcess:
     def __init__(self, pid: int):
         self.pid = pid
         self.sentinel = os.pidfd_open(pid)
-        self.exitcode = None
+        self._exitcode: int | None = None
+
+    @property
+    def exitcode(self) -> int | None:
+        """Popen-style (negative: killed by that signal), read from /proc while the exited process is a
+        zombie (the supervisor reaps it within its 0.2 s poll); None if it is gone already."""
+        if self._exitcode is None:
+            try:
+                with open(f"/proc/{self.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if fields[0] in ("Z", "X") and len(fields) > 49:
+                    raw = int(fields[49])          # field 52, exit_code, in waitpid(2) form
+                    self._exitcode = -(raw & 0x7F) if raw & 0x7F else (raw >> 8) & 0xFF
+            except (OSError, IndexError, ValueError):
+                pass
+        return self._exitcode
 
     def is_alive(self) -> bool:
         try:
@@ -54,6 +69,7 @@ async def serve_frontend(payload: dict[str, Any]) -> int:
 
     from wideep.engine.client import AsyncEngineClient, EngineDeadError
     from wideep.engine.output_processor import OutputProcessor
+    from wideep.kv_transfer.peers import kv_peer_allowlist_from_env
     from wideep.model.tokenizer import Tokenizer
     from wideep.server.app import build_app
     from wideep.server.metrics import FrontendMetrics
@@ -73,6 +89,7 @@ async def serve_frontend(payload: dict[str, Any]) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     tokenizer = await loop.run_in_executor(None, Tokenizer, cfg.engine_args.model)
+    max_token_chars = await loop.run_in_executor(None, tokenizer.max_token_chars)
     ready_task = asyncio.ensure_future(client.wait_ready(cfg.engine_start_timeout_s))
     stop_task = asyncio.ensure_future(stop.wait())
     await asyncio.wait([ready_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
@@ -92,7 +109,9 @@ async def serve_frontend(payload: dict[str, Any]) -> int:
         metrics=FrontendMetrics(cfg.model_name, dp_rank), served_model_names=cfg.served_model_names,
         model_root=cfg.engine_args.model, dp_rank=dp_rank, max_model_len=int(info["max_model_len"]),
         vocab_size=int(info.get("vocab_size") or tokenizer.vocab_size), api_key=cfg.api_key,
-        engine_errors=(EngineDeadError,))
+        engine_errors=(EngineDeadError,), stall_timeout_s=cfg.engine_stall_timeout_s,
+        max_prompt_chars=int(info["max_model_len"]) * max_token_chars,
+        kv_peers=kv_peer_allowlist_from_env())
     state.metrics.update_engine_stats(client.latest_stats)
     app = build_app(state)
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup aborts
@@ -105,8 +124,10 @@ async def serve_frontend(payload: dict[str, Any]) -> int:
     log.info("dp rank %d: serving %s on %s:%d", dp_rank, cfg.model_name, cfg.host, port)
 
     watch = asyncio.ensure_future(_watch_engine(state, stop))
+    stall = asyncio.ensure_future(_watch_progress(state))
     await stop.wait()
     watch.cancel()
+    stall.cancel()
     code = 0
     if state.engine_dead_reason:
         code = 1
@@ -127,6 +148,19 @@ async def _watch_engine(state, stop: asyncio.Event) -> None:
             log.error("dp rank %d: %s", state.dp_rank, state.engine_dead_reason)
             return
         await asyncio.sleep(0.2)
+
+
+async def _watch_progress(state) -> None:
+    """Logs a stalled engine once per stall (its /health says so meanwhile: see FrontendState.stalled)."""
+    reported = False
+    while True:
+        why = state.stalled()
+        if why and not reported:
+            log.error("dp rank %d: %s", state.dp_rank, why)
+        elif reported and not why:
+            log.warning("dp rank %d: the engine makes progress again", state.dp_rank)
+        reported = bool(why)
+        await asyncio.sleep(0.5)
 
 
 async def _drain(state, site, timeout: float) -> None:

@@ -34,6 +34,8 @@ class _EngineStatsCollector:
         self.model_name = model_name
         self.engine = engine
         self.stats = EngineStats()
+        self.age_s: float | None = None
+        self.fresh = True
 
     def collect(self) -> Iterable[Metric]:
         s = self.stats
@@ -50,9 +52,13 @@ class _EngineStatsCollector:
             c.add_metric(values, v)
             return c
 
-        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.", s.num_running)
-        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", s.num_waiting)
-        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage)
+        if self.age_s is not None:
+            yield gauge("wideep:engine_stats_age_seconds", "Age of the engine numbers below (the engine "
+                        "reports at least every second; older means it is not making progress).", self.age_s)
+        if self.fresh:   # stale queue numbers are left out (a scraper sees them go stale), never shown as 0
+            yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.", s.num_running)
+            yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", s.num_waiting)
+            yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s.kv_cache_usage)
         info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
                                  labels=["block_size", "num_gpu_blocks", "enable_prefix_caching", "engine", "model_name"])
         info.add_metric([str(s.block_size), str(s.num_blocks), "True", self.engine, self.model_name], 1.0)
@@ -97,6 +103,10 @@ class FrontendMetrics:
 
     def update_engine_stats(self, stats: EngineStats) -> None:
         self._engine.stats = stats
+
+    def set_stats_age(self, age_s: float | None, fresh: bool) -> None:
+        self._engine.age_s = age_s
+        self._engine.fresh = fresh
 
     def observe_first_token(self, seconds: float) -> None:
         self._ttft.observe(seconds)

@@ -7,6 +7,7 @@ away is aborted in the engine (its blocks are freed) by the engine client's gene
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -17,12 +18,16 @@ from aiohttp import web
 
 from wideep.engine.api import EngineRequest, InvalidRequest, SamplingParams
 from wideep.engine.output_processor import TextOutput
+from wideep.kv_transfer.params import VALIDATE_ONLY_HEADER
+from wideep.kv_transfer.peers import PeerNotAllowed, check_kv_transfer_params
 from wideep.server.errors import APIError, bad_request
 from wideep.server.protocol import GenerateRequest, check_model, parse_chat, parse_completion
 from wideep.server.state import FrontendState
+from wideep.utils.errors import client_message
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 DONE = b"data: [DONE]\n\n"
+
 
 
 def _dumps(obj: Any) -> str:
@@ -57,28 +62,32 @@ class OpenAIServing:
 
     # ---- request preparation -------------------------------------------------------------------
     async def _prepare(self, request: web.Request, kind: str) -> Prepared:
+        """Parse, check and tokenize; everything heavy runs off the event loop, after the cheap
+        bounds that let an oversized prompt be refused before any work (the loop must keep
+        answering /health while one client sends megabytes)."""
         arrival = time.monotonic()
         body = await read_json(request)
         req = parse_completion(body) if kind == "completion" else parse_chat(body)
         st = self.state
         model = check_model(req.model, st.served_model_names)
-        tok = st.tokenizer
+        self._check_kv_peer(req)
+        loop = asyncio.get_running_loop()
         if req.prompt_token_ids is not None:
             ids = req.prompt_token_ids
+            self._check_length(req, len(ids))   # before the per-token scan: 5M ids are refused at once
             bad = next((t for t in ids if t >= st.vocab_size), None)
             if bad is not None:
                 raise bad_request(f"token id {bad} in 'prompt' is out of range: the vocabulary has "
                                   f"{st.vocab_size} tokens", "prompt")
         elif req.prompt_text is not None:
-            ids = tok.encode(req.prompt_text, add_special_tokens=req.add_special_tokens)
+            self._check_chars(req, len(req.prompt_text))
+            ids = await loop.run_in_executor(None, self._encode, req.prompt_text, req.add_special_tokens)
         else:
-            try:
-                ids = tok.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt,
-                                              tokenize=True, **req.chat_template_kwargs)
-            except Exception as e:  # jinja TemplateError from the template's raise_exception, etc.
-                raise bad_request(f"chat template failed on 'messages': {e}", "messages") from None
-            if req.add_special_tokens and tok.bos_token_id is not None:
-                ids = [tok.bos_token_id] + list(ids)
+            text = await loop.run_in_executor(None, self._render_chat, req)
+            self._check_chars(req, len(text))
+            ids = await loop.run_in_executor(None, self._encode, text, False)
+            if req.add_special_tokens and st.tokenizer.bos_token_id is not None:
+                ids = [st.tokenizer.bos_token_id] + list(ids)
         self._check_length(req, len(ids))
         base = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
@@ -86,6 +95,33 @@ class OpenAIServing:
         if rid in st.inflight:  # a reused X-Request-Id must not collide inside the engine
             rid = f"{rid}-{uuid.uuid4().hex[:8]}"
         return Prepared(req, model, list(ids), rid, base, int(time.time()), arrival)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.state.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _render_chat(self, req: GenerateRequest) -> str:
+        try:
+            return self.state.tokenizer.apply_chat_template(
+                req.messages, add_generation_prompt=req.add_generation_prompt, tokenize=False,
+                **req.chat_template_kwargs)
+        except Exception as e:  # jinja TemplateError from the template's raise_exception, etc.
+            raise bad_request(f"chat template failed on 'messages': {client_message(str(e))}", "messages") from None
+
+    def _check_chars(self, req: GenerateRequest, n_chars: int) -> None:
+        limit = self.state.max_prompt_chars
+        if limit is not None and n_chars > limit:
+            what = "messages" if req.kind == "chat" else "prompt"
+            raise bad_request(
+                f"This model's maximum context length is {self.state.max_model_len} tokens. However, your "
+                f"{what} has {n_chars} characters, more than any {self.state.max_model_len} tokens can spell. "
+                f"Please reduce the length of the {what}.", what)
+
+    def _check_kv_peer(self, req: GenerateRequest) -> None:
+        """kv_transfer_params naming a KV producer outside the pool are refused before anything connects."""
+        try:
+            check_kv_transfer_params(req.kv_transfer_params, self.state.kv_peers)
+        except PeerNotAllowed as e:
+            raise APIError(str(e), 403, "kv_transfer_params") from None
 
     def _check_length(self, req: GenerateRequest, n: int) -> None:
         limit = self.state.max_model_len
@@ -111,6 +147,15 @@ class OpenAIServing:
                 include_stop_str_in_output=req.include_stop_str_in_output)
         except InvalidRequest as e:
             raise bad_request(str(e), req.max_tokens_param if e.param == "max_tokens" else e.param) from None
+
+    def _validated(self, p: Prepared) -> web.Response:
+        """The answer to a validate-only request: it would have been accepted (nothing reached the engine)."""
+        sp = self._sampling_params(p.req)
+        try:
+            sp.validate()
+        except InvalidRequest as e:
+            raise bad_request(str(e), p.req.max_tokens_param if e.param == "max_tokens" else e.param) from None
+        return web.json_response({"valid": True, "prompt_tokens": len(p.prompt_ids)})
 
     # ---- engine round trip ---------------------------------------------------------------------
     async def _generate(self, p: Prepared) -> AsyncIterator[TextOutput]:
@@ -160,12 +205,16 @@ class OpenAIServing:
     # ---- handlers ------------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
         p = await self._prepare(request, "completion")
+        if request.headers.get(VALIDATE_ONLY_HEADER):
+            return self._validated(p)
         if p.req.stream:
             return await self._stream(request, p)
         return await self._full(request, p)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         p = await self._prepare(request, "chat")
+        if request.headers.get(VALIDATE_ONLY_HEADER):
+            return self._validated(p)
         if p.req.stream:
             return await self._stream(request, p)
         return await self._full(request, p)
@@ -178,7 +227,7 @@ class OpenAIServing:
         if final is None or not final.finished:
             raise APIError("the engine ended the request without a result", 500)
         if final.finish_reason == "error":
-            raise APIError(f"generation failed: {final.error or 'engine error'}", 500)
+            raise APIError(f"generation failed: {client_message(final.error or 'engine error')}", 500)
         usage = _usage(len(p.prompt_ids), len(final.all_token_ids))
         joined = "".join(text)
         if p.req.kind == "completion":
@@ -238,7 +287,8 @@ class OpenAIServing:
             while out is not None:
                 n_out = len(out.all_token_ids)
                 if out.finished and out.finish_reason == "error":
-                    await resp.write(sse(APIError(f"generation failed: {out.error or 'engine error'}", 500).body()))
+                    await resp.write(sse(APIError(f"generation failed: {client_message(out.error or 'engine error')}",
+                                                  500).body()))
                     break
                 if out.text or out.finished:
                     await resp.write(chunk(out.text, out.finish_reason, out.stop_reason, n_out))
@@ -254,7 +304,7 @@ class OpenAIServing:
         except APIError as e:
             await resp.write(sse(e.body()))
         except self.state.engine_errors as e:
-            await resp.write(sse(APIError(f"engine failed: {e}", 503).body()))
+            await resp.write(sse(APIError(f"engine failed: {client_message(str(e))}", 503).body()))
         finally:
             await gen.aclose()
         await resp.write(DONE)

@@ -26,6 +26,17 @@ class FrontendState:
     ready: bool = False
     draining: bool = False
     engine_dead_reason: str | None = None
+    stall_timeout_s: float = 5.0     # no heartbeat from the engine this long: the rank is unhealthy
+    max_prompt_chars: int | None = None   # longer prompt text cannot fit max_model_len: 400 before tokenizing
+    kv_peers: Any = None             # wideep.kv_transfer.peers.PeerAllowlist | None (None: any peer)
+
+    def stalled(self) -> str | None:
+        """Why the engine counts as stuck (its loop stopped heartbeating), or None."""
+        silent = self.client.silent_for()
+        if self.engine_dead_reason is None and silent > self.stall_timeout_s:
+            return (f"engine of dp rank {self.dp_rank} made no progress for {silent:.1f} s "
+                    f"({len(self.inflight)} requests in flight)")
+        return None
 
     @property
     def model_name(self) -> str:
