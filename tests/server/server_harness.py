@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wideep.utils.net import free_port_range
+from wideep.utils.proc import terminate
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
@@ -93,19 +93,6 @@ def start_server(model_dir: Path, tmp: Path, dp_size: int = 2, api_key: str | No
 
 
 def stop_server(server: Server, timeout: float = 60.0) -> int | None:
-    """SIGTERM (graceful), then SIGKILL of the whole session if it does not exit in time."""
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    if server.proc.poll() is None:
-        os.killpg(server.proc.pid, signal.SIGKILL)
-        server.proc.wait(10)
-    else:
-        try:  # children are in the same session: make sure none outlived the supervisor
-            os.killpg(server.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """SIGTERM (graceful), then SIGKILL of the whole session (children included) if it does not exit in time."""
+    terminate([server.proc], timeout, group=True)
     return server.proc.returncode

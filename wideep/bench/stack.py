@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from typing import Optional
+
+from wideep.utils.proc import terminate
 
 URL_RE = re.compile(r"https?://[\w.\-\[\]:]+(?::\d+)?")
 
@@ -76,12 +77,7 @@ class Stack:
     def stop(self, grace: float = 60.0) -> None:
         if not self.proc or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        terminate([self.proc], grace, group=True)
 
     def __enter__(self) -> "Stack":
         try:

@@ -24,6 +24,9 @@ def register(subparsers) -> None:
                     help="where to write the running stack's layout for `wideep status` (default: .cache/wideep-up.json)")
     up.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the stack to be healthy")
     up.add_argument("--max-restarts", type=int, default=10, help="group restarts before `up` gives up (per group)")
+    up.add_argument("--stop-grace", type=float, default=30.0,
+                    help="on stop, seconds each process gets to drain between SIGTERM and SIGKILL "
+                         "(default 30, Kubernetes' terminationGracePeriodSeconds)")
     up.add_argument("--log-dir", default=None, help="also write each component's log to DIR/<component>.log")
     up.add_argument("--quiet", action="store_true", help="do not stream component logs (the ready line still prints)")
     up.set_defaults(func=_up)
@@ -90,10 +93,12 @@ def _render(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from wideep.deploy.launcher import run_up
 
+    if args.stop_grace < 0:
+        raise SystemExit(f"--stop-grace must be >= 0, got {args.stop_grace}")
     spec, path = _load(args.spec)
     return run_up(spec, spec_dir=path.parent, port_base=args.port_base, router_port=args.router_port,
                   state_file=args.state_file, ready_timeout=args.ready_timeout, max_restarts=args.max_restarts,
-                  log_dir=args.log_dir, quiet=args.quiet, embedded=args.spec is None)
+                  log_dir=args.log_dir, quiet=args.quiet, embedded=args.spec is None, stop_grace=args.stop_grace)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -5,7 +5,11 @@
 * Every process gets its own process group (a "pod"), so stopping it reaches its children too.
 * A group is recreated as a whole when one of its processes exits or its supervisor's /health
   keeps failing (RecreateGroupOnPodRestart), with exponential backoff.
-* Ctrl-C / SIGTERM stops router, decode, prefill in that order; nothing is left running.
+* A group that keeps failing is given up (reported, exit code 1 at the end); the other groups and
+  the router keep serving.
+* Ctrl-C / SIGTERM drains: decode, then prefill, then the router last, each with --stop-grace
+  (Kubernetes' 30 s terminationGracePeriodSeconds by default) between SIGTERM and SIGKILL, so
+  streams in flight finish; nothing is left running.
 """
 from __future__ import annotations
 
@@ -30,10 +34,11 @@ from wideep.deploy.ports import PortAllocator
 from wideep.deploy.router_config import router_config_text
 from wideep.deploy.spec import DeploySpec
 from wideep.utils.net import _is_free
+from wideep.utils.proc import describe_exit, die_with_parent, terminate_async
 
 LIVENESS_PERIOD_S = 2.0
 LIVENESS_FAILURES = 3          # consecutive failed /health probes before the group is recreated
-STOP_GRACE_S = 10.0            # SIGTERM to SIGKILL on shutdown
+STOP_GRACE_S = 30.0            # SIGTERM to SIGKILL on shutdown (Kubernetes' default grace)
 RESTART_GRACE_S = 3.0          # same on a group restart (LWS deletes the pods)
 BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0                # a group up this long has its backoff reset
@@ -48,13 +53,8 @@ class GroupFailed(Exception):
 
 
 def _pdeathsig() -> None:
-    """Child side: die with the launcher even if it is killed with SIGKILL (Linux)."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+    """Child side: a SIGTERM (a drain) when the launcher dies, even of SIGKILL."""
+    die_with_parent(signal.SIGTERM)
 
 
 class Running:
@@ -67,11 +67,14 @@ class Running:
 
 class Launcher:
     def __init__(self, spec: DeploySpec, plan: StackPlan, *, quiet: bool, log_dir: Path | None,
-                 ready_timeout: float, max_restarts: int, state_file: Path, out: IO[str] = sys.stdout):
+                 ready_timeout: float, max_restarts: int, state_file: Path, out: IO[str] = sys.stdout,
+                 stop_grace: float = STOP_GRACE_S):
         self.spec, self.plan = spec, plan
         self.quiet, self.log_dir, self.out = quiet, log_dir, out
         self.ready_timeout, self.max_restarts = ready_timeout, max_restarts
         self.state_file = state_file
+        self.stop_grace = stop_grace
+        self.given_up: set[str] = set()
         self.running: dict[str, Running] = {}
         self.stop = asyncio.Event()
         self.exit_code = 0
@@ -119,19 +122,9 @@ class Launcher:
         r = self.running.pop(name, None)
         if r is None:
             return
-        pgid = r.proc.pid  # start_new_session: the process leads its own group
-        if r.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(r.proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(r.proc.wait(), grace)
-            except asyncio.TimeoutError:
-                pass
-        # Sweep the whole process group: the server's engine children, stragglers.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-        if r.proc.returncode is None:
-            await r.proc.wait()
+        # SIGTERM to the process, then SIGKILL to its whole group (start_new_session: it leads one):
+        # the server's engine children and stragglers are swept too.
+        await terminate_async(r.proc, grace, group=True)
         with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(r.pump, 2.0)
 
@@ -151,7 +144,7 @@ class Launcher:
             r = self.running.get(n)
             if r is None or r.proc.returncode is not None:
                 rc = None if r is None else r.proc.returncode
-                raise GroupFailed(f"{n} exited with code {rc}")
+                raise GroupFailed(f"{n} {describe_exit(rc)}")
 
     async def wait_urls(self, names: list[str], urls: list[str], *, any_status: bool, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -213,7 +206,7 @@ class Launcher:
             for p in g.procs:
                 r = self.running.get(p.name)
                 if r is None or r.proc.returncode is not None:
-                    return f"{p.name} exited with code {None if r is None else r.proc.returncode}"
+                    return f"{p.name} " + ("is not running" if r is None else describe_exit(r.proc.returncode))
             for p in g.procs:
                 if p.live_url:
                     s = await self._get(p.live_url)
@@ -261,9 +254,14 @@ class Launcher:
             restarts += 1
             if restarts > self.max_restarts:
                 self._show_tail(g)
-                self.say(f"{g.name} failed {restarts - 1} restarts in a row ({reason}); giving up")
+                self.say(f"{g.name} failed {restarts - 1} restarts in a row ({reason}); giving up on it "
+                         "(the other groups keep serving)")
                 self.exit_code = 1
-                self.stop.set()
+                self.given_up.add(g.name)
+                await self.stop_group(g, RESTART_GRACE_S)
+                if all(gp.name in self.given_up for gp in self.plan.groups):
+                    self.say("every group was given up; stopping")
+                    self.stop.set()
                 return
             backoff = min(BACKOFF_MAX_S, 2.0 ** (restarts - 1))
             self.say(f"{g.name}: {reason}; recreating the whole group (restart {restarts}, backoff {backoff:.0f}s)")
@@ -346,11 +344,12 @@ class Launcher:
 
     async def shutdown(self) -> None:
         self.say("stopping")
-        await self.stop_proc("router", STOP_GRACE_S)
+        # Model servers first (each drains its in-flight streams), the router last: it is what the
+        # streams reach the clients through.
         for role in ("decode", "prefill"):
-            await asyncio.gather(*(self.stop_group(g, STOP_GRACE_S) for g in self.plan.groups if g.role == role))
+            await asyncio.gather(*(self.stop_group(g, self.stop_grace) for g in self.plan.groups if g.role == role))
         for name in list(self.running):
-            await self.stop_proc(name, STOP_GRACE_S)
+            await self.stop_proc(name, self.stop_grace)
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
         self.say("stopped")
@@ -368,7 +367,8 @@ def ensure_model(spec: DeploySpec, out: IO[str]) -> None:
 
 def run_up(spec: DeploySpec, *, spec_dir: Path, port_base: int | None = None, router_port: int | None = None,
            state_file: str | None = None, ready_timeout: float = 900.0, max_restarts: int = 10,
-           log_dir: str | None = None, quiet: bool = False, embedded: bool = False) -> int:
+           log_dir: str | None = None, quiet: bool = False, embedded: bool = False,
+           stop_grace: float = STOP_GRACE_S) -> int:
     out = sys.stdout
     try:
         ensure_model(spec, out)
@@ -391,7 +391,7 @@ def run_up(spec: DeploySpec, *, spec_dir: Path, port_base: int | None = None, ro
             logs.mkdir(parents=True, exist_ok=True)
         launcher = Launcher(spec, plan, quiet=quiet, log_dir=logs, ready_timeout=ready_timeout,
                             max_restarts=max_restarts, state_file=Path(state_file) if state_file else default_state_file(),
-                            out=out)
+                            out=out, stop_grace=stop_grace)
         return asyncio.run(launcher.run())
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

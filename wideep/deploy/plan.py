@@ -40,6 +40,7 @@ class GroupPlan:
     role: str
     leader: ProcPlan
     others: list[ProcPlan]
+    kv_side_channels: str = ""     # "host:first-last": the group's KV producer ports (base + rank)
 
     @property
     def procs(self) -> list[ProcPlan]:
@@ -66,7 +67,10 @@ class StackPlan:
 
 
 def _group(spec: DeploySpec, role_name: str, role: RoleSpec, g: int, ports: PortAllocator,
-           base_env: dict[str, str], prefillers: list[str]) -> tuple[GroupPlan, list[Endpoint], dict[str, str]]:
+           base_env: dict[str, str], prefillers: list[str],
+           kv_peers: list[str]) -> tuple[GroupPlan, list[Endpoint], dict[str, str]]:
+    """kv_peers: the prefill groups' side channels, the only KV producers this group's ranks may
+    dial (WIDEEP_KV_PEER_ALLOWLIST; empty for prefill: it never pulls, so it may dial nothing)."""
     exe = wideep_executable()
     gname = f"{role_name}-{g}"
     rpc_port = ports.single()
@@ -89,7 +93,8 @@ def _group(spec: DeploySpec, role_name: str, role: RoleSpec, g: int, ports: Port
         env = {**base_env, **role.env,
                "LWS_LEADER_ADDRESS": HOST, "LWS_GROUP_SIZE": str(role.nodes), "LWS_WORKER_INDEX": str(node),
                "DP_SIZE_LOCAL": str(n_local), "TP_SIZE": "1",
-               "WIDEEP_KV_SIDE_CHANNEL_PORT": str(side_channel), "VLLM_NIXL_SIDE_CHANNEL_HOST": HOST}
+               "WIDEEP_KV_SIDE_CHANNEL_PORT": str(side_channel), "VLLM_NIXL_SIDE_CHANNEL_HOST": HOST,
+               "WIDEEP_KV_PEER_ALLOWLIST": ",".join(kv_peers)}
         tag = "leader" if node == 0 else f"worker-{node}"
         serve = ProcPlan(name=f"{gname}/{tag}", argv=[str(w) for w in serve_argv(
                              spec, role, layout, executable=exe, kv_events_config=kv_events)],
@@ -116,7 +121,8 @@ def _group(spec: DeploySpec, role_name: str, role: RoleSpec, g: int, ports: Port
             endpoints += [Endpoint(f"{HOST}:{http + i}", f"{gname}-rank-{node * n_local + i}", "prefill")
                           for i in range(n_local)]
     assert leader is not None
-    return GroupPlan(gname, role_name, leader, others), endpoints, ranks
+    channels = f"{HOST}:{side_channel}-{side_channel + role.data_parallel_size - 1}"
+    return GroupPlan(gname, role_name, leader, others, channels), endpoints, ranks
 
 
 def plan_stack(spec: DeploySpec, ports: PortAllocator, *, router_port: int | None, config_path: str,
@@ -128,7 +134,8 @@ def plan_stack(spec: DeploySpec, ports: PortAllocator, *, router_port: int | Non
     for role_name, role in spec.roles():
         for g in range(role.replicas):
             prefillers = [e.address for e in endpoints if e.role == "prefill"]
-            group, eps, rk = _group(spec, role_name, role, g, ports, base_env, prefillers)
+            kv_peers = [gp.kv_side_channels for gp in groups if gp.role == "prefill"]
+            group, eps, rk = _group(spec, role_name, role, g, ports, base_env, prefillers, kv_peers)
             groups.append(group)
             endpoints += eps
             ranks.update(rk)

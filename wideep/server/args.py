@@ -28,6 +28,7 @@ class ServeConfig:
     api_key: str | None = None
     drain_timeout_s: float = 30.0          # SIGTERM: time in-flight requests get to finish
     restart_grace_s: float = 5.0           # a dead child: /health reports 503 this long, then exit 1
+    engine_stall_timeout_s: float = 5.0    # an engine silent this long (no heartbeat) makes its rank unhealthy
     engine_start_timeout_s: float = 1800.0
     log_level: str = "info"
 
@@ -105,6 +106,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
           help="on SIGTERM, seconds in-flight requests get to finish before children are stopped")
     _flag(http, "--restart-grace-period", type=float, default=5.0,
           help="after a child process dies, seconds /health reports 503 before the supervisor exits 1")
+    _flag(http, "--engine-stall-timeout", type=float, default=5.0,
+          help="seconds an engine may go without a heartbeat (its loop turns at least once a second, busy "
+               "or idle) before its rank's /health turns 503 naming it (a frozen or deadlocked engine)")
     _flag(http, "--engine-start-timeout", type=float, default=1800.0,
           help="seconds an engine may take to load before the supervisor gives up")
 
@@ -181,6 +185,8 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
             KVEventsConfig.from_dict(ns.kv_events_config)
         except (TypeError, ValueError) as e:
             raise ValueError(f"--kv-events-config: {e}") from None
+    if ns.engine_stall_timeout <= 1.0:
+        raise ValueError(f"--engine-stall-timeout must be > 1 s (the heartbeat period), got {ns.engine_stall_timeout}")
     for flag, v in (("--block-size", ns.block_size), ("--max-num-seqs", ns.max_num_seqs),
                     ("--max-num-batched-tokens", ns.max_num_batched_tokens)):
         if v < 1:
@@ -209,5 +215,5 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
         engine_args=engine_args, served_model_names=names, host=ns.host, port=ns.port,
         supervisor_port=ns.data_parallel_supervisor_port, api_key=ns.api_key or os.environ.get("VLLM_API_KEY") or None,
         drain_timeout_s=ns.drain_timeout, restart_grace_s=ns.restart_grace_period,
-        engine_start_timeout_s=ns.engine_start_timeout,
+        engine_start_timeout_s=ns.engine_start_timeout, engine_stall_timeout_s=ns.engine_stall_timeout,
     )

@@ -12,17 +12,7 @@ import json
 import signal
 import sys
 
-
-def die_with_parent() -> None:
-    """Linux: get SIGKILL when the parent (the supervisor) exits, however it exits."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+from wideep.utils.proc import die_with_parent
 
 
 def main(argv: list[str]) -> int:

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from wideep.utils.aio import install_uvloop
+from wideep.utils.proc import send
 
 log = logging.getLogger("wideep.frontend")
 
@@ -53,10 +54,7 @@ class SiblingProcess:
             return False
 
     def kill(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        send(self.pid, signal.SIGKILL)
 
     def join(self, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout or 0)

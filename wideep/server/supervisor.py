@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 from wideep.server.args import ServeConfig
 from wideep.utils.aio import install_uvloop
+from wideep.utils.proc import describe_exit, terminate
 
 log = logging.getLogger("wideep.supervisor")
 
@@ -103,7 +104,7 @@ class Supervisor:
                 code = p.poll()
                 if code is not None and role not in r.died:
                     r.died[role] = code
-                    log.error("dp rank %d: %s (pid %d) exited with code %s", r.dp_rank, role, p.pid, code)
+                    log.error("dp rank %d: %s (pid %d) %s", r.dp_rank, role, p.pid, describe_exit(code))
                     if self.first_death is None:
                         self.first_death = time.monotonic()
         if self.first_death is not None and time.monotonic() - self.first_death >= self.cfg.restart_grace_s:
@@ -115,17 +116,8 @@ class Supervisor:
         self.stopping = True
         fronts = [r.frontend for r in self.ranks]
         engines = [r.engine for r in self.ranks]
-        for p in fronts:
-            _signal(p, signal.SIGTERM)
-        await _wait_all(fronts, (self.cfg.drain_timeout_s if drain else 0) + 10)
-        for p in engines:
-            _signal(p, signal.SIGTERM)
-        await _wait_all(engines, 15)
-        for p in fronts + engines:
-            if p.poll() is None:
-                log.warning("killing pid %d", p.pid)
-                p.kill()
-                p.wait(5)
+        await asyncio.to_thread(terminate, fronts, (self.cfg.drain_timeout_s if drain else 0) + 10)
+        await asyncio.to_thread(terminate, engines, 15)
         try:
             for name in os.listdir(self.ipc_dir):
                 os.unlink(os.path.join(self.ipc_dir, name))
@@ -141,11 +133,11 @@ class Supervisor:
         async def one(r: RankProcs, session: aiohttp.ClientSession) -> tuple[str, dict]:
             if r.died:
                 return str(r.dp_rank), {"ok": False, "port": r.port,
-                                        "reason": ", ".join(f"{k} exited with code {v}" for k, v in r.died.items())}
+                                        "reason": ", ".join(f"{k} {describe_exit(v)}" for k, v in r.died.items())}
             try:
                 async with session.get(f"http://127.0.0.1:{r.port}{path}") as resp:
                     ok = resp.status == 200
-                    reason = "" if ok else f"{path} answered {resp.status}"
+                    reason = "" if ok else f"{path} answered {resp.status}" + await _error_message(resp)
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 ok, reason = False, f"{path} unreachable ({type(e).__name__})"
             return str(r.dp_rank), {"ok": ok, "port": r.port, **({"reason": reason} if reason else {})}
@@ -206,18 +198,12 @@ class Supervisor:
         self._stop.set()
 
 
-def _signal(p: subprocess.Popen, sig: int) -> None:
-    if p.poll() is None:
-        try:
-            p.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-
-async def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+async def _error_message(resp) -> str:
+    """': <message>' of a frontend's OpenAI error body (e.g. which engine stalled), or ''."""
+    try:
+        return ": " + str((await resp.json(content_type=None))["error"]["message"])
+    except Exception:  # noqa: BLE001 - a reason is a nicety; the status already says "down"
+        return ""
 
 
 def _threads_per_engine(n_local: int) -> int:

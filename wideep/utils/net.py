@@ -23,7 +23,10 @@ def free_port_range(count: int, start: int = 20000, stop: int = 60000) -> int:
 
 
 def _is_free(port: int) -> bool:
+    """Whether a server could bind the port now. SO_REUSEADDR as every wideep server binds: a socket
+    in TIME_WAIT (a server stopped a moment ago) does not make a port busy."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True

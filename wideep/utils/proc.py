@@ -50,11 +50,12 @@ def send(pid: int, sig: int, group: bool = False) -> None:
 def terminate(procs: Sequence[subprocess.Popen], grace: float, *, group: bool = False) -> None:
     """SIGTERM every process, give them `grace` seconds together, SIGKILL whatever is left and reap it.
 
-    group=True signals each process's group (processes started with start_new_session), so their
-    own children are swept too, also when the leader exited already."""
+    group=True (processes started with start_new_session): the SIGTERM still goes to the process
+    alone (it decides how its children stop, e.g. drain first), the SIGKILL to its whole group, so
+    its children are swept too, also when it exited already."""
     for p in procs:
         if p.poll() is None:
-            send(p.pid, signal.SIGTERM, group)
+            send(p.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -70,7 +71,7 @@ def terminate(procs: Sequence[subprocess.Popen], grace: float, *, group: bool = 
 async def terminate_async(proc: asyncio.subprocess.Process, grace: float, *, group: bool = False) -> None:
     """`terminate` for an asyncio subprocess, without blocking the event loop."""
     if proc.returncode is None:
-        send(proc.pid, signal.SIGTERM, group)
+        send(proc.pid, signal.SIGTERM)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(proc.wait(), grace)
     if group:
