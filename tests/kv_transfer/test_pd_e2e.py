@@ -199,7 +199,7 @@ def test_prefill_host_down_with_error_policy_is_502(stack):
                          {"x-prefiller-host-port": f"127.0.0.1:{free_port()}"})
     assert status == 502
     err = json.loads(body)["error"]
-    assert err["code"] == "prefill_failed" and "prefill on 127.0.0.1:" in err["message"]
+    assert err["code"] == 502 and "prefill on 127.0.0.1:" in err["message"]
     _wait_usage_zero(stack.all_server_ports())
 
 
@@ -208,7 +208,7 @@ def test_prefiller_outside_allowlist_is_403(stack):
                          {"x-prefiller-host-port": "127.0.0.1:9"})
     assert status == 403
     err = json.loads(body)["error"]
-    assert err["type"] == "permission_denied" and err["param"] == "x-prefiller-host-port"
+    assert err["type"] == "PermissionDeniedError" and err["param"] == "x-prefiller-host-port"
 
 
 def test_kv_read_failure_is_a_clear_error_and_frees_both_sides(stack):

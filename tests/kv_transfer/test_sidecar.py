@@ -30,6 +30,7 @@ class FakeServer:
     def __init__(self, name: str, mode: str = "ok"):
         self.name, self.mode = name, mode
         self.requests: list[tuple[str, dict, dict]] = []
+        self.validations: list[dict] = []     # validate-only checks (the sidecar's, before a prefill leg)
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -54,6 +55,12 @@ class FakeServer:
 
     async def complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if request.headers.get("x-wideep-validate-only"):
+            self.validations.append(body)
+            if self.mode == "refuse":
+                return web.json_response({"error": {"message": "too long", "type": "BadRequestError",
+                                                    "param": "max_tokens", "code": 400}}, status=400)
+            return web.json_response({"valid": True, "prompt_tokens": 3})
         self.requests.append((request.path, dict(request.headers), body))
         if self.mode == "500":
             return web.json_response({"error": {"message": "boom"}}, status=500)
@@ -187,7 +194,7 @@ def test_allowlist_rejects_other_hosts_with_403():
                 r = await s.post(url, json=body, headers={"x-prefiller-host-port": f"127.0.0.1:{other}"})
                 assert r.status == 403
                 err = (await r.json())["error"]
-                assert err["type"] == "permission_denied" and err["param"] == "x-prefiller-host-port"
+                assert err["type"] == "PermissionDeniedError" and err["param"] == "x-prefiller-host-port"
                 assert "allowlist" in err["message"]
                 r = await s.post(url, json=body, headers={"x-prefiller-host-port": "169.254.169.254:80"})
                 assert r.status == 403
@@ -265,7 +272,7 @@ def test_prefill_failure_error_policy_gives_502(mode):
                                  headers={"x-prefiller-host-port": target})
                 assert r.status == 502
                 err = (await r.json())["error"]
-                assert err["code"] == "prefill_failed" and target in err["message"]
+                assert err["code"] == 502 and target in err["message"]
                 assert decodes[0].requests == []
         finally:
             await _teardown(sc, prefill, decodes)
@@ -287,14 +294,15 @@ def test_prefill_4xx_is_passed_through():
     run(go())
 
 
-def test_decode_server_down_gives_502():
+def test_decode_server_down_gives_503_with_retry_after():
     async def go():
         sc = Sidecar(SidecarConfig(port=free_port(), vllm_port=free_port(), host="127.0.0.1"))
         await sc.start()
         try:
             async with aiohttp.ClientSession() as s:
                 r = await s.post(f"http://127.0.0.1:{sc.ports[0]}/v1/completions", json={"prompt": "x"})
-                assert r.status == 502 and "unreachable" in (await r.json())["error"]["message"]
+                assert r.status == 503 and r.headers["Retry-After"] == "1"
+                assert "decode rank 0 is not available" in (await r.json())["error"]["message"]
         finally:
             await sc.stop()
     run(go())
@@ -400,3 +408,32 @@ def test_sidecar_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_decode_refusal_comes_before_the_prefill_leg():
+    """A request the decode rank refuses (too long) or cannot take (down) never reaches the prefiller:
+    no prefill KV is held for a request that will not be decoded."""
+    async def go():
+        sc, prefill, decodes = await _setup(dp=2)
+        decodes[0].mode = "refuse"
+        await decodes[1].stop()
+        try:
+            async with aiohttp.ClientSession() as s:
+                hdr = {"x-prefiller-host-port": f"127.0.0.1:{prefill.port}"}
+                body = {"model": "m", "prompt": "hello", "max_tokens": 10**6}
+                r = await s.post(f"http://127.0.0.1:{sc.ports[0]}/v1/completions", json=body, headers=hdr)
+                assert r.status == 400
+                err = (await r.json())["error"]
+                assert err == {"message": "too long", "type": "BadRequestError", "param": "max_tokens", "code": 400}
+                assert decodes[0].validations == [body] and decodes[0].requests == []
+                r = await s.post(f"http://127.0.0.1:{sc.ports[1]}/v1/completions", json=body, headers=hdr)
+                assert r.status == 503 and r.headers["Retry-After"] == "1"
+                err = (await r.json())["error"]
+                assert err["type"] == "ServiceUnavailableError" and err["code"] == 503
+                assert "decode rank 1 is not available" in err["message"]
+                assert prefill.requests == []          # no prefill leg was ever sent
+                stats = await (await s.get(f"http://127.0.0.1:{sc.ports[0]}/sidecar/stats")).json()
+                assert stats["refused_before_prefill"] == 2
+        finally:
+            await _teardown(sc, prefill, decodes[:1])
+    run(go())

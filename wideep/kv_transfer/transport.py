@@ -59,6 +59,14 @@ class _Handler(socketserver.BaseRequestHandler):
         source: BlockSource = self.server.source  # type: ignore[attr-defined]
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conns: set = self.server.conns  # type: ignore[attr-defined]
+        conns.add(sock)
+        try:
+            self._serve(sock, source)
+        finally:
+            conns.discard(sock)
+
+    def _serve(self, sock: socket.socket, source: BlockSource) -> None:
         while True:
             try:
                 msg = recv_header(sock)
@@ -112,14 +120,21 @@ class BlockServer:
             raise OSError(f"cannot listen on KV side channel {host}:{port} ({exc}); set "
                           "VLLM_NIXL_SIDE_CHANNEL_PORT / WIDEEP_KV_SIDE_CHANNEL_PORT to a free base port") from exc
         self._server.source = source  # type: ignore[attr-defined]
+        self._server.conns = set()    # type: ignore[attr-defined]   # consumer connections being served
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"kv-side-channel-{self.port}",
                                         daemon=True)
         self._thread.start()
 
     def close(self) -> None:
+        """Stops listening and drops every consumer connection (as the process exiting would)."""
         self._server.shutdown()
         self._server.server_close()
+        for sock in list(self._server.conns):  # type: ignore[attr-defined]
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------------------------------- client
