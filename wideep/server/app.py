@@ -38,7 +38,9 @@ async def errors_middleware(request: web.Request, handler):
         if e.status < 400:
             raise
         msg = {404: f"no route for {request.method} {request.path}",
-               405: f"method {request.method} is not allowed on {request.path}"}.get(e.status, e.reason)
+               405: f"method {request.method} is not allowed on {request.path}",
+               413: f"the request body is larger than this server's limit of "
+                    f"{request.app[STATE_KEY].max_body_bytes} bytes"}.get(e.status, e.reason)
         return _error_response(APIError(msg, e.status))
     except asyncio.CancelledError:
         raise
@@ -76,7 +78,7 @@ async def availability_middleware(request: web.Request, handler):
 
 def build_app(state: FrontendState) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, auth_middleware, availability_middleware],
-                          client_max_size=64 * 1024 * 1024)
+                          client_max_size=state.max_body_bytes)
     app[STATE_KEY] = state
     serving = OpenAIServing(state)
 

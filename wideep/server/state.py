@@ -30,6 +30,17 @@ class FrontendState:
     max_prompt_chars: int | None = None   # longer prompt text cannot fit max_model_len: 400 before tokenizing
     kv_peers: Any = None             # wideep.kv_transfer.peers.PeerAllowlist | None (None: any peer)
 
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body read. A body is parsed on the event loop (json.loads holds the GIL
+        however it is called), so one larger than any prompt that fits the context could be is
+        refused while it is read: 12 bytes per prompt character (a JSON-escaped surrogate pair)
+        plus 1 MiB for the other fields, at most 64 MiB."""
+        cap = 64 * 1024 * 1024
+        if self.max_prompt_chars is None:
+            return cap
+        return min(cap, 12 * self.max_prompt_chars + 1024 * 1024)
+
     def stalled(self) -> str | None:
         """Why the engine counts as stuck (its loop stopped heartbeating), or None."""
         silent = self.client.silent_for()
