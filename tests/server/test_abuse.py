@@ -163,3 +163,44 @@ def test_a_frozen_engine_is_reported_then_recovers(srv):
         time.sleep(0.1)
     assert http("GET", srv.url(0) + "/health")[0] == 200
     assert http("GET", f"http://127.0.0.1:{srv.supervisor_port}/health")[0] == 200
+
+
+HUGE = 2 ** 70
+BAD_BODIES = [   # (path, raw body): the bad-input suites' cases plus a lone surrogate
+    ("/v1/completions", b"[" * 100_000),
+    ("/v1/chat/completions", b"[" * 100_000),
+    ("/v1/completions", b"not json"),
+    ("/v1/completions", b"[1, 2]"),
+    ("/v1/completions", b""),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "\\ud800", "max_tokens": 2}'),
+    ("/v1/completions", b'{"model": "\\ud800", "prompt": "x"}'),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}'),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "kv_transfer_params": {"x": [HUGE]}}).encode()),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "seed": HUGE}).encode()),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "temperature": NaN}'),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": [HUGE]}).encode()),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 10 ** 6}).encode()),
+    ("/v1/completions", json.dumps({"model": "nope", "prompt": "x"}).encode()),
+]
+
+
+def test_router_answers_openai_json_for_every_bad_input(srv):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "router"))
+    from router_helpers import RouterThread, router_options
+
+    eps = [f"127.0.0.1:{srv.port + r}" for r in range(srv.dp_size)]
+    with RouterThread(router_options(endpoints=eps)) as rt:
+        deadline = time.monotonic() + 60
+        while not rt.router.datastore.ready() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{rt.router.opts.proxy_port}"
+        for path, raw in BAD_BODIES:
+            st, headers, body = http("POST", url + path, raw)
+            assert 400 <= st < 500, (raw[:80], st, body[:200])
+            assert headers.get("Content-Type", "").startswith("application/json"), (raw[:80], headers)
+            _error(body)
+        st, _, body = http("POST", url + "/v1/completions", {"model": "tiny", "prompt": "fine", "max_tokens": 2})
+        assert st == 200, body

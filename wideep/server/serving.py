@@ -80,11 +80,11 @@ class OpenAIServing:
                 raise bad_request(f"token id {bad} in 'prompt' is out of range: the vocabulary has "
                                   f"{st.vocab_size} tokens", "prompt")
         elif req.prompt_text is not None:
-            self._check_chars(req, len(req.prompt_text))
+            self._check_chars(req, req.prompt_text)
             ids = await loop.run_in_executor(None, self._encode, req.prompt_text, req.add_special_tokens)
         else:
             text = await loop.run_in_executor(None, self._render_chat, req)
-            self._check_chars(req, len(text))
+            self._check_chars(req, text)
             ids = await loop.run_in_executor(None, self._encode, text, False)
             if req.add_special_tokens and st.tokenizer.bos_token_id is not None:
                 ids = [st.tokenizer.bos_token_id] + list(ids)
@@ -107,10 +107,15 @@ class OpenAIServing:
         except Exception as e:  # jinja TemplateError from the template's raise_exception, etc.
             raise bad_request(f"chat template failed on 'messages': {client_message(str(e))}", "messages") from None
 
-    def _check_chars(self, req: GenerateRequest, n_chars: int) -> None:
+    def _check_chars(self, req: GenerateRequest, text: str) -> None:
+        what = "messages" if req.kind == "chat" else "prompt"
+        n_chars = len(text)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:   # a lone surrogate ("\ud800" in the JSON) is no text to tokenize
+            raise bad_request(f"'{what}' is not valid Unicode: {e.reason} at position {e.start}", what) from None
         limit = self.state.max_prompt_chars
         if limit is not None and n_chars > limit:
-            what = "messages" if req.kind == "chat" else "prompt"
             raise bad_request(
                 f"This model's maximum context length is {self.state.max_model_len} tokens. However, your "
                 f"{what} has {n_chars} characters, more than any {self.state.max_model_len} tokens can spell. "
