@@ -112,7 +112,7 @@ def test_no_live_endpoint_503_and_saturated_429():
         assert st == 503
         err = json.loads(body)["error"]
         assert err["code"] == 503 and "no ready endpoint" in err["message"]
-        assert err["type"] == "ServiceUnavailableError" and hdr["Retry-After"] == "1"   # an outage, not throttling
+        assert err["type"] == "ServiceUnavailableError" and {k.lower(): v for k, v in hdr.items()}["retry-after"] == "1"   # an outage, not throttling
 
     (b,) = start_backends(["slow"], ttft=1.5)
     cfg = ("featureGates: [flowControl]\nflowControl: {maxQueueSize: 0, maxInflightPerEndpoint: 1}\n"
