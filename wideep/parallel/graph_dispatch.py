@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from wideep.parallel.moe_comm import ALIASES, DispatchResult, MoEDispatcher, get_dispatcher
+from wideep.model.dispatch import ALIASES, DispatchResult, MoEDispatcher, get_dispatcher
 
 log = logging.getLogger(__name__)
 
