@@ -47,7 +47,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: dict[int, _Graph] = {}
         self.graph_pool = None
-        # DP lockstep (parallel/lockstep.py) sets this each step, the same on every rank: False runs
+        # DP lockstep (engine/lockstep.py) sets this each step, the same on every rank: False runs
         # decode batches eagerly too (one rank that cannot replay a graph makes the whole step eager).
         self.use_graphs = True
         # EP: the dispatcher's graph_mode(size) context (static shapes, `size` tokens per rank) wraps

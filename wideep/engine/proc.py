@@ -169,7 +169,7 @@ class EngineLoop:
         self.publisher = publisher
         self.poller = zmq.Poller()
         self.poller.register(inp, zmq.POLLIN)
-        # DP lockstep: a peer's "wake up" message must end the idle wait too (parallel/lockstep.py)
+        # DP lockstep: a peer's "wake up" message must end the idle wait too (engine/lockstep.py)
         for sock in getattr(coordinator, "poll_sockets", lambda: [])():
             self.poller.register(sock, zmq.POLLIN)
         self.parent_pid = os.getppid()
