@@ -42,8 +42,8 @@ async def errors_middleware(request: web.Request, handler):
                413: f"the request body is larger than this server's limit of "
                     f"{request.app[STATE_KEY].max_body_bytes} bytes"}.get(e.status, e.reason)
         return _error_response(APIError(msg, e.status))
-    except asyncio.CancelledError:
-        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise   # the client hung up: aiohttp drops the connection quietly (an ordinary event, no traceback)
     except Exception as e:  # noqa: BLE001 - last resort: an error body, never a hang or an HTML page
         state = request.app[STATE_KEY]
         if state.engine_errors and isinstance(e, state.engine_errors):
