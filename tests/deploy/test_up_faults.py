@@ -198,6 +198,18 @@ def test_up_holds_under_faults(tmp_path, tiny_model_dir):
         victim = _rank_engine(decode_leader, 0)
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
+        marks = {}
+
+        def timeline():   # when the launcher saw the failure and when the group was ready again
+            while "ready" not in marks and time.monotonic() - killed < 600:
+                text = log.read_text(errors="replace")
+                if "recreate" not in marks and text.count("decode-0:") and "recreating" in text.split("decode-0:")[-1]:
+                    marks["recreate"] = round(time.monotonic() - killed, 2)
+                if text.count("decode-0 is ready again") > n_ready:
+                    marks["ready"] = round(time.monotonic() - killed, 2)
+                time.sleep(0.2)
+        tl = threading.Thread(target=timeline, daemon=True)
+        tl.start()
         for s in streams:
             s.join(120)
         fig["streams_ended_with_error_event"] = sum(1 for s in streams if s.errored)
@@ -212,6 +224,8 @@ def test_up_holds_under_faults(tmp_path, tiny_model_dir):
                 time.sleep(0.25)
         fig["s_kill_to_first_success"] = round(first_ok, 2) if first_ok else None
         _wait_log(log, "decode-0 is ready again", n_ready, 600)
+        tl.join(10)
+        fig["s_kill_to_group_recreate"], fig["s_kill_to_group_ready"] = marks.get("recreate"), marks.get("ready")
         restart_line = [ln for ln in log.read_text().splitlines() if "decode-0:" in ln and "recreating" in ln][-1]
         fig["decode_restart_line"] = restart_line
         assert all(not s.is_alive() for s in streams)
@@ -221,8 +235,19 @@ def test_up_holds_under_faults(tmp_path, tiny_model_dir):
         fig["kv_after_decode_kill"] = {k: _kv_usage(u) for k, u in state["ranks"].items()}
         assert all(v <= base.get(k, 0.0) for k, v in fig["kv_after_decode_kill"].items()), fig
 
-        # 6. SIGTERM during 8 long streams: all complete, then nothing is left
-        streams = [Stream(router + "/v1/completions", {"model": model, "prompt": f"drain {i}", "max_tokens": 1000,
+        # 6. SIGTERM during 8 streams of ~20 s: all complete, then nothing is left. Calibrate the
+        # length on this machine: 8 concurrent streams of 64 tokens first.
+        t0 = time.monotonic()
+        probe = [Stream(router + "/v1/completions", {"model": model, "prompt": f"probe {i}", "max_tokens": 64,
+                                                      "ignore_eos": True, "stream": True}) for i in range(8)]
+        for s in probe:
+            s.start()
+        for s in probe:
+            s.join(120)
+        per_token = (time.monotonic() - t0) / 64
+        n_tokens = max(64, min(1900, int(20.0 / per_token)))
+        fig["drain_stream_tokens"] = n_tokens
+        streams = [Stream(router + "/v1/completions", {"model": model, "prompt": f"drain {i}", "max_tokens": n_tokens,
                                                         "ignore_eos": True, "stream": True}) for i in range(8)]
         for s in streams:
             s.start()
