@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_up_e2e import _alive, _children, _descendants, _listening_ports, _wait_for
+from test_up_e2e import _alive, _descendants, _listening_ports, _wait_for
 
 from wideep.utils.net import free_port
 

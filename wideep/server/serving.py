@@ -29,7 +29,6 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 DONE = b"data: [DONE]\n\n"
 
 
-
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
@@ -108,18 +107,19 @@ class OpenAIServing:
             raise bad_request(f"chat template failed on 'messages': {client_message(str(e))}", "messages") from None
 
     def _check_chars(self, req: GenerateRequest, text: str) -> None:
+        """Before tokenizing: a text longer than max_model_len tokens can spell, or one that is not
+        Unicode at all, is refused at once."""
         what = "messages" if req.kind == "chat" else "prompt"
-        n_chars = len(text)
+        limit = self.state.max_prompt_chars
+        if limit is not None and len(text) > limit:
+            raise bad_request(
+                f"This model's maximum context length is {self.state.max_model_len} tokens. However, your "
+                f"{what} has {len(text)} characters, more than any {self.state.max_model_len} tokens can spell. "
+                f"Please reduce the length of the {what}.", what)
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:   # a lone surrogate ("\ud800" in the JSON) is no text to tokenize
             raise bad_request(f"'{what}' is not valid Unicode: {e.reason} at position {e.start}", what) from None
-        limit = self.state.max_prompt_chars
-        if limit is not None and n_chars > limit:
-            raise bad_request(
-                f"This model's maximum context length is {self.state.max_model_len} tokens. However, your "
-                f"{what} has {n_chars} characters, more than any {self.state.max_model_len} tokens can spell. "
-                f"Please reduce the length of the {what}.", what)
 
     def _check_kv_peer(self, req: GenerateRequest) -> None:
         """kv_transfer_params naming a KV producer outside the pool are refused before anything connects."""
