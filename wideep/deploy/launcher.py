@@ -346,8 +346,11 @@ class Launcher:
         self.say("stopping")
         # Model servers first (each drains its in-flight streams), the router last: it is what the
         # streams reach the clients through.
+        # A group's processes get SIGTERM together: the sidecar's streams need the ranks behind them,
+        # and no node of an EP group is stopped before the others have even begun to drain.
         for role in ("decode", "prefill"):
-            await asyncio.gather(*(self.stop_group(g, self.stop_grace) for g in self.plan.groups if g.role == role))
+            await asyncio.gather(*(self.stop_proc(p.name, self.stop_grace)
+                                   for g in self.plan.groups if g.role == role for p in g.procs))
         for name in list(self.running):
             await self.stop_proc(name, self.stop_grace)
         with contextlib.suppress(FileNotFoundError):
