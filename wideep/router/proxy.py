@@ -119,7 +119,10 @@ class BuiltinProxy:
                 except ConnectionResetError:
                     pass
                 return resp
-            raise  # mid-body of a JSON answer: the client sees the cut, as it would from the endpoint
+            # Mid-body of a JSON answer: cut the client's connection too (aiohttp drops it quietly), as
+            # the endpoint's own failure would have; no error body can follow a started one.
+            log.warning("endpoint %s failed mid-answer: %s", d.target.name, exc)
+            raise ConnectionResetError(f"endpoint {d.target.name} failed mid-answer") from exc
         finally:
             self.director.finish(d)
 
