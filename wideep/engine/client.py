@@ -61,6 +61,8 @@ class AsyncEngineClient:
         self.stats_time: float | None = None    # monotonic time latest_stats came from the engine
         self.last_heard: float | None = None    # monotonic time of the engine's last message (heartbeats included)
         self.steps = 0                          # the engine's step counter, from its last heartbeat
+        self._busy_s = 0.0                      # how long its current step had run at the last heartbeat
+        self._beat_at: float | None = None
         self._streams: dict[str, _Stream] = {}
         self._stats_waiters: list[asyncio.Future] = []
         self._ready = asyncio.Event()
@@ -149,8 +151,14 @@ class AsyncEngineClient:
             await self.inp.send(pack({"type": "abort", "request_ids": [request_id]}))
 
     def silent_for(self) -> float:
-        """Seconds since the engine last sent anything (it heartbeats every HEARTBEAT_S, busy or idle)."""
+        """Seconds since the engine last sent anything (a thread of it beats every HEARTBEAT_S)."""
         return 0.0 if self.last_heard is None else time.monotonic() - self.last_heard
+
+    def step_running_for(self) -> float:
+        """How long the engine's current step has been running (0 between steps), as of now."""
+        if self._beat_at is None or self._busy_s <= 0:
+            return 0.0
+        return self._busy_s + time.monotonic() - self._beat_at
 
     async def stats(self, timeout: float = 5.0) -> EngineStats:
         """Fresh stats from the engine (answered between steps); the last known ones if it is slow or dead."""
@@ -189,9 +197,8 @@ class AsyncEngineClient:
                     stream.queue.put_nowait(InvalidRequest(msg["message"], msg.get("param")))
             elif kind == "heartbeat":
                 self.steps = int(msg.get("steps") or 0)
-                if msg.get("stats"):
-                    self.latest_stats = EngineStats.from_dict(msg["stats"])
-                    self.stats_time = self.last_heard
+                self._busy_s = float(msg.get("busy_s") or 0.0)
+                self._beat_at = self.last_heard
             elif kind == "stats":
                 self.latest_stats = EngineStats.from_dict(msg["stats"])
                 self.stats_time = self.last_heard

@@ -11,9 +11,9 @@ Wire (msgpack maps, one per ZMQ message). The client binds both sockets; the eng
     {"type": "ready", "info": {...}}        # first message: num_blocks, block_size, max_model_len, ...
     {"type": "outputs", "outputs": [RequestOutput.to_dict(), ...], "stats": EngineStats.to_dict() | None}
     {"type": "error", "request_id": str, "message": str, "param": str | None}   # request rejected
-    {"type": "stats", "stats": EngineStats.to_dict()}
+    {"type": "stats", "stats": EngineStats.to_dict()}   # also unasked, every HEARTBEAT_S
     {"type": "fatal", "message": str}       # the engine is going down
-    {"type": "heartbeat", "steps": int, "stats": EngineStats.to_dict()}   # every HEARTBEAT_S, busy or idle
+    {"type": "heartbeat", "steps": int, "busy_s": float}   # every HEARTBEAT_S from a thread of its own
 
 The loop blocks on the input socket while there is no work (no busy loop). Each iteration it asks a
 StepCoordinator what to do: the default runs a step whenever this rank has work; the DP-lockstep one
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.1
 PARENT_CHECK_S = 1.0
-HEARTBEAT_S = 1.0   # the loop proves it turns at least this often (the frontend's stall check counts on it)
+HEARTBEAT_S = 1.0   # heartbeat period, and the longest the loop goes without sending fresh stats
 
 
 def pack(msg: dict[str, Any]) -> bytes:
@@ -125,8 +126,11 @@ def run_engine_process(args: EngineArgs | dict, input_addr: str, output_addr: st
     if ready is not None:
         ready.send({"ok": True, "info": info})
     outp.send(pack({"type": "ready", "info": info}))
+    loop = EngineLoop(core, inp, outp, coordinator or SingleRankCoordinator(), publisher)
+    heartbeat = Heartbeat(ctx, output_addr, loop)
+    heartbeat.start()
     try:
-        EngineLoop(core, inp, outp, coordinator or SingleRankCoordinator(), publisher).run()
+        loop.run()
     except BaseException as exc:
         msg = f"engine loop died: {exc!r}\n{traceback.format_exc()}"
         log.error(msg)
@@ -136,6 +140,7 @@ def run_engine_process(args: EngineArgs | dict, input_addr: str, output_addr: st
             pass
         raise
     finally:
+        heartbeat.stop()
         if publisher is not None:
             publisher.close()
         inp.close(linger=0)
@@ -161,6 +166,38 @@ def engine_info(core) -> dict[str, Any]:
             "dp_rank": core.args.data_parallel_rank, "pid": os.getpid()}
 
 
+class Heartbeat(threading.Thread):
+    """Beats every HEARTBEAT_S on a socket of its own, with the loop's step counter and how long the
+    current step has run. A frozen process (SIGSTOP, a GIL held for seconds) goes silent; a long
+    step (a kernel compile, a collective waiting for a stuck peer) keeps beating and says so; the
+    frontend tells the two apart."""
+
+    def __init__(self, ctx: zmq.Context, output_addr: str, loop: "EngineLoop"):
+        super().__init__(name="engine-heartbeat", daemon=True)
+        self.sock = ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(output_addr)
+        self.loop = loop
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._halt.wait(HEARTBEAT_S):
+                started = self.loop.step_started
+                busy = 0.0 if started is None else time.monotonic() - started
+                try:
+                    self.sock.send(pack({"type": "heartbeat", "steps": self.loop.steps, "busy_s": busy}),
+                                   zmq.NOBLOCK)
+                except zmq.Again:   # the frontend is not reading: a beat lost is no harm
+                    pass
+        finally:
+            self.sock.close(linger=0)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
 class EngineLoop:
     def __init__(self, core, inp: zmq.Socket, outp: zmq.Socket, coordinator: StepCoordinator, publisher=None):
         self.core = core
@@ -177,6 +214,7 @@ class EngineLoop:
         self.last_stats = 0.0
         self.last_heartbeat = 0.0
         self.steps = 0
+        self.step_started: float | None = None   # monotonic start of the step in progress (Heartbeat reads it)
         self.running = True
 
     def run(self) -> None:
@@ -268,6 +306,7 @@ class EngineLoop:
             self.last_stats = now
         if outputs:
             self.outp.send(pack({"type": "outputs", "outputs": [o.to_dict() for o in outputs], "stats": stats}))
-        if now - self.last_heartbeat >= HEARTBEAT_S:
+        self.step_started = None
+        if now - self.last_heartbeat >= HEARTBEAT_S:   # fresh queue numbers for /metrics, busy or idle
             self.last_heartbeat = now
-            self.outp.send(pack({"type": "heartbeat", "steps": self.steps, "stats": self.core.stats().to_dict()}))
+            self.outp.send(pack({"type": "stats", "stats": self.core.stats().to_dict()}))

@@ -29,6 +29,7 @@ class ServeConfig:
     drain_timeout_s: float = 30.0          # SIGTERM: time in-flight requests get to finish
     restart_grace_s: float = 5.0           # a dead child: /health reports 503 this long, then exit 1
     engine_stall_timeout_s: float = 5.0    # an engine silent this long (no heartbeat) makes its rank unhealthy
+    engine_step_timeout_s: float = 60.0    # one engine step running this long makes its rank unhealthy
     engine_start_timeout_s: float = 1800.0
     log_level: str = "info"
 
@@ -107,8 +108,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     _flag(http, "--restart-grace-period", type=float, default=5.0,
           help="after a child process dies, seconds /health reports 503 before the supervisor exits 1")
     _flag(http, "--engine-stall-timeout", type=float, default=5.0,
-          help="seconds an engine may go without a heartbeat (its loop turns at least once a second, busy "
-               "or idle) before its rank's /health turns 503 naming it (a frozen or deadlocked engine)")
+          help="seconds an engine may go without a heartbeat (it beats every second from a thread of its "
+               "own, busy or idle) before its rank's /health turns 503 naming it (a frozen process)")
+    _flag(http, "--engine-step-timeout", type=float, default=60.0,
+          help="seconds one engine step may run before its rank's /health turns 503 naming it (e.g. a "
+               "collective waiting for a frozen peer; long enough for a first-time kernel compile)")
     _flag(http, "--engine-start-timeout", type=float, default=1800.0,
           help="seconds an engine may take to load before the supervisor gives up")
 
@@ -187,6 +191,8 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
             raise ValueError(f"--kv-events-config: {e}") from None
     if ns.engine_stall_timeout <= 1.0:
         raise ValueError(f"--engine-stall-timeout must be > 1 s (the heartbeat period), got {ns.engine_stall_timeout}")
+    if ns.engine_step_timeout <= 0:
+        raise ValueError(f"--engine-step-timeout must be > 0, got {ns.engine_step_timeout}")
     for flag, v in (("--block-size", ns.block_size), ("--max-num-seqs", ns.max_num_seqs),
                     ("--max-num-batched-tokens", ns.max_num_batched_tokens)):
         if v < 1:
@@ -216,4 +222,5 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
         supervisor_port=ns.data_parallel_supervisor_port, api_key=ns.api_key or os.environ.get("VLLM_API_KEY") or None,
         drain_timeout_s=ns.drain_timeout, restart_grace_s=ns.restart_grace_period,
         engine_start_timeout_s=ns.engine_start_timeout, engine_stall_timeout_s=ns.engine_stall_timeout,
+        engine_step_timeout_s=ns.engine_step_timeout,
     )

@@ -108,6 +108,7 @@ async def serve_frontend(payload: dict[str, Any]) -> int:
         model_root=cfg.engine_args.model, dp_rank=dp_rank, max_model_len=int(info["max_model_len"]),
         vocab_size=int(info.get("vocab_size") or tokenizer.vocab_size), api_key=cfg.api_key,
         engine_errors=(EngineDeadError,), stall_timeout_s=cfg.engine_stall_timeout_s,
+        step_timeout_s=cfg.engine_step_timeout_s,
         max_prompt_chars=int(info["max_model_len"]) * max_token_chars,
         kv_peers=kv_peer_allowlist_from_env())
     state.metrics.update_engine_stats(client.latest_stats)

@@ -27,6 +27,7 @@ class FrontendState:
     draining: bool = False
     engine_dead_reason: str | None = None
     stall_timeout_s: float = 5.0     # no heartbeat from the engine this long: the rank is unhealthy
+    step_timeout_s: float = 60.0     # one engine step running this long: the rank is unhealthy
     max_prompt_chars: int | None = None   # longer prompt text cannot fit max_model_len: 400 before tokenizing
     kv_peers: Any = None             # wideep.kv_transfer.peers.PeerAllowlist | None (None: any peer)
 
@@ -42,11 +43,18 @@ class FrontendState:
         return min(cap, 12 * self.max_prompt_chars + 1024 * 1024)
 
     def stalled(self) -> str | None:
-        """Why the engine counts as stuck (its loop stopped heartbeating), or None."""
+        """Why the engine counts as stuck, or None: silent (frozen: no heartbeat at all) or one step
+        running past the step bound (e.g. waiting in a collective for a frozen peer)."""
+        if self.engine_dead_reason is not None:
+            return None
         silent = self.client.silent_for()
-        if self.engine_dead_reason is None and silent > self.stall_timeout_s:
-            return (f"engine of dp rank {self.dp_rank} made no progress for {silent:.1f} s "
+        if silent > self.stall_timeout_s:
+            return (f"engine of dp rank {self.dp_rank} made no progress for {silent:.1f} s: no heartbeat "
                     f"({len(self.inflight)} requests in flight)")
+        busy = self.client.step_running_for()
+        if busy > self.step_timeout_s:
+            return (f"engine of dp rank {self.dp_rank} made no progress for {busy:.1f} s: one step still "
+                    f"running ({len(self.inflight)} requests in flight)")
         return None
 
     @property
