@@ -35,6 +35,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False           # no CUDA graphs
     cuda_graph_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256])
+    async_scheduling: bool = False        # schedule step n+1 while step n runs; tokens reported one step late
 
     # Data / expert parallelism (engine.md §1-2)
     data_parallel_size: int = 1

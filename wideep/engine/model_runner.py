@@ -3,6 +3,10 @@
 Decode-only batches on CUDA replay a CUDA graph captured for the next larger size in
 `cuda_graph_sizes` (static input buffers, padding rows have slot -1 and seq_len 0); prefill and
 mixed batches run eagerly. The graph's block table is `max_model_len / block_size` wide.
+
+`launch` queues a step and returns a `PendingTokens` without waiting for the device (async
+scheduling): a decode whose input token is the previous step's sample (still on the device) reads
+it from that step's output tensor, so the host never waits for it before preparing the next step.
 """
 from __future__ import annotations
 
@@ -34,6 +38,29 @@ class _Graph:
     hidden: torch.Tensor
 
 
+class PendingTokens:
+    """The sampled tokens of a launched step; `result()` waits for them (a device -> pinned host copy)."""
+
+    def __init__(self, tokens: torch.Tensor | None, runner: "ModelRunner"):
+        self._runner = runner
+        self._event = None
+        self._host = tokens
+        if tokens is not None and tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> list[int]:
+        if self._host is None:
+            return []
+        if self._event is not None:
+            t0 = time.perf_counter()
+            self._event.synchronize()
+            self._runner.wait_s += time.perf_counter() - t0
+        return self._host.tolist()
+
+
 class ModelRunner:
     def __init__(self, model, args: EngineArgs, device: torch.device, max_model_len: int):
         self.model = model
@@ -53,6 +80,10 @@ class ModelRunner:
         # EP: the dispatcher's graph_mode(size) context (static shapes, `size` tokens per rank) wraps
         # every capture and replay of a graph of that size (parallel/graph_dispatch.py).
         self._graph_dispatch = getattr(getattr(model, "dispatcher", None), "graph_mode", None)
+        # the last launched step's samples on the device, and the row of each request in them
+        self._last_tokens: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
+        self.wait_s = 0.0   # host time spent waiting for sampled tokens (benchmarks: host time per step)
 
     # ---- KV cache ----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -72,7 +103,10 @@ class ModelRunner:
         for s in out.seqs:
             req = s.request
             end = s.start + s.num_new_tokens
-            input_ids.extend(req.all_token_ids[s.start:end])
+            if end > req.num_tokens:    # a decode of the previous step's sample (async scheduling)
+                input_ids.append(-1)
+            else:
+                input_ids.extend(req.all_token_ids[s.start:end])
             blocks = req.block_ids
             if s.num_new_tokens == 1:
                 positions.append(s.start)
@@ -95,13 +129,33 @@ class ModelRunner:
             block_tables=torch.tensor(padded, dtype=torch.int32).to(dev, non_blocking=True),
             num_decodes=out.num_decodes, query_lens=query_lens, seq_lens_cpu=seq_lens)
         ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        self._fill_pending_inputs(ids, out, qsl)
         pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
         return ids, pos, attn, qsl
+
+    def _fill_pending_inputs(self, ids: torch.Tensor, out: SchedulerOutput, qsl: list[int]) -> None:
+        """Rows whose token is still on the device (the last step's sample) take it from there."""
+        rows, src = [], []
+        for i, s in enumerate(out.seqs):
+            if s.start >= s.request.num_tokens:
+                if s.request.request_id not in self._last_rows:
+                    raise RuntimeError(f"request {s.request.request_id!r}: input token was not sampled by the last step")
+                rows.append(qsl[i])
+                src.append(self._last_rows[s.request.request_id])
+        if rows:
+            dev = self.device
+            ids[torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)] = \
+                self._last_tokens[torch.tensor(src, dtype=torch.long).to(dev, non_blocking=True)]
 
     # ---- execution ----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, pad_to: int | None = None) -> list[int]:
         """Runs one scheduled step; returns the sampled token of each seq that samples, in order."""
+        return self.launch(out, pad_to).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, pad_to: int | None = None) -> PendingTokens:
+        """Queues one scheduled step (forward + sampling) on the device without waiting for it."""
         graph = self._graph_for(len(out.seqs), pad_to) if out.is_decode_only else None
         if graph is not None:
             hidden = self._replay(graph, out)
@@ -109,12 +163,17 @@ class ModelRunner:
         else:
             ids, pos, attn, qsl = self._prepare(out)
             hidden = self.model.forward(ids, pos, attn, self.kv_caches)
+        sampling = [s.request for s in out.seqs if s.samples]
         sample_rows = [qsl[i + 1] - 1 for i, s in enumerate(out.seqs) if s.samples]
         if not sample_rows:
-            return []
+            self._last_tokens, self._last_rows = None, {}
+            return PendingTokens(None, self)
         idx = torch.tensor(sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden[idx])
-        return self.sampler(logits, [s.request for s in out.seqs if s.samples])
+        tokens = self.sampler.sample(logits, sampling)
+        self._last_tokens = tokens
+        self._last_rows = {r.request_id: i for i, r in enumerate(sampling)}
+        return PendingTokens(tokens, self)
 
     @torch.inference_mode()
     def dummy_run(self, num_tokens: int, decode: bool = False) -> None:
@@ -183,12 +242,13 @@ class ModelRunner:
         for i, s in enumerate(out.seqs):
             req = s.request
             p = s.start
-            ids[i] = req.all_token_ids[p]
+            ids[i] = req.all_token_ids[p] if p < req.num_tokens else -1
             pos[i] = p
             slots[i] = req.block_ids[p // bs] * bs + p % bs
             lens[i] = p + 1
             table[i, :len(req.block_ids)] = req.block_ids
         g.input_ids.copy_(torch.from_numpy(ids))
+        self._fill_pending_inputs(g.input_ids, out, list(range(b + 1)))
         g.positions.copy_(torch.from_numpy(pos))
         g.slot_mapping.copy_(torch.from_numpy(slots))
         g.seq_lens.copy_(torch.from_numpy(lens))
