@@ -43,6 +43,7 @@ def _run(model_dir, ep, backend, **extra):
     return {rid: [t for o in outs for t in o.new_token_ids] for rid, outs in per_request.items()}
 
 
+@pytest.mark.slow   # fast sibling: test_dbo_graph_path_ep4_matches_ep1 runs async scheduling under lockstep too
 @pytest.mark.timeout(300)
 def test_async_scheduling_under_lockstep_matches_ep1(tiny_model_dir, reference, tmp_path, monkeypatch):
     report = tmp_path / "lockstep.jsonl"
@@ -51,3 +52,30 @@ def test_async_scheduling_under_lockstep_matches_ep1(tiny_model_dir, reference, 
     assert _run(tiny_model_dir, 2, "allgather_reducescatter", async_scheduling=True) == reference
     a, b = (json.loads(line) for line in report.read_text().splitlines())
     assert a["steps"] == b["steps"] and a["graph_steps"] == b["graph_steps"] > 0
+
+
+DBO = dict(enable_dbo=True, dbo_decode_token_threshold=1, dbo_prefill_token_threshold=4)
+
+
+@pytest.mark.timeout(300)
+def test_dbo_eager_ep2_matches_ep1(tiny_model_dir, reference, tmp_path, monkeypatch):
+    """Every step above the (tiny) thresholds splits: prefill, mixed and decode steps, dummy ranks too."""
+    report = tmp_path / "lockstep.jsonl"
+    monkeypatch.setenv("WIDEEP_LOCKSTEP_REPORT", str(report))
+    assert _run(tiny_model_dir, 2, "allgather_reducescatter", **DBO) == reference
+    a, b = (json.loads(line) for line in report.read_text().splitlines())
+    assert a["split_steps"] == b["split_steps"] > 0
+    assert a["steps"] == b["steps"] > a["split_steps"], "single-sequence decode steps must not split"
+
+
+@pytest.mark.timeout(400)
+def test_dbo_graph_path_ep4_matches_ep1(tiny_model_dir, reference, tmp_path, monkeypatch):
+    """EP=4, all_to_all for prefill and the static (graph) decode backend, graphs above the decode
+    threshold captured split; two ranks idle the whole time, one idle for a while."""
+    report = tmp_path / "lockstep.jsonl"
+    monkeypatch.setenv(STATIC_DECODE_ENV, "1,2,4")
+    monkeypatch.setenv("WIDEEP_LOCKSTEP_REPORT", str(report))
+    assert _run(tiny_model_dir, 4, "all_to_all", async_scheduling=True, **DBO) == reference
+    ranks = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len({(r["steps"], r["split_steps"], r["graph_steps"]) for r in ranks}) == 1
+    assert ranks[0]["split_steps"] > 0 and ranks[0]["graph_steps"] > 0

@@ -23,6 +23,7 @@ from wideep.engine.kv_cache import allocate_kv_caches
 from wideep.engine.sampler import Sampler
 from wideep.engine.scheduler import SchedulerOutput
 from wideep.model.attention import AttentionMetadata
+from wideep.model.ubatch import DBOConfig, forward_dual_batch
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,11 @@ class ModelRunner:
         self._last_tokens: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
         self.wait_s = 0.0   # host time spent waiting for sampled tokens (benchmarks: host time per step)
+        self.dbo = DBOConfig.from_args(args)
+        # DP lockstep sets this each step: the group's (max tokens per rank, decode-only), so that every
+        # rank splits the same steps into micro-batches; None: decide from this rank's own batch
+        self.dbo_group: tuple[int, bool] | None = None
+        self.split_steps = 0    # forwards run as two micro-batches (eager; graphs count at capture)
 
     # ---- KV cache ----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -162,7 +168,7 @@ class ModelRunner:
             qsl = list(range(len(out.seqs) + 1))
         else:
             ids, pos, attn, qsl = self._prepare(out)
-            hidden = self.model.forward(ids, pos, attn, self.kv_caches)
+            hidden = self._forward(ids, pos, attn, out.is_decode_only)
         sampling = [s.request for s in out.seqs if s.samples]
         sample_rows = [qsl[i + 1] - 1 for i, s in enumerate(out.seqs) if s.samples]
         if not sample_rows:
@@ -200,7 +206,24 @@ class ModelRunner:
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         pos = torch.zeros(num_tokens, dtype=torch.long, device=self.device) if decode else \
             torch.arange(num_tokens, dtype=torch.long, device=self.device)
-        self.model.forward(ids, pos, attn, self.kv_caches)
+        self._forward(ids, pos, attn, decode)
+
+    def _forward(self, ids, pos, attn: AttentionMetadata, decode_only: bool) -> torch.Tensor:
+        """An eager forward, as two micro-batches when dual-batch overlap says this step splits."""
+        tokens, dec = self.dbo_group or (int(ids.shape[0]), decode_only)
+        if not self.dbo.should_split(tokens, dec):
+            return self.model.forward(ids, pos, attn, self.kv_caches)
+        self.split_steps += 1
+        bound = DBOConfig.ubatch_max_tokens(tokens, dec) if self.dbo_group is not None else None
+        return forward_dual_batch(self.model, ids, pos, attn, self.kv_caches, bound)
+
+    def _graph_forward(self, size: int):
+        """The forward a decode graph of `size` captures: split when `size` is above the decode threshold
+        (the same on every rank, since all replay one agreed size)."""
+        if not self.dbo.should_split(size, True):
+            return lambda ids, pos, attn: self.model.forward(ids, pos, attn, self.kv_caches)
+        bound = DBOConfig.ubatch_max_tokens(size, True)
+        return lambda ids, pos, attn: forward_dual_batch(self.model, ids, pos, attn, self.kv_caches, bound)
 
     # ---- CUDA graphs -----------------------------------------------------------------------------
     def _graph_for(self, batch: int, pad_to: int | None) -> _Graph | None:
@@ -285,18 +308,19 @@ class ModelRunner:
             slot_mapping=slots, query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=dev),
             seq_lens=seq_lens, block_tables=tables, num_decodes=size,
             query_lens=[1] * size, seq_lens_cpu=[self.max_model_len] * size)
+        forward = self._graph_forward(size)
         if not capture:
-            hidden = self.model.forward(ids, pos, attn, self.kv_caches)
-            return _Graph(_EagerReplay(lambda: hidden.copy_(self.model.forward(ids, pos, attn, self.kv_caches))),
+            hidden = forward(ids, pos, attn)
+            return _Graph(_EagerReplay(lambda: hidden.copy_(forward(ids, pos, attn))),
                           ids, pos, slots, seq_lens, tables, hidden)
         for _ in range(2):  # warm up (allocator, lazy inits) outside the graph
-            self.model.forward(ids, pos, attn, self.kv_caches)
+            forward(ids, pos, attn)
         torch.cuda.synchronize(dev)
         graph = torch.cuda.CUDAGraph()
         if self.graph_pool is None:
             self.graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            hidden = self.model.forward(ids, pos, attn, self.kv_caches)
+            hidden = forward(ids, pos, attn)
         torch.cuda.synchronize(dev)
         return _Graph(graph, ids, pos, slots, seq_lens, tables, hidden)
 

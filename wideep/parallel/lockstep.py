@@ -67,6 +67,7 @@ class DPLockstepCoordinator:
         self.dummy_steps = 0
         self.graph_steps = 0         # lockstep forwards that replayed a CUDA graph (all ranks agreed)
         self.eager_steps = 0
+        self.split_steps = 0        # lockstep forwards run as two micro-batches (dual-batch overlap)
         self.graph_size_steps: dict[int, int] = {}
         # loop-iteration wall time (agreement + forward + sampling + output) per kind of lockstep step
         self.step_time_s: dict[str, list[float]] = {"decode_graph": [0.0, 0], "decode_eager": [0.0, 0],
@@ -112,7 +113,7 @@ class DPLockstepCoordinator:
     def summary(self) -> dict[str, Any]:
         """Step counts of this rank's lockstep (how many forwards replayed which graph, how many ran eager)."""
         return {"rank": self.group.rank if self.group is not None else 0, "steps": self.steps,
-                "dummy_steps": self.dummy_steps, "graph_steps": self.graph_steps, "eager_steps": self.eager_steps,
+                "dummy_steps": self.dummy_steps, "graph_steps": self.graph_steps, "eager_steps": self.eager_steps, "split_steps": self.split_steps,
                 "graph_sizes": {str(k): v for k, v in sorted(self.graph_size_steps.items())},
                 "step_ms": {k: {"count": int(n), "mean": (t / n * 1e3) if n else None}
                             for k, (t, n) in self.step_time_s.items()}}
@@ -165,6 +166,12 @@ class DPLockstepCoordinator:
         runner = getattr(core, "runner", None)
         if runner is not None and hasattr(runner, "use_graphs"):
             runner.use_graphs = not shape.eager   # min cudagraph mode wins: one eager rank, all eager
+        if runner is not None:   # dual-batch overlap: every rank splits the same steps (model/ubatch.py)
+            runner.dbo_group = (max(shape.max_tokens, self.dummy_tokens), shape.decode_only)
+            dbo = getattr(runner, "dbo", None)
+            if dbo is not None:
+                self.split_steps += int(dbo.should_split(*runner.dbo_group) if shape.eager
+                                        else dbo.should_split(shape.graph_size, True))
         if shape.eager:
             pad_to, dummy_tokens = None, self.dummy_tokens
             self.eager_steps += 1
