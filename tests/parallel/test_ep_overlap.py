@@ -79,3 +79,54 @@ def test_dbo_graph_path_ep4_matches_ep1(tiny_model_dir, reference, tmp_path, mon
     ranks = [json.loads(line) for line in report.read_text().splitlines()]
     assert len({(r["steps"], r["split_steps"], r["graph_steps"]) for r in ranks}) == 1
     assert ranks[0]["split_steps"] > 0 and ranks[0]["graph_steps"] > 0
+
+
+@pytest.mark.timeout(240)
+def test_dead_rank_during_split_steps_is_a_lost_ep_group(tiny_model_dir):
+    """Every step splits (thresholds 0): a peer killed mid-generation fails a micro-batch's in-flight
+    collective, and the survivor reports the lost EP group and exits."""
+    import asyncio
+    import dataclasses
+    import os
+    import signal
+
+    from wideep.engine.client import AsyncEngineClient, EngineDeadError, ipc_addresses, spawn_engine_process
+    from wideep.parallel.multi_rank import run_dp_engine_process
+    from wideep.utils.net import free_port
+
+    base = EngineArgs(model=str(tiny_model_dir), data_parallel_size=2, data_parallel_size_local=2,
+                      data_parallel_rpc_port=free_port(), kv_cache_memory_bytes=4 << 20, max_model_len=512,
+                      block_size=16, enforce_eager=True, enable_dbo=True, dbo_decode_token_threshold=0,
+                      dbo_prefill_token_threshold=0)
+
+    async def scenario() -> str:
+        clients = []
+        try:
+            for rank in range(2):
+                inp, out = ipc_addresses()
+                c = AsyncEngineClient(inp, out)
+                c.process = spawn_engine_process(dataclasses.replace(base, data_parallel_rank=rank), inp, out,
+                                                 target=run_dp_engine_process)
+                clients.append(c)
+            await asyncio.wait_for(asyncio.gather(*(c.wait_ready(180) for c in clients)), 180)
+            sp = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+            stream = clients[0].generate(EngineRequest("long", [5, 6, 7], sp))
+            assert (await asyncio.wait_for(stream.__anext__(), 60)).new_token_ids
+            os.kill(clients[1].process.pid, signal.SIGKILL)
+            with pytest.raises(EngineDeadError) as err:
+                async def drain():
+                    async for _ in stream:
+                        pass
+                await asyncio.wait_for(drain(), 90)
+            clients[0].process.join(timeout=30)
+            assert not clients[0].process.is_alive(), "surviving rank did not exit"
+            return str(err.value)
+        finally:
+            for c in clients:
+                if c.process is not None and c.process.is_alive():
+                    c.process.kill()
+                    c.process.join(timeout=5)
+                c.close()
+
+    message = asyncio.run(scenario())
+    assert "lost the EP group" in message, message
