@@ -8,7 +8,7 @@ import pytest
 
 from wideep.engine.api import EngineRequest, SamplingParams
 from wideep.engine.config import EngineArgs
-from wideep.parallel.multi_rank import STATIC_DECODE_ENV, generate_dp
+from wideep.engine.dp import STATIC_DECODE_ENV, generate_dp
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [100, 200, 300, 400, 500, 600, 700], [42, 43], [77] * 21]
 MAX_TOKENS = 6
@@ -91,7 +91,7 @@ def test_dead_rank_during_split_steps_is_a_lost_ep_group(tiny_model_dir):
     import signal
 
     from wideep.engine.client import AsyncEngineClient, EngineDeadError, ipc_addresses, spawn_engine_process
-    from wideep.parallel.multi_rank import run_dp_engine_process
+    from wideep.engine.dp import run_dp_engine_process
     from wideep.utils.net import free_port
 
     base = EngineArgs(model=str(tiny_model_dir), data_parallel_size=2, data_parallel_size_local=2,

@@ -168,8 +168,9 @@ class EngineCore:
     def schedule(self) -> SchedulerOutput:
         return self.scheduler.schedule()
 
-    def execute(self, out: SchedulerOutput, pad_to: int | None = None) -> list[RequestOutput]:
-        launched = (out, self.runner.launch(out, pad_to) if not out.is_empty else None)
+    def execute(self, out: SchedulerOutput, pad_to: int | None = None, use_graphs: bool = True,
+                dbo_group: tuple[int, bool] | None = None) -> list[RequestOutput]:
+        launched = (out, self.runner.launch(out, pad_to, use_graphs, dbo_group) if not out.is_empty else None)
         prev, self._inflight = self._inflight, launched
         outputs = self._apply(prev) if prev is not None else []
         if not self.async_scheduling or out.is_empty:
@@ -184,10 +185,15 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         return self.execute(self.schedule())
 
-    def execute_dummy_batch(self, num_tokens: int = 1, decode: bool = True) -> None:
+    def graph_sizes(self) -> list[int]:
+        """Batch sizes with a captured decode graph ([] = eager only)."""
+        return sorted(self.runner.graphs)
+
+    def execute_dummy_batch(self, num_tokens: int = 1, decode: bool = True, use_graphs: bool = True,
+                            dbo_group: tuple[int, bool] | None = None) -> None:
         """A forward over dummy tokens that writes nothing to the cache (DP lockstep: ranks without
         work still join every MoE collective)."""
-        self.runner.dummy_run(num_tokens, decode=decode)
+        self.runner.dummy_run(num_tokens, decode=decode, use_graphs=use_graphs, dbo_group=dbo_group)
 
     # ---- P/D KV transfer (kv_transfer/) ----------------------------------------------------------
     def kv_transfer_wait_s(self) -> float | None:

@@ -75,9 +75,6 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: dict[int, _Graph] = {}
         self.graph_pool = None
-        # DP lockstep (parallel/lockstep.py) sets this each step, the same on every rank: False runs
-        # decode batches eagerly too (one rank that cannot replay a graph makes the whole step eager).
-        self.use_graphs = True
         # EP: the dispatcher's graph_mode(size) context (static shapes, `size` tokens per rank) wraps
         # every capture and replay of a graph of that size (parallel/graph_dispatch.py).
         self._graph_dispatch = getattr(getattr(model, "dispatcher", None), "graph_mode", None)
@@ -86,9 +83,6 @@ class ModelRunner:
         self._last_rows: dict[str, int] = {}
         self.wait_s = 0.0   # host time spent waiting for sampled tokens (benchmarks: host time per step)
         self.dbo = DBOConfig.from_args(args)
-        # DP lockstep sets this each step: the group's (max tokens per rank, decode-only), so that every
-        # rank splits the same steps into micro-batches; None: decide from this rank's own batch
-        self.dbo_group: tuple[int, bool] | None = None
         self.split_steps = 0    # forwards run as two micro-batches (eager; graphs count at capture)
 
     # ---- KV cache ----------------------------------------------------------------------------
@@ -155,20 +149,25 @@ class ModelRunner:
 
     # ---- execution ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, pad_to: int | None = None) -> list[int]:
+    def execute(self, out: SchedulerOutput, pad_to: int | None = None, use_graphs: bool = True,
+                dbo_group: tuple[int, bool] | None = None) -> list[int]:
         """Runs one scheduled step; returns the sampled token of each seq that samples, in order."""
-        return self.launch(out, pad_to).result()
+        return self.launch(out, pad_to, use_graphs, dbo_group).result()
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, pad_to: int | None = None) -> PendingTokens:
-        """Queues one scheduled step (forward + sampling) on the device without waiting for it."""
-        graph = self._graph_for(len(out.seqs), pad_to) if out.is_decode_only else None
+    def launch(self, out: SchedulerOutput, pad_to: int | None = None, use_graphs: bool = True,
+               dbo_group: tuple[int, bool] | None = None) -> PendingTokens:
+        """Queues one scheduled step (forward + sampling) on the device without waiting for it.
+        use_graphs=False runs a decode batch eagerly (DP lockstep: one eager rank makes the step eager);
+        dbo_group: the EP group's (max tokens per rank, decode-only), so every rank splits the same
+        steps into micro-batches (None: decide from this batch)."""
+        graph = self._graph_for(len(out.seqs), pad_to) if out.is_decode_only and use_graphs else None
         if graph is not None:
             hidden = self._replay(graph, out)
             qsl = list(range(len(out.seqs) + 1))
         else:
             ids, pos, attn, qsl = self._prepare(out)
-            hidden = self._forward(ids, pos, attn, out.is_decode_only)
+            hidden = self._forward(ids, pos, attn, out.is_decode_only, dbo_group)
         sampling = [s.request for s in out.seqs if s.samples]
         sample_rows = [qsl[i + 1] - 1 for i, s in enumerate(out.seqs) if s.samples]
         if not sample_rows:
@@ -182,11 +181,12 @@ class ModelRunner:
         return PendingTokens(tokens, self)
 
     @torch.inference_mode()
-    def dummy_run(self, num_tokens: int, decode: bool = False) -> None:
+    def dummy_run(self, num_tokens: int, decode: bool = False, use_graphs: bool = True,
+                  dbo_group: tuple[int, bool] | None = None) -> None:
         """A forward over `num_tokens` dummy tokens that writes nothing to the cache (slot -1):
         keeps MoE collectives in step across DP ranks, and profiles activation memory."""
         if decode:
-            graph = self._graph_for(num_tokens, None)
+            graph = self._graph_for(num_tokens, None) if use_graphs else None
             if graph is not None:
                 self._fill_graph_padding(graph, 0)
                 self._replay_graph(graph, 0)
@@ -206,15 +206,16 @@ class ModelRunner:
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         pos = torch.zeros(num_tokens, dtype=torch.long, device=self.device) if decode else \
             torch.arange(num_tokens, dtype=torch.long, device=self.device)
-        self._forward(ids, pos, attn, decode)
+        self._forward(ids, pos, attn, decode, dbo_group)
 
-    def _forward(self, ids, pos, attn: AttentionMetadata, decode_only: bool) -> torch.Tensor:
+    def _forward(self, ids, pos, attn: AttentionMetadata, decode_only: bool,
+                 dbo_group: tuple[int, bool] | None = None) -> torch.Tensor:
         """An eager forward, as two micro-batches when dual-batch overlap says this step splits."""
-        tokens, dec = self.dbo_group or (int(ids.shape[0]), decode_only)
+        tokens, dec = dbo_group or (int(ids.shape[0]), decode_only)
         if not self.dbo.should_split(tokens, dec):
             return self.model.forward(ids, pos, attn, self.kv_caches)
         self.split_steps += 1
-        bound = DBOConfig.ubatch_max_tokens(tokens, dec) if self.dbo_group is not None else None
+        bound = DBOConfig.ubatch_max_tokens(tokens, dec) if dbo_group is not None else None
         return forward_dual_batch(self.model, ids, pos, attn, self.kv_caches, bound)
 
     def _graph_forward(self, size: int):
@@ -227,8 +228,6 @@ class ModelRunner:
 
     # ---- CUDA graphs -----------------------------------------------------------------------------
     def _graph_for(self, batch: int, pad_to: int | None) -> _Graph | None:
-        if not self.use_graphs:
-            return None
         need = max(batch, pad_to or 0)
         for size in sorted(self.graphs):
             if size >= need:
