@@ -81,9 +81,9 @@ class MoEDispatcher:
     def num_local_experts(self) -> int:
         return self.num_experts // self.ep_size
 
-    def set_ubatch(self, row_offset: int = 0, max_tokens: int | None = None) -> None:
-        """Every rank calls this with the same max_tokens before each stage of a micro-batch (and with
-        the defaults once the split step is over)."""
+    def set_ubatch(self, row_offset: int = 0, max_tokens: int | None = None, index: int = 0) -> None:
+        """Every rank calls this with the same max_tokens before each stage of micro-batch `index`
+        (and with the defaults once the split step is over)."""
         self.ubatch_row_offset = row_offset
         self.ubatch_max_tokens = max_tokens
 

@@ -105,7 +105,7 @@ def forward_dual_batch(model, input_ids: torch.Tensor, positions: torch.Tensor, 
     try:
         while live:
             for i in list(live):
-                dispatcher.set_ubatch(parts[i][2], ubatch_max_tokens)
+                dispatcher.set_ubatch(parts[i][2], ubatch_max_tokens, i)
                 try:
                     next(gens[i])
                 except StopIteration as stop:

@@ -97,11 +97,11 @@ class GraphModeDispatcher(MoEDispatcher):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.agree_group)
         return int(t.item()) == 0
 
-    def set_ubatch(self, row_offset: int = 0, max_tokens: int | None = None) -> None:
-        super().set_ubatch(row_offset, max_tokens)
-        self.eager.set_ubatch(row_offset, max_tokens)
+    def set_ubatch(self, row_offset: int = 0, max_tokens: int | None = None, index: int = 0) -> None:
+        super().set_ubatch(row_offset, max_tokens, index)
+        self.eager.set_ubatch(row_offset, max_tokens, index)
         if self.graph is not self.eager:
-            self.graph.set_ubatch(row_offset, max_tokens)
+            self.graph.set_ubatch(row_offset, max_tokens, index)
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         if self.graph_size is not None:
