@@ -77,7 +77,7 @@ class SymmMemDispatcher(MoEDispatcher):
     def __init__(self, num_experts: int, ep_rank: int = 0, ep_size: int = 1, group=None,
                  capacity: int = DEFAULT_CAPACITY, **options):
         super().__init__(num_experts, ep_rank, ep_size, group, **options)
-        if not torch.cuda.is_available() or group is None or dist.get_backend(group) != "nccl":
+        if not _nccl_group(group):
             raise ValueError("symm_mem_ll needs CUDA GPUs and an NCCL EP group; on CPU/gloo use "
                              "deepep_low_latency (falls back to allgather_reducescatter) or allgather_reducescatter")
         self.capacity = int(capacity)
@@ -112,7 +112,7 @@ class SymmMemDispatcher(MoEDispatcher):
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
         if enable is not None:
             try:
-                enable(self.group.group_name)
+                enable((self.group if self.group is not None else dist.group.WORLD).group_name)
             except Exception:  # noqa: BLE001 - newer torch enables it on rendezvous
                 pass
         ep, c = self.ep_size, self.capacity
@@ -121,7 +121,8 @@ class SymmMemDispatcher(MoEDispatcher):
                 symm_mem.empty(ep, c, k, dtype=torch.int32, device=device),
                 symm_mem.empty(ep, c, k, dtype=torch.float32, device=device),
                 symm_mem.empty(ep, c, hidden, dtype=torch.bfloat16, device=device)]
-        handles = tuple(symm_mem.rendezvous(b, self.group) for b in bufs)
+        group = self.group if self.group is not None else dist.group.WORLD
+        handles = tuple(symm_mem.rendezvous(b, group) for b in bufs)
         peers = [[h.get_buffer(p, tuple(b.shape), b.dtype) for p in range(ep)] for b, h in zip(bufs, handles)]
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=device)
@@ -218,12 +219,15 @@ class SymmMemDispatcher(MoEDispatcher):
         return self._on_side_stream(work, (part,))
 
 
+def _nccl_group(group) -> bool:
+    """The EP group talks NCCL between CUDA GPUs (group None: the default group)."""
+    return torch.cuda.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl"
+
+
 def make_low_latency_dispatcher(num_experts: int, ep_rank: int = 0, ep_size: int = 1, group=None,
                                 **options) -> MoEDispatcher:
     """vLLM's `deepep_low_latency`: symm_mem_ll where GPUs talk over NCCL, else allgather_reducescatter."""
-    on_gpu = (ep_size > 1 and group is not None and torch.cuda.is_available()
-              and dist.is_initialized() and dist.get_backend(group) == "nccl")
-    if on_gpu:
+    if ep_size > 1 and _nccl_group(group):
         d: MoEDispatcher = SymmMemDispatcher(num_experts, ep_rank, ep_size, group, **options)
         why = "torch symmetric memory, FP8 dispatch / BF16 combine, multicast off"
     else:
