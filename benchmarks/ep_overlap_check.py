@@ -8,7 +8,7 @@ all_to_all, and dual-batch overlap in a captured decode step.
 3. dual-batch overlap: a DeepSeek-V3 layer slice (1 dense + N MoE layers, random weights) decoding
    128 sequences per rank, captured as a CUDA graph with and without DBO, for each capturable
    backend, and the same step with communication replaced by a local stand-in (identical shapes, no
-   transfer). Exposed comm = step - step without comm; hidden share = 1 - exposed(DBO)/exposed(no DBO).
+   transfer); with all 256 experts (128 per GPU) and with 16 (8 per GPU, EP=32's per-GPU expert count). Exposed comm = step - step without comm; hidden share = 1 - exposed(DBO)/exposed(no DBO).
 
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
       python benchmarks/ep_overlap_check.py --out ep_overlap.json
@@ -179,6 +179,13 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
 
     # ---- 3. decode step with / without DBO ------------------------------------------------------------
     def dbo():
+        rows = []
+        for experts in opts["dbo_experts"]:
+            rows += dbo_at(experts)
+            torch.cuda.empty_cache()
+        return rows
+
+    def dbo_at(n_experts):
         from wideep.engine.kv_cache import allocate_kv_caches
         from wideep.model.attention import AttentionMetadata
         from wideep.model.deepseek_v3 import DeepseekV3ForCausalLM
@@ -187,13 +194,16 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
         from wideep.model.ubatch import forward_dual_batch
         from wideep.parallel.graph_dispatch import make_graph_mode_dispatcher
 
-        cfg = preset_config("layer-slice", num_moe_layers=opts["moe_layers"])
+        E = n_experts
+        cfg = preset_config("layer-slice", num_moe_layers=opts["moe_layers"], n_routed_experts=E)
         b, ctx, bs = opts["batch"], opts["context"], 64
         saved = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
         try:
             with torch.device("meta"):
-                model = DeepseekV3ForCausalLM(cfg, backend("allgather_reducescatter"), E // world)
+                model = DeepseekV3ForCausalLM(
+                    cfg, get_dispatcher("allgather_reducescatter", E, ep_rank=rank, ep_size=world, group=grp.group),
+                    E // world)
         finally:
             torch.set_default_dtype(saved)
         model.to_empty(device=dev)
@@ -221,7 +231,7 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
                 for layer in model.moe_layers():
                     layer.dispatcher = d
                 for split in (False, True):
-                    label = {"backend": name, "comm": comm, "dbo": split}
+                    label = {"experts": E, "experts_per_gpu": E // world, "backend": name, "comm": comm, "dbo": split}
                     try:
                         with torch.inference_mode(), gd.graph_mode(b):
                             fwd = (lambda: forward_dual_batch(model, ids, pos, attn, kv, -(-b // 2))) if split \
@@ -256,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--moe-layers", type=int, default=2)
     ap.add_argument("--dbo-backends", default="allgather_reducescatter,symm_mem_ll")
+    ap.add_argument("--dbo-experts", default="256,16",
+                    help="routed experts of the layer slice; 16 = 8 per GPU, the per-GPU expert count of EP=32")
     ap.add_argument("--sections", default="correctness,latency,dbo")
     ap.add_argument("--timeout", type=float, default=400.0)
     ap.add_argument("--out", type=Path, default=None)
@@ -264,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = {"tokens": [int(x) for x in a.tokens.split(",")], "iters": a.iters, "batch": a.batch,
             "context": a.context, "moe_layers": a.moe_layers, "dbo_backends": a.dbo_backends.split(","),
+            "dbo_experts": [int(x) for x in a.dbo_experts.split(",")],
             "sections": a.sections.split(",")}
     per_rank = run_ranks(_rank, 2, args=(opts,), timeout_s=a.timeout, env=NCCL_ENV, threads_per_rank=0)
     report = {"config": opts, "ranks": per_rank}

@@ -35,3 +35,22 @@ def test_fp8_rows_with_per_token_scales_round_trip():
     assert float(rel.max()) < 0.07          # e4m3: 3 mantissa bits, per-row scale keeps every row's range
     zero_q, zero_s = quantize_rows_fp8(torch.zeros(2, 8))
     assert torch.equal(dequantize_rows_fp8(zero_q, zero_s, torch.float32), torch.zeros(2, 8))
+
+
+def test_packed_rows_round_trip_through_a_byte_buffer():
+    from wideep.parallel.symm_dispatch import row_bytes, row_fields
+
+    torch.manual_seed(1)
+    hidden, k, n = 64, 3, 5
+    buf = torch.zeros((2, n, row_bytes(hidden, k)), dtype=torch.uint8)    # [ranks, tokens, bytes]
+    x = torch.randn(n, hidden)
+    q, scale = quantize_rows_fp8(x)
+    ids = torch.randint(0, 100, (n, k), dtype=torch.int32)
+    w = torch.rand(n, k)
+    bx, bs, bi, bw = row_fields(buf[1], hidden, k)
+    bx[:], bs[:], bi[:], bw[:] = q, scale, ids, w
+    rx, rs, ri, rw = row_fields(buf[:, :n], hidden, k)
+    assert torch.equal(ri[1], ids) and torch.equal(rw[1], w) and torch.equal(rs[1], scale)
+    assert torch.equal(dequantize_rows_fp8(rx[1].reshape(n, hidden), rs[1].reshape(-1), torch.float32),
+                       dequantize_rows_fp8(q, scale, torch.float32))
+    assert not ri[0].any()    # the other rank's block is untouched

@@ -2,7 +2,8 @@
 
 Each rank writes its tokens straight into every peer's receive buffer (NVLink loads/stores through
 torch symmetric memory; NVLink multicast is never used), then a device-side barrier says the data
-landed. Dispatch moves FP8 (e4m3) rows with one fp32 scale per token, plus the routing; combine sends
+landed. Dispatch moves FP8 (e4m3) rows with one fp32 scale per token, plus the routing, packed into
+one row per token (one copy per peer); combine sends
 each rank's BF16 partial sums for the peer's tokens home, where they are summed in fp32.
 
 Fixed shapes: receive buffers hold `capacity` tokens per source rank; a step uses the first
@@ -49,15 +50,26 @@ def dequantize_rows_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return (q.float() * scale[:, None]).to(dtype)
 
 
+def row_bytes(hidden: int, k: int) -> int:
+    """One dispatched token: hidden FP8 bytes, its fp32 scale, K int32 expert ids, K fp32 weights."""
+    return hidden + 4 + 8 * k
+
+
+def row_fields(buf: torch.Tensor, hidden: int, k: int):
+    """Views (x fp8 [.., H], scale fp32 [..], ids int32 [.., K], weights fp32 [.., K]) of packed rows."""
+    x = buf[..., :hidden].view(FP8)
+    scale = buf[..., hidden:hidden + 4].view(torch.float32)[..., 0]
+    ids = buf[..., hidden + 4:hidden + 4 + 4 * k].view(torch.int32)
+    weights = buf[..., hidden + 4 + 4 * k:].view(torch.float32)
+    return x, scale, ids, weights
+
+
 @dataclass
 class _Slot:
     """One micro-batch's symmetric buffers (every rank holds the same shapes)."""
-    x: torch.Tensor           # [ep, C, H] fp8, row block s written by rank s
-    scale: torch.Tensor       # [ep, C] fp32
-    ids: torch.Tensor         # [ep, C, K] int32 (-1: routes nowhere)
-    weights: torch.Tensor     # [ep, C, K] fp32
+    rows: torch.Tensor        # [ep, C, row_bytes] uint8: row block s written by rank s (one copy per peer)
     out: torch.Tensor         # [ep, C, H] bf16: rank s's partial sums for this rank's tokens
-    handles: tuple            # symmetric-memory handles of the five buffers (same order)
+    handles: tuple            # symmetric-memory handles of the two buffers
     peers: list               # peers[which][p]: buffer `which` as mapped from rank p's memory
 
 
@@ -115,11 +127,10 @@ class SymmMemDispatcher(MoEDispatcher):
                 enable((self.group if self.group is not None else dist.group.WORLD).group_name)
             except Exception:  # noqa: BLE001 - newer torch enables it on rendezvous
                 pass
+        if hidden % 4:
+            raise ValueError(f"symm_mem_ll needs a hidden size divisible by 4, got {hidden}")
         ep, c = self.ep_size, self.capacity
-        bufs = [symm_mem.empty(ep, c, hidden, dtype=FP8, device=device),
-                symm_mem.empty(ep, c, dtype=torch.float32, device=device),
-                symm_mem.empty(ep, c, k, dtype=torch.int32, device=device),
-                symm_mem.empty(ep, c, k, dtype=torch.float32, device=device),
+        bufs = [symm_mem.empty(ep, c, row_bytes(hidden, k), dtype=torch.uint8, device=device),
                 symm_mem.empty(ep, c, hidden, dtype=torch.bfloat16, device=device)]
         group = self.group if self.group is not None else dist.group.WORLD
         handles = tuple(symm_mem.rendezvous(b, group) for b in bufs)
@@ -174,32 +185,35 @@ class SymmMemDispatcher(MoEDispatcher):
         slot = self._slot(index, hidden, k, x.device, bound)
         me, ep = self.ep_rank, self.ep_size
         dtype = x.dtype
-        ids = torch.full((bound, k), -1, dtype=torch.int32, device=x.device)
-        ids[:t] = topk_ids.to(torch.int32)
-        w = torch.zeros((bound, k), dtype=torch.float32, device=x.device)
-        w[:t] = topk_weights.float()
+        # pack the tokens on this stream: FP8 rows, per-token scales, routing (padding routes nowhere)
+        staging = torch.empty((bound, row_bytes(hidden, k)), dtype=torch.uint8, device=x.device)
+        sx, sscale, sids, sw = row_fields(staging, hidden, k)
+        q, scale = quantize_rows_fp8(x)
+        sx[:t] = q
+        sscale[:t] = scale
+        sids[:t] = topk_ids.to(torch.int32)
+        sw[:t] = topk_weights.float()
+        if t < bound:
+            staging[t:].zero_()
+            sids[t:] = -1
 
         def work():
-            q, scale = quantize_rows_fp8(x)
             for p in range(ep):
-                self._peer(slot, 0, p)[me, :t].copy_(q)
-                self._peer(slot, 1, p)[me, :t].copy_(scale)
-                self._peer(slot, 2, p)[me, :bound].copy_(ids)
-                self._peer(slot, 3, p)[me, :bound].copy_(w)
+                self._peer(slot, 0, p)[me, :bound].copy_(staging)
             slot.handles[0].barrier(channel=2 * index)
 
             def finish() -> DispatchResult:
                 first, _ = self.local_expert_range
-                recv_ids = slot.ids[:, :bound].reshape(ep * bound, k).to(torch.int64)
+                rx, rscale, rids, rw = row_fields(slot.rows[:, :bound], hidden, k)
+                recv_ids = rids.reshape(ep * bound, k).to(torch.int64)
                 g = group_by_local_expert(recv_ids - first, self.num_local_experts, True)
-                weights = slot.weights[:, :bound].reshape(-1)[g.order]
+                weights = rw.reshape(-1)[g.order]
                 weights = torch.where(g.valid, weights, torch.zeros_like(weights))
-                xs = dequantize_rows_fp8(slot.x[:, :bound].reshape(ep * bound, hidden),
-                                         slot.scale[:, :bound].reshape(-1), dtype)
+                xs = dequantize_rows_fp8(rx.reshape(ep * bound, hidden), rscale.reshape(-1), dtype)
                 return DispatchResult(x=xs[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
                                       handle=_Handle(t, bound, g.rows, g.valid, index))
             return finish
-        return self._on_side_stream(work, (x, ids, w))
+        return self._on_side_stream(work, (staging,))
 
     def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
         h: _Handle = result.handle
@@ -213,8 +227,8 @@ class SymmMemDispatcher(MoEDispatcher):
 
         def work():
             for p in range(ep):
-                self._peer(slot, 4, p)[me, :bound].copy_(part[p])
-            slot.handles[4].barrier(channel=2 * h.slot + 1)
+                self._peer(slot, 1, p)[me, :bound].copy_(part[p])
+            slot.handles[1].barrier(channel=2 * h.slot + 1)
             return lambda: slot.out[:, :h.num_tokens].float().sum(dim=0).to(dtype)
         return self._on_side_stream(work, (part,))
 
