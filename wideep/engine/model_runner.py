@@ -91,14 +91,6 @@ class ModelRunner:
                                             self.model.kv_cache_dim, self.dtype, self.device)
 
     # ---- inputs -------------------------------------------------------------------------------
-    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
-        """Host staging for a copy to the device: pinned on CUDA, since a copy from pageable memory
-        waits for the work queued before it (the host would block on the step in flight)."""
-        return t.pin_memory() if self.device.type == "cuda" else t
-
-    def _h2d(self, t: torch.Tensor) -> torch.Tensor:
-        return self._pinned(t).to(self.device, non_blocking=True)
-
     def _prepare(self, out: SchedulerOutput, block_table_width: int | None = None):
         input_ids: list[int] = []
         positions: list[int] = []
@@ -131,14 +123,14 @@ class ModelRunner:
         padded = [t + [0] * (width - len(t)) for t in tables]
         dev = self.device
         attn = AttentionMetadata(
-            slot_mapping=self._h2d(torch.tensor(slots, dtype=torch.long)),
-            query_start_loc=self._h2d(torch.tensor(qsl, dtype=torch.int32)),
-            seq_lens=self._h2d(torch.tensor(seq_lens, dtype=torch.int32)),
-            block_tables=self._h2d(torch.tensor(padded, dtype=torch.int32)),
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.tensor(padded, dtype=torch.int32).to(dev, non_blocking=True),
             num_decodes=out.num_decodes, query_lens=query_lens, seq_lens_cpu=seq_lens)
-        ids = self._h2d(torch.tensor(input_ids, dtype=torch.long))
+        ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
         self._fill_pending_inputs(ids, out, qsl)
-        pos = self._h2d(torch.tensor(positions, dtype=torch.long))
+        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
         return ids, pos, attn, qsl
 
     def _fill_pending_inputs(self, ids: torch.Tensor, out: SchedulerOutput, qsl: list[int]) -> None:
@@ -152,8 +144,8 @@ class ModelRunner:
                 src.append(self._last_rows[s.request.request_id])
         if rows:
             dev = self.device
-            ids[self._h2d(torch.tensor(rows, dtype=torch.long))] = \
-                self._last_tokens[self._h2d(torch.tensor(src, dtype=torch.long))]
+            ids[torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)] = \
+                self._last_tokens[torch.tensor(src, dtype=torch.long).to(dev, non_blocking=True)]
 
     # ---- execution ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -181,7 +173,7 @@ class ModelRunner:
         if not sample_rows:
             self._last_tokens, self._last_rows = None, {}
             return PendingTokens(None, self)
-        idx = self._h2d(torch.tensor(sample_rows, dtype=torch.long))
+        idx = torch.tensor(sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden[idx])
         tokens = self.sampler.sample(logits, sampling)
         self._last_tokens = tokens
@@ -277,12 +269,12 @@ class ModelRunner:
             slots[i] = req.block_ids[p // bs] * bs + p % bs
             lens[i] = p + 1
             table[i, :len(req.block_ids)] = req.block_ids
-        g.input_ids.copy_(self._pinned(torch.from_numpy(ids)), non_blocking=True)
+        g.input_ids.copy_(torch.from_numpy(ids))
         self._fill_pending_inputs(g.input_ids, out, list(range(b + 1)))
-        g.positions.copy_(self._pinned(torch.from_numpy(pos)), non_blocking=True)
-        g.slot_mapping.copy_(self._pinned(torch.from_numpy(slots)), non_blocking=True)
-        g.seq_lens.copy_(self._pinned(torch.from_numpy(lens)), non_blocking=True)
-        g.block_tables.copy_(self._pinned(torch.from_numpy(table)), non_blocking=True)
+        g.positions.copy_(torch.from_numpy(pos))
+        g.slot_mapping.copy_(torch.from_numpy(slots))
+        g.seq_lens.copy_(torch.from_numpy(lens))
+        g.block_tables.copy_(torch.from_numpy(table))
         self._replay_graph(g, b)
         return g.hidden[:b]
 
