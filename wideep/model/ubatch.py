@@ -8,6 +8,10 @@ only on the group's agreed step shape (`should_split`), and a rank whose batch c
 sequence, or a dummy token) runs B with zero tokens.
 
 Results equal the unsplit forward row for row: attention is per sequence, experts per token.
+Overlap comes from the dispatcher's dispatch_async/combine_async: allgather_reducescatter issues NCCL
+(or gloo) async collectives, symm_mem_ll writes peers from a side stream; a backend without them
+(all_to_all, whose host-side count exchange blocks) runs its collectives in place: same result,
+no overlap.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import AttentionMetadata
+from .moe import DeepseekV3MoE
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,7 @@ def _layer_stages(layer, h, cos, sin, attn, cache):
     if h.shape[0]:      # an empty micro-batch still joins the MoE collectives
         h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, attn, cache)
     x = layer.post_attention_layernorm(h)
-    stages = getattr(layer.mlp, "forward_stages", None)
-    out = (yield from stages(x)) if stages is not None else layer.mlp(x)
+    out = (yield from layer.mlp.forward_stages(x)) if isinstance(layer.mlp, DeepseekV3MoE) else layer.mlp(x)
     return h + out
 
 
