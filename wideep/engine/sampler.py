@@ -32,7 +32,7 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         """As __call__, but the ids stay on the device (int64 [N]): no host sync (async scheduling)."""
-        n, vocab = logits.shape
+        vocab = logits.shape[1]
         logits = logits.float()
         self._mask_min_tokens(logits, reqs)
         greedy_ids = logits.argmax(dim=-1)

@@ -125,8 +125,8 @@ class SymmMemDispatcher(MoEDispatcher):
         if enable is not None:
             try:
                 enable((self.group if self.group is not None else dist.group.WORLD).group_name)
-            except Exception:  # noqa: BLE001 - newer torch enables it on rendezvous
-                pass
+            except Exception as exc:  # noqa: BLE001 - newer torch enables it on rendezvous
+                log.debug("enable_symm_mem_for_group: %s", exc)
         if hidden % 4:
             raise ValueError(f"symm_mem_ll needs a hidden size divisible by 4, got {hidden}")
         ep, c = self.ep_size, self.capacity
