@@ -44,7 +44,6 @@ def register(subparsers) -> None:
 
 
 def main(args) -> int:
-    from pathlib import Path
 
     from .config import ConfigError, load_workloads
 

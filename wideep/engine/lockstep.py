@@ -23,12 +23,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wideep.engine.proc import StepCoordinator, StepDecision
 from wideep.parallel.dist import EPGroup, EPGroupError
 from wideep.parallel.step_shape import StepProposal, StepShape, decide_shape
 
 log = logging.getLogger(__name__)
-
-from wideep.engine.proc import StepCoordinator, StepDecision
 
 
 def _advertised_host(dp_address: str) -> tuple[str, str]:

@@ -6,7 +6,6 @@ since the last scrape) takes it out of the pool and the request is scheduled onc
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import aiohttp

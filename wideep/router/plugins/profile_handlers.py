@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from wideep.router.framework import PreRequest, Profile, ProfileHandler, profile_failed
+from wideep.router.framework import PreRequest, ProfileHandler, profile_failed
 from wideep.router.registry import ConfigError, Plugin, register
 from wideep.router.types import SchedulingResult
 
