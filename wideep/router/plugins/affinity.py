@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 from wideep.router.framework import Filter, PreRequest, Scorer
 from wideep.router.plugins.prefix import prefix_fractions
-from wideep.router.registry import register
+from wideep.router.registry import PluginParams, register
 
 
 @dataclass
-class AffinityFilterParams:
+class AffinityFilterParams(PluginParams):
     affinity_threshold: float = 0.8          # prefix score an endpoint needs to be "sticky"
     max_ttft_penalty_ms: float = 0.0         # 0 = never give up stickiness for TTFT
     peak_prefill_throughput: float = 0.0     # tokens/s one endpoint prefills; 0 = no TTFT estimate
@@ -91,7 +91,7 @@ class LoraAffinityScorer(Scorer):
 
 
 @dataclass
-class NoHitLRUParams:
+class NoHitLRUParams(PluginParams):
     lru_size: int = 1024                # endpoints remembered (more than any pool)
 
     def validate(self):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wideep.router.registry import Plugin, register
+from wideep.router.registry import Plugin, PluginParams, register
 from wideep.router.types import Endpoint, LLMRequest
 
 
@@ -24,7 +24,7 @@ class AlwaysDisaggDecider(Plugin):
 
 
 @dataclass
-class PrefixPDParams:
+class PrefixPDParams(PluginParams):
     non_cached_tokens: int = 0   # 0 = never disaggregate
     prompt_tokens: int = 0
 

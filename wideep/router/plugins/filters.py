@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from wideep.router.framework import Filter
-from wideep.router.registry import register
+from wideep.router.registry import PluginParams, register
 from wideep.router.types import DECODE_ROLES, PREFILL_ROLES
 
 
@@ -27,7 +27,7 @@ class PrefillFilter(Filter):
 
 
 @dataclass
-class LabelSelectorParams:
+class LabelSelectorParams(PluginParams):
     match_labels: dict = field(default_factory=dict)
     match_expressions: list = field(default_factory=list)
 
@@ -70,7 +70,7 @@ class LabelSelectorFilter(Filter):
 
 
 @dataclass
-class ByLabelParams:
+class ByLabelParams(PluginParams):
     label: str = ""
     valid_values: list = field(default_factory=list)
     allows_no_label: bool = False

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from wideep.router.framework import PreRequest, ProfileHandler, profile_failed
 from wideep.router.plugins.prefix import prefix_fractions
 from wideep.router.plugins.profile_handlers import PREFILLER_HEADER
-from wideep.router.registry import ConfigError, register
+from wideep.router.registry import ConfigError, PluginParams, register
 from wideep.router.types import SchedulingResult
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _check_port(p: int) -> None:
 
 
 @dataclass
-class PDParams:
+class PDParams(PluginParams):
     threshold: int = 0              # bytes of uncached prompt that make a prefill leg worth it
     hash_block_size: int = 16       # S5's prefix block size; the prefix producer's own size is used
     primary_port: int = 0
@@ -101,7 +101,7 @@ class PDProfileHandler(ProfileHandler, PreRequest):
 
 
 @dataclass
-class DPParams:
+class DPParams(PluginParams):
     primary_port: int = 8000
 
     def validate(self):
@@ -133,7 +133,7 @@ class DataParallelProfileHandler(ProfileHandler, PreRequest):
 
 
 @dataclass
-class PrefillHeaderParams:
+class PrefillHeaderParams(PluginParams):
     prefill_profile: str = "prefill"
 
 

@@ -18,7 +18,7 @@ import msgpack
 from wideep.router.framework import DataProducer, Scorer
 from wideep.router.plugins.prefix import PrefixMatch
 from wideep.router.prefix_hash import block_hashes, chain_block, root_hash
-from wideep.router.registry import register
+from wideep.router.registry import PluginParams, register
 from wideep.router.types import Endpoint
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _check_keys(where: str, d: Any, known: set[str]) -> dict:
 
 
 @dataclass
-class PreciseParams:
+class PreciseParams(PluginParams):
     token_processor_config: dict = field(default_factory=dict)   # {blockSize, hashSeed}
     kv_events_config: dict = field(default_factory=dict)
     # {topicFilter, discoverPods, replayTimeoutMs, podDiscoveryConfig{socketPort, replayPort}}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from wideep.router.framework import DataProducer, PreRequest, Scorer
 from wideep.router.prefix_hash import block_hashes, root_hash
-from wideep.router.registry import register
+from wideep.router.registry import PluginParams, register
 from wideep.router.types import Endpoint, LLMRequest
 
 
@@ -23,7 +23,7 @@ class PrefixMatch:
 
 
 @dataclass
-class PrefixParams:
+class PrefixParams(PluginParams):
     block_size_tokens: int = 16
     auto_tune: bool = False
     max_prefix_tokens_to_match: int = 131072

@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from wideep.router.framework import DataProducer, PreRequest, ResponseHooks
-from wideep.router.registry import register
+from wideep.router.registry import PluginParams, register
 from wideep.router.tokenize import LocalTokenizer, RemoteTokenizer, estimate_token_ids
 
 
 @dataclass
-class TokenProducerParams:
+class TokenProducerParams(PluginParams):
     mode: str = ""                  # estimate | tokenizer | vllm ("" = vllm when a `vllm` mapping is given)
     tokenizer: str = ""             # directory with tokenizer.json (mode tokenizer)
     vllm: dict = field(default_factory=dict)   # {url: "http://host:port" ("" = a candidate endpoint), timeoutMs}

@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass, field
 
 from wideep.router.framework import PreRequest, ProfileHandler, profile_failed
-from wideep.router.registry import ConfigError, Plugin, register
+from wideep.router.registry import ConfigError, Plugin, PluginParams, register
 from wideep.router.types import SchedulingResult
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class SingleProfileHandler(ProfileHandler):
 
 
 @dataclass
-class DisaggParams:
+class DisaggParams(PluginParams):
     profiles: dict = field(default_factory=dict)   # {decode: name, prefill: name, encode: name}
     deciders: dict = field(default_factory=dict)   # {prefill: decider plugin name}
     stage_order: str = "decode-first"
