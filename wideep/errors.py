@@ -25,3 +25,14 @@ class ConfigError(WideepError, ValueError):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
+
+
+class UsageExit(SystemExit):
+    """Leave a CLI with exit code 2 and a message (`wideep` prints it): a bad flag, file or spec."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_USAGE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

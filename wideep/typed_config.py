@@ -37,7 +37,7 @@ def build(cls: type, data: Any, path: str = "") -> Any:
         name = aliases.get(key, key)
         where = f"{path}.{key}" if path else str(key)
         if name not in fields:
-            raise ConfigError(where, f"unknown field {key!r} (known: {', '.join(sorted(fields))})")
+            raise ConfigError(where, f"unknown field: unknown key {key!r} (known: {', '.join(sorted(fields))})")
         kwargs[name] = coerce(hints[name], value, where)
     return cls(**kwargs)
 

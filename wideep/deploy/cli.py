@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from wideep.errors import UsageExit
+
 
 def register(subparsers) -> None:
     up = subparsers.add_parser(
@@ -59,11 +61,11 @@ def _load(spec_path: str | None):
 
     path = Path(spec_path) if spec_path else default_spec_path()
     if not path.is_file():
-        raise SystemExit(f"wideep: spec file {path} does not exist")
+        raise UsageExit(f"wideep: spec file {path} does not exist")
     try:
         return load_spec(path), path
     except SpecError as exc:
-        raise SystemExit(f"wideep: invalid spec {path}: {exc}") from None
+        raise UsageExit(f"wideep: invalid spec {path}: {exc}") from None
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -76,7 +78,7 @@ def _render(args: argparse.Namespace) -> int:
         files = render_bundle(spec, target=args.target, provider=args.provider, model_server=args.model_server,
                               base_dir=path.parent)
     except SpecError as exc:
-        raise SystemExit(f"wideep: invalid spec {path}: {exc}") from None
+        raise UsageExit(f"wideep: invalid spec {path}: {exc}") from None
     if args.out:
         written = write_bundle(files, Path(args.out))
         for p in written:

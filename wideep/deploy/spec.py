@@ -169,7 +169,7 @@ def engine_arg_names() -> set[str]:
     """Keys `engine_args` may use: the EngineArgs fields (vLLM names), which `wideep serve` accepts."""
     from wideep.engine.config import EngineArgs
 
-    return {f.name for f in dataclasses.fields(EngineArgs)} - MANAGED_ENGINE_ARGS
+    return {f.name for f in dataclasses.fields(EngineArgs) if "help" in f.metadata} - MANAGED_ENGINE_ARGS
 
 
 def engine_arg_types() -> dict[str, Any]:

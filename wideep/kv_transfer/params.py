@@ -5,9 +5,13 @@ The field names are the wire contract between router/sidecar, prefill server and
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from wideep.errors import ConfigError
+from wideep.typed_config import build
 
 DEFAULT_SIDE_CHANNEL_PORT = 5600
 DEFAULT_ABORT_TIMEOUT_S = 480.0
@@ -56,21 +60,11 @@ class KVTransferConfig:
     """`--kv-transfer-config` JSON: which connector, which role, what to do when a KV read fails."""
 
     kv_connector: str = "NixlConnector"
-    kv_role: str = "kv_both"                 # kv_producer | kv_consumer | kv_both
-    kv_load_failure_policy: str = "recompute"  # fail | recompute
+    kv_role: Literal["kv_producer", "kv_consumer", "kv_both"] = "kv_both"
+    kv_load_failure_policy: Literal["fail", "recompute"] = "recompute"
     engine_id: str | None = None             # base id; default: a random uuid per server start
     kv_connector_extra_config: dict[str, Any] | None = None
 
-    ROLES = ("kv_producer", "kv_consumer", "kv_both")
-    POLICIES = ("fail", "recompute")
-
-    def __post_init__(self) -> None:
-        if self.kv_role not in self.ROLES:
-            raise ValueError(f"kv_transfer_config.kv_role must be one of {', '.join(self.ROLES)}, got {self.kv_role!r}")
-        if self.kv_load_failure_policy not in self.POLICIES:
-            raise ValueError(
-                f"kv_transfer_config.kv_load_failure_policy must be one of {', '.join(self.POLICIES)}, "
-                f"got {self.kv_load_failure_policy!r}")
 
     @property
     def is_producer(self) -> bool:
@@ -85,10 +79,11 @@ class KVTransferConfig:
         if d is None:
             return None
         if not isinstance(d, dict):
-            raise ValueError(f"kv_transfer_config must be a JSON object, got {d!r}")
-        known = {"kv_connector", "kv_role", "kv_load_failure_policy", "engine_id", "kv_connector_extra_config"}
-        # vLLM's KVTransferConfig has more knobs (kv_buffer_device, kv_rank, ...): accept and ignore them.
-        return cls(**{k: v for k, v in d.items() if k in known})
+            raise ConfigError("kv_transfer_config", f"must be a JSON object, got {d!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        # vLLM's KVTransferConfig has more knobs (kv_buffer_device, kv_rank, ...) that manifests written for
+        # vLLM carry; they do not apply to this connector and are left out before the typed check.
+        return build(cls, {k: v for k, v in d.items() if k in known}, "kv_transfer_config")
 
 
 @dataclass

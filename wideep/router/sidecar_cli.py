@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from wideep.errors import UsageExit
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -35,7 +37,7 @@ def build_config(args: argparse.Namespace):
     from wideep.router.sidecar import SidecarConfig
 
     if args.connector not in ("nixlv2", "nixl", "wideep"):
-        raise SystemExit(f"--connector {args.connector!r} is not supported; use nixlv2")
+        raise UsageExit(f"--connector {args.connector!r} is not supported; use nixlv2")
     allow: list[str] | None = None
     if args.prefiller_allowlist is not None:
         allow = [e for e in args.prefiller_allowlist.split(",") if e.strip()]
