@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 from typing import Any, Sequence
+
+from wideep import envs
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def static_decode_sizes_from_env() -> list[int]:
     """$WIDEEP_STATIC_DECODE_SIZES="1,2,4": on CPU (gloo cannot be captured, so no CUDA graphs) run
     decode through the graph path anyway, with eager stand-ins of those sizes: the same per-step
     agreement, padding, static-shape dispatch and dummy replays as CUDA graphs on GPU."""
-    raw = os.environ.get(STATIC_DECODE_ENV, "")
+    raw = envs.WIDEEP_STATIC_DECODE_SIZES
     try:
         return sorted({int(x) for x in raw.split(",") if x.strip()})
     except ValueError:
@@ -128,7 +129,6 @@ def _eager_only(args) -> bool:
 
 def run_dp_engine_process(args_dict: dict, input_addr: str, output_addr: str, ready=None) -> None:
     """Engine process of one DP rank (spawned; args carry data_parallel_rank and the group address)."""
-    import torch
 
     from wideep.engine.config import EngineArgs
     from wideep.engine.proc import run_engine_process
@@ -138,10 +138,6 @@ def run_dp_engine_process(args_dict: dict, input_addr: str, output_addr: str, re
 
     args = EngineArgs.from_dict(args_dict)
     pcfg = ParallelConfig.from_engine_args(args)
-    threads = os.environ.get("WIDEEP_THREADS_PER_RANK")
-    if threads or not torch.cuda.is_available():
-        # CPU ranks share the host's cores: do not let each one spawn a thread per core
-        torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // pcfg.data_parallel_size_local))
     coordinator = DPLockstepCoordinator(dp_address=pcfg.data_parallel_address)
 
     built: dict[str, Any] = {}

@@ -30,6 +30,8 @@ from typing import Any
 import msgpack
 import zmq
 
+from wideep.utils.threads import apply_engine_threads
+from wideep.logs import setup_logging
 from wideep.engine.api import EngineRequest, InvalidRequest
 from wideep.engine.config import EngineArgs
 
@@ -93,9 +95,9 @@ def run_engine_process(args: EngineArgs | dict, input_addr: str, output_addr: st
     `core_factory(args) -> EngineCore` lets the DP launcher build the core with its dispatcher."""
     if isinstance(args, dict):
         args = EngineArgs.from_dict(args)
-    _limit_cpu_threads(args)
-    logging.basicConfig(level=os.environ.get("WIDEEP_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s engine[%(process)d] %(message)s")
+    setup_logging("engine")
+    threads = apply_engine_threads(args.device)
+    log.info("engine dp rank %d: %d torch threads", args.data_parallel_rank, threads)
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.connect(input_addr)
@@ -141,22 +143,17 @@ def run_engine_process(args: EngineArgs | dict, input_addr: str, output_addr: st
         ctx.term()
 
 
-def _limit_cpu_threads(args: EngineArgs) -> None:
-    """CPU engines default to one intra-op thread unless OMP_NUM_THREADS says otherwise: several
-    engine processes (DP ranks, P and D) share the host, and OpenMP threads spinning against each
-    other made tiny-model steps ~25x slower on a 2-core machine."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
+def _torch_threads() -> int:
     import torch
-    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
-        torch.set_num_threads(1)
+
+    return torch.get_num_threads()
 
 
 def engine_info(core) -> dict[str, Any]:
     return {"num_blocks": core.num_blocks, "block_size": core.args.block_size,
             "max_model_len": core.max_model_len, "vocab_size": core.vocab_size,
             "eos_token_ids": sorted(core.eos_token_ids), "device": str(core.device),
-            "dp_rank": core.args.data_parallel_rank, "pid": os.getpid()}
+            "dp_rank": core.args.data_parallel_rank, "pid": os.getpid(), "torch_threads": _torch_threads()}
 
 
 class EngineLoop:

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
+from wideep import envs
 from wideep.kv_transfer.kv_cache import PagedKVCaches
 from wideep.kv_transfer.params import (KVTransferConfig, RemotePrefillParams, abort_timeout_s, engine_id_for_rank,
                                        side_channel_base_port, side_channel_host, wants_remote_decode,
@@ -342,7 +343,7 @@ def make_connector(args) -> KVConnector:
     cfg = KVTransferConfig.from_dict(args.kv_transfer_config)
     assert cfg is not None
     advertised = side_channel_host()
-    explicit = os.environ.get("WIDEEP_KV_SIDE_CHANNEL_HOST") or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST")
-    listen = os.environ.get("WIDEEP_KV_SIDE_CHANNEL_LISTEN_HOST") or ("0.0.0.0" if explicit else "127.0.0.1")
+    explicit = envs.WIDEEP_KV_SIDE_CHANNEL_HOST or envs.VLLM_NIXL_SIDE_CHANNEL_HOST
+    listen = envs.WIDEEP_KV_SIDE_CHANNEL_LISTEN_HOST or ("0.0.0.0" if explicit else "127.0.0.1")
     return KVConnector(cfg, model=args.model, block_size=args.block_size, dp_rank=args.data_parallel_rank,
                        host=advertised, listen_host=listen)

@@ -6,10 +6,10 @@ The field names are the wire contract between router/sidecar, prefill server and
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from wideep import envs
 from wideep.errors import ConfigError
 from wideep.typed_config import build
 
@@ -30,24 +30,20 @@ PREFILL_LEG_PARAMS: dict[str, Any] = {
 def side_channel_base_port() -> int:
     """Base port of the side channel; rank r listens on base + r. WIDEEP_KV_SIDE_CHANNEL_PORT wins over
     vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT so tests can give every server its own ephemeral range."""
-    raw = os.environ.get("WIDEEP_KV_SIDE_CHANNEL_PORT") or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT")
-    if not raw:
-        return DEFAULT_SIDE_CHANNEL_PORT
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"VLLM_NIXL_SIDE_CHANNEL_PORT / WIDEEP_KV_SIDE_CHANNEL_PORT must be an integer, got {raw!r}")
+    port = envs.WIDEEP_KV_SIDE_CHANNEL_PORT
+    if port is None:
+        port = envs.VLLM_NIXL_SIDE_CHANNEL_PORT
+    return DEFAULT_SIDE_CHANNEL_PORT if port is None else port
 
 
 def side_channel_host() -> str:
     """The address the consumer is told to dial (the pod IP on Kubernetes)."""
-    return os.environ.get("WIDEEP_KV_SIDE_CHANNEL_HOST") or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST") or "127.0.0.1"
+    return envs.WIDEEP_KV_SIDE_CHANNEL_HOST or envs.VLLM_NIXL_SIDE_CHANNEL_HOST or "127.0.0.1"
 
 
 def abort_timeout_s() -> float:
     """How long a producer holds blocks nobody has read (vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT)."""
-    raw = os.environ.get("VLLM_NIXL_ABORT_REQUEST_TIMEOUT")
-    return float(raw) if raw else DEFAULT_ABORT_TIMEOUT_S
+    return envs.VLLM_NIXL_ABORT_REQUEST_TIMEOUT
 
 
 def engine_id_for_rank(base: str, dp_rank: int) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +16,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wideep import envs
 from wideep.parallel.config import ParallelConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("WIDEEP_DIST_TIMEOUT_S", "120"))
 
 
 class EPGroupError(RuntimeError):
@@ -59,11 +58,13 @@ def pick_device(config: ParallelConfig, device: str = "auto") -> torch.device:
 
 
 def init_ep_group(config: ParallelConfig, device: str | torch.device = "auto",
-                  timeout_s: float = DEFAULT_TIMEOUT_S) -> EPGroup:
+                  timeout_s: float | None = None) -> EPGroup:
     """Join the EP group described by `config` (blocks until all data_parallel_size ranks joined).
 
     Size 1 forms no process group at all. Backend: NCCL when the device is CUDA, else gloo.
     """
+    if timeout_s is None:
+        timeout_s = envs.WIDEEP_DIST_TIMEOUT_S
     dev = device if isinstance(device, torch.device) else pick_device(config, device)
     if config.ep_size == 1:
         return EPGroup(0, 1, dev, "none", None, None, timeout_s)

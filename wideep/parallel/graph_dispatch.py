@@ -9,12 +9,12 @@ replaying) a graph of `size` tokens per rank; everything else goes to the eager 
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 
+from wideep import envs
 from wideep.model.dispatch import DispatchResult, MoEDispatcher
 from wideep.parallel.backends import ALIASES, get_dispatcher
 
@@ -125,7 +125,7 @@ class GraphModeDispatcher(MoEDispatcher):
 def graph_backend_name(eager_backend: str, eager: MoEDispatcher | None = None) -> str:
     """The decode backend: $WIDEEP_DECODE_ALL2ALL_BACKEND, else the configured backend when it is
     graph capturable, else allgather_reducescatter."""
-    forced = os.environ.get(DECODE_BACKEND_ENV)
+    forced = envs.WIDEEP_DECODE_ALL2ALL_BACKEND
     if forced:
         return ALIASES.get(forced, forced)
     if eager is not None and eager.graph_capturable:
@@ -147,6 +147,6 @@ def make_graph_mode_dispatcher(backend: str, num_experts: int, ep_rank: int = 0,
     if ep_rank == 0:
         log.info("EP MoE dispatch: prefill/mixed (eager) backend %s, decode (CUDA graph) backend %s%s",
                  eager.name, graph.name,
-                 f" (from ${DECODE_BACKEND_ENV})" if os.environ.get(DECODE_BACKEND_ENV) else
+                 f" (from ${DECODE_BACKEND_ENV})" if envs.WIDEEP_DECODE_ALL2ALL_BACKEND else
                  "" if graph is eager else f" ({eager.name} is not graph capturable)")
     return d

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from wideep.logs import setup_logging
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scheduling")
@@ -80,10 +82,9 @@ def options_from_args(args):
 
 
 def main(args) -> int:
-    import logging
     import sys
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("router", args.log_level)
     if args.print_default_config:
         from wideep.router.config import default_config_text
 

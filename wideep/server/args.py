@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from wideep import envs
 from wideep.engine.config import EngineArgs
 from wideep.errors import ConfigError
 
@@ -137,6 +138,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
           help="after a child process dies, seconds /health reports 503 before the supervisor exits 1")
     _flag(http, "--engine-start-timeout", type=float, default=1800.0,
           help="seconds an engine may take to load before the supervisor gives up")
+    _flag(http, "--log-level", default=None, type=str.lower, choices=["debug", "info", "warning", "error"],
+          help="level of every process of this server (default: $WIDEEP_LOG_LEVEL, else info); "
+               "info logs one access line per request")
 
     par = p.add_argument_group("data / expert parallelism")
     _flag(par, "--data-parallel-size-local", type=int, default=None,
@@ -205,7 +209,7 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
         raise ConfigError("--" + head.replace("_", "-") + dot + rest, e.message) from None
     return ServeConfig(
         engine_args=engine_args, served_model_names=names, host=ns.host, port=ns.port,
-        supervisor_port=ns.data_parallel_supervisor_port, api_key=ns.api_key or os.environ.get("VLLM_API_KEY") or None,
+        supervisor_port=ns.data_parallel_supervisor_port, api_key=ns.api_key or envs.VLLM_API_KEY,
         drain_timeout_s=ns.drain_timeout, restart_grace_s=ns.restart_grace_period,
-        engine_start_timeout_s=ns.engine_start_timeout,
+        engine_start_timeout_s=ns.engine_start_timeout, log_level=ns.log_level or envs.WIDEEP_LOG_LEVEL.lower(),
     )
