@@ -19,14 +19,9 @@ from wideep.engine.config import EngineArgs
 from wideep.engine.kv_cache import bytes_per_block, kv_cache_budget, num_blocks_for_budget
 from wideep.engine.request import Request
 from wideep.engine.scheduler import Scheduler, SchedulerConnector, SchedulerOutput
+from wideep.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

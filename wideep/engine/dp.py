@@ -15,6 +15,7 @@ import logging
 from typing import Any, Sequence
 
 from wideep import envs
+from wideep.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,7 @@ def _eager_only(args) -> bool:
     """CPU ranks talk over gloo, which CUDA graphs cannot capture: eager there, graphs on CUDA."""
     if args.enforce_eager:
         return True
-    if args.device == "auto":
-        import torch
-        on_cuda = torch.cuda.is_available()
-    else:
-        on_cuda = str(args.device).startswith("cuda")
+    on_cuda = resolve_device(args.device).type == "cuda"
     return not on_cuda and not static_decode_sizes_from_env()   # the CPU stand-ins are an explicit opt-in
 
 

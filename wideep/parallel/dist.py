@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from wideep import envs
 from wideep.parallel.config import ParallelConfig
+from wideep.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,8 @@ class EPGroup:
 
 
 def pick_device(config: ParallelConfig, device: str = "auto") -> torch.device:
-    """cuda:<local rank> when CUDA is asked for or available, else cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if device == "cuda":
-            n = torch.cuda.device_count()
-            if n == 0:
-                raise RuntimeError("device=cuda but no CUDA device is visible")
-            # With CUDA_VISIBLE_DEVICES narrowed to one GPU per process, local rank maps to cuda:0.
-            return torch.device("cuda", config.local_rank % n)
-        return torch.device(device)
-    return torch.device("cpu")
+    """cuda:<local rank> when CUDA is asked for or available, else cpu (wideep.utils.device)."""
+    return resolve_device(device, config.local_rank)
 
 
 def init_ep_group(config: ParallelConfig, device: str | torch.device = "auto",

@@ -13,16 +13,16 @@ import os
 from typing import Any
 
 from wideep.engine.config import EngineArgs
+from wideep.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
 def _select_device(local_rank: int, device: str) -> None:
-    if device == "cpu":
-        return
-    import torch
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
 
 
 def run_engine(payload: dict[str, Any]) -> None:

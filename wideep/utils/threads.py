@@ -8,6 +8,7 @@ feeds the device there).
 from __future__ import annotations
 
 from wideep import envs
+from wideep.utils.device import resolve_device
 
 
 def engine_threads(on_cpu: bool) -> int | None:
@@ -25,8 +26,7 @@ def apply_engine_threads(device: str) -> int:
     returns the thread count torch now uses."""
     import torch
 
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    n = engine_threads(on_cpu)
+    n = engine_threads(resolve_device(device).type == "cpu")
     if n is not None:
         torch.set_num_threads(n)
     return torch.get_num_threads()
