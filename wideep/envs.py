@@ -77,6 +77,7 @@ VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     # network tier
     "VLLM_API_KEY": (_str("VLLM_API_KEY"), "API key of `wideep serve` when --api-key is not given"),
     "WIDEEP_ENVOY": (_str("WIDEEP_ENVOY"), "path of the envoy binary the router's gateway mode runs"),
+    "XDG_CACHE_HOME": (_str("XDG_CACHE_HOME"), "where `wideep up` keeps its state file (default ~/.cache)"),
 }
 
 

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
                     help="allocate internal ports upward from here (default: ephemeral free ports)")
     up.add_argument("--router-port", type=int, default=None, help="router HTTP port (default: the spec's, or a free one)")
     up.add_argument("--state-file", default=None,
-                    help="where to write the running stack's layout for `wideep status` (default: .cache/wideep-up.json)")
+                    help="where to write the running stack's layout for `wideep status` (default: $XDG_CACHE_HOME/wideep/up.json, i.e. ~/.cache/wideep/up.json)")
     up.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the stack to be healthy")
     up.add_argument("--max-restarts", type=int, default=10, help="group restarts before `up` gives up (per group)")
     up.add_argument("--log-dir", default=None, help="also write each component's log to DIR/<component>.log")
@@ -49,7 +49,7 @@ def register(subparsers) -> None:
         description="Reads the layout `wideep up` wrote (or the spec's ports on this host, or --url endpoints) "
                     "and scrapes each rank's /health and /metrics.")
     status.add_argument("-f", "--file", dest="spec", default=None, help="spec whose default ports to probe on localhost")
-    status.add_argument("--state-file", default=None, help="layout written by `wideep up` (default: .cache/wideep-up.json)")
+    status.add_argument("--state-file", default=None, help="layout written by `wideep up` (default: $XDG_CACHE_HOME/wideep/up.json, i.e. ~/.cache/wideep/up.json)")
     status.add_argument("--url", action="append", default=[], help="a rank's base URL (repeatable)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(func=_status)
@@ -95,7 +95,7 @@ def _up(args: argparse.Namespace) -> int:
     spec, path = _load(args.spec)
     return run_up(spec, spec_dir=path.parent, port_base=args.port_base, router_port=args.router_port,
                   state_file=args.state_file, ready_timeout=args.ready_timeout, max_restarts=args.max_restarts,
-                  log_dir=args.log_dir, quiet=args.quiet, embedded=args.spec is None)
+                  log_dir=args.log_dir, quiet=args.quiet)
 
 
 def _status(args: argparse.Namespace) -> int:

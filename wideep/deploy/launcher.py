@@ -25,6 +25,7 @@ from typing import IO
 
 import yaml
 
+from wideep import envs
 from wideep.deploy.plan import GroupPlan, ProcPlan, StackPlan, plan_stack, wideep_executable
 from wideep.deploy.ports import PortAllocator
 from wideep.deploy.router_config import router_config_text
@@ -40,7 +41,7 @@ STABLE_S = 60.0                # a group up this long has its backoff reset
 
 
 def default_state_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wideep" / "up.json"
+    return Path(envs.XDG_CACHE_HOME or Path.home() / ".cache") / "wideep" / "up.json"
 
 
 class GroupFailed(Exception):
@@ -368,7 +369,7 @@ def ensure_model(spec: DeploySpec, out: IO[str]) -> None:
 
 def run_up(spec: DeploySpec, *, spec_dir: Path, port_base: int | None = None, router_port: int | None = None,
            state_file: str | None = None, ready_timeout: float = 900.0, max_restarts: int = 10,
-           log_dir: str | None = None, quiet: bool = False, embedded: bool = False) -> int:
+           log_dir: str | None = None, quiet: bool = False) -> int:
     out = sys.stdout
     try:
         ensure_model(spec, out)

@@ -42,9 +42,11 @@ def build_ep_core(args, pcfg, group, coordinator=None):
         return phy2log[position[layer], lo:lo + per].tolist()
 
     # the configured backend for prefill/mixed steps, a capturable one for CUDA-graph decode
-    dispatcher = make_graph_mode_dispatcher(pcfg.all2all_backend, n_phy, ep_rank=pcfg.ep_rank,
-                                            ep_size=pcfg.ep_size, group=group.group, agree_group=group.cpu_group)
     device = group.device
+    decode_mode = None if _eager_only(args) else "CUDA graph" if device.type == "cuda" else "static-shape"
+    dispatcher = make_graph_mode_dispatcher(pcfg.all2all_backend, n_phy, ep_rank=pcfg.ep_rank,
+                                            ep_size=pcfg.ep_size, group=group.group, agree_group=group.cpu_group,
+                                            decode_mode=decode_mode)
     dtype = resolve_dtype(args.dtype, device)
     model = load_model(args.model, device, dtype, dispatcher=dispatcher, ep_rank=pcfg.ep_rank,
                        ep_size=pcfg.ep_size, local_expert_ids=local_expert_ids)

@@ -134,9 +134,11 @@ def graph_backend_name(eager_backend: str, eager: MoEDispatcher | None = None) -
 
 
 def make_graph_mode_dispatcher(backend: str, num_experts: int, ep_rank: int = 0, ep_size: int = 1,
-                               group=None, agree_group=None) -> GraphModeDispatcher:
+                               group=None, agree_group=None, decode_mode: str | None = "CUDA graph"
+                               ) -> GraphModeDispatcher:
     """The configured backend for eager steps plus a capturable one for CUDA-graph decode; shares one
-    instance when the configured backend is itself capturable. Logs the choice."""
+    instance when the configured backend is itself capturable. Logs the choice; `decode_mode` names how
+    decode steps run ("CUDA graph", "static-shape" CPU stand-ins, or None: eagerly, like prefill)."""
     eager = get_dispatcher(backend, num_experts, ep_rank=ep_rank, ep_size=ep_size, group=group)
     gname = graph_backend_name(backend, eager)
     if gname == ALIASES.get(backend, backend):
@@ -144,9 +146,11 @@ def make_graph_mode_dispatcher(backend: str, num_experts: int, ep_rank: int = 0,
     else:
         graph = get_dispatcher(gname, num_experts, ep_rank=ep_rank, ep_size=ep_size, group=group)
     d = GraphModeDispatcher(eager, graph, agree_group=agree_group if ep_size > 1 else None)
-    if ep_rank == 0:
-        log.info("EP MoE dispatch: prefill/mixed (eager) backend %s, decode (CUDA graph) backend %s%s",
-                 eager.name, graph.name,
+    if ep_rank == 0 and decode_mode is None:
+        log.info("EP MoE dispatch: backend %s (every step eager)", eager.name)
+    elif ep_rank == 0:
+        log.info("EP MoE dispatch: prefill/mixed (eager) backend %s, decode (%s) backend %s%s",
+                 eager.name, decode_mode, graph.name,
                  f" (from ${DECODE_BACKEND_ENV})" if envs.WIDEEP_DECODE_ALL2ALL_BACKEND else
                  "" if graph is eager else f" ({eager.name} is not graph capturable)")
     return d

@@ -178,13 +178,6 @@ class Router:
         if self.k8s:
             await self.k8s.stop()
 
-    async def run_forever(self) -> None:
-        await self.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
-
 
 def run_router(opts: RouterOptions) -> int:
     """Blocking entry point (the CLI and the DEPLOY launcher): runs until SIGINT/SIGTERM."""

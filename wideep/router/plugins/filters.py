@@ -5,14 +5,11 @@ from dataclasses import dataclass, field
 
 from wideep.router.framework import Filter
 from wideep.router.registry import PluginParams, register
-from wideep.router.types import DECODE_ROLES, PREFILL_ROLES
 
 
 @register("decode-filter")
 class DecodeFilter(Filter):
     """Decode-capable endpoints; an endpoint with no role label can do both."""
-
-    ROLES = DECODE_ROLES
 
     def filter(self, req, eps):
         return [e for e in eps if e.can_decode]
@@ -20,7 +17,7 @@ class DecodeFilter(Filter):
 
 @register("prefill-filter")
 class PrefillFilter(Filter):
-    ROLES = PREFILL_ROLES
+    """Prefill-capable endpoints; an endpoint with no role label can do both."""
 
     def filter(self, req, eps):
         return [e for e in eps if e.can_prefill]
