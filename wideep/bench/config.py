@@ -1,7 +1,7 @@
 """inference-perf's workload YAML as typed dataclasses, validated strictly.
 
 The same file runs under the real inference-perf and under `wideep bench`, so the field names,
-defaults and strictness (an unknown key is an error) follow inference-perf 0.7.0 (bench.md §1).
+defaults and strictness (an unknown key is an error) follow inference-perf 0.7.0.
 llm-d's run_only.sh templates (`endpoint:/harness:/workload:` sections) are accepted too: each
 entry of `workload:` is one inference-perf config.
 """

@@ -1,4 +1,4 @@
-"""The metric definitions (bench.md "Metric definitions", inference-perf reportgen) in one place.
+"""The metric definitions (docs/protocols.md, "Benchmark compatibility"; inference-perf reportgen) in one place.
 
 - TTFT = first token stamp - start; a token stamp is the arrival time of the chunk that carried it.
 - request_latency = end - start.

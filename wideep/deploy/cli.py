@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     render.add_argument("--provider", choices=["none", "gke", "coreweave"], default="none",
                         help="RDMA/network patches for the model-server pods")
     render.add_argument("--model-server", choices=["wideep", "vllm"], default="wideep",
-                        help="vllm: the seeds' `vllm serve` command lines behind the wideep router")
+                        help="vllm: llm-d's wide-EP `vllm serve` command lines behind the wideep router")
     render.add_argument("--out", default=None, help="output folder (default: print all objects to stdout)")
     render.set_defaults(func=_render)
 

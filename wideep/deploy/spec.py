@@ -36,7 +36,7 @@ class ModelSpec:
 @dataclass
 class ResourcesSpec:
     gpus: int | None = None            # per pod; None = data-parallel ranks per node (GPU accelerators)
-    cpu: str | None = None             # requests only (the seeds leave CPU unlimited)
+    cpu: str | None = None             # requests only (llm-d's guides leave CPU unlimited)
     memory: str | None = None
     ephemeral_storage: str | None = None
     shm: str = "2Gi"                   # /dev/shm emptyDir size (DeepEP/NCCL need it)
@@ -113,7 +113,7 @@ class ClusterSpec:
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     node_selector: dict[str, str] = field(default_factory=dict)
     rdma_nics: int | None = None       # provider patches; None = GPUs per pod
-    startup_budget_s: int = 2700       # startupProbe failureThreshold x 1 s (45 min, as the seeds)
+    startup_budget_s: int = 2700       # startupProbe failureThreshold x 1 s (45 min, as llm-d's guides)
 
 
 @dataclass

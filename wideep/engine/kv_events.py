@@ -1,7 +1,7 @@
 """KV cache events over ZMQ in vLLM's wire format, so llm-d's precise-prefix scorer can follow our cache.
 
 The engine process publishes what its block manager stored and evicted (api.py's BlockStored,
-BlockRemoved, AllBlocksCleared). Wire format (engine.md §3, router.md §2):
+BlockRemoved, AllBlocksCleared). Wire format (docs/protocols.md, "KV events"):
 
 * PUB socket, three frames per message: ``[topic, seq (8-byte big-endian), payload]``.
 * payload = msgpack ``EventBatch`` as an array: ``[ts, events, data_parallel_rank]``; each event is

@@ -1,7 +1,7 @@
 """`kv_transfer_params` as vLLM's NixlConnector and llm-d's sidecar spell them, plus the env knobs.
 
 The field names are the wire contract between router/sidecar, prefill server and decode server
-(engine.md §3, router.md §5); keep them exactly as vLLM names them.
+(docs/protocols.md, "P/D disaggregation"); keep them exactly as vLLM names them.
 """
 from __future__ import annotations
 

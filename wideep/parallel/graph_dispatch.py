@@ -1,6 +1,6 @@
 """Two MoE dispatch backends behind one: a graph backend for captured decode, the configured one otherwise.
 
-vLLM-style split (engine.md §5): decode steps replay CUDA graphs, which need a dispatcher with fixed
+vLLM-style split (docs/protocols.md, "MoE dispatch backends and EPLB"): decode steps replay CUDA graphs, which need a dispatcher with fixed
 shapes and no host sync (DeepEP low-latency; here allgather_reducescatter in static-shape mode);
 prefill and mixed steps run eagerly with the configured backend (DeepEP high-throughput; here
 all_to_all, or allgather). The model runner enters `graph_mode(size)` around capturing (and

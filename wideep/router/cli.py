@@ -1,4 +1,4 @@
-"""`wideep router`: the llm-d-compatible Endpoint Picker (router.md). Imports stay light here."""
+"""`wideep router`: the llm-d-compatible Endpoint Picker (docs/protocols.md, "Router"). Imports stay light here."""
 from __future__ import annotations
 
 import argparse

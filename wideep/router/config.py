@@ -1,6 +1,6 @@
 """EndpointPickerConfig (llm-d.ai/v1alpha1 or inference.networking.x-k8s.io/v1alpha1) -> live plugins.
 
-Defaults follow router.md §1: no profiles -> one `default` profile with every filter, scorer and
+Defaults follow llm-d's EndpointPickerConfig: no profiles -> one `default` profile with every filter, scorer and
 picker; one profile -> single-profile-handler; no picker -> max-score-picker (1 endpoint);
 token-producer (estimate) and inflight-load-producer are injected when not listed; pre-request,
 producer and response plugins are wired just by being listed.

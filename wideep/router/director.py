@@ -36,7 +36,7 @@ class Decision:
 
     @property
     def target_address(self) -> str:
-        """Where the built-in proxy connects (the pod's primary port under the S5 primaryPort handlers)."""
+        """Where the built-in proxy connects (the pod's primary port under the deprecated v0.5 primaryPort handlers)."""
         return self.result.destination_override or self.result.target.address
 
     @property

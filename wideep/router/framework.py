@@ -1,4 +1,4 @@
-"""Plugin roles (router.md §1) and the scheduling cycle that strings them together.
+"""Plugin roles (docs/protocols.md, "Router") and the scheduling cycle that strings them together.
 
 A request goes: screeners (intersected) -> producers -> profile handler picks profiles -> each profile runs its filters
 (in order, stop when empty), its weighted scorers (each clamped to [0,1], times weight, summed),

@@ -1,4 +1,4 @@
-"""The decode pod's routing sidecar (llm-d-routing-sidecar, connector nixlv2; router.md §5).
+"""The decode pod's routing sidecar (llm-d-routing-sidecar, connector nixlv2; docs/protocols.md, "P/D disaggregation").
 
 Listener `port + i` fronts the local decode server `vllm_port + i`. A request carrying
 `x-prefiller-host-port` first goes to that prefill server as a one-token, non-streamed "prefill

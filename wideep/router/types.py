@@ -13,7 +13,7 @@ PREFILL_ROLES = frozenset({"prefill", "prefill-decode", "both"})
 
 @dataclass
 class EndpointMetrics:
-    """What the scraper last read from the endpoint's /metrics (vLLM names, router.md §3)."""
+    """What the scraper last read from the endpoint's /metrics (vLLM names)."""
 
     waiting: int = 0                 # vllm:num_requests_waiting
     running: int = 0                 # vllm:num_requests_running
@@ -106,7 +106,7 @@ class SchedulingResult:
     primary_profile: str
     profile_results: dict[str, ProfileRunResult | None]
     # Where to send the request when it is not the primary target's own address (the deprecated
-    # S5 handlers with primaryPort route to the pod's primary port and name the rank in a header).
+    # deprecated v0.5 handlers with primaryPort route to the pod's primary port and name the rank in a header).
     destination_override: str | None = None
 
     @property

@@ -1,6 +1,6 @@
 """The routing layer on a cluster: InferencePool v1, the Endpoint Picker (`wideep router`) with its
 RBAC, ConfigMap, Deployment and Service, and the front door (standalone Envoy, a Gateway's
-HTTPRoute, or the router's built-in proxy). deploy.md §2, router.md §4."""
+HTTPRoute, or the router's built-in proxy). See docs/protocols.md, "Router" and "Deployment shapes"."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,4 @@
-"""P/D deciders: should this request get a separate prefill leg (router.md §5 selective PD)?"""
+"""P/D deciders: should this request get a separate prefill leg (docs/protocols.md, "P/D disaggregation")?"""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""S5-era (llm-d-inference-scheduler v0.5) plugins, still accepted so old configs keep working.
+"""v0.5-era (llm-d-inference-scheduler v0.5) plugins, still accepted so old configs keep working.
 
 * `pd-profile-handler{threshold, hashBlockSize, primaryPort}`: decode first, then prefill iff
   `(1 - hit%) * len(promptBytes) >= threshold` (threshold 0 = always), hit% being the share of
@@ -41,7 +41,7 @@ def _check_port(p: int) -> None:
 @dataclass
 class PDParams(PluginParams):
     threshold: int = 0              # bytes of uncached prompt that make a prefill leg worth it
-    hash_block_size: int = 16       # S5's prefix block size; the prefix producer's own size is used
+    hash_block_size: int = 16       # v0.5's prefix block size; the prefix producer's own size is used
     primary_port: int = 0
     decode_profile: str = "decode"
     prefill_profile: str = "prefill"
@@ -56,7 +56,7 @@ class PDParams(PluginParams):
 
 @register("pd-profile-handler")
 class PDProfileHandler(ProfileHandler, PreRequest):
-    """Deprecated S5 P/D handler (see module docstring); decode is primary."""
+    """Deprecated v0.5 P/D handler (see module docstring); decode is primary."""
 
     Params = PDParams
 
@@ -110,7 +110,7 @@ class DPParams(PluginParams):
 
 @register("data-parallel-profile-handler")
 class DataParallelProfileHandler(ProfileHandler, PreRequest):
-    """Deprecated S5 handler for one profile over DP ranks behind one pod port (see module docstring)."""
+    """Deprecated v0.5 handler for one profile over DP ranks behind one pod port (see module docstring)."""
 
     Params = DPParams
 
@@ -139,7 +139,7 @@ class PrefillHeaderParams(PluginParams):
 
 @register("prefill-header-handler")
 class PrefillHeaderHandler(PreRequest):
-    """Sets x-prefiller-host-port from the prefill profile's pick (S5 pairs it with pd-profile-handler)."""
+    """Sets x-prefiller-host-port from the prefill profile's pick (v0.5 pairs it with pd-profile-handler)."""
 
     Params = PrefillHeaderParams
 

@@ -1,4 +1,4 @@
-"""Load scorers: each maps candidates to [0,1], higher = better (formulas of router.md §1)."""
+"""Load scorers: each maps candidates to [0,1], higher = better (llm-d's formulas)."""
 from __future__ import annotations
 
 import base64
