@@ -47,7 +47,7 @@ def main(args) -> int:
 
     from .config import ConfigError, load_workloads
 
-    if getattr(args, "bench_command", None) == "compare":
+    if args.bench_command == "compare":
         from .compare import compare_runs
 
         if len(args.runs) < 2:

@@ -198,6 +198,11 @@ class AsyncEngineClient:
             loop.remove_reader(self.process.sentinel)
         self._mark_dead(f"engine process {self.process.pid} exited with code {self.process.exitcode}")
 
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine is gone (None while it is alive)."""
+        return self._dead
+
     def _mark_dead(self, why: str) -> None:
         if self._dead:
             return

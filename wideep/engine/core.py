@@ -80,7 +80,7 @@ class EngineCore:
             from wideep.kv_transfer.connector import make_connector
             connector = make_connector(args)
         self.connector = connector
-        if connector is not None and hasattr(connector, "register_kv_caches"):
+        if connector is not None:
             connector.register_kv_caches(self.runner.kv_caches)
         self.block_manager = BlockManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,

@@ -175,7 +175,7 @@ class EngineLoop:
     def run(self) -> None:
         while self.running:
             has_work = self.core.has_unfinished()
-            kv_wait = self.core.kv_transfer_wait_s() if hasattr(self.core, "kv_transfer_wait_s") else None
+            kv_wait = self.core.kv_transfer_wait_s()
             if kv_wait is not None:
                 # P/D: only KV transfers pending; nap on input instead of spinning (no longer than the
                 # DP-lockstep coordinator allows: peers may need this rank's dummy batch), then poll them.

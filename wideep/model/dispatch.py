@@ -4,8 +4,9 @@ interface; backends (local, allgather_reducescatter, all_to_all, symmetric-memor
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 
@@ -34,6 +35,8 @@ class MoEDispatcher:
     name = "base"
     # True when dispatch/combine use only fixed shapes and no host sync (CUDA-graph capturable).
     graph_capturable = False
+    # True while a capturable backend must return fixed-size (padded) DispatchResults (graph steps).
+    static_shapes = False
 
     def __init__(self, num_experts: int, ep_rank: int = 0, ep_size: int = 1, group: Any = None, **options: Any):
         if num_experts % ep_size:
@@ -61,6 +64,11 @@ class MoEDispatcher:
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.ep_size
+
+    def graph_mode(self, size: int, num_real: int | None = None) -> ContextManager[None]:
+        """Context of a CUDA-graph capture or replay of `size` tokens per rank (`num_real` of them real);
+        EP backends switch to static shapes inside it. Single-rank dispatchers need nothing."""
+        return contextlib.nullcontext()
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         raise NotImplementedError

@@ -92,8 +92,8 @@ class ParallelConfig:
             data_parallel_rank=rank,
             data_parallel_address=args.data_parallel_address,
             data_parallel_rpc_port=args.data_parallel_rpc_port,
-            all2all_backend=getattr(args, "all2all_backend", "allgather_reducescatter"),
-            enable_eplb=getattr(args, "enable_eplb", False),
+            all2all_backend=args.all2all_backend,
+            enable_eplb=args.enable_eplb,
         )
 
     @classmethod

@@ -67,9 +67,8 @@ class GraphModeDispatcher(MoEDispatcher):
         if self._real is not None:
             with torch.inference_mode():   # the engine runs (and created it) in inference mode
                 self._real.fill_(self._num_real)
-        saved = (getattr(g, "static_shapes", False), g.max_tokens_per_rank, self.active)
-        if hasattr(g, "static_shapes"):
-            g.static_shapes = True
+        saved = (g.static_shapes, g.max_tokens_per_rank, self.active)
+        g.static_shapes = True
         g.set_max_tokens_per_rank(size)
         self.active, self.graph_size = g, size
         first, ok = size not in self._seen, True
@@ -79,8 +78,7 @@ class GraphModeDispatcher(MoEDispatcher):
             ok = False
             raise
         finally:
-            if hasattr(g, "static_shapes"):
-                g.static_shapes = saved[0]
+            g.static_shapes = saved[0]
             g.set_max_tokens_per_rank(saved[1])
             self.active, self.graph_size = saved[2], None
             if first:

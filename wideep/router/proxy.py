@@ -14,7 +14,7 @@ from aiohttp import web
 from wideep.router.headers import forwardable
 from wideep.router.director import Decision, Director
 from wideep.router.errors import error_body, error_headers
-from wideep.router.types import SchedulingError
+from wideep.router.types import PARSED, PluginState, SchedulingError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class BuiltinProxy:
                 decision.target.healthy = False
                 log.warning("endpoint %s refused the connection (%s)%s", decision.target.name, exc,
                             "; rescheduling" if attempt == 0 else "")
-                req.data = {"parsed": req.data.get("parsed", False)}
+                req.data = PluginState({PARSED: req.data.get(PARSED, False)})
         exc = SchedulingError(503, "upstream-unavailable", "the chosen endpoints refused the connection")
         return web.Response(status=503, body=error_body(exc), headers=error_headers(exc))
 

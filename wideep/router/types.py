@@ -4,7 +4,38 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
+
+T = TypeVar("T")
+
+
+class StateKey(str, Generic[T]):
+    """The typed name of one piece of per-request plugin state (LLMRequest.data): the producer sets a
+    value of type T under it, consumers read it back typed. Equal to its name, so the state stays a
+    plain mapping from names (what logs and tests see)."""
+
+    __slots__ = ()
+
+
+class PluginState(dict):
+    """Per-request plugin state keyed by StateKey."""
+
+    @overload
+    def get(self, key: StateKey[T]) -> T | None: ...
+    @overload
+    def get(self, key: StateKey[T], default: T) -> T: ...
+
+    def get(self, key, default=None):
+        return super().get(key, default)
+
+    def put(self, key: StateKey[T], value: T) -> None:
+        self[key] = value
+
+    def take(self, key: StateKey[T], default: T) -> T:
+        return self.pop(key, default)
+
+
+PARSED: StateKey[bool] = StateKey("parsed")   # the body parsed as JSON (else: routed at random)
 
 ROLE_LABEL = "llm-d.ai/role"
 DECODE_ROLES = frozenset({"decode", "prefill-decode", "both"})    # or no role label at all
@@ -78,7 +109,7 @@ class LLMRequest:
     model: str = ""
     prompt_text: str = ""                        # completions prompt or rendered chat text
     token_ids: list[int] | None = None           # filled by token-producer
-    data: dict[str, Any] = field(default_factory=dict)
+    data: PluginState = field(default_factory=PluginState)
     arrived_at: float = field(default_factory=time.monotonic)
     prompt_bytes: bytes = b""
 

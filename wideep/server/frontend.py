@@ -123,7 +123,7 @@ async def _watch_engine(state, stop: asyncio.Event) -> None:
     (the client's watchdog); the frontend then stays up answering 503 until the supervisor stops it."""
     while True:
         if not state.client.is_alive():
-            state.engine_dead_reason = getattr(state.client, "_dead", None) or "engine process exited"
+            state.engine_dead_reason = state.client.dead_reason or "engine process exited"
             state.ready = False
             log.error("dp rank %d: %s", state.dp_rank, state.engine_dead_reason)
             return

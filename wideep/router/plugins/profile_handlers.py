@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from wideep.router.framework import PreRequest, ProfileHandler, profile_failed
+from wideep.router.framework import PDDecider, PreRequest, ProfileHandler, profile_failed
 from wideep.router.registry import ConfigError, Plugin, PluginParams, register
 from wideep.router.types import SchedulingResult
 
@@ -64,7 +64,7 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
         ref = self.params.deciders.get("prefill")
         if ref is not None:
             dec = plugins.get(ref)
-            if dec is None or not hasattr(dec, "disaggregate"):
+            if not isinstance(dec, PDDecider):
                 raise ConfigError(f"plugin {self.name!r}: deciders.prefill {ref!r} is not a configured decider plugin")
             self.decider = dec
 
