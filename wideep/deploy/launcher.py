@@ -40,6 +40,16 @@ BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0                # a group up this long has its backoff reset
 
 
+def cli_command() -> str:
+    """How a user runs `wideep` from a shell: the bare name when it is this interpreter's, on PATH;
+    else the venv's script by path (scripts/up.sh does not activate the venv)."""
+    script = Path(sys.executable).parent / "wideep"
+    found = shutil.which("wideep")
+    if found and Path(found).resolve() == script.resolve():
+        return "wideep"
+    return str(script) if script.exists() else f"{sys.executable} -m wideep"
+
+
 def default_state_file() -> Path:
     return Path(envs.XDG_CACHE_HOME or Path.home() / ".cache") / "wideep" / "up.json"
 
@@ -343,7 +353,7 @@ class Launcher:
                           + (f" over {role.nodes} nodes" if role.nodes > 1 else "")
                           for name, role in self.spec.roles())
         return (f"ready at {self.plan.router_url} (router) model={self.spec.model.name} {roles}; "
-                f"`wideep status --state-file {self.state_file}` shows every rank")
+                f"`{cli_command()} status --state-file {self.state_file}` shows every rank")
 
     async def shutdown(self) -> None:
         self.say("stopping")
