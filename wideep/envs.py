@@ -19,28 +19,24 @@ def _str(name: str, default: str | None = None) -> Callable[[], str | None]:
     return lambda: os.environ.get(name) or default
 
 
-def _int(name: str, default: int | None = None) -> Callable[[], int | None]:
-    def read() -> int | None:
+def _number(name: str, kind: type, default: Any = None) -> Callable[[], Any]:
+    def read() -> Any:
         raw = os.environ.get(name, "").strip()
         if not raw:
             return default
         try:
-            return int(raw)
+            return kind(raw)
         except ValueError:
-            raise ConfigError(f"${name}", f"must be int, got {raw!r}") from None
+            raise ConfigError(f"${name}", f"must be {kind.__name__}, got {raw!r}") from None
     return read
+
+
+def _int(name: str, default: int | None = None) -> Callable[[], int | None]:
+    return _number(name, int, default)
 
 
 def _float(name: str, default: float | None = None) -> Callable[[], float | None]:
-    def read() -> float | None:
-        raw = os.environ.get(name, "").strip()
-        if not raw:
-            return default
-        try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"${name}", f"must be float, got {raw!r}") from None
-    return read
+    return _number(name, float, default)
 
 
 # name -> (reader, what it does)

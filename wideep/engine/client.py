@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
+from wideep.errors import WideepError
 from wideep.engine.api import EngineRequest, EngineStats, InvalidRequest, RequestOutput
 from wideep.engine.config import EngineArgs
 from wideep.engine.proc import run_engine_process
@@ -27,7 +28,7 @@ from wideep.engine.wire import (Abort, Add, Fatal, Outputs, Ready, Rejected, Res
                                 StatsRequest, decode_from_engine, encode)
 
 
-class EngineDeadError(RuntimeError):
+class EngineDeadError(WideepError, RuntimeError):
     """The engine process is gone; requests in flight cannot finish."""
 
 

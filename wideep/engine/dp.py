@@ -14,6 +14,7 @@ import dataclasses
 import logging
 from typing import Any, Sequence
 
+from wideep.errors import WideepError
 from wideep import envs
 from wideep.utils.device import resolve_device
 
@@ -155,7 +156,7 @@ def run_dp_engine_process(args_dict: dict, input_addr: str, output_addr: str, re
         destroy_ep_group(timeout_s=5)
 
 
-class DPRunError(RuntimeError):
+class DPRunError(WideepError, RuntimeError):
     """A multi-rank run failed: a rank died, raised or the run timed out. The message names the ranks."""
 
 

@@ -9,8 +9,10 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
+from wideep.errors import ConfigError
 
-class ParallelConfigError(ValueError):
+
+class ParallelConfigError(ConfigError):
     """A parallel setting is inconsistent; the message names the field and what to do."""
 
 

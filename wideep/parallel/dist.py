@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wideep.errors import WideepError
 from wideep import envs
 from wideep.parallel.config import ParallelConfig
 from wideep.utils.device import resolve_device
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 
-class EPGroupError(RuntimeError):
+class EPGroupError(WideepError, RuntimeError):
     """A collective of the EP group failed: a peer rank died, hung or disagreed."""
 
 

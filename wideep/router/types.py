@@ -6,6 +6,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, overload
 
+from wideep.errors import WideepError
+
 T = TypeVar("T")
 
 
@@ -151,7 +153,7 @@ class SchedulingResult:
         return self.primary.targets[0]
 
 
-class SchedulingError(Exception):
+class SchedulingError(WideepError):
     """A request the router cannot place; `status` and `reason` become the HTTP answer."""
 
     def __init__(self, status: int, reason: str, message: str):
