@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--envoy-admin-port", type=int, default=9901)
     s.add_argument("--envoy-concurrency", type=int, default=1)
     s.add_argument("--workdir", help="where --envoy writes envoy.yaml and envoy.log")
-    s.add_argument("--log-level", default="INFO")
+    s.add_argument("--log-level", default=None,
+                   help="log level (default: $WIDEEP_LOG_LEVEL, else info; info logs one access line per request)")
 
 
 def register(subparsers) -> None:

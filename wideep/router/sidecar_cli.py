@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--connector", "--kv-connector", dest="connector", default="nixlv2",
                    help="P/D protocol (only nixlv2: vLLM NixlConnector kv_transfer_params)")
     p.add_argument("--prefill-timeout", type=float, default=600.0, help="seconds to wait for the prefill leg")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default=None,
+                   help="log level (default: $WIDEEP_LOG_LEVEL, else info; info logs one access line per request)")
     p.set_defaults(func=_main)
 
 
