@@ -74,6 +74,10 @@ VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     "VLLM_API_KEY": (_str("VLLM_API_KEY"), "API key of `wideep serve` when --api-key is not given"),
     "WIDEEP_ENVOY": (_str("WIDEEP_ENVOY"), "path of the envoy binary the router's gateway mode runs"),
     "XDG_CACHE_HOME": (_str("XDG_CACHE_HOME"), "where `wideep up` keeps its state file (default ~/.cache)"),
+    "KUBERNETES_SERVICE_HOST": (_str("KUBERNETES_SERVICE_HOST"), "in a pod: the API server the router watches"),
+    "KUBERNETES_SERVICE_PORT": (_str("KUBERNETES_SERVICE_PORT", "443"), "in a pod: the API server's port"),
+    "HF_HUB_CACHE": (_str("HF_HUB_CACHE"), "Hugging Face hub cache where `wideep bench` looks for tokenizers"),
+    "HF_HOME": (_str("HF_HOME"), "Hugging Face home (hub cache: $HF_HOME/hub)"),
 }
 
 
