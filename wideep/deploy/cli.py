@@ -24,8 +24,8 @@ def register(subparsers) -> None:
     up.add_argument("--router-port", type=int, default=None, help="router HTTP port (default: the spec's, or a free one)")
     up.add_argument("--state-file", default=None,
                     help="where to write the running stack's layout for `wideep status` (default: $XDG_CACHE_HOME/wideep/up.json, i.e. ~/.cache/wideep/up.json)")
-    up.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the stack to be healthy")
-    up.add_argument("--max-restarts", type=int, default=10, help="group restarts before `up` gives up (per group)")
+    up.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the stack to be healthy (default: %(default)s)")
+    up.add_argument("--max-restarts", type=int, default=10, help="group restarts before `up` gives up, per group (default: %(default)s)")
     up.add_argument("--log-dir", default=None, help="also write each component's log to DIR/<component>.log")
     up.add_argument("--quiet", action="store_true", help="do not stream component logs (the ready line still prints)")
     up.set_defaults(func=_up)
