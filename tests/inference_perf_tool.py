@@ -10,7 +10,7 @@ import os
 import subprocess
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install_inference_perf.sh"
 DEFAULT_VENV = REPO_ROOT / ".venv-bench"
 
