@@ -10,7 +10,6 @@ it from that step's output tensor, so the host never waits for it before prepari
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -76,8 +75,7 @@ class ModelRunner:
         self.graphs: dict[int, _Graph] = {}
         self.graph_pool = None
         # EP: the dispatcher's graph_mode(size) context (static shapes, `size` tokens per rank) wraps
-        # every capture and replay of a graph of that size (parallel/graph_dispatch.py).
-        self._graph_dispatch = getattr(getattr(model, "dispatcher", None), "graph_mode", None)
+        # every capture and replay of a graph of that size (a no-op for single-rank dispatchers).
         # the last launched step's samples on the device, and the row of each request in them
         self._last_tokens: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
@@ -235,9 +233,7 @@ class ModelRunner:
         return None
 
     def _dispatch_mode(self, size: int, num_real: int | None = None):
-        if self._graph_dispatch is None:
-            return contextlib.nullcontext()
-        return self._graph_dispatch(size, num_real)
+        return self.model.dispatcher.graph_mode(size, num_real)
 
     def _replay_graph(self, g: _Graph, num_real: int) -> None:
         """num_real: rows [num_real, size) are padding (EP: they skip the routed experts)."""
