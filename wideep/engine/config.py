@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# `--kv-cache-dtype` values (vLLM's names; model.attention.resolve_kv_cache_dtype maps them to tensors)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3")
+
+
 @dataclass
 class EPLBConfig:
     window_size: int = 1000
@@ -22,6 +26,7 @@ class EngineArgs:
     model: str = ""
     served_model_name: str | None = None
     dtype: str = "auto"                   # auto: bfloat16 on CUDA, float32 on CPU
+    kv_cache_dtype: str = "auto"          # auto: the model dtype; fp8 / fp8_e4m3: e4m3 latent cache (half the bytes)
     device: str = "auto"                  # auto: cuda if available else cpu
     seed: int = 0
 
@@ -53,6 +58,9 @@ class EngineArgs:
     kv_events_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+                             " (fp8_e5m2 and FlashMLA's fp8_ds_mla layout are not supported)")
         if isinstance(self.eplb_config, dict):
             self.eplb_config = EPLBConfig(**{k: _coerce(v) for k, v in self.eplb_config.items()})
 

@@ -138,6 +138,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     _flag(eng, "--enforce-eager", action="store_true", help="no CUDA graphs")
     _flag(eng, "--seed", type=int, default=d.seed)
     _flag(eng, "--dtype", default=d.dtype, help="auto, bfloat16, float16 or float32")
+    _flag(eng, "--kv-cache-dtype", default=d.kv_cache_dtype,
+          help="auto (the model dtype), bfloat16, fp8 or fp8_e4m3 (e4m3 latent cache, per-tensor scale: "
+               "twice the tokens in the same memory)")
     _flag(eng, "--device", default=d.device, help="auto, cuda or cpu")
     _flag(eng, "--kv-transfer-config", type=json_object("--kv-transfer-config"), default=None,
           help='P/D connector, e.g. \'{"kv_connector":"NixlConnector","kv_role":"kv_both"}\'')
@@ -192,7 +195,8 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
     names = ns.served_model_name or [ns.model]
     try:
         engine_args = EngineArgs(
-            model=model, served_model_name=names[0], dtype=ns.dtype, device=ns.device, seed=ns.seed,
+            model=model, served_model_name=names[0], dtype=ns.dtype, kv_cache_dtype=ns.kv_cache_dtype,
+            device=ns.device, seed=ns.seed,
             block_size=ns.block_size, max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
             max_model_len=ns.max_model_len, gpu_memory_utilization=ns.gpu_memory_utilization,
             kv_cache_memory_bytes=ns.kv_cache_memory_bytes, enable_prefix_caching=ns.enable_prefix_caching,
@@ -205,6 +209,10 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
         )
     except TypeError as e:
         raise ValueError(f"--eplb-config: {e}") from None
+    except ValueError as e:
+        if "kv_cache_dtype" in str(e):
+            raise ValueError(f"--kv-cache-dtype: {e}") from None
+        raise
     return ServeConfig(
         engine_args=engine_args, served_model_names=names, host=ns.host, port=ns.port,
         supervisor_port=ns.data_parallel_supervisor_port, api_key=ns.api_key or os.environ.get("VLLM_API_KEY") or None,
