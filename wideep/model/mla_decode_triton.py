@@ -298,14 +298,15 @@ def _mla_decode_combine_kernel(
     offs_l = tl.arange(0, BLOCK_L)
     lmask = offs_l < L
     lse_row = LSE + b * stride_lse_b + r * stride_lse_r
-    mx = float("-inf")
+    one = tl.arange(0, 1)   # [1]-shaped scalars keep the loop-carried types fixed
+    mx = tl.full([1], float("-inf"), tl.float32)
     for s in range(0, n_splits):
-        mx = tl.maximum(mx, tl.load(lse_row + s))
+        mx = tl.maximum(mx, tl.load(lse_row + s + one))
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     acc = tl.zeros([BLOCK_L], dtype=tl.float32)
-    den = 0.0
+    den = tl.zeros([1], dtype=tl.float32)
     for s in range(0, n_splits):
-        w = tl.exp2(tl.load(lse_row + s) - mx)
+        w = tl.exp2(tl.load(lse_row + s + one) - mx)
         part = tl.load(PART + b * stride_p_b + r * stride_p_r + s * stride_p_s + offs_l, mask=lmask, other=0.0)
         acc = acc + w * part
         den = den + w
