@@ -47,6 +47,7 @@ def parse_args(argv=None):
                    help="the H200 suite: correctness (bf16 + fp8, 1-4 query tokens, 16-128 heads, batch invariance), "
                         "present kernel vs new configs at B=128/256 x ctx 2k/4k/8k, bf16 and fp8 cache, and graph vs "
                         "eager tokens of the tiny model")
+    p.add_argument("--study", action="store_true", help="tokens per split vs batch size, fp8 compute variants")
     p.add_argument("--old", default=None, help="path of the present kernel's module (mla_decode_triton.py of main) "
                    "to time beside the new one")
     p.add_argument("--suite-configs", default="64,64,8,2;64,32,8,2,sv;64,64,8,2,sv;64,32,8,3,sv;64,16,8,4,sv")
@@ -445,9 +446,12 @@ def main(argv=None):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--aot-child", "--configs", args.configs]
         return subprocess.run(cmd, env=env).returncode
     import torch
-    if torch.cuda.is_available() and args.suite:
-        from mla_decode_suite import run_suite
-        run_suite(args)
+    if torch.cuda.is_available() and (args.suite or args.study):
+        from mla_decode_suite import run_study, run_suite
+        if args.suite:
+            run_suite(args)
+        if args.study:
+            run_study(args)
     elif torch.cuda.is_available():
         run_gpu(args)
     else:

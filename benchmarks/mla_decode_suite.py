@@ -257,3 +257,53 @@ def print_table(rows, report):
     fails = [c["what"] for c in report["checks"] if not c["ok"]]
     print(f"\nchecks: {len(report['checks']) - len(fails)}/{len(report['checks'])} ok; failed: {fails}; "
           f"compile errors: {len(report['errors'])}; tiny: {report.get('tiny')}")
+
+
+def run_study(args):
+    """Second look: tokens per split (batch-invariant chunk) against batch size, fp8 compute variants,
+    single-stage long tiles. Times only (the suite checks correctness of the same kernels)."""
+    from wideep.model import mla_decode_triton as mdt
+
+    t0 = time.perf_counter()
+    old = load_old(args.old) if args.old else None
+    page, rows = 64, []
+    sv = mdt.DecodeConfig.parse("64,64,8,2,sv")
+
+    def timed(b, ctx, dt, variants):
+        esz = 1 if dt == FP8 else 2
+        sets = max(1, min(8, math.ceil(400e6 / (b * ctx * (L + R) * esz))))
+        cache, tables, qs, seq_lens = build_case(torch, b, ctx, 128, page, sets, "cuda", torch.bfloat16)
+        cache[-1] = 0.0
+        if dt == FP8:
+            cache = (cache / K_SCALE).clamp(-448, 448).to(FP8)
+        k = K_SCALE if dt == FP8 else 1.0
+        flops = 2 * b * 128 * ctx * (L + R + L)
+        for name, cfg, chunk in variants:
+            try:
+                if name == "present":
+                    fn = (lambda i: old.mla_decode(qs[i][0], qs[i][1], cache, tables[i], seq_lens, SCALE))
+                else:
+                    fn = (lambda i, cfg=cfg, chunk=chunk: mdt.mla_decode(qs[i][0], qs[i][1], cache, tables[i],
+                                                                         seq_lens, SCALE, k, config=cfg, chunk=chunk))
+                t = time_graph(torch, fn, sets, reps=10)
+                rows.append(dict(batch=b, ctx=ctx, kv=str(dt).removeprefix("torch."), name=name, s=t))
+                print(f"B={b:3d} ctx={ctx} {str(dt):>20s} {name:>28s}: {t * 1e3:8.4f} ms "
+                      f"{flops / t / 1e12:6.1f} TFLOP/s", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"B={b} ctx={ctx} {name}: failed {exc!r}"[:300], flush=True)
+
+    for ctx in (2048, 8192):
+        for b in (1, 8, 32, 128, 256):
+            v = [(f"{sv} chunk{c}", sv, c) for c in (1024, 2048, 4096)]
+            if old is not None:
+                v.insert(0, ("present", None, None))
+            timed(b, ctx, torch.bfloat16, v)
+    for ctx in (2048, 8192):
+        for b in (128, 256):
+            timed(b, ctx, torch.bfloat16, [(c, mdt.DecodeConfig.parse(c), 2048)
+                                           for c in ("64,64,8,1,sv", "64,128,8,1,sv", "64,128,8,1")])
+            timed(b, ctx, FP8, [(f"{c} chunk{ch}", mdt.DecodeConfig.parse(c), ch)
+                                for c in ("64,64,8,2", "64,64,8,2,f16", "64,64,8,2,sv,f16") for ch in (1024, 2048)])
+    out = Path(os.environ.get("OUT", "/tmp")) / "mla_study.json"
+    out.write_text(json.dumps(rows, indent=1))
+    print(f"study total {time.perf_counter() - t0:.0f}s", flush=True)

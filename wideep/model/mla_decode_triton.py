@@ -61,22 +61,26 @@ class DecodeConfig:
     num_warps: int
     num_stages: int   # software-pipelining depth of the latent tile loads
     split_v: bool = False   # the Hopper variant: value accumulator as two 256-wide halves
+    f16: bool = False       # fp8 cache only: widen tiles to fp16 (one conversion instruction) instead of bf16
 
     def __str__(self) -> str:
-        return f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}" + (",sv" if self.split_v else "")
+        return (f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}" + (",sv" if self.split_v else "")
+                + (",f16" if self.f16 else ""))
 
     @classmethod
     def parse(cls, text: str) -> "DecodeConfig":
         parts = [x.strip() for x in text.split(",")]
-        split_v = parts[-1:] == ["sv"]
+        flags = set(parts[4:])
         try:
-            bh, bn, w, st = (int(x) for x in (parts[:-1] if split_v else parts))
+            if len(parts) < 4 or flags - {"sv", "f16"}:
+                raise ValueError(text)
+            bh, bn, w, st = (int(x) for x in parts[:4])
         except ValueError as exc:
-            raise ValueError(f"{CONFIG_ENV} must be 'block_h,block_n,num_warps,num_stages[,sv]', got {text!r}") from exc
+            raise ValueError(f"{CONFIG_ENV} must be 'block_h,block_n,num_warps,num_stages[,sv][,f16]', got {text!r}") from exc
         if bh < 16 or bn < 16 or bh & (bh - 1) or bn & (bn - 1) or bn > SPLIT_ALIGN:
             raise ValueError(f"{CONFIG_ENV}: block_h and block_n must be powers of two >= 16 (block_n <= "
                              f"{SPLIT_ALIGN}), got {text!r}")
-        return cls(bh, bn, w, st, split_v)
+        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags)
 
 
 # Candidates in order of preference; a config that fails to compile (e.g. out of shared memory) is
@@ -465,6 +469,9 @@ def mla_decode(
 
 def _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, k_scale, cfg: DecodeConfig, chunk,
             max_ctx, interpret, ieee, fp8):
+    if fp8 and cfg.f16 and q_lat.dtype == torch.bfloat16:   # saturate rather than overflow to inf
+        q_lat = q_lat.clamp(-65504.0, 65504.0).to(torch.float16)
+        q_pe = q_pe.clamp(-65504.0, 65504.0).to(torch.float16)
     dot_f32 = interpret and q_lat.dtype != torch.float32
     split_kernel, combine_kernel = _kernels(interpret)
     b, nq, h, lat = q_lat.shape
