@@ -163,6 +163,8 @@ def run_suite(args):
         n = -(-int(lens[i]) // page)
         alone = mdt.mla_decode(q_lat[i:i + 1], q_pe[i:i + 1], stored, table[i:i + 1, :max(n, 1)], lens[i:i + 1], SCALE)
         same.append(bool(torch.equal(alone, batch[i:i + 1])))
+    print(f"auto-selected configs: { {str(k[5]) + '/' + str(k[6]): str(v) for k, v in mdt._chosen.items()} }",
+          flush=True)
     report["checks"].append(dict(what="kernel batch invariance (alone vs batch of 37, narrow vs wide table)",
                                  ok=all(same)))
     print(f"kernel batch invariance, 3 sequences alone vs in a batch of 37: {same}", flush=True)
@@ -197,9 +199,9 @@ def run_suite(args):
                 variants = [(str(c), (lambda i, c=c: mdt.mla_decode(qs[i][0], qs[i][1], cache, tables[i], seq_lens,
                                                                     SCALE, k, config=c)))
                             for c in configs if not any(j[0] == c and j[1] == dt for j in bad)]
+                variants.insert(0, ("default", lambda i: mdt.mla_decode(qs[i][0], qs[i][1], cache, tables[i],
+                                                                        seq_lens, SCALE, k)))
                 if dt == torch.bfloat16:
-                    variants.append((f"{configs[1]} chunk2048", lambda i: mdt.mla_decode(
-                        qs[i][0], qs[i][1], cache, tables[i], seq_lens, SCALE, config=configs[1], chunk=2048)))
                     if old is not None:
                         variants.insert(0, ("present", lambda i: old.mla_decode(qs[i][0], qs[i][1], cache, tables[i],
                                                                                 seq_lens, SCALE)))

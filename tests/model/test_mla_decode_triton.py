@@ -197,3 +197,23 @@ def test_auto_mode_falls_back_to_reference_when_kernel_cannot_run(monkeypatch):
     monkeypatch.setenv(mdt.BACKEND_ENV, "auto")
     assert torch.equal(mdt.paged_mla_decode_triton(q_lat, q_pe, cache, tables, seq_lens, 64, 0.2), ref)
     assert mdt._broken and not mdt.use_triton(q_lat)
+
+
+def test_config_flags_and_hopper_preference(monkeypatch):
+    from wideep.model.attention import SPLIT_TOKENS_ENV, split_tokens
+
+    cfg = mdt.DecodeConfig.parse("64,64,8,2,sv,f16")
+    assert cfg.split_v and cfg.f16 and mdt.DecodeConfig.parse(str(cfg)) == cfg
+    with pytest.raises(ValueError, match=mdt.CONFIG_ENV):
+        mdt.DecodeConfig.parse("64,64,8,2,fast")
+    monkeypatch.delenv(mdt.CONFIG_ENV, raising=False)
+    bf16 = mdt._candidates(128, False, torch.bfloat16, hopper=True)
+    fp8 = mdt._candidates(128, False, torch.bfloat16, hopper=True, fp8=True)
+    assert bf16[0].split_v and fp8[0].f16
+    assert bf16[-len(mdt.CUDA_CONFIGS_MANY_HEADS):] == mdt.CUDA_CONFIGS_MANY_HEADS   # the present kernel backs it
+    assert not any(c.split_v for c in mdt._candidates(128, False, torch.bfloat16, hopper=False))
+    monkeypatch.setenv(SPLIT_TOKENS_ENV, "1000")
+    with pytest.raises(ValueError, match=SPLIT_TOKENS_ENV):
+        split_tokens()
+    monkeypatch.setenv(SPLIT_TOKENS_ENV, "1024")
+    assert split_tokens() == 1024

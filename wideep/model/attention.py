@@ -167,7 +167,11 @@ def paged_mla_decode(
 SPLIT_TOKENS_ENV = "WIDEEP_MLA_SPLIT_TOKENS"
 SPLIT_ALIGN = 128
 MAX_SPLITS = 4
-DEFAULT_SPLIT_TOKENS = 1024
+# 2048: at B >= 128 (wide-EP decode) one split per 2k context and no merge pass, 8% under the present
+# kernel's time on an H200; the price is small batches, which a fixed split cannot spread over the GPU
+# (B=1, ctx 2048: 0.14 ms against 0.018 for a batch-dependent split). 1024 halves that (0.078 ms) and costs
+# ~15% at B >= 128 ctx 2048. Measured by benchmarks/mla_decode.py --study (docs/perf.md).
+DEFAULT_SPLIT_TOKENS = 2048
 REF_TILE = 64   # the reference's online-softmax tile (divides SPLIT_ALIGN)
 
 

@@ -94,8 +94,15 @@ CUDA_CONFIGS_MANY_HEADS = (
     DecodeConfig(16, 32, 4, 2),
     DecodeConfig(16, 16, 4, 1),
 )
-# Hopper (sm_90): tried first there; the configs above are the fallback.
+# Hopper (sm_90): tried first there; the configs above are the fallback. Measured on an H200
+# (benchmarks/mla_decode.py --suite/--study, 2026-11-30): the split-value variant beat the present tile at
+# every bf16 shape (0.318 ms vs 0.344 at B=128 ctx 2048, 2048 tokens per split); over an fp8 cache it needs
+# the fp16 widening to beat the bf16 one (0.371 ms vs 0.464).
 HOPPER_CONFIGS_MANY_HEADS = (
+    DecodeConfig(64, 64, 8, 2, split_v=True),
+)
+HOPPER_CONFIGS_FP8 = (
+    DecodeConfig(64, 64, 8, 2, split_v=True, f16=True),
     DecodeConfig(64, 64, 8, 2, split_v=True),
 )
 CUDA_CONFIGS_FEW_HEADS = (
@@ -356,14 +363,15 @@ def _is_hopper(device_index: int) -> bool:
 
 
 def _candidates(num_heads: int, interpret: bool, dtype: torch.dtype = torch.bfloat16,
-                hopper: bool = False) -> tuple[DecodeConfig, ...]:
+                hopper: bool = False, fp8: bool = False) -> tuple[DecodeConfig, ...]:
     forced = os.environ.get(CONFIG_ENV)
     if forced:
         return (DecodeConfig.parse(forced),)
     if interpret:
         return (INTERPRET_CONFIG,)
     if num_heads >= 64 and dtype in (torch.bfloat16, torch.float16):
-        return (HOPPER_CONFIGS_MANY_HEADS if hopper else ()) + CUDA_CONFIGS_MANY_HEADS
+        first = (HOPPER_CONFIGS_FP8 if fp8 else HOPPER_CONFIGS_MANY_HEADS) if hopper else ()
+        return first + CUDA_CONFIGS_MANY_HEADS
     return CUDA_CONFIGS_FEW_HEADS   # few heads, or fp32 (tests): no tensor-core path, keep tiles small
 
 
@@ -440,7 +448,7 @@ def mla_decode(
     if config is not None:
         candidates = (config,)
     else:  # the config that worked before first; the rest still back it up (a new variant may not compile)
-        candidates = _candidates(h * nq, interpret, cdt, hopper)
+        candidates = _candidates(h * nq, interpret, cdt, hopper, fp8)
         if key in _chosen:
             candidates = (_chosen[key],) + tuple(c for c in candidates if c != _chosen[key])
     last_exc: Exception | None = None
