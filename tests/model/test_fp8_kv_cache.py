@@ -62,3 +62,17 @@ def test_kv_cache_dtype_is_checked_once():
     assert EngineArgs(kv_cache_dtype="fp8_e4m3").kv_cache_dtype == "fp8_e4m3"
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineArgs(kv_cache_dtype="fp8_e5m2")
+
+
+def test_serve_flag_reaches_engine_args(tiny_model_dir):
+    import argparse
+
+    from wideep.server.args import add_serve_arguments, serve_config_from_args
+
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    cfg = serve_config_from_args(p.parse_args([str(tiny_model_dir), "--kv-cache-dtype", "fp8"]))
+    assert cfg.engine_args.kv_cache_dtype == "fp8"
+    assert serve_config_from_args(p.parse_args([str(tiny_model_dir)])).engine_args.kv_cache_dtype == "auto"
+    with pytest.raises(ValueError, match="--kv-cache-dtype"):
+        serve_config_from_args(p.parse_args([str(tiny_model_dir), "--kv-cache-dtype", "fp8_e5m2"]))
