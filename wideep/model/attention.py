@@ -5,7 +5,8 @@ one new token each (absorbed MLA over the latent cache, CUDA-graph capturable); 
 (whole prompts or chunks on top of a cached prefix) computed in the non-absorbed MHA form.
 
 Cache: one tensor per layer, [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim], the normalized
-c_kv followed by the rope'd k_pe of each token. Slot = block_id * block_size + offset.
+c_kv followed by the rope'd k_pe of each token. Slot = block_id * block_size + offset. In the model dtype,
+or with `--kv-cache-dtype fp8` float8 e4m3 of value / k_scale (quantized on write, widened on read).
 """
 from __future__ import annotations
 
