@@ -10,6 +10,9 @@ table, replay, compare with the oracle.
 
   GPU:  PYTHONPATH=$PWD python3 benchmarks/mla_decode.py            (< 3 min on one H100)
   CPU:  .venv/bin/python benchmarks/mla_decode.py                   (tiny shapes, Triton interpreter)
+  H200: PYTHONPATH=$PWD python3 benchmarks/mla_decode.py --suite [--study] --old OLD_MODULE.py
+        (issue 15: bf16 + fp8 correctness, batch invariance, present kernel vs new configs, tiny model graph
+         vs eager tokens; --study: tokens per split vs batch size; ~40 s each on an H200)
   AOT:  .venv/bin/python benchmarks/mla_decode.py --aot             (no GPU: compile for sm_90, print
                                                                      shared memory, registers, spills)
 """
