@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from wideep.utils.errors import client_message, error_body, error_headers
+from wideep.utils.openai_errors import client_message, error_body, error_headers
 from wideep.utils.net import _is_free
 from wideep.utils.proc import describe_exit, terminate
 

@@ -16,12 +16,13 @@ import time
 import urllib.request
 from typing import Optional
 
+from wideep.errors import WideepError
 from wideep.utils.proc import terminate
 
 URL_RE = re.compile(r"https?://[\w.\-\[\]:]+(?::\d+)?")
 
 
-class StackError(RuntimeError):
+class StackError(WideepError, RuntimeError):
     pass
 
 

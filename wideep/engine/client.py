@@ -21,13 +21,16 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
+from wideep.errors import WideepError
 from wideep.engine.api import EngineRequest, EngineStats, InvalidRequest, RequestOutput
 from wideep.engine.config import EngineArgs
-from wideep.engine.proc import pack, run_engine_process, unpack
+from wideep.engine.proc import run_engine_process
+from wideep.engine.wire import (Abort, Add, Fatal, Heartbeat, Outputs, Ready, Rejected, ResetPrefixCache, Shutdown,
+                                Stats, StatsRequest, decode_from_engine, encode)
 from wideep.utils.proc import describe_exit
 
 
-class EngineDeadError(RuntimeError):
+class EngineDeadError(WideepError, RuntimeError):
     """The engine process is gone; requests in flight cannot finish."""
 
 
@@ -96,7 +99,7 @@ class AsyncEngineClient:
     async def shutdown(self, timeout: float = 10.0) -> None:
         if self.is_alive():
             try:
-                await self.inp.send(pack({"type": "shutdown"}))
+                await self.inp.send(encode(Shutdown()))
             except zmq.ZMQError:
                 pass
         if self.process is not None:
@@ -129,7 +132,7 @@ class AsyncEngineClient:
         self._streams[rid] = stream
         finished = False
         try:
-            await self.inp.send(pack({"type": "add", "request": request.to_dict()}))
+            await self.inp.send(encode(Add(request)))
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -142,13 +145,13 @@ class AsyncEngineClient:
             self._streams.pop(rid, None)
             if not finished and self.is_alive():  # the caller went away (disconnect, cancel): free its blocks
                 try:
-                    await self.inp.send(pack({"type": "abort", "request_ids": [rid]}))
+                    await self.inp.send(encode(Abort([rid])))
                 except zmq.ZMQError:
                     pass
 
     async def abort(self, request_id: str) -> None:
         if self.is_alive():
-            await self.inp.send(pack({"type": "abort", "request_ids": [request_id]}))
+            await self.inp.send(encode(Abort([request_id])))
 
     def silent_for(self) -> float:
         """Seconds since the engine last sent anything (a thread of it beats every HEARTBEAT_S)."""
@@ -166,7 +169,7 @@ class AsyncEngineClient:
             return self.latest_stats
         fut = asyncio.get_running_loop().create_future()
         self._stats_waiters.append(fut)
-        await self.inp.send(pack({"type": "stats"}))
+        await self.inp.send(encode(StatsRequest()))
         try:
             return await asyncio.wait_for(fut, timeout)
         except (asyncio.TimeoutError, EngineDeadError):
@@ -175,42 +178,41 @@ class AsyncEngineClient:
             return self.latest_stats
 
     async def reset_prefix_cache(self) -> None:
-        await self.inp.send(pack({"type": "reset_prefix_cache"}))
+        await self.inp.send(encode(ResetPrefixCache()))
 
     # ---- background tasks ------------------------------------------------------------------------
     async def _read_loop(self) -> None:
         while True:
-            msg = unpack(await self.outp.recv())
-            kind = msg.get("type")
+            msg = decode_from_engine(await self.outp.recv())
             self.last_heard = time.monotonic()
-            if kind == "outputs":
-                if msg.get("stats"):
-                    self.latest_stats = EngineStats.from_dict(msg["stats"])
+            if isinstance(msg, Outputs):
+                if msg.stats is not None:
+                    self.latest_stats = msg.stats
                     self.stats_time = self.last_heard
-                for d in msg["outputs"]:
-                    stream = self._streams.get(d["request_id"])
+                for out in msg.outputs:
+                    stream = self._streams.get(out.request_id)
                     if stream is not None:
-                        stream.queue.put_nowait(RequestOutput.from_dict(d))
-            elif kind == "error":
-                stream = self._streams.get(msg["request_id"])
+                        stream.queue.put_nowait(out)
+            elif isinstance(msg, Rejected):
+                stream = self._streams.get(msg.request_id)
                 if stream is not None:
-                    stream.queue.put_nowait(InvalidRequest(msg["message"], msg.get("param")))
-            elif kind == "heartbeat":
-                self.steps = int(msg.get("steps") or 0)
-                self._busy_s = float(msg.get("busy_s") or 0.0)
+                    stream.queue.put_nowait(InvalidRequest(msg.message, msg.param))
+            elif isinstance(msg, Heartbeat):
+                self.steps = msg.steps
+                self._busy_s = msg.busy_s
                 self._beat_at = self.last_heard
-            elif kind == "stats":
-                self.latest_stats = EngineStats.from_dict(msg["stats"])
+            elif isinstance(msg, Stats):
+                self.latest_stats = msg.stats
                 self.stats_time = self.last_heard
                 waiters, self._stats_waiters = self._stats_waiters, []
                 for f in waiters:
                     if not f.done():
                         f.set_result(self.latest_stats)
-            elif kind == "ready":
-                self.info = msg["info"]
+            elif isinstance(msg, Ready):
+                self.info = msg.info
                 self._ready.set()
-            elif kind == "fatal":
-                self._mark_dead(msg.get("message", "engine failed"))
+            elif isinstance(msg, Fatal):
+                self._mark_dead(msg.message)
 
     async def _watch_process(self) -> None:
         loop = asyncio.get_running_loop()
@@ -221,6 +223,11 @@ class AsyncEngineClient:
         finally:
             loop.remove_reader(self.process.sentinel)
         self._mark_dead(f"engine process {self.process.pid} {describe_exit(self.process.exitcode)}")
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine is gone (None while it is alive)."""
+        return self._dead
 
     def _mark_dead(self, why: str) -> None:
         if self._dead:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +96,9 @@ def _split(entry: str) -> tuple[str, str | None]:
 
 
 def kv_peer_allowlist_from_env() -> PeerAllowlist | None:
-    raw = os.environ.get(ENV)
+    from wideep import envs
+
+    raw = envs.WIDEEP_KV_PEER_ALLOWLIST
     if raw is None:
         return None
     return PeerAllowlist.parse(raw)

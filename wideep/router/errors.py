@@ -1,10 +1,10 @@
-"""OpenAI-style error bodies for answers the router gives itself (the shared encoder of wideep.utils.errors)."""
+"""OpenAI-style error bodies for answers the router gives itself (the shared encoder of wideep.utils.openai_errors)."""
 from __future__ import annotations
 
 from wideep.router.flow_control import REASON_HEADER
 from wideep.router.types import SchedulingError
-from wideep.utils.errors import error_bytes
-from wideep.utils.errors import error_headers as _headers
+from wideep.utils.openai_errors import error_bytes
+from wideep.utils.openai_errors import error_headers as _headers
 
 
 def error_body(exc: SchedulingError) -> bytes:

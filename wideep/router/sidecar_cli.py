@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from wideep.logs import setup_logging
+from wideep.errors import UsageExit
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -30,7 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-validate-before-prefill", dest="validate_before_prefill", action="store_false",
                    help="skip asking the decode server (a wideep frontend) to check a request before its "
                         "prefill leg; needed in front of a decode server that does not know the check")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default=None,
+                   help="log level (default: $WIDEEP_LOG_LEVEL, else info; info logs one access line per request)")
     p.set_defaults(func=_main)
 
 
@@ -38,7 +42,7 @@ def build_config(args: argparse.Namespace):
     from wideep.router.sidecar import SidecarConfig
 
     if args.connector not in ("nixlv2", "nixl", "wideep"):
-        raise SystemExit(f"--connector {args.connector!r} is not supported; use nixlv2")
+        raise UsageExit(f"--connector {args.connector!r} is not supported; use nixlv2")
     allow: list[str] | None = None
     if args.prefiller_allowlist is not None:
         allow = [e for e in args.prefiller_allowlist.split(",") if e.strip()]
@@ -57,12 +61,11 @@ def build_config(args: argparse.Namespace):
 
 def _main(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from wideep.router.sidecar import run_sidecar
     from wideep.utils.aio import install_uvloop
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("sidecar", args.log_level)
     cfg = build_config(args)
     install_uvloop()
     try:

@@ -14,7 +14,7 @@ from wideep.server.metrics import CONTENT_TYPE
 from wideep.server.protocol import check_model
 from wideep.server.serving import OpenAIServing, read_json
 from wideep.server.state import FrontendState
-from wideep.utils.errors import client_message
+from wideep.utils.openai_errors import client_message
 
 log = logging.getLogger("wideep.frontend")
 
@@ -116,7 +116,7 @@ def build_app(state: FrontendState) -> web.Application:
         return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def version(request: web.Request) -> web.Response:
-        return web.json_response({"version": getattr(wideep, "__version__", "0.1.0")})
+        return web.json_response({"version": wideep.__version__})
 
     async def tokenize(request: web.Request) -> web.Response:
         body = await read_json(request)

@@ -1,14 +1,15 @@
 """The frontend's HTTP errors: raise APIError anywhere in request handling; the app answers with the
-shared OpenAI error body (wideep.utils.errors)."""
+shared OpenAI error body (wideep.utils.openai_errors)."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from wideep.utils.errors import error_body, error_headers, error_type
+from wideep.errors import WideepError
+from wideep.utils.openai_errors import error_body, error_headers, error_type
 
 
-class APIError(Exception):
+class APIError(WideepError):
     """Raised anywhere in request handling; the app turns it into the error body and status."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, type: str | None = None):

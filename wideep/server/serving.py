@@ -1,6 +1,6 @@
 """/v1/completions and /v1/chat/completions: prompt -> token ids -> engine -> text, in vLLM's shapes.
 
-Stream shape (engine.md §3, bench.md): `data: <json>\\n\\n` per engine step that produced text (the
+Stream shape (OpenAI's, as vLLM sends it): `data: <json>\\n\\n` per engine step that produced text (the
 chat stream opens with a role chunk), finish_reason on the last content chunk, a usage chunk with
 `choices: []` when `stream_options.include_usage`, then `data: [DONE]`. A request whose client goes
 away is aborted in the engine (its blocks are freed) by the engine client's generator cleanup.
@@ -23,7 +23,7 @@ from wideep.kv_transfer.peers import PeerNotAllowed, check_kv_transfer_params
 from wideep.server.errors import APIError, bad_request
 from wideep.server.protocol import GenerateRequest, check_model, parse_chat, parse_completion
 from wideep.server.state import FrontendState
-from wideep.utils.errors import client_message
+from wideep.utils.openai_errors import client_message
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 DONE = b"data: [DONE]\n\n"
