@@ -63,6 +63,7 @@ class KVTransferConfig:
 
     ROLES = ("kv_producer", "kv_consumer", "kv_both")
     POLICIES = ("fail", "recompute")
+    TRANSPORTS = ("auto", "nixl", "tcp")
 
     def __post_init__(self) -> None:
         if self.kv_role not in self.ROLES:
@@ -71,6 +72,24 @@ class KVTransferConfig:
             raise ValueError(
                 f"kv_transfer_config.kv_load_failure_policy must be one of {', '.join(self.POLICIES)}, "
                 f"got {self.kv_load_failure_policy!r}")
+        extra = self.kv_connector_extra_config
+        if extra is not None and not isinstance(extra, dict):
+            raise ValueError(f"kv_transfer_config.kv_connector_extra_config must be an object, got {extra!r}")
+        if self.transport not in self.TRANSPORTS:
+            raise ValueError(f"kv_connector_extra_config.transport must be one of {', '.join(self.TRANSPORTS)}, "
+                             f"got {self.transport!r}")
+        if not isinstance(self.enforce_handshake_compat, bool):
+            raise ValueError("kv_connector_extra_config.enforce_handshake_compat must be true or false")
+
+    @property
+    def transport(self) -> str:
+        """auto: NIXL when importable, else the TCP side channel (logged once); nixl: NIXL or an error; tcp."""
+        return (self.kv_connector_extra_config or {}).get("transport", "auto")
+
+    @property
+    def enforce_handshake_compat(self) -> bool:
+        """vLLM's knob: refuse a producer whose compatibility hash differs (default true)."""
+        return (self.kv_connector_extra_config or {}).get("enforce_handshake_compat", True)
 
     @property
     def is_producer(self) -> bool:
