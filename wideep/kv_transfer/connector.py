@@ -79,7 +79,7 @@ class KVConnector:
     def __init__(self, cfg: KVTransferConfig, *, model: str, block_size: int, dp_rank: int = 0,
                  tp_size: int = 1, transport: KVTransport | None = None, host: str | None = None,
                  port: int | None = None, listen_host: str = "0.0.0.0", timeout_s: float | None = None,
-                 transfer_timeout_s: float = 60.0):
+                 transfer_timeout_s: float = 60.0, handshake_timeout_s: float = 5.0):
         self.cfg = cfg
         self.model = model_fingerprint(model)
         self.block_size = block_size
@@ -91,6 +91,7 @@ class KVConnector:
         self.listen_host = listen_host
         self.timeout_s = abort_timeout_s() if timeout_s is None else timeout_s
         self.transfer_timeout_s = transfer_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s
         self.transport: KVTransport = transport or TcpTransport()
         self.use_nixl = transport is None and self._wants_nixl(cfg)
         self.nixl: nixl_mod.NixlTransport | None = None
@@ -158,7 +159,7 @@ class KVConnector:
             mem_type="VRAM" if dev.type == "cuda" else "DRAM",
             compat_hash=nixl_mod.compatibility_hash(self.model, self.caches.layout()),
             enforce_compat=self.cfg.enforce_handshake_compat, tp_size=self.tp_size,
-            transfer_timeout_s=self.transfer_timeout_s)
+            transfer_timeout_s=self.transfer_timeout_s, handshake_timeout_s=self.handshake_timeout_s)
         if self.cfg.is_producer:
             self.port = self.nixl.serve(self.listen_host, self.port)
             log.info("kv_transfer: %s (%s) serving KV over NIXL, side channel %s:%d", self.engine_id,

@@ -134,6 +134,7 @@ class _Remote:
     agent_name: str
     meta: NixlAgentMetadata
     dlist: Any
+    refused: KVHandshakeError | None = None   # incompatible: notifications only, every read refused
 
 
 # ------------------------------------------------------------------------------------ transport
@@ -222,22 +223,27 @@ class NixlTransport:
         finally:
             ctx.destroy(linger=0)
         payload = decode(reply, NixlHandshakePayload)
-        if self.enforce_compat and payload.compatibility_hash != self.compat_hash:
-            raise KVHandshakeError(
-                f"NIXL compatibility hash mismatch with {host}:{port} (producer {payload.compatibility_hash[:12]}, "
-                f"here {self.compat_hash[:12]}): different model or KV cache layout; set "
-                "kv_connector_extra_config.enforce_handshake_compat=false only to pair with another implementation")
         meta = decode(payload.agent_metadata_bytes, NixlAgentMetadata)
         if meta.engine_id != expected_engine_id:
             raise KVTransferError(f"producer {host}:{port} is engine {meta.engine_id!r}, the request names "
                                   f"{expected_engine_id!r} (the prefill server restarted since the prefill?)")
+        refused = None
+        if self.enforce_compat and payload.compatibility_hash != self.compat_hash:
+            refused = KVHandshakeError(
+                f"NIXL handshake with {host}:{port} failed: compatibility hash mismatch (producer "
+                f"{payload.compatibility_hash[:12]}, here {self.compat_hash[:12]}): different model or KV cache "
+                "layout; kv_connector_extra_config.enforce_handshake_compat=false only to pair with another "
+                "implementation")
         why = self.layout_mismatch(meta)
         if why:
-            raise KVHandshakeError(f"NIXL handshake with {host}:{port} failed: {why}")
+            refused = KVHandshakeError(f"NIXL handshake with {host}:{port} failed: {why}")
         with self._lock:
+            # Added even when refused: a notification still lets the producer free the request's blocks.
             name = self.agent.add_remote_agent(meta.agent_metadata)
             if isinstance(name, bytes):
                 name = name.decode()
+            if refused is not None:
+                return _Remote(name, meta, None, refused)
             try:
                 dlist = self.agent.prep_xfer_dlist(name, self._block_descs(
                     meta.kv_caches_base_addr, meta.block_lens, meta.num_blocks, meta.device_id), self.mem_type)
@@ -278,7 +284,7 @@ class NixlTransport:
             r = self._remotes.pop(engine_id, None)
         if r is not None:
             with self._lock:
-                for call in (lambda: self.agent.release_dlist_handle(r.dlist),
+                for call in (lambda: r.dlist is not None and self.agent.release_dlist_handle(r.dlist),
                              lambda: self.agent.remove_remote_agent(r.agent_name)):
                     try:
                         call()
@@ -291,6 +297,8 @@ class NixlTransport:
         if len(local_block_ids) != len(remote_block_ids):
             raise ValueError(f"{len(local_block_ids)} local blocks for {len(remote_block_ids)} remote blocks")
         r = self.remote(host, port, engine_id)
+        if r.refused is not None:
+            raise r.refused
         bad = [b for b in remote_block_ids if not 0 <= b < r.meta.num_blocks]
         if bad:
             raise KVTransferError(f"remote block ids {bad[:5]} out of the producer's range 0..{r.meta.num_blocks - 1}")
