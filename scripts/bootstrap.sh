@@ -19,5 +19,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     fi
   fi
   .venv/bin/python -m pip install -q -e ".[test]"
+  # NIXL for the P/D KV transfer tests, without the meta package's torch / other-CUDA requirements.
+  if ! .venv/bin/python -c "import nixl._api" 2>/dev/null; then
+    flavour=$(.venv/bin/python -c "import torch; v = torch.version.cuda; print('cu13' if v and v.startswith('13') else 'cu12')")
+    .venv/bin/python -m pip install -q --no-deps numpy nixl==1.5.1 "nixl-$flavour==1.5.1" \
+      || echo "bootstrap: NIXL did not install; P/D falls back to the TCP side channel" >&2
+  fi
   echo "$want" > "$stamp"
 fi
