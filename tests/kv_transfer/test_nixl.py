@@ -55,6 +55,28 @@ def test_pd_over_nixl_equals_aggregated_short_and_long_prompts(trio):
     assert d.conn.stats["blocks_received"] == sum(-(-(n - 1) // 4) for n in (2, 4, 5, 9, 17, 30))
 
 
+def _render_metrics(e: ToyEngine) -> bytes:
+    from wideep.engine.api import EngineStats
+    from wideep.server.metrics import FrontendMetrics
+    m = FrontendMetrics("toy", 1)
+    m.update_engine_stats(EngineStats.from_dict(EngineStats(kv_transfer=e.conn.transfer_stats()).to_dict()))
+    return m.render()
+
+
+def test_transfers_show_in_vllm_nixl_metrics(trio):
+    p, d = trio["p"], trio["d"]
+    pd_run(p, d, list(range(1, 10)), 2)
+    text = _render_metrics(d).decode()
+    assert 'vllm:nixl_xfer_time_seconds_count{engine="1",model_name="toy"} 1.0' in text
+    assert 'vllm:nixl_bytes_transferred_sum{engine="1",model_name="toy"} 192.0' in text   # 2 blocks x 2 layers x 48 B
+    assert 'vllm:nixl_num_descriptors_bucket{engine="1",le="10.0",model_name="toy"} 1.0' in text
+    assert 'vllm:nixl_num_failed_transfers_total{engine="1",model_name="toy"} 0.0' in text
+    tcp = ToyEngine("kv_consumer")
+    assert b"vllm:nixl" not in _render_metrics(tcp)   # TCP: no NIXL series
+    tcp.close()
+    p.settle()
+
+
 def test_partial_prefix_hit_reads_only_the_missing_tail(trio):
     agg, p, d = trio["agg"], trio["p"], trio["d"]
     prompt = [(i * 5 + 1) % VOCAB for i in range(14)]
@@ -114,6 +136,8 @@ def test_producer_restart_between_handshake_and_read(policy):
         else:
             assert dfinal.finish_reason == "error" and "NIXL READ" in dfinal.error
         assert d.conn.nixl.stats["num_failed_transfers"] == 1
+        text = _render_metrics(d).decode()
+        assert 'vllm:nixl_num_failed_transfers_total{engine="1",model_name="toy"} 1.0' in text
         d.settle()
         assert d.used_blocks == 0
         again = list(range(40, 52))

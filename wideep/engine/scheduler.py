@@ -42,6 +42,10 @@ class SchedulerConnector(Protocol):
         """Ids of held requests whose blocks may now be freed."""
         ...
 
+    def transfer_stats(self) -> dict[str, Any]:
+        """Transport counters for the engine's metrics ({} when it has none)."""
+        ...
+
 
 @dataclass
 class ScheduledSeq:

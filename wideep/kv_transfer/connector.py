@@ -279,6 +279,10 @@ class KVConnector:
             done, self._to_free = self._to_free, set()
         return done
 
+    def transfer_stats(self) -> dict[str, Any]:
+        """What the engine's metrics export: {} on the TCP path, the NIXL counters/histograms otherwise."""
+        return self.nixl.snapshot() if self.nixl is not None else {}
+
     @property
     def num_held(self) -> int:
         with self._lock:

@@ -1,6 +1,6 @@
 """NIXL (UCX) KV transport that speaks vLLM's NixlConnector handshake.
 
-Followed: vLLM main at commit 002a1057 (the v0.12 line; NIXL_CONNECTOR_VERSION = 2), file
+Followed: vLLM main at commit 002a1057 (the v0.12 line, connector version 2), file
 vllm/distributed/kv_transfer/kv_connector/v1/nixl_connector.py. The wire contract:
 
 * Side channel: a ZMQ ROUTER bound on VLLM_NIXL_SIDE_CHANNEL_HOST:VLLM_NIXL_SIDE_CHANNEL_PORT + dp rank.
@@ -40,6 +40,10 @@ from wideep.kv_transfer.protocol import KVHandshakeError, KVTransferError
 log = logging.getLogger("wideep.kv_transfer")
 
 NIXL_CONNECTOR_VERSION = 2
+# vLLM's NixlPromMetrics buckets: transfer seconds, bytes per transfer, descriptors per transfer.
+XFER_TIME_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0]
+BYTES_BUCKETS = [2 ** (10 + i) for i in range(1, 25, 2)]
+DESCRIPTOR_BUCKETS = [10, 20, 30, 50, 75, 100, 200, 400, 1000, 2000, 4000, 10000, 20000, 50000]
 GET_META_MSG = b"get_meta_msg"
 KV_CACHE_LAYOUT = "NHD"        # what vLLM reports by default; MLA caches have no head axis to permute
 
@@ -122,6 +126,23 @@ def compatibility_hash(model: str, layout: list[dict[str, Any]]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+class Histogram:
+    """Cumulative bucket counts, sum and count: a Prometheus histogram that crosses processes as a dict."""
+
+    def __init__(self, buckets: list[float]):
+        self.buckets = list(buckets)
+        self.counts = [0] * (len(buckets) + 1)   # last: +Inf
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        i = next((i for i, b in enumerate(self.buckets) if v <= b), len(self.buckets))
+        self.counts[i] += 1
+        self.sum += v
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"buckets": self.buckets, "counts": list(self.counts), "sum": self.sum}
+
+
 @dataclass
 class Region:
     addr: int
@@ -175,6 +196,15 @@ class NixlTransport:
         self._listener: _Listener | None = None
         self.stats = {"num_failed_transfers": 0, "num_failed_notifications": 0, "transfers": 0,
                       "bytes_transferred": 0, "num_descriptors": 0, "transfer_seconds": 0.0}
+        self.hists = {"xfer_time_seconds": Histogram(XFER_TIME_BUCKETS), "bytes_transferred": Histogram(BYTES_BUCKETS),
+                      "num_descriptors": Histogram(DESCRIPTOR_BUCKETS)}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Cumulative counters and histograms for the engine's metrics (vLLM's vllm:nixl_* names)."""
+        with self._lock:
+            return {"num_failed_transfers": self.stats["num_failed_transfers"],
+                    "num_failed_notifications": self.stats["num_failed_notifications"],
+                    "histograms": {k: h.to_dict() for k, h in self.hists.items()}}
 
     @staticmethod
     def _block_descs(bases: list[int], block_lens: list[int], num_blocks: int, dev: int) -> list[tuple[int, int, int]]:
@@ -340,11 +370,15 @@ class NixlTransport:
             raise KVTransferError(f"NIXL READ from {host}:{port} failed: {type(exc).__name__}: {exc}") from exc
         self._release_handle(handle)
         nbytes = sum(rg.block_len for rg in self.regions) * len(local_block_ids)
+        dt = time.perf_counter() - t0
         with self._lock:
             self.stats["transfers"] += 1
             self.stats["bytes_transferred"] += nbytes
             self.stats["num_descriptors"] += len(local_idx)
-            self.stats["transfer_seconds"] += time.perf_counter() - t0
+            self.stats["transfer_seconds"] += dt
+            self.hists["xfer_time_seconds"].observe(dt)
+            self.hists["bytes_transferred"].observe(nbytes)
+            self.hists["num_descriptors"].observe(len(local_idx))
         return nbytes
 
     def notify(self, host: str, port: int, engine_id: str, remote_request_id: str) -> None:
