@@ -295,6 +295,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="tiny", choices=["tiny", "layer-slice"])
     ap.add_argument("--num-moe-layers", type=int, default=None)
     ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
+                    help="model config override for the made checkpoint, e.g. n_routed_experts=16")
     ap.add_argument("--model-dir", default=None, help="use this checkpoint instead of making one")
     ap.add_argument("--device", default=None, help="shorthand for --prefill-device and --decode-device")
     ap.add_argument("--prefill-device", default=None)
@@ -328,6 +330,11 @@ def main(argv=None) -> int:
         from wideep.model.make_model import make_model
         tmp = tempfile.TemporaryDirectory(prefix="pd-bench-")
         kw = {"fp8": args.fp8}
+        for o in args.override:
+            k, sep, v = o.partition("=")
+            if not sep:
+                ap.error(f"--override wants KEY=JSON, got {o!r}")
+            kw[k] = json.loads(v)
         if args.num_moe_layers is not None:
             kw["num_moe_layers"] = args.num_moe_layers
         make_model(args.preset, tmp.name, **kw)
