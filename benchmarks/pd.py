@@ -278,6 +278,9 @@ def ttft_bench(args, transport: str = "tcp") -> dict:
                "pd_decode_first_token_ms": statistics.median(dec) * 1e3,
                "first_token_equal": same}
         res["pd_ttft_ms"] = res["pd_prefill_ms"] + res["pd_decode_first_token_ms"]
+        nx = core.connector.nixl if core.connector is not None else None
+        if nx is not None and nx.stats["transfers"]:
+            res["nixl_read_ms_mean"] = nx.stats["transfer_seconds"] / nx.stats["transfers"] * 1e3
         res["pd_added_ms"] = res["pd_ttft_ms"] - res["aggregated_ttft_ms"]
         if core.connector is not None:
             core.connector.shutdown()
@@ -412,7 +415,8 @@ def to_markdown(r: dict, args) -> str:
                       f"{r['model']['model_layers']} layers): aggregated {t['aggregated_ttft_ms']:.1f} ms; "
                       f"P/D {t['pd_ttft_ms']:.1f} ms = prefill {t['pd_prefill_ms']:.1f} + pull and first decode step "
                       f"{t['pd_decode_first_token_ms']:.1f}; P/D adds {t['pd_added_ms']:.1f} ms "
-                      f"(first token equal: {t['first_token_equal']})."]
+                      f"(first token equal: {t['first_token_equal']})"
+                      + (f"; the NIXL READ itself {t['nixl_read_ms_mean']:.2f} ms." if "nixl_read_ms_mean" in t else ".")]
     return "\n".join(lines)
 
 

@@ -158,7 +158,7 @@ class KVConnector:
             device_id=max(dev.index or 0, 0) if dev.type == "cuda" else 0,
             mem_type="VRAM" if dev.type == "cuda" else "DRAM",
             compat_hash=nixl_mod.compatibility_hash(self.model, self.caches.layout()),
-            enforce_compat=self.cfg.enforce_handshake_compat, tp_size=self.tp_size,
+            enforce_compat=self.cfg.enforce_handshake_compat, tp_size=self.tp_size, num_threads=self.cfg.nixl_threads,
             transfer_timeout_s=self.transfer_timeout_s, handshake_timeout_s=self.handshake_timeout_s)
         if self.cfg.is_producer:
             self.port = self.nixl.serve(self.listen_host, self.port)

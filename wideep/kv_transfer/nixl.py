@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from wideep.kv_transfer.protocol import KVHandshakeError, KVTransferError
 
@@ -166,7 +167,8 @@ class NixlTransport:
 
     def __init__(self, *, engine_id: str, regions: list[Region], num_blocks: int, block_size: int,
                  device_id: int, mem_type: str, compat_hash: str, enforce_compat: bool = True,
-                 tp_size: int = 1, handshake_timeout_s: float = 5.0, transfer_timeout_s: float = 60.0):
+                 tp_size: int = 1, handshake_timeout_s: float = 5.0, transfer_timeout_s: float = 60.0,
+                 num_threads: int = 4):
         from nixl._api import nixl_agent, nixl_agent_config
         if mem_type not in ("DRAM", "VRAM"):
             raise ValueError(f"NIXL memory type must be DRAM or VRAM, got {mem_type!r}")
@@ -183,7 +185,9 @@ class NixlTransport:
         self.transfer_timeout_s = transfer_timeout_s
         self._lock = threading.Lock()
         self._hs_lock = threading.Lock()      # one handshake at a time (vLLM: a 1-thread executor)
-        self.agent = nixl_agent(f"{engine_id}-{uuid.uuid4().hex[:8]}", nixl_agent_config(backends=["UCX"]))
+        # num_threads: UCX worker threads, vLLM's default of 4 (more would exhaust NIC UAR space).
+        self.agent = nixl_agent(f"{engine_id}-{uuid.uuid4().hex[:8]}",
+                                nixl_agent_config(backends=["UCX"], num_threads=num_threads))
         self._reg = self.agent.register_memory([(r.addr, r.nbytes, device_id, "") for r in regions], mem_type)
         self._local_dlist = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._block_descs(
             [r.addr for r in regions], [r.block_len for r in regions], num_blocks, device_id), mem_type)
@@ -336,8 +340,10 @@ class NixlTransport:
         if bad:
             raise ValueError(f"local block ids {bad[:5]} out of range 0..{self.num_blocks - 1}")
         n = len(self.regions)
-        local_idx = [i * self.num_blocks + b for i in range(n) for b in local_block_ids]
-        remote_idx = [i * r.meta.num_blocks + b for i in range(n) for b in remote_block_ids]
+        regions = np.arange(n, dtype=np.int64)[:, None]
+        local_idx = (regions * self.num_blocks + np.asarray(local_block_ids, dtype=np.int64)).ravel()
+        remote_idx = (regions * r.meta.num_blocks + np.asarray(remote_block_ids, dtype=np.int64)).ravel()
+        local_idx, remote_idx = local_idx.astype(np.int32), remote_idx.astype(np.int32)   # NIXL's index type
         notif = f"{remote_request_id}:{self.tp_size}".encode()
         t0 = time.perf_counter()
         handle = None

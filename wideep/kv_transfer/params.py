@@ -78,6 +78,9 @@ class KVTransferConfig:
         if self.transport not in self.TRANSPORTS:
             raise ValueError(f"kv_connector_extra_config.transport must be one of {', '.join(self.TRANSPORTS)}, "
                              f"got {self.transport!r}")
+        t = self.nixl_threads
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= 64:
+            raise ValueError(f"kv_connector_extra_config.num_threads must be an integer 0..64, got {t!r}")
         if not isinstance(self.enforce_handshake_compat, bool):
             raise ValueError("kv_connector_extra_config.enforce_handshake_compat must be true or false")
 
@@ -85,6 +88,11 @@ class KVTransferConfig:
     def transport(self) -> str:
         """auto: NIXL when importable, else the TCP side channel (logged once); nixl: NIXL or an error; tcp."""
         return (self.kv_connector_extra_config or {}).get("transport", "auto")
+
+    @property
+    def nixl_threads(self) -> int:
+        """vLLM's kv_connector_extra_config.num_threads: UCX worker threads of the NIXL agent (default 4)."""
+        return (self.kv_connector_extra_config or {}).get("num_threads", 4)
 
     @property
     def enforce_handshake_compat(self) -> bool:
