@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -168,7 +169,7 @@ class NixlTransport:
     def __init__(self, *, engine_id: str, regions: list[Region], num_blocks: int, block_size: int,
                  device_id: int, mem_type: str, compat_hash: str, enforce_compat: bool = True,
                  tp_size: int = 1, handshake_timeout_s: float = 5.0, transfer_timeout_s: float = 60.0,
-                 num_threads: int = 4):
+                 num_threads: int = 4, progress_thread: bool | None = None):
         from nixl._api import nixl_agent, nixl_agent_config
         if mem_type not in ("DRAM", "VRAM"):
             raise ValueError(f"NIXL memory type must be DRAM or VRAM, got {mem_type!r}")
@@ -186,8 +187,13 @@ class NixlTransport:
         self._lock = threading.Lock()
         self._hs_lock = threading.Lock()      # one handshake at a time (vLLM: a 1-thread executor)
         # num_threads: UCX worker threads, vLLM's default of 4 (more would exhaust NIC UAR space).
+        # NIXL's progress thread polls without pause (the Python API sets no delay): worth a core on
+        # a GPU server (vLLM keeps it), a loss on a small CPU host. There a thread of ours polls the
+        # agent every POLL_S instead (remote reads and connection set-up need the target to progress).
+        progress_thread = mem_type == "VRAM" if progress_thread is None else progress_thread
         self.agent = nixl_agent(f"{engine_id}-{uuid.uuid4().hex[:8]}",
-                                nixl_agent_config(backends=["UCX"], num_threads=num_threads))
+                                nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"],
+                                                  num_threads=num_threads))
         self._reg = self.agent.register_memory([(r.addr, r.nbytes, device_id, "") for r in regions], mem_type)
         self._local_dlist = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._block_descs(
             [r.addr for r in regions], [r.block_len for r in regions], num_blocks, device_id), mem_type)
@@ -198,6 +204,12 @@ class NixlTransport:
                                  kv_cache_layout=KV_CACHE_LAYOUT, block_size=block_size)
         self.payload = encode(NixlHandshakePayload(compatibility_hash=compat_hash, agent_metadata_bytes=encode(meta)))
         self._listener: _Listener | None = None
+        self._notifs: list[bytes] = []
+        self._stop = threading.Event()
+        self._poller = None
+        if not progress_thread:
+            self._poller = threading.Thread(target=self._poll, name=f"nixl-progress-{engine_id}", daemon=True)
+            self._poller.start()
         self.stats = {"num_failed_transfers": 0, "num_failed_notifications": 0, "transfers": 0,
                       "bytes_transferred": 0, "num_descriptors": 0, "transfer_seconds": 0.0}
         self.hists = {"xfer_time_seconds": Histogram(XFER_TIME_BUCKETS), "bytes_transferred": Histogram(BYTES_BUCKETS),
@@ -209,6 +221,18 @@ class NixlTransport:
             return {"num_failed_transfers": self.stats["num_failed_transfers"],
                     "num_failed_notifications": self.stats["num_failed_notifications"],
                     "histograms": {k: h.to_dict() for k, h in self.hists.items()}}
+
+    POLL_S = 0.001
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            with self._lock:
+                try:
+                    got = self.agent.get_new_notifs()
+                except Exception:  # noqa: BLE001 - keep polling; a broken agent shows up in transfers
+                    continue
+                for msgs in got.values():
+                    self._notifs.extend(msgs)
 
     @staticmethod
     def _block_descs(bases: list[int], block_lens: list[int], num_blocks: int, dev: int) -> list[tuple[int, int, int]]:
@@ -223,22 +247,26 @@ class NixlTransport:
     def take_notifications(self) -> list[str]:
         """Request ids whose blocks consumers are done with (b"<request_id>:<tp_size>")."""
         with self._lock:
-            notifs = self.agent.get_new_notifs()
+            msgs = [m for ms in self.agent.get_new_notifs().values() for m in ms]
+            msgs, self._notifs = self._notifs + msgs, []
         out = []
-        for msgs in notifs.values():
-            for m in msgs:
-                rid, sep, tp = m.decode("utf-8", "replace").rpartition(":")
-                if not sep or not tp.isdigit():
-                    log.warning("kv_transfer: ignoring malformed NIXL notification %r", m[:80])
-                    continue
-                if int(tp) != 1:   # MLA: every consumer rank reads the whole cache and notifies once
-                    log.debug("kv_transfer: notification for %s from a TP-%s consumer", rid, tp)
-                out.append(rid)
+        for m in msgs:
+            rid, sep, tp = m.decode("utf-8", "replace").rpartition(":")
+            if not sep or not tp.isdigit():
+                log.warning("kv_transfer: ignoring malformed NIXL notification %r", m[:80])
+                continue
+            if int(tp) != 1:   # MLA: every consumer rank reads the whole cache and notifies once
+                log.debug("kv_transfer: notification for %s from a TP-%s consumer", rid, tp)
+            out.append(rid)
         return out
 
     # ---------------------------------------------------------------- consumer
     def _handshake(self, host: str, port: int, expected_engine_id: str) -> _Remote:
         import zmq
+        try:   # a refused connection fails now; ZMQ alone would retry silently until the timeout
+            socket.create_connection((host, port), timeout=self.handshake_timeout_s).close()
+        except (OSError, UnicodeError, ValueError) as exc:
+            raise KVTransferError(f"cannot reach NIXL side channel {host}:{port}: {exc}") from None
         ctx = zmq.Context()
         try:
             sock = ctx.socket(zmq.REQ)
@@ -409,6 +437,9 @@ class NixlTransport:
             pass
 
     def close(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(2)
         if self._listener is not None:
             self._listener.close()
             self._listener = None
