@@ -182,6 +182,11 @@ def test_pd_equals_aggregated_on_both_ranks(stack, plen, stream):
         assert after["local_prefill_fallbacks"] == before["local_prefill_fallbacks"]
     # The decode ranks read the held blocks (policy fail: a failed read would have been an error).
     _wait_usage_zero(stack.all_server_ports(), limit_s=15)
+    if stack.transport == "nixl":   # the reads went over NIXL, counted under vLLM's metric names
+        for rank in range(DP):
+            _, text = _http(f"http://127.0.0.1:{stack.d_port + rank}/metrics", timeout=30)
+            m = re.search(r'^vllm:nixl_xfer_time_seconds_count\{[^}]*\} ([0-9.e+-]+)$', text, re.M)
+            assert m and float(m.group(1)) >= 1, "no NIXL transfers in the decode rank's /metrics"
 
 
 def test_pd_chat_with_prefiller_sampling(stack):

@@ -235,8 +235,16 @@ class NixlTransport:
                     self._notifs.extend(msgs)
 
     @staticmethod
-    def _block_descs(bases: list[int], block_lens: list[int], num_blocks: int, dev: int) -> list[tuple[int, int, int]]:
-        return [(base + b * bl, bl, dev) for base, bl in zip(bases, block_lens) for b in range(num_blocks)]
+    def _block_descs(bases: list[int], block_lens: list[int], num_blocks: int, dev: int) -> np.ndarray:
+        """(address, length, device) of every block, region-major: row r * num_blocks + b."""
+        blocks = np.arange(num_blocks, dtype=np.uint64)
+        out = np.empty((len(bases) * num_blocks, 3), dtype=np.uint64)
+        for r, (base, bl) in enumerate(zip(bases, block_lens)):
+            rows = out[r * num_blocks:(r + 1) * num_blocks]
+            rows[:, 0] = np.uint64(base) + blocks * np.uint64(bl)
+            rows[:, 1] = bl
+            rows[:, 2] = dev
+        return out
 
     # ---------------------------------------------------------------- producer
     def serve(self, host: str, port: int) -> int:
