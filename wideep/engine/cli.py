@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from wideep.errors import UsageExit
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="offline completions with the in-process engine")
@@ -39,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     except InvalidRequest as exc:
-        raise SystemExit(f"wideep generate: --{exc.param.replace('_', '-')}: {exc}")
+        raise UsageExit(f"wideep generate: --{exc.param.replace('_', '-')}: {exc}")
     llm = LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
@@ -53,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         outputs = llm.generate(prompts, params)
     except InvalidRequest as exc:
-        raise SystemExit(f"wideep generate: {exc}")
+        raise UsageExit(f"wideep generate: {exc}")
     dt = time.perf_counter() - t0
     for prompt, out in zip(args.prompt, outputs):
         print(f"--- prompt: {prompt!r}")

@@ -28,12 +28,14 @@ from typing import Any
 
 import msgpack
 
+from wideep.errors import WideepError
+
 PROTOCOL_VERSION = 1
 _LEN = struct.Struct(">I")
 MAX_HEADER = 64 * 1024 * 1024
 
 
-class KVTransferError(RuntimeError):
+class KVTransferError(WideepError, RuntimeError):
     """A KV read failed (producer gone, request unknown or expired, connection broken)."""
 
 

@@ -9,10 +9,11 @@ c_kv followed by the rope'd k_pe of each token. Slot = block_id * block_size + o
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
+
+from wideep import envs
 
 
 @dataclass
@@ -104,7 +105,7 @@ def paged_mla_decode(
 ) -> torch.Tensor:
     """Absorbed-MLA decode: the fused Triton kernel (mla_decode_triton) on CUDA when triton imports, else the
     torch reference below. Env WIDEEP_MLA_DECODE=torch|triton forces one (triton on CPU = its interpreter)."""
-    if q_lat.is_cuda or os.environ.get("WIDEEP_MLA_DECODE") == "triton":
+    if q_lat.is_cuda or envs.WIDEEP_MLA_DECODE == "triton":
         from .mla_decode_triton import paged_mla_decode_triton, use_triton
 
         if use_triton(q_lat):

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from wideep import envs
+
 # Without a GPU the kernels can only run under Triton's interpreter, which must be chosen before triton is
 # first imported (its own library functions are wrapped at import time). Nothing else here uses triton.
 if not torch.cuda.is_available() and "triton" not in sys.modules:
@@ -92,7 +94,7 @@ def triton_available() -> bool:
 
 
 def _mode() -> str:
-    return os.environ.get(BACKEND_ENV, "auto").strip().lower()
+    return envs.WIDEEP_MLA_DECODE.strip().lower()
 
 
 def use_triton(q: torch.Tensor) -> bool:
@@ -223,7 +225,7 @@ def _mla_decode_combine_kernel(
 
 
 def interpreter_active() -> bool:
-    return triton is not None and os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
+    return triton is not None and envs.TRITON_INTERPRET in ("1", "true", "True")
 
 
 @functools.cache
@@ -265,7 +267,7 @@ _chosen: dict[tuple, DecodeConfig] = {}
 
 
 def _candidates(num_heads: int, interpret: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[DecodeConfig, ...]:
-    forced = os.environ.get(CONFIG_ENV)
+    forced = envs.WIDEEP_MLA_DECODE_CONFIG
     if forced:
         return (DecodeConfig.parse(forced),)
     if interpret:
