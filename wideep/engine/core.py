@@ -96,7 +96,7 @@ class EngineCore:
 
     def _size_kv_cache(self) -> int:
         per_block = bytes_per_block(self.model.num_layers, self.args.block_size, self.model.kv_cache_dim,
-                                    self.runner.dtype)
+                                    self.runner.kv_dtype)
         peak = 0
         if self.device.type == "cuda" and not self.args.kv_cache_memory_bytes:
             # Profile the largest prefill (no cache yet: a one-block scratch cache, nothing written).
