@@ -77,14 +77,7 @@ _BACKENDS: dict[str, Callable[..., MoEDispatcher] | str] = {
     "allgather_reducescatter": "wideep.parallel.allgather_dispatch:AllGatherReduceScatterDispatcher",
     "all_to_all": "wideep.parallel.all_to_all_dispatch:AllToAllDispatcher",
 }
-# vLLM / llm-d backend names mapped onto the closest wideep backend (engine.md §1, §5).
-ALIASES = {
-    "naive": "allgather_reducescatter",
-    "allgather": "allgather_reducescatter",
-    "deepep_low_latency": "allgather_reducescatter",
-    "deepep_high_throughput": "all_to_all",
-    "pplx": "all_to_all",
-}
+from wideep.parallel.backend_names import ALIASES  # noqa: E402  (torch-free, shared with `wideep serve`)
 
 
 def register_dispatcher(name: str, factory: Callable[..., MoEDispatcher] | str | None = None):
