@@ -190,10 +190,9 @@ class ChatTemplate:
         key, text = self._select(tools, template_name)
         compiled = self._compile(key, text)
         ctx = dict(kwargs)
-        ctx.update(messages=messages, add_generation_prompt=add_generation_prompt,
+        # tools=None when there are none, as transformers passes it
+        ctx.update(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                    bos_token=self.bos_token, eos_token=self.eos_token)
-        if tools is not None:
-            ctx["tools"] = tools
         out = self._bounded(compiled, ctx)
         if continue_final_message:
             out = _strip_to_final_message(out, messages)
