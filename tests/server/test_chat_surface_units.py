@@ -283,7 +283,7 @@ def test_generation_defaults(tmp_path):
 
 
 def test_prefill_leg_strips_output_only_fields():
-    from wideep.kv_transfer.sidecar import prefill_leg_body
+    from wideep.router.sidecar import prefill_leg_body
 
     tools = [{"type": "function", "function": {"name": "f"}}]
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "min_tokens": 5, "n": 2, "logprobs": True,
