@@ -168,3 +168,46 @@ def test_required_and_named_tool_choice_need_the_grammar_engine(server):
         assert status == 400 and "constrained decoding" in json.loads(raw)["error"]["message"]
     else:
         pytest.skip("structured outputs are present: tests/server/test_tool_choice_constrained.py covers them")
+
+
+ROUTER_CONFIG = """
+plugins:
+- {type: token-producer, parameters: {mode: tokenizer, tokenizer: "TOKDIR"}}
+- {type: active-request-scorer}
+schedulingProfiles:
+- {name: default, plugins: [{pluginRef: active-request-scorer}]}
+"""
+
+
+def test_through_the_router(server, tiny_model_dir):
+    """The router renders the same prompt ids as the server (tools included) and passes reasoning and
+    tool calls through, streamed and not."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parents[1] / "router"))
+    from router_helpers import RouterThread, router_options
+
+    opts = router_options(config_text=ROUTER_CONFIG.replace("TOKDIR", str(tiny_model_dir)),
+                          endpoints=[f"127.0.0.1:{server.port},name=s-rank-0,rank=0"])
+    msgs = [{"role": "user", "content": "find the north city"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "find", "arguments": '{"city": "é"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "cold"}, {"role": "user", "content": "again"}]
+    with RouterThread(opts) as rt:
+        local = rt.router.cfg.plugins["token-producer"].local
+        status, _, raw = http("POST", server.url() + "/tokenize", {"model": "tiny", "messages": msgs, "tools": TOOLS},
+                              headers={"Authorization": f"Bearer {server.api_key}"})
+        assert status == 200
+        assert local.token_ids_of({"messages": msgs, "tools": TOOLS}, chat=True) == json.loads(raw)["tokens"]
+        via = openai.OpenAI(base_url=f"http://127.0.0.1:{opts.proxy_port}/v1", api_key=server.api_key, max_retries=0)
+        direct = _client(server)
+        for seed in (1, 2):
+            kw = dict(model="tiny", messages=msgs, tools=TOOLS, seed=seed, max_tokens=60)
+            a, b = via.chat.completions.create(**kw), direct.chat.completions.create(**kw)
+            ma, mb = a.choices[0].message, b.choices[0].message
+            assert (ma.content, ma.model_extra["reasoning"], a.choices[0].finish_reason) == \
+                (mb.content, mb.model_extra["reasoning"], b.choices[0].finish_reason)
+            assert [(t.function.name, t.function.arguments) for t in ma.tool_calls or []] == \
+                [(t.function.name, t.function.arguments) for t in mb.tool_calls or []]
+            sa, sb = _stream(via, **kw), _stream(direct, **kw)
+            assert sa[:2] == sb[:2] and sa[3] == sb[3]
+            assert [(c["name"], c["arguments"]) for c in sa[2].values()] == [(c["name"], c["arguments"]) for c in sb[2].values()]
