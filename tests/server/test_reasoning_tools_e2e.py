@@ -108,6 +108,18 @@ def test_tool_call_full_and_streamed(server):
     assert calls[0]["id"].startswith("chatcmpl-tool-")
 
 
+def test_generation_config_defaults_apply(server):
+    """`--generation-config auto` (the default): the tiny model's generation_config.json (R1's temperature
+    0.6, top_p 0.95) fills omitted fields; a request's own values win."""
+    c = _client(server)
+
+    def text(**kw):
+        return c.completions.create(model="tiny", prompt="the quick answer", seed=99, max_tokens=24, **kw).choices[0].text
+    omitted = text()
+    assert omitted == text(temperature=0.6, top_p=0.95)
+    assert omitted != text(temperature=1.0, top_p=1.0)
+
+
 def test_tool_choice_none_keeps_the_raw_text(server):
     r = _client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
                                                 tools=TOOLS, tool_choice="none", seed=2, max_tokens=60)
