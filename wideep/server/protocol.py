@@ -230,6 +230,8 @@ def parse_chat(body: Any) -> GenerateRequest:
     req.include_reasoning = _field(body, "include_reasoning", bool, True)
     if body.get("documents"):
         raise bad_request("'documents' is not supported", "documents")
+    if body.get("thinking_token_budget") is not None:
+        raise bad_request("'thinking_token_budget' is not supported (no reasoning budget here)", "thinking_token_budget")
     if body.get("reasoning_effort") is not None:
         raise bad_request("'reasoning_effort' is not supported by DeepSeek's templates; use "
                           "chat_template_kwargs {\"thinking\": ...} with --reasoning-parser deepseek_v3",
