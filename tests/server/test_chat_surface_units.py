@@ -187,10 +187,11 @@ HYBRID_LB = """--port 8000 --trust-remote-code --disable-uvicorn-access-log --da
  --data-parallel-address 10.0.0.1 --data-parallel-rpc-port 5555 --data-parallel-start-rank 8
  --kv_transfer_config '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_load_failure_policy":"fail"}'
  --enable-eplb --eplb-config '{"window_size":"1000","step_interval":"3000","num_redundant_experts":"32","log_balancedness":"False"}'
+ --async-scheduling --enable-dbo --dbo-prefill-token-threshold 32 --dbo-decode-token-threshold 32
  --compilation_config '{"cudagraph_mode": "FULL_DECODE_ONLY"}' --kv-cache-memory-bytes=8G"""
 DP_AWARE = """--port 8200 --data-parallel-multi-port-external-lb --data-parallel-supervisor-port=8208
  --data-parallel-size 16 --data-parallel-size-local 8 --data-parallel-start-rank 0 --data-parallel-address 10.0.0.1
- --data-parallel-rpc-port 5555 --max-model-len 65536 --enable-expert-parallel --all2all-backend deepep_low_latency
+ --data-parallel-rpc-port 5555 --max-model-len 65536 --enable-expert-parallel --all2all-backend deepep_high_throughput
  --moe-backend deep_gemm --max-num-batched-tokens 256 --max-num-seqs 256
  --kv_transfer_config '{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}'
  --reasoning-parser deepseek_r1 --enable-auto-tool-choice --tool-call-parser deepseek_v3 --generation-config auto"""
@@ -227,12 +228,14 @@ def test_llm_d_manifest_command_lines_parse_unchanged(tmp_path, monkeypatch, cap
     if line is HYBRID_LB:
         assert cfg.start_rank == 8 and cfg.engine_args.enable_eplb and not cfg.engine_args.enforce_eager
         assert cfg.engine_args.kv_cache_memory_bytes == 8 * 2 ** 30
+        assert cfg.engine_args.async_scheduling and cfg.engine_args.enable_dbo
+        assert cfg.engine_args.dbo_prefill_token_threshold == 32
         for flag in ("--trust-remote-code", "--disable-uvicorn-access-log", "--data-parallel-hybrid-lb"):
             assert logs.count(flag) == 1, flag
     else:
         assert cfg.reasoning_parser == "deepseek_r1" and cfg.tool_call_parser == "deepseek_v3"
         assert cfg.enable_auto_tool_choice and cfg.engine_args.max_model_len == 65536
-        assert "deepep_low_latency" in logs and "'allgather_reducescatter'" in logs and "--moe-backend" in logs
+        assert "deepep_high_throughput" in logs and "'all_to_all'" in logs and "--moe-backend" in logs
 
 
 def test_hub_id_lookup_and_clear_error(tmp_path, monkeypatch):

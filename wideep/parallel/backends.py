@@ -13,6 +13,9 @@ _BACKENDS: dict[str, Callable[..., MoEDispatcher] | str] = {
     # built-ins are imported lazily ("module:Class") so importing this file stays cheap
     "allgather_reducescatter": "wideep.parallel.allgather_dispatch:AllGatherReduceScatterDispatcher",
     "all_to_all": "wideep.parallel.all_to_all_dispatch:AllToAllDispatcher",
+    "symm_mem_ll": "wideep.parallel.symm_dispatch:SymmMemDispatcher",
+    # vLLM's name: symm_mem_ll on GPUs, allgather_reducescatter on CPU/gloo (logs which one runs)
+    "deepep_low_latency": "wideep.parallel.symm_dispatch:make_low_latency_dispatcher",
 }
 from wideep.parallel.backend_names import ALIASES  # noqa: E402  (torch-free: `wideep serve` logs the mapping)
 
