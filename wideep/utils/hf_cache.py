@@ -11,15 +11,17 @@ import os
 import re
 from pathlib import Path
 
+from wideep import envs
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 def hub_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if envs.HF_HUB_CACHE:
+        return Path(envs.HF_HUB_CACHE).expanduser()
+    if envs.HF_HOME:
+        return Path(envs.HF_HOME).expanduser() / "hub"
+    xdg = envs.XDG_CACHE_HOME or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(xdg) / "huggingface" / "hub"
 
 
@@ -32,8 +34,7 @@ def resolve_model(model: str, revision: str = "main") -> str:
         raise ValueError(f"model {model!r} is not a directory (and not a hub id like org/name)")
     cache = hub_cache_dir()
     repo = cache / ("models--" + model.replace("/", "--"))
-    where = (f"{repo} (cache {cache}; HF_HUB_CACHE={os.environ.get('HF_HUB_CACHE', '')!r}, "
-             f"HF_HOME={os.environ.get('HF_HOME', '')!r})")
+    where = f"{repo} (cache {cache}; HF_HUB_CACHE={envs.HF_HUB_CACHE or ''!r}, HF_HOME={envs.HF_HOME or ''!r})"
     snapshots = repo / "snapshots"
     if not snapshots.is_dir():
         raise ValueError(f"model {model!r} is not a directory and is not in the local Hugging Face cache: looked in "
