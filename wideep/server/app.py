@@ -126,26 +126,23 @@ def build_app(state: FrontendState) -> web.Application:
         add_special = body.get("add_special_tokens", True)
         if not isinstance(add_special, bool):
             raise bad_request("'add_special_tokens' must be a boolean", "add_special_tokens")
-        loop = asyncio.get_running_loop()
         if "messages" in body:
             from wideep.server.protocol import parse_chat
 
             req = parse_chat({**body, "add_special_tokens": bool(body.get("add_special_tokens", False))})
-            text = await loop.run_in_executor(None, serving._render_chat, req)
-            add_special = False
+            ids = await serving.render_chat(req)   # bounded like a chat request (render_chat)
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise bad_request("'prompt' must be a string (or send 'messages')", "prompt")
-            text = prompt
-        limit = state.max_prompt_chars
-        if limit is not None and len(text) > limit:   # tokenizing it would only say "too long", slowly
-            raise bad_request(f"the text has {len(text)} characters, more than {state.max_model_len} tokens "
-                              "can spell", "messages" if "messages" in body else "prompt")
-        try:
-            ids = await loop.run_in_executor(None, serving._encode, text, add_special)
-        except (TypeError, ValueError) as e:   # e.g. a lone surrogate
-            raise bad_request(f"the text cannot be tokenized: {client_message(str(e))}", "prompt") from None
+            limit = state.max_prompt_chars
+            if limit is not None and len(prompt) > limit:   # tokenizing it would only say "too long", slowly
+                raise bad_request(f"the text has {len(prompt)} characters, more than {state.max_model_len} tokens "
+                                  "can spell", "prompt")
+            try:
+                ids = await asyncio.get_running_loop().run_in_executor(None, serving._encode, prompt, add_special)
+            except (TypeError, ValueError) as e:   # e.g. a lone surrogate
+                raise bad_request(f"the text cannot be tokenized: {client_message(str(e))}", "prompt") from None
         token_strs = [state.tokenizer.id_to_token(t) for t in ids] if body.get("return_token_strs") else None
         return web.json_response({"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
                                   "token_strs": token_strs})
