@@ -23,6 +23,7 @@ class EngineArgs:
     served_model_name: str | None = None
     dtype: str = "auto"                   # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"                  # auto: cuda if available else cpu
+    quantization: str = "auto"            # auto: native FP8 for FP8 checkpoints; fp8 (require); none (dequantize)
     seed: int = 0
 
     # KV cache and scheduling

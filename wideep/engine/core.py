@@ -68,7 +68,7 @@ class EngineCore:
         if model is None:
             from wideep.model.loader import load_model
             model = load_model(args.model, self.device, self.dtype, dispatcher=dispatcher,
-                               ep_rank=ep_rank, ep_size=ep_size)
+                               ep_rank=ep_rank, ep_size=ep_size, quantization=args.quantization)
         self.model = model
         cfg = model.config
         self.vocab_size = int(cfg.vocab_size)

@@ -14,6 +14,7 @@ from torch import nn
 from wideep.parallel.moe_comm import MoEDispatcher
 
 from .config import ModelConfig
+from .fp8 import FP8_DTYPE, fp8_grouped_mlp, scale_row_index
 from .layers import GatedMLP
 
 
@@ -108,16 +109,49 @@ def grouped_mlp(
 
 
 class RoutedExperts(nn.Module):
-    """This rank's routed experts, stacked: w13 [E_local, 2I, H] (gate ‖ up), w2 [E_local, H, I]."""
+    """This rank's routed experts, stacked: w13 [E_local, 2I, H] (gate ‖ up), w2 [E_local, H, I].
 
-    def __init__(self, num_local: int, hidden: int, inter: int):
+    Native FP8 (fp8_block set): both stay e4m3 with per-expert block scales w13_scale_inv
+    [E_local, 2*ceil(I/bo), ceil(H/bi)] (gate's blocks, then up's) and w2_scale_inv [E_local, ceil(H/bo), ceil(I/bi)].
+    """
+
+    def __init__(self, num_local: int, hidden: int, inter: int, fp8_block: tuple[int, int] | None = None):
         super().__init__()
-        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter))
+        self.fp8_block = fp8_block
+        if fp8_block is None:
+            self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden))
+            self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter))
+        else:
+            bo, bi = fp8_block
+            self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=FP8_DTYPE), requires_grad=False)
+            self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=FP8_DTYPE), requires_grad=False)
+            self.w13_scale_inv = nn.Parameter(
+                torch.empty(num_local, 2 * -(-inter // bo), -(-hidden // bi)), requires_grad=False)
+            self.w2_scale_inv = nn.Parameter(
+                torch.empty(num_local, -(-hidden // bo), -(-inter // bi)), requires_grad=False)
+        self.inter, self.hidden = inter, hidden
+        self._sidx: tuple[torch.Tensor, torch.Tensor] | None = None
         self.impl = "auto"
 
+    def stacked_tensors(self) -> list[torch.Tensor]:
+        """Every per-expert stacked tensor (what moving an expert between slots must move)."""
+        if self.fp8_block is None:
+            return [self.w13, self.w2]
+        return [self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv]
+
+    def _scale_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.w13.device
+        if self._sidx is None or self._sidx[0].device != dev:
+            bo = self.fp8_block[0]
+            self._sidx = (scale_row_index([self.inter, self.inter], bo, dev), scale_row_index([self.hidden], bo, dev))
+        return self._sidx
+
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        return grouped_mlp(x, self.w13, self.w2, tokens_per_expert, self.impl)
+        if self.fp8_block is None:
+            return grouped_mlp(x, self.w13, self.w2, tokens_per_expert, self.impl)
+        s13, s2 = self._scale_rows()
+        return fp8_grouped_mlp(x, self.w13, self.w13_scale_inv, s13, self.w2, self.w2_scale_inv, s2,
+                               tokens_per_expert)
 
 
 class DeepseekV3MoE(nn.Module):
@@ -128,13 +162,14 @@ class DeepseekV3MoE(nn.Module):
     physical id == logical id and rank r owns the contiguous slice of experts.
     """
 
-    def __init__(self, config: ModelConfig, layer_idx: int, dispatcher: MoEDispatcher, num_local_experts: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, dispatcher: MoEDispatcher, num_local_experts: int,
+                 fp8_block: tuple[int, int] | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.gate = TopkRouter(config)
-        self.experts = RoutedExperts(num_local_experts, config.hidden_size, config.moe_intermediate_size)
+        self.experts = RoutedExperts(num_local_experts, config.hidden_size, config.moe_intermediate_size, fp8_block)
         self.shared_experts = (
-            GatedMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            GatedMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, fp8_block)
             if config.n_shared_experts
             else None
         )

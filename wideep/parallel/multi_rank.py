@@ -45,7 +45,8 @@ def build_ep_core(args, pcfg, group, coordinator=None):
     device = group.device
     dtype = resolve_dtype(args.dtype, device)
     model = load_model(args.model, device, dtype, dispatcher=dispatcher, ep_rank=pcfg.ep_rank,
-                       ep_size=pcfg.ep_size, local_expert_ids=local_expert_ids)
+                       ep_size=pcfg.ep_size, local_expert_ids=local_expert_ids,
+                       quantization=args.quantization)
     eplb = None
     routers: list[Any] = []
     if args.enable_eplb:

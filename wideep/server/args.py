@@ -138,6 +138,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     _flag(eng, "--enforce-eager", action="store_true", help="no CUDA graphs")
     _flag(eng, "--seed", type=int, default=d.seed)
     _flag(eng, "--dtype", default=d.dtype, help="auto, bfloat16, float16 or float32")
+    _flag(eng, "--quantization", default=d.quantization, choices=["auto", "fp8", "none"],
+          help="auto: FP8 checkpoints run natively in FP8; none: dequantize them to --dtype at load")
     _flag(eng, "--device", default=d.device, help="auto, cuda or cpu")
     _flag(eng, "--kv-transfer-config", type=json_object("--kv-transfer-config"), default=None,
           help='P/D connector, e.g. \'{"kv_connector":"NixlConnector","kv_role":"kv_both"}\'')
@@ -192,7 +194,7 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
     names = ns.served_model_name or [ns.model]
     try:
         engine_args = EngineArgs(
-            model=model, served_model_name=names[0], dtype=ns.dtype, device=ns.device, seed=ns.seed,
+            model=model, served_model_name=names[0], dtype=ns.dtype, quantization=ns.quantization, device=ns.device, seed=ns.seed,
             block_size=ns.block_size, max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
             max_model_len=ns.max_model_len, gpu_memory_utilization=ns.gpu_memory_utilization,
             kv_cache_memory_bytes=ns.kv_cache_memory_bytes, enable_prefix_caching=ns.enable_prefix_caching,
