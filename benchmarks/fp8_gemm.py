@@ -44,8 +44,50 @@ def rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def sweep(dev) -> None:
+    """Tile configs of the Triton GEMM at a few R1 shapes (plain and grouped): prints the best of each."""
+    import itertools
+    import os
+
+    shapes = [("plain", 128, 7168, 1536), ("plain", 128, 16384, 7168), ("plain", 8192, 7168, 4096),
+              ("grouped", 8 * 128, 7168, 4096), ("grouped", 8 * 2048, 7168, 4096)]
+    configs = [c for c in itertools.product((16, 32, 64, 128), (64, 128), ((4, 3), (8, 3), (4, 4)))
+               if not (c[0] == 128 and c[2][0] == 4)]
+    for kind, m, k, n in shapes:
+        res = []
+        for bm, bn, (wp, st) in configs:
+            if kind == "plain" and m >= 4096 and bm < 64:
+                continue
+            os.environ[fp8_triton.CONFIG_ENV] = f"{bm},{bn},{wp},{st}"
+            q = torch.randint(-100, 100, (m, k), device=dev).to(torch.float8_e4m3fn)
+            sa = torch.rand(m, k // 128, device=dev).t().contiguous().t()
+            if kind == "plain":
+                w = torch.randint(-100, 100, (n, k), device=dev).to(torch.float8_e4m3fn)
+                ws = torch.rand(n // 128, k // 128, device=dev)
+                sidx = scale_row_index([n], 128, dev)
+                fn = lambda: fp8_triton.fp8_gemm(q, sa, w, ws, sidx, torch.bfloat16)  # noqa: E731
+            else:
+                e = 8
+                w = torch.randint(-100, 100, (e, n, k), device=dev).to(torch.float8_e4m3fn)
+                ws = torch.rand(e, n // 128, k // 128, device=dev)
+                sidx = scale_row_index([n], 128, dev)
+                tiles = fp8_triton.group_tiles(torch.full((e,), m // e, device=dev), m, bm)
+                fn = lambda: fp8_triton.fp8_gemm(q, sa, w, ws, sidx, torch.bfloat16, tiles=tiles, block_m=bm)  # noqa: E731
+            try:
+                res.append((graph_us(fn, 20), f"{bm},{bn},{wp},{st}"))
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                res.append((float("inf"), f"{bm},{bn},{wp},{st} ({type(exc).__name__})"))
+        os.environ.pop(fp8_triton.CONFIG_ENV, None)
+        res.sort()
+        wbytes = n * k * (8 if kind == "grouped" else 1)
+        print(f"sweep {kind} {m}x{k}x{n}: " + "; ".join(f"{c} {t:.1f}us" for t, c in res[:4])
+              + f"  (best {wbytes / res[0][0] / 1e3:,.0f} GB/s weights, {2 * m * n * k / res[0][0] / 1e6:,.0f} TFLOP/s)")
+
+
 def main() -> int:
     dev = torch.device("cuda")
+    if "--sweep" in sys.argv:
+        sweep(dev)
     torch.manual_seed(0)
     ok = True
     # ---- correctness ----

@@ -36,7 +36,7 @@ from wideep.engine.core import EngineCore  # noqa: E402
 from wideep.engine.request import Request  # noqa: E402
 from wideep.engine.scheduler import ScheduledSeq, SchedulerOutput  # noqa: E402
 from wideep.model.config import ModelConfig  # noqa: E402
-from wideep.model.deepseek_v3 import DeepseekV3ForCausalLM  # noqa: E402
+from wideep.model.deepseek_v3 import DeepseekV3ForCausalLM, materialize  # noqa: E402
 from wideep.model.fp8 import FP8_DTYPE  # noqa: E402
 from wideep.model.make_model import FP8_QUANT_CONFIG, PRESETS  # noqa: E402
 from wideep.model.rope import RotaryEmbedding  # noqa: E402
@@ -133,7 +133,7 @@ def build_rank_model(cfg: ModelConfig, dispatcher: MoEDispatcher, device: torch.
     scales 0.02), unit norms, zero router bias."""
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(cfg, dispatcher, dispatcher.num_local_experts)
-    model.to_empty(device=device)
+    materialize(model, device, dtype)
     model.model.rotary_emb = RotaryEmbedding(cfg).to(device)
     g = torch.Generator(device=device)
     g.manual_seed(seed)

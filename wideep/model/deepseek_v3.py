@@ -47,6 +47,19 @@ class DeepseekV3Model(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
 
+def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Allocate a model built on the meta device: FP8 weights stay e4m3, block scales and the router's
+    correction bias fp32, everything else `dtype` (one allocation per tensor, never a float32 copy of all)."""
+    for mod in model.modules():
+        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            keep = t.dtype == torch.float8_e4m3fn or name.endswith("_scale_inv") or name == "e_score_correction_bias"
+            new = torch.empty(t.shape, dtype=t.dtype if keep else dtype, device=device)
+            if isinstance(t, nn.Parameter):
+                setattr(mod, name, nn.Parameter(new, requires_grad=False))
+            else:
+                mod._buffers[name] = new
+
+
 class DeepseekV3ForCausalLM(nn.Module):
     """fp8: run the projections and experts natively in block FP8 (None: when the checkpoint's
     quantization_config says fp8, as vLLM does); False keeps plain weights (FP8 checkpoints dequantized)."""

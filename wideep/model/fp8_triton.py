@@ -145,11 +145,25 @@ def silu_mul_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s.t()
 
 
+CONFIG_ENV = "WIDEEP_FP8_GEMM_CONFIG"   # "block_m,block_n,num_warps,num_stages" forces one tile config
+
+
+def _forced() -> tuple[int, int, int, int] | None:
+    v = os.environ.get(CONFIG_ENV)
+    if not v:
+        return None
+    bm, bn, w, st = (int(t) for t in v.split(","))
+    return bm, bn, w, st
+
+
 def _pick_block_m(rows_per_group: float) -> int:
-    for bm in (16, 32, 64):
+    forced = _forced()
+    if forced:
+        return forced[0]
+    for bm in (16, 32):
         if rows_per_group <= bm:
             return bm
-    return 128
+    return 64   # 128-row tiles need a second fp32 accumulator's worth of registers: they spill at 4 warps
 
 
 def _num_sms(device: torch.device) -> int:
@@ -172,7 +186,10 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.T
         out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0:
         return out
-    block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
+    forced = _forced()
+    block_n = forced[1] if forced else 128
+    block_n = block_n if n >= block_n else max(16, triton.next_power_of_2(n))
+    warps, stages = (forced[2], forced[3]) if forced else (4, 3)
     n_kb = triton.cdiv(k, GROUP)
     if grouped:
         tile_expert, tile_row, expert_end = tiles
@@ -200,7 +217,7 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.T
         a_q, a_s, w, w_s, sidx, target, tile_expert, tile_row, expert_end,
         m, n, k, a_q.stride(0), we, w2d.stride(0), ws_e, ws2d.stride(0), stride_cs, target.stride(-2),
         kb_per, GROUPED=grouped, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=GROUP,
-        num_warps=4, num_stages=4 if a_q.is_cuda else 1,
+        num_warps=warps, num_stages=stages if a_q.is_cuda else 1,
     )
     if split > 1:
         out.copy_(target.sum(0))

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from wideep.parallel.moe_comm import MoEDispatcher
 
 from .config import CheckpointError, ModelConfig
-from .deepseek_v3 import DeepseekV3ForCausalLM
+from .deepseek_v3 import DeepseekV3ForCausalLM, materialize
 from .fp8 import FP8_DTYPE, dequantize_block_fp8
 from .rope import RotaryEmbedding
 
@@ -147,7 +147,7 @@ def load_model(
 
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config, dispatcher, n_local, fp8=fp8)
-    model.to_empty(device=device)
+    materialize(model, device, dtype)
     model.model.rotary_emb = RotaryEmbedding(config).to(device)
 
     reader = _ShardReader(WeightIndex(model_dir))
