@@ -40,7 +40,8 @@ from wideep.model.deepseek_v3 import DeepseekV3ForCausalLM, materialize  # noqa:
 from wideep.model.fp8 import FP8_DTYPE  # noqa: E402
 from wideep.model.make_model import FP8_QUANT_CONFIG, PRESETS  # noqa: E402
 from wideep.model.rope import RotaryEmbedding  # noqa: E402
-from wideep.parallel.expert_grouping import group_by_local_expert  # noqa: E402
+from wideep.model.moe_permute import gather_sum  # noqa: E402
+from wideep.parallel.expert_grouping import group_by_local_expert, pair_rows  # noqa: E402
 from wideep.parallel.moe_comm import DispatchResult, MoEDispatcher  # noqa: E402
 
 # Published DeepEP low-latency dispatch / combine per MoE layer, 128 tokens per rank, FP8 dispatch and
@@ -104,14 +105,10 @@ class EmulatedEPDispatcher(MoEDispatcher):
         w = topk_weights.repeat(1, -(-slots // topk_weights.shape[1]))[:, :slots]
         weights = torch.where(g.valid, w.reshape(-1)[g.order], torch.zeros((), dtype=w.dtype, device=w.device))
         return DispatchResult(x=x[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
-                              handle=(g.rows, g.valid, t))
+                              handle=pair_rows(g, t, slots))
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
-        rows, valid, t = result.handle
-        y = torch.where(valid[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
-        out = torch.zeros(t, y.shape[1], dtype=torch.float32, device=y.device)
-        out.index_add_(0, rows, y.float())
-        return out.to(y.dtype)
+        return gather_sum(y, result.handle)
 
 
 # ---- model -----------------------------------------------------------------------------------------------

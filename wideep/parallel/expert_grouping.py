@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from wideep.model.moe_permute import counting_sort, inverse_rows
+
 
 @dataclass
 class Grouping:
@@ -24,11 +26,9 @@ def group_by_local_expert(local_ids: torch.Tensor, num_local: int, static: bool)
     flat = local_ids.reshape(-1)
     mine = (flat >= 0) & (flat < num_local)
     key = torch.where(mine, flat, torch.full_like(flat, num_local))
-    order = torch.argsort(key, stable=True)
-    # scatter_add, not bincount: bincount sizes its output from the data (a host sync, not capturable)
-    counts = torch.zeros(num_local + 1, dtype=torch.int64, device=key.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    tokens_per_expert = counts[:num_local].to(torch.int64)
+    # counting sort (not argsort, not bincount: no global sort, no data-sized output, no host sync)
+    order, counts = counting_sort(key.to(torch.int64), num_local + 1)
+    tokens_per_expert = counts[:num_local]
     if static:
         valid = mine[order]
     else:
@@ -37,3 +37,8 @@ def group_by_local_expert(local_ids: torch.Tensor, num_local: int, static: bool)
         valid = None
     return Grouping(order=order, rows=torch.div(order, k, rounding_mode="floor"),
                     tokens_per_expert=tokens_per_expert, valid=valid)
+
+
+def pair_rows(g: Grouping, num_tokens: int, k: int) -> torch.Tensor:
+    """[num_tokens, k]: the grouped row holding each (token, slot) pair, -1 where none (for gather_sum)."""
+    return inverse_rows(g.order, g.valid, num_tokens * k).view(num_tokens, k)

@@ -1,0 +1,95 @@
+"""The lean MoE permutation: (token, slot) pairs to expert-contiguous rows and back, graph-capturable and
+batch-invariant.
+
+- Grouping is a counting sort (bucket counts, an exclusive scan, each pair's rank inside its bucket), not a
+  global argsort: the result is exactly the stable order by expert, with fixed shapes and no host sync.
+- Combine gathers each token's K expert rows and sums them in fp32 in slot order, one output row per token:
+  no fp32 scatter (index_add) over the whole hidden, and the sum order never depends on the batch.
+On CUDA the combine is a Triton kernel; elsewhere the same sum in torch (its reference).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs without triton use the torch reference
+    triton = None
+    tl = None
+constexpr = tl.constexpr if tl is not None else "constexpr"
+
+
+def counting_sort(key: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """key [N] in [0, num_buckets) -> (order [N]: indices in stable bucket order, counts [num_buckets] int64).
+
+    order equals torch.argsort(key, stable=True); positions come from a per-bucket running count.
+    """
+    n = key.shape[0]
+    onehot = torch.nn.functional.one_hot(key, num_buckets).to(torch.int32)   # [N, B]
+    counts = onehot.sum(0, dtype=torch.int64)
+    running = torch.cumsum(onehot, 0, dtype=torch.int32)                     # rank+1 inside the bucket
+    rank = running.gather(1, key[:, None]).squeeze(1) - 1
+    starts = torch.cumsum(counts, 0) - counts
+    pos = starts[key] + rank
+    order = torch.empty(n, dtype=torch.int64, device=key.device)
+    order.scatter_(0, pos, torch.arange(n, device=key.device))
+    return order, counts
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_sum_kernel(y_ptr, idx_ptr, out_ptr, H, stride_y, stride_o, K: constexpr, BLOCK_H: constexpr):
+        """out[t, h] = sum_k y[idx[t, k], h] in fp32, slot order; idx < 0 contributes nothing."""
+        t = tl.program_id(0)
+        hb = tl.program_id(1)
+        offs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = offs < H
+        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for k in tl.static_range(K):
+            r = tl.load(idx_ptr + t * K + k)
+            v = tl.load(y_ptr + tl.maximum(r, 0).to(tl.int64) * stride_y + offs, mask=mask & (r >= 0), other=0.0)
+            acc += v.to(tl.float32)
+        tl.store(out_ptr + t.to(tl.int64) * stride_o + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gather_sum(y: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dtype | None = None,
+               impl: str = "auto") -> torch.Tensor:
+    """y [N, H] rows, idx [T, K] row of each (token, slot) or -1 -> [T, H]: per token, the fp32 sum of its rows
+    in slot order, cast to out_dtype (default y's). impl: auto (Triton on CUDA), triton, torch."""
+    t, k = idx.shape
+    out_dtype = out_dtype or y.dtype
+    if impl == "triton" or (impl == "auto" and y.is_cuda and triton is not None):
+        y = y.contiguous()
+        out = torch.empty((t, y.shape[1]), dtype=out_dtype, device=y.device)
+        if t:
+            bh = 1024
+            _gather_sum_kernel[(t, triton.cdiv(y.shape[1], bh))](
+                y, idx.to(torch.int32).contiguous(), out, y.shape[1], y.stride(0), out.stride(0), K=k, BLOCK_H=bh,
+                num_warps=4)
+        return out
+    if impl not in ("auto", "torch"):
+        raise ValueError(f"gather_sum: unknown impl {impl!r}")
+    acc = torch.zeros((t, y.shape[1]), dtype=torch.float32, device=y.device)
+    zero = torch.zeros((), dtype=torch.float32, device=y.device)
+    for j in range(k):
+        r = idx[:, j]
+        acc += torch.where((r >= 0)[:, None], y[r.clamp(min=0)].float(), zero)
+    return acc.to(out_dtype)
+
+
+def inverse_rows(order: torch.Tensor, valid: torch.Tensor | None, num_pairs: int) -> torch.Tensor:
+    """For grouped row j holding flat pair order[j]: inv[pair] = j, or -1 for pairs not grouped (or padding)."""
+    inv = torch.full((num_pairs,), -1, dtype=torch.int64, device=order.device)
+    rows = torch.arange(order.shape[0], device=order.device)
+    if valid is not None:
+        rows = torch.where(valid, rows, torch.full_like(rows, -1))
+    inv.scatter_(0, order, rows)
+    return inv
