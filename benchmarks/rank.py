@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import sys
@@ -153,8 +154,16 @@ def build_rank_model(cfg: ModelConfig, dispatcher: MoEDispatcher, device: torch.
     return model
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def weight_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the parameters; with dtype, as materialize() would allocate them (meta models)."""
+    if dtype is None:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for name, p in model.named_parameters():
+        keep = p.dtype == FP8_DTYPE or name.endswith("_scale_inv")
+        total += p.numel() * (p.element_size() if keep else size)
+    return total
 
 
 # ---- measurement helpers -----------------------------------------------------------------------------------
@@ -318,9 +327,10 @@ def profile_phases(run: RankRun, out: SchedulerOutput, device) -> dict:
         if ev.name.startswith("phase::"):
             t = (ev.device_time_total if cuda else ev.cpu_time_total) / 1e3
             tot[ev.name[7:]] = tot.get(ev.name[7:], 0.0) + t
-    if cuda:
+    if cuda:  # the Triton decode kernel, or (prefill) the SDPA flash kernels
         for ka in prof.key_averages():
-            if "mla" in ka.key.lower() and ka.device_type == torch.autograd.DeviceType.CUDA:
+            key = ka.key.lower()
+            if not key.startswith("aten::") and ("mla" in key or "flash" in key or "fmha" in key):
                 mla += ka.self_device_time_total / 1e3
     g = tot.get
     phases = {
@@ -337,6 +347,14 @@ def profile_phases(run: RankRun, out: SchedulerOutput, device) -> dict:
     top = sorted(((ka.key, (ka.self_device_time_total if cuda else ka.self_cpu_time_total) / 1e3)
                   for ka in prof.key_averages()), key=lambda kv: -kv[1])[:15]
     return {"phases_ms": phases, "step_gpu_ms": g("step", 0), "top_kernels_ms": dict(top)}
+
+
+def _profile_into(res: dict, run: RankRun, out: SchedulerOutput, device) -> None:
+    try:
+        res.update(profile_phases(run, out, device))
+    except Exception as exc:  # noqa: BLE001 - the throughput numbers stand without the breakdown
+        res["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        print(f"    profile FAILED: {res['profile_error']}", flush=True)
 
 
 def rooflines(cfg: ModelConfig, n_local: int, fp8: bool, b: int, ctx: int | None, ceil: dict,
@@ -383,6 +401,13 @@ def ctx_or(prefill_tokens: int, seqs: int) -> int:
 
 def decode_case(run: RankRun, b: int, ctx: int, a, device, ceil: dict) -> dict:
     reqs = fake_requests(run, b, ctx, f"d{b}-{ctx}")
+    try:
+        return _decode_case(run, reqs, b, ctx, a, device, ceil)
+    finally:
+        release(run, reqs)
+
+
+def _decode_case(run: RankRun, reqs: list[Request], b: int, ctx: int, a, device, ceil: dict) -> dict:
     out = SchedulerOutput(seqs=[ScheduledSeq(r, ctx - 1, 1) for r in reqs], num_decodes=b, num_tokens=b)
     runner = run.core.runner
     step = timed(lambda: runner.execute(out), device, a.iters)
@@ -391,25 +416,30 @@ def decode_case(run: RankRun, b: int, ctx: int, a, device, ceil: dict) -> dict:
     if device.type == "cuda" and res["graph"]:
         g = runner._graph_for(b, None)
         res["graph_replay_ms"] = timed(lambda: runner._replay_graph(g, b), device, a.iters) * 1e3
-    if a.profile:
-        res.update(profile_phases(run, out, device))
     res["roofline_ms"] = rooflines(run.cfg, run.dispatcher.num_local_experts, run.fp8, b, ctx, ceil)
-    release(run, reqs)
+    if a.profile:
+        _profile_into(res, run, out, device)
     return res
 
 
 def prefill_case(run: RankRun, tokens: int, seq_len: int, a, device, ceil: dict) -> dict:
     n = max(1, tokens // seq_len)
     reqs = fake_requests(run, n, seq_len, f"p{tokens}", prefill=True)
+    try:
+        return _prefill_case(run, reqs, n, seq_len, a, device, ceil)
+    finally:
+        release(run, reqs)
+
+
+def _prefill_case(run: RankRun, reqs: list[Request], n: int, seq_len: int, a, device, ceil: dict) -> dict:
     out = SchedulerOutput(seqs=[ScheduledSeq(r, 0, seq_len) for r in reqs], num_decodes=0, num_tokens=n * seq_len)
     runner = run.core.runner
     step = timed(lambda: runner.execute(out), device, max(2, a.iters // 4), warmup=1)
     res = {"tokens": n * seq_len, "seqs": n, "step_ms": step * 1e3, "tok_s_gpu": n * seq_len / step}
-    if a.profile:
-        res.update(profile_phases(run, out, device))
     res["roofline_ms"] = rooflines(run.cfg, run.dispatcher.num_local_experts, run.fp8, n, None, ceil,
                                    prefill_tokens=n * seq_len)
-    release(run, reqs)
+    if a.profile:
+        _profile_into(res, run, out, device)
     return res
 
 
@@ -511,7 +541,7 @@ def ep8_fit(cfg_full: ModelConfig, block_size: int, hbm_bytes: int, util: float 
     with torch.device("meta"):
         m8 = DeepseekV3ForCausalLM(cfg, disp, disp.num_local_experts)
         m16 = DeepseekV3ForCausalLM(rank_config("full", None, None, fp8=False), disp, disp.num_local_experts)
-    w8, w16 = weight_bytes(m8), weight_bytes(m16)
+    w8, w16 = weight_bytes(m8, torch.bfloat16), weight_bytes(m16, torch.bfloat16)
     # + the bf16 copies of kv_b kept for absorbed decode
     w8 += cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank * 2
     kv_seq_4k = cfg.num_hidden_layers * 4096 * cfg.kv_cache_dim * 2
@@ -581,7 +611,7 @@ def main(argv=None) -> dict:
                 with torch.device("meta"):
                     probe = DeepseekV3ForCausalLM(cfg, EmulatedEPDispatcher(cfg.n_routed_experts, a.ep, 8), 256 // a.ep)
                 free, _ = torch.cuda.mem_get_info(device)
-                room = free - weight_bytes(probe) - 12 * 2**30  # activations, graphs, lm_head logits
+                room = free - weight_bytes(probe, dtype) - 12 * 2**30  # activations, graphs, lm_head logits
                 blocks = max(1, min(need_blocks, int(room // per_block)))
                 del probe
         t0 = time.perf_counter()
@@ -599,7 +629,13 @@ def main(argv=None) -> dict:
                     res["decode"].append({"B": b, "ctx": ctx, "skipped": "KV does not fit beside the weights"})
                     print(f"  decode B={b} ctx={ctx}: skipped (KV does not fit)", flush=True)
                     continue
-                d = decode_case(run, b, ctx, a, device, ceil)
+                try:
+                    d = decode_case(run, b, ctx, a, device, ceil)
+                except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others' numbers
+                    d = {"B": b, "ctx": ctx, "error": f"{type(exc).__name__}: {exc}"[:400]}
+                    res["decode"].append(d)
+                    print(f"  decode B={b} ctx={ctx}: FAILED {d['error']}", flush=True)
+                    continue
                 with_comm(d, a.ep, moe_layers, False, cfg.hidden_size, cfg.num_experts_per_tok)
                 res["decode"].append(d)
                 print(f"  decode B={b:4d} ctx={ctx}: step {d['step_ms']:.2f} ms -> {d['tok_s_gpu']:,.0f} tok/s/GPU"
@@ -608,7 +644,12 @@ def main(argv=None) -> dict:
                          f"{d['tok_s_gpu_comm_overlapped']:,.0f} overlapped" if "comm_ms" in d else ""), flush=True)
                 print_phases(d)
         if a.prefill_tokens:
-            pr = prefill_case(run, a.prefill_tokens, a.prefill_seq_len, a, device, ceil)
+            try:
+                pr = prefill_case(run, a.prefill_tokens, a.prefill_seq_len, a, device, ceil)
+            except Exception as exc:  # noqa: BLE001
+                pr = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+                print(f"  prefill: FAILED {pr['error']}", flush=True)
+        if a.prefill_tokens and "error" not in pr:
             with_comm(pr, a.ep, moe_layers, True, cfg.hidden_size, cfg.num_experts_per_tok)
             res["prefill"] = pr
             print(f"  prefill {pr['tokens']} tokens ({pr['seqs']} x {a.prefill_seq_len}): {pr['step_ms']:.1f} ms -> "
@@ -617,6 +658,7 @@ def main(argv=None) -> dict:
             print_phases(pr)
         report["runs"][prec] = res
         del run
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if a.baseline:
@@ -626,9 +668,9 @@ def main(argv=None) -> dict:
             for b in a.batch:
                 try:
                     r = plain_torch(cfg, cfg.n_routed_experts // a.ep, b, ctx, device, dtype, a.iters)
-                except torch.OutOfMemoryError:
-                    r = {"B": b, "ctx": ctx, "skipped": "out of memory"}
-                    torch.cuda.empty_cache()
+                except Exception as exc:  # noqa: BLE001
+                    r = {"B": b, "ctx": ctx, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                    print(f"  plain torch B={b} ctx={ctx}: FAILED {r['error']}", flush=True)
                 base.append(r)
                 if "tok_s_gpu" in r:
                     print(f"  plain torch B={b:4d} ctx={ctx}: step {r['step_ms']:.2f} ms -> {r['tok_s_gpu']:,.0f} "

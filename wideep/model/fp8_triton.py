@@ -120,6 +120,19 @@ if triton is not None:
         tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+if triton is not None:
+
+    @triton.jit
+    def _splitk_sum_kernel(p_ptr, out_ptr, MN, SPLIT: constexpr, BLOCK: constexpr):
+        """out = sum over the SPLIT partial products (fixed order), cast to out's dtype."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in tl.static_range(SPLIT):
+            acc += tl.load(p_ptr + i * MN + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], fp32 scales [M, ceil(K/128)] with strides (1, M))."""
     m, k = x.shape
@@ -220,7 +233,9 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.T
         num_warps=warps, num_stages=stages if a_q.is_cuda else 1,
     )
     if split > 1:
-        out.copy_(target.sum(0))
+        if not out.is_contiguous():
+            raise ValueError("fp8_gemm: split-K needs a contiguous output")
+        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](target, out, m * n, SPLIT=split, BLOCK=1024, num_warps=4)
     return out
 
 
