@@ -31,8 +31,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h, cos, sin, attn: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(h), cos, sin, attn, kv_cache)
+        x, h = self.post_attention_layernorm.add_norm(a, h)
+        return h + self.mlp(x)
 
 
 class DeepseekV3Model(nn.Module):

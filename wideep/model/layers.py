@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fp8 import make_linear
+from .fused_ops import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -15,10 +16,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) in one pass (one kernel on CUDA)."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class GatedMLP(nn.Module):

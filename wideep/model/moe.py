@@ -15,6 +15,7 @@ from wideep.parallel.moe_comm import MoEDispatcher
 
 from .config import ModelConfig
 from .fp8 import FP8_DTYPE, fp8_grouped_mlp, scale_row_index
+from .fused_ops import route
 from .layers import GatedMLP
 
 
@@ -34,20 +35,26 @@ class TopkRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_ids [T, K] int64 logical experts, topk_weights [T, K] float32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        biased = scores + self.e_score_correction_bias.float()
-        t = x.shape[0]
-        per_group = self.n_experts // self.n_group
-        group_scores = biased.view(t, self.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
-        group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-        expert_mask = group_mask[:, :, None].expand(t, self.n_group, per_group).reshape(t, self.n_experts)
-        biased = biased.masked_fill(expert_mask == 0, float("-inf"))
-        topk_ids = biased.topk(self.top_k, dim=-1, sorted=False)[1]
-        topk_weights = scores.gather(1, topk_ids)
-        if self.norm_topk_prob:
-            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return topk_ids, topk_weights * self.routed_scaling_factor
+        return route(gate_logits(x, self.weight), self.e_score_correction_bias, self.top_k, self.n_group,
+                     self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
+
+
+_MM_FP32_OUT: dict[int | None, bool] = {}
+
+
+def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits in fp32: on CUDA a bf16 GEMM with an fp32 accumulator and fp32 output (no upcast copy of
+    the weight, no fp32 SIMT GEMM); elsewhere an fp32 product."""
+    if x.is_cuda and x.dtype == weight.dtype == torch.bfloat16:
+        key = x.device.index
+        if _MM_FP32_OUT.get(key, True):
+            try:
+                out = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)
+                _MM_FP32_OUT[key] = True
+                return out
+            except (RuntimeError, TypeError):
+                _MM_FP32_OUT[key] = False
+    return torch.nn.functional.linear(x.float(), weight.float())
 
 
 _GROUPED_MM_WORKS: dict[int | None, bool] = {}

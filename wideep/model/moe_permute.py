@@ -55,8 +55,8 @@ if triton is not None:
         acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
         for k in tl.static_range(K):
             r = tl.load(idx_ptr + t * K + k)
-            v = tl.load(y_ptr + tl.maximum(r, 0).to(tl.int64) * stride_y + offs, mask=mask & (r >= 0), other=0.0)
-            acc += v.to(tl.float32)
+            v = tl.load(y_ptr + tl.maximum(r, 0).to(tl.int64) * stride_y + offs, mask=mask, other=0.0)
+            acc += tl.where(r >= 0, v.to(tl.float32), 0.0)
         tl.store(out_ptr + t.to(tl.int64) * stride_o + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -66,6 +66,8 @@ def gather_sum(y: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dtype | None
     in slot order, cast to out_dtype (default y's). impl: auto (Triton on CUDA), triton, torch."""
     t, k = idx.shape
     out_dtype = out_dtype or y.dtype
+    if y.shape[0] == 0:  # nothing received: every slot is empty
+        return torch.zeros((t, y.shape[1]), dtype=out_dtype, device=y.device)
     if impl == "triton" or (impl == "auto" and y.is_cuda and triton is not None):
         y = y.contiguous()
         out = torch.empty((t, y.shape[1]), dtype=out_dtype, device=y.device)
