@@ -324,7 +324,9 @@ def profile_phases(run: RankRun, out: SchedulerOutput, device) -> dict:
     tot: dict[str, float] = {}
     mla = 0.0
     for ev in prof.events():
-        if ev.name.startswith("phase::"):
+        # the CPU-side range: its device time is the kernels launched inside it (the GPU-side copy of a
+        # range spans first kernel start to last kernel end, idle gaps of an eager step included)
+        if ev.name.startswith("phase::") and (not cuda or ev.device_type == torch.autograd.DeviceType.CPU):
             t = (ev.device_time_total if cuda else ev.cpu_time_total) / 1e3
             tot[ev.name[7:]] = tot.get(ev.name[7:], 0.0) + t
     if cuda:  # the Triton decode kernel, or (prefill) the SDPA flash kernels

@@ -1,7 +1,7 @@
 """The lean MoE permutation: (token, slot) pairs to expert-contiguous rows and back, graph-capturable and
 batch-invariant.
 
-- Grouping is a counting sort (bucket counts, an exclusive scan, each pair's rank inside its bucket), not a
+- Grouping is a counting sort (one prefix sum over the bucket indicators gives each pair its slot), not a
   global argsort: the result is exactly the stable order by expert, with fixed shapes and no host sync.
 - Combine gathers each token's K expert rows and sums them in fp32 in slot order, one output row per token:
   no fp32 scatter (index_add) over the whole hidden, and the sum order never depends on the batch.
@@ -29,15 +29,17 @@ constexpr = tl.constexpr if tl is not None else "constexpr"
 def counting_sort(key: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
     """key [N] in [0, num_buckets) -> (order [N]: indices in stable bucket order, counts [num_buckets] int64).
 
-    order equals torch.argsort(key, stable=True); positions come from a per-bucket running count.
+    order equals torch.argsort(key, stable=True). The bucket indicator matrix [buckets, N] is scanned as one
+    flat array (a single device-wide prefix sum): at (key_i, i) it has counted every pair of a smaller bucket
+    plus the pairs of bucket key_i up to i, which is i's sorted position + 1. (A per-column scan of [N, buckets]
+    runs one serial thread per bucket: measured 10 ms per call at 65k pairs on an H200.)
     """
     n = key.shape[0]
-    onehot = torch.nn.functional.one_hot(key, num_buckets).to(torch.int32)   # [N, B]
-    counts = onehot.sum(0, dtype=torch.int64)
-    running = torch.cumsum(onehot, 0, dtype=torch.int32)                     # rank+1 inside the bucket
-    rank = running.gather(1, key[:, None]).squeeze(1) - 1
-    starts = torch.cumsum(counts, 0) - counts
-    pos = starts[key] + rank
+    buckets = torch.arange(num_buckets, device=key.device)
+    onehot = (key[None, :] == buckets[:, None]).to(torch.int32)                    # [B, N]
+    counts = onehot.sum(1, dtype=torch.int64)
+    flat = torch.cumsum(onehot.view(-1), 0, dtype=torch.int64)
+    pos = flat[key * n + torch.arange(n, device=key.device)] - 1
     order = torch.empty(n, dtype=torch.int64, device=key.device)
     order.scatter_(0, pos, torch.arange(n, device=key.device))
     return order, counts
