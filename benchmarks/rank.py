@@ -42,8 +42,8 @@ from wideep.model.fp8 import FP8_DTYPE  # noqa: E402
 from wideep.model.make_model import FP8_QUANT_CONFIG, PRESETS  # noqa: E402
 from wideep.model.rope import RotaryEmbedding  # noqa: E402
 from wideep.model.moe_permute import gather_sum  # noqa: E402
-from wideep.parallel.expert_grouping import group_by_local_expert, pair_rows  # noqa: E402
-from wideep.parallel.moe_comm import DispatchResult, MoEDispatcher  # noqa: E402
+from wideep.model.moe_permute import group_by_local_expert, pair_rows  # noqa: E402
+from wideep.model.dispatch import DispatchResult, MoEDispatcher  # noqa: E402
 
 # Published DeepEP low-latency dispatch / combine per MoE layer, 128 tokens per rank, FP8 dispatch and
 # BF16 combine, H800 + CX7 InfiniBand (DeepEP README, June 2025), in microseconds. Scaled linearly in B.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from wideep.model import fused_ops, moe_permute
-from wideep.parallel.expert_grouping import group_by_local_expert, pair_rows
+from wideep.model.moe_permute import group_by_local_expert, pair_rows
 
 needs_triton = pytest.mark.skipif(fused_ops.triton is None, reason="triton not installed")
 

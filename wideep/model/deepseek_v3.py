@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wideep.parallel.moe_comm import MoEDispatcher
+from wideep.model.dispatch import MoEDispatcher
 
 from .attention import AttentionMetadata
 from .config import ModelConfig
@@ -72,7 +72,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             fp8 = config.fp8_block_size is not None
         self.fp8_block = (config.fp8_block_size or (128, 128)) if fp8 else None
         if dispatcher is None:
-            from wideep.parallel.local_dispatch import LocalDispatcher
+            from wideep.model.local_dispatch import LocalDispatcher
 
             dispatcher = LocalDispatcher(config.n_routed_experts)
         self.config = config

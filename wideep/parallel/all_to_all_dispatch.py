@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from wideep.parallel import _comm
-from wideep.model.moe_permute import gather_sum
-from wideep.parallel.expert_grouping import group_by_local_expert, pair_rows
-from wideep.parallel.moe_comm import DispatchResult, MoEDispatcher
+from wideep.model.dispatch import DispatchResult, MoEDispatcher
+from wideep.model.moe_permute import gather_sum, group_by_local_expert, pair_rows
 
 
 @dataclass

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from wideep.model.moe_permute import gather_sum
-
-from .expert_grouping import group_by_local_expert, pair_rows
-from .moe_comm import DispatchResult, MoEDispatcher
+from wideep.model.dispatch import DispatchResult, MoEDispatcher
+from wideep.model.moe_permute import gather_sum, group_by_local_expert, pair_rows
 
 
 class LocalDispatcher(MoEDispatcher):
