@@ -308,17 +308,14 @@ def profile_phases(run: RankRun, out: SchedulerOutput, device) -> dict:
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
-    saved = runner.use_graphs
-    runner.use_graphs = False
     try:
-        runner.execute(out)
+        runner.execute(out, use_graphs=False)
         _sync(device)
         with torch.profiler.profile(activities=acts) as prof:
             with torch.profiler.record_function("phase::step"):
-                runner.execute(out)
+                runner.execute(out, use_graphs=False)
             _sync(device)
     finally:
-        runner.use_graphs = saved
         ranges.remove()
     cuda = device.type == "cuda"
     tot: dict[str, float] = {}
