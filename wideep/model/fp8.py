@@ -83,10 +83,13 @@ def scale_row_index(rows: list[int], block: int, device=None) -> torch.Tensor:
     return torch.cat(idx).to(device=device, dtype=torch.int32)
 
 
-# Large M (prefill): cuBLAS's block-scaled FP8 GEMM (torch._scaled_mm, 1x128 activation and 128x128 weight
-# scales, both outer-dim major) beats our Triton tiles (~1.56x over bf16 measured on H200 at 8192 rows); at
-# decode sizes it has a ~35 us floor, so small M stays on the Triton kernel.
+# cuBLAS's block-scaled FP8 GEMM (torch._scaled_mm, 1x128 activation and 128x128 weight scales, both
+# outer-dim major) against our Triton tiles, measured on an H200 (benchmarks/fp8_gemm.py, 2026-11-30): cuBLAS
+# wins at prefill sizes (8192 rows: 1.2-6x) and at decode sizes for big weights (128 rows: q_b 14 vs 29 us,
+# o_proj 48 vs 97 us, shared w2 9 vs 19 us), but has a ~16-22 us floor that our kernel undercuts on the small
+# ones (q_a 7168x1536: 18 vs 22 us + quant; kv_a: 17 vs 16 us + quant).
 CUBLAS_MIN_ROWS = 512
+CUBLAS_MIN_WEIGHT = 12 * 2**20   # weight elements (N*K) from which cuBLAS wins at decode sizes
 _CUBLAS_BROKEN: set[int | None] = set()
 
 
@@ -115,7 +118,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, sidx: torc
 
         q, s = fp8_triton.act_quant(x2)
         y = None
-        if x2.shape[0] >= CUBLAS_MIN_ROWS and _cublas_block_fp8_ok(w, scale):
+        big = x2.shape[0] >= CUBLAS_MIN_ROWS or w.numel() >= CUBLAS_MIN_WEIGHT
+        if big and _cublas_block_fp8_ok(w, scale):
             y = _cublas_block_fp8(q, s, w, scale, x.dtype)
         if y is None:
             y = fp8_triton.fp8_gemm(q, s, w, scale, sidx, x.dtype)
