@@ -38,18 +38,19 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, GROUP_K: constexpr):
-        """One program per (row, 128-column group): scale = amax / 448 (fp32), q = x / scale in e4m3."""
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, GROUP_K: constexpr, GROUPS: constexpr):
+        """One program per (row, GROUPS 128-column groups): scale = amax / 448 (fp32), q = x / scale in e4m3."""
         m = tl.program_id(0)
-        g = tl.program_id(1)
-        offs = g * GROUP_K + tl.arange(0, GROUP_K)
+        g0 = tl.program_id(1) * GROUPS
+        gi = g0 + tl.arange(0, GROUPS)
+        offs = gi[:, None] * GROUP_K + tl.arange(0, GROUP_K)[None, :]          # [GROUPS, GROUP_K]
         mask = offs < K
-        x = tl.load(x_ptr + m * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
+        x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
         scale = tl.maximum(amax, 1e-10) / 448.0
-        q = tl.clamp(x / scale, -448.0, 448.0)
-        tl.store(q_ptr + m * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + g * M + m, scale)
+        q = tl.clamp(x / scale[:, None], -448.0, 448.0)
+        tl.store(q_ptr + m.to(tl.int64) * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + gi * M + m, scale, mask=gi * GROUP_K < K)
 
     @triton.jit
     def _silu_mul_quant_kernel(h_ptr, q_ptr, s_ptr, M, I, stride_hm, stride_qm, GROUP_K: constexpr):
@@ -141,7 +142,9 @@ def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty((ng, m), dtype=torch.float32, device=x.device)
     if m:
-        _act_quant_kernel[(m, ng)](x, q, s, m, k, x.stride(0), q.stride(0), GROUP_K=GROUP, num_warps=1)
+        groups = 8 if ng >= 8 else triton.next_power_of_2(ng)
+        _act_quant_kernel[(m, triton.cdiv(ng, groups))](x, q, s, m, k, x.stride(0), q.stride(0), GROUP_K=GROUP,
+                                                        GROUPS=groups, num_warps=4 if groups >= 4 else 1)
     return q, s.t()
 
 
