@@ -191,7 +191,6 @@ def main() -> int:
         tb = graph_us(bf16, 20)
         tt = graph_us(lambda: fp8_grouped_mlp(xg, f13, c13, i13, f2, c2, i2, cnt, impl="triton"), 20)
         print(f"| {e} x {per} | {tb:.1f} | {tt:.1f} | {e * 3 * 2048 * 7168 / tt / 1e3:,.0f} |")
-        del b13, b2, f13, f2
     print(f"\nRESULT: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 

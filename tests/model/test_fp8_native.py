@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from wideep.model import fp8_triton
-from wideep.model.fp8 import (FP8_DTYPE, Fp8Linear, act_quant_ref, dequant_act, dequant_rows, fp8_grouped_mlp,
-                              fp8_linear, quantize_block_fp8, scale_row_index)
+from wideep.model.fp8 import (
+    FP8_DTYPE,
+    Fp8Linear,
+    act_quant_ref,
+    dequant_act,
+    dequant_rows,
+    fp8_grouped_mlp,
+    fp8_linear,
+    quantize_block_fp8,
+    scale_row_index,
+)
 from wideep.model.loader import load_model
 
 E4M3_REL = 2.0 ** -4   # round-to-nearest relative error of a normal e4m3 value (3 mantissa bits)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from wideep.parallel import _comm
 from wideep.model.dispatch import DispatchResult, MoEDispatcher
 from wideep.model.moe_permute import gather_sum, group_by_local_expert, pair_rows
+from wideep.parallel import _comm
 
 
 @dataclass

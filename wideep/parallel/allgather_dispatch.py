@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from wideep.parallel import _comm
 from wideep.model.dispatch import DispatchResult, MoEDispatcher
 from wideep.model.moe_permute import gather_sum, group_by_local_expert, pair_rows
+from wideep.parallel import _comm
 
 
 @dataclass
