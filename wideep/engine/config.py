@@ -36,6 +36,11 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False           # no CUDA graphs
     cuda_graph_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256])
+    async_scheduling: bool = False        # schedule step n+1 while step n runs; tokens reported one step late
+    # dual-batch overlap (model/ubatch.py): a step above the threshold runs as two interleaved micro-batches
+    enable_dbo: bool = False
+    dbo_decode_token_threshold: int = 32      # decode-only steps with more tokens per rank are split
+    dbo_prefill_token_threshold: int = 512    # steps with prefill tokens and more tokens per rank are split
 
     # Data / expert parallelism (engine.md §1-2)
     data_parallel_size: int = 1
@@ -56,6 +61,10 @@ class EngineArgs:
     def __post_init__(self) -> None:
         if isinstance(self.eplb_config, dict):
             self.eplb_config = EPLBConfig(**{k: _coerce(v) for k, v in self.eplb_config.items()})
+        for name in ("dbo_decode_token_threshold", "dbo_prefill_token_threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

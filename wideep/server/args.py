@@ -136,6 +136,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
           help="explicit KV cache budget (bytes; 8G = 8 GiB, 8g = 8e9); overrides --gpu-memory-utilization")
     _flag(eng, "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching)
     _flag(eng, "--enforce-eager", action="store_true", help="no CUDA graphs")
+    _flag(eng, "--async-scheduling", action="store_true",
+          help="schedule step n+1 while the device runs step n (tokens are reported one step late)")
+    _flag(par, "--enable-dbo", action="store_true",
+          help="dual-batch overlap: split large steps into two micro-batches so one's MoE all-to-all "
+               "overlaps the other's compute")
+    _flag(par, "--dbo-decode-token-threshold", type=int, default=d.dbo_decode_token_threshold,
+          help="decode-only steps with more tokens per rank than this are split (--enable-dbo)")
+    _flag(par, "--dbo-prefill-token-threshold", type=int, default=d.dbo_prefill_token_threshold,
+          help="steps with prefill tokens and more tokens per rank than this are split (--enable-dbo)")
     _flag(eng, "--seed", type=int, default=d.seed)
     _flag(eng, "--dtype", default=d.dtype, help="auto, bfloat16, float16 or float32")
     _flag(eng, "--quantization", default=d.quantization, choices=["auto", "fp8", "none"],
@@ -187,6 +196,10 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
                     ("--max-num-batched-tokens", ns.max_num_batched_tokens)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
+    for flag, v in (("--dbo-decode-token-threshold", ns.dbo_decode_token_threshold),
+                    ("--dbo-prefill-token-threshold", ns.dbo_prefill_token_threshold)):
+        if v < 0:
+            raise ValueError(f"{flag} must be >= 0, got {v}")
     if ns.max_model_len is not None and ns.max_model_len < 1:
         raise ValueError(f"--max-model-len must be >= 1, got {ns.max_model_len}")
     if not 0 < ns.gpu_memory_utilization <= 1:
@@ -203,6 +216,9 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
             data_parallel_address=ns.data_parallel_address, data_parallel_rpc_port=ns.data_parallel_rpc_port,
             enable_expert_parallel=ns.enable_expert_parallel, all2all_backend=ns.all2all_backend,
             enable_eplb=ns.enable_eplb, eplb_config=ns.eplb_config or {},
+            async_scheduling=ns.async_scheduling, enable_dbo=ns.enable_dbo,
+            dbo_decode_token_threshold=ns.dbo_decode_token_threshold,
+            dbo_prefill_token_threshold=ns.dbo_prefill_token_threshold,
             kv_transfer_config=ns.kv_transfer_config, kv_events_config=ns.kv_events_config,
         )
     except TypeError as e:
