@@ -23,14 +23,9 @@ from wideep.engine.config import EngineArgs
 from wideep.engine.kv_cache import bytes_per_block, kv_cache_budget, num_blocks_for_budget
 from wideep.engine.request import Request
 from wideep.engine.scheduler import Scheduler, SchedulerConnector, SchedulerOutput
+from wideep.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -89,7 +84,7 @@ class EngineCore:
             from wideep.kv_transfer.connector import make_connector
             connector = make_connector(args)
         self.connector = connector
-        if connector is not None and hasattr(connector, "register_kv_caches"):
+        if connector is not None:
             connector.register_kv_caches(self.runner.kv_caches)
         self.block_manager = BlockManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
@@ -101,7 +96,7 @@ class EngineCore:
 
     def _size_kv_cache(self) -> int:
         per_block = bytes_per_block(self.model.num_layers, self.args.block_size, self.model.kv_cache_dim,
-                                    self.runner.dtype)
+                                    self.runner.kv_dtype)
         peak = 0
         if self.device.type == "cuda" and not self.args.kv_cache_memory_bytes:
             # Profile the largest prefill (no cache yet: a one-block scratch cache, nothing written).

@@ -23,22 +23,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wideep import envs
+from wideep.engine.proc import StepCoordinator, StepDecision
 from wideep.parallel.dist import EPGroup, EPGroupError
 from wideep.model.ubatch import DBOConfig
 from wideep.parallel.step_shape import StepProposal, StepShape, decide_shape
 
 log = logging.getLogger(__name__)
 
-from wideep.engine.proc import StepCoordinator, StepDecision
-
 
 def _advertised_host(dp_address: str) -> tuple[str, str]:
     """(bind address, address peers dial) for the wake socket."""
-    import os
 
     if dp_address in ("127.0.0.1", "localhost", "::1"):
         return "127.0.0.1", "127.0.0.1"
-    host = os.environ.get("WIDEEP_HOST_IP") or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST") or \
+    host = envs.WIDEEP_HOST_IP or envs.VLLM_NIXL_SIDE_CHANNEL_HOST or \
         socket.gethostbyname(socket.gethostname())
     return "0.0.0.0", host
 
@@ -270,9 +269,8 @@ class DPLockstepCoordinator(StepCoordinator):
 def _append_report(info: dict[str, Any]) -> None:
     """WIDEEP_LOCKSTEP_REPORT=<path>: one JSON line per rank at shutdown (observability for tests and runs)."""
     import json
-    import os
 
-    path = os.environ.get("WIDEEP_LOCKSTEP_REPORT")
+    path = envs.WIDEEP_LOCKSTEP_REPORT
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(info) + "\n")

@@ -10,7 +10,6 @@ it from that step's output tensor, so the host never waits for it before prepari
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from wideep.engine.config import EngineArgs
 from wideep.engine.kv_cache import allocate_kv_caches
 from wideep.engine.sampler import Sampler
 from wideep.engine.scheduler import SchedulerOutput
-from wideep.model.attention import AttentionMetadata
+from wideep.model.attention import AttentionMetadata, resolve_kv_cache_dtype
 from wideep.model.ubatch import DBOConfig, forward_dual_batch
 
 log = logging.getLogger(__name__)
@@ -71,13 +70,13 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.dtype = next(model.parameters()).dtype
+        self.kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.sampler = Sampler(device, args.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: dict[int, _Graph] = {}
         self.graph_pool = None
         # EP: the dispatcher's graph_mode(size) context (static shapes, `size` tokens per rank) wraps
-        # every capture and replay of a graph of that size (parallel/graph_dispatch.py).
-        self._graph_dispatch = getattr(getattr(model, "dispatcher", None), "graph_mode", None)
+        # every capture and replay of a graph of that size (a no-op for single-rank dispatchers).
         # the last launched step's samples on the device, and the row of each request in them
         self._last_tokens: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
@@ -88,7 +87,7 @@ class ModelRunner:
     # ---- KV cache ----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.model.num_layers, num_blocks, self.block_size,
-                                            self.model.kv_cache_dim, self.dtype, self.device)
+                                            self.model.kv_cache_dim, self.kv_dtype, self.device)
 
     # ---- inputs -------------------------------------------------------------------------------
     def _prepare(self, out: SchedulerOutput, block_table_width: int | None = None):
@@ -235,9 +234,7 @@ class ModelRunner:
         return None
 
     def _dispatch_mode(self, size: int, num_real: int | None = None):
-        if self._graph_dispatch is None:
-            return contextlib.nullcontext()
-        return self._graph_dispatch(size, num_real)
+        return self.model.dispatcher.graph_mode(size, num_real)
 
     def _replay_graph(self, g: _Graph, num_real: int) -> None:
         """num_real: rows [num_real, size) are padding (EP: they skip the routed experts)."""

@@ -39,6 +39,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.num_remote_tokens_total = 0       # P/D: computed tokens once remote KV has landed
+        self.kv_remote_done = False             # P/D consumer: remote KV handled (no re-pull after preemption)
         self.generator = None                   # torch.Generator for seeded sampling, made by the runner
         self.num_emitted = 0                    # output tokens already reported
         # async scheduling: tokens scheduled in a step whose result is not applied yet, and how many of

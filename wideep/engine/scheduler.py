@@ -21,33 +21,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from wideep.engine.api import RequestOutput
 from wideep.engine.block_manager import BlockManager
 from wideep.engine.request import Request, RequestStatus
+from wideep.kv_transfer.base import KVConnectorBase
 
 
-class SchedulerConnector(Protocol):
-    def get_num_remote_tokens(self, request: Request, num_local_tokens: int) -> tuple[int, bool]:
-        """(tokens beyond the local prefix-cache hit that a remote engine will provide, loads asynchronously)."""
-        ...
-
-    def on_blocks_allocated(self, request: Request, num_remote_tokens: int) -> None:
-        """Start pulling remote KV into request.block_ids."""
-        ...
-
-    def finished_loading(self) -> set[str]:
-        """Ids of requests whose remote KV has landed since the last call."""
-        ...
-
-    def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
-        """(keep the request's blocks until sent, kv_transfer_params for the final output)."""
-        ...
-
-    def finished_sending(self) -> set[str]:
-        """Ids of held requests whose blocks may now be freed."""
-        ...
+SchedulerConnector = KVConnectorBase   # the seam (wideep.kv_transfer.base); None: no P/D
 
 
 @dataclass
@@ -150,7 +132,7 @@ class Scheduler:
                 req.status = RequestStatus.WAITING
                 self.waiting.appendleft(req)
         # P/D (kv_transfer): a pull that failed under kv_load_failure_policy=fail ends the request.
-        for rid, error in getattr(self.connector, "failed_loading", dict)().items():
+        for rid, error in self.connector.failed_loading().items():
             req = self.waiting_for_kv.pop(rid, None)
             if req is not None:
                 req.finish_reason = "error"

@@ -4,8 +4,9 @@ interface; backends (local, allgather_reducescatter, all_to_all, symmetric-memor
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -49,6 +50,8 @@ class MoEDispatcher:
     name = "base"
     # True when dispatch/combine use only fixed shapes and no host sync (CUDA-graph capturable).
     graph_capturable = False
+    # True while a capturable backend must return fixed-size (padded) DispatchResults (graph steps).
+    static_shapes = False
 
     def __init__(self, num_experts: int, ep_rank: int = 0, ep_size: int = 1, group: Any = None, **options: Any):
         if num_experts % ep_size:
@@ -91,6 +94,11 @@ class MoEDispatcher:
     def step_max_tokens(self) -> int | None:
         """The bound on tokens per rank for the forward (or micro-batch) being run."""
         return self.ubatch_max_tokens if self.ubatch_max_tokens is not None else self.max_tokens_per_rank
+
+    def graph_mode(self, size: int, num_real: int | None = None) -> ContextManager[None]:
+        """Context of a CUDA-graph capture or replay of `size` tokens per rank (`num_real` of them real);
+        EP backends switch to static shapes inside it. Single-rank dispatchers need nothing."""
+        return contextlib.nullcontext()
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         raise NotImplementedError

@@ -1,6 +1,6 @@
 """Two MoE dispatch backends behind one: a graph backend for captured decode, the configured one otherwise.
 
-vLLM-style split (engine.md §5): decode steps replay CUDA graphs, which need a dispatcher with fixed
+vLLM-style split (docs/protocols.md, "MoE dispatch backends and EPLB"): decode steps replay CUDA graphs, which need a dispatcher with fixed
 shapes and no host sync (DeepEP low-latency; here allgather_reducescatter in static-shape mode);
 prefill and mixed steps run eagerly with the configured backend (DeepEP high-throughput; here
 all_to_all, or allgather). The model runner enters `graph_mode(size)` around capturing (and
@@ -9,12 +9,12 @@ replaying) a graph of `size` tokens per rank; everything else goes to the eager 
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 
+from wideep import envs
 from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending
 from wideep.parallel.backends import ALIASES, get_dispatcher
 
@@ -67,9 +67,8 @@ class GraphModeDispatcher(MoEDispatcher):
         if self._real is not None:
             with torch.inference_mode():   # the engine runs (and created it) in inference mode
                 self._real.fill_(self._num_real)
-        saved = (getattr(g, "static_shapes", False), g.max_tokens_per_rank, self.active)
-        if hasattr(g, "static_shapes"):
-            g.static_shapes = True
+        saved = (g.static_shapes, g.max_tokens_per_rank, self.active)
+        g.static_shapes = True
         g.set_max_tokens_per_rank(size)
         self.active, self.graph_size = g, size
         first, ok = size not in self._seen, True
@@ -79,8 +78,7 @@ class GraphModeDispatcher(MoEDispatcher):
             ok = False
             raise
         finally:
-            if hasattr(g, "static_shapes"):
-                g.static_shapes = saved[0]
+            g.static_shapes = saved[0]
             g.set_max_tokens_per_rank(saved[1])
             self.active, self.graph_size = saved[2], None
             if first:
@@ -140,7 +138,7 @@ class GraphModeDispatcher(MoEDispatcher):
 def graph_backend_name(eager_backend: str, eager: MoEDispatcher | None = None) -> str:
     """The decode backend: $WIDEEP_DECODE_ALL2ALL_BACKEND, else the configured backend when it is
     graph capturable, else allgather_reducescatter."""
-    forced = os.environ.get(DECODE_BACKEND_ENV)
+    forced = envs.WIDEEP_DECODE_ALL2ALL_BACKEND
     if forced:
         return ALIASES.get(forced, forced)
     if eager is not None and eager.graph_capturable:
@@ -149,9 +147,11 @@ def graph_backend_name(eager_backend: str, eager: MoEDispatcher | None = None) -
 
 
 def make_graph_mode_dispatcher(backend: str, num_experts: int, ep_rank: int = 0, ep_size: int = 1,
-                               group=None, agree_group=None) -> GraphModeDispatcher:
+                               group=None, agree_group=None, decode_mode: str | None = "CUDA graph"
+                               ) -> GraphModeDispatcher:
     """The configured backend for eager steps plus a capturable one for CUDA-graph decode; shares one
-    instance when the configured backend is itself capturable. Logs the choice."""
+    instance when the configured backend is itself capturable. Logs the choice; `decode_mode` names how
+    decode steps run ("CUDA graph", "static-shape" CPU stand-ins, or None: eagerly, like prefill)."""
     eager = get_dispatcher(backend, num_experts, ep_rank=ep_rank, ep_size=ep_size, group=group)
     gname = graph_backend_name(backend, eager)
     if gname == ALIASES.get(backend, backend):
@@ -159,9 +159,11 @@ def make_graph_mode_dispatcher(backend: str, num_experts: int, ep_rank: int = 0,
     else:
         graph = get_dispatcher(gname, num_experts, ep_rank=ep_rank, ep_size=ep_size, group=group)
     d = GraphModeDispatcher(eager, graph, agree_group=agree_group if ep_size > 1 else None)
-    if ep_rank == 0:
-        log.info("EP MoE dispatch: prefill/mixed (eager) backend %s, decode (CUDA graph) backend %s%s",
-                 eager.name, graph.name,
-                 f" (from ${DECODE_BACKEND_ENV})" if os.environ.get(DECODE_BACKEND_ENV) else
+    if ep_rank == 0 and decode_mode is None:
+        log.info("EP MoE dispatch: backend %s (every step eager)", eager.name)
+    elif ep_rank == 0:
+        log.info("EP MoE dispatch: prefill/mixed (eager) backend %s, decode (%s) backend %s%s",
+                 eager.name, decode_mode, graph.name,
+                 f" (from ${DECODE_BACKEND_ENV})" if envs.WIDEEP_DECODE_ALL2ALL_BACKEND else
                  "" if graph is eager else f" ({eager.name} is not graph capturable)")
     return d
