@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from wideep import envs
+
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -165,7 +167,7 @@ CONFIG_ENV = "WIDEEP_FP8_GEMM_CONFIG"   # "block_m,block_n,num_warps,num_stages"
 
 
 def _forced() -> tuple[int, int, int, int] | None:
-    v = os.environ.get(CONFIG_ENV)
+    v = envs.WIDEEP_FP8_GEMM_CONFIG
     if not v:
         return None
     bm, bn, w, st = (int(t) for t in v.split(","))
