@@ -51,6 +51,18 @@ class EngineArgs:
     enforce_eager: bool = _opt(False, help="no CUDA graphs")
     cuda_graph_sizes: list[int] = _opt(factory=lambda: [1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256],
                                        help="decode batch sizes captured as CUDA graphs")
+    async_scheduling: bool = _opt(False, help="schedule step n+1 while the device runs step n "
+                                              "(tokens are reported one step late)")
+    # dual-batch overlap (model/ubatch.py): a step above the threshold runs as two interleaved micro-batches
+    enable_dbo: bool = _opt(False, group="parallel",
+                            help="dual-batch overlap: split large steps into two micro-batches so one's MoE "
+                                 "all-to-all overlaps the other's compute")
+    dbo_decode_token_threshold: int = _opt(32, group="parallel",
+                                           help="decode-only steps with more tokens per rank than this are "
+                                                "split (--enable-dbo)")
+    dbo_prefill_token_threshold: int = _opt(512, group="parallel",
+                                            help="steps with prefill tokens and more tokens per rank than this "
+                                                 "are split (--enable-dbo)")
 
     # Data / expert parallelism (docs/protocols.md, "DP lockstep")
     data_parallel_size: int = _opt(1, group="parallel", help="total DP ranks of this role (all nodes)")
@@ -77,6 +89,10 @@ class EngineArgs:
     def __post_init__(self) -> None:
         if isinstance(self.eplb_config, dict):
             self.eplb_config = build(EPLBConfig, _from_vllm_strings(self.eplb_config), "eplb_config")
+        for name in ("dbo_decode_token_threshold", "dbo_prefill_token_threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -41,6 +41,8 @@ class StepDecision:
     pad_to: int | None = None     # pad a decode-only batch to at least this many sequences
     dummy_batch: int = 0          # if > 0 and nothing real runs: a dummy forward over this many tokens
     use_graphs: bool = True       # False: decode runs eagerly (the same answer on every DP rank)
+    # the group's (max tokens per rank, decode-only): dual-batch overlap splits the same steps on every rank
+    dbo_group: tuple[int, bool] | None = None
 
 
 class StepCoordinator:
@@ -187,10 +189,11 @@ class EngineLoop:
             ran_real = False
             try:
                 if scheduled is not None and decision.run_step:
-                    outputs = self.core.execute(scheduled, decision.pad_to, decision.use_graphs)
+                    outputs = self.core.execute(scheduled, decision.pad_to, decision.use_graphs, decision.dbo_group)
                     ran_real = not scheduled.is_empty
                 if decision.dummy_batch and not ran_real:
-                    self.core.execute_dummy_batch(decision.dummy_batch, use_graphs=decision.use_graphs)
+                    self.core.execute_dummy_batch(decision.dummy_batch, use_graphs=decision.use_graphs,
+                                                 dbo_group=decision.dbo_group)
             except Exception as exc:
                 # A forward's collectives (MoE dispatch/combine) fail when a peer rank dies: let the
                 # coordinator name that, so the error says which group was lost rather than "gloo read error".

@@ -42,6 +42,10 @@ class Request:
         self.kv_remote_done = False             # P/D consumer: remote KV handled (no re-pull after preemption)
         self.generator = None                   # torch.Generator for seeded sampling, made by the runner
         self.num_emitted = 0                    # output tokens already reported
+        # async scheduling: tokens scheduled in a step whose result is not applied yet, and how many of
+        # those steps sample (their tokens exist only on the device until the step is applied)
+        self.num_inflight_tokens = 0
+        self.num_pending_samples = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -54,6 +58,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """num_tokens plus the samples of steps still in flight (async scheduling)."""
+        return len(self.all_token_ids) + self.num_pending_samples
 
     @property
     def is_finished(self) -> bool:

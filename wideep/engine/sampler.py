@@ -25,14 +25,19 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         """logits [N, V] float32, one row per request that samples this step -> N token ids."""
-        n, vocab = logits.shape
-        if n == 0:
+        if logits.shape[0] == 0:
             return []
+        return self.sample(logits, reqs).tolist()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """As __call__, but the ids stay on the device (int64 [N]): no host sync (async scheduling)."""
+        vocab = logits.shape[1]
         logits = logits.float()
         self._mask_min_tokens(logits, reqs)
         greedy_ids = logits.argmax(dim=-1)
         if all(r.sampling_params.greedy for r in reqs):
-            return greedy_ids.tolist()
+            return greedy_ids
 
         params = [r.sampling_params for r in reqs]
         temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
@@ -53,14 +58,15 @@ class Sampler:
                 noise[i].exponential_(generator=self._request_generator(r))
         sampled = (probs / noise).argmax(dim=-1)
         is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        return torch.where(is_greedy, greedy_ids, sampled).tolist()
+        return torch.where(is_greedy, greedy_ids, sampled)
 
     @staticmethod
     def _mask_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> None:
         rows, cols = [], []
         for i, r in enumerate(reqs):
             sp = r.sampling_params
-            if r.num_output_tokens < sp.min_tokens:
+            # tokens before this one: the applied ones plus earlier steps still in flight (async)
+            if r.num_output_tokens + max(r.num_pending_samples - 1, 0) < sp.min_tokens:
                 banned = set(sp.stop_token_ids) | (set() if sp.ignore_eos else r.eos_token_ids)
                 for t in banned:
                     if 0 <= t < logits.shape[1]:

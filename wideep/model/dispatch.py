@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -23,6 +23,21 @@ class DispatchResult:
     tokens_per_expert: torch.Tensor  # [num_local_experts] int64 row counts (may be a padded layout's counts)
     weights: torch.Tensor            # [N] routing weight of each row (applied by the expert computation)
     handle: Any                      # backend state needed by combine
+
+
+class Pending:
+    """A dispatch or combine in flight (dual-batch overlap): `wait()` gives its result. Backends whose
+    collectives cannot run in the background return an already-finished one."""
+
+    def __init__(self, finish: Callable[[], Any]):
+        self._finish = finish
+
+    def wait(self) -> Any:
+        return self._finish()
+
+
+def done(value: Any) -> Pending:
+    return Pending(lambda: value)
 
 
 class MoEDispatcher:
@@ -49,6 +64,10 @@ class MoEDispatcher:
         # Upper bound on tokens per rank for this step, the same on every rank (set by DP lockstep);
         # None: the backend agrees on it itself where it needs one.
         self.max_tokens_per_rank: int | None = None
+        # dual-batch overlap (model/ubatch.py): the micro-batch being run, set before each of its stages:
+        # its first row in the step's batch, and its own token bound (None: max_tokens_per_rank)
+        self.ubatch_row_offset = 0
+        self.ubatch_max_tokens: int | None = None
         self.options = options
 
     def set_max_tokens_per_rank(self, n: int | None) -> None:
@@ -65,6 +84,17 @@ class MoEDispatcher:
     def num_local_experts(self) -> int:
         return self.num_experts // self.ep_size
 
+    def set_ubatch(self, row_offset: int = 0, max_tokens: int | None = None, index: int = 0) -> None:
+        """Every rank calls this with the same max_tokens before each stage of micro-batch `index`
+        (and with the defaults once the split step is over)."""
+        self.ubatch_row_offset = row_offset
+        self.ubatch_max_tokens = max_tokens
+
+    @property
+    def step_max_tokens(self) -> int | None:
+        """The bound on tokens per rank for the forward (or micro-batch) being run."""
+        return self.ubatch_max_tokens if self.ubatch_max_tokens is not None else self.max_tokens_per_rank
+
     def graph_mode(self, size: int, num_real: int | None = None) -> ContextManager[None]:
         """Context of a CUDA-graph capture or replay of `size` tokens per rank (`num_real` of them real);
         EP backends switch to static shapes inside it. Single-rank dispatchers need nothing."""
@@ -75,3 +105,11 @@ class MoEDispatcher:
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         raise NotImplementedError
+
+    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+        """Starts dispatch; the result comes from `.wait()`. Default: synchronous."""
+        return done(self.dispatch(x, topk_ids, topk_weights))
+
+    def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        """Starts combine; the [T, H] output comes from `.wait()`. Default: synchronous."""
+        return done(self.combine(y, result))

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from wideep import envs
-from wideep.model.dispatch import DispatchResult, MoEDispatcher
+from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending
 from wideep.parallel.backends import ALIASES, get_dispatcher
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,24 @@ class GraphModeDispatcher(MoEDispatcher):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.agree_group)
         return int(t.item()) == 0
 
+    def set_ubatch(self, row_offset: int = 0, max_tokens: int | None = None, index: int = 0) -> None:
+        super().set_ubatch(row_offset, max_tokens, index)
+        self.eager.set_ubatch(row_offset, max_tokens, index)
+        if self.graph is not self.eager:
+            self.graph.set_ubatch(row_offset, max_tokens, index)
+
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         if self.graph_size is not None:
             topk_ids = self._drop_padding_rows(topk_ids)
         return self.active.dispatch(x, topk_ids, topk_weights)
+
+    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+        if self.graph_size is not None:
+            topk_ids = self._drop_padding_rows(topk_ids)
+        return self.active.dispatch_async(x, topk_ids, topk_weights)
+
+    def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        return self.active.combine_async(y, result)
 
     def real_rows(self, num_rows: int, device: torch.device) -> torch.Tensor | None:
         """Inside graph_mode: bool [num_rows], True for real rows (read from a device scalar at replay)."""
@@ -110,7 +124,8 @@ class GraphModeDispatcher(MoEDispatcher):
                                    "must live outside the graph)")
             with torch.inference_mode():
                 self._real = torch.full((), self._num_real, dtype=torch.int64, device=device)
-        return torch.arange(num_rows, device=device) < self._real
+        # a micro-batch's rows start at ubatch_row_offset of the step's batch (dual-batch overlap)
+        return torch.arange(self.ubatch_row_offset, self.ubatch_row_offset + num_rows, device=device) < self._real
 
     def _drop_padding_rows(self, topk_ids: torch.Tensor) -> torch.Tensor:
         real = self.real_rows(topk_ids.shape[0], topk_ids.device)

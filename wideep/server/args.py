@@ -193,6 +193,10 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
                     ("--max-num-batched-tokens", ns.max_num_batched_tokens)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
+    for flag, v in (("--dbo-decode-token-threshold", ns.dbo_decode_token_threshold),
+                    ("--dbo-prefill-token-threshold", ns.dbo_prefill_token_threshold)):
+        if v < 0:
+            raise ValueError(f"{flag} must be >= 0, got {v}")
     if ns.max_model_len is not None and ns.max_model_len < 1:
         raise ValueError(f"--max-model-len must be >= 1, got {ns.max_model_len}")
     if not 0 < ns.gpu_memory_utilization <= 1:
