@@ -59,7 +59,9 @@ VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     # MLA decode kernel
     "WIDEEP_MLA_DECODE": (_str("WIDEEP_MLA_DECODE", "auto"), "MLA decode backend: auto, torch or triton"),
     "WIDEEP_MLA_DECODE_CONFIG": (_str("WIDEEP_MLA_DECODE_CONFIG"),
-                                 "force the triton tile config: block_h,block_n,num_warps,num_stages"),
+                                 "force the triton tile config: block_h,block_n,num_warps,num_stages[,sv][,f16]"),
+    "WIDEEP_MLA_SPLIT_TOKENS": (_str("WIDEEP_MLA_SPLIT_TOKENS", ""),
+                                "tokens per split-K chunk of MLA decode (a multiple of 128; default 2048)"),
     "TRITON_INTERPRET": (_str("TRITON_INTERPRET", "0"), "triton's CPU interpreter (1 = on)"),
     # P/D KV transfer (vLLM NixlConnector names as fallbacks)
     "WIDEEP_KV_SIDE_CHANNEL_PORT": (_int("WIDEEP_KV_SIDE_CHANNEL_PORT"), "side-channel base port (rank r: +r)"),
@@ -76,7 +78,7 @@ VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     "XDG_CACHE_HOME": (_str("XDG_CACHE_HOME"), "where `wideep up` keeps its state file (default ~/.cache)"),
     "KUBERNETES_SERVICE_HOST": (_str("KUBERNETES_SERVICE_HOST"), "in a pod: the API server the router watches"),
     "KUBERNETES_SERVICE_PORT": (_str("KUBERNETES_SERVICE_PORT", "443"), "in a pod: the API server's port"),
-    "HF_HUB_CACHE": (_str("HF_HUB_CACHE"), "Hugging Face hub cache where `wideep bench` looks for tokenizers"),
+    "HF_HUB_CACHE": (_str("HF_HUB_CACHE"), "Hugging Face hub cache where `wideep serve` finds hub ids and `wideep bench` tokenizers"),
     "HF_HOME": (_str("HF_HOME"), "Hugging Face home (hub cache: $HF_HOME/hub)"),
 }
 

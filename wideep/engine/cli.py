@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (model dtype), bfloat16, fp8 or fp8_e4m3")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -42,7 +43,8 @@ def _run(args: argparse.Namespace) -> int:
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     except InvalidRequest as exc:
         raise UsageExit(f"wideep generate: --{exc.param.replace('_', '-')}: {exc}")
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+              block_size=args.block_size,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,

@@ -8,7 +8,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from wideep.errors import ConfigError
 from wideep.typed_config import build
+
+
+# `--kv-cache-dtype` values (vLLM's names; model.attention.resolve_kv_cache_dtype maps them to tensors)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32", "fp8", "fp8_e4m3")
 
 
 @dataclass
@@ -33,6 +38,9 @@ class EngineArgs:
     model: str = ""
     served_model_name: str | None = None
     dtype: str = _opt("auto", help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32")
+    kv_cache_dtype: str = _opt("auto", help="auto (the model dtype), bfloat16, float16, float32, fp8 or fp8_e4m3 "
+                                             "(e4m3 latent cache, per-tensor scale: twice the tokens in the same "
+                                             "memory)")
     device: str = _opt("auto", help="auto (cuda if available, else cpu), cuda or cpu")
     seed: int = _opt(0, help="sampling seed of requests that give none")
 
@@ -87,12 +95,15 @@ class EngineArgs:
         help='KV events, e.g. \'{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557"}\'')
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                              f"{self.kv_cache_dtype!r} (fp8_e5m2 and FlashMLA's fp8_ds_mla layout are not supported)")
         if isinstance(self.eplb_config, dict):
             self.eplb_config = build(EPLBConfig, _from_vllm_strings(self.eplb_config), "eplb_config")
         for name in ("dbo_decode_token_threshold", "dbo_prefill_token_threshold"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+                raise ConfigError(name, f"must be an integer >= 0, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

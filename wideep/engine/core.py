@@ -96,7 +96,7 @@ class EngineCore:
 
     def _size_kv_cache(self) -> int:
         per_block = bytes_per_block(self.model.num_layers, self.args.block_size, self.model.kv_cache_dim,
-                                    self.runner.dtype)
+                                    self.runner.kv_dtype)
         peak = 0
         if self.device.type == "cuda" and not self.args.kv_cache_memory_bytes:
             # Profile the largest prefill (no cache yet: a one-block scratch cache, nothing written).
@@ -214,7 +214,8 @@ class EngineCore:
             num_blocks=bm.num_blocks, block_size=bm.block_size,
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
             num_preemptions=s.num_preemptions, prompt_tokens=s.prompt_tokens,
-            generation_tokens=s.generation_tokens)
+            generation_tokens=s.generation_tokens,
+            kv_transfer=self.connector.transfer_stats() if self.connector is not None else {})
 
     def take_kv_events(self) -> list[KVEvent]:
         return self.block_manager.take_events()

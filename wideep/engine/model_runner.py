@@ -21,7 +21,7 @@ from wideep.engine.config import EngineArgs
 from wideep.engine.kv_cache import allocate_kv_caches
 from wideep.engine.sampler import Sampler
 from wideep.engine.scheduler import SchedulerOutput
-from wideep.model.attention import AttentionMetadata
+from wideep.model.attention import AttentionMetadata, resolve_kv_cache_dtype
 from wideep.model.ubatch import DBOConfig, forward_dual_batch
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.dtype = next(model.parameters()).dtype
+        self.kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.sampler = Sampler(device, args.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: dict[int, _Graph] = {}
@@ -86,7 +87,7 @@ class ModelRunner:
     # ---- KV cache ----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.model.num_layers, num_blocks, self.block_size,
-                                            self.model.kv_cache_dim, self.dtype, self.device)
+                                            self.model.kv_cache_dim, self.kv_dtype, self.device)
 
     # ---- inputs -------------------------------------------------------------------------------
     def _prepare(self, out: SchedulerOutput, block_table_width: int | None = None):
