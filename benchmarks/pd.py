@@ -1,21 +1,24 @@
-"""P/D benchmark: KV transfer throughput over the side channel and the TTFT P/D adds to a long prompt.
+"""P/D benchmark: KV transfer throughput (TCP vs NIXL) and the TTFT P/D adds to a long prompt.
 
 Two processes: a producer (prefill) on --prefill-device and a consumer (decode) on --decode-device.
 
-  1. host copy   : the ceiling a host-staged transport can reach — pinned D2H / H2D copies on GPU,
-                   a memcpy on CPU — for the bytes of one prompt's KV.
-  2. transfer    : the real connector path (gather on the producer's device -> pinned host -> TCP ->
-                   pinned host -> scatter into the consumer's paged cache) for prompts of several
-                   lengths, in GB/s, with the cache layout of the model (one [blocks, block_size,
-                   kv_lora_rank + rope] tensor per layer).
-  3. TTFT        : real EngineCores. Aggregated = the decode engine computes the prompt itself.
-                   P/D = producer prefill (to its one token) + consumer pull + last-token step.
+  1. copy bounds : pinned D2H / H2D copies (what a host-staged transport can reach) and the plain
+                   device-to-device copy between the two devices (NVLink peer copy on 2 GPUs; a
+                   memcpy on CPU) for the bytes of each prompt's KV.
+  2. transfer    : the real connector paths for prompts of several lengths, in GB/s, with the cache
+                   layout of the model (one [blocks, block_size, kv_lora_rank + rope] tensor per layer):
+                   tcp  = gather on the producer's device -> pinned host -> TCP -> pinned host -> scatter;
+                   nixl = one NIXL READ of the registered caches (VRAM to VRAM on GPU), contiguous
+                          block ids (a fresh cache) and scattered ones (a fragmented cache).
+  3. TTFT        : real EngineCores per transport. Aggregated = the decode engine computes the prompt
+                   itself. P/D = producer prefill (to its one token) + consumer pull + last-token step.
 
 CPU (small, a sanity run):   python benchmarks/pd.py --preset tiny --device cpu
 GPU (lead, two GPUs):        python benchmarks/pd.py --preset layer-slice --num-moe-layers 1 --fp8 \
                                  --prefill-device cuda:0 --decode-device cuda:1 --block-size 64 \
                                  --transfer-layers 61 --markdown
 GPU (one GPU, two procs):    ... --prefill-device cuda:0 --decode-device cuda:0
+--transports tcp,nixl picks the transports (nixl needs `pip install 'wideep[nixl]'`).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -76,8 +80,35 @@ def host_copy_bandwidth(nbytes: int, device: torch.device, reps: int) -> dict[st
     return out
 
 
+def device_copy_bandwidth(nbytes_list: list[int], src: torch.device, dst: torch.device, reps: int) -> list[dict]:
+    """One contiguous copy of each size from the producer's device to the consumer's (NVLink peer copy
+    between two GPUs): the bound a transfer between the two caches is compared against."""
+    rows = []
+    for nbytes in nbytes_list:
+        a = torch.empty(nbytes, dtype=torch.uint8, device=src)
+        b = torch.empty(nbytes, dtype=torch.uint8, device=dst)
+        b.copy_(a)
+        _sync(src)
+        _sync(dst)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            b.copy_(a)
+            _sync(src)
+            _sync(dst)
+            times.append(time.perf_counter() - t)
+        med = statistics.median(times)
+        rows.append({"MB": nbytes / 1e6, "ms": med * 1e3, "GBps": nbytes / med / 1e9})
+        del a, b
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ transfer
-def _producer_main(conn, layout: dict, device: str) -> None:
+def _cfg(role: str, engine_id: str, transport: str) -> KVTransferConfig:
+    return KVTransferConfig(kv_role=role, engine_id=engine_id, kv_connector_extra_config={"transport": transport})
+
+
+def _producer_main(conn, layout: dict, device: str, transport: str) -> None:
     """Holds fake requests on command and serves them over the side channel."""
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -86,11 +117,15 @@ def _producer_main(conn, layout: dict, device: str) -> None:
         torch.set_num_threads(1)   # copies are memory-bound; spinning OpenMP workers only add latency
     caches = [torch.randn(layout["num_blocks"], layout["block_size"], layout["dim"], device=dev).to(layout["dtype"])
               for _ in range(layout["layers"])]
-    pc = KVConnector(KVTransferConfig(kv_role="kv_producer", engine_id="bench-p"), model="bench",
+    pc = KVConnector(_cfg("kv_producer", "bench-p", transport), model="bench",
                      block_size=layout["block_size"], host="127.0.0.1", port=free_port(), listen_host="127.0.0.1")
     pc.register_kv_caches(caches)
+    _sync(dev)
     conn.send({"port": pc.port})
     while True:
+        if not conn.poll(0.002):
+            pc.finished_sending()    # drains consumers' notifications (NIXL) and frees what was read
+            continue
         msg = conn.recv()
         if msg is None:
             break
@@ -99,10 +134,12 @@ def _producer_main(conn, layout: dict, device: str) -> None:
     pc.shutdown()
 
 
-def transfer_bench(args, layout: dict, prompt_lens: list[int]) -> list[dict]:
+def transfer_bench(args, layout: dict, prompt_lens: list[int], transport: str = "tcp",
+                   scattered: bool = False) -> list[dict]:
+    """Consumer pulls of prompts' blocks; scattered = both sides' block ids a random permutation."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_producer_main, args=(child, layout, args.prefill_device), daemon=True)
+    proc = ctx.Process(target=_producer_main, args=(child, layout, args.prefill_device, transport), daemon=True)
     proc.start()
     rows = []
     threads = torch.get_num_threads()
@@ -111,12 +148,15 @@ def transfer_bench(args, layout: dict, prompt_lens: list[int]) -> list[dict]:
         dev = torch.device(args.decode_device)
         if dev.type == "cpu":
             torch.set_num_threads(1)
+        else:
+            torch.cuda.set_device(dev)
         caches = [torch.zeros(layout["num_blocks"], layout["block_size"], layout["dim"], device=dev,
                               dtype=layout["dtype"]) for _ in range(layout["layers"])]
-        cc = KVConnector(KVTransferConfig(kv_role="kv_consumer", engine_id="bench-d"), model="bench",
+        cc = KVConnector(_cfg("kv_consumer", "bench-d", transport), model="bench",
                          block_size=layout["block_size"], host="127.0.0.1", port=0)
         cc.register_kv_caches(caches)
         bs = layout["block_size"]
+        rng = random.Random(0)
         n = 0
         for plen in prompt_lens:
             nblocks = -(-plen // bs)
@@ -126,13 +166,17 @@ def transfer_bench(args, layout: dict, prompt_lens: list[int]) -> list[dict]:
             for rep in range(args.warmup + args.reps):
                 n += 1
                 ids = list(range(nblocks))
+                local = list(range(nblocks))
+                if scattered:
+                    ids = rng.sample(range(layout["num_blocks"]), nblocks)
+                    local = rng.sample(range(layout["num_blocks"]), nblocks)
                 parent.send({"rid": f"b{n}", "block_ids": ids})
                 params = parent.recv()
-                req = types.SimpleNamespace(request_id=f"c{n}", block_ids=ids, num_computed_tokens=0,
+                req = types.SimpleNamespace(request_id=f"c{n}", block_ids=local, num_computed_tokens=0,
                                             num_prompt_tokens=plen + 1, kv_transfer_params=params)
                 from wideep.kv_transfer.connector import _Load
                 from wideep.kv_transfer.params import RemotePrefillParams
-                load = _Load(req, RemotePrefillParams.parse(params), ids, ids, 0)
+                load = _Load(req, RemotePrefillParams.parse(params), local, ids, 0)
                 t = time.perf_counter()
                 cc._read_blocks(load)
                 _sync(dev)
@@ -140,8 +184,8 @@ def transfer_bench(args, layout: dict, prompt_lens: list[int]) -> list[dict]:
                     times.append(time.perf_counter() - t)
             nbytes = nblocks * sum(c[0].numel() * c.element_size() for c in caches)
             med = statistics.median(times)
-            rows.append({"prompt_tokens": plen, "blocks": nblocks, "MB": nbytes / 1e6, "ms": med * 1e3,
-                         "GBps": nbytes / med / 1e9})
+            rows.append({"transport": transport + (" scattered" if scattered else ""), "prompt_tokens": plen,
+                         "blocks": nblocks, "MB": nbytes / 1e6, "ms": med * 1e3, "GBps": nbytes / med / 1e9})
         cc.shutdown()
     finally:
         torch.set_num_threads(threads)
@@ -153,9 +197,10 @@ def transfer_bench(args, layout: dict, prompt_lens: list[int]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ TTFT
-def _engine_args(args, device: str, role: str | None):
+def _engine_args(args, device: str, role: str | None, transport: str = "tcp"):
     from wideep.engine.config import EngineArgs
-    kv = {"kv_connector": "NixlConnector", "kv_role": role, "kv_load_failure_policy": "fail"} if role else None
+    kv = {"kv_connector": "NixlConnector", "kv_role": role, "kv_load_failure_policy": "fail",
+          "kv_connector_extra_config": {"transport": transport}} if role else None
     return EngineArgs(model=args.model_dir, device=device, block_size=args.block_size, enforce_eager=True,
                       enable_prefix_caching=False, max_model_len=args.prompt_len + 64,
                       max_num_batched_tokens=max(8192, args.prompt_len + 64),
@@ -182,13 +227,13 @@ def _first_token(core, rid, prompt, max_tokens, params=None):
             time.sleep(0.0005)
 
 
-def _prefill_main(conn, args) -> None:
+def _prefill_main(conn, args, transport: str) -> None:
     from wideep.engine.core import EngineCore
     dev = torch.device(args.prefill_device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     os.environ["WIDEEP_KV_SIDE_CHANNEL_PORT"] = str(free_port())
-    core = EngineCore(_engine_args(args, args.prefill_device, "kv_producer"))
+    core = EngineCore(_engine_args(args, args.prefill_device, "kv_producer", transport))
     conn.send("ready")
     while True:
         if not conn.poll(0.005):
@@ -202,17 +247,17 @@ def _prefill_main(conn, args) -> None:
     core.connector.shutdown()
 
 
-def ttft_bench(args) -> dict:
+def ttft_bench(args, transport: str = "tcp") -> dict:
     from wideep.engine.core import EngineCore
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_prefill_main, args=(child, args), daemon=True)
+    proc = ctx.Process(target=_prefill_main, args=(child, args, transport), daemon=True)
     proc.start()
     try:
         dev = torch.device(args.decode_device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        core = EngineCore(_engine_args(args, args.decode_device, "kv_consumer"))
+        core = EngineCore(_engine_args(args, args.decode_device, "kv_consumer", transport))
         assert parent.recv() == "ready"
         g = torch.Generator().manual_seed(0)
         agg, pre, dec, same = [], [], [], True
@@ -227,11 +272,15 @@ def ttft_bench(args) -> dict:
                 pre.append(r["prefill_s"])
                 dec.append(d)
                 same = same and dout.new_token_ids[:1] == aout.new_token_ids[:1]
-        res = {"prompt_tokens": args.prompt_len, "aggregated_ttft_ms": statistics.median(agg) * 1e3,
+        res = {"transport": transport, "prompt_tokens": args.prompt_len,
+               "aggregated_ttft_ms": statistics.median(agg) * 1e3,
                "pd_prefill_ms": statistics.median(pre) * 1e3,
                "pd_decode_first_token_ms": statistics.median(dec) * 1e3,
                "first_token_equal": same}
         res["pd_ttft_ms"] = res["pd_prefill_ms"] + res["pd_decode_first_token_ms"]
+        nx = core.connector.nixl if core.connector is not None else None
+        if nx is not None and nx.stats["transfers"]:
+            res["nixl_read_ms_mean"] = nx.stats["transfer_seconds"] / nx.stats["transfers"] * 1e3
         res["pd_added_ms"] = res["pd_ttft_ms"] - res["aggregated_ttft_ms"]
         if core.connector is not None:
             core.connector.shutdown()
@@ -249,6 +298,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="tiny", choices=["tiny", "layer-slice"])
     ap.add_argument("--num-moe-layers", type=int, default=None)
     ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
+                    help="model config override for the made checkpoint, e.g. n_routed_experts=16")
     ap.add_argument("--model-dir", default=None, help="use this checkpoint instead of making one")
     ap.add_argument("--device", default=None, help="shorthand for --prefill-device and --decode-device")
     ap.add_argument("--prefill-device", default=None)
@@ -258,11 +309,13 @@ def main(argv=None) -> int:
     ap.add_argument("--transfer-lens", default="512,2048,8192,32768", help="prompt lengths for the transfer table")
     ap.add_argument("--transfer-layers", type=int, default=None,
                     help="KV regions in the transfer table (default: the model's layers; 61 = DeepSeek-R1's full KV)")
+    ap.add_argument("--transports", default="tcp,nixl", help="comma-separated: tcp, nixl")
+    ap.add_argument("--no-scattered", action="store_true", help="skip the scattered-blocks NIXL rows")
     ap.add_argument("--kv-cache-bytes", type=int, default=None, help="engine KV budget (default 1 GiB GPU, 64 MiB CPU)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--skip-ttft", action="store_true")
-    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--json", default=None, help="write the results here (rewritten after every stage)")
     ap.add_argument("--markdown", action="store_true", help="print a docs/perf.md section")
     args = ap.parse_args(argv)
     default_dev = "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -270,12 +323,21 @@ def main(argv=None) -> int:
     args.decode_device = args.decode_device or args.device or ("cuda:1" if torch.cuda.device_count() > 1 else default_dev)
     on_gpu = torch.device(args.decode_device).type == "cuda"
     args.kv_cache_bytes = args.kv_cache_bytes or ((1 << 30) if on_gpu else (64 << 20))
+    transports = [t for t in args.transports.split(",") if t]
+    bad = set(transports) - {"tcp", "nixl"}
+    if bad:
+        ap.error(f"unknown transports {sorted(bad)}")
 
     tmp = None
     if args.model_dir is None:
         from wideep.model.make_model import make_model
         tmp = tempfile.TemporaryDirectory(prefix="pd-bench-")
         kw = {"fp8": args.fp8}
+        for o in args.override:
+            k, sep, v = o.partition("=")
+            if not sep:
+                ap.error(f"--override wants KEY=JSON, got {o!r}")
+            kw[k] = json.loads(v)
         if args.num_moe_layers is not None:
             kw["num_moe_layers"] = args.num_moe_layers
         make_model(args.preset, tmp.name, **kw)
@@ -285,28 +347,41 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     lens = [int(x) for x in args.transfer_lens.split(",") if x]
     max_blocks = -(-max(lens) // args.block_size)
-    layout = {"layers": args.transfer_layers or cfg["num_hidden_layers"], "block_size": args.block_size, "dim": dim, "dtype": dtype,
-              "num_blocks": max_blocks}
+    layout = {"layers": args.transfer_layers or cfg["num_hidden_layers"], "block_size": args.block_size, "dim": dim,
+              "dtype": dtype, "num_blocks": max_blocks if args.no_scattered else 2 * max_blocks}
     per_token = layout["layers"] * dim * torch.empty(0, dtype=dtype).element_size()
 
     results: dict = {"machine": {"prefill_device": args.prefill_device, "decode_device": args.decode_device,
                                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                                  "cpus": os.cpu_count()},
                      "model": {"preset": args.preset if tmp else f"{Path(args.model_dir).name} (hidden {cfg['hidden_size']})",
-                               "layers": layout["layers"], "kv_dim": dim,
+                               "layers": layout["layers"], "kv_dim": dim, "model_layers": cfg["num_hidden_layers"],
                                "dtype": str(dtype), "kv_bytes_per_token": per_token},
-                     "date": time.strftime("%Y-%m-%d")}
+                     "command": "python benchmarks/pd.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "transfer": [], "ttft": []}
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
     results["host_copy"] = host_copy_bandwidth(per_token * args.prompt_len, torch.device(args.decode_device),
                                                max(args.reps, 5))
-    results["transfer"] = transfer_bench(args, layout, lens)
+    sizes = [-(-n // args.block_size) * args.block_size * per_token for n in lens]
+    results["device_copy"] = [dict(r, prompt_tokens=n) for n, r in zip(lens, device_copy_bandwidth(
+        sizes, torch.device(args.prefill_device), torch.device(args.decode_device), max(args.reps, 5)))]
+    save()
+    for t in transports:
+        results["transfer"] += transfer_bench(args, layout, lens, t)
+        save()
+        if t == "nixl" and not args.no_scattered:
+            results["transfer"] += transfer_bench(args, layout, lens, t, scattered=True)
+            save()
     r1_bytes = R1_LAYERS * R1_KV_DIM * 2 * args.prompt_len
-    best = max((r["GBps"] for r in results["transfer"]), default=0)
-    results["r1_extrapolation"] = {"bytes_per_prompt": r1_bytes,
-                                   "ms_at_best_measured_GBps": r1_bytes / (best * 1e9) * 1e3 if best else None}
+    results["r1_prompt_bytes"] = r1_bytes
     if not args.skip_ttft:
-        results["ttft"] = ttft_bench(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        for t in transports:
+            results["ttft"].append(ttft_bench(args, t))
+            save()
     if args.markdown:
         print(to_markdown(results, args))
     else:
@@ -318,26 +393,30 @@ def main(argv=None) -> int:
 
 def to_markdown(r: dict, args) -> str:
     m = r["machine"]
-    lines = [f"## P/D KV transfer ({r['date']}, {m['gpu'] or 'CPU'}; prefill {m['prefill_device']}, "
+    lines = [f"## P/D KV transfer: TCP vs NIXL ({r['date']}, {m['gpu'] or 'CPU'}; prefill {m['prefill_device']}, "
              f"decode {m['decode_device']})", "",
-             f"Command: `python benchmarks/pd.py {' '.join(sys.argv[1:])}`", "",
-             f"Model preset {r['model']['preset']} (TTFT); transfer table over {r['model']['layers']} layer caches x "
-             f"{r['model']['kv_dim']} {r['model']['dtype']} = {r['model']['kv_bytes_per_token']} B of KV per token; "
-             "TCP side channel staged through pinned host memory.", "",
-             "| prompt tokens | blocks | MB | transfer ms | GB/s |", "|---:|---:|---:|---:|---:|"]
-    for t in r["transfer"]:
-        lines.append(f"| {t['prompt_tokens']} | {t['blocks']} | {t['MB']:.1f} | {t['ms']:.2f} | {t['GBps']:.2f} |")
+             f"Command: `{r['command']}`", "",
+             f"Transfer table over {r['model']['layers']} layer caches x {r['model']['kv_dim']} {r['model']['dtype']} "
+             f"= {r['model']['kv_bytes_per_token']} B of KV per token, block size {args.block_size}; consumer pull "
+             "timed from request to blocks usable (median). d2d = one contiguous copy of the same bytes between the "
+             "two devices.", "",
+             "| prompt tokens | MB | d2d copy GB/s | transport | transfer ms | GB/s | % of d2d |",
+             "|---:|---:|---:|---|---:|---:|---:|"]
+    d2d = {d["prompt_tokens"]: d for d in r["device_copy"]}
+    for t in sorted(r["transfer"], key=lambda x: (x["prompt_tokens"], x["transport"])):
+        c = d2d.get(t["prompt_tokens"])
+        lines.append(f"| {t['prompt_tokens']} | {t['MB']:.1f} | {c['GBps']:.1f} | {t['transport']} | {t['ms']:.2f} | "
+                     f"{t['GBps']:.2f} | {100 * t['GBps'] / c['GBps']:.0f}% |" if c else
+                     f"| {t['prompt_tokens']} | {t['MB']:.1f} | - | {t['transport']} | {t['ms']:.2f} | {t['GBps']:.2f} | - |")
     hc = ", ".join(f"{k} {v:.1f}" for k, v in r["host_copy"].items())
-    lines += ["", f"Host-copy ceiling: {hc} (GB/s).",
-              f"DeepSeek-R1 (61 layers, bf16) {args.prompt_len}-token prompt = "
-              f"{r['r1_extrapolation']['bytes_per_prompt'] / 1e6:.0f} MB -> "
-              f"{r['r1_extrapolation']['ms_at_best_measured_GBps'] or float('nan'):.1f} ms at the best measured rate."]
-    if "ttft" in r:
-        t = r["ttft"]
-        lines += ["", f"TTFT, {t['prompt_tokens']}-token prompt: aggregated {t['aggregated_ttft_ms']:.1f} ms; "
+    lines += ["", f"Host-copy bounds for a {args.prompt_len}-token prompt: {hc} (GB/s)."]
+    for t in r["ttft"]:
+        lines += ["", f"TTFT over {t['transport']}, {t['prompt_tokens']}-token prompt ({r['model']['preset']}, "
+                      f"{r['model']['model_layers']} layers): aggregated {t['aggregated_ttft_ms']:.1f} ms; "
                       f"P/D {t['pd_ttft_ms']:.1f} ms = prefill {t['pd_prefill_ms']:.1f} + pull and first decode step "
                       f"{t['pd_decode_first_token_ms']:.1f}; P/D adds {t['pd_added_ms']:.1f} ms "
-                      f"(first token equal: {t['first_token_equal']})."]
+                      f"(first token equal: {t['first_token_equal']})"
+                      + (f"; the NIXL READ itself {t['nixl_read_ms_mean']:.2f} ms." if "nixl_read_ms_mean" in t else ".")]
     return "\n".join(lines)
 
 

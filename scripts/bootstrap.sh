@@ -41,5 +41,13 @@ else
   say "installing wideep and its runtime dependencies (aiohttp, pyzmq, grpcio, tokenizers, ...)"
 fi
 .venv/bin/python -m pip install -q -e ".$extras"
+# NIXL for P/D KV transfer (NixlConnector's default transport when importable), pinned to 1.5.1 and
+# installed without the meta package's requirements (torch, both CUDA flavours).
+if ! .venv/bin/python -c "import nixl._api" 2>/dev/null; then
+  flavour=$(.venv/bin/python -c "import torch; v = torch.version.cuda; print('cu13' if v and v.startswith('13') else 'cu12')")
+  say "installing NIXL 1.5.1 (nixl-$flavour) for the P/D KV transfer"
+  .venv/bin/python -m pip install -q --no-deps numpy nixl==1.5.1 "nixl-$flavour==1.5.1" \
+    || say "NIXL did not install; P/D uses the TCP side channel"
+fi
 echo "$want" > "$stamp"
 say "done in $((SECONDS - start)) s ($(du -sh .venv 2>/dev/null | cut -f1) in .venv)"

@@ -80,7 +80,7 @@ VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     "XDG_CACHE_HOME": (_str("XDG_CACHE_HOME"), "where `wideep up` keeps its state file (default ~/.cache)"),
     "KUBERNETES_SERVICE_HOST": (_str("KUBERNETES_SERVICE_HOST"), "in a pod: the API server the router watches"),
     "KUBERNETES_SERVICE_PORT": (_str("KUBERNETES_SERVICE_PORT", "443"), "in a pod: the API server's port"),
-    "HF_HUB_CACHE": (_str("HF_HUB_CACHE"), "Hugging Face hub cache where `wideep bench` looks for tokenizers"),
+    "HF_HUB_CACHE": (_str("HF_HUB_CACHE"), "Hugging Face hub cache where `wideep serve` finds hub ids and `wideep bench` tokenizers"),
     "HF_HOME": (_str("HF_HOME"), "Hugging Face home (hub cache: $HF_HOME/hub)"),
 }
 

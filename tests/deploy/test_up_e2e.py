@@ -140,6 +140,9 @@ def test_up_embedded_default_pd_restart_and_clean_stop(tmp_path, tiny_model_dir)
         after = _sidecar_stats(state)
         assert after["pd_requests"] > before.get("pd_requests", 0), (before, after)  # went through a prefiller
         assert after["prefill_failures"] == 0 and after["local_prefill_fallbacks"] == 0
+        from wideep.kv_transfer.nixl import nixl_available
+        if nixl_available():   # NixlConnector's default transport when NIXL is installed
+            assert "serving KV over NIXL" in log.read_text()
 
         status = subprocess.run([sys.executable, "-m", "wideep", "status", "--state-file", str(state_file)],
                                 capture_output=True, text=True, timeout=60)

@@ -25,14 +25,17 @@ VOCAB = 97
 
 class ToyEngine:
     def __init__(self, role: str | None, block_size: int = 4, num_blocks: int = 64, layers: int = 2, dim: int = 3,
-                 policy: str = "fail", timeout_s: float = 30.0, model: str = "toy", dtype=torch.float32):
+                 policy: str = "fail", timeout_s: float = 30.0, model: str = "toy", dtype=torch.float32,
+                 transport: str = "tcp", engine_id: str | None = None, port: int | None = None):
         self.bs = block_size
         self.caches = [torch.zeros(num_blocks, block_size, dim, dtype=dtype) for _ in range(layers)]
         self.conn = None
         if role:
-            cfg = KVTransferConfig(kv_role=role, kv_load_failure_policy=policy, engine_id=f"toy-{role}")
+            cfg = KVTransferConfig(kv_role=role, kv_load_failure_policy=policy, engine_id=engine_id or f"toy-{role}",
+                                   kv_connector_extra_config={"transport": transport})
             self.conn = KVConnector(cfg, model=model, block_size=block_size, dp_rank=1, host="127.0.0.1",
-                                    port=free_port(), listen_host="127.0.0.1", timeout_s=timeout_s)
+                                    port=port or free_port(), listen_host="127.0.0.1", timeout_s=timeout_s,
+                                    transfer_timeout_s=10.0, handshake_timeout_s=1.0)
             self.conn.register_kv_caches(self.caches)
         self.bm = BlockManager(num_blocks, block_size, True)
         self.sched = Scheduler(self.bm, 8, 64, 512, self.conn)

@@ -97,3 +97,22 @@ def test_engine_pd_read_failure_recomputes(cores):
     p.connector.release(pout.kv_transfer_params["remote_engine_id"], "p-f", after_read=False)
     _settle(p)
     assert p.stats().kv_cache_usage == 0
+
+
+def test_engine_pd_partial_prefix_hit_reads_only_the_tail(cores):
+    """The decode engine already caches the prompt's first two blocks: P/D pulls only the rest
+    (over NIXL when installed, NixlConnector's default) and still equals the aggregated run."""
+    agg, p, d = cores["agg"], cores["p"], cores["d"]
+    prompt = [(i * 13 + 7) % 900 + 3 for i in range(45)]
+    want, _ = _run(agg, "agg-pp", prompt, 6)
+    _run(d, "d-warm", prompt[:2 * BLOCK + 3], 1)          # caches blocks 0 and 1 of the prompt
+    _settle(d)
+    received = d.connector.stats["blocks_received"]
+    _, pout = _run(p, "p-pp", prompt, 1, dict(PREFILL_LEG_PARAMS))
+    got, dout = _run(d, "d-pp", prompt, 6, pout.kv_transfer_params)
+    assert got == want
+    assert dout.num_cached_tokens == len(prompt) - 1
+    assert d.connector.stats["blocks_received"] - received == 1   # block 2 (tokens 32..43)
+    _settle(p)
+    _settle(d)
+    assert p.stats().kv_cache_usage == 0

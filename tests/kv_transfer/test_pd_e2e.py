@@ -83,8 +83,9 @@ def _stop(procs: dict[str, subprocess.Popen]) -> None:
 
 
 class Stack:
-    def __init__(self, model_dir, tmp_path, serve_extra: list[str] | None = None):
+    def __init__(self, model_dir, tmp_path, serve_extra: list[str] | None = None, transport: str = "nixl"):
         self.model = str(model_dir)
+        self.transport = transport
         self.serve_extra = serve_extra or []
         self.p_port, self.d_port, self.s_port, self.s2_port = (free_port_range(DP) for _ in range(4))
         self.procs: dict[str, subprocess.Popen] = {}
@@ -94,8 +95,9 @@ class Stack:
     def _serve(self, name: str, port: int, role: str, extra: list[str], env_extra: dict[str, str]):
         env = {**os.environ, "WIDEEP_KV_SIDE_CHANNEL_PORT": str(free_port_range(DP)),
                "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1", "WIDEEP_KV_SIDE_CHANNEL_LISTEN_HOST": "127.0.0.1",
-               **env_extra}
-        kv = {"kv_connector": "NixlConnector", "kv_role": role, "kv_load_failure_policy": "fail"}
+               "UCX_NET_DEVICES": "lo", **env_extra}
+        kv = {"kv_connector": "NixlConnector", "kv_role": role, "kv_load_failure_policy": "fail",
+              "kv_connector_extra_config": {"transport": self.transport}}
         cmd = [sys.executable, "-m", "wideep", "serve", self.model, "--host", "127.0.0.1", "--port", str(port),
                "--data-parallel-size", str(DP), "--block-size", str(BLOCK), "--kv-cache-memory-bytes", "4M",
                "--max-model-len", "512", "--enforce-eager", "--kv-transfer-config", json.dumps(kv), *extra,
@@ -126,9 +128,18 @@ class Stack:
         return json.loads(_http(f"http://127.0.0.1:{port}/sidecar/stats")[1])
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_model_dir, tmp_path_factory):
-    s = Stack(tiny_model_dir, tmp_path_factory.mktemp("pd"))
+def _nixl_or_skip() -> str:
+    from wideep.kv_transfer.nixl import nixl_available
+    if not nixl_available():
+        pytest.skip("NIXL is not installed (pip install 'wideep[nixl]')")
+    return "nixl"
+
+
+# NIXL by default (what NixlConnector selects when installed); the TCP side channel is the opt-in twin.
+@pytest.fixture(scope="module", params=["nixl", pytest.param("tcp", marks=pytest.mark.slow)])
+def stack(request, tiny_model_dir, tmp_path_factory):
+    transport = _nixl_or_skip() if request.param == "nixl" else "tcp"
+    s = Stack(tiny_model_dir, tmp_path_factory.mktemp("pd"), transport=transport)
     try:
         s.start()
         yield s
@@ -171,6 +182,11 @@ def test_pd_equals_aggregated_on_both_ranks(stack, plen, stream):
         assert after["local_prefill_fallbacks"] == before["local_prefill_fallbacks"]
     # The decode ranks read the held blocks (policy fail: a failed read would have been an error).
     _wait_usage_zero(stack.all_server_ports(), limit_s=15)
+    if stack.transport == "nixl":   # the reads went over NIXL, counted under vLLM's metric names
+        for rank in range(DP):
+            _, text = _http(f"http://127.0.0.1:{stack.d_port + rank}/metrics", timeout=30)
+            m = re.search(r'^vllm:nixl_xfer_time_seconds_count\{[^}]*\} ([0-9.e+-]+)$', text, re.M)
+            assert m and float(m.group(1)) >= 1, "no NIXL transfers in the decode rank's /metrics"
 
 
 def test_pd_chat_with_prefiller_sampling(stack):

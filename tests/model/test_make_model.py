@@ -56,7 +56,16 @@ def test_tokenizer_loads_in_autotokenizer_offline_and_agrees(tiny_model_dir):
     hf_prompt = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     assert ours_prompt == hf_prompt
     assert ours_prompt.startswith("<｜begin▁of▁sentence｜>be brief<｜User｜>hello there<｜Assistant｜>hi")
-    assert ours_prompt.endswith("<｜User｜>why?<｜Assistant｜>")
+    assert ours_prompt.endswith("<｜User｜>why?<｜Assistant｜><think>\n")
+    # R1's tool and reasoning sections render as transformers renders them
+    tools = [{"type": "function", "function": {"name": "find", "description": "find <it>",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    history = msgs + [{"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "find", "arguments": {"city": "north é"}}}]},
+        {"role": "tool", "content": "cold"}, {"role": "assistant", "content": "<think>x</think>done"}]
+    ours_prompt = ours.apply_chat_template(history, tools=tools, add_generation_prompt=True)
+    assert ours_prompt == hf.apply_chat_template(history, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert '"city": "north é"' in ours_prompt and "<｜tool▁outputs▁end｜><｜Assistant｜>done" in ours_prompt
 
 
 def test_random_ids_round_trip_through_text(tiny_model_dir):

@@ -72,7 +72,7 @@ def test_chat_template_errors_and_generation_prompt(tiny_model_dir):
     assert tok.apply_chat_template(msgs, add_generation_prompt=False).endswith("<｜User｜>hi")
     ids = tok.apply_chat_template(msgs, tokenize=True)
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
-    assert ids[-1] == tok.token_to_id("<｜Assistant｜>")
+    assert ids[-2:] == [tok.token_to_id("<｜Assistant｜>"), tok.token_to_id("<think>")]   # R1 opens the reasoning
     with pytest.raises(Exception, match="unsupported role"):
         tok.apply_chat_template([{"role": "robot", "content": "x"}])
 

@@ -86,7 +86,8 @@ def _group(spec: DeploySpec, role_name: str, role: RoleSpec, g: int, ports: Port
         layout = RankLayout(port=str(http), supervisor_port=str(sup), dp_size=str(role.data_parallel_size),
                             dp_size_local=str(n_local), start_rank=str(node * n_local), dp_address=HOST,
                             rpc_port=str(rpc_port), host=HOST)
-        env = {**base_env, **role.env,
+        # One host: NIXL's UCX lanes on loopback (CUDA IPC and shared memory are not net devices).
+        env = {**base_env, "UCX_NET_DEVICES": "lo", **role.env,
                "LWS_LEADER_ADDRESS": HOST, "LWS_GROUP_SIZE": str(role.nodes), "LWS_WORKER_INDEX": str(node),
                "DP_SIZE_LOCAL": str(n_local), "TP_SIZE": "1",
                "WIDEEP_KV_SIDE_CHANNEL_PORT": str(side_channel), "VLLM_NIXL_SIDE_CHANNEL_HOST": HOST}

@@ -128,6 +128,7 @@ class EngineStats:
     num_preemptions: int = 0
     prompt_tokens: int = 0            # computed prompt tokens
     generation_tokens: int = 0
+    kv_transfer: dict[str, Any] = field(default_factory=dict)   # the connector's transfer_stats()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

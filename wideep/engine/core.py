@@ -214,7 +214,8 @@ class EngineCore:
             num_blocks=bm.num_blocks, block_size=bm.block_size,
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
             num_preemptions=s.num_preemptions, prompt_tokens=s.prompt_tokens,
-            generation_tokens=s.generation_tokens)
+            generation_tokens=s.generation_tokens,
+            kv_transfer=self.connector.transfer_stats() if self.connector is not None else {})
 
     def take_kv_events(self) -> list[KVEvent]:
         return self.block_manager.take_events()

@@ -114,10 +114,11 @@ def _agree_on_graphs(core, group) -> None:
         log.warning("rank %d: CUDA graph sizes differ across ranks (%s); decode runs eagerly on every rank",
                     group.rank, everyone)
         core.runner.graphs.clear()
+    elif group.rank == 0 and not mine:
+        log.info("EP group: every step runs eagerly on all %d ranks", group.size)
     elif group.rank == 0:
         log.info("EP group: %s decode graph sizes %s on all %d ranks",
-                 "CUDA" if core.device.type == "cuda" else "static-shape (eager stand-in)", mine or "none",
-                 group.size)
+                 "CUDA" if core.device.type == "cuda" else "static-shape (eager stand-in)", mine, group.size)
 
 
 def _eager_only(args) -> bool:

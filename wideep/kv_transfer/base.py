@@ -31,3 +31,7 @@ class KVConnectorBase:
     def finished_sending(self) -> set[str]:
         """Ids of held requests whose blocks may now be freed."""
         return set()
+
+    def transfer_stats(self) -> dict[str, Any]:
+        """Transport counters and histograms for the engine's metrics; {} when there are none."""
+        return {}

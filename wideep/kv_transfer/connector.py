@@ -28,8 +28,9 @@ from typing import Any, Iterator
 
 import torch
 
-from wideep.kv_transfer.base import KVConnectorBase
 from wideep import envs
+from wideep.kv_transfer import nixl as nixl_mod
+from wideep.kv_transfer.base import KVConnectorBase
 from wideep.kv_transfer.kv_cache import PagedKVCaches
 from wideep.kv_transfer.params import (KVTransferConfig, RemotePrefillParams, abort_timeout_s, engine_id_for_rank,
                                        side_channel_base_port, side_channel_host, wants_remote_decode,
@@ -78,7 +79,8 @@ class _Load:
 class KVConnector(KVConnectorBase):
     def __init__(self, cfg: KVTransferConfig, *, model: str, block_size: int, dp_rank: int = 0,
                  tp_size: int = 1, transport: KVTransport | None = None, host: str | None = None,
-                 port: int | None = None, listen_host: str = "0.0.0.0", timeout_s: float | None = None):
+                 port: int | None = None, listen_host: str = "0.0.0.0", timeout_s: float | None = None,
+                 transfer_timeout_s: float = 60.0, handshake_timeout_s: float = 5.0):
         self.cfg = cfg
         self.model = model_fingerprint(model)
         self.block_size = block_size
@@ -89,7 +91,11 @@ class KVConnector(KVConnectorBase):
         self.port = port if port is not None else side_channel_base_port() + dp_rank * tp_size
         self.listen_host = listen_host
         self.timeout_s = abort_timeout_s() if timeout_s is None else timeout_s
+        self.transfer_timeout_s = transfer_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s
         self.transport: KVTransport = transport or TcpTransport()
+        self.use_nixl = transport is None and self._wants_nixl(cfg)
+        self.nixl: nixl_mod.NixlTransport | None = None
         self.caches: PagedKVCaches | None = None
         self.server: BlockServer | None = None
         self._lock = threading.Lock()
@@ -107,13 +113,58 @@ class KVConnector(KVConnectorBase):
                       "loads_failed": 0, "held_expired": 0}
 
     # ---------------------------------------------------------------- setup
+    @staticmethod
+    def _wants_nixl(cfg: KVTransferConfig) -> bool:
+        if cfg.transport == "tcp":
+            return False
+        if nixl_mod.nixl_available():
+            return True
+        if cfg.transport == "nixl":
+            raise RuntimeError("kv_connector_extra_config.transport=nixl but NIXL is not importable "
+                               "(pip install 'wideep[nixl]')")
+        nixl_mod.warn_fallback_once()
+        return False
+
+    @property
+    def _serving(self) -> bool:
+        return self.server is not None or (self.nixl is not None and self.cfg.is_producer)
+
+    @property
+    def transport_name(self) -> str:
+        return "nixl" if self.use_nixl else "tcp"
+
     def register_kv_caches(self, caches: list[torch.Tensor]) -> None:
         """Called once the runner has allocated its paged cache; starts the side channel (producer)."""
         self.caches = PagedKVCaches(caches)
+        if self.use_nixl and self.nixl is None:
+            self._start_nixl(caches)
+            return
         if self.cfg.is_producer and self.server is None:
             self.server = BlockServer(self, self.listen_host, self.port)
             self.port = self.server.port
             log.info("kv_transfer: %s (%s) serving KV on %s:%d", self.engine_id, self.cfg.kv_role, self.host, self.port)
+
+    def _start_nixl(self, caches: list[torch.Tensor]) -> None:
+        """Registers every layer's cache whole with a NIXL agent (VRAM on GPU, DRAM on CPU)."""
+        for i, c in enumerate(caches):
+            if not c.is_contiguous():
+                raise ValueError(f"KV cache region {i} is not contiguous; NIXL needs one address range per region")
+        nb = caches[0].shape[0]
+        regions = [nixl_mod.Region(c.data_ptr(), c.numel() * c.element_size(), c.numel() * c.element_size() // nb)
+                   for c in caches]
+        dev = caches[0].device
+        assert self.caches is not None
+        self.nixl = nixl_mod.NixlTransport(
+            engine_id=self.engine_id, regions=regions, num_blocks=nb, block_size=self.block_size,
+            device_id=max(dev.index or 0, 0) if dev.type == "cuda" else 0,
+            mem_type="VRAM" if dev.type == "cuda" else "DRAM",
+            compat_hash=nixl_mod.compatibility_hash(self.model, self.caches.layout()),
+            enforce_compat=self.cfg.enforce_handshake_compat, tp_size=self.tp_size, num_threads=self.cfg.nixl_threads,
+            transfer_timeout_s=self.transfer_timeout_s, handshake_timeout_s=self.handshake_timeout_s)
+        if self.cfg.is_producer:
+            self.port = self.nixl.serve(self.listen_host, self.port)
+            log.info("kv_transfer: %s (%s) serving KV over NIXL, side channel %s:%d", self.engine_id,
+                     self.cfg.kv_role, self.host, self.port)
 
     def metadata(self) -> dict[str, Any]:
         assert self.caches is not None
@@ -127,6 +178,9 @@ class KVConnector(KVConnectorBase):
         if self._pool:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self.transport.close()
+        if self.nixl is not None:
+            self.nixl.close()
+            self.nixl = None
 
     # ---------------------------------------------------------------- producer (BlockSource)
     def read(self, engine_id: str, request_id: str, block_ids: list[int]) -> tuple[list[int], Iterator[memoryview]]:
@@ -185,7 +239,7 @@ class KVConnector(KVConnectorBase):
             return False, None
         if not (self.cfg.is_producer and wants_remote_decode(request.kv_transfer_params)):
             return False, None
-        if request.finish_reason not in ("length", "stop") or not request.block_ids or self.server is None:
+        if request.finish_reason not in ("length", "stop") or not request.block_ids or not self._serving:
             return False, None
         with self._lock:
             if rid in self._held:
@@ -206,6 +260,14 @@ class KVConnector(KVConnectorBase):
         return True, params
 
     def finished_sending(self) -> set[str]:
+        if self.nixl is not None and self.cfg.is_producer:
+            for rid in self.nixl.take_notifications():
+                with self._lock:
+                    if self._held.pop(rid, None) is not None:
+                        self._to_free.add(rid)
+                        continue
+                log.error("kv_transfer: a consumer read or released the KV of %r, which is not held "
+                          "(expired after %.0f s?); its blocks may have been reused", rid, self.timeout_s)
         now = time.monotonic()
         with self._lock:
             for rid, h in list(self._held.items()):
@@ -217,6 +279,10 @@ class KVConnector(KVConnectorBase):
                     self.stats["held_expired"] += 1
             done, self._to_free = self._to_free, set()
         return done
+
+    def transfer_stats(self) -> dict[str, Any]:
+        """What the engine's metrics export: {} on the TCP path, the NIXL counters/histograms otherwise."""
+        return self.nixl.snapshot() if self.nixl is not None else {}
 
     @property
     def num_held(self) -> int:
@@ -270,7 +336,8 @@ class KVConnector(KVConnectorBase):
                 log.exception("kv_transfer: unexpected error pulling KV of %s", rid)
                 error = f"KV read failed: {type(exc).__name__}: {exc}"
         if error is not None and load.remote is not None:
-            self._release_quietly(load.remote)
+            # NIXL: only a producer still known gets told (re-handshaking a dead one would delay the fallback).
+            self._release_quietly(load.remote, handshake=False)
         with self._lock:
             if rid not in self._loading:   # aborted meanwhile: hand the blocks back
                 self._held.pop(rid, None)
@@ -292,6 +359,13 @@ class KVConnector(KVConnectorBase):
     def _read_blocks(self, load: _Load) -> None:
         r = load.remote
         assert r is not None and self.caches is not None
+        if self.nixl is not None:
+            nbytes = self.nixl.read(r.remote_host, r.remote_port, r.remote_engine_id, r.remote_request_id,
+                                    load.local_block_ids, load.remote_block_ids)
+            with self._lock:
+                self.stats["blocks_received"] += len(load.local_block_ids)
+                self.stats["bytes_received"] += nbytes
+            return
         key = (r.remote_host, r.remote_port, r.remote_engine_id)
         if key not in self._handshaken:
             self.transport.handshake(r.remote_host, r.remote_port, self.metadata())
@@ -307,8 +381,12 @@ class KVConnector(KVConnectorBase):
             self.stats["blocks_received"] += len(load.local_block_ids)
             self.stats["bytes_received"] += nbytes
 
-    def _release_quietly(self, r: RemotePrefillParams) -> None:
+    def _release_quietly(self, r: RemotePrefillParams, handshake: bool = True) -> None:
         try:
+            if self.nixl is not None:
+                if handshake or self.nixl.knows(r.remote_engine_id):
+                    self.nixl.notify(r.remote_host, r.remote_port, r.remote_engine_id, r.remote_request_id)
+                return
             self.transport.release(r.remote_host, r.remote_port, r.remote_engine_id, r.remote_request_id)
         except Exception:  # noqa: BLE001 - e.g. UnicodeError for a bad host: it must not kill the pull's cleanup
             pass   # the producer's timeout frees the blocks

@@ -61,6 +61,38 @@ class KVTransferConfig:
     engine_id: str | None = None             # base id; default: a random uuid per server start
     kv_connector_extra_config: dict[str, Any] | None = None
 
+    TRANSPORTS = ("auto", "nixl", "tcp")
+
+    def __post_init__(self) -> None:
+        """The NIXL knobs in kv_connector_extra_config, checked once (other keys, e.g. vLLM's `backends`, pass)."""
+        extra = self.kv_connector_extra_config
+        if extra is not None and not isinstance(extra, dict):
+            raise ConfigError("kv_transfer_config.kv_connector_extra_config", f"must be an object, got {extra!r}")
+        if self.transport not in self.TRANSPORTS:
+            raise ConfigError("kv_transfer_config.kv_connector_extra_config.transport",
+                              f"must be one of {', '.join(self.TRANSPORTS)}, got {self.transport!r}")
+        t = self.nixl_threads
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t <= 64:
+            raise ConfigError("kv_transfer_config.kv_connector_extra_config.num_threads",
+                              f"must be an integer 0..64, got {t!r}")
+        if not isinstance(self.enforce_handshake_compat, bool):
+            raise ConfigError("kv_transfer_config.kv_connector_extra_config.enforce_handshake_compat",
+                              "must be true or false")
+
+    @property
+    def transport(self) -> str:
+        """auto: NIXL when importable, else the TCP side channel (logged once); nixl: NIXL or an error; tcp."""
+        return (self.kv_connector_extra_config or {}).get("transport", "auto")
+
+    @property
+    def nixl_threads(self) -> int:
+        """vLLM's kv_connector_extra_config.num_threads: UCX worker threads of the NIXL agent (default 4)."""
+        return (self.kv_connector_extra_config or {}).get("num_threads", 4)
+
+    @property
+    def enforce_handshake_compat(self) -> bool:
+        """vLLM's knob: refuse a producer whose compatibility hash differs (default true)."""
+        return (self.kv_connector_extra_config or {}).get("enforce_handshake_compat", True)
 
     @property
     def is_producer(self) -> bool:

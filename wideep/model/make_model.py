@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .fp8 import quantize_block_fp8
-from .make_tokenizer import SPECIAL_TOKENS, write_tokenizer
+from .make_tokenizer import R1_TOKENS, SPECIAL_TOKENS, write_tokenizer
 
 YARN = {
     "type": "yarn",
@@ -171,11 +171,12 @@ def _init(src: _RandomSource, shape: tuple[int, ...], kind: str) -> torch.Tensor
 
 def _peaky_lm_head(w: torch.Tensor) -> torch.Tensor:
     """Random weights give near-flat logits, so sampling at temperature 1 would pick one of the special
-    tokens (which decode to no text) about 0.15% of the time, and clients that count tokens by
+    tokens (which decode to no text) about 0.15% of the time (or R1's think/tool-call markers), and clients that count tokens by
     re-tokenizing the text (inference-perf) would see mismatches. Logits with a spread like a trained
     model's (std ~3) and zero rows for the special tokens make that practically impossible."""
     w = w.float() * LM_HEAD_GAIN
     w[: len(SPECIAL_TOKENS)] = 0
+    w[-len(R1_TOKENS):] = 0   # reasoning/tool-call markers: only a forced output emits them
     return w.to(torch.bfloat16)
 
 

@@ -10,7 +10,7 @@ import itertools
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -20,6 +20,12 @@ ASSISTANT = "<｜Assistant｜>"
 PAD = "<｜▁pad▁｜>"
 UNK = "<unk>"
 SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT, PAD, UNK]
+# DeepSeek-R1's reasoning and tool-call tokens. Like R1's own tokenizer they are added tokens that are
+# not "special" (a plain decode keeps them, so the reasoning and tool-call parsers see them). They take
+# the last ids of the vocabulary, so every other id keeps its word.
+R1_TOKENS = ["<think>", "</think>", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>",
+             "<｜tool▁call▁end｜>", "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>",
+             "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>", "```json", "```"]
 
 ENGLISH = """
 the of and to a in is it you that he was for on are with as i his they be at one have this from or had by
@@ -83,21 +89,43 @@ def vocabulary(vocab_size: int = 4096) -> list[str]:
             seen.add(w)
             english.append(w)
     fixed = SPECIAL_TOKENS + PUNCTUATION + DIGITS + english
-    if vocab_size < len(fixed):
-        raise ValueError(f"vocab_size {vocab_size} is below the {len(fixed)} fixed tokens")
-    return fixed + _pseudo_words(vocab_size - len(fixed), seen)
+    tail = ["function"] + R1_TOKENS   # "function": the type word of R1's tool-call format
+    if vocab_size < len(fixed) + len(tail):
+        raise ValueError(f"vocab_size {vocab_size} is below the {len(fixed) + len(tail)} fixed tokens")
+    return fixed + _pseudo_words(vocab_size - len(fixed) - len(tail), seen | {"function"}) + tail
 
 
+# DeepSeek-R1's chat template, sections for sections: system prompt (+ tools), user turns, assistant
+# turns (earlier reasoning dropped, tool calls in R1's native tokens), tool outputs, and a generation
+# prompt that opens <think>. Unknown roles raise.
 CHAT_TEMPLATE = (
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{{ bos_token }}"
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}{% endif %}{% endfor %}"
+    "{% set ns = namespace(system='', is_tool=false) %}"
+    "{% for message in messages %}{% if message['role'] in ['system', 'developer'] %}"
+    "{% set ns.system = ns.system + message['content'] %}{% endif %}{% endfor %}"
+    "{% if tools %}{% set ns.system = ns.system + '## Tools' %}{% for tool in tools %}"
+    "{% set ns.system = ns.system + '\\n### ' + tool['function']['name'] + '\\n' + (tool['function']['description'] or '')"
+    " + '\\nParameters: ' + (tool['function']['parameters'] | tojson) %}{% endfor %}{% endif %}"
+    "{{ bos_token }}{{ ns.system }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}"
-    "{% elif message['role'] != 'system' %}{{ raise_exception('unsupported role: ' + message['role']) }}"
+    "{% if message['role'] == 'user' %}{% set ns.is_tool = false %}{{ '<｜User｜>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if ns.is_tool %}{{ '<｜tool▁outputs▁end｜>' }}{% set ns.is_tool = false %}{% endif %}"
+    "{% set content = message['content'] or '' %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content }}"
+    "{% if message['tool_calls'] %}{{ '<｜tool▁calls▁begin｜>' }}{% for tool in message['tool_calls'] %}"
+    "{{ '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\\n```json\\n'"
+    " + (tool['function']['arguments'] | tojson) + '\\n```<｜tool▁call▁end｜>' }}{% endfor %}"
+    "{{ '<｜tool▁calls▁end｜>' }}{% endif %}"
+    "{{ '<｜end▁of▁sentence｜>' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if not ns.is_tool %}{{ '<｜tool▁outputs▁begin｜>' }}{% set ns.is_tool = true %}{% endif %}"
+    "{{ '<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' }}"
+    "{% elif message['role'] not in ['system', 'developer'] %}{{ raise_exception('unsupported role: ' + message['role']) }}"
     "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+    "{% if ns.is_tool %}{{ '<｜tool▁outputs▁end｜>' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
 )
 
 
@@ -110,6 +138,7 @@ def build_tokenizer(vocab_size: int = 4096) -> Tokenizer:
     )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with single spaces
     tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in R1_TOKENS])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )

@@ -1,5 +1,5 @@
 """Tokenizer layer of the frontend: HF tokenizer.json through `tokenizers`, chat templates from
-tokenizer_config.json through jinja2, and incremental detokenization for streaming.
+tokenizer_config.json (rendered by wideep.utils.chat_template), and incremental detokenization for streaming.
 """
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
+
+from wideep.utils.chat_template import ChatTemplate, model_dir_template
 
 
 def _token_str(v: Any) -> str | None:
@@ -31,12 +33,13 @@ class Tokenizer:
         self.eos_token = _token_str(self.config.get("eos_token"))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        template = self.config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template}
-            template = named.get("default") or next(iter(named.values()), None)
-        self.chat_template: str | None = template
-        self._compiled = None
+        src = model_dir_template(d, self.config)
+        self.chat_template: ChatTemplate | None = (
+            ChatTemplate(src, self.bos_token or "", self.eos_token or "") if src is not None else None)
+
+    def set_chat_template(self, source: str | dict[str, str]) -> None:
+        """--chat-template: the server's template replaces the model's."""
+        self.chat_template = ChatTemplate(source, self.bos_token or "", self.eos_token or "")
 
     @property
     def vocab_size(self) -> int:
@@ -67,36 +70,19 @@ class Tokenizer:
         chat_template: str | None = None,
         **kwargs: Any,
     ) -> str | list[int]:
-        """Render messages with the model's jinja chat template (as transformers does). With tokenize=True,
-        returns ids encoded without adding special tokens (the template already carries BOS)."""
-        template = chat_template or self.chat_template
-        if template is None:
+        """Render messages with the chat template (wideep.utils.chat_template, shared with the router).
+        With tokenize=True, returns ids encoded without adding special tokens (the template carries BOS).
+        `chat_template` renders a caller-supplied template instead (the server allows it only with
+        --trust-request-chat-template)."""
+        if chat_template is not None:
+            template = ChatTemplate(chat_template, self.bos_token or "", self.eos_token or "")
+        elif self.chat_template is None:
             raise ValueError("this model has no chat template (tokenizer_config.json 'chat_template'); "
                              "use the completions API or pass a template")
-        compiled = self._compile(template) if chat_template else (self._compiled or self._compile(template, cache=True))
-        text = compiled.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-            **kwargs,
-        )
+        else:
+            template = self.chat_template
+        text = template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
-
-    def _compile(self, template: str, cache: bool = False):
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
-        compiled = env.from_string(template)
-        if cache:
-            self._compiled = compiled
-        return compiled
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:

@@ -17,13 +17,7 @@ _BACKENDS: dict[str, Callable[..., MoEDispatcher] | str] = {
     # vLLM's name: symm_mem_ll on GPUs, allgather_reducescatter on CPU/gloo (logs which one runs)
     "deepep_low_latency": "wideep.parallel.symm_dispatch:make_low_latency_dispatcher",
 }
-# vLLM / llm-d backend names mapped onto the closest wideep backend (DeepEP low-latency is an all-gather, high-throughput an all-to-all).
-ALIASES = {
-    "naive": "allgather_reducescatter",
-    "allgather": "allgather_reducescatter",
-    "deepep_high_throughput": "all_to_all",
-    "pplx": "all_to_all",
-}
+from wideep.parallel.backend_names import ALIASES  # noqa: E402  (torch-free: `wideep serve` logs the mapping)
 
 
 def register_dispatcher(name: str, factory: Callable[..., MoEDispatcher] | str | None = None):

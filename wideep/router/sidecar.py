@@ -21,9 +21,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from wideep.logs import ACCESS_LOG, ACCESS_LOG_FORMAT
+from wideep.logs import ACCESS_LOG
 from wideep.kv_transfer.params import PREFILL_LEG_PARAMS
 from wideep.router.headers import NOT_FORWARDED, forwardable
+from wideep.utils.aio import access_logger_class
 
 log = logging.getLogger("wideep.sidecar")
 
@@ -111,7 +112,8 @@ class Sidecar:
             app.router.add_route("*", "/{tail:.*}", self._handle)
             # handler_cancellation: a client hanging up cancels the handler, which drops the decode
             # connection (the server aborts the request) even while a non-streaming answer is pending.
-            runner = web.AppRunner(app, access_log=ACCESS_LOG, access_log_format=ACCESS_LOG_FORMAT, handler_cancellation=True)
+            runner = web.AppRunner(app, access_log=ACCESS_LOG, access_log_class=access_logger_class(),
+                                   handler_cancellation=True)
             await runner.setup()
             site = web.TCPSite(runner, self.cfg.host, self.cfg.port + rank if self.cfg.port else 0)
             await site.start()
@@ -207,9 +209,7 @@ class Sidecar:
     async def _prefill_leg(self, request: web.Request, prefiller: str, body: dict[str, Any]
                            ) -> tuple[dict[str, Any] | None, str | web.Response | None]:
         """Send the one-token prefill leg. Returns (params, None) or (None, why) / (None, 4xx response)."""
-        leg = dict(body)   # only top-level keys change (a deepcopy hit the recursion limit on nested bodies)
-        leg["stream"] = False
-        leg.pop("stream_options", None)
+        leg = prefill_leg_body(body)
         leg["max_tokens"] = 1
         leg["max_completion_tokens"] = 1
         leg["kv_transfer_params"] = dict(PREFILL_LEG_PARAMS)
@@ -263,6 +263,26 @@ class Sidecar:
             raise
         finally:
             upstream.release()
+
+
+# Fields that shape the output, not the prompt: the one-token prefill leg must not carry them (min_tokens
+# above 1 would be a 400; n, logprobs and constraints would cost work for a token that is thrown away).
+# The decode leg keeps the body as sent.
+PREFILL_LEG_DROP = ("stream_options", "min_tokens", "n", "best_of", "logprobs", "top_logprobs", "prompt_logprobs",
+                    "echo", "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                    "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern", "logit_bias",
+                    "bad_words", "allowed_token_ids", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "stop", "stop_token_ids", "include_stop_str_in_output", "parallel_tool_calls")
+
+
+def prefill_leg_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The prefill leg of a P/D request: same prompt (messages, tools and template inputs are kept, so
+    the prompt renders identically), output limited to one unconstrained token."""
+    leg = {k: v for k, v in body.items() if k not in PREFILL_LEG_DROP}   # top level only: no deepcopy
+    leg["stream"] = False
+    if leg.get("tools") and (leg.get("tool_choice") == "required" or isinstance(leg.get("tool_choice"), dict)):
+        leg["tool_choice"] = "none"   # tools still render into the prompt; no constraint for the thrown-away token
+    return leg
 
 
 async def run_sidecar(cfg: SidecarConfig, ready: asyncio.Event | None = None) -> None:

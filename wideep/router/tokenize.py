@@ -12,6 +12,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from wideep.utils.chat_template import (RESERVED_VARIABLES, ChatTemplate, ChatTemplateError, MessageError,
+                                        model_dir_template, normalize_messages, normalize_tools)
+
 
 def request_text(body: dict[str, Any], chat: bool) -> str:
     """The prompt as text: the completions prompt, or chat messages as JSON (llm-d's estimate)."""
@@ -46,11 +49,9 @@ class LocalTokenizer:
         self.tokenizer = Tokenizer.from_file(str(tok_file))
         cfg_file = tok_file.parent / "tokenizer_config.json"
         self.config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
-        self.chat_template = self.config.get("chat_template")
-        tpl_file = tok_file.parent / "chat_template.jinja"
-        if self.chat_template is None and tpl_file.exists():
-            self.chat_template = tpl_file.read_text()
-        self._template = None
+        src = model_dir_template(tok_file.parent, self.config)
+        self.chat_template = (ChatTemplate(src, self._special("bos_token"), self._special("eos_token"))
+                              if src is not None else None)
 
     def _special(self, key: str) -> str:
         v = self.config.get(key)
@@ -69,20 +70,24 @@ class LocalTokenizer:
             return self.encode_prompt(request_text(body, False))
         if not self.chat_template:
             return self.encode_prompt(request_text(body, True))
-        if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-            def raise_exception(msg):
-                raise ValueError(msg)
-
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
-        text = self._template.render(messages=body.get("messages", []), add_generation_prompt=True,
-                                     bos_token=self._special("bos_token"), eos_token=self._special("eos_token"))
+        try:
+            text = self.render_chat(body)
+        except (ChatTemplateError, MessageError):   # the server answers this body with a 400: estimate
+            return self.encode_prompt(request_text(body, True))
         # the template already carries BOS; do not add it twice
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def render_chat(self, body: dict[str, Any]) -> str:
+        """The prompt text the engine renders for this chat body (same renderer, same arguments)."""
+        kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            kwargs = {}
+        kwargs = {k: v for k, v in kwargs.items() if k not in RESERVED_VARIABLES}
+        agp = body.get("add_generation_prompt", True)
+        tools = normalize_tools(body.get("tools") or None)
+        return self.chat_template.render(normalize_messages(body.get("messages")), add_generation_prompt=agp is not False,
+                                         tools=tools, continue_final_message=body.get("continue_final_message") is True,
+                                         **kwargs)
 
 
 class RemoteTokenizer:

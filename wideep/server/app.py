@@ -118,11 +118,7 @@ def build_app(state: FrontendState) -> web.Application:
             from wideep.server.protocol import parse_chat
 
             req = parse_chat({**body, "add_special_tokens": bool(body.get("add_special_tokens", False))})
-            try:
-                ids = state.tokenizer.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt,
-                                                          tokenize=True)
-            except Exception as e:  # noqa: BLE001
-                raise bad_request(f"chat template failed on 'messages': {e}", "messages") from None
+            ids = await serving.render_chat(req)
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):

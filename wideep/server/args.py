@@ -33,6 +33,15 @@ class ServeConfig:
     restart_grace_s: float = 5.0           # a dead child: /health reports 503 this long, then exit 1
     engine_start_timeout_s: float = 1800.0
     log_level: str = "info"
+    # OpenAI surface of DeepSeek-R1 applications (reasoning, tools, templates, generation defaults)
+    reasoning_parser: str | None = None
+    reasoning_field: str = "reasoning"          # reasoning | reasoning_content | both
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    exclude_tools_when_tool_choice_none: bool = False
+    chat_template: str | dict | None = None     # --chat-template's text (replaces the model's)
+    trust_request_chat_template: bool = False
+    generation_config: str = "auto"             # auto (the model's generation_config.json) | vllm | DIR
 
     @property
     def dp_size_local(self) -> int:
@@ -119,7 +128,9 @@ def add_engine_arguments(groups: dict[str, Any]) -> None:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL_DIR", help="HF-format checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("model", metavar="MODEL_DIR",
+                   help="HF-format checkpoint directory (config.json, safetensors, tokenizer), or a hub id "
+                        "(org/name) already in the local Hugging Face cache (HF_HUB_CACHE / HF_HOME)")
 
     http = p.add_argument_group("HTTP")
     _flag(http, "--host", default="0.0.0.0", help="bind address of every HTTP port (default 0.0.0.0)")
@@ -152,20 +163,126 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     eng = p.add_argument_group("engine")
     add_engine_arguments({"parallel": par, "engine": eng})
 
+    _flag(eng, "--compilation-config", type=json_object("--compilation-config"), default=None,
+          help='vLLM\'s compilation config; only {"cudagraph_mode": "FULL_DECODE_ONLY"|"NONE"} and '
+               '"cudagraph_capture_sizes" mean something here (decode steps are graphed)')
+    _flag(par, "--data-parallel-hybrid-lb", action="store_true",
+          help="accepted for vLLM compatibility: every local rank answers on its own port (port+i); "
+               "balance across them with the router")
+    _flag(par, "--moe-backend", default=None,
+          help="accepted for vLLM compatibility: the expert GEMMs are wideep's own (logged at startup)")
+
+    api = p.add_argument_group("OpenAI API: reasoning, tools, chat templates, generation defaults")
+    _flag(api, "--reasoning-parser", choices=["deepseek_r1", "deepseek_v3"], default=None,
+          help="split <think> reasoning from content (deepseek_v3: only when the request turns thinking on)")
+    _flag(api, "--reasoning-field", choices=["reasoning", "reasoning_content", "both"], default="reasoning",
+          help="response field of the reasoning: vLLM's 'reasoning' (default), DeepSeek's 'reasoning_content', or both")
+    _flag(api, "--tool-call-parser", choices=["deepseek_v3", "deepseek_r1", "deepseek_v31"], default=None,
+          help="parse DeepSeek's native tool-call tokens into OpenAI tool_calls")
+    _flag(api, "--enable-auto-tool-choice", action="store_true",
+          help='allow tool_choice "auto" (needs --tool-call-parser)')
+    _flag(api, "--exclude-tools-when-tool-choice-none", action="store_true",
+          help='do not render tools into the prompt when tool_choice is "none"')
+    _flag(api, "--chat-template", default=None,
+          help="the server's chat template: a file (jinja, or JSON with chat_template) or the template itself")
+    _flag(api, "--chat-template-content-format", choices=["auto", "string"], default="auto",
+          help="messages reach the template with string content (text parts joined)")
+    _flag(api, "--trust-request-chat-template", action="store_true",
+          help="let requests send their own chat_template (off: such a request is a 400)")
+    _flag(api, "--generation-config", default="auto",
+          help="'auto': the model's generation_config.json gives default sampling parameters (as vLLM); "
+               "'vllm': no model defaults; or a directory holding generation_config.json")
+
     compat = p.add_argument_group("accepted for vLLM compatibility (no effect)")
-    for name in ("--trust-remote-code", "--disable-uvicorn-access-log", "--disable-log-requests", "--disable-log-stats"):
+    for name in COMPAT_FLAGS:
         _flag(compat, name, action="store_true", help=argparse.SUPPRESS)
+
+
+# Flags that mean nothing here; each logs one line when given.
+COMPAT_FLAGS = {
+    "--trust-remote-code": "DeepSeek-V3/R1 run on wideep's own model code; no remote code is loaded",
+    "--disable-uvicorn-access-log": "the HTTP server writes no access log",
+    "--disable-log-requests": "requests are not logged",
+    "--disable-log-stats": "no periodic stats log; stats are on /metrics",
+}
+
+
+def _compat_notes(ns: argparse.Namespace) -> list[str]:
+    """One line per given flag that is accepted for compatibility but changes nothing."""
+    notes = [f"{flag} is accepted for vLLM compatibility and means nothing here: {why}"
+             for flag, why in COMPAT_FLAGS.items() if getattr(ns, flag[2:].replace("-", "_"))]
+    if ns.data_parallel_hybrid_lb:
+        notes.append("--data-parallel-hybrid-lb is accepted for vLLM compatibility: each local DP rank answers on "
+                     "its own port (--port + i), there is no per-node balancing port; route across them")
+    if ns.moe_backend is not None:
+        notes.append(f"--moe-backend {ns.moe_backend} is accepted for vLLM compatibility and means nothing here: "
+                     "the expert GEMMs are wideep's own kernels")
+    from wideep.parallel.backend_names import ALIASES
+    if ns.all2all_backend in ALIASES:
+        notes.append(f"--all2all-backend {ns.all2all_backend}: DeepEP/pplx are not used here; MoE dispatch runs "
+                     f"wideep's {ALIASES[ns.all2all_backend]!r} backend")
+    return notes
+
+
+def _compilation_config(cfg: dict[str, Any] | None) -> tuple[bool | None, list[int] | None]:
+    """(enforce_eager or None, cuda graph sizes or None) from vLLM's --compilation-config."""
+    if not cfg:
+        return None, None
+    unknown = sorted(set(cfg) - {"cudagraph_mode", "cudagraph_capture_sizes"})
+    if unknown:
+        raise ValueError(f"--compilation-config keys {unknown} are not supported here (only cudagraph_mode and "
+                         "cudagraph_capture_sizes: wideep graphs whole decode steps, there is no torch.compile)")
+    eager = None
+    mode = cfg.get("cudagraph_mode")
+    if mode is not None:
+        mode = str(mode).upper()
+        if mode not in ("FULL_DECODE_ONLY", "NONE"):
+            raise ValueError(f"--compilation-config cudagraph_mode {mode!r} is not available: wideep captures full "
+                             "graphs of decode steps only (FULL_DECODE_ONLY) or none (NONE)")
+        eager = mode == "NONE"
+    sizes = cfg.get("cudagraph_capture_sizes")
+    if sizes is not None and (not isinstance(sizes, list) or not all(isinstance(x, int) and x > 0 for x in sizes)):
+        raise ValueError("--compilation-config cudagraph_capture_sizes must be a list of positive integers")
+    return eager, sizes
+
+
+def _chat_template_arg(raw: str | None) -> str | dict | None:
+    """--chat-template: a path (jinja or JSON) or, like vLLM, the template text itself."""
+    if raw is None:
+        return None
+    from wideep.utils.chat_template import ChatTemplateError, read_template_file
+    if os.path.exists(raw):
+        try:
+            return read_template_file(raw)
+        except (ChatTemplateError, ValueError, OSError) as e:
+            raise ValueError(f"--chat-template {raw!r}: {e}") from None
+    if "{" in raw:
+        return raw
+    raise ValueError(f"--chat-template {raw!r}: no such file (and it is not a template)")
 
 
 def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
     """Validated ServeConfig; raises ValueError with the flag's name on a bad combination."""
     from wideep.engine.kv_events import KVEventsConfig
 
+    import logging
+
+    from wideep.utils.hf_cache import resolve_model
+
     if ns.tensor_parallel_size != 1:
         raise ValueError("--tensor-parallel-size must be 1: wideep runs attention data-parallel (one rank per GPU)")
-    model = os.path.abspath(ns.model)
+    model = resolve_model(ns.model)
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ValueError(f"MODEL_DIR {ns.model!r} has no config.json (make one with `wideep make-model tiny --out DIR`)")
+    if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (deepseek_v3)")
+    if ns.generation_config not in ("auto", "vllm") and not os.path.isdir(ns.generation_config):
+        raise ValueError(f"--generation-config {ns.generation_config!r} must be 'auto', 'vllm' or a directory "
+                         "holding generation_config.json")
+    chat_template = _chat_template_arg(ns.chat_template)
+    eager, graph_sizes = _compilation_config(ns.compilation_config)
+    for note in _compat_notes(ns):
+        logging.getLogger("wideep.serve").warning("%s", note)
     size = ns.data_parallel_size
     start = ns.data_parallel_start_rank
     local = ns.data_parallel_size_local
@@ -201,11 +318,15 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
         raise ValueError(f"--max-model-len must be >= 1, got {ns.max_model_len}")
     if not 0 < ns.gpu_memory_utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {ns.gpu_memory_utilization}")
-    names = ns.served_model_name or [ns.model]
+    names = ns.served_model_name or [ns.model]   # a hub id is served under that id, as vLLM does
     fields = {f.name: getattr(ns, f.name) for f in engine_flag_fields()}
     fields.update(model=model, served_model_name=names[0], data_parallel_size=size, data_parallel_rank=start,
                   data_parallel_size_local=local, data_parallel_start_rank=start,
                   eplb_config=ns.eplb_config or {})
+    if eager:
+        fields["enforce_eager"] = True
+    if graph_sizes:
+        fields["cuda_graph_sizes"] = graph_sizes
     try:
         engine_args = EngineArgs.from_dict(fields)
     except ConfigError as e:
@@ -216,4 +337,10 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
         supervisor_port=ns.data_parallel_supervisor_port, api_key=ns.api_key or envs.VLLM_API_KEY,
         drain_timeout_s=ns.drain_timeout, restart_grace_s=ns.restart_grace_period,
         engine_start_timeout_s=ns.engine_start_timeout, log_level=ns.log_level or envs.WIDEEP_LOG_LEVEL.lower(),
+        reasoning_parser=ns.reasoning_parser, reasoning_field=ns.reasoning_field,
+        tool_call_parser=ns.tool_call_parser, enable_auto_tool_choice=ns.enable_auto_tool_choice,
+        exclude_tools_when_tool_choice_none=ns.exclude_tools_when_tool_choice_none,
+        chat_template=chat_template, trust_request_chat_template=ns.trust_request_chat_template,
+        generation_config=ns.generation_config if ns.generation_config in ("auto", "vllm")
+        else os.path.abspath(ns.generation_config),
     )

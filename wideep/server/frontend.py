@@ -15,8 +15,8 @@ import signal
 import time
 from typing import Any
 
-from wideep.logs import ACCESS_LOG, ACCESS_LOG_FORMAT, setup_logging
-from wideep.utils.aio import install_uvloop
+from wideep.logs import ACCESS_LOG, setup_logging
+from wideep.utils.aio import access_logger_class, install_uvloop
 
 log = logging.getLogger("wideep.frontend")
 
@@ -74,6 +74,7 @@ async def serve_frontend(payload: dict[str, Any]) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     tokenizer = await loop.run_in_executor(None, Tokenizer, cfg.engine_args.model)
+    chat = chat_options(cfg, tokenizer)
     ready_task = asyncio.ensure_future(client.wait_ready(cfg.engine_start_timeout_s))
     stop_task = asyncio.ensure_future(stop.wait())
     await asyncio.wait([ready_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
@@ -93,12 +94,13 @@ async def serve_frontend(payload: dict[str, Any]) -> int:
         metrics=FrontendMetrics(cfg.model_name, dp_rank), served_model_names=cfg.served_model_names,
         model_root=cfg.engine_args.model, dp_rank=dp_rank, max_model_len=int(info["max_model_len"]),
         vocab_size=int(info.get("vocab_size") or tokenizer.vocab_size), api_key=cfg.api_key,
-        engine_errors=(EngineDeadError,))
+        engine_errors=(EngineDeadError,), chat=chat)
     state.metrics.update_engine_stats(client.latest_stats)
     app = build_app(state)
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup aborts
     # the engine request (frees its KV blocks) even when nothing was being written at that moment.
-    runner = web.AppRunner(app, access_log=ACCESS_LOG, access_log_format=ACCESS_LOG_FORMAT, handler_cancellation=True, shutdown_timeout=1.0)
+    runner = web.AppRunner(app, access_log=ACCESS_LOG, access_log_class=access_logger_class(),
+                           handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, port, reuse_address=True, backlog=2048)
     await site.start()
@@ -116,6 +118,26 @@ async def serve_frontend(payload: dict[str, Any]) -> int:
     await runner.cleanup()
     client.close()
     return code
+
+
+def chat_options(cfg, tokenizer):
+    """The server's OpenAI-surface settings; --chat-template replaces the model's template."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wideep.server.generation_defaults import load_sampling_defaults
+    from wideep.server.reasoning import make_reasoning_parser
+    from wideep.server.state import ChatOptions
+
+    if cfg.chat_template is not None:
+        tokenizer.set_chat_template(cfg.chat_template)
+    return ChatOptions(
+        reasoning_parser=make_reasoning_parser(cfg.reasoning_parser) if cfg.reasoning_parser else None,
+        reasoning_field=cfg.reasoning_field, tool_call_parser=cfg.tool_call_parser,
+        enable_auto_tool_choice=cfg.enable_auto_tool_choice,
+        exclude_tools_when_tool_choice_none=cfg.exclude_tools_when_tool_choice_none,
+        trust_request_chat_template=cfg.trust_request_chat_template,
+        sampling_defaults=load_sampling_defaults(cfg.generation_config, cfg.engine_args.model),
+        render_pool=ThreadPoolExecutor(max_workers=2, thread_name_prefix="chat-template"))
 
 
 async def _watch_engine(state, stop: asyncio.Event) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from wideep.engine.api import EngineStats
 
@@ -68,6 +68,23 @@ class _EngineStatsCollector:
         yield counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.", s.num_preemptions)
         yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", s.prompt_tokens)
         yield counter("vllm:generation_tokens", "Number of generation tokens processed.", s.generation_tokens)
+        kv = s.kv_transfer
+        if kv:   # NIXL P/D transfers, under vLLM's NixlPromMetrics names
+            yield counter("vllm:nixl_num_failed_transfers", "Number of failed NIXL KV Cache transfers.",
+                          kv.get("num_failed_transfers", 0))
+            yield counter("vllm:nixl_num_failed_notifications", "Number of failed NIXL KV Cache notifications.",
+                          kv.get("num_failed_notifications", 0))
+            docs = {"xfer_time_seconds": "Histogram of transfer duration for NIXL KV Cache transfers.",
+                    "bytes_transferred": "Histogram of bytes transferred per NIXL KV Cache transfers.",
+                    "num_descriptors": "Histogram of number of descriptors per NIXL KV Cache transfers."}
+            for key, h in (kv.get("histograms") or {}).items():
+                fam = HistogramMetricFamily(f"vllm:nixl_{key}", docs.get(key, key), labels=labels)
+                acc, buckets = 0, []
+                for bound, n in zip([*h["buckets"], float("inf")], h["counts"]):
+                    acc += n
+                    buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), acc))
+                fam.add_metric(values, buckets, h["sum"])
+                yield fam
 
 
 class FrontendMetrics:

@@ -13,10 +13,10 @@ from typing import Any, Literal
 import msgpack
 
 from wideep.server.errors import APIError, bad_request
+from wideep.utils.chat_template import MessageError, normalize_messages, normalize_tools
 
 Kind = Literal["completion", "chat"]
 
-_CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 _MISSING = object()
 # The engine wire (msgpack) and torch carry signed 64-bit ints: larger JSON integers are a 400 here.
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -50,6 +50,13 @@ class GenerateRequest:
     skip_special_tokens: bool = True
     kv_transfer_params: dict[str, Any] | None = None
     max_tokens_param: str = "max_tokens"  # which field set the limit, for error messages
+    # chat: tools, reasoning and template fields (validated against the server's config in serving)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None   # None: "auto" with tools, else "none"
+    parallel_tool_calls: bool = True
+    chat_template: str | None = None                  # a client template (needs --trust-request-chat-template)
+    continue_final_message: bool = False
+    include_reasoning: bool = True
 
 
 def _type_name(t: Any) -> str:
@@ -198,48 +205,65 @@ def parse_completion(body: Any) -> GenerateRequest:
 def parse_chat(body: Any) -> GenerateRequest:
     req = _parse_common(body, "chat")
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty array of {role, content} objects", "messages")
-    req.messages = [_parse_message(m, i) for i, m in enumerate(messages)]
+    try:
+        req.messages = normalize_messages(messages)
+        req.tools = normalize_tools(body.get("tools"))
+    except MessageError as e:
+        raise bad_request(str(e), e.param) from None
     if body.get("logprobs") or body.get("top_logprobs"):
         raise bad_request("'logprobs' is not supported", "logprobs")
-    if body.get("tools"):
-        raise bad_request("'tools' are not supported", "tools")
+    _parse_tool_fields(body, req)
     fmt = _field(body, "response_format", dict, None)
     if fmt is not None and fmt.get("type") != "text":
         raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format")
     req.add_generation_prompt = _field(body, "add_generation_prompt", bool, True)
     req.add_special_tokens = _field(body, "add_special_tokens", bool, False)
     req.chat_template_kwargs = _field(body, "chat_template_kwargs", dict, {})
+    req.chat_template = _field(body, "chat_template", str, None)
+    req.continue_final_message = _field(body, "continue_final_message", bool, False)
+    if req.continue_final_message and req.add_generation_prompt:
+        raise bad_request("'continue_final_message' and 'add_generation_prompt' cannot both be true",
+                          "continue_final_message")
+    if req.continue_final_message and req.messages[-1]["role"] != "assistant":
+        raise bad_request("'continue_final_message' needs the last message to be the assistant's",
+                          "continue_final_message")
+    req.include_reasoning = _field(body, "include_reasoning", bool, True)
+    if body.get("documents"):
+        raise bad_request("'documents' is not supported", "documents")
+    if body.get("thinking_token_budget") is not None:
+        raise bad_request("'thinking_token_budget' is not supported (no reasoning budget here)", "thinking_token_budget")
+    if body.get("reasoning_effort") is not None:
+        raise bad_request("'reasoning_effort' is not supported by DeepSeek's templates; use "
+                          "chat_template_kwargs {\"thinking\": ...} with --reasoning-parser deepseek_v3",
+                          "reasoning_effort")
     return req
 
 
-def _parse_message(m: Any, i: int) -> dict[str, Any]:
-    param = f"messages[{i}]"
-    if not isinstance(m, dict):
-        raise bad_request(f"'{param}' must be an object with 'role' and 'content'", param)
-    role = m.get("role")
-    if role not in _CHAT_ROLES:
-        raise bad_request(f"'{param}.role' must be one of {sorted(_CHAT_ROLES)}, got {role!r}", f"{param}.role")
-    content = m.get("content")
-    if content is None:
-        if role != "assistant":
-            raise bad_request(f"'{param}.content' is required", f"{param}.content")
-        content = ""
-    elif isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request(f"'{param}.content[{j}]' must be {{\"type\": \"text\", \"text\": ...}}; "
-                                  "only text parts are supported", f"{param}.content")
-            parts.append(part["text"])
-        content = "".join(parts)
-    elif not isinstance(content, str):
-        raise bad_request(f"'{param}.content' must be a string or a list of text parts", f"{param}.content")
-    out = {"role": role, "content": content}
-    if isinstance(m.get("name"), str):
-        out["name"] = m["name"]
-    return out
+def _parse_tool_fields(body: dict[str, Any], req: GenerateRequest) -> None:
+    for legacy, new in (("functions", "tools"), ("function_call", "tool_choice")):
+        if body.get(legacy) is not None:
+            raise bad_request(f"'{legacy}' is deprecated by OpenAI and not supported; send '{new}'", legacy)
+    choice = body.get("tool_choice")
+    if choice is not None:
+        if isinstance(choice, str):
+            if choice not in ("none", "auto", "required"):
+                raise bad_request(f"'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                                  f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {choice!r}",
+                                  "tool_choice")
+        else:
+            fn = choice.get("function") if isinstance(choice, dict) else None
+            if not isinstance(fn, dict) or choice.get("type", "function") != "function" \
+                    or not isinstance(fn.get("name"), str):
+                raise bad_request("a named 'tool_choice' must be {\"type\": \"function\", \"function\": "
+                                  "{\"name\": ...}}", "tool_choice")
+            choice = {"type": "function", "function": {"name": fn["name"]}}
+        if choice != "none" and not req.tools:
+            raise bad_request("'tool_choice' needs 'tools'", "tool_choice")
+        if isinstance(choice, dict) and choice["function"]["name"] not in {t["function"]["name"] for t in req.tools}:
+            raise bad_request(f"tool_choice names {choice['function']['name']!r}, which is not in 'tools'",
+                              "tool_choice")
+    req.tool_choice = choice
+    req.parallel_tool_calls = _field(body, "parallel_tool_calls", bool, True)
 
 
 def check_model(req_model: str | None, served: list[str]) -> str:

@@ -7,6 +7,7 @@ away is aborted in the engine (its blocks are freed) by the engine client's gene
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -17,9 +18,14 @@ from aiohttp import web
 
 from wideep.engine.api import EngineRequest, InvalidRequest, SamplingParams
 from wideep.engine.output_processor import TextOutput
+from wideep.server.chat_output import ChatAssembler, ChatDelta
 from wideep.server.errors import APIError, bad_request
+from wideep.server.generation_defaults import apply_defaults, cap_max_tokens
+from wideep.server.reasoning import PARSER_KWARGS, THINK_END, ReasoningSplitter
+from wideep.server.tool_parser import named_tool_schema, required_tool_schema
 from wideep.server.protocol import GenerateRequest, check_model, parse_chat, parse_completion
 from wideep.server.state import FrontendState
+from wideep.utils.chat_template import ChatTemplate, ChatTemplateError
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 DONE = b"data: [DONE]\n\n"
@@ -42,6 +48,17 @@ class Prepared:
     base_id: str             # X-Request-Id (echoed)
     created: int
     arrival: float
+    chat: ChatPlan | None = None
+
+
+@dataclass
+class ChatPlan:
+    """How a chat request's output is read: reasoning split, tool mode, the constraint it needs."""
+
+    reasoning: bool                         # the reasoning parser splits this request's output
+    tool_mode: str = "none"                 # none | auto | named | required
+    named: str | None = None
+    schema: dict[str, Any] | None = None    # JSON schema the output must follow (named / required)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
@@ -59,10 +76,13 @@ class OpenAIServing:
     async def _prepare(self, request: web.Request, kind: str) -> Prepared:
         arrival = time.monotonic()
         body = await read_json(request)
-        req = parse_completion(body) if kind == "completion" else parse_chat(body)
         st = self.state
+        body = apply_defaults(body, st.chat.sampling_defaults)
+        req = parse_completion(body) if kind == "completion" else parse_chat(body)
+        req.max_tokens = cap_max_tokens(req.max_tokens, st.chat.sampling_defaults)
         model = check_model(req.model, st.served_model_names)
         tok = st.tokenizer
+        plan = None
         if req.prompt_token_ids is not None:
             ids = req.prompt_token_ids
             bad = next((t for t in ids if t >= st.vocab_size), None)
@@ -72,11 +92,8 @@ class OpenAIServing:
         elif req.prompt_text is not None:
             ids = tok.encode(req.prompt_text, add_special_tokens=req.add_special_tokens)
         else:
-            try:
-                ids = tok.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt,
-                                              tokenize=True, **req.chat_template_kwargs)
-            except Exception as e:  # jinja TemplateError from the template's raise_exception, etc.
-                raise bad_request(f"chat template failed on 'messages': {e}", "messages") from None
+            plan = self._chat_plan(req)
+            ids = await self.render_chat(req)
             if req.add_special_tokens and tok.bos_token_id is not None:
                 ids = [tok.bos_token_id] + list(ids)
         self._check_length(req, len(ids))
@@ -85,7 +102,79 @@ class OpenAIServing:
         rid = prefix + base
         if rid in st.inflight:  # a reused X-Request-Id must not collide inside the engine
             rid = f"{rid}-{uuid.uuid4().hex[:8]}"
-        return Prepared(req, model, list(ids), rid, base, int(time.time()), arrival)
+        return Prepared(req, model, list(ids), rid, base, int(time.time()), arrival, plan)
+
+    # ---- chat: template rendering, tool choice, reasoning ----------------------------------------
+    def _chat_plan(self, req: GenerateRequest) -> ChatPlan:
+        opts = self.state.chat
+        parser = opts.reasoning_parser
+        plan = ChatPlan(reasoning=parser is not None and parser.active_for(req.chat_template_kwargs))
+        choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
+        if choice == "auto" and req.tools:
+            if not (opts.enable_auto_tool_choice and opts.tool_call_parser):
+                raise bad_request('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                                  "to be set", "tool_choice")
+            plan.tool_mode = "auto"
+        elif choice == "required":
+            plan.tool_mode, plan.schema = "required", required_tool_schema(req.tools)
+        elif isinstance(choice, dict):
+            name = choice["function"]["name"]
+            tool = next(t for t in req.tools if t["function"]["name"] == name)
+            plan.tool_mode, plan.named, plan.schema = "named", name, named_tool_schema(tool)
+        return plan
+
+    def _template_for(self, req: GenerateRequest) -> tuple[ChatTemplate, dict[str, Any]]:
+        """The template this request renders with and the kwargs it passes; client templates only when
+        the server trusts them; kwargs must be variables the template reads."""
+        st = self.state
+        kwargs = dict(req.chat_template_kwargs)
+        client = req.chat_template
+        param = "chat_template"
+        if "chat_template" in kwargs:
+            client, param = kwargs.pop("chat_template"), "chat_template_kwargs"
+            if not isinstance(client, str):
+                raise bad_request("chat_template_kwargs.chat_template must be a string", param)
+        if client is not None:
+            if not st.chat.trust_request_chat_template:
+                raise bad_request("a chat template in the request is not allowed: the server renders with its own "
+                                  "template (start it with --trust-request-chat-template to allow this)", param)
+            template = ChatTemplate(client, st.tokenizer.bos_token or "", st.tokenizer.eos_token or "")
+        elif st.tokenizer.chat_template is None:
+            raise bad_request("this model has no chat template; use /v1/completions or start the server with "
+                              "--chat-template", "messages")
+        else:
+            template = st.tokenizer.chat_template
+        tools = self._rendered_tools(req)
+        try:
+            reads = template.variables(tools)
+            # keys only the reasoning parser reads (thinking on/off) are allowed even if the template ignores them
+            check = {k: v for k, v in kwargs.items() if not (k in PARSER_KWARGS and k not in reads)}
+            template.check_kwargs(check, tools)
+        except ChatTemplateError as e:
+            raise bad_request(str(e), "chat_template_kwargs" if kwargs else param) from None
+        return template, {k: v for k, v in kwargs.items() if k in reads}
+
+    def _rendered_tools(self, req: GenerateRequest) -> list[dict[str, Any]] | None:
+        if req.tool_choice == "none" and self.state.chat.exclude_tools_when_tool_choice_none:
+            return None
+        return req.tools
+
+    async def render_chat(self, req: GenerateRequest) -> list[int]:
+        """Prompt token ids of a chat request, rendered on a worker thread (bounded in time and size)."""
+        template, kwargs = self._template_for(req)
+        tools = self._rendered_tools(req)
+        tok = self.state.tokenizer
+
+        def render() -> list[int]:
+            text = template.render(req.messages, add_generation_prompt=req.add_generation_prompt, tools=tools,
+                                   continue_final_message=req.continue_final_message, **kwargs)
+            return tok.encode(text, add_special_tokens=False)
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.state.chat.render_pool, render)
+        except ChatTemplateError as e:
+            raise bad_request(f"chat template failed on 'messages': {e}", "messages") from None
 
     def _check_length(self, req: GenerateRequest, n: int) -> None:
         limit = self.state.max_model_len
@@ -102,13 +191,30 @@ class OpenAIServing:
                 f"{n + req.max_tokens} tokens ({n} in the {what}, {req.max_tokens} in the completion). "
                 f"Please reduce the length of the {what} or {req.max_tokens_param}.", req.max_tokens_param)
 
-    def _sampling_params(self, req: GenerateRequest) -> SamplingParams:
+    def _structured(self, p: Prepared) -> dict[str, Any]:
+        """SamplingParams fields for a tool constraint (named / required tool_choice)."""
+        if p.chat is None or p.chat.schema is None:
+            return {}
+        try:
+            from wideep.engine.structured import StructuredOutputsParams
+        except ImportError:
+            raise bad_request(f"tool_choice {p.chat.tool_mode!r} needs constrained decoding (structured outputs), "
+                              "which this build does not have yet", "tool_choice") from None
+        end = self.state.tokenizer.token_to_id(THINK_END) if p.chat.reasoning else None
+        so = StructuredOutputsParams(json=p.chat.schema, start_after_token_id=end)
+        try:
+            so.validate()
+        except ValueError as e:
+            raise bad_request(f"the tools' parameters cannot be enforced: {e}", "tools") from None
+        return {"structured_outputs": so}
+
+    def _sampling_params(self, req: GenerateRequest, extra: dict[str, Any] | None = None) -> SamplingParams:
         try:
             return SamplingParams(
                 max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                 seed=req.seed, stop=list(req.stop), stop_token_ids=list(req.stop_token_ids),
                 ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-                include_stop_str_in_output=req.include_stop_str_in_output)
+                include_stop_str_in_output=req.include_stop_str_in_output, **(extra or {}))
         except InvalidRequest as e:
             raise bad_request(str(e), req.max_tokens_param if e.param == "max_tokens" else e.param) from None
 
@@ -116,7 +222,7 @@ class OpenAIServing:
     async def _generate(self, p: Prepared) -> AsyncIterator[TextOutput]:
         """Engine outputs as text; records metrics; always leaves the engine with nothing to do."""
         st = self.state
-        sp = self._sampling_params(p.req)
+        sp = self._sampling_params(p.req, self._structured(p))
         ereq = EngineRequest(p.request_id, p.prompt_ids, sp, kv_transfer_params=p.req.kv_transfer_params)
         st.output_processor.add_request(p.request_id, p.prompt_ids, sp, p.req.skip_special_tokens)
         st.inflight.add(p.request_id)
@@ -188,20 +294,51 @@ class OpenAIServing:
                     "usage": usage, "system_fingerprint": None, "service_tier": None,
                     "kv_transfer_params": final.kv_transfer_params}
         else:
+            asm = self._assembler(p)
+            asm.feed(joined, final=True)
+            calls = asm.finish()
+            message = {"role": "assistant", "content": asm.message_content(), "refusal": None,
+                       "annotations": None, "audio": None, "function_call": None, "tool_calls": calls}
+            message.update(self._reasoning_fields(asm.reasoning if asm.reasoning_active else None, p))
             body = {"id": p.request_id, "object": "chat.completion", "created": p.created, "model": p.model,
-                    "choices": [{"index": 0,
-                                 "message": {"role": "assistant", "content": joined, "refusal": None,
-                                             "annotations": None, "audio": None, "function_call": None,
-                                             "tool_calls": [], "reasoning_content": None},
-                                 "logprobs": None, "finish_reason": final.finish_reason,
+                    "choices": [{"index": 0, "message": message,
+                                 "logprobs": None, "finish_reason": asm.finish_reason(final.finish_reason),
                                  "stop_reason": final.stop_reason}],
                     "usage": usage, "prompt_logprobs": None, "system_fingerprint": None, "service_tier": None,
                     "kv_transfer_params": final.kv_transfer_params}
         return web.Response(text=_dumps(body), content_type="application/json",
                             headers={"X-Request-Id": p.base_id})
 
+    def _assembler(self, p: Prepared) -> ChatAssembler:
+        plan = p.chat
+        return ChatAssembler(ReasoningSplitter(active=plan.reasoning), plan.tool_mode, plan.named, p.req.parallel_tool_calls,
+                             p.req.include_reasoning)
+
+    def _reasoning_fields(self, reasoning: str | None, p: Prepared) -> dict[str, Any]:
+        """The message's reasoning under vLLM's name, DeepSeek's, or both (--reasoning-field)."""
+        if not p.req.include_reasoning:
+            reasoning = None
+        where = self.state.chat.reasoning_field
+        out: dict[str, Any] = {}
+        if where in ("reasoning", "both"):
+            out["reasoning"] = reasoning
+        out["reasoning_content"] = reasoning if where in ("reasoning_content", "both") else None
+        return out
+
+    def _delta(self, d: ChatDelta, p: Prepared) -> dict[str, Any]:
+        """A chat chunk's delta in vLLM's shape: only the fields this step produced."""
+        delta: dict[str, Any] = {}
+        if d.reasoning:
+            delta.update({k: v for k, v in self._reasoning_fields(d.reasoning, p).items() if v is not None})
+        if d.content or (not d.reasoning and not d.tool_calls):
+            delta["content"] = d.content
+        if d.tool_calls:
+            delta["tool_calls"] = d.tool_calls
+        return delta
+
     async def _stream(self, request: web.Request, p: Prepared) -> web.StreamResponse:
         chat = p.req.kind == "chat"
+        asm = self._assembler(p) if chat else None
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": p.request_id, "object": obj, "created": p.created, "model": p.model}
         n_prompt = len(p.prompt_ids)
@@ -209,7 +346,7 @@ class OpenAIServing:
 
         def chunk(text: str | None, finish: str | None, stop_reason: Any, n_out: int, role: bool = False) -> bytes:
             if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": text}
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else text
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
                 if finish is not None:
                     choice["stop_reason"] = stop_reason
@@ -240,7 +377,15 @@ class OpenAIServing:
                 if out.finished and out.finish_reason == "error":
                     await resp.write(sse(APIError(f"generation failed: {out.error or 'engine error'}", 500).body()))
                     break
-                if out.text or out.finished:
+                if chat:
+                    d = asm.feed(out.text, final=out.finished)
+                    finish = out.finish_reason
+                    if out.finished:
+                        asm.finish()
+                        finish = asm.finish_reason(out.finish_reason)
+                    if not d.empty() or out.finished:
+                        await resp.write(chunk(self._delta(d, p), finish, out.stop_reason, n_out))
+                elif out.text or out.finished:
                     await resp.write(chunk(out.text, out.finish_reason, out.stop_reason, n_out))
                 if out.finished:
                     final = out

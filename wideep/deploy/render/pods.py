@@ -100,6 +100,10 @@ def role_env(spec: DeploySpec, role_name: str, role: RoleSpec) -> list[dict[str,
         base.update({"VLLM_ENGINE_READY_TIMEOUT_S": "3000", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "120"})
     elif spec.cluster.accelerator == "nvidia":
         base.update({"VLLM_USE_DEEP_GEMM": "1", "NVSHMEM_SYMMETRIC_SIZE": "16G"})
+    if spec.cluster.accelerator == "nvidia":
+        # NIXL KV transfer as the llm-d guides configure it: RDMA (rc), shared memory and CUDA
+        # copy/IPC lanes; the side channel's base port (rank r listens on base + r).
+        base.update({"UCX_TLS": "rc,sm,self,cuda_copy,cuda_ipc", "VLLM_NIXL_SIDE_CHANNEL_PORT": "5600"})
     base.update(role.env)
     env += _env_list(base)
     # The P/D side channel (NIXL-compatible) advertises the pod IP to the other role.
