@@ -55,14 +55,14 @@ if triton is not None:
         tl.store(s_ptr + gi * M + m, scale, mask=gi * GROUP_K < K)
 
     @triton.jit
-    def _silu_mul_quant_kernel(h_ptr, q_ptr, s_ptr, M, I, stride_hm, stride_qm, GROUP_K: constexpr):
-        """h [M, 2I] (gate ‖ up) -> silu(gate) * up quantized per 128-group, in one pass."""
+    def _silu_mul_quant_kernel(h_ptr, q_ptr, s_ptr, M, N_INTER, stride_hm, stride_qm, GROUP_K: constexpr):
+        """h [M, 2*N_INTER] (gate ‖ up) -> silu(gate) * up quantized per 128-group, in one pass."""
         m = tl.program_id(0)
         g = tl.program_id(1)
         offs = g * GROUP_K + tl.arange(0, GROUP_K)
-        mask = offs < I
+        mask = offs < N_INTER
         gate = tl.load(h_ptr + m * stride_hm + offs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(h_ptr + m * stride_hm + I + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptr + m * stride_hm + N_INTER + offs, mask=mask, other=0.0).to(tl.float32)
         # round through the activation dtype like the reference (silu(g) * u computed in bf16 there)
         y = (gate / (1.0 + tl.exp(-gate))).to(h_ptr.dtype.element_ty).to(tl.float32) * up
         y = y.to(h_ptr.dtype.element_ty).to(tl.float32)
