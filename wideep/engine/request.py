@@ -41,6 +41,15 @@ class Request:
         self.num_remote_tokens_total = 0       # P/D: computed tokens once remote KV has landed
         self.generator = None                   # torch.Generator for seeded sampling, made by the runner
         self.num_emitted = 0                    # output tokens already reported
+        self.grammar = None                     # structured.RequestGrammar of a constrained request
+        self.pending_logprobs: list[list] = []  # sampler -> next output: one entry per new token
+        self.prompt_logprobs: list[list] = []   # entries for prompt positions 1.. (prompt_logprobs)
+        self.prompt_logprobs_sent = False
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Needs the logits of every prompt position: no prefix-cache hit and no remote KV for it."""
+        return self.sampling_params.prompt_logprobs is not None and not self.prompt_logprobs_sent
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -65,6 +74,9 @@ class Request:
         """Sets finish_reason after a token was appended; True when the request is done."""
         sp = self.sampling_params
         last = self.all_token_ids[-1]
+        if self.grammar is not None and self.grammar.terminated:
+            self.finish_reason, self.stop_reason = "stop", (last if last in sp.stop_token_ids else None)
+            return True
         if self.num_output_tokens >= sp.min_tokens:
             if not sp.ignore_eos and last in self.eos_token_ids:
                 self.finish_reason, self.stop_reason = "stop", None
