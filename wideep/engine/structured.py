@@ -32,6 +32,10 @@ _UNSUPPORTED_SCHEMA_KEYS = ("if", "then", "else", "not", "dependentSchemas", "de
                             "multipleOf", "uniqueItems")
 
 
+_BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+
+
 class GrammarUnavailable(RuntimeError):
     """The grammar engine (xgrammar) is not installed in this process."""
 
@@ -173,20 +177,26 @@ class GrammarEngine:
         c = self.compiler
         try:
             if kind == "json":
-                schema = p.json if isinstance(p.json, str) else json.dumps(p.json)
-                return c.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
+                return c.compile_grammar(self._json_grammar(p.json if isinstance(p.json, str) else json.dumps(p.json), True))
             if kind == "json_object":
-                return c.compile_builtin_json_grammar()
+                return c.compile_grammar(self._json_grammar('{"type": "object"}', False))
             if kind == "regex":
                 return c.compile_regex(p.regex)
             if kind == "choice":
                 return c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in p.choice))
             return c.compile_grammar(p.grammar)
-        except (RuntimeError, ValueError, TypeError) as e:
+        except Exception as e:  # xgrammar's parse/convert errors: a 400, never a crash of the engine loop
             what = {"json": "JSON schema", "json_object": "JSON grammar", "regex": "regex",
                     "choice": "choice", "grammar": "grammar"}[kind]
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             raise ValueError(f"unsupported {what}: {msg}") from None
+
+    def _json_grammar(self, schema: str, strict: bool) -> str:
+        """The schema's grammar (compact separators; strict: no properties beyond the schema's) as EBNF,
+        with control characters kept out of length-bounded strings, which xgrammar's own rule lets in
+        (raw control characters are not valid JSON)."""
+        g = self.xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
+        return str(g).replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
 
     def matcher(self, p: StructuredOutputsParams) -> "RequestGrammar":
         return RequestGrammar(self.xgr.GrammarMatcher(self.compile(p)), p.start_after_token_id)

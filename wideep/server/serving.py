@@ -272,8 +272,12 @@ class OpenAIServing:
         return last.get("content") or "" if p.req.echo and last.get("role") == "assistant" else ""
 
     async def _full(self, request: web.Request, p: Prepared) -> web.Response:
-        async with asyncio.TaskGroup() as tg:   # a failing choice cancels (and aborts) the others
-            tasks = [tg.create_task(self._collect(p, i)) for i in range(p.num_seqs)]
+        try:
+            async with asyncio.TaskGroup() as tg:   # a failing choice cancels (and aborts) the others
+                tasks = [tg.create_task(self._collect(p, i)) for i in range(p.num_seqs)]
+        except BaseExceptionGroup as eg:            # the first failure is the request's error
+            first = next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0])
+            raise first from None
         choices = [t.result() for t in tasks]
         if p.num_seqs > p.req.n:   # best_of: the n candidates with the highest cumulative logprob
             choices = sorted(choices, key=lambda c: c.cumulative_logprob, reverse=True)[:p.req.n]
