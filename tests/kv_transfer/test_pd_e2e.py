@@ -253,3 +253,19 @@ def test_pd_with_expert_parallel_groups(tiny_model_dir, tmp_path):
         _wait_usage_zero(s.all_server_ports(), limit_s=15)
     finally:
         _stop(s.procs)
+
+
+def test_pd_sampling_features_equal_aggregated(stack):
+    """n with per-choice seeds, logprobs, penalties and min_p give the same result through P/D."""
+    port = stack.s_port
+    c = _client(port)
+    kw = dict(model=c.models.list().data[0].id, prompt=[(i * 31) % 700 + 9 for i in range(40)], max_tokens=6,
+              temperature=1.0, seed=11, n=2, logprobs=2, presence_penalty=0.5, frequency_penalty=0.3,
+              extra_body={"repetition_penalty": 1.2, "min_p": 0.05})
+    pd = c.completions.create(extra_headers={"x-prefiller-host-port": f"127.0.0.1:{stack.p_port}"}, **kw)
+    agg = c.completions.create(**kw)
+    assert [ch.text for ch in pd.choices] == [ch.text for ch in agg.choices]
+    for a, b in zip(pd.choices, agg.choices):
+        assert a.logprobs.tokens == b.logprobs.tokens
+        assert a.logprobs.token_logprobs == pytest.approx(b.logprobs.token_logprobs, abs=1e-3)
+    _wait_usage_zero(stack.all_server_ports(), limit_s=15)

@@ -198,7 +198,8 @@ class OpenAIServing:
         st = self.state
         sp = self._sampling_params(p, index)
         rid = p.engine_id(index)
-        ereq = EngineRequest(rid, p.prompt_ids, sp, kv_transfer_params=p.req.kv_transfer_params)
+        # P/D: one remote KV transfer per request; further choices compute the prompt here.
+        ereq = EngineRequest(rid, p.prompt_ids, sp, kv_transfer_params=p.req.kv_transfer_params if index == 0 else None)
         st.output_processor.add_request(rid, p.prompt_ids, sp, p.req.skip_special_tokens)
         st.inflight.add(rid)
         agen = st.client.generate(ereq)
