@@ -48,7 +48,7 @@ def test_constrained_and_free_requests_share_a_batch(llm):
 def test_grammar_engine_missing_is_a_clear_error(tiny_byte_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "xgrammar", None)    # import fails as on an image without it
     with pytest.raises(GrammarUnavailable, match="not installed"):
-        GrammarEngine(tiny_byte_model_dir, 4096, {1})
+        GrammarEngine.from_model_dir(tiny_byte_model_dir, 4096, {1})
 
 
 def test_engine_turns_a_missing_grammar_engine_into_invalid_request(llm, monkeypatch):
@@ -65,7 +65,7 @@ def test_engine_turns_a_missing_grammar_engine_into_invalid_request(llm, monkeyp
 
 def test_word_joining_tokenizer_is_refused_with_the_reason(tiny_model_dir):
     with pytest.raises(ValueError, match="does not map each token"):
-        GrammarEngine(tiny_model_dir, 4096, {1})
+        GrammarEngine.from_model_dir(tiny_model_dir, 4096, {1})
 
 
 @pytest.mark.parametrize("params,needle", [

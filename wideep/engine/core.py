@@ -168,7 +168,7 @@ class EngineCore:
             if self.grammar_engine is None:
                 if not self.args.model:
                     raise ValueError("structured output needs the model directory's tokenizer")
-                self.grammar_engine = GrammarEngine(self.args.model, self.vocab_size, self.eos_token_ids)
+                self.grammar_engine = GrammarEngine.from_model_dir(self.args.model, self.vocab_size, self.eos_token_ids)
                 self.runner.sampler.grammar_engine = self.grammar_engine
             return self.grammar_engine.matcher(params)
         except (GrammarUnavailable, ValueError) as e:

@@ -73,14 +73,19 @@ class Sampler:
         self._apply_grammars(logits, reqs)
         want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
-        fallback = logits.clone() if any(r.grammar is not None or r.sampling_params.allowed_token_ids
-                                         for r in reqs) else None
+        # Rows whose bans could leave nothing (min_tokens vs. a grammar that must end, allowed ids vs.
+        # bad words): keep their masked logits to fall back on.
+        risky = [i for i, r in enumerate(reqs) if r.sampling_params.allowed_token_ids or
+                 r.sampling_params.bad_words_token_ids or
+                 (r.grammar is not None and r.num_output_tokens < r.sampling_params.min_tokens)]
+        fallback = logits[risky].clone() if risky else None
         self._apply_processors(logits, reqs)
         self._apply_penalties(logits, reqs)
-        if fallback is not None:   # a row with nothing left (e.g. min_tokens vs. a finished grammar)
-            dead = torch.isneginf(logits).all(dim=-1)
-            if bool(dead.any()):
-                logits[dead] = fallback[dead]
+        if fallback is not None:
+            dead = torch.isneginf(logits[risky]).all(dim=-1).tolist()
+            for j, i in enumerate(risky):
+                if dead[j]:
+                    logits[i] = fallback[j]
         return logits, raw_lp, want_lp
 
     # ---- 1. grammars --------------------------------------------------------------------------------

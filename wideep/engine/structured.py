@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ _UNSUPPORTED_SCHEMA_KEYS = ("if", "then", "else", "not", "dependentSchemas", "de
                             "multipleOf", "uniqueItems")
 
 
+_CACHE_SIZE = 256          # compiled grammars kept per engine
 _BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
 _JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
 
@@ -144,7 +145,20 @@ def _vocab_type(decoder: dict | None, xgr) -> Any:
 class GrammarEngine:
     """One per engine process: token table, compiler with its cache, and batched bitmask filling."""
 
-    def __init__(self, model_dir: str | Path, vocab_size: int, stop_token_ids: set[int]):
+    def __init__(self, info):
+        """`info`: an xgrammar TokenizerInfo (see from_model_dir)."""
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.info = info
+        self.vocab_size = info.vocab_size
+        self.compiler = xgr.GrammarCompiler(info, max_threads=2)
+        self.batch = xgr.BatchGrammarMatcher(max_threads=2)
+        self._compiled: OrderedDict[str, Any] = OrderedDict()   # constraint -> CompiledGrammar (LRU)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, vocab_size: int, stop_token_ids: set[int]) -> "GrammarEngine":
+        """Token id -> bytes from the model directory's tokenizer.json."""
         try:
             import xgrammar as xgr
         except ImportError:
@@ -152,27 +166,35 @@ class GrammarEngine:
                                      "on this server (pip install 'wideep[structured]')") from None
         from tokenizers import Tokenizer as HFTokenizer
 
-        self.xgr = xgr
         path = Path(model_dir) / "tokenizer.json"
         if not path.is_file():
             raise ValueError(f"structured output needs the model's tokenizer.json ({path} not found)")
         spec = json.loads(path.read_text())
         vocab_type = _vocab_type(spec.get("decoder"), xgr)
-        tok = HFTokenizer.from_file(str(path))
-        vocab = tok.get_vocab(with_added_tokens=True)
+        vocab = HFTokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
         special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
         encoded = [""] * max(max(vocab.values()) + 1, 1)
         for s, i in vocab.items():
             encoded[i] = "" if s in special else s   # special tokens never match grammar text
-        self.vocab_size = max(vocab_size, len(encoded))
-        self.info = xgr.TokenizerInfo(encoded, vocab_type, vocab_size=self.vocab_size,
-                                      stop_token_ids=sorted(stop_token_ids) or None)
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=2)
-        self.batch = xgr.BatchGrammarMatcher(max_threads=2)
-        self._lock = threading.Lock()
+        info = xgr.TokenizerInfo(encoded, vocab_type, vocab_size=max(vocab_size, len(encoded)),
+                                 stop_token_ids=sorted(stop_token_ids) or None)
+        return cls(info)
 
     def compile(self, p: StructuredOutputsParams):
-        """A compiled grammar; ValueError (-> 400) when the engine rejects the constraint."""
+        """A compiled grammar (cached: the same schema compiles once); ValueError (-> 400) when the
+        engine rejects the constraint."""
+        key = p.cache_key()
+        hit = self._compiled.get(key)
+        if hit is not None:
+            self._compiled.move_to_end(key)
+            return hit
+        compiled = self._compile(p)
+        self._compiled[key] = compiled
+        if len(self._compiled) > _CACHE_SIZE:
+            self._compiled.popitem(last=False)
+        return compiled
+
+    def _compile(self, p: StructuredOutputsParams):
         kind = p.kind()
         c = self.compiler
         try:
@@ -205,13 +227,28 @@ class GrammarEngine:
         """Masks, in place, every token each grammar forbids next (rows of `logits`, batched)."""
         if not rows:
             return
-        xgr = self.xgr
-        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        import torch
+
+        bitmask = self.xgr.allocate_token_bitmask(len(rows), self.vocab_size)
         self.batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
         vocab = logits.shape[1]
-        sub = logits[rows]
-        xgr.apply_token_bitmask_inplace(sub, bitmask.to(logits.device, non_blocking=True), vocab_size=vocab)
-        logits[rows] = sub
+        idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        bitmask = bitmask.to(logits.device, non_blocking=True)
+        if logits.device.type == "cuda":   # xgrammar's kernel, on the gathered rows
+            sub = logits[idx]
+            self.xgr.apply_token_bitmask_inplace(sub, bitmask, vocab_size=vocab)
+            logits[idx] = sub
+            return
+        # CPU: numpy unpacks the bits (little-endian words: bit i of word w is token 32w + i) far faster
+        # than xgrammar's CPU kernel or torch shifts; then one masked fill.
+        import numpy as np
+
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")
+        banned = ~torch.from_numpy(bits)[:, :vocab].view(torch.bool)
+        if len(rows) == logits.shape[0]:
+            logits.masked_fill_(banned, float("-inf"))
+        else:
+            logits[idx] = logits[idx].masked_fill_(banned, float("-inf"))
 
 
 class RequestGrammar:
