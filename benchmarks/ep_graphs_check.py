@@ -1,6 +1,6 @@
 """EP decode with CUDA graphs: greedy tokens of EP=N (graphs and eager) against EP=1, and decode step time.
 
-Runs the tiny model as real engine processes (wideep.parallel.multi_rank.generate_dp: DP lockstep,
+Runs the tiny model as real engine processes (wideep.engine.dp.generate_dp: DP lockstep,
 one GPU per rank, NCCL) twice, with CUDA graphs and with --enforce-eager, and EP=1 (one engine on
 GPU 0) both ways. Prompts are spread unevenly and the last rank starts late, so idle ranks replay
 dummy graphs of the agreed size. Decode step time is the lockstep loop's wall time per decode-only
@@ -70,7 +70,7 @@ def run_ep1(args_dict: dict, reqs: list, timeout_s: float) -> dict:
 
 
 def run_epn(args, reqs: list, ep: int, timeout_s: float) -> dict:
-    from wideep.parallel.multi_rank import generate_dp
+    from wideep.engine.dp import generate_dp
 
     with tempfile.TemporaryDirectory() as d:
         report = Path(d) / "lockstep.jsonl"

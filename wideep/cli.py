@@ -14,7 +14,7 @@ COMMAND_MODULES = [
     "wideep.model.cli",      # make-model
     "wideep.engine.cli",     # generate (offline demo)
     "wideep.server.cli",     # serve
-    "wideep.kv_transfer.cli",  # sidecar
+    "wideep.router.sidecar_cli",  # sidecar
     "wideep.router.cli",     # router
     "wideep.deploy.cli",     # up, render, status
     "wideep.bench.cli",      # bench

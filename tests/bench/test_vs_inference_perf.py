@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from wideep.bench.config import parse_config
-from wideep.bench.inference_perf import InferencePerfUnavailable, ensure_inference_perf
+from inference_perf_tool import InferencePerfUnavailable, ensure_inference_perf
 from wideep.bench.runner import RunOptions, run_benchmark
 
 from test_bench_run import workload  # noqa: E402 (same directory, on sys.path under pytest)

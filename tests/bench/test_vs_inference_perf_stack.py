@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from wideep.bench.config import parse_config
-from wideep.bench.inference_perf import InferencePerfUnavailable, ensure_inference_perf
+from inference_perf_tool import InferencePerfUnavailable, ensure_inference_perf
 from wideep.bench.runner import RunOptions, run_benchmark
 from wideep.bench.stack import Stack
 from wideep.utils.net import free_port_range

@@ -14,7 +14,7 @@ import yaml
 
 from wideep.deploy.render import render_bundle, write_bundle
 from wideep.deploy.spec import load_spec
-from wideep.deploy.validate import CRDValidators
+from crd_validate import CRDValidators
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

@@ -19,7 +19,7 @@ import yaml
 from wideep.utils.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-REQUIRED = ["wideep.server.cli", "wideep.kv_transfer.cli", "wideep.router.cli"]
+REQUIRED = ["wideep.server.cli", "wideep.router.sidecar_cli", "wideep.router.cli"]
 
 
 def _missing_commands() -> list[str]:

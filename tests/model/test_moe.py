@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from wideep.model.loader import load_model
 from wideep.model.moe import grouped_mlp
-from wideep.parallel.local_dispatch import LocalDispatcher
+from wideep.model.local_dispatch import LocalDispatcher
 
 
 def _experts(e=5, h=32, i=16, seed=0):

@@ -15,7 +15,7 @@ from wideep.engine.config import EngineArgs
 @pytest.mark.timeout(240)
 def test_killing_a_rank_stops_the_others(tiny_model_dir):
     from wideep.engine.client import AsyncEngineClient, EngineDeadError, ipc_addresses, spawn_engine_process
-    from wideep.parallel.multi_rank import run_dp_engine_process
+    from wideep.engine.dp import run_dp_engine_process
     from wideep.utils.net import free_port
 
     base = EngineArgs(model=str(tiny_model_dir), data_parallel_size=2, data_parallel_size_local=2,

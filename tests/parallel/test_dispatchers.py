@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from wideep.parallel.launch import run_ranks
-from wideep.parallel.moe_comm import available_dispatchers, get_dispatcher
+from wideep.parallel.backends import available_dispatchers, get_dispatcher
 
 H, K, E = 16, 3, 8
 
@@ -102,7 +102,8 @@ def test_single_rank_backend_is_local_moe(backend):
 
 
 def test_registry_names_and_errors():
-    from wideep.parallel.moe_comm import MoEDispatcher, register_dispatcher
+    from wideep.model.dispatch import MoEDispatcher
+    from wideep.parallel.backends import register_dispatcher
 
     assert {"allgather_reducescatter", "all_to_all"} <= set(available_dispatchers())
     assert get_dispatcher("deepep_high_throughput", E).name == "all_to_all"

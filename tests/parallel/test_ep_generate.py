@@ -8,7 +8,7 @@ import pytest
 
 from wideep.engine.api import EngineRequest, SamplingParams
 from wideep.engine.config import EngineArgs
-from wideep.parallel.multi_rank import generate_dp
+from wideep.engine.dp import generate_dp
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [100, 200, 300, 400, 500, 600, 700], [42, 43]]
 MAX_TOKENS = 5
@@ -107,7 +107,7 @@ def test_eplb_rebalance_mid_generation_keeps_tokens(references, tmp_path, monkey
 
 @pytest.mark.slow  # the message itself is unit-tested in test_eplb.py
 def test_eplb_bad_redundant_count_is_a_clear_error(tiny_model_dir):
-    from wideep.parallel.multi_rank import DPRunError
+    from wideep.engine.dp import DPRunError
 
     args = EngineArgs(model=str(tiny_model_dir), data_parallel_size=2, enable_eplb=True,
                       eplb_config={"num_redundant_experts": 1}, **SMALL)
@@ -122,7 +122,7 @@ def test_eplb_bad_redundant_count_is_a_clear_error(tiny_model_dir):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend,sizes", [("allgather_reducescatter", "1,2,4"), ("all_to_all", "1,2")])
 def test_ep_graph_path_matches_ep1(references, tmp_path, monkeypatch, backend, sizes):
-    from wideep.parallel.multi_rank import STATIC_DECODE_ENV
+    from wideep.engine.dp import STATIC_DECODE_ENV
 
     model_dir, ref = references["uniform"]
     report = tmp_path / "lockstep.jsonl"
@@ -145,7 +145,7 @@ def test_ep_graph_path_matches_ep1(references, tmp_path, monkeypatch, backend, s
 @pytest.mark.timeout(300)
 def test_eplb_rebalance_on_the_graph_path_keeps_tokens(references, tmp_path, monkeypatch):
     """EPLB moves expert weights in place between lockstep steps while decode runs the static graph path."""
-    from wideep.parallel.multi_rank import STATIC_DECODE_ENV
+    from wideep.engine.dp import STATIC_DECODE_ENV
 
     model_dir, ref = references["skewed"]
     report = tmp_path / "eplb.jsonl"

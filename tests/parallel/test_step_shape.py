@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from wideep.parallel.graph_dispatch import DECODE_BACKEND_ENV, GraphModeDispatcher, make_graph_mode_dispatcher
-from wideep.parallel.moe_comm import get_dispatcher
+from wideep.parallel.backends import get_dispatcher
 from wideep.parallel.step_shape import StepProposal, agree, decide_shape
 
 SIZES = [1, 2, 4, 8, 16]

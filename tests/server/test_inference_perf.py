@@ -31,7 +31,7 @@ def _config(base_url: str, tokenizer_dir: Path, out: Path, concurrency: int, num
 
 
 def _run(tiny_model_dir: Path, tmp: Path, concurrency: int, num_requests: int, isl: int, osl: int) -> dict:
-    from wideep.bench.inference_perf import ensure_inference_perf
+    from inference_perf_tool import ensure_inference_perf
 
     exe = ensure_inference_perf()
     srv = start_server(tiny_model_dir, tmp, dp_size=2, api_key=None, kv_events=False)

@@ -185,17 +185,21 @@ class EngineCore:
     def schedule(self) -> SchedulerOutput:
         return self.scheduler.schedule()
 
-    def execute(self, out: SchedulerOutput, pad_to: int | None = None) -> list[RequestOutput]:
-        sampled = self.runner.execute(out, pad_to) if not out.is_empty else []
+    def execute(self, out: SchedulerOutput, pad_to: int | None = None, use_graphs: bool = True) -> list[RequestOutput]:
+        sampled = self.runner.execute(out, pad_to, use_graphs) if not out.is_empty else []
         return self.scheduler.update(out, sampled)
 
     def step(self) -> list[RequestOutput]:
         return self.execute(self.schedule())
 
-    def execute_dummy_batch(self, num_tokens: int = 1, decode: bool = True) -> None:
+    def graph_sizes(self) -> list[int]:
+        """Batch sizes with a captured decode graph ([] = eager only)."""
+        return sorted(self.runner.graphs)
+
+    def execute_dummy_batch(self, num_tokens: int = 1, decode: bool = True, use_graphs: bool = True) -> None:
         """A forward over dummy tokens that writes nothing to the cache (DP lockstep: ranks without
         work still join every MoE collective)."""
-        self.runner.dummy_run(num_tokens, decode=decode)
+        self.runner.dummy_run(num_tokens, decode=decode, use_graphs=use_graphs)
 
     # ---- P/D KV transfer (kv_transfer/) ----------------------------------------------------------
     def kv_transfer_wait_s(self) -> float | None:

@@ -1,7 +1,7 @@
 """Offline batch generation: `LLM(model_dir, **engine_args).generate(prompts, sampling_params)`.
 
 One rank runs an EngineCore in this process. With data_parallel_size > 1 the work is handed to
-wideep.parallel.multi_rank.generate_dp, which runs one engine per rank in lockstep.
+wideep.engine.dp.generate_dp, which runs one engine per rank in lockstep.
 """
 from __future__ import annotations
 
@@ -94,9 +94,9 @@ class LLM:
                 res.finish_reason, res.stop_reason = t.finish_reason, t.stop_reason
 
         if self.core is None:
-            # Data parallel: wideep.parallel.multi_rank.generate_dp(args, requests) runs the ranks and
+            # Data parallel: wideep.engine.dp.generate_dp(args, requests) runs the ranks and
             # returns, per request id, the RequestOutputs in order.
-            from wideep.parallel.multi_rank import generate_dp
+            from wideep.engine.dp import generate_dp
             per_request = generate_dp(self.args, requests)
             for r in requests:
                 for out in per_request[r.request_id]:

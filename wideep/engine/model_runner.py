@@ -47,9 +47,6 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: dict[int, _Graph] = {}
         self.graph_pool = None
-        # DP lockstep (parallel/lockstep.py) sets this each step, the same on every rank: False runs
-        # decode batches eagerly too (one rank that cannot replay a graph makes the whole step eager).
-        self.use_graphs = True
         # EP: the dispatcher's graph_mode(size) context (static shapes, `size` tokens per rank) wraps
         # every capture and replay of a graph of that size (parallel/graph_dispatch.py).
         self._graph_dispatch = getattr(getattr(model, "dispatcher", None), "graph_mode", None)
@@ -100,9 +97,10 @@ class ModelRunner:
 
     # ---- execution ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, pad_to: int | None = None) -> list[int]:
-        """Runs one scheduled step; returns the sampled token of each seq that samples, in order."""
-        graph = self._graph_for(len(out.seqs), pad_to) if out.is_decode_only else None
+    def execute(self, out: SchedulerOutput, pad_to: int | None = None, use_graphs: bool = True) -> list[int]:
+        """Runs one scheduled step; returns the sampled token of each seq that samples, in order.
+        use_graphs=False runs a decode batch eagerly (DP lockstep: one eager rank makes the step eager)."""
+        graph = self._graph_for(len(out.seqs), pad_to) if out.is_decode_only and use_graphs else None
         if graph is not None:
             hidden = self._replay(graph, out)
             qsl = list(range(len(out.seqs) + 1))
@@ -134,11 +132,11 @@ class ModelRunner:
                 req.prompt_logprobs.extend(logprob_entries(lp, targets, [req.sampling_params.prompt_logprobs] * len(targets)))
 
     @torch.inference_mode()
-    def dummy_run(self, num_tokens: int, decode: bool = False) -> None:
+    def dummy_run(self, num_tokens: int, decode: bool = False, use_graphs: bool = True) -> None:
         """A forward over `num_tokens` dummy tokens that writes nothing to the cache (slot -1):
         keeps MoE collectives in step across DP ranks, and profiles activation memory."""
         if decode:
-            graph = self._graph_for(num_tokens, None)
+            graph = self._graph_for(num_tokens, None) if use_graphs else None
             if graph is not None:
                 self._fill_graph_padding(graph, 0)
                 self._replay_graph(graph, 0)
@@ -162,8 +160,6 @@ class ModelRunner:
 
     # ---- CUDA graphs -----------------------------------------------------------------------------
     def _graph_for(self, batch: int, pad_to: int | None) -> _Graph | None:
-        if not self.use_graphs:
-            return None
         need = max(batch, pad_to or 0)
         for size in sorted(self.graphs):
             if size >= need:

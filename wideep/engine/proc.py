@@ -25,7 +25,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 import zmq
@@ -52,31 +52,30 @@ class StepDecision:
     run_step: bool                # execute the scheduled batch (it may be empty)
     pad_to: int | None = None     # pad a decode-only batch to at least this many sequences
     dummy_batch: int = 0          # if > 0 and nothing real runs: a dummy forward over this many tokens
+    use_graphs: bool = True       # False: decode runs eagerly (the same answer on every DP rank)
 
 
-class StepCoordinator(Protocol):
+class StepCoordinator:
+    """The engine loop's seam for ranks that must step together; the defaults are one rank on its own."""
+
     def idle_timeout_s(self, core) -> float | None:
         """How long the loop may block waiting for input when this rank has no work (None: until input)."""
-        ...
-
-    def decide(self, core, scheduled) -> StepDecision:
-        """Called every iteration with this rank's scheduled batch (None when it has no work)."""
-        ...
-
-    def explain_failure(self, exc: Exception) -> Exception:
-        """The error to report when a forward raised `exc` (exc itself when there is nothing to add)."""
-        ...
-
-
-class SingleRankCoordinator:
-    def idle_timeout_s(self, core) -> float | None:
         return None
 
     def decide(self, core, scheduled) -> StepDecision:
+        """Called every iteration with this rank's scheduled batch (None when it has no work)."""
         return StepDecision(run_step=scheduled is not None)
 
     def explain_failure(self, exc: Exception) -> Exception:
+        """The error to report when a forward raised `exc` (exc itself when there is nothing to add)."""
         return exc
+
+    def poll_sockets(self) -> list[Any]:
+        """Extra sockets whose messages end the loop's idle wait."""
+        return []
+
+
+SingleRankCoordinator = StepCoordinator
 
 
 def _make_kv_event_publisher(args: EngineArgs):
@@ -169,8 +168,8 @@ class EngineLoop:
         self.publisher = publisher
         self.poller = zmq.Poller()
         self.poller.register(inp, zmq.POLLIN)
-        # DP lockstep: a peer's "wake up" message must end the idle wait too (parallel/lockstep.py)
-        for sock in getattr(coordinator, "poll_sockets", lambda: [])():
+        # DP lockstep: a peer's "wake up" message must end the idle wait too (engine/lockstep.py)
+        for sock in coordinator.poll_sockets():
             self.poller.register(sock, zmq.POLLIN)
         self.parent_pid = os.getppid()
         self.last_stats = 0.0
@@ -205,10 +204,10 @@ class EngineLoop:
             ran_real = False
             try:
                 if scheduled is not None and decision.run_step:
-                    outputs = self.core.execute(scheduled, decision.pad_to)
+                    outputs = self.core.execute(scheduled, decision.pad_to, decision.use_graphs)
                     ran_real = not scheduled.is_empty
                 if decision.dummy_batch and not ran_real:
-                    self.core.execute_dummy_batch(decision.dummy_batch)
+                    self.core.execute_dummy_batch(decision.dummy_batch, use_graphs=decision.use_graphs)
             except Exception as exc:
                 # A forward's collectives (MoE dispatch/combine) fail when a peer rank dies: let the
                 # coordinator name that, so the error says which group was lost rather than "gloo read error".

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from wideep.parallel.moe_comm import MoEDispatcher
+from wideep.model.dispatch import MoEDispatcher
 
 from .attention import AttentionMetadata
 from .config import ModelConfig
@@ -49,7 +49,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, dispatcher: MoEDispatcher | None = None, num_local_experts: int | None = None):
         super().__init__()
         if dispatcher is None:
-            from wideep.parallel.local_dispatch import LocalDispatcher
+            from wideep.model.local_dispatch import LocalDispatcher
 
             dispatcher = LocalDispatcher(config.n_routed_experts)
         self.config = config

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from wideep.parallel.moe_comm import MoEDispatcher
+from wideep.model.dispatch import MoEDispatcher
 
 from .config import CheckpointError, ModelConfig
 from .deepseek_v3 import DeepseekV3ForCausalLM
@@ -124,7 +124,7 @@ def load_model(
     if dispatcher is None:
         if ep_size != 1:
             raise ValueError("load_model: ep_size > 1 needs a dispatcher (an expert-parallel MoEDispatcher)")
-        from wideep.parallel.local_dispatch import LocalDispatcher
+        from wideep.model.local_dispatch import LocalDispatcher
 
         dispatcher = LocalDispatcher(config.n_routed_experts)
     moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]

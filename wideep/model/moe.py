@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wideep.parallel.moe_comm import MoEDispatcher
+from wideep.model.dispatch import MoEDispatcher
 
 from .config import ModelConfig
 from .layers import GatedMLP

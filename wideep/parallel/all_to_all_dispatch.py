@@ -12,7 +12,7 @@ import torch
 
 from wideep.parallel import _comm
 from wideep.parallel.expert_grouping import group_by_local_expert
-from wideep.parallel.moe_comm import DispatchResult, MoEDispatcher
+from wideep.model.dispatch import DispatchResult, MoEDispatcher
 
 
 @dataclass

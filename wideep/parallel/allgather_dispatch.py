@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from wideep.parallel import _comm
 from wideep.parallel.expert_grouping import group_by_local_expert
-from wideep.parallel.moe_comm import DispatchResult, MoEDispatcher
+from wideep.model.dispatch import DispatchResult, MoEDispatcher
 
 
 @dataclass

@@ -15,7 +15,8 @@ from typing import Iterator
 
 import torch
 
-from wideep.parallel.moe_comm import ALIASES, DispatchResult, MoEDispatcher, get_dispatcher
+from wideep.model.dispatch import DispatchResult, MoEDispatcher
+from wideep.parallel.backends import ALIASES, get_dispatcher
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Each child sees every GPU of the pod and selects `cuda:<local rank>` (LOCAL_RANK), the same device
 the parallel layer's `ParallelConfig.local_rank` names, so CUDA IPC between local ranks keeps working.
 With expert parallelism over several DP ranks the engine needs the parallel layer's lockstep
-coordinator and EP-aware core: `wideep.parallel.multi_rank.run_dp_engine_process` is that entry.
+coordinator and EP-aware core: `wideep.engine.dp.run_dp_engine_process` is that entry.
 Without --enable-expert-parallel, DP ranks are independent replicas (no collectives between them).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def run_engine(payload: dict[str, Any]) -> None:
     _select_device(local_rank, args.device)
     log.info("engine dp rank %d (local %d, pid %d) starting", args.data_parallel_rank, local_rank, os.getpid())
     if args.data_parallel_size > 1 and args.enable_expert_parallel:
-        from wideep.parallel.multi_rank import run_dp_engine_process
+        from wideep.engine.dp import run_dp_engine_process
 
         run_dp_engine_process(args.to_dict(), payload["input_addr"], payload["output_addr"])
     else:

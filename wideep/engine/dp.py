@@ -134,7 +134,7 @@ def run_dp_engine_process(args_dict: dict, input_addr: str, output_addr: str, re
     from wideep.engine.proc import run_engine_process
     from wideep.parallel.config import ParallelConfig
     from wideep.parallel.dist import destroy_ep_group, init_ep_group
-    from wideep.parallel.lockstep import DPLockstepCoordinator
+    from wideep.engine.lockstep import DPLockstepCoordinator
 
     args = EngineArgs.from_dict(args_dict)
     pcfg = ParallelConfig.from_engine_args(args)

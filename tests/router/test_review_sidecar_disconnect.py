@@ -9,7 +9,7 @@ import socket
 
 from aiohttp import web
 
-from wideep.kv_transfer.sidecar import Sidecar, SidecarConfig
+from wideep.router.sidecar import Sidecar, SidecarConfig
 from wideep.utils.net import free_port
 
 

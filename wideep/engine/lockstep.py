@@ -2,7 +2,7 @@
 
 The MoE layers of one forward are collectives over the whole group, so a rank with nothing to do
 still runs a dummy batch (random routing) while others work. Shaped like vLLM's wave mechanism
-(engine.md §2):
+(docs/protocols.md, "DP lockstep"):
 - while a "wave" runs, each iteration all-reduces [has_work, tokens] over a gloo CPU group: the
   same answer on every rank says whether to step (and the group's max tokens per rank, which the
   dispatcher pads to) or to stop (everyone idle → the wave ends, wave += 1); the same all-reduce
@@ -28,16 +28,7 @@ from wideep.parallel.step_shape import StepProposal, StepShape, decide_shape
 
 log = logging.getLogger(__name__)
 
-try:  # the engine's seam; a stand-in keeps this module importable on its own
-    from wideep.engine.proc import StepDecision
-except ImportError:  # pragma: no cover
-    from dataclasses import dataclass
-
-    @dataclass
-    class StepDecision:  # type: ignore[no-redef]
-        run_step: bool
-        pad_to: int | None = None
-        dummy_batch: int = 0
+from wideep.engine.proc import StepCoordinator, StepDecision
 
 
 def _advertised_host(dp_address: str) -> tuple[str, str]:
@@ -51,7 +42,7 @@ def _advertised_host(dp_address: str) -> tuple[str, str]:
     return "0.0.0.0", host
 
 
-class DPLockstepCoordinator:
+class DPLockstepCoordinator(StepCoordinator):
     """The engine loop's StepCoordinator for data_parallel_size > 1 (see wideep.engine.proc)."""
 
     def __init__(self, dp_address: str = "127.0.0.1", dummy_tokens: int = 1):
@@ -162,9 +153,6 @@ class DPLockstepCoordinator:
             self.wave += 1
             return StepDecision(run_step=False)
         self.last_shape = shape
-        runner = getattr(core, "runner", None)
-        if runner is not None and hasattr(runner, "use_graphs"):
-            runner.use_graphs = not shape.eager   # min cudagraph mode wins: one eager rank, all eager
         if shape.eager:
             pad_to, dummy_tokens = None, self.dummy_tokens
             self.eager_steps += 1
@@ -184,7 +172,9 @@ class DPLockstepCoordinator:
         self._step_started = time.perf_counter()
         self.steps += 1
         self.dummy_steps += int(dummy)
-        return StepDecision(run_step=scheduled is not None, pad_to=pad_to, dummy_batch=dummy_tokens)
+        # min cudagraph mode wins: one eager rank makes the step eager everywhere
+        return StepDecision(run_step=scheduled is not None, pad_to=pad_to, dummy_batch=dummy_tokens,
+                            use_graphs=not shape.eager)
 
     def leave_wave(self, core, timeout_s: float = 10.0) -> None:
         """On shutdown in the middle of a wave: keep joining the group's forwards with dummy batches
@@ -198,15 +188,14 @@ class DPLockstepCoordinator:
             while self.running and time.monotonic() < deadline:
                 d = self.decide(core, None)
                 if d.dummy_batch:
-                    core.execute_dummy_batch(d.dummy_batch)
+                    core.execute_dummy_batch(d.dummy_batch, use_graphs=d.use_graphs)
         except Exception as exc:  # noqa: BLE001 - a peer already left: nothing to wait for
             log.info("rank %d left the wave at shutdown: %s", self.group.rank, str(exc).splitlines()[0][:200])
 
     @staticmethod
     def _graph_sizes(core) -> list[int]:
         """Captured decode graph sizes (the same on every rank: build_ep_core checks); [] = eager only."""
-        runner = getattr(core, "runner", None)
-        return sorted(getattr(runner, "graphs", None) or ())
+        return core.graph_sizes()
 
     # ---- internals ---------------------------------------------------------------------------------
     def _record_step_time(self) -> None:

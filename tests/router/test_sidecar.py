@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from wideep.kv_transfer.sidecar import Sidecar, SidecarConfig
+from wideep.router.sidecar import Sidecar, SidecarConfig
 from wideep.utils.net import free_port, free_port_range
 
 RETURNED = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "p_dp0",
@@ -347,7 +347,7 @@ def test_sidecar_cli_process_end_to_end(tmp_path):
 def test_cli_flags_build_the_config(tmp_path):
     import argparse
 
-    from wideep.kv_transfer import cli
+    from wideep.router import sidecar_cli as cli
 
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
@@ -393,7 +393,7 @@ def test_sidecar_process_exits_cleanly_on_sigterm():
 
 
 def test_sidecar_never_imports_torch():
-    code = ("import sys, wideep.kv_transfer.cli as c, wideep.kv_transfer.sidecar, wideep.kv_transfer.transport, "
+    code = ("import sys, wideep.router.sidecar_cli as c, wideep.router.sidecar, wideep.kv_transfer.transport, "
             "wideep.kv_transfer.protocol, wideep.kv_transfer.params; "
             "import argparse; p = argparse.ArgumentParser(); c.register(p.add_subparsers()); "
             "c.build_config(p.parse_args(['sidecar'])); print('torch' in sys.modules)")

@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from wideep.kv_transfer.sidecar import SidecarConfig
+    from wideep.router.sidecar import SidecarConfig
 
     if args.connector not in ("nixlv2", "nixl", "wideep"):
         raise SystemExit(f"--connector {args.connector!r} is not supported; use nixlv2")
@@ -55,7 +55,7 @@ def _main(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from wideep.kv_transfer.sidecar import run_sidecar
+    from wideep.router.sidecar import run_sidecar
     from wideep.utils.aio import install_uvloop
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

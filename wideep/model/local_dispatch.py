@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .moe_comm import DispatchResult, MoEDispatcher
+from wideep.model.dispatch import DispatchResult, MoEDispatcher
 
 
 class LocalDispatcher(MoEDispatcher):
