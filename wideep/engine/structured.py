@@ -227,10 +227,18 @@ class GrammarEngine:
         """Masks, in place, every token each grammar forbids next (rows of `logits`, batched)."""
         if not rows:
             return
+        self.mask(logits, rows, self.fill(grammars))
+
+    def fill(self, grammars: list["RequestGrammar"]):
+        """[len(grammars), ceil(V/32)] int32 bitmask of the tokens each grammar allows next (CPU)."""
+        bitmask = self.xgr.allocate_token_bitmask(len(grammars), self.vocab_size)
+        self.batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
+        return bitmask
+
+    def mask(self, logits: "torch.Tensor", rows: list[int], bitmask) -> None:
+        """-inf, in place, at every token of logits[rows[i]] that bitmask row i forbids."""
         import torch
 
-        bitmask = self.xgr.allocate_token_bitmask(len(rows), self.vocab_size)
-        self.batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
         vocab = logits.shape[1]
         idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
         bitmask = bitmask.to(logits.device, non_blocking=True)
