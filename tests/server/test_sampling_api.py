@@ -290,3 +290,13 @@ def test_stop_token_text_excluded_unless_asked_and_stop_strings_wait_for_min_tok
     assert early.text == "" and early.finish_reason == "stop"
     late = c.completions.create(stop=[first_piece], extra_body={"min_tokens": 4}, **kw).choices[0]
     assert len(late.text) > len(first_piece) and base.text.startswith(late.text)
+
+
+def test_streamed_token_ids_add_up(server):
+    kw = dict(model="tiny", prompt="the sea", max_tokens=5, temperature=0.0, extra_body={"return_token_ids": True})
+    full = client(server).completions.create(**kw).choices[0].model_extra["token_ids"]
+    streamed = []
+    for ch in client(server).completions.create(stream=True, **kw):
+        if ch.choices:
+            streamed += ch.choices[0].model_extra.get("token_ids") or []
+    assert streamed == full

@@ -339,7 +339,7 @@ class OpenAIServing:
             finish = out.finish_reason if out is not None and out.finished else None
             stop_reason = out.stop_reason if out is not None and out.finished else None
             lp = None
-            if p.req.logprobs is not None and ids is not None:
+            if p.req.logprobs is not None and ids is not None and entries is not None:
                 if chat:
                     lp = fmt.chat(ids, entries)
                 else:
@@ -419,8 +419,8 @@ class OpenAIServing:
                         pl = out.prompt_logprobs or [None] * (n_prompt - 1)
                         ids, entries = p.prompt_ids + list(ids), [None] + list(pl) + list(entries)
                 started[i] = True
-                if text or out.finished or (entries and p.req.logprobs is not None):
-                    await resp.write(chunk(i, out, text, ids=ids if entries is not None else None, entries=entries))
+                if text or out.finished or (ids and (p.req.logprobs is not None or p.req.return_token_ids)):
+                    await resp.write(chunk(i, out, text, ids=ids, entries=entries))
                 if out.finished:
                     finished += 1
             if not failed and finished == k and p.req.include_usage:
