@@ -290,9 +290,13 @@ def test_pd_structured_output_equals_aggregated(tiny_byte_model_dir, tmp_path):
             kw = dict(model=c.models.list().data[0].id, messages=[{"role": "user", "content": "the sea " * 10}],
                       max_tokens=60, temperature=1.0, seed=rank,
                       response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+            # Aggregated first, and once on the prefiller: each rank builds its grammar engine and compiles
+            # the schema on its first constrained request, which must not eat the producer's short
+            # (3 s here) hold timeout.
+            agg = c.chat.completions.create(**kw).choices[0].message.content
+            _client(s.p_port + rank).chat.completions.create(**kw)
             pd = c.chat.completions.create(extra_headers={"x-prefiller-host-port": f"127.0.0.1:{s.p_port + rank}"},
                                            **kw).choices[0].message.content
-            agg = c.chat.completions.create(**kw).choices[0].message.content
             assert pd == agg
             jsonschema.validate(json.loads(pd), schema)
             assert s.sidecar_stats(s.s_port + rank)["local_prefill_fallbacks"] == 0
