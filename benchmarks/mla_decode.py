@@ -10,6 +10,9 @@ table, replay, compare with the oracle.
 
   GPU:  PYTHONPATH=$PWD python3 benchmarks/mla_decode.py            (< 3 min on one H100)
   CPU:  .venv/bin/python benchmarks/mla_decode.py                   (tiny shapes, Triton interpreter)
+  H200: PYTHONPATH=$PWD python3 benchmarks/mla_decode.py --suite [--study] --old OLD_MODULE.py
+        (issue 15: bf16 + fp8 correctness, batch invariance, present kernel vs new configs, tiny model graph
+         vs eager tokens; --study: tokens per split vs batch size; ~40 s each on an H200)
   AOT:  .venv/bin/python benchmarks/mla_decode.py --aot             (no GPU: compile for sm_90, print
                                                                      shared memory, registers, spills)
 """
@@ -43,6 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write all results to this file")
     p.add_argument("--aot", action="store_true", help="compile the sweep for sm_90 without a GPU and report")
     p.add_argument("--aot-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--suite", action="store_true",
+                   help="the H200 suite: correctness (bf16 + fp8, 1-4 query tokens, 16-128 heads, batch invariance), "
+                        "present kernel vs new configs at B=128/256 x ctx 2k/4k/8k, bf16 and fp8 cache, and graph vs "
+                        "eager tokens of the tiny model")
+    p.add_argument("--study", action="store_true", help="tokens per split vs batch size, fp8 compute variants")
+    p.add_argument("--old", default=None, help="path of the present kernel's module (mla_decode_triton.py of main) "
+                   "to time beside the new one")
+    p.add_argument("--suite-configs", default="64,64,8,2;64,64,8,2,sv;64,64,8,2,sv,f16")
     return p.parse_args(argv)
 
 
@@ -371,7 +382,8 @@ def run_cpu(args):
                 print(f"B={b} ctx={ctx}: torch {t_ref * 1e3:.2f} ms; triton not installed")
                 continue
             for splits in (1, 3):
-                out = mdt.mla_decode(qs[0][0], qs[0][1], cache, tables[0], seq_lens, SCALE, num_splits=splits)
+                out = mdt.mla_decode(qs[0][0], qs[0][1], cache, tables[0], seq_lens, SCALE, chunk=128 if splits > 1
+                                     else 1024)
                 e_t, e_r = errors(torch, out, truth), errors(torch, ref, truth)
                 good = e_t[2] and e_t[0] <= max(2 * e_r[0], 1e-2)
                 ok &= good
@@ -389,38 +401,42 @@ def aot_child(configs):
     from triton.compiler import ASTSource
     from wideep.model import mla_decode_triton as mdt
 
-    kern = triton.jit(mdt._mla_decode_split_kernel, do_not_specialize=["num_splits"])
+    kern = triton.jit(mdt._mla_decode_split_kernel, do_not_specialize=["chunk", "max_splits"])
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    aligned = {"Q_LAT", "Q_PE", "KV", "BLOCK_TABLES", "SEQ_LENS", "OUT", "LSE", "stride_ql_b", "stride_ql_h",
-               "stride_qp_b", "stride_kv_blk", "stride_kv_tok", "stride_o_b", "stride_o_h", "stride_o_s"}
-    ints = ["num_splits", "H", "stride_ql_b", "stride_ql_h", "stride_qp_b", "stride_qp_h", "stride_kv_blk",
-            "stride_kv_tok", "stride_bt_b", "stride_o_b", "stride_o_h", "stride_o_s", "stride_lse_b", "stride_lse_h"]
-    print(f"triton {triton.__version__}, target sm_90 (page 64, L 512, R 64, bf16)")
+    aligned = {"Q_LAT", "Q_PE", "KV", "BLOCK_TABLES", "SEQ_LENS", "OUT", "LSE", "stride_ql_b", "stride_ql_q",
+               "stride_ql_h", "stride_qp_b", "stride_qp_q", "stride_kv_blk", "stride_kv_tok", "stride_o_b",
+               "stride_o_r", "stride_o_s"}
+    ints = ["chunk", "max_splits", "H", "stride_ql_b", "stride_ql_q", "stride_ql_h", "stride_qp_b", "stride_qp_q",
+            "stride_qp_h", "stride_kv_blk", "stride_kv_tok", "stride_bt_b", "stride_o_b", "stride_o_r", "stride_o_s",
+            "stride_lse_b", "stride_lse_r"]
+    print(f"triton {triton.__version__}, target sm_90 (page 64, L 512, R 64, bf16 queries)")
     for text in configs:
         cfg = mdt.DecodeConfig.parse(text)
-        for split in (False, True):
-            sig = {"Q_LAT": "*bf16", "Q_PE": "*bf16", "KV": "*bf16", "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32",
-                   "OUT": "*fp32" if split else "*bf16", "LSE": "*fp32", "sm_scale_log2": "fp32"}
+        for split, kv in ((False, "bf16"), (True, "bf16"), (True, "fp8e4nv")):
+            sig = {"Q_LAT": "*bf16", "Q_PE": "*bf16", "KV": f"*{kv}", "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32",
+                   "OUT": "*fp32" if split else "*bf16", "LSE": "*fp32", "sm_scale_log2": "fp32", "out_scale": "fp32"}
             sig.update({n: "i32" for n in ints})
             consts = dict(L=L, R=R, PAGE=64, BLOCK_L=L, BLOCK_R=R, BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n,
-                          SPLIT=split, IEEE=False, DOT_F32=False)
+                          HALF=L // 2, NUM_Q=1, ALIGN=128, SPLIT=split, IEEE=False, SPLIT_V=cfg.split_v,
+                          KV_FP8=kv != "bf16", DOT_F32=False)
             sig.update({k: "constexpr" for k in consts})
             attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if n in aligned}
             t = time.perf_counter()
+            tag = f"{text:>12s} split={int(split)} kv={kv:7s}"
             try:
                 k = triton.compile(ASTSource(kern, sig, consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                                    options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-                cubin = Path(f"/tmp/mla_decode_{text.replace(',', '_')}_{int(split)}.cubin")
+                cubin = Path(f"/tmp/mla_decode_{text.replace(',', '_')}_{int(split)}_{kv}.cubin")
                 cubin.write_bytes(k.asm["cubin"])
                 res = subprocess.run([str(bindir / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
                                      text=True).stdout
                 regs = " ".join(w for line in res.splitlines() if "REG" in line for w in line.split()[:2])
                 sass = subprocess.run([str(bindir / "nvdisasm"), str(cubin)], capture_output=True, text=True).stdout
-                print(f"  {text:>10s} split={int(split)}: {time.perf_counter() - t:4.1f}s smem {k.metadata.shared:6d} B"
+                print(f"  {tag}: {time.perf_counter() - t:4.1f}s smem {k.metadata.shared:6d} B"
                       f"  {regs}  local ld/st {sass.count('LDL')}/{sass.count('STL')}  HGMMA {sass.count('HGMMA')}"
-                      f"  HMMA {sass.count('HMMA')}", flush=True)
+                      f"  HMMA {sass.count('HMMA')}  LDGSTS {sass.count('LDGSTS')}", flush=True)
             except Exception as exc:  # noqa: BLE001
-                print(f"  {text:>10s} split={int(split)}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                print(f"  {tag}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
 
 
 def main(argv=None):
@@ -433,7 +449,13 @@ def main(argv=None):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--aot-child", "--configs", args.configs]
         return subprocess.run(cmd, env=env).returncode
     import torch
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and (args.suite or args.study):
+        from mla_decode_suite import run_study, run_suite
+        if args.suite:
+            run_suite(args)
+        if args.study:
+            run_study(args)
+    elif torch.cuda.is_available():
         run_gpu(args)
     else:
         run_cpu(args)

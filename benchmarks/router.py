@@ -5,7 +5,7 @@ pays for going through the built-in proxy or Envoy+ext_proc instead of straight 
     .venv/bin/python benchmarks/router.py --quick         # smoke run
     .venv/bin/python benchmarks/router.py --profile 256   # cProfile of scheduling at 256 endpoints
 
-Compare with llm-d's Go EPP: scheduler P50 0.10-0.20 ms (router.md §7).
+Compare with llm-d's Go EPP: scheduler P50 0.10-0.20 ms (llm-d's published EPP numbers).
 """
 from __future__ import annotations
 

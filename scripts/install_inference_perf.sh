@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the real inference-perf 0.7.0 into its own venv (default .venv-bench) for cross-checking
-# wideep's benchmark. PyPI marks it Requires-Python >=3.12 but it runs on 3.11, so (bench.md §1):
+# wideep's benchmark. PyPI marks it Requires-Python >=3.12 but it runs on 3.11, so:
 #   1. install its dependencies normally (a plain --ignore-requires-python install would pull a
 #      numpy sdist that needs 3.12), then
 #   2. install the inference-perf wheel itself with --no-deps --ignore-requires-python.

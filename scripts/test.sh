@@ -2,5 +2,7 @@
 # The README's test command: installs what it needs, then runs the CPU test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
+bash scripts/bootstrap.sh --test
+echo "ruff check (lint: pyproject.toml [tool.ruff])"
+.venv/bin/python -m ruff check .
 exec .venv/bin/python -m pytest -q "$@"

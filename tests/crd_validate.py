@@ -1,4 +1,4 @@
-"""Offline validation of rendered objects against CRD schemas (deploy.md §5).
+"""Offline validation of rendered objects against CRD schemas.
 
 jsonschema Draft 7 on `spec.versions[].schema.openAPIV3Schema`, made strict: every object schema
 that lists `properties` (and does not preserve unknown fields) gets `additionalProperties: false`,

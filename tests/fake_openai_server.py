@@ -6,7 +6,12 @@ Bench flags: --fail-every N answers every Nth request with --fail-status and an 
 --disconnect-every N drops the connection of every Nth stream after --disconnect-after tokens.
 Router flags: every response carries `x-backend-name: <--name>`; GET /stats returns the counters and
 the request headers the router added (x-prefiller-host-port, x-gateway-destination-endpoint)."""
-import argparse, asyncio, json, os, random, time
+import argparse
+import asyncio
+import json
+import os
+import random
+import time
 from aiohttp import web
 
 p = argparse.ArgumentParser()

@@ -1,7 +1,7 @@
 """Locates (installing once if needed) the real inference-perf, wideep's external cross-check.
 
 It lives in its own venv because it pins transformers and wants Python >= 3.12 on paper;
-scripts/install_inference_perf.sh knows how to install it on 3.11 (bench.md §1).
+scripts/install_inference_perf.sh knows how to install it on 3.11.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import subprocess
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install_inference_perf.sh"
 DEFAULT_VENV = REPO_ROOT / ".venv-bench"
 

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from wideep.errors import EXIT_USAGE, ConfigError, UsageExit
+
 COMMAND_MODULES = [
     "wideep.model.cli",      # make-model
     "wideep.engine.cli",     # generate (offline demo)
@@ -25,23 +27,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wideep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that package has no commands yet
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
+    parser.set_defaults(func=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 ok, 2 usage or configuration error (as argparse), 1 any other failure."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
+    if args.func is None:
         parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"wideep {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageExit as exc:
+        print(exc.message, file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

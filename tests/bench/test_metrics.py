@@ -1,4 +1,4 @@
-"""Each metric definition of bench.md on hand-made timings."""
+"""Each metric definition (docs/protocols.md, "Benchmark compatibility") on hand-made timings."""
 from __future__ import annotations
 
 import json

@@ -64,7 +64,7 @@ class ToyEngine:
                 acc = 0.0
                 for p in range(end):
                     b, o = req.block_ids[p // self.bs], p % self.bs
-                    acc += float(sum(c[b, o].sum() * (p + 1) for c in self.caches))
+                    acc += float(sum(c[b, o].float().sum() * (p + 1) for c in self.caches))
                 sampled.append(int(acc * 13) % VOCAB)
         return self.sched.update(out, sampled)
 
@@ -204,17 +204,33 @@ def test_stale_engine_id_and_foreign_blocks_are_refused(trio):
     assert p.used_blocks == 0
 
 
-@pytest.mark.parametrize("mismatch", ["block_size", "model", "dim", "dtype"])
+def test_pd_with_fp8_caches_equals_aggregated_fp8():
+    """--kv-cache-dtype fp8 on both roles: the e4m3 blocks move as bytes, tokens as in one fp8 engine."""
+    fp8 = torch.float8_e4m3fn
+    agg, p, d = ToyEngine(None, dtype=fp8), ToyEngine("kv_producer", dtype=fp8), ToyEngine("kv_consumer", dtype=fp8)
+    try:
+        prompt = [(i * 31 + 7) % VOCAB for i in range(9)]
+        want, _ = agg.run(agg.add(prompt, 6))
+        got, dfinal, _, _ = pd_run(p, d, prompt, 6)
+        assert got == want and dfinal.num_cached_tokens == 8
+        assert d.conn.stats["blocks_received"] == 2
+    finally:
+        for e in (agg, p, d):
+            e.close()
+
+
+@pytest.mark.parametrize("mismatch", ["block_size", "model", "dim", "dtype", "fp8"])
 def test_handshake_mismatch_is_a_clear_error_even_with_recompute(mismatch):
     kw = {"block_size": dict(block_size=8), "model": dict(model="other-model"), "dim": dict(dim=2),
-          "dtype": dict(dtype=torch.float64)}[mismatch]
+          "dtype": dict(dtype=torch.float64), "fp8": dict(dtype=torch.float8_e4m3fn)}[mismatch]
     p, d = ToyEngine("kv_producer"), ToyEngine("kv_consumer", policy="recompute", **kw)
     try:
         _, final = p.run(p.add(list(range(10)), 1, {"do_remote_decode": True}))
         toks, dfinal = d.run(d.add(list(range(10)), 3, final.kv_transfer_params))
         assert dfinal.finish_reason == "error"
         assert "handshake" in dfinal.error and {"block_size": "block size", "model": "model", "dim": "region",
-                                                  "dtype": "region"}[mismatch] in dfinal.error
+                                                  "dtype": "--kv-cache-dtype",
+                                                  "fp8": "--kv-cache-dtype"}[mismatch] in dfinal.error
         p.settle()
         d.settle()
         assert p.used_blocks == 0 and d.used_blocks == 0   # the consumer released the producer's hold

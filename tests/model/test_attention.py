@@ -57,3 +57,80 @@ def test_padded_decode_batch_matches_unpadded(tiny_model_dir, paged_runner):
     logits = model.compute_logits(hidden)
     assert torch.isfinite(logits[0]).all()
     torch.testing.assert_close(logits[:1], ref, rtol=1e-5, atol=1e-5)
+
+
+def _paged(g, lens, page, width, heads, lat=64, rope=16, dtype=torch.float32):
+    """A NaN-poisoned pool with shuffled blocks; one table row per sequence."""
+    need = [-(-n // page) for n in lens]
+    nblocks = sum(need) + 1
+    cache = torch.full((nblocks, page, lat + rope), float("nan"), dtype=dtype)
+    ids = torch.randperm(nblocks - 1, generator=g).tolist()
+    tables = torch.full((len(lens), width), nblocks - 1, dtype=torch.int32)
+    for i, n in enumerate(lens):
+        for j in range(need[i]):
+            blk = ids.pop()
+            tables[i, j] = blk
+            valid = min(page, n - j * page)
+            cache[blk, :valid] = torch.randn(valid, lat + rope, generator=g).to(dtype)
+    q_lat = torch.randn(len(lens), heads, lat, generator=g).to(dtype)
+    q_pe = torch.randn(len(lens), heads, rope, generator=g).to(dtype)
+    return q_lat, q_pe, cache, tables, torch.tensor(lens, dtype=torch.int32)
+
+
+def test_reference_split_schedule_is_batch_invariant():
+    """The same sequence alone and inside a batch of 37 (other lengths, a wider table, padding rows) gives
+    bit-identical output on the reference path, for several splits per sequence; and the split result
+    matches a one-pass fp64 softmax."""
+    from wideep.model.attention import paged_mla_decode_torch
+
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(1, 700, (37,), generator=g).tolist()
+    lens[5], lens[9] = 0, 613   # a padding row, and the probe: 613 tokens = 3 splits of 256 (chunk 256)
+    for dtype in (torch.float32, torch.bfloat16):
+        q_lat, q_pe, cache, tables, seq_lens = _paged(g, lens, 16, 48, heads=4, dtype=dtype)
+        batch = paged_mla_decode_torch(q_lat, q_pe, cache, tables, seq_lens, 64, 0.2, chunk=256)
+        alone = paged_mla_decode_torch(q_lat[9:10], q_pe[9:10], cache, tables[9:10, :39], seq_lens[9:10], 64, 0.2,
+                                       chunk=256)
+        assert torch.equal(batch[9:10], alone)
+        assert batch[5].abs().max() == 0 and torch.isfinite(batch).all()
+        # the fp64 oracle: one softmax over the whole context
+        ctx = cache[tables[9, :39].long()].reshape(-1, 80)[:613].double()
+        s = (q_lat[9].double() @ ctx[:, :64].T + q_pe[9].double() @ ctx[:, 64:].T) * 0.2
+        want = torch.softmax(s, -1) @ ctx[:, :64]
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(batch[9].double(), want, rtol=tol, atol=tol)
+
+
+def test_fp8_cache_round_trip_within_e4m3_bounds():
+    from wideep.model.attention import FP8_E4M3_MAX, dequantize_latent, resolve_kv_cache_dtype
+
+    g = torch.Generator().manual_seed(1)
+    cache = torch.zeros(4, 8, 12, dtype=resolve_kv_cache_dtype("fp8", torch.bfloat16))
+    assert cache.dtype == torch.float8_e4m3fn and resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
+    latent = torch.randn(6, 12, generator=g) * torch.logspace(-3, 1, 12)   # magnitudes 1e-3 .. 1e1
+    latent[0, 0] = 1e4                                                       # past e4m3's range: saturates
+    for k_scale in (1.0, 0.25):
+        write_latent_cache(cache, latent, torch.tensor([0, 3, -1, 17, 31, 8]), k_scale)
+        back = dequantize_latent(cache.view(-1, 12)[[0, 3, 17, 31, 8]], k_scale, torch.float32)
+        ref = latent[[0, 1, 3, 4, 5]]
+        # e4m3: 3 mantissa bits -> half-ulp relative error 2^-4 for normals, 2^-10 absolute below 2^-6
+        bound = torch.maximum(ref.abs() * 2.0 ** -4, torch.full_like(ref, 2.0 ** -10 * k_scale))
+        err = (back - ref).abs()
+        err[0, 0] = 0.0
+        assert (err <= bound).all(), (err / bound).max()
+        assert back[0, 0] == FP8_E4M3_MAX * k_scale          # saturated, not NaN
+    assert cache.view(-1, 12)[2].float().abs().sum() == 0     # the padding row wrote nothing
+
+
+def test_fp8_cache_decode_close_to_bf16_cache():
+    from wideep.model.attention import paged_mla_decode_torch, quantize_latent
+
+    g = torch.Generator().manual_seed(2)
+    q_lat, q_pe, cache, tables, seq_lens = _paged(g, [300, 17, 0], 16, 20, heads=4)
+    cache = torch.nan_to_num(cache, nan=0.0)
+    exact = paged_mla_decode_torch(q_lat, q_pe, cache, tables, seq_lens, 64, 0.2)
+    c8 = quantize_latent(cache, 1.0)
+    got = paged_mla_decode_torch(q_lat, q_pe, c8, tables, seq_lens, 64, 0.2, 1.0)
+    rel = (got - exact).norm() / exact.norm()
+    assert rel < 0.1, rel       # e4m3 operands: a few percent
+    assert got[2].abs().max() == 0

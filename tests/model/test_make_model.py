@@ -80,7 +80,7 @@ def test_layer_slice_preset_has_r1_width():
     assert cfg.num_hidden_layers == 3 and cfg.first_k_dense_replace == 1 and cfg.vocab_size == 129280
     assert cfg.kv_cache_dim == 576
     total = sum(torch.Size(s).numel() for _, s, _ in tensor_specs(cfg))
-    # DeepSeek-R1 (engine.md §4): MoE layer 11.507B, dense layer 583.5M, embed 926.7M (x2 with the head)
+    # DeepSeek-R1 (its published config): MoE layer 11.507B, dense layer 583.5M, embed 926.7M (x2 with the head)
     assert abs(total - (2 * 11.507e9 + 583.5e6 + 2 * 926.7e6)) / total < 0.002
 
 

@@ -45,11 +45,11 @@ def make_case(page, seq_lens, heads=5, lat=64, rope=16, table_width=None, dtype=
 
 
 @pytest.mark.parametrize("page", [16, 32, 64])
-@pytest.mark.parametrize("num_splits", [None, 1, 3])
-def test_matches_reference_fp32(page, num_splits):
+@pytest.mark.parametrize("chunk", [None, 128])
+def test_matches_reference_fp32(page, chunk):
     q_lat, q_pe, cache, tables, seq_lens = make_case(page, [0, 1, 2 * page + 3, 3 * page], table_width=5)
-    ref = paged_mla_decode_torch(q_lat, q_pe, cache, tables, seq_lens, 64, 0.25)
-    out = mdt.mla_decode(q_lat, q_pe, cache, tables, seq_lens, 0.25, num_splits=num_splits)
+    ref = paged_mla_decode_torch(q_lat, q_pe, cache, tables, seq_lens, 64, 0.25, chunk=chunk)
+    out = mdt.mla_decode(q_lat, q_pe, cache, tables, seq_lens, 0.25, chunk=chunk)
     assert out.dtype == q_lat.dtype and out.shape == q_lat.shape
     assert torch.isfinite(out).all()
     assert out[0].abs().max() == 0          # seq_len 0: zeros
@@ -62,8 +62,8 @@ def test_matches_reference_bf16_and_odd_dims():
                                                      dtype=torch.bfloat16, seed=3)
     ref32 = paged_mla_decode_torch(q_lat.float(), q_pe.float(), cache.float(), tables, seq_lens, 48, 0.3)
     ref = paged_mla_decode_torch(q_lat, q_pe, cache, tables, seq_lens, 48, 0.3)
-    for splits in (1, 2):
-        out = mdt.mla_decode(q_lat, q_pe, cache, tables, seq_lens, 0.3, num_splits=splits)
+    for chunk in (128, 1024):
+        out = mdt.mla_decode(q_lat, q_pe, cache, tables, seq_lens, 0.3, chunk=chunk)
         assert out.dtype == torch.bfloat16
         err = (out.float() - ref32).abs().max()
         ref_err = (ref.float() - ref32).abs().max()
@@ -73,9 +73,9 @@ def test_matches_reference_bf16_and_odd_dims():
 def test_batch_rows_are_independent():
     """A row's result does not depend on the other rows or on how wide the (graph) block table is."""
     q_lat, q_pe, cache, tables, seq_lens = make_case(16, [40, 0, 17], table_width=8, seed=5)
-    out = mdt.mla_decode(q_lat, q_pe, cache, tables, seq_lens, 0.2, num_splits=2)
-    alone = mdt.mla_decode(q_lat[2:], q_pe[2:], cache, tables[2:, :2], seq_lens[2:], 0.2, num_splits=1)
-    torch.testing.assert_close(out[2:], alone, rtol=1e-5, atol=1e-5)
+    out = mdt.mla_decode(q_lat, q_pe, cache, tables, seq_lens, 0.2, chunk=128)
+    alone = mdt.mla_decode(q_lat[2:], q_pe[2:], cache, tables[2:, :2], seq_lens[2:], 0.2, chunk=128)
+    assert torch.equal(out[2:], alone)   # split schedule from the row's own length: bit-identical
     assert out[1].abs().max() == 0
 
 
@@ -104,12 +104,46 @@ def test_bad_inputs_and_config_name_the_field(monkeypatch):
     assert mdt.DecodeConfig.parse("64,32,8,2") == mdt.DecodeConfig(64, 32, 8, 2)
 
 
-def test_num_splits_is_shape_static_and_bounded():
-    assert mdt.choose_num_splits(128, 2, 2048, 32, 132) == 1          # enough programs: single pass
-    assert mdt.choose_num_splits(1, 2, 4096, 32, 132) == mdt.MAX_SPLITS
-    assert mdt.choose_num_splits(1, 2, 128, 32, 132) == 2              # >= 2 tiles per split
-    assert mdt.choose_num_splits(32, 2, 163840, 32, 132) == 2          # one wave (128 programs), not 1.5
-    assert mdt.choose_num_splits(64, 2, 163840, 32, 132) == 1
+def test_split_schedule_depends_only_on_the_sequence():
+    from wideep.model.attention import MAX_SPLITS, SPLIT_ALIGN, split_plan
+
+    n, per = split_plan(torch.tensor([0, 1, 1024, 1025, 4096, 100000]), 1024)
+    assert n.tolist() == [1, 1, 1, 2, 4, MAX_SPLITS]
+    assert all(p % SPLIT_ALIGN == 0 for p in per.tolist())
+    assert (n * per >= torch.tensor([0, 1, 1024, 1025, 4096, 100000])).all()   # the splits cover the context
+    assert mdt.grid_splits(163840, 1024) == MAX_SPLITS and mdt.grid_splits(512, 1024) == 1
+
+
+def test_kernel_multi_split_and_query_tokens_against_fp32_oracle():
+    """Long ragged contexts over several splits, and 1-4 query tokens per sequence (causal within the
+    new tokens), kernel (both variants) against the fp32 reference."""
+    lens = [300, 0, 129, 517]
+    for nq in (1, 3):
+        q_lat, q_pe, cache, tables, seq_lens = make_case(16, lens, heads=6, table_width=40, seed=11 + nq)
+        g = torch.Generator().manual_seed(nq)
+        ql = torch.randn(len(lens), nq, 6, 64, generator=g).to(q_lat)
+        qp = torch.randn(len(lens), nq, 6, 16, generator=g).to(q_pe)
+        ref = paged_mla_decode_torch(ql, qp, cache, tables, seq_lens, 64, 0.2, chunk=128)
+        for cfg in (mdt.INTERPRET_CONFIG, mdt.DecodeConfig(16, 16, 1, 1, split_v=True)):
+            out = mdt.mla_decode(ql, qp, cache, tables, seq_lens, 0.2, config=cfg, chunk=128)
+            assert out.shape == ql.shape and torch.isfinite(out).all()
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # query token j of 3 sees seq_len - 2 + j tokens: the last one equals a one-token decode
+    one = paged_mla_decode_torch(ql[:, 2], qp[:, 2], cache, tables, seq_lens, 64, 0.2, chunk=128)
+    torch.testing.assert_close(ref[:, 2], one, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_reads_fp8_cache():
+    from wideep.model.attention import quantize_latent
+
+    q_lat, q_pe, cache, tables, seq_lens = make_case(16, [200, 33, 0], heads=4, table_width=16, seed=21)
+    k_scale = 0.5
+    c8 = quantize_latent(torch.nan_to_num(cache, nan=0.0), k_scale)
+    ref = paged_mla_decode_torch(q_lat, q_pe, c8, tables, seq_lens, 64, 0.2, k_scale, chunk=128)
+    assert torch.isfinite(ref).all()
+    for cfg in (mdt.INTERPRET_CONFIG, mdt.DecodeConfig(16, 16, 1, 1, split_v=True)):
+        out = mdt.mla_decode(q_lat, q_pe, c8, tables, seq_lens, 0.2, k_scale, config=cfg, chunk=128)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU runner; on CUDA the engine test below covers the model")
@@ -163,3 +197,23 @@ def test_auto_mode_falls_back_to_reference_when_kernel_cannot_run(monkeypatch):
     monkeypatch.setenv(mdt.BACKEND_ENV, "auto")
     assert torch.equal(mdt.paged_mla_decode_triton(q_lat, q_pe, cache, tables, seq_lens, 64, 0.2), ref)
     assert mdt._broken and not mdt.use_triton(q_lat)
+
+
+def test_config_flags_and_hopper_preference(monkeypatch):
+    from wideep.model.attention import SPLIT_TOKENS_ENV, split_tokens
+
+    cfg = mdt.DecodeConfig.parse("64,64,8,2,sv,f16")
+    assert cfg.split_v and cfg.f16 and mdt.DecodeConfig.parse(str(cfg)) == cfg
+    with pytest.raises(ValueError, match=mdt.CONFIG_ENV):
+        mdt.DecodeConfig.parse("64,64,8,2,fast")
+    monkeypatch.delenv(mdt.CONFIG_ENV, raising=False)
+    bf16 = mdt._candidates(128, False, torch.bfloat16, hopper=True)
+    fp8 = mdt._candidates(128, False, torch.bfloat16, hopper=True, fp8=True)
+    assert bf16[0].split_v and fp8[0].f16
+    assert bf16[-len(mdt.CUDA_CONFIGS_MANY_HEADS):] == mdt.CUDA_CONFIGS_MANY_HEADS   # the present kernel backs it
+    assert not any(c.split_v for c in mdt._candidates(128, False, torch.bfloat16, hopper=False))
+    monkeypatch.setenv(SPLIT_TOKENS_ENV, "1000")
+    with pytest.raises(ValueError, match=SPLIT_TOKENS_ENV):
+        split_tokens()
+    monkeypatch.setenv(SPLIT_TOKENS_ENV, "1024")
+    assert split_tokens() == 1024

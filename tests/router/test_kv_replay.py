@@ -91,7 +91,6 @@ def test_gap_mid_stream_is_filled_by_replay_before_the_live_batch():
     2 and 3 (and 4), skips the live 4 it already has, and the removal in 3 is honoured."""
     base = free_port_range(2)
     pub, scorer, e = setup(base)
-    topic = b"kv@127.0.0.1@m"
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")

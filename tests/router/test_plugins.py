@@ -1,4 +1,4 @@
-"""Every plugin against the formulas of router.md §1-2."""
+"""Every plugin against llm-d's formulas."""
 from __future__ import annotations
 
 import base64

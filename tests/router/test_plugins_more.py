@@ -1,4 +1,4 @@
-"""The plugins added for full wide-ep-lws / precise-routing / S5 coverage, against router.md §1."""
+"""The plugins added for full wide-ep-lws / precise-routing / v0.5 coverage, against llm-d's configs."""
 from __future__ import annotations
 
 import asyncio
@@ -124,7 +124,7 @@ def test_no_hit_lru_in_a_profile_round_robins_cold_traffic():
     assert Counter(picks) == {"e0": 2, "e1": 2, "e2": 2, "e3": 2}
 
 
-# ---- deprecated S5 handlers ----------------------------------------------------------------------
+# ---- deprecated v0.5 handlers ----------------------------------------------------------------------
 S5 = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -230,7 +230,7 @@ def test_rollout_screener_in_director_keeps_both_legs_on_one_revision():
         director.finish(d)
 
 
-# ---- the exact wide-ep-lws config of router.md §1 --------------------------------------------------
+# ---- the exact wide-ep-lws config of llm-d's guide ------------------------------------------------
 WIDE_EP_LWS = """
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig

@@ -47,7 +47,7 @@ def test_precise_scorer_follows_block_stored_and_removed():
 
     def publish(i, events):
         seq[i] += 1
-        pubs[i].send_multipart([f"kv@127.0.0.1@m".encode(), seq[i].to_bytes(8, "big"), batch(events, i)])
+        pubs[i].send_multipart(["kv@127.0.0.1@m".encode(), seq[i].to_bytes(8, "big"), batch(events, i)])
 
     def score():
         req = request(prompt)

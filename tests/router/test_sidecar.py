@@ -1,7 +1,7 @@
 """The routing sidecar against small real aiohttp servers standing in for prefill and decode servers.
 
 The fakes record what they receive so the tests check the exact prefill-leg / decode-leg bodies the
-nixlv2 protocol prescribes (router.md §5). The end-to-end test with real `wideep serve` processes
+nixlv2 protocol prescribes (docs/protocols.md, "P/D disaggregation"). The end-to-end test with real `wideep serve` processes
 lives in test_pd_e2e.py.
 """
 from __future__ import annotations

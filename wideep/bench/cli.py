@@ -44,11 +44,10 @@ def register(subparsers) -> None:
 
 
 def main(args) -> int:
-    from pathlib import Path
 
     from .config import ConfigError, load_workloads
 
-    if getattr(args, "bench_command", None) == "compare":
+    if args.bench_command == "compare":
         from .compare import compare_runs
 
         if len(args.runs) < 2:

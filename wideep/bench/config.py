@@ -1,25 +1,25 @@
 """inference-perf's workload YAML as typed dataclasses, validated strictly.
 
 The same file runs under the real inference-perf and under `wideep bench`, so the field names,
-defaults and strictness (an unknown key is an error) follow inference-perf 0.7.0 (bench.md §1).
+defaults and strictness (an unknown key is an error) follow inference-perf 0.7.0.
 llm-d's run_only.sh templates (`endpoint:/harness:/workload:` sections) are accepted too: each
 entry of `workload:` is one inference-perf config.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
 
+from wideep.errors import ConfigError
+from wideep.typed_config import build, to_plain
 
-class ConfigError(ValueError):
-    """A workload file that cannot run; the message names the offending key."""
+
+__all__ = ["BenchConfig", "ConfigError", "Distribution", "load_workloads", "parse_config"]
 
 
 # ---------------------------------------------------------------- sections
@@ -29,27 +29,32 @@ class Distribution:
     min: int = 10
     max: int = 1024
     mean: float = 512
-    std_dev: float = 200
+    std_dev: Optional[float] = None   # None: sqrt(variance) when variance is given, else 200
     total_count: Optional[int] = None
     type: str = "normal"  # normal | skew_normal | lognormal | uniform | poisson | fixed
     variance: Optional[float] = None
     skew: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.std_dev is None and self.variance is None:
+            self.std_dev = DEFAULT_STD_DEV
+
     def validate(self, where: str) -> None:
         if self.type not in DISTRIBUTION_TYPES:
-            raise ConfigError(f"{where}.type: unknown distribution {self.type!r} (one of {', '.join(DISTRIBUTION_TYPES)})")
+            raise ConfigError(f"{where}.type", f"unknown distribution {self.type!r} (one of {', '.join(DISTRIBUTION_TYPES)})")
         if self.variance is not None:
-            if self.std_dev > 0 and self.std_dev != 200:
-                raise ConfigError(f"{where}: give either std_dev or variance, not both")
+            if self.std_dev is not None:
+                raise ConfigError(where, "give either std_dev or variance, not both")
             if self.variance < 0:
-                raise ConfigError(f"{where}.variance cannot be negative")
+                raise ConfigError(f"{where}.variance", "cannot be negative")
             self.std_dev = self.variance ** 0.5
         if self.min > self.max:
-            raise ConfigError(f"{where}: min ({self.min}) is greater than max ({self.max})")
+            raise ConfigError(where, f"min ({self.min}) is greater than max ({self.max})")
         if self.std_dev < 0:
-            raise ConfigError(f"{where}.std_dev cannot be negative")
+            raise ConfigError(f"{where}.std_dev", "cannot be negative")
 
 
+DEFAULT_STD_DEV = 200.0  # inference-perf's default
 DISTRIBUTION_TYPES = ("normal", "skew_normal", "lognormal", "uniform", "poisson", "fixed")
 
 
@@ -207,7 +212,7 @@ class BenchConfig:
     circuit_breakers: Optional[list] = None
 
     def to_dict(self) -> dict:
-        return _to_plain(self)
+        return to_plain(self)
 
 
 # ---------------------------------------------------------------- loading
@@ -219,64 +224,6 @@ SUPPORTED = {
     "load.sweep.type": ("geometric", "linear"),
 }
 TEMPLATE_SECTIONS = {"endpoint", "control", "harness", "env", "hooks", "workload"}
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Dataclass `cls` from a mapping; every unknown key is an error naming its full path."""
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    aliases = getattr(cls, "ALIASES", {})
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        name = aliases.get(key, key)
-        path = f"{where}.{key}" if where else str(key)
-        if name not in names:
-            raise ConfigError(f"unknown key '{path}' (known keys here: {', '.join(sorted(names))})")
-        kwargs[name] = _coerce(hints[name], value, path)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is Union:
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if int in options and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return int(value)
-        for opt in options:
-            if dataclasses.is_dataclass(opt) and isinstance(value, dict):
-                return _build(opt, value, path)
-        return _coerce(options[0], value, path)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
-        item = args[0] if args else Any
-        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if hint in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        if hint is int and float(value) != int(value):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return hint(value)
-    if hint is str:
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return str(value)
-    if hint is dict and value is not None and not isinstance(value, dict):
-        raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-    return value
 
 
 def _validate(cfg: BenchConfig) -> BenchConfig:
@@ -333,12 +280,12 @@ def _expand_env(text: str) -> str:
 
 def parse_config(data: dict, where: str = "") -> BenchConfig:
     """A validated BenchConfig from one inference-perf config mapping."""
-    cfg = _build(BenchConfig, data, where)
+    cfg = build(BenchConfig, data, where)
     try:
         return _validate(cfg)
     except ConfigError as exc:
         if where:
-            raise ConfigError(f"{where}: {exc}") from None
+            raise ConfigError(f"{where}.{exc.field}" if exc.field else where, exc.message) from None
         raise
 
 
@@ -365,13 +312,3 @@ def load_workloads(path: str | os.PathLike, workload: str | None = None) -> dict
     if workload is not None and workload != name:
         raise ConfigError(f"{path} is a single inference-perf config; --workload {workload!r} does not apply")
     return {name: parse_config(data)}
-
-
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, list):
-        return [_to_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    return obj

@@ -1,4 +1,4 @@
-"""The metric definitions (bench.md "Metric definitions", inference-perf reportgen) in one place.
+"""The metric definitions (docs/protocols.md, "Benchmark compatibility"; inference-perf reportgen) in one place.
 
 - TTFT = first token stamp - start; a token stamp is the arrival time of the chunk that carried it.
 - request_latency = end - start.
@@ -181,7 +181,10 @@ def summarize_requests(records: list[RequestRecord], tok: Optional[BenchTokenize
 
     in_total = float(sum(r.input_tokens for r in ok))
     out_total = float(sum(effective_output_tokens(r, use_server_output_tokens) for r in ok))
-    rate = (lambda x: x / window if window > 0 else 0.0)
+
+    def rate(x: float) -> float:
+        return x / window if window > 0 else 0.0
+
     server_out = [float((r.server_usage or {}).get("completion_tokens", r.output_tokens)) for r in ok]
     cached = float(sum(((r.server_usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0 for r in ok))
     successes = {

@@ -17,10 +17,12 @@ import time
 import urllib.request
 from typing import Optional
 
+from wideep.errors import WideepError
+
 URL_RE = re.compile(r"https?://[\w.\-\[\]:]+(?::\d+)?")
 
 
-class StackError(RuntimeError):
+class StackError(WideepError, RuntimeError):
     pass
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 from pathlib import Path
 
 from .config import ConfigError
+
+from wideep import envs
 
 
 def resolve_tokenizer_dir(name_or_path: str) -> Path:
@@ -19,7 +20,7 @@ def resolve_tokenizer_dir(name_or_path: str) -> Path:
         return p.parent
     if (p / "tokenizer.json").is_file():
         return p
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
+    hub = Path(envs.HF_HUB_CACHE or Path(envs.HF_HOME or Path.home() / ".cache/huggingface") / "hub")
     pattern = str(hub / f"models--{name_or_path.replace('/', '--')}" / "snapshots" / "*" / "tokenizer.json")
     hits = sorted(glob.glob(pattern))
     if hits:

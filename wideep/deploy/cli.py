@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from wideep.errors import UsageExit
+
 
 def register(subparsers) -> None:
     up = subparsers.add_parser(
@@ -21,9 +23,9 @@ def register(subparsers) -> None:
                     help="allocate internal ports upward from here (default: ephemeral free ports)")
     up.add_argument("--router-port", type=int, default=None, help="router HTTP port (default: the spec's, or a free one)")
     up.add_argument("--state-file", default=None,
-                    help="where to write the running stack's layout for `wideep status` (default: .cache/wideep-up.json)")
-    up.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the stack to be healthy")
-    up.add_argument("--max-restarts", type=int, default=10, help="group restarts before `up` gives up (per group)")
+                    help="where to write the running stack's layout for `wideep status` (default: $XDG_CACHE_HOME/wideep/up.json, i.e. ~/.cache/wideep/up.json)")
+    up.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for the stack to be healthy (default: %(default)s)")
+    up.add_argument("--max-restarts", type=int, default=10, help="group restarts before `up` gives up, per group (default: %(default)s)")
     up.add_argument("--log-dir", default=None, help="also write each component's log to DIR/<component>.log")
     up.add_argument("--quiet", action="store_true", help="do not stream component logs (the ready line still prints)")
     up.set_defaults(func=_up)
@@ -38,7 +40,7 @@ def register(subparsers) -> None:
     render.add_argument("--provider", choices=["none", "gke", "coreweave"], default="none",
                         help="RDMA/network patches for the model-server pods")
     render.add_argument("--model-server", choices=["wideep", "vllm"], default="wideep",
-                        help="vllm: the seeds' `vllm serve` command lines behind the wideep router")
+                        help="vllm: llm-d's wide-EP `vllm serve` command lines behind the wideep router")
     render.add_argument("--out", default=None, help="output folder (default: print all objects to stdout)")
     render.set_defaults(func=_render)
 
@@ -47,7 +49,7 @@ def register(subparsers) -> None:
         description="Reads the layout `wideep up` wrote (or the spec's ports on this host, or --url endpoints) "
                     "and scrapes each rank's /health and /metrics.")
     status.add_argument("-f", "--file", dest="spec", default=None, help="spec whose default ports to probe on localhost")
-    status.add_argument("--state-file", default=None, help="layout written by `wideep up` (default: .cache/wideep-up.json)")
+    status.add_argument("--state-file", default=None, help="layout written by `wideep up` (default: $XDG_CACHE_HOME/wideep/up.json, i.e. ~/.cache/wideep/up.json)")
     status.add_argument("--url", action="append", default=[], help="a rank's base URL (repeatable)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(func=_status)
@@ -59,11 +61,11 @@ def _load(spec_path: str | None):
 
     path = Path(spec_path) if spec_path else default_spec_path()
     if not path.is_file():
-        raise SystemExit(f"wideep: spec file {path} does not exist")
+        raise UsageExit(f"wideep: spec file {path} does not exist")
     try:
         return load_spec(path), path
     except SpecError as exc:
-        raise SystemExit(f"wideep: invalid spec {path}: {exc}") from None
+        raise UsageExit(f"wideep: invalid spec {path}: {exc}") from None
 
 
 def _render(args: argparse.Namespace) -> int:
@@ -76,7 +78,7 @@ def _render(args: argparse.Namespace) -> int:
         files = render_bundle(spec, target=args.target, provider=args.provider, model_server=args.model_server,
                               base_dir=path.parent)
     except SpecError as exc:
-        raise SystemExit(f"wideep: invalid spec {path}: {exc}") from None
+        raise UsageExit(f"wideep: invalid spec {path}: {exc}") from None
     if args.out:
         written = write_bundle(files, Path(args.out))
         for p in written:
@@ -93,7 +95,7 @@ def _up(args: argparse.Namespace) -> int:
     spec, path = _load(args.spec)
     return run_up(spec, spec_dir=path.parent, port_base=args.port_base, router_port=args.router_port,
                   state_file=args.state_file, ready_timeout=args.ready_timeout, max_restarts=args.max_restarts,
-                  log_dir=args.log_dir, quiet=args.quiet, embedded=args.spec is None)
+                  log_dir=args.log_dir, quiet=args.quiet)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -63,7 +63,7 @@ def serve_argv(spec: DeploySpec, role: RoleSpec, layout: RankLayout, *, executab
 
 
 def vllm_serve_argv(spec: DeploySpec, role: RoleSpec, layout: RankLayout) -> list[Word]:
-    """The seeds' `vllm serve` line (llm-d wide-ep-lws G2, multi-port external LB) for one node."""
+    """llm-d's wide-ep-lws `vllm serve` line (multi-port external LB) for one node."""
     argv: list[Word] = ["vllm", "serve", spec.model.path,
                         "--served-model-name", spec.model.name,
                         "--port", layout.port,
@@ -126,7 +126,7 @@ def router_argv(spec: DeploySpec, *, config_path: str, port: int | None, grpc_po
 
 
 def shell_join(argv: list[Word], indent: str = "  ") -> str:
-    """One flag per line, quoted except for `Raw` words, so a rendered script reads like the seeds'."""
+    """One flag per line, quoted except for `Raw` words, so a rendered script reads like llm-d's guides."""
     lines: list[str] = []
     cur: list[str] = []
     for w in argv:

@@ -25,6 +25,7 @@ from typing import IO
 
 import yaml
 
+from wideep import envs
 from wideep.deploy.plan import GroupPlan, ProcPlan, StackPlan, plan_stack, wideep_executable
 from wideep.deploy.ports import PortAllocator
 from wideep.deploy.router_config import router_config_text
@@ -39,8 +40,18 @@ BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0                # a group up this long has its backoff reset
 
 
+def cli_command() -> str:
+    """How a user runs `wideep` from a shell: the bare name when it is this interpreter's, on PATH;
+    else the venv's script by path (scripts/up.sh does not activate the venv)."""
+    script = Path(sys.executable).parent / "wideep"
+    found = shutil.which("wideep")
+    if found and Path(found).resolve() == script.resolve():
+        return "wideep"
+    return str(script) if script.exists() else f"{sys.executable} -m wideep"
+
+
 def default_state_file() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "wideep" / "up.json"
+    return Path(envs.XDG_CACHE_HOME or Path.home() / ".cache") / "wideep" / "up.json"
 
 
 class GroupFailed(Exception):
@@ -342,7 +353,7 @@ class Launcher:
                           + (f" over {role.nodes} nodes" if role.nodes > 1 else "")
                           for name, role in self.spec.roles())
         return (f"ready at {self.plan.router_url} (router) model={self.spec.model.name} {roles}; "
-                f"`wideep status --state-file {self.state_file}` shows every rank")
+                f"`{cli_command()} status --state-file {self.state_file}` shows every rank")
 
     async def shutdown(self) -> None:
         self.say("stopping")
@@ -368,7 +379,7 @@ def ensure_model(spec: DeploySpec, out: IO[str]) -> None:
 
 def run_up(spec: DeploySpec, *, spec_dir: Path, port_base: int | None = None, router_port: int | None = None,
            state_file: str | None = None, ready_timeout: float = 900.0, max_restarts: int = 10,
-           log_dir: str | None = None, quiet: bool = False, embedded: bool = False) -> int:
+           log_dir: str | None = None, quiet: bool = False) -> int:
     out = sys.stdout
     try:
         ensure_model(spec, out)

@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from wideep.errors import ConfigError
+from wideep.typed_config import build, coerce
+
 MAX_TARGET_PORTS = 8  # InferencePool v1 targetPorts maxItems (GAIE >= v1.1)
 
 
-class SpecError(ValueError):
-    """A deployment spec field is wrong; `field` is its dotted path."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+# A deployment spec field is wrong; `field` is its dotted path (the one ConfigError of wideep.errors).
+SpecError = ConfigError
 
 
 @dataclass
@@ -38,7 +36,7 @@ class ModelSpec:
 @dataclass
 class ResourcesSpec:
     gpus: int | None = None            # per pod; None = data-parallel ranks per node (GPU accelerators)
-    cpu: str | None = None             # requests only (the seeds leave CPU unlimited)
+    cpu: str | None = None             # requests only (llm-d's guides leave CPU unlimited)
     memory: str | None = None
     ephemeral_storage: str | None = None
     shm: str = "2Gi"                   # /dev/shm emptyDir size (DeepEP/NCCL need it)
@@ -115,7 +113,7 @@ class ClusterSpec:
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     node_selector: dict[str, str] = field(default_factory=dict)
     rdma_nics: int | None = None       # provider patches; None = GPUs per pod
-    startup_budget_s: int = 2700       # startupProbe failureThreshold x 1 s (45 min, as the seeds)
+    startup_budget_s: int = 2700       # startupProbe failureThreshold x 1 s (45 min, as llm-d's guides)
 
 
 @dataclass
@@ -157,83 +155,12 @@ def load_spec(path: str | Path) -> DeploySpec:
 
 
 def spec_from_dict(data: Any) -> DeploySpec:
-    spec = _build(DeploySpec, data, "")
+    if isinstance(data, dict) and "decode" in data and isinstance(data["decode"], (dict, type(None))):
+        # decode's own defaults for a partial `decode:` section (its server sits behind the sidecar)
+        data = {**data, "decode": {"port": 8200, "supervisor_port": 8208, **(data["decode"] or {})}}
+    spec = build(DeploySpec, data, "")
     validate(spec)
     return spec
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise SpecError(where or "<root>", f"expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in fields:
-            raise SpecError(path, f"unknown field (known: {', '.join(sorted(fields))})")
-        kwargs[key] = _coerce(hints[key], value, path)
-    obj = cls(**kwargs)
-    return obj
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if tp is RoleSpec and path == "decode":
-            base = {"port": 8200, "supervisor_port": 8208}
-            value = {**base, **(value or {})}
-        return _build(tp, value, path)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value, path)
-            except SpecError as exc:
-                errors.append(str(exc))
-        raise SpecError(path, f"{value!r} does not fit ({'; '.join(errors)})")
-    if origin is Literal:
-        if value not in args:
-            raise SpecError(path, f"{value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise SpecError(path, f"expected a mapping, got {type(value).__name__}")
-        if args and args[1] is str:
-            return {str(k): _scalar_str(v, f"{path}.{k}") for k, v in value.items()}
-        return {str(k): v for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list):
-            raise SpecError(path, f"expected a list, got {type(value).__name__}")
-        return list(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise SpecError(path, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(path, f"expected an integer, got {value!r}")
-        return value
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise SpecError(path, f"expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _scalar_str(v: Any, path: str) -> str:
-    if isinstance(v, (dict, list)) or v is None:
-        raise SpecError(path, f"expected a scalar value, got {v!r}")
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return str(v)
 
 
 # -------------------------------------------------------------------------------- validation
@@ -242,10 +169,19 @@ def engine_arg_names() -> set[str]:
     """Keys `engine_args` may use: the EngineArgs fields (vLLM names), which `wideep serve` accepts."""
     from wideep.engine.config import EngineArgs
 
-    managed = {"model", "served_model_name", "data_parallel_size", "data_parallel_rank",
-               "data_parallel_size_local", "data_parallel_start_rank", "data_parallel_address",
-               "data_parallel_rpc_port", "enable_expert_parallel", "all2all_backend", "kv_transfer_config"}
-    return {f.name for f in dataclasses.fields(EngineArgs)} - managed
+    return {f.name for f in dataclasses.fields(EngineArgs) if "help" in f.metadata} - MANAGED_ENGINE_ARGS
+
+
+def engine_arg_types() -> dict[str, Any]:
+    from wideep.engine.config import EngineArgs
+
+    return typing.get_type_hints(EngineArgs)
+
+
+# set through the role's own fields (layout, ports, backend, P/D role), never through engine_args
+MANAGED_ENGINE_ARGS = {"model", "served_model_name", "data_parallel_size", "data_parallel_rank",
+                       "data_parallel_size_local", "data_parallel_start_rank", "data_parallel_address",
+                       "data_parallel_rpc_port", "enable_expert_parallel", "all2all_backend", "kv_transfer_config"}
 
 
 def validate(spec: DeploySpec) -> None:
@@ -259,6 +195,7 @@ def validate(spec: DeploySpec) -> None:
     if not spec.model.path:
         raise SpecError("model.path", "must name a model directory or a Hugging Face id")
     allowed_args = engine_arg_names()
+    arg_types = engine_arg_types()
     for role_name, role in spec.roles():
         if role.replicas < 0:
             raise SpecError(f"{role_name}.replicas", f"must be >= 0, got {role.replicas}")
@@ -288,8 +225,7 @@ def validate(spec: DeploySpec) -> None:
                 raise SpecError(f"{role_name}.engine_args.{key}",
                                 "not a `wideep serve` engine argument (set it through the role's own fields, or "
                                 "put vLLM-only flags in vllm_args)")
-            if name == "kv_events_config" and not isinstance(value, dict):
-                raise SpecError(f"{role_name}.engine_args.{key}", "must be a mapping")
+            coerce(arg_types[name], value, f"{role_name}.engine_args.{key}")  # the type `wideep serve` needs
     d = spec.decode
     if d.sidecar_port in range(d.port, d.port + d.dp_per_node) or \
             d.port in range(d.sidecar_port, d.sidecar_port + d.dp_per_node):

@@ -123,7 +123,7 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    # NixlConnector-compatible P/D parameters (engine.md §3); None for a plain request.
+    # NixlConnector-compatible P/D parameters (docs/protocols.md, "P/D disaggregation"); None for a plain request.
     kv_transfer_params: dict[str, Any] | None = None
     arrival_time: float = field(default_factory=time.time)
 
@@ -190,7 +190,7 @@ class EngineStats:
 
 
 # KV cache events, recorded by the block manager in the order they happen and published by the
-# engine process over ZMQ in vLLM's format (engine.md §3, router.md §2).
+# engine process over ZMQ in vLLM's format (docs/protocols.md, "KV events").
 @dataclass
 class BlockStored:
     block_hashes: list[int]

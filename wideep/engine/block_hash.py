@@ -1,4 +1,5 @@
-"""Chained prefix-block hashes over token ids. Torch-free so the router can compute the same keys.
+"""Chained prefix-block hashes over token ids: the engine's prefix-cache keys, which KV events carry.
+The router does not compute these; it keys blocks its own way (docs/protocols.md, "Prefix block keys").
 
 hash(block i) = xxh3_64(parent_hash as 8 bytes big-endian || token ids as little-endian uint32),
 with parent_hash = 0 for the first block. Only full blocks are hashed. The result is an unsigned

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from wideep.errors import UsageExit
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="offline completions with the in-process engine")
@@ -18,6 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (model dtype), bfloat16, fp8 or fp8_e4m3")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -39,8 +42,9 @@ def _run(args: argparse.Namespace) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     except InvalidRequest as exc:
-        raise SystemExit(f"wideep generate: --{exc.param.replace('_', '-')}: {exc}")
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+        raise UsageExit(f"wideep generate: --{exc.param.replace('_', '-')}: {exc}")
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+              block_size=args.block_size,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
@@ -53,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         outputs = llm.generate(prompts, params)
     except InvalidRequest as exc:
-        raise SystemExit(f"wideep generate: {exc}")
+        raise UsageExit(f"wideep generate: {exc}")
     dt = time.perf_counter() - t0
     for prompt, out in zip(args.prompt, outputs):
         print(f"--- prompt: {prompt!r}")

@@ -20,12 +20,15 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
+from wideep.errors import WideepError
 from wideep.engine.api import EngineRequest, EngineStats, InvalidRequest, RequestOutput
 from wideep.engine.config import EngineArgs
-from wideep.engine.proc import pack, run_engine_process, unpack
+from wideep.engine.proc import run_engine_process
+from wideep.engine.wire import (Abort, Add, Fatal, Outputs, Ready, Rejected, ResetPrefixCache, Shutdown, Stats,
+                                StatsRequest, decode_from_engine, encode)
 
 
-class EngineDeadError(RuntimeError):
+class EngineDeadError(WideepError, RuntimeError):
     """The engine process is gone; requests in flight cannot finish."""
 
 
@@ -89,7 +92,7 @@ class AsyncEngineClient:
     async def shutdown(self, timeout: float = 10.0) -> None:
         if self.is_alive():
             try:
-                await self.inp.send(pack({"type": "shutdown"}))
+                await self.inp.send(encode(Shutdown()))
             except zmq.ZMQError:
                 pass
         if self.process is not None:
@@ -122,7 +125,7 @@ class AsyncEngineClient:
         self._streams[rid] = stream
         finished = False
         try:
-            await self.inp.send(pack({"type": "add", "request": request.to_dict()}))
+            await self.inp.send(encode(Add(request)))
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -135,13 +138,13 @@ class AsyncEngineClient:
             self._streams.pop(rid, None)
             if not finished and self.is_alive():  # the caller went away (disconnect, cancel): free its blocks
                 try:
-                    await self.inp.send(pack({"type": "abort", "request_ids": [rid]}))
+                    await self.inp.send(encode(Abort([rid])))
                 except zmq.ZMQError:
                     pass
 
     async def abort(self, request_id: str) -> None:
         if self.is_alive():
-            await self.inp.send(pack({"type": "abort", "request_ids": [request_id]}))
+            await self.inp.send(encode(Abort([request_id])))
 
     async def stats(self, timeout: float = 5.0) -> EngineStats:
         """Fresh stats from the engine (answered between steps); the last known ones if it is slow or dead."""
@@ -149,7 +152,7 @@ class AsyncEngineClient:
             return self.latest_stats
         fut = asyncio.get_running_loop().create_future()
         self._stats_waiters.append(fut)
-        await self.inp.send(pack({"type": "stats"}))
+        await self.inp.send(encode(StatsRequest()))
         try:
             return await asyncio.wait_for(fut, timeout)
         except (asyncio.TimeoutError, EngineDeadError):
@@ -158,35 +161,34 @@ class AsyncEngineClient:
             return self.latest_stats
 
     async def reset_prefix_cache(self) -> None:
-        await self.inp.send(pack({"type": "reset_prefix_cache"}))
+        await self.inp.send(encode(ResetPrefixCache()))
 
     # ---- background tasks ------------------------------------------------------------------------
     async def _read_loop(self) -> None:
         while True:
-            msg = unpack(await self.outp.recv())
-            kind = msg.get("type")
-            if kind == "outputs":
-                if msg.get("stats"):
-                    self.latest_stats = EngineStats.from_dict(msg["stats"])
-                for d in msg["outputs"]:
-                    stream = self._streams.get(d["request_id"])
+            msg = decode_from_engine(await self.outp.recv())
+            if isinstance(msg, Outputs):
+                if msg.stats is not None:
+                    self.latest_stats = msg.stats
+                for out in msg.outputs:
+                    stream = self._streams.get(out.request_id)
                     if stream is not None:
-                        stream.queue.put_nowait(RequestOutput.from_dict(d))
-            elif kind == "error":
-                stream = self._streams.get(msg["request_id"])
+                        stream.queue.put_nowait(out)
+            elif isinstance(msg, Rejected):
+                stream = self._streams.get(msg.request_id)
                 if stream is not None:
-                    stream.queue.put_nowait(InvalidRequest(msg["message"], msg.get("param")))
-            elif kind == "stats":
-                self.latest_stats = EngineStats.from_dict(msg["stats"])
+                    stream.queue.put_nowait(InvalidRequest(msg.message, msg.param))
+            elif isinstance(msg, Stats):
+                self.latest_stats = msg.stats
                 waiters, self._stats_waiters = self._stats_waiters, []
                 for f in waiters:
                     if not f.done():
                         f.set_result(self.latest_stats)
-            elif kind == "ready":
-                self.info = msg["info"]
+            elif isinstance(msg, Ready):
+                self.info = msg.info
                 self._ready.set()
-            elif kind == "fatal":
-                self._mark_dead(msg.get("message", "engine failed"))
+            elif isinstance(msg, Fatal):
+                self._mark_dead(msg.message)
 
     async def _watch_process(self) -> None:
         loop = asyncio.get_running_loop()
@@ -197,6 +199,11 @@ class AsyncEngineClient:
         finally:
             loop.remove_reader(self.process.sentinel)
         self._mark_dead(f"engine process {self.process.pid} exited with code {self.process.exitcode}")
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the engine is gone (None while it is alive)."""
+        return self._dead
 
     def _mark_dead(self, why: str) -> None:
         if self._dead:

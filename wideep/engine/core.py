@@ -3,6 +3,10 @@
 A step = schedule (scheduler.py) -> forward + sample (model_runner.py) -> update and report
 (scheduler.py). `schedule()` and `execute()` are also exposed separately so a DP-lockstep loop can
 agree on the step's shape across ranks between the two (pad decode batches, run dummy batches).
+
+With `async_scheduling` (vLLM's flag), `execute` launches step n and then applies step n-1's result:
+the host schedules and prepares step n+1 while the device runs step n, and a step's tokens are
+reported one step late. An empty schedule (nothing left to launch) applies the step in flight.
 """
 from __future__ import annotations
 
@@ -19,14 +23,9 @@ from wideep.engine.config import EngineArgs
 from wideep.engine.kv_cache import bytes_per_block, kv_cache_budget, num_blocks_for_budget
 from wideep.engine.request import Request
 from wideep.engine.scheduler import Scheduler, SchedulerConnector, SchedulerOutput
+from wideep.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -85,18 +84,20 @@ class EngineCore:
             from wideep.kv_transfer.connector import make_connector
             connector = make_connector(args)
         self.connector = connector
-        if connector is not None and hasattr(connector, "register_kv_caches"):
+        if connector is not None:
             connector.register_kv_caches(self.runner.kv_caches)
         self.block_manager = BlockManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
         self.grammar_engine = None   # structured.GrammarEngine, built on the first constrained request
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.max_model_len, connector)
+        self.async_scheduling = bool(args.async_scheduling)
+        self._inflight = None   # (SchedulerOutput, PendingTokens) of the launched, unapplied step
         log.info("engine ready in %.1fs: %d KV blocks of %d tokens, max_model_len %d, device %s",
                  time.perf_counter() - t0, self.num_blocks, args.block_size, self.max_model_len, self.device)
 
     def _size_kv_cache(self) -> int:
         per_block = bytes_per_block(self.model.num_layers, self.args.block_size, self.model.kv_cache_dim,
-                                    self.runner.dtype)
+                                    self.runner.kv_dtype)
         peak = 0
         if self.device.type == "cuda" and not self.args.kv_cache_memory_bytes:
             # Profile the largest prefill (no cache yet: a one-block scratch cache, nothing written).
@@ -179,15 +180,25 @@ class EngineCore:
         return self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- stepping --------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         return self.scheduler.schedule()
 
-    def execute(self, out: SchedulerOutput, pad_to: int | None = None, use_graphs: bool = True) -> list[RequestOutput]:
-        sampled = self.runner.execute(out, pad_to, use_graphs) if not out.is_empty else []
-        return self.scheduler.update(out, sampled)
+    def execute(self, out: SchedulerOutput, pad_to: int | None = None, use_graphs: bool = True,
+                dbo_group: tuple[int, bool] | None = None) -> list[RequestOutput]:
+        launched = (out, self.runner.launch(out, pad_to, use_graphs, dbo_group) if not out.is_empty else None)
+        prev, self._inflight = self._inflight, launched
+        outputs = self._apply(prev) if prev is not None else []
+        if not self.async_scheduling or out.is_empty:
+            outputs += self._apply(launched)
+            self._inflight = None
+        return outputs
+
+    def _apply(self, launched) -> list[RequestOutput]:
+        out, pending = launched
+        return self.scheduler.update(out, pending.result() if pending is not None else [])
 
     def step(self) -> list[RequestOutput]:
         return self.execute(self.schedule())
@@ -196,17 +207,18 @@ class EngineCore:
         """Batch sizes with a captured decode graph ([] = eager only)."""
         return sorted(self.runner.graphs)
 
-    def execute_dummy_batch(self, num_tokens: int = 1, decode: bool = True, use_graphs: bool = True) -> None:
+    def execute_dummy_batch(self, num_tokens: int = 1, decode: bool = True, use_graphs: bool = True,
+                            dbo_group: tuple[int, bool] | None = None) -> None:
         """A forward over dummy tokens that writes nothing to the cache (DP lockstep: ranks without
         work still join every MoE collective)."""
-        self.runner.dummy_run(num_tokens, decode=decode, use_graphs=use_graphs)
+        self.runner.dummy_run(num_tokens, decode=decode, use_graphs=use_graphs, dbo_group=dbo_group)
 
     # ---- P/D KV transfer (kv_transfer/) ----------------------------------------------------------
     def kv_transfer_wait_s(self) -> float | None:
         """While KV transfers are all this rank waits on (held producer blocks, consumer pulls in
         flight), how long the loop may block on input before polling them; None otherwise."""
         s = self.scheduler
-        if self.connector is None or s.running or s.waiting or s.finished_outputs:
+        if self.connector is None or s.running or s.waiting or s.finished_outputs or self._inflight is not None:
             return None
         if s.waiting_for_kv:
             return 0.002

@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 from typing import Any, Sequence
+
+from wideep.errors import WideepError
+from wideep import envs
+from wideep.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +43,11 @@ def build_ep_core(args, pcfg, group, coordinator=None):
         return phy2log[position[layer], lo:lo + per].tolist()
 
     # the configured backend for prefill/mixed steps, a capturable one for CUDA-graph decode
-    dispatcher = make_graph_mode_dispatcher(pcfg.all2all_backend, n_phy, ep_rank=pcfg.ep_rank,
-                                            ep_size=pcfg.ep_size, group=group.group, agree_group=group.cpu_group)
     device = group.device
+    decode_mode = None if _eager_only(args) else "CUDA graph" if device.type == "cuda" else "static-shape"
+    dispatcher = make_graph_mode_dispatcher(pcfg.all2all_backend, n_phy, ep_rank=pcfg.ep_rank,
+                                            ep_size=pcfg.ep_size, group=group.group, agree_group=group.cpu_group,
+                                            decode_mode=decode_mode)
     dtype = resolve_dtype(args.dtype, device)
     model = load_model(args.model, device, dtype, dispatcher=dispatcher, ep_rank=pcfg.ep_rank,
                        ep_size=pcfg.ep_size, local_expert_ids=local_expert_ids)
@@ -83,7 +88,7 @@ def static_decode_sizes_from_env() -> list[int]:
     """$WIDEEP_STATIC_DECODE_SIZES="1,2,4": on CPU (gloo cannot be captured, so no CUDA graphs) run
     decode through the graph path anyway, with eager stand-ins of those sizes: the same per-step
     agreement, padding, static-shape dispatch and dummy replays as CUDA graphs on GPU."""
-    raw = os.environ.get(STATIC_DECODE_ENV, "")
+    raw = envs.WIDEEP_STATIC_DECODE_SIZES
     try:
         return sorted({int(x) for x in raw.split(",") if x.strip()})
     except ValueError:
@@ -118,17 +123,12 @@ def _eager_only(args) -> bool:
     """CPU ranks talk over gloo, which CUDA graphs cannot capture: eager there, graphs on CUDA."""
     if args.enforce_eager:
         return True
-    if args.device == "auto":
-        import torch
-        on_cuda = torch.cuda.is_available()
-    else:
-        on_cuda = str(args.device).startswith("cuda")
+    on_cuda = resolve_device(args.device).type == "cuda"
     return not on_cuda and not static_decode_sizes_from_env()   # the CPU stand-ins are an explicit opt-in
 
 
 def run_dp_engine_process(args_dict: dict, input_addr: str, output_addr: str, ready=None) -> None:
     """Engine process of one DP rank (spawned; args carry data_parallel_rank and the group address)."""
-    import torch
 
     from wideep.engine.config import EngineArgs
     from wideep.engine.proc import run_engine_process
@@ -138,10 +138,6 @@ def run_dp_engine_process(args_dict: dict, input_addr: str, output_addr: str, re
 
     args = EngineArgs.from_dict(args_dict)
     pcfg = ParallelConfig.from_engine_args(args)
-    threads = os.environ.get("WIDEEP_THREADS_PER_RANK")
-    if threads or not torch.cuda.is_available():
-        # CPU ranks share the host's cores: do not let each one spawn a thread per core
-        torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // pcfg.data_parallel_size_local))
     coordinator = DPLockstepCoordinator(dp_address=pcfg.data_parallel_address)
 
     built: dict[str, Any] = {}
@@ -160,7 +156,7 @@ def run_dp_engine_process(args_dict: dict, input_addr: str, output_addr: str, re
         destroy_ep_group(timeout_s=5)
 
 
-class DPRunError(RuntimeError):
+class DPRunError(WideepError, RuntimeError):
     """A multi-rank run failed: a rank died, raised or the run timed out. The message names the ranks."""
 
 

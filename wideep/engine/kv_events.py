@@ -1,7 +1,7 @@
 """KV cache events over ZMQ in vLLM's wire format, so llm-d's precise-prefix scorer can follow our cache.
 
 The engine process publishes what its block manager stored and evicted (api.py's BlockStored,
-BlockRemoved, AllBlocksCleared). Wire format (engine.md §3, router.md §2):
+BlockRemoved, AllBlocksCleared). Wire format (docs/protocols.md, "KV events"):
 
 * PUB socket, three frames per message: ``[topic, seq (8-byte big-endian), payload]``.
 * payload = msgpack ``EventBatch`` as an array: ``[ts, events, data_parallel_rank]``; each event is
@@ -17,7 +17,6 @@ Sending happens on a background thread so a slow subscriber or replay never stal
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import re
@@ -25,11 +24,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import msgpack
 
 from wideep.engine.api import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from wideep.errors import ConfigError
+from wideep.typed_config import build
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class KVEventsConfig:
     """vLLM's --kv-events-config (vllm/config/kv_events.py), same keys and defaults."""
 
     enable_kv_cache_events: bool = False
-    publisher: str = "zmq"                 # "zmq" or "null"
+    publisher: Literal["zmq", "null"] = "zmq"
     endpoint: str = "tcp://*:5557"
     replay_endpoint: str | None = None
     buffer_steps: int = 10_000
@@ -54,19 +55,11 @@ class KVEventsConfig:
     def from_dict(cls, d: dict[str, Any] | None) -> "KVEventsConfig":
         if d is None:
             return cls()
-        if not isinstance(d, dict):
-            raise ValueError(f"kv_events_config must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"kv_events_config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        cfg = cls(**d)
-        if cfg.publisher not in ("zmq", "null"):
-            raise ValueError(f"kv_events_config.publisher must be 'zmq' or 'null', got {cfg.publisher!r}")
+        cfg = build(cls, d, "kv_events_config")
         for name in ("buffer_steps", "hwm", "max_queue_size"):
             v = getattr(cfg, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"kv_events_config.{name} must be a positive integer, got {v!r}")
+            if v < 1:
+                raise ConfigError(f"kv_events_config.{name}", f"must be a positive integer, got {v!r}")
         return cfg
 
     @property

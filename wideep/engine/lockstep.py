@@ -23,21 +23,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wideep import envs
+from wideep.engine.proc import StepCoordinator, StepDecision
 from wideep.parallel.dist import EPGroup, EPGroupError
+from wideep.model.ubatch import DBOConfig
 from wideep.parallel.step_shape import StepProposal, StepShape, decide_shape
 
 log = logging.getLogger(__name__)
 
-from wideep.engine.proc import StepCoordinator, StepDecision
-
 
 def _advertised_host(dp_address: str) -> tuple[str, str]:
     """(bind address, address peers dial) for the wake socket."""
-    import os
 
     if dp_address in ("127.0.0.1", "localhost", "::1"):
         return "127.0.0.1", "127.0.0.1"
-    host = os.environ.get("WIDEEP_HOST_IP") or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST") or \
+    host = envs.WIDEEP_HOST_IP or envs.VLLM_NIXL_SIDE_CHANNEL_HOST or \
         socket.gethostbyname(socket.gethostname())
     return "0.0.0.0", host
 
@@ -58,6 +58,7 @@ class DPLockstepCoordinator(StepCoordinator):
         self.dummy_steps = 0
         self.graph_steps = 0         # lockstep forwards that replayed a CUDA graph (all ranks agreed)
         self.eager_steps = 0
+        self.split_steps = 0        # lockstep forwards run as two micro-batches (dual-batch overlap)
         self.graph_size_steps: dict[int, int] = {}
         # loop-iteration wall time (agreement + forward + sampling + output) per kind of lockstep step
         self.step_time_s: dict[str, list[float]] = {"decode_graph": [0.0, 0], "decode_eager": [0.0, 0],
@@ -103,7 +104,7 @@ class DPLockstepCoordinator(StepCoordinator):
     def summary(self) -> dict[str, Any]:
         """Step counts of this rank's lockstep (how many forwards replayed which graph, how many ran eager)."""
         return {"rank": self.group.rank if self.group is not None else 0, "steps": self.steps,
-                "dummy_steps": self.dummy_steps, "graph_steps": self.graph_steps, "eager_steps": self.eager_steps,
+                "dummy_steps": self.dummy_steps, "graph_steps": self.graph_steps, "eager_steps": self.eager_steps, "split_steps": self.split_steps,
                 "graph_sizes": {str(k): v for k, v in sorted(self.graph_size_steps.items())},
                 "step_ms": {k: {"count": int(n), "mean": (t / n * 1e3) if n else None}
                             for k, (t, n) in self.step_time_s.items()}}
@@ -153,6 +154,11 @@ class DPLockstepCoordinator(StepCoordinator):
             self.wave += 1
             return StepDecision(run_step=False)
         self.last_shape = shape
+        # dual-batch overlap: every rank splits the same steps (model/ubatch.py)
+        dbo_group = (max(shape.max_tokens, self.dummy_tokens), shape.decode_only)
+        dbo = DBOConfig.from_args(core.args)
+        self.split_steps += int(dbo.should_split(*dbo_group) if shape.eager
+                                else dbo.should_split(shape.graph_size, True))
         if shape.eager:
             pad_to, dummy_tokens = None, self.dummy_tokens
             self.eager_steps += 1
@@ -174,7 +180,7 @@ class DPLockstepCoordinator(StepCoordinator):
         self.dummy_steps += int(dummy)
         # min cudagraph mode wins: one eager rank makes the step eager everywhere
         return StepDecision(run_step=scheduled is not None, pad_to=pad_to, dummy_batch=dummy_tokens,
-                            use_graphs=not shape.eager)
+                            use_graphs=not shape.eager, dbo_group=dbo_group)
 
     def leave_wave(self, core, timeout_s: float = 10.0) -> None:
         """On shutdown in the middle of a wave: keep joining the group's forwards with dummy batches
@@ -188,7 +194,7 @@ class DPLockstepCoordinator(StepCoordinator):
             while self.running and time.monotonic() < deadline:
                 d = self.decide(core, None)
                 if d.dummy_batch:
-                    core.execute_dummy_batch(d.dummy_batch, use_graphs=d.use_graphs)
+                    core.execute_dummy_batch(d.dummy_batch, use_graphs=d.use_graphs, dbo_group=d.dbo_group)
         except Exception as exc:  # noqa: BLE001 - a peer already left: nothing to wait for
             log.info("rank %d left the wave at shutdown: %s", self.group.rank, str(exc).splitlines()[0][:200])
 
@@ -263,9 +269,8 @@ class DPLockstepCoordinator(StepCoordinator):
 def _append_report(info: dict[str, Any]) -> None:
     """WIDEEP_LOCKSTEP_REPORT=<path>: one JSON line per rank at shutdown (observability for tests and runs)."""
     import json
-    import os
 
-    path = os.environ.get("WIDEEP_LOCKSTEP_REPORT")
+    path = envs.WIDEEP_LOCKSTEP_REPORT
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(info) + "\n")

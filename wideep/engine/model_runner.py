@@ -3,10 +3,13 @@
 Decode-only batches on CUDA replay a CUDA graph captured for the next larger size in
 `cuda_graph_sizes` (static input buffers, padding rows have slot -1 and seq_len 0); prefill and
 mixed batches run eagerly. The graph's block table is `max_model_len / block_size` wide.
+
+`launch` queues a step and returns a `PendingTokens` without waiting for the device (async
+scheduling): a decode whose input token is the previous step's sample (still on the device) reads
+it from that step's output tensor, so the host never waits for it before preparing the next step.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +21,8 @@ from wideep.engine.config import EngineArgs
 from wideep.engine.kv_cache import allocate_kv_caches
 from wideep.engine.sampler import Sampler, logprob_entries
 from wideep.engine.scheduler import SchedulerOutput
-from wideep.model.attention import AttentionMetadata
+from wideep.model.attention import AttentionMetadata, resolve_kv_cache_dtype
+from wideep.model.ubatch import DBOConfig, forward_dual_batch
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,29 @@ class _Graph:
     hidden: torch.Tensor
 
 
+class PendingTokens:
+    """The sampled tokens of a launched step; `result()` waits for them (a device -> pinned host copy)."""
+
+    def __init__(self, tokens: torch.Tensor | None, runner: "ModelRunner"):
+        self._runner = runner
+        self._event = None
+        self._host = tokens
+        if tokens is not None and tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> list[int]:
+        if self._host is None:
+            return []
+        if self._event is not None:
+            t0 = time.perf_counter()
+            self._event.synchronize()
+            self._runner.wait_s += time.perf_counter() - t0
+        return self._host.tolist()
+
+
 class ModelRunner:
     def __init__(self, model, args: EngineArgs, device: torch.device, max_model_len: int):
         self.model = model
@@ -43,18 +70,24 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.dtype = next(model.parameters()).dtype
+        self.kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.sampler = Sampler(device, args.seed)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: dict[int, _Graph] = {}
         self.graph_pool = None
         # EP: the dispatcher's graph_mode(size) context (static shapes, `size` tokens per rank) wraps
-        # every capture and replay of a graph of that size (parallel/graph_dispatch.py).
-        self._graph_dispatch = getattr(getattr(model, "dispatcher", None), "graph_mode", None)
+        # every capture and replay of a graph of that size (a no-op for single-rank dispatchers).
+        # the last launched step's samples on the device, and the row of each request in them
+        self._last_tokens: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
+        self.wait_s = 0.0   # host time spent waiting for sampled tokens (benchmarks: host time per step)
+        self.dbo = DBOConfig.from_args(args)
+        self.split_steps = 0    # forwards run as two micro-batches (eager; graphs count at capture)
 
     # ---- KV cache ----------------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.model.num_layers, num_blocks, self.block_size,
-                                            self.model.kv_cache_dim, self.dtype, self.device)
+                                            self.model.kv_cache_dim, self.kv_dtype, self.device)
 
     # ---- inputs -------------------------------------------------------------------------------
     def _prepare(self, out: SchedulerOutput, block_table_width: int | None = None):
@@ -69,7 +102,10 @@ class ModelRunner:
         for s in out.seqs:
             req = s.request
             end = s.start + s.num_new_tokens
-            input_ids.extend(req.all_token_ids[s.start:end])
+            if end > req.num_tokens:    # a decode of the previous step's sample (async scheduling)
+                input_ids.append(-1)
+            else:
+                input_ids.extend(req.all_token_ids[s.start:end])
             blocks = req.block_ids
             if s.num_new_tokens == 1:
                 positions.append(s.start)
@@ -92,28 +128,57 @@ class ModelRunner:
             block_tables=torch.tensor(padded, dtype=torch.int32).to(dev, non_blocking=True),
             num_decodes=out.num_decodes, query_lens=query_lens, seq_lens_cpu=seq_lens)
         ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        self._fill_pending_inputs(ids, out, qsl)
         pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
         return ids, pos, attn, qsl
 
+    def _fill_pending_inputs(self, ids: torch.Tensor, out: SchedulerOutput, qsl: list[int]) -> None:
+        """Rows whose token is still on the device (the last step's sample) take it from there."""
+        rows, src = [], []
+        for i, s in enumerate(out.seqs):
+            if s.start >= s.request.num_tokens:
+                if s.request.request_id not in self._last_rows:
+                    raise RuntimeError(f"request {s.request.request_id!r}: input token was not sampled by the last step")
+                rows.append(qsl[i])
+                src.append(self._last_rows[s.request.request_id])
+        if rows:
+            dev = self.device
+            ids[torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)] = \
+                self._last_tokens[torch.tensor(src, dtype=torch.long).to(dev, non_blocking=True)]
+
     # ---- execution ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, pad_to: int | None = None, use_graphs: bool = True) -> list[int]:
-        """Runs one scheduled step; returns the sampled token of each seq that samples, in order.
-        use_graphs=False runs a decode batch eagerly (DP lockstep: one eager rank makes the step eager)."""
+    def execute(self, out: SchedulerOutput, pad_to: int | None = None, use_graphs: bool = True,
+                dbo_group: tuple[int, bool] | None = None) -> list[int]:
+        """Runs one scheduled step; returns the sampled token of each seq that samples, in order."""
+        return self.launch(out, pad_to, use_graphs, dbo_group).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, pad_to: int | None = None, use_graphs: bool = True,
+               dbo_group: tuple[int, bool] | None = None) -> PendingTokens:
+        """Queues one scheduled step (forward + sampling) on the device without waiting for it.
+        use_graphs=False runs a decode batch eagerly (DP lockstep: one eager rank makes the step eager);
+        dbo_group: the EP group's (max tokens per rank, decode-only), so every rank splits the same
+        steps into micro-batches (None: decide from this batch)."""
         graph = self._graph_for(len(out.seqs), pad_to) if out.is_decode_only and use_graphs else None
         if graph is not None:
             hidden = self._replay(graph, out)
             qsl = list(range(len(out.seqs) + 1))
         else:
             ids, pos, attn, qsl = self._prepare(out)
-            hidden = self.model.forward(ids, pos, attn, self.kv_caches)
+            hidden = self._forward(ids, pos, attn, out.is_decode_only, dbo_group)
         self._prompt_logprobs(out, hidden, qsl)
+        sampling = [s.request for s in out.seqs if s.samples]
         sample_rows = [qsl[i + 1] - 1 for i, s in enumerate(out.seqs) if s.samples]
         if not sample_rows:
-            return []
+            self._last_tokens, self._last_rows = None, {}
+            return PendingTokens(None, self)
         idx = torch.tensor(sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden[idx])
-        return self.sampler(logits, [s.request for s in out.seqs if s.samples])
+        tokens = self.sampler.sample(logits, sampling)
+        self._last_tokens = tokens
+        self._last_rows = {r.request_id: i for i, r in enumerate(sampling)}
+        return PendingTokens(tokens, self)
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, qsl: list[int]) -> None:
         """Raw logprobs of each prompt token (position p's logits score token p+1) for the requests
@@ -132,7 +197,8 @@ class ModelRunner:
                 req.prompt_logprobs.extend(logprob_entries(lp, targets, [req.sampling_params.prompt_logprobs] * len(targets)))
 
     @torch.inference_mode()
-    def dummy_run(self, num_tokens: int, decode: bool = False, use_graphs: bool = True) -> None:
+    def dummy_run(self, num_tokens: int, decode: bool = False, use_graphs: bool = True,
+                  dbo_group: tuple[int, bool] | None = None) -> None:
         """A forward over `num_tokens` dummy tokens that writes nothing to the cache (slot -1):
         keeps MoE collectives in step across DP ranks, and profiles activation memory."""
         if decode:
@@ -156,7 +222,25 @@ class ModelRunner:
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         pos = torch.zeros(num_tokens, dtype=torch.long, device=self.device) if decode else \
             torch.arange(num_tokens, dtype=torch.long, device=self.device)
-        self.model.forward(ids, pos, attn, self.kv_caches)
+        self._forward(ids, pos, attn, decode, dbo_group)
+
+    def _forward(self, ids, pos, attn: AttentionMetadata, decode_only: bool,
+                 dbo_group: tuple[int, bool] | None = None) -> torch.Tensor:
+        """An eager forward, as two micro-batches when dual-batch overlap says this step splits."""
+        tokens, dec = dbo_group or (int(ids.shape[0]), decode_only)
+        if not self.dbo.should_split(tokens, dec):
+            return self.model.forward(ids, pos, attn, self.kv_caches)
+        self.split_steps += 1
+        bound = DBOConfig.ubatch_max_tokens(tokens, dec) if dbo_group is not None else None
+        return forward_dual_batch(self.model, ids, pos, attn, self.kv_caches, bound)
+
+    def _graph_forward(self, size: int):
+        """The forward a decode graph of `size` captures: split when `size` is above the decode threshold
+        (the same on every rank, since all replay one agreed size)."""
+        if not self.dbo.should_split(size, True):
+            return lambda ids, pos, attn: self.model.forward(ids, pos, attn, self.kv_caches)
+        bound = DBOConfig.ubatch_max_tokens(size, True)
+        return lambda ids, pos, attn: forward_dual_batch(self.model, ids, pos, attn, self.kv_caches, bound)
 
     # ---- CUDA graphs -----------------------------------------------------------------------------
     def _graph_for(self, batch: int, pad_to: int | None) -> _Graph | None:
@@ -167,9 +251,7 @@ class ModelRunner:
         return None
 
     def _dispatch_mode(self, size: int, num_real: int | None = None):
-        if self._graph_dispatch is None:
-            return contextlib.nullcontext()
-        return self._graph_dispatch(size, num_real)
+        return self.model.dispatcher.graph_mode(size, num_real)
 
     def _replay_graph(self, g: _Graph, num_real: int) -> None:
         """num_real: rows [num_real, size) are padding (EP: they skip the routed experts)."""
@@ -196,12 +278,13 @@ class ModelRunner:
         for i, s in enumerate(out.seqs):
             req = s.request
             p = s.start
-            ids[i] = req.all_token_ids[p]
+            ids[i] = req.all_token_ids[p] if p < req.num_tokens else -1
             pos[i] = p
             slots[i] = req.block_ids[p // bs] * bs + p % bs
             lens[i] = p + 1
             table[i, :len(req.block_ids)] = req.block_ids
         g.input_ids.copy_(torch.from_numpy(ids))
+        self._fill_pending_inputs(g.input_ids, out, list(range(b + 1)))
         g.positions.copy_(torch.from_numpy(pos))
         g.slot_mapping.copy_(torch.from_numpy(slots))
         g.seq_lens.copy_(torch.from_numpy(lens))
@@ -238,18 +321,19 @@ class ModelRunner:
             slot_mapping=slots, query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=dev),
             seq_lens=seq_lens, block_tables=tables, num_decodes=size,
             query_lens=[1] * size, seq_lens_cpu=[self.max_model_len] * size)
+        forward = self._graph_forward(size)
         if not capture:
-            hidden = self.model.forward(ids, pos, attn, self.kv_caches)
-            return _Graph(_EagerReplay(lambda: hidden.copy_(self.model.forward(ids, pos, attn, self.kv_caches))),
+            hidden = forward(ids, pos, attn)
+            return _Graph(_EagerReplay(lambda: hidden.copy_(forward(ids, pos, attn))),
                           ids, pos, slots, seq_lens, tables, hidden)
         for _ in range(2):  # warm up (allocator, lazy inits) outside the graph
-            self.model.forward(ids, pos, attn, self.kv_caches)
+            forward(ids, pos, attn)
         torch.cuda.synchronize(dev)
         graph = torch.cuda.CUDAGraph()
         if self.graph_pool is None:
             self.graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            hidden = self.model.forward(ids, pos, attn, self.kv_caches)
+            hidden = forward(ids, pos, attn)
         torch.cuda.synchronize(dev)
         return _Graph(graph, ids, pos, slots, seq_lens, tables, hidden)
 

@@ -1,18 +1,8 @@
 """The engine process: an EngineCore driven by requests arriving over ZMQ (vLLM v1 shape).
 
-Wire (msgpack maps, one per ZMQ message). The client binds both sockets; the engine connects.
-  client -> engine (PUSH -> PULL at input_addr):
-    {"type": "add", "request": EngineRequest.to_dict()}
-    {"type": "abort", "request_ids": [str, ...]}
-    {"type": "stats"}                       # answered by a "stats" message
-    {"type": "reset_prefix_cache"}
-    {"type": "shutdown"}
-  engine -> client (PUSH -> PULL at output_addr):
-    {"type": "ready", "info": {...}}        # first message: num_blocks, block_size, max_model_len, ...
-    {"type": "outputs", "outputs": [RequestOutput.to_dict(), ...], "stats": EngineStats.to_dict() | None}
-    {"type": "error", "request_id": str, "message": str, "param": str | None}   # request rejected
-    {"type": "stats", "stats": EngineStats.to_dict()}
-    {"type": "fatal", "message": str}       # the engine is going down
+Messages are wideep.engine.wire's dataclasses, one msgpack map per ZMQ message. The client binds
+both sockets (client -> engine PUSH/PULL at input_addr, engine -> client at output_addr); the engine
+connects, sends Ready first, then Outputs / Rejected / Stats, and Fatal when it goes down.
 
 The loop blocks on the input socket while there is no work (no busy loop). Each iteration it asks a
 StepCoordinator what to do: the default runs a step whenever this rank has work; the DP-lockstep one
@@ -27,11 +17,14 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import zmq
 
-from wideep.engine.api import EngineRequest, InvalidRequest
+from wideep.utils.threads import apply_engine_threads
+from wideep.logs import setup_logging
+from wideep.engine.api import InvalidRequest
 from wideep.engine.config import EngineArgs
+from wideep.engine.wire import (Abort, Add, BadMessage, Fatal, Outputs, Ready, Rejected, ResetPrefixCache, Shutdown,
+                                Stats, StatsRequest, ToEngine, decode_to_engine, encode, pack)
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +32,7 @@ STATS_INTERVAL_S = 0.1
 PARENT_CHECK_S = 1.0
 
 
-def pack(msg: dict[str, Any]) -> bytes:
-    return msgpack.packb(msg, use_bin_type=True)
-
-
-def unpack(data: bytes) -> dict[str, Any]:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+__all__ = ["EngineLoop", "StepCoordinator", "StepDecision", "pack", "run_engine_process"]
 
 
 @dataclass
@@ -53,6 +41,8 @@ class StepDecision:
     pad_to: int | None = None     # pad a decode-only batch to at least this many sequences
     dummy_batch: int = 0          # if > 0 and nothing real runs: a dummy forward over this many tokens
     use_graphs: bool = True       # False: decode runs eagerly (the same answer on every DP rank)
+    # the group's (max tokens per rank, decode-only): dual-batch overlap splits the same steps on every rank
+    dbo_group: tuple[int, bool] | None = None
 
 
 class StepCoordinator:
@@ -93,9 +83,9 @@ def run_engine_process(args: EngineArgs | dict, input_addr: str, output_addr: st
     `core_factory(args) -> EngineCore` lets the DP launcher build the core with its dispatcher."""
     if isinstance(args, dict):
         args = EngineArgs.from_dict(args)
-    _limit_cpu_threads(args)
-    logging.basicConfig(level=os.environ.get("WIDEEP_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s engine[%(process)d] %(message)s")
+    setup_logging("engine")
+    threads = apply_engine_threads(args.device)
+    log.info("engine dp rank %d: %d torch threads", args.data_parallel_rank, threads)
     ctx = zmq.Context()
     inp = ctx.socket(zmq.PULL)
     inp.connect(input_addr)
@@ -116,20 +106,20 @@ def run_engine_process(args: EngineArgs | dict, input_addr: str, output_addr: st
         log.error(msg)
         if ready is not None:
             ready.send({"ok": False, "error": msg})
-        outp.send(pack({"type": "fatal", "message": msg}))
+        outp.send(encode(Fatal(msg)))
         outp.close()
         ctx.term()
         raise SystemExit(1)
     if ready is not None:
         ready.send({"ok": True, "info": info})
-    outp.send(pack({"type": "ready", "info": info}))
+    outp.send(encode(Ready(info)))
     try:
         EngineLoop(core, inp, outp, coordinator or SingleRankCoordinator(), publisher).run()
     except BaseException as exc:
         msg = f"engine loop died: {exc!r}\n{traceback.format_exc()}"
         log.error(msg)
         try:
-            outp.send(pack({"type": "fatal", "message": msg}))
+            outp.send(encode(Fatal(msg)))
         except zmq.ZMQError:
             pass
         raise
@@ -141,22 +131,17 @@ def run_engine_process(args: EngineArgs | dict, input_addr: str, output_addr: st
         ctx.term()
 
 
-def _limit_cpu_threads(args: EngineArgs) -> None:
-    """CPU engines default to one intra-op thread unless OMP_NUM_THREADS says otherwise: several
-    engine processes (DP ranks, P and D) share the host, and OpenMP threads spinning against each
-    other made tiny-model steps ~25x slower on a 2-core machine."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
+def _torch_threads() -> int:
     import torch
-    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
-        torch.set_num_threads(1)
+
+    return torch.get_num_threads()
 
 
 def engine_info(core) -> dict[str, Any]:
     return {"num_blocks": core.num_blocks, "block_size": core.args.block_size,
             "max_model_len": core.max_model_len, "vocab_size": core.vocab_size,
             "eos_token_ids": sorted(core.eos_token_ids), "device": str(core.device),
-            "dp_rank": core.args.data_parallel_rank, "pid": os.getpid()}
+            "dp_rank": core.args.data_parallel_rank, "pid": os.getpid(), "torch_threads": _torch_threads()}
 
 
 class EngineLoop:
@@ -178,7 +163,7 @@ class EngineLoop:
     def run(self) -> None:
         while self.running:
             has_work = self.core.has_unfinished()
-            kv_wait = self.core.kv_transfer_wait_s() if hasattr(self.core, "kv_transfer_wait_s") else None
+            kv_wait = self.core.kv_transfer_wait_s()
             if kv_wait is not None:
                 # P/D: only KV transfers pending; nap on input instead of spinning (no longer than the
                 # DP-lockstep coordinator allows: peers may need this rank's dummy batch), then poll them.
@@ -204,10 +189,11 @@ class EngineLoop:
             ran_real = False
             try:
                 if scheduled is not None and decision.run_step:
-                    outputs = self.core.execute(scheduled, decision.pad_to, decision.use_graphs)
+                    outputs = self.core.execute(scheduled, decision.pad_to, decision.use_graphs, decision.dbo_group)
                     ran_real = not scheduled.is_empty
                 if decision.dummy_batch and not ran_real:
-                    self.core.execute_dummy_batch(decision.dummy_batch, use_graphs=decision.use_graphs)
+                    self.core.execute_dummy_batch(decision.dummy_batch, use_graphs=decision.use_graphs,
+                                                 dbo_group=decision.dbo_group)
             except Exception as exc:
                 # A forward's collectives (MoE dispatch/combine) fail when a peer rank dies: let the
                 # coordinator name that, so the error says which group was lost rather than "gloo read error".
@@ -227,30 +213,37 @@ class EngineLoop:
                 except zmq.Again:
                     break
                 got = True
-                self._handle(unpack(data))
+                self._receive(data)
         return got
 
-    def _handle(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind == "add":
-            rid = msg.get("request", {}).get("request_id", "")
+    def _receive(self, data: bytes) -> None:
+        try:
+            msg = decode_to_engine(data)
+        except BadMessage as exc:
+            if exc.request_id:
+                self.outp.send(encode(Rejected(exc.request_id, str(exc))))
+            else:
+                log.warning("%s", exc)
+            return
+        self._handle(msg)
+
+    def _handle(self, msg: ToEngine) -> None:
+        if isinstance(msg, Add):
             try:
-                self.core.add_request(EngineRequest.from_dict(msg["request"]))
+                self.core.add_request(msg.request)
             except InvalidRequest as exc:
-                self.outp.send(pack({"type": "error", "request_id": rid, "message": str(exc), "param": exc.param}))
+                self.outp.send(encode(Rejected(msg.request.request_id, str(exc), exc.param)))
             except (TypeError, ValueError, KeyError) as exc:
-                self.outp.send(pack({"type": "error", "request_id": rid, "message": f"bad request: {exc}", "param": None}))
-        elif kind == "abort":
-            for rid in msg.get("request_ids", []):
+                self.outp.send(encode(Rejected(msg.request.request_id, f"bad request: {exc}")))
+        elif isinstance(msg, Abort):
+            for rid in msg.request_ids:
                 self.core.abort_request(rid)
-        elif kind == "stats":
-            self.outp.send(pack({"type": "stats", "stats": self.core.stats().to_dict()}))
-        elif kind == "reset_prefix_cache":
+        elif isinstance(msg, StatsRequest):
+            self.outp.send(encode(Stats(self.core.stats())))
+        elif isinstance(msg, ResetPrefixCache):
             self.core.reset_prefix_cache()
-        elif kind == "shutdown":
+        elif isinstance(msg, Shutdown):
             self.running = False
-        else:
-            log.warning("unknown engine message type %r", kind)
 
     def _publish(self, outputs) -> None:
         events = self.core.take_kv_events()
@@ -259,7 +252,7 @@ class EngineLoop:
         now = time.monotonic()
         stats = None
         if outputs and now - self.last_stats >= STATS_INTERVAL_S:
-            stats = self.core.stats().to_dict()
+            stats = self.core.stats()
             self.last_stats = now
         if outputs:
-            self.outp.send(pack({"type": "outputs", "outputs": [o.to_dict() for o in outputs], "stats": stats}))
+            self.outp.send(encode(Outputs(outputs, stats)))

@@ -39,8 +39,13 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         self.num_remote_tokens_total = 0       # P/D: computed tokens once remote KV has landed
+        self.kv_remote_done = False             # P/D consumer: remote KV handled (no re-pull after preemption)
         self.generator = None                   # torch.Generator for seeded sampling, made by the runner
         self.num_emitted = 0                    # output tokens already reported
+        # async scheduling: tokens scheduled in a step whose result is not applied yet, and how many of
+        # those steps sample (their tokens exist only on the device until the step is applied)
+        self.num_inflight_tokens = 0
+        self.num_pending_samples = 0
         self.grammar = None                     # structured.RequestGrammar of a constrained request
         self.pending_logprobs: list[list] = []  # sampler -> next output: one entry per new token
         self.prompt_logprobs: list[list] = []   # entries for prompt positions 1.. (prompt_logprobs)
@@ -50,6 +55,13 @@ class Request:
     def wants_prompt_logprobs(self) -> bool:
         """Needs the logits of every prompt position: no prefix-cache hit and no remote KV for it."""
         return self.sampling_params.prompt_logprobs is not None and not self.prompt_logprobs_sent
+
+    @property
+    def needs_sampled_tokens(self) -> bool:
+        """Its next step's sampling depends on the tokens so far (grammar state, penalties, bad words),
+        so async scheduling must not launch it while a sample of it is still on the device."""
+        sp = self.sampling_params
+        return self.grammar is not None or sp.needs_penalties or bool(sp.bad_words_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -62,6 +74,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """num_tokens plus the samples of steps still in flight (async scheduling)."""
+        return len(self.all_token_ids) + self.num_pending_samples
 
     @property
     def is_finished(self) -> bool:

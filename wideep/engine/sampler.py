@@ -35,10 +35,15 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        """logits [N, V], one row per request that samples this step -> N token ids. Requests that asked
-        for logprobs get an entry appended to `req.pending_logprobs`; grammars advance by the token."""
+        """logits [N, V], one row per request that samples this step -> N token ids."""
         if logits.shape[0] == 0:
             return []
+        return self.sample(logits, reqs).tolist()
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+        """As __call__, but the ids stay on the device (int64 [N]) unless a request needs them on the
+        host now: logprobs are appended to `req.pending_logprobs`, grammars advance by the token."""
         params = [r.sampling_params for r in reqs]
         logits, raw_lp, want_lp = self._process(logits, reqs)
         greedy_ids = logits.argmax(dim=-1)
@@ -47,13 +52,14 @@ class Sampler:
         else:
             tokens = torch.where(torch.tensor([p.greedy for p in params], device=logits.device),
                                  greedy_ids, self._draw(self._sampling_logits(logits, params), reqs))
-        token_list = tokens.tolist()
-        if raw_lp is not None:
-            self._record_logprobs(raw_lp, [reqs[i] for i in want_lp], [token_list[i] for i in want_lp])
-        for r, t in zip(reqs, token_list):
-            if r.grammar is not None:
-                r.grammar.accept(t)
-        return token_list
+        if raw_lp is not None or any(r.grammar is not None for r in reqs):
+            token_list = tokens.tolist()
+            if raw_lp is not None:
+                self._record_logprobs(raw_lp, [reqs[i] for i in want_lp], [token_list[i] for i in want_lp])
+            for r, t in zip(reqs, token_list):
+                if r.grammar is not None:
+                    r.grammar.accept(t)
+        return tokens
 
     @torch.inference_mode()
     def distribution(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
@@ -77,7 +83,8 @@ class Sampler:
         # bad words): keep their masked logits to fall back on.
         risky = [i for i, r in enumerate(reqs) if r.sampling_params.allowed_token_ids or
                  r.sampling_params.bad_words_token_ids or
-                 (r.grammar is not None and r.num_output_tokens < r.sampling_params.min_tokens)]
+                 (r.grammar is not None and r.num_output_tokens + max(r.num_pending_samples - 1, 0)
+                  < r.sampling_params.min_tokens)]
         fallback = logits[risky].clone() if risky else None
         self._apply_processors(logits, reqs)
         self._apply_penalties(logits, reqs)
@@ -115,7 +122,8 @@ class Sampler:
                     if not prefix or (len(out) >= len(prefix) and out[len(out) - len(prefix):] == prefix):
                         ban_rows.append(i)
                         ban_cols.append(word[-1])
-            if r.num_output_tokens < sp.min_tokens:
+            # tokens before this one: the applied ones plus earlier steps still in flight (async)
+            if r.num_output_tokens + max(r.num_pending_samples - 1, 0) < sp.min_tokens:
                 for t in set(sp.stop_token_ids) | (set() if sp.ignore_eos else r.eos_token_ids):
                     ban_rows.append(i)
                     ban_cols.append(t)

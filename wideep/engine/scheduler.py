@@ -5,6 +5,13 @@ by the token budget): one for a decode, a chunk for a prefill. Running requests 
 first); if blocks run out, the newest running request is preempted (its blocks freed, its tokens
 recomputed later). Waiting requests are admitted only in steps without preemption.
 
+Async scheduling (engine/core.py): step n+1 is scheduled before step n's result is applied. A
+request's in-flight tokens count as computed and each in-flight sample as one more token (its value
+lives on the device; the runner feeds it to the next decode). A request that would reach max_tokens
+or max_model_len with its in-flight samples is not scheduled again; one that stops on a sampled token
+is found one step late and the extra step's sample is dropped. `update` applies steps in order, so
+a request preempted or aborted while a step is in flight keeps that step's (valid) token or drops it.
+
 P/D seam: an optional `SchedulerConnector` (kv_transfer/) can (a) say that a waiting request's
 prefix will arrive from a remote engine: the request then parks in WAITING_FOR_REMOTE_KV with its
 blocks allocated until the connector reports it loaded; (b) keep a finished request's blocks
@@ -14,45 +21,24 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from wideep.engine.api import RequestOutput
 from wideep.engine.block_manager import BlockManager
 from wideep.engine.request import Request, RequestStatus
+from wideep.kv_transfer.base import KVConnectorBase
 
 
-class SchedulerConnector(Protocol):
-    def get_num_remote_tokens(self, request: Request, num_local_tokens: int) -> tuple[int, bool]:
-        """(tokens beyond the local prefix-cache hit that a remote engine will provide, loads asynchronously)."""
-        ...
-
-    def on_blocks_allocated(self, request: Request, num_remote_tokens: int) -> None:
-        """Start pulling remote KV into request.block_ids."""
-        ...
-
-    def finished_loading(self) -> set[str]:
-        """Ids of requests whose remote KV has landed since the last call."""
-        ...
-
-    def request_finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
-        """(keep the request's blocks until sent, kv_transfer_params for the final output)."""
-        ...
-
-    def finished_sending(self) -> set[str]:
-        """Ids of held requests whose blocks may now be freed."""
-        ...
+SchedulerConnector = KVConnectorBase   # the seam (wideep.kv_transfer.base); None: no P/D
 
 
 @dataclass
 class ScheduledSeq:
     request: Request
-    start: int            # first position computed this step (== num_computed_tokens before it)
+    start: int            # first position computed this step (computed + in-flight tokens before it)
     num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """Reaches the end of the known tokens, so this step produces its next token."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    samples: bool = False  # reaches the end of the known tokens, so this step produces the next token
+    epoch: int = 0        # request.num_preemptions when scheduled (a later preemption voids the KV progress)
 
 
 @dataclass
@@ -146,7 +132,7 @@ class Scheduler:
                 req.status = RequestStatus.WAITING
                 self.waiting.appendleft(req)
         # P/D (kv_transfer): a pull that failed under kv_load_failure_policy=fail ends the request.
-        for rid, error in getattr(self.connector, "failed_loading", dict)().items():
+        for rid, error in self.connector.failed_loading().items():
             req = self.waiting_for_kv.pop(rid, None)
             if req is not None:
                 req.finish_reason = "error"
@@ -165,8 +151,13 @@ class Scheduler:
         idx = 0
         while idx < len(self.running) and budget > 0:
             req = self.running[idx]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.bm.allocate(req, n):
+            start = req.num_computed_tokens + req.num_inflight_tokens
+            total = req.num_scheduled_tokens
+            if start >= total or (req.num_pending_samples and (self._reaches_limit(req) or req.needs_sampled_tokens)):
+                idx += 1    # async: its in-flight step ends it (length), has not produced its token yet,
+                continue    # or its next sampling needs that token on the host (grammar, penalties)
+            n = min(total - start, budget)
+            while not self.bm.allocate(req, n + req.num_inflight_tokens):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -174,12 +165,14 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 break
-            scheduled.append(ScheduledSeq(req, req.num_computed_tokens, n))
+            scheduled.append(self._scheduled(req, start, n))
             budget -= n
             idx += 1
 
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.num_inflight_tokens:
+                break       # async: preempted while a step of it was in flight; wait for that step
             # prompt_logprobs need every prompt position's logits: such a request computes its prompt here.
             fresh = req.num_computed_tokens == 0 and not req.wants_prompt_logprobs
             cached = self.bm.find_cached_prefix(req) if fresh else []
@@ -206,7 +199,7 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            scheduled.append(ScheduledSeq(req, req.num_computed_tokens, n))
+            scheduled.append(self._scheduled(req, req.num_computed_tokens, n))
             budget -= n
 
         scheduled.sort(key=lambda s: s.num_new_tokens != 1)   # stable: decodes first
@@ -215,26 +208,46 @@ class Scheduler:
         out.num_tokens = sum(s.num_new_tokens for s in scheduled)
         return out
 
+    def _scheduled(self, req: Request, start: int, n: int) -> ScheduledSeq:
+        samples = start + n == req.num_scheduled_tokens
+        req.num_inflight_tokens += n
+        req.num_pending_samples += int(samples)
+        return ScheduledSeq(req, start, n, samples, req.num_preemptions)
+
+    def _reaches_limit(self, req: Request) -> bool:
+        """With its in-flight samples the request has max_tokens (or max_model_len) tokens: it ends there."""
+        return (req.num_output_tokens + req.num_pending_samples >= req.max_tokens
+                or req.num_scheduled_tokens >= self.max_model_len)
+
     def update(self, out: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
-        """Applies a step's result; `sampled` has one token per seq that samples, in batch order."""
+        """Applies a step's result (steps in the order they were scheduled); `sampled` has one token
+        per seq that samples, in batch order."""
         outputs: list[RequestOutput] = self.finished_outputs
         self.finished_outputs = []
         it = iter(sampled)
         for s in out.seqs:
             req = s.request
-            req.num_computed_tokens = s.start + s.num_new_tokens
-            self.prompt_tokens += max(0, min(req.num_computed_tokens, req.num_prompt_tokens) - s.start)
-            self.bm.cache_full_blocks(req)
-            if not s.samples:
+            req.num_inflight_tokens -= s.num_new_tokens
+            token = next(it) if s.samples else None
+            req.num_pending_samples -= int(s.samples)
+            if req.status == RequestStatus.FINISHED:
+                continue    # aborted, or stopped by the previous step's token (async): the result is dropped
+            if s.epoch == req.num_preemptions:
+                req.num_computed_tokens = s.start + s.num_new_tokens
+                self.prompt_tokens += max(0, min(req.num_computed_tokens, req.num_prompt_tokens) - s.start)
+                self.bm.cache_full_blocks(req)
+            if token is None:
                 continue
-            token = next(it)
             req.append_token(token)
             self.generation_tokens += 1
             new = req.all_token_ids[req.num_prompt_tokens + req.num_emitted:]
             req.num_emitted = req.num_output_tokens
             params = None
             if req.check_stop(self.max_model_len):
-                self.running.remove(req)
+                if req.status == RequestStatus.RUNNING:
+                    self.running.remove(req)
+                else:   # async: preempted after this step was launched
+                    self.waiting.remove(req)
                 params = self._finish(req)
             outputs.append(self._output(req, new, params))
         return outputs

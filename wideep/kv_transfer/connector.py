@@ -28,6 +28,8 @@ from typing import Any, Iterator
 
 import torch
 
+from wideep.kv_transfer.base import KVConnectorBase
+from wideep import envs
 from wideep.kv_transfer.kv_cache import PagedKVCaches
 from wideep.kv_transfer.params import (KVTransferConfig, RemotePrefillParams, abort_timeout_s, engine_id_for_rank,
                                        side_channel_base_port, side_channel_host, wants_remote_decode,
@@ -37,7 +39,6 @@ from wideep.kv_transfer.transport import BlockServer, KVTransport, TcpTransport
 
 log = logging.getLogger("wideep.kv_transfer")
 
-_DONE_ATTR = "_kv_remote_prefill_done"   # set on a Request once its remote KV was handled (no re-pull after preemption)
 
 
 def model_fingerprint(model: str) -> str:
@@ -74,7 +75,7 @@ class _Load:
     error: str | None = None        # set up front when the params are unusable
 
 
-class KVConnector:
+class KVConnector(KVConnectorBase):
     def __init__(self, cfg: KVTransferConfig, *, model: str, block_size: int, dp_rank: int = 0,
                  tp_size: int = 1, transport: KVTransport | None = None, host: str | None = None,
                  port: int | None = None, listen_host: str = "0.0.0.0", timeout_s: float | None = None):
@@ -177,9 +178,9 @@ class KVConnector:
             self._fallback.pop(rid, None)
             self._failed.pop(rid, None)
         if (self.cfg.is_consumer and wants_remote_prefill(request.kv_transfer_params)
-                and not getattr(request, _DONE_ATTR, False)):
+                and not request.kv_remote_done):
             # Aborted before its pull started: tell the producer now instead of letting it wait the timeout.
-            setattr(request, _DONE_ATTR, True)
+            request.kv_remote_done = True
             self._release_async(request)
             return False, None
         if not (self.cfg.is_producer and wants_remote_decode(request.kv_transfer_params)):
@@ -225,18 +226,18 @@ class KVConnector:
     # ---------------------------------------------------------------- consumer
     def get_num_remote_tokens(self, request, num_local_tokens: int) -> tuple[int, bool]:
         if (not self.cfg.is_consumer or not wants_remote_prefill(request.kv_transfer_params)
-                or getattr(request, _DONE_ATTR, False)):
+                or request.kv_remote_done):
             return 0, False
         # The last prompt token is always computed here: its logits give the first output token.
         n = request.num_prompt_tokens - 1 - num_local_tokens
         if n <= 0:
-            setattr(request, _DONE_ATTR, True)
+            request.kv_remote_done = True
             self._release_async(request)   # nothing to read: let the producer free now, not at timeout
             return 0, False
         return n, True
 
     def on_blocks_allocated(self, request, num_remote_tokens: int) -> None:
-        setattr(request, _DONE_ATTR, True)
+        request.kv_remote_done = True
         bs = self.block_size
         first = request.num_computed_tokens // bs
         last = -(-(request.num_computed_tokens + num_remote_tokens) // bs)
@@ -342,7 +343,7 @@ def make_connector(args) -> KVConnector:
     cfg = KVTransferConfig.from_dict(args.kv_transfer_config)
     assert cfg is not None
     advertised = side_channel_host()
-    explicit = os.environ.get("WIDEEP_KV_SIDE_CHANNEL_HOST") or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST")
-    listen = os.environ.get("WIDEEP_KV_SIDE_CHANNEL_LISTEN_HOST") or ("0.0.0.0" if explicit else "127.0.0.1")
+    explicit = envs.WIDEEP_KV_SIDE_CHANNEL_HOST or envs.VLLM_NIXL_SIDE_CHANNEL_HOST
+    listen = envs.WIDEEP_KV_SIDE_CHANNEL_LISTEN_HOST or ("0.0.0.0" if explicit else "127.0.0.1")
     return KVConnector(cfg, model=args.model, block_size=args.block_size, dp_rank=args.data_parallel_rank,
                        host=advertised, listen_host=listen)

@@ -30,6 +30,8 @@ class PagedKVCaches:
             if c.shape[0] != nb:
                 raise ValueError(f"KV cache region {i} has {c.shape[0]} blocks, region 0 has {nb}")
         self.caches = caches
+        # Copies move bytes: 1-byte float caches (fp8) as uint8 views, which every copy kernel handles.
+        self._raw = [c.view(torch.uint8) if c.element_size() == 1 else c for c in caches]
         self.device = caches[0].device
         self.num_blocks = nb
         # Copies run on their own stream so they overlap the engine's compute. Safe: a held block's
@@ -49,7 +51,7 @@ class PagedKVCaches:
     def staging(self, num_blocks: int) -> list[torch.Tensor]:
         """Host buffers for `num_blocks` blocks of every region (pinned when the cache is on GPU)."""
         pin = self.device.type == "cuda"
-        return [torch.empty((num_blocks, *c.shape[1:]), dtype=c.dtype, pin_memory=pin) for c in self.caches]
+        return [torch.empty((num_blocks, *c.shape[1:]), dtype=c.dtype, pin_memory=pin) for c in self._raw]
 
     def region_nbytes(self, num_blocks: int) -> list[int]:
         return [num_blocks * c[0].numel() * c.element_size() for c in self.caches]
@@ -60,14 +62,14 @@ class PagedKVCaches:
         copies overlap the network send of the earlier regions."""
         idx = self._index(block_ids)
         if self._stream is None:
-            for c in self.caches:
+            for c in self._raw:
                 yield byte_view(c.index_select(0, idx))
             return
         out = self.staging(len(block_ids))
         events = []
         with torch.cuda.stream(self._stream):
             idx = idx.to(self.device, non_blocking=True)
-            for dst, c in zip(out, self.caches):
+            for dst, c in zip(out, self._raw):
                 dst.copy_(c.index_select(0, idx), non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self._stream)
@@ -96,7 +98,7 @@ class Scatter:
         return [byte_view(t) for t in self.host]
 
     def region(self, i: int) -> None:
-        c, src = self.caches.caches[i], self.host[i]
+        c, src = self.caches._raw[i], self.host[i]
         if self.caches._stream is None:
             c.index_copy_(0, self.idx, src)
             return

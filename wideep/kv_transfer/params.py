@@ -1,13 +1,17 @@
 """`kv_transfer_params` as vLLM's NixlConnector and llm-d's sidecar spell them, plus the env knobs.
 
 The field names are the wire contract between router/sidecar, prefill server and decode server
-(engine.md §3, router.md §5); keep them exactly as vLLM names them.
+(docs/protocols.md, "P/D disaggregation"); keep them exactly as vLLM names them.
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from wideep import envs
+from wideep.errors import ConfigError
+from wideep.typed_config import build
 
 DEFAULT_SIDE_CHANNEL_PORT = 5600
 DEFAULT_ABORT_TIMEOUT_S = 480.0
@@ -26,24 +30,20 @@ PREFILL_LEG_PARAMS: dict[str, Any] = {
 def side_channel_base_port() -> int:
     """Base port of the side channel; rank r listens on base + r. WIDEEP_KV_SIDE_CHANNEL_PORT wins over
     vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT so tests can give every server its own ephemeral range."""
-    raw = os.environ.get("WIDEEP_KV_SIDE_CHANNEL_PORT") or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT")
-    if not raw:
-        return DEFAULT_SIDE_CHANNEL_PORT
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"VLLM_NIXL_SIDE_CHANNEL_PORT / WIDEEP_KV_SIDE_CHANNEL_PORT must be an integer, got {raw!r}")
+    port = envs.WIDEEP_KV_SIDE_CHANNEL_PORT
+    if port is None:
+        port = envs.VLLM_NIXL_SIDE_CHANNEL_PORT
+    return DEFAULT_SIDE_CHANNEL_PORT if port is None else port
 
 
 def side_channel_host() -> str:
     """The address the consumer is told to dial (the pod IP on Kubernetes)."""
-    return os.environ.get("WIDEEP_KV_SIDE_CHANNEL_HOST") or os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST") or "127.0.0.1"
+    return envs.WIDEEP_KV_SIDE_CHANNEL_HOST or envs.VLLM_NIXL_SIDE_CHANNEL_HOST or "127.0.0.1"
 
 
 def abort_timeout_s() -> float:
     """How long a producer holds blocks nobody has read (vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT)."""
-    raw = os.environ.get("VLLM_NIXL_ABORT_REQUEST_TIMEOUT")
-    return float(raw) if raw else DEFAULT_ABORT_TIMEOUT_S
+    return envs.VLLM_NIXL_ABORT_REQUEST_TIMEOUT
 
 
 def engine_id_for_rank(base: str, dp_rank: int) -> str:
@@ -56,21 +56,11 @@ class KVTransferConfig:
     """`--kv-transfer-config` JSON: which connector, which role, what to do when a KV read fails."""
 
     kv_connector: str = "NixlConnector"
-    kv_role: str = "kv_both"                 # kv_producer | kv_consumer | kv_both
-    kv_load_failure_policy: str = "recompute"  # fail | recompute
+    kv_role: Literal["kv_producer", "kv_consumer", "kv_both"] = "kv_both"
+    kv_load_failure_policy: Literal["fail", "recompute"] = "recompute"
     engine_id: str | None = None             # base id; default: a random uuid per server start
     kv_connector_extra_config: dict[str, Any] | None = None
 
-    ROLES = ("kv_producer", "kv_consumer", "kv_both")
-    POLICIES = ("fail", "recompute")
-
-    def __post_init__(self) -> None:
-        if self.kv_role not in self.ROLES:
-            raise ValueError(f"kv_transfer_config.kv_role must be one of {', '.join(self.ROLES)}, got {self.kv_role!r}")
-        if self.kv_load_failure_policy not in self.POLICIES:
-            raise ValueError(
-                f"kv_transfer_config.kv_load_failure_policy must be one of {', '.join(self.POLICIES)}, "
-                f"got {self.kv_load_failure_policy!r}")
 
     @property
     def is_producer(self) -> bool:
@@ -85,10 +75,11 @@ class KVTransferConfig:
         if d is None:
             return None
         if not isinstance(d, dict):
-            raise ValueError(f"kv_transfer_config must be a JSON object, got {d!r}")
-        known = {"kv_connector", "kv_role", "kv_load_failure_policy", "engine_id", "kv_connector_extra_config"}
-        # vLLM's KVTransferConfig has more knobs (kv_buffer_device, kv_rank, ...): accept and ignore them.
-        return cls(**{k: v for k, v in d.items() if k in known})
+            raise ConfigError("kv_transfer_config", f"must be a JSON object, got {d!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        # vLLM's KVTransferConfig has more knobs (kv_buffer_device, kv_rank, ...) that manifests written for
+        # vLLM carry; they do not apply to this connector and are left out before the typed check.
+        return build(cls, {k: v for k, v in d.items() if k in known}, "kv_transfer_config")
 
 
 @dataclass

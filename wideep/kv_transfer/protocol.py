@@ -8,7 +8,8 @@ Requests (consumer → producer) and replies:
 
   {"op": "hello", "version": 1, "engine_id", "model", "block_size", "layout"}
       → {"ok": true, "version", "engine_id", "model", "block_size", "layout"}
-        The consumer compares model / block_size / layout and refuses a mismatch (KVHandshakeError).
+        The consumer compares model / block_size / layout (incl. the cache dtype, fp8 or not) and refuses a
+        mismatch (KVHandshakeError).
   {"op": "read", "engine_id": <producer id from remote_engine_id>, "request_id": <remote_request_id>,
    "block_ids": [...], "release": true}
       → {"ok": true, "nbytes": N, "region_nbytes": [n_0, ...]} + N bytes: region (layer cache) 0's
@@ -28,12 +29,14 @@ from typing import Any
 
 import msgpack
 
+from wideep.errors import WideepError
+
 PROTOCOL_VERSION = 1
 _LEN = struct.Struct(">I")
 MAX_HEADER = 64 * 1024 * 1024
 
 
-class KVTransferError(RuntimeError):
+class KVTransferError(WideepError, RuntimeError):
     """A KV read failed (producer gone, request unknown or expired, connection broken)."""
 
 
@@ -87,6 +90,9 @@ def layout_mismatch(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
         return (f"block size {theirs.get('block_size')} on the producer != {mine['block_size']} here "
                 "(start both roles with the same --block-size)")
     ml, tl = mine["layout"], theirs.get("layout") or []
+    if ml and tl and ml[0].get("dtype") != tl[0].get("dtype"):
+        return (f"KV cache dtype {tl[0].get('dtype')} on the producer != {ml[0].get('dtype')} here: the blocks "
+                "cannot be copied between them (start both roles with the same --kv-cache-dtype and --dtype)")
     if len(ml) != len(tl):
         return f"{len(tl)} KV cache regions (layers) on the producer != {len(ml)} here"
     for i, (a, b) in enumerate(zip(ml, tl)):

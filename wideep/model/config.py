@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wideep.errors import WideepError
+
 SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("deepseek_v3",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WideepError, ValueError):
     """A checkpoint directory is unusable; the message names the file and the tensor or field."""
 
 

@@ -4,8 +4,9 @@ interface; backends (local, allgather_reducescatter, all_to_all, symmetric-memor
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -24,6 +25,21 @@ class DispatchResult:
     handle: Any                      # backend state needed by combine
 
 
+class Pending:
+    """A dispatch or combine in flight (dual-batch overlap): `wait()` gives its result. Backends whose
+    collectives cannot run in the background return an already-finished one."""
+
+    def __init__(self, finish: Callable[[], Any]):
+        self._finish = finish
+
+    def wait(self) -> Any:
+        return self._finish()
+
+
+def done(value: Any) -> Pending:
+    return Pending(lambda: value)
+
+
 class MoEDispatcher:
     """Base class of dispatch/combine backends.
 
@@ -34,6 +50,8 @@ class MoEDispatcher:
     name = "base"
     # True when dispatch/combine use only fixed shapes and no host sync (CUDA-graph capturable).
     graph_capturable = False
+    # True while a capturable backend must return fixed-size (padded) DispatchResults (graph steps).
+    static_shapes = False
 
     def __init__(self, num_experts: int, ep_rank: int = 0, ep_size: int = 1, group: Any = None, **options: Any):
         if num_experts % ep_size:
@@ -46,6 +64,10 @@ class MoEDispatcher:
         # Upper bound on tokens per rank for this step, the same on every rank (set by DP lockstep);
         # None: the backend agrees on it itself where it needs one.
         self.max_tokens_per_rank: int | None = None
+        # dual-batch overlap (model/ubatch.py): the micro-batch being run, set before each of its stages:
+        # its first row in the step's batch, and its own token bound (None: max_tokens_per_rank)
+        self.ubatch_row_offset = 0
+        self.ubatch_max_tokens: int | None = None
         self.options = options
 
     def set_max_tokens_per_rank(self, n: int | None) -> None:
@@ -62,8 +84,32 @@ class MoEDispatcher:
     def num_local_experts(self) -> int:
         return self.num_experts // self.ep_size
 
+    def set_ubatch(self, row_offset: int = 0, max_tokens: int | None = None, index: int = 0) -> None:
+        """Every rank calls this with the same max_tokens before each stage of micro-batch `index`
+        (and with the defaults once the split step is over)."""
+        self.ubatch_row_offset = row_offset
+        self.ubatch_max_tokens = max_tokens
+
+    @property
+    def step_max_tokens(self) -> int | None:
+        """The bound on tokens per rank for the forward (or micro-batch) being run."""
+        return self.ubatch_max_tokens if self.ubatch_max_tokens is not None else self.max_tokens_per_rank
+
+    def graph_mode(self, size: int, num_real: int | None = None) -> ContextManager[None]:
+        """Context of a CUDA-graph capture or replay of `size` tokens per rank (`num_real` of them real);
+        EP backends switch to static shapes inside it. Single-rank dispatchers need nothing."""
+        return contextlib.nullcontext()
+
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         raise NotImplementedError
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         raise NotImplementedError
+
+    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+        """Starts dispatch; the result comes from `.wait()`. Default: synchronous."""
+        return done(self.dispatch(x, topk_ids, topk_weights))
+
+    def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        """Starts combine; the [T, H] output comes from `.wait()`. Default: synchronous."""
+        return done(self.combine(y, result))

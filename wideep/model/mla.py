@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMetadata, paged_mla_decode, write_latent_cache
+from .attention import AttentionMetadata, dequantize_latent, paged_mla_decode, write_latent_cache
 from .config import ModelConfig
 from .layers import RMSNorm
 from .rope import RotaryEmbedding, softmax_scale
@@ -40,6 +40,9 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
         self.scale = softmax_scale(c)
+        # Per-tensor scale of an fp8 latent cache (stored = value / k_scale). DeepSeek checkpoints carry
+        # none, so 1.0, as vLLM does; unused by a model-dtype cache.
+        self.k_scale = 1.0
 
     # W_UK [H, nope, L] and W_UV [H, v, L]: views of kv_b_proj, so weight reloads (EPLB, P/D) stay consistent.
     def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +69,7 @@ class MLAttention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = RotaryEmbedding.apply(k_pe, cos, sin)
-        write_latent_cache(kv_cache, torch.cat([c_kv, k_pe], dim=-1), attn.slot_mapping)
+        write_latent_cache(kv_cache, torch.cat([c_kv, k_pe], dim=-1), attn.slot_mapping, self.k_scale)
 
         out = x.new_empty(t, self.num_heads, self.v_dim)
         nd = attn.num_decodes
@@ -81,7 +84,8 @@ class MLAttention(nn.Module):
         w_uk, w_uv = self._w_uk_uv()
         q_lat = torch.einsum("bhn,hnl->bhl", q_nope, w_uk)
         o_lat = paged_mla_decode(
-            q_lat, q_pe, kv_cache, attn.block_tables[:nd], attn.seq_lens[:nd], self.kv_lora_rank, self.scale
+            q_lat, q_pe, kv_cache, attn.block_tables[:nd], attn.seq_lens[:nd], self.kv_lora_rank, self.scale,
+            self.k_scale,
         )
         return torch.einsum("bhl,hvl->bhv", o_lat, w_uv)
 
@@ -100,7 +104,7 @@ class MLAttention(nn.Module):
             n_blocks = (ctx_len + block_size - 1) // block_size
             bt = attn.block_tables[i, :n_blocks].to(torch.long)
             slots = (bt[:, None] * block_size + torch.arange(block_size, device=bt.device)[None, :]).reshape(-1)
-            latent = flat[slots[:ctx_len]]
+            latent = dequantize_latent(flat[slots[:ctx_len]], self.k_scale, q_nope.dtype)
             c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
             kv = self.kv_b_proj(c_kv).view(ctx_len, self.num_heads, self.nope + self.v_dim)
             k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)

@@ -6,14 +6,19 @@ is MQA with one 576-wide latent head (K = c_kv ‖ k_pe, V = c_kv) shared by all
 program loads a tile of latent rows straight from the pages once and scores it against a whole block
 of heads with tensor-core dots, keeping an online softmax in fp32 registers.
 
-Shape of the work: grid (head groups, batch, splits). Each program walks its share of one sequence's
-context (split-K over the context, "flash decoding") so small batches still fill the GPU; a second tiny
-kernel merges the splits through their log-sum-exp. Head groups are the fastest grid axis so the
-programs reading the same latent rows run together and share them through L2.
+Shape of the work: grid (head groups, batch, splits). Each program walks one split of one sequence's
+context ("flash decoding"); a second small kernel merges a sequence's splits through their log-sum-exp,
+in split order. The split schedule is attention.split_plan: fixed tokens per split, capped at MAX_SPLITS,
+a function of the sequence's own length only, so the bits of a sequence's output do not depend on the
+batch it shares or on the graph size it is padded to (batch invariance). Head groups are the fastest grid
+axis so the programs reading the same latent rows run together and share them through L2.
 
 CUDA-graph safety: the grid depends only on static shapes (batch, heads, block-table width); the
 per-sequence context range is computed on device from seq_lens. seq_len 0 rows produce zeros, and
 rows past seq_len are never read (masked loads), so stale or NaN pages cannot leak into results.
+
+fp8 cache (float8_e4m3fn holding value / k_scale): tiles are widened to the query dtype in registers and
+k_scale is applied once to the scores' scale and once to the output.
 
 Without CUDA the kernels run under the Triton interpreter (numpy), which is what the unit tests use.
 """
@@ -24,6 +29,10 @@ import sys
 from dataclasses import dataclass
 
 import torch
+
+from wideep import envs
+
+from .attention import MAX_SPLITS, SPLIT_ALIGN, is_fp8, split_tokens
 
 # Without a GPU the kernels can only run under Triton's interpreter, which must be chosen before triton is
 # first imported (its own library functions are wrapped at import time). Nothing else here uses triton.
@@ -43,42 +52,60 @@ log = logging.getLogger(__name__)
 _broken = False   # auto mode saw the kernel fail: the torch reference serves from then on
 
 _LOG2E = 1.4426950408889634
-MAX_SPLITS = 64
 BACKEND_ENV = "WIDEEP_MLA_DECODE"          # auto (default) | torch | triton
-CONFIG_ENV = "WIDEEP_MLA_DECODE_CONFIG"    # "block_h,block_n,num_warps,num_stages" to force a tile config
+CONFIG_ENV = "WIDEEP_MLA_DECODE_CONFIG"    # "block_h,block_n,num_warps,num_stages[,sv]" to force a tile config
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    block_h: int      # query heads per program (tensor-core M; >= 16)
-    block_n: int      # context tokens per loop iteration (>= 16)
+    block_h: int      # query rows (heads x query tokens) per program (tensor-core M; >= 16)
+    block_n: int      # context tokens per loop iteration (>= 16, <= SPLIT_ALIGN)
     num_warps: int
     num_stages: int   # software-pipelining depth of the latent tile loads
+    split_v: bool = False   # the Hopper variant: value accumulator as two 256-wide halves
+    f16: bool = False       # fp8 cache only: widen tiles to fp16 (one conversion instruction) instead of bf16
 
     def __str__(self) -> str:
-        return f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}"
+        return (f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}" + (",sv" if self.split_v else "")
+                + (",f16" if self.f16 else ""))
 
     @classmethod
     def parse(cls, text: str) -> "DecodeConfig":
+        parts = [x.strip() for x in text.split(",")]
+        flags = set(parts[4:])
         try:
-            bh, bn, w, s = (int(x) for x in text.split(","))
+            if len(parts) < 4 or flags - {"sv", "f16"}:
+                raise ValueError(text)
+            bh, bn, w, st = (int(x) for x in parts[:4])
         except ValueError as exc:
-            raise ValueError(f"{CONFIG_ENV} must be 'block_h,block_n,num_warps,num_stages', got {text!r}") from exc
-        if bh < 16 or bn < 16 or bh & (bh - 1) or bn & (bn - 1):
-            raise ValueError(f"{CONFIG_ENV}: block_h and block_n must be powers of two >= 16, got {text!r}")
-        return cls(bh, bn, w, s)
+            raise ValueError(f"{CONFIG_ENV} must be 'block_h,block_n,num_warps,num_stages[,sv][,f16]', got {text!r}") from exc
+        if bh < 16 or bn < 16 or bh & (bh - 1) or bn & (bn - 1) or bn > SPLIT_ALIGN:
+            raise ValueError(f"{CONFIG_ENV}: block_h and block_n must be powers of two >= 16 (block_n <= "
+                             f"{SPLIT_ALIGN}), got {text!r}")
+        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags)
 
 
 # Candidates in order of preference; a config that fails to compile (e.g. out of shared memory) is
-# skipped once and the next is used. Wide head blocks reuse each latent tile for more heads.
-# Measured on an H100 (benchmarks/mla_decode.py, 2026-11-23): 64 heads x 64 tokens won 9 of 10 shapes,
-# 0.345 ms at B=128 ctx 2048 against 0.453 ms for 64x32 and 1.86 ms for the torch reference.
+# skipped once and the next is used, and that fallback is logged once. Wide head blocks reuse each latent
+# tile for more heads. Present kernel, measured on an H100 (benchmarks/mla_decode.py, 2026-11-23): 64 heads
+# x 64 tokens won 9 of 10 shapes, 0.345 ms at B=128 ctx 2048 against 0.453 ms for 64x32.
 CUDA_CONFIGS_MANY_HEADS = (
     DecodeConfig(64, 64, 8, 2),
     DecodeConfig(64, 32, 8, 2),
     DecodeConfig(32, 32, 4, 2),
     DecodeConfig(16, 32, 4, 2),
     DecodeConfig(16, 16, 4, 1),
+)
+# Hopper (sm_90): tried first there; the configs above are the fallback. Measured on an H200
+# (benchmarks/mla_decode.py --suite/--study, 2026-11-30): the split-value variant beat the present tile at
+# every bf16 shape (0.318 ms vs 0.344 at B=128 ctx 2048, 2048 tokens per split); over an fp8 cache it needs
+# the fp16 widening to beat the bf16 one (0.371 ms vs 0.464).
+HOPPER_CONFIGS_MANY_HEADS = (
+    DecodeConfig(64, 64, 8, 2, split_v=True),
+)
+HOPPER_CONFIGS_FP8 = (
+    DecodeConfig(64, 64, 8, 2, split_v=True, f16=True),
+    DecodeConfig(64, 64, 8, 2, split_v=True),
 )
 CUDA_CONFIGS_FEW_HEADS = (
     DecodeConfig(16, 32, 4, 2),
@@ -92,7 +119,7 @@ def triton_available() -> bool:
 
 
 def _mode() -> str:
-    return os.environ.get(BACKEND_ENV, "auto").strip().lower()
+    return envs.WIDEEP_MLA_DECODE.strip().lower()
 
 
 def use_triton(q: torch.Tensor) -> bool:
@@ -113,117 +140,195 @@ def use_triton(q: torch.Tensor) -> bool:
 
 def _mla_decode_split_kernel(
     Q_LAT, Q_PE, KV, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
-    sm_scale_log2, num_splits, H,
-    stride_ql_b, stride_ql_h, stride_qp_b, stride_qp_h,
+    sm_scale_log2, out_scale, chunk, max_splits, H,
+    stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h,
     stride_kv_blk, stride_kv_tok, stride_bt_b,
-    stride_o_b, stride_o_h, stride_o_s, stride_lse_b, stride_lse_h,
+    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
     L: constexpr, R: constexpr, PAGE: constexpr, BLOCK_L: constexpr, BLOCK_R: constexpr,
-    BLOCK_H: constexpr, BLOCK_N: constexpr, SPLIT: constexpr, IEEE: constexpr,
+    BLOCK_H: constexpr, BLOCK_N: constexpr, HALF: constexpr, NUM_Q: constexpr, ALIGN: constexpr, SPLIT: constexpr,
+    IEEE: constexpr, SPLIT_V: constexpr, KV_FP8: constexpr,
     DOT_F32: constexpr,  # interpreter only: its bf16 dot is wrong, so dots run on fp32 copies
 ):
+    """One (head block, sequence, split): online softmax over the split's tokens.
+
+    Rows are (query token, head) pairs, NUM_Q * H of them. SPLIT_V keeps the 512-wide value accumulator as
+    two 256-wide halves (two tensor-core dots of the maximal wgmma width instead of one the compiler must
+    cut); KV_FP8 reads an e4m3 cache and widens tiles to bf16 in registers (the scale is folded into
+    sm_scale_log2 and out_scale).
+    """
     pid_h = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(SEQ_LENS + b)
-    per_split = (seq_len + num_splits - 1) // num_splits
-    chunk = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(seq_len, start + chunk)
-
-    heads = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    hmask = heads < H
+    # the split schedule of attention.split_plan: a function of this sequence's length only
+    n_splits = tl.minimum(tl.maximum((seq_len + chunk - 1) // chunk, 1), max_splits)
+    per = (seq_len + n_splits - 1) // n_splits
+    per = tl.maximum((per + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+    start = split * per
+    end = tl.minimum(seq_len, start + per)
+    rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask_h = rows < H * NUM_Q
+    live = rmask_h & ((rows * 0 + split) < n_splits)   # programs past this sequence's splits store nothing
+    qi = rows // H
+    head = rows % H
+    row_end = seq_len - (NUM_Q - 1 - qi)
     offs_l = tl.arange(0, BLOCK_L)
     lmask = offs_l < L
     offs_r = tl.arange(0, BLOCK_R)
     rmask = offs_r < R
-    q = tl.load(Q_LAT + b * stride_ql_b + heads[:, None] * stride_ql_h + offs_l[None, :],
-                mask=hmask[:, None] & lmask[None, :], other=0.0)
-    qp = tl.load(Q_PE + b * stride_qp_b + heads[:, None] * stride_qp_h + offs_r[None, :],
-                 mask=hmask[:, None] & rmask[None, :], other=0.0)
+    q_row = Q_LAT + b * stride_ql_b + qi * stride_ql_q + head * stride_ql_h
+    qp = tl.load(Q_PE + b * stride_qp_b + qi[:, None] * stride_qp_q + head[:, None] * stride_qp_h + offs_r[None, :],
+                 mask=rmask_h[:, None] & rmask[None, :], other=0.0)
+    if SPLIT_V:
+        offs_a = tl.arange(0, HALF)
+        q0 = tl.load(q_row[:, None] + offs_a[None, :], mask=rmask_h[:, None], other=0.0)
+        q1 = tl.load(q_row[:, None] + HALF + offs_a[None, :], mask=rmask_h[:, None], other=0.0)
+        acc0 = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
+        if DOT_F32:
+            q0 = q0.to(tl.float32)
+            q1 = q1.to(tl.float32)
+    else:
+        q = tl.load(q_row[:, None] + offs_l[None, :], mask=rmask_h[:, None] & lmask[None, :], other=0.0)
+        acc = tl.zeros([BLOCK_H, BLOCK_L], dtype=tl.float32)
+        if DOT_F32:
+            q = q.to(tl.float32)
     if DOT_F32:
-        q = q.to(tl.float32)
         qp = qp.to(tl.float32)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_L], dtype=tl.float32)
     bt_row = BLOCK_TABLES + b * stride_bt_b
     for n0 in range(start, end, BLOCK_N):
         toks = n0 + tl.arange(0, BLOCK_N)
         tmask = toks < end
         page = tl.load(bt_row + toks // PAGE, mask=tmask, other=0).to(tl.int64)
         row = page * stride_kv_blk + (toks % PAGE).to(tl.int64) * stride_kv_tok
-        if BLOCK_L == L:   # R1: whole rows, a mask constant along them keeps the loads 16-byte wide
-            kv_mask = tmask[:, None]
-        else:
-            kv_mask = tmask[:, None] & lmask[None, :]
         if BLOCK_R == R:
             pe_mask = tmask[:, None]
         else:
             pe_mask = tmask[:, None] & rmask[None, :]
-        kv = tl.load(KV + row[:, None] + offs_l[None, :], mask=kv_mask, other=0.0)
         kpe = tl.load(KV + row[:, None] + L + offs_r[None, :], mask=pe_mask, other=0.0)
+        if KV_FP8:
+            kpe = kpe.to(Q_LAT.dtype.element_ty)
         if DOT_F32:
-            kv = kv.to(tl.float32)
             kpe = kpe.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(kv), input_precision="ieee")
-            s = tl.dot(qp, tl.trans(kpe), s, input_precision="ieee")
+        if SPLIT_V:
+            kv0 = tl.load(KV + row[:, None] + offs_a[None, :], mask=tmask[:, None], other=0.0)
+            kv1 = tl.load(KV + row[:, None] + HALF + offs_a[None, :], mask=tmask[:, None], other=0.0)
+            if KV_FP8:
+                kv0 = kv0.to(Q_LAT.dtype.element_ty)
+                kv1 = kv1.to(Q_LAT.dtype.element_ty)
+            if DOT_F32:
+                kv0 = kv0.to(tl.float32)
+                kv1 = kv1.to(tl.float32)
+            if IEEE:
+                s = tl.dot(q0, tl.trans(kv0), input_precision="ieee")
+                s = tl.dot(q1, tl.trans(kv1), s, input_precision="ieee")
+                s = tl.dot(qp, tl.trans(kpe), s, input_precision="ieee")
+            else:
+                s = tl.dot(q0, tl.trans(kv0))
+                s = tl.dot(q1, tl.trans(kv1), s)
+                s = tl.dot(qp, tl.trans(kpe), s)
         else:
-            s = tl.dot(q, tl.trans(kv))
-            s = tl.dot(qp, tl.trans(kpe), s)
-        s = tl.where(tmask[None, :], s * sm_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))   # finite: every iteration has >= 1 valid token
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+            if BLOCK_L == L:   # R1: whole rows, a mask constant along them keeps the loads 16-byte wide
+                kv_mask = tmask[:, None]
+            else:
+                kv_mask = tmask[:, None] & lmask[None, :]
+            kv = tl.load(KV + row[:, None] + offs_l[None, :], mask=kv_mask, other=0.0)
+            if KV_FP8:
+                kv = kv.to(Q_LAT.dtype.element_ty)
+            if DOT_F32:
+                kv = kv.to(tl.float32)
+            if IEEE:
+                s = tl.dot(q, tl.trans(kv), input_precision="ieee")
+                s = tl.dot(qp, tl.trans(kpe), s, input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(kv))
+                s = tl.dot(qp, tl.trans(kpe), s)
+        if NUM_Q == 1:
+            s = tl.where(tmask[None, :], s * sm_scale_log2, float("-inf"))
+        else:
+            s = tl.where(toks[None, :] < row_end[:, None], s * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row with nothing visible yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        pv = p.to(KV.dtype.element_ty)   # probabilities in the cache dtype, as the reference does
+        pv = p.to(Q_LAT.dtype.element_ty)   # probabilities in the compute dtype, as the reference does
         if DOT_F32:
             pv = pv.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(pv, kv, acc, input_precision="ieee")
+        if SPLIT_V:
+            if IEEE:
+                acc0 = tl.dot(pv, kv0, acc0 * alpha[:, None], input_precision="ieee")
+                acc1 = tl.dot(pv, kv1, acc1 * alpha[:, None], input_precision="ieee")
+            else:
+                acc0 = tl.dot(pv, kv0, acc0 * alpha[:, None])
+                acc1 = tl.dot(pv, kv1, acc1 * alpha[:, None])
         else:
-            acc = tl.dot(pv, kv, acc)
+            acc = acc * alpha[:, None]
+            if IEEE:
+                acc = tl.dot(pv, kv, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(pv, kv, acc)
         m_i = m_new
 
     has = l_i > 0.0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]   # empty range: acc is 0 -> zeros
-    omask = hmask[:, None] & lmask[None, :]
+    inv = out_scale / tl.where(has, l_i, 1.0)   # empty range: acc is 0 -> zeros
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     if SPLIT:
-        o_ptr = OUT + b * stride_o_b + heads[:, None] * stride_o_h + split * stride_o_s + offs_l[None, :]
-        tl.store(o_ptr, out, mask=omask)
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(LSE + b * stride_lse_b + heads * stride_lse_h + split, lse, mask=hmask)
+        o_base = OUT + b * stride_o_b + rows[:, None] * stride_o_r + split * stride_o_s
+        tl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
     else:
-        o_ptr = OUT + b * stride_o_b + heads[:, None] * stride_o_h + offs_l[None, :]
-        tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=omask)
+        o_base = OUT + b * stride_o_b + rows[:, None] * stride_o_r
+    if SPLIT_V:
+        out0 = acc0 * inv[:, None]
+        out1 = acc1 * inv[:, None]
+        omask = live[:, None]
+        if not SPLIT:
+            out0 = out0.to(OUT.dtype.element_ty)
+            out1 = out1.to(OUT.dtype.element_ty)
+        tl.store(o_base + offs_a[None, :], out0, mask=omask)
+        tl.store(o_base + HALF + offs_a[None, :], out1, mask=omask)
+    else:
+        out = acc * inv[:, None]
+        omask = live[:, None] & lmask[None, :]
+        if not SPLIT:
+            out = out.to(OUT.dtype.element_ty)
+        tl.store(o_base + offs_l[None, :], out, mask=omask)
 
 
 def _mla_decode_combine_kernel(
-    PART, LSE, OUT, num_splits, L,
-    stride_p_b, stride_p_h, stride_p_s, stride_lse_b, stride_lse_h, stride_o_b, stride_o_h,
-    BLOCK_S: constexpr, BLOCK_L: constexpr,
+    PART, LSE, SEQ_LENS, OUT, chunk, max_splits, H_ROWS, L,
+    stride_p_b, stride_p_r, stride_p_s, stride_lse_b, stride_lse_r, stride_o_b, stride_o_r,
+    BLOCK_L: constexpr,
 ):
-    h = tl.program_id(0)
+    """Merge a sequence's splits in split order (a loop, not a tree whose shape follows the grid)."""
+    r = tl.program_id(0)
     b = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    smask = offs_s < num_splits
+    seq_len = tl.load(SEQ_LENS + b)
+    n_splits = tl.minimum((seq_len + chunk - 1) // chunk, max_splits)   # 0 for a padding row
     offs_l = tl.arange(0, BLOCK_L)
     lmask = offs_l < L
-    lse = tl.load(LSE + b * stride_lse_b + h * stride_lse_h + offs_s, mask=smask, other=float("-inf"))
-    mx = tl.max(lse, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)    # all splits empty (seq_len 0): weights all 0
-    w = tl.exp2(lse - mx)
-    denom = tl.sum(w, 0)
-    part = tl.load(PART + b * stride_p_b + h * stride_p_h + offs_s[:, None] * stride_p_s + offs_l[None, :],
-                   mask=smask[:, None] & lmask[None, :], other=0.0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(OUT + b * stride_o_b + h * stride_o_h + offs_l, out.to(OUT.dtype.element_ty), mask=lmask)
+    lse_row = LSE + b * stride_lse_b + r * stride_lse_r
+    one = tl.arange(0, 1)   # [1]-shaped scalars keep the loop-carried types fixed
+    mx = tl.full([1], float("-inf"), tl.float32)
+    for s in range(0, n_splits):
+        mx = tl.maximum(mx, tl.load(lse_row + s + one))
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    acc = tl.zeros([BLOCK_L], dtype=tl.float32)
+    den = tl.zeros([1], dtype=tl.float32)
+    for s in range(0, n_splits):
+        w = tl.exp2(tl.load(lse_row + s + one) - mx)
+        part = tl.load(PART + b * stride_p_b + r * stride_p_r + s * stride_p_s + offs_l, mask=lmask, other=0.0)
+        acc = acc + w * part
+        den = den + w
+    out = acc / tl.where(den > 0.0, den, 1.0)
+    tl.store(OUT + b * stride_o_b + r * stride_o_r + offs_l, out.to(OUT.dtype.element_ty), mask=lmask)
 
 
 def interpreter_active() -> bool:
-    return triton is not None and os.environ.get("TRITON_INTERPRET", "0") in ("1", "true", "True")
+    return triton is not None and envs.TRITON_INTERPRET in ("1", "true", "True")
 
 
 @functools.cache
@@ -233,45 +338,42 @@ def _kernels(interpret: bool):
     if interpret != interpreter_active():
         raise RuntimeError("the Triton MLA decode runs on CPU tensors only under TRITON_INTERPRET=1 (set before "
                            "triton is imported) and on CUDA tensors only without it")
-    # num_splits varies with the batch size: one compiled variant for all of its values
-    return (triton.jit(_mla_decode_split_kernel, do_not_specialize=["num_splits"]),
-            triton.jit(_mla_decode_combine_kernel, do_not_specialize=["num_splits"]))
+    # chunk / max_splits are runtime values: one compiled variant for all of them
+    return (triton.jit(_mla_decode_split_kernel, do_not_specialize=["chunk", "max_splits"]),
+            triton.jit(_mla_decode_combine_kernel, do_not_specialize=["chunk", "max_splits"]))
 
 
 # ---- launch -----------------------------------------------------------------------------------------
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << max(0, (n - 1).bit_length()))
 
 
-def choose_num_splits(batch: int, head_groups: int, max_ctx: int, block_n: int, num_sms: int) -> int:
-    """Splits of each context so batch*head_groups*splits fills (without exceeding) one wave of SMs.
-
-    Rounded down: a wave and a half costs two waves. Depends only on static shapes (graph safe).
-    Each split keeps >= 2 tiles of the padded context.
-    """
-    programs = batch * head_groups
-    want = num_sms // programs
-    cap = max(1, max_ctx // (2 * block_n))
-    return max(1, min(want, cap, MAX_SPLITS))
+def grid_splits(max_ctx: int, chunk: int) -> int:
+    """The grid's split axis: enough for the longest sequence the block table can hold. Static (graph
+    safe); programs past a sequence's own split count do nothing."""
+    return max(1, min(MAX_SPLITS, -(-max_ctx // chunk)))
 
 
 _chosen: dict[tuple, DecodeConfig] = {}
+_logged: set[tuple] = set()
 
 
-def _candidates(num_heads: int, interpret: bool, dtype: torch.dtype = torch.bfloat16) -> tuple[DecodeConfig, ...]:
-    forced = os.environ.get(CONFIG_ENV)
+@functools.cache
+def _is_hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def _candidates(num_heads: int, interpret: bool, dtype: torch.dtype = torch.bfloat16,
+                hopper: bool = False, fp8: bool = False) -> tuple[DecodeConfig, ...]:
+    forced = envs.WIDEEP_MLA_DECODE_CONFIG
     if forced:
         return (DecodeConfig.parse(forced),)
     if interpret:
         return (INTERPRET_CONFIG,)
     if num_heads >= 64 and dtype in (torch.bfloat16, torch.float16):
-        return CUDA_CONFIGS_MANY_HEADS
+        first = (HOPPER_CONFIGS_FP8 if fp8 else HOPPER_CONFIGS_MANY_HEADS) if hopper else ()
+        return first + CUDA_CONFIGS_MANY_HEADS
     return CUDA_CONFIGS_FEW_HEADS   # few heads, or fp32 (tests): no tensor-core path, keep tiles small
 
 
@@ -282,35 +384,47 @@ def mla_decode(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_scale: float = 1.0,
     *,
     config: DecodeConfig | None = None,
-    num_splits: int | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """q_lat [B, H, L], q_pe [B, H, R], kv_cache [num_blocks, page, L+R] -> o_lat [B, H, L] (q_lat's dtype).
+    """q_lat [B, H, L] or [B, Q, H, L] (Q query tokens per sequence), q_pe likewise with R, kv_cache
+    [num_blocks, page, L+R] (model dtype, or float8_e4m3fn holding value / k_scale) -> o_lat like q_lat.
 
     block_tables [B, max_blocks] (int32), seq_lens [B] (int32, 0 = padding row -> zeros).
-    `config`/`num_splits` override the heuristics (benchmarks, tests).
+    `config` / `chunk` (tokens per split, see attention.split_plan) override the defaults (benchmarks, tests).
     """
-    if q_lat.dim() != 3 or q_pe.dim() != 3 or q_pe.shape[:2] != q_lat.shape[:2]:
-        raise ValueError(f"q_lat [B,H,L] and q_pe [B,H,R] must agree: {tuple(q_lat.shape)} vs {tuple(q_pe.shape)}")
-    b, h, lat = q_lat.shape
-    rope = q_pe.shape[2]
+    squeeze = q_lat.dim() == 3
+    if squeeze and q_pe.dim() == 3:
+        q_lat, q_pe = q_lat[:, None], q_pe[:, None]
+    if q_lat.dim() != 4 or q_pe.dim() != 4 or q_pe.shape[:3] != q_lat.shape[:3]:
+        raise ValueError(f"q_lat [B,(Q,)H,L] and q_pe [B,(Q,)H,R] must agree: {tuple(q_lat.shape)} vs "
+                         f"{tuple(q_pe.shape)}")
+    b, nq, h, lat = q_lat.shape
+    rope = q_pe.shape[3]
+    if not 1 <= nq <= 4:
+        raise ValueError(f"1 to 4 query tokens per sequence, got {nq}")
     if kv_cache.dim() != 3 or kv_cache.shape[2] != lat + rope:
         raise ValueError(f"kv_cache must be [num_blocks, block_size, {lat + rope}], got {tuple(kv_cache.shape)}")
     if block_tables.dim() != 2 or block_tables.shape[0] != b:
         raise ValueError(f"block_tables must be [{b}, max_blocks], got {tuple(block_tables.shape)}")
     if seq_lens.shape != (b,):
         raise ValueError(f"seq_lens must be [{b}], got {tuple(seq_lens.shape)}")
-    out = torch.empty((b, h, lat), dtype=q_lat.dtype, device=q_lat.device)
+    out = torch.empty((b, nq, h, lat), dtype=q_lat.dtype, device=q_lat.device)
     if b == 0 or h == 0:
-        return out
+        return out[:, 0] if squeeze else out
 
     dt = kv_cache.dtype
-    q_lat = q_lat.to(dt)
-    q_pe = q_pe.to(dt)
-    if q_lat.stride(2) != 1:
+    fp8 = is_fp8(dt)
+    cdt = q_lat.dtype if fp8 else dt   # compute dtype: the cache's, or the query's over an fp8 cache
+    if fp8 and cdt not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"an fp8 cache needs bf16/fp16/fp32 queries, got {cdt}")
+    q_lat = q_lat.to(cdt)
+    q_pe = q_pe.to(cdt)
+    if q_lat.stride(3) != 1:
         q_lat = q_lat.contiguous()
-    if q_pe.stride(2) != 1:
+    if q_pe.stride(3) != 1:
         q_pe = q_pe.contiguous()
     if kv_cache.stride(2) != 1:
         raise ValueError("kv_cache's last dimension must be contiguous")
@@ -321,25 +435,29 @@ def mla_decode(
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
     seq_lens = seq_lens.contiguous()
+    chunk = chunk or split_tokens()
+    if chunk <= 0 or chunk % SPLIT_ALIGN:
+        raise ValueError(f"chunk must be a positive multiple of {SPLIT_ALIGN}, got {chunk}")
 
     interpret = not q_lat.is_cuda
     page = kv_cache.shape[1]
     max_ctx = block_tables.shape[1] * page
-    ieee = dt == torch.float32 or interpret
-    key = (q_lat.device, h, lat, rope, page, dt)
+    ieee = cdt == torch.float32 or interpret
+    dev_index = None if interpret else (q_lat.device.index if q_lat.device.index is not None
+                                        else torch.cuda.current_device())
+    hopper = dev_index is not None and _is_hopper(dev_index)
+    key = (q_lat.device, h * nq, lat, rope, page, dt, cdt)
     if config is not None:
         candidates = (config,)
     else:  # the config that worked before first; the rest still back it up (a new variant may not compile)
-        candidates = _candidates(h, interpret, dt)
+        candidates = _candidates(h * nq, interpret, cdt, hopper, fp8)
         if key in _chosen:
             candidates = (_chosen[key],) + tuple(c for c in candidates if c != _chosen[key])
-    num_sms = 4 if interpret else _num_sms(q_lat.device.index if q_lat.device.index is not None
-                                           else torch.cuda.current_device())
     last_exc: Exception | None = None
-    for cfg in candidates:
+    for i, cfg in enumerate(candidates):
         try:
-            _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, cfg, num_splits, max_ctx,
-                    num_sms, interpret, ieee)
+            _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, k_scale, cfg, chunk, max_ctx,
+                    interpret, ieee, fp8)
         except Exception as exc:  # compile failure (e.g. out of resources): try the next tile config
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise
@@ -347,51 +465,67 @@ def mla_decode(
             continue
         if config is None:
             _chosen[key] = cfg
-        return out
+            if key not in _logged:
+                _logged.add(key)
+                if i:
+                    log.warning("MLA decode: preferred tile config %s did not run here (%s); using %s",
+                                candidates[0], last_exc, cfg)
+                else:
+                    log.info("MLA decode: Triton kernel, tile config %s (%s)", cfg,
+                             "Hopper variant" if cfg.split_v else "portable variant")
+        return out[:, 0] if squeeze else out
     raise RuntimeError(f"no MLA decode tile config compiled (tried {[str(c) for c in candidates]})") from last_exc
 
 
-def _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, cfg: DecodeConfig, num_splits,
-            max_ctx, num_sms, interpret, ieee):
-    dot_f32 = interpret and kv_cache.dtype != torch.float32
+def _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, k_scale, cfg: DecodeConfig, chunk,
+            max_ctx, interpret, ieee, fp8):
+    if fp8 and cfg.f16 and q_lat.dtype == torch.bfloat16:   # saturate rather than overflow to inf
+        q_lat = q_lat.clamp(-65504.0, 65504.0).to(torch.float16)
+        q_pe = q_pe.clamp(-65504.0, 65504.0).to(torch.float16)
+    dot_f32 = interpret and q_lat.dtype != torch.float32
     split_kernel, combine_kernel = _kernels(interpret)
-    b, h, lat = q_lat.shape
-    rope = q_pe.shape[2]
+    b, nq, h, lat = q_lat.shape
+    rope = q_pe.shape[3]
+    rows = nq * h
     block_l, block_r = _pow2(lat), _pow2(rope)
-    head_groups = -(-h // cfg.block_h)
-    splits = num_splits or choose_num_splits(b, head_groups, max_ctx, cfg.block_n, num_sms)
+    if cfg.split_v and block_l != lat:
+        raise ValueError(f"the split-value variant needs a power-of-two kv_lora_rank, got {lat}")
+    head_groups = -(-rows // cfg.block_h)
+    splits = grid_splits(max_ctx, chunk)
     grid = (head_groups, b, splits)
     common = dict(L=lat, R=rope, PAGE=kv_cache.shape[1], BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_H=cfg.block_h,
-                  BLOCK_N=cfg.block_n, IEEE=ieee, DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  BLOCK_N=cfg.block_n, HALF=block_l // 2, NUM_Q=nq, ALIGN=SPLIT_ALIGN, IEEE=ieee, SPLIT_V=cfg.split_v, KV_FP8=fp8,
+                  DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    qs = (q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2))
+    kvs = (kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0))
+    sm = scale * _LOG2E * k_scale
+    flat_out = out.view(b, rows, lat)
     if splits == 1:
         split_kernel[grid](
-            q_lat, q_pe, kv_cache, block_tables, seq_lens, out, out,
-            scale * _LOG2E, 1, h,
-            q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
-            kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
-            out.stride(0), out.stride(1), 0, 0, 0,
+            q_lat, q_pe, kv_cache, block_tables, seq_lens, flat_out, flat_out,
+            sm, k_scale, chunk, MAX_SPLITS, h, *qs, *kvs,
+            flat_out.stride(0), flat_out.stride(1), 0, 0, 0,
             SPLIT=False, **common,
         )
         return
-    part = torch.empty((b, h, splits, lat), dtype=torch.float32, device=q_lat.device)
-    lse = torch.empty((b, h, splits), dtype=torch.float32, device=q_lat.device)
+    part = torch.empty((b, rows, splits, lat), dtype=torch.float32, device=q_lat.device)
+    lse = torch.empty((b, rows, splits), dtype=torch.float32, device=q_lat.device)
     split_kernel[grid](
         q_lat, q_pe, kv_cache, block_tables, seq_lens, part, lse,
-        scale * _LOG2E, splits, h,
-        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
+        sm, k_scale, chunk, MAX_SPLITS, h, *qs, *kvs,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         SPLIT=True, **common,
     )
-    combine_kernel[(h, b)](
-        part, lse, out, splits, lat,
+    combine_kernel[(rows, b)](
+        part, lse, seq_lens, flat_out, chunk, MAX_SPLITS, rows, lat,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1),
-        BLOCK_S=_pow2(splits, 2), BLOCK_L=block_l, num_warps=4,
+        flat_out.stride(0), flat_out.stride(1),
+        BLOCK_L=block_l, num_warps=4,
     )
 
 
-def paged_mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lora_rank: int, scale: float):
+def paged_mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lora_rank: int, scale: float,
+                            k_scale: float = 1.0):
     """Drop-in for `attention.paged_mla_decode` (same signature).
 
     In auto mode a kernel that cannot run here (no config compiles, a launcher error) must not take the
@@ -401,7 +535,7 @@ def paged_mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lo
     if q_lat.shape[-1] != kv_lora_rank:
         raise ValueError(f"q_lat's last dim {q_lat.shape[-1]} != kv_lora_rank {kv_lora_rank}")
     try:
-        return mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, scale)
+        return mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, scale, k_scale)
     except Exception as exc:
         capturing = q_lat.is_cuda and torch.cuda.is_current_stream_capturing()
         if _mode() == "triton" or capturing or isinstance(exc, ValueError):
@@ -410,4 +544,4 @@ def paged_mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lo
         log.warning("Triton MLA decode failed (%s); falling back to the torch reference", exc)
         from .attention import paged_mla_decode_torch
 
-        return paged_mla_decode_torch(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lora_rank, scale)
+        return paged_mla_decode_torch(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lora_rank, scale, k_scale)

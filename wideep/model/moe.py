@@ -152,3 +152,20 @@ class DeepseekV3MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    def forward_stages(self, x: torch.Tensor):
+        """forward() as a generator for dual-batch overlap (model/ubatch.py): it yields while its dispatch,
+        then its combine, is in flight, so the other micro-batch computes meanwhile; returns the output."""
+        topk_ids, topk_weights = self.gate(x)
+        if self.expert_map is not None:
+            topk_ids = self.expert_map(topk_ids)
+        pending = self.dispatcher.dispatch_async(x, topk_ids, topk_weights)
+        yield
+        result = pending.wait()
+        y = self.experts(result.x, result.tokens_per_expert)
+        y = y * result.weights.to(y.dtype)[:, None]
+        pending = self.dispatcher.combine_async(y, result)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        yield
+        out = pending.wait()
+        return out if shared is None else out + shared

@@ -10,21 +10,21 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None)
 
 
-def all_gather_rows(x: torch.Tensor, world: int, group: Any = None) -> torch.Tensor:
-    """[T, ...] on every rank (same T) -> [world*T, ...] in rank order."""
+def all_gather_rows(x: torch.Tensor, world: int, group: Any = None, async_op: bool = False):
+    """[T, ...] on every rank (same T) -> [world*T, ...] in rank order (async_op: (out, work))."""
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x.contiguous(), group=group)
-    return out
+    work = _all_gather_single(out, x.contiguous(), group=group, async_op=async_op)
+    return (out, work) if async_op else out
 
 
-def reduce_scatter_rows(x: torch.Tensor, world: int, group: Any = None) -> torch.Tensor:
-    """[world*T, ...] summed over ranks, rank r keeps rows r*T:(r+1)*T."""
+def reduce_scatter_rows(x: torch.Tensor, world: int, group: Any = None, async_op: bool = False):
+    """[world*T, ...] summed over ranks, rank r keeps rows r*T:(r+1)*T (async_op: (out, work))."""
     out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     if _reduce_scatter_single is not None:
-        _reduce_scatter_single(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group)
+        work = _reduce_scatter_single(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group, async_op=async_op)
     else:
-        dist.reduce_scatter_tensor(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group)
-    return out
+        work = dist.reduce_scatter_tensor(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+    return (out, work) if async_op else out
 
 
 def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group: Any = None) -> torch.Tensor:

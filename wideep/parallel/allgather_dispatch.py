@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from wideep.parallel import _comm
 from wideep.parallel.expert_grouping import group_by_local_expert
-from wideep.model.dispatch import DispatchResult, MoEDispatcher
+from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending, done
 
 
 @dataclass
@@ -38,34 +38,48 @@ class AllGatherReduceScatterDispatcher(MoEDispatcher):
     def _padded_tokens(self, t: int, device: torch.device) -> int:
         if self.ep_size == 1:
             return t
-        if self.max_tokens_per_rank is not None:
-            if t > self.max_tokens_per_rank:
+        bound = self.step_max_tokens
+        if bound is not None:
+            if t > bound:
                 raise ValueError(f"{t} tokens on rank {self.ep_rank} exceed max_tokens_per_rank="
-                                 f"{self.max_tokens_per_rank} agreed for this step")
-            return self.max_tokens_per_rank
+                                 f"{bound} agreed for this step")
+            return bound
         return _comm.all_reduce_max_int(t, device, self.group)
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        return self.dispatch_async(x, topk_ids, topk_weights).wait()
+
+    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
         t = x.shape[0]
         tp = self._padded_tokens(t, x.device)
         pad = tp - t
+        works = []
         if self.ep_size > 1:
             if pad:
                 x = F.pad(x, (0, 0, 0, pad))
                 topk_ids = F.pad(topk_ids, (0, 0, 0, pad), value=-1)
                 topk_weights = F.pad(topk_weights, (0, 0, 0, pad))
-            x = _comm.all_gather_rows(x, self.ep_size, self.group)
-            topk_ids = _comm.all_gather_rows(topk_ids, self.ep_size, self.group)
-            topk_weights = _comm.all_gather_rows(topk_weights, self.ep_size, self.group)
+            (x, w1), (topk_ids, w2), (topk_weights, w3) = (
+                _comm.all_gather_rows(v, self.ep_size, self.group, async_op=True) for v in (x, topk_ids, topk_weights))
+            works = [w1, w2, w3]
         first, _ = self.local_expert_range
-        g = group_by_local_expert(topk_ids - first, self.num_local_experts, self.static_shapes)
-        weights = topk_weights.reshape(-1)[g.order]
-        if g.valid is not None:
-            weights = torch.where(g.valid, weights, torch.zeros_like(weights))
-        return DispatchResult(x=x[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
-                              handle=_Handle(t, tp, g.rows, g.valid))
+        static = self.static_shapes
+
+        def finish() -> DispatchResult:
+            for w in works:
+                w.wait()
+            g = group_by_local_expert(topk_ids - first, self.num_local_experts, static)
+            weights = topk_weights.reshape(-1)[g.order]
+            if g.valid is not None:
+                weights = torch.where(g.valid, weights, torch.zeros_like(weights))
+            return DispatchResult(x=x[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
+                                  handle=_Handle(t, tp, g.rows, g.valid))
+        return Pending(finish)
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        return self.combine_async(y, result).wait()
+
+    def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
         h: _Handle = result.handle
         if h.valid is not None:
             y = torch.where(h.valid.unsqueeze(1), y, torch.zeros_like(y))
@@ -73,6 +87,12 @@ class AllGatherReduceScatterDispatcher(MoEDispatcher):
         # EP=1 (LocalDispatcher), so EP=N greedy tokens match EP=1 in bf16 too (2x reduce-scatter bytes)
         out = torch.zeros((h.padded_tokens * self.ep_size, y.shape[1]), dtype=torch.float32, device=y.device)
         out.index_add_(0, h.rows, y.float())
-        if self.ep_size > 1:
-            out = _comm.reduce_scatter_rows(out, self.ep_size, self.group)
-        return out[: h.num_tokens].to(y.dtype)
+        dtype = y.dtype
+        if self.ep_size == 1:
+            return done(out[: h.num_tokens].to(dtype))
+        out, work = _comm.reduce_scatter_rows(out, self.ep_size, self.group, async_op=True)
+
+        def finish() -> torch.Tensor:
+            work.wait()
+            return out[: h.num_tokens].to(dtype)
+        return Pending(finish)

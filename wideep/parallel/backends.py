@@ -13,12 +13,14 @@ _BACKENDS: dict[str, Callable[..., MoEDispatcher] | str] = {
     # built-ins are imported lazily ("module:Class") so importing this file stays cheap
     "allgather_reducescatter": "wideep.parallel.allgather_dispatch:AllGatherReduceScatterDispatcher",
     "all_to_all": "wideep.parallel.all_to_all_dispatch:AllToAllDispatcher",
+    "symm_mem_ll": "wideep.parallel.symm_dispatch:SymmMemDispatcher",
+    # vLLM's name: symm_mem_ll on GPUs, allgather_reducescatter on CPU/gloo (logs which one runs)
+    "deepep_low_latency": "wideep.parallel.symm_dispatch:make_low_latency_dispatcher",
 }
 # vLLM / llm-d backend names mapped onto the closest wideep backend (DeepEP low-latency is an all-gather, high-throughput an all-to-all).
 ALIASES = {
     "naive": "allgather_reducescatter",
     "allgather": "allgather_reducescatter",
-    "deepep_low_latency": "allgather_reducescatter",
     "deepep_high_throughput": "all_to_all",
     "pplx": "all_to_all",
 }

@@ -1,7 +1,7 @@
 """Where this engine rank sits in its DP×EP group, from flags or from the pod's LeaderWorkerSet/Grove env.
 
 Attention is data-parallel and experts are expert-parallel over the same ranks, so one number
-(data_parallel_size) is both the DP size and the EP size; tensor parallelism is 1 (engine.md §1).
+(data_parallel_size) is both the DP size and the EP size; tensor parallelism is 1 (docs/protocols.md, "Data and expert parallelism").
 """
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
+from wideep.errors import ConfigError
 
-class ParallelConfigError(ValueError):
+
+class ParallelConfigError(ConfigError):
     """A parallel setting is inconsistent; the message names the field and what to do."""
 
 
@@ -92,8 +94,8 @@ class ParallelConfig:
             data_parallel_rank=rank,
             data_parallel_address=args.data_parallel_address,
             data_parallel_rpc_port=args.data_parallel_rpc_port,
-            all2all_backend=getattr(args, "all2all_backend", "allgather_reducescatter"),
-            enable_eplb=getattr(args, "enable_eplb", False),
+            all2all_backend=args.all2all_backend,
+            enable_eplb=args.enable_eplb,
         )
 
     @classmethod
@@ -101,8 +103,8 @@ class ParallelConfig:
                  **overrides: Any) -> "ParallelConfig | None":
         """From the LeaderWorkerSet or Grove env of this pod; None when neither is present.
 
-        LWS (deploy.md §3): size = LWS_GROUP_SIZE*size_local, start = LWS_WORKER_INDEX*size_local,
-        leader = LWS_LEADER_ADDRESS.  Grove (deploy.md §4): a scaling group of a leader clique and a
+        LWS: size = LWS_GROUP_SIZE*size_local, start = LWS_WORKER_INDEX*size_local,
+        leader = LWS_LEADER_ADDRESS.  Grove: a scaling group of a leader clique and a
         worker clique; size = GROVE_PCSG_TEMPLATE_NUM_PODS*size_local, start = 0 on the leader and
         (GROVE_PCLQ_POD_INDEX+1)*size_local on workers, leader = "<pclq with worker→leader>-0.<headless svc>".
         """

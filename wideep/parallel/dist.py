@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -17,14 +16,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from wideep.errors import WideepError
+from wideep import envs
 from wideep.parallel.config import ParallelConfig
+from wideep.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("WIDEEP_DIST_TIMEOUT_S", "120"))
 
 
-class EPGroupError(RuntimeError):
+class EPGroupError(WideepError, RuntimeError):
     """A collective of the EP group failed: a peer rank died, hung or disagreed."""
 
 
@@ -44,26 +45,18 @@ class EPGroup:
 
 
 def pick_device(config: ParallelConfig, device: str = "auto") -> torch.device:
-    """cuda:<local rank> when CUDA is asked for or available, else cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if device == "cuda":
-            n = torch.cuda.device_count()
-            if n == 0:
-                raise RuntimeError("device=cuda but no CUDA device is visible")
-            # With CUDA_VISIBLE_DEVICES narrowed to one GPU per process, local rank maps to cuda:0.
-            return torch.device("cuda", config.local_rank % n)
-        return torch.device(device)
-    return torch.device("cpu")
+    """cuda:<local rank> when CUDA is asked for or available, else cpu (wideep.utils.device)."""
+    return resolve_device(device, config.local_rank)
 
 
 def init_ep_group(config: ParallelConfig, device: str | torch.device = "auto",
-                  timeout_s: float = DEFAULT_TIMEOUT_S) -> EPGroup:
+                  timeout_s: float | None = None) -> EPGroup:
     """Join the EP group described by `config` (blocks until all data_parallel_size ranks joined).
 
     Size 1 forms no process group at all. Backend: NCCL when the device is CUDA, else gloo.
     """
+    if timeout_s is None:
+        timeout_s = envs.WIDEEP_DIST_TIMEOUT_S
     dev = device if isinstance(device, torch.device) else pick_device(config, device)
     if config.ep_size == 1:
         return EPGroup(0, 1, dev, "none", None, None, timeout_s)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from wideep import envs
 from wideep.parallel.eplb_algo import rebalance_experts
 
 log = logging.getLogger(__name__)
@@ -159,9 +160,8 @@ def move_expert_weights(tensors: Sequence[torch.Tensor], old: list[int], new: li
 def _append_report(report: RebalanceReport, rank: int) -> None:
     """WIDEEP_EPLB_REPORT=<path>: append one JSON line per rebalance (observability for tests and runs)."""
     import json
-    import os
 
-    path = os.environ.get("WIDEEP_EPLB_REPORT")
+    path = envs.WIDEEP_EPLB_REPORT
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"rank": rank, **report.__dict__}) + "\n")

@@ -1,4 +1,4 @@
-"""Expert placement for EPLB (engine.md §5): which logical expert each physical slot holds.
+"""Expert placement for EPLB (docs/protocols.md, "MoE dispatch backends and EPLB"): which logical expert each physical slot holds.
 
 Hierarchical when expert groups divide evenly over nodes (groups packed onto nodes first, so a
 token's limited set of groups stays on few nodes), global otherwise. Pure function of the load

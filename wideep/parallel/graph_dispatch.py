@@ -1,6 +1,6 @@
 """Two MoE dispatch backends behind one: a graph backend for captured decode, the configured one otherwise.
 
-vLLM-style split (engine.md §5): decode steps replay CUDA graphs, which need a dispatcher with fixed
+vLLM-style split (docs/protocols.md, "MoE dispatch backends and EPLB"): decode steps replay CUDA graphs, which need a dispatcher with fixed
 shapes and no host sync (DeepEP low-latency; here allgather_reducescatter in static-shape mode);
 prefill and mixed steps run eagerly with the configured backend (DeepEP high-throughput; here
 all_to_all, or allgather). The model runner enters `graph_mode(size)` around capturing (and
@@ -9,13 +9,13 @@ replaying) a graph of `size` tokens per rank; everything else goes to the eager 
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 
-from wideep.model.dispatch import DispatchResult, MoEDispatcher
+from wideep import envs
+from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending
 from wideep.parallel.backends import ALIASES, get_dispatcher
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,8 @@ class GraphModeDispatcher(MoEDispatcher):
         if self._real is not None:
             with torch.inference_mode():   # the engine runs (and created it) in inference mode
                 self._real.fill_(self._num_real)
-        saved = (getattr(g, "static_shapes", False), g.max_tokens_per_rank, self.active)
-        if hasattr(g, "static_shapes"):
-            g.static_shapes = True
+        saved = (g.static_shapes, g.max_tokens_per_rank, self.active)
+        g.static_shapes = True
         g.set_max_tokens_per_rank(size)
         self.active, self.graph_size = g, size
         first, ok = size not in self._seen, True
@@ -79,8 +78,7 @@ class GraphModeDispatcher(MoEDispatcher):
             ok = False
             raise
         finally:
-            if hasattr(g, "static_shapes"):
-                g.static_shapes = saved[0]
+            g.static_shapes = saved[0]
             g.set_max_tokens_per_rank(saved[1])
             self.active, self.graph_size = saved[2], None
             if first:
@@ -97,10 +95,24 @@ class GraphModeDispatcher(MoEDispatcher):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.agree_group)
         return int(t.item()) == 0
 
+    def set_ubatch(self, row_offset: int = 0, max_tokens: int | None = None, index: int = 0) -> None:
+        super().set_ubatch(row_offset, max_tokens, index)
+        self.eager.set_ubatch(row_offset, max_tokens, index)
+        if self.graph is not self.eager:
+            self.graph.set_ubatch(row_offset, max_tokens, index)
+
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         if self.graph_size is not None:
             topk_ids = self._drop_padding_rows(topk_ids)
         return self.active.dispatch(x, topk_ids, topk_weights)
+
+    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+        if self.graph_size is not None:
+            topk_ids = self._drop_padding_rows(topk_ids)
+        return self.active.dispatch_async(x, topk_ids, topk_weights)
+
+    def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        return self.active.combine_async(y, result)
 
     def real_rows(self, num_rows: int, device: torch.device) -> torch.Tensor | None:
         """Inside graph_mode: bool [num_rows], True for real rows (read from a device scalar at replay)."""
@@ -112,7 +124,8 @@ class GraphModeDispatcher(MoEDispatcher):
                                    "must live outside the graph)")
             with torch.inference_mode():
                 self._real = torch.full((), self._num_real, dtype=torch.int64, device=device)
-        return torch.arange(num_rows, device=device) < self._real
+        # a micro-batch's rows start at ubatch_row_offset of the step's batch (dual-batch overlap)
+        return torch.arange(self.ubatch_row_offset, self.ubatch_row_offset + num_rows, device=device) < self._real
 
     def _drop_padding_rows(self, topk_ids: torch.Tensor) -> torch.Tensor:
         real = self.real_rows(topk_ids.shape[0], topk_ids.device)
@@ -125,7 +138,7 @@ class GraphModeDispatcher(MoEDispatcher):
 def graph_backend_name(eager_backend: str, eager: MoEDispatcher | None = None) -> str:
     """The decode backend: $WIDEEP_DECODE_ALL2ALL_BACKEND, else the configured backend when it is
     graph capturable, else allgather_reducescatter."""
-    forced = os.environ.get(DECODE_BACKEND_ENV)
+    forced = envs.WIDEEP_DECODE_ALL2ALL_BACKEND
     if forced:
         return ALIASES.get(forced, forced)
     if eager is not None and eager.graph_capturable:
@@ -134,9 +147,11 @@ def graph_backend_name(eager_backend: str, eager: MoEDispatcher | None = None) -
 
 
 def make_graph_mode_dispatcher(backend: str, num_experts: int, ep_rank: int = 0, ep_size: int = 1,
-                               group=None, agree_group=None) -> GraphModeDispatcher:
+                               group=None, agree_group=None, decode_mode: str | None = "CUDA graph"
+                               ) -> GraphModeDispatcher:
     """The configured backend for eager steps plus a capturable one for CUDA-graph decode; shares one
-    instance when the configured backend is itself capturable. Logs the choice."""
+    instance when the configured backend is itself capturable. Logs the choice; `decode_mode` names how
+    decode steps run ("CUDA graph", "static-shape" CPU stand-ins, or None: eagerly, like prefill)."""
     eager = get_dispatcher(backend, num_experts, ep_rank=ep_rank, ep_size=ep_size, group=group)
     gname = graph_backend_name(backend, eager)
     if gname == ALIASES.get(backend, backend):
@@ -144,9 +159,11 @@ def make_graph_mode_dispatcher(backend: str, num_experts: int, ep_rank: int = 0,
     else:
         graph = get_dispatcher(gname, num_experts, ep_rank=ep_rank, ep_size=ep_size, group=group)
     d = GraphModeDispatcher(eager, graph, agree_group=agree_group if ep_size > 1 else None)
-    if ep_rank == 0:
-        log.info("EP MoE dispatch: prefill/mixed (eager) backend %s, decode (CUDA graph) backend %s%s",
-                 eager.name, graph.name,
-                 f" (from ${DECODE_BACKEND_ENV})" if os.environ.get(DECODE_BACKEND_ENV) else
+    if ep_rank == 0 and decode_mode is None:
+        log.info("EP MoE dispatch: backend %s (every step eager)", eager.name)
+    elif ep_rank == 0:
+        log.info("EP MoE dispatch: prefill/mixed (eager) backend %s, decode (%s) backend %s%s",
+                 eager.name, decode_mode, graph.name,
+                 f" (from ${DECODE_BACKEND_ENV})" if envs.WIDEEP_DECODE_ALL2ALL_BACKEND else
                  "" if graph is eager else f" ({eager.name} is not graph capturable)")
     return d

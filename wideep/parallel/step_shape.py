@@ -2,7 +2,7 @@
 
 The MoE layers of a forward are collectives, so every rank must run the same kind of forward with
 the same padded token count. Each rank proposes what it could run (vLLM's coordinate_batch_across_dp,
-engine.md §2); the proposals travel in the DP lockstep's per-step MAX all-reduce, so they are encoded
+docs/protocols.md, "DP lockstep"); the proposals travel in the DP lockstep's per-step MAX all-reduce, so they are encoded
 as "bigger wins" integers:
 - tokens: the rank's token count (a dummy batch counts as `dummy_tokens`);
 - needs_eager: 1 if the rank cannot replay a graph this step (prefill or mixed batch, or no graphs):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import grpc
 from aiohttp import web
 
+from wideep.logs import ACCESS_LOG, ACCESS_LOG_FORMAT
 from wideep.router.config import PickerConfig, default_config_text, load_config_file, load_config_text
 from wideep.router.datastore import Datastore, load_endpoints_file, parse_endpoint_flag
 from wideep.router.director import Director
@@ -145,7 +146,7 @@ class Router:
     async def _serve(self, app: web.Application, port: int) -> None:
         # handler_cancellation: a client that hangs up cancels the proxy's handler, which closes the
         # upstream request, so the endpoint aborts it (frees its KV) even for a non-streaming request.
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        runner = web.AppRunner(app, access_log=ACCESS_LOG, access_log_format=ACCESS_LOG_FORMAT, handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, self.opts.host, port, backlog=4096).start()
         self._runners.append(runner)
@@ -176,13 +177,6 @@ class Router:
         await self.scraper.stop()
         if self.k8s:
             await self.k8s.stop()
-
-    async def run_forever(self) -> None:
-        await self.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
 
 
 def run_router(opts: RouterOptions) -> int:

@@ -1,7 +1,9 @@
-"""`wideep router`: the llm-d-compatible Endpoint Picker (router.md). Imports stay light here."""
+"""`wideep router`: the llm-d-compatible Endpoint Picker (docs/protocols.md, "Router"). Imports stay light here."""
 from __future__ import annotations
 
 import argparse
+
+from wideep.logs import setup_logging
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--envoy-admin-port", type=int, default=9901)
     s.add_argument("--envoy-concurrency", type=int, default=1)
     s.add_argument("--workdir", help="where --envoy writes envoy.yaml and envoy.log")
-    s.add_argument("--log-level", default="INFO")
+    s.add_argument("--log-level", default=None,
+                   help="log level (default: $WIDEEP_LOG_LEVEL, else info; info logs one access line per request)")
 
 
 def register(subparsers) -> None:
@@ -80,10 +83,9 @@ def options_from_args(args):
 
 
 def main(args) -> int:
-    import logging
     import sys
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("router", args.log_level)
     if args.print_default_config:
         from wideep.router.config import default_config_text
 

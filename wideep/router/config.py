@@ -1,6 +1,6 @@
 """EndpointPickerConfig (llm-d.ai/v1alpha1 or inference.networking.x-k8s.io/v1alpha1) -> live plugins.
 
-Defaults follow router.md §1: no profiles -> one `default` profile with every filter, scorer and
+Defaults follow llm-d's EndpointPickerConfig: no profiles -> one `default` profile with every filter, scorer and
 picker; one profile -> single-profile-handler; no picker -> max-score-picker (1 endpoint);
 token-producer (estimate) and inflight-load-producer are injected when not listed; pre-request,
 producer and response plugins are wired just by being listed.
@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from wideep.router import framework as fw
-from wideep.router.registry import ConfigError, Plugin, create, parse_params
+from wideep.router.registry import ConfigError, Plugin, PluginParams, create, parse_params
 
 API_VERSIONS = ("llm-d.ai/v1alpha1", "inference.networking.x-k8s.io/v1alpha1")
 TOP_KEYS = {"apiVersion", "kind", "featureGates", "plugins", "schedulingProfiles", "dataLayer",
@@ -26,13 +26,13 @@ TOP_KEYS = {"apiVersion", "kind", "featureGates", "plugins", "schedulingProfiles
 
 
 @dataclass
-class SaturationParams:
+class SaturationParams(PluginParams):
     queue_depth_threshold: int = 5
     kv_cache_util_threshold: float = 0.8
 
 
 @dataclass
-class FlowControlParams:
+class FlowControlParams(PluginParams):
     max_queue_size: int = 128             # requests waiting per pool before 429
     queue_timeout_s: float = 30.0         # a queued request gives up with 429 after this
     max_inflight_per_endpoint: int = 0    # router-side cap (0 = metrics-based saturation only)

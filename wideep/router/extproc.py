@@ -1,4 +1,4 @@
-"""Gateway mode: Envoy ext_proc server speaking the GIE endpoint-picker protocol (router.md §4).
+"""Gateway mode: Envoy ext_proc server speaking the GIE endpoint-picker protocol (docs/protocols.md, "Router").
 
 Request bodies arrive FULL_DUPLEX_STREAMED: they are buffered to end-of-stream, the request is
 scheduled, then Envoy gets (1) the request-headers answer carrying `x-gateway-destination-endpoint`

@@ -1,4 +1,4 @@
-"""Plugin roles (router.md §1) and the scheduling cycle that strings them together.
+"""Plugin roles (docs/protocols.md, "Router") and the scheduling cycle that strings them together.
 
 A request goes: screeners (intersected) -> producers -> profile handler picks profiles -> each profile runs its filters
 (in order, stop when empty), its weighted scorers (each clamped to [0,1], times weight, summed),
@@ -120,7 +120,17 @@ class Profile:
         return ProfileRunResult(targets=targets, candidates=eps, totals=totals)
 
 
+class PDDecider(Plugin):
+    """Decides whether a request gets a separate prefill leg, given the decode endpoint picked."""
+
+    def disaggregate(self, req: LLMRequest, decode: Endpoint) -> bool:
+        raise NotImplementedError
+
+
 class ProfileHandler(Plugin):
+    # P/D handlers: requests the prefill profile found no endpoint for, served decode-only (a metric)
+    fallbacks: int = 0
+
     def pick(self, req: LLMRequest, profiles: dict[str, Profile],
              results: dict[str, ProfileRunResult | None]) -> dict[str, Profile]:
         raise NotImplementedError

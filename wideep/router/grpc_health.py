@@ -25,13 +25,15 @@ def _varint(n: int) -> bytes:
 def decode_request(data: bytes) -> str:
     i, service = 0, ""
     while i < len(data):
-        key = data[i]; i += 1
+        key = data[i]
+        i += 1
         field, wire = key >> 3, key & 7
         if wire != 2:
             raise ValueError("unexpected wire type in HealthCheckRequest")
         length, shift = 0, 0
         while True:
-            b = data[i]; i += 1
+            b = data[i]
+            i += 1
             length |= (b & 0x7F) << shift
             shift += 7
             if not b & 0x80:

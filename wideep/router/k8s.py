@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import aiohttp
 
+from wideep import envs
 from wideep.router.datastore import Datastore
 from wideep.router.plugins.filters import selector_matches
 from wideep.router.types import Endpoint
@@ -101,7 +101,7 @@ class KubernetesSource:
         self.static_pool = PoolSpec(selector or {}, target_ports or [8000]) if selector else None
         if not pool_name and not selector:
             raise ValueError("kubernetes source needs --pool-name or --pool-selector")
-        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        host, port = envs.KUBERNETES_SERVICE_HOST, envs.KUBERNETES_SERVICE_PORT
         self.api_server = api_server or (f"https://{host}:{port}" if host else None)
         if not self.api_server:
             raise ValueError("kubernetes source: not in a cluster (no KUBERNETES_SERVICE_HOST) and no --k8s-api-server")

@@ -1,4 +1,4 @@
-"""Chained xxhash64 block keys (router.md §2), shared by the approximate and precise prefix index.
+"""Chained xxhash64 block keys (docs/protocols.md, "Prefix block keys"), shared by the approximate and precise prefix index.
 
 h0 = xxh64(model || cache_salt); h_i = xxh64(LE64(xxh64(block_i tokens as LE uint32)) || LE64(h_{i-1})).
 Only full blocks are hashed: a partial tail block cannot be cached by the engine either.

@@ -6,20 +6,18 @@ since the last scrape) takes it out of the pool and the request is scheduled onc
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import aiohttp
 from aiohttp import web
 
+from wideep.router.headers import forwardable
 from wideep.router.director import Decision, Director
 from wideep.router.errors import error_body, error_headers
-from wideep.router.types import SchedulingError
+from wideep.router.types import PARSED, PluginState, SchedulingError
 
 log = logging.getLogger(__name__)
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-              "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
 
 
 class BuiltinProxy:
@@ -67,20 +65,20 @@ class BuiltinProxy:
                 decision.target.healthy = False
                 log.warning("endpoint %s refused the connection (%s)%s", decision.target.name, exc,
                             "; rescheduling" if attempt == 0 else "")
-                req.data = {"parsed": req.data.get("parsed", False)}
+                req.data = PluginState({PARSED: req.data.get(PARSED, False)})
         exc = SchedulingError(503, "upstream-unavailable", "the chosen endpoints refused the connection")
         return web.Response(status=503, body=error_body(exc), headers=error_headers(exc))
 
     async def _forward(self, request: web.Request, body: bytes, headers: dict[str, str],
                        d: Decision) -> web.StreamResponse:
         assert self.session is not None
-        fwd = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        fwd = forwardable(request.headers.items())
         fwd.update(d.request_headers)
         url = f"http://{d.target_address}{request.path_qs}"
         resp: web.StreamResponse | None = None
         try:
             async with self.session.request(request.method, url, headers=fwd, data=body or None) as up:
-                out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_BY_HOP}
+                out_headers = forwardable(up.headers.items())
                 hooks: dict[str, str] = {}
                 self.director.response_headers(d, hooks)
                 out_headers.update(hooks)

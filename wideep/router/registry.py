@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
 from typing import Any, Callable
 
+from wideep.errors import ConfigError
+from wideep.typed_config import coerce
 
-class ConfigError(ValueError):
-    """Bad EndpointPickerConfig; the message names the plugin/field and what to do."""
+__all__ = ["ConfigError", "Plugin", "PluginParams", "create", "parse_params", "register"]
 
 
 @dataclasses.dataclass
-class NoParams:
-    pass
+class PluginParams:
+    """Base of every plugin's parameters dataclass; validate() checks cross-field rules (ValueError)."""
+
+    def validate(self) -> None:
+        pass
+
+
+NoParams = PluginParams
 
 
 class Plugin:
@@ -69,48 +75,26 @@ def camel(name: str) -> str:
     return head + "".join(p.title() for p in rest)
 
 
-def _check_type(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_check_type(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is not None:
-        return isinstance(value, origin)
-    return isinstance(value, tp)
-
-
 def parse_params(cls: type, raw: dict[str, Any] | None, where: str) -> Any:
+    """The plugin's Params from llm-d's camelCase mapping, by wideep's typed-config rules."""
     raw = raw or {}
+    path = where
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: parameters must be a mapping, got {type(raw).__name__}")
+        raise ConfigError(path, f"must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
         fname = snake(key)
         if fname not in fields:
             known = ", ".join(camel(f) for f in fields) or "none"
-            raise ConfigError(f"{where}: unknown parameter {key!r} (known: {known})")
-        tp = hints[fname]
-        if isinstance(value, int) and not isinstance(value, bool) and tp is float:
-            value = float(value)
-        if not _check_type(value, tp):
-            raise ConfigError(f"{where}: parameter {key!r} must be {getattr(tp, '__name__', tp)}, got {value!r}")
-        kwargs[fname] = value
+            raise ConfigError(path, f"unknown parameter {key!r} (known: {known})")
+        kwargs[fname] = coerce(hints[fname], value, f"{path}.{key}")
     params = cls(**kwargs)
-    validate = getattr(params, "validate", None)
-    if validate:
-        try:
-            validate()
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return params
 
 

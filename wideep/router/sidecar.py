@@ -1,4 +1,4 @@
-"""The decode pod's routing sidecar (llm-d-routing-sidecar, connector nixlv2; router.md §5).
+"""The decode pod's routing sidecar (llm-d-routing-sidecar, connector nixlv2; docs/protocols.md, "P/D disaggregation").
 
 Listener `port + i` fronts the local decode server `vllm_port + i`. A request carrying
 `x-prefiller-host-port` first goes to that prefill server as a one-token, non-streamed "prefill
@@ -21,18 +21,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from wideep.logs import ACCESS_LOG, ACCESS_LOG_FORMAT
 from wideep.kv_transfer.params import PREFILL_LEG_PARAMS
+from wideep.router.headers import NOT_FORWARDED, forwardable
 
 log = logging.getLogger("wideep.sidecar")
 
 RANK_KEY = web.AppKey("rank", int)
 PREFILLER_HEADER = "x-prefiller-host-port"
 PD_PATHS = ("/v1/completions", "/v1/chat/completions")
-# Hop-by-hop headers and ones aiohttp recomputes when it re-frames the body.
-_DROP_HEADERS = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-    "transfer-encoding", "upgrade", "content-length", "content-encoding", "host",
-}
 
 
 @dataclass
@@ -114,7 +111,7 @@ class Sidecar:
             app.router.add_route("*", "/{tail:.*}", self._handle)
             # handler_cancellation: a client hanging up cancels the handler, which drops the decode
             # connection (the server aborts the request) even while a non-streaming answer is pending.
-            runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+            runner = web.AppRunner(app, access_log=ACCESS_LOG, access_log_format=ACCESS_LOG_FORMAT, handler_cancellation=True)
             await runner.setup()
             site = web.TCPSite(runner, self.cfg.host, self.cfg.port + rank if self.cfg.port else 0)
             await site.start()
@@ -243,8 +240,9 @@ class Sidecar:
 
     async def _forward(self, request: web.Request, url: str, body: bytes) -> web.StreamResponse:
         """Proxy to the decode server and copy its response through chunk by chunk (SSE stays live)."""
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in _DROP_HEADERS and k.lower() != PREFILLER_HEADER}
+        # the body sent on may be re-encoded JSON (decode leg): it carries no content-encoding
+        headers = {k: v for k, v in forwardable(request.headers.items()).items()
+                   if k.lower() not in (PREFILLER_HEADER, "content-encoding")}
         assert self._session is not None
         try:
             upstream = await self._session.request(request.method, url, data=body or None, headers=headers)
@@ -253,10 +251,8 @@ class Sidecar:
         try:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for k, v in upstream.headers.items():
-                if k.lower() not in _DROP_HEADERS:
+                if k.lower() not in NOT_FORWARDED:
                     resp.headers.add(k, v)
-            if upstream.headers.get("content-encoding"):
-                resp.headers["content-encoding"] = upstream.headers["content-encoding"]
             await resp.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await resp.write(chunk)

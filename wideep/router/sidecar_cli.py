@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from wideep.logs import setup_logging
+from wideep.errors import UsageExit
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -27,7 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--connector", "--kv-connector", dest="connector", default="nixlv2",
                    help="P/D protocol (only nixlv2: vLLM NixlConnector kv_transfer_params)")
     p.add_argument("--prefill-timeout", type=float, default=600.0, help="seconds to wait for the prefill leg")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default=None,
+                   help="log level (default: $WIDEEP_LOG_LEVEL, else info; info logs one access line per request)")
     p.set_defaults(func=_main)
 
 
@@ -35,7 +39,7 @@ def build_config(args: argparse.Namespace):
     from wideep.router.sidecar import SidecarConfig
 
     if args.connector not in ("nixlv2", "nixl", "wideep"):
-        raise SystemExit(f"--connector {args.connector!r} is not supported; use nixlv2")
+        raise UsageExit(f"--connector {args.connector!r} is not supported; use nixlv2")
     allow: list[str] | None = None
     if args.prefiller_allowlist is not None:
         allow = [e for e in args.prefiller_allowlist.split(",") if e.strip()]
@@ -53,12 +57,11 @@ def build_config(args: argparse.Namespace):
 
 def _main(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from wideep.router.sidecar import run_sidecar
     from wideep.utils.aio import install_uvloop
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("sidecar", args.log_level)
     cfg = build_config(args)
     install_uvloop()
     try:

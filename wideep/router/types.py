@@ -4,7 +4,40 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
+
+from wideep.errors import WideepError
+
+T = TypeVar("T")
+
+
+class StateKey(str, Generic[T]):
+    """The typed name of one piece of per-request plugin state (LLMRequest.data): the producer sets a
+    value of type T under it, consumers read it back typed. Equal to its name, so the state stays a
+    plain mapping from names (what logs and tests see)."""
+
+    __slots__ = ()
+
+
+class PluginState(dict):
+    """Per-request plugin state keyed by StateKey."""
+
+    @overload
+    def get(self, key: StateKey[T]) -> T | None: ...
+    @overload
+    def get(self, key: StateKey[T], default: T) -> T: ...
+
+    def get(self, key, default=None):
+        return super().get(key, default)
+
+    def put(self, key: StateKey[T], value: T) -> None:
+        self[key] = value
+
+    def take(self, key: StateKey[T], default: T) -> T:
+        return self.pop(key, default)
+
+
+PARSED: StateKey[bool] = StateKey("parsed")   # the body parsed as JSON (else: routed at random)
 
 ROLE_LABEL = "llm-d.ai/role"
 DECODE_ROLES = frozenset({"decode", "prefill-decode", "both"})    # or no role label at all
@@ -13,7 +46,7 @@ PREFILL_ROLES = frozenset({"prefill", "prefill-decode", "both"})
 
 @dataclass
 class EndpointMetrics:
-    """What the scraper last read from the endpoint's /metrics (vLLM names, router.md §3)."""
+    """What the scraper last read from the endpoint's /metrics (vLLM names)."""
 
     waiting: int = 0                 # vllm:num_requests_waiting
     running: int = 0                 # vllm:num_requests_running
@@ -78,7 +111,7 @@ class LLMRequest:
     model: str = ""
     prompt_text: str = ""                        # completions prompt or rendered chat text
     token_ids: list[int] | None = None           # filled by token-producer
-    data: dict[str, Any] = field(default_factory=dict)
+    data: PluginState = field(default_factory=PluginState)
     arrived_at: float = field(default_factory=time.monotonic)
     prompt_bytes: bytes = b""
 
@@ -106,7 +139,7 @@ class SchedulingResult:
     primary_profile: str
     profile_results: dict[str, ProfileRunResult | None]
     # Where to send the request when it is not the primary target's own address (the deprecated
-    # S5 handlers with primaryPort route to the pod's primary port and name the rank in a header).
+    # deprecated v0.5 handlers with primaryPort route to the pod's primary port and name the rank in a header).
     destination_override: str | None = None
 
     @property
@@ -120,7 +153,7 @@ class SchedulingResult:
         return self.primary.targets[0]
 
 
-class SchedulingError(Exception):
+class SchedulingError(WideepError):
     """A request the router cannot place; `status` and `reason` become the HTTP answer."""
 
     def __init__(self, status: int, reason: str, message: str):

@@ -104,7 +104,7 @@ def build_app(state: FrontendState) -> web.Application:
         return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def version(request: web.Request) -> web.Response:
-        return web.json_response({"version": getattr(wideep, "__version__", "0.1.0")})
+        return web.json_response({"version": wideep.__version__})
 
     async def tokenize(request: web.Request) -> web.Response:
         body = await read_json(request)

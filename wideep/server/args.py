@@ -10,10 +10,13 @@ import dataclasses
 import json
 import os
 import re
+import typing
 from dataclasses import dataclass
 from typing import Any
 
+from wideep import envs
 from wideep.engine.config import EngineArgs
+from wideep.errors import ConfigError
 
 
 @dataclass
@@ -86,8 +89,36 @@ def _flag(group: Any, name: str, **kw: Any) -> None:
     group.add_argument(*names, **kw)
 
 
+def engine_flag_fields() -> list[dataclasses.Field]:
+    """The EngineArgs fields `wideep serve` exposes, one --flag each (those with a help text)."""
+    return [f for f in dataclasses.fields(EngineArgs) if "help" in f.metadata]
+
+
+def add_engine_arguments(groups: dict[str, Any]) -> None:
+    """One flag per exposed EngineArgs field: name, type, default and help all come from the field."""
+    defaults = EngineArgs()
+    hints = typing.get_type_hints(EngineArgs)
+    for f in engine_flag_fields():
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        hint = hints[f.name]
+        kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        if f.metadata.get("json"):
+            kw.update(type=json_object(flag), default=None)
+        elif hint is bool:
+            kw.update(action=argparse.BooleanOptionalAction if default else "store_true", default=default)
+        elif typing.get_origin(hint) is list:
+            kw.update(type=typing.get_args(hint)[0], nargs="+", default=default)
+            kw["help"] += f" (default: {' '.join(map(str, default))})"
+        else:
+            base = next(a for a in (typing.get_args(hint) or (hint,)) if a is not type(None))
+            kw.update(type=human_int if f.metadata.get("human_bytes") else base, default=default)
+            if default is not None and "(default" not in kw["help"]:
+                kw["help"] += " (default: %(default)s)"
+        _flag(groups[f.metadata["group"]], flag, **kw)
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    d = EngineArgs()
     p.add_argument("model", metavar="MODEL_DIR", help="HF-format checkpoint directory (config.json, safetensors, tokenizer)")
 
     http = p.add_argument_group("HTTP")
@@ -107,42 +138,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
           help="after a child process dies, seconds /health reports 503 before the supervisor exits 1")
     _flag(http, "--engine-start-timeout", type=float, default=1800.0,
           help="seconds an engine may take to load before the supervisor gives up")
+    _flag(http, "--log-level", default=None, type=str.lower, choices=["debug", "info", "warning", "error"],
+          help="level of every process of this server (default: $WIDEEP_LOG_LEVEL, else info); "
+               "info logs one access line per request")
 
     par = p.add_argument_group("data / expert parallelism")
-    _flag(par, "--data-parallel-size", type=int, default=1, help="total DP ranks of this role (all nodes)")
     _flag(par, "--data-parallel-size-local", type=int, default=None,
           help="DP ranks on this node (default: data-parallel-size - start rank)")
     _flag(par, "--data-parallel-start-rank", type=int, default=0, help="global rank of this node's local rank 0")
     _flag(par, "--data-parallel-rank", type=int, default=None,
           help="serve exactly this one global rank (same as --data-parallel-start-rank R --data-parallel-size-local 1)")
-    _flag(par, "--data-parallel-address", default=d.data_parallel_address,
-          help="address of global rank 0 (torch.distributed rendezvous)")
-    _flag(par, "--data-parallel-rpc-port", type=int, default=d.data_parallel_rpc_port,
-          help="rendezvous port on --data-parallel-address")
-    _flag(par, "--enable-expert-parallel", action="store_true", help="split MoE experts across the DP ranks")
-    _flag(par, "--all2all-backend", default=d.all2all_backend, help="MoE dispatch/combine backend")
-    _flag(par, "--enable-eplb", action="store_true", help="expert-parallel load balancing")
-    _flag(par, "--eplb-config", type=json_object("--eplb-config"), default=None,
-          help='JSON, e.g. \'{"window_size":"1000","step_interval":"3000","num_redundant_experts":"32"}\'')
     _flag(par, "--tensor-parallel-size", type=int, default=1, help="must be 1 (wide EP uses DP attention)")
-
     eng = p.add_argument_group("engine")
-    _flag(eng, "--block-size", type=int, default=d.block_size, help="tokens per KV block")
-    _flag(eng, "--max-num-seqs", type=int, default=d.max_num_seqs, help="max requests in one batch")
-    _flag(eng, "--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="token budget per step")
-    _flag(eng, "--max-model-len", type=int, default=None, help="context length (prompt + output)")
-    _flag(eng, "--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
-    _flag(eng, "--kv-cache-memory-bytes", type=human_int, default=None,
-          help="explicit KV cache budget (bytes; 8G = 8 GiB, 8g = 8e9); overrides --gpu-memory-utilization")
-    _flag(eng, "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching)
-    _flag(eng, "--enforce-eager", action="store_true", help="no CUDA graphs")
-    _flag(eng, "--seed", type=int, default=d.seed)
-    _flag(eng, "--dtype", default=d.dtype, help="auto, bfloat16, float16 or float32")
-    _flag(eng, "--device", default=d.device, help="auto, cuda or cpu")
-    _flag(eng, "--kv-transfer-config", type=json_object("--kv-transfer-config"), default=None,
-          help='P/D connector, e.g. \'{"kv_connector":"NixlConnector","kv_role":"kv_both"}\'')
-    _flag(eng, "--kv-events-config", type=json_object("--kv-events-config"), default=None,
-          help='KV events, e.g. \'{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557"}\'')
+    add_engine_arguments({"parallel": par, "engine": eng})
 
     compat = p.add_argument_group("accepted for vLLM compatibility (no effect)")
     for name in ("--trust-remote-code", "--disable-uvicorn-access-log", "--disable-log-requests", "--disable-log-stats"):
@@ -157,7 +165,7 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
         raise ValueError("--tensor-parallel-size must be 1: wideep runs attention data-parallel (one rank per GPU)")
     model = os.path.abspath(ns.model)
     if not os.path.isfile(os.path.join(model, "config.json")):
-        raise ValueError(f"MODEL_DIR {ns.model!r} has no config.json (make one with `wideep make-model tiny DIR`)")
+        raise ValueError(f"MODEL_DIR {ns.model!r} has no config.json (make one with `wideep make-model tiny --out DIR`)")
     size = ns.data_parallel_size
     start = ns.data_parallel_start_rank
     local = ns.data_parallel_size_local
@@ -185,29 +193,27 @@ def serve_config_from_args(ns: argparse.Namespace) -> ServeConfig:
                     ("--max-num-batched-tokens", ns.max_num_batched_tokens)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
+    for flag, v in (("--dbo-decode-token-threshold", ns.dbo_decode_token_threshold),
+                    ("--dbo-prefill-token-threshold", ns.dbo_prefill_token_threshold)):
+        if v < 0:
+            raise ValueError(f"{flag} must be >= 0, got {v}")
     if ns.max_model_len is not None and ns.max_model_len < 1:
         raise ValueError(f"--max-model-len must be >= 1, got {ns.max_model_len}")
     if not 0 < ns.gpu_memory_utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {ns.gpu_memory_utilization}")
     names = ns.served_model_name or [ns.model]
+    fields = {f.name: getattr(ns, f.name) for f in engine_flag_fields()}
+    fields.update(model=model, served_model_name=names[0], data_parallel_size=size, data_parallel_rank=start,
+                  data_parallel_size_local=local, data_parallel_start_rank=start,
+                  eplb_config=ns.eplb_config or {})
     try:
-        engine_args = EngineArgs(
-            model=model, served_model_name=names[0], dtype=ns.dtype, device=ns.device, seed=ns.seed,
-            block_size=ns.block_size, max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-            max_model_len=ns.max_model_len, gpu_memory_utilization=ns.gpu_memory_utilization,
-            kv_cache_memory_bytes=ns.kv_cache_memory_bytes, enable_prefix_caching=ns.enable_prefix_caching,
-            enforce_eager=ns.enforce_eager, data_parallel_size=size, data_parallel_rank=start,
-            data_parallel_size_local=local, data_parallel_start_rank=start,
-            data_parallel_address=ns.data_parallel_address, data_parallel_rpc_port=ns.data_parallel_rpc_port,
-            enable_expert_parallel=ns.enable_expert_parallel, all2all_backend=ns.all2all_backend,
-            enable_eplb=ns.enable_eplb, eplb_config=ns.eplb_config or {},
-            kv_transfer_config=ns.kv_transfer_config, kv_events_config=ns.kv_events_config,
-        )
-    except TypeError as e:
-        raise ValueError(f"--eplb-config: {e}") from None
+        engine_args = EngineArgs.from_dict(fields)
+    except ConfigError as e:
+        head, dot, rest = e.field.partition(".")
+        raise ConfigError("--" + head.replace("_", "-") + dot + rest, e.message) from None
     return ServeConfig(
         engine_args=engine_args, served_model_names=names, host=ns.host, port=ns.port,
-        supervisor_port=ns.data_parallel_supervisor_port, api_key=ns.api_key or os.environ.get("VLLM_API_KEY") or None,
+        supervisor_port=ns.data_parallel_supervisor_port, api_key=ns.api_key or envs.VLLM_API_KEY,
         drain_timeout_s=ns.drain_timeout, restart_grace_s=ns.restart_grace_period,
-        engine_start_timeout_s=ns.engine_start_timeout,
+        engine_start_timeout_s=ns.engine_start_timeout, log_level=ns.log_level or envs.WIDEEP_LOG_LEVEL.lower(),
     )

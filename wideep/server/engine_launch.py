@@ -13,16 +13,16 @@ import os
 from typing import Any
 
 from wideep.engine.config import EngineArgs
+from wideep.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
 def _select_device(local_rank: int, device: str) -> None:
-    if device == "cpu":
-        return
-    import torch
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
 
 
 def run_engine(payload: dict[str, Any]) -> None:
@@ -30,11 +30,6 @@ def run_engine(payload: dict[str, Any]) -> None:
 
     args = EngineArgs.from_dict(payload["engine_args"])
     local_rank = args.data_parallel_rank - args.data_parallel_start_rank
-    threads = payload.get("torch_threads")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
     _select_device(local_rank, args.device)
     log.info("engine dp rank %d (local %d, pid %d) starting", args.data_parallel_rank, local_rank, os.getpid())
     if args.data_parallel_size > 1 and args.enable_expert_parallel:

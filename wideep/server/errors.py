@@ -5,6 +5,8 @@ import json
 from http import HTTPStatus
 from typing import Any
 
+from wideep.errors import WideepError
+
 _TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
@@ -16,7 +18,7 @@ _TYPES = {
 }
 
 
-class APIError(Exception):
+class APIError(WideepError):
     """Raised anywhere in request handling; the app turns it into the error body and status."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, type: str | None = None):

@@ -15,6 +15,7 @@ import signal
 import time
 from typing import Any
 
+from wideep.logs import ACCESS_LOG, ACCESS_LOG_FORMAT, setup_logging
 from wideep.utils.aio import install_uvloop
 
 log = logging.getLogger("wideep.frontend")
@@ -97,7 +98,7 @@ async def serve_frontend(payload: dict[str, Any]) -> int:
     app = build_app(state)
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup aborts
     # the engine request (frees its KV blocks) even when nothing was being written at that moment.
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
+    runner = web.AppRunner(app, access_log=ACCESS_LOG, access_log_format=ACCESS_LOG_FORMAT, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, port, reuse_address=True, backlog=2048)
     await site.start()
@@ -122,7 +123,7 @@ async def _watch_engine(state, stop: asyncio.Event) -> None:
     (the client's watchdog); the frontend then stays up answering 503 until the supervisor stops it."""
     while True:
         if not state.client.is_alive():
-            state.engine_dead_reason = getattr(state.client, "_dead", None) or "engine process exited"
+            state.engine_dead_reason = state.client.dead_reason or "engine process exited"
             state.ready = False
             log.error("dp rank %d: %s", state.dp_rank, state.engine_dead_reason)
             return
@@ -143,7 +144,6 @@ async def _drain(state, site, timeout: float) -> None:
 
 
 def run_frontend(payload: dict[str, Any]) -> int:
-    logging.basicConfig(level=os.environ.get("WIDEEP_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s frontend[%(process)d] %(message)s")
+    setup_logging("frontend")
     install_uvloop()
     return asyncio.run(serve_frontend(payload))

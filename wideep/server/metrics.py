@@ -1,4 +1,4 @@
-"""Prometheus metrics under vLLM's names and labels (engine.md §3), one registry per frontend.
+"""Prometheus metrics under vLLM's names and labels, one registry per frontend.
 
 Routers (llm-d EPP) scrape `vllm:num_requests_waiting`, `vllm:num_requests_running`,
 `vllm:kv_cache_usage_perc` and `vllm:cache_config_info{block_size,num_gpu_blocks}`; dashboards read

@@ -1,6 +1,6 @@
 """/v1/completions and /v1/chat/completions: prompt -> token ids -> engine -> text, in vLLM's shapes.
 
-Stream shape (engine.md §3, bench.md): `data: <json>\\n\\n` per engine step that produced text (the
+Stream shape (OpenAI's, as vLLM sends it): `data: <json>\\n\\n` per engine step that produced text (the
 chat stream opens with a role chunk), finish_reason on the last content chunk, a usage chunk with
 `choices: []` when `stream_options.include_usage`, then `data: [DONE]`. A request whose client goes
 away is aborted in the engine (its blocks are freed) by the engine client's generator cleanup.

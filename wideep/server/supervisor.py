@@ -30,6 +30,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
+from wideep.logs import setup_logging
 from wideep.server.args import ServeConfig
 from wideep.utils.aio import install_uvloop
 
@@ -57,6 +58,7 @@ def child_env(cfg: ServeConfig, local_rank: int, role: str) -> dict[str, str]:
         "WIDEEP_DP_SIZE": str(cfg.engine_args.data_parallel_size),
         "WIDEEP_DP_SIZE_LOCAL": str(cfg.dp_size_local),
         "PYTHONUNBUFFERED": "1",
+        "WIDEEP_LOG_LEVEL": cfg.log_level.upper(),   # wideep.logs: children log at the server's level
     })
     if role == "frontend":
         env["CUDA_VISIBLE_DEVICES"] = ""   # the frontend never touches a GPU
@@ -79,14 +81,13 @@ class Supervisor:
     # ---- children --------------------------------------------------------------------------
     def start_children(self) -> None:
         cfg = self.cfg
-        torch_threads = _threads_per_engine(cfg.dp_size_local) if cfg.engine_args.device != "cuda" else None
         for i in range(cfg.dp_size_local):
             args = cfg.engine_args_for(i)
             tag = uuid.uuid4().hex[:8]
             input_addr = f"ipc://{self.ipc_dir}/dp{args.data_parallel_rank}-{tag}-in"
             output_addr = f"ipc://{self.ipc_dir}/dp{args.data_parallel_rank}-{tag}-out"
             engine = _spawn("engine", {"engine_args": args.to_dict(), "input_addr": input_addr,
-                                       "output_addr": output_addr, "torch_threads": torch_threads},
+                                       "output_addr": output_addr},
                             child_env(cfg, i, "engine"))
             frontend = _spawn("frontend", {"serve": _serve_dict(cfg), "local_rank": i, "input_addr": input_addr,
                                            "output_addr": output_addr, "engine_pid": engine.pid},
@@ -220,11 +221,6 @@ async def _wait_all(procs: list[subprocess.Popen], timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
-def _threads_per_engine(n_local: int) -> int:
-    """CPU engines share the host's cores instead of each grabbing all of them."""
-    return max(1, (os.cpu_count() or 1) // max(1, n_local))
-
-
 def _serve_dict(cfg: ServeConfig) -> dict:
     d = asdict(cfg)
     d["engine_args"] = cfg.engine_args.to_dict()
@@ -240,7 +236,6 @@ def serve_config_from_dict(d: dict) -> ServeConfig:
 
 
 def run_supervisor(cfg: ServeConfig) -> int:
-    logging.basicConfig(level=os.environ.get("WIDEEP_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s")
+    setup_logging("supervisor", cfg.log_level)
     install_uvloop()
     return asyncio.run(Supervisor(cfg).run())

@@ -1,4 +1,4 @@
-"""A Grove PodCliqueSet (grove.io/v1alpha1; deploy.md §4) holding both roles.
+"""A Grove PodCliqueSet (grove.io/v1alpha1; docs/protocols.md, "Deployment shapes") holding both roles.
 
 A role of one node per DP group is one clique whose pods are each a whole group; a multi-node
 role is a PodCliqueScalingGroup of a leader clique (1 pod) and a worker clique (nodes-1 pods),

@@ -1,7 +1,7 @@
-"""A LeaderWorkerSet per role (leaderworkerset.x-k8s.io/v1; deploy.md §1, §3).
+"""A LeaderWorkerSet per role (leaderworkerset.x-k8s.io/v1; docs/protocols.md, "Deployment shapes").
 
 One LWS group = one DP group of `nodes` pods; the worker template serves the leader too. The
-defaults the seeds rely on are written out: RecreateGroupOnPodRestart and LeaderCreated.
+defaults llm-d's guides rely on are written out: RecreateGroupOnPodRestart and LeaderCreated.
 """
 from __future__ import annotations
 

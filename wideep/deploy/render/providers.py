@@ -1,4 +1,4 @@
-"""Provider RDMA/network patches applied to a model-server pod template (deploy.md §1 overlays)."""
+"""Provider RDMA/network patches applied to a model-server pod template (the providers' overlays of llm-d's guides)."""
 from __future__ import annotations
 
 import json

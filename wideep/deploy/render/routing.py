@@ -1,6 +1,6 @@
 """The routing layer on a cluster: InferencePool v1, the Endpoint Picker (`wideep router`) with its
 RBAC, ConfigMap, Deployment and Service, and the front door (standalone Envoy, a Gateway's
-HTTPRoute, or the router's built-in proxy). deploy.md §2, router.md §4."""
+HTTPRoute, or the router's built-in proxy). See docs/protocols.md, "Router" and "Deployment shapes"."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,8 +9,10 @@ import yaml
 
 from wideep.deploy.commands import router_argv
 from wideep.deploy.spec import DeploySpec
+from wideep.router.envoy import envoy_config as router_envoy_config
 
 PROXY_PORT = 8081          # the in-pod HTTP listener (Envoy or built-in), Service port 80
+ENVOY_ADMIN_PORT = 19000
 CONFIG_DIR = "/etc/wideep/router"
 
 
@@ -42,50 +44,9 @@ def inference_pool(spec: DeploySpec) -> dict[str, Any]:
 
 
 def envoy_config(spec: DeploySpec) -> dict[str, Any]:
-    """Standalone Envoy: ext_proc to the EPP on localhost, ORIGINAL_DST on x-gateway-destination-endpoint."""
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 19000}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "http",
-                "address": {"socket_address": {"address": "0.0.0.0", "port_value": PROXY_PORT}},
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "http",
-                        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
-                            "match": {"prefix": "/"},
-                            "route": {"cluster": "model-servers", "timeout": "0s", "idle_timeout": "0s"}}]}]},
-                        "http_filters": [
-                            {"name": "envoy.filters.http.ext_proc", "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-                                "failure_mode_allow": spec.router.failure_mode == "FailOpen",
-                                "message_timeout": "1000s",
-                                "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}},
-                                "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SEND",
-                                                    "request_body_mode": "FULL_DUPLEX_STREAMED",
-                                                    "response_body_mode": "FULL_DUPLEX_STREAMED",
-                                                    "request_trailer_mode": "SEND", "response_trailer_mode": "SEND"}}},
-                            {"name": "envoy.filters.http.router", "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-                    }}]}],
-            }],
-            "clusters": [
-                {"name": "epp", "type": "STATIC", "connect_timeout": "5s",
-                 "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                     "explicit_http_config": {"http2_protocol_options": {}}}},
-                 "load_assignment": {"cluster_name": "epp", "endpoints": [{"lb_endpoints": [{"endpoint": {
-                     "address": {"socket_address": {"address": "127.0.0.1",
-                                                    "port_value": spec.router.grpc_port}}}}]}]}},
-                {"name": "model-servers", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
-                 "connect_timeout": "10s",
-                 "original_dst_lb_config": {"use_http_header": True,
-                                            "http_header_name": "x-gateway-destination-endpoint"}},
-            ],
-        },
-    }
+    """Standalone Envoy in the EPP pod: the router's own config (wideep.router.envoy), on the pod's ports."""
+    return router_envoy_config("0.0.0.0", PROXY_PORT, spec.router.grpc_port, ENVOY_ADMIN_PORT,
+                               failure_mode=spec.router.failure_mode)
 
 
 def epp_objects(spec: DeploySpec, config_text: str) -> list[dict[str, Any]]:

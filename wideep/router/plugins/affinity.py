@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 from wideep.router.framework import Filter, PreRequest, Scorer
 from wideep.router.plugins.prefix import prefix_fractions
-from wideep.router.registry import register
+from wideep.router.registry import PluginParams, register
+from wideep.router.types import StateKey
 
 
 @dataclass
-class AffinityFilterParams:
+class AffinityFilterParams(PluginParams):
     affinity_threshold: float = 0.8          # prefix score an endpoint needs to be "sticky"
     max_ttft_penalty_ms: float = 0.0         # 0 = never give up stickiness for TTFT
     peak_prefill_throughput: float = 0.0     # tokens/s one endpoint prefills; 0 = no TTFT estimate
@@ -91,7 +92,7 @@ class LoraAffinityScorer(Scorer):
 
 
 @dataclass
-class NoHitLRUParams:
+class NoHitLRUParams(PluginParams):
     lru_size: int = 1024                # endpoints remembered (more than any pool)
 
     def validate(self):
@@ -99,7 +100,7 @@ class NoHitLRUParams:
             raise ValueError("lruSize must be >= 1")
 
 
-NO_HIT_KEY = "no-hit-lru-cold"
+NO_HIT_KEY: StateKey[bool] = StateKey("no-hit-lru-cold")   # the request hit no cached prefix anywhere
 
 
 @register("no-hit-lru-scorer")
@@ -121,7 +122,7 @@ class NoHitLRUScorer(Scorer, PreRequest):
 
     def score(self, req, eps):
         cold = self.is_cold(req)
-        req.data[NO_HIT_KEY] = cold
+        req.data.put(NO_HIT_KEY, cold)
         if not cold:
             return dict.fromkeys(eps, 0.5)
         used = [e for e in eps if e.name in self.lru]

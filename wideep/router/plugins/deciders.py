@@ -1,16 +1,18 @@
-"""P/D deciders: should this request get a separate prefill leg (router.md §5 selective PD)?"""
+"""P/D deciders: should this request get a separate prefill leg (docs/protocols.md, "P/D disaggregation")?"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wideep.router.registry import Plugin, register
+from wideep.router.framework import PDDecider
+from wideep.router.plugins.prefix import PRECISE_PREFIX_MATCH, PREFIX_MATCH
+from wideep.router.registry import PluginParams, register
 from wideep.router.types import Endpoint, LLMRequest
 
 
 def cached_tokens_on(req: LLMRequest, ep: Endpoint) -> int:
     """Tokens of the prompt already cached on `ep`, as found by a prefix producer (0 if none ran)."""
     best = 0
-    for key in ("prefix-match", "precise-prefix-match"):
+    for key in (PREFIX_MATCH, PRECISE_PREFIX_MATCH):
         m = req.data.get(key)
         if m is not None:
             best = max(best, m.matched_blocks.get(ep.name, 0) * m.block_size)
@@ -18,13 +20,13 @@ def cached_tokens_on(req: LLMRequest, ep: Endpoint) -> int:
 
 
 @register("always-disagg-pd-decider")
-class AlwaysDisaggDecider(Plugin):
+class AlwaysDisaggDecider(PDDecider):
     def disaggregate(self, req: LLMRequest, decode: Endpoint) -> bool:
         return True
 
 
 @dataclass
-class PrefixPDParams:
+class PrefixPDParams(PluginParams):
     non_cached_tokens: int = 0   # 0 = never disaggregate
     prompt_tokens: int = 0
 
@@ -34,7 +36,7 @@ class PrefixPDParams:
 
 
 @register("prefix-based-pd-decider")
-class PrefixBasedDecider(Plugin):
+class PrefixBasedDecider(PDDecider):
     """Disaggregate iff nonCachedTokens > 0, prompt >= promptTokens, and the part of the prompt the
     decode endpoint does not cache is at least nonCachedTokens."""
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from wideep.router.framework import Filter
-from wideep.router.registry import register
-from wideep.router.types import DECODE_ROLES, PREFILL_ROLES
+from wideep.router.registry import PluginParams, register
 
 
 @register("decode-filter")
 class DecodeFilter(Filter):
     """Decode-capable endpoints; an endpoint with no role label can do both."""
-
-    ROLES = DECODE_ROLES
 
     def filter(self, req, eps):
         return [e for e in eps if e.can_decode]
@@ -20,14 +17,14 @@ class DecodeFilter(Filter):
 
 @register("prefill-filter")
 class PrefillFilter(Filter):
-    ROLES = PREFILL_ROLES
+    """Prefill-capable endpoints; an endpoint with no role label can do both."""
 
     def filter(self, req, eps):
         return [e for e in eps if e.can_prefill]
 
 
 @dataclass
-class LabelSelectorParams:
+class LabelSelectorParams(PluginParams):
     match_labels: dict = field(default_factory=dict)
     match_expressions: list = field(default_factory=list)
 
@@ -70,7 +67,7 @@ class LabelSelectorFilter(Filter):
 
 
 @dataclass
-class ByLabelParams:
+class ByLabelParams(PluginParams):
     label: str = ""
     valid_values: list = field(default_factory=list)
     allows_no_label: bool = False

@@ -1,4 +1,4 @@
-"""S5-era (llm-d-inference-scheduler v0.5) plugins, still accepted so old configs keep working.
+"""v0.5-era (llm-d-inference-scheduler v0.5) plugins, still accepted so old configs keep working.
 
 * `pd-profile-handler{threshold, hashBlockSize, primaryPort}`: decode first, then prefill iff
   `(1 - hit%) * len(promptBytes) >= threshold` (threshold 0 = always), hit% being the share of
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from wideep.router.framework import PreRequest, ProfileHandler, profile_failed
 from wideep.router.plugins.prefix import prefix_fractions
 from wideep.router.plugins.profile_handlers import PREFILLER_HEADER
-from wideep.router.registry import ConfigError, register
+from wideep.router.registry import ConfigError, PluginParams, register
 from wideep.router.types import SchedulingResult
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,9 @@ def _check_port(p: int) -> None:
 
 
 @dataclass
-class PDParams:
+class PDParams(PluginParams):
     threshold: int = 0              # bytes of uncached prompt that make a prefill leg worth it
-    hash_block_size: int = 16       # S5's prefix block size; the prefix producer's own size is used
+    hash_block_size: int = 16       # v0.5's prefix block size; the prefix producer's own size is used
     primary_port: int = 0
     decode_profile: str = "decode"
     prefill_profile: str = "prefill"
@@ -56,7 +56,7 @@ class PDParams:
 
 @register("pd-profile-handler")
 class PDProfileHandler(ProfileHandler, PreRequest):
-    """Deprecated S5 P/D handler (see module docstring); decode is primary."""
+    """Deprecated v0.5 P/D handler (see module docstring); decode is primary."""
 
     Params = PDParams
 
@@ -101,7 +101,7 @@ class PDProfileHandler(ProfileHandler, PreRequest):
 
 
 @dataclass
-class DPParams:
+class DPParams(PluginParams):
     primary_port: int = 8000
 
     def validate(self):
@@ -110,7 +110,7 @@ class DPParams:
 
 @register("data-parallel-profile-handler")
 class DataParallelProfileHandler(ProfileHandler, PreRequest):
-    """Deprecated S5 handler for one profile over DP ranks behind one pod port (see module docstring)."""
+    """Deprecated v0.5 handler for one profile over DP ranks behind one pod port (see module docstring)."""
 
     Params = DPParams
 
@@ -133,13 +133,13 @@ class DataParallelProfileHandler(ProfileHandler, PreRequest):
 
 
 @dataclass
-class PrefillHeaderParams:
+class PrefillHeaderParams(PluginParams):
     prefill_profile: str = "prefill"
 
 
 @register("prefill-header-handler")
 class PrefillHeaderHandler(PreRequest):
-    """Sets x-prefiller-host-port from the prefill profile's pick (S5 pairs it with pd-profile-handler)."""
+    """Sets x-prefiller-host-port from the prefill profile's pick (v0.5 pairs it with pd-profile-handler)."""
 
     Params = PrefillHeaderParams
 

@@ -5,11 +5,11 @@ import random
 from dataclasses import dataclass
 
 from wideep.router.framework import Picker
-from wideep.router.registry import register
+from wideep.router.registry import PluginParams, register
 
 
 @dataclass
-class PickerParams:
+class PickerParams(PluginParams):
     max_num_of_endpoints: int = 1
 
     def validate(self):

@@ -16,9 +16,9 @@ from typing import Any
 import msgpack
 
 from wideep.router.framework import DataProducer, Scorer
-from wideep.router.plugins.prefix import PrefixMatch
+from wideep.router.plugins.prefix import PRECISE_PREFIX_MATCH, PrefixMatch
 from wideep.router.prefix_hash import block_hashes, chain_block, root_hash
-from wideep.router.registry import register
+from wideep.router.registry import PluginParams, register
 from wideep.router.types import Endpoint
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _check_keys(where: str, d: Any, known: set[str]) -> dict:
 
 
 @dataclass
-class PreciseParams:
+class PreciseParams(PluginParams):
     token_processor_config: dict = field(default_factory=dict)   # {blockSize, hashSeed}
     kv_events_config: dict = field(default_factory=dict)
     # {topicFilter, discoverPods, replayTimeoutMs, podDiscoveryConfig{socketPort, replayPort}}
@@ -284,7 +284,7 @@ class KVEventSubscriber:
 
 class _PreciseCore(DataProducer):
     Params = PreciseParams
-    DATA_KEY = "precise-prefix-match"
+    DATA_KEY = PRECISE_PREFIX_MATCH
 
     def __init__(self, name, params):
         super().__init__(name, params)
@@ -301,9 +301,8 @@ class _PreciseCore(DataProducer):
         keys = self.index.keys_for(req.token_ids or [])
         weighted = self.index.match(keys)   # holders outside `eps` are never read
         m = PrefixMatch(hashes=keys, block_size=self.index.block_size,
-                        matched_blocks={k: int(round(v)) for k, v in weighted.items()})
-        m.weighted = weighted  # type: ignore[attr-defined]
-        req.data[self.DATA_KEY] = m
+                        matched_blocks={k: int(round(v)) for k, v in weighted.items()}, weighted=weighted)
+        req.data.put(self.DATA_KEY, m)
 
 
 @register("precise-prefix-cache-producer")

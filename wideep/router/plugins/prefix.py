@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from wideep.router.framework import DataProducer, PreRequest, Scorer
 from wideep.router.prefix_hash import block_hashes, root_hash
-from wideep.router.registry import register
-from wideep.router.types import Endpoint, LLMRequest
+from wideep.router.registry import PluginParams, register
+from wideep.router.types import Endpoint, LLMRequest, StateKey
 
 
 @dataclass
@@ -20,10 +20,15 @@ class PrefixMatch:
     hashes: list[int]
     block_size: int
     matched_blocks: dict[str, int] = field(default_factory=dict)   # endpoint name -> consecutive hits
+    weighted: dict[str, float] | None = None   # precise: hits weighted by the medium they sit on
+
+
+PREFIX_MATCH: StateKey[PrefixMatch] = StateKey("prefix-match")                  # approximate index
+PRECISE_PREFIX_MATCH: StateKey[PrefixMatch] = StateKey("precise-prefix-match")  # engines' KV events
 
 
 @dataclass
-class PrefixParams:
+class PrefixParams(PluginParams):
     block_size_tokens: int = 16
     auto_tune: bool = False
     max_prefix_tokens_to_match: int = 131072
@@ -138,7 +143,7 @@ def prefix_score(match_blocks: int, total_blocks: int, block_size: int, w: float
 
 class _ApproxPrefixCore(DataProducer, PreRequest):
     Params = PrefixParams
-    DATA_KEY = "prefix-match"
+    DATA_KEY = PREFIX_MATCH
 
     def __init__(self, name, params):
         super().__init__(name, params)
@@ -157,7 +162,7 @@ class _ApproxPrefixCore(DataProducer, PreRequest):
         hashes = block_hashes(req.token_ids or [], bs, root_hash(req.model, salt), self.params.max_prefix_tokens_to_match)
         m = PrefixMatch(hashes=hashes, block_size=bs)
         m.matched_blocks = self.index.lookup(hashes)   # holders outside `eps` are never read
-        req.data[self.DATA_KEY] = m
+        req.data.put(self.DATA_KEY, m)
 
     def pre_request(self, req, result, headers):
         m = req.data.get(self.DATA_KEY)
@@ -223,12 +228,12 @@ class PrefixCacheScorer(_ApproxPrefixCore, Scorer):
 def prefix_fractions(req: LLMRequest) -> dict[str, float] | None:
     """Per endpoint, the share of the prompt's blocks cached there, from whichever prefix producer
     ran (precise KV events preferred over the approximate index); None when none ran."""
-    m = req.data.get("precise-prefix-match")
+    m = req.data.get(PRECISE_PREFIX_MATCH)
     if m is not None:
         total = len(m.hashes)
-        weighted = getattr(m, "weighted", None) or m.matched_blocks
+        weighted = m.weighted or m.matched_blocks
         return {n: v / total for n, v in weighted.items()} if total else {}
-    m = req.data.get("prefix-match")
+    m = req.data.get(PREFIX_MATCH)
     if m is not None:
         total = len(m.hashes)
         return {n: v / total for n, v in m.matched_blocks.items()} if total else {}

@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from wideep.router.framework import DataProducer, PreRequest, ResponseHooks
-from wideep.router.registry import register
+from wideep.router.registry import PluginParams, register
 from wideep.router.tokenize import LocalTokenizer, RemoteTokenizer, estimate_token_ids
+from wideep.router.types import Endpoint, StateKey
 
 
 @dataclass
-class TokenProducerParams:
+class TokenProducerParams(PluginParams):
     mode: str = ""                  # estimate | tokenizer | vllm ("" = vllm when a `vllm` mapping is given)
     tokenizer: str = ""             # directory with tokenizer.json (mode tokenizer)
     vllm: dict = field(default_factory=dict)   # {url: "http://host:port" ("" = a candidate endpoint), timeoutMs}
@@ -69,9 +70,13 @@ class TokenProducer(DataProducer):
 class InflightLoadProducer(PreRequest, ResponseHooks):
     """+1 request (+prompt tokens) on every chosen endpoint at PreRequest, -1 at end of response."""
 
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        self._key: StateKey[list[Endpoint]] = StateKey(name)   # the endpoints this request counted on
+
     def pre_request(self, req, result, headers):
         eps = _chosen(result)
-        req.data[self.name] = eps
+        req.data.put(self._key, eps)
         tokens = req.num_prompt_tokens
         for e in eps:
             e.inflight_requests += 1
@@ -80,7 +85,7 @@ class InflightLoadProducer(PreRequest, ResponseHooks):
     def on_response_body(self, req, result, chunk, end_of_stream):
         if not end_of_stream:
             return
-        eps = req.data.pop(self.name, [])
+        eps = req.data.take(self._key, [])
         tokens = req.num_prompt_tokens
         for e in eps:
             e.inflight_requests = max(0, e.inflight_requests - 1)

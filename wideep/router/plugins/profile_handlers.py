@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from wideep.router.framework import PreRequest, Profile, ProfileHandler, profile_failed
-from wideep.router.registry import ConfigError, Plugin, register
+from wideep.router.framework import PDDecider, PreRequest, ProfileHandler, profile_failed
+from wideep.router.registry import ConfigError, Plugin, PluginParams, register
 from wideep.router.types import SchedulingResult
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class SingleProfileHandler(ProfileHandler):
 
 
 @dataclass
-class DisaggParams:
+class DisaggParams(PluginParams):
     profiles: dict = field(default_factory=dict)   # {decode: name, prefill: name, encode: name}
     deciders: dict = field(default_factory=dict)   # {prefill: decider plugin name}
     stage_order: str = "decode-first"
@@ -64,7 +64,7 @@ class DisaggProfileHandler(ProfileHandler, PreRequest):
         ref = self.params.deciders.get("prefill")
         if ref is not None:
             dec = plugins.get(ref)
-            if dec is None or not hasattr(dec, "disaggregate"):
+            if not isinstance(dec, PDDecider):
                 raise ConfigError(f"plugin {self.name!r}: deciders.prefill {ref!r} is not a configured decider plugin")
             self.decider = dec
 

@@ -1,4 +1,4 @@
-"""Load scorers: each maps candidates to [0,1], higher = better (formulas of router.md §1)."""
+"""Load scorers: each maps candidates to [0,1], higher = better (llm-d's formulas)."""
 from __future__ import annotations
 
 import base64
@@ -6,7 +6,7 @@ import binascii
 from dataclasses import dataclass
 
 from wideep.router.framework import ResponseHooks, Scorer
-from wideep.router.registry import register
+from wideep.router.registry import PluginParams, register
 
 
 def min_max_inverse(values: list) -> list[float]:
@@ -43,7 +43,7 @@ class KVCacheUtilizationScorer(Scorer):
 
 
 @dataclass
-class LoadAwareParams:
+class LoadAwareParams(PluginParams):
     threshold: int = 128
 
     def validate(self):
@@ -64,7 +64,7 @@ class LoadAwareScorer(Scorer):
 
 
 @dataclass
-class ActiveRequestParams:
+class ActiveRequestParams(PluginParams):
     idle_threshold: int = 0
     max_busy_score: float = 1.0
     request_timeout: str = "2m"
@@ -98,7 +98,7 @@ class ActiveRequestScorer(Scorer):
 
 
 @dataclass
-class TokenLoadParams:
+class TokenLoadParams(PluginParams):
     max_tokens: int = 4194304
 
     def validate(self):

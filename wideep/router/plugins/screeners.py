@@ -17,13 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from wideep.router.framework import Screener
-from wideep.router.registry import register
+from wideep.router.registry import PluginParams, register
 
 REVISION_LABEL = "disaggregatedset.x-k8s.io/revision"
 
 
 @dataclass
-class RolloutParams:
+class RolloutParams(PluginParams):
     revision_label: str = REVISION_LABEL
     current_revision: str = ""
     disaggregated_set_name: str = ""    # informational (the pool already selects one set)

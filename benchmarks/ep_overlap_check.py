@@ -1,0 +1,291 @@
+"""GPU check for hiding EP communication (2 GPUs, not CI): symm_mem_ll vs allgather_reducescatter vs
+all_to_all, and dual-batch overlap in a captured decode step.
+
+1. correctness: the same tokens, routing and experts through symm_mem_ll and allgather_reducescatter
+   at EP=2 (eager and CUDA-graph replay): relative max error of the MoE output (bf16 tolerance);
+2. latency: dispatch + combine per MoE layer (hidden 7168, 256 experts, top-8) at 32/128/256 tokens
+   per rank, eager and graph-replayed, for each backend (all_to_all: eager only, it syncs the host);
+3. dual-batch overlap: a DeepSeek-V3 layer slice (1 dense + N MoE layers, random weights) decoding
+   128 sequences per rank, captured as a CUDA graph with and without DBO, for each capturable
+   backend, and the same step with communication replaced by a local stand-in (identical shapes, no
+   transfer); with all 256 experts (128 per GPU) and with 16 (8 per GPU, EP=32's per-GPU expert count). Exposed comm = step - step without comm; hidden share = 1 - exposed(DBO)/exposed(no DBO).
+
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+      python benchmarks/ep_overlap_check.py --out ep_overlap.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _timed(fn, iters: int) -> float:
+    """Mean seconds per call of fn() (device time between events, after a warm-up call)."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / 1e3 / iters
+
+
+def _graph(fn):
+    import torch
+
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    torch.cuda.synchronize()
+    return g, out
+
+
+class _NoComm:
+    """Stand-in with allgather_reducescatter's shapes and expert work but no transfer: the peer's
+    tokens are this rank's own (dispatch), the peer's partial sums are dropped (combine)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def dispatch_async(self, x, ids, w):
+        from wideep.model.dispatch import done
+        return done(self.dispatch(x, ids, w))
+
+    def combine_async(self, y, result):
+        from wideep.model.dispatch import done
+        return done(self.combine(y, result))
+
+    def dispatch(self, x, ids, w):
+        import torch
+
+        from wideep.model.dispatch import DispatchResult
+        from wideep.parallel.expert_grouping import group_by_local_expert
+        inner, ep = self.inner, self.inner.ep_size
+        first, _ = inner.local_expert_range
+        xs, ids_all, w_all = (torch.cat([v] * ep) for v in (x, ids, w))
+        ids_all = torch.where(inner.real_rows(ids_all.shape[0] // ep, x.device).repeat(ep)[:, None], ids_all,
+                              torch.full_like(ids_all, -1)) if inner.graph_size is not None else ids_all
+        g = group_by_local_expert(ids_all - first, inner.num_local_experts, True)
+        weights = torch.where(g.valid, w_all.reshape(-1)[g.order], torch.zeros((), device=x.device))
+        return DispatchResult(x=xs[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
+                              handle=(x.shape[0], g.rows, g.valid))
+
+    def combine(self, y, result):
+        import torch
+        t, rows, valid = result.handle
+        y = torch.where(valid[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+        out = torch.zeros((t * self.inner.ep_size, y.shape[1]), dtype=torch.float32, device=y.device)
+        out.index_add_(0, rows, y.float())
+        return out[:t].to(y.dtype)
+
+
+def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
+    import torch
+
+    from wideep.parallel.backends import get_dispatcher
+    from wideep.parallel.config import ParallelConfig
+    from wideep.parallel.dist import init_ep_group
+
+    pcfg = ParallelConfig(data_parallel_size=world, data_parallel_size_local=world, data_parallel_rank=rank,
+                          data_parallel_rpc_port=port)
+    grp = init_ep_group(pcfg, device="cuda", timeout_s=120)
+    dev = grp.device
+    out: dict[str, Any] = {"rank": rank, "device": torch.cuda.get_device_name(dev), "errors": {}}
+    H, E, K = 7168, 256, 8
+
+    def backend(name):
+        return get_dispatcher(name, E, ep_rank=rank, ep_size=world, group=grp.group)
+
+    def inputs(t, seed):
+        g = torch.Generator(device=dev).manual_seed(seed * 10 + rank)
+        x = torch.randn(t, H, device=dev, generator=g, dtype=torch.bfloat16)
+        ids = torch.rand(t, E, device=dev, generator=g).topk(K, dim=-1).indices
+        w = torch.rand(t, K, device=dev, generator=g)
+        return x, ids, w
+
+    # ---- 1. correctness ---------------------------------------------------------------------------
+    def check():
+        from wideep.model.moe import grouped_mlp
+        t = 128
+        x, ids, w = inputs(t, 1)
+        gw = torch.Generator(device=dev).manual_seed(7 + rank)
+        inter = 256
+        w13 = torch.randn(E // world, 2 * inter, H, device=dev, generator=gw, dtype=torch.bfloat16) * 0.02
+        w2 = torch.randn(E // world, H, inter, device=dev, generator=gw, dtype=torch.bfloat16) * 0.02
+
+        def moe(d):
+            def f():
+                r = d.dispatch(x, ids, w)
+                y = grouped_mlp(r.x, w13, w2, r.tokens_per_expert) * r.weights.to(torch.bfloat16)[:, None]
+                return d.combine(y, r)
+            return f
+        res = {}
+        ref_d = backend("allgather_reducescatter")
+        ref_d.static_shapes = True
+        ref_d.set_max_tokens_per_rank(t)
+        ref = moe(ref_d)()
+        ll = backend("symm_mem_ll")
+        ll.set_max_tokens_per_rank(t)
+        got = moe(ll)()
+        g, got_graph = _graph(moe(ll))
+        g.replay()
+        torch.cuda.synchronize()
+        scale = ref.float().abs().max().item()
+        res["eager_rel_max_err"] = (got.float() - ref.float()).abs().max().item() / scale
+        res["graph_rel_max_err"] = (got_graph.float() - ref.float()).abs().max().item() / scale
+        res["ref_abs_max"] = scale
+        return res
+
+    # ---- 2. dispatch + combine latency --------------------------------------------------------------
+    def latency():
+        rows = []
+        for t in opts["tokens"]:
+            x, ids, w = inputs(t, 2)
+            for name in ("symm_mem_ll", "allgather_reducescatter", "all_to_all"):
+                d = backend(name)
+                d.set_max_tokens_per_rank(t)
+                if hasattr(d, "static_shapes"):
+                    d.static_shapes = True
+
+                def f(d=d):
+                    r = d.dispatch(x, ids, w)
+                    return d.combine(r.x * r.weights.to(r.x.dtype)[:, None], r)
+                row = {"tokens_per_rank": t, "backend": name, "eager_us": _timed(f, opts["iters"]) * 1e6}
+                if d.graph_capturable:
+                    try:
+                        g, _ = _graph(f)
+                        row["graph_us"] = _timed(g.replay, opts["iters"]) * 1e6
+                    except Exception as exc:  # noqa: BLE001
+                        row["graph_error"] = repr(exc)[:300]
+                rows.append(row)
+        return rows
+
+    # ---- 3. decode step with / without DBO ------------------------------------------------------------
+    def dbo():
+        rows = []
+        for experts in opts["dbo_experts"]:
+            rows += dbo_at(experts)
+            torch.cuda.empty_cache()
+        return rows
+
+    def dbo_at(n_experts):
+        from wideep.engine.kv_cache import allocate_kv_caches
+        from wideep.model.attention import AttentionMetadata
+        from wideep.model.deepseek_v3 import DeepseekV3ForCausalLM
+        from wideep.model.make_model import preset_config
+        from wideep.model.rope import RotaryEmbedding
+        from wideep.model.ubatch import forward_dual_batch
+        from wideep.parallel.graph_dispatch import make_graph_mode_dispatcher
+
+        E = n_experts
+        cfg = preset_config("layer-slice", num_moe_layers=opts["moe_layers"], n_routed_experts=E)
+        b, ctx, bs = opts["batch"], opts["context"], 64
+        saved = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("meta"):
+                model = DeepseekV3ForCausalLM(
+                    cfg, get_dispatcher("allgather_reducescatter", E, ep_rank=rank, ep_size=world, group=grp.group),
+                    E // world)
+        finally:
+            torch.set_default_dtype(saved)
+        model.to_empty(device=dev)
+        gen = torch.Generator(device=dev).manual_seed(1234 + rank)
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02, generator=gen)
+            for name, buf in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buf.zero_()
+        model.model.rotary_emb = RotaryEmbedding(cfg).to(dev)
+        model.eval()
+        per_seq = -(-(ctx + 1) // bs)
+        kv = allocate_kv_caches(model.num_layers, b * per_seq + 1, bs, model.kv_cache_dim, torch.bfloat16, dev)
+        tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(b)]
+        attn = AttentionMetadata.build([1] * b, [ctx + 1] * b, tables, bs, num_decodes=b, device=dev)
+        ids = torch.randint(0, cfg.vocab_size, (b,), device=dev)
+        pos = torch.full((b,), ctx, dtype=torch.long, device=dev)
+        rows = []
+        for name in opts["dbo_backends"]:
+            gd = make_graph_mode_dispatcher(name, E, ep_rank=rank, ep_size=world, group=grp.group)
+            for comm in (True, False):
+                d = gd if comm else _NoComm(gd)
+                model.dispatcher = d
+                for layer in model.moe_layers():
+                    layer.dispatcher = d
+                for split in (False, True):
+                    label = {"experts": E, "experts_per_gpu": E // world, "backend": name, "comm": comm, "dbo": split}
+                    try:
+                        with torch.inference_mode(), gd.graph_mode(b):
+                            fwd = (lambda: forward_dual_batch(model, ids, pos, attn, kv, -(-b // 2))) if split \
+                                else (lambda: model.forward(ids, pos, attn, kv))
+                            g, _ = _graph(fwd)
+                            label["step_ms"] = _timed(g.replay, opts["iters"]) * 1e3
+                        del g
+                    except Exception as exc:  # noqa: BLE001
+                        label["error"] = repr(exc)[:400]
+                        torch.cuda.synchronize()
+                    rows.append(label)
+        return rows
+
+    for key, fn in (("correctness", check), ("latency", latency), ("dbo", dbo)):
+        if key not in opts["sections"]:
+            continue
+        t0 = time.time()
+        try:
+            out[key] = fn()
+        except Exception:  # noqa: BLE001 - report and go on with the next section
+            out["errors"][key] = traceback.format_exc()[-2000:]
+        out[f"{key}_s"] = time.time() - t0
+        torch.distributed.barrier()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", default="32,128,256")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--moe-layers", type=int, default=2)
+    ap.add_argument("--dbo-backends", default="allgather_reducescatter,symm_mem_ll")
+    ap.add_argument("--dbo-experts", default="256,16",
+                    help="routed experts of the layer slice; 16 = 8 per GPU, the per-GPU expert count of EP=32")
+    ap.add_argument("--sections", default="correctness,latency,dbo")
+    ap.add_argument("--timeout", type=float, default=400.0)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    from wideep.parallel.launch import run_ranks
+
+    opts = {"tokens": [int(x) for x in a.tokens.split(",")], "iters": a.iters, "batch": a.batch,
+            "context": a.context, "moe_layers": a.moe_layers, "dbo_backends": a.dbo_backends.split(","),
+            "dbo_experts": [int(x) for x in a.dbo_experts.split(",")],
+            "sections": a.sections.split(",")}
+    per_rank = run_ranks(_rank, 2, args=(opts,), timeout_s=a.timeout, env=NCCL_ENV, threads_per_rank=0)
+    report = {"config": opts, "ranks": per_rank}
+    print(json.dumps(report, indent=1))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

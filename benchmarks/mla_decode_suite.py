@@ -1,0 +1,313 @@
+"""The H200 suite of `benchmarks/mla_decode.py --suite`: everything the MLA decode issue asks of one GPU call.
+
+1. ceilings: device-to-device copy bandwidth and a bf16 matmul rate, measured here;
+2. correctness against the fp32 oracle (NaN-poisoned pages, ragged lengths, a graph-wide table): every new
+   config with a bf16 and an fp8 cache, 4 query tokens x 16 heads, 2 x 128;
+3. batch invariance of the kernel: one sequence alone and inside a batch of 37 (wide table), bit-identical;
+4. time per layer (CUDA graph, rotating cache sets), the present kernel (`--old`, main's module, its own
+   batch-dependent split heuristic) against the new configs, B=128/256 x ctx 2k/4k/8k, H=128, bf16 and fp8;
+5. the tiny model in bf16: greedy tokens with CUDA graphs (padded batches) vs eager, 16 requests.
+Configs are compiled concurrently first (each is a separate Triton compile of ~15 s).
+"""
+import importlib.util
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from mla_decode import L, R, SCALE, build_case, copy_bandwidth, errors, time_graph
+
+FP8 = torch.float8_e4m3fn
+K_SCALE = 0.5   # an fp8 scale that is not 1, so a forgotten scale shows up as an error
+
+
+def matmul_rate():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    return 2 * 8192 ** 3 / statistics.median(ts)
+
+
+def load_old(path):
+    spec = importlib.util.spec_from_file_location("old_mla_decode_triton", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def ragged_case(b, heads, page, max_ctx, width, dtype, seed, nq=1):
+    """NaN-poisoned pool: unowned blocks and slots past seq_len are NaN; block ids shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, max_ctx + 1, (b,), generator=g)
+    lens[0] = 0
+    pages = [-(-int(n) // page) for n in lens]
+    pool = sum(pages) + 1
+    cache = torch.randn(pool, page, L + R, generator=g)
+    perm = torch.randperm(pool - 1, generator=g)
+    table = torch.full((b, width), pool - 1, dtype=torch.int32)
+    nxt = 0
+    for i, n in enumerate(pages):
+        ids = perm[nxt:nxt + n]
+        table[i, :n] = ids.to(torch.int32)
+        tail = int(lens[i]) % page
+        if tail:
+            cache[ids[-1], tail:] = float("nan")
+        nxt += n
+    cache[pool - 1] = float("nan")
+    cache = cache.to("cuda")
+    stored = (cache / K_SCALE).clamp(-448, 448).to(FP8) if dtype == FP8 else cache.to(dtype)
+    shape = (b, nq, heads) if nq > 1 else (b, heads)
+    q_lat = torch.randn(*shape, L, generator=g).to("cuda", torch.bfloat16)
+    q_pe = torch.randn(*shape, R, generator=g).to("cuda", torch.bfloat16)
+    return q_lat, q_pe, stored, table.to("cuda"), lens.to(torch.int32).to("cuda")
+
+
+def oracle(q_lat, q_pe, stored, table, lens):
+    from wideep.model.attention import dequantize_latent, paged_mla_decode_torch
+
+    k = K_SCALE if stored.dtype == FP8 else 1.0
+    deq = dequantize_latent(stored, k, torch.float32)
+    used = -(-int(lens.max()) // stored.shape[1]) if int(lens.max()) else 1
+    return paged_mla_decode_torch(q_lat.float(), q_pe.float(), deq, table[:, :used], lens, L, SCALE)
+
+
+def run_suite(args):
+    from wideep.model import mla_decode_triton as mdt
+
+    t0 = time.perf_counter()
+    report = dict(checks=[], timings=[], errors=[])
+    props = torch.cuda.get_device_properties(0)
+    import triton
+    print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+          f"triton {triton.__version__}", flush=True)
+    configs = [mdt.DecodeConfig.parse(c) for c in args.suite_configs.split(";")]
+    old = load_old(args.old) if args.old else None
+    page = 64
+
+    # -- compile every (config, cache dtype) concurrently on small inputs of the timed shapes
+    def warm(job):
+        cfg, dt, heads, nq = job
+        try:
+            q_lat, q_pe, stored, table, lens = ragged_case(4, heads, page, 3000, 128, dt, 1, nq)
+            mdt.mla_decode(q_lat, q_pe, stored, table, lens, SCALE, K_SCALE if dt == FP8 else 1.0, config=cfg)
+            torch.cuda.synchronize()
+            return None
+        except Exception as exc:  # noqa: BLE001
+            return f"{cfg} {dt}: {''.join(traceback.format_exception_only(type(exc), exc))[-600:]}"
+
+    jobs = [(c, dt, 128, 1) for c in configs for dt in (torch.bfloat16, FP8)] + [(configs[1], torch.bfloat16, 16, 4)]
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        bad = {j: r for j, r in zip(jobs, ex.map(warm, jobs)) if r}
+    bad = {j: r for j, r in ((j, warm(j)) for j in bad) if r}   # a concurrent-compile hiccup gets a serial retry
+    for msg in bad.values():
+        print(f"COMPILE FAIL {msg}", flush=True)
+        report["errors"].append(msg)
+    if old is not None:
+        try:
+            q_lat, q_pe, stored, table, lens = ragged_case(4, 128, page, 3000, 128, torch.bfloat16, 1)
+            old.mla_decode(q_lat, q_pe, stored, table, lens, SCALE)
+        except Exception as exc:  # noqa: BLE001
+            print(f"old kernel failed: {exc!r}", flush=True)
+            old = None
+    print(f"compiled in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    bw = copy_bandwidth(torch)
+    mm = matmul_rate()
+    print(f"ceilings: copy {bw / 1e9:,.0f} GB/s (read+write), bf16 matmul 8192^3 {mm / 1e12:,.0f} TFLOP/s", flush=True)
+    report.update(copy_bw=bw, matmul=mm)
+
+    # -- correctness vs the fp32 oracle
+    for cfg in configs:
+        for dt in (torch.bfloat16, FP8):
+            if any(j[0] == cfg and j[1] == dt for j in bad):
+                continue
+            case = ragged_case(24, 128, page, 3000, 2560, dt, 7)
+            truth = oracle(*case)
+            out = mdt.mla_decode(*case[:5], SCALE, K_SCALE if dt == FP8 else 1.0, config=cfg)
+            err = errors(torch, out, truth)
+            ok = err[2] and err[1] < 2e-2 and bool((out[0] == 0).all())
+            report["checks"].append(dict(what=f"oracle {cfg} {dt}", err=err, ok=ok))
+            print(f"oracle {str(cfg):>14s} {str(dt):>22s}: max abs {err[0]:.2e} rel {err[1]:.2e} -> "
+                  f"{'ok' if ok else 'FAIL'}", flush=True)
+    for cfg, heads, nq in ((configs[1], 16, 4),):
+        case = ragged_case(24, heads, page, 3000, 2560, torch.bfloat16, 8, nq)
+        truth = oracle(*case)
+        out = mdt.mla_decode(*case[:5], SCALE, config=cfg)
+        err = errors(torch, out, truth)
+        ok = err[2] and err[1] < 2e-2
+        report["checks"].append(dict(what=f"oracle {cfg} H={heads} Q={nq}", err=err, ok=ok))
+        print(f"oracle {cfg} H={heads} Q={nq}: rel {err[1]:.2e} -> {'ok' if ok else 'FAIL'}", flush=True)
+
+    # -- batch invariance of the kernel (default config): alone vs in a batch of 37, narrow vs wide table
+    q_lat, q_pe, stored, table, lens = ragged_case(37, 128, page, 5000, 2560, torch.bfloat16, 9)
+    batch = mdt.mla_decode(q_lat, q_pe, stored, table, lens, SCALE)
+    same = []
+    for i in (3, 17, 36):
+        n = -(-int(lens[i]) // page)
+        alone = mdt.mla_decode(q_lat[i:i + 1], q_pe[i:i + 1], stored, table[i:i + 1, :max(n, 1)], lens[i:i + 1], SCALE)
+        same.append(bool(torch.equal(alone, batch[i:i + 1])))
+    print(f"auto-selected configs: { {str(k[5]) + '/' + str(k[6]): str(v) for k, v in mdt._chosen.items()} }",
+          flush=True)
+    report["checks"].append(dict(what="kernel batch invariance (alone vs batch of 37, narrow vs wide table)",
+                                 ok=all(same)))
+    print(f"kernel batch invariance, 3 sequences alone vs in a batch of 37: {same}", flush=True)
+
+    # -- tiny model: graph (padded) vs eager greedy tokens
+    try:
+        report["tiny"] = tiny_graph_vs_eager()
+    except Exception as exc:  # noqa: BLE001
+        report["tiny"] = dict(error=repr(exc))
+        print(f"tiny model check failed to run: {exc!r}\n{traceback.format_exc()[-1500:]}", flush=True)
+
+    # -- timings
+    rows = []
+    for ctx in (2048, 4096, 8192):
+        for b in (128, 256):
+            for dt in (torch.bfloat16, FP8):
+                esz = 1 if dt == FP8 else 2
+                cache_bytes = b * ctx * (L + R) * esz
+                sets = max(1, min(8, math.ceil(400e6 / cache_bytes)))
+                try:
+                    cache, tables, qs, seq_lens = build_case(torch, b, ctx, 128, page, sets, "cuda", torch.bfloat16)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"B={b} ctx={ctx}: OOM", flush=True)
+                    continue
+                cache[-1] = 0.0
+                if dt == FP8:
+                    cache = (cache / K_SCALE).clamp(-448, 448).to(FP8)
+                k = K_SCALE if dt == FP8 else 1.0
+                flops = 2 * b * 128 * ctx * (L + R + L)
+                nbytes = cache_bytes + b * 128 * (2 * L + R) * 2
+                row = dict(batch=b, ctx=ctx, kv=str(dt).removeprefix("torch."), t={})
+                variants = [(str(c), (lambda i, c=c: mdt.mla_decode(qs[i][0], qs[i][1], cache, tables[i], seq_lens,
+                                                                    SCALE, k, config=c)))
+                            for c in configs if not any(j[0] == c and j[1] == dt for j in bad)]
+                variants.insert(0, ("default", lambda i: mdt.mla_decode(qs[i][0], qs[i][1], cache, tables[i],
+                                                                        seq_lens, SCALE, k)))
+                if dt == torch.bfloat16:
+                    if old is not None:
+                        variants.insert(0, ("present", lambda i: old.mla_decode(qs[i][0], qs[i][1], cache, tables[i],
+                                                                                seq_lens, SCALE)))
+                for name, fn in variants:
+                    try:
+                        t = time_graph(torch, fn, sets, reps=10)
+                        row["t"][name] = t
+                        print(f"B={b:3d} ctx={ctx} {row['kv']:>13s} {name:>24s}: {t * 1e3:7.4f} ms "
+                              f"{flops / t / 1e12:6.1f} TFLOP/s {nbytes / t / 1e9:7,.0f} GB/s", flush=True)
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"B={b} ctx={ctx} {name}: failed {exc!r}"[:400], flush=True)
+                row.update(flops=flops, bytes=nbytes)
+                rows.append(row)
+                cache = tables = qs = None
+                torch.cuda.empty_cache()
+    report["timings"] = rows
+
+    out = Path(os.environ.get("OUT", "/tmp")) / "mla_suite.json"
+    out.write_text(json.dumps(report, indent=1, default=str))
+    print_table(rows, report)
+    print(f"total {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+def tiny_graph_vs_eager():
+    from wideep import LLM, SamplingParams
+    from wideep.model.make_model import make_model
+
+    d = Path(tempfile.mkdtemp()) / "tiny"
+    make_model("tiny", d)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 400, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 60, (16,), generator=g)]
+    # different lengths: requests finish at different steps, so decode batches shrink through 16..1 and the
+    # graph runs padded to the next captured size
+    params = [SamplingParams(max_tokens=8 + 3 * i, temperature=0, ignore_eos=True) for i in range(16)]
+    res = {}
+    for mode, eager in (("graph", False), ("eager", True)):
+        llm = LLM(str(d), dtype="bfloat16", block_size=64, kv_cache_memory_bytes=256 << 20, enforce_eager=eager,
+                  max_model_len=2048, cuda_graph_sizes=[1, 2, 4, 8, 16])
+        res[mode] = [o.token_ids for o in llm.generate(prompts, params)]
+        del llm
+        torch.cuda.empty_cache()
+    same = sum(a == b for a, b in zip(res["graph"], res["eager"]))
+    print(f"tiny model bf16: graph (padded) vs eager greedy tokens identical on {same}/16 requests", flush=True)
+    return dict(identical=same, total=16)
+
+
+def print_table(rows, report):
+    print("\n| B | ctx | cache | kernel | ms/layer | TFLOP/s | GB/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        for name, t in r["t"].items():
+            print(f"| {r['batch']} | {r['ctx']} | {r['kv']} | {name} | {t * 1e3:.4f} | {r['flops'] / t / 1e12:.0f} "
+                  f"| {r['bytes'] / t / 1e9:,.0f} |")
+    fails = [c["what"] for c in report["checks"] if not c["ok"]]
+    print(f"\nchecks: {len(report['checks']) - len(fails)}/{len(report['checks'])} ok; failed: {fails}; "
+          f"compile errors: {len(report['errors'])}; tiny: {report.get('tiny')}")
+
+
+def run_study(args):
+    """Second look: tokens per split (batch-invariant chunk) against batch size, fp8 compute variants,
+    single-stage long tiles. Times only (the suite checks correctness of the same kernels)."""
+    from wideep.model import mla_decode_triton as mdt
+
+    t0 = time.perf_counter()
+    old = load_old(args.old) if args.old else None
+    page, rows = 64, []
+    sv = mdt.DecodeConfig.parse("64,64,8,2,sv")
+
+    def timed(b, ctx, dt, variants):
+        esz = 1 if dt == FP8 else 2
+        sets = max(1, min(8, math.ceil(400e6 / (b * ctx * (L + R) * esz))))
+        cache, tables, qs, seq_lens = build_case(torch, b, ctx, 128, page, sets, "cuda", torch.bfloat16)
+        cache[-1] = 0.0
+        if dt == FP8:
+            cache = (cache / K_SCALE).clamp(-448, 448).to(FP8)
+        k = K_SCALE if dt == FP8 else 1.0
+        flops = 2 * b * 128 * ctx * (L + R + L)
+        for name, cfg, chunk in variants:
+            try:
+                if name == "present":
+                    def fn(i):
+                        return old.mla_decode(qs[i][0], qs[i][1], cache, tables[i], seq_lens, SCALE)
+                else:
+                    def fn(i, cfg=cfg, chunk=chunk):
+                        return mdt.mla_decode(qs[i][0], qs[i][1], cache, tables[i], seq_lens, SCALE, k,
+                                              config=cfg, chunk=chunk)
+                t = time_graph(torch, fn, sets, reps=10)
+                rows.append(dict(batch=b, ctx=ctx, kv=str(dt).removeprefix("torch."), name=name, s=t))
+                print(f"B={b:3d} ctx={ctx} {str(dt):>20s} {name:>28s}: {t * 1e3:8.4f} ms "
+                      f"{flops / t / 1e12:6.1f} TFLOP/s", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"B={b} ctx={ctx} {name}: failed {exc!r}"[:300], flush=True)
+
+    for ctx in (2048, 8192):
+        for b in (1, 8, 32, 128, 256):
+            v = [(f"{sv} chunk{c}", sv, c) for c in (1024, 2048, 4096)]
+            if old is not None:
+                v.insert(0, ("present", None, None))
+            timed(b, ctx, torch.bfloat16, v)
+    for ctx in (2048, 8192):
+        for b in (128, 256):
+            timed(b, ctx, torch.bfloat16, [(c, mdt.DecodeConfig.parse(c), 2048)
+                                           for c in ("64,64,8,1,sv", "64,128,8,1,sv", "64,128,8,1")])
+            timed(b, ctx, FP8, [(f"{c} chunk{ch}", mdt.DecodeConfig.parse(c), ch)
+                                for c in ("64,64,8,2", "64,64,8,2,f16", "64,64,8,2,sv,f16") for ch in (1024, 2048)])
+    out = Path(os.environ.get("OUT", "/tmp")) / "mla_study.json"
+    out.write_text(json.dumps(rows, indent=1))
+    print(f"study total {time.perf_counter() - t0:.0f}s", flush=True)

@@ -1,0 +1,55 @@
+"""Dual-batch overlap on one rank: the split forward equals the plain forward; split points and
+per-micro-batch metadata."""
+from __future__ import annotations
+
+import torch
+
+from wideep.model.attention import AttentionMetadata
+from wideep.model.ubatch import DBOConfig, slice_metadata, split_point
+
+
+def _meta(query_lens, seq_lens, num_decodes):
+    tables = [[2 * i, 2 * i + 1] for i in range(len(query_lens))]
+    return AttentionMetadata.build(query_lens, seq_lens, tables, 64, num_decodes=num_decodes)
+
+
+def test_split_points():
+    assert split_point(_meta([1] * 5, [9] * 5, 5)) == 3           # decodes: A gets the extra one
+    assert split_point(_meta([1, 1, 30, 30], [5, 5, 30, 30], 2)) == 3
+    assert split_point(_meta([40], [40], 0)) == 1                 # one prefill: B is empty
+    assert split_point(_meta([1, 1, 100], [3, 3, 100], 2)) == 2
+
+
+def test_slice_metadata_rebases_tokens():
+    m = _meta([1, 1, 5, 3], [4, 4, 5, 3], 2)
+    b = slice_metadata(m, 1, 3, 1, 7)
+    assert b.num_decodes == 1 and b.query_lens == [1, 5] and b.seq_lens_cpu == [4, 5]
+    assert b.query_start_loc.tolist() == [0, 1, 6]
+    assert torch.equal(b.slot_mapping, m.slot_mapping[1:7])
+
+
+def test_thresholds_are_strictly_greater():
+    c = DBOConfig(True, 32, 512)
+    assert not c.should_split(32, True) and c.should_split(33, True)
+    assert not c.should_split(512, False) and c.should_split(513, False)
+    assert not DBOConfig(False).should_split(10_000, False)
+    assert DBOConfig.ubatch_max_tokens(33, True) == 17 and DBOConfig.ubatch_max_tokens(600, False) is None
+
+
+def test_split_forward_equals_forward(tiny_model_dir):
+    from wideep.engine.kv_cache import allocate_kv_caches
+    from wideep.model.loader import load_model
+    from wideep.model.ubatch import forward_dual_batch
+
+    torch.manual_seed(0)
+    model = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+    lens = [7, 1, 12, 3]
+    tables = [[1 + i] for i in range(len(lens))]
+    m = AttentionMetadata.build(lens, lens, tables, 16, num_decodes=0)
+    ids = torch.randint(0, model.config.vocab_size, (sum(lens),))
+    pos = torch.cat([torch.arange(n) for n in lens])
+    caches = allocate_kv_caches(model.num_layers, 8, 16, model.kv_cache_dim, torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        ref = model.forward(ids, pos, m, caches)
+        got = forward_dual_batch(model, ids, pos, m, caches)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

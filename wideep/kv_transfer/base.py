@@ -1,0 +1,33 @@
+"""The scheduler's P/D seam: what the engine asks a KV connector, with no-op defaults (a connector
+overrides what its role needs, as vLLM's KVConnectorBase_V1 subclasses do). Torch-free."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class KVConnectorBase:
+    def register_kv_caches(self, caches: list[Any]) -> None:
+        """Called once the runner has allocated its paged cache."""
+
+    def get_num_remote_tokens(self, request: Any, num_local_tokens: int) -> tuple[int, bool]:
+        """(tokens beyond the local prefix-cache hit that a remote engine will provide, loads asynchronously)."""
+        return 0, False
+
+    def on_blocks_allocated(self, request: Any, num_remote_tokens: int) -> None:
+        """Start pulling remote KV into request.block_ids."""
+
+    def finished_loading(self) -> set[str]:
+        """Ids of requests whose remote KV has landed since the last call."""
+        return set()
+
+    def failed_loading(self) -> dict[str, str]:
+        """Request id -> error of pulls that failed and must fail their request."""
+        return {}
+
+    def request_finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:
+        """(keep the request's blocks until sent, kv_transfer_params for the final output)."""
+        return False, None
+
+    def finished_sending(self) -> set[str]:
+        """Ids of held requests whose blocks may now be freed."""
+        return set()

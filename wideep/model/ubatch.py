@@ -1,0 +1,120 @@
+"""Dual-batch overlap (vLLM's --enable-dbo): one step's forward as two interleaved micro-batches.
+
+The batch is cut at a sequence boundary into micro-batches A and B. Each runs the whole model as a
+generator that yields while its MoE dispatch or combine is in flight; the driver alternates them, so
+A's all-to-all overlaps B's attention/experts and the other way round. Every rank of the EP group
+must split the same steps (the same number of collectives in the same order): the decision depends
+only on the group's agreed step shape (`should_split`), and a rank whose batch cannot be cut (one
+sequence, or a dummy token) runs B with zero tokens.
+
+Results equal the unsplit forward row for row: attention is per sequence, experts per token.
+Overlap comes from the dispatcher's dispatch_async/combine_async: allgather_reducescatter issues NCCL
+(or gloo) async collectives, symm_mem_ll writes peers from a side stream; a backend without them
+(all_to_all, whose host-side count exchange blocks) runs its collectives in place: same result,
+no overlap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention import AttentionMetadata
+from .moe import DeepseekV3MoE
+
+
+@dataclass(frozen=True)
+class DBOConfig:
+    enabled: bool = False
+    decode_token_threshold: int = 32
+    prefill_token_threshold: int = 512
+
+    @classmethod
+    def from_args(cls, args) -> "DBOConfig":
+        return cls(bool(args.enable_dbo), int(args.dbo_decode_token_threshold), int(args.dbo_prefill_token_threshold))
+
+    def should_split(self, tokens_per_rank: int, decode_only: bool) -> bool:
+        """The group's decision from its agreed shape (max tokens per rank, no rank has prefill tokens)."""
+        if not self.enabled:
+            return False
+        return tokens_per_rank > (self.decode_token_threshold if decode_only else self.prefill_token_threshold)
+
+    @staticmethod
+    def ubatch_max_tokens(tokens_per_rank: int, decode_only: bool) -> int | None:
+        """Bound on one micro-batch's tokens per rank: half (rounded up) for decode-only steps, where A
+        takes ceil(n/2) one-token sequences; None (the step's bound) when prefill chunks may not halve."""
+        return -(-tokens_per_rank // 2) if decode_only else None
+
+
+def split_point(attn: AttentionMetadata) -> int:
+    """Number of sequences in micro-batch A: decodes split in half (A gets the extra one); with
+    prefills, the sequence boundary closest to half the tokens."""
+    n = attn.num_seqs
+    if n <= 1:
+        return n
+    if attn.num_decodes == n:
+        return -(-n // 2)
+    total = sum(attn.query_lens)
+    best, acc, best_gap = 1, 0, None
+    for i, q in enumerate(attn.query_lens[:-1]):
+        acc += q
+        gap = abs(2 * acc - total)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = i + 1, gap
+    return best
+
+
+def slice_metadata(attn: AttentionMetadata, s0: int, s1: int, t0: int, t1: int) -> AttentionMetadata:
+    """Sequences [s0, s1) whose tokens are rows [t0, t1) of the batch (host ints only: graph capturable)."""
+    return AttentionMetadata(
+        slot_mapping=attn.slot_mapping[t0:t1],
+        query_start_loc=attn.query_start_loc[s0:s1 + 1] - t0,
+        seq_lens=attn.seq_lens[s0:s1],
+        block_tables=attn.block_tables[s0:s1],
+        num_decodes=max(0, min(attn.num_decodes, s1) - s0),
+        query_lens=list(attn.query_lens[s0:s1]),
+        seq_lens_cpu=list(attn.seq_lens_cpu[s0:s1]))
+
+
+def _layer_stages(layer, h, cos, sin, attn, cache):
+    if h.shape[0]:      # an empty micro-batch still joins the MoE collectives
+        h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, attn, cache)
+    x = layer.post_attention_layernorm(h)
+    out = (yield from layer.mlp.forward_stages(x)) if isinstance(layer.mlp, DeepseekV3MoE) else layer.mlp(x)
+    return h + out
+
+
+def _ubatch(model, input_ids, positions, attn, kv_caches):
+    h = model.model.embed_tokens(input_ids)
+    cos, sin = model.model.rotary_emb.cos_sin(positions, h.dtype)
+    for layer, cache in zip(model.model.layers, kv_caches, strict=True):
+        h = yield from _layer_stages(layer, h, cos, sin, attn, cache)
+    return model.model.norm(h)
+
+
+def forward_dual_batch(model, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                       kv_caches: list[torch.Tensor], ubatch_max_tokens: int | None = None) -> torch.Tensor:
+    """model.forward over two interleaved micro-batches; same result. `ubatch_max_tokens`: the bound on
+    each micro-batch's tokens per rank that every rank passes (None: the step's own bound)."""
+    split = split_point(attn)
+    t_split = sum(attn.query_lens[:split]) if attn.query_lens else split
+    t_total = input_ids.shape[0]
+    n = attn.num_seqs
+    parts = [(0, split, 0, t_split), (split, n, t_split, t_total)]
+    gens = [_ubatch(model, input_ids[t0:t1], positions[t0:t1], slice_metadata(attn, s0, s1, t0, t1), kv_caches)
+            for s0, s1, t0, t1 in parts]
+    dispatcher = model.dispatcher
+    results: list[torch.Tensor | None] = [None, None]
+    live = [0, 1]
+    try:
+        while live:
+            for i in list(live):
+                dispatcher.set_ubatch(parts[i][2], ubatch_max_tokens, i)
+                try:
+                    next(gens[i])
+                except StopIteration as stop:
+                    results[i] = stop.value
+                    live.remove(i)
+    finally:
+        dispatcher.set_ubatch()
+    return torch.cat(results, dim=0)

@@ -1,0 +1,254 @@
+"""symm_mem_ll: a low-latency decode dispatch/combine on torch symmetric memory (GPU peer-to-peer writes).
+
+Each rank writes its tokens straight into every peer's receive buffer (NVLink loads/stores through
+torch symmetric memory; NVLink multicast is never used), then a device-side barrier says the data
+landed. Dispatch moves FP8 (e4m3) rows with one fp32 scale per token, plus the routing, packed into
+one row per token (one copy per peer); combine sends
+each rank's BF16 partial sums for the peer's tokens home, where they are summed in fp32.
+
+Fixed shapes: receive buffers hold `capacity` tokens per source rank; a step uses the first
+`max_tokens_per_rank` of them (the same bound on every rank, set by the DP lockstep), padding rows
+route nowhere. No host synchronization, so it is CUDA-graph capturable. Issue and completion are
+split: the writes and barrier run on a side stream and `wait()` joins it, so with dual-batch overlap
+one micro-batch's transfer proceeds while the other computes. Separate buffers and barrier channels
+per micro-batch.
+
+Every token goes to every rank (like allgather_reducescatter, but FP8 and written by the sender): at
+EP=2 with top-8 routing nearly every token touches both ranks anyway. Sending only the routed rows
+(per-expert slots, as DeepEP's low-latency kernels do) is the next step for wide EP.
+
+`deepep_low_latency` (vLLM's name) resolves to this backend on CUDA with an NCCL group and to
+allgather_reducescatter elsewhere (CPU/gloo), with a log line naming the backend that runs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending
+from wideep.parallel.expert_grouping import group_by_local_expert
+
+log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+DEFAULT_CAPACITY = 256      # tokens per rank the receive buffers hold (grown outside graph capture)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] -> (fp8 [T, H], fp32 scale [T]) with x ≈ q * scale per row."""
+    amax = x.float().abs().amax(dim=-1).clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    q = (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def dequantize_rows_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[:, None]).to(dtype)
+
+
+def row_bytes(hidden: int, k: int) -> int:
+    """One dispatched token: hidden FP8 bytes, its fp32 scale, K int32 expert ids, K fp32 weights."""
+    return hidden + 4 + 8 * k
+
+
+def row_fields(buf: torch.Tensor, hidden: int, k: int):
+    """Views (x fp8 [.., H], scale fp32 [..], ids int32 [.., K], weights fp32 [.., K]) of packed rows."""
+    x = buf[..., :hidden].view(FP8)
+    scale = buf[..., hidden:hidden + 4].view(torch.float32)[..., 0]
+    ids = buf[..., hidden + 4:hidden + 4 + 4 * k].view(torch.int32)
+    weights = buf[..., hidden + 4 + 4 * k:].view(torch.float32)
+    return x, scale, ids, weights
+
+
+@dataclass
+class _Slot:
+    """One micro-batch's symmetric buffers (every rank holds the same shapes)."""
+    rows: torch.Tensor        # [ep, C, row_bytes] uint8: row block s written by rank s (one copy per peer)
+    out: torch.Tensor         # [ep, C, H] bf16: rank s's partial sums for this rank's tokens
+    handles: tuple            # symmetric-memory handles of the two buffers
+    peers: list               # peers[which][p]: buffer `which` as mapped from rank p's memory
+
+
+@dataclass
+class _Handle:
+    num_tokens: int
+    bound: int
+    rows: torch.Tensor
+    valid: torch.Tensor
+    slot: int
+
+
+class SymmMemDispatcher(MoEDispatcher):
+    name = "symm_mem_ll"
+    graph_capturable = True
+
+    def __init__(self, num_experts: int, ep_rank: int = 0, ep_size: int = 1, group=None,
+                 capacity: int = DEFAULT_CAPACITY, **options):
+        super().__init__(num_experts, ep_rank, ep_size, group, **options)
+        if not _nccl_group(group):
+            raise ValueError("symm_mem_ll needs CUDA GPUs and an NCCL EP group; on CPU/gloo use "
+                             "deepep_low_latency (falls back to allgather_reducescatter) or allgather_reducescatter")
+        self.capacity = int(capacity)
+        self.static_shapes = True       # always fixed-shape; graph_mode sets it too
+        self._slots: dict[int, _Slot] = {}
+        self._slot_key: tuple | None = None
+        self._stream: torch.cuda.Stream | None = None
+        self._ubatch_index = 0
+
+    def set_ubatch(self, row_offset: int = 0, max_tokens: int | None = None, index: int = 0) -> None:
+        super().set_ubatch(row_offset, max_tokens, index)
+        self._ubatch_index = index     # micro-batches use separate buffers and barrier channels
+
+    # ---- buffers ------------------------------------------------------------------------------
+    def _slot(self, index: int, hidden: int, k: int, device: torch.device, bound: int) -> _Slot:
+        """The micro-batch's buffers; (re)allocated (a collective rendezvous) when the shape grows,
+        which must happen outside CUDA-graph capture (the runner warms every size up eagerly first)."""
+        key = (hidden, k, device)
+        if self._slot_key != key or bound > self.capacity:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"symm_mem_ll: buffers for {bound} tokens/rank must exist before capture")
+            self.capacity = max(self.capacity, bound)
+            self._slots.clear()
+            self._slot_key = key
+        if index not in self._slots:
+            self._slots[index] = self._allocate(hidden, k, device)
+        return self._slots[index]
+
+    def _allocate(self, hidden: int, k: int, device: torch.device) -> _Slot:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:
+            try:
+                enable((self.group if self.group is not None else dist.group.WORLD).group_name)
+            except Exception as exc:  # noqa: BLE001 - newer torch enables it on rendezvous
+                log.debug("enable_symm_mem_for_group: %s", exc)
+        if hidden % 4:
+            raise ValueError(f"symm_mem_ll needs a hidden size divisible by 4, got {hidden}")
+        ep, c = self.ep_size, self.capacity
+        bufs = [symm_mem.empty(ep, c, row_bytes(hidden, k), dtype=torch.uint8, device=device),
+                symm_mem.empty(ep, c, hidden, dtype=torch.bfloat16, device=device)]
+        group = self.group if self.group is not None else dist.group.WORLD
+        handles = tuple(symm_mem.rendezvous(b, group) for b in bufs)
+        peers = [[h.get_buffer(p, tuple(b.shape), b.dtype) for p in range(ep)] for b, h in zip(bufs, handles)]
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        return _Slot(*bufs, handles=handles, peers=peers)
+
+    @staticmethod
+    def _peer(slot: _Slot, which: int, peer: int) -> torch.Tensor:
+        return slot.peers[which][peer]
+
+    def _bound(self, t: int) -> int:
+        bound = self.step_max_tokens
+        if bound is None:
+            raise RuntimeError("symm_mem_ll needs the step's max tokens per rank (set by the DP lockstep)")
+        if t > bound:
+            raise ValueError(f"{t} tokens on rank {self.ep_rank} exceed max_tokens_per_rank={bound}")
+        return bound
+
+    def _on_side_stream(self, work, keep: tuple) -> Pending:
+        """Runs `work()` (peer writes + barrier) on the side stream after everything queued so far;
+        wait() makes the current stream wait for it. `keep`: tensors made on the current stream that
+        the side stream reads; referenced until wait() so their memory is not reused meanwhile."""
+        main = torch.cuda.current_stream()
+        side = self._stream
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            finish = work()
+        ev = torch.cuda.Event()
+        ev.record(side)
+
+        def joined():
+            main.wait_event(ev)
+            del keep_alive[:]
+            return finish()
+        keep_alive = list(keep)
+        return Pending(joined)
+
+    # ---- dispatch / combine ----------------------------------------------------------------------
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        return self.dispatch_async(x, topk_ids, topk_weights).wait()
+
+    def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        return self.combine_async(y, result).wait()
+
+    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+        t, hidden = x.shape
+        k = topk_ids.shape[1]
+        bound = self._bound(t)
+        index = self._ubatch_index
+        slot = self._slot(index, hidden, k, x.device, bound)
+        me, ep = self.ep_rank, self.ep_size
+        dtype = x.dtype
+        # pack the tokens on this stream: FP8 rows, per-token scales, routing (padding routes nowhere)
+        staging = torch.empty((bound, row_bytes(hidden, k)), dtype=torch.uint8, device=x.device)
+        sx, sscale, sids, sw = row_fields(staging, hidden, k)
+        q, scale = quantize_rows_fp8(x)
+        sx[:t] = q
+        sscale[:t] = scale
+        sids[:t] = topk_ids.to(torch.int32)
+        sw[:t] = topk_weights.float()
+        if t < bound:
+            staging[t:].zero_()
+            sids[t:] = -1
+
+        def work():
+            for p in range(ep):
+                self._peer(slot, 0, p)[me, :bound].copy_(staging)
+            slot.handles[0].barrier(channel=2 * index)
+
+            def finish() -> DispatchResult:
+                first, _ = self.local_expert_range
+                rx, rscale, rids, rw = row_fields(slot.rows[:, :bound], hidden, k)
+                recv_ids = rids.reshape(ep * bound, k).to(torch.int64)
+                g = group_by_local_expert(recv_ids - first, self.num_local_experts, True)
+                weights = rw.reshape(-1)[g.order]
+                weights = torch.where(g.valid, weights, torch.zeros_like(weights))
+                xs = dequantize_rows_fp8(rx.reshape(ep * bound, hidden), rscale.reshape(-1), dtype)
+                return DispatchResult(x=xs[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
+                                      handle=_Handle(t, bound, g.rows, g.valid, index))
+            return finish
+        return self._on_side_stream(work, (staging,))
+
+    def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        h: _Handle = result.handle
+        slot = self._slots[h.slot]
+        me, ep, bound = self.ep_rank, self.ep_size, h.bound
+        y = torch.where(h.valid.unsqueeze(1), y, torch.zeros_like(y))
+        part = torch.zeros((ep * bound, y.shape[1]), dtype=torch.float32, device=y.device)
+        part.index_add_(0, h.rows, y.float())
+        part = part.to(torch.bfloat16).view(ep, bound, -1)
+        dtype = y.dtype
+
+        def work():
+            for p in range(ep):
+                self._peer(slot, 1, p)[me, :bound].copy_(part[p])
+            slot.handles[1].barrier(channel=2 * h.slot + 1)
+            return lambda: slot.out[:, :h.num_tokens].float().sum(dim=0).to(dtype)
+        return self._on_side_stream(work, (part,))
+
+
+def _nccl_group(group) -> bool:
+    """The EP group talks NCCL between CUDA GPUs (group None: the default group)."""
+    return torch.cuda.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl"
+
+
+def make_low_latency_dispatcher(num_experts: int, ep_rank: int = 0, ep_size: int = 1, group=None,
+                                **options) -> MoEDispatcher:
+    """vLLM's `deepep_low_latency`: symm_mem_ll where GPUs talk over NCCL, else allgather_reducescatter."""
+    if ep_size > 1 and _nccl_group(group):
+        d: MoEDispatcher = SymmMemDispatcher(num_experts, ep_rank, ep_size, group, **options)
+        why = "torch symmetric memory, FP8 dispatch / BF16 combine, multicast off"
+    else:
+        from wideep.parallel.allgather_dispatch import AllGatherReduceScatterDispatcher
+
+        d = AllGatherReduceScatterDispatcher(num_experts, ep_rank, ep_size, group, **options)
+        why = "symmetric memory needs CUDA GPUs and an NCCL group" if ep_size > 1 else "EP size 1"
+    if ep_rank == 0:
+        log.info("all2all backend deepep_low_latency runs as %s (%s)", d.name, why)
+    return d
