@@ -77,3 +77,23 @@ def test_word_joining_tokenizer_is_refused_with_the_reason(tiny_model_dir):
 def test_unsupported_constraints_are_value_errors(params, needle):
     with pytest.raises(ValueError, match=needle):
         StructuredOutputsParams(**params).validate()
+
+
+def test_async_scheduling_equals_sync_for_grammar_penalties_and_logprobs(tiny_byte_model_dir, llm):
+    """Async scheduling does not launch a request whose sampling needs its in-flight token (grammar,
+    penalties), so the outputs equal the synchronous engine's, logprobs included."""
+    from wideep.engine.llm import LLM
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    params = [SamplingParams(max_tokens=16, temperature=1.0, seed=1, structured_outputs=StructuredOutputsParams(json=schema)),
+              SamplingParams(max_tokens=10, temperature=1.0, seed=2, presence_penalty=1.5, frequency_penalty=0.5,
+                             repetition_penalty=1.3, bad_words_token_ids=[[300], [301, 302]]),
+              SamplingParams(max_tokens=10, temperature=0.8, seed=3, logprobs=3)]
+    prompts = ["the sea", "hello world", "the cat sat"]
+    sync = llm.generate(prompts, params)
+    async_llm = LLM(str(tiny_byte_model_dir), max_model_len=256, block_size=16,
+                    kv_cache_memory_bytes=32 << 20, async_scheduling=True)
+    got = async_llm.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in sync]
+    json.loads(got[0].text)
