@@ -76,7 +76,7 @@ class _NoComm:
         import torch
 
         from wideep.model.dispatch import DispatchResult
-        from wideep.parallel.expert_grouping import group_by_local_expert
+        from wideep.model.moe_permute import group_by_local_expert
         inner, ep = self.inner, self.inner.ep_size
         first, _ = inner.local_expert_range
         xs, ids_all, w_all = (torch.cat([v] * ep) for v in (x, ids, w))

@@ -27,3 +27,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_byte_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny checkpoint with a byte-level BPE tokenizer (grammar-constrained decoding needs one)."""
+    from wideep.model.make_byte_tokenizer import write_byte_level_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-byte-model")
+    for f in tiny_model_dir.iterdir():
+        (out / f.name).symlink_to(f) if f.suffix == ".safetensors" else (out / f.name).write_bytes(f.read_bytes())
+    write_byte_level_tokenizer(out, 4096)
+    return out

@@ -18,6 +18,6 @@ def setup_logging(role: str, level: str | None = None) -> None:
     logging.basicConfig(level=(level or envs.WIDEEP_LOG_LEVEL).upper(), format=FORMAT.format(role=role), force=True)
 
 
-# aiohttp access log of the HTTP tiers: client, request line, status, body bytes, seconds
+# access log of the HTTP tiers (wideep.utils.aio.access_logger_class): client, request line, status,
+# body bytes, seconds; probes and metric scrapes are left out
 ACCESS_LOG = logging.getLogger("wideep.access")
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'

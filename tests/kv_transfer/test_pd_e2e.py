@@ -269,3 +269,53 @@ def test_pd_with_expert_parallel_groups(tiny_model_dir, tmp_path):
         _wait_usage_zero(s.all_server_ports(), limit_s=15)
     finally:
         _stop(s.procs)
+
+
+def test_pd_sampling_features_equal_aggregated(stack):
+    """n with per-choice seeds, logprobs, penalties and min_p give the same result through P/D."""
+    port = stack.s_port
+    c = _client(port)
+    kw = dict(model=c.models.list().data[0].id, prompt=[(i * 31) % 700 + 9 for i in range(40)], max_tokens=6,
+              temperature=1.0, seed=11, n=2, logprobs=2, presence_penalty=0.5, frequency_penalty=0.3,
+              extra_body={"repetition_penalty": 1.2, "min_p": 0.05})
+    pd = c.completions.create(extra_headers={"x-prefiller-host-port": f"127.0.0.1:{stack.p_port}"}, **kw)
+    agg = c.completions.create(**kw)
+    assert [ch.text for ch in pd.choices] == [ch.text for ch in agg.choices]
+    for a, b in zip(pd.choices, agg.choices):
+        assert a.logprobs.tokens == b.logprobs.tokens
+        assert a.logprobs.token_logprobs == pytest.approx(b.logprobs.token_logprobs, abs=1e-3)
+    _wait_usage_zero(stack.all_server_ports(), limit_s=15)
+
+
+@pytest.mark.slow
+def test_pd_structured_output_equals_aggregated(tiny_byte_model_dir, tmp_path):
+    """A JSON-schema request through P/D (the decode leg enforces the grammar from its first token)
+    equals the aggregated one and validates. Fast siblings: the structured-output tests against one
+    server and test_pd_sampling_features_equal_aggregated."""
+    pytest.importorskip("xgrammar")
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "b": {"type": "string", "maxLength": 6}},
+              "required": ["a", "b"], "additionalProperties": False}
+    s = Stack(tiny_byte_model_dir, tmp_path)
+    try:
+        s.start()
+        for rank in range(DP):
+            c = _client(s.s_port + rank)
+            kw = dict(model=c.models.list().data[0].id, messages=[{"role": "user", "content": "the sea " * 10}],
+                      max_tokens=60, temperature=1.0, seed=rank,
+                      response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+            # Aggregated first, and once on the prefiller: each rank builds its grammar engine and compiles
+            # the schema on its first constrained request, which must not eat the producer's short
+            # (3 s here) hold timeout.
+            agg = c.chat.completions.create(**kw).choices[0].message.content
+            _client(s.p_port + rank).chat.completions.create(**kw)
+            pd = c.chat.completions.create(extra_headers={"x-prefiller-host-port": f"127.0.0.1:{s.p_port + rank}"},
+                                           **kw).choices[0].message.content
+            assert pd == agg
+            jsonschema.validate(json.loads(pd), schema)
+            assert s.sidecar_stats(s.s_port + rank)["local_prefill_fallbacks"] == 0
+        _wait_usage_zero(s.all_server_ports(), limit_s=15)
+    finally:
+        _stop(s.procs)

@@ -149,3 +149,20 @@ def test_a_config_error_exits_2(tmp_path, capsys):
     bad.write_text(yaml.safe_dump({**BENCH, "load": {**BENCH["load"], "worker_max_concurrency": "8"}}))
     assert main(["bench", "-c", str(bad)]) == 2
     assert "load.worker_max_concurrency: must be int, got '8'" in capsys.readouterr().err
+
+
+def test_deploy_engine_args_reach_serve_as_flags_that_take_effect(tmp_path):
+    """`enable-prefix-caching: false` in a spec must turn prefix caching off (a BooleanOptional flag)."""
+    from wideep.deploy.spec import serve_flag_args
+    from wideep.server.args import add_serve_arguments, serve_config_from_args
+
+    flags = serve_flag_args({"enable-prefix-caching": False, "enforce-eager": True, "cuda_graph_sizes": [1, 2],
+                             "max-num-seqs": 4})
+    assert flags == ["--no-enable-prefix-caching", "--enforce-eager", "--cuda-graph-sizes", "1", "2",
+                     "--max-num-seqs", "4"]
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    (tmp_path / "config.json").write_text("{}")
+    args = serve_config_from_args(p.parse_args([str(tmp_path), *flags])).engine_args
+    assert (args.enable_prefix_caching, args.enforce_eager, args.cuda_graph_sizes, args.max_num_seqs) == \
+        (False, True, [1, 2], 4)

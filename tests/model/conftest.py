@@ -26,6 +26,8 @@ def variant_dir(tmp_path_factory):
         "no_q_lora": dict(q_lora_rank=None),
         "dense2": dict(first_k_dense_replace=2),
         "fp8": dict(fp8=True, seed=7),
+        "fp8_dense": dict(fp8=True, seed=7, first_k_dense_replace=4),
+        "fp8_no_q_lora": dict(fp8=True, seed=7, q_lora_rank=None),
         "bf16": dict(seed=7),
     }
 

@@ -50,7 +50,7 @@ def test_fp8_checkpoint_matches_bf16_twin(variant_dir, paged_runner):
     assert "model.layers.0.self_attn.kv_b_proj.weight_scale_inv" in index
     assert "model.embed_tokens.weight_scale_inv" not in index and "lm_head.weight_scale_inv" not in index
 
-    fp8_model, bf16_model = load_model(fp8_dir), load_model(bf16_dir)
+    fp8_model, bf16_model = load_model(fp8_dir, quantization="none"), load_model(bf16_dir)
     twin = dict(bf16_model.named_parameters())
     quantized = 0
     for name, w8 in fp8_model.named_parameters():

@@ -192,7 +192,7 @@ BAD = [
     ({"model": "tiny", "prompt": "hi", "temperature": -1}, 400, "temperature", ">= 0"),
     ({"model": "tiny", "prompt": "hi", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
     ({"model": "tiny", "prompt": "hi", "top_k": -2}, 400, "top_k", "top_k"),
-    ({"model": "tiny", "prompt": "hi", "n": 2}, 400, "n", "n=1"),
+    ({"model": "tiny", "prompt": "hi", "n": 0}, 400, "n", ">= 1"),
     ({"model": "tiny", "prompt": "hi", "stream": "yes"}, 400, "stream", "boolean"),
     ({"model": "tiny", "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
     ({"model": "tiny", "prompt": [1, -3]}, 400, "prompt", "token ids"),

@@ -9,7 +9,7 @@ import json
 import shlex
 from dataclasses import dataclass
 
-from wideep.deploy.spec import DeploySpec, RoleSpec, engine_flag_args
+from wideep.deploy.spec import DeploySpec, RoleSpec, engine_flag_args, serve_flag_args
 
 
 class Raw(str):
@@ -58,7 +58,7 @@ def serve_argv(spec: DeploySpec, role: RoleSpec, layout: RankLayout, *, executab
     if kv_events_config is not None:
         args = {k: v for k, v in args.items() if k.replace("_", "-") != "kv-events-config"}
         args["kv-events-config"] = kv_events_config
-    argv += engine_flag_args(args)
+    argv += serve_flag_args(args)
     return argv
 
 

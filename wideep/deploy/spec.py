@@ -245,6 +245,26 @@ def validate(spec: DeploySpec) -> None:
         raise SpecError("router.config", "use 'default' or a path to an EndpointPickerConfig file")
 
 
+def serve_flag_args(args: dict[str, Any]) -> list[str]:
+    """`engine_args` as `wideep serve` flags: like engine_flag_args, and a false boolean whose EngineArgs
+    default is true becomes --no-<flag> (so `enable-prefix-caching: false` takes effect), a list becomes
+    one flag followed by its items (nargs flags such as --cuda-graph-sizes)."""
+    from wideep.engine.config import EngineArgs
+
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineArgs)}
+    out: list[str] = []
+    for key, value in args.items():
+        flag = "--" + str(key).replace("_", "-")
+        name = str(key).replace("-", "_")
+        if value is False and defaults.get(name) is True:
+            out.append("--no-" + flag[2:])
+        elif isinstance(value, list):
+            out += [flag, *map(str, value)]
+        else:
+            out += engine_flag_args({key: value})
+    return out
+
+
 def engine_flag_args(args: dict[str, Any]) -> list[str]:
     """`{max-num-seqs: 256, enable-dbo: true}` -> ['--max-num-seqs', '256', '--enable-dbo']."""
     out: list[str] = []

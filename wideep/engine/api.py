@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Protocol
 
+from wideep.engine.structured import StructuredOutputsParams
+
 
 class InvalidRequest(ValueError):
     """A request field is out of range or malformed; `param` names the field (OpenAI error body)."""
@@ -29,10 +31,26 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    # Distribution transforms, applied by the batched sampler in vLLM's order (sampler.py).
+    presence_penalty: float = 0.0        # -= p for each token already in the output
+    frequency_penalty: float = 0.0       # -= f * count in the output
+    repetition_penalty: float = 1.0      # tokens in prompt or output: logit / r if > 0 else logit * r
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
+    min_p: float = 0.0                   # drop tokens with prob < min_p * max prob
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # banned token sequences
+    allowed_token_ids: list[int] | None = None
+    # Logprobs: None = none; k = the sampled token's plus the top k (vLLM's raw logprobs).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         self.validate()
 
     def validate(self) -> None:
@@ -55,6 +73,35 @@ class SamplingParams:
             raise bad("stop", "must be non-empty strings")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
+                raise bad(name, "must be in [-2, 2]")
+        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be > 0")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "must be in [0, 1]")
+        if not all(isinstance(t, int) and t >= 0 for t in self.logit_bias):
+            raise bad("logit_bias", "keys must be non-negative token ids")
+        if self.allowed_token_ids is not None and (
+                not self.allowed_token_ids or not all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)):
+            raise bad("allowed_token_ids", "must be a non-empty list of token ids")
+        if not all(isinstance(w, list) and w and all(isinstance(t, int) and t >= 0 for t in w)
+                   for w in self.bad_words_token_ids):
+            raise bad("bad_words_token_ids", "must be non-empty lists of token ids")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < -1):
+                raise bad(name, "must be an integer >= 0 (or -1: the whole vocabulary)")
+        if self.structured_outputs is not None:
+            try:
+                self.structured_outputs.validate()
+            except ValueError as e:
+                raise InvalidRequest(str(e), "structured_outputs") from None
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
     def greedy(self) -> bool:
@@ -104,6 +151,11 @@ class RequestOutput:
     num_cached_tokens: int = 0                     # prompt tokens served from the prefix cache / remote KV
     kv_transfer_params: dict[str, Any] | None = None  # set on the producer's final output
     error: str | None = None                       # set with finish_reason "error"
+    # One entry per new token when sampling_params.logprobs is set: [logprob, rank, top ids, top logprobs].
+    logprobs: list[list[Any]] | None = None
+    # Once, with the first output, when prompt_logprobs is set: one entry per prompt token after the
+    # first, same shape as `logprobs` (the token is the prompt's).
+    prompt_logprobs: list[list[Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -33,6 +33,9 @@ def _opt(default: Any = dataclasses.MISSING, *, help: str, group: str = "engine"
     return field(default=default, metadata=md)
 
 
+QUANTIZATION_CHOICES = ("auto", "fp8", "none")
+
+
 @dataclass
 class EngineArgs:
     model: str = ""
@@ -42,6 +45,8 @@ class EngineArgs:
                                              "(e4m3 latent cache, per-tensor scale: twice the tokens in the same "
                                              "memory)")
     device: str = _opt("auto", help="auto (cuda if available, else cpu), cuda or cpu")
+    quantization: str = _opt("auto", help="auto: FP8 checkpoints run natively in FP8 (e4m3 weights, block "
+                                           "scales); fp8: require it; none: dequantize them to --dtype at load")
     seed: int = _opt(0, help="sampling seed of requests that give none")
 
     # KV cache and scheduling
@@ -95,6 +100,9 @@ class EngineArgs:
         help='KV events, e.g. \'{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557"}\'')
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ConfigError("quantization", f"must be one of {', '.join(QUANTIZATION_CHOICES)}, got "
+                              f"{self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}, got "
                               f"{self.kv_cache_dtype!r} (fp8_e5m2 and FlashMLA's fp8_ds_mla layout are not supported)")

@@ -67,7 +67,7 @@ class EngineCore:
         if model is None:
             from wideep.model.loader import load_model
             model = load_model(args.model, self.device, self.dtype, dispatcher=dispatcher,
-                               ep_rank=ep_rank, ep_size=ep_size)
+                               ep_rank=ep_rank, ep_size=ep_size, quantization=args.quantization)
         self.model = model
         cfg = model.config
         self.vocab_size = int(cfg.vocab_size)
@@ -87,6 +87,7 @@ class EngineCore:
         if connector is not None:
             connector.register_kv_caches(self.runner.kv_caches)
         self.block_manager = BlockManager(self.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.grammar_engine = None   # structured.GrammarEngine, built on the first constrained request
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens,
                                    self.max_model_len, connector)
         self.async_scheduling = bool(args.async_scheduling)
@@ -125,6 +126,12 @@ class EngineCore:
             raise InvalidRequest("prompt must not be empty", "prompt")
         if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in ids):
             raise InvalidRequest(f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt")
+        V = self.vocab_size
+        for name, toks in (("logit_bias", list(sp.logit_bias)), ("allowed_token_ids", sp.allowed_token_ids or []),
+                           ("bad_words", [t for w in sp.bad_words_token_ids for t in w])):
+            bad = next((t for t in toks if t >= V), None)
+            if bad is not None:
+                raise InvalidRequest(f"{name}: token id {bad} is out of range: the vocabulary has {V} tokens", name)
         n = len(ids)
         if n >= self.max_model_len:
             raise InvalidRequest(
@@ -150,7 +157,23 @@ class EngineCore:
 
     def add_request(self, req: EngineRequest) -> None:
         max_tokens = self.validate(req)
-        self.scheduler.add(Request(req, self.eos_token_ids, max_tokens))
+        request = Request(req, self.eos_token_ids, max_tokens)
+        if req.sampling_params.structured_outputs is not None:
+            request.grammar = self._grammar_for(req.sampling_params.structured_outputs)
+        self.scheduler.add(request)
+
+    def _grammar_for(self, params):
+        """The request's grammar matcher; InvalidRequest (a 400) when it cannot be honored here."""
+        from wideep.engine.structured import GrammarEngine, GrammarUnavailable
+        try:
+            if self.grammar_engine is None:
+                if not self.args.model:
+                    raise ValueError("structured output needs the model directory's tokenizer")
+                self.grammar_engine = GrammarEngine.from_model_dir(self.args.model, self.vocab_size, self.eos_token_ids)
+                self.runner.sampler.grammar_engine = self.grammar_engine
+            return self.grammar_engine.matcher(params)
+        except (GrammarUnavailable, ValueError) as e:
+            raise InvalidRequest(str(e), "structured_outputs") from None
 
     def abort_request(self, request_id: str) -> bool:
         """Frees the request's blocks at once; its final output (finish_reason "abort") comes from the next step()."""

@@ -50,7 +50,8 @@ def build_ep_core(args, pcfg, group, coordinator=None):
                                             decode_mode=decode_mode)
     dtype = resolve_dtype(args.dtype, device)
     model = load_model(args.model, device, dtype, dispatcher=dispatcher, ep_rank=pcfg.ep_rank,
-                       ep_size=pcfg.ep_size, local_expert_ids=local_expert_ids)
+                       ep_size=pcfg.ep_size, local_expert_ids=local_expert_ids,
+                       quantization=args.quantization)
     eplb = None
     routers: list[Any] = []
     if args.enable_eplb:
@@ -113,10 +114,11 @@ def _agree_on_graphs(core, group) -> None:
         log.warning("rank %d: CUDA graph sizes differ across ranks (%s); decode runs eagerly on every rank",
                     group.rank, everyone)
         core.runner.graphs.clear()
+    elif group.rank == 0 and not mine:
+        log.info("EP group: every step runs eagerly on all %d ranks", group.size)
     elif group.rank == 0:
         log.info("EP group: %s decode graph sizes %s on all %d ranks",
-                 "CUDA" if core.device.type == "cuda" else "static-shape (eager stand-in)", mine or "none",
-                 group.size)
+                 "CUDA" if core.device.type == "cuda" else "static-shape (eager stand-in)", mine, group.size)
 
 
 def _eager_only(args) -> bool:

@@ -19,7 +19,7 @@ import torch
 
 from wideep.engine.config import EngineArgs
 from wideep.engine.kv_cache import allocate_kv_caches
-from wideep.engine.sampler import Sampler
+from wideep.engine.sampler import Sampler, logprob_entries
 from wideep.engine.scheduler import SchedulerOutput
 from wideep.model.attention import AttentionMetadata, resolve_kv_cache_dtype
 from wideep.model.ubatch import DBOConfig, forward_dual_batch
@@ -167,6 +167,7 @@ class ModelRunner:
         else:
             ids, pos, attn, qsl = self._prepare(out)
             hidden = self._forward(ids, pos, attn, out.is_decode_only, dbo_group)
+        self._prompt_logprobs(out, hidden, qsl)
         sampling = [s.request for s in out.seqs if s.samples]
         sample_rows = [qsl[i + 1] - 1 for i, s in enumerate(out.seqs) if s.samples]
         if not sample_rows:
@@ -178,6 +179,22 @@ class ModelRunner:
         self._last_tokens = tokens
         self._last_rows = {r.request_id: i for i, r in enumerate(sampling)}
         return PendingTokens(tokens, self)
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, qsl: list[int]) -> None:
+        """Raw logprobs of each prompt token (position p's logits score token p+1) for the requests
+        that asked, from the hidden states of the step that computed those positions."""
+        for i, s in enumerate(out.seqs):
+            req = s.request
+            if not req.wants_prompt_logprobs:
+                continue
+            first = 1 + len(req.prompt_logprobs)          # next prompt token without an entry
+            last = min(s.start + s.num_new_tokens, req.num_prompt_tokens - 1)  # positions first-1 .. last-1
+            for lo in range(max(first - 1, s.start), last, 256):   # bounded [rows, vocab] at a time
+                hi = min(lo + 256, last)
+                rows = torch.arange(qsl[i] + lo - s.start, qsl[i] + hi - s.start, device=hidden.device)
+                lp = torch.log_softmax(self.model.compute_logits(hidden[rows]).float(), dim=-1)
+                targets = req.prompt_token_ids[lo + 1:hi + 1]
+                req.prompt_logprobs.extend(logprob_entries(lp, targets, [req.sampling_params.prompt_logprobs] * len(targets)))
 
     @torch.inference_mode()
     def dummy_run(self, num_tokens: int, decode: bool = False, use_graphs: bool = True,

@@ -31,6 +31,8 @@ class TextOutput:
     num_cached_tokens: int = 0
     kv_transfer_params: dict[str, Any] | None = None
     error: str | None = None
+    logprobs: list[list[Any]] | None = None          # aligned with token_ids (RequestOutput.logprobs)
+    prompt_logprobs: list[list[Any]] | None = None   # once (RequestOutput.prompt_logprobs)
 
 
 class _RequestState:
@@ -72,11 +74,16 @@ class OutputProcessor:
         new_ids = list(out.new_token_ids)
         finished = out.finished
         kept_ids: list[int] = []
-        for tok in new_ids:
+        # A stop token or EOS that ended the request is not text, unless include_stop_str_in_output.
+        drop_last = (out.finished and finish_reason == "stop" and not isinstance(stop_reason, str)
+                     and not st.params.include_stop_str_in_output)
+        for k, tok in enumerate(new_ids):
             st.token_ids.append(tok)
             kept_ids.append(tok)
-            st.text += st.detok.add(tok)
-            hit = self._find_stop(st)
+            before = len(st.text)
+            if not (drop_last and k == len(new_ids) - 1):
+                st.text += st.detok.add(tok)
+            hit = self._find_stop(st, before)
             if hit is not None:
                 stop, cut = hit
                 st.text = st.text[:cut]
@@ -99,14 +106,16 @@ class OutputProcessor:
             all_token_ids=list(st.token_ids), finished=finished,
             finish_reason=finish_reason if finished else None, stop_reason=stop_reason if finished else None,
             num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
-            kv_transfer_params=out.kv_transfer_params, error=out.error)
+            kv_transfer_params=out.kv_transfer_params, error=out.error,
+            logprobs=out.logprobs[:len(kept_ids)] if out.logprobs is not None else None,
+            prompt_logprobs=out.prompt_logprobs)
 
     @staticmethod
-    def _find_stop(st: _RequestState) -> tuple[str, int] | None:
-        if not st.params.stop:
-            return None
-        # Only text that could include the newest characters needs searching.
-        lo = max(0, st.emitted - st.holdback - 1)
+    def _find_stop(st: _RequestState, before: int) -> tuple[str, int] | None:
+        """The earliest stop string that ends in the text added after `before` (as vLLM checks)."""
+        if not st.params.stop or len(st.token_ids) < st.params.min_tokens:
+            return None   # as vLLM: stop strings count only once min_tokens are out
+        lo = max(0, before - st.holdback)
         best: tuple[int, str] | None = None
         for s in st.params.stop:
             i = st.text.find(s, lo)

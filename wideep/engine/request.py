@@ -46,6 +46,22 @@ class Request:
         # those steps sample (their tokens exist only on the device until the step is applied)
         self.num_inflight_tokens = 0
         self.num_pending_samples = 0
+        self.grammar = None                     # structured.RequestGrammar of a constrained request
+        self.pending_logprobs: list[list] = []  # sampler -> next output: one entry per new token
+        self.prompt_logprobs: list[list] = []   # entries for prompt positions 1.. (prompt_logprobs)
+        self.prompt_logprobs_sent = False
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Needs the logits of every prompt position: no prefix-cache hit and no remote KV for it."""
+        return self.sampling_params.prompt_logprobs is not None and not self.prompt_logprobs_sent
+
+    @property
+    def needs_sampled_tokens(self) -> bool:
+        """Its next step's sampling depends on the tokens so far (grammar state, penalties, bad words),
+        so async scheduling must not launch it while a sample of it is still on the device."""
+        sp = self.sampling_params
+        return self.grammar is not None or sp.needs_penalties or bool(sp.bad_words_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -75,6 +91,9 @@ class Request:
         """Sets finish_reason after a token was appended; True when the request is done."""
         sp = self.sampling_params
         last = self.all_token_ids[-1]
+        if self.grammar is not None and self.grammar.terminated:
+            self.finish_reason, self.stop_reason = "stop", (last if last in sp.stop_token_ids else None)
+            return True
         if self.num_output_tokens >= sp.min_tokens:
             if not sp.ignore_eos and last in self.eos_token_ids:
                 self.finish_reason, self.stop_reason = "stop", None

@@ -153,9 +153,9 @@ class Scheduler:
             req = self.running[idx]
             start = req.num_computed_tokens + req.num_inflight_tokens
             total = req.num_scheduled_tokens
-            if start >= total or (req.num_pending_samples and self._reaches_limit(req)):
-                idx += 1    # async: its in-flight step ends it (length) or has not produced its token yet
-                continue
+            if start >= total or (req.num_pending_samples and (self._reaches_limit(req) or req.needs_sampled_tokens)):
+                idx += 1    # async: its in-flight step ends it (length), has not produced its token yet,
+                continue    # or its next sampling needs that token on the host (grammar, penalties)
             n = min(total - start, budget)
             while not self.bm.allocate(req, n + req.num_inflight_tokens):
                 victim = self.running.pop()
@@ -173,10 +173,12 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_inflight_tokens:
                 break       # async: preempted while a step of it was in flight; wait for that step
-            cached = self.bm.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            # prompt_logprobs need every prompt position's logits: such a request computes its prompt here.
+            fresh = req.num_computed_tokens == 0 and not req.wants_prompt_logprobs
+            cached = self.bm.find_cached_prefix(req) if fresh else []
             num_local = req.num_computed_tokens + len(cached) * self.bm.block_size
             num_remote, load_async = 0, False
-            if self.connector is not None and req.num_computed_tokens == 0:
+            if self.connector is not None and fresh:
                 num_remote, load_async = self.connector.get_num_remote_tokens(req, num_local)
             if num_remote and load_async:
                 if not self.bm.allocate(req, num_remote, cached):
@@ -256,4 +258,21 @@ class Scheduler:
             finish_reason=req.finish_reason if req.is_finished else None,
             stop_reason=req.stop_reason if req.is_finished else None,
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
-            kv_transfer_params=params)
+            kv_transfer_params=params, logprobs=self._take_logprobs(req, len(new_token_ids)),
+            prompt_logprobs=self._take_prompt_logprobs(req))
+
+    @staticmethod
+    def _take_logprobs(req: Request, n: int) -> list[list] | None:
+        if req.sampling_params.logprobs is None:
+            return None
+        entries, req.pending_logprobs = req.pending_logprobs[:n], req.pending_logprobs[n:]
+        return entries
+
+    @staticmethod
+    def _take_prompt_logprobs(req: Request) -> list[list] | None:
+        if req.sampling_params.prompt_logprobs is None or req.prompt_logprobs_sent:
+            return None
+        if len(req.prompt_logprobs) < req.num_prompt_tokens - 1 and not req.is_finished:
+            return None
+        req.prompt_logprobs_sent = True
+        return req.prompt_logprobs

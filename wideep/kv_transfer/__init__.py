@@ -1,5 +1,6 @@
-"""P/D disaggregation: the KV connector (producer holds blocks, consumer pulls them over a side
-channel) and the decode pod's routing sidecar. NixlConnector-compatible `kv_transfer_params`.
+"""P/D disaggregation, engine side: the KV connector (producer holds blocks, consumer pulls them over
+a side channel) behind the scheduler's seam (base.py). NixlConnector-compatible `kv_transfer_params`
+(params.py). The decode pod's routing sidecar is network tier: wideep.router.sidecar.
 
-Nothing importable from this package root pulls in torch: the sidecar must run without it.
+params.py and base.py stay torch-free: the router and the sidecar read the wire contract from them.
 """

@@ -19,35 +19,58 @@ from .rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, dispatcher: MoEDispatcher | None, num_local_experts: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, dispatcher: MoEDispatcher | None, num_local_experts: int,
+                 fp8_block: tuple[int, int] | None = None):
         super().__init__()
-        self.self_attn = MLAttention(config, layer_idx)
+        self.self_attn = MLAttention(config, layer_idx, fp8_block)
         if config.is_moe_layer(layer_idx):
-            self.mlp: nn.Module = DeepseekV3MoE(config, layer_idx, dispatcher, num_local_experts)
+            self.mlp: nn.Module = DeepseekV3MoE(config, layer_idx, dispatcher, num_local_experts, fp8_block)
         else:
-            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, fp8_block)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h, cos, sin, attn: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(h), cos, sin, attn, kv_cache)
+        x, h = self.post_attention_layernorm.add_norm(a, h)
+        return h + self.mlp(x)
 
 
 class DeepseekV3Model(nn.Module):
-    def __init__(self, config: ModelConfig, dispatcher: MoEDispatcher | None, num_local_experts: int):
+    def __init__(self, config: ModelConfig, dispatcher: MoEDispatcher | None, num_local_experts: int,
+                 fp8_block: tuple[int, int] | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dispatcher, num_local_experts) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, dispatcher, num_local_experts, fp8_block) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
 
+def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Allocate a model built on the meta device: FP8 weights stay e4m3, block scales and the router's
+    correction bias fp32, everything else `dtype` (one allocation per tensor, never a float32 copy of all)."""
+    for mod in model.modules():
+        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            keep = t.dtype == torch.float8_e4m3fn or name.endswith("_scale_inv") or name == "e_score_correction_bias"
+            new = torch.empty(t.shape, dtype=t.dtype if keep else dtype, device=device)
+            if isinstance(t, nn.Parameter):
+                setattr(mod, name, nn.Parameter(new, requires_grad=False))
+            else:
+                mod._buffers[name] = new
+
+
 class DeepseekV3ForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, dispatcher: MoEDispatcher | None = None, num_local_experts: int | None = None):
+    """fp8: run the projections and experts natively in block FP8 (None: when the checkpoint's
+    quantization_config says fp8, as vLLM does); False keeps plain weights (FP8 checkpoints dequantized)."""
+
+    def __init__(self, config: ModelConfig, dispatcher: MoEDispatcher | None = None, num_local_experts: int | None = None,
+                 fp8: bool | None = None):
         super().__init__()
+        if fp8 is None:
+            fp8 = config.fp8_block_size is not None
+        self.fp8_block = (config.fp8_block_size or (128, 128)) if fp8 else None
         if dispatcher is None:
             from wideep.model.local_dispatch import LocalDispatcher
 
@@ -55,7 +78,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.config = config
         self.dispatcher = dispatcher
         self.num_local_experts = num_local_experts if num_local_experts is not None else dispatcher.num_local_experts
-        self.model = DeepseekV3Model(config, dispatcher, self.num_local_experts)
+        self.model = DeepseekV3Model(config, dispatcher, self.num_local_experts, self.fp8_block)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @property

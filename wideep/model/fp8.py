@@ -1,9 +1,15 @@
 """DeepSeek's FP8 checkpoint format: e4m3 weights in 128x128 blocks, each with an fp32 `weight_scale_inv`
-(the multiplier that restores the block: w ≈ fp8 × scale_inv). Dequantized at load; native FP8 GEMMs are later work.
+(the multiplier that restores the block: w ≈ fp8 × scale_inv), and the native FP8 compute on it.
+
+Native FP8 (vLLM semantics: a checkpoint whose quantization_config says fp8 runs in FP8): weights stay e4m3
+with their block scales; activations are quantized on the fly per token per 128-channel group; GEMMs are
+block-scaled. On CUDA the Triton kernels of fp8_triton.py run; elsewhere the same quantization is applied
+and the product is taken over dequantized operands (the correctness reference of the kernels).
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -36,3 +42,161 @@ def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     q = (w / _expand(scale, weight.shape, block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
+
+
+GROUP = 128
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    from . import fp8_triton
+
+    return fp8_triton.available()
+
+
+def act_quant_ref(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, ceil(K/group)]): per token, per `group` channels."""
+    m, k = x.shape
+    ng = -(-k // group)
+    xf = torch.nn.functional.pad(x.float(), (0, ng * group - k)).view(m, ng, group)
+    scale = xf.abs().amax(-1).clamp(min=1e-10) / FP8_MAX
+    q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(m, ng * group)[:, :k]
+    return q, scale
+
+
+def dequant_act(q: torch.Tensor, scale: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    return q.float() * scale.repeat_interleave(group, 1)[:, : q.shape[1]]
+
+
+def dequant_rows(w: torch.Tensor, scale: torch.Tensor, sidx: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    """w [N, K] e4m3, scale [R, ceil(K/group)], sidx [N] scale row of each output row -> fp32 [N, K]."""
+    return w.float() * scale[sidx.long()].repeat_interleave(group, 1)[:, : w.shape[1]]
+
+
+def scale_row_index(rows: list[int], block: int, device=None) -> torch.Tensor:
+    """Scale row of each output row of a weight stacked from parts of `rows` rows, each in its own blocks."""
+    idx, base = [], 0
+    for r in rows:
+        idx.append(torch.arange(r) // block + base)
+        base += -(-r // block)
+    return torch.cat(idx).to(device=device, dtype=torch.int32)
+
+
+# cuBLAS's block-scaled FP8 GEMM (torch._scaled_mm, 1x128 activation and 128x128 weight scales, both
+# outer-dim major) against our Triton tiles, measured on an H200 (benchmarks/fp8_gemm.py, 2026-11-30): cuBLAS
+# wins at prefill sizes (8192 rows: 1.2-6x) and at decode sizes for big weights (128 rows: q_b 14 vs 29 us,
+# o_proj 48 vs 97 us, shared w2 9 vs 19 us), but has a ~16-22 us floor that our kernel undercuts on the small
+# ones (q_a 7168x1536: 18 vs 22 us + quant; kv_a: 17 vs 16 us + quant).
+CUBLAS_MIN_ROWS = 512
+CUBLAS_MIN_WEIGHT = 12 * 2**20   # weight elements (N*K) from which cuBLAS wins at decode sizes
+_CUBLAS_BROKEN: set[int | None] = set()
+
+
+def _cublas_block_fp8_ok(w: torch.Tensor, scale: torch.Tensor) -> bool:
+    n, k = w.shape
+    return (w.device.index not in _CUBLAS_BROKEN and n % 128 == 0 and k % 128 == 0
+            and scale.shape == (n // 128, k // 128) and hasattr(torch, "_scaled_mm"))
+
+
+def _cublas_block_fp8(q: torch.Tensor, s: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                      out_dtype: torch.dtype) -> torch.Tensor | None:
+    """None (and never again on this device) when this torch/cuBLAS refuses block scaling."""
+    try:
+        return torch._scaled_mm(q, w.t(), scale_a=s, scale_b=scale.t(), out_dtype=out_dtype)
+    except (RuntimeError, TypeError, ValueError):
+        _CUBLAS_BROKEN.add(w.device.index)
+        return None
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, sidx: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T with W block-FP8 and x quantized per token per 128 channels; y in x.dtype. x [..., K]."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if _use_kernels(x2):
+        from . import fp8_triton
+
+        q, s = fp8_triton.act_quant(x2)
+        y = None
+        big = x2.shape[0] >= CUBLAS_MIN_ROWS or w.numel() >= CUBLAS_MIN_WEIGHT
+        if big and _cublas_block_fp8_ok(w, scale):
+            y = _cublas_block_fp8(q, s, w, scale, x.dtype)
+        if y is None:
+            y = fp8_triton.fp8_gemm(q, s, w, scale, sidx, x.dtype)
+    else:
+        q, s = act_quant_ref(x2)
+        y = (dequant_act(q, s) @ dequant_rows(w, scale, sidx).t()).to(x.dtype)
+    return y.view(*lead, w.shape[0])
+
+
+def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, sidx13: torch.Tensor,
+                    w2: torch.Tensor, s2: torch.Tensor, sidx2: torch.Tensor,
+                    tokens_per_expert: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """SiLU-gated expert MLPs in block FP8 over expert-contiguous rows (see moe.grouped_mlp); rows past
+    sum(tokens_per_expert) come out as zeros. w13 [E, 2I, H], w2 [E, H, I] e4m3 with per-expert scales.
+    impl: auto (Triton kernels on CUDA, else torch), triton, or torch."""
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"fp8_grouped_mlp: unknown impl {impl!r}")
+    n_rows = x.shape[0]
+    inter = w2.shape[-1]
+    y = torch.zeros((n_rows, w2.shape[1]), dtype=x.dtype, device=x.device)
+    if impl == "triton" or (impl == "auto" and _use_kernels(x)):
+        from . import fp8_triton
+
+        e = w13.shape[0]
+        bm = fp8_triton._pick_block_m(n_rows / max(e, 1))
+        tiles = fp8_triton.group_tiles(tokens_per_expert, n_rows, bm)
+        q, s = fp8_triton.act_quant(x)
+        h = fp8_triton.fp8_gemm(q, s, w13, s13, sidx13, x.dtype, tiles=tiles, block_m=bm)
+        q2, s2a = fp8_triton.silu_mul_quant(h)
+        return fp8_triton.fp8_gemm(q2, s2a, w2, s2, sidx2, x.dtype, tiles=tiles, block_m=bm, out=y)
+    start = 0
+    for e, n in enumerate(tokens_per_expert.tolist()):
+        if n:
+            rows = x[start : start + n]
+            h = fp8_linear(rows, w13[e], s13[e], sidx13)
+            a = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype)
+            y[start : start + n] = fp8_linear(a, w2[e], s2[e], sidx2)
+            start += n
+    return y
+
+
+class Fp8Linear(nn.Module):
+    """A bias-free projection whose weight stays block-FP8: `weight` e4m3 [out, in] and `weight_scale_inv`
+    fp32 [ceil(out/bo), ceil(in/bi)], named as in DeepSeek's checkpoints so loading is a name match."""
+
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int] = (128, 128)):
+        super().__init__()
+        if block[1] != GROUP:
+            raise ValueError(f"native FP8 needs 128-wide input blocks (activation groups); got {block}")
+        self.in_features, self.out_features, self.block = in_features, out_features, block
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(
+            torch.empty(-(-out_features // block[0]), -(-in_features // block[1]), dtype=torch.float32),
+            requires_grad=False)
+        self._sidx: torch.Tensor | None = None  # made on first use, on the weight's device (not state)
+
+    @property
+    def scale_row(self) -> torch.Tensor:
+        if self._sidx is None or self._sidx.device != self.weight.device:
+            self._sidx = scale_row_index([self.out_features], self.block[0], self.weight.device)
+        return self._sidx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.scale_row)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequant_rows(self.weight, self.weight_scale_inv, self.scale_row).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 block={self.block}"
+
+
+def make_linear(in_features: int, out_features: int, bias: bool = False,
+                fp8_block: tuple[int, int] | None = None) -> nn.Module:
+    """nn.Linear, or Fp8Linear when the model runs natively in FP8 (no FP8 projection has a bias in R1)."""
+    if fp8_block is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    if bias:
+        raise ValueError("native FP8 projections with a bias are not supported (attention_bias must be false)")
+    return Fp8Linear(in_features, out_features, fp8_block)

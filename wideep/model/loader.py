@@ -17,12 +17,13 @@ from safetensors import safe_open
 from wideep.model.dispatch import MoEDispatcher
 
 from .config import CheckpointError, ModelConfig
-from .deepseek_v3 import DeepseekV3ForCausalLM
+from .deepseek_v3 import DeepseekV3ForCausalLM, materialize
 from .fp8 import FP8_DTYPE, dequantize_block_fp8
 from .rope import RotaryEmbedding
 
 INDEX_FILE = "model.safetensors.index.json"
-_EXPERT_PARAM = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(w13|w2)$")
+_EXPERT_PARAM = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(w13|w2)(_scale_inv)?$")
+QUANTIZATION_CHOICES = ("auto", "fp8", "none")
 
 
 class WeightIndex:
@@ -88,6 +89,11 @@ def _read_weight(
         raise CheckpointError(
             f"{reader.index.dir / fname}: tensor '{name}' has shape {list(t.shape)}, config.json implies {list(shape)}"
         )
+    if dtype == FP8_DTYPE:  # native FP8: the checkpoint's e4m3 bytes as they are
+        if t.dtype != FP8_DTYPE:
+            raise CheckpointError(f"{reader.index.dir / fname}: tensor '{name}' is {t.dtype}, the FP8 model needs "
+                                  "float8_e4m3fn (quantization_config says fp8)")
+        return t.to(device)
     if t.dtype == FP8_DTYPE:
         scale_name = name[: -len("weight")] + "weight_scale_inv" if name.endswith("weight") else name + "_scale_inv"
         if not reader.has(scale_name):
@@ -114,9 +120,18 @@ def load_model(
     ep_rank: int = 0,
     ep_size: int = 1,
     local_expert_ids: Callable[[int], list[int]] | None = None,
+    quantization: str = "auto",
 ) -> DeepseekV3ForCausalLM:
+    """quantization: auto (native FP8 when quantization_config says fp8, as vLLM), fp8 (require it), none
+    (dequantize FP8 weights to `dtype` at load)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
+    if quantization not in QUANTIZATION_CHOICES:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}; got {quantization!r}")
+    if quantization == "fp8" and config.fp8_block_size is None:
+        raise ValueError(f"{model_dir}: quantization=fp8 needs an FP8 checkpoint (quantization_config.quant_method "
+                         "fp8); online quantization of a bf16 checkpoint is not supported")
+    fp8 = config.fp8_block_size is not None and quantization != "none"
     if local_expert_ids is None:
         if config.n_routed_experts % ep_size:
             raise ValueError(f"ep_size {ep_size} does not divide n_routed_experts {config.n_routed_experts}")
@@ -131,8 +146,8 @@ def load_model(
     n_local = len(local_expert_ids(moe_layers[0])) if moe_layers else dispatcher.num_local_experts
 
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(config, dispatcher, n_local)
-    model.to_empty(device=device)
+        model = DeepseekV3ForCausalLM(config, dispatcher, n_local, fp8=fp8)
+    materialize(model, device, dtype)
     model.model.rotary_emb = RotaryEmbedding(config).to(device)
 
     reader = _ShardReader(WeightIndex(model_dir))
@@ -142,24 +157,40 @@ def load_model(
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith("rotary_emb.inv_freq"):
                 continue
-            target_dtype = torch.float32 if name.endswith("e_score_correction_bias") else dtype
+            if tensor.dtype == FP8_DTYPE:
+                target_dtype = FP8_DTYPE
+            elif name.endswith("e_score_correction_bias") or name.endswith("_scale_inv"):
+                target_dtype = torch.float32
+            else:
+                target_dtype = dtype
             m = _EXPERT_PARAM.match(name)
             if m is None:
                 tensor.data = _read_weight(reader, name, tuple(tensor.shape), device, target_dtype, block)
                 continue
-            layer, which = int(m.group(1)), m.group(2)
+            layer, which, is_scale = int(m.group(1)), m.group(2), m.group(3) is not None
             ids = local_expert_ids(layer)
             if len(ids) != n_local:
                 raise ValueError(f"local_expert_ids({layer}) has {len(ids)} experts, layer 0 of MoE had {n_local}")
-            stacked = torch.empty(tuple(tensor.shape), dtype=dtype, device=device)
+            stacked = torch.empty(tuple(tensor.shape), dtype=target_dtype, device=device)
             prefix = f"model.layers.{layer}.mlp.experts"
             h = config.hidden_size
+            if is_scale:
+                bo, bi = block
+                ni, nh, ki, kh = -(-inter // bo), -(-h // bo), -(-inter // bi), -(-h // bi)
+                for slot, e in enumerate(ids):
+                    if which == "w13":
+                        stacked[slot, :ni] = _read_weight(reader, f"{prefix}.{e}.gate_proj.weight_scale_inv", (ni, kh), device, target_dtype, None)
+                        stacked[slot, ni:] = _read_weight(reader, f"{prefix}.{e}.up_proj.weight_scale_inv", (ni, kh), device, target_dtype, None)
+                    else:
+                        stacked[slot] = _read_weight(reader, f"{prefix}.{e}.down_proj.weight_scale_inv", (nh, ki), device, target_dtype, None)
+                tensor.data = stacked
+                continue
             for slot, e in enumerate(ids):
                 if which == "w13":
-                    stacked[slot, :inter] = _read_weight(reader, f"{prefix}.{e}.gate_proj.weight", (inter, h), device, dtype, block)
-                    stacked[slot, inter:] = _read_weight(reader, f"{prefix}.{e}.up_proj.weight", (inter, h), device, dtype, block)
+                    stacked[slot, :inter] = _read_weight(reader, f"{prefix}.{e}.gate_proj.weight", (inter, h), device, target_dtype, block)
+                    stacked[slot, inter:] = _read_weight(reader, f"{prefix}.{e}.up_proj.weight", (inter, h), device, target_dtype, block)
                 else:
-                    stacked[slot] = _read_weight(reader, f"{prefix}.{e}.down_proj.weight", (h, inter), device, dtype, block)
+                    stacked[slot] = _read_weight(reader, f"{prefix}.{e}.down_proj.weight", (h, inter), device, target_dtype, block)
             tensor.data = stacked
     model.requires_grad_(False)
     model.eval()

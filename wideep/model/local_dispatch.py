@@ -1,10 +1,12 @@
-"""EP=1 dispatch: every expert is local, so dispatch is a sort of (token, expert) rows by expert and
-combine is a weighted scatter-add back to tokens. Shape-static and sync-free (graph capturable)."""
+"""EP=1 dispatch: every expert is local, so dispatch is a counting sort of (token, expert) pairs by expert
+and combine sums each token's K weighted rows back (fp32, slot order). Shape-static and sync-free (graph
+capturable), batch-invariant."""
 from __future__ import annotations
 
 import torch
 
 from wideep.model.dispatch import DispatchResult, MoEDispatcher
+from wideep.model.moe_permute import gather_sum, group_by_local_expert, pair_rows
 
 
 class LocalDispatcher(MoEDispatcher):
@@ -13,20 +15,15 @@ class LocalDispatcher(MoEDispatcher):
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         t, k = topk_ids.shape
-        flat_ids = topk_ids.reshape(-1).to(torch.long)
-        order = torch.argsort(flat_ids, stable=True)
-        token_idx = order // k
-        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
-        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+        g = group_by_local_expert(topk_ids, self.num_experts, static=True)
+        weights = topk_weights.reshape(-1)[g.order]
+        weights = torch.where(g.valid, weights, torch.zeros_like(weights))
         return DispatchResult(
-            x=x[token_idx],
-            tokens_per_expert=counts,
-            weights=topk_weights.reshape(-1)[order],
-            handle=(token_idx, t),
+            x=x[g.rows],
+            tokens_per_expert=g.tokens_per_expert,
+            weights=weights,
+            handle=pair_rows(g, t, k),
         )
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
-        token_idx, t = result.handle
-        out = torch.zeros(t, y.shape[1], dtype=torch.float32, device=y.device)
-        out.index_add_(0, token_idx, y.float())  # fp32 accumulation across the top-k experts
-        return out.to(y.dtype)
+        return gather_sum(y, result.handle)  # fp32 accumulation across the top-k experts

@@ -13,12 +13,13 @@ from torch import nn
 
 from .attention import AttentionMetadata, dequantize_latent, paged_mla_decode, write_latent_cache
 from .config import ModelConfig
+from .fp8 import Fp8Linear, make_linear
 from .layers import RMSNorm
 from .rope import RotaryEmbedding, softmax_scale
 
 
 class MLAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, fp8_block: tuple[int, int] | None = None):
         super().__init__()
         c = config
         self.layer_idx = layer_idx
@@ -30,24 +31,38 @@ class MLAttention(nn.Module):
         self.v_dim = c.v_head_dim
         self.qk_head_dim = c.qk_head_dim
         if c.q_lora_rank is None:  # DeepSeek-V2-Lite style: one projection
-            self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
+            self.q_proj = make_linear(c.hidden_size, self.num_heads * self.qk_head_dim, False, fp8_block)
         else:
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_proj = make_linear(c.hidden_size, c.q_lora_rank, c.attention_bias, fp8_block)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
-            self.q_b_proj = nn.Linear(c.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
+            self.q_b_proj = make_linear(c.q_lora_rank, self.num_heads * self.qk_head_dim, False, fp8_block)
+        self.kv_a_proj_with_mqa = make_linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, c.attention_bias, fp8_block)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+        self.kv_b_proj = make_linear(c.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), False, fp8_block)
+        self.o_proj = make_linear(self.num_heads * self.v_dim, c.hidden_size, c.attention_bias, fp8_block)
         self.scale = softmax_scale(c)
+        self._kv_b_key: tuple | None = None
+        self._kv_b_cache: torch.Tensor | None = None
         # Per-tensor scale of an fp8 latent cache (stored = value / k_scale). DeepSeek checkpoints carry
         # none, so 1.0, as vLLM does; unused by a model-dtype cache.
         self.k_scale = 1.0
 
     # W_UK [H, nope, L] and W_UV [H, v, L]: views of kv_b_proj, so weight reloads (EPLB, P/D) stay consistent.
-    def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
+    def _w_uk_uv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self._kv_b_weight(dtype).view(self.num_heads, self.nope + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope], w[:, self.nope :]
+
+    def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """kv_b_proj's weight for the absorbed decode einsums; an FP8 kv_b is dequantized once and cached
+        (16 MB fp8 -> 32 MB bf16 per R1 layer), refreshed if the weight tensor is replaced or written."""
+        proj = self.kv_b_proj
+        if not isinstance(proj, Fp8Linear):
+            return proj.weight
+        key = (proj.weight.data_ptr(), proj.weight._version, proj.weight_scale_inv._version, dtype)
+        if self._kv_b_key != key:
+            self._kv_b_cache = proj.dequantized(dtype)
+            self._kv_b_key = key
+        return self._kv_b_cache
 
     def forward(
         self,
@@ -81,7 +96,7 @@ class MLAttention(nn.Module):
 
     def _decode(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache) -> torch.Tensor:
         nd = attn.num_decodes
-        w_uk, w_uv = self._w_uk_uv()
+        w_uk, w_uv = self._w_uk_uv(q_nope.dtype)
         q_lat = torch.einsum("bhn,hnl->bhl", q_nope, w_uk)
         o_lat = paged_mla_decode(
             q_lat, q_pe, kv_cache, attn.block_tables[:nd], attn.seq_lens[:nd], self.kv_lora_rank, self.scale,

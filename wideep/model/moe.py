@@ -14,6 +14,8 @@ from torch import nn
 from wideep.model.dispatch import MoEDispatcher
 
 from .config import ModelConfig
+from .fp8 import FP8_DTYPE, fp8_grouped_mlp, scale_row_index
+from .fused_ops import route
 from .layers import GatedMLP
 
 
@@ -33,20 +35,26 @@ class TopkRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_ids [T, K] int64 logical experts, topk_weights [T, K] float32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        biased = scores + self.e_score_correction_bias.float()
-        t = x.shape[0]
-        per_group = self.n_experts // self.n_group
-        group_scores = biased.view(t, self.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
-        group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-        expert_mask = group_mask[:, :, None].expand(t, self.n_group, per_group).reshape(t, self.n_experts)
-        biased = biased.masked_fill(expert_mask == 0, float("-inf"))
-        topk_ids = biased.topk(self.top_k, dim=-1, sorted=False)[1]
-        topk_weights = scores.gather(1, topk_ids)
-        if self.norm_topk_prob:
-            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return topk_ids, topk_weights * self.routed_scaling_factor
+        return route(gate_logits(x, self.weight), self.e_score_correction_bias, self.top_k, self.n_group,
+                     self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
+
+
+_MM_FP32_OUT: dict[int | None, bool] = {}
+
+
+def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits in fp32: on CUDA a bf16 GEMM with an fp32 accumulator and fp32 output (no upcast copy of
+    the weight, no fp32 SIMT GEMM); elsewhere an fp32 product."""
+    if x.is_cuda and x.dtype == weight.dtype == torch.bfloat16:
+        key = x.device.index
+        if _MM_FP32_OUT.get(key, True):
+            try:
+                out = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)
+                _MM_FP32_OUT[key] = True
+                return out
+            except (RuntimeError, TypeError):
+                _MM_FP32_OUT[key] = False
+    return torch.nn.functional.linear(x.float(), weight.float())
 
 
 _GROUPED_MM_WORKS: dict[int | None, bool] = {}
@@ -108,16 +116,49 @@ def grouped_mlp(
 
 
 class RoutedExperts(nn.Module):
-    """This rank's routed experts, stacked: w13 [E_local, 2I, H] (gate ‖ up), w2 [E_local, H, I]."""
+    """This rank's routed experts, stacked: w13 [E_local, 2I, H] (gate ‖ up), w2 [E_local, H, I].
 
-    def __init__(self, num_local: int, hidden: int, inter: int):
+    Native FP8 (fp8_block set): both stay e4m3 with per-expert block scales w13_scale_inv
+    [E_local, 2*ceil(I/bo), ceil(H/bi)] (gate's blocks, then up's) and w2_scale_inv [E_local, ceil(H/bo), ceil(I/bi)].
+    """
+
+    def __init__(self, num_local: int, hidden: int, inter: int, fp8_block: tuple[int, int] | None = None):
         super().__init__()
-        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter))
+        self.fp8_block = fp8_block
+        if fp8_block is None:
+            self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden))
+            self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter))
+        else:
+            bo, bi = fp8_block
+            self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=FP8_DTYPE), requires_grad=False)
+            self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=FP8_DTYPE), requires_grad=False)
+            self.w13_scale_inv = nn.Parameter(
+                torch.empty(num_local, 2 * -(-inter // bo), -(-hidden // bi)), requires_grad=False)
+            self.w2_scale_inv = nn.Parameter(
+                torch.empty(num_local, -(-hidden // bo), -(-inter // bi)), requires_grad=False)
+        self.inter, self.hidden = inter, hidden
+        self._sidx: tuple[torch.Tensor, torch.Tensor] | None = None
         self.impl = "auto"
 
+    def stacked_tensors(self) -> list[torch.Tensor]:
+        """Every per-expert stacked tensor (what moving an expert between slots must move)."""
+        if self.fp8_block is None:
+            return [self.w13, self.w2]
+        return [self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv]
+
+    def _scale_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.w13.device
+        if self._sidx is None or self._sidx[0].device != dev:
+            bo = self.fp8_block[0]
+            self._sidx = (scale_row_index([self.inter, self.inter], bo, dev), scale_row_index([self.hidden], bo, dev))
+        return self._sidx
+
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        return grouped_mlp(x, self.w13, self.w2, tokens_per_expert, self.impl)
+        if self.fp8_block is None:
+            return grouped_mlp(x, self.w13, self.w2, tokens_per_expert, self.impl)
+        s13, s2 = self._scale_rows()
+        return fp8_grouped_mlp(x, self.w13, self.w13_scale_inv, s13, self.w2, self.w2_scale_inv, s2,
+                               tokens_per_expert)
 
 
 class DeepseekV3MoE(nn.Module):
@@ -128,13 +169,14 @@ class DeepseekV3MoE(nn.Module):
     physical id == logical id and rank r owns the contiguous slice of experts.
     """
 
-    def __init__(self, config: ModelConfig, layer_idx: int, dispatcher: MoEDispatcher, num_local_experts: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, dispatcher: MoEDispatcher, num_local_experts: int,
+                 fp8_block: tuple[int, int] | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.gate = TopkRouter(config)
-        self.experts = RoutedExperts(num_local_experts, config.hidden_size, config.moe_intermediate_size)
+        self.experts = RoutedExperts(num_local_experts, config.hidden_size, config.moe_intermediate_size, fp8_block)
         self.shared_experts = (
-            GatedMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            GatedMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, fp8_block)
             if config.n_shared_experts
             else None
         )

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from wideep.parallel import _comm
-from wideep.parallel.expert_grouping import group_by_local_expert
 from wideep.model.dispatch import DispatchResult, MoEDispatcher
+from wideep.model.moe_permute import gather_sum, group_by_local_expert, pair_rows
+from wideep.parallel import _comm
 
 
 @dataclass
@@ -23,6 +23,7 @@ class _Handle:
     recv_counts: list[int]
     num_recv: int
     rows: torch.Tensor            # [N] received row of each dispatched (grouped) row
+    pair_rows: torch.Tensor       # [num_recv, K] grouped row of each received (row, slot), -1 when none
 
 
 class AllToAllDispatcher(MoEDispatcher):
@@ -62,14 +63,13 @@ class AllToAllDispatcher(MoEDispatcher):
         return DispatchResult(
             x=recv_x[g.rows], tokens_per_expert=g.tokens_per_expert,
             weights=recv_w.reshape(-1)[g.order].to(topk_weights.dtype),
-            handle=_Handle(t, send_token, send_counts, recv_counts, recv_x.shape[0], g.rows))
+            handle=_Handle(t, send_token, send_counts, recv_counts, recv_x.shape[0], g.rows,
+                           pair_rows(g, recv_x.shape[0], k)))
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         h: _Handle = result.handle
         # fp32 sums (per rank, then over ranks), partials travel in the activation dtype (as DeepEP's combine)
-        per_row = torch.zeros((h.num_recv, y.shape[1]), dtype=torch.float32, device=y.device)
-        per_row.index_add_(0, h.rows, y.float())
-        per_row = per_row.to(y.dtype)
+        per_row = gather_sum(y, h.pair_rows)
         if self.ep_size > 1:
             back = _comm.all_to_all_rows(per_row, h.recv_counts, h.send_counts, self.group)
         else:

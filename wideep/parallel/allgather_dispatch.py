@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from wideep.parallel import _comm
-from wideep.parallel.expert_grouping import group_by_local_expert
 from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending, done
+from wideep.model.moe_permute import gather_sum, group_by_local_expert, pair_rows
+from wideep.parallel import _comm
 
 
 @dataclass
@@ -22,6 +22,7 @@ class _Handle:
     padded_tokens: int       # T padded to the group's max
     rows: torch.Tensor       # [N] row of the gathered batch each dispatched row came from
     valid: torch.Tensor | None
+    pair_rows: torch.Tensor  # [T_gathered, K] grouped row of each (token, slot), -1 when not this rank's
 
 
 class AllGatherReduceScatterDispatcher(MoEDispatcher):
@@ -73,7 +74,8 @@ class AllGatherReduceScatterDispatcher(MoEDispatcher):
             if g.valid is not None:
                 weights = torch.where(g.valid, weights, torch.zeros_like(weights))
             return DispatchResult(x=x[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
-                                  handle=_Handle(t, tp, g.rows, g.valid))
+                                  handle=_Handle(t, tp, g.rows, g.valid,
+                                                 pair_rows(g, topk_ids.shape[0], topk_ids.shape[1])))
         return Pending(finish)
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
@@ -81,12 +83,9 @@ class AllGatherReduceScatterDispatcher(MoEDispatcher):
 
     def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
         h: _Handle = result.handle
-        if h.valid is not None:
-            y = torch.where(h.valid.unsqueeze(1), y, torch.zeros_like(y))
         # fp32 sums over the top-k experts and over ranks, one rounding at the end: the numerics of
         # EP=1 (LocalDispatcher), so EP=N greedy tokens match EP=1 in bf16 too (2x reduce-scatter bytes)
-        out = torch.zeros((h.padded_tokens * self.ep_size, y.shape[1]), dtype=torch.float32, device=y.device)
-        out.index_add_(0, h.rows, y.float())
+        out = gather_sum(y, h.pair_rows, torch.float32)
         dtype = y.dtype
         if self.ep_size == 1:
             return done(out[: h.num_tokens].to(dtype))

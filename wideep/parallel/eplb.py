@@ -246,7 +246,7 @@ class EplbState:
             old, new = self.phy2log[i].tolist(), new_phy2log[i].tolist()
             if old != new:
                 experts = layer.experts
-                moved += move_expert_weights([experts.w13, experts.w2], old, new, self.ep_rank, self.ep_size,
+                moved += move_expert_weights(experts.stacked_tensors(), old, new, self.ep_rank, self.ep_size,
                                              self.group)
                 self.routers[i].set_maps(*maps_from_phy2log(new_phy2log[i], self.num_logical, self.max_replicas))
         self.phy2log = new_phy2log

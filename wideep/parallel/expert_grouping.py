@@ -1,39 +1,5 @@
-"""Turning (row, k) routing pairs into the contiguous per-local-expert layout grouped GEMMs want."""
-from __future__ import annotations
+"""The EP backends' grouping of (row, slot) pairs by local expert lives in wideep.model.moe_permute (the
+EP=1 dispatcher in the model package uses it too); this name stays importable for backends written against it."""
+from wideep.model.moe_permute import Grouping, group_by_local_expert, pair_rows
 
-from dataclasses import dataclass
-
-import torch
-
-
-@dataclass
-class Grouping:
-    order: torch.Tensor              # [N] flat (row*K + k) indices in expert-sorted order
-    rows: torch.Tensor               # [N] source row of each grouped row (order // K)
-    tokens_per_expert: torch.Tensor  # [num_local] int64 counts of real (non-padding) rows
-    valid: torch.Tensor | None       # [N] bool, only for static layouts (padding rows False)
-
-
-def group_by_local_expert(local_ids: torch.Tensor, num_local: int, static: bool) -> Grouping:
-    """local_ids [M, K]: local expert index of each pair, or anything outside [0, num_local) for "not mine".
-
-    static=False: exactly the real pairs (N = their count; one host sync for N).
-    static=True: all M*K pairs, real ones first (fixed shape, no host sync; CUDA-graph capturable).
-    """
-    k = local_ids.shape[1] if local_ids.dim() == 2 else 1
-    flat = local_ids.reshape(-1)
-    mine = (flat >= 0) & (flat < num_local)
-    key = torch.where(mine, flat, torch.full_like(flat, num_local))
-    order = torch.argsort(key, stable=True)
-    # scatter_add, not bincount: bincount sizes its output from the data (a host sync, not capturable)
-    counts = torch.zeros(num_local + 1, dtype=torch.int64, device=key.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    tokens_per_expert = counts[:num_local].to(torch.int64)
-    if static:
-        valid = mine[order]
-    else:
-        n = int(tokens_per_expert.sum().item())
-        order = order[:n]
-        valid = None
-    return Grouping(order=order, rows=torch.div(order, k, rounding_mode="floor"),
-                    tokens_per_expert=tokens_per_expert, valid=valid)
+__all__ = ["Grouping", "group_by_local_expert", "pair_rows"]

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending
-from wideep.parallel.expert_grouping import group_by_local_expert
+from wideep.model.moe_permute import group_by_local_expert
 
 log = logging.getLogger(__name__)
 

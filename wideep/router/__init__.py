@@ -1,4 +1,5 @@
-"""llm-d-compatible router: EndpointPickerConfig-driven Endpoint Picker, built-in proxy, Envoy ext_proc.
+"""llm-d-compatible router: EndpointPickerConfig-driven Endpoint Picker, built-in proxy, Envoy ext_proc,
+and the decode pod's P/D routing sidecar (sidecar.py).
 
 Python entry for launchers (no torch is imported):
 

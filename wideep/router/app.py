@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 import grpc
 from aiohttp import web
 
-from wideep.logs import ACCESS_LOG, ACCESS_LOG_FORMAT
+from wideep.logs import ACCESS_LOG
 from wideep.router.config import PickerConfig, default_config_text, load_config_file, load_config_text
 from wideep.router.datastore import Datastore, load_endpoints_file, parse_endpoint_flag
 from wideep.router.director import Director
 from wideep.router.grpc_health import HealthService
 from wideep.router.metrics import RouterMetrics
 from wideep.router.scrape import MetricsScraper
-from wideep.utils.aio import install_uvloop
+from wideep.utils.aio import access_logger_class, install_uvloop
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ class Router:
     async def _serve(self, app: web.Application, port: int) -> None:
         # handler_cancellation: a client that hangs up cancels the proxy's handler, which closes the
         # upstream request, so the endpoint aborts it (frees its KV) even for a non-streaming request.
-        runner = web.AppRunner(app, access_log=ACCESS_LOG, access_log_format=ACCESS_LOG_FORMAT, handler_cancellation=True)
+        runner = web.AppRunner(app, access_log=ACCESS_LOG, access_log_class=access_logger_class(),
+                               handler_cancellation=True)
         await runner.setup()
         await web.TCPSite(runner, self.opts.host, port, backlog=4096).start()
         self._runners.append(runner)

@@ -21,9 +21,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from wideep.logs import ACCESS_LOG, ACCESS_LOG_FORMAT
+from wideep.logs import ACCESS_LOG
 from wideep.kv_transfer.params import PREFILL_LEG_PARAMS, VALIDATE_ONLY_HEADER
 from wideep.router.headers import NOT_FORWARDED, forwardable
+from wideep.utils.aio import access_logger_class
 from wideep.utils.openai_errors import error_bytes, error_headers
 
 log = logging.getLogger("wideep.sidecar")
@@ -113,7 +114,8 @@ class Sidecar:
             app.router.add_route("*", "/{tail:.*}", self._handle)
             # handler_cancellation: a client hanging up cancels the handler, which drops the decode
             # connection (the server aborts the request) even while a non-streaming answer is pending.
-            runner = web.AppRunner(app, access_log=ACCESS_LOG, access_log_format=ACCESS_LOG_FORMAT, handler_cancellation=True)
+            runner = web.AppRunner(app, access_log=ACCESS_LOG, access_log_class=access_logger_class(),
+                                   handler_cancellation=True)
             await runner.setup()
             site = web.TCPSite(runner, self.cfg.host, self.cfg.port + rank if self.cfg.port else 0)
             await site.start()

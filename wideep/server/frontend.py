@@ -15,8 +15,8 @@ import signal
 import time
 from typing import Any
 
-from wideep.logs import ACCESS_LOG, ACCESS_LOG_FORMAT, setup_logging
-from wideep.utils.aio import install_uvloop
+from wideep.logs import ACCESS_LOG, setup_logging
+from wideep.utils.aio import access_logger_class, install_uvloop
 from wideep.utils.proc import send
 
 log = logging.getLogger("wideep.frontend")
@@ -117,7 +117,8 @@ async def serve_frontend(payload: dict[str, Any]) -> int:
     app = build_app(state)
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup aborts
     # the engine request (frees its KV blocks) even when nothing was being written at that moment.
-    runner = web.AppRunner(app, access_log=ACCESS_LOG, access_log_format=ACCESS_LOG_FORMAT, handler_cancellation=True, shutdown_timeout=1.0)
+    runner = web.AppRunner(app, access_log=ACCESS_LOG, access_log_class=access_logger_class(),
+                           handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, port, reuse_address=True, backlog=2048)
     await site.start()

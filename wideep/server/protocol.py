@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import msgpack
 
+from wideep.engine.structured import StructuredOutputsParams
 from wideep.server.errors import APIError, bad_request
 from wideep.utils.chat_template import MessageError, normalize_messages, normalize_tools
 
@@ -57,6 +58,25 @@ class GenerateRequest:
     chat_template: str | None = None                  # a client template (needs --trust-request-chat-template)
     continue_final_message: bool = False
     include_reasoning: bool = True
+    # Sampling transforms, logprobs, n (engine SamplingParams; bad_words are tokenized by the frontend)
+    n: int = 1
+    best_of: int | None = None                 # completions: best n of best_of by cumulative logprob
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_p: float = 0.0
+    bad_words: list[str] = field(default_factory=list)
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens (-1: max_model_len)
+    logprobs: int | None = None                # chat: top_logprobs when logprobs is true; completions: logprobs
+    prompt_logprobs: int | None = None
+    echo: bool = False
+    return_tokens_as_token_ids: bool = False
+    return_token_ids: bool = False
+    request_id: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    structured_param: str = "structured_outputs"   # the field that set it, for error messages
 
 
 def _type_name(t: Any) -> str:
@@ -106,19 +126,54 @@ def _parse_common(body: Any, kind: Kind) -> GenerateRequest:
         raise bad_request("request body must be a JSON object", None)
     req = GenerateRequest(kind=kind, model=_field(body, "model", str))
 
-    n = _field(body, "n", int, 1)
-    if n != 1:
-        raise bad_request(f"only n=1 is supported, got n={n}", "n")
-    best_of = _field(body, "best_of", int, None)
-    if best_of not in (None, 1):
-        raise bad_request(f"best_of is not supported (got {best_of})", "best_of")
+    req.n = _int_range(body, "n", 1, 1)
+    if req.n > MAX_N:
+        raise bad_request(f"'n' must be <= {MAX_N}, got {req.n}", "n")
     for name in ("presence_penalty", "frequency_penalty"):
-        if _field(body, name, (int, float), 0.0) != 0:
-            raise bad_request(f"'{name}' is not supported; omit it or send 0", name)
-    if _field(body, "repetition_penalty", (int, float), 1.0) != 1:
-        raise bad_request("'repetition_penalty' is not supported; omit it or send 1", "repetition_penalty")
-    if body.get("logit_bias"):
-        raise bad_request("'logit_bias' is not supported", "logit_bias")
+        v = _field(body, name, (int, float), 0.0)
+        if not -2 <= v <= 2:
+            raise bad_request(f"'{name}' must be in [-2, 2], got {v}", name)
+        setattr(req, name, v)
+    req.repetition_penalty = _field(body, "repetition_penalty", (int, float), 1.0)
+    if not 0 < req.repetition_penalty <= 2:
+        raise bad_request(f"'repetition_penalty' must be in (0, 2], got {req.repetition_penalty}", "repetition_penalty")
+    bias = _field(body, "logit_bias", dict, {})
+    for k, v in bias.items():
+        try:
+            tid = int(k)
+        except ValueError:
+            tid = -1
+        if not 0 <= tid <= _INT64_MAX or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise bad_request(f"'logit_bias' maps token ids (as strings) to numbers, got {k!r}: {v!r:.40}", "logit_bias")
+        req.logit_bias[tid] = max(-100.0, min(100.0, float(v)))   # OpenAI's documented range, clamped as vLLM does
+    req.min_p = _field(body, "min_p", (int, float), 0.0)
+    if not 0 <= req.min_p <= 1:
+        raise bad_request(f"'min_p' must be in [0, 1], got {req.min_p}", "min_p")
+    bad_words = _field(body, "bad_words", list, [])
+    if not all(isinstance(w, str) and w.strip() for w in bad_words):
+        raise bad_request("'bad_words' must be a list of non-empty strings", "bad_words")
+    req.bad_words = bad_words
+    allowed = _field(body, "allowed_token_ids", list, None)
+    if allowed is not None:
+        req.allowed_token_ids = _token_ids(allowed, "allowed_token_ids")
+        if not allowed:
+            raise bad_request("'allowed_token_ids' must not be empty", "allowed_token_ids")
+    req.truncate_prompt_tokens = _field(body, "truncate_prompt_tokens", int, None)
+    if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens < -1:
+        raise bad_request("'truncate_prompt_tokens' must be -1 (the model's context) or >= 0",
+                          "truncate_prompt_tokens")
+    side = _field(body, "truncation_side", str, "left")
+    if side != "left":
+        raise bad_request("only truncation_side 'left' (keep the last tokens) is supported", "truncation_side")
+    req.prompt_logprobs = _logprob_count(body, "prompt_logprobs")
+    req.return_tokens_as_token_ids = _field(body, "return_tokens_as_token_ids", bool, False)
+    req.return_token_ids = _field(body, "return_token_ids", bool, False)
+    req.request_id = _field(body, "request_id", str, None)
+    priority = _field(body, "priority", int, 0)
+    if priority != 0:
+        raise bad_request("priority scheduling is not enabled on this server: 'priority' must be 0", "priority")
+    _parse_structured(body, req)
+    _reject_unsupported(body)
 
     # Output length: max_completion_tokens (newer OpenAI name) wins over max_tokens.
     mct = _int_range(body, "max_completion_tokens", None)
@@ -172,6 +227,94 @@ def _parse_common(body: Any, kind: Kind) -> GenerateRequest:
     return req
 
 
+MAX_N = 128            # choices per request (n, best_of)
+MAX_LOGPROBS = 20      # vLLM's default --max-logprobs
+
+# vLLM request fields wideep does not implement: sending anything but the default is a 400 naming it.
+_UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "use_beam_search": (False, "beam search is not supported"),
+    "length_penalty": (1.0, "length_penalty applies to beam search, which is not supported"),
+    "watermarking": (False, "watermarking is not supported"),
+    "spaces_between_special_tokens": (True, "only spaces_between_special_tokens=true is supported"),
+    "logprob_token_ids": (None, "logprob_token_ids is not supported; use logprobs / top_logprobs"),
+    "cache_salt": (None, "cache_salt is not supported (the prefix cache is not salted)"),
+    "vllm_xargs": (None, "vllm_xargs (custom extensions) is not supported"),
+    "repetition_detection": (None, "repetition_detection is not supported"),
+    "stream_interval": (None, "stream_interval is not supported (every step is streamed)"),
+    "prompt_embeds": (None, "prompt_embeds is not supported"),
+    "media_io_kwargs": (None, "multimodal inputs are not supported"),
+    "mm_processor_kwargs": (None, "multimodal inputs are not supported"),
+    "ec_transfer_params": (None, "encoder-cache transfer is not supported"),
+    "return_prompt_text": (None, "return_prompt_text is not supported"),
+    "return_token_offsets": (False, "return_token_offsets is only for render endpoints, which are not served"),
+    "return_mm_kwargs": (True, "return_mm_kwargs is only for render endpoints, which are not served"),
+    "routed_experts_prompt_start": (0, "routed-expert data is not returned"),
+    "session_id": (None, "session_id is not supported"),
+    "guided_decoding_backend": (None, "the grammar engine is fixed (xgrammar); omit guided_decoding_backend"),
+    "guided_whitespace_pattern": (None, "guided_whitespace_pattern is not supported"),
+    "structural_tag": (None, "structural tags are not supported"),
+}
+
+
+def _reject_unsupported(body: dict[str, Any]) -> None:
+    for name, (default, why) in _UNSUPPORTED.items():
+        v = body.get(name)
+        if v is not None and v != default and not (isinstance(default, float) and v == int(default)):
+            raise bad_request(f"'{name}': {why}", name)
+
+
+def _logprob_count(body: dict[str, Any], name: str) -> int | None:
+    v = _field(body, name, int, None)
+    if v is not None and not 0 <= v <= MAX_LOGPROBS:
+        raise bad_request(f"'{name}' must be in [0, {MAX_LOGPROBS}], got {v}", name)
+    return v
+
+
+def _parse_structured(body: dict[str, Any], req: GenerateRequest) -> None:
+    """response_format, vLLM's structured_outputs and the guided_* aliases: at most one constraint."""
+    found: list[tuple[str, StructuredOutputsParams]] = []
+    fmt = _field(body, "response_format", dict, None)
+    if fmt is not None:
+        kind = fmt.get("type")
+        if kind == "json_object":
+            found.append(("response_format", StructuredOutputsParams(json_object=True)))
+        elif kind == "json_schema":
+            js = fmt.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema", js.get("json_schema")), dict):
+                raise bad_request("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                                  "response_format")
+            found.append(("response_format", StructuredOutputsParams(json=js.get("schema", js.get("json_schema")))))
+        elif kind == "structural_tag":
+            raise bad_request("response_format 'structural_tag' is not supported", "response_format")
+        elif kind != "text":
+            raise bad_request(f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                              "response_format")
+    so = _field(body, "structured_outputs", dict, None)
+    if so is not None:
+        known = {"json", "regex", "choice", "grammar", "json_object"}
+        extra = sorted(k for k, v in so.items() if k not in known and v not in (None, False))
+        if extra:
+            raise bad_request(f"structured_outputs: unsupported key(s) {extra}; use one of {sorted(known)}",
+                              "structured_outputs")
+        found.append(("structured_outputs", StructuredOutputsParams(
+            json=so.get("json"), json_object=bool(so.get("json_object")), regex=so.get("regex"),
+            choice=so.get("choice"), grammar=so.get("grammar"))))
+    for alias, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                       ("guided_grammar", "grammar")):
+        if body.get(alias) is not None:
+            found.append((alias, StructuredOutputsParams(**{key: body[alias]})))
+    if len(found) > 1:
+        raise bad_request(f"only one output constraint may be given, got {', '.join(n for n, _ in found)}",
+                          found[1][0])
+    if found:
+        name, params = found[0]
+        try:
+            params.validate()
+        except ValueError as e:
+            raise bad_request(f"'{name}': {e}", name) from None
+        req.structured_param, req.structured_outputs = name, params
+
+
 def parse_completion(body: Any) -> GenerateRequest:
     req = _parse_common(body, "completion")
     if "prompt" not in body or body["prompt"] is None:
@@ -192,12 +335,18 @@ def parse_completion(body: Any) -> GenerateRequest:
         req.prompt_token_ids = _token_ids(prompt, "prompt")
     else:
         raise bad_request("'prompt' must be a string or a list of token ids", "prompt")
-    if _field(body, "echo", bool, False):
-        raise bad_request("'echo' is not supported", "echo")
-    if body.get("logprobs") not in (None, 0, False):
-        raise bad_request("'logprobs' is not supported", "logprobs")
-    if body.get("suffix"):
-        raise bad_request("'suffix' is not supported", "suffix")
+    req.echo = _field(body, "echo", bool, False)
+    req.logprobs = _logprob_count(body, "logprobs")
+    if req.echo and req.prompt_logprobs is None:
+        req.prompt_logprobs = req.logprobs      # as vLLM: echo returns the prompt's logprobs too
+    if body.get("suffix") is not None:
+        raise bad_request("'suffix' (fill-in-the-middle) is not supported for this model", "suffix")
+    req.best_of = _field(body, "best_of", int, None)
+    if req.best_of is not None:
+        if not req.n <= req.best_of <= MAX_N:
+            raise bad_request(f"'best_of' must be in [n, {MAX_N}], got {req.best_of}", "best_of")
+        if req.stream and req.best_of > req.n:
+            raise bad_request("'best_of' > n cannot be streamed", "best_of")
     req.add_special_tokens = _field(body, "add_special_tokens", bool, True)
     return req
 
@@ -210,12 +359,15 @@ def parse_chat(body: Any) -> GenerateRequest:
         req.tools = normalize_tools(body.get("tools"))
     except MessageError as e:
         raise bad_request(str(e), e.param) from None
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise bad_request("'logprobs' is not supported", "logprobs")
+    top = _logprob_count(body, "top_logprobs")
+    if _field(body, "logprobs", bool, False):
+        req.logprobs = top or 0
+    elif top:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    req.echo = _field(body, "echo", bool, False)
+    if body.get("best_of") is not None:
+        raise bad_request("'best_of' is only supported for completions", "best_of")
     _parse_tool_fields(body, req)
-    fmt = _field(body, "response_format", dict, None)
-    if fmt is not None and fmt.get("type") != "text":
-        raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format")
     req.add_generation_prompt = _field(body, "add_generation_prompt", bool, True)
     req.add_special_tokens = _field(body, "add_special_tokens", bool, False)
     req.chat_template_kwargs = _field(body, "chat_template_kwargs", dict, {})

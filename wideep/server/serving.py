@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from wideep.engine.api import EngineRequest, InvalidRequest, SamplingParams
+from wideep.engine.structured import StructuredOutputsParams
 from wideep.engine.output_processor import TextOutput
 from wideep.kv_transfer.params import VALIDATE_ONLY_HEADER
 from wideep.kv_transfer.peers import PeerNotAllowed, check_kv_transfer_params
@@ -25,6 +26,7 @@ from wideep.server.errors import APIError, bad_request
 from wideep.server.generation_defaults import apply_defaults, cap_max_tokens
 from wideep.server.reasoning import PARSER_KWARGS, THINK_END, ReasoningSplitter
 from wideep.server.tool_parser import named_tool_schema, required_tool_schema
+from wideep.server.logprobs import LogprobFormatter
 from wideep.server.protocol import GenerateRequest, check_model, parse_chat, parse_completion
 from wideep.server.state import FrontendState
 from wideep.utils.openai_errors import client_message
@@ -52,6 +54,35 @@ class Prepared:
     created: int
     arrival: float
     chat: ChatPlan | None = None
+    bad_words_ids: list[list[int]] | None = None
+    prompt_text: str | None = None   # completions echo: the prompt as text
+
+    @property
+    def num_seqs(self) -> int:
+        """Engine requests behind this HTTP request: n choices, or best_of candidates."""
+        return max(self.req.n, self.req.best_of or 0)
+
+    def engine_id(self, index: int) -> str:
+        return self.request_id if self.num_seqs == 1 else f"{self.request_id}-{index}"
+
+
+@dataclass
+class Choice:
+    """One finished sequence of a non-streamed request."""
+
+    index: int
+    text: str
+    final: TextOutput
+    logprobs: list[list[Any]] | None
+    prompt_logprobs: list[list[Any]] | None
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(e[0] for e in self.logprobs or [])
+
+
+def _wrap_int64(v: int) -> int:
+    return (v + 2 ** 63) % 2 ** 64 - 2 ** 63
 
 
 @dataclass
@@ -106,13 +137,46 @@ class OpenAIServing:
             ids = await self.render_chat(req)
             if req.add_special_tokens and tok.bos_token_id is not None:
                 ids = [tok.bos_token_id] + list(ids)
+        ids = self._truncate(req, list(ids))
         self._check_length(req, len(ids))
-        base = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        if req.prompt_logprobs is not None and req.stream and not req.echo:
+            raise bad_request("'prompt_logprobs' are not available when 'stream' is true", "prompt_logprobs")
+        base = request.headers.get("X-Request-Id") or req.request_id or uuid.uuid4().hex
         prefix = "cmpl-" if kind == "completion" else "chatcmpl-"
         rid = prefix + base
         if rid in st.inflight:  # a reused X-Request-Id must not collide inside the engine
             rid = f"{rid}-{uuid.uuid4().hex[:8]}"
-        return Prepared(req, model, list(ids), rid, base, int(time.time()), arrival, plan)
+        for i in range(1, max(req.n, req.best_of or 0)):
+            if f"{rid}-{i}" in st.inflight:
+                rid = f"{rid}-{uuid.uuid4().hex[:8]}"
+                break
+        prompt_text = None
+        if req.echo and kind == "completion":
+            prompt_text = req.prompt_text if req.prompt_text is not None else tok.decode(ids, skip_special_tokens=False)
+        return Prepared(req, model, list(ids), rid, base, int(time.time()), arrival,
+                        bad_words_ids=self._bad_words(req), prompt_text=prompt_text, chat=plan)
+
+    def _truncate(self, req: GenerateRequest, ids: list[int]) -> list[int]:
+        """truncate_prompt_tokens: keep the last k tokens (-1: as many as the context holds), as vLLM."""
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return ids
+        if k == -1:
+            k = self.state.max_model_len
+        if k > self.state.max_model_len:
+            raise bad_request(f"'truncate_prompt_tokens' ({k}) must be <= max_model_len "
+                              f"({self.state.max_model_len})", "truncate_prompt_tokens")
+        return ids[-k:] if k else []
+
+    def _bad_words(self, req: GenerateRequest) -> list[list[int]]:
+        """Each bad word as token sequences, with and without a leading space (as vLLM tokenizes them)."""
+        out: list[list[int]] = []
+        for word in req.bad_words:
+            for prefix in ("", " "):
+                ids = self.state.tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     # ---- chat: template rendering, tool choice, reasoning ----------------------------------------
     def _chat_plan(self, req: GenerateRequest) -> ChatPlan:
@@ -227,32 +291,46 @@ class OpenAIServing:
                 f"{n + req.max_tokens} tokens ({n} in the {what}, {req.max_tokens} in the completion). "
                 f"Please reduce the length of the {what} or {req.max_tokens_param}.", req.max_tokens_param)
 
-    def _structured(self, p: Prepared) -> dict[str, Any]:
-        """SamplingParams fields for a tool constraint (named / required tool_choice)."""
+    def _structured(self, p: Prepared) -> StructuredOutputsParams | None:
+        """The request's constraint: its own structured output, or a tool choice's schema (named / required)."""
         if p.chat is None or p.chat.schema is None:
-            return {}
-        try:
-            from wideep.engine.structured import StructuredOutputsParams
-        except ImportError:
-            raise bad_request(f"tool_choice {p.chat.tool_mode!r} needs constrained decoding (structured outputs), "
-                              "which this build does not have yet", "tool_choice") from None
+            return p.req.structured_outputs
+        if p.req.structured_outputs is not None:
+            raise bad_request(f"tool_choice {p.chat.tool_mode!r} already constrains the output; drop "
+                              f"'{p.req.structured_param}'", p.req.structured_param)
         end = self.state.tokenizer.token_to_id(THINK_END) if p.chat.reasoning else None
         so = StructuredOutputsParams(json=p.chat.schema, start_after_token_id=end)
         try:
             so.validate()
         except ValueError as e:
             raise bad_request(f"the tools' parameters cannot be enforced: {e}", "tools") from None
-        return {"structured_outputs": so}
+        return so
 
-    def _sampling_params(self, req: GenerateRequest, extra: dict[str, Any] | None = None) -> SamplingParams:
+    def _sampling_params(self, p: Prepared, index: int = 0) -> SamplingParams:
+        req = p.req
+        logprobs = req.logprobs
+        if logprobs is None and p.num_seqs > req.n:
+            logprobs = 0            # best_of ranks candidates by their cumulative logprob
         try:
             return SamplingParams(
                 max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                seed=req.seed, stop=list(req.stop), stop_token_ids=list(req.stop_token_ids),
+                seed=_wrap_int64(req.seed + index) if req.seed is not None else None,   # seed + i per choice, as vLLM
+                stop=list(req.stop), stop_token_ids=list(req.stop_token_ids),
                 ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-                include_stop_str_in_output=req.include_stop_str_in_output, **(extra or {}))
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty, logit_bias=dict(req.logit_bias), min_p=req.min_p,
+                bad_words_token_ids=list(p.bad_words_ids or []), allowed_token_ids=req.allowed_token_ids,
+                logprobs=logprobs, prompt_logprobs=req.prompt_logprobs if index == 0 else None,
+                structured_outputs=self._structured(p))
         except InvalidRequest as e:
-            raise bad_request(str(e), req.max_tokens_param if e.param == "max_tokens" else e.param) from None
+            raise bad_request(str(e), self._param(req, e.param)) from None
+
+    @staticmethod
+    def _param(req: GenerateRequest, param: str | None) -> str | None:
+        """The request field an engine-side error is about."""
+        return {"max_tokens": req.max_tokens_param, "structured_outputs": req.structured_param,
+                "bad_words_token_ids": "bad_words"}.get(param, param)
 
     def _validated(self, p: Prepared) -> web.Response:
         """The answer to a validate-only request: it would have been accepted (nothing reached the engine)."""
@@ -264,13 +342,15 @@ class OpenAIServing:
         return web.json_response({"valid": True, "prompt_tokens": len(p.prompt_ids)})
 
     # ---- engine round trip ---------------------------------------------------------------------
-    async def _generate(self, p: Prepared) -> AsyncIterator[TextOutput]:
+    async def _generate(self, p: Prepared, index: int = 0) -> AsyncIterator[TextOutput]:
         """Engine outputs as text; records metrics; always leaves the engine with nothing to do."""
         st = self.state
-        sp = self._sampling_params(p.req, self._structured(p))
-        ereq = EngineRequest(p.request_id, p.prompt_ids, sp, kv_transfer_params=p.req.kv_transfer_params)
-        st.output_processor.add_request(p.request_id, p.prompt_ids, sp, p.req.skip_special_tokens)
-        st.inflight.add(p.request_id)
+        sp = self._sampling_params(p, index)
+        rid = p.engine_id(index)
+        # P/D: one remote KV transfer per request; further choices compute the prompt here.
+        ereq = EngineRequest(rid, p.prompt_ids, sp, kv_transfer_params=p.req.kv_transfer_params if index == 0 else None)
+        st.output_processor.add_request(rid, p.prompt_ids, sp, p.req.skip_special_tokens)
+        st.inflight.add(rid)
         agen = st.client.generate(ereq)
         last = None
         n_tokens = 0
@@ -300,11 +380,10 @@ class OpenAIServing:
                     return
         except InvalidRequest as e:
             reason = "error"
-            param = p.req.max_tokens_param if e.param == "max_tokens" else e.param
-            raise bad_request(str(e), param) from None
+            raise bad_request(str(e), self._param(p.req, e.param)) from None
         finally:
-            st.inflight.discard(p.request_id)
-            st.output_processor.remove(p.request_id)
+            st.inflight.discard(rid)
+            st.output_processor.remove(rid)
             await agen.aclose()  # not finished -> the client sends the abort: blocks are freed
             st.metrics.observe_finished(reason, time.monotonic() - p.arrival, len(p.prompt_ids), n_tokens)
 
@@ -325,36 +404,81 @@ class OpenAIServing:
             return await self._stream(request, p)
         return await self._full(request, p)
 
-    async def _full(self, request: web.Request, p: Prepared) -> web.Response:
-        text, final = [], None
-        async for out in self._generate(p):
+    async def _collect(self, p: Prepared, index: int) -> Choice:
+        text, final, logprobs, prompt_lp = [], None, [], None
+        async for out in self._generate(p, index):
             text.append(out.text)
+            if out.logprobs is not None:
+                logprobs.extend(out.logprobs)
+            if out.prompt_logprobs is not None:
+                prompt_lp = out.prompt_logprobs
             final = out
         if final is None or not final.finished:
             raise APIError("the engine ended the request without a result", 500)
         if final.finish_reason == "error":
             raise APIError(f"generation failed: {client_message(final.error or 'engine error')}", 500)
-        usage = _usage(len(p.prompt_ids), len(final.all_token_ids))
-        joined = "".join(text)
-        if p.req.kind == "completion":
-            body = {"id": p.request_id, "object": "text_completion", "created": p.created, "model": p.model,
-                    "choices": [{"index": 0, "text": joined, "logprobs": None, "finish_reason": final.finish_reason,
-                                 "stop_reason": final.stop_reason, "prompt_logprobs": None}],
-                    "usage": usage, "system_fingerprint": None, "service_tier": None,
-                    "kv_transfer_params": final.kv_transfer_params}
-        else:
-            asm = self._assembler(p)
-            asm.feed(joined, final=True)
-            calls = asm.finish()
-            message = {"role": "assistant", "content": asm.message_content(), "refusal": None,
-                       "annotations": None, "audio": None, "function_call": None, "tool_calls": calls}
-            message.update(self._reasoning_fields(asm.reasoning if asm.reasoning_active else None, p))
-            body = {"id": p.request_id, "object": "chat.completion", "created": p.created, "model": p.model,
-                    "choices": [{"index": 0, "message": message,
-                                 "logprobs": None, "finish_reason": asm.finish_reason(final.finish_reason),
-                                 "stop_reason": final.stop_reason}],
-                    "usage": usage, "prompt_logprobs": None, "system_fingerprint": None, "service_tier": None,
-                    "kv_transfer_params": final.kv_transfer_params}
+        return Choice(index, "".join(text), final, logprobs if p.req.logprobs is not None or
+                      p.num_seqs > p.req.n else None, prompt_lp)
+
+    def _echo_prefix(self, p: Prepared) -> str:
+        """Chat echo: the last message's content when it is the assistant's (vLLM's rule)."""
+        last = (p.req.messages or [{}])[-1]
+        return last.get("content") or "" if p.req.echo and last.get("role") == "assistant" else ""
+
+    async def _full(self, request: web.Request, p: Prepared) -> web.Response:
+        try:
+            async with asyncio.TaskGroup() as tg:   # a failing choice cancels (and aborts) the others
+                tasks = [tg.create_task(self._collect(p, i)) for i in range(p.num_seqs)]
+        except BaseExceptionGroup as eg:            # the first failure is the request's error
+            first = next((e for e in eg.exceptions if isinstance(e, APIError)), eg.exceptions[0])
+            raise first from None
+        choices = [t.result() for t in tasks]
+        if p.num_seqs > p.req.n:   # best_of: the n candidates with the highest cumulative logprob
+            choices = sorted(choices, key=lambda c: c.cumulative_logprob, reverse=True)[:p.req.n]
+        fmt = LogprobFormatter(self.state.tokenizer, p.req.return_tokens_as_token_ids)
+        n_gen = sum(len(c.final.all_token_ids) for c in choices)
+        usage = _usage(len(p.prompt_ids), n_gen)
+        prompt_lp = next((c.prompt_logprobs for c in choices if c.prompt_logprobs is not None), None)
+        prompt_lp_body = fmt.prompt(p.prompt_ids, prompt_lp) if prompt_lp is not None and p.req.prompt_logprobs is not None else None
+        out_choices = []
+        for i, c in enumerate(choices):
+            want_lp = p.req.logprobs is not None
+            if p.req.kind == "completion":
+                text, lp = c.text, None
+                if p.prompt_text is not None:
+                    text = p.prompt_text + text
+                if want_lp:
+                    ids, entries = list(c.final.all_token_ids), list(c.logprobs or [])
+                    if p.prompt_text is not None:
+                        ids = p.prompt_ids + ids
+                        entries = [None] + list(prompt_lp or [None] * (len(p.prompt_ids) - 1)) + entries
+                    lp = fmt.completion(ids, entries)
+                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": c.final.finish_reason,
+                          "stop_reason": c.final.stop_reason, "prompt_logprobs": prompt_lp_body}
+            else:
+                asm = self._assembler(p)
+                asm.feed(c.text, final=True)
+                calls = asm.finish()
+                content = asm.message_content()
+                if self._echo_prefix(p):
+                    content = self._echo_prefix(p) + (content or "")
+                message = {"role": "assistant", "content": content, "refusal": None,
+                           "annotations": None, "audio": None, "function_call": None, "tool_calls": calls}
+                message.update(self._reasoning_fields(asm.reasoning if asm.reasoning_active else None, p))
+                choice = {"index": i, "message": message,
+                          "logprobs": fmt.chat(c.final.all_token_ids, c.logprobs or []) if want_lp else None,
+                          "finish_reason": asm.finish_reason(c.final.finish_reason), "stop_reason": c.final.stop_reason}
+            if p.req.return_token_ids:
+                choice["token_ids"] = list(c.final.all_token_ids)
+            out_choices.append(choice)
+        final = choices[0].final
+        body = {"id": p.request_id, "object": "text_completion" if p.req.kind == "completion" else "chat.completion",
+                "created": p.created, "model": p.model, "choices": out_choices, "usage": usage}
+        if p.req.kind == "chat":
+            body["prompt_logprobs"] = prompt_lp_body
+        if p.req.return_token_ids:
+            body["prompt_token_ids"] = list(p.prompt_ids)
+        body.update({"system_fingerprint": None, "service_tier": None, "kv_transfer_params": final.kv_transfer_params})
         return web.Response(text=_dumps(body), content_type="application/json",
                             headers={"X-Request-Id": p.base_id})
 
@@ -387,71 +511,131 @@ class OpenAIServing:
 
     async def _stream(self, request: web.Request, p: Prepared) -> web.StreamResponse:
         chat = p.req.kind == "chat"
-        asm = self._assembler(p) if chat else None
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = {"id": p.request_id, "object": obj, "created": p.created, "model": p.model}
         n_prompt = len(p.prompt_ids)
         continuous = p.req.include_usage and p.req.continuous_usage_stats
+        fmt = LogprobFormatter(self.state.tokenizer, p.req.return_tokens_as_token_ids)
+        k = p.req.n
+        n_out = [0] * k
+        offsets = [0] * k           # completions: where the next token starts in the choice's text
+        asms = [self._assembler(p) for _ in range(k)] if chat else []
 
-        def chunk(text: str | None, finish: str | None, stop_reason: Any, n_out: int, role: bool = False) -> bytes:
+        def chunk(i: int, out: TextOutput | None, text: str | dict | None, role: bool = False,
+                  ids: list[int] | None = None, entries: list | None = None, finish_override: str | None = None) -> bytes:
+            finish = out.finish_reason if out is not None and out.finished else None
+            stop_reason = out.stop_reason if out is not None and out.finished else None
+            lp = None
+            if p.req.logprobs is not None and ids is not None and entries is not None:
+                if chat:
+                    lp = fmt.chat(ids, entries)
+                else:
+                    lp = fmt.completion(ids, entries, offsets[i])
+                    offsets[i] += sum(len(fmt.token(t)) for t in ids)
             if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else text
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                if role:
+                    delta: dict[str, Any] = {"role": "assistant", "content": text or ""}
+                else:
+                    delta = text if isinstance(text, dict) else {"content": text}
+                choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish_override or finish}
                 if finish is not None:
                     choice["stop_reason"] = stop_reason
             else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
-                          "stop_reason": stop_reason}
+                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish, "stop_reason": stop_reason}
+            if p.req.return_token_ids and ids is not None:
+                choice["token_ids"] = list(ids)
             c = {**head, "choices": [choice]}
             if continuous:
-                c["usage"] = _usage(n_prompt, n_out)
+                c["usage"] = _usage(n_prompt, sum(n_out))
             return sse(c)
 
-        gen = self._generate(p)
-        # Pull the first output before committing to a 200 stream, so an engine rejection is a plain 400.
+        gens = [self._generate(p, i) for i in range(k)]
+
+        async def first_of(g):
+            try:
+                return await g.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        # Pull each choice's first output before committing to a 200 stream, so an engine rejection is a plain 400.
         try:
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            first = None
+            firsts = await asyncio.gather(*(first_of(g) for g in gens))
+        except BaseException:
+            for g in gens:
+                await g.aclose()
+            raise
         resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, "X-Request-Id": p.base_id})
         await resp.prepare(request)
-        n_out = 0
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            out = firsts[i]
+            try:
+                while out is not None:
+                    await queue.put((i, out))
+                    if out.finished:
+                        break
+                    out = await first_of(gens[i])
+            except BaseException as e:  # handed to the writer
+                await queue.put((i, e))
+            finally:
+                await queue.put((i, None))
+
+        pumps = [asyncio.create_task(pump(i)) for i in range(k)]
         try:
-            if chat:
-                await resp.write(chunk(None, None, None, 0, role=True))
-            final = None
-            out = first
-            while out is not None:
-                n_out = len(out.all_token_ids)
+            for i in range(k):
+                if chat:
+                    await resp.write(chunk(i, None, self._echo_prefix(p), role=True))
+            open_ = k
+            finished = 0
+            started = [False] * k
+            failed = False
+            while open_:
+                i, out = await queue.get()
+                if out is None:
+                    open_ -= 1
+                    continue
+                if isinstance(out, BaseException):
+                    raise out
+                n_out[i] = len(out.all_token_ids)
                 if out.finished and out.finish_reason == "error":
                     await resp.write(sse(APIError(f"generation failed: {client_message(out.error or 'engine error')}",
                                                   500).body()))
+                    failed = True
                     break
+                text, ids, entries = out.text, out.token_ids, out.logprobs
+                if not started[i] and p.prompt_text is not None:     # completions echo
+                    text = p.prompt_text + text
+                    if entries is not None:
+                        pl = out.prompt_logprobs or [None] * (n_prompt - 1)
+                        ids, entries = p.prompt_ids + list(ids), [None] + list(pl) + list(entries)
+                started[i] = True
+                wants_ids = bool(ids) and (p.req.logprobs is not None or p.req.return_token_ids)
                 if chat:
-                    d = asm.feed(out.text, final=out.finished)
-                    finish = out.finish_reason
+                    d = asms[i].feed(out.text, final=out.finished)
+                    finish = None
                     if out.finished:
-                        asm.finish()
-                        finish = asm.finish_reason(out.finish_reason)
-                    if not d.empty() or out.finished:
-                        await resp.write(chunk(self._delta(d, p), finish, out.stop_reason, n_out))
-                elif out.text or out.finished:
-                    await resp.write(chunk(out.text, out.finish_reason, out.stop_reason, n_out))
+                        asms[i].finish()
+                        finish = asms[i].finish_reason(out.finish_reason)
+                    if not d.empty() or out.finished or wants_ids:
+                        await resp.write(chunk(i, out, self._delta(d, p), ids=ids, entries=entries,
+                                               finish_override=finish))
+                elif text or out.finished or wants_ids:
+                    await resp.write(chunk(i, out, text, ids=ids, entries=entries))
                 if out.finished:
-                    final = out
-                    break
-                try:
-                    out = await gen.__anext__()
-                except StopAsyncIteration:
-                    out = None
-            if final is not None and p.req.include_usage:
-                await resp.write(sse({**head, "choices": [], "usage": _usage(n_prompt, n_out)}))
+                    finished += 1
+            if not failed and finished == k and p.req.include_usage:
+                await resp.write(sse({**head, "choices": [], "usage": _usage(n_prompt, sum(n_out))}))
         except APIError as e:
             await resp.write(sse(e.body()))
         except self.state.engine_errors as e:
             await resp.write(sse(APIError(f"engine failed: {client_message(str(e))}", 503).body()))
         finally:
-            await gen.aclose()
+            for t in pumps:
+                t.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for g in gens:
+                await g.aclose()
         await resp.write(DONE)
         await resp.write_eof()
         return resp

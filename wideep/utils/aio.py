@@ -9,3 +9,22 @@ def install_uvloop() -> None:
     except ImportError:
         return
     uvloop.install()
+
+
+# probes and scrapes (every 50 ms from the router) would drown the access log: requests only
+QUIET_PATHS = frozenset({"/metrics", "/health", "/readyz", "/ready", "/ping"})
+
+
+def access_logger_class():
+    """aiohttp access logger of the HTTP tiers: one line per request, probes and scrapes left out."""
+    from aiohttp.abc import AbstractAccessLogger
+
+    class AccessLogger(AbstractAccessLogger):
+        def log(self, request, response, time: float) -> None:
+            if request.path in QUIET_PATHS:
+                return
+            v = request.version
+            self.logger.info('%s "%s %s HTTP/%d.%d" %d %d %.3fs', request.remote, request.method, request.path_qs,
+                             v.major, v.minor, response.status, response.body_length, time)
+
+    return AccessLogger

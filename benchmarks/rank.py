@@ -1,0 +1,703 @@
+"""One rank of an EP=N DeepSeek-R1 group, at full depth and width, on one GPU.
+
+The rank is the real engine (EngineCore: its model runner, CUDA graphs, KV cache and sampler) over the
+project's model with random weights made directly on the device (no checkpoint files). It holds
+256/N routed experts per MoE layer; an emulated dispatcher delivers to them the rows that routing over N
+ranks would deliver (uniform: B*8 rows spread evenly; zipf: the hottest rank of a Zipf-skewed expert
+popularity) and groups them with the same permutation the EP backends use. Communication is not run: a
+table of published DeepEP low-latency figures is added per MoE layer, unoverlapped and fully overlapped.
+
+Reports decode tok/s/GPU at B sequences x ctx, prefill tok/s/GPU at P tokens/rank, a per-phase breakdown
+(torch profiler over one eager step, module ranges + kernel names) beside each phase's roofline, bf16 and
+FP8 side by side, and a plain-PyTorch version of the same shape measured in the same run.
+
+  python benchmarks/rank.py --ep 32                      # H200: full R1 rank, bf16 and fp8
+  python benchmarks/rank.py --size tiny --device cpu     # smoke run (tiny dims, few layers)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wideep.engine.api import EngineRequest, SamplingParams  # noqa: E402
+from wideep.engine.config import EngineArgs  # noqa: E402
+from wideep.engine.core import EngineCore  # noqa: E402
+from wideep.engine.request import Request  # noqa: E402
+from wideep.engine.scheduler import ScheduledSeq, SchedulerOutput  # noqa: E402
+from wideep.model.config import ModelConfig  # noqa: E402
+from wideep.model.deepseek_v3 import DeepseekV3ForCausalLM, materialize  # noqa: E402
+from wideep.model.fp8 import FP8_DTYPE  # noqa: E402
+from wideep.model.make_model import FP8_QUANT_CONFIG, PRESETS  # noqa: E402
+from wideep.model.rope import RotaryEmbedding  # noqa: E402
+from wideep.model.moe_permute import gather_sum  # noqa: E402
+from wideep.model.moe_permute import group_by_local_expert, pair_rows  # noqa: E402
+from wideep.model.dispatch import DispatchResult, MoEDispatcher  # noqa: E402
+
+# Published DeepEP low-latency dispatch / combine per MoE layer, 128 tokens per rank, FP8 dispatch and
+# BF16 combine, H800 + CX7 InfiniBand (DeepEP README, June 2025), in microseconds. Scaled linearly in B.
+DEEPEP_LL_US = {8: (77, 114), 16: (118, 195), 32: (155, 273), 64: (173, 314)}
+# Prefill (high-throughput kernels): published internode RDMA bandwidth of DeepEP HT, GB/s (low end).
+DEEPEP_HT_RDMA_GBPS = 43.0
+
+
+# ---- the emulated dispatcher ---------------------------------------------------------------------------
+
+class EmulatedEPDispatcher(MoEDispatcher):
+    """This rank of an EP group without peers: every step, the rank's experts receive the rows routing over
+    `ep_size` ranks would bring them (taken from this rank's own tokens: the same count, the same shapes),
+    grouped by local expert with the EP backends' permutation, and combined back with routing weights."""
+
+    name = "emulated"
+    graph_capturable = True
+
+    def __init__(self, num_experts: int, ep_size: int, top_k: int, routing: str = "uniform",
+                 zipf_s: float = 1.0, **options):
+        super().__init__(num_experts, 0, ep_size, None, **options)
+        if routing not in ("uniform", "zipf"):
+            raise ValueError(f"routing must be uniform or zipf, got {routing!r}")
+        self.top_k, self.routing, self.zipf_s = top_k, routing, zipf_s
+        self._maps: dict[tuple[int, str], torch.Tensor] = {}
+        self.load_factor = 1.0 if routing == "uniform" else self._zipf_share() * ep_size
+
+    def _zipf_share(self) -> float:
+        """Share of all routed rows that land on rank 0 when expert popularity is Zipf(s) over the global
+        experts and expert e lives on rank e % N (round-robin placement): rank 0 holds the hottest one."""
+        p = [1.0 / (i + 1) ** self.zipf_s for i in range(self.num_experts)]
+        return sum(p[0::self.ep_size]) / sum(p)
+
+    def _local_ids(self, t: int, device) -> torch.Tensor:
+        """[T, S] local expert of each received row slot (-1: empty slot); S >= top_k when rows > T*K."""
+        key = (t, str(device))
+        if key not in self._maps:
+            nl = self.num_local_experts
+            rows = max(1, round(t * self.top_k * self.load_factor))
+            if self.routing == "uniform":
+                assign = torch.arange(rows) % nl
+            else:  # this rank's experts: global ids 0, N, 2N ... with Zipf weights
+                w = torch.tensor([1.0 / (e * self.ep_size + 1) ** self.zipf_s for e in range(nl)])
+                counts = torch.floor(w / w.sum() * rows).long()
+                counts[0] += rows - int(counts.sum())
+                assign = torch.repeat_interleave(torch.arange(nl), counts)
+                assign = assign[torch.randperm(rows, generator=torch.Generator().manual_seed(0))]
+            slots = -(-rows // t)
+            ids = torch.full((t * slots,), -1, dtype=torch.long)
+            ids[:rows] = assign
+            # row r of the flat slot list belongs to token r % T (rows spread over all tokens)
+            self._maps[key] = ids.view(slots, t).t().contiguous().to(device)
+        return self._maps[key]
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        t = x.shape[0]
+        ids = self._local_ids(t, x.device)
+        g = group_by_local_expert(ids, self.num_local_experts, static=True)
+        slots = ids.shape[1]
+        w = topk_weights.repeat(1, -(-slots // topk_weights.shape[1]))[:, :slots]
+        weights = torch.where(g.valid, w.reshape(-1)[g.order], torch.zeros((), dtype=w.dtype, device=w.device))
+        return DispatchResult(x=x[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
+                              handle=pair_rows(g, t, slots))
+
+    def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        return gather_sum(y, result.handle)
+
+
+# ---- model -----------------------------------------------------------------------------------------------
+
+def rank_config(size: str, layers: int | None, dense: int | None, fp8: bool) -> ModelConfig:
+    fields = dict(PRESETS["layer-slice" if size == "full" else "tiny"])
+    fields["num_hidden_layers"] = layers or (61 if size == "full" else 4)
+    fields["first_k_dense_replace"] = 3 if dense is None and size == "full" else (1 if dense is None else dense)
+    cfg = ModelConfig(**fields, torch_dtype="bfloat16")
+    if fp8:
+        cfg.quantization_config = dict(FP8_QUANT_CONFIG)
+    return cfg
+
+
+@torch.no_grad()
+def build_rank_model(cfg: ModelConfig, dispatcher: MoEDispatcher, device: torch.device, dtype: torch.dtype,
+                     seed: int = 0) -> DeepseekV3ForCausalLM:
+    """Random weights made on the device: N(0, 0.02) projections (FP8: e4m3 codes ~N(0,1) with block
+    scales 0.02), unit norms, zero router bias."""
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(cfg, dispatcher, dispatcher.num_local_experts)
+    materialize(model, device, dtype)
+    model.model.rotary_emb = RotaryEmbedding(cfg).to(device)
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dtype == FP8_DTYPE:
+            for i in range(p.shape[0]) if p.dim() == 3 else [None]:
+                dst = p if i is None else p[i]
+                dst.copy_(torch.randn(dst.shape, device=device, dtype=torch.bfloat16, generator=g).to(FP8_DTYPE))
+        elif name.endswith("_scale_inv"):
+            p.fill_(0.02)
+        elif name.endswith("layernorm.weight") or name == "model.norm.weight":
+            p.data = torch.ones(p.shape, device=device, dtype=dtype)
+        else:
+            p.data = (torch.randn(p.shape, device=device, dtype=torch.float32, generator=g) * 0.02).to(dtype)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.zero_()
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def weight_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the parameters; with dtype, as materialize() would allocate them (meta models)."""
+    if dtype is None:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for name, p in model.named_parameters():
+        keep = p.dtype == FP8_DTYPE or name.endswith("_scale_inv")
+        total += p.numel() * (p.element_size() if keep else size)
+    return total
+
+
+# ---- measurement helpers -----------------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, iters: int, warmup: int = 2) -> float:
+    """Median seconds of fn() (host clock around a device sync: what a caller of the engine sees)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def measure_ceilings(device) -> dict:
+    """Copy bandwidth (read+write bytes / time) and dense matmul rates on this device."""
+    if device.type != "cuda":
+        return {"copy_GBps": float("nan"), "bf16_TFLOPs": float("nan"), "fp8_TFLOPs": float("nan")}
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    st, en = torch.cuda.Event(True), torch.cuda.Event(True)
+    best = []
+    for _ in range(10):
+        st.record()
+        b.copy_(a)
+        en.record()
+        torch.cuda.synchronize()
+        best.append(st.elapsed_time(en) / 1e3)
+    bw = 2 * n / sorted(best)[len(best) // 2]
+    del a, b
+    m = 8192
+    x = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    y = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    tb = timed(lambda: x @ y, device, 10)
+    fp8 = float("nan")
+    try:
+        xq, yq = x.to(FP8_DTYPE), y.t().contiguous().to(FP8_DTYPE).t()
+        one = torch.ones((), device=device)
+        tf = timed(lambda: torch._scaled_mm(xq, yq, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), device, 10)
+        fp8 = 2 * m**3 / tf / 1e12
+    except (RuntimeError, TypeError):
+        pass
+    return {"copy_GBps": bw / 1e9, "bf16_TFLOPs": 2 * m**3 / tb / 1e12, "fp8_TFLOPs": fp8}
+
+
+# ---- the engine-driven rank ------------------------------------------------------------------------------
+
+@dataclass
+class RankRun:
+    core: EngineCore
+    cfg: ModelConfig
+    dispatcher: EmulatedEPDispatcher
+    fp8: bool
+
+
+def make_rank(cfg: ModelConfig, a, device, dtype, fp8: bool, num_blocks: int) -> RankRun:
+    disp = EmulatedEPDispatcher(cfg.n_routed_experts, a.ep, cfg.num_experts_per_tok, a.routing, a.zipf_s)
+    model = build_rank_model(cfg, disp, device, dtype, a.seed)
+    per_block = cfg.num_hidden_layers * a.block_size * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
+    args = EngineArgs(device=str(device), dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+                      block_size=a.block_size, max_num_seqs=max(a.batch),
+                      max_num_batched_tokens=max(a.prefill_tokens, max(a.batch)),
+                      max_model_len=max(max(a.ctx) + 8, a.prefill_seq_len + 8),
+                      kv_cache_memory_bytes=num_blocks * per_block, enable_prefix_caching=False,
+                      enforce_eager=a.eager, cuda_graph_sizes=sorted(set(a.batch)), seed=a.seed)
+    core = EngineCore(args, model=model)
+    return RankRun(core, cfg, disp, fp8)
+
+
+def fake_requests(run: RankRun, n: int, ctx: int, tag: str, prefill: bool = False) -> list[Request]:
+    """n requests of `ctx` known tokens holding their KV blocks; decode: ctx-1 computed (one new token)."""
+    g = torch.Generator().manual_seed(n * 7919 + ctx)
+    reqs = []
+    for i in range(n):
+        ids = torch.randint(10, run.cfg.vocab_size, (ctx,), generator=g).tolist()
+        sp = SamplingParams(max_tokens=1 << 20, temperature=0.6, ignore_eos=True)
+        r = Request(EngineRequest(f"{tag}-{i}", ids, sp), set(), 1 << 20)
+        if not run.core.block_manager.allocate(r, ctx + 1):
+            for q in reqs:
+                run.core.block_manager.free(q)
+            raise MemoryError(f"{n} x {ctx} tokens do not fit the KV cache")
+        r.num_computed_tokens = 0 if prefill else ctx - 1
+        reqs.append(r)
+    return reqs
+
+
+def release(run: RankRun, reqs: list[Request]) -> None:
+    for r in reqs:
+        run.core.block_manager.free(r)
+
+
+class PhaseRanges:
+    """Module hooks opening profiler ranges named by phase (attention, router, experts, ...)."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM):
+        self.handles = []
+        for layer in model.model.layers:
+            self._wrap(layer, "layers")
+            self._wrap(layer.self_attn, "attention")
+            if hasattr(layer.mlp, "experts"):
+                self._wrap(layer.mlp, "moe")
+                self._wrap(layer.mlp.gate, "router")
+                self._wrap(layer.mlp.experts, "routed_experts")
+                if layer.mlp.shared_experts is not None:
+                    self._wrap(layer.mlp.shared_experts, "shared_expert")
+            else:
+                self._wrap(layer.mlp, "dense_mlp")
+
+    def _wrap(self, mod, name):
+        stack = []
+
+        def pre(_m, _i):
+            rf = torch.profiler.record_function(f"phase::{name}")
+            rf.__enter__()
+            stack.append(rf)
+
+        def post(_m, _i, _o):
+            stack.pop().__exit__(None, None, None)
+
+        self.handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def profile_phases(run: RankRun, out: SchedulerOutput, device) -> dict:
+    """GPU time per phase of one eager step (ms): module ranges, and kernel names for the MLA kernel."""
+    runner = run.core.runner
+    ranges = PhaseRanges(run.core.model)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        runner.execute(out, use_graphs=False)
+        _sync(device)
+        with torch.profiler.profile(activities=acts) as prof:
+            with torch.profiler.record_function("phase::step"):
+                runner.execute(out, use_graphs=False)
+            _sync(device)
+    finally:
+        ranges.remove()
+    cuda = device.type == "cuda"
+    tot: dict[str, float] = {}
+    mla = 0.0
+    for ev in prof.events():
+        # the CPU-side range: its device time is the kernels launched inside it (the GPU-side copy of a
+        # range spans first kernel start to last kernel end, idle gaps of an eager step included)
+        if ev.name.startswith("phase::") and (not cuda or ev.device_type == torch.autograd.DeviceType.CPU):
+            t = (ev.device_time_total if cuda else ev.cpu_time_total) / 1e3
+            tot[ev.name[7:]] = tot.get(ev.name[7:], 0.0) + t
+    if cuda:  # the Triton decode kernel, or (prefill) the SDPA flash kernels
+        for ka in prof.key_averages():
+            key = ka.key.lower()
+            if not key.startswith("aten::") and ("mla" in key or "flash" in key or "fmha" in key):
+                mla += ka.self_device_time_total / 1e3
+    g = tot.get
+    phases = {
+        "mla_kernel": mla,
+        "attention_other": g("attention", 0) - mla,
+        "router": g("router", 0),
+        "dispatch_combine_glue": g("moe", 0) - g("router", 0) - g("routed_experts", 0) - g("shared_expert", 0),
+        "routed_experts": g("routed_experts", 0),
+        "shared_expert": g("shared_expert", 0),
+        "dense_mlp": g("dense_mlp", 0),
+        "norms_residual": g("layers", 0) - g("attention", 0) - g("moe", 0) - g("dense_mlp", 0),
+        "embed_lm_head_sampling": g("step", 0) - g("layers", 0),
+    }
+    top = sorted(((ka.key, (ka.self_device_time_total if cuda else ka.self_cpu_time_total) / 1e3)
+                  for ka in prof.key_averages()), key=lambda kv: -kv[1])[:15]
+    return {"phases_ms": phases, "step_gpu_ms": g("step", 0), "top_kernels_ms": dict(top)}
+
+
+def _profile_into(res: dict, run: RankRun, out: SchedulerOutput, device) -> None:
+    try:
+        res.update(profile_phases(run, out, device))
+    except Exception as exc:  # noqa: BLE001 - the throughput numbers stand without the breakdown
+        res["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        print(f"    profile FAILED: {res['profile_error']}", flush=True)
+
+
+def rooflines(cfg: ModelConfig, n_local: int, fp8: bool, b: int, ctx: int | None, ceil: dict,
+              prefill_tokens: int = 0) -> dict:
+    """Floor of each phase (ms): bytes / copy bandwidth, or FLOPs / matmul rate, whichever is larger."""
+    bw = ceil["copy_GBps"] * 1e9
+    peak = (ceil["fp8_TFLOPs"] if fp8 else ceil["bf16_TFLOPs"]) * 1e12
+    peak_bf16 = ceil["bf16_TFLOPs"] * 1e12
+    wb = 1 if fp8 else 2
+    h, nh, layers = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(layers))
+    dense_layers = layers - moe_layers
+    qk, v, lat = cfg.qk_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    attn_w = (cfg.q_lora_rank * h + nh * qk * cfg.q_lora_rank if cfg.q_lora_rank else nh * qk * h) + \
+        cfg.kv_cache_dim * h + nh * (cfg.qk_nope_head_dim + v) * lat + h * nh * v
+    tokens = prefill_tokens or b
+    t = lambda nbytes, flops, rate=peak: max(nbytes / bw, flops / rate) * 1e3  # noqa: E731
+    expert_w = 3 * cfg.moe_intermediate_size * h
+    rows = tokens * cfg.num_experts_per_tok
+    out = {
+        "attention_other": t(layers * attn_w * wb + (layers * nh * (cfg.qk_nope_head_dim + v) * lat * 2 if fp8 else 0),
+                             layers * 2 * tokens * attn_w),
+        "router": t(moe_layers * cfg.n_routed_experts * h * 2, moe_layers * 2 * tokens * cfg.n_routed_experts * h, peak_bf16),
+        "routed_experts": t(moe_layers * n_local * expert_w * wb, moe_layers * 2 * rows * expert_w),
+        "shared_expert": t(moe_layers * expert_w * cfg.n_shared_experts * wb, moe_layers * 2 * tokens * expert_w),
+        "dense_mlp": t(dense_layers * 3 * cfg.intermediate_size * h * wb, dense_layers * 6 * tokens * cfg.intermediate_size * h),
+        # gather rows in, weighted rows out, summed back: ~3 passes over rows x hidden in bf16
+        "dispatch_combine_glue": t(moe_layers * 3 * rows * h * 2, 0),
+        "embed_lm_head_sampling": t(cfg.vocab_size * h * 2, 2 * b * cfg.vocab_size * h, peak_bf16),
+        "norms_residual": t(layers * 2 * 3 * tokens * h * 2, 0),
+    }
+    if ctx:
+        kv = layers * b * ctx * cfg.kv_cache_dim * 2
+        flops = layers * 2 * b * nh * ctx * (cfg.kv_cache_dim + lat)
+        out["mla_kernel"] = t(kv, flops, peak_bf16)
+    else:  # prefill attention (MHA form, causal): 2 * T^2/2 * heads * (qk + v) per sequence
+        out["mla_kernel"] = t(0, layers * tokens * ctx_or(prefill_tokens, b) * nh * (qk + v), peak_bf16)
+    return out
+
+
+def ctx_or(prefill_tokens: int, seqs: int) -> int:
+    return prefill_tokens // max(seqs, 1)
+
+
+def decode_case(run: RankRun, b: int, ctx: int, a, device, ceil: dict) -> dict:
+    reqs = fake_requests(run, b, ctx, f"d{b}-{ctx}")
+    try:
+        return _decode_case(run, reqs, b, ctx, a, device, ceil)
+    finally:
+        release(run, reqs)
+
+
+def _decode_case(run: RankRun, reqs: list[Request], b: int, ctx: int, a, device, ceil: dict) -> dict:
+    out = SchedulerOutput(seqs=[ScheduledSeq(r, ctx - 1, 1) for r in reqs], num_decodes=b, num_tokens=b)
+    runner = run.core.runner
+    step = timed(lambda: runner.execute(out), device, a.iters)
+    res = {"B": b, "ctx": ctx, "step_ms": step * 1e3, "tok_s_gpu": b / step,
+           "graph": bool(runner._graph_for(b, None))}
+    if device.type == "cuda" and res["graph"]:
+        g = runner._graph_for(b, None)
+        res["graph_replay_ms"] = timed(lambda: runner._replay_graph(g, b), device, a.iters) * 1e3
+    res["roofline_ms"] = rooflines(run.cfg, run.dispatcher.num_local_experts, run.fp8, b, ctx, ceil)
+    if a.profile:
+        _profile_into(res, run, out, device)
+    return res
+
+
+def prefill_case(run: RankRun, tokens: int, seq_len: int, a, device, ceil: dict) -> dict:
+    n = max(1, tokens // seq_len)
+    reqs = fake_requests(run, n, seq_len, f"p{tokens}", prefill=True)
+    try:
+        return _prefill_case(run, reqs, n, seq_len, a, device, ceil)
+    finally:
+        release(run, reqs)
+
+
+def _prefill_case(run: RankRun, reqs: list[Request], n: int, seq_len: int, a, device, ceil: dict) -> dict:
+    out = SchedulerOutput(seqs=[ScheduledSeq(r, 0, seq_len) for r in reqs], num_decodes=0, num_tokens=n * seq_len)
+    runner = run.core.runner
+    step = timed(lambda: runner.execute(out), device, max(2, a.iters // 4), warmup=1)
+    res = {"tokens": n * seq_len, "seqs": n, "step_ms": step * 1e3, "tok_s_gpu": n * seq_len / step}
+    res["roofline_ms"] = rooflines(run.cfg, run.dispatcher.num_local_experts, run.fp8, n, None, ceil,
+                                   prefill_tokens=n * seq_len)
+    if a.profile:
+        _profile_into(res, run, out, device)
+    return res
+
+
+def with_comm(res: dict, ep: int, moe_layers: int, prefill: bool, hidden: int, top_k: int) -> None:
+    """Adds communication from published figures: unoverlapped (step + comm) and fully overlapped (max)."""
+    if prefill:
+        fanout = ep * (1 - (1 - 1 / ep) ** top_k)  # expected distinct destination ranks per token
+        comm = moe_layers * res["tokens"] * fanout * hidden * (1 + 2) / (DEEPEP_HT_RDMA_GBPS * 1e9)
+        n = res["tokens"]
+    else:
+        if ep not in DEEPEP_LL_US:
+            return
+        d, c = DEEPEP_LL_US[ep]
+        comm = moe_layers * (d + c) * 1e-6 * res["B"] / 128
+        n = res["B"]
+    step = res["step_ms"] / 1e3
+    res["comm_ms"] = comm * 1e3
+    res["tok_s_gpu_comm_unoverlapped"] = n / (step + comm)
+    res["tok_s_gpu_comm_overlapped"] = n / max(step, comm)
+
+
+# ---- plain PyTorch, same shape ---------------------------------------------------------------------------
+
+def plain_torch(cfg: ModelConfig, n_local: int, b: int, ctx: int, device, dtype, iters: int) -> dict:
+    """The same decode step written directly in torch (bf16, no fusion, contiguous per-sequence cache, bmm
+    attention, torch._grouped_mm experts): one layer of each kind timed in a CUDA graph, scaled to depth."""
+    h, nh, lat, rope = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    nope, v, ql, inter = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.q_lora_rank or h, cfg.moe_intermediate_size
+    k = cfg.num_experts_per_tok
+    r = lambda *s: torch.randn(*s, device=device, dtype=dtype) * 0.02  # noqa: E731
+    x = r(b, h)
+    cache = r(b, ctx, lat + rope)
+    wq_a, wq_b, wkv_a, wkv_b, wo = r(ql, h), r(nh * (nope + rope), ql), r(lat + rope, h), r(nh, nope + v, lat), r(h, nh * v)
+    wg, w13, w2 = r(cfg.n_routed_experts, h), r(n_local, 2 * inter, h), r(n_local, h, inter)
+    ws13, ws2 = r(2 * inter, h), r(h, inter)
+    wd13, wd2 = r(2 * cfg.intermediate_size, h), r(h, cfg.intermediate_size)
+    head = r(cfg.vocab_size, h)
+    rows = r(b * k, h)
+    counts = torch.full((n_local,), b * k // n_local, dtype=torch.int32, device=device)
+    counts[-1] += b * k - int(counts.sum())
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    rms = lambda t: F.rms_norm(t, (t.shape[-1],))  # noqa: E731
+    scale = 1.0 / math.sqrt(nope + rope)
+
+    def swiglu(t, w_in, w_out):
+        u = F.linear(t, w_in)
+        return F.linear(F.silu(u[:, : w_out.shape[1]]) * u[:, w_out.shape[1]:], w_out)
+
+    def attention():
+        q = F.linear(rms(F.linear(rms(x), wq_a)), wq_b).view(b, nh, nope + rope)
+        new = F.linear(x, wkv_a)
+        cache[:, -1] = torch.cat([rms(new[:, :lat]), new[:, lat:]], -1)
+        q_lat = torch.einsum("bhn,hnl->bhl", q[..., :nope], wkv_b[:, :nope])
+        s = torch.bmm(torch.cat([q_lat, q[..., nope:]], -1), cache.transpose(1, 2)) * scale
+        o = torch.bmm(torch.softmax(s.float(), -1).to(dtype), cache[..., :lat])
+        return x + F.linear(torch.einsum("bhl,hvl->bhv", o, wkv_b[:, nope:]).reshape(b, nh * v), wo)
+
+    def moe():
+        t = rms(x)
+        torch.topk(torch.sigmoid(F.linear(t, wg).float()), k, -1)
+        if device.type == "cuda":
+            u = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offs)
+            y = torch._grouped_mm(F.silu(u[:, :inter]) * u[:, inter:], w2.transpose(1, 2), offs=offs)
+        else:
+            y = torch.cat([swiglu(c, w13[i], w2[i]) for i, c in enumerate(rows.split(counts.tolist()))])
+        return x + y.view(b, k, h).sum(1) + swiglu(t, ws13, ws2)
+
+    def dense():
+        return x + swiglu(rms(x), wd13, wd2)
+
+    def lm_head():
+        return torch.argmax(F.linear(rms(x), head).float(), -1)
+
+    def graph_time(fn):
+        if device.type != "cuda":
+            return timed(fn, device, iters)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            fn()
+        return timed(gr.replay, device, iters)
+
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    t_attn, t_moe, t_dense, t_head = (graph_time(f) for f in (attention, moe, dense, lm_head))
+    step = cfg.num_hidden_layers * t_attn + moe_layers * t_moe + (cfg.num_hidden_layers - moe_layers) * t_dense + t_head
+    return {"B": b, "ctx": ctx, "step_ms": step * 1e3, "tok_s_gpu": b / step,
+            "attention_ms_per_layer": t_attn * 1e3, "moe_ms_per_layer": t_moe * 1e3,
+            "dense_ms_per_layer": t_dense * 1e3, "lm_head_ms": t_head * 1e3}
+
+
+def ep8_fit(cfg_full: ModelConfig, block_size: int, hbm_bytes: int, util: float = 0.9) -> dict:
+    """Weights of an EP=8 rank of R1 in FP8 (counted on the meta device) and what KV fits beside them."""
+    cfg = rank_config("full", None, None, fp8=True)
+    disp = EmulatedEPDispatcher(cfg.n_routed_experts, 8, cfg.num_experts_per_tok)
+    with torch.device("meta"):
+        m8 = DeepseekV3ForCausalLM(cfg, disp, disp.num_local_experts)
+        m16 = DeepseekV3ForCausalLM(rank_config("full", None, None, fp8=False), disp, disp.num_local_experts)
+    w8, w16 = weight_bytes(m8, torch.bfloat16), weight_bytes(m16, torch.bfloat16)
+    # + the bf16 copies of kv_b kept for absorbed decode
+    w8 += cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank * 2
+    kv_seq_4k = cfg.num_hidden_layers * 4096 * cfg.kv_cache_dim * 2
+    free = hbm_bytes * util - w8
+    return {"weights_GiB_fp8": w8 / 2**30, "weights_GiB_bf16": w16 / 2**30,
+            "kv_GiB_at_util": max(free, 0) / 2**30, "kv_MiB_per_4k_seq": kv_seq_4k / 2**20,
+            "max_seqs_4k": int(max(free, 0) // kv_seq_4k), "hbm_GiB": hbm_bytes / 2**30, "util": util}
+
+
+# ---- main ----------------------------------------------------------------------------------------------
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ep", type=int, default=32, help="EP size of the group this rank belongs to")
+    p.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256], help="decode sequences per rank")
+    p.add_argument("--ctx", type=int, nargs="+", default=[2048, 4096], help="decode context lengths")
+    p.add_argument("--prefill-tokens", type=int, default=8192, help="prefill tokens per rank (0: skip)")
+    p.add_argument("--prefill-seq-len", type=int, default=2048, help="prompt length of the prefill sequences")
+    p.add_argument("--precision", nargs="+", default=None, choices=["bf16", "fp8"],
+                   help="default: bf16 and fp8 on CUDA, fp8 on CPU (its reference path)")
+    p.add_argument("--routing", default="uniform", choices=["uniform", "zipf"])
+    p.add_argument("--zipf-s", type=float, default=1.0)
+    p.add_argument("--size", default="full", choices=["full", "tiny"], help="full: R1 dims; tiny: smoke run")
+    p.add_argument("--layers", type=int, default=None, help="default 61 (full) / 4 (tiny)")
+    p.add_argument("--dense-layers", type=int, default=None, help="leading dense layers: 3 (full) / 1 (tiny)")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-phase profile")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the plain-torch baseline")
+    p.add_argument("--kv-gib", type=float, default=None, help="KV cache budget (default: what the cases need, "
+                   "capped by free memory)")
+    p.add_argument("--json", default=None, help="write all results here")
+    a = p.parse_args(argv)
+    if a.ep < 1 or 256 % a.ep:
+        p.error("--ep must divide 256")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    precisions = a.precision or (["bf16", "fp8"] if device.type == "cuda" else ["fp8"])
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ceil = measure_ceilings(device)
+    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv,
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ceilings": ceil,
+                    "ep": a.ep, "routing": a.routing, "runs": {}}
+    print(f"# {report['device']}  copy {ceil['copy_GBps']:.0f} GB/s  bf16 {ceil['bf16_TFLOPs']:.0f} TFLOP/s  "
+          f"fp8 {ceil['fp8_TFLOPs']:.0f} TFLOP/s  EP={a.ep}  routing={a.routing}", flush=True)
+    for prec in precisions:
+        cfg = rank_config(a.size, a.layers, a.dense_layers, prec == "fp8")
+        bs = a.block_size
+        need_blocks = max([b * -(-(c + 1) // bs) for b in a.batch for c in a.ctx] +
+                          [-(-a.prefill_tokens // a.prefill_seq_len) * -(-(a.prefill_seq_len + 1) // bs)])
+        per_block = cfg.num_hidden_layers * bs * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
+        if a.kv_gib:
+            blocks = int(a.kv_gib * 2**30 // per_block)
+        else:
+            blocks = need_blocks
+            if device.type == "cuda":
+                with torch.device("meta"):
+                    probe = DeepseekV3ForCausalLM(cfg, EmulatedEPDispatcher(cfg.n_routed_experts, a.ep, 8), 256 // a.ep)
+                free, _ = torch.cuda.mem_get_info(device)
+                room = free - weight_bytes(probe, dtype) - 12 * 2**30  # activations, graphs, lm_head logits
+                blocks = max(1, min(need_blocks, int(room // per_block)))
+                del probe
+        t0 = time.perf_counter()
+        run = make_rank(cfg, a, device, dtype, prec == "fp8", blocks)
+        moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+        res = {"weights_GiB": weight_bytes(run.core.model) / 2**30, "kv_blocks": blocks,
+               "kv_GiB": blocks * per_block / 2**30, "build_s": time.perf_counter() - t0,
+               "local_experts": run.dispatcher.num_local_experts, "load_factor": run.dispatcher.load_factor,
+               "decode": [], "prefill": None}
+        print(f"## {prec}: weights {res['weights_GiB']:.1f} GiB, KV {res['kv_GiB']:.1f} GiB "
+              f"({blocks} blocks), built in {res['build_s']:.0f}s", flush=True)
+        for ctx in a.ctx:
+            for b in a.batch:
+                if b * -(-(ctx + 1) // bs) > blocks:
+                    res["decode"].append({"B": b, "ctx": ctx, "skipped": "KV does not fit beside the weights"})
+                    print(f"  decode B={b} ctx={ctx}: skipped (KV does not fit)", flush=True)
+                    continue
+                try:
+                    d = decode_case(run, b, ctx, a, device, ceil)
+                except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others' numbers
+                    d = {"B": b, "ctx": ctx, "error": f"{type(exc).__name__}: {exc}"[:400]}
+                    res["decode"].append(d)
+                    print(f"  decode B={b} ctx={ctx}: FAILED {d['error']}", flush=True)
+                    continue
+                with_comm(d, a.ep, moe_layers, False, cfg.hidden_size, cfg.num_experts_per_tok)
+                res["decode"].append(d)
+                print(f"  decode B={b:4d} ctx={ctx}: step {d['step_ms']:.2f} ms -> {d['tok_s_gpu']:,.0f} tok/s/GPU"
+                      + (f" (graph replay {d['graph_replay_ms']:.2f} ms)" if "graph_replay_ms" in d else "")
+                      + (f"; +LL comm {d['tok_s_gpu_comm_unoverlapped']:,.0f} unoverlapped, "
+                         f"{d['tok_s_gpu_comm_overlapped']:,.0f} overlapped" if "comm_ms" in d else ""), flush=True)
+                print_phases(d)
+        if a.prefill_tokens:
+            try:
+                pr = prefill_case(run, a.prefill_tokens, a.prefill_seq_len, a, device, ceil)
+            except Exception as exc:  # noqa: BLE001
+                pr = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+                print(f"  prefill: FAILED {pr['error']}", flush=True)
+        if a.prefill_tokens and "error" not in pr:
+            with_comm(pr, a.ep, moe_layers, True, cfg.hidden_size, cfg.num_experts_per_tok)
+            res["prefill"] = pr
+            print(f"  prefill {pr['tokens']} tokens ({pr['seqs']} x {a.prefill_seq_len}): {pr['step_ms']:.1f} ms -> "
+                  f"{pr['tok_s_gpu']:,.0f} tok/s/GPU; +HT comm est. {pr['tok_s_gpu_comm_unoverlapped']:,.0f} "
+                  f"unoverlapped, {pr['tok_s_gpu_comm_overlapped']:,.0f} overlapped", flush=True)
+            print_phases(pr)
+        report["runs"][prec] = res
+        del run
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if a.baseline:
+        cfg = rank_config(a.size, a.layers, a.dense_layers, False)
+        base = []
+        for ctx in a.ctx:
+            for b in a.batch:
+                try:
+                    r = plain_torch(cfg, cfg.n_routed_experts // a.ep, b, ctx, device, dtype, a.iters)
+                except Exception as exc:  # noqa: BLE001
+                    r = {"B": b, "ctx": ctx, "error": f"{type(exc).__name__}: {exc}"[:300]}
+                    print(f"  plain torch B={b} ctx={ctx}: FAILED {r['error']}", flush=True)
+                base.append(r)
+                if "tok_s_gpu" in r:
+                    print(f"  plain torch B={b:4d} ctx={ctx}: step {r['step_ms']:.2f} ms -> {r['tok_s_gpu']:,.0f} "
+                          f"tok/s/GPU (attn {r['attention_ms_per_layer']:.3f} moe {r['moe_ms_per_layer']:.3f} "
+                          f"ms/layer)", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        report["plain_torch"] = base
+    if a.size == "full":
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 141 * 10**9
+        report["ep8_fp8_fit"] = ep8_fit(rank_config("full", None, None, True), a.block_size, total)
+        f = report["ep8_fp8_fit"]
+        print(f"  EP=8 rank, FP8: weights {f['weights_GiB_fp8']:.1f} GiB (bf16 {f['weights_GiB_bf16']:.1f}), KV "
+              f"{f['kv_GiB_at_util']:.1f} GiB at util {f['util']} -> {f['max_seqs_4k']} sequences of 4k", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1, default=float))
+    return report
+
+
+def print_phases(res: dict) -> None:
+    if "phases_ms" not in res:
+        return
+    roof = res["roofline_ms"]
+    line = "    phases (eager GPU ms / roofline ms): " + ", ".join(
+        f"{k} {v:.2f}/{roof.get(k, float('nan')):.2f}" for k, v in res["phases_ms"].items())
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        main()

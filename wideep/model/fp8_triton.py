@@ -1,0 +1,263 @@
+"""Triton kernels of the native FP8 path (GPU): per-token-group activation quantization, SiLU-and-mul fused
+with that quantization, and one block-scaled FP8 GEMM that serves both plain projections and the routed
+experts' grouped GEMM (rows contiguous per expert).
+
+Why our own GEMM: cuBLAS's block-scaled FP8 matmul has a ~35 us floor at decode sizes (M <= 256), so small
+projections never reach bandwidth; this kernel tiles M small, splits K when there are few output tiles
+(deterministic: partials are summed in a fixed order, no atomics) and reads each weight block once per M tile.
+Scales: activations [M, K/128] stored K-block-major (strides (1, M)), weights [N/bn, K/128] per block row,
+with a per-output-column index into the scale rows so stacked weights (gate ‖ up) keep their own blocks.
+The torch references live in fp8.py; without CUDA these kernels run under Triton's interpreter (tests).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from wideep import envs
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs without triton use the torch references
+    triton = None
+    tl = None
+constexpr = tl.constexpr if tl is not None else "constexpr"
+
+FP8_MAX = 448.0
+GROUP = 128
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, GROUP_K: constexpr, GROUPS: constexpr):
+        """One program per (row, GROUPS 128-column groups): scale = amax / 448 (fp32), q = x / scale in e4m3."""
+        m = tl.program_id(0)
+        g0 = tl.program_id(1) * GROUPS
+        gi = g0 + tl.arange(0, GROUPS)
+        offs = gi[:, None] * GROUP_K + tl.arange(0, GROUP_K)[None, :]          # [GROUPS, GROUP_K]
+        mask = offs < K
+        x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
+        scale = tl.maximum(amax, 1e-10) / 448.0
+        q = tl.clamp(x / scale[:, None], -448.0, 448.0)
+        tl.store(q_ptr + m.to(tl.int64) * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + gi * M + m, scale, mask=gi * GROUP_K < K)
+
+    @triton.jit
+    def _silu_mul_quant_kernel(h_ptr, q_ptr, s_ptr, M, N_INTER, stride_hm, stride_qm, GROUP_K: constexpr):
+        """h [M, 2*N_INTER] (gate ‖ up) -> silu(gate) * up quantized per 128-group, in one pass."""
+        m = tl.program_id(0)
+        g = tl.program_id(1)
+        offs = g * GROUP_K + tl.arange(0, GROUP_K)
+        mask = offs < N_INTER
+        gate = tl.load(h_ptr + m * stride_hm + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptr + m * stride_hm + N_INTER + offs, mask=mask, other=0.0).to(tl.float32)
+        # round through the activation dtype like the reference (silu(g) * u computed in bf16 there)
+        y = (gate / (1.0 + tl.exp(-gate))).to(h_ptr.dtype.element_ty).to(tl.float32) * up
+        y = y.to(h_ptr.dtype.element_ty).to(tl.float32)
+        amax = tl.max(tl.abs(y), axis=0)
+        scale = tl.maximum(amax, 1e-10) / 448.0
+        q = tl.clamp(y / scale, -448.0, 448.0)
+        tl.store(q_ptr + m * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + g * M + m, scale)
+
+    @triton.jit
+    def _fp8_gemm_kernel(
+        a_ptr, as_ptr, b_ptr, bs_ptr, sidx_ptr, c_ptr,
+        tile_expert_ptr, tile_row_ptr, expert_end_ptr,
+        M, N, K, stride_am, stride_be, stride_bn, stride_bse, stride_bsn, stride_cs, stride_cm,
+        KB_PER_SPLIT,
+        GROUPED: constexpr, BLOCK_M: constexpr, BLOCK_N: constexpr, BLOCK_K: constexpr,
+    ):
+        """C[rows, N] (+)= sum_k (A_q * a_s) (B_q * b_s)^T over this program's K slice.
+
+        Plain: M tile pid_m covers rows pid_m*BLOCK_M.. (< M), expert 0. Grouped: tile pid_m belongs to expert
+        tile_expert[pid_m] (-1: unused tile) and covers rows tile_row[pid_m] .. expert_end[e].
+        """
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        if GROUPED:
+            e = tl.load(tile_expert_ptr + pid_m)
+            row0 = tl.load(tile_row_ptr + pid_m)
+            row_end = tl.load(expert_end_ptr + tl.maximum(e, 0))
+            row_end = tl.where(e >= 0, row_end, row0)
+            e = tl.maximum(e, 0)
+        else:
+            e = 0
+            row0 = pid_m * BLOCK_M
+            row_end = M
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < row_end
+        mask_n = offs_n < N
+        sidx = tl.load(sidx_ptr + offs_n, mask=mask_n, other=0)
+        n_kb = tl.cdiv(K, BLOCK_K)
+        kb_lo = pid_k * KB_PER_SPLIT
+        kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, n_kb)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        b_base = b_ptr + e.to(tl.int64) * stride_be
+        bs_base = bs_ptr + e.to(tl.int64) * stride_bse
+        for kb in range(kb_lo, kb_hi):
+            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None],
+                        mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+            a_s = tl.load(as_ptr + kb * M + offs_m, mask=mask_m, other=0.0)
+            b_s = tl.load(bs_base + sidx * stride_bsn + kb, mask=mask_n, other=0.0)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        c = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _splitk_sum_kernel(p_ptr, out_ptr, MN, SPLIT: constexpr, BLOCK: constexpr):
+        """out = sum over the SPLIT partial products (fixed order), cast to out's dtype."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in tl.static_range(SPLIT):
+            acc += tl.load(p_ptr + i * MN + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, ceil(K/128)] with strides (1, M))."""
+    m, k = x.shape
+    x = x.contiguous()
+    ng = triton.cdiv(k, GROUP)
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((ng, m), dtype=torch.float32, device=x.device)
+    if m:
+        groups = 8 if ng >= 8 else triton.next_power_of_2(ng)
+        _act_quant_kernel[(m, triton.cdiv(ng, groups))](x, q, s, m, k, x.stride(0), q.stride(0), GROUP_K=GROUP,
+                                                        GROUPS=groups, num_warps=4 if groups >= 4 else 1)
+    return q, s.t()
+
+
+def silu_mul_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [M, 2I] -> quantized silu(h[:, :I]) * h[:, I:]: (e4m3 [M, I], fp32 scales [M, ceil(I/128)], strides (1, M))."""
+    m, two_i = h.shape
+    inter = two_i // 2
+    h = h.contiguous()
+    ng = triton.cdiv(inter, GROUP)
+    q = torch.empty((m, inter), dtype=torch.float8_e4m3fn, device=h.device)
+    s = torch.empty((ng, m), dtype=torch.float32, device=h.device)
+    if m:
+        _silu_mul_quant_kernel[(m, ng)](h, q, s, m, inter, h.stride(0), q.stride(0), GROUP_K=GROUP, num_warps=1)
+    return q, s.t()
+
+
+CONFIG_ENV = "WIDEEP_FP8_GEMM_CONFIG"   # "block_m,block_n,num_warps,num_stages" forces one tile config
+
+
+def _forced() -> tuple[int, int, int, int] | None:
+    v = envs.WIDEEP_FP8_GEMM_CONFIG
+    if not v:
+        return None
+    bm, bn, w, st = (int(t) for t in v.split(","))
+    return bm, bn, w, st
+
+
+def _pick_block_m(rows_per_group: float) -> int:
+    forced = _forced()
+    if forced:
+        return forced[0]
+    for bm in (16, 32):
+        if rows_per_group <= bm:
+            return bm
+    return 64   # 128-row tiles need a second fp32 accumulator's worth of registers: they spill at 4 warps
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, sidx: torch.Tensor,
+             out_dtype: torch.dtype, tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+             block_m: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a_q [M, K] e4m3, a_s [M, K/128] (strides (1, M)); w [N, K] or [E, N, K] e4m3; w_s [N/bn, K/128] or
+    [E, ...]; sidx [N] int32 scale row of each output column. tiles (grouped only): see group_tiles."""
+    m, k = a_q.shape
+    grouped = w.dim() == 3
+    n = w.shape[-2]
+    if a_s.stride(0) != 1 and m > 1:
+        a_s = a_s.t().contiguous().t()
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
+    if m == 0:
+        return out
+    forced = _forced()
+    block_n = forced[1] if forced else 128
+    block_n = block_n if n >= block_n else max(16, triton.next_power_of_2(n))
+    warps, stages = (forced[2], forced[3]) if forced else (4, 3)
+    n_kb = triton.cdiv(k, GROUP)
+    if grouped:
+        tile_expert, tile_row, expert_end = tiles
+        bm = block_m
+        grid_m = tile_expert.shape[0]
+        we, ws_e = w.stride(0), w_s.stride(0)
+        w2d, ws2d = w[0], w_s[0]
+    else:
+        bm = block_m or _pick_block_m(m)
+        grid_m = triton.cdiv(m, bm)
+        tile_expert = tile_row = expert_end = sidx  # unused
+        we = ws_e = 0
+        w2d, ws2d = w, w_s
+    grid_n = triton.cdiv(n, block_n)
+    # split K when the output tiles cannot fill the GPU (decode-sized projections); >= 4 K blocks per split
+    split = 1
+    if not grouped:
+        sms = _num_sms(a_q.device)
+        split = max(1, min(triton.cdiv(2 * sms, grid_m * grid_n), n_kb // 4))
+    kb_per = triton.cdiv(n_kb, split)
+    split = triton.cdiv(n_kb, kb_per)
+    target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=a_q.device)
+    stride_cs = 0 if split == 1 else target.stride(0)
+    _fp8_gemm_kernel[(grid_m, grid_n, split)](
+        a_q, a_s, w, w_s, sidx, target, tile_expert, tile_row, expert_end,
+        m, n, k, a_q.stride(0), we, w2d.stride(0), ws_e, ws2d.stride(0), stride_cs, target.stride(-2),
+        kb_per, GROUPED=grouped, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=GROUP,
+        num_warps=warps, num_stages=stages if a_q.is_cuda else 1,
+    )
+    if split > 1:
+        if not out.is_contiguous():
+            raise ValueError("fp8_gemm: split-K needs a contiguous output")
+        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](target, out, m * n, SPLIT=split, BLOCK=1024, num_warps=4)
+    return out
+
+
+def group_tiles(tokens_per_expert: torch.Tensor, num_rows: int, block_m: int):
+    """Static-size tile map for the grouped GEMM (no host sync): per M tile its expert (-1 unused) and first
+    row, and each expert's row end. ceil(rows/BM) + E tiles always suffice."""
+    counts = tokens_per_expert.to(torch.int64)
+    e = counts.shape[0]
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    tiles_e = (counts + block_m - 1) // block_m
+    cum = torch.cumsum(tiles_e, 0)
+    max_tiles = -(-num_rows // block_m) + e
+    t = torch.arange(max_tiles, device=counts.device)
+    te = torch.searchsorted(cum, t, right=True)
+    valid = te < e
+    tc = te.clamp(max=e - 1)
+    row0 = starts[tc] + (t - (cum[tc] - tiles_e[tc])) * block_m
+    return (torch.where(valid, tc, torch.full_like(tc, -1)).to(torch.int32), row0.to(torch.int32),
+            ends.to(torch.int32))

@@ -1,0 +1,178 @@
+"""Fused small ops of the decode step (Triton on CUDA, torch references elsewhere): RMSNorm with an optional
+residual add, and the noaux_tc router's selection (sigmoid, correction bias, group-limited top-k,
+renormalization, scaling) in one kernel. Each replaces 7-15 tiny kernels per use; a 61-layer step has
+hundreds of uses. Numerics follow the torch references (same roundings; sums in fp32).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs without triton use the torch references
+    triton = None
+    tl = None
+constexpr = tl.constexpr if tl is not None else "constexpr"
+
+
+def use_triton(x: torch.Tensor, impl: str) -> bool:
+    if impl == "triton":
+        if triton is None:
+            raise RuntimeError("impl='triton' but triton is not installed")
+        return True
+    if impl == "torch":
+        return False
+    if impl != "auto":
+        raise ValueError(f"impl must be auto, triton or torch; got {impl!r}")
+    return x.is_cuda and triton is not None
+
+
+# ---- RMSNorm (+ residual) ---------------------------------------------------------------------------------
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, D, stride_x, stride_r, stride_o, stride_ro, eps,
+                         HAS_RES: constexpr, BLOCK: constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < D
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(res_out_ptr.dtype.element_ty)
+            tl.store(res_out_ptr + row * stride_ro + offs, x, mask=mask)
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+        n = (xf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + offs, (n * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             impl: str = "auto"):
+    """RMSNorm over the last dim. With residual: s = x + residual (rounded to x's dtype) is normalized and
+    (normed, s) returned - the add and the norm in one pass over the row."""
+    if not use_triton(x, impl) or weight.dtype != x.dtype:
+        if residual is None:
+            return rms_norm_ref(x, weight, eps)
+        s = x + residual
+        return rms_norm_ref(s, weight, eps), s
+    shape = x.shape
+    d = shape[-1]
+    x2 = x.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    if residual is not None:
+        r2 = residual.reshape(-1, d)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+        res_out = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    else:
+        r2, res_out = x2, out
+    if m:
+        _rms_norm_kernel[(m,)](x2, r2, weight, out, res_out, d, x2.stride(0), r2.stride(0), out.stride(0),
+                               res_out.stride(0), eps, HAS_RES=residual is not None,
+                               BLOCK=triton.next_power_of_2(d), num_warps=4 if d <= 2048 else 8)
+    if residual is None:
+        return out.view(shape)
+    return out.view(shape), res_out.view(shape)
+
+
+# ---- noaux_tc routing --------------------------------------------------------------------------------------
+
+def route_ref(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+              renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] fp32 -> (topk_ids [T, K] int64, weights [T, K] fp32): DeepSeek-V3's noaux_tc selection."""
+    scores = logits.sigmoid()
+    biased = scores + bias.float()
+    t, e = scores.shape
+    per_group = e // n_group
+    group_scores = biased.view(t, n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+    expert_mask = group_mask[:, :, None].expand(t, n_group, per_group).reshape(t, e)
+    biased = biased.masked_fill(expert_mask == 0, float("-inf"))
+    topk_ids = biased.topk(top_k, dim=-1, sorted=False)[1]
+    w = scores.gather(1, topk_ids)
+    if renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return topk_ids, w * scaling
+
+
+if triton is not None:
+
+    @triton.jit
+    def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, stride_l, scaling,
+                      E: constexpr, G: constexpr, PER: constexpr, TOPK_GROUP: constexpr, K: constexpr,
+                      RENORM: constexpr):
+        """One token per program: scores [G, PER]; group score = sum of the 2 best biased scores; keep the
+        TOPK_GROUP best groups; pick the K best biased experts among them; weights from unbiased scores."""
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, G)[:, None] * PER + tl.arange(0, PER)[None, :]          # [G, PER]
+        s = tl.sigmoid(tl.load(logits_ptr + t * stride_l + offs))
+        b = s + tl.load(bias_ptr + offs)
+        neg = float("-inf")
+        first = tl.max(b, axis=1)
+        is_first = b == first[:, None]
+        # the 2nd best of each group: mask one occurrence of the best (lowest index among ties)
+        col = tl.arange(0, PER)[None, :] + tl.zeros((G, PER), dtype=tl.int32)
+        first_col = tl.min(tl.where(is_first, col, PER), axis=1)
+        second = tl.max(tl.where(col == first_col[:, None], neg, b), axis=1)
+        gscore = first + second                                                    # [G]
+        gidx = tl.arange(0, G)
+        keep = tl.zeros((G,), dtype=tl.int1)
+        for _ in tl.static_range(TOPK_GROUP):
+            cand = tl.where(keep, neg, gscore)
+            best = tl.max(cand, axis=0)
+            pick = tl.min(tl.where(cand == best, gidx, G), axis=0)
+            keep = keep | (gidx == pick)
+        masked = tl.where(keep[:, None], b, neg)
+        flat = offs
+        koffs = tl.arange(0, K)
+        wvec = tl.zeros((K,), dtype=tl.float32)
+        ivec = tl.zeros((K,), dtype=tl.int64)
+        for k in tl.static_range(K):
+            best = tl.max(tl.max(masked, axis=1), axis=0)
+            pick = tl.min(tl.min(tl.where(masked == best, flat, E), axis=1), axis=0)
+            wk = tl.sum(tl.sum(tl.where(flat == pick, s, 0.0), axis=1), axis=0)
+            wvec = tl.where(koffs == k, wk, wvec)
+            ivec = tl.where(koffs == k, pick.to(tl.int64), ivec)
+            masked = tl.where(flat == pick, neg, masked)
+        if RENORM:
+            wvec = wvec / (tl.sum(wvec, axis=0) + 1e-20)
+        tl.store(ids_ptr + t * K + koffs, ivec)
+        tl.store(w_ptr + t * K + koffs, wvec * scaling)
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+          renormalize: bool, scaling: float, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """noaux_tc selection; the kernel needs power-of-two group count, group size and top_k."""
+    t, e = logits.shape
+    per = e // n_group
+    pow2 = all(v & (v - 1) == 0 for v in (n_group, per, top_k))
+    if not use_triton(logits, impl) or not pow2 or per < 2:
+        return route_ref(logits, bias, top_k, n_group, topk_group, renormalize, scaling)
+    logits = logits.float().contiguous()
+    ids = torch.empty((t, top_k), dtype=torch.int64, device=logits.device)
+    w = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
+    if t:
+        _route_kernel[(t,)](logits, bias.float().contiguous(), ids, w, logits.stride(0), float(scaling),
+                            E=e, G=n_group, PER=per, TOPK_GROUP=topk_group, K=top_k, RENORM=renormalize,
+                            num_warps=4)
+    return ids, w

@@ -1,0 +1,138 @@
+"""The lean MoE permutation: (token, slot) pairs to expert-contiguous rows and back, graph-capturable and
+batch-invariant.
+
+- Grouping is a counting sort (one prefix sum over the bucket indicators gives each pair its slot), not a
+  global argsort: the result is exactly the stable order by expert, with fixed shapes and no host sync.
+- Combine gathers each token's K expert rows and sums them in fp32 in slot order, one output row per token:
+  no fp32 scatter (index_add) over the whole hidden, and the sum order never depends on the batch.
+On CUDA the combine is a Triton kernel; elsewhere the same sum in torch (its reference).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs without triton use the torch reference
+    triton = None
+    tl = None
+constexpr = tl.constexpr if tl is not None else "constexpr"
+
+
+def counting_sort(key: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """key [N] in [0, num_buckets) -> (order [N]: indices in stable bucket order, counts [num_buckets] int64).
+
+    order equals torch.argsort(key, stable=True). The bucket indicator matrix [buckets, N] is scanned as one
+    flat array (a single device-wide prefix sum): at (key_i, i) it has counted every pair of a smaller bucket
+    plus the pairs of bucket key_i up to i, which is i's sorted position + 1. (A per-column scan of [N, buckets]
+    runs one serial thread per bucket: measured 10 ms per call at 65k pairs on an H200.)
+    """
+    n = key.shape[0]
+    buckets = torch.arange(num_buckets, device=key.device)
+    onehot = (key[None, :] == buckets[:, None]).to(torch.int32)                    # [B, N]
+    counts = onehot.sum(1, dtype=torch.int64)
+    flat = torch.cumsum(onehot.view(-1), 0, dtype=torch.int64)
+    pos = flat[key * n + torch.arange(n, device=key.device)] - 1
+    order = torch.empty(n, dtype=torch.int64, device=key.device)
+    order.scatter_(0, pos, torch.arange(n, device=key.device))
+    return order, counts
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gather_sum_kernel(y_ptr, idx_ptr, out_ptr, H, stride_y, stride_o, K: constexpr, BLOCK_H: constexpr):
+        """out[t, h] = sum_k y[idx[t, k], h] in fp32, slot order; idx < 0 contributes nothing."""
+        t = tl.program_id(0)
+        hb = tl.program_id(1)
+        offs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = offs < H
+        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for k in tl.static_range(K):
+            r = tl.load(idx_ptr + t * K + k)
+            v = tl.load(y_ptr + tl.maximum(r, 0).to(tl.int64) * stride_y + offs, mask=mask, other=0.0)
+            acc += tl.where(r >= 0, v.to(tl.float32), 0.0)
+        tl.store(out_ptr + t.to(tl.int64) * stride_o + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gather_sum(y: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dtype | None = None,
+               impl: str = "auto") -> torch.Tensor:
+    """y [N, H] rows, idx [T, K] row of each (token, slot) or -1 -> [T, H]: per token, the fp32 sum of its rows
+    in slot order, cast to out_dtype (default y's). impl: auto (Triton on CUDA), triton, torch."""
+    t, k = idx.shape
+    out_dtype = out_dtype or y.dtype
+    if y.shape[0] == 0:  # nothing received: every slot is empty
+        return torch.zeros((t, y.shape[1]), dtype=out_dtype, device=y.device)
+    if impl == "triton" or (impl == "auto" and y.is_cuda and triton is not None):
+        y = y.contiguous()
+        out = torch.empty((t, y.shape[1]), dtype=out_dtype, device=y.device)
+        if t:
+            bh = 1024
+            _gather_sum_kernel[(t, triton.cdiv(y.shape[1], bh))](
+                y, idx.to(torch.int32).contiguous(), out, y.shape[1], y.stride(0), out.stride(0), K=k, BLOCK_H=bh,
+                num_warps=4)
+        return out
+    if impl not in ("auto", "torch"):
+        raise ValueError(f"gather_sum: unknown impl {impl!r}")
+    acc = torch.zeros((t, y.shape[1]), dtype=torch.float32, device=y.device)
+    zero = torch.zeros((), dtype=torch.float32, device=y.device)
+    for j in range(k):
+        r = idx[:, j]
+        acc += torch.where((r >= 0)[:, None], y[r.clamp(min=0)].float(), zero)
+    return acc.to(out_dtype)
+
+
+def inverse_rows(order: torch.Tensor, valid: torch.Tensor | None, num_pairs: int) -> torch.Tensor:
+    """For grouped row j holding flat pair order[j]: inv[pair] = j, or -1 for pairs not grouped (or padding)."""
+    inv = torch.full((num_pairs,), -1, dtype=torch.int64, device=order.device)
+    rows = torch.arange(order.shape[0], device=order.device)
+    if valid is not None:
+        rows = torch.where(valid, rows, torch.full_like(rows, -1))
+    inv.scatter_(0, order, rows)
+    return inv
+
+
+# ---- (row, slot) pairs -> per-local-expert layout ---------------------------------------------------------
+
+@dataclass
+class Grouping:
+    order: torch.Tensor              # [N] flat (row*K + k) indices in expert-sorted order
+    rows: torch.Tensor               # [N] source row of each grouped row (order // K)
+    tokens_per_expert: torch.Tensor  # [num_local] int64 counts of real (non-padding) rows
+    valid: torch.Tensor | None       # [N] bool, only for static layouts (padding rows False)
+
+
+def group_by_local_expert(local_ids: torch.Tensor, num_local: int, static: bool) -> Grouping:
+    """local_ids [M, K]: local expert index of each pair, or anything outside [0, num_local) for "not mine".
+
+    static=False: exactly the real pairs (N = their count; one host sync for N).
+    static=True: all M*K pairs, real ones first (fixed shape, no host sync; CUDA-graph capturable).
+    """
+    k = local_ids.shape[1] if local_ids.dim() == 2 else 1
+    flat = local_ids.reshape(-1)
+    mine = (flat >= 0) & (flat < num_local)
+    key = torch.where(mine, flat, torch.full_like(flat, num_local))
+    # counting sort (not argsort, not bincount: no global sort, no data-sized output, no host sync)
+    order, counts = counting_sort(key.to(torch.int64), num_local + 1)
+    tokens_per_expert = counts[:num_local]
+    if static:
+        valid = mine[order]
+    else:
+        n = int(tokens_per_expert.sum().item())
+        order = order[:n]
+        valid = None
+    return Grouping(order=order, rows=torch.div(order, k, rounding_mode="floor"),
+                    tokens_per_expert=tokens_per_expert, valid=valid)
+
+
+def pair_rows(g: Grouping, num_tokens: int, k: int) -> torch.Tensor:
+    """[num_tokens, k]: the grouped row holding each (token, slot) pair, -1 where none (for gather_sum)."""
+    return inverse_rows(g.order, g.valid, num_tokens * k).view(num_tokens, k)
