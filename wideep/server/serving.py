@@ -334,11 +334,11 @@ class OpenAIServing:
 
     def _validated(self, p: Prepared) -> web.Response:
         """The answer to a validate-only request: it would have been accepted (nothing reached the engine)."""
-        sp = self._sampling_params(p.req)
+        sp = self._sampling_params(p)
         try:
             sp.validate()
         except InvalidRequest as e:
-            raise bad_request(str(e), p.req.max_tokens_param if e.param == "max_tokens" else e.param) from None
+            raise bad_request(str(e), self._param(p.req, e.param)) from None
         return web.json_response({"valid": True, "prompt_tokens": len(p.prompt_ids)})
 
     # ---- engine round trip ---------------------------------------------------------------------
