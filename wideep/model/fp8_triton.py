@@ -11,23 +11,12 @@ The torch references live in fp8.py; without CUDA these kernels run under Triton
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import torch
 
 from wideep import envs
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU installs without triton use the torch references
-    triton = None
-    tl = None
-constexpr = tl.constexpr if tl is not None else "constexpr"
+from wideep.model.triton_compat import constexpr, tl, triton
 
 FP8_MAX = 448.0
 GROUP = 128

@@ -5,21 +5,10 @@ hundreds of uses. Numerics follow the torch references (same roundings; sums in 
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import torch
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU installs without triton use the torch references
-    triton = None
-    tl = None
-constexpr = tl.constexpr if tl is not None else "constexpr"
+from wideep.model.triton_compat import constexpr, tl, triton
 
 
 def use_triton(x: torch.Tensor, impl: str) -> bool:

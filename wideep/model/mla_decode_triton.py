@@ -24,29 +24,14 @@ Without CUDA the kernels run under the Triton interpreter (numpy), which is what
 """
 import functools
 import logging
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from wideep import envs
+from wideep.model.triton_compat import constexpr, tl, triton
 
 from .attention import MAX_SPLITS, SPLIT_ALIGN, is_fp8, split_tokens
-
-# Without a GPU the kernels can only run under Triton's interpreter, which must be chosen before triton is
-# first imported (its own library functions are wrapped at import time). Nothing else here uses triton.
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:  # triton is optional: the CPU path and the oracle are the torch reference
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-# real class (not a string) so both the JIT and the interpreter see the parameters as compile-time constants
-constexpr = tl.constexpr if tl is not None else "constexpr"
 
 log = logging.getLogger(__name__)
 _broken = False   # auto mode saw the kernel fail: the torch reference serves from then on

@@ -9,22 +9,11 @@ On CUDA the combine is a Triton kernel; elsewhere the same sum in torch (its ref
 """
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU installs without triton use the torch reference
-    triton = None
-    tl = None
-constexpr = tl.constexpr if tl is not None else "constexpr"
+from wideep.model.triton_compat import constexpr, tl, triton
 
 
 def counting_sort(key: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
