@@ -48,8 +48,8 @@ def coerce(hint: Any, value: Any, path: str) -> Any:
     args = typing.get_args(hint)
     if hint is Any or hint is object:
         return value
-    if dataclasses.is_dataclass(hint):
-        if dataclasses.is_dataclass(value) and isinstance(value, hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
             return value
         return build(hint, value, path)
     if origin in (Union, types.UnionType):

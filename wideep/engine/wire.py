@@ -159,12 +159,13 @@ def decode_to_engine(data: bytes) -> ToEngine:
         raw = m.get("request")
         rid = str(raw.get("request_id", "")) if isinstance(raw, dict) else ""
         try:
-            return Add(EngineRequest.from_dict(raw))
+            return Add(EngineRequest.from_dict(raw))  # type: ignore[arg-type]  # a non-dict raises below
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise BadMessage(f"bad request: {exc}", rid) from None
     if kind is Kind.ABORT:
         return Abort([str(r) for r in m.get("request_ids", [])])
-    simple = {Kind.STATS: StatsRequest, Kind.RESET_PREFIX_CACHE: ResetPrefixCache, Kind.SHUTDOWN: Shutdown}
+    simple: dict[Kind, type[StatsRequest | ResetPrefixCache | Shutdown]] = {
+        Kind.STATS: StatsRequest, Kind.RESET_PREFIX_CACHE: ResetPrefixCache, Kind.SHUTDOWN: Shutdown}
     if kind in simple:
         return simple[kind]()
     raise BadMessage(f"engine message {kind.value!r} does not go to the engine")
