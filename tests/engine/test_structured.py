@@ -68,6 +68,35 @@ def test_word_joining_tokenizer_is_refused_with_the_reason(tiny_model_dir):
         GrammarEngine.from_model_dir(tiny_model_dir, 4096, {1})
 
 
+def _byte_token_ids(tokenizer) -> dict[int, int]:
+    """byte -> id of the byte-level token that stands for that one byte (GPT-2's byte-to-character map)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {b: tokenizer.token_to_id(c) for b, c in chars.items()}
+
+
+@pytest.mark.parametrize("so", [dict(json={"type": "string", "maxLength": 4}), dict(json={"type": "string"}),
+                                dict(json_object=True)])
+def test_json_strings_take_only_valid_utf8(tiny_byte_model_dir, so):
+    """Surrogate code points (ED A0..BF xx) are not UTF-8: they would decode to U+FFFD and overrun lengths."""
+    from wideep.model.tokenizer import load_tokenizer
+
+    byte_id = _byte_token_ids(load_tokenizer(tiny_byte_model_dir))
+    engine = GrammarEngine.from_model_dir(tiny_byte_model_dir, 4096, {1})
+    prefix = b"{" if so.get("json_object") else b""   # then an object key
+    for seq, ok in [("果".encode(), True), (b"\xed\x9f\xbf", True), (b"\xed\xa0\x80", False), (b"\xed\xbf\xbf", False)]:
+        g = engine.matcher(StructuredOutputsParams(**so))
+        assert all(g.matcher.accept_token(byte_id[b]) for b in prefix + b'"')
+        accepted = [g.matcher.accept_token(byte_id[b]) for b in seq]
+        assert all(accepted) == ok, (seq, accepted)
+
+
 @pytest.mark.parametrize("params,needle", [
     (dict(json={"type": "string", "not": {"const": "a"}}), "not"),
     (dict(json="{bad json"), "not valid JSON"),

@@ -33,8 +33,12 @@ _UNSUPPORTED_SCHEMA_KEYS = ("if", "then", "else", "not", "dependentSchemas", "de
 
 
 _CACHE_SIZE = 256          # compiled grammars kept per engine
+# The grammar engine spells a negated character class as any UTF-8 sequence of a code point outside it,
+# surrogates (U+D800-U+DFFF, bytes ED A0 80-ED BF BF) included; those bytes are not UTF-8, so they decode
+# to three U+FFFD each and break the schema's lengths. JSON string characters exclude them.
 _BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'
-_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+_UNBOUNDED_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n\uD800-\uDFFF]'
 
 
 class GrammarUnavailable(RuntimeError):
@@ -216,9 +220,9 @@ class GrammarEngine:
     def _json_grammar(self, schema: str, strict: bool) -> str:
         """The schema's grammar (compact separators; strict: no properties beyond the schema's) as EBNF,
         with control characters kept out of length-bounded strings, which xgrammar's own rule lets in
-        (raw control characters are not valid JSON)."""
-        g = self.xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
-        return str(g).replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
+        (raw control characters are not valid JSON), and surrogates kept out of every string."""
+        g = str(self.xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict))
+        return g.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR).replace(_UNBOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
 
     def matcher(self, p: StructuredOutputsParams) -> "RequestGrammar":
         return RequestGrammar(self.xgr.GrammarMatcher(self.compile(p)), p.start_after_token_id)
