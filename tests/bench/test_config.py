@@ -10,7 +10,6 @@ from wideep.bench.runner import RunOptions, apply_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "examples/bench/2048_concurrent_2k_isl_2k_osl.yaml"
-ASSETS = Path("/work/shared/research/bench-assets/inference-perf-concurrent.yaml")
 
 
 def test_seed_template_parses_and_picks_its_workload(monkeypatch):
@@ -40,9 +39,43 @@ def test_unset_placeholder_is_reported_unless_overridden(monkeypatch):
     assert apply_overrides(cfg, RunOptions(base_url="http://127.0.0.1:1")).server.base_url == "http://127.0.0.1:1"
 
 
-@pytest.mark.skipif(not ASSETS.exists(), reason="shared research assets not present")
-def test_plain_inference_perf_config_parses():
-    (name, cfg), = load_workloads(ASSETS).items()
+PLAIN_INFERENCE_PERF = """\
+load:
+  type: concurrent
+  stages:
+    - concurrency_level: 16
+      num_requests: 160
+  num_workers: 2
+api:
+  type: completion
+  streaming: true
+server:
+  type: vllm
+  model_name: fake/model
+  base_url: http://127.0.0.1:18000
+  ignore_eos: true
+tokenizer:
+  pretrained_model_name_or_path: ./offline-tokenizer
+data:
+  type: random
+  input_distribution: {min: 200, max: 200, mean: 200, std_dev: 0}
+  output_distribution: {min: 100, max: 100, mean: 100, std_dev: 0}
+report:
+  request_lifecycle:
+    summary: true
+    per_stage: true
+    per_request: true
+storage:
+  local_storage:
+    path: ./inference-perf-report
+"""
+
+
+def test_plain_inference_perf_config_parses(tmp_path):
+    """A plain inference-perf config file (not the llm-d template form) is one workload named after the file."""
+    path = tmp_path / "inference-perf-concurrent.yaml"
+    path.write_text(PLAIN_INFERENCE_PERF)
+    (name, cfg), = load_workloads(path).items()
     assert name == "inference-perf-concurrent" and cfg.load.num_workers == 2
     assert cfg.report.request_lifecycle.per_request
 
