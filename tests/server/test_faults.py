@@ -111,6 +111,14 @@ def test_dead_engine_fails_requests_and_health(tiny_model_dir, tmp_path):
         assert http("GET", srv.url(1) + "/health")[0] == 200
         status, _, body = http("GET", f"http://127.0.0.1:{srv.supervisor_port}/health")
         assert status == 503 and json.loads(body)["down"] == ["0"], body
+        # once the supervisor has reaped the engine it says the rank's process exited (the launcher
+        # recreates the group on that at once instead of after three failed probes)
+        for _ in range(100):
+            rank0 = json.loads(http("GET", f"http://127.0.0.1:{srv.supervisor_port}/health")[2])["ranks"]["0"]
+            if rank0.get("exited"):
+                break
+            time.sleep(0.05)
+        assert rank0.get("exited") and "SIGKILL" in rank0["reason"], rank0
         # after the grace period the supervisor stops the group and exits non-zero (restart me)
         assert srv.proc.wait(60) != 0
     finally:

@@ -45,6 +45,16 @@ BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0                # a group up this long has its backoff reset
 
 
+def _exited_rank(body: bytes) -> str:
+    """'dp rank R: <reason>' when a supervisor's /health body says one of its processes exited."""
+    try:
+        ranks = json.loads(body).get("ranks", {})
+        return next((f"dp rank {k}: {v.get('reason', 'exited')}" for k, v in ranks.items()
+                     if isinstance(v, dict) and v.get("exited")), "")
+    except (ValueError, AttributeError):
+        return ""
+
+
 def cli_command() -> str:
     """How a user runs `wideep` from a shell: the bare name when it is this interpreter's, on PATH;
     else the venv's script by path (scripts/up.sh does not activate the venv)."""
@@ -141,14 +151,18 @@ class Launcher:
 
     # ------------------------------------------------------------------- health
     async def _get(self, url: str) -> int | None:
+        return (await self._probe(url))[0]
+
+    async def _probe(self, url: str) -> tuple[int | None, str]:
+        """(status, the process that exited, if the supervisor's /health names one) of one probe."""
         import aiohttp
 
         try:
             async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
-                await resp.read()
-                return resp.status
+                body = await resp.read()
+                return resp.status, (_exited_rank(body) if resp.status != 200 else "")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            return None
+            return None, ""
 
     def _check_alive(self, names: list[str]) -> None:
         for n in names:
@@ -220,7 +234,9 @@ class Launcher:
                     return f"{p.name} " + ("is not running" if r is None else describe_exit(r.proc.returncode))
             for p in g.procs:
                 if p.live_url:
-                    s = await self._get(p.live_url)
+                    s, exited = await self._probe(p.live_url)
+                    if exited:   # a dead rank is final (a stall may pass): no need for more probes
+                        return f"{p.live_url}: {exited}"
                     if s == 200:
                         failures = 0
                     else:

@@ -133,7 +133,7 @@ class Supervisor:
 
         async def one(r: RankProcs, session: aiohttp.ClientSession) -> tuple[str, dict]:
             if r.died:
-                return str(r.dp_rank), {"ok": False, "port": r.port,
+                return str(r.dp_rank), {"ok": False, "port": r.port, "exited": True,
                                         "reason": ", ".join(f"{k} {describe_exit(v)}" for k, v in r.died.items())}
             try:
                 async with session.get(f"http://127.0.0.1:{r.port}{path}") as resp:
