@@ -177,20 +177,16 @@ def load_model(
             if is_scale:
                 bo, bi = block
                 ni, nh, ki, kh = -(-inter // bo), -(-h // bo), -(-inter // bi), -(-h // bi)
-                for slot, e in enumerate(ids):
-                    if which == "w13":
-                        stacked[slot, :ni] = _read_weight(reader, f"{prefix}.{e}.gate_proj.weight_scale_inv", (ni, kh), device, target_dtype, None)
-                        stacked[slot, ni:] = _read_weight(reader, f"{prefix}.{e}.up_proj.weight_scale_inv", (ni, kh), device, target_dtype, None)
-                    else:
-                        stacked[slot] = _read_weight(reader, f"{prefix}.{e}.down_proj.weight_scale_inv", (nh, ki), device, target_dtype, None)
-                tensor.data = stacked
-                continue
+                suffix, rows, up_shape, down_shape, blk = "weight_scale_inv", ni, (ni, kh), (nh, ki), None
+            else:
+                suffix, rows, up_shape, down_shape, blk = "weight", inter, (inter, h), (h, inter), block
             for slot, e in enumerate(ids):
+                name = f"{prefix}.{e}.{{}}.{suffix}"
                 if which == "w13":
-                    stacked[slot, :inter] = _read_weight(reader, f"{prefix}.{e}.gate_proj.weight", (inter, h), device, target_dtype, block)
-                    stacked[slot, inter:] = _read_weight(reader, f"{prefix}.{e}.up_proj.weight", (inter, h), device, target_dtype, block)
+                    stacked[slot, :rows] = _read_weight(reader, name.format("gate_proj"), up_shape, device, target_dtype, blk)
+                    stacked[slot, rows:] = _read_weight(reader, name.format("up_proj"), up_shape, device, target_dtype, blk)
                 else:
-                    stacked[slot] = _read_weight(reader, f"{prefix}.{e}.down_proj.weight", (h, inter), device, target_dtype, block)
+                    stacked[slot] = _read_weight(reader, name.format("down_proj"), down_shape, device, target_dtype, blk)
             tensor.data = stacked
     model.requires_grad_(False)
     model.eval()
