@@ -201,17 +201,19 @@ def test_up_embedded_default_pd_restart_and_clean_stop(tmp_path, tiny_model_dir)
         listening = _listening_ports()
         assert not [p for p in ports if p in listening], "ports still listened on after stop"
     finally:
-        if proc.poll() is None:
-            tracked |= _descendants(proc.pid)
-            proc.kill()
-            proc.wait(timeout=30)
-        for p in tracked:
-            if _alive(p):
+        _reap(proc, tracked)
+
+
+def _reap(proc, tracked: set[int]) -> None:
+    """Test teardown: kill `wideep up` if it still runs, and every process it ever started."""
+    if proc.poll() is None:
+        tracked |= _descendants(proc.pid)
+        proc.kill()
+        proc.wait(timeout=30)
+    for p in tracked:
+        if _alive(p):
+            for f in (os.killpg, os.kill):
                 try:
-                    os.killpg(p, signal.SIGKILL)
+                    f(p, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
-                    pass
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
                     pass

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_up_e2e import _alive, _descendants, _listening_ports, _wait_for
+from test_up_e2e import _alive, _descendants, _listening_ports, _reap, _wait_for
 
 from wideep.utils.net import free_port
 
@@ -283,14 +283,4 @@ def test_up_holds_under_faults(tmp_path, tiny_model_dir):
         if out:
             Path(out).write_text(json.dumps(fig, indent=1))
         print(json.dumps(fig, indent=1))
-        if proc.poll() is None:
-            tracked |= _descendants(proc.pid)
-            proc.kill()
-            proc.wait(timeout=30)
-        for p in tracked:
-            if _alive(p):
-                for f in (os.killpg, os.kill):
-                    try:
-                        f(p, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+        _reap(proc, tracked)
