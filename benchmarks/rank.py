@@ -111,6 +111,9 @@ class EmulatedEPDispatcher(MoEDispatcher):
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         return gather_sum(y, result.handle)
 
+    def combine_weighted(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        return gather_sum(y, result.handle, weights=result.weights)
+
 
 # ---- model -----------------------------------------------------------------------------------------------
 

@@ -76,3 +76,83 @@ def test_fused_router_matches_reference(t, e, groups, topk_group, k):
     assert torch.equal(a, b)
     torch.testing.assert_close(w.gather(1, oa), rw.gather(1, ob))
     torch.testing.assert_close(w.sum(1), torch.full((t,), 2.5))
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_gather_sum_is_the_multiply_then_sum(impl, dtype):
+    """The routing weight folded into the combine rounds like y * w.to(y.dtype) did before the combine."""
+    t, k, h = 7, 3, 130
+    y = torch.randn(t * k + 2, h, generator=_g(5)).to(dtype)
+    w = torch.rand(t * k + 2, generator=_g(6)) * 2.5
+    idx = torch.randperm(t * k, generator=_g(7)).view(t, k)
+    idx[2] = -1   # a padding token: no rows
+    idx[4, 1] = -1
+    out = moe_permute.gather_sum(y, idx, impl=impl, weights=w)
+    ref = moe_permute.gather_sum(y * w.to(dtype)[:, None], idx, impl="torch")
+    _same_roundings(out, ref, impl)
+    assert torch.equal(out[2], torch.zeros(h, dtype=dtype))
+
+
+def _same_roundings(out, ref, impl):
+    """Bit-exact, except bf16 under Triton's CPU interpreter, whose float32 -> bfloat16 casts truncate
+    (the GPU rounds to nearest even, as torch does): there within a few bf16 ulps."""
+    if impl == "triton" and out.dtype == torch.bfloat16 and not out.is_cuda:
+        scale = float(ref.float().abs().max())
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=4 * 2**-8 * scale)
+    else:
+        assert torch.equal(out, ref)
+
+
+def _e4m3_same(got, ref, tol):
+    """e4m3 codes equal up to the bf16 inputs' interpreter roundings (tol, relative), with one more allowance
+    on CPU: Triton's interpreter drops the exponent carry when float32 -> e4m3 rounds up to a power of two
+    (1.97 -> 1.0 where the GPU and torch give 2.0), so there a code may be half a power-of-two reference."""
+    exp2 = torch.frexp(ref)[0].abs() == 0.5
+    carry = exp2 & (got * 2 == ref) & (not got.is_cuda)
+    step = (2.0 ** (torch.frexp(ref)[1].float() - 4)).clamp_min(2.0**-9)   # one e4m3 step (subnormals: 2^-9)
+    close = (got - ref).abs() <= torch.maximum(step, ref.abs() * tol)
+    assert bool((close | carry).all()), (got[~(close | carry)], ref[~(close | carry)])
+
+
+def _rope_case(t, nh, lat, half, nope, dtype, cache_dtype, seed=0):
+    g = _g(seed)
+    q = torch.randn(t, nh, nope + 2 * half, generator=g).to(dtype)
+    kv = (torch.randn(t, lat + 2 * half, generator=g) * 2).to(dtype)
+    w = (torch.rand(lat, generator=g) + 0.5).to(dtype)
+    ang = torch.rand(t, half, generator=g) * 6
+    cos, sin = (ang.cos() * 1.1).to(dtype), (ang.sin() * 1.1).to(dtype)
+    bs, nb = 4, 2 * t + 1
+    cache = torch.randn(nb, bs, lat + 2 * half, generator=g).to(cache_dtype)
+    slots = torch.randperm(nb * bs, generator=g)[:t]
+    if t > 2:
+        slots[1] = -1      # a padding row: writes nothing
+    return q, kv, w, cos, sin, cache, slots
+
+
+@needs_triton
+@pytest.mark.parametrize("t,nh,lat,half,nope", [(1, 1, 8, 4, 4), (5, 3, 20, 3, 6), (9, 4, 64, 8, 16)])
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float8_e4m3fn)])
+def test_rope_cache_write_matches_unfused(t, nh, lat, half, nope, dtype, cache_dtype):
+    q, kv, w, cos, sin, cache, slots = _rope_case(t, nh, lat, half, nope, dtype, cache_dtype, seed=t)
+    q_ref, cache_ref = q.clone(), cache.clone()
+    pe_ref = fused_ops.rope_cache_write_ref(q_ref, kv, w, 1e-6, cos, sin, cache_ref, slots)
+    pe = fused_ops.rope_cache_write(q, kv, w, 1e-6, cos, sin, cache, slots, impl="triton")
+    _same_roundings(pe, pe_ref, "triton")                            # rope: the same roundings
+    assert torch.equal(q[..., :nope], q_ref[..., :nope])           # q_nope untouched
+    c, cr = cache.view(-1, cache.shape[-1]).float(), cache_ref.view(-1, cache.shape[-1]).float()
+    if cache_dtype == torch.float8_e4m3fn:
+        _e4m3_same(c[:, lat:], cr[:, lat:], tol=2**-6)
+    else:
+        _same_roundings(c[:, lat:].to(cache_dtype), cr[:, lat:].to(cache_dtype), "triton")
+    # the normed latent: the kernel's rsqrt may differ from torch's in the last fp32 bit (bf16 on the
+    # interpreter: two truncating casts)
+    if cache_dtype == torch.float8_e4m3fn:
+        _e4m3_same(c[:, :lat], cr[:, :lat], tol=2**-6)
+    else:
+        tol = {torch.float32: 1e-5, torch.bfloat16: 2.5e-2}[cache_dtype]
+        torch.testing.assert_close(c[:, :lat], cr[:, :lat], rtol=tol, atol=tol)
+    untouched = torch.ones(c.shape[0], dtype=torch.bool)
+    untouched[slots[slots >= 0]] = False
+    assert torch.equal(c[untouched], cr[untouched])                 # no other slot written

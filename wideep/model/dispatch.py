@@ -106,6 +106,11 @@ class MoEDispatcher:
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         raise NotImplementedError
 
+    def combine_weighted(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        """combine() of expert outputs not yet multiplied by result.weights. Default: the multiply (rounded to
+        y's dtype), then combine; backends whose combine gathers rows fold the weight into that gather."""
+        return self.combine(y * result.weights.to(y.dtype)[:, None], result)
+
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
         """Starts dispatch; the result comes from `.wait()`. Default: synchronous."""
         return done(self.dispatch(x, topk_ids, topk_weights))

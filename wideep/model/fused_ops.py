@@ -5,6 +5,7 @@ hundreds of uses. Numerics follow the torch references (same roundings; sums in 
 """
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -165,3 +166,110 @@ def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, to
                             E=e, G=n_group, PER=per, TOPK_GROUP=topk_group, K=top_k, RENORM=renormalize,
                             num_warps=4)
     return ids, w
+
+
+# ---- RoPE + latent-cache write ------------------------------------------------------------------------------
+
+def rope_cache_write_ref(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                         cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                         k_scale: float = 1.0) -> torch.Tensor:
+    """The unfused ops: rope of q's last cos.shape[1]*2 channels (returned), RMSNorm of kv's latent, rope of its
+    k_pe, both written (c_kv ‖ k_pe) into the paged cache at slot_mapping (-1: not written)."""
+    from .attention import write_latent_cache
+    from .rope import RotaryEmbedding
+
+    r = 2 * cos.shape[1]
+    lat = kv.shape[-1] - r
+    q_pe = RotaryEmbedding.apply(q[..., q.shape[-1] - r:], cos, sin)
+    c_kv = rms_norm_ref(kv[:, :lat], norm_weight, eps)
+    k_pe = RotaryEmbedding.apply(kv[:, lat:], cos, sin)
+    write_latent_cache(kv_cache, torch.cat([c_kv, k_pe], dim=-1), slot_mapping, k_scale)
+    return q_pe
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_pairs(x_ptr, cos, sin, mask, OUT_TY: constexpr):
+        """Interleaved pairs (x[2j], x[2j+1]) -> ([x1 cos - x2 sin], [x2 cos + x1 sin]), each product and sum
+        rounded to the activation dtype as the torch reference's elementwise ops round them."""
+        x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + 1, mask=mask, other=0.0).to(tl.float32)
+        a = (x1 * cos).to(OUT_TY).to(tl.float32) - (x2 * sin).to(OUT_TY).to(tl.float32)
+        b = (x2 * cos).to(OUT_TY).to(tl.float32) + (x1 * sin).to(OUT_TY).to(tl.float32)
+        return a.to(OUT_TY), b.to(OUT_TY)
+
+    @triton.jit
+    def _rope_cache_kernel(q_ptr, kv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
+                           H, LAT, stride_qt, stride_qh, stride_kv, stride_cs, stride_c, eps, inv_k_scale,
+                           Q_OFF: constexpr, HALF: constexpr, BLOCK_H: constexpr, BLOCK_HALF: constexpr,
+                           BLOCK_L: constexpr, FP8: constexpr):
+        """One token per program: q_pe of every head roped in place (de-interleaved layout), and the cache row
+        [RMSNorm(c_kv) * w ‖ rope(k_pe)] (fp8: value / k_scale saturated to e4m3) written at its slot."""
+        t = tl.program_id(0).to(tl.int64)
+        ty = q_ptr.dtype.element_ty
+        j = tl.arange(0, BLOCK_HALF)
+        jm = j < HALF
+        cos = tl.load(cos_ptr + t * stride_cs + j, mask=jm, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + t * stride_cs + j, mask=jm, other=0.0).to(tl.float32)
+        # q_pe of all heads: [BLOCK_H, BLOCK_HALF] pairs
+        h = tl.arange(0, BLOCK_H)
+        qm = (h < H)[:, None] & jm[None, :]
+        qbase = q_ptr + t * stride_qt + h[:, None] * stride_qh + Q_OFF
+        qa, qb = _rope_pairs(qbase + 2 * j[None, :], cos[None, :], sin[None, :], qm, ty)
+        tl.store(qbase + j[None, :], qa, mask=qm)
+        tl.store(qbase + HALF + j[None, :], qb, mask=qm)
+        slot = tl.load(slot_ptr + t)
+        if slot >= 0:
+            ctype = cache_ptr.dtype.element_ty
+            row = cache_ptr + slot.to(tl.int64) * stride_c
+            offs = tl.arange(0, BLOCK_L)
+            lm = offs < LAT
+            x = tl.load(kv_ptr + t * stride_kv + offs, mask=lm, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / LAT + eps)
+            n = (x * rstd).to(ty).to(tl.float32)
+            w = tl.load(w_ptr + offs, mask=lm, other=0.0).to(tl.float32)
+            n = (n * w).to(ty)
+            ka, kb = _rope_pairs(kv_ptr + t * stride_kv + LAT + 2 * j, cos, sin, jm, ty)
+            if FP8:
+                n = tl.clamp(n.to(tl.float32) * inv_k_scale, -448.0, 448.0)
+                ka = tl.clamp(ka.to(tl.float32) * inv_k_scale, -448.0, 448.0)
+                kb = tl.clamp(kb.to(tl.float32) * inv_k_scale, -448.0, 448.0)
+            tl.store(row + offs, n.to(ctype), mask=lm)
+            tl.store(row + LAT + j, ka.to(ctype), mask=jm)
+            tl.store(row + LAT + HALF + j, kb.to(ctype), mask=jm)
+
+
+def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                     cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                     k_scale: float = 1.0, impl: str = "auto") -> torch.Tensor:
+    """q [T, H, D] (rope part last), kv [T, L + R] (kv_a_proj's output), cos/sin [T, R/2] -> roped q_pe
+    [T, H, R]; writes [RMSNorm(c_kv) ‖ rope(k_pe)] of every token with a slot into kv_cache, in the cache's
+    dtype (fp8: value / k_scale). On CUDA one kernel (q_pe roped in place inside q, returned as a view)
+    instead of ~25 (two ropes, the norm, a concat and the padded scatter); elsewhere the unfused reference."""
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    ok = (q.dtype == kv.dtype == norm_weight.dtype == cos.dtype and q.stride(-1) == 1 and kv.stride(-1) == 1
+          and (fp8 or kv_cache.dtype == q.dtype))
+    if not use_triton(q, impl) or not ok:
+        return rope_cache_write_ref(q, kv, norm_weight, eps, cos, sin, kv_cache, slot_mapping, k_scale)
+    t, nh, d = q.shape
+    half = cos.shape[1]
+    lat = kv.shape[1] - 2 * half
+    if fp8 and k_scale == 1.0:
+        inv = 1.0
+    elif fp8:
+        # the reference divides by k_scale; multiplying by its inverse is exact only for powers of two
+        if math.frexp(k_scale)[0] != 0.5:
+            return rope_cache_write_ref(q, kv, norm_weight, eps, cos, sin, kv_cache, slot_mapping, k_scale)
+        inv = 1.0 / k_scale
+    else:
+        inv = 1.0
+    cos, sin = cos.contiguous(), sin.contiguous()
+    flat = kv_cache.view(-1, kv_cache.shape[-1])
+    if t:
+        _rope_cache_kernel[(t,)](q, kv, norm_weight, cos, sin, flat, slot_mapping.contiguous(), nh, lat,
+                                 q.stride(0), q.stride(1), kv.stride(0), cos.stride(0), flat.stride(0), eps, inv,
+                                 Q_OFF=d - 2 * half, HALF=half, BLOCK_H=triton.next_power_of_2(nh),
+                                 BLOCK_HALF=triton.next_power_of_2(half), BLOCK_L=triton.next_power_of_2(lat),
+                                 FP8=fp8, num_warps=4)
+    return q[..., d - 2 * half:]

@@ -1,5 +1,5 @@
 """EP=1 dispatch: every expert is local, so dispatch is a counting sort of (token, expert) pairs by expert
-and combine sums each token's K weighted rows back (fp32, slot order). Shape-static and sync-free (graph
+and combine weights and sums each token's K rows back (fp32, slot order). Shape-static and sync-free (graph
 capturable), batch-invariant."""
 from __future__ import annotations
 
@@ -27,3 +27,6 @@ class LocalDispatcher(MoEDispatcher):
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         return gather_sum(y, result.handle)  # fp32 accumulation across the top-k experts
+
+    def combine_weighted(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        return gather_sum(y, result.handle, weights=result.weights)

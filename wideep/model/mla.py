@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionMetadata, dequantize_latent, paged_mla_decode, write_latent_cache
+from .attention import AttentionMetadata, dequantize_latent, paged_mla_decode
 from .config import ModelConfig
 from .fp8 import Fp8Linear, make_linear
+from .fused_ops import rope_cache_write
 from .layers import RMSNorm
-from .rope import RotaryEmbedding, softmax_scale
+from .rope import softmax_scale
 
 
 class MLAttention(nn.Module):
@@ -78,16 +79,15 @@ class MLAttention(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(t, self.num_heads, self.qk_head_dim)
-        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        q_pe = RotaryEmbedding.apply(q_pe, cos, sin)
+        q_nope = q[..., : self.nope]
+        # q_pe roped; the new tokens' latents (c_kv normed ‖ k_pe roped) written into the cache: one kernel
+        q_pe = rope_cache_write(q, self.kv_a_proj_with_mqa(x), self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
+                                cos, sin, kv_cache, attn.slot_mapping, self.k_scale)
 
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
-        k_pe = RotaryEmbedding.apply(k_pe, cos, sin)
-        write_latent_cache(kv_cache, torch.cat([c_kv, k_pe], dim=-1), attn.slot_mapping, self.k_scale)
-
-        out = x.new_empty(t, self.num_heads, self.v_dim)
         nd = attn.num_decodes
+        if nd == t and attn.num_seqs == nd:   # decode-only: no copy into a shared output
+            return self.o_proj(self._decode(q_nope, q_pe, attn, kv_cache).reshape(t, self.num_heads * self.v_dim))
+        out = x.new_empty(t, self.num_heads, self.v_dim)
         if nd > 0:
             out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], attn, kv_cache)
         if attn.num_seqs > nd:

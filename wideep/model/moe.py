@@ -189,8 +189,7 @@ class DeepseekV3MoE(nn.Module):
             topk_ids = self.expert_map(topk_ids)
         result = self.dispatcher.dispatch(x, topk_ids, topk_weights)
         y = self.experts(result.x, result.tokens_per_expert)
-        y = y * result.weights.to(y.dtype)[:, None]
-        out = self.dispatcher.combine(y, result)
+        out = self.dispatcher.combine_weighted(y, result)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

@@ -3,8 +3,9 @@ batch-invariant.
 
 - Grouping is a counting sort (one prefix sum over the bucket indicators gives each pair its slot), not a
   global argsort: the result is exactly the stable order by expert, with fixed shapes and no host sync.
-- Combine gathers each token's K expert rows and sums them in fp32 in slot order, one output row per token:
-  no fp32 scatter (index_add) over the whole hidden, and the sum order never depends on the batch.
+- Combine gathers each token's K expert rows, scales each by its routing weight, and sums them in fp32 in
+  slot order, one output row per token: no weighted copy of the rows, no fp32 scatter (index_add) over the
+  whole hidden, and the sum order never depends on the batch.
 On CUDA the combine is a Triton kernel; elsewhere the same sum in torch (its reference).
 """
 from __future__ import annotations
@@ -38,8 +39,10 @@ def counting_sort(key: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, to
 if triton is not None:
 
     @triton.jit
-    def _gather_sum_kernel(y_ptr, idx_ptr, out_ptr, H, stride_y, stride_o, K: constexpr, BLOCK_H: constexpr):
-        """out[t, h] = sum_k y[idx[t, k], h] in fp32, slot order; idx < 0 contributes nothing."""
+    def _gather_sum_kernel(y_ptr, idx_ptr, w_ptr, out_ptr, H, stride_y, stride_o, K: constexpr, BLOCK_H: constexpr,
+                           HAS_W: constexpr):
+        """out[t, h] = sum_k y[idx[t, k], h] (HAS_W: y * w[idx] rounded to y's dtype first) in fp32, slot order;
+        idx < 0 contributes nothing."""
         t = tl.program_id(0)
         hb = tl.program_id(1)
         offs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -47,15 +50,21 @@ if triton is not None:
         acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
         for k in tl.static_range(K):
             r = tl.load(idx_ptr + t * K + k)
-            v = tl.load(y_ptr + tl.maximum(r, 0).to(tl.int64) * stride_y + offs, mask=mask, other=0.0)
+            rr = tl.maximum(r, 0).to(tl.int64)
+            v = tl.load(y_ptr + rr * stride_y + offs, mask=mask, other=0.0)
+            if HAS_W:
+                w = tl.load(w_ptr + rr).to(y_ptr.dtype.element_ty).to(tl.float32)
+                v = (v.to(tl.float32) * w).to(y_ptr.dtype.element_ty)
             acc += tl.where(r >= 0, v.to(tl.float32), 0.0)
         tl.store(out_ptr + t.to(tl.int64) * stride_o + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def gather_sum(y: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dtype | None = None,
-               impl: str = "auto") -> torch.Tensor:
+               impl: str = "auto", weights: torch.Tensor | None = None) -> torch.Tensor:
     """y [N, H] rows, idx [T, K] row of each (token, slot) or -1 -> [T, H]: per token, the fp32 sum of its rows
-    in slot order, cast to out_dtype (default y's). impl: auto (Triton on CUDA), triton, torch."""
+    in slot order, cast to out_dtype (default y's). weights [N]: each row is first scaled by its weight exactly
+    as `y * weights.to(y.dtype)[:, None]` rounds it (the routing weight folded into the combine: no weighted
+    copy of y). impl: auto (Triton on CUDA), triton, torch."""
     t, k = idx.shape
     out_dtype = out_dtype or y.dtype
     if y.shape[0] == 0:  # nothing received: every slot is empty
@@ -65,12 +74,15 @@ def gather_sum(y: torch.Tensor, idx: torch.Tensor, out_dtype: torch.dtype | None
         out = torch.empty((t, y.shape[1]), dtype=out_dtype, device=y.device)
         if t:
             bh = 1024
+            w = weights.contiguous() if weights is not None else y
             _gather_sum_kernel[(t, triton.cdiv(y.shape[1], bh))](
-                y, idx.to(torch.int32).contiguous(), out, y.shape[1], y.stride(0), out.stride(0), K=k, BLOCK_H=bh,
-                num_warps=4)
+                y, idx.to(torch.int32).contiguous(), w, out, y.shape[1], y.stride(0), out.stride(0), K=k, BLOCK_H=bh,
+                HAS_W=weights is not None, num_warps=4)
         return out
     if impl not in ("auto", "torch"):
         raise ValueError(f"gather_sum: unknown impl {impl!r}")
+    if weights is not None:
+        y = y * weights.to(y.dtype)[:, None]
     acc = torch.zeros((t, y.shape[1]), dtype=torch.float32, device=y.device)
     zero = torch.zeros((), dtype=torch.float32, device=y.device)
     for j in range(k):

@@ -134,6 +134,9 @@ class GraphModeDispatcher(MoEDispatcher):
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         return self.active.combine(y, result)
 
+    def combine_weighted(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        return self.active.combine_weighted(y, result)
+
 
 def graph_backend_name(eager_backend: str, eager: MoEDispatcher | None = None) -> str:
     """The decode backend: $WIDEEP_DECODE_ALL2ALL_BACKEND, else the configured backend when it is
