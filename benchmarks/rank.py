@@ -8,7 +8,8 @@ popularity) and groups them with the same permutation the EP backends use. Commu
 table of published DeepEP low-latency figures is added per MoE layer, unoverlapped and fully overlapped.
 
 Reports decode tok/s/GPU at B sequences x ctx, prefill tok/s/GPU at P tokens/rank, a per-phase breakdown
-(torch profiler over one eager step, module ranges + kernel names) beside each phase's roofline, bf16 and
+(torch profiler over one eager step: every kernel tied to its launch by correlation id and given the phase of
+the innermost module range around that launch, so phases sum to the step) beside each phase's roofline, bf16 and
 FP8 side by side, and a plain-PyTorch version of the same shape measured in the same run.
 
   python benchmarks/rank.py --ep 32                      # H200: full R1 rank, bf16 and fp8
@@ -22,6 +23,7 @@ import gc
 import json
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ from wideep.engine.scheduler import ScheduledSeq, SchedulerOutput  # noqa: E402
 from wideep.model.config import ModelConfig  # noqa: E402
 from wideep.model.deepseek_v3 import DeepseekV3ForCausalLM, materialize  # noqa: E402
 from wideep.model.fp8 import FP8_DTYPE  # noqa: E402
+from wideep.model.layers import RMSNorm  # noqa: E402
 from wideep.model.make_model import FP8_QUANT_CONFIG, PRESETS  # noqa: E402
 from wideep.model.rope import RotaryEmbedding  # noqa: E402
 from wideep.model.moe_permute import gather_sum  # noqa: E402
@@ -269,13 +272,116 @@ def release(run: RankRun, reqs: list[Request]) -> None:
         run.core.block_manager.free(r)
 
 
-class PhaseRanges:
-    """Module hooks opening profiler ranges named by phase (attention, router, experts, ...)."""
+# ---- per-phase attribution -----------------------------------------------------------------------------------
 
-    def __init__(self, model: DeepseekV3ForCausalLM):
+# Phases of a step, in print order. Every device kernel (or copy) of the profiled step lands in exactly one.
+PHASES = ("mla_kernel", "attention_proj", "rope_cache_write", "norms_residual", "router", "dispatch_combine_glue",
+          "routed_experts", "shared_expert", "dense_mlp", "lm_head_sampling", "other")
+# the innermost profiler range enclosing a kernel's launch -> its phase
+RANGE_PHASE = {"attention": "attention_proj", "norm": "norms_residual", "layer": "norms_residual",
+               "router": "router", "moe": "dispatch_combine_glue", "routed_experts": "routed_experts",
+               "shared_expert": "shared_expert", "dense_mlp": "dense_mlp", "lm_head": "lm_head_sampling",
+               "sampling": "lm_head_sampling", "step": "other"}
+DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_CATS = ("cuda_runtime", "cuda_driver")   # cudaLaunchKernel / cuLaunchKernel (Triton) / cudaMemcpyAsync
+
+
+def kernel_phase(name: str, range_name: str | None) -> str:
+    """A kernel's phase: attention kernels and the fused RoPE + cache write by their names (they run inside
+    the attention range), everything else by the innermost range that launched it."""
+    low = name.lower()
+    if not low.startswith("aten::") and any(s in low for s in ("mla_decode", "flash", "fmha", "sdpa")):
+        return "mla_kernel"
+    if "rope_cache" in low:
+        return "rope_cache_write"
+    return RANGE_PHASE.get(range_name or "", "other")
+
+
+def _innermost(ranges: list[tuple[float, float, str]], points: list[tuple[float, int]]) -> dict[int, str | None]:
+    """Nested ranges (start, end, name) of one thread and points (t, key): key -> innermost range name at t."""
+    ranges = sorted(ranges, key=lambda r: (r[0], -r[1]))
+    out: dict[int, str | None] = {}
+    stack: list[tuple[float, float, str]] = []
+    i = 0
+    for t, key in sorted(points):
+        while i < len(ranges) and ranges[i][0] <= t:
+            while stack and stack[-1][1] < ranges[i][0]:
+                stack.pop()
+            stack.append(ranges[i])
+            i += 1
+        while stack and stack[-1][1] < t:
+            stack.pop()
+        out[key] = stack[-1][2] if stack else None
+    return out
+
+
+def attribute_trace(events: list[dict]) -> dict:
+    """Chrome-trace events of one profiled step -> device ms per phase (they sum to the total), launches per
+    phase and the top kernels of each phase.
+
+    On a GPU the items are the device kernels and copies; each is tied to its host launch call by the
+    trace's correlation id (Triton kernels too: they launch through cuLaunchKernel), and the launch's
+    innermost `phase::` range names its phase. Without device events (CPU) the items are the outermost
+    host ops, placed by their own start. Nothing is subtracted, so no phase can be negative."""
+    ranges: dict[tuple, list] = {}
+    launch_at: dict[int, tuple[tuple, float]] = {}
+    device, cpu_ops = [], []
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        cat, tid, ts = e.get("cat", ""), (e.get("pid"), e.get("tid")), float(e.get("ts", 0.0))
+        dur = float(e.get("dur", 0.0))
+        if cat == "user_annotation" and e.get("name", "").startswith("phase::"):
+            ranges.setdefault(tid, []).append((ts, ts + dur, e["name"][7:]))
+        elif cat in LAUNCH_CATS and "correlation" in e.get("args", {}):
+            launch_at[e["args"]["correlation"]] = (tid, ts)
+        elif cat in DEVICE_CATS:
+            device.append((e.get("name", "?"), dur, e.get("args", {}).get("correlation")))
+        elif cat == "cpu_op":
+            cpu_ops.append((tid, ts, dur, e.get("name", "?")))
+    items: list[tuple[str, float, tuple | None, float]] = []   # (name, ms, thread, t)
+    if device:
+        for name, dur, corr in device:
+            tid, t = launch_at.get(corr, (None, 0.0))
+            items.append((name, dur / 1e3, tid, t))
+    else:
+        end: dict[tuple, float] = {}
+        for tid, ts, dur, name in sorted(cpu_ops, key=lambda o: (o[0], o[1], -o[2])):
+            if ts >= end.get(tid, float("-inf")):   # outermost op of its thread
+                items.append((name, dur / 1e3, tid, ts))
+                end[tid] = ts + dur
+    where: dict[int, str | None] = {}
+    by_tid: dict[tuple, list] = {}
+    for i, (_, _, tid, t) in enumerate(items):
+        if tid is not None:
+            by_tid.setdefault(tid, []).append((t, i))
+    for tid, pts in by_tid.items():
+        where.update(_innermost(ranges.get(tid, []), pts))
+    phases = {p: 0.0 for p in PHASES}
+    launches = {p: 0 for p in PHASES}
+    per_kernel: dict[tuple[str, str], list] = {}
+    for i, (name, ms, _, _) in enumerate(items):
+        p = kernel_phase(name, where.get(i))
+        phases[p] += ms
+        launches[p] += 1
+        k = per_kernel.setdefault((p, name), [0.0, 0])
+        k[0] += ms
+        k[1] += 1
+    top: dict[str, list] = {p: [] for p in PHASES}
+    for (p, name), (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
+        if len(top[p]) < 4:
+            top[p].append([name[:90], round(ms, 4), n])
+    return {"phases_ms": phases, "launches": launches, "total_ms": sum(phases.values()),
+            "top_kernels_by_phase": top}
+
+
+class PhaseRanges:
+    """Profiler ranges named by phase around the modules of the step (forward hooks) and the sampler."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, sampler=None):
         self.handles = []
         for layer in model.model.layers:
-            self._wrap(layer, "layers")
+            self._wrap(layer, "layer")
             self._wrap(layer.self_attn, "attention")
             if hasattr(layer.mlp, "experts"):
                 self._wrap(layer.mlp, "moe")
@@ -285,6 +391,18 @@ class PhaseRanges:
                     self._wrap(layer.mlp.shared_experts, "shared_expert")
             else:
                 self._wrap(layer.mlp, "dense_mlp")
+        for mod in model.modules():
+            if isinstance(mod, RMSNorm):
+                self._wrap(mod, "norm")
+        self._wrap(model.lm_head, "lm_head")
+        self.sampler = sampler
+        if sampler is not None:
+            inner = sampler.sample
+
+            def sample(*args, **kw):
+                with torch.profiler.record_function("phase::sampling"):
+                    return inner(*args, **kw)
+            sampler.sample = sample
 
     def _wrap(self, mod, name):
         stack = []
@@ -302,12 +420,14 @@ class PhaseRanges:
     def remove(self):
         for h in self.handles:
             h.remove()
+        if self.sampler is not None:
+            del self.sampler.sample   # back to the class's method
 
 
-def profile_phases(run: RankRun, out: SchedulerOutput, device) -> dict:
-    """GPU time per phase of one eager step (ms): module ranges, and kernel names for the MLA kernel."""
+def profile_phases(run: RankRun, out: SchedulerOutput, device, trace_dir: str | None = None) -> dict:
+    """Device time per phase of one eager step (ms): every kernel attributed once (attribute_trace)."""
     runner = run.core.runner
-    ranges = PhaseRanges(run.core.model)
+    ranges = PhaseRanges(run.core.model, runner.sampler)
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -320,35 +440,15 @@ def profile_phases(run: RankRun, out: SchedulerOutput, device) -> dict:
             _sync(device)
     finally:
         ranges.remove()
-    cuda = device.type == "cuda"
-    tot: dict[str, float] = {}
-    mla = 0.0
-    for ev in prof.events():
-        # the CPU-side range: its device time is the kernels launched inside it (the GPU-side copy of a
-        # range spans first kernel start to last kernel end, idle gaps of an eager step included)
-        if ev.name.startswith("phase::") and (not cuda or ev.device_type == torch.autograd.DeviceType.CPU):
-            t = (ev.device_time_total if cuda else ev.cpu_time_total) / 1e3
-            tot[ev.name[7:]] = tot.get(ev.name[7:], 0.0) + t
-    if cuda:  # the Triton decode kernel, or (prefill) the SDPA flash kernels
-        for ka in prof.key_averages():
-            key = ka.key.lower()
-            if not key.startswith("aten::") and ("mla" in key or "flash" in key or "fmha" in key):
-                mla += ka.self_device_time_total / 1e3
-    g = tot.get
-    phases = {
-        "mla_kernel": mla,
-        "attention_other": g("attention", 0) - mla,
-        "router": g("router", 0),
-        "dispatch_combine_glue": g("moe", 0) - g("router", 0) - g("routed_experts", 0) - g("shared_expert", 0),
-        "routed_experts": g("routed_experts", 0),
-        "shared_expert": g("shared_expert", 0),
-        "dense_mlp": g("dense_mlp", 0),
-        "norms_residual": g("layers", 0) - g("attention", 0) - g("moe", 0) - g("dense_mlp", 0),
-        "embed_lm_head_sampling": g("step", 0) - g("layers", 0),
-    }
-    top = sorted(((ka.key, (ka.self_device_time_total if cuda else ka.self_cpu_time_total) / 1e3)
-                  for ka in prof.key_averages()), key=lambda kv: -kv[1])[:15]
-    return {"phases_ms": phases, "step_gpu_ms": g("step", 0), "top_kernels_ms": dict(top)}
+    path = Path(tempfile.mkstemp(suffix=".json", dir=trace_dir)[1])
+    try:
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    finally:
+        path.unlink(missing_ok=True)
+    res = attribute_trace(events)
+    return {"phases_ms": res["phases_ms"], "launches": res["launches"], "step_gpu_ms": res["total_ms"],
+            "top_kernels_by_phase": res["top_kernels_by_phase"]}
 
 
 def _profile_into(res: dict, run: RankRun, out: SchedulerOutput, device) -> None:
@@ -377,7 +477,7 @@ def rooflines(cfg: ModelConfig, n_local: int, fp8: bool, b: int, ctx: int | None
     expert_w = 3 * cfg.moe_intermediate_size * h
     rows = tokens * cfg.num_experts_per_tok
     out = {
-        "attention_other": t(layers * attn_w * wb + (layers * nh * (cfg.qk_nope_head_dim + v) * lat * 2 if fp8 else 0),
+        "attention_proj": t(layers * attn_w * wb + (layers * nh * (cfg.qk_nope_head_dim + v) * lat * 2 if fp8 else 0),
                              layers * 2 * tokens * attn_w),
         "router": t(moe_layers * cfg.n_routed_experts * h * 2, moe_layers * 2 * tokens * cfg.n_routed_experts * h, peak_bf16),
         "routed_experts": t(moe_layers * n_local * expert_w * wb, moe_layers * 2 * rows * expert_w),
@@ -385,8 +485,12 @@ def rooflines(cfg: ModelConfig, n_local: int, fp8: bool, b: int, ctx: int | None
         "dense_mlp": t(dense_layers * 3 * cfg.intermediate_size * h * wb, dense_layers * 6 * tokens * cfg.intermediate_size * h),
         # gather rows in, weighted rows out, summed back: ~3 passes over rows x hidden in bf16
         "dispatch_combine_glue": t(moe_layers * 3 * rows * h * 2, 0),
-        "embed_lm_head_sampling": t(cfg.vocab_size * h * 2, 2 * b * cfg.vocab_size * h, peak_bf16),
-        "norms_residual": t(layers * 2 * 3 * tokens * h * 2, 0),
+        "lm_head_sampling": t(cfg.vocab_size * h * 2, 2 * b * cfg.vocab_size * h, peak_bf16),
+        # per layer: 2 hidden norms (one with the residual add: x, r in, s, y out) + the q_a latent norm
+        "norms_residual": t(layers * tokens * (4 * h + 2 * (cfg.q_lora_rank or 0)) * 2, 0),
+        # q_pe read + written, the kv_a output read, the cache row written (bf16 cache)
+        "rope_cache_write": t(layers * tokens * (2 * nh * cfg.qk_rope_head_dim + 2 * cfg.kv_cache_dim) * 2, 0),
+        "other": float("nan"),
     }
     if ctx:
         kv = layers * b * ctx * cfg.kv_cache_dim * 2
@@ -410,7 +514,7 @@ def decode_case(run: RankRun, b: int, ctx: int, a, device, ceil: dict) -> dict:
 
 
 def _decode_case(run: RankRun, reqs: list[Request], b: int, ctx: int, a, device, ceil: dict) -> dict:
-    out = SchedulerOutput(seqs=[ScheduledSeq(r, ctx - 1, 1) for r in reqs], num_decodes=b, num_tokens=b)
+    out = SchedulerOutput(seqs=[ScheduledSeq(r, ctx - 1, 1, samples=True) for r in reqs], num_decodes=b, num_tokens=b)
     runner = run.core.runner
     step = timed(lambda: runner.execute(out), device, a.iters)
     res = {"B": b, "ctx": ctx, "step_ms": step * 1e3, "tok_s_gpu": b / step,
@@ -434,7 +538,7 @@ def prefill_case(run: RankRun, tokens: int, seq_len: int, a, device, ceil: dict)
 
 
 def _prefill_case(run: RankRun, reqs: list[Request], n: int, seq_len: int, a, device, ceil: dict) -> dict:
-    out = SchedulerOutput(seqs=[ScheduledSeq(r, 0, seq_len) for r in reqs], num_decodes=0, num_tokens=n * seq_len)
+    out = SchedulerOutput(seqs=[ScheduledSeq(r, 0, seq_len, samples=True) for r in reqs], num_decodes=0, num_tokens=n * seq_len)
     runner = run.core.runner
     step = timed(lambda: runner.execute(out), device, max(2, a.iters // 4), warmup=1)
     res = {"tokens": n * seq_len, "seqs": n, "step_ms": step * 1e3, "tok_s_gpu": n * seq_len / step}
@@ -693,12 +797,17 @@ def main(argv=None) -> dict:
 
 
 def print_phases(res: dict) -> None:
+    """The per-phase table: eager-step device ms, launches, roofline ms and the ratio; the phases sum to the
+    step's device total (every kernel counted once)."""
     if "phases_ms" not in res:
         return
     roof = res["roofline_ms"]
-    line = "    phases (eager GPU ms / roofline ms): " + ", ".join(
-        f"{k} {v:.2f}/{roof.get(k, float('nan')):.2f}" for k, v in res["phases_ms"].items())
-    print(line, flush=True)
+    print(f"    {'phase':<22} {'eager ms':>9} {'launches':>8} {'roofline ms':>11} {'ratio':>6}", flush=True)
+    for k, v in res["phases_ms"].items():
+        r = roof.get(k, float("nan"))
+        ratio = v / r if r == r and r > 0 else float("nan")
+        print(f"    {k:<22} {v:9.3f} {res['launches'][k]:8d} {r:11.3f} {ratio:6.2f}", flush=True)
+    print(f"    {'sum = device total':<22} {res['step_gpu_ms']:9.3f} {sum(res['launches'].values()):8d}", flush=True)
 
 
 if __name__ == "__main__":
