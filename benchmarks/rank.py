@@ -45,7 +45,7 @@ from wideep.model.layers import RMSNorm  # noqa: E402
 from wideep.model.make_model import FP8_QUANT_CONFIG, PRESETS  # noqa: E402
 from wideep.model.rope import RotaryEmbedding  # noqa: E402
 from wideep.model.moe_permute import gather_sum  # noqa: E402
-from wideep.model.moe_permute import group_by_local_expert, pair_rows  # noqa: E402
+from wideep.model.moe_permute import group_pairs  # noqa: E402
 from wideep.model.dispatch import DispatchResult, MoEDispatcher  # noqa: E402
 
 # Published DeepEP low-latency dispatch / combine per MoE layer, 128 tokens per rank, FP8 dispatch and
@@ -104,12 +104,12 @@ class EmulatedEPDispatcher(MoEDispatcher):
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         t = x.shape[0]
         ids = self._local_ids(t, x.device)
-        g = group_by_local_expert(ids, self.num_local_experts, static=True)
         slots = ids.shape[1]
-        w = topk_weights.repeat(1, -(-slots // topk_weights.shape[1]))[:, :slots]
-        weights = torch.where(g.valid, w.reshape(-1)[g.order], torch.zeros((), dtype=w.dtype, device=w.device))
-        return DispatchResult(x=x[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
-                              handle=pair_rows(g, t, slots))
+        w = topk_weights
+        if slots != w.shape[1]:
+            w = w.repeat(1, -(-slots // w.shape[1]))[:, :slots]
+        g, pairs, weights = group_pairs(ids, self.num_local_experts, w)
+        return DispatchResult(x=x[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights, handle=pairs)
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         return gather_sum(y, result.handle)

@@ -156,3 +156,24 @@ def test_rope_cache_write_matches_unfused(t, nh, lat, half, nope, dtype, cache_d
     untouched = torch.ones(c.shape[0], dtype=torch.bool)
     untouched[slots[slots >= 0]] = False
     assert torch.equal(c[untouched], cr[untouched])                 # no other slot written
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("m,k,nl", [(1, 1, 1), (1, 8, 3), (37, 4, 5), (129, 8, 8), (50, 3, 40), (21, 8, 256)])
+def test_group_pairs_is_the_static_grouping(impl, m, k, nl):
+    """One-kernel grouping == counting sort + pair_rows + weight gather: odd sizes, a single token, pairs of
+    other ranks / padding (-1), experts with no rows."""
+    ids = torch.randint(-1, nl + 2, (m, k), generator=_g(m * k + nl))
+    if nl > 2:
+        ids[ids == 1] = 0          # expert 1 gets no rows
+    if m > 2:
+        ids[m // 2] = -1           # a padding token
+    w = torch.rand(m, k, generator=_g(3))
+    g, pairs, gw = moe_permute.group_pairs(ids, nl, w, impl=impl)
+    ref = group_by_local_expert(ids, nl, static=True)
+    assert torch.equal(g.order, ref.order) and torch.equal(g.rows, ref.rows) and torch.equal(g.valid, ref.valid)
+    assert torch.equal(g.tokens_per_expert, ref.tokens_per_expert)
+    assert torch.equal(pairs, pair_rows(ref, m, k))
+    assert torch.equal(gw, torch.where(ref.valid, w.reshape(-1)[ref.order], torch.zeros(())))
+    mine = (ids >= 0) & (ids < nl)
+    assert int(g.tokens_per_expert.sum()) == int(mine.sum()) and bool((pairs[~mine] == -1).all())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from wideep.model.dispatch import DispatchResult, MoEDispatcher
-from wideep.model.moe_permute import gather_sum, group_by_local_expert, pair_rows
+from wideep.model.moe_permute import gather_sum, group_pairs
 
 
 class LocalDispatcher(MoEDispatcher):
@@ -14,16 +14,8 @@ class LocalDispatcher(MoEDispatcher):
     graph_capturable = True
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
-        t, k = topk_ids.shape
-        g = group_by_local_expert(topk_ids, self.num_experts, static=True)
-        weights = topk_weights.reshape(-1)[g.order]
-        weights = torch.where(g.valid, weights, torch.zeros_like(weights))
-        return DispatchResult(
-            x=x[g.rows],
-            tokens_per_expert=g.tokens_per_expert,
-            weights=weights,
-            handle=pair_rows(g, t, k),
-        )
+        g, pairs, weights = group_pairs(topk_ids, self.num_experts, topk_weights)
+        return DispatchResult(x=x[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights, handle=pairs)
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         return gather_sum(y, result.handle)  # fp32 accumulation across the top-k experts
