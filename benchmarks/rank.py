@@ -44,6 +44,7 @@ from wideep.model.fp8 import FP8_DTYPE  # noqa: E402
 from wideep.model.layers import RMSNorm  # noqa: E402
 from wideep.model.make_model import FP8_QUANT_CONFIG, PRESETS  # noqa: E402
 from wideep.model.rope import RotaryEmbedding  # noqa: E402
+from wideep.model import fused_ops  # noqa: E402
 from wideep.model.moe_permute import gather_sum  # noqa: E402
 from wideep.model.moe_permute import group_pairs  # noqa: E402
 from wideep.model.dispatch import DispatchResult, MoEDispatcher  # noqa: E402
@@ -224,6 +225,45 @@ def measure_ceilings(device) -> dict:
     except (RuntimeError, TypeError):
         pass
     return {"copy_GBps": bw / 1e9, "bf16_TFLOPs": 2 * m**3 / tb / 1e12, "fp8_TFLOPs": fp8}
+
+
+def check_fused_ops(cfg: ModelConfig, device, tokens: int = 128) -> dict:
+    """The step's fused kernels against their torch references at this model's sizes, on the device (the CPU
+    tests run them under Triton's interpreter, whose float casts differ): counts of differing elements."""
+    g = torch.Generator(device=device)
+    g.manual_seed(1)
+    dt = torch.bfloat16
+    nh, d, half, lat = cfg.num_attention_heads, cfg.qk_head_dim, cfg.qk_rope_head_dim // 2, cfg.kv_lora_rank
+    r = lambda *shape: torch.randn(*shape, device=device, generator=g)  # noqa: E731
+    q, kv = r(tokens, nh, d).to(dt), (r(tokens, lat + 2 * half) * 2).to(dt)
+    w = (r(lat).abs() + 0.5).to(dt)
+    ang = r(tokens, half) * 3
+    cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+    slots = torch.randperm(4 * tokens, device=device, generator=g)[:tokens]
+    slots[::7] = -1
+    out: dict = {}
+    for cdt in (dt, FP8_DTYPE):
+        cache = r(4 * tokens, 1, lat + 2 * half).to(cdt)
+        qa, qb, ca, cb = q.clone(), q.clone(), cache.clone(), cache.clone()
+        pa = fused_ops.rope_cache_write(qa, kv, w, 1e-6, cos, sin, ca, slots)
+        pb = fused_ops.rope_cache_write_ref(qb, kv, w, 1e-6, cos, sin, cb, slots)
+        fa, fb = ca.view(-1, ca.shape[-1]).float(), cb.view(-1, cb.shape[-1]).float()
+        name = "bf16" if cdt == dt else "fp8"
+        out[f"rope_q_pe_diff_{name}"] = int((pa != pb).sum())
+        out[f"rope_k_pe_diff_{name}"] = int((fa[:, lat:] != fb[:, lat:]).sum())
+        out[f"latent_diff_{name}"] = int((fa[:, :lat] != fb[:, :lat]).sum())
+        out[f"latent_max_rel_{name}"] = float(((fa[:, :lat] - fb[:, :lat]).abs() / fb[:, :lat].abs().clamp_min(1e-3)).max())
+    k, nl = cfg.num_experts_per_tok, 256 // 32
+    ids = torch.randint(-1, nl + 1, (tokens, k), device=device, generator=g)
+    tw = torch.rand(tokens, k, device=device, generator=g)
+    ga, pa_, wa = group_pairs(ids, nl, tw)
+    gb, pb_, wb = group_pairs(ids, nl, tw, impl="torch")
+    out["group_pairs_equal"] = bool(torch.equal(ga.order, gb.order) and torch.equal(pa_, pb_) and torch.equal(wa, wb)
+                                    and torch.equal(ga.tokens_per_expert, gb.tokens_per_expert))
+    y = r(tokens * k, cfg.hidden_size).to(dt)
+    out["weighted_combine_diff"] = int((gather_sum(y, pa_, weights=wa) !=
+                                        gather_sum(y * wa.to(dt)[:, None], pb_, impl="torch")).sum())
+    return out
 
 
 # ---- the engine-driven rank ------------------------------------------------------------------------------
@@ -703,6 +743,9 @@ def main(argv=None) -> dict:
                     "ep": a.ep, "routing": a.routing, "runs": {}}
     print(f"# {report['device']}  copy {ceil['copy_GBps']:.0f} GB/s  bf16 {ceil['bf16_TFLOPs']:.0f} TFLOP/s  "
           f"fp8 {ceil['fp8_TFLOPs']:.0f} TFLOP/s  EP={a.ep}  routing={a.routing}", flush=True)
+    if device.type == "cuda":
+        report["fused_check"] = check_fused_ops(rank_config(a.size, a.layers, a.dense_layers, False), device)
+        print(f"# fused ops vs torch references: {report['fused_check']}", flush=True)
     for prec in precisions:
         cfg = rank_config(a.size, a.layers, a.dense_layers, prec == "fp8")
         bs = a.block_size

@@ -30,10 +30,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h, cos, sin, attn: AttentionMetadata, kv_cache: torch.Tensor) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(h), cos, sin, attn, kv_cache)
-        x, h = self.post_attention_layernorm.add_norm(a, h)
-        return h + self.mlp(x)
+    def forward(self, h, cos, sin, attn: AttentionMetadata, kv_cache: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp output, residual stream before it): the residual add of each sub-block is done by the next
+        norm (fused add + RMSNorm), so the hidden state is h + residual (residual None: h alone)."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm.add_norm(h, residual)
+        a = self.self_attn(x, cos, sin, attn, kv_cache)
+        x, residual = self.post_attention_layernorm.add_norm(a, residual)
+        return self.mlp(x), residual
 
 
 class DeepseekV3Model(nn.Module):
@@ -102,9 +109,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         """input_ids/positions [T] -> final-normed hidden states [T, H]; writes new latents into kv_caches."""
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb.cos_sin(positions, h.dtype)
+        residual = None
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, attn, cache)
-        return self.model.norm(h)
+            h, residual = layer(h, cos, sin, attn, cache, residual)
+        return self.model.norm(h) if residual is None else self.model.norm.add_norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
