@@ -250,7 +250,9 @@ def check_fused_ops(cfg: ModelConfig, device, tokens: int = 128) -> dict:
         fa, fb = ca.view(-1, ca.shape[-1]).float(), cb.view(-1, cb.shape[-1]).float()
         name = "bf16" if cdt == dt else "fp8"
         out[f"rope_q_pe_diff_{name}"] = int((pa != pb).sum())
+        out[f"rope_q_pe_maxabs_{name}"] = float((pa.float() - pb.float()).abs().max())
         out[f"rope_k_pe_diff_{name}"] = int((fa[:, lat:] != fb[:, lat:]).sum())
+        out[f"q_nope_untouched_{name}"] = bool(torch.equal(qa[..., :-2 * half], q[..., :-2 * half]))
         out[f"latent_diff_{name}"] = int((fa[:, :lat] != fb[:, :lat]).sum())
         out[f"latent_max_rel_{name}"] = float(((fa[:, :lat] - fb[:, :lat]).abs() / fb[:, :lat].abs().clamp_min(1e-3)).max())
     k, nl = cfg.num_experts_per_tok, 256 // 32
@@ -263,6 +265,10 @@ def check_fused_ops(cfg: ModelConfig, device, tokens: int = 128) -> dict:
     y = r(tokens * k, cfg.hidden_size).to(dt)
     out["weighted_combine_diff"] = int((gather_sum(y, pa_, weights=wa) !=
                                         gather_sum(y * wa.to(dt)[:, None], pb_, impl="torch")).sum())
+    kvb = r(tokens, nh, cfg.qk_nope_head_dim + cfg.v_head_dim).to(dt)
+    ka, va = fused_ops.mla_prefill_kv(kvb, kv[:, lat:], cfg.v_head_dim)
+    kb, vb = fused_ops.mla_prefill_kv_ref(kvb, kv[:, lat:], cfg.v_head_dim)
+    out["prefill_kv_equal"] = bool(torch.equal(ka, kb) and torch.equal(va, vb))
     return out
 
 

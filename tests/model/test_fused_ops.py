@@ -131,7 +131,7 @@ def _rope_case(t, nh, lat, half, nope, dtype, cache_dtype, seed=0):
 
 
 @needs_triton
-@pytest.mark.parametrize("t,nh,lat,half,nope", [(1, 1, 8, 4, 4), (5, 3, 20, 3, 6), (9, 4, 64, 8, 16)])
+@pytest.mark.parametrize("t,nh,lat,half,nope", [(1, 1, 8, 4, 4), (5, 3, 20, 3, 6), (9, 4, 64, 8, 16), (3, 20, 16, 4, 8)])
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                (torch.bfloat16, torch.float8_e4m3fn)])
 def test_rope_cache_write_matches_unfused(t, nh, lat, half, nope, dtype, cache_dtype):
@@ -177,3 +177,14 @@ def test_group_pairs_is_the_static_grouping(impl, m, k, nl):
     assert torch.equal(gw, torch.where(ref.valid, w.reshape(-1)[ref.order], torch.zeros(())))
     mine = (ids >= 0) & (ids < nl)
     assert int(g.tokens_per_expert.sum()) == int(mine.sum()) and bool((pairs[~mine] == -1).all())
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("ctx,nh,nope,v_dim,r", [(1, 1, 4, 4, 2), (7, 11, 12, 8, 6), (33, 16, 16, 16, 8)])
+def test_mla_prefill_kv_is_concat_and_pad(impl, ctx, nh, nope, v_dim, r):
+    kv = torch.randn(ctx, nh, nope + v_dim, generator=_g(ctx)).to(torch.bfloat16)
+    pe_src = torch.randn(ctx, r + 5, generator=_g(nh)).to(torch.bfloat16)
+    k_pe = pe_src[:, 5:]          # a strided view, as the cache rows give it
+    k, v = fused_ops.mla_prefill_kv(kv, k_pe, v_dim, impl=impl)
+    rk, rv = fused_ops.mla_prefill_kv_ref(kv, k_pe, v_dim)
+    assert torch.equal(k, rk) and torch.equal(v, rv)

@@ -173,14 +173,16 @@ def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, to
 def rope_cache_write_ref(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                          cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                          k_scale: float = 1.0) -> torch.Tensor:
-    """The unfused ops: rope of q's last cos.shape[1]*2 channels (returned), RMSNorm of kv's latent, rope of its
-    k_pe, both written (c_kv ‖ k_pe) into the paged cache at slot_mapping (-1: not written)."""
+    """The unfused ops: rope of q's last cos.shape[1]*2 channels (in place; that view returned), RMSNorm of
+    kv's latent, rope of its k_pe, both written (c_kv ‖ k_pe) into the paged cache at slot_mapping (-1: not
+    written)."""
     from .attention import write_latent_cache
     from .rope import RotaryEmbedding
 
     r = 2 * cos.shape[1]
     lat = kv.shape[-1] - r
-    q_pe = RotaryEmbedding.apply(q[..., q.shape[-1] - r:], cos, sin)
+    q_pe = q[..., q.shape[-1] - r:]
+    q_pe.copy_(RotaryEmbedding.apply(q_pe, cos, sin))
     c_kv = rms_norm_ref(kv[:, :lat], norm_weight, eps)
     k_pe = RotaryEmbedding.apply(kv[:, lat:], cos, sin)
     write_latent_cache(kv_cache, torch.cat([c_kv, k_pe], dim=-1), slot_mapping, k_scale)
@@ -190,37 +192,35 @@ def rope_cache_write_ref(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.T
 if triton is not None:
 
     @triton.jit
-    def _rope_pairs(x_ptr, cos, sin, mask, OUT_TY: constexpr):
-        """Interleaved pairs (x[2j], x[2j+1]) -> ([x1 cos - x2 sin], [x2 cos + x1 sin]), each product and sum
-        rounded to the activation dtype as the torch reference's elementwise ops round them."""
-        x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + 1, mask=mask, other=0.0).to(tl.float32)
-        a = (x1 * cos).to(OUT_TY).to(tl.float32) - (x2 * sin).to(OUT_TY).to(tl.float32)
-        b = (x2 * cos).to(OUT_TY).to(tl.float32) + (x1 * sin).to(OUT_TY).to(tl.float32)
-        return a.to(OUT_TY), b.to(OUT_TY)
-
-    @triton.jit
     def _rope_cache_kernel(q_ptr, kv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
                            H, LAT, stride_qt, stride_qh, stride_kv, stride_cs, stride_c, eps, inv_k_scale,
                            Q_OFF: constexpr, HALF: constexpr, BLOCK_H: constexpr, BLOCK_HALF: constexpr,
                            BLOCK_L: constexpr, FP8: constexpr):
-        """One token per program: q_pe of every head roped in place (de-interleaved layout), and the cache row
-        [RMSNorm(c_kv) * w ‖ rope(k_pe)] (fp8: value / k_scale saturated to e4m3) written at its slot."""
+        """Program (token, head block): q_pe of BLOCK_H heads roped in place (de-interleaved layout); the head
+        block 0 program also writes the cache row [RMSNorm(c_kv) * w ‖ rope(k_pe)] (fp8: value / k_scale
+        saturated to e4m3) at the token's slot. Rope rounds to the activation dtype after each op (x1*cos, x2*sin,
+        their difference), as the torch reference's elementwise ops do."""
         t = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
         ty = q_ptr.dtype.element_ty
         j = tl.arange(0, BLOCK_HALF)
         jm = j < HALF
         cos = tl.load(cos_ptr + t * stride_cs + j, mask=jm, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + t * stride_cs + j, mask=jm, other=0.0).to(tl.float32)
-        # q_pe of all heads: [BLOCK_H, BLOCK_HALF] pairs
-        h = tl.arange(0, BLOCK_H)
+        h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         qm = (h < H)[:, None] & jm[None, :]
-        qbase = q_ptr + t * stride_qt + h[:, None] * stride_qh + Q_OFF
-        qa, qb = _rope_pairs(qbase + 2 * j[None, :], cos[None, :], sin[None, :], qm, ty)
+        qbase = q_ptr + t * stride_qt + h[:, None].to(tl.int64) * stride_qh + Q_OFF
+        x1 = tl.load(qbase + 2 * j[None, :], mask=qm, other=0.0).to(tl.float32)
+        x2 = tl.load(qbase + 2 * j[None, :] + 1, mask=qm, other=0.0).to(tl.float32)
+        c2, s2 = cos[None, :], sin[None, :]
+        qa = ((x1 * c2).to(ty).to(tl.float32) - (x2 * s2).to(ty).to(tl.float32)).to(ty)
+        qb = ((x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)).to(ty)
+        # in place: every thread's reads are done before any thread overwrites the interleaved pairs
+        tl.debug_barrier()
         tl.store(qbase + j[None, :], qa, mask=qm)
         tl.store(qbase + HALF + j[None, :], qb, mask=qm)
         slot = tl.load(slot_ptr + t)
-        if slot >= 0:
+        if (hb == 0) & (slot >= 0):
             ctype = cache_ptr.dtype.element_ty
             row = cache_ptr + slot.to(tl.int64) * stride_c
             offs = tl.arange(0, BLOCK_L)
@@ -230,7 +230,10 @@ if triton is not None:
             n = (x * rstd).to(ty).to(tl.float32)
             w = tl.load(w_ptr + offs, mask=lm, other=0.0).to(tl.float32)
             n = (n * w).to(ty)
-            ka, kb = _rope_pairs(kv_ptr + t * stride_kv + LAT + 2 * j, cos, sin, jm, ty)
+            k1 = tl.load(kv_ptr + t * stride_kv + LAT + 2 * j, mask=jm, other=0.0).to(tl.float32)
+            k2 = tl.load(kv_ptr + t * stride_kv + LAT + 2 * j + 1, mask=jm, other=0.0).to(tl.float32)
+            ka = ((k1 * cos).to(ty).to(tl.float32) - (k2 * sin).to(ty).to(tl.float32)).to(ty)
+            kb = ((k2 * cos).to(ty).to(tl.float32) + (k1 * sin).to(ty).to(tl.float32)).to(ty)
             if FP8:
                 n = tl.clamp(n.to(tl.float32) * inv_k_scale, -448.0, 448.0)
                 ka = tl.clamp(ka.to(tl.float32) * inv_k_scale, -448.0, 448.0)
@@ -245,8 +248,9 @@ def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tenso
                      k_scale: float = 1.0, impl: str = "auto") -> torch.Tensor:
     """q [T, H, D] (rope part last), kv [T, L + R] (kv_a_proj's output), cos/sin [T, R/2] -> roped q_pe
     [T, H, R]; writes [RMSNorm(c_kv) ‖ rope(k_pe)] of every token with a slot into kv_cache, in the cache's
-    dtype (fp8: value / k_scale). On CUDA one kernel (q_pe roped in place inside q, returned as a view)
-    instead of ~25 (two ropes, the norm, a concat and the padded scatter); elsewhere the unfused reference."""
+    dtype (fp8: value / k_scale). q_pe is roped in place and returned as a view, so q becomes
+    [q_nope ‖ roped q_pe] as prefill attention wants it. On CUDA one kernel instead of ~25 (two ropes, the
+    norm, a concat and the padded scatter); elsewhere the unfused reference."""
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     ok = (q.dtype == kv.dtype == norm_weight.dtype == cos.dtype and q.stride(-1) == 1 and kv.stride(-1) == 1
           and (fp8 or kv_cache.dtype == q.dtype))
@@ -266,10 +270,64 @@ def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tenso
         inv = 1.0
     cos, sin = cos.contiguous(), sin.contiguous()
     flat = kv_cache.view(-1, kv_cache.shape[-1])
+    bh = min(triton.next_power_of_2(nh), 16)
     if t:
-        _rope_cache_kernel[(t,)](q, kv, norm_weight, cos, sin, flat, slot_mapping.contiguous(), nh, lat,
+        _rope_cache_kernel[(t, triton.cdiv(nh, bh))](q, kv, norm_weight, cos, sin, flat, slot_mapping.contiguous(), nh, lat,
                                  q.stride(0), q.stride(1), kv.stride(0), cos.stride(0), flat.stride(0), eps, inv,
-                                 Q_OFF=d - 2 * half, HALF=half, BLOCK_H=triton.next_power_of_2(nh),
+                                 Q_OFF=d - 2 * half, HALF=half, BLOCK_H=bh,
                                  BLOCK_HALF=triton.next_power_of_2(half), BLOCK_L=triton.next_power_of_2(lat),
                                  FP8=fp8, num_warps=4)
     return q[..., d - 2 * half:]
+
+
+# ---- prefill K / V of MLA's MHA form -----------------------------------------------------------------------------
+
+def mla_prefill_kv_ref(kv: torch.Tensor, k_pe: torch.Tensor, v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ctx, nh, _ = kv.shape
+    nope = kv.shape[-1] - v_dim
+    k_nope, v = kv.split([nope, v_dim], dim=-1)
+    k = torch.cat([k_nope, k_pe[:, None, :].expand(ctx, nh, k_pe.shape[-1])], dim=-1)
+    return k, torch.nn.functional.pad(v, (0, k.shape[-1] - v_dim))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mla_prefill_kv_kernel(kv_ptr, pe_ptr, k_ptr, v_ptr, H, stride_kvt, stride_kvh, stride_pe,
+                               NOPE: constexpr, R: constexpr, V: constexpr, BLOCK_H: constexpr,
+                               BLOCK_N: constexpr, BLOCK_R: constexpr, BLOCK_V: constexpr):
+        """Program (context row, head block): k = [k_nope ‖ k_pe] and v zero-padded to k's width."""
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hm = (h < H)[:, None]
+        src = kv_ptr + t * stride_kvt + h[:, None].to(tl.int64) * stride_kvh
+        d = NOPE + R
+        dst = t * H * d + h[:, None].to(tl.int64) * d
+        n = tl.arange(0, BLOCK_N)[None, :]
+        tl.store(k_ptr + dst + n, tl.load(src + n, mask=hm & (n < NOPE)), mask=hm & (n < NOPE))
+        r = tl.arange(0, BLOCK_R)[None, :]
+        pe = tl.load(pe_ptr + t * stride_pe + r, mask=r < R)
+        tl.store(k_ptr + dst + NOPE + r, pe + tl.zeros((BLOCK_H, BLOCK_R), dtype=pe.dtype), mask=hm & (r < R))
+        c = tl.arange(0, BLOCK_V)[None, :]
+        v = tl.load(src + NOPE + c, mask=hm & (c < V), other=0.0)
+        tl.store(v_ptr + dst + c, v, mask=hm & (c < d))
+
+
+def mla_prefill_kv(kv: torch.Tensor, k_pe: torch.Tensor, v_dim: int,
+                   impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """kv [ctx, H, nope + v] (kv_b_proj's output), k_pe [ctx, R] -> k [ctx, H, nope + R] (k_pe shared by every
+    head) and v [ctx, H, nope + R] (zero-padded: the fused SDPA kernels want equal q/k/v head dims). One
+    pass on CUDA instead of a broadcast concat plus a pad; elsewhere the torch reference."""
+    ctx, nh, width = kv.shape
+    nope, r = width - v_dim, k_pe.shape[-1]
+    if not use_triton(kv, impl) or kv.stride(-1) != 1 or k_pe.stride(-1) != 1 or v_dim > nope + r:
+        return mla_prefill_kv_ref(kv, k_pe, v_dim)
+    k = torch.empty((ctx, nh, nope + r), dtype=kv.dtype, device=kv.device)
+    v = torch.empty_like(k)
+    bh = min(triton.next_power_of_2(nh), 8)
+    if ctx:
+        _mla_prefill_kv_kernel[(ctx, triton.cdiv(nh, bh))](
+            kv, k_pe, k, v, nh, kv.stride(0), kv.stride(1), k_pe.stride(0), NOPE=nope, R=r, V=v_dim, BLOCK_H=bh,
+            BLOCK_N=triton.next_power_of_2(nope), BLOCK_R=triton.next_power_of_2(r),
+            BLOCK_V=triton.next_power_of_2(nope + r), num_warps=4)
+    return k, v

@@ -14,7 +14,7 @@ from torch import nn
 from .attention import AttentionMetadata, dequantize_latent, paged_mla_decode
 from .config import ModelConfig
 from .fp8 import Fp8Linear, make_linear
-from .fused_ops import rope_cache_write
+from .fused_ops import mla_prefill_kv, rope_cache_write
 from .layers import RMSNorm
 from .rope import softmax_scale
 
@@ -91,7 +91,7 @@ class MLAttention(nn.Module):
         if nd > 0:
             out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], attn, kv_cache)
         if attn.num_seqs > nd:
-            self._prefill(q_nope, q_pe, attn, kv_cache, out)
+            self._prefill(q, attn, kv_cache, out)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
 
     def _decode(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache) -> torch.Tensor:
@@ -104,13 +104,14 @@ class MLAttention(nn.Module):
         )
         return torch.einsum("bhl,hvl->bhv", o_lat, w_uv)
 
-    def _prefill(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache, out) -> None:
-        """Per sequence: up-project its whole cached context, causal attention with the prefix offset."""
+    def _prefill(self, q, attn: AttentionMetadata, kv_cache, out) -> None:
+        """Per sequence: up-project its whole cached context, causal attention with the prefix offset.
+        q [T, H, nope + rope] holds the roped q_pe already."""
         block_size = kv_cache.shape[1]
         flat = kv_cache.view(-1, kv_cache.shape[-1])
         starts = [0]
-        for q in attn.query_lens:
-            starts.append(starts[-1] + q)
+        for n in attn.query_lens:
+            starts.append(starts[-1] + n)
         for i in range(attn.num_decodes, attn.num_seqs):
             q_len, ctx_len = attn.query_lens[i], attn.seq_lens_cpu[i]
             if q_len == 0:
@@ -119,12 +120,14 @@ class MLAttention(nn.Module):
             n_blocks = (ctx_len + block_size - 1) // block_size
             bt = attn.block_tables[i, :n_blocks].to(torch.long)
             slots = (bt[:, None] * block_size + torch.arange(block_size, device=bt.device)[None, :]).reshape(-1)
-            latent = dequantize_latent(flat[slots[:ctx_len]], self.k_scale, q_nope.dtype)
+            latent = dequantize_latent(flat[slots[:ctx_len]], self.k_scale, q.dtype)
             c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
             kv = self.kv_b_proj(c_kv).view(ctx_len, self.num_heads, self.nope + self.v_dim)
-            k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-            k = torch.cat([k_nope, k_pe[:, None, :].expand(ctx_len, self.num_heads, self.rope_dim)], dim=-1)
-            q = torch.cat([q_nope[lo:hi], q_pe[lo:hi]], dim=-1)
+            # k = [k_nope ‖ k_pe] per head; v zero-padded to q/k's head dim: fused SDPA kernels need equal
+            # q/k/v head dims (192 vs 128 here); without them PyTorch falls back to the math kernel, which
+            # materializes H x q_len x ctx fp32 scores (32 GB at 8k)
+            k, v = mla_prefill_kv(kv, k_pe, self.v_dim)
+            qs = q[lo:hi]
             # query j sits at position ctx_len - q_len + j and sees keys 0..that position
             if q_len == ctx_len:
                 mask, causal = None, True
@@ -132,13 +135,9 @@ class MLAttention(nn.Module):
                 qpos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
                 mask = torch.arange(ctx_len, device=q.device)[None, :] <= qpos[:, None]
                 causal = False
-            if q.is_cuda and v.shape[-1] != q.shape[-1]:
-                # Fused SDPA kernels need equal q/k/v head dims (192 vs 128 here); without padding PyTorch
-                # falls back to the math kernel, which materializes H x q_len x ctx fp32 scores (32 GB at 8k).
-                v = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
             # [1, H, L, D]: the fused kernels (flash / memory-efficient) take 4-D inputs only.
             o = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                qs.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                 attn_mask=mask, is_causal=causal, scale=self.scale,
             )[0]
             out[lo:hi] = o.transpose(0, 1)[..., : self.v_dim]

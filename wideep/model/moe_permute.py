@@ -111,6 +111,8 @@ class Grouping:
     valid: torch.Tensor | None       # [N] bool, only for static layouts (padding rows False)
 
 
+GROUP_KERNEL_MAX_PAIRS = 16384
+
 if triton is not None:
 
     @triton.jit
@@ -153,10 +155,13 @@ if triton is not None:
 def group_pairs(local_ids: torch.Tensor, num_local: int, weights: torch.Tensor | None = None,
                 impl: str = "auto") -> tuple[Grouping, torch.Tensor, torch.Tensor | None]:
     """The static grouping of group_by_local_expert(static=True) with what dispatch needs next: (grouping,
-    pair_rows [M, K], each grouped row's weight from weights [M, K] (0 on padding rows) or None). On CUDA
-    one kernel instead of ~25 small ones; elsewhere the torch reference (the same integers)."""
+    pair_rows [M, K], each grouped row's weight from weights [M, K] (0 on padding rows) or None). On CUDA, up
+    to GROUP_KERNEL_MAX_PAIRS pairs, one kernel instead of ~25 small ones; else the torch reference (the same
+    integers)."""
     m, k = local_ids.shape
-    if impl == "triton" or (impl == "auto" and local_ids.is_cuda and triton is not None):
+    # one CTA walks the pairs twice: the decode sizes (launch-bound) gain, prefill's 64k pairs do better on
+    # the device-wide scan of the reference path (the same integers either way)
+    if impl == "triton" or (impl == "auto" and local_ids.is_cuda and triton is not None and m * k <= GROUP_KERNEL_MAX_PAIRS):
         n = m * k
         dev = local_ids.device
         order = torch.empty(n, dtype=torch.int64, device=dev)
