@@ -87,45 +87,50 @@ def _minus(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
     return left
 
 
-def is_comm_kernel(name: str) -> bool:
-    """The transfer kernels: NCCL collectives, symmetric-memory peer copies and barriers."""
-    n = name.lower()
-    return "nccl" in n or "ptop" in n or "barrier" in n or "signal" in n
+def is_comm_event(e: dict) -> bool:
+    """The transfer work: NCCL kernels, symmetric-memory barriers, and memcpys (symm_mem_ll's peer
+    writes are copy-engine memcpys; the compute path has none, see memcpy_per_step of the other backends).
+    By name, not by stream: a graph replay runs its kernels on the driver's own streams."""
+    n = e["name"].lower()
+    return "nccl" in n or "barrier_kernel" in n or e.get("cat") == "gpu_memcpy"
 
 
 def kernel_overlap(events: list[dict], replays: int) -> dict:
     """Device activity of `replays` graph replays (chrome-trace 'X' events of kernels/memcpys/memsets):
-    comm = transfer kernels (is_comm_kernel, or anything off the stream that runs most of the compute);
-    exposed comm = comm time during which no compute kernel runs. Per replay, in ms."""
+    comm = transfer work (is_comm_event); everything else, the local grouping and combine sums
+    included, is compute; exposed comm = comm time during which no compute kernel runs. Per replay, ms."""
     dev = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not dev:
         return {"error": "no device events in the trace"}
-    busy: dict = {}
-    for e in dev:
-        if not is_comm_kernel(e["name"]):
-            st = e.get("args", {}).get("stream")
-            busy[st] = busy.get(st, 0.0) + e["dur"]
-    main = max(busy, key=busy.get) if busy else None
     comm_iv, comp_iv, names = [], [], {}
     for e in dev:
         iv = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
-        comm = is_comm_kernel(e["name"]) or e.get("args", {}).get("stream") != main
+        comm = is_comm_event(e)
         (comm_iv if comm else comp_iv).append(iv)
         key = ("comm: " if comm else "compute: ") + e["name"][:60]
         n, d = names.get(key, (0, 0.0))
         names[key] = (n + 1, d + float(e["dur"]))
     cu, pu = _union(comm_iv), _union(comp_iv)
     span = max(e["ts"] + e["dur"] for e in dev) - min(e["ts"] for e in dev)
-    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:14]
+    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:10]
     return {"comm_ms": _measure(cu) / 1e3 / replays, "exposed_comm_ms": _minus(cu, pu) / 1e3 / replays,
             "compute_ms": _measure(pu) / 1e3 / replays, "span_ms": span / 1e3 / replays,
-            "comm_kernels_per_step": sum(1 for e in dev if is_comm_kernel(e["name"])) / replays,
-            "streams_ms": {str(k): v / 1e3 / replays for k, v in busy.items()},
+            "comm_events_per_step": len(comm_iv) / replays,
+            "comm_kernel_sum_ms": sum(b - a for a, b in comm_iv) / 1e3 / replays,
+            "memcpy_per_step": sum(1 for e in dev if e.get("cat") == "gpu_memcpy") / replays,
             "top_kernels": [[k, n / replays, d / 1e3 / replays] for k, (n, d) in top]}
 
 
-def _profiled(replay, replays: int) -> dict:
-    """kernel_overlap of `replays` calls of replay() (torch profiler, CUDA activity only)."""
+def _device_events(trace: dict) -> list[dict]:
+    return [{"name": e["name"], "cat": e.get("cat"), "ph": "X", "ts": e["ts"], "dur": e["dur"],
+             "stream": e.get("args", {}).get("stream")}
+            for e in trace.get("traceEvents", [])
+            if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+
+
+def _profiled(replay, replays: int, dump: str | None = None) -> dict:
+    """kernel_overlap of `replays` calls of replay() (torch profiler, CUDA activity only); `dump`: a
+    file that gets the device events (name, ts, dur, stream) as JSON."""
     import os
     import tempfile
 
@@ -142,9 +147,12 @@ def _profiled(replay, replays: int) -> dict:
     try:
         prof.export_chrome_trace(path)
         with open(path) as f:
-            events = json.load(f).get("traceEvents", [])
+            events = _device_events(json.load(f))
     finally:
         os.unlink(path)
+    if dump:
+        with open(dump, "w") as f:
+            json.dump(events, f)
     return kernel_overlap(events, replays)
 
 
@@ -345,7 +353,9 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
                             g, _ = _graph(fwd)
                             label["step_ms"] = _timed(g.replay, opts["iters"]) * 1e3
                             if opts["profile"]:
-                                label["profile"] = _profiled(g.replay, 3)
+                                dump = (f"{opts['trace_dir']}/trace_{name}_{E // world}_{int(comm)}{int(split)}.json"
+                                        if opts["trace_dir"] and rank == 0 else None)
+                                label["profile"] = _profiled(g.replay, 3, dump)
                         del g
                     except Exception as exc:  # noqa: BLE001
                         label["error"] = repr(exc)[:400]
@@ -378,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="routed experts of the layer slice; 16 = 8 per GPU, the per-GPU expert count of EP=32")
     ap.add_argument("--sections", default="correctness,latency,dbo")
     ap.add_argument("--no-profile", action="store_true", help="skip the torch-profiler kernel overlap of each DBO graph")
+    ap.add_argument("--trace-dir", default=None, help="rank 0 writes each DBO graph's device events here")
     ap.add_argument("--timeout", type=float, default=400.0)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -386,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = {"tokens": [int(x) for x in a.tokens.split(",")], "iters": a.iters, "batch": a.batch,
             "context": a.context, "moe_layers": a.moe_layers, "dbo_backends": a.dbo_backends.split(","),
             "dbo_experts": [int(x) for x in a.dbo_experts.split(",")],
-            "sections": a.sections.split(","), "profile": not a.no_profile}
+            "sections": a.sections.split(","), "profile": not a.no_profile,
+            "trace_dir": a.trace_dir}
     per_rank = run_ranks(_rank, 2, args=(opts,), timeout_s=a.timeout, env=NCCL_ENV, threads_per_rank=0)
     report = {"config": opts, "ranks": per_rank}
     print(json.dumps(report, indent=1))
