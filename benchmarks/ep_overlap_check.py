@@ -2,16 +2,22 @@
 all_to_all, and dual-batch overlap in a captured decode step.
 
 1. correctness: the same tokens, routing and experts through symm_mem_ll and allgather_reducescatter
-   at EP=2 (eager and CUDA-graph replay): relative max error of the MoE output (bf16 tolerance);
+   at EP=2 (eager and CUDA-graph replay). symm_mem_ll sends FP8 activations, so the reference runs on
+   the same FP8-rounded activations: what is left must be within bf16 tolerance (the transport is exact);
+   the error against the unrounded input is reported beside it;
 2. latency: dispatch + combine per MoE layer (hidden 7168, 256 experts, top-8) at 32/128/256 tokens
    per rank, eager and graph-replayed, for each backend (all_to_all: eager only, it syncs the host);
 3. dual-batch overlap: a DeepSeek-V3 layer slice (1 dense + N MoE layers, random weights) decoding
    128 sequences per rank, captured as a CUDA graph with and without DBO, for each capturable
-   backend, and the same step with communication replaced by a local stand-in (identical shapes, no
-   transfer); with all 256 experts (128 per GPU) and with 16 (8 per GPU, EP=32's per-GPU expert count). Exposed comm = step - step without comm; hidden share = 1 - exposed(DBO)/exposed(no DBO).
+   backend, with all 256 experts (128 per GPU) and with 16 (8 per GPU, EP=32's per-GPU count).
+   Each graph is profiled (torch profiler, 3 replays): comm = the transfer work only (NCCL kernels,
+   symmetric-memory barriers, peer memcpys); the local grouping and fp32 combine sums are compute;
+   exposed comm = comm time during which no compute kernel runs; hidden share = 1 - exposed(DBO) /
+   exposed(no DBO). The same step with communication replaced by a local stand-in (identical shapes,
+   its own grouping/combine code, no transfer) is also timed: it bounds the cost of the split itself.
 
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
-      python benchmarks/ep_overlap_check.py --out ep_overlap.json
+      python benchmarks/ep_overlap_check.py --out ep_overlap.json [--trace-dir DIR]
 """
 from __future__ import annotations
 
