@@ -12,6 +12,12 @@ import torch
 from wideep.model.triton_compat import constexpr, tl, triton
 
 
+# Launch option for kernels that must round like a chain of torch elementwise ops: with fp fusion on, the
+# compiler turns round(round(a*b) - round(c*d)) in bf16 into fma(a, b, -round(c*d)) (one rounding fewer,
+# seen in the sm_90 PTX), so a fused rope would differ from torch's in the last bit of ~1/4 of the values.
+NO_FP_FUSION = {"enable_fp_fusion": False}
+
+
 def use_triton(x: torch.Tensor, impl: str) -> bool:
     if impl == "triton":
         if triton is None:
@@ -276,7 +282,7 @@ def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tenso
                                  q.stride(0), q.stride(1), kv.stride(0), cos.stride(0), flat.stride(0), eps, inv,
                                  Q_OFF=d - 2 * half, HALF=half, BLOCK_H=bh,
                                  BLOCK_HALF=triton.next_power_of_2(half), BLOCK_L=triton.next_power_of_2(lat),
-                                 FP8=fp8, num_warps=4)
+                                 FP8=fp8, num_warps=4, **NO_FP_FUSION)
     return q[..., d - 2 * half:]
 
 
