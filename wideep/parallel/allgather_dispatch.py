@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending, done
-from wideep.model.moe_permute import gather_sum, group_by_local_expert, pair_rows
+from wideep.model.moe_permute import gather_sum, group_by_local_expert, group_pairs, pair_rows
 from wideep.parallel import _comm
 
 
@@ -89,23 +89,31 @@ class AllGatherReduceScatterDispatcher(MoEDispatcher):
                 w.wait()
             if works:
                 x, topk_ids, topk_weights = unpack_rows(packed, x, topk_ids, topk_weights)
-            g = group_by_local_expert(topk_ids - first, self.num_local_experts, static)
-            weights = topk_weights.reshape(-1)[g.order]
-            if g.valid is not None:
-                weights = torch.where(g.valid, weights, torch.zeros_like(weights))
+            if static:   # one kernel on CUDA (graph steps)
+                g, pairs, weights = group_pairs(topk_ids - first, self.num_local_experts, topk_weights)
+            else:
+                g = group_by_local_expert(topk_ids - first, self.num_local_experts, static)
+                weights = topk_weights.reshape(-1)[g.order]
+                pairs = pair_rows(g, topk_ids.shape[0], topk_ids.shape[1])
             return DispatchResult(x=x[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
-                                  handle=_Handle(t, tp, g.rows, g.valid,
-                                                 pair_rows(g, topk_ids.shape[0], topk_ids.shape[1])))
+                                  handle=_Handle(t, tp, g.rows, g.valid, pairs))
         return Pending(finish)
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         return self.combine_async(y, result).wait()
 
     def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        return self._combine(y, result, None)
+
+    def combine_weighted(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
+        return self._combine(y, result, result.weights).wait()
+
+    def _combine(self, y: torch.Tensor, result: DispatchResult, weights: torch.Tensor | None) -> Pending:
         h: _Handle = result.handle
         # fp32 sums over the top-k experts and over ranks, one rounding at the end: the numerics of
-        # EP=1 (LocalDispatcher), so EP=N greedy tokens match EP=1 in bf16 too (2x reduce-scatter bytes)
-        out = gather_sum(y, h.pair_rows, torch.float32)
+        # EP=1 (LocalDispatcher), so EP=N greedy tokens match EP=1 in bf16 too (2x reduce-scatter bytes);
+        # weights (unweighted y): each row scaled inside the gather, rounded as y * w would be
+        out = gather_sum(y, h.pair_rows, torch.float32, weights=weights)
         dtype = y.dtype
         if self.ep_size == 1:
             return done(out[: h.num_tokens].to(dtype))
