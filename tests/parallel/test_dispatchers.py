@@ -33,13 +33,14 @@ def _reference(x, ids, w, experts) -> torch.Tensor:
 
 
 def _grouped_gemm(result, experts, first) -> torch.Tensor:
-    """What the MoE layer does between dispatch and combine: rows past the counts are padding."""
+    """The experts' rows before weighting (what the MoE layer computes between dispatch and combine): rows
+    past the counts are padding."""
     y = torch.zeros_like(result.x)
     start = 0
     for i, n in enumerate(result.tokens_per_expert.tolist()):
         y[start:start + n] = _expert(result.x[start:start + n], experts[first + i])
         start += n
-    return y * result.weights.unsqueeze(1)
+    return y
 
 
 MODES = [("allgather_reducescatter", False), ("allgather_reducescatter", True), ("all_to_all", False)]
@@ -70,7 +71,11 @@ def _one_backend(rank, world, backend, tokens_per_rank, static):
             d.set_max_tokens_per_rank(max(tokens_per_rank) + 2)
         res = d.dispatch(x[lo:hi], ids[lo:hi], w[lo:hi])
         first, _ = d.local_expert_range
-        outs.append(d.combine(_grouped_gemm(res, experts, first), res))
+        y = _grouped_gemm(res, experts, first)
+        out = d.combine(y * res.weights.unsqueeze(1), res)
+        # the weight folded into the combine gives the same bits as weighting the rows first
+        assert torch.equal(d.combine_weighted(y, res), out), (backend, static)
+        outs.append(out)
     dist.barrier()
     return [o.tolist() for o in outs]
 
@@ -98,7 +103,7 @@ def test_single_rank_backend_is_local_moe(backend):
     d = get_dispatcher(backend, E)
     res = d.dispatch(x, ids, w)
     assert int(res.tokens_per_expert.sum()) == 6 * K
-    torch.testing.assert_close(d.combine(_grouped_gemm(res, experts, 0), res), _reference(x, ids, w, experts))
+    torch.testing.assert_close(d.combine_weighted(_grouped_gemm(res, experts, 0), res), _reference(x, ids, w, experts))
 
 
 def test_registry_names_and_errors():
