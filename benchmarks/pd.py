@@ -355,7 +355,8 @@ def ttft_bench(args, transport: str = "tcp", decode_modes: tuple[str, ...] = ("e
                     dec.append(d)
                     bd.append(dict(marks))
                     same = same and dout.new_token_ids[:1] == aout.new_token_ids[:1]
-            res = {"transport": transport, "decode": mode, "prompt_tokens": args.prompt_len,
+            res = {"transport": transport, "decode": mode, "graph_sizes": core.graph_sizes(),
+                   "prompt_tokens": args.prompt_len,
                    "aggregated_ttft_ms": statistics.median(agg) * 1e3,
                    "pd_prefill_ms": statistics.median(pre) * 1e3,
                    "pd_decode_first_token_ms": statistics.median(dec) * 1e3,
@@ -514,7 +515,8 @@ def to_markdown(r: dict, args) -> str:
     lines += ["", f"Host-copy bounds for a {args.prompt_len}-token prompt: {hc} (GB/s)."]
     for t in r["ttft"]:
         bd = ", ".join(f"{k} {v:.2f}" for k, v in t["decode_breakdown_ms"].items())
-        lines += ["", f"TTFT over {t['transport']}, decode engine {t['decode']}, {t['prompt_tokens']}-token prompt "
+        mode = t["decode"] + (f" (graphs {t['graph_sizes']})" if t["graph_sizes"] else "")
+        lines += ["", f"TTFT over {t['transport']}, decode engine {mode}, {t['prompt_tokens']}-token prompt "
                       f"({r['model']['preset']}, {r['model']['model_layers']} layers): aggregated "
                       f"{t['aggregated_ttft_ms']:.1f} ms; P/D {t['pd_ttft_ms']:.1f} ms = prefill {t['pd_prefill_ms']:.1f}"
                       f" + decode side {t['pd_decode_first_token_ms']:.1f} (ms after arrival: {bd}); P/D adds "
