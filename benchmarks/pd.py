@@ -112,14 +112,14 @@ def _cfg(role: str, engine_id: str, transport: str, threads: int | None = None) 
 
 
 def _parse_variants(spec: str) -> list[dict]:
-    """"4,8,0,4:noprog" -> consumer NIXL agents with that many UCX worker threads; ":noprog" = no NIXL
-    progress thread (completion driven only by the reader's polling)."""
+    """"8,0,4:prog" -> consumer NIXL agents with that many UCX worker threads; ":prog" = with NIXL's
+    progress thread (the default has none: the reader's polling progresses the agent)."""
     out = []
     for item in (x for x in spec.split(",") if x):
         n, _, flag = item.partition(":")
-        if flag not in ("", "noprog"):
-            raise ValueError(f"bad NIXL variant {item!r} (want THREADS or THREADS:noprog)")
-        out.append({"name": item, "threads": int(n), "progress_thread": False if flag else None})
+        if flag not in ("", "prog"):
+            raise ValueError(f"bad NIXL variant {item!r} (want THREADS or THREADS:prog)")
+        out.append({"name": item, "threads": int(n), "progress_thread": True if flag else None})
     return out
 
 
@@ -403,7 +403,7 @@ def main(argv=None) -> int:
     ap.add_argument("--transports", default="tcp,nixl", help="comma-separated: tcp, nixl")
     ap.add_argument("--no-scattered", action="store_true", help="skip the scattered-blocks NIXL rows")
     ap.add_argument("--nixl-variants", default="",
-                    help="extra contiguous NIXL rows with other consumer agents: THREADS[:noprog],... (e.g. 8,0,4:noprog)")
+                    help="extra contiguous NIXL rows with other consumer agents: THREADS[:prog],... (e.g. 8,0,4:prog)")
     ap.add_argument("--ttft-transports", default=None, help="transports of the TTFT runs (default: --transports)")
     ap.add_argument("--ttft-decode-modes", default="eager",
                     help="decode engine of the TTFT runs: eager, graphs (CUDA graphs for decode batches) or both")

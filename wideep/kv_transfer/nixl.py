@@ -169,7 +169,7 @@ class NixlTransport:
     def __init__(self, *, engine_id: str, regions: list[Region], num_blocks: int, block_size: int,
                  device_id: int, mem_type: str, compat_hash: str, enforce_compat: bool = True,
                  tp_size: int = 1, handshake_timeout_s: float = 5.0, transfer_timeout_s: float = 60.0,
-                 num_threads: int = 4, progress_thread: bool | None = None):
+                 num_threads: int = 4, progress_thread: bool = False):
         from nixl._api import nixl_agent, nixl_agent_config
         if mem_type not in ("DRAM", "VRAM"):
             raise ValueError(f"NIXL memory type must be DRAM or VRAM, got {mem_type!r}")
@@ -187,10 +187,11 @@ class NixlTransport:
         self._lock = threading.Lock()
         self._hs_lock = threading.Lock()      # one handshake at a time (vLLM: a 1-thread executor)
         # num_threads: UCX worker threads, vLLM's default of 4 (more would exhaust NIC UAR space).
-        # NIXL's progress thread polls without pause (the Python API sets no delay): worth a core on
-        # a GPU server (vLLM keeps it), a loss on a small CPU host. There a thread of ours polls the
-        # agent every POLL_S instead (remote reads and connection set-up need the target to progress).
-        progress_thread = mem_type == "VRAM" if progress_thread is None else progress_thread
+        # No NIXL progress thread by default: a reader polls its READ back to back, which progresses
+        # the agent, and a thread of ours polls every POLL_S for notifications and connection set-up.
+        # NIXL's progress thread spins on the same workers (the Python API sets no delay) and slowed
+        # each READ between two H200s by 0.2-5 ms (contention while posting; docs/perf.md).
+        progress_thread = bool(progress_thread)
         self.agent = nixl_agent(f"{engine_id}-{uuid.uuid4().hex[:8]}",
                                 nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"],
                                                   num_threads=num_threads))
