@@ -9,14 +9,19 @@ Two processes: a producer (prefill) on --prefill-device and a consumer (decode) 
                    layout of the model (one [blocks, block_size, kv_lora_rank + rope] tensor per layer):
                    tcp  = gather on the producer's device -> pinned host -> TCP -> pinned host -> scatter;
                    nixl = one NIXL READ of the registered caches (VRAM to VRAM on GPU), contiguous
-                          block ids (a fresh cache) and scattered ones (a fragmented cache).
+                          block ids (a fresh cache) and scattered ones (a fragmented cache), with the
+                          time per READ split into make_prepped_xfer / post / wait / release;
+                          --nixl-variants adds rows for other consumer agents (UCX threads, progress thread).
   3. TTFT        : real EngineCores per transport. Aggregated = the decode engine computes the prompt
-                   itself. P/D = producer prefill (to its one token) + consumer pull + last-token step.
+                   itself. P/D = producer prefill (to its one token) + consumer pull + last-token step,
+                   with the decode side's timeline (pull start, pull done, step start, first token);
+                   --ttft-decode-modes eager,graphs runs the decode engine eager and with CUDA graphs.
 
 CPU (small, a sanity run):   python benchmarks/pd.py --preset tiny --device cpu
 GPU (lead, two GPUs):        python benchmarks/pd.py --preset layer-slice --num-moe-layers 1 --fp8 \
                                  --prefill-device cuda:0 --decode-device cuda:1 --block-size 64 \
-                                 --transfer-layers 61 --markdown
+                                 --transfer-layers 61 --reps 5 --warmup 1 --nixl-variants 4:prog,0,8 \
+                                 --ttft-transports nixl --ttft-decode-modes eager,graphs --markdown
 GPU (one GPU, two procs):    ... --prefill-device cuda:0 --decode-device cuda:0
 --transports tcp,nixl picks the transports (nixl needs `pip install 'wideep[nixl]'`).
 """

@@ -171,6 +171,9 @@ class KVConnector(KVConnectorBase):
             mem_type="VRAM" if dev.type == "cuda" else "DRAM",
             compat_hash=nixl_mod.compatibility_hash(self.model, self.caches.layout()),
             enforce_compat=self.cfg.enforce_handshake_compat, tp_size=self.tp_size, num_threads=self.cfg.nixl_threads,
+            # a spinning progress thread: for a producer on a GPU server (its reads finish sooner), not on
+            # a CPU host (it would take a core) and not for a consumer (its reader polls; posting slows)
+            progress_thread=dev.type == "cuda" and self.cfg.is_producer,
             transfer_timeout_s=self.transfer_timeout_s, handshake_timeout_s=self.handshake_timeout_s)
         if self.cfg.is_producer:
             self.port = self.nixl.serve(self.listen_host, self.port)

@@ -187,11 +187,11 @@ class NixlTransport:
         self._lock = threading.Lock()
         self._hs_lock = threading.Lock()      # one handshake at a time (vLLM: a 1-thread executor)
         # num_threads: UCX worker threads, vLLM's default of 4 (more would exhaust NIC UAR space).
-        # No NIXL progress thread by default: a reader polls its READ back to back, which progresses
-        # the agent, and a thread of ours polls every POLL_S for notifications and connection set-up.
-        # NIXL's progress thread spins on the same workers (the Python API sets no delay) and slowed
-        # each READ between two H200s by 0.2-5 ms (contention while posting; docs/perf.md).
-        progress_thread = bool(progress_thread)
+        # progress_thread: NIXL's own thread, spinning on the agent's workers (the Python API sets no
+        # delay). A producer on GPU wants it: a consumer's READ completes only as fast as the producer's
+        # agent progresses. A consumer does not: its reader polls the READ back to back (which
+        # progresses the agent), and a second spinning thread slows posting (docs/perf.md). Without
+        # it, a thread of ours polls every POLL_S for notifications and connection set-up.
         self.agent = nixl_agent(f"{engine_id}-{uuid.uuid4().hex[:8]}",
                                 nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"],
                                                   num_threads=num_threads))
