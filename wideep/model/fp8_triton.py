@@ -65,7 +65,7 @@ if triton is not None:
         tl.store(q_ptr + m.to(tl.int64) * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + gi * M + m, scale, mask=gi * GROUP_K < N_INTER)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "KB_PER_SPLIT"])
     def _fp8_gemm_kernel(
         a_ptr, as_ptr, b_ptr, bs_ptr, sidx_ptr, c_ptr,
         tile_expert_ptr, tile_row_ptr, expert_end_ptr,
