@@ -103,7 +103,7 @@ def sweep(dev, small: bool) -> dict:
         n_kb = -(-k // 128)
         for bm, bn, wp, st, swap in tiles:
             auto = max(1, min(-(-2 * sms // (-(-n // bn) * rows_tiles(bm))), n_kb // 4))
-            for split in sorted({1, max(1, auto // 2), auto}):
+            for split in sorted({1, 2, max(1, auto // 2), auto}):
                 for fuse in ((False, True) if allow_fuse else (False,)):
                     yield fp8_triton.GemmConfig(bm, bn, wp, st, split, swap, fuse)
 
