@@ -24,7 +24,8 @@ E4M3_REL = 2.0 ** -4   # round-to-nearest relative error of a normal e4m3 value 
 needs_triton = pytest.mark.skipif(not fp8_triton.available(), reason="triton not installed")
 # tile shapes, split-K, swap-AB (weights on the MMA's M side), with/without the fused activation quantization
 CONFIGS = [fp8_triton.GemmConfig(*c) for c in
-           [(16, 64, 4, 1), (32, 32, 4, 1, 3), (16, 64, 4, 1, 1, True), (32, 64, 4, 1, 2, True)]]
+           [(16, 64, 4, 1), (32, 32, 4, 1, 3, False, False, True), (16, 64, 4, 1, 1, True),
+            (32, 64, 4, 1, 2, True, False, True)]]
 
 
 def _gen(seed):
@@ -157,6 +158,7 @@ def test_triton_gemm_fused_quant_and_batch_invariance(cfg):
 def test_gemm_config_parse():
     assert fp8_triton.GemmConfig.parse("64,128,4,3") == fp8_triton.GemmConfig(64, 128, 4, 3)
     assert fp8_triton.GemmConfig.parse("32,64,4,4,2,1,0") == fp8_triton.GemmConfig(32, 64, 4, 4, 2, True, False)
+    assert fp8_triton.GemmConfig.parse("32,64,4,4,2,1,0,1").prefetch
     for bad in ("64,128,4", "48,128,4,3", "64,128,4,3,0"):
         with pytest.raises(ValueError):
             fp8_triton.GemmConfig.parse(bad)

@@ -89,23 +89,27 @@ def scale_row_index(rows: list[int], block: int, device=None) -> torch.Tensor:
 # kernel undercuts on the small ones. Decode-regime choices are per weight shape (never per row count).
 CUBLAS_MIN_ROWS = 512            # rows from which a projection is a prefill GEMM (cuBLAS when it accepts)
 CUBLAS_MIN_WEIGHT = 12 * 2**20   # weight elements (N*K) from which cuBLAS serves decode, for shapes not in
-CUBLAS_DECODE: dict[tuple[int, int], bool] = {}   # ... this table of measured (N, K) -> cuBLAS or not
-_CUBLAS_BROKEN: set[int | None] = set()
+CUBLAS_DECODE: dict[tuple[int, int], bool] = {   # ... this table of measured R1 (N, K) -> cuBLAS or not
+    (1536, 7168): False, (576, 7168): False, (24576, 1536): True, (7168, 16384): True, (4096, 7168): True,
+    (7168, 2048): True, (36864, 7168): True, (7168, 18432): True}
+CUBLAS_PAD_ROWS = 16             # activation rows are padded to this for cuBLAS (aligned scale columns)
+CUBLAS_REFUSED: dict[int | None, str] = {}   # device index -> why cuBLAS refused block scaling there
 
 
 def _cublas_block_fp8_ok(w: torch.Tensor, scale: torch.Tensor) -> bool:
     n, k = w.shape
-    return (w.device.index not in _CUBLAS_BROKEN and n % 128 == 0 and k % 128 == 0
+    return (w.device.index not in CUBLAS_REFUSED and n % 128 == 0 and k % 128 == 0
             and scale.shape == (n // 128, k // 128) and hasattr(torch, "_scaled_mm"))
 
 
 def _cublas_block_fp8(q: torch.Tensor, s: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                      out_dtype: torch.dtype) -> torch.Tensor | None:
-    """None (and never again on this device) when this torch/cuBLAS refuses block scaling."""
+                      out_dtype: torch.dtype, rows: int) -> torch.Tensor | None:
+    """The first `rows` rows of q (padded by act_quant(..., CUBLAS_PAD_ROWS)) times W^T; None (and never again
+    on this device) when this torch/cuBLAS refuses block scaling."""
     try:
-        return torch._scaled_mm(q, w.t(), scale_a=s, scale_b=scale.t(), out_dtype=out_dtype)
-    except (RuntimeError, TypeError, ValueError):
-        _CUBLAS_BROKEN.add(w.device.index)
+        return torch._scaled_mm(q, w.t(), scale_a=s, scale_b=scale.t(), out_dtype=out_dtype)[:rows]
+    except (RuntimeError, TypeError, ValueError) as exc:
+        CUBLAS_REFUSED[w.device.index] = f"{type(exc).__name__}: {exc}"[:300]
         return None
 
 
@@ -128,8 +132,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, sidx: torc
         large = x2.shape[0] >= CUBLAS_MIN_ROWS
         y = None
         if (large or _decode_uses_cublas(w)) and _cublas_block_fp8_ok(w, scale):
-            q, s = fp8_triton.act_quant(x2)
-            y = _cublas_block_fp8(q, s, w, scale, x.dtype)
+            q, s = fp8_triton.act_quant(x2, CUBLAS_PAD_ROWS)
+            y = _cublas_block_fp8(q, s, w, scale, x.dtype, x2.shape[0])
         if y is None:
             cfg = fp8_triton.pick_config(w.shape[0], w.shape[1], large=large, device=x2.device)
             q, s = (x2, None) if cfg.fuse_quant else fp8_triton.act_quant(x2)
@@ -146,19 +150,19 @@ def _grouped_mlp_cublas(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, s
     """Eager prefill: each expert's rows through cuBLAS block-scaled FP8 (Triton where cuBLAS refuses)."""
     from . import fp8_triton
 
-    def mm(q, s, w, ws, sidx):
-        out = _cublas_block_fp8(q, s, w, ws, x.dtype) if _cublas_block_fp8_ok(w, ws) else None
+    def mm(q, s, w, ws, sidx, rows):
+        out = _cublas_block_fp8(q, s, w, ws, x.dtype, rows) if _cublas_block_fp8_ok(w, ws) else None
         if out is None:
             out = fp8_triton.fp8_gemm(q, s, w, ws, sidx, x.dtype,
-                                      fp8_triton.pick_config(w.shape[0], w.shape[1], large=True))
+                                      fp8_triton.pick_config(w.shape[0], w.shape[1], large=True))[:rows]
         return out
 
     start = 0
     for e, n in enumerate(counts):
         if n:
-            q, s = fp8_triton.act_quant(x[start : start + n])
-            q2, s2a = fp8_triton.silu_mul_quant(mm(q, s, w13[e], s13[e], sidx13))
-            y[start : start + n] = mm(q2, s2a, w2[e], s2[e], sidx2)
+            q, s = fp8_triton.act_quant(x[start : start + n], CUBLAS_PAD_ROWS)
+            q2, s2a = fp8_triton.silu_mul_quant(mm(q, s, w13[e], s13[e], sidx13, n), CUBLAS_PAD_ROWS)
+            y[start : start + n] = mm(q2, s2a, w2[e], s2[e], sidx2, n)
             start += n
     return y
 

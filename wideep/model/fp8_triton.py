@@ -71,7 +71,7 @@ if triton is not None:
         tile_expert_ptr, tile_row_ptr, expert_end_ptr,
         M, N, K, stride_am, stride_be, stride_bn, stride_bse, stride_bsn, stride_cs, stride_cm,
         KB_PER_SPLIT,
-        GROUPED: constexpr, QUANT_A: constexpr, SWAP: constexpr,
+        GROUPED: constexpr, QUANT_A: constexpr, SWAP: constexpr, PREFETCH: constexpr,
         BLOCK_M: constexpr, BLOCK_N: constexpr, BLOCK_K: constexpr,
     ):
         """C[rows, N] (+)= sum_k (A_q * a_s) (B_q * b_s)^T over this program's K slice.
@@ -114,10 +114,29 @@ if triton is not None:
                 acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             else:
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            # PREFETCH: the next K block's scales are loaded one iteration ahead (their latency would
+            # otherwise stall every iteration between the MMA and the scaling)
+            # (indices clamped to a valid K block instead of masked: the value past the last one goes unused)
+            kb_first = tl.minimum(kb_lo, n_kb - 1)
+            b_s_next = tl.load(bs_base + sidx * stride_bsn + kb_first, mask=mask_n, other=0.0)
+            if QUANT_A:
+                a_s_next = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            else:
+                a_s_next = tl.load(as_ptr + kb_first * M + offs_m, mask=mask_m, other=0.0)
             for kb in range(kb_lo, kb_hi):
                 offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < K
-                b_s = tl.load(bs_base + sidx * stride_bsn + kb, mask=mask_n, other=0.0)
+                if PREFETCH:
+                    b_s = b_s_next
+                    kb_next = tl.minimum(kb + 1, n_kb - 1)
+                    b_s_next = tl.load(bs_base + sidx * stride_bsn + kb_next, mask=mask_n, other=0.0)
+                    if not QUANT_A:
+                        a_s = a_s_next
+                        a_s_next = tl.load(as_ptr + kb_next * M + offs_m, mask=mask_m, other=0.0)
+                else:
+                    b_s = tl.load(bs_base + sidx * stride_bsn + kb, mask=mask_n, other=0.0)
+                    if not QUANT_A:
+                        a_s = tl.load(as_ptr + kb * M + offs_m, mask=mask_m, other=0.0)
                 if SWAP:
                     a = tl.load(a_rows[None, :] + offs_k[:, None], mask=mask_m[None, :] & mask_k[:, None],
                                 other=0.0)                                               # [BK, BM]
@@ -125,8 +144,6 @@ if triton is not None:
                         af = a.to(tl.float32)
                         a_s = tl.maximum(tl.max(tl.abs(af), axis=0), 1e-10) / 448.0
                         a = tl.clamp(af / a_s[None, :], -448.0, 448.0).to(b_ptr.dtype.element_ty)
-                    else:
-                        a_s = tl.load(as_ptr + kb * M + offs_m, mask=mask_m, other=0.0)
                     b = tl.load(b_rows[:, None] + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
                                 other=0.0)                                               # [BN, BK]
                     acc += tl.dot(b, a) * a_s[None, :] * b_s[:, None]
@@ -137,8 +154,6 @@ if triton is not None:
                         af = a.to(tl.float32)
                         a_s = tl.maximum(tl.max(tl.abs(af), axis=1), 1e-10) / 448.0
                         a = tl.clamp(af / a_s[:, None], -448.0, 448.0).to(b_ptr.dtype.element_ty)
-                    else:
-                        a_s = tl.load(as_ptr + kb * M + offs_m, mask=mask_m, other=0.0)
                     b = tl.load(b_rows[None, :] + offs_k[:, None], mask=mask_n[None, :] & mask_k[:, None],
                                 other=0.0)                                               # [BK, BN]
                     acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
@@ -165,31 +180,35 @@ if triton is not None:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, ceil(K/128)] with strides (1, M))."""
+def act_quant(x: torch.Tensor, pad_rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M', K], fp32 scales [M', ceil(K/128)] with strides (1, M')), M' = M rounded up to
+    pad_rows (cuBLAS's block scaling wants 16-byte aligned scale columns); rows past M are left unset."""
     m, k = x.shape
     x = x.contiguous()
     ng = triton.cdiv(k, GROUP)
-    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty((ng, m), dtype=torch.float32, device=x.device)
+    mp = -(-m // pad_rows) * pad_rows
+    q = torch.empty((mp, k), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((ng, mp), dtype=torch.float32, device=x.device)
     if m:
         groups = 8 if ng >= 8 else triton.next_power_of_2(ng)
-        _act_quant_kernel[(m, triton.cdiv(ng, groups))](x, q, s, m, k, x.stride(0), q.stride(0), GROUP_K=GROUP,
+        _act_quant_kernel[(m, triton.cdiv(ng, groups))](x, q, s, mp, k, x.stride(0), q.stride(0), GROUP_K=GROUP,
                                                         GROUPS=groups, num_warps=4 if groups >= 4 else 1)
     return q, s.t()
 
 
-def silu_mul_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """h [M, 2I] -> quantized silu(h[:, :I]) * h[:, I:]: (e4m3 [M, I], fp32 scales [M, ceil(I/128)], strides (1, M))."""
+def silu_mul_quant(h: torch.Tensor, pad_rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [M, 2I] -> quantized silu(h[:, :I]) * h[:, I:]: (e4m3 [M', I], fp32 scales [M', ceil(I/128)], strides
+    (1, M')), M' as in act_quant."""
     m, two_i = h.shape
     inter = two_i // 2
     h = h.contiguous()
     ng = triton.cdiv(inter, GROUP)
-    q = torch.empty((m, inter), dtype=torch.float8_e4m3fn, device=h.device)
-    s = torch.empty((ng, m), dtype=torch.float32, device=h.device)
+    mp = -(-m // pad_rows) * pad_rows
+    q = torch.empty((mp, inter), dtype=torch.float8_e4m3fn, device=h.device)
+    s = torch.empty((ng, mp), dtype=torch.float32, device=h.device)
     if m:
         groups = 8 if ng >= 8 else triton.next_power_of_2(ng)
-        _silu_mul_quant_kernel[(m, triton.cdiv(ng, groups))](h, q, s, m, inter, h.stride(0), q.stride(0),
+        _silu_mul_quant_kernel[(m, triton.cdiv(ng, groups))](h, q, s, mp, inter, h.stride(0), q.stride(0),
                                                              GROUP_K=GROUP, GROUPS=groups,
                                                              num_warps=4 if groups >= 4 else 1)
     return q, s.t()
@@ -205,13 +224,14 @@ class GemmConfig(NamedTuple):
     split: int = 1
     swap: bool = False
     fuse_quant: bool = False
+    prefetch: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "GemmConfig":
-        """'block_m,block_n,warps,stages[,split[,swap[,fuse_quant]]]' (swap/fuse_quant as 0/1)."""
+        """'block_m,block_n,warps,stages[,split[,swap[,fuse_quant[,prefetch]]]]' (flags as 0/1)."""
         parts = [int(t) for t in text.split(",")]
-        if not 4 <= len(parts) <= 7:
-            raise ValueError(f"{CONFIG_ENV}: expected 4 to 7 integers, got {text!r}")
+        if not 4 <= len(parts) <= 8:
+            raise ValueError(f"{CONFIG_ENV}: expected 4 to 8 integers, got {text!r}")
         cfg = cls(*parts[:5], *(bool(p) for p in parts[5:]))
         if cfg.split < 1 or any(v & (v - 1) or v < 1 for v in (cfg.block_m, cfg.block_n)):
             raise ValueError(f"{CONFIG_ENV}: block sizes must be powers of two and split >= 1, got {text!r}")
@@ -228,7 +248,21 @@ LARGE_ROWS = 512   # rows (plain) or mean rows per expert (grouped) from which t
 # from the sweep of benchmarks/fp8_gemm.py on an H200 (docs/perf.md). They depend only on the weight's shape
 # (and the number of local experts, a constant of the model), never on the number of rows: a row's K
 # reduction is the same whatever batch it shares (batch invariance).
-DECODE_CONFIGS: dict[tuple, GemmConfig] = {}
+DECODE_CONFIGS: dict[tuple, GemmConfig] = {
+    ("plain", 1536, 7168): GemmConfig(64, 128, 4, 3, split=5),        # q_a
+    ("plain", 576, 7168): GemmConfig(64, 64, 4, 4, split=7),          # kv_a
+    # (served by cuBLAS at decode, fp8.CUBLAS_DECODE; these are the Triton fallbacks)
+    ("plain", 24576, 1536): GemmConfig(64, 128, 4, 3),                # q_b
+    ("plain", 7168, 16384): GemmConfig(64, 128, 4, 3, split=2),       # o
+    ("plain", 4096, 7168): GemmConfig(64, 128, 4, 3, split=2),        # shared / dense-slice w13
+    ("plain", 7168, 2048): GemmConfig(128, 64, 4, 4, swap=True),      # shared w2
+    ("plain", 36864, 7168): GemmConfig(64, 64, 4, 4, swap=True),      # dense w13
+    ("plain", 7168, 18432): GemmConfig(64, 128, 4, 3, split=2),       # dense w2
+    ("grouped", 8, 4096, 7168): GemmConfig(64, 128, 4, 4, swap=True),   # EP=32: 8 local experts
+    ("grouped", 8, 7168, 2048): GemmConfig(64, 128, 4, 4, swap=True),
+    ("grouped", 32, 4096, 7168): GemmConfig(64, 128, 4, 4, swap=True),  # EP=8: 32 local experts
+    ("grouped", 32, 7168, 2048): GemmConfig(32, 64, 4, 4, swap=True),
+}
 
 
 def _forced() -> GemmConfig | None:
@@ -306,7 +340,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: to
     _fp8_gemm_kernel[(grid_m, grid_n, split)](
         a, a_s, w, w_s, sidx, target, tile_expert, tile_row, expert_end,
         m, n, k, a.stride(0), we, w2d.stride(0), ws_e, ws2d.stride(0), stride_cs, target.stride(-2),
-        kb_per, GROUPED=grouped, QUANT_A=quant_a, SWAP=cfg.swap, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
+        kb_per, GROUPED=grouped, QUANT_A=quant_a, SWAP=cfg.swap, PREFETCH=cfg.prefetch, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
         num_warps=cfg.warps, num_stages=cfg.stages if a.is_cuda else 1,
     )
     if split > 1:
