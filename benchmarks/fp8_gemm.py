@@ -5,6 +5,7 @@ R1's decode and prefill shapes against bf16 (F.linear, torch._grouped_mm) and cu
 (torch._scaled_mm).
 
   python benchmarks/fp8_gemm.py [--sweep] [--json out.json]   # prints tables; exits 1 if a check fails
+  python benchmarks/fp8_gemm.py --pairs                       # only: expert-MLP config pairs in one graph
   python benchmarks/fp8_gemm.py --device cpu                  # smoke: tiny sweep + checks under Triton's interpreter
 """
 from __future__ import annotations
@@ -196,6 +197,51 @@ def sweep(dev, small: bool) -> dict:
     return chosen
 
 
+def mlp_pairs(dev) -> None:
+    """The routed-expert MLP as the model runs it, per (w13, w2) config pair, beside its parts: which pair is
+    fastest where the two GEMMs, the quantization kernels and the tile maps run together in one graph."""
+    G = fp8_triton.GemmConfig
+    pairs = {"swap64x128": (G(64, 128, 4, 4, swap=True), G(64, 128, 4, 4, swap=True)),
+             "swap64x128 pf": (G(64, 128, 4, 4, swap=True, prefetch=True), G(64, 128, 4, 4, swap=True, prefetch=True)),
+             "swap128x64 pf / 64x128": (G(128, 64, 4, 4, swap=True, prefetch=True), G(64, 128, 4, 3)),
+             "swap128x64 pf": (G(128, 64, 4, 4, swap=True, prefetch=True), G(128, 64, 4, 4, swap=True, prefetch=True)),
+             "64x128 s3": (G(64, 128, 4, 3), G(64, 128, 4, 3)),
+             "swap32x64 pf": (G(32, 64, 4, 4, swap=True, prefetch=True), G(32, 64, 4, 4, swap=True, prefetch=True))}
+    i13, i2 = scale_row_index([2048, 2048], 128, dev), scale_row_index([7168], 128, dev)
+    print("\n| w13 / w2 config | 8 x 128 MLP us | its w13 (+quant) | its w2 (+silu) | 8 x 256 MLP | 32 x 32 MLP |")
+    print("|---|---|---|---|---|---|")
+    data = {}
+    for e, per in ((8, 128), (8, 256), (32, 32)):
+        cnt = torch.full((e,), per, device=dev)
+        w13 = torch.randint(-100, 100, (e, 4096, 7168), device=dev).to(torch.float8_e4m3fn)
+        w2 = torch.randint(-100, 100, (e, 7168, 2048), device=dev).to(torch.float8_e4m3fn)
+        s13 = torch.rand(e, 32, 56, device=dev) * 1e-3
+        s2 = torch.rand(e, 56, 16, device=dev) * 1e-3
+        data[(e, per)] = (cnt, torch.randn(e * per, 7168, device=dev, dtype=torch.bfloat16),
+                          torch.randn(e * per, 4096, device=dev, dtype=torch.bfloat16), w13, s13, w2, s2)
+    saved = dict(fp8_triton.DECODE_CONFIGS)
+    for name, (c13, c2) in pairs.items():
+        row = []
+        for (e, per), (cnt, x, h, w13, s13, w2, s2) in data.items():
+            fp8_triton.DECODE_CONFIGS[("grouped", e, 4096, 7168)] = c13
+            fp8_triton.DECODE_CONFIGS[("grouped", e, 7168, 2048)] = c2
+            row.append(graph_us(lambda: fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, cnt, impl="triton"), 30))
+            if (e, per) == (8, 128):
+                t13 = fp8_triton.group_tiles(cnt, x.shape[0], c13.block_m)
+                t2 = fp8_triton.group_tiles(cnt, x.shape[0], c2.block_m)
+                row.append(graph_us(lambda: fp8_triton.fp8_gemm(*fp8_triton.act_quant(x), w13, s13, i13,
+                                                                torch.bfloat16, c13, tiles=t13), 30))
+                row.append(graph_us(lambda: fp8_triton.fp8_gemm(*fp8_triton.silu_mul_quant(h), w2, s2, i2,
+                                                                torch.bfloat16, c2, tiles=t2), 30))
+        print(f"| {name} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
+    cnt, x, h = data[(8, 128)][:3]
+    print(f"parts at 8 x 128: act_quant {graph_us(lambda: fp8_triton.act_quant(x), 30):.1f} us, silu_mul_quant "
+          f"{graph_us(lambda: fp8_triton.silu_mul_quant(h), 30):.1f} us, group_tiles "
+          f"{graph_us(lambda: fp8_triton.group_tiles(cnt, x.shape[0], 64), 30):.1f} us")
+    fp8_triton.DECODE_CONFIGS.clear()
+    fp8_triton.DECODE_CONFIGS.update(saved)
+
+
 def invariance(dev, small: bool) -> bool:
     """A row's output is bit-identical whatever batch it shares, with the configs in force (decode regime)."""
     ok = True
@@ -235,6 +281,9 @@ def main() -> int:
     small = dev.type == "cpu"
     report: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
     torch.manual_seed(0)
+    if "--pairs" in sys.argv:   # only the expert-MLP config pairs
+        mlp_pairs(dev)
+        return 0
     if "--sweep" in sys.argv or small:
         report["sweep"] = sweep(dev, small)
         print("chosen decode configs:", {str(k): str(v) for k, v in fp8_triton.DECODE_CONFIGS.items()})
@@ -367,7 +416,6 @@ def main() -> int:
         print(f"| {e} x {per} | {tb:.1f} | {tt:.1f} | {gbs:,.0f} | {tcb:.1f} | {ta:.1f} |", flush=True)
         report["experts"].append({"e": e, "rows": per, "bf16_us": tb, "triton_us": tt, "cublas_eager_us": tcb,
                                   "auto_eager_us": ta})
-        del xg, b13, b2, f13, f2
     from wideep.model import fp8 as fp8mod
     print(f"cuBLAS refused block scaling: {fp8mod.CUBLAS_REFUSED or 'never'}")
     report["pass"] = bool(ok)
