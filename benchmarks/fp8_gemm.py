@@ -5,7 +5,7 @@ R1's decode and prefill shapes against bf16 (F.linear, torch._grouped_mm) and cu
 (torch._scaled_mm).
 
   python benchmarks/fp8_gemm.py [--sweep] [--json out.json]   # prints tables; exits 1 if a check fails
-  python benchmarks/fp8_gemm.py --pairs                       # only: expert-MLP config pairs in one graph
+  python benchmarks/fp8_gemm.py --pairs --skip-linear         # + expert-MLP config pairs; - the projection table
   python benchmarks/fp8_gemm.py --device cpu                  # smoke: tiny sweep + checks under Triton's interpreter
 """
 from __future__ import annotations
@@ -165,15 +165,13 @@ def sweep(dev, small: bool) -> dict:
                              torch.randn(e * per, 2 * k, device=dev, dtype=torch.bfloat16)))
             res, ref = [], None
             for cfg in candidates(tiles_g, n, k, lambda bm: e * -(-per_list[0] // bm), False):
-                tmaps = [fp8_triton.group_tiles(c, x.shape[0], cfg.block_m) for c, x, _ in data]
-
-                def fn(i, cfg=cfg, tmaps=tmaps):
+                def fn(i, cfg=cfg):
                     _, x, h = data[i]
                     if cfg.fuse_quant:
                         q, s = x, None
                     else:
                         q, s = fp8_triton.act_quant(x) if which == "w13" else fp8_triton.silu_mul_quant(h)
-                    return fp8_triton.fp8_gemm(q, s, w, ws, sidx, torch.bfloat16, cfg, tiles=tmaps[i])
+                    return fp8_triton.fp8_gemm(q, s, w, ws, sidx, torch.bfloat16, cfg, counts=data[i][0])
                 try:
                     y = fn(0)
                     ref = y if ref is None else ref
@@ -201,7 +199,8 @@ def mlp_pairs(dev) -> None:
     """The routed-expert MLP as the model runs it, per (w13, w2) config pair, beside its parts: which pair is
     fastest where the two GEMMs, the quantization kernels and the tile maps run together in one graph."""
     G = fp8_triton.GemmConfig
-    pairs = {"swap64x128": (G(64, 128, 4, 4, swap=True), G(64, 128, 4, 4, swap=True)),
+    pairs = {"as committed (DECODE_CONFIGS)": None,
+             "swap64x128": (G(64, 128, 4, 4, swap=True), G(64, 128, 4, 4, swap=True)),
              "swap64x128 pf": (G(64, 128, 4, 4, swap=True, prefetch=True), G(64, 128, 4, 4, swap=True, prefetch=True)),
              "swap128x64 pf / 64x128": (G(128, 64, 4, 4, swap=True, prefetch=True), G(64, 128, 4, 3)),
              "swap128x64 pf": (G(128, 64, 4, 4, swap=True, prefetch=True), G(128, 64, 4, 4, swap=True, prefetch=True)),
@@ -220,24 +219,24 @@ def mlp_pairs(dev) -> None:
         data[(e, per)] = (cnt, torch.randn(e * per, 7168, device=dev, dtype=torch.bfloat16),
                           torch.randn(e * per, 4096, device=dev, dtype=torch.bfloat16), w13, s13, w2, s2)
     saved = dict(fp8_triton.DECODE_CONFIGS)
-    for name, (c13, c2) in pairs.items():
+    for name, pair in pairs.items():
         row = []
         for (e, per), (cnt, x, h, w13, s13, w2, s2) in data.items():
-            fp8_triton.DECODE_CONFIGS[("grouped", e, 4096, 7168)] = c13
-            fp8_triton.DECODE_CONFIGS[("grouped", e, 7168, 2048)] = c2
+            if pair is not None:
+                fp8_triton.DECODE_CONFIGS[("grouped", e, 4096, 7168)] = pair[0]
+                fp8_triton.DECODE_CONFIGS[("grouped", e, 7168, 2048)] = pair[1]
+            c13 = fp8_triton.pick_config(4096, 7168, e, device=dev)
+            c2 = fp8_triton.pick_config(7168, 2048, e, device=dev)
             row.append(graph_us(lambda: fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, cnt, impl="triton"), 30))
             if (e, per) == (8, 128):
-                t13 = fp8_triton.group_tiles(cnt, x.shape[0], c13.block_m)
-                t2 = fp8_triton.group_tiles(cnt, x.shape[0], c2.block_m)
                 row.append(graph_us(lambda: fp8_triton.fp8_gemm(*fp8_triton.act_quant(x), w13, s13, i13,
-                                                                torch.bfloat16, c13, tiles=t13), 30))
+                                                                torch.bfloat16, c13, counts=cnt), 30))
                 row.append(graph_us(lambda: fp8_triton.fp8_gemm(*fp8_triton.silu_mul_quant(h), w2, s2, i2,
-                                                                torch.bfloat16, c2, tiles=t2), 30))
+                                                                torch.bfloat16, c2, counts=cnt), 30))
         print(f"| {name} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
     cnt, x, h = data[(8, 128)][:3]
     print(f"parts at 8 x 128: act_quant {graph_us(lambda: fp8_triton.act_quant(x), 30):.1f} us, silu_mul_quant "
-          f"{graph_us(lambda: fp8_triton.silu_mul_quant(h), 30):.1f} us, group_tiles "
-          f"{graph_us(lambda: fp8_triton.group_tiles(cnt, x.shape[0], 64), 30):.1f} us")
+          f"{graph_us(lambda: fp8_triton.silu_mul_quant(h), 30):.1f} us")
     fp8_triton.DECODE_CONFIGS.clear()
     fp8_triton.DECODE_CONFIGS.update(saved)
 
@@ -281,9 +280,8 @@ def main() -> int:
     small = dev.type == "cpu"
     report: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
     torch.manual_seed(0)
-    if "--pairs" in sys.argv:   # only the expert-MLP config pairs
+    if "--pairs" in sys.argv:
         mlp_pairs(dev)
-        return 0
     if "--sweep" in sys.argv or small:
         report["sweep"] = sweep(dev, small)
         print("chosen decode configs:", {str(k): str(v) for k, v in fp8_triton.DECODE_CONFIGS.items()})
@@ -365,7 +363,7 @@ def main() -> int:
           "| fp8 weight GB/s |")
     print("|---|---|---|---|---|")
     report["linear"] = []
-    for m in (128, 256, 8192):
+    for m in (() if "--skip-linear" in sys.argv else (128, 256, 8192)):
         for name, (n, k) in PLAIN.items():
             wb = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
             w, ws = quantize_block_fp8(wb.float())

@@ -113,9 +113,8 @@ def test_triton_grouped_gemm_matches_reference(counts, pad):
     tpe = torch.tensor(counts)
     xd = dequant_act(q, s)
     for cfg in CONFIGS:
-        tiles = fp8_triton.group_tiles(tpe, n, cfg.block_m)
         h = torch.full((n, w13.shape[1]), 7.0)
-        fp8_triton.fp8_gemm(q, s.t().contiguous().t(), w13, s13, i13, torch.float32, cfg, tiles=tiles, out=h)
+        fp8_triton.fp8_gemm(q, s.t().contiguous().t(), w13, s13, i13, torch.float32, cfg, counts=tpe, out=h)
         start = 0
         for e, c in enumerate(counts):
             if c:
@@ -146,12 +145,10 @@ def test_triton_gemm_fused_quant_and_batch_invariance(cfg):
     # grouped: expert 1's rows alone vs beside 33 rows of expert 0 and 5 padding rows
     w3, ws3 = torch.stack([w, w.flip(0)]), torch.stack([ws, ws.flip(0)])
     both = torch.tensor([33, 7])
-    t = fp8_triton.group_tiles(both, 45, cfg.block_m)
     xg = torch.cat([x, torch.randn(5, k, generator=g)])
-    yg = fp8_triton.fp8_gemm(xg, None, w3, ws3, sidx, torch.float32, fused, tiles=t)
-    alone = fp8_triton.group_tiles(torch.tensor([0, 7]), 7, cfg.block_m)
+    yg = fp8_triton.fp8_gemm(xg, None, w3, ws3, sidx, torch.float32, fused, counts=both)
     q, s = fp8_triton.act_quant(x[33:40])
-    y1 = fp8_triton.fp8_gemm(q, s, w3, ws3, sidx, torch.float32, cfg, tiles=alone)
+    y1 = fp8_triton.fp8_gemm(q, s, w3, ws3, sidx, torch.float32, cfg, counts=torch.tensor([0, 7]))
     assert torch.equal(yg[33:40], y1)
 
 

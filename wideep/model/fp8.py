@@ -198,12 +198,10 @@ def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, sidx1
 
         c13 = fp8_triton.pick_config(w13.shape[1], w13.shape[2], e, device=x.device)
         c2 = fp8_triton.pick_config(w2.shape[1], w2.shape[2], e, device=x.device)
-        t13 = fp8_triton.group_tiles(tokens_per_expert, n_rows, c13.block_m)
-        t2 = t13 if c2.block_m == c13.block_m else fp8_triton.group_tiles(tokens_per_expert, n_rows, c2.block_m)
         q, s = (x, None) if c13.fuse_quant else fp8_triton.act_quant(x)
-        h = fp8_triton.fp8_gemm(q, s, w13, s13, sidx13, x.dtype, c13, tiles=t13)
+        h = fp8_triton.fp8_gemm(q, s, w13, s13, sidx13, x.dtype, c13, counts=tokens_per_expert)
         q2, s2a = fp8_triton.silu_mul_quant(h)
-        return fp8_triton.fp8_gemm(q2, s2a, w2, s2, sidx2, x.dtype, c2, tiles=t2, out=y)
+        return fp8_triton.fp8_gemm(q2, s2a, w2, s2, sidx2, x.dtype, c2, counts=tokens_per_expert, out=y)
     start = 0
     for e, n in enumerate(tokens_per_expert.tolist()):
         if n:

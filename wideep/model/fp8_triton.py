@@ -68,16 +68,17 @@ if triton is not None:
     @triton.jit(do_not_specialize=["M", "KB_PER_SPLIT"])
     def _fp8_gemm_kernel(
         a_ptr, as_ptr, b_ptr, bs_ptr, sidx_ptr, c_ptr,
-        tile_expert_ptr, tile_row_ptr, expert_end_ptr,
+        counts_ptr, E,
         M, N, K, stride_am, stride_be, stride_bn, stride_bse, stride_bsn, stride_cs, stride_cm,
         KB_PER_SPLIT,
-        GROUPED: constexpr, QUANT_A: constexpr, SWAP: constexpr, PREFETCH: constexpr,
+        GROUPED: constexpr, QUANT_A: constexpr, SWAP: constexpr, PREFETCH: constexpr, E_POW2: constexpr,
         BLOCK_M: constexpr, BLOCK_N: constexpr, BLOCK_K: constexpr,
     ):
         """C[rows, N] (+)= sum_k (A_q * a_s) (B_q * b_s)^T over this program's K slice.
 
-        Plain: M tile pid_m covers rows pid_m*BLOCK_M.. (< M), expert 0. Grouped: tile pid_m belongs to expert
-        tile_expert[pid_m] (-1: unused tile) and covers rows tile_row[pid_m] .. expert_end[e].
+        Plain: M tile pid_m covers rows pid_m*BLOCK_M.. (< M), expert 0. Grouped (rows contiguous per expert,
+        counts[E] rows each, in expert order): tile pid_m is found here from the counts (ceil(count/BLOCK_M)
+        tiles per expert, in order; tiles past the last are unused), so no tile map is built beforehand.
         QUANT_A: A is bf16/fp32 and each 128-wide K block of a row is quantized here exactly as act_quant does
         (so no separate quantization kernel and no scale tensor). SWAP: the tile is computed as B·Aᵀ, so the
         weight rows fill the MMA's M dimension and a few tokens its N dimension (small-M decode).
@@ -88,11 +89,17 @@ if triton is not None:
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         if GROUPED:
-            e = tl.load(tile_expert_ptr + pid_m)
-            row0 = tl.load(tile_row_ptr + pid_m)
-            row_end = tl.load(expert_end_ptr + tl.maximum(e, 0))
-            row_end = tl.where(e >= 0, row_end, row0)
-            e = tl.maximum(e, 0)
+            eo = tl.arange(0, E_POW2)
+            cnt = tl.load(counts_ptr + eo, mask=eo < E, other=0).to(tl.int32)
+            tiles_e = (cnt + BLOCK_M - 1) // BLOCK_M
+            cum = tl.cumsum(tiles_e, axis=0)
+            ends = tl.cumsum(cnt, axis=0)
+            e = tl.sum((cum <= pid_m).to(tl.int32), axis=0)        # experts whose tiles all come before
+            sel = eo == e                                           # none when the tile is unused
+            first_tile = tl.sum(tl.where(sel, cum - tiles_e, 0), axis=0)
+            row_end = tl.sum(tl.where(sel, ends, 0), axis=0)
+            row0 = row_end - tl.sum(tl.where(sel, cnt, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+            e = tl.minimum(e, E - 1)
         else:
             e = 0
             row0 = pid_m * BLOCK_M
@@ -166,14 +173,16 @@ if triton is not None:
                 tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
-    def _splitk_sum_kernel(p_ptr, out_ptr, valid_ptr, MN, N, SPLIT: constexpr, HAS_VALID: constexpr,
-                           BLOCK: constexpr):
+    def _splitk_sum_kernel(p_ptr, out_ptr, counts_ptr, E, MN, N, SPLIT: constexpr, HAS_VALID: constexpr,
+                           E_POW2: constexpr, BLOCK: constexpr):
         """out = sum over the SPLIT partial products (fixed order), cast to out's dtype; with HAS_VALID only
-        rows below *valid_ptr are written (grouped: rows past the counted ones were never computed)."""
+        rows below sum(counts) are written (grouped: rows past the counted ones were never computed)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
         if HAS_VALID:
-            mask = mask & (offs // N < tl.load(valid_ptr))
+            eo = tl.arange(0, E_POW2)
+            valid = tl.sum(tl.load(counts_ptr + eo, mask=eo < E, other=0).to(tl.int32), axis=0)
+            mask = mask & (offs // N < valid)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for i in tl.static_range(SPLIT):
             acc += tl.load(p_ptr + i * MN + offs, mask=mask, other=0.0)
@@ -258,10 +267,11 @@ DECODE_CONFIGS: dict[tuple, GemmConfig] = {
     ("plain", 7168, 2048): GemmConfig(128, 64, 4, 4, swap=True),      # shared w2
     ("plain", 36864, 7168): GemmConfig(64, 64, 4, 4, swap=True),      # dense w13
     ("plain", 7168, 18432): GemmConfig(64, 128, 4, 3, split=2),       # dense w2
-    ("grouped", 8, 4096, 7168): GemmConfig(64, 128, 4, 4, swap=True),   # EP=32: 8 local experts
-    ("grouped", 8, 7168, 2048): GemmConfig(64, 128, 4, 4, swap=True),
-    ("grouped", 32, 4096, 7168): GemmConfig(64, 128, 4, 4, swap=True),  # EP=8: 32 local experts
-    ("grouped", 32, 7168, 2048): GemmConfig(32, 64, 4, 4, swap=True),
+    # routed experts: timed as the whole MLP in one graph (benchmarks/fp8_gemm.py --pairs)
+    ("grouped", 8, 4096, 7168): GemmConfig(128, 64, 4, 4, swap=True, prefetch=True),   # EP=32: 8 local experts
+    ("grouped", 8, 7168, 2048): GemmConfig(64, 128, 4, 3),
+    ("grouped", 32, 4096, 7168): GemmConfig(32, 64, 4, 4, swap=True, prefetch=True),   # EP=8: 32 local experts
+    ("grouped", 32, 7168, 2048): GemmConfig(32, 64, 4, 4, swap=True, prefetch=True),
 }
 
 
@@ -298,11 +308,12 @@ def pick_config(n: int, k: int, experts: int = 0, large: bool = False, device: t
 
 
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor, sidx: torch.Tensor,
-             out_dtype: torch.dtype, cfg: GemmConfig, tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+             out_dtype: torch.dtype, cfg: GemmConfig, counts: torch.Tensor | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """a [M, K]: e4m3 with a_s [M, K/128] (strides (1, M)), or bf16/fp32 with a_s None (quantized in the
     GEMM, needs cfg.fuse_quant); w [N, K] or [E, N, K] e4m3; w_s [N/bn, K/128] or [E, ...]; sidx [N] int32
-    scale row of each output column. tiles (grouped only): group_tiles(..., cfg.block_m)."""
+    scale row of each output column. counts (grouped only): rows of each expert, contiguous in expert order
+    (rows past their sum are not computed)."""
     m, k = a.shape
     grouped = w.dim() == 3
     n = w.shape[-2]
@@ -321,15 +332,15 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: to
     n_kb = triton.cdiv(k, GROUP)
     bm = cfg.block_m
     if grouped:
-        if tiles is None:
-            raise ValueError("fp8_gemm: a grouped GEMM needs its tile map (group_tiles)")
-        tile_expert, tile_row, expert_end = tiles
-        grid_m = tile_expert.shape[0]
+        if counts is None or counts.shape != (w.shape[0],):
+            raise ValueError("fp8_gemm: a grouped GEMM needs the row count of each of its experts")
+        n_exp = w.shape[0]
+        grid_m = triton.cdiv(m, bm) + n_exp   # ceil(count_e / bm) summed over experts never exceeds this
         we, ws_e = w.stride(0), w_s.stride(0)
         w2d, ws2d = w[0], w_s[0]
     else:
         grid_m = triton.cdiv(m, bm)
-        tile_expert = tile_row = expert_end = sidx  # unused
+        counts, n_exp = sidx, 1  # unused
         we = ws_e = 0
         w2d, ws2d = w, w_s
     grid_n = triton.cdiv(n, cfg.block_n)
@@ -338,34 +349,16 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: to
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=a.device)
     stride_cs = 0 if split == 1 else target.stride(0)
     _fp8_gemm_kernel[(grid_m, grid_n, split)](
-        a, a_s, w, w_s, sidx, target, tile_expert, tile_row, expert_end,
+        a, a_s, w, w_s, sidx, target, counts, n_exp,
         m, n, k, a.stride(0), we, w2d.stride(0), ws_e, ws2d.stride(0), stride_cs, target.stride(-2),
-        kb_per, GROUPED=grouped, QUANT_A=quant_a, SWAP=cfg.swap, PREFETCH=cfg.prefetch, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
+        kb_per, GROUPED=grouped, QUANT_A=quant_a, SWAP=cfg.swap, PREFETCH=cfg.prefetch,
+        E_POW2=triton.next_power_of_2(n_exp), BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
         num_warps=cfg.warps, num_stages=cfg.stages if a.is_cuda else 1,
     )
     if split > 1:
         if not out.is_contiguous():
             raise ValueError("fp8_gemm: split-K needs a contiguous output")
-        valid = expert_end[-1:] if grouped else sidx
-        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](target, out, valid, m * n, n, SPLIT=split,
-                                                        HAS_VALID=grouped, BLOCK=1024, num_warps=4)
+        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](target, out, counts, n_exp, m * n, n, SPLIT=split,
+                                                        HAS_VALID=grouped, E_POW2=triton.next_power_of_2(n_exp),
+                                                        BLOCK=1024, num_warps=4)
     return out
-
-
-def group_tiles(tokens_per_expert: torch.Tensor, num_rows: int, block_m: int):
-    """Static-size tile map for the grouped GEMM (no host sync): per M tile its expert (-1 unused) and first
-    row, and each expert's row end. ceil(rows/BM) + E tiles always suffice."""
-    counts = tokens_per_expert.to(torch.int64)
-    e = counts.shape[0]
-    ends = torch.cumsum(counts, 0)
-    starts = ends - counts
-    tiles_e = (counts + block_m - 1) // block_m
-    cum = torch.cumsum(tiles_e, 0)
-    max_tiles = -(-num_rows // block_m) + e
-    t = torch.arange(max_tiles, device=counts.device)
-    te = torch.searchsorted(cum, t, right=True)
-    valid = te < e
-    tc = te.clamp(max=e - 1)
-    row0 = starts[tc] + (t - (cum[tc] - tiles_e[tc])) * block_m
-    return (torch.where(valid, tc, torch.full_like(tc, -1)).to(torch.int32), row0.to(torch.int32),
-            ends.to(torch.int32))
