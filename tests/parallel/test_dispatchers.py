@@ -118,3 +118,19 @@ def test_registry_names_and_errors():
         name = "test_custom"
 
     assert isinstance(get_dispatcher("test_custom", E), Custom)
+
+
+def test_allgather_packed_rows_are_exact():
+    """allgather_reducescatter's one-collective dispatch row: x bytes, int32 ids (-1 kept), fp32 weights."""
+    from wideep.parallel.allgather_dispatch import pack_rows, unpack_rows
+
+    torch.manual_seed(3)
+    x = torch.randn(6, 16, dtype=torch.bfloat16)
+    ids = torch.randint(-1, 255, (6, 4))
+    for w in (torch.rand(6, 4), torch.rand(6, 4).to(torch.bfloat16)):
+        packed = torch.cat([pack_rows(x, ids, w)] * 2)          # what a 2-rank all-gather returns
+        gx, gi, gw = unpack_rows(packed, x, ids, w)
+        assert gx.dtype == x.dtype and gi.dtype == ids.dtype and gw.dtype == w.dtype
+        assert torch.equal(gx[6:], x) and torch.equal(gi[:6], ids) and torch.equal(gw[6:], w)
+    with pytest.raises(ValueError, match="4-byte multiples"):
+        unpack_rows(pack_rows(x[:, :3], ids, w), x[:, :3], ids, w)

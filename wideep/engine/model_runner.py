@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ class _Graph:
     seq_lens: torch.Tensor
     block_tables: torch.Tensor
     hidden: torch.Tensor
+    staging: list = field(default_factory=list)     # two _Staging sets of host input buffers, used in turn
+    next_staging: int = 0
 
 
 class PendingTokens:
@@ -132,8 +134,10 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
         return ids, pos, attn, qsl
 
-    def _fill_pending_inputs(self, ids: torch.Tensor, out: SchedulerOutput, qsl: list[int]) -> None:
-        """Rows whose token is still on the device (the last step's sample) take it from there."""
+    def _fill_pending_inputs(self, ids: torch.Tensor, out: SchedulerOutput, qsl: list[int],
+                             staging: "_Staging | None" = None) -> None:
+        """Rows whose token is still on the device (the last step's sample) take it from there
+        (`staging`: the index lists go through its pinned buffers)."""
         rows, src = [], []
         for i, s in enumerate(out.seqs):
             if s.start >= s.request.num_tokens:
@@ -143,8 +147,14 @@ class ModelRunner:
                 src.append(self._last_rows[s.request.request_id])
         if rows:
             dev = self.device
-            ids[torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)] = \
-                self._last_tokens[torch.tensor(src, dtype=torch.long).to(dev, non_blocking=True)]
+            if staging is not None:
+                n = len(rows)
+                staging.arrays[5][:n] = rows
+                staging.arrays[6][:n] = src
+                dst_rows, src_rows = (t[:n].to(dev, non_blocking=True) for t in staging.tensors[5:])
+            else:
+                dst_rows, src_rows = (torch.tensor(v, dtype=torch.long).to(dev, non_blocking=True) for v in (rows, src))
+            ids[dst_rows] = self._last_tokens[src_rows]
 
     # ---- execution ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -265,16 +275,29 @@ class ModelRunner:
         g.seq_lens[start:].zero_()
         g.block_tables[start:].zero_()
 
+    def _staging(self, g: _Graph) -> "_Staging":
+        """The next of the graph's two host staging sets (pinned on CUDA, allocated once). Two, so a
+        step's inputs are written while the previous step's copies may still be queued (async
+        scheduling); a set's copies are waited for (an event, two steps old) before it is rewritten."""
+        if not g.staging:
+            g.staging = [_Staging(g.input_ids.shape[0], g.block_tables.shape[1], self.device) for _ in range(2)]
+        g.next_staging = 1 - g.next_staging
+        st = g.staging[g.next_staging]
+        st.ready()
+        return st
+
     def _replay(self, g: _Graph, out: SchedulerOutput) -> torch.Tensor:
         """Fills the graph's static inputs (real rows, then padding rows: slot -1, seq_len 0) from one
-        host staging array per buffer, and replays."""
-        b, size = len(out.seqs), g.input_ids.shape[0]
+        host staging buffer per input, copied without blocking the host, and replays."""
+        b = len(out.seqs)
         bs = self.block_size
-        ids = np.zeros(size, dtype=np.int64)
-        pos = np.zeros(size, dtype=np.int64)
-        slots = np.full(size, -1, dtype=np.int64)
-        lens = np.zeros(size, dtype=np.int32)
-        table = np.zeros((size, self.max_blocks_per_seq), dtype=np.int32)
+        st = self._staging(g)
+        ids, pos, slots, lens, table = st.arrays[:5]
+        ids[:] = 0
+        pos[:] = 0
+        slots[:] = -1
+        lens[:] = 0
+        table[:] = 0
         for i, s in enumerate(out.seqs):
             req = s.request
             p = s.start
@@ -283,12 +306,10 @@ class ModelRunner:
             slots[i] = req.block_ids[p // bs] * bs + p % bs
             lens[i] = p + 1
             table[i, :len(req.block_ids)] = req.block_ids
-        g.input_ids.copy_(torch.from_numpy(ids))
-        self._fill_pending_inputs(g.input_ids, out, list(range(b + 1)))
-        g.positions.copy_(torch.from_numpy(pos))
-        g.slot_mapping.copy_(torch.from_numpy(slots))
-        g.seq_lens.copy_(torch.from_numpy(lens))
-        g.block_tables.copy_(torch.from_numpy(table))
+        for dst, src in zip((g.input_ids, g.positions, g.slot_mapping, g.seq_lens, g.block_tables), st.tensors[:5]):
+            dst.copy_(src, non_blocking=True)
+        self._fill_pending_inputs(g.input_ids, out, list(range(b + 1)), st)
+        st.issued()
         self._replay_graph(g, b)
         return g.hidden[:b]
 
@@ -344,6 +365,38 @@ class ModelRunner:
         for size in sizes:
             with self._dispatch_mode(size):
                 self.graphs[size] = self._capture(size, capture=False)
+
+
+class _Staging:
+    """Host buffers of one decode graph's inputs (ids, positions, slots, seq lens, block table, and the
+    rows that take the previous step's sampled token): pinned
+    memory on CUDA, so the copies to the device are asynchronous (a pageable source makes the copy
+    wait for the stream, i.e. for the step still running)."""
+
+    def __init__(self, size: int, width: int, device: torch.device):
+        pin = device.type == "cuda"
+        self.tensors = [torch.empty(size, dtype=torch.long, pin_memory=pin),
+                        torch.empty(size, dtype=torch.long, pin_memory=pin),
+                        torch.empty(size, dtype=torch.long, pin_memory=pin),
+                        torch.empty(size, dtype=torch.int32, pin_memory=pin),
+                        torch.empty((size, width), dtype=torch.int32, pin_memory=pin),
+                        torch.empty(size, dtype=torch.long, pin_memory=pin),    # rows taking the last sample
+                        torch.empty(size, dtype=torch.long, pin_memory=pin)]    # and its row in that sample
+        self.arrays = [t.numpy() for t in self.tensors]
+        self._event = torch.cuda.Event() if pin else None
+        self._pending = False
+
+    def issued(self) -> None:
+        """The device copies from these buffers are queued."""
+        if self._event is not None:
+            self._event.record()
+            self._pending = True
+
+    def ready(self) -> None:
+        """Waits until the copies queued from these buffers ran (so they may be rewritten)."""
+        if self._pending:
+            self._event.synchronize()
+            self._pending = False
 
 
 class _EagerReplay:

@@ -69,6 +69,11 @@ def init_ep_group(config: ParallelConfig, device: str | torch.device = "auto",
         kwargs: dict[str, Any] = {}
         if backend == "nccl":
             kwargs["device_id"] = dev
+            # MoE collectives on a high-priority stream: in flight beside the other micro-batch's compute
+            # (dual-batch overlap), the comm kernel gets SMs ahead of queued compute blocks
+            opts = dist.ProcessGroupNCCL.Options()
+            opts.is_high_priority_stream = True
+            kwargs["pg_options"] = opts
         dist.init_process_group(backend=backend, init_method=config.init_method, rank=config.ep_rank,
                                 world_size=config.ep_size, timeout=timeout, **kwargs)
     group = None  # WORLD

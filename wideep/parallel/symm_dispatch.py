@@ -136,7 +136,7 @@ class SymmMemDispatcher(MoEDispatcher):
         handles = tuple(symm_mem.rendezvous(b, group) for b in bufs)
         peers = [[h.get_buffer(p, tuple(b.shape), b.dtype) for p in range(ep)] for b, h in zip(bufs, handles)]
         if self._stream is None:
-            self._stream = torch.cuda.Stream(device=device)
+            self._stream = torch.cuda.Stream(device=device, priority=-1)   # ahead of queued compute blocks
         return _Slot(*bufs, handles=handles, peers=peers)
 
     @staticmethod
