@@ -2,9 +2,13 @@
 with that quantization, and one block-scaled FP8 GEMM that serves both plain projections and the routed
 experts' grouped GEMM (rows contiguous per expert).
 
-Why our own GEMM: cuBLAS's block-scaled FP8 matmul has a ~35 us floor at decode sizes (M <= 256), so small
-projections never reach bandwidth; this kernel tiles M small, splits K when there are few output tiles
-(deterministic: partials are summed in a fixed order, no atomics) and reads each weight block once per M tile.
+Why our own GEMM: cuBLAS's block-scaled FP8 matmul has a ~12-25 us floor at decode sizes (M <= 256), so small
+projections never reach bandwidth, and it cannot run the routed experts without the per-expert counts on the
+host (decode runs in CUDA graphs). This kernel splits K when there are few output tiles (deterministic:
+partials are summed in a fixed order, no atomics), can swap operands so weight rows fill the MMA's M side,
+can quantize bf16 activations itself, and finds each grouped tile's expert from the counts in-kernel.
+Tile configs are chosen per weight shape (GemmConfig, DECODE_CONFIGS), never per row count, so a row's
+result does not depend on its batch.
 Scales: activations [M, K/128] stored K-block-major (strides (1, M)), weights [N/bn, K/128] per block row,
 with a per-output-column index into the scale rows so stacked weights (gate ‖ up) keep their own blocks.
 The torch references live in fp8.py; without CUDA these kernels run under Triton's interpreter (tests).
@@ -269,7 +273,7 @@ DECODE_CONFIGS: dict[tuple, GemmConfig] = {
     ("plain", 7168, 18432): GemmConfig(64, 128, 4, 3, split=2),       # dense w2
     # routed experts: timed as the whole MLP in one graph (benchmarks/fp8_gemm.py --pairs)
     ("grouped", 8, 4096, 7168): GemmConfig(128, 64, 4, 4, swap=True, prefetch=True),   # EP=32: 8 local experts
-    ("grouped", 8, 7168, 2048): GemmConfig(64, 128, 4, 3),
+    ("grouped", 8, 7168, 2048): GemmConfig(128, 64, 4, 4, swap=True, prefetch=True),
     ("grouped", 32, 4096, 7168): GemmConfig(32, 64, 4, 4, swap=True, prefetch=True),   # EP=8: 32 local experts
     ("grouped", 32, 7168, 2048): GemmConfig(32, 64, 4, 4, swap=True, prefetch=True),
 }
