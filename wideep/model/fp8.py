@@ -86,7 +86,9 @@ def scale_row_index(rows: list[int], block: int, device=None) -> torch.Tensor:
 # cuBLAS's block-scaled FP8 GEMM (torch._scaled_mm, 1x128 activation and 128x128 weight scales, both
 # outer-dim major) against our Triton tiles, measured on an H200 (benchmarks/fp8_gemm.py, docs/perf.md):
 # cuBLAS wins at prefill sizes and, at decode sizes, for big weights; it has a ~16-22 us floor that our
-# kernel undercuts on the small ones. Decode-regime choices are per weight shape (never per row count).
+# kernel undercuts on the small ones. Decode-regime choices are per weight shape (never per row count). The
+# Triton kernels are batch-invariant by construction; cuBLAS picks its kernel by M, so projections it serves
+# carry no such guarantee (o_proj measured not bit-identical across M; q_b and shared w2 were).
 CUBLAS_MIN_ROWS = 512            # rows from which a projection is a prefill GEMM (cuBLAS when it accepts)
 CUBLAS_MIN_WEIGHT = 12 * 2**20   # weight elements (N*K) from which cuBLAS serves decode, for shapes not in
 CUBLAS_DECODE: dict[tuple[int, int], bool] = {   # ... this table of measured R1 (N, K) -> cuBLAS or not

@@ -338,6 +338,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: to
     if grouped:
         if counts is None or counts.shape != (w.shape[0],):
             raise ValueError("fp8_gemm: a grouped GEMM needs the row count of each of its experts")
+        counts = counts.contiguous()
         n_exp = w.shape[0]
         grid_m = triton.cdiv(m, bm) + n_exp   # ceil(count_e / bm) summed over experts never exceeds this
         we, ws_e = w.stride(0), w_s.stride(0)
