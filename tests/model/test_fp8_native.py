@@ -222,3 +222,21 @@ def test_fp8_grouped_mlp_triton_matches_torch_path():
     torch.testing.assert_close(y, ref, rtol=0.15, atol=0.15 * ref.abs().max().item())
     with pytest.raises(ValueError):
         fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, torch.tensor(counts), impl="cublas")
+
+
+def test_cublas_refusal_is_remembered_per_weight_shape(monkeypatch):
+    """A block-scaled cuBLAS refusal sends that weight shape to Triton from then on, not every shape."""
+    from wideep.model import fp8 as fp8mod
+
+    monkeypatch.setattr(fp8mod, "CUBLAS_REFUSED", {})
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("refused")
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    a, sa = quantize_block_fp8(torch.randn(256, 128))
+    b, sb = quantize_block_fp8(torch.randn(128, 256))
+    q, s = act_quant_ref(torch.randn(4, 128))
+    assert fp8mod._cublas_block_fp8_ok(a, sa) and fp8mod._cublas_block_fp8_ok(b, sb)
+    assert fp8mod._cublas_block_fp8(q, s, a, sa, torch.float32, 4) is None
+    assert not fp8mod._cublas_block_fp8_ok(a, sa) and fp8mod._cublas_block_fp8_ok(b, sb)
+    assert "refused" in fp8mod.CUBLAS_REFUSED[(None, 256, 128)]

@@ -95,23 +95,24 @@ CUBLAS_DECODE: dict[tuple[int, int], bool] = {   # ... this table of measured R1
     (1536, 7168): False, (576, 7168): False, (24576, 1536): True, (7168, 16384): True, (4096, 7168): True,
     (7168, 2048): True, (36864, 7168): True, (7168, 18432): True}
 CUBLAS_PAD_ROWS = 16             # activation rows are padded to this for cuBLAS (aligned scale columns)
-CUBLAS_REFUSED: dict[int | None, str] = {}   # device index -> why cuBLAS refused block scaling there
+# (device index, N, K) -> why cuBLAS refused block scaling for that weight shape (Triton serves it from then on)
+CUBLAS_REFUSED: dict[tuple[int | None, int, int], str] = {}
 
 
 def _cublas_block_fp8_ok(w: torch.Tensor, scale: torch.Tensor) -> bool:
     n, k = w.shape
-    return (w.device.index not in CUBLAS_REFUSED and n % 128 == 0 and k % 128 == 0
+    return ((w.device.index, n, k) not in CUBLAS_REFUSED and n % 128 == 0 and k % 128 == 0
             and scale.shape == (n // 128, k // 128) and hasattr(torch, "_scaled_mm"))
 
 
 def _cublas_block_fp8(q: torch.Tensor, s: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                       out_dtype: torch.dtype, rows: int) -> torch.Tensor | None:
     """The first `rows` rows of q (padded by act_quant(..., CUBLAS_PAD_ROWS)) times W^T; None (and never again
-    on this device) when this torch/cuBLAS refuses block scaling."""
+    for this weight shape on this device) when this torch/cuBLAS refuses block scaling."""
     try:
         return torch._scaled_mm(q, w.t(), scale_a=s, scale_b=scale.t(), out_dtype=out_dtype)[:rows]
     except (RuntimeError, TypeError, ValueError) as exc:
-        CUBLAS_REFUSED[w.device.index] = f"{type(exc).__name__}: {exc}"[:300]
+        CUBLAS_REFUSED[(w.device.index, *w.shape)] = f"{type(exc).__name__}: {exc}"[:300]
         return None
 
 
