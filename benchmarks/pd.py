@@ -9,14 +9,19 @@ Two processes: a producer (prefill) on --prefill-device and a consumer (decode) 
                    layout of the model (one [blocks, block_size, kv_lora_rank + rope] tensor per layer):
                    tcp  = gather on the producer's device -> pinned host -> TCP -> pinned host -> scatter;
                    nixl = one NIXL READ of the registered caches (VRAM to VRAM on GPU), contiguous
-                          block ids (a fresh cache) and scattered ones (a fragmented cache).
+                          block ids (a fresh cache) and scattered ones (a fragmented cache), with the
+                          time per READ split into make_prepped_xfer / post / wait / release;
+                          --nixl-variants adds rows for other consumer agents (UCX threads, progress thread).
   3. TTFT        : real EngineCores per transport. Aggregated = the decode engine computes the prompt
-                   itself. P/D = producer prefill (to its one token) + consumer pull + last-token step.
+                   itself. P/D = producer prefill (to its one token) + consumer pull + last-token step,
+                   with the decode side's timeline (pull start, pull done, step start, first token);
+                   --ttft-decode-modes eager,graphs runs the decode engine eager and with CUDA graphs.
 
 CPU (small, a sanity run):   python benchmarks/pd.py --preset tiny --device cpu
 GPU (lead, two GPUs):        python benchmarks/pd.py --preset layer-slice --num-moe-layers 1 --fp8 \
                                  --prefill-device cuda:0 --decode-device cuda:1 --block-size 64 \
-                                 --transfer-layers 61 --markdown
+                                 --transfer-layers 61 --reps 5 --warmup 1 --nixl-variants 4:prog,0,8 \
+                                 --ttft-transports nixl --ttft-decode-modes eager,graphs --markdown
 GPU (one GPU, two procs):    ... --prefill-device cuda:0 --decode-device cuda:0
 --transports tcp,nixl picks the transports (nixl needs `pip install 'wideep[nixl]'`).
 """
@@ -104,8 +109,23 @@ def device_copy_bandwidth(nbytes_list: list[int], src: torch.device, dst: torch.
 
 
 # ------------------------------------------------------------------------------------------ transfer
-def _cfg(role: str, engine_id: str, transport: str) -> KVTransferConfig:
-    return KVTransferConfig(kv_role=role, engine_id=engine_id, kv_connector_extra_config={"transport": transport})
+def _cfg(role: str, engine_id: str, transport: str, threads: int | None = None) -> KVTransferConfig:
+    extra: dict = {"transport": transport}
+    if threads is not None:
+        extra["num_threads"] = threads
+    return KVTransferConfig(kv_role=role, engine_id=engine_id, kv_connector_extra_config=extra)
+
+
+def _parse_variants(spec: str) -> list[dict]:
+    """"8,0,4:prog" -> consumer NIXL agents with that many UCX worker threads; ":prog" = with NIXL's
+    progress thread (the default has none: the reader's polling progresses the agent)."""
+    out = []
+    for item in (x for x in spec.split(",") if x):
+        n, _, flag = item.partition(":")
+        if flag not in ("", "prog"):
+            raise ValueError(f"bad NIXL variant {item!r} (want THREADS or THREADS:prog)")
+        out.append({"name": item, "threads": int(n), "progress_thread": True if flag else None})
+    return out
 
 
 def _producer_main(conn, layout: dict, device: str, transport: str) -> None:
@@ -134,9 +154,27 @@ def _producer_main(conn, layout: dict, device: str, transport: str) -> None:
     pc.shutdown()
 
 
+def _consumer(layout: dict, dev: torch.device, caches, transport: str, variant: dict | None) -> KVConnector:
+    from wideep.kv_transfer import nixl as nixl_mod
+    orig = nixl_mod.NixlTransport.__init__
+    if variant is not None and variant["progress_thread"] is not None:
+        def init(self, *a, **kw):
+            orig(self, *a, **dict(kw, progress_thread=variant["progress_thread"]))
+        nixl_mod.NixlTransport.__init__ = init
+    try:
+        cc = KVConnector(_cfg("kv_consumer", "bench-d", transport, variant and variant["threads"]), model="bench",
+                         block_size=layout["block_size"], host="127.0.0.1", port=0)
+        cc.register_kv_caches(caches)
+    finally:
+        nixl_mod.NixlTransport.__init__ = orig
+    return cc
+
+
 def transfer_bench(args, layout: dict, prompt_lens: list[int], transport: str = "tcp",
-                   scattered: bool = False) -> list[dict]:
-    """Consumer pulls of prompts' blocks; scattered = both sides' block ids a random permutation."""
+                   runs: list[tuple[dict | None, bool]] = ((None, False),)) -> list[dict]:
+    """Consumer pulls of prompts' blocks from one producer process. runs: (NIXL variant or None for
+    the default agent, scattered), each with a consumer connector of its own; scattered = both
+    sides' block ids random (no two adjacent)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_producer_main, args=(child, layout, args.prefill_device, transport), daemon=True)
@@ -152,41 +190,47 @@ def transfer_bench(args, layout: dict, prompt_lens: list[int], transport: str = 
             torch.cuda.set_device(dev)
         caches = [torch.zeros(layout["num_blocks"], layout["block_size"], layout["dim"], device=dev,
                               dtype=layout["dtype"]) for _ in range(layout["layers"])]
-        cc = KVConnector(_cfg("kv_consumer", "bench-d", transport), model="bench",
-                         block_size=layout["block_size"], host="127.0.0.1", port=0)
-        cc.register_kv_caches(caches)
         bs = layout["block_size"]
         rng = random.Random(0)
         n = 0
-        for plen in prompt_lens:
-            nblocks = -(-plen // bs)
-            if nblocks > layout["num_blocks"]:
-                continue
-            times = []
-            for rep in range(args.warmup + args.reps):
-                n += 1
-                ids = list(range(nblocks))
-                local = list(range(nblocks))
-                if scattered:
-                    ids = rng.sample(range(layout["num_blocks"]), nblocks)
-                    local = rng.sample(range(layout["num_blocks"]), nblocks)
-                parent.send({"rid": f"b{n}", "block_ids": ids})
-                params = parent.recv()
-                req = types.SimpleNamespace(request_id=f"c{n}", block_ids=local, num_computed_tokens=0,
-                                            num_prompt_tokens=plen + 1, kv_transfer_params=params)
-                from wideep.kv_transfer.connector import _Load
-                from wideep.kv_transfer.params import RemotePrefillParams
-                load = _Load(req, RemotePrefillParams.parse(params), local, ids, 0)
-                t = time.perf_counter()
-                cc._read_blocks(load)
-                _sync(dev)
-                if rep >= args.warmup:
-                    times.append(time.perf_counter() - t)
-            nbytes = nblocks * sum(c[0].numel() * c.element_size() for c in caches)
-            med = statistics.median(times)
-            rows.append({"transport": transport + (" scattered" if scattered else ""), "prompt_tokens": plen,
-                         "blocks": nblocks, "MB": nbytes / 1e6, "ms": med * 1e3, "GBps": nbytes / med / 1e9})
-        cc.shutdown()
+        from wideep.kv_transfer.connector import _Load
+        from wideep.kv_transfer.params import RemotePrefillParams
+        for variant, scattered in runs:
+            cc = _consumer(layout, dev, caches, transport, variant)
+            label = transport + (f" [{variant['name']}]" if variant else "") + (" scattered" if scattered else "")
+            for plen in prompt_lens:
+                nblocks = -(-plen // bs)
+                if nblocks > layout["num_blocks"]:
+                    continue
+                times = []
+                phases0 = None
+                for rep in range(args.warmup + args.reps):
+                    if rep == args.warmup and cc.nixl is not None:
+                        phases0 = dict(cc.nixl.phase_seconds)
+                    n += 1
+                    ids = list(range(nblocks))
+                    local = list(range(nblocks))
+                    if scattered:
+                        ids = rng.sample(range(layout["num_blocks"]), nblocks)
+                        local = rng.sample(range(layout["num_blocks"]), nblocks)
+                    parent.send({"rid": f"b{n}", "block_ids": ids})
+                    params = parent.recv()
+                    req = types.SimpleNamespace(request_id=f"c{n}", block_ids=local, num_computed_tokens=0,
+                                                num_prompt_tokens=plen + 1, kv_transfer_params=params)
+                    load = _Load(req, RemotePrefillParams.parse(params), local, ids, 0)
+                    t = time.perf_counter()
+                    cc._read_blocks(load)
+                    _sync(dev)
+                    if rep >= args.warmup:
+                        times.append(time.perf_counter() - t)
+                nbytes = nblocks * sum(c[0].numel() * c.element_size() for c in caches)
+                med = statistics.median(times)
+                row = {"transport": label, "prompt_tokens": plen, "blocks": nblocks, "MB": nbytes / 1e6,
+                       "ms": med * 1e3, "GBps": nbytes / med / 1e9}
+                if phases0 is not None:   # mean per READ over the timed reps, microseconds
+                    row["phases_us"] = {k: (v - phases0[k]) / args.reps * 1e6 for k, v in cc.nixl.phase_seconds.items()}
+                rows.append(row)
+            cc.shutdown()
     finally:
         torch.set_num_threads(threads)
         parent.send(None)
@@ -197,34 +241,49 @@ def transfer_bench(args, layout: dict, prompt_lens: list[int], transport: str = 
 
 
 # ------------------------------------------------------------------------------------------ TTFT
-def _engine_args(args, device: str, role: str | None, transport: str = "tcp"):
+def _engine_args(args, device: str, role: str | None, transport: str = "tcp", graphs: bool = False):
     from wideep.engine.config import EngineArgs
     kv = {"kv_connector": "NixlConnector", "kv_role": role, "kv_load_failure_policy": "fail",
           "kv_connector_extra_config": {"transport": transport}} if role else None
-    return EngineArgs(model=args.model_dir, device=device, block_size=args.block_size, enforce_eager=True,
-                      enable_prefix_caching=False, max_model_len=args.prompt_len + 64,
+    return EngineArgs(model=args.model_dir, device=device, block_size=args.block_size, enforce_eager=not graphs,
+                      cuda_graph_sizes=[1, 2, 4, 8], enable_prefix_caching=False, max_model_len=args.prompt_len + 64,
                       max_num_batched_tokens=max(8192, args.prompt_len + 64),
                       kv_cache_memory_bytes=args.kv_cache_bytes, kv_transfer_config=kv)
 
 
-def _first_token(core, rid, prompt, max_tokens, params=None):
+def _first_token(core, rid, prompt, max_tokens, params=None, marks=None):
+    """Runs the request like the engine loop does (engine/proc.py): step while there is work; while
+    only KV pulls are pending, wait on the connector's wakeup fd (bounded by kv_transfer_wait_s).
+    marks (perf_counter seconds, relative to arrival): step_start = the step that computes the
+    request's tokens begins, token = its first token is on the host."""
+    import select
     from wideep.engine.api import EngineRequest, SamplingParams
     t = time.perf_counter()
     core.add_request(EngineRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0), params))
+    fd = core.kv_wakeup_fd()
     while True:
         core.poll_kv_transfers()
-        for o in core.step():
+        sched = core.schedule()
+        if marks is not None and "step_start" not in marks and any(q.request.request_id == rid for q in sched.seqs):
+            marks["step_start"] = time.perf_counter() - t
+        for o in core.execute(sched):
             if o.request_id == rid and (o.new_token_ids or o.finished):
                 _sync(core.device)
                 dt = time.perf_counter() - t
+                if marks is not None:
+                    marks["token"] = dt
                 while not o.finished:   # drain the request so its blocks are freed
                     for o2 in core.step():
                         if o2.request_id == rid:
                             o = o2
                 core.abort_request(rid)
                 return dt, o
-        if core.kv_transfer_wait_s() is not None:
-            time.sleep(0.0005)
+        wait = core.kv_transfer_wait_s()
+        if wait is not None:
+            if fd is None:
+                time.sleep(wait)
+            else:
+                select.select([fd], [], [], wait)
 
 
 def _prefill_main(conn, args, transport: str) -> None:
@@ -247,44 +306,81 @@ def _prefill_main(conn, args, transport: str) -> None:
     core.connector.shutdown()
 
 
-def ttft_bench(args, transport: str = "tcp") -> dict:
+def _timed_pulls(connector, t0: list[float], marks: dict) -> None:
+    """Records when the consumer's pull starts and ends (relative to the request's arrival, t0[0])."""
+    orig = connector._read_blocks
+
+    def read_blocks(load):
+        marks["pull_start"] = time.perf_counter() - t0[0]
+        try:
+            orig(load)
+        finally:
+            marks["pull_done"] = time.perf_counter() - t0[0]
+    connector._read_blocks = read_blocks
+
+
+def ttft_bench(args, transport: str = "tcp", decode_modes: tuple[str, ...] = ("eager",)) -> list[dict]:
+    """One prefill engine process; per decode mode (eager / graphs: CUDA graphs for decode batches, as a
+    serving decode engine runs) a decode engine here that runs the prompt aggregated and as P/D."""
     from wideep.engine.core import EngineCore
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_prefill_main, args=(child, args, transport), daemon=True)
     proc.start()
+    results = []
     try:
         dev = torch.device(args.decode_device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        core = EngineCore(_engine_args(args, args.decode_device, "kv_consumer", transport))
         assert parent.recv() == "ready"
         g = torch.Generator().manual_seed(0)
-        agg, pre, dec, same = [], [], [], True
-        for rep in range(args.warmup + args.reps):
-            prompt = torch.randint(10, 4000, (args.prompt_len,), generator=g).tolist()
-            a, aout = _first_token(core, f"agg{rep}", prompt, 2)
-            parent.send({"rid": f"p{rep}", "prompt": prompt})
-            r = parent.recv()
-            d, dout = _first_token(core, f"d{rep}", prompt, 2, r["params"])
-            if rep >= args.warmup:
-                agg.append(a)
-                pre.append(r["prefill_s"])
-                dec.append(d)
-                same = same and dout.new_token_ids[:1] == aout.new_token_ids[:1]
-        res = {"transport": transport, "prompt_tokens": args.prompt_len,
-               "aggregated_ttft_ms": statistics.median(agg) * 1e3,
-               "pd_prefill_ms": statistics.median(pre) * 1e3,
-               "pd_decode_first_token_ms": statistics.median(dec) * 1e3,
-               "first_token_equal": same}
-        res["pd_ttft_ms"] = res["pd_prefill_ms"] + res["pd_decode_first_token_ms"]
-        nx = core.connector.nixl if core.connector is not None else None
-        if nx is not None and nx.stats["transfers"]:
-            res["nixl_read_ms_mean"] = nx.stats["transfer_seconds"] / nx.stats["transfers"] * 1e3
-        res["pd_added_ms"] = res["pd_ttft_ms"] - res["aggregated_ttft_ms"]
-        if core.connector is not None:
-            core.connector.shutdown()
-        return res
+        k = 0
+        for mode in decode_modes:
+            core = EngineCore(_engine_args(args, args.decode_device, "kv_consumer", transport, graphs=mode == "graphs"))
+            nx = core.connector.nixl if core.connector is not None else None
+            t0 = [0.0]
+            marks: dict = {}
+            _timed_pulls(core.connector, t0, marks)
+            agg, pre, dec, same, bd = [], [], [], True, []
+            reads0 = None
+            for rep in range(args.warmup + args.reps):
+                k += 1
+                if rep == args.warmup and nx is not None:
+                    reads0 = (nx.stats["transfers"], nx.stats["transfer_seconds"])
+                prompt = torch.randint(10, 4000, (args.prompt_len,), generator=g).tolist()
+                a, aout = _first_token(core, f"agg{k}", prompt, 2)
+                parent.send({"rid": f"p{k}", "prompt": prompt})
+                r = parent.recv()
+                marks.clear()
+                t0[0] = time.perf_counter()
+                d, dout = _first_token(core, f"d{k}", prompt, 2, r["params"], marks)
+                if rep >= args.warmup:
+                    agg.append(a)
+                    pre.append(r["prefill_s"])
+                    dec.append(d)
+                    bd.append(dict(marks))
+                    same = same and dout.new_token_ids[:1] == aout.new_token_ids[:1]
+            res = {"transport": transport, "decode": mode, "graph_sizes": core.graph_sizes(),
+                   "prompt_tokens": args.prompt_len,
+                   "aggregated_ttft_ms": statistics.median(agg) * 1e3,
+                   "pd_prefill_ms": statistics.median(pre) * 1e3,
+                   "pd_decode_first_token_ms": statistics.median(dec) * 1e3,
+                   "first_token_equal": same,
+                   # decode side, ms after the request's arrival (median per mark)
+                   "decode_breakdown_ms": {m: statistics.median(b[m] for b in bd) * 1e3 for m in
+                                           ("pull_start", "pull_done", "step_start", "token") if all(m in b for b in bd)}}
+            res["pd_ttft_ms"] = res["pd_prefill_ms"] + res["pd_decode_first_token_ms"]
+            if reads0 is not None and nx.stats["transfers"] > reads0[0]:
+                res["nixl_read_ms_mean"] = ((nx.stats["transfer_seconds"] - reads0[1])
+                                            / (nx.stats["transfers"] - reads0[0]) * 1e3)
+            res["pd_added_ms"] = res["pd_ttft_ms"] - res["aggregated_ttft_ms"]
+            results.append(res)
+            if core.connector is not None:
+                core.connector.shutdown()
+            del core
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        return results
     finally:
         parent.send(None)
         proc.join(60)
@@ -311,6 +407,11 @@ def main(argv=None) -> int:
                     help="KV regions in the transfer table (default: the model's layers; 61 = DeepSeek-R1's full KV)")
     ap.add_argument("--transports", default="tcp,nixl", help="comma-separated: tcp, nixl")
     ap.add_argument("--no-scattered", action="store_true", help="skip the scattered-blocks NIXL rows")
+    ap.add_argument("--nixl-variants", default="",
+                    help="extra contiguous NIXL rows with other consumer agents: THREADS[:prog],... (e.g. 8,0,4:prog)")
+    ap.add_argument("--ttft-transports", default=None, help="transports of the TTFT runs (default: --transports)")
+    ap.add_argument("--ttft-decode-modes", default="eager",
+                    help="decode engine of the TTFT runs: eager, graphs (CUDA graphs for decode batches) or both")
     ap.add_argument("--kv-cache-bytes", type=int, default=None, help="engine KV budget (default 1 GiB GPU, 64 MiB CPU)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -370,17 +471,23 @@ def main(argv=None) -> int:
     results["device_copy"] = [dict(r, prompt_tokens=n) for n, r in zip(lens, device_copy_bandwidth(
         sizes, torch.device(args.prefill_device), torch.device(args.decode_device), max(args.reps, 5)))]
     save()
+    variants = _parse_variants(args.nixl_variants)
     for t in transports:
-        results["transfer"] += transfer_bench(args, layout, lens, t)
+        runs: list = [(None, False)]
+        if t == "nixl":
+            runs += [(None, True)] * (not args.no_scattered) + [(v, False) for v in variants]
+        results["transfer"] += transfer_bench(args, layout, lens, t, runs)
         save()
-        if t == "nixl" and not args.no_scattered:
-            results["transfer"] += transfer_bench(args, layout, lens, t, scattered=True)
-            save()
     r1_bytes = R1_LAYERS * R1_KV_DIM * 2 * args.prompt_len
     results["r1_prompt_bytes"] = r1_bytes
     if not args.skip_ttft:
-        for t in transports:
-            results["ttft"].append(ttft_bench(args, t))
+        modes = tuple(m for m in args.ttft_decode_modes.split(",") if m)
+        if set(modes) - {"eager", "graphs"}:
+            ap.error(f"--ttft-decode-modes: unknown {sorted(set(modes) - {'eager', 'graphs'})}")
+        for t in [x for x in (args.ttft_transports or args.transports).split(",") if x]:
+            if t not in ("tcp", "nixl"):
+                ap.error(f"--ttft-transports: unknown {t!r}")
+            results["ttft"] += ttft_bench(args, t, modes)
             save()
     if args.markdown:
         print(to_markdown(results, args))
@@ -399,23 +506,26 @@ def to_markdown(r: dict, args) -> str:
              f"Transfer table over {r['model']['layers']} layer caches x {r['model']['kv_dim']} {r['model']['dtype']} "
              f"= {r['model']['kv_bytes_per_token']} B of KV per token, block size {args.block_size}; consumer pull "
              "timed from request to blocks usable (median). d2d = one contiguous copy of the same bytes between the "
-             "two devices.", "",
-             "| prompt tokens | MB | d2d copy GB/s | transport | transfer ms | GB/s | % of d2d |",
-             "|---:|---:|---:|---|---:|---:|---:|"]
+             "two devices. NIXL phases: mean us per READ in make_prepped_xfer / transfer() / until DONE / release.", "",
+             "| prompt tokens | MB | d2d copy GB/s | transport | transfer ms | GB/s | % of d2d | NIXL phases us |",
+             "|---:|---:|---:|---|---:|---:|---:|---|"]
     d2d = {d["prompt_tokens"]: d for d in r["device_copy"]}
     for t in sorted(r["transfer"], key=lambda x: (x["prompt_tokens"], x["transport"])):
         c = d2d.get(t["prompt_tokens"])
-        lines.append(f"| {t['prompt_tokens']} | {t['MB']:.1f} | {c['GBps']:.1f} | {t['transport']} | {t['ms']:.2f} | "
-                     f"{t['GBps']:.2f} | {100 * t['GBps'] / c['GBps']:.0f}% |" if c else
-                     f"| {t['prompt_tokens']} | {t['MB']:.1f} | - | {t['transport']} | {t['ms']:.2f} | {t['GBps']:.2f} | - |")
+        ph = " / ".join(f"{v:.0f}" for v in t["phases_us"].values()) if "phases_us" in t else "-"
+        pct = f"{100 * t['GBps'] / c['GBps']:.0f}%" if c else "-"
+        lines.append(f"| {t['prompt_tokens']} | {t['MB']:.1f} | {c['GBps'] if c else float('nan'):.1f} | "
+                     f"{t['transport']} | {t['ms']:.2f} | {t['GBps']:.2f} | {pct} | {ph} |")
     hc = ", ".join(f"{k} {v:.1f}" for k, v in r["host_copy"].items())
     lines += ["", f"Host-copy bounds for a {args.prompt_len}-token prompt: {hc} (GB/s)."]
     for t in r["ttft"]:
-        lines += ["", f"TTFT over {t['transport']}, {t['prompt_tokens']}-token prompt ({r['model']['preset']}, "
-                      f"{r['model']['model_layers']} layers): aggregated {t['aggregated_ttft_ms']:.1f} ms; "
-                      f"P/D {t['pd_ttft_ms']:.1f} ms = prefill {t['pd_prefill_ms']:.1f} + pull and first decode step "
-                      f"{t['pd_decode_first_token_ms']:.1f}; P/D adds {t['pd_added_ms']:.1f} ms "
-                      f"(first token equal: {t['first_token_equal']})"
+        bd = ", ".join(f"{k} {v:.2f}" for k, v in t["decode_breakdown_ms"].items())
+        mode = t["decode"] + (f" (graphs {t['graph_sizes']})" if t["graph_sizes"] else "")
+        lines += ["", f"TTFT over {t['transport']}, decode engine {mode}, {t['prompt_tokens']}-token prompt "
+                      f"({r['model']['preset']}, {r['model']['model_layers']} layers): aggregated "
+                      f"{t['aggregated_ttft_ms']:.1f} ms; P/D {t['pd_ttft_ms']:.1f} ms = prefill {t['pd_prefill_ms']:.1f}"
+                      f" + decode side {t['pd_decode_first_token_ms']:.1f} (ms after arrival: {bd}); P/D adds "
+                      f"{t['pd_added_ms']:.1f} ms (first token equal: {t['first_token_equal']})"
                       + (f"; the NIXL READ itself {t['nixl_read_ms_mean']:.2f} ms." if "nixl_read_ms_mean" in t else ".")]
     return "\n".join(lines)
 

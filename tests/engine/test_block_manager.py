@@ -87,3 +87,24 @@ def test_counters_and_disabled_caching():
     compute_all(bm, r)
     assert bm.take_events() == [] and bm.find_cached_prefix(make_request("b", list(range(9)))) == []
     bm.free(r)
+
+
+def test_new_blocks_are_handed_out_in_ascending_order():
+    """Cached blocks return to the LRU tail-first (descending); a request reusing them still gets
+    adjacent ids in ascending order (a P/D transfer of them merges into one descriptor per run),
+    and the same blocks are evicted, in the same order, as without the sort."""
+    bm = BlockManager(8, BS)
+    r1 = make_request("a", list(range(100, 116)))   # 4 blocks, all cached after
+    compute_all(bm, r1)
+    assert r1.block_ids == [0, 1, 2, 3]
+    stored = bm.take_events()[0].block_hashes
+    r2 = make_request("b", list(range(200, 216)))   # blocks 4..7
+    compute_all(bm, r2)
+    bm.take_events()
+    bm.free(r1)                                     # LRU tail now 3, 2, 1, 0
+    bm.free(r2)                                     # then 7, 6, 5, 4
+    r3 = make_request("c", list(range(300, 316)))
+    assert bm.allocate(r3, 16)
+    assert r3.block_ids == [0, 1, 2, 3]
+    assert [e.block_hashes[0] for e in bm.take_events()] == [stored[3], stored[2], stored[1], stored[0]]
+    bm.free(r3)

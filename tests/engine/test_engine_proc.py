@@ -86,3 +86,40 @@ def test_killed_engine_fails_inflight_requests(tiny_model_dir):
             await client.shutdown()
 
     asyncio.run(main())
+
+
+def test_loop_wakes_on_a_finished_kv_pull():
+    """The engine loop's wait on input also ends when the KV connector's wakeup fd turns readable
+    (a pull landed): it then polls the transfers, instead of sleeping out its timeout."""
+    import zmq
+
+    from wideep.engine.proc import EngineLoop, SingleRankCoordinator
+
+    class Core:
+        polled = 0
+
+        def __init__(self, fd):
+            self.fd = fd
+
+        def kv_wakeup_fd(self):
+            return self.fd
+
+        def poll_kv_transfers(self):
+            self.polled += 1
+            os.read(self.fd, 64)    # the connector drains its pipe here
+
+    r, w = os.pipe()
+    ctx = zmq.Context()
+    inp = ctx.socket(zmq.PULL)
+    inp.bind("inproc://loop-wake")
+    try:
+        core = Core(r)
+        loop = EngineLoop(core, inp, None, SingleRankCoordinator())
+        os.write(w, b"\0")
+        assert loop._drain_inputs(60_000) is False   # no input message; woken by the fd at once
+        assert core.polled == 1
+    finally:
+        inp.close(linger=0)
+        ctx.term()
+        os.close(r)
+        os.close(w)

@@ -311,3 +311,23 @@ def test_consumer_abort_before_the_pull_releases_the_producer(trio):
     assert p.used_blocks == 0 and p.conn.stats["held_expired"] == 0 and p.conn.stats["blocks_sent"] == 0
     d.settle()
     assert d.used_blocks == 0
+
+
+def test_a_finished_pull_wakes_the_engine_loop(trio):
+    """The consumer's wakeup fd turns readable when the pull lands (the engine loop sleeps on it, not
+    on a timer), the next poll drains it and moves the request back to the queue; producers have none."""
+    import select
+    p, d = trio["p"], trio["d"]
+    assert p.conn.wakeup_fd() is None
+    fd = d.conn.wakeup_fd()
+    assert fd is not None and not select.select([fd], [], [], 0)[0]
+    _, final = p.run(p.add(list(range(20)), 1, {"do_remote_decode": True}))
+    drid = d.add(list(range(20)), 3, final.kv_transfer_params)
+    d.sched.schedule()                  # allocates and starts the pull
+    assert drid in d.sched.waiting_for_kv
+    assert select.select([fd], [], [], 20)[0] == [fd]
+    d.sched._poll_connector()
+    assert drid not in d.sched.waiting_for_kv and d.sched.waiting[0].request_id == drid
+    assert not select.select([fd], [], [], 0)[0]
+    toks, _ = d.run(drid)
+    assert len(toks) == 3

@@ -84,8 +84,10 @@ class BlockManager:
             request.block_hashes.append(self.block_hash[b])
         request.num_computed_tokens += len(cached_blocks) * self.block_size
         need = self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
-        for _ in range(need):
-            request.block_ids.append(self._take_free_block())
+        # The same blocks the LRU gives, in ascending order: adjacent ids stay adjacent in the request,
+        # so a P/D transfer of them is one descriptor per run instead of one per block (cached blocks
+        # come back from the LRU tail-first, i.e. descending).
+        request.block_ids.extend(sorted(self._take_free_block() for _ in range(need)))
         return True
 
     def _take_free_block(self) -> int:

@@ -224,6 +224,11 @@ class EngineCore:
             return 0.002
         return 0.05 if s.held else None
 
+    def kv_wakeup_fd(self) -> int | None:
+        """Readable when a KV pull has finished: a loop waiting on input also waits on it (then calls
+        poll_kv_transfers), so a landed pull is scheduled at once, not at the next timer tick."""
+        return self.connector.wakeup_fd() if self.connector is not None else None
+
     def poll_kv_transfers(self) -> None:
         """Frees blocks the consumer has read (or that timed out) and wakes requests whose KV landed."""
         self.scheduler._poll_connector()

@@ -194,6 +194,10 @@ class EngineLoop:
         # DP lockstep: a peer's "wake up" message must end the idle wait too (engine/lockstep.py)
         for sock in coordinator.poll_sockets():
             self.poller.register(sock, zmq.POLLIN)
+        # P/D consumer: a finished KV pull ends the wait too (its request is scheduled in this iteration)
+        self.kv_wakeup_fd = core.kv_wakeup_fd()
+        if self.kv_wakeup_fd is not None:
+            self.poller.register(self.kv_wakeup_fd, zmq.POLLIN)
         self.parent_pid = os.getppid()
         self.last_stats = 0.0
         self.last_heartbeat = 0.0
@@ -248,7 +252,10 @@ class EngineLoop:
     def _drain_inputs(self, timeout_ms: int) -> bool:
         """Handles every pending input message, waiting up to timeout_ms for the first one."""
         got = False
-        if self.poller.poll(timeout_ms):
+        events = self.poller.poll(timeout_ms)
+        if events:
+            if self.kv_wakeup_fd is not None and any(s == self.kv_wakeup_fd for s, _ in events):
+                self.core.poll_kv_transfers()   # drains the wakeup pipe; the landed request waits in the queue
             while True:
                 try:
                     data = self.inp.recv(zmq.NOBLOCK)

@@ -32,6 +32,11 @@ class KVConnectorBase:
         """Ids of held requests whose blocks may now be freed."""
         return set()
 
+    def wakeup_fd(self) -> int | None:
+        """A file descriptor that turns readable when a pull has finished (the engine loop wakes on it
+        instead of polling on a timer); None: no asynchronous loads."""
+        return None
+
     def transfer_stats(self) -> dict[str, Any]:
         """Transport counters and histograms for the engine's metrics; {} when there are none."""
         return {}

@@ -114,6 +114,12 @@ class KVConnector(KVConnectorBase):
         self._fallback: dict[str, tuple[Any, int]] = {}   # id → (request, tokens to resume from) after a failed pull
         self._failed: dict[str, str] = {}      # request id → error (policy fail)
         self._handshaken: set[tuple[str, int, str]] = set()
+        # A finished pull writes a byte here, so an engine loop waiting on input wakes at once (it drains
+        # the pipe in finished_loading); a timer would add up to its period to the request's TTFT.
+        self._wake_r, self._wake_w = os.pipe() if cfg.is_consumer else (-1, -1)
+        if cfg.is_consumer:
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
         self.stats = {"blocks_sent": 0, "bytes_sent": 0, "blocks_received": 0, "bytes_received": 0,
                       "loads_failed": 0, "held_expired": 0}
 
@@ -165,6 +171,9 @@ class KVConnector(KVConnectorBase):
             mem_type="VRAM" if dev.type == "cuda" else "DRAM",
             compat_hash=nixl_mod.compatibility_hash(self.model, self.caches.layout()),
             enforce_compat=self.cfg.enforce_handshake_compat, tp_size=self.tp_size, num_threads=self.cfg.nixl_threads,
+            # a spinning progress thread: for a producer on a GPU server (its reads finish sooner), not on
+            # a CPU host (it would take a core) and not for a consumer (its reader polls; posting slows)
+            progress_thread=dev.type == "cuda" and self.cfg.is_producer,
             transfer_timeout_s=self.transfer_timeout_s, handshake_timeout_s=self.handshake_timeout_s)
         if self.cfg.is_producer:
             self.port = self.nixl.serve(self.listen_host, self.port)
@@ -182,6 +191,10 @@ class KVConnector(KVConnectorBase):
             self.server = None
         if self._pool:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            self._wake_r = self._wake_w = -1
         self.transport.close()
         if self.nixl is not None:
             self.nixl.close()
@@ -326,7 +339,22 @@ class KVConnector(KVConnectorBase):
         assert self._pool is not None
         self._pool.submit(self._pull, load)
 
+    def wakeup_fd(self) -> int | None:
+        return self._wake_r if self._wake_r >= 0 else None
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):   # full: a wakeup is already pending; closed: shutting down
+            pass
+
     def _pull(self, load: _Load) -> None:
+        try:
+            self._finish_pull(load)
+        finally:
+            self._wake()
+
+    def _finish_pull(self, load: _Load) -> None:
         rid = load.request.request_id
         error = load.error
         misconfigured = False   # a handshake mismatch fails the request whatever the policy: recomputing
@@ -408,6 +436,12 @@ class KVConnector(KVConnectorBase):
             self._pool.submit(self._release_quietly, r)
 
     def finished_loading(self) -> set[str]:
+        if self._wake_r >= 0:   # drained before the sets are read: a pull finishing after this wakes again
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
         with self._lock:
             done, self._loaded = self._loaded, set()
             fallback, self._fallback = self._fallback, {}

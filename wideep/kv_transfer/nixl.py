@@ -169,7 +169,7 @@ class NixlTransport:
     def __init__(self, *, engine_id: str, regions: list[Region], num_blocks: int, block_size: int,
                  device_id: int, mem_type: str, compat_hash: str, enforce_compat: bool = True,
                  tp_size: int = 1, handshake_timeout_s: float = 5.0, transfer_timeout_s: float = 60.0,
-                 num_threads: int = 4, progress_thread: bool | None = None):
+                 num_threads: int = 4, progress_thread: bool = False):
         from nixl._api import nixl_agent, nixl_agent_config
         if mem_type not in ("DRAM", "VRAM"):
             raise ValueError(f"NIXL memory type must be DRAM or VRAM, got {mem_type!r}")
@@ -187,10 +187,11 @@ class NixlTransport:
         self._lock = threading.Lock()
         self._hs_lock = threading.Lock()      # one handshake at a time (vLLM: a 1-thread executor)
         # num_threads: UCX worker threads, vLLM's default of 4 (more would exhaust NIC UAR space).
-        # NIXL's progress thread polls without pause (the Python API sets no delay): worth a core on
-        # a GPU server (vLLM keeps it), a loss on a small CPU host. There a thread of ours polls the
-        # agent every POLL_S instead (remote reads and connection set-up need the target to progress).
-        progress_thread = mem_type == "VRAM" if progress_thread is None else progress_thread
+        # progress_thread: NIXL's own thread, spinning on the agent's workers (the Python API sets no
+        # delay). A producer on GPU wants it: a consumer's READ completes only as fast as the producer's
+        # agent progresses. A consumer does not: its reader polls the READ back to back (which
+        # progresses the agent), and a second spinning thread slows posting (docs/perf.md). Without
+        # it, a thread of ours polls every POLL_S for notifications and connection set-up.
         self.agent = nixl_agent(f"{engine_id}-{uuid.uuid4().hex[:8]}",
                                 nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"],
                                                   num_threads=num_threads))
@@ -212,6 +213,9 @@ class NixlTransport:
             self._poller.start()
         self.stats = {"num_failed_transfers": 0, "num_failed_notifications": 0, "transfers": 0,
                       "bytes_transferred": 0, "num_descriptors": 0, "transfer_seconds": 0.0}
+        # Where a READ's time goes (successful READs, cumulative): make_prepped_xfer, posting, until DONE,
+        # releasing the handle. benchmarks/pd.py reports it.
+        self.phase_seconds = {"prepare": 0.0, "post": 0.0, "wait": 0.0, "release": 0.0}
         self.hists = {"xfer_time_seconds": Histogram(XFER_TIME_BUCKETS), "bytes_transferred": Histogram(BYTES_BUCKETS),
                       "num_descriptors": Histogram(DESCRIPTOR_BUCKETS)}
 
@@ -387,14 +391,20 @@ class NixlTransport:
             with self._lock:
                 handle = self.agent.make_prepped_xfer("READ", self._local_dlist, local_idx, r.dlist, remote_idx,
                                                       notif_msg=notif)
+                t1 = time.perf_counter()
                 state = self.agent.transfer(handle)
+            t2 = time.perf_counter()
             deadline = time.monotonic() + self.transfer_timeout_s
+            # GPU: poll back to back (sleep(0) only yields the GIL); a 100 us sleep is really 60-150 us
+            # and adds that to every READ. A small CPU host gets the short sleep (spinning steals a core).
+            nap = 0.0 if self.mem_type == "VRAM" else 0.0001
             while state == "PROC":
                 if time.monotonic() > deadline:
                     raise KVTransferError(f"NIXL READ from {host}:{port} not done after {self.transfer_timeout_s:.0f} s")
-                time.sleep(0.0001)
+                time.sleep(nap)
                 with self._lock:
                     state = self.agent.check_xfer_state(handle)
+            t3 = time.perf_counter()
             if state != "DONE":
                 raise KVTransferError(f"NIXL READ from {host}:{port} failed (state {state})")
         except Exception as exc:
@@ -412,8 +422,11 @@ class NixlTransport:
             raise KVTransferError(f"NIXL READ from {host}:{port} failed: {type(exc).__name__}: {exc}") from exc
         self._release_handle(handle)
         nbytes = sum(rg.block_len for rg in self.regions) * len(local_block_ids)
-        dt = time.perf_counter() - t0
+        t4 = time.perf_counter()
+        dt = t4 - t0
         with self._lock:
+            for k, v in (("prepare", t1 - t0), ("post", t2 - t1), ("wait", t3 - t2), ("release", t4 - t3)):
+                self.phase_seconds[k] += v
             self.stats["transfers"] += 1
             self.stats["bytes_transferred"] += nbytes
             self.stats["num_descriptors"] += len(local_idx)
