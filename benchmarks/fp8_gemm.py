@@ -1,11 +1,16 @@
-"""Native FP8 kernels on the GPU: correctness against the torch reference (bit-exact activation codes,
-GEMMs within fp32 rounding of the dequantized product) and time at R1's decode and prefill shapes against
-bf16 (F.linear, torch._grouped_mm) and cuBLAS block-scaled FP8 (torch._scaled_mm).
+"""Native FP8 kernels on the GPU: a config sweep of the Triton GEMM at R1's decode shapes (the chosen configs
+are installed for the rest of the run), correctness against the torch reference (bit-exact activation codes,
+GEMMs within fp32 rounding of the dequantized product, bit-identical rows whatever the batch), and time at
+R1's decode and prefill shapes against bf16 (F.linear, torch._grouped_mm) and cuBLAS block-scaled FP8
+(torch._scaled_mm).
 
-  python benchmarks/fp8_gemm.py            # prints a table; exits 1 if a check fails
+  python benchmarks/fp8_gemm.py [--sweep] [--json out.json]   # prints tables; exits 1 if a check fails
+  python benchmarks/fp8_gemm.py --pairs --skip-linear         # + expert-MLP config pairs; - the projection table
+  python benchmarks/fp8_gemm.py --device cpu                  # smoke: tiny sweep + checks under Triton's interpreter
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -40,56 +45,253 @@ def graph_us(fn, iters=50) -> float:
     return st.elapsed_time(en) * 1e3 / iters
 
 
+def eager_us(fn, iters=5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    st, en = torch.cuda.Event(True), torch.cuda.Event(True)
+    st.record()
+    for _ in range(iters):
+        fn()
+    en.record()
+    torch.cuda.synchronize()
+    return st.elapsed_time(en) * 1e3 / iters
+
+
 def rel(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
 
-def sweep(dev) -> None:
-    """Tile configs of the Triton GEMM at a few R1 shapes (plain and grouped): prints the best of each."""
-    import itertools
-    import os
+def _timer(dev):
+    if dev.type == "cuda":
+        return graph_us
 
-    shapes = [("plain", 128, 7168, 1536), ("plain", 128, 16384, 7168), ("plain", 8192, 7168, 4096),
-              ("grouped", 8 * 128, 7168, 4096), ("grouped", 8 * 2048, 7168, 4096)]
-    configs = [c for c in itertools.product((16, 32, 64, 128), (64, 128), ((4, 3), (8, 3), (4, 4)))
-               if not (c[0] == 128 and c[2][0] == 4)]
-    for kind, m, k, n in shapes:
+    def cpu_us(fn, iters=1):
+        import time
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
+    return cpu_us
+
+
+# R1 weights at one EP=32 rank: decode projections (N, K) and routed experts (E local, rows per expert)
+PLAIN = {"q_a": (1536, 7168), "kv_a": (576, 7168), "q_b": (24576, 1536), "o": (7168, 16384),
+         "shared w13": (4096, 7168), "shared w2": (7168, 2048), "dense w13": (36864, 7168), "dense w2": (7168, 18432)}
+GROUPED = [(8, (128, 256)), (32, (32,))]   # EP=32 (B=128, 256) and EP=8 (B=128)
+SWEPT_PLAIN = ("q_a", "kv_a")   # the decode projections Triton serves (the others go to cuBLAS, docs/perf.md)
+PLAIN_TILES = [(64, 128, 4, 3, False), (64, 64, 4, 4, False), (128, 64, 4, 4, True)]
+GROUPED_TILES = [(64, 128, 4, 4, True), (64, 128, 4, 6, True), (128, 64, 4, 4, True), (64, 128, 4, 4, False),
+                 (64, 128, 4, 3, False), (32, 64, 4, 4, True), (128, 128, 8, 4, True)]
+
+
+def sweep(dev, small: bool) -> dict:
+    """Times Triton configs (tile, stages, split-K, swap-AB, fused quantization) and cuBLAS at R1's decode
+    shapes, installs the fastest per weight shape into fp8_triton.DECODE_CONFIGS / fp8.CUBLAS_DECODE, and
+    returns what it chose (every candidate's output is also checked against the first one's)."""
+    from wideep.model import fp8 as fp8mod
+
+    timer = _timer(dev)
+    chosen: dict = {"plain": {}, "grouped": {}}
+    sms = fp8_triton._num_sms(dev)
+    plain = {"q_a": (192, 256), "o": (64, 384)} if small else {k: PLAIN[k] for k in SWEPT_PLAIN}
+    grouped = [(2, (5,)), (3, (4,))] if small else GROUPED
+    rows_plain = (3,) if small else (128, 256)
+    tiles_p = [(16, 64, 4, 1, False), (16, 64, 4, 1, True)] if small else PLAIN_TILES
+    tiles_g = [(16, 64, 4, 1, False), (16, 64, 4, 1, True)] if small else GROUPED_TILES
+
+    def candidates(tiles, n, k, rows_tiles, allow_fuse):
+        n_kb = -(-k // 128)
+        for bm, bn, wp, st, swap in tiles:
+            auto = max(1, min(-(-2 * sms // (-(-n // bn) * rows_tiles(bm))), n_kb // 4))
+            for split in sorted({1, 2, max(1, auto // 2), auto}):
+                for fuse in ((False, True) if allow_fuse else (False,)):
+                    for prefetch in (False, True):
+                        yield fp8_triton.GemmConfig(bm, bn, wp, st, split, swap, fuse, prefetch)
+
+    for name, (n, k) in plain.items():
+        w, ws = quantize_block_fp8(torch.randn(n, k, device=dev) * 0.02)
+        sidx = scale_row_index([n], 128, dev)
+        xs = {m: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for m in rows_plain}
         res = []
-        for bm, bn, (wp, st) in configs:
-            if kind == "plain" and m >= 4096 and bm < 64:
-                continue
-            os.environ[fp8_triton.CONFIG_ENV] = f"{bm},{bn},{wp},{st}"
-            q = torch.randint(-100, 100, (m, k), device=dev).to(torch.float8_e4m3fn)
-            sa = torch.rand(m, k // 128, device=dev).t().contiguous().t()
-            if kind == "plain":
-                w = torch.randint(-100, 100, (n, k), device=dev).to(torch.float8_e4m3fn)
-                ws = torch.rand(n // 128, k // 128, device=dev)
-                sidx = scale_row_index([n], 128, dev)
-                fn = lambda: fp8_triton.fp8_gemm(q, sa, w, ws, sidx, torch.bfloat16)  # noqa: E731
-            else:
-                e = 8
-                w = torch.randint(-100, 100, (e, n, k), device=dev).to(torch.float8_e4m3fn)
-                ws = torch.rand(e, n // 128, k // 128, device=dev)
-                sidx = scale_row_index([n], 128, dev)
-                tiles = fp8_triton.group_tiles(torch.full((e,), m // e, device=dev), m, bm)
-                fn = lambda: fp8_triton.fp8_gemm(q, sa, w, ws, sidx, torch.bfloat16, tiles=tiles, block_m=bm)  # noqa: E731
+        if dev.type == "cuda" and fp8mod._cublas_block_fp8_ok(w, ws):
+            t = 0.0
+            for m, xa in xs.items():
+                t += timer(lambda: fp8mod._cublas_block_fp8(*fp8_triton.act_quant(xa, fp8mod.CUBLAS_PAD_ROWS), w, ws,
+                                                            torch.bfloat16, xa.shape[0]), 20)
+            res.append((t, "cublas"))
+        ref = None
+        for cfg in candidates(tiles_p, n, k, lambda bm: -(-rows_plain[0] // bm), True):
+            def fn(xa, cfg=cfg):
+                q, s = (xa, None) if cfg.fuse_quant else fp8_triton.act_quant(xa)
+                return fp8_triton.fp8_gemm(q, s, w, ws, sidx, torch.bfloat16, cfg)
             try:
-                res.append((graph_us(fn, 20), f"{bm},{bn},{wp},{st}"))
-            except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                res.append((float("inf"), f"{bm},{bn},{wp},{st} ({type(exc).__name__})"))
-        os.environ.pop(fp8_triton.CONFIG_ENV, None)
-        res.sort()
-        wbytes = n * k * (8 if kind == "grouped" else 1)
-        print(f"sweep {kind} {m}x{k}x{n}: " + "; ".join(f"{c} {t:.1f}us" for t, c in res[:4])
-              + f"  (best {wbytes / res[0][0] / 1e3:,.0f} GB/s weights, {2 * m * n * k / res[0][0] / 1e6:,.0f} TFLOP/s)")
+                y = fn(xs[rows_plain[0]])
+                ref = y if ref is None else ref
+                if rel(y, ref) > 1e-2:
+                    res.append((float("inf"), f"{cfg} (wrong: rel {rel(y, ref):.1e})"))
+                    continue
+                res.append((sum(timer(lambda xa=xa: fn(xa), 20) for xa in xs.values()), cfg))
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported and skipped
+                res.append((float("inf"), f"{cfg} ({type(exc).__name__}: {str(exc)[:60]})"))
+        res.sort(key=lambda r: r[0])
+        best_t, best = res[0]
+        triton_best = next(r for r in res if r[1] != "cublas")
+        fp8mod.CUBLAS_DECODE[(n, k)] = best == "cublas"
+        if isinstance(triton_best[1], fp8_triton.GemmConfig):
+            fp8_triton.DECODE_CONFIGS[("plain", n, k)] = triton_best[1]
+        nr = len(rows_plain)
+        cub = next((t for t, c in res if c == "cublas"), float("nan"))
+        chosen["plain"][name] = {"n": n, "k": k, "pick": str(best), "us": best_t / nr, "cublas_us": cub / nr,
+                                 "triton": str(triton_best[1]), "triton_us": triton_best[0] / nr,
+                                 "GB/s": n * k / (best_t / nr) / 1e3}
+        print(f"sweep plain {name} N={n} K={k} (mean over M={rows_plain}, incl. act quant): "
+              + "; ".join(f"{c} {t / nr:.1f}us" for t, c in res[:5]) + f" | cublas {cub / nr:.1f}us"
+              + f" | {len(res)} tried, {sum(r[0] == float('inf') for r in res)} failed", flush=True)
+
+    hidden, inter = (256, 192) if small else (7168, 2048)
+    for e, per_list in grouped:
+        w13 = torch.randint(-100, 100, (e, 2 * inter, hidden), device=dev).to(torch.float8_e4m3fn)
+        w2 = torch.randint(-100, 100, (e, hidden, inter), device=dev).to(torch.float8_e4m3fn)
+        s13 = torch.rand(e, 2 * -(-inter // 128), -(-hidden // 128), device=dev) * 1e-3
+        s2 = torch.rand(e, -(-hidden // 128), -(-inter // 128), device=dev) * 1e-3
+        i13 = scale_row_index([inter, inter], 128, dev)
+        i2 = scale_row_index([hidden], 128, dev)
+        for which, (w, ws, sidx) in (("w13", (w13, s13, i13)), ("w2", (w2, s2, i2))):
+            n, k = w.shape[1], w.shape[2]
+            data = []
+            for per in per_list:
+                cnt = torch.full((e,), per, device=dev)
+                data.append((cnt, torch.randn(e * per, k, device=dev, dtype=torch.bfloat16),
+                             torch.randn(e * per, 2 * k, device=dev, dtype=torch.bfloat16)))
+            res, ref = [], None
+            for cfg in candidates(tiles_g, n, k, lambda bm: e * -(-per_list[0] // bm), False):
+                def fn(i, cfg=cfg):
+                    _, x, h = data[i]
+                    if cfg.fuse_quant:
+                        q, s = x, None
+                    else:
+                        q, s = fp8_triton.act_quant(x) if which == "w13" else fp8_triton.silu_mul_quant(h)
+                    return fp8_triton.fp8_gemm(q, s, w, ws, sidx, torch.bfloat16, cfg, counts=data[i][0])
+                try:
+                    y = fn(0)
+                    ref = y if ref is None else ref
+                    if rel(y, ref) > 1e-2:
+                        res.append((float("inf"), f"{cfg} (wrong: rel {rel(y, ref):.1e})"))
+                        continue
+                    res.append((sum(timer(lambda i=i: fn(i), 20) for i in range(len(data))), cfg))
+                except Exception as exc:  # noqa: BLE001
+                    res.append((float("inf"), f"{cfg} ({type(exc).__name__}: {str(exc)[:60]})"))
+            res.sort(key=lambda r: r[0])
+            best_t, best = res[0]
+            if isinstance(best, fp8_triton.GemmConfig):
+                fp8_triton.DECODE_CONFIGS[("grouped", e, n, k)] = best
+            nr = len(per_list)
+            chosen["grouped"][f"E{e} {which}"] = {"n": n, "k": k, "pick": str(best), "us": best_t / nr,
+                                                  "GB/s": e * n * k / (best_t / nr) / 1e3}
+            print(f"sweep grouped E={e} {which} N={n} K={k} rows/expert {per_list} (incl. act quant"
+                  f"{' of x' if which == 'w13' else ' + silu of a bf16 input'}): "
+                  + "; ".join(f"{c} {t / nr:.1f}us" for t, c in res[:5])
+                  + f" | {len(res)} tried, {sum(r[0] == float('inf') for r in res)} failed", flush=True)
+    return chosen
+
+
+def mlp_pairs(dev) -> None:
+    """The routed-expert MLP as the model runs it, per (w13, w2) config pair, beside its parts: which pair is
+    fastest where the two GEMMs, the quantization kernels and the tile maps run together in one graph."""
+    G = fp8_triton.GemmConfig
+    pairs = {"as committed (DECODE_CONFIGS)": None,
+             "swap64x128": (G(64, 128, 4, 4, swap=True), G(64, 128, 4, 4, swap=True)),
+             "swap64x128 pf": (G(64, 128, 4, 4, swap=True, prefetch=True), G(64, 128, 4, 4, swap=True, prefetch=True)),
+             "swap128x64 pf / 64x128": (G(128, 64, 4, 4, swap=True, prefetch=True), G(64, 128, 4, 3)),
+             "swap128x64 pf": (G(128, 64, 4, 4, swap=True, prefetch=True), G(128, 64, 4, 4, swap=True, prefetch=True)),
+             "64x128 s3": (G(64, 128, 4, 3), G(64, 128, 4, 3)),
+             "swap32x64 pf": (G(32, 64, 4, 4, swap=True, prefetch=True), G(32, 64, 4, 4, swap=True, prefetch=True))}
+    i13, i2 = scale_row_index([2048, 2048], 128, dev), scale_row_index([7168], 128, dev)
+    print("\n| w13 / w2 config | 8 x 128 MLP us | its w13 (+quant) | its w2 (+silu) | 8 x 256 MLP | 32 x 32 MLP |")
+    print("|---|---|---|---|---|---|")
+    data = {}
+    for e, per in ((8, 128), (8, 256), (32, 32)):
+        cnt = torch.full((e,), per, device=dev)
+        w13 = torch.randint(-100, 100, (e, 4096, 7168), device=dev).to(torch.float8_e4m3fn)
+        w2 = torch.randint(-100, 100, (e, 7168, 2048), device=dev).to(torch.float8_e4m3fn)
+        s13 = torch.rand(e, 32, 56, device=dev) * 1e-3
+        s2 = torch.rand(e, 56, 16, device=dev) * 1e-3
+        data[(e, per)] = (cnt, torch.randn(e * per, 7168, device=dev, dtype=torch.bfloat16),
+                          torch.randn(e * per, 4096, device=dev, dtype=torch.bfloat16), w13, s13, w2, s2)
+    saved = dict(fp8_triton.DECODE_CONFIGS)
+    for name, pair in pairs.items():
+        row = []
+        for (e, per), (cnt, x, h, w13, s13, w2, s2) in data.items():
+            if pair is not None:
+                fp8_triton.DECODE_CONFIGS[("grouped", e, 4096, 7168)] = pair[0]
+                fp8_triton.DECODE_CONFIGS[("grouped", e, 7168, 2048)] = pair[1]
+            c13 = fp8_triton.pick_config(4096, 7168, e, device=dev)
+            c2 = fp8_triton.pick_config(7168, 2048, e, device=dev)
+            row.append(graph_us(lambda: fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, cnt, impl="triton"), 30))
+            if (e, per) == (8, 128):
+                row.append(graph_us(lambda: fp8_triton.fp8_gemm(*fp8_triton.act_quant(x), w13, s13, i13,
+                                                                torch.bfloat16, c13, counts=cnt), 30))
+                row.append(graph_us(lambda: fp8_triton.fp8_gemm(*fp8_triton.silu_mul_quant(h), w2, s2, i2,
+                                                                torch.bfloat16, c2, counts=cnt), 30))
+        print(f"| {name} | " + " | ".join(f"{t:.1f}" for t in row) + " |", flush=True)
+    cnt, x, h = data[(8, 128)][:3]
+    print(f"parts at 8 x 128: act_quant {graph_us(lambda: fp8_triton.act_quant(x), 30):.1f} us, silu_mul_quant "
+          f"{graph_us(lambda: fp8_triton.silu_mul_quant(h), 30):.1f} us")
+    fp8_triton.DECODE_CONFIGS.clear()
+    fp8_triton.DECODE_CONFIGS.update(saved)
+
+
+def invariance(dev, small: bool) -> bool:
+    """A row's output is bit-identical whatever batch it shares, with the configs in force (decode regime)."""
+    ok = True
+    k, n = (300, 136) if small else (7168, 1536)
+    shapes = [(n, k)] if small else [PLAIN[s] for s in ("q_a", "kv_a", "q_b", "o", "shared w2")]
+    from wideep.model import fp8 as fp8mod
+
+    for n, k in shapes:
+        w, ws = quantize_block_fp8(torch.randn(n, k, device=dev) * 0.02)
+        sidx = scale_row_index([n], 128, dev)
+        x = torch.randn(256 if not small else 20, k, device=dev, dtype=torch.bfloat16)
+        full = fp8_linear(x, w, ws, sidx)
+        same = all(torch.equal(fp8_linear(x[:m], w, ws, sidx), full[:m]) for m in (1, 7, 64, 128))
+        path = "cuBLAS" if dev.type == "cuda" and fp8mod._decode_uses_cublas(w) else "Triton"
+        print(f"batch invariance, linear N={n} K={k} ({path}): rows at M=1,7,64,128 bit-identical to "
+              f"M={x.shape[0]}: {same}")
+        ok &= same or path == "cuBLAS"   # cuBLAS picks its kernel by M: reported, not ours to guarantee
+    e, hidden, inter = (3, 256, 192) if small else (8, 7168, 2048)
+    w13 = torch.stack([quantize_block_fp8(torch.randn(2 * inter, hidden, device=dev) * 0.02)[0] for _ in range(e)])
+    w2 = torch.stack([quantize_block_fp8(torch.randn(hidden, inter, device=dev) * 0.02)[0] for _ in range(e)])
+    s13 = torch.rand(e, 2 * -(-inter // 128), -(-hidden // 128), device=dev) * 1e-3 + 1e-4
+    s2 = torch.rand(e, -(-hidden // 128), -(-inter // 128), device=dev) * 1e-3 + 1e-4
+    i13, i2 = scale_row_index([inter, inter], 128, dev), scale_row_index([hidden], 128, dev)
+    per = 4 if small else 128
+    x = torch.randn(e * per + 3, hidden, device=dev, dtype=torch.bfloat16)
+    full = fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, torch.full((e,), per, device=dev), impl="triton")
+    other = torch.tensor([per // 2] + [0] * (e - 2) + [per + 1], device=dev)
+    part = fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, other, impl="triton")
+    same = torch.equal(part[: per // 2], full[: per // 2])
+    print(f"batch invariance, grouped expert MLP (E={e}): expert 0's rows bit-identical beside other counts: {same}")
+    return ok and same
 
 
 def main() -> int:
-    dev = torch.device("cuda")
-    if "--sweep" in sys.argv:
-        sweep(dev)
+    dev = torch.device("cpu" if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu"
+                       else "cuda")
+    small = dev.type == "cpu"
+    report: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
     torch.manual_seed(0)
-    ok = True
+    if "--pairs" in sys.argv:
+        mlp_pairs(dev)
+    if "--sweep" in sys.argv or small:
+        report["sweep"] = sweep(dev, small)
+        print("chosen decode configs:", {str(k): str(v) for k, v in fp8_triton.DECODE_CONFIGS.items()})
+        from wideep.model import fp8 as fp8mod
+        print("cuBLAS at decode:", fp8mod.CUBLAS_DECODE)
+    ok = invariance(dev, small)
+    report["batch_invariant"] = ok
+    if small:
+        print(f"\nRESULT: {'PASS' if ok else 'FAIL'}")
+        return 0 if ok else 1
     # ---- correctness ----
     x = torch.randn(77, 7168, device=dev, dtype=torch.bfloat16) * 3
     q, s = fp8_triton.act_quant(x)
@@ -127,6 +329,11 @@ def main() -> int:
     pad_zero = bool((yg[-5:] == 0).all())
     print(f"fp8 grouped MLP (zero-row experts, 5 padding rows): rel err vs torch path {e:.1e}; padding zero {pad_zero}")
     ok &= e < 2e-2 and pad_zero
+    yc = fp8_grouped_mlp(xg, w13, s13, i13, w2, s2_, i2, counts, impl="cublas")
+    e = rel(yc, yr)
+    pad_zero = bool((yc[-5:] == 0).all())
+    print(f"fp8 grouped MLP through cuBLAS per expert: rel err vs torch path {e:.1e}; padding zero {pad_zero}")
+    ok &= e < 2e-2 and pad_zero
 
     # ---- the lean MoE path's fused ops on the GPU vs their torch references ----
     from wideep.model import fused_ops, moe_permute
@@ -151,12 +358,13 @@ def main() -> int:
           f"gather_sum rel {g_err:.1e}")
     ok &= r_ok and n_err < 1e-2 and s_ok and g_err < 1e-6
 
-    # ---- timing ----
-    print("\n| shape (M x K x N) | bf16 us | cuBLAS fp8 block us | Triton fp8 us (incl. act quant) | fp8 weight GB/s |")
+    # ---- timing (the configs in force: the sweep's when it ran) ----
+    print("\n| shape (M x K x N) | bf16 us | cuBLAS fp8 block us (incl. act quant) | fp8_linear us (as chosen) "
+          "| fp8 weight GB/s |")
     print("|---|---|---|---|---|")
-    for m in (128, 256, 8192):
-        for k, n, name in [(7168, 1536, "q_a"), (1536, 24576, "q_b"), (7168, 576, "kv_a"), (16384, 7168, "o"),
-                           (7168, 4096, "shared w13"), (2048, 7168, "shared w2")]:
+    report["linear"] = []
+    for m in (() if "--skip-linear" in sys.argv else (128, 256, 8192)):
+        for name, (n, k) in PLAIN.items():
             wb = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
             w, ws = quantize_block_fp8(wb.float())
             sidx = scale_row_index([n], 128, dev)
@@ -166,15 +374,25 @@ def main() -> int:
             try:
                 qa, sa = fp8_triton.act_quant(xa)
                 sb = ws.t()  # [K/128, N/128], outer-dim major
-                tc = graph_us(lambda: torch._scaled_mm(qa, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16))
+                torch._scaled_mm(qa, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+
+                def cublas():
+                    q_, s_ = fp8_triton.act_quant(xa)
+                    return torch._scaled_mm(q_, w.t(), scale_a=s_, scale_b=sb, out_dtype=torch.bfloat16)
+                tc = graph_us(cublas)
             except (RuntimeError, TypeError) as exc:
                 tc = float("nan")
                 if m == 128 and name == "q_a":
                     print(f"(cuBLAS block-scaled refused: {str(exc)[:120]})")
-            print(f"| {m} x {k} x {n} ({name}) | {tb:.1f} | {tc:.1f} | {tt:.1f} | {n * k / tt / 1e3:,.0f} |")
-    print("\n| routed experts (E x rows/expert), w13+silu+w2 | bf16 _grouped_mm us | Triton fp8 us | fp8 weight GB/s |")
-    print("|---|---|---|---|")
-    for e, per in [(8, 128), (8, 256), (32, 32), (8, 8192)]:
+            print(f"| {m} x {k} x {n} ({name}) | {tb:.1f} | {tc:.1f} | {tt:.1f} | {n * k / tt / 1e3:,.0f} |",
+                  flush=True)
+            report["linear"].append({"m": m, "n": n, "k": k, "name": name, "bf16_us": tb, "cublas_us": tc,
+                                     "fp8_linear_us": tt})
+    print("\n| routed experts (E x rows/expert), w13+silu+w2 | bf16 _grouped_mm us | Triton fp8 us | fp8 GB/s "
+          "| cuBLAS per expert us (eager) | auto us |")
+    print("|---|---|---|---|---|---|")
+    report["experts"] = []
+    for e, per in [(8, 128), (8, 256), (32, 32), (8, 2048), (8, 8192)]:
         cnt = torch.full((e,), per, device=dev)
         xg = torch.randn(e * per, 7168, device=dev, dtype=torch.bfloat16)
         b13 = torch.randn(e, 4096, 7168, device=dev, dtype=torch.bfloat16) * 0.02
@@ -190,7 +408,17 @@ def main() -> int:
 
         tb = graph_us(bf16, 20)
         tt = graph_us(lambda: fp8_grouped_mlp(xg, f13, c13, i13, f2, c2, i2, cnt, impl="triton"), 20)
-        print(f"| {e} x {per} | {tb:.1f} | {tt:.1f} | {e * 3 * 2048 * 7168 / tt / 1e3:,.0f} |")
+        tcb = eager_us(lambda: fp8_grouped_mlp(xg, f13, c13, i13, f2, c2, i2, cnt, impl="cublas"))
+        ta = eager_us(lambda: fp8_grouped_mlp(xg, f13, c13, i13, f2, c2, i2, cnt))
+        gbs = e * 3 * 2048 * 7168 / tt / 1e3
+        print(f"| {e} x {per} | {tb:.1f} | {tt:.1f} | {gbs:,.0f} | {tcb:.1f} | {ta:.1f} |", flush=True)
+        report["experts"].append({"e": e, "rows": per, "bf16_us": tb, "triton_us": tt, "cublas_eager_us": tcb,
+                                  "auto_eager_us": ta})
+    from wideep.model import fp8 as fp8mod
+    print(f"cuBLAS refused block scaling: {fp8mod.CUBLAS_REFUSED or 'never'}")
+    report["pass"] = bool(ok)
+    if "--json" in sys.argv:
+        Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps(report, indent=1))
     print(f"\nRESULT: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 

@@ -59,7 +59,8 @@ VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     # MLA decode kernel
     "WIDEEP_MLA_DECODE": (_str("WIDEEP_MLA_DECODE", "auto"), "MLA decode backend: auto, torch or triton"),
     "WIDEEP_FP8_GEMM_CONFIG": (_str("WIDEEP_FP8_GEMM_CONFIG"),
-                               "force the FP8 GEMM tile config: block_m,block_n,num_warps,num_stages"),
+                               "force the FP8 GEMM tile config: block_m,block_n,num_warps,num_stages"
+                               "[,split[,swap[,fuse_quant[,prefetch]]]]"),
     "WIDEEP_MLA_DECODE_CONFIG": (_str("WIDEEP_MLA_DECODE_CONFIG"),
                                  "force the triton tile config: block_h,block_n,num_warps,num_stages[,sv][,f16]"),
     "WIDEEP_MLA_SPLIT_TOKENS": (_str("WIDEEP_MLA_SPLIT_TOKENS", ""),

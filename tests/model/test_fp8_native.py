@@ -22,6 +22,10 @@ from wideep.model.loader import load_model
 E4M3_REL = 2.0 ** -4   # round-to-nearest relative error of a normal e4m3 value (3 mantissa bits)
 
 needs_triton = pytest.mark.skipif(not fp8_triton.available(), reason="triton not installed")
+# tile shapes, split-K, swap-AB (weights on the MMA's M side), with/without the fused activation quantization
+CONFIGS = [fp8_triton.GemmConfig(*c) for c in
+           [(16, 64, 4, 1), (32, 32, 4, 1, 3, False, False, True), (16, 64, 4, 1, 1, True),
+            (32, 64, 4, 1, 2, True, False, True)]]
 
 
 def _gen(seed):
@@ -63,9 +67,10 @@ def test_triton_gemm_matches_reference(m, k, n):
     q, s = act_quant_ref(torch.randn(m, k, generator=g))
     w, ws = quantize_block_fp8(torch.randn(n, k, generator=g))
     sidx = scale_row_index([n], 128)
-    y = fp8_triton.fp8_gemm(q, s.t().contiguous().t(), w, ws, sidx, torch.float32)
     ref = dequant_act(q, s) @ dequant_rows(w, ws, sidx).t()
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    for cfg in CONFIGS:
+        y = fp8_triton.fp8_gemm(q, s.t().contiguous().t(), w, ws, sidx, torch.float32, cfg)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=str(cfg))
 
 
 @needs_triton
@@ -106,16 +111,54 @@ def test_triton_grouped_gemm_matches_reference(counts, pad):
     n = sum(counts) + pad
     q, s = act_quant_ref(torch.randn(n, hidden, generator=_gen(n)))
     tpe = torch.tensor(counts)
-    bm = 16
-    tiles = fp8_triton.group_tiles(tpe, n, bm)
-    h = fp8_triton.fp8_gemm(q, s.t().contiguous().t(), w13, s13, i13, torch.float32, tiles=tiles, block_m=bm)
     xd = dequant_act(q, s)
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            ref = xd[start:start + c] @ dequant_rows(w13[e], s13[e], i13).t()
-            torch.testing.assert_close(h[start:start + c], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-        start += c
+    for cfg in CONFIGS:
+        h = torch.full((n, w13.shape[1]), 7.0)
+        fp8_triton.fp8_gemm(q, s.t().contiguous().t(), w13, s13, i13, torch.float32, cfg, counts=tpe, out=h)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                ref = xd[start:start + c] @ dequant_rows(w13[e], s13[e], i13).t()
+                torch.testing.assert_close(h[start:start + c], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(),
+                                           msg=str(cfg))
+            start += c
+        assert (h[start:] == 7.0).all()   # padding rows are never written (split-K included)
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_triton_gemm_fused_quant_and_batch_invariance(cfg):
+    """The GEMM that quantizes bf16 activations itself equals act_quant + GEMM; and a row's result is
+    bit-identical whatever rows share its batch (plain) or its expert group (grouped), for a fixed config."""
+    g = _gen(11)
+    k, n = 300, 136
+    x = torch.randn(40, k, generator=g)
+    w, ws = quantize_block_fp8(torch.randn(n, k, generator=g))
+    sidx = scale_row_index([n], 128)
+    fused = cfg._replace(fuse_quant=True)
+    q, s = fp8_triton.act_quant(x)
+    full = fp8_triton.fp8_gemm(q, s, w, ws, sidx, torch.float32, cfg)
+    assert torch.equal(fp8_triton.fp8_gemm(x, None, w, ws, sidx, torch.float32, fused), full)
+    for m in (1, 3, 17):
+        q, s = fp8_triton.act_quant(x[:m])
+        assert torch.equal(fp8_triton.fp8_gemm(q, s, w, ws, sidx, torch.float32, cfg), full[:m])
+    # grouped: expert 1's rows alone vs beside 33 rows of expert 0 and 5 padding rows
+    w3, ws3 = torch.stack([w, w.flip(0)]), torch.stack([ws, ws.flip(0)])
+    both = torch.tensor([33, 7])
+    xg = torch.cat([x, torch.randn(5, k, generator=g)])
+    yg = fp8_triton.fp8_gemm(xg, None, w3, ws3, sidx, torch.float32, fused, counts=both)
+    q, s = fp8_triton.act_quant(x[33:40])
+    y1 = fp8_triton.fp8_gemm(q, s, w3, ws3, sidx, torch.float32, cfg, counts=torch.tensor([0, 7]))
+    assert torch.equal(yg[33:40], y1)
+
+
+def test_gemm_config_parse():
+    assert fp8_triton.GemmConfig.parse("64,128,4,3") == fp8_triton.GemmConfig(64, 128, 4, 3)
+    assert fp8_triton.GemmConfig.parse("32,64,4,4,2,1,0") == fp8_triton.GemmConfig(32, 64, 4, 4, 2, True, False)
+    assert fp8_triton.GemmConfig.parse("32,64,4,4,2,1,0,1").prefetch
+    for bad in ("64,128,4", "48,128,4,3", "64,128,4,3,0"):
+        with pytest.raises(ValueError):
+            fp8_triton.GemmConfig.parse(bad)
 
 
 def test_grouped_mlp_reference_zero_rows_and_padding():
@@ -163,3 +206,37 @@ def test_quantization_fp8_needs_fp8_checkpoint(variant_dir):
         load_model(variant_dir("bf16"), quantization="fp8")
     with pytest.raises(ValueError, match="quantization must be"):
         load_model(variant_dir("fp8"), quantization="int4")
+
+
+@needs_triton
+def test_fp8_grouped_mlp_triton_matches_torch_path():
+    """The whole Triton expert MLP (quantize, w13, SiLU-and-quantize, w2) against the torch path: zero-row
+    expert, padding rows left zero; impl 'cublas' is refused off CUDA."""
+    counts = [3, 0, 2]
+    w13, s13, i13, w2, s2, i2 = _experts(3, 72, 200, 6)
+    x = torch.randn(7, 200, generator=_gen(10))
+    y = fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, torch.tensor(counts), impl="triton")
+    ref = fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, torch.tensor(counts), impl="torch")
+    assert torch.equal(y[5:], torch.zeros(2, 200))
+    # the interpreter rounds e4m3 its own way: codes may differ by one step from the torch reference
+    torch.testing.assert_close(y, ref, rtol=0.15, atol=0.15 * ref.abs().max().item())
+    with pytest.raises(ValueError):
+        fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, torch.tensor(counts), impl="cublas")
+
+
+def test_cublas_refusal_is_remembered_per_weight_shape(monkeypatch):
+    """A block-scaled cuBLAS refusal sends that weight shape to Triton from then on, not every shape."""
+    from wideep.model import fp8 as fp8mod
+
+    monkeypatch.setattr(fp8mod, "CUBLAS_REFUSED", {})
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("refused")
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    a, sa = quantize_block_fp8(torch.randn(256, 128))
+    b, sb = quantize_block_fp8(torch.randn(128, 256))
+    q, s = act_quant_ref(torch.randn(4, 128))
+    assert fp8mod._cublas_block_fp8_ok(a, sa) and fp8mod._cublas_block_fp8_ok(b, sb)
+    assert fp8mod._cublas_block_fp8(q, s, a, sa, torch.float32, 4) is None
+    assert not fp8mod._cublas_block_fp8_ok(a, sa) and fp8mod._cublas_block_fp8_ok(b, sb)
+    assert "refused" in fp8mod.CUBLAS_REFUSED[(None, 256, 128)]

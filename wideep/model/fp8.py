@@ -84,29 +84,45 @@ def scale_row_index(rows: list[int], block: int, device=None) -> torch.Tensor:
 
 
 # cuBLAS's block-scaled FP8 GEMM (torch._scaled_mm, 1x128 activation and 128x128 weight scales, both
-# outer-dim major) against our Triton tiles, measured on an H200 (benchmarks/fp8_gemm.py, 2026-11-30): cuBLAS
-# wins at prefill sizes (8192 rows: 1.2-6x) and at decode sizes for big weights (128 rows: q_b 14 vs 29 us,
-# o_proj 48 vs 97 us, shared w2 9 vs 19 us), but has a ~16-22 us floor that our kernel undercuts on the small
-# ones (q_a 7168x1536: 18 vs 22 us + quant; kv_a: 17 vs 16 us + quant).
-CUBLAS_MIN_ROWS = 512
-CUBLAS_MIN_WEIGHT = 12 * 2**20   # weight elements (N*K) from which cuBLAS wins at decode sizes
-_CUBLAS_BROKEN: set[int | None] = set()
+# outer-dim major) against our Triton tiles, measured on an H200 (benchmarks/fp8_gemm.py, docs/perf.md):
+# cuBLAS wins at prefill sizes and, at decode sizes, for big weights; it has a ~16-22 us floor that our
+# kernel undercuts on the small ones. Decode-regime choices are per weight shape (never per row count). The
+# Triton kernels are batch-invariant by construction; cuBLAS picks its kernel by M, so projections it serves
+# carry no such guarantee (o_proj measured not bit-identical across M; q_b and shared w2 were).
+CUBLAS_MIN_ROWS = 512            # rows from which a projection is a prefill GEMM (cuBLAS when it accepts)
+CUBLAS_MIN_WEIGHT = 12 * 2**20   # weight elements (N*K) from which cuBLAS serves decode, for shapes not in
+CUBLAS_DECODE: dict[tuple[int, int], bool] = {   # ... this table of measured R1 (N, K) -> cuBLAS or not
+    (1536, 7168): False, (576, 7168): False, (24576, 1536): True, (7168, 16384): True, (4096, 7168): True,
+    (7168, 2048): True, (36864, 7168): True, (7168, 18432): True}
+CUBLAS_PAD_ROWS = 16             # activation rows are padded to this for cuBLAS (aligned scale columns)
+# (device index, N, K) -> why cuBLAS refused block scaling for that weight shape (Triton serves it from then on)
+CUBLAS_REFUSED: dict[tuple[int | None, int, int], str] = {}
 
 
 def _cublas_block_fp8_ok(w: torch.Tensor, scale: torch.Tensor) -> bool:
     n, k = w.shape
-    return (w.device.index not in _CUBLAS_BROKEN and n % 128 == 0 and k % 128 == 0
+    return ((w.device.index, n, k) not in CUBLAS_REFUSED and n % 128 == 0 and k % 128 == 0
             and scale.shape == (n // 128, k // 128) and hasattr(torch, "_scaled_mm"))
 
 
 def _cublas_block_fp8(q: torch.Tensor, s: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                      out_dtype: torch.dtype) -> torch.Tensor | None:
-    """None (and never again on this device) when this torch/cuBLAS refuses block scaling."""
+                      out_dtype: torch.dtype, rows: int) -> torch.Tensor | None:
+    """The first `rows` rows of q (padded by act_quant(..., CUBLAS_PAD_ROWS)) times W^T; None (and never again
+    for this weight shape on this device) when this torch/cuBLAS refuses block scaling."""
     try:
-        return torch._scaled_mm(q, w.t(), scale_a=s, scale_b=scale.t(), out_dtype=out_dtype)
-    except (RuntimeError, TypeError, ValueError):
-        _CUBLAS_BROKEN.add(w.device.index)
+        return torch._scaled_mm(q, w.t(), scale_a=s, scale_b=scale.t(), out_dtype=out_dtype)[:rows]
+    except (RuntimeError, TypeError, ValueError) as exc:
+        CUBLAS_REFUSED[(w.device.index, *w.shape)] = f"{type(exc).__name__}: {exc}"[:300]
         return None
+
+
+def _decode_uses_cublas(w: torch.Tensor) -> bool:
+    n, k = w.shape
+    return CUBLAS_DECODE.get((n, k), w.numel() >= CUBLAS_MIN_WEIGHT)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, sidx: torch.Tensor) -> torch.Tensor:
@@ -116,17 +132,42 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, sidx: torc
     if _use_kernels(x2):
         from . import fp8_triton
 
-        q, s = fp8_triton.act_quant(x2)
+        large = x2.shape[0] >= CUBLAS_MIN_ROWS
         y = None
-        big = x2.shape[0] >= CUBLAS_MIN_ROWS or w.numel() >= CUBLAS_MIN_WEIGHT
-        if big and _cublas_block_fp8_ok(w, scale):
-            y = _cublas_block_fp8(q, s, w, scale, x.dtype)
+        if (large or _decode_uses_cublas(w)) and _cublas_block_fp8_ok(w, scale):
+            q, s = fp8_triton.act_quant(x2, CUBLAS_PAD_ROWS)
+            y = _cublas_block_fp8(q, s, w, scale, x.dtype, x2.shape[0])
         if y is None:
-            y = fp8_triton.fp8_gemm(q, s, w, scale, sidx, x.dtype)
+            cfg = fp8_triton.pick_config(w.shape[0], w.shape[1], large=large, device=x2.device)
+            q, s = (x2, None) if cfg.fuse_quant else fp8_triton.act_quant(x2)
+            y = fp8_triton.fp8_gemm(q, s, w, scale, sidx, x.dtype, cfg)
     else:
         q, s = act_quant_ref(x2)
         y = (dequant_act(q, s) @ dequant_rows(w, scale, sidx).t()).to(x.dtype)
     return y.view(*lead, w.shape[0])
+
+
+def _grouped_mlp_cublas(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, sidx13: torch.Tensor,
+                        w2: torch.Tensor, s2: torch.Tensor, sidx2: torch.Tensor, counts: list[int],
+                        y: torch.Tensor) -> torch.Tensor:
+    """Eager prefill: each expert's rows through cuBLAS block-scaled FP8 (Triton where cuBLAS refuses)."""
+    from . import fp8_triton
+
+    def mm(q, s, w, ws, sidx, rows):
+        out = _cublas_block_fp8(q, s, w, ws, x.dtype, rows) if _cublas_block_fp8_ok(w, ws) else None
+        if out is None:
+            out = fp8_triton.fp8_gemm(q, s, w, ws, sidx, x.dtype,
+                                      fp8_triton.pick_config(w.shape[0], w.shape[1], large=True))[:rows]
+        return out
+
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            q, s = fp8_triton.act_quant(x[start : start + n], CUBLAS_PAD_ROWS)
+            q2, s2a = fp8_triton.silu_mul_quant(mm(q, s, w13[e], s13[e], sidx13, n), CUBLAS_PAD_ROWS)
+            y[start : start + n] = mm(q2, s2a, w2[e], s2[e], sidx2, n)
+            start += n
+    return y
 
 
 def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, sidx13: torch.Tensor,
@@ -134,22 +175,36 @@ def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, sidx1
                     tokens_per_expert: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """SiLU-gated expert MLPs in block FP8 over expert-contiguous rows (see moe.grouped_mlp); rows past
     sum(tokens_per_expert) come out as zeros. w13 [E, 2I, H], w2 [E, H, I] e4m3 with per-expert scales.
-    impl: auto (Triton kernels on CUDA, else torch), triton, or torch."""
-    if impl not in ("auto", "triton", "torch"):
+    impl: auto, triton (the sync-free grouped kernel), cublas (one cuBLAS GEMM per expert: reads the counts
+    on the host), or torch. auto on CUDA: cublas for eager prefill (>= LARGE_ROWS rows per expert on average,
+    not inside a CUDA graph), else triton; without CUDA torch.
+    Batch invariance: the triton path's configs depend on the weight shapes and the expert count only, so a
+    row's result does not depend on the rows beside it; the prefill regime (cublas) computes differently."""
+    if impl not in ("auto", "triton", "cublas", "torch"):
         raise ValueError(f"fp8_grouped_mlp: unknown impl {impl!r}")
     n_rows = x.shape[0]
     inter = w2.shape[-1]
+    e = w13.shape[0]
     y = torch.zeros((n_rows, w2.shape[1]), dtype=x.dtype, device=x.device)
-    if impl == "triton" or (impl == "auto" and _use_kernels(x)):
+    kernels = _use_kernels(x)
+    if impl == "auto" and kernels:
         from . import fp8_triton
 
-        e = w13.shape[0]
-        bm = fp8_triton._pick_block_m(n_rows / max(e, 1))
-        tiles = fp8_triton.group_tiles(tokens_per_expert, n_rows, bm)
-        q, s = fp8_triton.act_quant(x)
-        h = fp8_triton.fp8_gemm(q, s, w13, s13, sidx13, x.dtype, tiles=tiles, block_m=bm)
+        large = n_rows >= fp8_triton.LARGE_ROWS * e and not _capturing(x)
+        impl = "cublas" if large else "triton"
+    if impl == "cublas":
+        if not kernels or _capturing(x):
+            raise ValueError("fp8_grouped_mlp: impl 'cublas' needs CUDA and an eager (not captured) step")
+        return _grouped_mlp_cublas(x, w13, s13, sidx13, w2, s2, sidx2, tokens_per_expert.tolist(), y)
+    if impl == "triton":
+        from . import fp8_triton
+
+        c13 = fp8_triton.pick_config(w13.shape[1], w13.shape[2], e, device=x.device)
+        c2 = fp8_triton.pick_config(w2.shape[1], w2.shape[2], e, device=x.device)
+        q, s = (x, None) if c13.fuse_quant else fp8_triton.act_quant(x)
+        h = fp8_triton.fp8_gemm(q, s, w13, s13, sidx13, x.dtype, c13, counts=tokens_per_expert)
         q2, s2a = fp8_triton.silu_mul_quant(h)
-        return fp8_triton.fp8_gemm(q2, s2a, w2, s2, sidx2, x.dtype, tiles=tiles, block_m=bm, out=y)
+        return fp8_triton.fp8_gemm(q2, s2a, w2, s2, sidx2, x.dtype, c2, counts=tokens_per_expert, out=y)
     start = 0
     for e, n in enumerate(tokens_per_expert.tolist()):
         if n:

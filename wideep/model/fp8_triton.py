@@ -2,15 +2,20 @@
 with that quantization, and one block-scaled FP8 GEMM that serves both plain projections and the routed
 experts' grouped GEMM (rows contiguous per expert).
 
-Why our own GEMM: cuBLAS's block-scaled FP8 matmul has a ~35 us floor at decode sizes (M <= 256), so small
-projections never reach bandwidth; this kernel tiles M small, splits K when there are few output tiles
-(deterministic: partials are summed in a fixed order, no atomics) and reads each weight block once per M tile.
+Why our own GEMM: cuBLAS's block-scaled FP8 matmul has a ~12-25 us floor at decode sizes (M <= 256), so small
+projections never reach bandwidth, and it cannot run the routed experts without the per-expert counts on the
+host (decode runs in CUDA graphs). This kernel splits K when there are few output tiles (deterministic:
+partials are summed in a fixed order, no atomics), can swap operands so weight rows fill the MMA's M side,
+can quantize bf16 activations itself, and finds each grouped tile's expert from the counts in-kernel.
+Tile configs are chosen per weight shape (GemmConfig, DECODE_CONFIGS), never per row count, so a row's
+result does not depend on its batch.
 Scales: activations [M, K/128] stored K-block-major (strides (1, M)), weights [N/bn, K/128] per block row,
 with a per-output-column index into the scale rows so stacked weights (gate ‖ up) keep their own blocks.
 The torch references live in fp8.py; without CUDA these kernels run under Triton's interpreter (tests).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
 
 import torch
 
@@ -44,133 +49,239 @@ if triton is not None:
         tl.store(s_ptr + gi * M + m, scale, mask=gi * GROUP_K < K)
 
     @triton.jit
-    def _silu_mul_quant_kernel(h_ptr, q_ptr, s_ptr, M, N_INTER, stride_hm, stride_qm, GROUP_K: constexpr):
-        """h [M, 2*N_INTER] (gate ‖ up) -> silu(gate) * up quantized per 128-group, in one pass."""
+    def _silu_mul_quant_kernel(h_ptr, q_ptr, s_ptr, M, N_INTER, stride_hm, stride_qm, GROUP_K: constexpr,
+                               GROUPS: constexpr):
+        """h [M, 2*N_INTER] (gate ‖ up) -> silu(gate) * up quantized per 128-group, in one pass; one program
+        per (row, GROUPS groups)."""
         m = tl.program_id(0)
-        g = tl.program_id(1)
-        offs = g * GROUP_K + tl.arange(0, GROUP_K)
+        gi = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+        offs = gi[:, None] * GROUP_K + tl.arange(0, GROUP_K)[None, :]
         mask = offs < N_INTER
-        gate = tl.load(h_ptr + m * stride_hm + offs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(h_ptr + m * stride_hm + N_INTER + offs, mask=mask, other=0.0).to(tl.float32)
+        row = h_ptr + m.to(tl.int64) * stride_hm
+        gate = tl.load(row + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(row + N_INTER + offs, mask=mask, other=0.0).to(tl.float32)
         # round through the activation dtype like the reference (silu(g) * u computed in bf16 there)
         y = (gate / (1.0 + tl.exp(-gate))).to(h_ptr.dtype.element_ty).to(tl.float32) * up
         y = y.to(h_ptr.dtype.element_ty).to(tl.float32)
-        amax = tl.max(tl.abs(y), axis=0)
+        amax = tl.max(tl.abs(y), axis=1)
         scale = tl.maximum(amax, 1e-10) / 448.0
-        q = tl.clamp(y / scale, -448.0, 448.0)
-        tl.store(q_ptr + m * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + g * M + m, scale)
+        q = tl.clamp(y / scale[:, None], -448.0, 448.0)
+        tl.store(q_ptr + m.to(tl.int64) * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + gi * M + m, scale, mask=gi * GROUP_K < N_INTER)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "KB_PER_SPLIT"])
     def _fp8_gemm_kernel(
         a_ptr, as_ptr, b_ptr, bs_ptr, sidx_ptr, c_ptr,
-        tile_expert_ptr, tile_row_ptr, expert_end_ptr,
+        counts_ptr, E,
         M, N, K, stride_am, stride_be, stride_bn, stride_bse, stride_bsn, stride_cs, stride_cm,
         KB_PER_SPLIT,
-        GROUPED: constexpr, BLOCK_M: constexpr, BLOCK_N: constexpr, BLOCK_K: constexpr,
+        GROUPED: constexpr, QUANT_A: constexpr, SWAP: constexpr, PREFETCH: constexpr, E_POW2: constexpr,
+        BLOCK_M: constexpr, BLOCK_N: constexpr, BLOCK_K: constexpr,
     ):
         """C[rows, N] (+)= sum_k (A_q * a_s) (B_q * b_s)^T over this program's K slice.
 
-        Plain: M tile pid_m covers rows pid_m*BLOCK_M.. (< M), expert 0. Grouped: tile pid_m belongs to expert
-        tile_expert[pid_m] (-1: unused tile) and covers rows tile_row[pid_m] .. expert_end[e].
+        Plain: M tile pid_m covers rows pid_m*BLOCK_M.. (< M), expert 0. Grouped (rows contiguous per expert,
+        counts[E] rows each, in expert order): tile pid_m is found here from the counts (ceil(count/BLOCK_M)
+        tiles per expert, in order; tiles past the last are unused), so no tile map is built beforehand.
+        QUANT_A: A is bf16/fp32 and each 128-wide K block of a row is quantized here exactly as act_quant does
+        (so no separate quantization kernel and no scale tensor). SWAP: the tile is computed as B·Aᵀ, so the
+        weight rows fill the MMA's M dimension and a few tokens its N dimension (small-M decode).
+        Each output element's K reduction is the same sequence of per-128-block products in every config
+        with the same split, whatever the tile shape or the number of rows.
         """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         if GROUPED:
-            e = tl.load(tile_expert_ptr + pid_m)
-            row0 = tl.load(tile_row_ptr + pid_m)
-            row_end = tl.load(expert_end_ptr + tl.maximum(e, 0))
-            row_end = tl.where(e >= 0, row_end, row0)
-            e = tl.maximum(e, 0)
+            eo = tl.arange(0, E_POW2)
+            cnt = tl.load(counts_ptr + eo, mask=eo < E, other=0).to(tl.int32)
+            tiles_e = (cnt + BLOCK_M - 1) // BLOCK_M
+            cum = tl.cumsum(tiles_e, axis=0)
+            ends = tl.cumsum(cnt, axis=0)
+            e = tl.sum((cum <= pid_m).to(tl.int32), axis=0)        # experts whose tiles all come before
+            sel = eo == e                                           # none when the tile is unused
+            first_tile = tl.sum(tl.where(sel, cum - tiles_e, 0), axis=0)
+            row_end = tl.sum(tl.where(sel, ends, 0), axis=0)
+            row0 = row_end - tl.sum(tl.where(sel, cnt, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+            e = tl.minimum(e, E - 1)
         else:
             e = 0
             row0 = pid_m * BLOCK_M
             row_end = M
-        offs_m = row0 + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < row_end
-        mask_n = offs_n < N
-        sidx = tl.load(sidx_ptr + offs_n, mask=mask_n, other=0)
-        n_kb = tl.cdiv(K, BLOCK_K)
-        kb_lo = pid_k * KB_PER_SPLIT
-        kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, n_kb)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        b_base = b_ptr + e.to(tl.int64) * stride_be
-        bs_base = bs_ptr + e.to(tl.int64) * stride_bse
-        for kb in range(kb_lo, kb_hi):
-            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_base + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None],
-                        mask=mask_n[None, :] & mask_k[:, None], other=0.0)
-            a_s = tl.load(as_ptr + kb * M + offs_m, mask=mask_m, other=0.0)
-            b_s = tl.load(bs_base + sidx * stride_bsn + kb, mask=mask_n, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-        c = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-if triton is not None:
+        if row0 < row_end:
+            offs_m = row0 + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_m = offs_m < row_end
+            mask_n = offs_n < N
+            sidx = tl.load(sidx_ptr + offs_n, mask=mask_n, other=0)
+            n_kb = tl.cdiv(K, BLOCK_K)
+            kb_lo = pid_k * KB_PER_SPLIT
+            kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, n_kb)
+            b_base = b_ptr + e.to(tl.int64) * stride_be
+            bs_base = bs_ptr + e.to(tl.int64) * stride_bse
+            a_rows = a_ptr + offs_m.to(tl.int64) * stride_am
+            b_rows = b_base + offs_n.to(tl.int64) * stride_bn
+            if SWAP:
+                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            # PREFETCH: the next K block's scales are loaded one iteration ahead (their latency would
+            # otherwise stall every iteration between the MMA and the scaling)
+            # (indices clamped to a valid K block instead of masked: the value past the last one goes unused)
+            kb_first = tl.minimum(kb_lo, n_kb - 1)
+            b_s_next = tl.load(bs_base + sidx * stride_bsn + kb_first, mask=mask_n, other=0.0)
+            if QUANT_A:
+                a_s_next = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            else:
+                a_s_next = tl.load(as_ptr + kb_first * M + offs_m, mask=mask_m, other=0.0)
+            for kb in range(kb_lo, kb_hi):
+                offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                if PREFETCH:
+                    b_s = b_s_next
+                    kb_next = tl.minimum(kb + 1, n_kb - 1)
+                    b_s_next = tl.load(bs_base + sidx * stride_bsn + kb_next, mask=mask_n, other=0.0)
+                    if not QUANT_A:
+                        a_s = a_s_next
+                        a_s_next = tl.load(as_ptr + kb_next * M + offs_m, mask=mask_m, other=0.0)
+                else:
+                    b_s = tl.load(bs_base + sidx * stride_bsn + kb, mask=mask_n, other=0.0)
+                    if not QUANT_A:
+                        a_s = tl.load(as_ptr + kb * M + offs_m, mask=mask_m, other=0.0)
+                if SWAP:
+                    a = tl.load(a_rows[None, :] + offs_k[:, None], mask=mask_m[None, :] & mask_k[:, None],
+                                other=0.0)                                               # [BK, BM]
+                    if QUANT_A:
+                        af = a.to(tl.float32)
+                        a_s = tl.maximum(tl.max(tl.abs(af), axis=0), 1e-10) / 448.0
+                        a = tl.clamp(af / a_s[None, :], -448.0, 448.0).to(b_ptr.dtype.element_ty)
+                    b = tl.load(b_rows[:, None] + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                                other=0.0)                                               # [BN, BK]
+                    acc += tl.dot(b, a) * a_s[None, :] * b_s[:, None]
+                else:
+                    a = tl.load(a_rows[:, None] + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                                other=0.0)                                               # [BM, BK]
+                    if QUANT_A:
+                        af = a.to(tl.float32)
+                        a_s = tl.maximum(tl.max(tl.abs(af), axis=1), 1e-10) / 448.0
+                        a = tl.clamp(af / a_s[:, None], -448.0, 448.0).to(b_ptr.dtype.element_ty)
+                    b = tl.load(b_rows[None, :] + offs_k[:, None], mask=mask_n[None, :] & mask_k[:, None],
+                                other=0.0)                                               # [BK, BN]
+                    acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            c = c_ptr + pid_k.to(tl.int64) * stride_cs
+            if SWAP:
+                c = c + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+                tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+            else:
+                c = c + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+                tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
-    def _splitk_sum_kernel(p_ptr, out_ptr, MN, SPLIT: constexpr, BLOCK: constexpr):
-        """out = sum over the SPLIT partial products (fixed order), cast to out's dtype."""
+    def _splitk_sum_kernel(p_ptr, out_ptr, counts_ptr, E, MN, N, SPLIT: constexpr, HAS_VALID: constexpr,
+                           E_POW2: constexpr, BLOCK: constexpr):
+        """out = sum over the SPLIT partial products (fixed order), cast to out's dtype; with HAS_VALID only
+        rows below sum(counts) are written (grouped: rows past the counted ones were never computed)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
+        if HAS_VALID:
+            eo = tl.arange(0, E_POW2)
+            valid = tl.sum(tl.load(counts_ptr + eo, mask=eo < E, other=0).to(tl.int32), axis=0)
+            mask = mask & (offs // N < valid)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for i in tl.static_range(SPLIT):
             acc += tl.load(p_ptr + i * MN + offs, mask=mask, other=0.0)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, ceil(K/128)] with strides (1, M))."""
+def act_quant(x: torch.Tensor, pad_rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M', K], fp32 scales [M', ceil(K/128)] with strides (1, M')), M' = M rounded up to
+    pad_rows (cuBLAS's block scaling wants 16-byte aligned scale columns); rows past M are left unset."""
     m, k = x.shape
     x = x.contiguous()
     ng = triton.cdiv(k, GROUP)
-    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty((ng, m), dtype=torch.float32, device=x.device)
+    mp = -(-m // pad_rows) * pad_rows
+    q = torch.empty((mp, k), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((ng, mp), dtype=torch.float32, device=x.device)
     if m:
         groups = 8 if ng >= 8 else triton.next_power_of_2(ng)
-        _act_quant_kernel[(m, triton.cdiv(ng, groups))](x, q, s, m, k, x.stride(0), q.stride(0), GROUP_K=GROUP,
+        _act_quant_kernel[(m, triton.cdiv(ng, groups))](x, q, s, mp, k, x.stride(0), q.stride(0), GROUP_K=GROUP,
                                                         GROUPS=groups, num_warps=4 if groups >= 4 else 1)
     return q, s.t()
 
 
-def silu_mul_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """h [M, 2I] -> quantized silu(h[:, :I]) * h[:, I:]: (e4m3 [M, I], fp32 scales [M, ceil(I/128)], strides (1, M))."""
+def silu_mul_quant(h: torch.Tensor, pad_rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [M, 2I] -> quantized silu(h[:, :I]) * h[:, I:]: (e4m3 [M', I], fp32 scales [M', ceil(I/128)], strides
+    (1, M')), M' as in act_quant."""
     m, two_i = h.shape
     inter = two_i // 2
     h = h.contiguous()
     ng = triton.cdiv(inter, GROUP)
-    q = torch.empty((m, inter), dtype=torch.float8_e4m3fn, device=h.device)
-    s = torch.empty((ng, m), dtype=torch.float32, device=h.device)
+    mp = -(-m // pad_rows) * pad_rows
+    q = torch.empty((mp, inter), dtype=torch.float8_e4m3fn, device=h.device)
+    s = torch.empty((ng, mp), dtype=torch.float32, device=h.device)
     if m:
-        _silu_mul_quant_kernel[(m, ng)](h, q, s, m, inter, h.stride(0), q.stride(0), GROUP_K=GROUP, num_warps=1)
+        groups = 8 if ng >= 8 else triton.next_power_of_2(ng)
+        _silu_mul_quant_kernel[(m, triton.cdiv(ng, groups))](h, q, s, mp, inter, h.stride(0), q.stride(0),
+                                                             GROUP_K=GROUP, GROUPS=groups,
+                                                             num_warps=4 if groups >= 4 else 1)
     return q, s.t()
 
 
-CONFIG_ENV = "WIDEEP_FP8_GEMM_CONFIG"   # "block_m,block_n,num_warps,num_stages" forces one tile config
+class GemmConfig(NamedTuple):
+    """One tile configuration of the FP8 GEMM. split: K slices summed in a fixed order afterwards; swap:
+    compute B·Aᵀ (weights on the MMA's M side); fuse_quant: the GEMM quantizes bf16 activations itself."""
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    split: int = 1
+    swap: bool = False
+    fuse_quant: bool = False
+    prefetch: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "GemmConfig":
+        """'block_m,block_n,warps,stages[,split[,swap[,fuse_quant[,prefetch]]]]' (flags as 0/1)."""
+        parts = [int(t) for t in text.split(",")]
+        if not 4 <= len(parts) <= 8:
+            raise ValueError(f"{CONFIG_ENV}: expected 4 to 8 integers, got {text!r}")
+        cfg = cls(*parts[:5], *(bool(p) for p in parts[5:]))
+        if cfg.split < 1 or any(v & (v - 1) or v < 1 for v in (cfg.block_m, cfg.block_n)):
+            raise ValueError(f"{CONFIG_ENV}: block sizes must be powers of two and split >= 1, got {text!r}")
+        return cfg
+
+    def __str__(self) -> str:
+        return ",".join(str(int(v)) for v in self)
 
 
-def _forced() -> tuple[int, int, int, int] | None:
+CONFIG_ENV = "WIDEEP_FP8_GEMM_CONFIG"   # forces one GemmConfig (GemmConfig.parse) for every FP8 GEMM
+LARGE_ROWS = 512   # rows (plain) or mean rows per expert (grouped) from which the prefill configs apply
+
+# Decode-regime configs for DeepSeek-R1's weights, keyed by ("plain", N, K) / ("grouped", E, N, K), chosen
+# from the sweep of benchmarks/fp8_gemm.py on an H200 (docs/perf.md). They depend only on the weight's shape
+# (and the number of local experts, a constant of the model), never on the number of rows: a row's K
+# reduction is the same whatever batch it shares (batch invariance).
+DECODE_CONFIGS: dict[tuple, GemmConfig] = {
+    ("plain", 1536, 7168): GemmConfig(64, 128, 4, 3, split=5),        # q_a
+    ("plain", 576, 7168): GemmConfig(64, 64, 4, 4, split=7),          # kv_a
+    # (served by cuBLAS at decode, fp8.CUBLAS_DECODE; these are the Triton fallbacks)
+    ("plain", 24576, 1536): GemmConfig(64, 128, 4, 3),                # q_b
+    ("plain", 7168, 16384): GemmConfig(64, 128, 4, 3, split=2),       # o
+    ("plain", 4096, 7168): GemmConfig(64, 128, 4, 3, split=2),        # shared / dense-slice w13
+    ("plain", 7168, 2048): GemmConfig(128, 64, 4, 4, swap=True),      # shared w2
+    ("plain", 36864, 7168): GemmConfig(64, 64, 4, 4, swap=True),      # dense w13
+    ("plain", 7168, 18432): GemmConfig(64, 128, 4, 3, split=2),       # dense w2
+    # routed experts: timed as the whole MLP in one graph (benchmarks/fp8_gemm.py --pairs)
+    ("grouped", 8, 4096, 7168): GemmConfig(128, 64, 4, 4, swap=True, prefetch=True),   # EP=32: 8 local experts
+    ("grouped", 8, 7168, 2048): GemmConfig(128, 64, 4, 4, swap=True, prefetch=True),
+    ("grouped", 32, 4096, 7168): GemmConfig(32, 64, 4, 4, swap=True, prefetch=True),   # EP=8: 32 local experts
+    ("grouped", 32, 7168, 2048): GemmConfig(32, 64, 4, 4, swap=True, prefetch=True),
+}
+
+
+def _forced() -> GemmConfig | None:
     v = envs.WIDEEP_FP8_GEMM_CONFIG
-    if not v:
-        return None
-    bm, bn, w, st = (int(t) for t in v.split(","))
-    return bm, bn, w, st
-
-
-def _pick_block_m(rows_per_group: float) -> int:
-    forced = _forced()
-    if forced:
-        return forced[0]
-    for bm in (16, 32):
-        if rows_per_group <= bm:
-            return bm
-    return 64   # 128-row tiles need a second fp32 accumulator's worth of registers: they spill at 4 warps
+    return GemmConfig.parse(v) if v else None
 
 
 def _num_sms(device: torch.device) -> int:
@@ -179,74 +290,80 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, sidx: torch.Tensor,
-             out_dtype: torch.dtype, tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-             block_m: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a_q [M, K] e4m3, a_s [M, K/128] (strides (1, M)); w [N, K] or [E, N, K] e4m3; w_s [N/bn, K/128] or
-    [E, ...]; sidx [N] int32 scale row of each output column. tiles (grouped only): see group_tiles."""
-    m, k = a_q.shape
+def pick_config(n: int, k: int, experts: int = 0, large: bool = False, device: torch.device | None = None
+                ) -> GemmConfig:
+    """The config of an [N, K] weight (experts > 0: grouped over that many experts). large: the prefill regime
+    (>= LARGE_ROWS rows, eager); otherwise the decode regime, whose choice ignores the row count."""
+    forced = _forced()
+    if forced:
+        return forced
+    block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
+    if large:
+        return GemmConfig(64, block_n, 4, 3)
+    key = ("grouped", experts, n, k) if experts else ("plain", n, k)
+    if key in DECODE_CONFIGS:
+        return DECODE_CONFIGS[key]
+    if experts:
+        return GemmConfig(64, block_n, 4, 3)
+    # split K when the output tiles of one row block cannot fill the GPU; >= 4 K blocks per split
+    sms = _num_sms(device) if device is not None else 132
+    split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(n, block_n)), triton.cdiv(k, GROUP) // 4))
+    return GemmConfig(64, block_n, 4, 3, split=split)
+
+
+def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor, sidx: torch.Tensor,
+             out_dtype: torch.dtype, cfg: GemmConfig, counts: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, K]: e4m3 with a_s [M, K/128] (strides (1, M)), or bf16/fp32 with a_s None (quantized in the
+    GEMM, needs cfg.fuse_quant); w [N, K] or [E, N, K] e4m3; w_s [N/bn, K/128] or [E, ...]; sidx [N] int32
+    scale row of each output column. counts (grouped only): rows of each expert, contiguous in expert order
+    (rows past their sum are not computed)."""
+    m, k = a.shape
     grouped = w.dim() == 3
     n = w.shape[-2]
-    if a_s.stride(0) != 1 and m > 1:
+    quant_a = a_s is None
+    if quant_a != (a.dtype != torch.float8_e4m3fn):
+        raise ValueError("fp8_gemm: pass e4m3 activations with their scales, or unquantized ones without")
+    if quant_a:
+        a = a.contiguous()
+        a_s = a   # unused by the kernel
+    elif a_s.stride(0) != 1 and m > 1:
         a_s = a_s.t().contiguous().t()
     if out is None:
-        out = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
+        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0:
         return out
-    forced = _forced()
-    block_n = forced[1] if forced else 128
-    block_n = block_n if n >= block_n else max(16, triton.next_power_of_2(n))
-    warps, stages = (forced[2], forced[3]) if forced else (4, 3)
     n_kb = triton.cdiv(k, GROUP)
+    bm = cfg.block_m
     if grouped:
-        tile_expert, tile_row, expert_end = tiles
-        bm = block_m
-        grid_m = tile_expert.shape[0]
+        if counts is None or counts.shape != (w.shape[0],):
+            raise ValueError("fp8_gemm: a grouped GEMM needs the row count of each of its experts")
+        counts = counts.contiguous()
+        n_exp = w.shape[0]
+        grid_m = triton.cdiv(m, bm) + n_exp   # ceil(count_e / bm) summed over experts never exceeds this
         we, ws_e = w.stride(0), w_s.stride(0)
         w2d, ws2d = w[0], w_s[0]
     else:
-        bm = block_m or _pick_block_m(m)
         grid_m = triton.cdiv(m, bm)
-        tile_expert = tile_row = expert_end = sidx  # unused
+        counts, n_exp = sidx, 1  # unused
         we = ws_e = 0
         w2d, ws2d = w, w_s
-    grid_n = triton.cdiv(n, block_n)
-    # split K when the output tiles cannot fill the GPU (decode-sized projections); >= 4 K blocks per split
-    split = 1
-    if not grouped:
-        sms = _num_sms(a_q.device)
-        split = max(1, min(triton.cdiv(2 * sms, grid_m * grid_n), n_kb // 4))
-    kb_per = triton.cdiv(n_kb, split)
+    grid_n = triton.cdiv(n, cfg.block_n)
+    kb_per = triton.cdiv(n_kb, min(cfg.split, n_kb))
     split = triton.cdiv(n_kb, kb_per)
-    target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=a_q.device)
+    target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=a.device)
     stride_cs = 0 if split == 1 else target.stride(0)
     _fp8_gemm_kernel[(grid_m, grid_n, split)](
-        a_q, a_s, w, w_s, sidx, target, tile_expert, tile_row, expert_end,
-        m, n, k, a_q.stride(0), we, w2d.stride(0), ws_e, ws2d.stride(0), stride_cs, target.stride(-2),
-        kb_per, GROUPED=grouped, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=GROUP,
-        num_warps=warps, num_stages=stages if a_q.is_cuda else 1,
+        a, a_s, w, w_s, sidx, target, counts, n_exp,
+        m, n, k, a.stride(0), we, w2d.stride(0), ws_e, ws2d.stride(0), stride_cs, target.stride(-2),
+        kb_per, GROUPED=grouped, QUANT_A=quant_a, SWAP=cfg.swap, PREFETCH=cfg.prefetch,
+        E_POW2=triton.next_power_of_2(n_exp), BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
+        num_warps=cfg.warps, num_stages=cfg.stages if a.is_cuda else 1,
     )
     if split > 1:
         if not out.is_contiguous():
             raise ValueError("fp8_gemm: split-K needs a contiguous output")
-        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](target, out, m * n, SPLIT=split, BLOCK=1024, num_warps=4)
+        _splitk_sum_kernel[(triton.cdiv(m * n, 1024),)](target, out, counts, n_exp, m * n, n, SPLIT=split,
+                                                        HAS_VALID=grouped, E_POW2=triton.next_power_of_2(n_exp),
+                                                        BLOCK=1024, num_warps=4)
     return out
-
-
-def group_tiles(tokens_per_expert: torch.Tensor, num_rows: int, block_m: int):
-    """Static-size tile map for the grouped GEMM (no host sync): per M tile its expert (-1 unused) and first
-    row, and each expert's row end. ceil(rows/BM) + E tiles always suffice."""
-    counts = tokens_per_expert.to(torch.int64)
-    e = counts.shape[0]
-    ends = torch.cumsum(counts, 0)
-    starts = ends - counts
-    tiles_e = (counts + block_m - 1) // block_m
-    cum = torch.cumsum(tiles_e, 0)
-    max_tiles = -(-num_rows // block_m) + e
-    t = torch.arange(max_tiles, device=counts.device)
-    te = torch.searchsorted(cum, t, right=True)
-    valid = te < e
-    tc = te.clamp(max=e - 1)
-    row0 = starts[tc] + (t - (cum[tc] - tiles_e[tc])) * block_m
-    return (torch.where(valid, tc, torch.full_like(tc, -1)).to(torch.int32), row0.to(torch.int32),
-            ends.to(torch.int32))
