@@ -10,7 +10,8 @@ table of published DeepEP low-latency figures is added per MoE layer, unoverlapp
 Reports decode tok/s/GPU at B sequences x ctx, prefill tok/s/GPU at P tokens/rank, a per-phase breakdown
 (torch profiler over one eager step: every kernel tied to its launch by correlation id and given the phase of
 the innermost module range around that launch, so phases sum to the step) beside each phase's roofline, bf16 and
-FP8 side by side, and a plain-PyTorch version of the same shape measured in the same run.
+FP8 side by side, and a plain-PyTorch version of the same shape measured in the same run. On a GPU it first
+checks the step's fused kernels against their torch references at the model's sizes (check_fused_ops).
 
   python benchmarks/rank.py --ep 32                      # H200: full R1 rank, bf16 and fp8
   python benchmarks/rank.py --size tiny --device cpu     # smoke run (tiny dims, few layers)
@@ -255,7 +256,7 @@ def check_fused_ops(cfg: ModelConfig, device, tokens: int = 128) -> dict:
         out[f"q_nope_untouched_{name}"] = bool(torch.equal(qa[..., :-2 * half], q[..., :-2 * half]))
         out[f"latent_diff_{name}"] = int((fa[:, :lat] != fb[:, :lat]).sum())
         out[f"latent_max_rel_{name}"] = float(((fa[:, :lat] - fb[:, :lat]).abs() / fb[:, :lat].abs().clamp_min(1e-3)).max())
-    k, nl = cfg.num_experts_per_tok, 256 // 32
+    k, nl = cfg.num_experts_per_tok, 8   # an EP=32 rank's local experts
     ids = torch.randint(-1, nl + 1, (tokens, k), device=device, generator=g)
     tw = torch.rand(tokens, k, device=device, generator=g)
     ga, pa_, wa = group_pairs(ids, nl, tw)
