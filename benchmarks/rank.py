@@ -47,7 +47,7 @@ from wideep.model.make_model import FP8_QUANT_CONFIG, PRESETS  # noqa: E402
 from wideep.model.rope import RotaryEmbedding  # noqa: E402
 from wideep.model import fused_ops  # noqa: E402
 from wideep.model.moe_permute import gather_sum  # noqa: E402
-from wideep.model.moe_permute import group_pairs  # noqa: E402
+from wideep.model.moe_permute import group_pairs, own_then  # noqa: E402
 from wideep.model.dispatch import DispatchResult, MoEDispatcher  # noqa: E402
 
 # Published DeepEP low-latency dispatch / combine per MoE layer, 128 tokens per rank, FP8 dispatch and
@@ -104,6 +104,12 @@ class EmulatedEPDispatcher(MoEDispatcher):
         return self._maps[key]
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        return self._dispatch(x, topk_weights, own_first=False)
+
+    def dispatch_with_own(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        return self._dispatch(x, topk_weights, own_first=True)
+
+    def _dispatch(self, x: torch.Tensor, topk_weights: torch.Tensor, own_first: bool) -> DispatchResult:
         t = x.shape[0]
         ids = self._local_ids(t, x.device)
         slots = ids.shape[1]
@@ -111,7 +117,8 @@ class EmulatedEPDispatcher(MoEDispatcher):
         if slots != w.shape[1]:
             w = w.repeat(1, -(-slots // w.shape[1]))[:, :slots]
         g, pairs, weights = group_pairs(ids, self.num_local_experts, w)
-        return DispatchResult(x=x[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights, handle=pairs)
+        rows = own_then(g.rows, t) if own_first else g.rows
+        return DispatchResult(x=x[rows], tokens_per_expert=g.tokens_per_expert, weights=weights, handle=pairs)
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         return gather_sum(y, result.handle)

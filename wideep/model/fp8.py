@@ -172,9 +172,12 @@ def _grouped_mlp_cublas(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, s
 
 def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, sidx13: torch.Tensor,
                     w2: torch.Tensor, s2: torch.Tensor, sidx2: torch.Tensor,
-                    tokens_per_expert: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+                    tokens_per_expert: torch.Tensor, impl: str = "auto",
+                    config_experts: int | None = None) -> torch.Tensor:
     """SiLU-gated expert MLPs in block FP8 over expert-contiguous rows (see moe.grouped_mlp); rows past
     sum(tokens_per_expert) come out as zeros. w13 [E, 2I, H], w2 [E, H, I] e4m3 with per-expert scales.
+    config_experts: the expert count whose measured tile configs apply (default E; a fused shared slot makes
+    E = routed + 1 groups of the same shape, served by the routed count's configs).
     impl: auto, triton (the sync-free grouped kernel), cublas (one cuBLAS GEMM per expert: reads the counts
     on the host), or torch. auto on CUDA: cublas for eager prefill (>= LARGE_ROWS rows per expert on average,
     not inside a CUDA graph), else triton; without CUDA torch.
@@ -199,8 +202,9 @@ def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, sidx1
     if impl == "triton":
         from . import fp8_triton
 
-        c13 = fp8_triton.pick_config(w13.shape[1], w13.shape[2], e, device=x.device)
-        c2 = fp8_triton.pick_config(w2.shape[1], w2.shape[2], e, device=x.device)
+        ce = config_experts or e
+        c13 = fp8_triton.pick_config(w13.shape[1], w13.shape[2], ce, device=x.device)
+        c2 = fp8_triton.pick_config(w2.shape[1], w2.shape[2], ce, device=x.device)
         q, s = (x, None) if c13.fuse_quant else fp8_triton.act_quant(x)
         h = fp8_triton.fp8_gemm(q, s, w13, s13, sidx13, x.dtype, c13, counts=tokens_per_expert)
         q2, s2a = fp8_triton.silu_mul_quant(h)

@@ -1,7 +1,7 @@
 """Load a HF-format DeepSeek-V3 checkpoint (sharded safetensors, optional FP8 block weights) into wideep's model.
 
-Only this rank's routed experts are read (stacked into w13/w2 in physical-slot order); everything else is a
-name match with the HF parameter names. Any missing tensor, wrong shape or missing shard is an error that
+Only this rank's routed experts are read (stacked into w13/w2 in physical-slot order, behind the shared expert
+when it is fused into the same stack); everything else is a name match with the HF parameter names. Any missing tensor, wrong shape or missing shard is an error that
 names the file and the tensor.
 """
 from __future__ import annotations
@@ -180,8 +180,11 @@ def load_model(
                 suffix, rows, up_shape, down_shape, blk = "weight_scale_inv", ni, (ni, kh), (nh, ki), None
             else:
                 suffix, rows, up_shape, down_shape, blk = "weight", inter, (inter, h), (h, inter), block
-            for slot, e in enumerate(ids):
-                name = f"{prefix}.{e}.{{}}.{suffix}"
+            # a fused shared expert fills slot 0 (RoutedExperts.n_shared), the routed experts the slots after it
+            sources = [f"model.layers.{layer}.mlp.shared_experts"] * (tensor.shape[0] - len(ids))
+            sources += [f"{prefix}.{e}" for e in ids]
+            for slot, src in enumerate(sources):
+                name = f"{src}.{{}}.{suffix}"
                 if which == "w13":
                     stacked[slot, :rows] = _read_weight(reader, name.format("gate_proj"), up_shape, device, target_dtype, blk)
                     stacked[slot, rows:] = _read_weight(reader, name.format("up_proj"), up_shape, device, target_dtype, blk)

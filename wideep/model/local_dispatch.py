@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from wideep.model.dispatch import DispatchResult, MoEDispatcher
-from wideep.model.moe_permute import gather_sum, group_pairs
+from wideep.model.moe_permute import gather_sum, group_pairs, own_then
 
 
 class LocalDispatcher(MoEDispatcher):
@@ -16,6 +16,11 @@ class LocalDispatcher(MoEDispatcher):
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         g, pairs, weights = group_pairs(topk_ids, self.num_experts, topk_weights)
         return DispatchResult(x=x[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights, handle=pairs)
+
+    def dispatch_with_own(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        g, pairs, weights = group_pairs(topk_ids, self.num_experts, topk_weights)
+        rows = own_then(g.rows, x.shape[0])
+        return DispatchResult(x=x[rows], tokens_per_expert=g.tokens_per_expert, weights=weights, handle=pairs)
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         return gather_sum(y, result.handle)  # fp32 accumulation across the top-k experts

@@ -14,7 +14,7 @@ from torch import nn
 from wideep.model.dispatch import MoEDispatcher
 
 from .config import ModelConfig
-from .fp8 import FP8_DTYPE, fp8_grouped_mlp, scale_row_index
+from .fp8 import FP8_DTYPE, fp8_grouped_mlp, fp8_linear, scale_row_index
 from .fused_ops import route
 from .layers import GatedMLP
 
@@ -116,35 +116,55 @@ def grouped_mlp(
 
 
 class RoutedExperts(nn.Module):
-    """This rank's routed experts, stacked: w13 [E_local, 2I, H] (gate ‖ up), w2 [E_local, H, I].
+    """This rank's routed experts, stacked: w13 [S + E_local, 2I, H] (gate ‖ up), w2 [S + E_local, H, I].
 
-    Native FP8 (fp8_block set): both stay e4m3 with per-expert block scales w13_scale_inv
-    [E_local, 2*ceil(I/bo), ceil(H/bi)] (gate's blocks, then up's) and w2_scale_inv [E_local, ceil(H/bo), ceil(I/bi)].
+    S = n_shared (0 or 1): a shared expert of the routed experts' shape is stacked in slot 0, ahead of the
+    routed slots, so it runs as one more group of the same grouped MLP (`forward_fused`); `w13_routed` etc.
+    are views of the routed slots (what dispatch counts and EPLB moves index), never a second copy.
+    Native FP8 (fp8_block set): both stay e4m3 with per-slot block scales w13_scale_inv
+    [S + E_local, 2*ceil(I/bo), ceil(H/bi)] (gate's blocks, then up's) and w2_scale_inv [S + E_local, ceil(H/bo), ceil(I/bi)].
     """
 
-    def __init__(self, num_local: int, hidden: int, inter: int, fp8_block: tuple[int, int] | None = None):
+    def __init__(self, num_local: int, hidden: int, inter: int, fp8_block: tuple[int, int] | None = None,
+                 n_shared: int = 0):
         super().__init__()
+        if n_shared not in (0, 1):
+            raise ValueError(f"RoutedExperts: n_shared must be 0 or 1 (one fused shared slot), got {n_shared}")
         self.fp8_block = fp8_block
+        self.num_local, self.n_shared = num_local, n_shared
+        slots = num_local + n_shared
         if fp8_block is None:
-            self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden))
-            self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter))
+            self.w13 = nn.Parameter(torch.empty(slots, 2 * inter, hidden))
+            self.w2 = nn.Parameter(torch.empty(slots, hidden, inter))
         else:
             bo, bi = fp8_block
-            self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=FP8_DTYPE), requires_grad=False)
-            self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=FP8_DTYPE), requires_grad=False)
+            self.w13 = nn.Parameter(torch.empty(slots, 2 * inter, hidden, dtype=FP8_DTYPE), requires_grad=False)
+            self.w2 = nn.Parameter(torch.empty(slots, hidden, inter, dtype=FP8_DTYPE), requires_grad=False)
             self.w13_scale_inv = nn.Parameter(
-                torch.empty(num_local, 2 * -(-inter // bo), -(-hidden // bi)), requires_grad=False)
+                torch.empty(slots, 2 * -(-inter // bo), -(-hidden // bi)), requires_grad=False)
             self.w2_scale_inv = nn.Parameter(
-                torch.empty(num_local, -(-hidden // bo), -(-inter // bi)), requires_grad=False)
+                torch.empty(slots, -(-hidden // bo), -(-inter // bi)), requires_grad=False)
         self.inter, self.hidden = inter, hidden
         self._sidx: tuple[torch.Tensor, torch.Tensor] | None = None
         self.impl = "auto"
 
-    def stacked_tensors(self) -> list[torch.Tensor]:
-        """Every per-expert stacked tensor (what moving an expert between slots must move)."""
+    def _all(self) -> list[torch.Tensor]:
         if self.fp8_block is None:
             return [self.w13, self.w2]
         return [self.w13, self.w2, self.w13_scale_inv, self.w2_scale_inv]
+
+    def stacked_tensors(self) -> list[torch.Tensor]:
+        """Every per-expert stacked tensor, routed slots only (what moving an expert between slots must move;
+        views, so in-place moves land in the stacked parameters)."""
+        return [t[self.n_shared:] for t in self._all()]
+
+    @property
+    def w13_routed(self) -> torch.Tensor:
+        return self.w13[self.n_shared:]
+
+    @property
+    def w2_routed(self) -> torch.Tensor:
+        return self.w2[self.n_shared:]
 
     def _scale_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.w13.device
@@ -153,16 +173,46 @@ class RoutedExperts(nn.Module):
             self._sidx = (scale_row_index([self.inter, self.inter], bo, dev), scale_row_index([self.hidden], bo, dev))
         return self._sidx
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, x: torch.Tensor, tokens_per_slot: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
         if self.fp8_block is None:
-            return grouped_mlp(x, self.w13, self.w2, tokens_per_expert, self.impl)
+            return grouped_mlp(x, tensors[0], tensors[1], tokens_per_slot, self.impl)
         s13, s2 = self._scale_rows()
-        return fp8_grouped_mlp(x, self.w13, self.w13_scale_inv, s13, self.w2, self.w2_scale_inv, s2,
-                               tokens_per_expert)
+        # tile configs are the ones measured for this rank's routed expert count (the shared slot is one more
+        # group of the same shape)
+        return fp8_grouped_mlp(x, tensors[0], tensors[2], s13, tensors[1], tensors[3], s2, tokens_per_slot,
+                               config_experts=self.num_local)
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """The routed experts alone over expert-contiguous rows (tokens_per_expert [E_local])."""
+        return self._mlp(x, tokens_per_expert, self.stacked_tensors())
+
+    def forward_fused(self, x: torch.Tensor, tokens_per_slot: torch.Tensor) -> torch.Tensor:
+        """Shared slot and routed experts in one grouped MLP: x = [this rank's T tokens; dispatched rows],
+        tokens_per_slot [1 + E_local] = [T, routed counts...]."""
+        if not self.n_shared:
+            raise ValueError("RoutedExperts.forward_fused: no shared slot stacked")
+        return self._mlp(x, tokens_per_slot, self._all())
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared slot alone as a plain MLP (dual-batch overlap runs it beside the combine)."""
+        if self.fp8_block is None:
+            h = F.linear(x, self.w13[0])
+            return F.linear(F.silu(h[..., :self.inter]) * h[..., self.inter:], self.w2[0])
+        s13, s2 = self._scale_rows()
+        h = fp8_linear(x, self.w13[0], self.w13_scale_inv[0], s13)
+        a = (F.silu(h[..., :self.inter]) * h[..., self.inter:]).to(x.dtype)
+        return fp8_linear(a, self.w2[0], self.w2_scale_inv[0], s2)
+
+
+def fuse_shared_expert(config: ModelConfig) -> bool:
+    """The shared expert runs as one more slot of the routed grouped MLP when it has the routed experts'
+    shape (n_shared_experts == 1, as in DeepSeek-V3/R1); otherwise it stays a separate MLP."""
+    return config.n_shared_experts == 1
 
 
 class DeepseekV3MoE(nn.Module):
-    """Gate -> (expert_map) -> dispatch -> local grouped GEMM × weights -> combine, plus shared experts.
+    """Gate -> (expert_map) -> dispatch -> local grouped GEMM × weights -> combine, plus shared experts (a
+    shared expert of the routed shape is one more slot of the grouped GEMM, fed this rank's own tokens).
 
     `expert_map` (None by default) is the EPLB hook: a callable taking logical topk_ids [T, K] and
     returning physical slot ids [T, K] (it may also record per-physical-expert load). Without it,
@@ -174,10 +224,12 @@ class DeepseekV3MoE(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.gate = TopkRouter(config)
-        self.experts = RoutedExperts(num_local_experts, config.hidden_size, config.moe_intermediate_size, fp8_block)
+        fused = fuse_shared_expert(config)
+        self.experts = RoutedExperts(num_local_experts, config.hidden_size, config.moe_intermediate_size, fp8_block,
+                                     n_shared=int(fused))
         self.shared_experts = (
             GatedMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, fp8_block)
-            if config.n_shared_experts
+            if config.n_shared_experts and not fused
             else None
         )
         self.dispatcher = dispatcher
@@ -187,6 +239,15 @@ class DeepseekV3MoE(nn.Module):
         topk_ids, topk_weights = self.gate(x)
         if self.expert_map is not None:
             topk_ids = self.expert_map(topk_ids)
+        if self.experts.n_shared:
+            # [own tokens; dispatched rows] through one grouped MLP, shared slot first: out = combine(routed)
+            # + shared(x), the unfused math (the shared output is added unweighted)
+            t = x.shape[0]
+            result = self.dispatcher.dispatch_with_own(x, topk_ids, topk_weights)
+            counts = result.tokens_per_expert
+            counts = torch.cat([torch.full((1,), t, dtype=counts.dtype, device=counts.device), counts])
+            y = self.experts.forward_fused(result.x, counts)
+            return self.dispatcher.combine_weighted(y[t:], result) + y[:t]
         result = self.dispatcher.dispatch(x, topk_ids, topk_weights)
         y = self.experts(result.x, result.tokens_per_expert)
         out = self.dispatcher.combine_weighted(y, result)
@@ -206,7 +267,8 @@ class DeepseekV3MoE(nn.Module):
         y = self.experts(result.x, result.tokens_per_expert)
         y = y * result.weights.to(y.dtype)[:, None]
         pending = self.dispatcher.combine_async(y, result)
-        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        shared = (self.shared_experts(x) if self.shared_experts is not None
+                  else self.experts.shared(x) if self.experts.n_shared else None)
         yield
         out = pending.wait()
         return out if shared is None else out + shared

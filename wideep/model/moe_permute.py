@@ -191,6 +191,13 @@ def group_pairs(local_ids: torch.Tensor, num_local: int, weights: torch.Tensor |
     return g, pair_rows(g, m, k), w
 
 
+def own_then(rows: torch.Tensor, num_own: int, first_own: int = 0) -> torch.Tensor:
+    """Source rows [first_own, first_own + num_own) (this rank's own tokens, a fused shared expert's input)
+    followed by `rows`: one gather builds both."""
+    own = torch.arange(first_own, first_own + num_own, dtype=rows.dtype, device=rows.device)
+    return torch.cat([own, rows])
+
+
 def group_by_local_expert(local_ids: torch.Tensor, num_local: int, static: bool) -> Grouping:
     """local_ids [M, K]: local expert index of each pair, or anything outside [0, num_local) for "not mine".
 

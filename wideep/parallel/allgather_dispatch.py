@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending, done
-from wideep.model.moe_permute import gather_sum, group_by_local_expert, group_pairs, pair_rows
+from wideep.model.moe_permute import gather_sum, group_by_local_expert, group_pairs, own_then, pair_rows
 from wideep.parallel import _comm
 
 
@@ -67,7 +67,12 @@ class AllGatherReduceScatterDispatcher(MoEDispatcher):
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         return self.dispatch_async(x, topk_ids, topk_weights).wait()
 
-    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+    def dispatch_with_own(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        return self.dispatch_async(x, topk_ids, topk_weights, own_first=True).wait()
+
+    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       own_first: bool = False) -> Pending:
+        """own_first: this rank's own tokens head the rows (dispatch_with_own), gathered with the rest."""
         t = x.shape[0]
         tp = self._padded_tokens(t, x.device)
         pad = tp - t
@@ -95,7 +100,8 @@ class AllGatherReduceScatterDispatcher(MoEDispatcher):
                 g = group_by_local_expert(topk_ids - first, self.num_local_experts, static)
                 weights = topk_weights.reshape(-1)[g.order]
                 pairs = pair_rows(g, topk_ids.shape[0], topk_ids.shape[1])
-            return DispatchResult(x=x[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
+            rows = own_then(g.rows, t, self.ep_rank * tp if works else 0) if own_first else g.rows
+            return DispatchResult(x=x[rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
                                   handle=_Handle(t, tp, g.rows, g.valid, pairs))
         return Pending(finish)
 

@@ -106,6 +106,11 @@ class GraphModeDispatcher(MoEDispatcher):
             topk_ids = self._drop_padding_rows(topk_ids)
         return self.active.dispatch(x, topk_ids, topk_weights)
 
+    def dispatch_with_own(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        if self.graph_size is not None:
+            topk_ids = self._drop_padding_rows(topk_ids)
+        return self.active.dispatch_with_own(x, topk_ids, topk_weights)
+
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
         if self.graph_size is not None:
             topk_ids = self._drop_padding_rows(topk_ids)
