@@ -114,14 +114,18 @@ def route_ref(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int
 if triton is not None:
 
     @triton.jit
-    def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, stride_l, scaling,
+    def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, stride_l, scaling, stride_split,
                       E: constexpr, G: constexpr, PER: constexpr, TOPK_GROUP: constexpr, K: constexpr,
-                      RENORM: constexpr):
+                      RENORM: constexpr, SPLIT: constexpr):
         """One token per program: scores [G, PER]; group score = sum of the 2 best biased scores; keep the
-        TOPK_GROUP best groups; pick the K best biased experts among them; weights from unbiased scores."""
+        TOPK_GROUP best groups; pick the K best biased experts among them; weights from unbiased scores.
+        SPLIT > 1: the logits are SPLIT fp32 partial sums (stride_split apart), added in slice order."""
         t = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, G)[:, None] * PER + tl.arange(0, PER)[None, :]          # [G, PER]
-        s = tl.sigmoid(tl.load(logits_ptr + t * stride_l + offs))
+        logit = tl.load(logits_ptr + t * stride_l + offs)
+        for sp in tl.static_range(1, SPLIT):
+            logit += tl.load(logits_ptr + sp * stride_split + t * stride_l + offs)
+        s = tl.sigmoid(logit)
         b = s + tl.load(bias_ptr + offs)
         neg = float("-inf")
         first = tl.max(b, axis=1)
@@ -168,9 +172,90 @@ def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, to
     ids = torch.empty((t, top_k), dtype=torch.int64, device=logits.device)
     w = torch.empty((t, top_k), dtype=torch.float32, device=logits.device)
     if t:
-        _route_kernel[(t,)](logits, bias.float().contiguous(), ids, w, logits.stride(0), float(scaling),
+        _route_kernel[(t,)](logits, bias.float().contiguous(), ids, w, logits.stride(0), float(scaling), 0,
                             E=e, G=n_group, PER=per, TOPK_GROUP=topk_group, K=top_k, RENORM=renormalize,
-                            num_warps=4)
+                            SPLIT=1, num_warps=4)
+    return ids, w
+
+
+# ---- router gate GEMM + selection ---------------------------------------------------------------------------
+# The gate is a [T, H] x [H, E] product (E = 256 in R1) with bf16 operands and an fp32 result. At decode sizes
+# cuBLAS runs it as a split-K GEMM plus a reduce kernel (13 us per layer with the selection, measured); here a
+# Triton GEMM writes a fixed number of fp32 K-slice partials and the selection kernel adds them in slice order
+# while it loads its logits: two launches, and a row's logits never depend on the batch (tiles and slices are
+# fixed by H alone). Beyond GATE_KERNEL_MAX_TOKENS (prefill) the partials would outweigh the weight: cuBLAS.
+GATE_KERNEL_MAX_TOKENS = 512
+GATE_BLOCK_T, GATE_BLOCK_E, GATE_BLOCK_K, GATE_KB_PER_SLICE = 64, 64, 128, 4
+
+if triton is not None:
+
+    @triton.jit
+    def _gate_partial_kernel(x_ptr, w_ptr, p_ptr, T, H, E, stride_x, stride_w, stride_ps,
+                             KB_PER: constexpr, BLOCK_T: constexpr, BLOCK_E: constexpr, BLOCK_K: constexpr,
+                             UPCAST: constexpr):
+        """Program (token block, expert block, K slice): the slice's fp32 partial of x @ w^T. UPCAST (the CPU
+        interpreter, whose dot mishandles bf16): operands widened to fp32 first, the same exact products."""
+        rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        re = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        sl = tl.program_id(2)
+        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        for kb in tl.static_range(KB_PER):
+            k = (sl * KB_PER + kb) * BLOCK_K + tl.arange(0, BLOCK_K)
+            km = k < H
+            a = tl.load(x_ptr + rt[:, None].to(tl.int64) * stride_x + k[None, :],
+                        mask=(rt < T)[:, None] & km[None, :], other=0.0)
+            b = tl.load(w_ptr + re[:, None].to(tl.int64) * stride_w + k[None, :],
+                        mask=(re < E)[:, None] & km[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc)
+        tl.store(p_ptr + sl * stride_ps + rt[:, None].to(tl.int64) * E + re[None, :], acc,
+                 mask=(rt < T)[:, None] & (re < E)[None, :])
+
+
+def gate_slices(hidden: int) -> int:
+    """Number of fp32 K-slice partials of the gate GEMM (a function of the hidden size only)."""
+    return -(-hidden // (GATE_BLOCK_K * GATE_KB_PER_SLICE))
+
+
+def gate_partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, H], weight [E, H] (same dtype) -> [gate_slices(H), T, E] fp32 partial products (Triton)."""
+    t, h = x.shape
+    e = weight.shape[0]
+    x, weight = x.contiguous(), weight.contiguous()
+    n = gate_slices(h)
+    p = torch.empty((n, t, e), dtype=torch.float32, device=x.device)
+    if t:
+        _gate_partial_kernel[(triton.cdiv(t, GATE_BLOCK_T), triton.cdiv(e, GATE_BLOCK_E), n)](
+            x, weight, p, t, h, e, x.stride(0), weight.stride(0), p.stride(0), KB_PER=GATE_KB_PER_SLICE,
+            BLOCK_T=GATE_BLOCK_T, BLOCK_E=GATE_BLOCK_E, BLOCK_K=GATE_BLOCK_K, UPCAST=not x.is_cuda, num_warps=4,
+            num_stages=3 if x.is_cuda else 1)
+    return p
+
+
+def gate_route_applies(x: torch.Tensor, weight: torch.Tensor, top_k: int, n_group: int, impl: str = "auto") -> bool:
+    """Whether gate_route's two kernels serve this call (else: gate logits, then route())."""
+    e, t = weight.shape[0], x.shape[0]
+    per = e // n_group
+    pow2 = all(v & (v - 1) == 0 for v in (n_group, per, top_k)) and per >= 2
+    if impl == "auto":
+        return (pow2 and x.is_cuda and triton is not None and x.dtype == weight.dtype == torch.bfloat16
+                and x.dim() == 2 and t <= GATE_KERNEL_MAX_TOKENS)
+    return use_triton(x, impl) and pow2
+
+
+def gate_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int,
+               topk_group: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """route(x @ weight^T in fp32, ...) as a split-K gate GEMM and the selection kernel (gate_route_applies)."""
+    p = gate_partials(x, weight)
+    t, e = p.shape[1], p.shape[2]
+    ids = torch.empty((t, top_k), dtype=torch.int64, device=x.device)
+    w = torch.empty((t, top_k), dtype=torch.float32, device=x.device)
+    if t:
+        _route_kernel[(t,)](p, bias.float().contiguous(), ids, w, p.stride(1), float(scaling), p.stride(0),
+                            E=e, G=n_group, PER=e // n_group, TOPK_GROUP=topk_group, K=top_k, RENORM=renormalize,
+                            SPLIT=p.shape[0], num_warps=4)
     return ids, w
 
 

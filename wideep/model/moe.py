@@ -15,7 +15,7 @@ from wideep.model.dispatch import MoEDispatcher
 
 from .config import ModelConfig
 from .fp8 import FP8_DTYPE, fp8_grouped_mlp, fp8_linear, scale_row_index
-from .fused_ops import route
+from .fused_ops import gate_route, gate_route_applies, route
 from .layers import GatedMLP
 
 
@@ -35,6 +35,9 @@ class TopkRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_ids [T, K] int64 logical experts, topk_weights [T, K] float32)."""
+        if gate_route_applies(x, self.weight, self.top_k, self.n_group):
+            return gate_route(x, self.weight, self.e_score_correction_bias, self.top_k, self.n_group,
+                              self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
         return route(gate_logits(x, self.weight), self.e_score_correction_bias, self.top_k, self.n_group,
                      self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
 
