@@ -100,7 +100,7 @@ def test_other_shared_shapes_stay_unfused(n_shared, inter):
     with torch.no_grad():
         m(x)
     with pytest.raises(ValueError):
-        m.experts.forward_fused(x, torch.tensor([4] + [0] * cfg.n_routed_experts))
+        m.experts(x, torch.tensor([4] + [0] * cfg.n_routed_experts), with_shared=True)
 
 
 def test_stacked_tensors_are_routed_views():
@@ -128,7 +128,7 @@ def test_own_rows_with_static_padding_layout():
     torch.nn.init.normal_(ex.w13, std=0.2)
     torch.nn.init.normal_(ex.w2, std=0.2)
     counts = torch.cat([torch.tensor([4]), g.tokens_per_expert])
-    y = ex.forward_fused(x[rows], counts)
+    y = ex(x[rows], counts, with_shared=True)
     assert y.shape == (4 + 8, 16) and y[4 + 4:].abs().max() == 0   # 4 real routed rows, 4 padding rows
     torch.testing.assert_close(y[4:], ex(x[g.rows], g.tokens_per_expert), rtol=0, atol=0)
     torch.testing.assert_close(y[:4], ex.shared(x), rtol=0, atol=0)

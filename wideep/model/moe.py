@@ -122,7 +122,7 @@ class RoutedExperts(nn.Module):
     """This rank's routed experts, stacked: w13 [S + E_local, 2I, H] (gate ‖ up), w2 [S + E_local, H, I].
 
     S = n_shared (0 or 1): a shared expert of the routed experts' shape is stacked in slot 0, ahead of the
-    routed slots, so it runs as one more group of the same grouped MLP (`forward_fused`); `w13_routed` etc.
+    routed slots, so it runs as one more group of the same grouped MLP (`forward(..., with_shared=True)`); `w13_routed` etc.
     are views of the routed slots (what dispatch counts and EPLB moves index), never a second copy.
     Native FP8 (fp8_block set): both stay e4m3 with per-slot block scales w13_scale_inv
     [S + E_local, 2*ceil(I/bo), ceil(H/bi)] (gate's blocks, then up's) and w2_scale_inv [S + E_local, ceil(H/bo), ceil(I/bi)].
@@ -185,16 +185,15 @@ class RoutedExperts(nn.Module):
         return fp8_grouped_mlp(x, tensors[0], tensors[2], s13, tensors[1], tensors[3], s2, tokens_per_slot,
                                config_experts=self.num_local)
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """The routed experts alone over expert-contiguous rows (tokens_per_expert [E_local])."""
-        return self._mlp(x, tokens_per_expert, self.stacked_tensors())
-
-    def forward_fused(self, x: torch.Tensor, tokens_per_slot: torch.Tensor) -> torch.Tensor:
-        """Shared slot and routed experts in one grouped MLP: x = [this rank's T tokens; dispatched rows],
-        tokens_per_slot [1 + E_local] = [T, routed counts...]."""
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, with_shared: bool = False) -> torch.Tensor:
+        """The routed experts over expert-contiguous rows (tokens_per_expert [E_local]); with_shared: the shared
+        slot and the routed experts in one grouped MLP, x = [this rank's T tokens; dispatched rows] and
+        tokens_per_expert [1 + E_local] = [T, routed counts...]."""
+        if not with_shared:
+            return self._mlp(x, tokens_per_expert, self.stacked_tensors())
         if not self.n_shared:
-            raise ValueError("RoutedExperts.forward_fused: no shared slot stacked")
-        return self._mlp(x, tokens_per_slot, self._all())
+            raise ValueError("RoutedExperts: with_shared=True but no shared slot is stacked")
+        return self._mlp(x, tokens_per_expert, self._all())
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
         """The shared slot alone as a plain MLP (dual-batch overlap runs it beside the combine)."""
@@ -249,7 +248,7 @@ class DeepseekV3MoE(nn.Module):
             result = self.dispatcher.dispatch_with_own(x, topk_ids, topk_weights)
             counts = result.tokens_per_expert
             counts = torch.cat([torch.full((1,), t, dtype=counts.dtype, device=counts.device), counts])
-            y = self.experts.forward_fused(result.x, counts)
+            y = self.experts(result.x, counts, with_shared=True)
             return self.dispatcher.combine_weighted(y[t:], result) + y[:t]
         result = self.dispatcher.dispatch(x, topk_ids, topk_weights)
         y = self.experts(result.x, result.tokens_per_expert)
