@@ -246,8 +246,7 @@ class DeepseekV3MoE(nn.Module):
             # + shared(x), the unfused math (the shared output is added unweighted)
             t = x.shape[0]
             result = self.dispatcher.dispatch_with_own(x, topk_ids, topk_weights)
-            counts = result.tokens_per_expert
-            counts = torch.cat([torch.full((1,), t, dtype=counts.dtype, device=counts.device), counts])
+            counts = F.pad(result.tokens_per_expert, (1, 0), value=t)   # [T, routed counts...], one launch
             y = self.experts(result.x, counts, with_shared=True)
             return self.dispatcher.combine_weighted(y[t:], result) + y[:t]
         result = self.dispatcher.dispatch(x, topk_ids, topk_weights)
