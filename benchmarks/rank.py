@@ -46,6 +46,7 @@ from wideep.model.layers import RMSNorm  # noqa: E402
 from wideep.model.make_model import FP8_QUANT_CONFIG, PRESETS  # noqa: E402
 from wideep.model.rope import RotaryEmbedding  # noqa: E402
 from wideep.model import fused_ops  # noqa: E402
+from wideep.model.moe import fuse_shared_expert  # noqa: E402
 from wideep.model.moe_permute import gather_sum  # noqa: E402
 from wideep.model.moe_permute import group_pairs, own_then  # noqa: E402
 from wideep.model.dispatch import DispatchResult, MoEDispatcher  # noqa: E402
@@ -530,12 +531,14 @@ def rooflines(cfg: ModelConfig, n_local: int, fp8: bool, b: int, ctx: int | None
     t = lambda nbytes, flops, rate=peak: max(nbytes / bw, flops / rate) * 1e3  # noqa: E731
     expert_w = 3 * cfg.moe_intermediate_size * h
     rows = tokens * cfg.num_experts_per_tok
+    fused = int(fuse_shared_expert(cfg))   # the shared expert runs as one more group of the routed experts
     out = {
         "attention_proj": t(layers * attn_w * wb + (layers * nh * (cfg.qk_nope_head_dim + v) * lat * 2 if fp8 else 0),
                              layers * 2 * tokens * attn_w),
         "router": t(moe_layers * cfg.n_routed_experts * h * 2, moe_layers * 2 * tokens * cfg.n_routed_experts * h, peak_bf16),
-        "routed_experts": t(moe_layers * n_local * expert_w * wb, moe_layers * 2 * rows * expert_w),
-        "shared_expert": t(moe_layers * expert_w * cfg.n_shared_experts * wb, moe_layers * 2 * tokens * expert_w),
+        "routed_experts": t(moe_layers * (n_local + fused) * expert_w * wb, moe_layers * 2 * (rows + fused * tokens) * expert_w),
+        "shared_expert": 0.0 if fused else t(moe_layers * expert_w * cfg.n_shared_experts * wb,
+                                             moe_layers * 2 * tokens * expert_w),
         "dense_mlp": t(dense_layers * 3 * cfg.intermediate_size * h * wb, dense_layers * 6 * tokens * cfg.intermediate_size * h),
         # gather rows in, weighted rows out, summed back: ~3 passes over rows x hidden in bf16
         "dispatch_combine_glue": t(moe_layers * 3 * rows * h * 2, 0),

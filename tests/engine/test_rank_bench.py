@@ -38,8 +38,11 @@ def test_tiny_rank_smoke(rank, tmp_path):
         assert all(v >= 0 for v in ph.values())
         assert sum(ph.values()) == pytest.approx(res["step_gpu_ms"])
         for p in ("attention_proj", "norms_residual", "router", "dispatch_combine_glue", "routed_experts",
-                  "shared_expert", "dense_mlp", "lm_head_sampling"):
+                  "dense_mlp", "lm_head_sampling"):
             assert ph[p] > 0 and res["launches"][p] > 0, p
+        # the shared expert runs inside the routed grouped MLP (its floor counted there)
+        assert ph["shared_expert"] == 0 and res["launches"]["shared_expert"] == 0
+        assert res["roofline_ms"]["shared_expert"] == 0
     assert "tok_s_gpu_comm_unoverlapped" not in d  # no published LL figure for EP=4
     p = run["prefill"]
     assert p["tokens"] == 24 and p["seqs"] == 2 and p["tok_s_gpu_comm_overlapped"] >= p["tok_s_gpu_comm_unoverlapped"]
@@ -54,6 +57,8 @@ def test_emulated_dispatcher_delivers_uniform_and_zipf_rows(rank):
     uni = rank.EmulatedEPDispatcher(64, 16, 4)
     r = uni.dispatch(x, ids, w)
     assert r.tokens_per_expert.tolist() == [10, 10, 10, 10]  # 10 tokens x 4 slots over 4 local experts
+    own = uni.dispatch_with_own(x, ids, w)   # the rank's own tokens first (the fused shared expert's rows)
+    assert torch.equal(own.x, torch.cat([x, r.x])) and torch.equal(own.weights, r.weights)
     y = uni.combine(r.x * r.weights[:, None], r)
     torch.testing.assert_close(y, x * w.sum(1, keepdim=True))  # every slot came back with its weight
     zipf = rank.EmulatedEPDispatcher(64, 16, 4, routing="zipf", zipf_s=1.0)
