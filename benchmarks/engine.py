@@ -163,10 +163,11 @@ def decode_bytes(core: EngineCore, batch: int, ctx: int) -> float:
     total = 0.0
     for name, p in core.model.named_parameters():
         nbytes = p.numel() * p.element_size()
-        if ".experts.w13" in name or ".experts.w2" in name:
-            e = p.shape[0]
-            touched = e * (1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch)
-            total += nbytes * touched / e
+        if ".experts.w" in name:   # w13, w2 (and their FP8 scales); a fused shared slot is always read
+            mod = core.model.get_submodule(name.rsplit(".", 1)[0])
+            e = p.shape[0] - mod.n_shared
+            touched = e * (1 - (1 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** batch) + mod.n_shared
+            total += nbytes * touched / p.shape[0]
         elif "embed_tokens" in name:
             total += nbytes * batch / p.shape[0]
         else:
