@@ -75,6 +75,11 @@ def _one_backend(rank, world, backend, tokens_per_rank, static):
         out = d.combine(y * res.weights.unsqueeze(1), res)
         # the weight folded into the combine gives the same bits as weighting the rows first
         assert torch.equal(d.combine_weighted(y, res), out), (backend, static)
+        # a fused shared expert's input: this rank's own tokens, then the same dispatched rows
+        own = d.dispatch_with_own(x[lo:hi], ids[lo:hi], w[lo:hi])
+        assert torch.equal(own.x[:hi - lo], x[lo:hi]) and torch.equal(own.x[hi - lo:], res.x), (backend, static)
+        assert torch.equal(own.tokens_per_expert, res.tokens_per_expert) and torch.equal(own.weights, res.weights)
+        assert torch.equal(d.combine_weighted(y, own), out), (backend, static)
         outs.append(out)
     dist.barrier()
     return [o.tolist() for o in outs]
