@@ -46,7 +46,7 @@ from wideep.engine.request import Request, RequestStatus  # noqa: E402
 from wideep.engine.scheduler import ScheduledSeq, SchedulerOutput  # noqa: E402
 from wideep.model.config import ModelConfig  # noqa: E402
 from wideep.model.deepseek_v3 import DeepseekV3ForCausalLM, materialize  # noqa: E402
-from wideep.model.fp8 import FP8_DTYPE  # noqa: E402
+from wideep.model.fp8 import FP8_DTYPE, Fp8Linear, fp8_linear, quantize_block_fp8, scale_row_index  # noqa: E402
 from wideep.model.layers import RMSNorm  # noqa: E402
 from wideep.model.make_model import FP8_QUANT_CONFIG, PRESETS  # noqa: E402
 from wideep.model.rope import RotaryEmbedding  # noqa: E402
@@ -275,6 +275,22 @@ def check_fused_ops(cfg: ModelConfig, device, tokens: int = 128) -> dict:
     ka, va = fused_ops.mla_prefill_kv(kvb, kv[:, lat:], cfg.v_head_dim)
     kb, vb = fused_ops.mla_prefill_kv_ref(kvb, kv[:, lat:], cfg.v_head_dim)
     out["prefill_kv_equal"] = bool(torch.equal(ka, kb) and torch.equal(va, vb))
+    if cfg.q_lora_rank:   # q_a ‖ kv_a stacked: one FP8 GEMM vs the two projections apart (their own configs)
+        parts = (cfg.q_lora_rank, cfg.kv_cache_dim)
+        ws = [quantize_block_fp8(r(p_, cfg.hidden_size) * 0.05) for p_ in parts]
+        stacked = Fp8Linear(cfg.hidden_size, sum(parts), parts=parts).to(device)
+        stacked.weight.data = torch.cat([w_ for w_, _ in ws])
+        stacked.weight_scale_inv.data = torch.cat([s_ for _, s_ in ws])
+        x = r(tokens, cfg.hidden_size).to(dt)
+        rel = 0.0
+        for y, (w_, s_), p_ in zip(stacked.forward_parts(x), ws, parts):
+            sep = fp8_linear(x, w_, s_, scale_row_index([p_], 128, device)).float()
+            rel = max(rel, float((y.float() - sep).abs().max() / sep.abs().max()))
+        out["qkv_a_stacked_vs_separate_max_rel"] = rel
+    wk = r(nh, cfg.qk_nope_head_dim, lat).to(dt)
+    qn = q[..., : cfg.qk_nope_head_dim]
+    out["absorbed_bmm_equal_einsum"] = bool(torch.equal(torch.bmm(qn.transpose(0, 1), wk).transpose(0, 1),
+                                                        torch.einsum("bhn,hnl->bhl", qn, wk)))
     return out
 
 
