@@ -118,3 +118,32 @@ def test_loader_stacks_q_a_and_kv_a(variant, variant_dir):
     if variant == "fp8":
         assert attn.fused_qkv_a_proj.parts == (model.config.q_lora_rank,
                                                model.config.kv_lora_rank + model.config.qk_rope_head_dim)
+
+
+
+def test_loader_stacks_a_bias(tiny_model_dir, tmp_path):
+    """attention_bias (not in R1; allowed without FP8): the stacked projection's bias is the two biases
+    stacked. The tiny checkpoint plus a shard of attention biases."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    d = tmp_path / "bias"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["attention_bias"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(8)
+    sizes = {"q_a_proj": cfg["q_lora_rank"], "kv_a_proj_with_mqa": cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"],
+             "o_proj": cfg["hidden_size"]}
+    biases = {f"model.layers.{i}.self_attn.{n}.bias": torch.randn(r, generator=g)
+              for i in range(cfg["num_hidden_layers"]) for n, r in sizes.items()}
+    save_file(biases, str(d / "biases.safetensors"))
+    index_path = d / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update({k: "biases.safetensors" for k in biases})
+    index_path.write_text(json.dumps(index))
+    model = load_model(d)
+    pre = "model.layers.1.self_attn"
+    want = torch.cat([biases[f"{pre}.q_a_proj.bias"], biases[f"{pre}.kv_a_proj_with_mqa.bias"]])
+    assert torch.equal(model.model.layers[1].self_attn.fused_qkv_a_proj.bias, want)

@@ -23,7 +23,7 @@ from .rope import RotaryEmbedding
 
 INDEX_FILE = "model.safetensors.index.json"
 _EXPERT_PARAM = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(w13|w2)(_scale_inv)?$")
-_QKV_A_PARAM = re.compile(r"^(model\.layers\.\d+\.self_attn)\.fused_qkv_a_proj\.(weight|weight_scale_inv)$")
+_QKV_A_PARAM = re.compile(r"^(model\.layers\.\d+\.self_attn)\.fused_qkv_a_proj\.(weight|weight_scale_inv|bias)$")
 QUANTIZATION_CHOICES = ("auto", "fp8", "none")
 
 
@@ -171,7 +171,8 @@ def load_model(
                 if suffix == "weight_scale_inv":
                     rows = [-(-r // block[0]) for r in rows]
                 tensor.data = torch.cat([
-                    _read_weight(reader, f"{prefix}.{part}.{suffix}", (r, tensor.shape[1]), device, target_dtype, block)
+                    _read_weight(reader, f"{prefix}.{part}.{suffix}", (r, *tensor.shape[1:]), device, target_dtype,
+                                 block)
                     for part, r in zip(("q_a_proj", "kv_a_proj_with_mqa"), rows)])
                 continue
             m = _EXPERT_PARAM.match(name)
