@@ -6,6 +6,7 @@ R1's decode and prefill shapes against bf16 (F.linear, torch._grouped_mm) and cu
 
   python benchmarks/fp8_gemm.py [--sweep] [--json out.json]   # prints tables; exits 1 if a check fails
   python benchmarks/fp8_gemm.py --pairs --skip-linear         # + expert-MLP config pairs; - the projection table
+  python benchmarks/fp8_gemm.py --sweep --only q_kv_a,kv_a    # only these decode shapes' sweep, then exit
   python benchmarks/fp8_gemm.py --device cpu                  # smoke: tiny sweep + checks under Triton's interpreter
 """
 from __future__ import annotations
@@ -75,26 +76,29 @@ def _timer(dev):
 
 
 # R1 weights at one EP=32 rank: decode projections (N, K) and routed experts (E local, rows per expert)
-PLAIN = {"q_a": (1536, 7168), "kv_a": (576, 7168), "q_b": (24576, 1536), "o": (7168, 16384),
+PLAIN = {"q_kv_a": (2112, 7168), "q_a": (1536, 7168), "kv_a": (576, 7168), "q_b": (24576, 1536), "o": (7168, 16384),
          "shared w13": (4096, 7168), "shared w2": (7168, 2048), "dense w13": (36864, 7168), "dense w2": (7168, 18432)}
 GROUPED = [(8, (128, 256)), (32, (32,))]   # EP=32 (B=128, 256) and EP=8 (B=128)
-SWEPT_PLAIN = ("q_a", "kv_a")   # the decode projections Triton serves (the others go to cuBLAS, docs/perf.md)
+# the decode projections Triton serves (the others go to cuBLAS, docs/perf.md): q_a ‖ kv_a stacked (the model's
+# path), and kv_a alone (q_lora_rank null)
+SWEPT_PLAIN = ("q_kv_a", "kv_a")
 PLAIN_TILES = [(64, 128, 4, 3, False), (64, 64, 4, 4, False), (128, 64, 4, 4, True)]
 GROUPED_TILES = [(64, 128, 4, 4, True), (64, 128, 4, 6, True), (128, 64, 4, 4, True), (64, 128, 4, 4, False),
                  (64, 128, 4, 3, False), (32, 64, 4, 4, True), (128, 128, 8, 4, True)]
 
 
-def sweep(dev, small: bool) -> dict:
+def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
     """Times Triton configs (tile, stages, split-K, swap-AB, fused quantization) and cuBLAS at R1's decode
     shapes, installs the fastest per weight shape into fp8_triton.DECODE_CONFIGS / fp8.CUBLAS_DECODE, and
-    returns what it chose (every candidate's output is also checked against the first one's)."""
+    returns what it chose (every candidate's output is also checked against the first one's). only: these
+    plain shapes (names of PLAIN) and no grouped ones."""
     from wideep.model import fp8 as fp8mod
 
     timer = _timer(dev)
     chosen: dict = {"plain": {}, "grouped": {}}
     sms = fp8_triton._num_sms(dev)
-    plain = {"q_a": (192, 256), "o": (64, 384)} if small else {k: PLAIN[k] for k in SWEPT_PLAIN}
-    grouped = [(2, (5,)), (3, (4,))] if small else GROUPED
+    plain = {"q_a": (192, 256), "o": (64, 384)} if small else {k: PLAIN[k] for k in (only or SWEPT_PLAIN)}
+    grouped = [(2, (5,)), (3, (4,))] if small else ([] if only else GROUPED)
     rows_plain = (3,) if small else (128, 256)
     tiles_p = [(16, 64, 4, 1, False), (16, 64, 4, 1, True)] if small else PLAIN_TILES
     tiles_g = [(16, 64, 4, 1, False), (16, 64, 4, 1, True)] if small else GROUPED_TILES
@@ -282,11 +286,18 @@ def main() -> int:
     torch.manual_seed(0)
     if "--pairs" in sys.argv:
         mlp_pairs(dev)
+    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+    if only and not set(only) <= set(PLAIN):
+        raise SystemExit(f"--only: names from {', '.join(PLAIN)}; got {only}")
     if "--sweep" in sys.argv or small:
-        report["sweep"] = sweep(dev, small)
+        report["sweep"] = sweep(dev, small, only)
         print("chosen decode configs:", {str(k): str(v) for k, v in fp8_triton.DECODE_CONFIGS.items()})
         from wideep.model import fp8 as fp8mod
         print("cuBLAS at decode:", fp8mod.CUBLAS_DECODE)
+        if only:   # --sweep --only NAMES: just those shapes' sweep
+            if "--json" in sys.argv:
+                Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps(report, indent=1))
+            return 0
     ok = invariance(dev, small)
     report["batch_invariant"] = ok
     if small:

@@ -7,6 +7,11 @@ ranks would deliver (uniform: B*8 rows spread evenly; zipf: the hottest rank of 
 popularity) and groups them with the same permutation the EP backends use. Communication is not run: a
 table of published DeepEP low-latency figures is added per MoE layer, unoverlapped and fully overlapped.
 
+Decode is measured twice: one step as `ModelRunner.execute` (host prep + graph replay + sampling + the tokens
+back on the host: the synchronous step), and the engine loop in steady state (`EngineCore.step()`: schedule ->
+launch -> apply, the B sequences admitted as running decodes), synchronous and with async scheduling (the
+host schedules and prepares step n+1 while the device runs step n, vLLM's --async-scheduling).
+
 Reports decode tok/s/GPU at B sequences x ctx, prefill tok/s/GPU at P tokens/rank, a per-phase breakdown
 (torch profiler over one eager step: every kernel tied to its launch by correlation id and given the phase of
 the innermost module range around that launch, so phases sum to the step) beside each phase's roofline, bf16 and
@@ -37,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wideep.engine.api import EngineRequest, SamplingParams  # noqa: E402
 from wideep.engine.config import EngineArgs  # noqa: E402
 from wideep.engine.core import EngineCore  # noqa: E402
-from wideep.engine.request import Request  # noqa: E402
+from wideep.engine.request import Request, RequestStatus  # noqa: E402
 from wideep.engine.scheduler import ScheduledSeq, SchedulerOutput  # noqa: E402
 from wideep.model.config import ModelConfig  # noqa: E402
 from wideep.model.deepseek_v3 import DeepseekV3ForCausalLM, materialize  # noqa: E402
-from wideep.model.fp8 import FP8_DTYPE  # noqa: E402
+from wideep.model.fp8 import FP8_DTYPE, Fp8Linear, fp8_linear, quantize_block_fp8, scale_row_index  # noqa: E402
 from wideep.model.layers import RMSNorm  # noqa: E402
 from wideep.model.make_model import FP8_QUANT_CONFIG, PRESETS  # noqa: E402
 from wideep.model.rope import RotaryEmbedding  # noqa: E402
@@ -278,6 +283,22 @@ def check_fused_ops(cfg: ModelConfig, device, tokens: int = 128) -> dict:
     ka, va = fused_ops.mla_prefill_kv(kvb, kv[:, lat:], cfg.v_head_dim)
     kb, vb = fused_ops.mla_prefill_kv_ref(kvb, kv[:, lat:], cfg.v_head_dim)
     out["prefill_kv_equal"] = bool(torch.equal(ka, kb) and torch.equal(va, vb))
+    if cfg.q_lora_rank:   # q_a ‖ kv_a stacked: one FP8 GEMM vs the two projections apart (their own configs)
+        parts = (cfg.q_lora_rank, cfg.kv_cache_dim)
+        ws = [quantize_block_fp8(r(p_, cfg.hidden_size) * 0.05) for p_ in parts]
+        stacked = Fp8Linear(cfg.hidden_size, sum(parts), parts=parts).to(device)
+        stacked.weight.data = torch.cat([w_ for w_, _ in ws])
+        stacked.weight_scale_inv.data = torch.cat([s_ for _, s_ in ws])
+        x = r(tokens, cfg.hidden_size).to(dt)
+        rel = 0.0
+        for y, (w_, s_), p_ in zip(stacked.forward_parts(x), ws, parts):
+            sep = fp8_linear(x, w_, s_, scale_row_index([p_], 128, device)).float()
+            rel = max(rel, float((y.float() - sep).abs().max() / sep.abs().max()))
+        out["qkv_a_stacked_vs_separate_max_rel"] = rel
+    wk = r(nh, cfg.qk_nope_head_dim, lat).to(dt)
+    qn = q[..., : cfg.qk_nope_head_dim]
+    out["absorbed_bmm_equal_einsum"] = bool(torch.equal(torch.bmm(qn.transpose(0, 1), wk).transpose(0, 1),
+                                                        torch.einsum("bhn,hnl->bhl", qn, wk)))
     return out
 
 
@@ -298,9 +319,10 @@ def make_rank(cfg: ModelConfig, a, device, dtype, fp8: bool, num_blocks: int) ->
     args = EngineArgs(device=str(device), dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
                       block_size=a.block_size, max_num_seqs=max(a.batch),
                       max_num_batched_tokens=max(a.prefill_tokens, max(a.batch)),
-                      max_model_len=max(max(a.ctx) + 8, a.prefill_seq_len + 8),
+                      max_model_len=max(max(a.ctx) + 8 + engine_tokens(a), a.prefill_seq_len + 8),
                       kv_cache_memory_bytes=num_blocks * per_block, enable_prefix_caching=False,
-                      enforce_eager=a.eager, cuda_graph_sizes=sorted(set(a.batch)), seed=a.seed)
+                      enforce_eager=a.eager, cuda_graph_sizes=sorted(set(a.batch)), seed=a.seed,
+                      async_scheduling=a.engine_steps > 0)
     core = EngineCore(args, model=model)
     return RankRun(core, cfg, disp, fp8)
 
@@ -325,6 +347,48 @@ def fake_requests(run: RankRun, n: int, ctx: int, tag: str, prefill: bool = Fals
 def release(run: RankRun, reqs: list[Request]) -> None:
     for r in reqs:
         run.core.block_manager.free(r)
+
+
+ENGINE_WARMUP = 3   # engine steps before the timed ones (graph replay warm, async pipeline full)
+
+
+def engine_tokens(a) -> int:
+    """Tokens a sequence grows by in the engine steady-state runs (KV and max_model_len must hold them)."""
+    return ENGINE_WARMUP + a.engine_steps + 2 if a.engine_steps else 0
+
+
+def engine_steady_state(run: RankRun, b: int, ctx: int, steps: int, async_scheduling: bool, device) -> dict:
+    """Per-step time of the engine loop (EngineCore.step(): schedule, launch, apply) over B running decodes
+    of ctx tokens, with async scheduling on or off. The sequences enter the scheduler as running decodes
+    whose ctx-1 tokens hold KV already (not computed: its values do not change the work); they are aborted
+    through the engine afterwards (blocks freed)."""
+    core = run.core
+    free0 = core.num_free_blocks
+    reqs = fake_requests(run, b, ctx, f"e{int(async_scheduling)}-{b}-{ctx}")
+    for r in reqs:
+        r.status = RequestStatus.RUNNING
+        core.scheduler.requests[r.request_id] = r
+        core.scheduler.running.append(r)
+    saved, core.async_scheduling = core.async_scheduling, async_scheduling
+    try:
+        for _ in range(ENGINE_WARMUP):
+            core.step()
+        _sync(device)
+        wait0, tokens = core.runner.wait_s, 0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tokens += sum(len(o.new_token_ids) for o in core.step())
+        _sync(device)   # async: the last launched step included
+        wall = (time.perf_counter() - t0) / steps
+        wait = (core.runner.wait_s - wait0) / steps
+    finally:
+        for r in reqs:
+            core.abort_request(r.request_id)
+        core.step()     # applies the step in flight (async) and reports the aborts
+        core.async_scheduling = saved
+    return {"async_scheduling": async_scheduling, "steps": steps, "step_ms": wall * 1e3, "tok_s_gpu": b / wall,
+            "host_wait_ms": wait * 1e3, "tokens_per_step": tokens / steps,
+            "blocks_returned": core.num_free_blocks == free0, "unfinished": core.has_unfinished()}
 
 
 # ---- per-phase attribution -----------------------------------------------------------------------------------
@@ -585,6 +649,12 @@ def _decode_case(run: RankRun, reqs: list[Request], b: int, ctx: int, a, device,
     return res
 
 
+def engine_case(run: RankRun, b: int, ctx: int, a, device) -> dict:
+    """The engine loop's steady state, synchronous then with async scheduling (engine_steady_state)."""
+    return {"sync": engine_steady_state(run, b, ctx, a.engine_steps, False, device),
+            "async": engine_steady_state(run, b, ctx, a.engine_steps, True, device)}
+
+
 def prefill_case(run: RankRun, tokens: int, seq_len: int, a, device, ceil: dict) -> dict:
     n = max(1, tokens // seq_len)
     reqs = fake_requests(run, n, seq_len, f"p{tokens}", prefill=True)
@@ -733,6 +803,8 @@ def parse(argv=None):
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--engine-steps", type=int, default=16, help="timed steps of the engine loop's decode steady "
+                   "state, synchronous and with async scheduling (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-phase profile")
@@ -743,6 +815,8 @@ def parse(argv=None):
     a = p.parse_args(argv)
     if a.ep < 1 or 256 % a.ep:
         p.error("--ep must divide 256")
+    if a.engine_steps < 0:
+        p.error("--engine-steps must be >= 0")
     return a
 
 
@@ -766,7 +840,7 @@ def main(argv=None) -> dict:
     for prec in precisions:
         cfg = rank_config(a.size, a.layers, a.dense_layers, prec == "fp8")
         bs = a.block_size
-        need_blocks = max([b * -(-(c + 1) // bs) for b in a.batch for c in a.ctx] +
+        need_blocks = max([b * -(-(c + 1 + engine_tokens(a)) // bs) for b in a.batch for c in a.ctx] +
                           [-(-a.prefill_tokens // a.prefill_seq_len) * -(-(a.prefill_seq_len + 1) // bs)])
         per_block = cfg.num_hidden_layers * bs * cfg.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
         if a.kv_gib:
@@ -791,7 +865,7 @@ def main(argv=None) -> dict:
               f"({blocks} blocks), built in {res['build_s']:.0f}s", flush=True)
         for ctx in a.ctx:
             for b in a.batch:
-                if b * -(-(ctx + 1) // bs) > blocks:
+                if b * -(-(ctx + 1 + engine_tokens(a)) // bs) > blocks:
                     res["decode"].append({"B": b, "ctx": ctx, "skipped": "KV does not fit beside the weights"})
                     print(f"  decode B={b} ctx={ctx}: skipped (KV does not fit)", flush=True)
                     continue
@@ -809,6 +883,18 @@ def main(argv=None) -> dict:
                       + (f"; +LL comm {d['tok_s_gpu_comm_unoverlapped']:,.0f} unoverlapped, "
                          f"{d['tok_s_gpu_comm_overlapped']:,.0f} overlapped" if "comm_ms" in d else ""), flush=True)
                 print_phases(d)
+                if a.engine_steps:
+                    try:
+                        d["engine"] = engine_case(run, b, ctx, a, device)
+                    except Exception as exc:  # noqa: BLE001
+                        d["engine"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+                        print(f"    engine loop: FAILED {d['engine']['error']}", flush=True)
+                    else:
+                        e_s, e_a = d["engine"]["sync"], d["engine"]["async"]
+                        print(f"    engine loop, {a.engine_steps} steps: sync {e_s['step_ms']:.2f} ms -> "
+                              f"{e_s['tok_s_gpu']:,.0f} tok/s/GPU; async scheduling {e_a['step_ms']:.2f} ms -> "
+                              f"{e_a['tok_s_gpu']:,.0f} tok/s/GPU (host waited {e_s['host_wait_ms']:.2f} / "
+                              f"{e_a['host_wait_ms']:.2f} ms per step)", flush=True)
         if a.prefill_tokens:
             try:
                 pr = prefill_case(run, a.prefill_tokens, a.prefill_seq_len, a, device, ceil)

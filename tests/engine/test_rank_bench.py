@@ -1,5 +1,6 @@
 """benchmarks/rank.py at tiny size on the CPU: the engine-driven rank, the emulated dispatcher, the phase
-breakdown, the plain-torch baseline and the communication columns all run and report (no timing asserted)."""
+breakdown, the engine loop's steady state (sync and async scheduling), the plain-torch baseline and the
+communication columns all run and report (no timing asserted)."""
 from __future__ import annotations
 
 import importlib.util
@@ -26,12 +27,18 @@ def test_tiny_rank_smoke(rank, tmp_path):
     out = tmp_path / "r.json"
     rep = rank.main(["--size", "tiny", "--device", "cpu", "--layers", "2", "--ep", "4", "--batch", "3",
                      "--ctx", "20", "--prefill-tokens", "24", "--prefill-seq-len", "12", "--iters", "1",
-                     "--json", str(out)])
+                     "--engine-steps", "3", "--json", str(out)])
     assert json.loads(out.read_text())["ep"] == 4
     run = rep["runs"]["fp8"]
     assert run["local_experts"] == 4 and run["load_factor"] == 1.0
     (d,) = run["decode"]
     assert d["B"] == 3 and d["tok_s_gpu"] > 0 and d["step_ms"] > 0
+    # the engine loop's steady state, synchronous and with async scheduling: every timed step reports one
+    # token per sequence (async: the previous step's), and the sequences' blocks come back afterwards
+    for mode, e in d["engine"].items():
+        assert e["async_scheduling"] == (mode == "async") and e["steps"] == 3
+        assert e["step_ms"] > 0 and e["tok_s_gpu"] == pytest.approx(3 / (e["step_ms"] / 1e3))
+        assert e["tokens_per_step"] == 3 and e["blocks_returned"] and not e["unfinished"]
     for res in (d, run["prefill"]):
         ph = res["phases_ms"]
         assert tuple(ph) == rank.PHASES and set(res["roofline_ms"]) == set(rank.PHASES)

@@ -128,6 +128,22 @@ def test_seeded_rows_are_reproducible_and_independent_of_the_batch():
     assert [x[2] for x in first] == [x[0] for x in second]
 
 
+def test_mixed_batch_rows_draw_as_in_uniform_batches():
+    """A batch of seeded, unseeded and greedy rows (mask and row index copied to the device) gives each row
+    what a batch without that mixing gives (no mask / index at all): the seeded stream, the sampler's own
+    stream over the rows without a seed in order (a greedy row takes its draw too), and the argmax."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, V, generator=g)
+    mixed = [make_req([1], [], temperature=0.8, seed=7), make_req([1], [], temperature=0.8),
+             make_req([1], [], temperature=1.3), make_req([1], [], temperature=0.0)]
+    got = Sampler(torch.device("cpu"), seed=5)(logits, mixed)
+    assert got[0] == Sampler(torch.device("cpu"))(logits[:1], [make_req([1], [], temperature=0.8, seed=7)])[0]
+    unseeded = [make_req([1], [], temperature=0.8), make_req([1], [], temperature=1.3),
+                make_req([1], [], temperature=0.5)]
+    assert got[1:3] == Sampler(torch.device("cpu"), seed=5)(logits[1:], unseeded)[:2]
+    assert got[3] == int(logits[3].argmax())
+
+
 @pytest.mark.parametrize("field,value", [
     ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0), ("min_p", 1.5),
     ("allowed_token_ids", []), ("bad_words_token_ids", [[]]), ("logprobs", -2), ("logit_bias", {-1: 1.0}),

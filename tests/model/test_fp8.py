@@ -61,9 +61,9 @@ def test_fp8_checkpoint_matches_bf16_twin(variant_dir, paged_runner):
         # e4m3 round-to-nearest: <= 2^-4 relative, plus the subnormal step of the largest block scale
         bound = w16.abs() * 2**-4 + w16.abs().max() / 448 * 2**-9
         assert ((w8 - w16).abs() <= bound).all(), name
-    # 5 attention projections x 4 layers + dense MLP (3) + 3 MoE layers x (w13, w2: the shared expert is
-    # stacked in slot 0 of the routed experts)
-    assert quantized == 5 * 4 + 3 + 3 * 2
+    # 4 attention weights (q_a ‖ kv_a stacked, q_b, kv_b, o) x 4 layers + dense MLP (3) + 3 MoE layers x
+    # (w13, w2: the shared expert is stacked in slot 0 of the routed experts)
+    assert quantized == 4 * 4 + 3 + 3 * 2
 
     # End to end, a random 4-layer MoE amplifies the ~2.6% weight error (and flips some routing choices),
     # so the logits agree in direction, not to 1e-4.

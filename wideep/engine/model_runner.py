@@ -23,6 +23,7 @@ from wideep.engine.sampler import Sampler, logprob_entries
 from wideep.engine.scheduler import SchedulerOutput
 from wideep.model.attention import AttentionMetadata, resolve_kv_cache_dtype
 from wideep.model.ubatch import DBOConfig, forward_dual_batch
+from wideep.utils.device import host_to_device
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,12 @@ class ModelRunner:
         if not sample_rows:
             self._last_tokens, self._last_rows = None, {}
             return PendingTokens(None, self)
-        idx = torch.tensor(sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
-        logits = self.model.compute_logits(hidden[idx])
+        n = len(sample_rows)
+        if sample_rows[-1] == n - 1:   # rows 0..n-1 (every decode row samples): no index to copy over
+            rows = hidden[:n]
+        else:
+            rows = hidden[host_to_device(sample_rows, torch.long, self.device)]
+        logits = self.model.compute_logits(rows)
         tokens = self.sampler.sample(logits, sampling)
         self._last_tokens = tokens
         self._last_rows = {r.request_id: i for i, r in enumerate(sampling)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from wideep.engine.request import Request
+from wideep.utils.device import host_to_device
 
 _LOGPROB_FLOOR = -9999.0   # what -inf (a masked token) is reported as, as vLLM does
 
@@ -46,12 +47,14 @@ class Sampler:
         host now: logprobs are appended to `req.pending_logprobs`, grammars advance by the token."""
         params = [r.sampling_params for r in reqs]
         logits, raw_lp, want_lp = self._process(logits, reqs)
-        greedy_ids = logits.argmax(dim=-1)
-        if all(p.greedy for p in params):
-            tokens = greedy_ids
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            tokens = logits.argmax(dim=-1)
+        elif not any(greedy):
+            tokens = self._draw(self._sampling_logits(logits, params), reqs)
         else:
-            tokens = torch.where(torch.tensor([p.greedy for p in params], device=logits.device),
-                                 greedy_ids, self._draw(self._sampling_logits(logits, params), reqs))
+            tokens = torch.where(host_to_device(greedy, torch.bool, logits.device),
+                                 logits.argmax(dim=-1), self._draw(self._sampling_logits(logits, params), reqs))
         if raw_lp is not None or any(r.grammar is not None for r in reqs):
             token_list = tokens.tolist()
             if raw_lp is not None:
@@ -178,13 +181,14 @@ class Sampler:
     def _sampling_logits(logits: torch.Tensor, params: list) -> torch.Tensor:
         """Temperature, min_p, top-k, top-p (greedy rows pass through at temperature 1)."""
         vocab = logits.shape[1]
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                             dtype=torch.float32, device=logits.device)
+        temps = host_to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32,
+                               logits.device)
         logits = logits / temps.unsqueeze(1)
         min_ps = [p.min_p for p in params]
         if any(m > 0 for m in min_ps):
             probs = torch.softmax(logits, dim=-1)
-            floor = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_ps, device=logits.device).unsqueeze(1)
+            floor = probs.max(dim=-1, keepdim=True).values * host_to_device(min_ps, torch.float32,
+                                                                            logits.device).unsqueeze(1)
             logits = logits.masked_fill(probs < floor, float("-inf"))
         top_ks = [p.top_k if p.top_k > 0 else vocab for p in params]
         top_ps = [p.top_p for p in params]
@@ -196,10 +200,14 @@ class Sampler:
         params = [r.sampling_params for r in reqs]
         vocab = logits.shape[1]
         probs = torch.softmax(logits, dim=-1)
-        noise = torch.empty_like(probs)
         unseeded = [i for i, p in enumerate(params) if p.seed is None]
-        if unseeded:
-            noise[unseeded] = torch.empty((len(unseeded), vocab), device=probs.device).exponential_(generator=self.generator)
+        if len(unseeded) == len(params):   # (no index list to copy to the device)
+            noise = torch.empty((len(unseeded), vocab), device=probs.device).exponential_(generator=self.generator)
+        else:
+            noise = torch.empty_like(probs)
+        if unseeded and len(unseeded) < len(params):
+            noise[host_to_device(unseeded, torch.long, probs.device)] = torch.empty(
+                (len(unseeded), vocab), device=probs.device).exponential_(generator=self.generator)
         for i, (p, r) in enumerate(zip(params, reqs)):
             if p.seed is not None:
                 noise[i].exponential_(generator=self._request_generator(r))
@@ -235,9 +243,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[floa
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[1]
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-    k = torch.tensor(top_ks, device=logits.device).unsqueeze(1)
+    k = host_to_device(top_ks, torch.long, logits.device).unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
-    p = torch.tensor(top_ps, dtype=torch.float32, device=logits.device).unsqueeze(1)
+    p = host_to_device(top_ps, torch.float32, logits.device).unsqueeze(1)
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs          # probability of strictly better tokens
     sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))

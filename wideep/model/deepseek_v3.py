@@ -1,7 +1,8 @@
 """DeepseekV3ForCausalLM over a flat token batch and a paged latent KV cache.
 
-Module names mirror the HF checkpoint (model.layers.i.self_attn.q_a_proj ...), so loading is a name match;
-the one exception is routed experts, stacked per rank into mlp.experts.w13 / w2.
+Module names mirror the HF checkpoint (model.layers.i.self_attn.q_b_proj ...), so loading is a name match;
+the exceptions are stacked weights: routed experts per rank into mlp.experts.w13 / w2, and q_a_proj ‖
+kv_a_proj_with_mqa into self_attn.fused_qkv_a_proj.
 """
 from __future__ import annotations
 

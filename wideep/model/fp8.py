@@ -93,7 +93,8 @@ CUBLAS_MIN_ROWS = 512            # rows from which a projection is a prefill GEM
 CUBLAS_MIN_WEIGHT = 12 * 2**20   # weight elements (N*K) from which cuBLAS serves decode, for shapes not in
 CUBLAS_DECODE: dict[tuple[int, int], bool] = {   # ... this table of measured R1 (N, K) -> cuBLAS or not
     (1536, 7168): False, (576, 7168): False, (24576, 1536): True, (7168, 16384): True, (4096, 7168): True,
-    (7168, 2048): True, (36864, 7168): True, (7168, 18432): True}
+    (7168, 2048): True, (36864, 7168): True, (7168, 18432): True,
+    (2112, 7168): False}   # q_a ‖ kv_a stacked: cuBLAS needs whole 128-row blocks
 CUBLAS_PAD_ROWS = 16             # activation rows are padded to this for cuBLAS (aligned scale columns)
 # (device index, N, K) -> why cuBLAS refused block scaling for that weight shape (Triton serves it from then on)
 CUBLAS_REFUSED: dict[tuple[int | None, int, int], str] = {}
@@ -222,27 +223,47 @@ def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, sidx1
 
 class Fp8Linear(nn.Module):
     """A bias-free projection whose weight stays block-FP8: `weight` e4m3 [out, in] and `weight_scale_inv`
-    fp32 [ceil(out/bo), ceil(in/bi)], named as in DeepSeek's checkpoints so loading is a name match."""
+    fp32 [ceil(out/bo), ceil(in/bi)], named as in DeepSeek's checkpoints so loading is a name match.
+    parts: row counts of projections stacked into one weight (q_a ‖ kv_a), each in its own scale blocks
+    (scale rows = sum of ceil(part/bo)); one GEMM serves them all at decode sizes (forward_parts)."""
 
-    def __init__(self, in_features: int, out_features: int, block: tuple[int, int] = (128, 128)):
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int] = (128, 128),
+                 parts: tuple[int, ...] | None = None):
         super().__init__()
         if block[1] != GROUP:
             raise ValueError(f"native FP8 needs 128-wide input blocks (activation groups); got {block}")
+        self.parts = tuple(parts) if parts else (out_features,)
+        if sum(self.parts) != out_features:
+            raise ValueError(f"Fp8Linear: parts {self.parts} do not add up to out_features {out_features}")
         self.in_features, self.out_features, self.block = in_features, out_features, block
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False)
         self.weight_scale_inv = nn.Parameter(
-            torch.empty(-(-out_features // block[0]), -(-in_features // block[1]), dtype=torch.float32),
+            torch.empty(sum(-(-r // block[0]) for r in self.parts), -(-in_features // block[1]), dtype=torch.float32),
             requires_grad=False)
         self._sidx: torch.Tensor | None = None  # made on first use, on the weight's device (not state)
 
     @property
     def scale_row(self) -> torch.Tensor:
         if self._sidx is None or self._sidx.device != self.weight.device:
-            self._sidx = scale_row_index([self.out_features], self.block[0], self.weight.device)
+            self._sidx = scale_row_index(list(self.parts), self.block[0], self.weight.device)
         return self._sidx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale_inv, self.scale_row)
+
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each stacked projection's output. Decode sizes: one activation quantization and one GEMM, split
+        into views. Prefill sizes (>= CUBLAS_MIN_ROWS rows): one GEMM per part, so cuBLAS serves the parts
+        whose rows fill whole 128-row blocks (the stacked weight's rows need not)."""
+        if len(self.parts) == 1 or x.reshape(-1, x.shape[-1]).shape[0] < CUBLAS_MIN_ROWS:
+            return self(x).split(self.parts, dim=-1)
+        outs, r0, b0 = [], 0, 0
+        for r in self.parts:
+            nb = -(-r // self.block[0])
+            sidx = scale_row_index([r], self.block[0], self.weight.device)
+            outs.append(fp8_linear(x, self.weight[r0:r0 + r], self.weight_scale_inv[b0:b0 + nb], sidx))
+            r0, b0 = r0 + r, b0 + nb
+        return tuple(outs)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return dequant_rows(self.weight, self.weight_scale_inv, self.scale_row).to(dtype)
@@ -252,10 +273,11 @@ class Fp8Linear(nn.Module):
 
 
 def make_linear(in_features: int, out_features: int, bias: bool = False,
-                fp8_block: tuple[int, int] | None = None) -> nn.Module:
-    """nn.Linear, or Fp8Linear when the model runs natively in FP8 (no FP8 projection has a bias in R1)."""
+                fp8_block: tuple[int, int] | None = None, parts: tuple[int, ...] | None = None) -> nn.Module:
+    """nn.Linear, or Fp8Linear when the model runs natively in FP8 (no FP8 projection has a bias in R1).
+    parts: row counts of stacked projections (their FP8 scale blocks stay separate)."""
     if fp8_block is None:
         return nn.Linear(in_features, out_features, bias=bias)
     if bias:
         raise ValueError("native FP8 projections with a bias are not supported (attention_bias must be false)")
-    return Fp8Linear(in_features, out_features, fp8_block)
+    return Fp8Linear(in_features, out_features, fp8_block, parts)

@@ -263,7 +263,8 @@ LARGE_ROWS = 512   # rows (plain) or mean rows per expert (grouped) from which t
 # reduction is the same whatever batch it shares (batch invariance).
 DECODE_CONFIGS: dict[tuple, GemmConfig] = {
     ("plain", 1536, 7168): GemmConfig(64, 128, 4, 3, split=5),        # q_a
-    ("plain", 576, 7168): GemmConfig(64, 64, 4, 4, split=7),          # kv_a
+    ("plain", 576, 7168): GemmConfig(64, 64, 4, 4, split=7),          # kv_a (q_lora_rank null)
+    ("plain", 2112, 7168): GemmConfig(128, 64, 4, 4, split=4, swap=True),   # q_a ‖ kv_a stacked (MLAttention)
     # (served by cuBLAS at decode, fp8.CUBLAS_DECODE; these are the Triton fallbacks)
     ("plain", 24576, 1536): GemmConfig(64, 128, 4, 3),                # q_b
     ("plain", 7168, 16384): GemmConfig(64, 128, 4, 3, split=2),       # o

@@ -23,6 +23,7 @@ from .rope import RotaryEmbedding
 
 INDEX_FILE = "model.safetensors.index.json"
 _EXPERT_PARAM = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(w13|w2)(_scale_inv)?$")
+_QKV_A_PARAM = re.compile(r"^(model\.layers\.\d+\.self_attn)\.fused_qkv_a_proj\.(weight|weight_scale_inv|bias)$")
 QUANTIZATION_CHOICES = ("auto", "fp8", "none")
 
 
@@ -163,6 +164,17 @@ def load_model(
                 target_dtype = torch.float32
             else:
                 target_dtype = dtype
+            qkv = _QKV_A_PARAM.match(name)
+            if qkv is not None:   # the checkpoint's q_a_proj and kv_a_proj_with_mqa, stacked by rows
+                prefix, suffix = qkv.groups()
+                rows = [config.q_lora_rank, config.kv_lora_rank + config.qk_rope_head_dim]
+                if suffix == "weight_scale_inv":
+                    rows = [-(-r // block[0]) for r in rows]
+                tensor.data = torch.cat([
+                    _read_weight(reader, f"{prefix}.{part}.{suffix}", (r, *tensor.shape[1:]), device, target_dtype,
+                                 block)
+                    for part, r in zip(("q_a_proj", "kv_a_proj_with_mqa"), rows)])
+                continue
             m = _EXPERT_PARAM.match(name)
             if m is None:
                 tensor.data = _read_weight(reader, name, tuple(tensor.shape), device, target_dtype, block)

@@ -31,13 +31,18 @@ class MLAttention(nn.Module):
         self.rope_dim = c.qk_rope_head_dim
         self.v_dim = c.v_head_dim
         self.qk_head_dim = c.qk_head_dim
+        kv_a = c.kv_lora_rank + c.qk_rope_head_dim
         if c.q_lora_rank is None:  # DeepSeek-V2-Lite style: one projection
             self.q_proj = make_linear(c.hidden_size, self.num_heads * self.qk_head_dim, False, fp8_block)
+            self.kv_a_proj_with_mqa = make_linear(c.hidden_size, kv_a, c.attention_bias, fp8_block)
         else:
-            self.q_a_proj = make_linear(c.hidden_size, c.q_lora_rank, c.attention_bias, fp8_block)
+            # q_a_proj ‖ kv_a_proj_with_mqa stacked into one weight (the loader concatenates the checkpoint's
+            # two): both read the same x, so one activation quantization and one GEMM instead of two each
+            self.qkv_a_parts = (c.q_lora_rank, kv_a)
+            self.fused_qkv_a_proj = make_linear(c.hidden_size, c.q_lora_rank + kv_a, c.attention_bias, fp8_block,
+                                                parts=self.qkv_a_parts)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
             self.q_b_proj = make_linear(c.q_lora_rank, self.num_heads * self.qk_head_dim, False, fp8_block)
-        self.kv_a_proj_with_mqa = make_linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, c.attention_bias, fp8_block)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
         self.kv_b_proj = make_linear(c.kv_lora_rank, self.num_heads * (self.nope + self.v_dim), False, fp8_block)
         self.o_proj = make_linear(self.num_heads * self.v_dim, c.hidden_size, c.attention_bias, fp8_block)
@@ -54,7 +59,7 @@ class MLAttention(nn.Module):
         return w[:, : self.nope], w[:, self.nope :]
 
     def _kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """kv_b_proj's weight for the absorbed decode einsums; an FP8 kv_b is dequantized once and cached
+        """kv_b_proj's weight for the absorbed decode bmm's; an FP8 kv_b is dequantized once and cached
         (16 MB fp8 -> 32 MB bf16 per R1 layer), refreshed if the weight tensor is replaced or written."""
         proj = self.kv_b_proj
         if not isinstance(proj, Fp8Linear):
@@ -75,13 +80,14 @@ class MLAttention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         if self.q_lora_rank is None:
-            q = self.q_proj(x)
+            q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_a, kv = self._qkv_a(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.view(t, self.num_heads, self.qk_head_dim)
         q_nope = q[..., : self.nope]
         # q_pe roped; the new tokens' latents (c_kv normed ‖ k_pe roped) written into the cache: one kernel
-        q_pe = rope_cache_write(q, self.kv_a_proj_with_mqa(x), self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
+        q_pe = rope_cache_write(q, kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
                                 cos, sin, kv_cache, attn.slot_mapping, self.k_scale)
 
         nd = attn.num_decodes
@@ -89,20 +95,34 @@ class MLAttention(nn.Module):
             return self.o_proj(self._decode(q_nope, q_pe, attn, kv_cache).reshape(t, self.num_heads * self.v_dim))
         out = x.new_empty(t, self.num_heads, self.v_dim)
         if nd > 0:
-            out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], attn, kv_cache)
+            self._decode(q_nope[:nd], q_pe[:nd], attn, kv_cache, out[:nd])
         if attn.num_seqs > nd:
             self._prefill(q, attn, kv_cache, out)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
 
-    def _decode(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache) -> torch.Tensor:
+    def _qkv_a(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_a_proj(x), kv_a_proj_with_mqa(x)) from the stacked weight: views into one output."""
+        proj = self.fused_qkv_a_proj
+        if isinstance(proj, Fp8Linear):
+            return proj.forward_parts(x)
+        return proj(x).split(self.qkv_a_parts, dim=-1)
+
+    def _decode(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache, out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Absorbed decode into out [B, H, v] (made when None). The per-head bmm's read q_nope and write the
+        W_UV output through strides (head-major operands as transposed views): no copy on either side of
+        the MLA kernel."""
         nd = attn.num_decodes
         w_uk, w_uv = self._w_uk_uv(q_nope.dtype)
-        q_lat = torch.einsum("bhn,hnl->bhl", q_nope, w_uk)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)        # [B, H, L] (head-major)
         o_lat = paged_mla_decode(
             q_lat, q_pe, kv_cache, attn.block_tables[:nd], attn.seq_lens[:nd], self.kv_lora_rank, self.scale,
             self.k_scale,
         )
-        return torch.einsum("bhl,hvl->bhv", o_lat, w_uv)
+        if out is None:
+            out = o_lat.new_empty(o_lat.shape[0], self.num_heads, self.v_dim)
+        torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+        return out
 
     def _prefill(self, q, attn: AttentionMetadata, kv_cache, out) -> None:
         """Per sequence: up-project its whole cached context, causal attention with the prefix offset.

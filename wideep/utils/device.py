@@ -20,3 +20,15 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> "torch.
             raise RuntimeError("device=cuda but no CUDA device is visible")
         return torch.device("cuda", local_rank % n) if local_rank is not None else torch.device("cuda")
     return torch.device(name)
+
+
+def host_to_device(values: list, dtype: "torch.dtype", device: "torch.device") -> "torch.Tensor":
+    """A host list as a tensor on `device` without blocking the host: copied from pinned memory with
+    non_blocking (a pageable source makes the copy wait for the stream, i.e. for the step still running,
+    which would undo async scheduling's overlap)."""
+    import torch
+
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
