@@ -13,6 +13,7 @@ import torch
 
 from wideep.engine.api import EngineRequest, SamplingParams
 from wideep.engine.block_manager import BlockManager
+from wideep.engine.kv_cache import allocate_kv_caches
 from wideep.engine.request import Request
 from wideep.engine.scheduler import Scheduler
 from wideep.kv_transfer.connector import KVConnector
@@ -26,16 +27,21 @@ VOCAB = 97
 class ToyEngine:
     def __init__(self, role: str | None, block_size: int = 4, num_blocks: int = 64, layers: int = 2, dim: int = 3,
                  policy: str = "fail", timeout_s: float = 30.0, model: str = "toy", dtype=torch.float32,
-                 transport: str = "tcp", engine_id: str | None = None, port: int | None = None, peers=None):
+                 transport: str = "tcp", engine_id: str | None = None, port: int | None = None, peers=None,
+                 cross_layers: bool = True):
         self.bs = block_size
-        self.caches = [torch.zeros(num_blocks, block_size, dim, dtype=dtype) for _ in range(layers)]
         self.conn = None
         if role:
             cfg = KVTransferConfig(kv_role=role, kv_load_failure_policy=policy, engine_id=engine_id or f"toy-{role}",
-                                   kv_connector_extra_config={"transport": transport})
+                                   kv_connector_extra_config={"transport": transport,
+                                                              "enable_cross_layers_blocks": cross_layers})
             self.conn = KVConnector(cfg, model=model, block_size=block_size, dp_rank=1, host="127.0.0.1",
                                     port=port or free_port(), listen_host="127.0.0.1", timeout_s=timeout_s,
                                     transfer_timeout_s=10.0, handshake_timeout_s=1.0, peers=peers)
+        # the layout the connector asks for, as EngineCore allocates it
+        self.caches = allocate_kv_caches(layers, num_blocks, block_size, dim, dtype, torch.device("cpu"),
+                                         self.conn is not None and self.conn.wants_cross_layer_kv())
+        if self.conn is not None:
             self.conn.register_kv_caches(self.caches)
         self.bm = BlockManager(num_blocks, block_size, True)
         self.sched = Scheduler(self.bm, 8, 64, 512, self.conn)

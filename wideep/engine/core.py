@@ -77,13 +77,16 @@ class EngineCore:
         from wideep.engine.model_runner import ModelRunner
         self.runner = ModelRunner(model, args, self.device, self.max_model_len)
         self.num_blocks = self._size_kv_cache()
-        self.runner.allocate_kv_cache(self.num_blocks)
-        self.runner.capture_cuda_graphs()
         if connector is None and args.kv_transfer_config:
             # P/D (kv_transfer/): producer serves held blocks on the side channel, consumer pulls them.
             from wideep.kv_transfer.connector import make_connector
             connector = make_connector(args)
         self.connector = connector
+        # The connector picks the cache layout: P/D engines keep all layers of a block together (one
+        # NIXL descriptor per run of blocks instead of one per layer), see engine/kv_cache.py.
+        self.runner.allocate_kv_cache(self.num_blocks,
+                                      cross_layer=connector is not None and connector.wants_cross_layer_kv())
+        self.runner.capture_cuda_graphs()
         if connector is not None:
             connector.register_kv_caches(self.runner.kv_caches)
         self.block_manager = BlockManager(self.num_blocks, args.block_size, args.enable_prefix_caching)

@@ -1,5 +1,12 @@
 """Sizing and allocating the paged latent KV cache: one [num_blocks, block_size, kv_cache_dim]
-tensor per layer, as many blocks as the memory budget allows."""
+tensor per layer, as many blocks as the memory budget allows.
+
+Two layouts of the same per-layer tensors. Per layer: every layer's cache is its own contiguous
+allocation. Cross-layer (block-major): one backing [num_blocks, num_layers, block_size, kv_cache_dim]
+tensor, each layer's cache a strided view of it, so a block holds all layers' latents contiguously and
+a P/D transfer moves a run of blocks as one byte range instead of one per layer (vLLM's "cross-layer
+blocks"). Every reader and writer of the cache takes the block stride from the tensor.
+"""
 from __future__ import annotations
 
 import logging
@@ -39,7 +46,10 @@ def num_blocks_for_budget(budget: int, per_block: int) -> int:
 
 
 def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, kv_cache_dim: int,
-                       dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+                       dtype: torch.dtype, device: torch.device, cross_layer: bool = False) -> list[torch.Tensor]:
     # Zeroed, so padded graph rows that read block 0 never see NaN garbage.
+    if cross_layer:
+        backing = torch.zeros(num_blocks, num_layers, block_size, kv_cache_dim, dtype=dtype, device=device)
+        return [backing[:, i] for i in range(num_layers)]
     return [torch.zeros(num_blocks, block_size, kv_cache_dim, dtype=dtype, device=device)
             for _ in range(num_layers)]

@@ -88,9 +88,10 @@ class ModelRunner:
         self.split_steps = 0    # forwards run as two micro-batches (eager; graphs count at capture)
 
     # ---- KV cache ----------------------------------------------------------------------------
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, cross_layer: bool = False) -> None:
+        """cross_layer: block-major backing tensor, each layer's cache a view (engine/kv_cache.py)."""
         self.kv_caches = allocate_kv_caches(self.model.num_layers, num_blocks, self.block_size,
-                                            self.model.kv_cache_dim, self.kv_dtype, self.device)
+                                            self.model.kv_cache_dim, self.kv_dtype, self.device, cross_layer)
 
     # ---- inputs -------------------------------------------------------------------------------
     def _prepare(self, out: SchedulerOutput, block_table_width: int | None = None):

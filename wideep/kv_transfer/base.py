@@ -6,6 +6,11 @@ from typing import Any
 
 
 class KVConnectorBase:
+    def wants_cross_layer_kv(self) -> bool:
+        """Whether the runner should allocate the cache block-major (all layers of a block contiguous,
+        each layer's cache a strided view): asked once, before allocation."""
+        return False
+
     def register_kv_caches(self, caches: list[Any]) -> None:
         """Called once the runner has allocated its paged cache."""
 

@@ -144,6 +144,9 @@ class KVConnector(KVConnectorBase):
     def transport_name(self) -> str:
         return "nixl" if self.use_nixl else "tcp"
 
+    def wants_cross_layer_kv(self) -> bool:
+        return self.use_nixl and self.cfg.cross_layers_blocks
+
     def register_kv_caches(self, caches: list[torch.Tensor]) -> None:
         """Called once the runner has allocated its paged cache; starts the side channel (producer)."""
         self.caches = PagedKVCaches(caches)
@@ -156,20 +159,32 @@ class KVConnector(KVConnectorBase):
             log.info("kv_transfer: %s (%s) serving KV on %s:%d", self.engine_id, self.cfg.kv_role, self.host, self.port)
 
     def _start_nixl(self, caches: list[torch.Tensor]) -> None:
-        """Registers every layer's cache whole with a NIXL agent (VRAM on GPU, DRAM on CPU)."""
-        for i, c in enumerate(caches):
-            if not c.is_contiguous():
-                raise ValueError(f"KV cache region {i} is not contiguous; NIXL needs one address range per region")
-        nb = caches[0].shape[0]
-        regions = [nixl_mod.Region(c.data_ptr(), c.numel() * c.element_size(), c.numel() * c.element_size() // nb)
-                   for c in caches]
-        dev = caches[0].device
+        """Registers the cache with a NIXL agent (VRAM on GPU, DRAM on CPU): cross-layer, the block-major
+        backing tensor as one region whose block is all layers' bytes; else every layer's cache whole."""
         assert self.caches is not None
+        nb = caches[0].shape[0]
+        if self.cfg.cross_layers_blocks != self.caches.block_major:
+            raise ValueError(
+                "kv_connector_extra_config.enable_cross_layers_blocks is "
+                f"{str(self.cfg.cross_layers_blocks).lower()} but the KV caches are "
+                + ("per-layer tensors" if self.cfg.cross_layers_blocks else "views of one block-major tensor")
+                + " (allocate them with engine.kv_cache.allocate_kv_caches(cross_layer=wants_cross_layer_kv()))")
+        if self.caches.block_major:
+            per_block = sum(c[0].numel() * c.element_size() for c in caches)
+            regions = [nixl_mod.Region(caches[0].data_ptr(), nb * per_block, per_block)]
+        else:
+            for i, c in enumerate(caches):
+                if not c.is_contiguous():
+                    raise ValueError(f"KV cache region {i} is not contiguous; NIXL needs one address range per region")
+            regions = [nixl_mod.Region(c.data_ptr(), c.numel() * c.element_size(), c.numel() * c.element_size() // nb)
+                       for c in caches]
+        dev = caches[0].device
         self.nixl = nixl_mod.NixlTransport(
             engine_id=self.engine_id, regions=regions, num_blocks=nb, block_size=self.block_size,
             device_id=max(dev.index or 0, 0) if dev.type == "cuda" else 0,
             mem_type="VRAM" if dev.type == "cuda" else "DRAM",
-            compat_hash=nixl_mod.compatibility_hash(self.model, self.caches.layout()),
+            compat_hash=nixl_mod.compatibility_hash(self.model, self.caches.layout(), self.caches.block_major),
+            num_layers=len(caches),
             enforce_compat=self.cfg.enforce_handshake_compat, tp_size=self.tp_size, num_threads=self.cfg.nixl_threads,
             # a spinning progress thread: for a producer on a GPU server (its reads finish sooner), not on
             # a CPU host (it would take a core) and not for a consumer (its reader polls; posting slows)

@@ -21,6 +21,19 @@ def byte_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(-1).view(torch.uint8).numpy())
 
 
+def is_block_major(caches: list[torch.Tensor]) -> bool:
+    """Whether the layers' caches are the views [:, i] of one [num_blocks, num_layers, *block] tensor
+    (engine/kv_cache.py's cross-layer layout): block b of every layer is then one byte range."""
+    c0 = caches[0]
+    block = c0[0].numel()
+    inner = torch.empty(c0.shape[1:], device="meta").stride()
+    return all(c.shape == c0.shape and c.dtype == c0.dtype and c.device == c0.device
+               and c.stride() == (len(caches) * block, *inner)
+               and c.data_ptr() == c0.data_ptr() + i * block * c.element_size()
+               and c.untyped_storage().data_ptr() == c0.untyped_storage().data_ptr()
+               for i, c in enumerate(caches))
+
+
 class PagedKVCaches:
     def __init__(self, caches: list[torch.Tensor]):
         if not caches:
@@ -30,6 +43,7 @@ class PagedKVCaches:
             if c.shape[0] != nb:
                 raise ValueError(f"KV cache region {i} has {c.shape[0]} blocks, region 0 has {nb}")
         self.caches = caches
+        self.block_major = is_block_major(caches)
         # Copies move bytes: 1-byte float caches (fp8) as uint8 views, which every copy kernel handles.
         self._raw = [c.view(torch.uint8) if c.element_size() == 1 else c for c in caches]
         self.device = caches[0].device

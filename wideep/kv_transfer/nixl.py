@@ -118,13 +118,13 @@ def decode(data: bytes, cls: type) -> Any:
     return cls(**kw)
 
 
-def compatibility_hash(model: str, layout: list[dict[str, Any]]) -> str:
+def compatibility_hash(model: str, layout: list[dict[str, Any]], cross_layers: bool = False) -> str:
     """Hash of what decides whether two engines' KV bytes mean the same thing (model, per-layer
-    block shape and dtype, connector version). vLLM hashes its own factors (vLLM version, attention
-    backend); mixing the two needs enforce_handshake_compat=false on both sides, which leaves the
-    explicit region/block-length checks."""
-    blob = json.dumps({"nixl_connector_version": NIXL_CONNECTOR_VERSION, "model": model, "layout": layout},
-                      sort_keys=True)
+    block shape and dtype, cross-layer registration, connector version). vLLM hashes its own factors
+    (vLLM version, attention backend); mixing the two needs enforce_handshake_compat=false on both
+    sides, which leaves the explicit region/block-length checks."""
+    blob = json.dumps({"nixl_connector_version": NIXL_CONNECTOR_VERSION, "model": model, "layout": layout,
+                       "cross_layers": cross_layers}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -169,12 +169,14 @@ class NixlTransport:
     def __init__(self, *, engine_id: str, regions: list[Region], num_blocks: int, block_size: int,
                  device_id: int, mem_type: str, compat_hash: str, enforce_compat: bool = True,
                  tp_size: int = 1, handshake_timeout_s: float = 5.0, transfer_timeout_s: float = 60.0,
-                 num_threads: int = 4, progress_thread: bool = False):
+                 num_threads: int = 4, progress_thread: bool = False, num_layers: int | None = None):
         from nixl._api import nixl_agent, nixl_agent_config
         if mem_type not in ("DRAM", "VRAM"):
             raise ValueError(f"NIXL memory type must be DRAM or VRAM, got {mem_type!r}")
         self.engine_id = engine_id
         self.regions = regions
+        # layers behind the regions: one region for all of them is the cross-layer registration
+        self.num_layers = len(regions) if num_layers is None else num_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device_id = device_id
@@ -332,11 +334,21 @@ class NixlTransport:
                     "(start both roles with the same --block-size)")
         if len(meta.kv_caches_base_addr) != len(meta.block_lens):
             return f"{len(meta.kv_caches_base_addr)} region addresses but {len(meta.block_lens)} block lengths"
+        cross = len(self.regions) == 1 and self.num_layers > 1
+        fix = "set kv_connector_extra_config.enable_cross_layers_blocks the same on both roles"
         if len(meta.block_lens) != len(self.regions):
+            if cross:
+                return (f"KV cache layout: the producer registers {len(meta.block_lens)} per-layer regions, this engine "
+                        f"one cross-layer region (all {self.num_layers} layers of a block contiguous): {fix}")
+            if len(meta.block_lens) == 1 and len(self.regions) > 1:
+                return (f"KV cache layout: the producer registers one cross-layer region (blocks of "
+                        f"{meta.block_lens[0]} bytes holding every layer), this engine {len(self.regions)} "
+                        f"per-layer regions: {fix}")
             return f"{len(meta.block_lens)} KV cache regions (layers) on the producer != {len(self.regions)} here"
         for i, (theirs, r) in enumerate(zip(meta.block_lens, self.regions)):
             if theirs != r.block_len:
-                return f"KV cache region {i}: producer block of {theirs} bytes != {r.block_len} here"
+                what = f" (cross-layer: all {self.num_layers} layers of a block here)" if cross else ""
+                return f"KV cache region {i}: producer block of {theirs} bytes != {r.block_len} here{what}"
         if meta.num_blocks <= 0:
             return f"producer reports {meta.num_blocks} blocks"
         return None

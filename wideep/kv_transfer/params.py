@@ -82,6 +82,14 @@ class KVTransferConfig:
         if not isinstance(self.enforce_handshake_compat, bool):
             raise ConfigError("kv_transfer_config.kv_connector_extra_config.enforce_handshake_compat",
                               "must be true or false")
+        v = (extra or {}).get("enable_cross_layers_blocks", True)
+        # vLLM reads the key as str(value).lower() == "true", so its manifests carry "True"/"False" strings
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            v = v.lower() == "true"
+        if not isinstance(v, bool):
+            raise ConfigError("kv_transfer_config.kv_connector_extra_config.enable_cross_layers_blocks",
+                              f"must be true or false, got {v!r}")
+        self._cross_layers_blocks = v
 
     @property
     def transport(self) -> str:
@@ -97,6 +105,13 @@ class KVTransferConfig:
     def enforce_handshake_compat(self) -> bool:
         """vLLM's knob: refuse a producer whose compatibility hash differs (default true)."""
         return (self.kv_connector_extra_config or {}).get("enforce_handshake_compat", True)
+
+    @property
+    def cross_layers_blocks(self) -> bool:
+        """vLLM's enable_cross_layers_blocks: one block-major cache registered with NIXL as a single region
+        (block length = all layers of a block). Default true here (vLLM: false, and vLLM's MLA backends
+        never use it): set false on both roles to pair with a vLLM engine."""
+        return self._cross_layers_blocks
 
     @property
     def is_producer(self) -> bool:

@@ -114,22 +114,25 @@ def write_latent_cache(kv_cache: torch.Tensor, latent: torch.Tensor, slot_mappin
     slot with that row's own value (duplicate writes of identical data), or, when no row is real, to slot
     0 with its current value - both exact no-ops whatever order the scatter runs in.
     """
-    flat = kv_cache.view(-1, kv_cache.shape[-1])
+    # Indexed by (block, offset), not through a flat [slots, D] view: a cross-layer cache's layer is a
+    # strided view (engine/kv_cache.py) that has no flat view.
+    cache = kv_cache
     slot = slot_mapping.to(torch.long)
-    if is_fp8(flat.dtype):   # index_copy_ has no fp8 kernel on every device: move the bytes
+    if is_fp8(cache.dtype):   # index_put_ has no fp8 kernel on every device: move the bytes
         latent = quantize_latent(latent, k_scale).view(torch.uint8)
-        flat = flat.view(torch.uint8)
+        cache = cache.view(torch.uint8)
     else:
-        latent = latent.to(flat.dtype)
+        latent = latent.to(cache.dtype)
     valid = slot >= 0
     first = torch.argmax(valid.to(torch.int32)).reshape(1)  # index_select, not [tensor]: no host sync
     any_valid = valid.any()
     first_slot = slot.index_select(0, first)[0]
     fill_slot = torch.where(any_valid, first_slot, torch.zeros_like(first_slot))
-    fill_val = torch.where(any_valid, latent.index_select(0, first)[0], flat[0])
+    fill_val = torch.where(any_valid, latent.index_select(0, first)[0], cache[0, 0])
     target = torch.where(valid, slot, fill_slot)
     src = torch.where(valid[:, None], latent, fill_val[None, :])
-    flat.index_copy_(0, target, src)
+    bs = cache.shape[1]
+    cache.index_put_((target // bs, target % bs), src)
 
 
 def gather_context(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:

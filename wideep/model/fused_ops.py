@@ -284,7 +284,8 @@ if triton is not None:
 
     @triton.jit
     def _rope_cache_kernel(q_ptr, kv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
-                           H, LAT, stride_qt, stride_qh, stride_kv, stride_cs, stride_c, eps, inv_k_scale,
+                           H, LAT, stride_qt, stride_qh, stride_kv, stride_cs, stride_cblk, stride_c, PAGE, eps,
+                           inv_k_scale,
                            Q_OFF: constexpr, HALF: constexpr, BLOCK_H: constexpr, BLOCK_HALF: constexpr,
                            BLOCK_L: constexpr, FP8: constexpr):
         """Program (token, head block): q_pe of BLOCK_H heads roped in place (de-interleaved layout); the head
@@ -313,7 +314,8 @@ if triton is not None:
         slot = tl.load(slot_ptr + t)
         if (hb == 0) & (slot >= 0):
             ctype = cache_ptr.dtype.element_ty
-            row = cache_ptr + slot.to(tl.int64) * stride_c
+            slot64 = slot.to(tl.int64)
+            row = cache_ptr + (slot64 // PAGE) * stride_cblk + (slot64 % PAGE) * stride_c
             offs = tl.arange(0, BLOCK_L)
             lm = offs < LAT
             x = tl.load(kv_ptr + t * stride_kv + offs, mask=lm, other=0.0).to(tl.float32)
@@ -344,7 +346,7 @@ def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tenso
     norm, a concat and the padded scatter); elsewhere the unfused reference."""
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     ok = (q.dtype == kv.dtype == norm_weight.dtype == cos.dtype and q.stride(-1) == 1 and kv.stride(-1) == 1
-          and (fp8 or kv_cache.dtype == q.dtype))
+          and kv_cache.stride(-1) == 1 and (fp8 or kv_cache.dtype == q.dtype))
     if not use_triton(q, impl) or not ok:
         return rope_cache_write_ref(q, kv, norm_weight, eps, cos, sin, kv_cache, slot_mapping, k_scale)
     t, nh, d = q.shape
@@ -360,11 +362,12 @@ def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tenso
     else:
         inv = 1.0
     cos, sin = cos.contiguous(), sin.contiguous()
-    flat = kv_cache.view(-1, kv_cache.shape[-1])
     bh = min(triton.next_power_of_2(nh), 16)
     if t:
-        _rope_cache_kernel[(t, triton.cdiv(nh, bh))](q, kv, norm_weight, cos, sin, flat, slot_mapping.contiguous(), nh, lat,
-                                 q.stride(0), q.stride(1), kv.stride(0), cos.stride(0), flat.stride(0), eps, inv,
+        # (block, offset) strides: a cross-layer cache's layer is a strided view (engine/kv_cache.py)
+        _rope_cache_kernel[(t, triton.cdiv(nh, bh))](q, kv, norm_weight, cos, sin, kv_cache, slot_mapping.contiguous(),
+                                 nh, lat, q.stride(0), q.stride(1), kv.stride(0), cos.stride(0), kv_cache.stride(0),
+                                 kv_cache.stride(1), kv_cache.shape[1], eps, inv,
                                  Q_OFF=d - 2 * half, HALF=half, BLOCK_H=bh,
                                  BLOCK_HALF=triton.next_power_of_2(half), BLOCK_L=triton.next_power_of_2(lat),
                                  FP8=fp8, num_warps=4, **NO_FP_FUSION)

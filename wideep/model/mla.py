@@ -128,7 +128,6 @@ class MLAttention(nn.Module):
         """Per sequence: up-project its whole cached context, causal attention with the prefix offset.
         q [T, H, nope + rope] holds the roped q_pe already."""
         block_size = kv_cache.shape[1]
-        flat = kv_cache.view(-1, kv_cache.shape[-1])
         starts = [0]
         for n in attn.query_lens:
             starts.append(starts[-1] + n)
@@ -139,8 +138,9 @@ class MLAttention(nn.Module):
             lo, hi = starts[i], starts[i] + q_len
             n_blocks = (ctx_len + block_size - 1) // block_size
             bt = attn.block_tables[i, :n_blocks].to(torch.long)
-            slots = (bt[:, None] * block_size + torch.arange(block_size, device=bt.device)[None, :]).reshape(-1)
-            latent = dequantize_latent(flat[slots[:ctx_len]], self.k_scale, q.dtype)
+            # gathered per block: a cross-layer cache's layer is a strided view without a flat one
+            rows = kv_cache[bt].reshape(n_blocks * block_size, kv_cache.shape[-1])[:ctx_len]
+            latent = dequantize_latent(rows, self.k_scale, q.dtype)
             c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
             kv = self.kv_b_proj(c_kv).view(ctx_len, self.num_heads, self.nope + self.v_dim)
             # k = [k_nope ‖ k_pe] per head; v zero-padded to q/k's head dim: fused SDPA kernels need equal
