@@ -6,7 +6,8 @@ Two processes: a producer (prefill) on --prefill-device and a consumer (decode) 
                    device-to-device copy between the two devices (NVLink peer copy on 2 GPUs; a
                    memcpy on CPU) for the bytes of each prompt's KV.
   2. transfer    : the real connector paths for prompts of several lengths, in GB/s, with the cache
-                   layout of the model (one [blocks, block_size, kv_lora_rank + rope] tensor per layer):
+                   layouts of the engine (--kv-layouts: cross-layer = one block-major tensor, each layer's
+                   [blocks, block_size, kv_lora_rank + rope] cache a view, one NIXL region; per-layer):
                    tcp  = gather on the producer's device -> pinned host -> TCP -> pinned host -> scatter;
                    nixl = one NIXL READ of the registered caches (VRAM to VRAM on GPU), contiguous
                           block ids (a fresh cache) and scattered ones (a fragmented cache), with the
@@ -109,8 +110,9 @@ def device_copy_bandwidth(nbytes_list: list[int], src: torch.device, dst: torch.
 
 
 # ------------------------------------------------------------------------------------------ transfer
-def _cfg(role: str, engine_id: str, transport: str, threads: int | None = None) -> KVTransferConfig:
-    extra: dict = {"transport": transport}
+def _cfg(role: str, engine_id: str, transport: str, threads: int | None = None,
+         cross_layers: bool = True) -> KVTransferConfig:
+    extra: dict = {"transport": transport, "enable_cross_layers_blocks": cross_layers}
     if threads is not None:
         extra["num_threads"] = threads
     return KVTransferConfig(kv_role=role, engine_id=engine_id, kv_connector_extra_config=extra)
@@ -135,10 +137,11 @@ def _producer_main(conn, layout: dict, device: str, transport: str) -> None:
         torch.cuda.set_device(dev)
     else:
         torch.set_num_threads(1)   # copies are memory-bound; spinning OpenMP workers only add latency
-    caches = [torch.randn(layout["num_blocks"], layout["block_size"], layout["dim"], device=dev).to(layout["dtype"])
-              for _ in range(layout["layers"])]
-    pc = KVConnector(_cfg("kv_producer", "bench-p", transport), model="bench",
+    pc = KVConnector(_cfg("kv_producer", "bench-p", transport, cross_layers=layout["cross_layers"]), model="bench",
                      block_size=layout["block_size"], host="127.0.0.1", port=free_port(), listen_host="127.0.0.1")
+    caches = _caches(layout, dev, pc.wants_cross_layer_kv())
+    for c in caches:
+        c.copy_(torch.randn(c.shape, device=dev).to(layout["dtype"]))
     pc.register_kv_caches(caches)
     _sync(dev)
     conn.send({"port": pc.port})
@@ -154,6 +157,13 @@ def _producer_main(conn, layout: dict, device: str, transport: str) -> None:
     pc.shutdown()
 
 
+def _caches(layout: dict, dev: torch.device, cross_layer: bool) -> list[torch.Tensor]:
+    """The layers' caches as the engine allocates them: per layer, or views of one block-major tensor."""
+    from wideep.engine.kv_cache import allocate_kv_caches
+    return allocate_kv_caches(layout["layers"], layout["num_blocks"], layout["block_size"], layout["dim"],
+                              layout["dtype"], dev, cross_layer)
+
+
 def _consumer(layout: dict, dev: torch.device, caches, transport: str, variant: dict | None) -> KVConnector:
     from wideep.kv_transfer import nixl as nixl_mod
     orig = nixl_mod.NixlTransport.__init__
@@ -162,7 +172,8 @@ def _consumer(layout: dict, dev: torch.device, caches, transport: str, variant: 
             orig(self, *a, **dict(kw, progress_thread=variant["progress_thread"]))
         nixl_mod.NixlTransport.__init__ = init
     try:
-        cc = KVConnector(_cfg("kv_consumer", "bench-d", transport, variant and variant["threads"]), model="bench",
+        cc = KVConnector(_cfg("kv_consumer", "bench-d", transport, variant and variant["threads"],
+                              layout["cross_layers"]), model="bench",
                          block_size=layout["block_size"], host="127.0.0.1", port=0)
         cc.register_kv_caches(caches)
     finally:
@@ -188,8 +199,7 @@ def transfer_bench(args, layout: dict, prompt_lens: list[int], transport: str = 
             torch.set_num_threads(1)
         else:
             torch.cuda.set_device(dev)
-        caches = [torch.zeros(layout["num_blocks"], layout["block_size"], layout["dim"], device=dev,
-                              dtype=layout["dtype"]) for _ in range(layout["layers"])]
+        caches = _caches(layout, dev, transport == "nixl" and layout["cross_layers"])
         bs = layout["block_size"]
         rng = random.Random(0)
         n = 0
@@ -197,7 +207,8 @@ def transfer_bench(args, layout: dict, prompt_lens: list[int], transport: str = 
         from wideep.kv_transfer.params import RemotePrefillParams
         for variant, scattered in runs:
             cc = _consumer(layout, dev, caches, transport, variant)
-            label = transport + (f" [{variant['name']}]" if variant else "") + (" scattered" if scattered else "")
+            label = (transport + (" cross-layer" if transport == "nixl" and layout["cross_layers"] else " per-layer")
+                     + (f" [{variant['name']}]" if variant else "") + (" scattered" if scattered else ""))
             for plen in prompt_lens:
                 nblocks = -(-plen // bs)
                 if nblocks > layout["num_blocks"]:
@@ -244,7 +255,9 @@ def transfer_bench(args, layout: dict, prompt_lens: list[int], transport: str = 
 def _engine_args(args, device: str, role: str | None, transport: str = "tcp", graphs: bool = False):
     from wideep.engine.config import EngineArgs
     kv = {"kv_connector": "NixlConnector", "kv_role": role, "kv_load_failure_policy": "fail",
-          "kv_connector_extra_config": {"transport": transport}} if role else None
+          "kv_connector_extra_config": {"transport": transport,
+                                        "enable_cross_layers_blocks": args.kv_layouts.split(",")[0] == "cross-layer"}
+          } if role else None
     return EngineArgs(model=args.model_dir, device=device, block_size=args.block_size, enforce_eager=not graphs,
                       cuda_graph_sizes=[1, 2, 4, 8], enable_prefix_caching=False, max_model_len=args.prompt_len + 64,
                       max_num_batched_tokens=max(8192, args.prompt_len + 64),
@@ -407,6 +420,9 @@ def main(argv=None) -> int:
                     help="KV regions in the transfer table (default: the model's layers; 61 = DeepSeek-R1's full KV)")
     ap.add_argument("--transports", default="tcp,nixl", help="comma-separated: tcp, nixl")
     ap.add_argument("--no-scattered", action="store_true", help="skip the scattered-blocks NIXL rows")
+    ap.add_argument("--kv-layouts", default="cross-layer",
+                    help="NIXL cache layouts of the transfer table, comma-separated: cross-layer (one block-major "
+                         "region, the engine's default), per-layer (one region per layer); TTFT uses the first")
     ap.add_argument("--nixl-variants", default="",
                     help="extra contiguous NIXL rows with other consumer agents: THREADS[:prog],... (e.g. 8,0,4:prog)")
     ap.add_argument("--ttft-transports", default=None, help="transports of the TTFT runs (default: --transports)")
@@ -472,12 +488,16 @@ def main(argv=None) -> int:
         sizes, torch.device(args.prefill_device), torch.device(args.decode_device), max(args.reps, 5)))]
     save()
     variants = _parse_variants(args.nixl_variants)
+    kv_layouts = [x for x in args.kv_layouts.split(",") if x]
+    if not kv_layouts or set(kv_layouts) - {"cross-layer", "per-layer"}:
+        ap.error(f"--kv-layouts: want cross-layer and/or per-layer, got {args.kv_layouts!r}")
     for t in transports:
         runs: list = [(None, False)]
         if t == "nixl":
             runs += [(None, True)] * (not args.no_scattered) + [(v, False) for v in variants]
-        results["transfer"] += transfer_bench(args, layout, lens, t, runs)
-        save()
+        for kl in (kv_layouts if t == "nixl" else ["per-layer"]):
+            results["transfer"] += transfer_bench(args, dict(layout, cross_layers=kl == "cross-layer"), lens, t, runs)
+            save()
     r1_bytes = R1_LAYERS * R1_KV_DIM * 2 * args.prompt_len
     results["r1_prompt_bytes"] = r1_bytes
     if not args.skip_ttft:

@@ -65,6 +65,11 @@ def cores(tiny_model_dir):
 @pytest.mark.parametrize("plen", [5, 16, 41])
 def test_engine_pd_greedy_equals_aggregated(cores, plen):
     agg, p, d = cores["agg"], cores["p"], cores["d"]
+    # over NIXL both P/D cores allocate the cross-layer (block-major) cache: the tiny model's prefill,
+    # cache writes and decode run on strided per-layer views; the aggregated core keeps per-layer tensors
+    for c in (p, d):
+        assert c.connector.caches.block_major == c.connector.use_nixl
+    assert agg.runner.kv_caches[0].is_contiguous()
     prompt = [(i * 37 + 11) % 900 + 3 for i in range(plen)]
     want, _ = _run(agg, f"agg{plen}", prompt, 8)
     first, pout = _run(p, f"p{plen}", prompt, 1, dict(PREFILL_LEG_PARAMS))

@@ -29,10 +29,14 @@ def nixl_engine(role, **kw) -> ToyEngine:
     return ToyEngine(role, transport="nixl", **kw)
 
 
-@pytest.fixture
-def trio():
-    engines = {"agg": ToyEngine(None), "p": nixl_engine("kv_producer"), "d": nixl_engine("kv_consumer")}
+@pytest.fixture(params=[True, False], ids=["cross-layer", "per-layer"])
+def trio(request):
+    cross = request.param
+    engines = {"agg": ToyEngine(None), "p": nixl_engine("kv_producer", cross_layers=cross),
+               "d": nixl_engine("kv_consumer", cross_layers=cross)}
     assert engines["p"].conn.nixl is not None and engines["d"].conn.nixl is not None
+    # cross-layer: one registered region (the block-major backing tensor), else one per layer
+    assert len(engines["d"].conn.nixl.regions) == (1 if cross else 2) and engines["p"].conn.caches.block_major == cross
     yield engines
     for e in engines.values():
         e.close()
@@ -150,17 +154,25 @@ def test_producer_restart_between_handshake_and_read(policy):
             e.close()
 
 
-@pytest.mark.parametrize("mismatch", ["block_size", "model", "dim", "dtype"])
+@pytest.mark.parametrize("mismatch", ["block_size", "model", "dim", "dtype", "layers", "per-layer reader",
+                                      "cross-layer reader"])
 def test_metadata_mismatch_is_a_clear_error_and_frees_both_sides(mismatch):
     kw = {"block_size": dict(block_size=8), "model": dict(model="other-model"), "dim": dict(dim=2),
-          "dtype": dict(dtype=torch.float64)}[mismatch]
-    p, d = nixl_engine("kv_producer"), nixl_engine("kv_consumer", policy="recompute", **kw)
+          "dtype": dict(dtype=torch.float64), "layers": dict(layers=3), "per-layer reader": dict(cross_layers=False),
+          "cross-layer reader": {}}[mismatch]
+    p = nixl_engine("kv_producer", cross_layers=mismatch != "cross-layer reader")
+    d = nixl_engine("kv_consumer", policy="recompute", **kw)
     try:
         _, final = p.run(p.add(list(range(10)), 1, {"do_remote_decode": True}))
         _, dfinal = d.run(d.add(list(range(10)), 3, final.kv_transfer_params))
         assert dfinal.finish_reason == "error" and "NIXL handshake" in dfinal.error
         assert {"block_size": "block size", "model": "compatibility hash", "dim": "region 0",
-                "dtype": "region 0"}[mismatch] in dfinal.error
+                "dtype": "region 0", "layers": "producer block of 96 bytes != 144 here (cross-layer: all 3 layers",
+                "per-layer reader": "the producer registers one cross-layer region (blocks of 96 bytes holding "
+                                    "every layer), this engine 2 per-layer regions: set kv_connector_extra_config."
+                                    "enable_cross_layers_blocks the same on both roles",
+                "cross-layer reader": "the producer registers 2 per-layer regions, this engine one cross-layer "
+                                      "region"}[mismatch] in dfinal.error
         d.settle()
         p.settle()
         assert p.used_blocks == 0 and d.used_blocks == 0   # the refusal still notified the producer
@@ -171,11 +183,12 @@ def test_metadata_mismatch_is_a_clear_error_and_frees_both_sides(mismatch):
 
 def test_layout_checks_hold_without_the_compatibility_hash():
     """enforce_handshake_compat=false (pairing with vLLM): region/block-length checks still refuse."""
-    p = nixl_engine("kv_producer")
+    p = nixl_engine("kv_producer", cross_layers=False)
     d = ToyEngine(None, dim=2)
     from wideep.kv_transfer.connector import KVConnector
     cfg = KVTransferConfig(kv_role="kv_consumer", kv_connector_extra_config={"transport": "nixl",
-                                                                             "enforce_handshake_compat": False})
+                                                                             "enforce_handshake_compat": False,
+                                                                             "enable_cross_layers_blocks": False})
     conn = KVConnector(cfg, model="toy", block_size=4, host="127.0.0.1", port=0, handshake_timeout_s=1.0)
     conn.register_kv_caches(d.caches)
     try:
@@ -218,7 +231,9 @@ def test_unread_blocks_expire_on_the_producer():
 
 # ------------------------------------------------------------------------------------ vLLM's view
 # Written down from vLLM's nixl_connector.py (commit 002a1057): plain dataclasses that vLLM encodes and
-# decodes with msgspec.msgpack.
+# decodes with msgspec.msgpack. Cross-layer blocks (vLLM #33339, kv_connector_extra_config
+# enable_cross_layers_blocks) add no field: the block-major tensor is registered like a layer's cache,
+# so the same structure carries one base address and one block length (the whole per-block stride).
 @dataclass
 class NixlAgentMetadata:
     engine_id: str
@@ -253,8 +268,9 @@ def _vllm_handshake(port: int) -> tuple[NixlHandshakePayload, NixlAgentMetadata]
     return payload, msgspec.msgpack.Decoder(NixlAgentMetadata).decode(payload.agent_metadata_bytes)
 
 
-def test_handshake_decodes_as_vllm_and_vllm_descriptors_address_the_right_bytes():
-    p = nixl_engine("kv_producer", layers=3)
+@pytest.mark.parametrize("cross", [True, False], ids=["cross-layer", "per-layer"])
+def test_handshake_decodes_as_vllm_and_vllm_descriptors_address_the_right_bytes(cross):
+    p = nixl_engine("kv_producer", layers=3, cross_layers=cross)
     reader = None
     try:
         prompt = list(range(1, 15))
@@ -264,7 +280,12 @@ def test_handshake_decodes_as_vllm_and_vllm_descriptors_address_the_right_bytes(
                             "tp_size"}
         payload, meta = _vllm_handshake(prm["remote_port"])
         assert meta.engine_id == prm["remote_engine_id"] and meta.block_size == 4 and meta.num_blocks == 64
-        assert meta.block_lens == [4 * 3 * 4] * 3 and len(meta.kv_caches_base_addr) == 3
+        if cross:   # vLLM's cross-layer registration: one region, its block = every layer's block (3 x 48 B)
+            assert meta.block_lens == [3 * 4 * 3 * 4] and meta.kv_caches_base_addr == [p.caches[0].data_ptr()]
+            regions = 1
+        else:
+            assert meta.block_lens == [4 * 3 * 4] * 3 and len(meta.kv_caches_base_addr) == 3
+            regions = 3
         assert meta.kv_cache_layout == "NHD" and meta.device_id == 0 and len(payload.compatibility_hash) == 64
 
         # A vLLM-style reader: its own agent, remote descriptors exactly as vLLM's add_remote_agent
@@ -276,12 +297,12 @@ def test_handshake_decodes_as_vllm_and_vllm_descriptors_address_the_right_bytes(
                   for i, base in enumerate(meta.kv_caches_base_addr) for b in range(meta.num_blocks)]
         rdl = reader.prep_xfer_dlist(name, remote, "DRAM")
         blocks = prm["remote_block_ids"]
-        local = torch.zeros(3, len(blocks), meta.block_lens[0], dtype=torch.uint8)
+        local = torch.zeros(regions, len(blocks), meta.block_lens[0], dtype=torch.uint8)
         reader.register_memory([(local.data_ptr(), local.numel(), 0, "")], "DRAM")
         ldl = reader.prep_xfer_dlist("NIXL_INIT_AGENT", [(local.data_ptr() + (i * len(blocks) + j) * meta.block_lens[0],
                                                           meta.block_lens[0], 0)
-                                                         for i in range(3) for j in range(len(blocks))], "DRAM")
-        rids = [i * meta.num_blocks + b for i in range(3) for b in blocks]
+                                                         for i in range(regions) for j in range(len(blocks))], "DRAM")
+        rids = [i * meta.num_blocks + b for i in range(regions) for b in blocks]
         h = reader.make_prepped_xfer("READ", ldl, list(range(len(rids))), rdl, rids,
                                      notif_msg=f"{prm['remote_request_id']}:1".encode())
         state = reader.transfer(h)
@@ -289,7 +310,10 @@ def test_handshake_decodes_as_vllm_and_vllm_descriptors_address_the_right_bytes(
         while state == "PROC" and time.monotonic() < deadline:
             state = reader.check_xfer_state(h)
         assert state == "DONE"
-        for i, cache in enumerate(p.caches):
+        if cross:   # block b = layer 0's rows of b, then layer 1's, then layer 2's
+            want = torch.stack([c[blocks] for c in p.caches], dim=1).contiguous().view(torch.uint8)
+            assert torch.equal(local[0], want.reshape(len(blocks), -1)) and want.any()
+        for i, cache in enumerate(p.caches if not cross else []):
             want = cache[blocks].contiguous().view(torch.uint8).reshape(len(blocks), -1)
             assert torch.equal(local[i], want), f"region {i}"
             assert want.any()

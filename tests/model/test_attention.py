@@ -134,3 +134,32 @@ def test_fp8_cache_decode_close_to_bf16_cache():
     rel = (got - exact).norm() / exact.norm()
     assert rel < 0.1, rel       # e4m3 operands: a few percent
     assert got[2].abs().max() == 0
+
+
+def test_cross_layer_views_behave_like_per_layer_caches():
+    """engine/kv_cache.py's block-major layout: each layer's cache is a strided view of one
+    [num_blocks, num_layers, block_size, D] tensor; writes land in that layer's slice of the block and
+    decode reads the same values as from a separate contiguous tensor (bf16 and fp8 caches)."""
+    from wideep.engine.kv_cache import allocate_kv_caches
+    from wideep.model.attention import resolve_kv_cache_dtype
+
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, resolve_kv_cache_dtype("fp8", torch.bfloat16)):
+        cross = allocate_kv_caches(3, 6, 4, 10, dtype, torch.device("cpu"), cross_layer=True)
+        flat = allocate_kv_caches(3, 6, 4, 10, dtype, torch.device("cpu"))
+        assert not cross[1].is_contiguous() and cross[1].stride(0) == 3 * 4 * 10
+        slots = torch.tensor([0, 5, -1, 13, 22, 7])
+        for layer in range(3):
+            latent = torch.randn(6, 10, generator=g)
+            write_latent_cache(cross[layer], latent, slots, 0.5)
+            write_latent_cache(flat[layer], latent, slots, 0.5)
+        for c, f in zip(cross, flat):
+            assert torch.equal(c.view(torch.uint8), f.view(torch.uint8))
+        backing = cross[0].as_strided((6, 3, 4, 10), (3 * 4 * 10, 4 * 10, 10, 1))
+        assert torch.equal(backing[2, 1].view(torch.uint8), flat[1][2].view(torch.uint8))   # block-major
+        if dtype == torch.float32:
+            q_lat, q_pe = torch.randn(2, 2, 8, generator=g), torch.randn(2, 2, 2, generator=g)
+            tables = torch.tensor([[0, 3, 1], [5, 1, 0]], dtype=torch.int32)
+            lens = torch.tensor([11, 6], dtype=torch.int32)
+            torch.testing.assert_close(paged_mla_decode(q_lat, q_pe, cross[2], tables, lens, 8, 0.3),
+                                       paged_mla_decode(q_lat, q_pe, flat[2], tables, lens, 8, 0.3))
