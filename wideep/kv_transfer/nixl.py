@@ -18,9 +18,21 @@ vllm/distributed/kv_transfer/kv_connector/v1/nixl_connector.py. The wire contrac
   consumer that will not read sends the same message alone (send_notif). The producer frees the
   request's blocks on it, or after VLLM_NIXL_ABORT_REQUEST_TIMEOUT.
 
-wideep's MLA cache is one [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] tensor per layer,
-the same per-layer layout vLLM's MLA backends register, so block_lens[r] = block_size * 576 * dtype
-bytes on both; the handshake refuses any difference in region count, block length or block size.
+Cross-layer blocks (vLLM PR #33339, kv_connector_extra_config.enable_cross_layers_blocks; checked
+against vLLM's nixl/connector.py at commit 01e4fce0, where the worker registers the one block-major
+tensor through the same path as a layer's cache): no new field. The handshake carries ONE region,
+kv_caches_base_addr = [backing tensor], block_lens = [num_layers * block bytes of one layer], so
+descriptor index = block id and a run of adjacent blocks is one descriptor for all layers. A reader
+tells the layouts apart only by the region count and block length; wideep refuses a mismatch at the
+handshake with a message naming both layouts (and hashes the choice into its compatibility hash).
+vLLM enables it only for FLASH_ATTN / FLASHINFER / TRITON_ATTN with the HND layout, never for MLA,
+so a vLLM MLA engine is always per-layer: pair it with enable_cross_layers_blocks=false here.
+
+wideep's MLA cache is one [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] view per layer:
+per layer (enable_cross_layers_blocks=false), the same per-layer layout vLLM's MLA backends register,
+block_lens[r] = block_size * 576 * dtype bytes; cross-layer (the default on NIXL), views [:, i] of one
+[num_blocks, num_layers, block_size, 576] tensor, one region with block_len = num_layers * block_size *
+576 * dtype bytes. The handshake refuses any difference in region count, block length or block size.
 """
 from __future__ import annotations
 
