@@ -14,6 +14,7 @@ import msgpack
 import pytest
 import torch
 
+from wideep.engine.kv_cache import allocate_kv_caches
 from wideep.kv_transfer import nixl as nixl_mod
 from wideep.kv_transfer.params import KVTransferConfig
 from wideep.utils.net import free_port
@@ -370,3 +371,23 @@ def test_transport_selection(monkeypatch, caplog):
             c = KVConnector(KVTransferConfig(kv_role="kv_consumer"), model="m", block_size=4, port=0)
             assert not c.use_nixl and c.transport_name == "tcp"
     assert sum("falls back to the TCP" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_cross_layer_knob_is_typed_and_must_match_the_caches():
+    from wideep.errors import ConfigError
+    from wideep.kv_transfer.connector import KVConnector
+    mk = lambda v: KVTransferConfig(kv_role="kv_consumer",  # noqa: E731
+                                    kv_connector_extra_config={"transport": "nixl", "enable_cross_layers_blocks": v})
+    assert mk("True").cross_layers_blocks is True and mk("false").cross_layers_blocks is False   # vLLM's strings
+    assert KVTransferConfig().cross_layers_blocks is True
+    with pytest.raises(ConfigError, match="enable_cross_layers_blocks"):
+        mk("yes")
+    for flag in (True, False):   # caches in the other layout than the knob asks for: refused at registration
+        conn = KVConnector(mk(flag), model="toy", block_size=4, host="127.0.0.1", port=0)
+        try:
+            assert conn.wants_cross_layer_kv() is flag
+            caches = allocate_kv_caches(2, 8, 4, 3, torch.float32, torch.device("cpu"), cross_layer=not flag)
+            with pytest.raises(ValueError, match="enable_cross_layers_blocks is " + str(flag).lower()):
+                conn.register_kv_caches(caches)
+        finally:
+            conn.shutdown()
