@@ -16,7 +16,8 @@ BLOCK = 16
 
 
 def _core(model_dir, role: str | None, dp_rank: int = 0, policy: str = "fail") -> EngineCore:
-    kv = {"kv_connector": "NixlConnector", "kv_role": role, "kv_load_failure_policy": policy} if role else None
+    kv = {"kv_connector": "NixlConnector", "kv_role": role, "kv_load_failure_policy": policy,
+          "kv_connector_extra_config": {"enable_cross_layers_blocks": True}} if role else None
     return EngineCore(EngineArgs(model=str(model_dir), block_size=BLOCK, kv_cache_memory_bytes=4 << 20,
                                  enforce_eager=True, data_parallel_rank=dp_rank, kv_transfer_config=kv))
 

@@ -379,7 +379,7 @@ def test_cross_layer_knob_is_typed_and_must_match_the_caches():
     mk = lambda v: KVTransferConfig(kv_role="kv_consumer",  # noqa: E731
                                     kv_connector_extra_config={"transport": "nixl", "enable_cross_layers_blocks": v})
     assert mk("True").cross_layers_blocks is True and mk("false").cross_layers_blocks is False   # vLLM's strings
-    assert KVTransferConfig().cross_layers_blocks is True
+    assert KVTransferConfig().cross_layers_blocks is False   # vLLM's default
     with pytest.raises(ConfigError, match="enable_cross_layers_blocks"):
         mk("yes")
     for flag in (True, False):   # caches in the other layout than the knob asks for: refused at registration

@@ -30,7 +30,7 @@ so a vLLM MLA engine is always per-layer: pair it with enable_cross_layers_block
 
 wideep's MLA cache is one [num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] view per layer:
 per layer (enable_cross_layers_blocks=false), the same per-layer layout vLLM's MLA backends register,
-block_lens[r] = block_size * 576 * dtype bytes; cross-layer (the default on NIXL), views [:, i] of one
+block_lens[r] = block_size * 576 * dtype bytes; cross-layer (opt-in, vLLM's enable_cross_layers_blocks), views [:, i] of one
 [num_blocks, num_layers, block_size, 576] tensor, one region with block_len = num_layers * block_size *
 576 * dtype bytes. The handshake refuses any difference in region count, block length or block size.
 """

@@ -82,7 +82,7 @@ class KVTransferConfig:
         if not isinstance(self.enforce_handshake_compat, bool):
             raise ConfigError("kv_transfer_config.kv_connector_extra_config.enforce_handshake_compat",
                               "must be true or false")
-        v = (extra or {}).get("enable_cross_layers_blocks", True)
+        v = (extra or {}).get("enable_cross_layers_blocks", False)
         # vLLM reads the key as str(value).lower() == "true", so its manifests carry "True"/"False" strings
         if isinstance(v, str) and v.lower() in ("true", "false"):
             v = v.lower() == "true"
@@ -109,8 +109,8 @@ class KVTransferConfig:
     @property
     def cross_layers_blocks(self) -> bool:
         """vLLM's enable_cross_layers_blocks: one block-major cache registered with NIXL as a single region
-        (block length = all layers of a block). Default true here (vLLM: false, and vLLM's MLA backends
-        never use it): set false on both roles to pair with a vLLM engine."""
+        (block length = all layers of a block). Default false, as in vLLM (whose MLA backends never use it):
+        a wideep-only P/D pair turns it on for both roles."""
         return self._cross_layers_blocks
 
     @property
