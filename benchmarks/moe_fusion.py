@@ -1,4 +1,4 @@
-"""Device check and timing of two MoE-layer fusions (docs/perf.md, issue 14), at DeepSeek-R1 sizes:
+"""Device check and timing of two MoE-layer fusions (numbers in docs/perf.md), at DeepSeek-R1 sizes:
 
 - the shared expert as slot 0 of the routed grouped MLP (EP=32 rank: 8 local experts, `--rows` rows each,
   plus the rank's own T tokens) against the routed MLP + the separate shared MLP, bf16 and FP8;

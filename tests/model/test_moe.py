@@ -98,9 +98,9 @@ def test_ep_rank_loads_only_its_slice(tiny_model_dir):
 
     m = load_model(tiny_model_dir, dispatcher=FakeEP(16, ep_rank=1, ep_size=4), ep_rank=1, ep_size=4)
     full = load_model(tiny_model_dir)
-    w = m.model.layers[2].mlp.experts.w13_routed
+    w = m.model.layers[2].mlp.experts.stacked_tensors()[0]
     assert w.shape[0] == 4
-    torch.testing.assert_close(w, full.model.layers[2].mlp.experts.w13_routed[4:8])
+    torch.testing.assert_close(w, full.model.layers[2].mlp.experts.stacked_tensors()[0][4:8])
     # the fused shared expert (slot 0) is the same on every rank
     torch.testing.assert_close(m.model.layers[2].mlp.experts.w13[0], full.model.layers[2].mlp.experts.w13[0])
     with pytest.raises(ValueError, match="dispatcher"):

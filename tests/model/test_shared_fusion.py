@@ -188,7 +188,7 @@ def test_checkpoint_fused_equals_unfused_load(variant, variant_dir, paged_runner
     else:
         assert torch.equal(layer.experts.w13[0, i:], ref.shared_experts.up_proj.weight)
         assert torch.equal(layer.experts.w2[0], ref.shared_experts.down_proj.weight)
-    assert torch.equal(layer.experts.w13_routed, ref.experts.w13)
+    assert torch.equal(layer.experts.stacked_tensors()[0], ref.experts.w13)
     ids = torch.randint(6, 4096, (9,), generator=_gen(4)).tolist()
     (a,) = paged_runner(fused).step([(0, ids)])
     (b,) = paged_runner(plain).step([(0, ids)])

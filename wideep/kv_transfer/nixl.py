@@ -419,13 +419,16 @@ class NixlTransport:
                 state = self.agent.transfer(handle)
             t2 = time.perf_counter()
             deadline = time.monotonic() + self.transfer_timeout_s
-            # GPU: poll back to back (sleep(0) only yields the GIL); a 100 us sleep is really 60-150 us
-            # and adds that to every READ. A small CPU host gets the short sleep (spinning steals a core).
-            nap = 0.0 if self.mem_type == "VRAM" else 0.0001
+            # GPU: poll back to back (sleep(0) only yields the GIL) for the first 2 ms, which covers a READ
+            # of up to ~8k tokens of R1 KV (a 100 us sleep is really 60-150 us and adds that to every READ);
+            # then 100 us naps, so several long pulls in flight do not spin against the engine's thread. A
+            # small CPU host naps from the start (spinning steals a core).
+            spin_until = time.monotonic() + (0.002 if self.mem_type == "VRAM" else 0.0)
             while state == "PROC":
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise KVTransferError(f"NIXL READ from {host}:{port} not done after {self.transfer_timeout_s:.0f} s")
-                time.sleep(nap)
+                time.sleep(0.0 if now < spin_until else 0.0001)
                 with self._lock:
                     state = self.agent.check_xfer_state(handle)
             t3 = time.perf_counter()

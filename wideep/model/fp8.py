@@ -130,6 +130,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, sidx: torc
     """y = x @ W^T with W block-FP8 and x quantized per token per 128 channels; y in x.dtype. x [..., K]."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:   # an empty micro-batch: no GEMM (a 0-row cuBLAS call would retire the shape)
+        return x.new_empty(*lead, w.shape[0])
     if _use_kernels(x2):
         from . import fp8_triton
 

@@ -21,6 +21,7 @@ import torch
 
 from wideep import envs
 
+from wideep.model.fp8 import CUBLAS_MIN_ROWS
 from wideep.model.triton_compat import constexpr, tl, triton
 
 FP8_MAX = 448.0
@@ -181,7 +182,7 @@ if triton is not None:
                            E_POW2: constexpr, BLOCK: constexpr):
         """out = sum over the SPLIT partial products (fixed order), cast to out's dtype; with HAS_VALID only
         rows below sum(counts) are written (grouped: rows past the counted ones were never computed)."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)   # int64: SPLIT * M * N may pass 2^31
         mask = offs < MN
         if HAS_VALID:
             eo = tl.arange(0, E_POW2)
@@ -189,7 +190,7 @@ if triton is not None:
             mask = mask & (offs // N < valid)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for i in tl.static_range(SPLIT):
-            acc += tl.load(p_ptr + i * MN + offs, mask=mask, other=0.0)
+            acc += tl.load(p_ptr + (offs + i * MN.to(tl.int64)), mask=mask, other=0.0)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -255,7 +256,7 @@ class GemmConfig(NamedTuple):
 
 
 CONFIG_ENV = "WIDEEP_FP8_GEMM_CONFIG"   # forces one GemmConfig (GemmConfig.parse) for every FP8 GEMM
-LARGE_ROWS = 512   # rows (plain) or mean rows per expert (grouped) from which the prefill configs apply
+LARGE_ROWS = CUBLAS_MIN_ROWS   # rows (plain) or mean rows per expert (grouped) from which the prefill configs apply
 
 # Decode-regime configs for DeepSeek-R1's weights, keyed by ("plain", N, K) / ("grouped", E, N, K), chosen
 # from the sweep of benchmarks/fp8_gemm.py on an H200 (docs/perf.md). They depend only on the weight's shape

@@ -122,8 +122,8 @@ class RoutedExperts(nn.Module):
     """This rank's routed experts, stacked: w13 [S + E_local, 2I, H] (gate ‖ up), w2 [S + E_local, H, I].
 
     S = n_shared (0 or 1): a shared expert of the routed experts' shape is stacked in slot 0, ahead of the
-    routed slots, so it runs as one more group of the same grouped MLP (`forward(..., with_shared=True)`); `w13_routed` etc.
-    are views of the routed slots (what dispatch counts and EPLB moves index), never a second copy.
+    routed slots, so it runs as one more group of the same grouped MLP (`forward(..., with_shared=True)`);
+    stacked_tensors() are views of the routed slots (what dispatch counts and EPLB moves index), not copies.
     Native FP8 (fp8_block set): both stay e4m3 with per-slot block scales w13_scale_inv
     [S + E_local, 2*ceil(I/bo), ceil(H/bi)] (gate's blocks, then up's) and w2_scale_inv [S + E_local, ceil(H/bo), ceil(I/bi)].
     """
@@ -160,14 +160,6 @@ class RoutedExperts(nn.Module):
         """Every per-expert stacked tensor, routed slots only (what moving an expert between slots must move;
         views, so in-place moves land in the stacked parameters)."""
         return [t[self.n_shared:] for t in self._all()]
-
-    @property
-    def w13_routed(self) -> torch.Tensor:
-        return self.w13[self.n_shared:]
-
-    @property
-    def w2_routed(self) -> torch.Tensor:
-        return self.w2[self.n_shared:]
 
     def _scale_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.w13.device

@@ -27,8 +27,11 @@ class _Handle:
 
 def pack_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """One byte row per token (x's bytes, int32 expert ids, fp32 weights): the dispatch is one collective,
-    not three (each NCCL call costs its fixed latency). Exact: ids fit int32, weights are cast back."""
-    t = x.shape[0]
+    not three (each NCCL call costs its fixed latency). Exact: ids fit int32, weights are cast back. Checked
+    here, before the collective: the int32/fp32 columns need x's row bytes to be a multiple of 4."""
+    t, hb = x.shape[0], x.shape[1] * x.element_size()
+    if hb % 4:
+        raise ValueError(f"allgather_reducescatter packs rows of 4-byte multiples; hidden bytes {hb}")
     return torch.cat([x.contiguous().view(torch.uint8).view(t, -1), ids.to(torch.int32).view(torch.uint8).view(t, -1),
                       weights.float().view(torch.uint8).view(t, -1)], dim=1)
 
@@ -36,8 +39,6 @@ def pack_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torc
 def unpack_rows(packed: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
     """Views of gathered packed rows as (x, ids, weights) with the dtypes of the local originals."""
     hb, k = x.shape[1] * x.element_size(), ids.shape[1]
-    if hb % 4:
-        raise ValueError(f"allgather_reducescatter packs rows of 4-byte multiples; hidden bytes {hb}")
     return (packed[:, :hb].view(x.dtype), packed[:, hb:hb + 4 * k].view(torch.int32).to(ids.dtype),
             packed[:, hb + 4 * k:].view(torch.float32).to(weights.dtype))
 
