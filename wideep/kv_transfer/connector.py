@@ -163,7 +163,8 @@ class KVConnector(KVConnectorBase):
         backing tensor as one region whose block is all layers' bytes; else every layer's cache whole."""
         assert self.caches is not None
         nb = caches[0].shape[0]
-        if self.cfg.cross_layers_blocks != self.caches.block_major:
+        # (one layer: both layouts are the same bytes, and both peers detect it alike)
+        if len(caches) > 1 and self.cfg.cross_layers_blocks != self.caches.block_major:
             raise ValueError(
                 "kv_connector_extra_config.enable_cross_layers_blocks is "
                 f"{str(self.cfg.cross_layers_blocks).lower()} but the KV caches are "
