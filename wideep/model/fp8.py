@@ -243,6 +243,7 @@ class Fp8Linear(nn.Module):
             torch.empty(sum(-(-r // block[0]) for r in self.parts), -(-in_features // block[1]), dtype=torch.float32),
             requires_grad=False)
         self._sidx: torch.Tensor | None = None  # made on first use, on the weight's device (not state)
+        self._part_sidx: list[torch.Tensor] = []   # per part, for forward_parts' prefill path (same)
 
     @property
     def scale_row(self) -> torch.Tensor:
@@ -259,10 +260,11 @@ class Fp8Linear(nn.Module):
         whose rows fill whole 128-row blocks (the stacked weight's rows need not)."""
         if len(self.parts) == 1 or x.reshape(-1, x.shape[-1]).shape[0] < CUBLAS_MIN_ROWS:
             return self(x).split(self.parts, dim=-1)
+        if not self._part_sidx or self._part_sidx[0].device != self.weight.device:
+            self._part_sidx = [scale_row_index([r], self.block[0], self.weight.device) for r in self.parts]
         outs, r0, b0 = [], 0, 0
-        for r in self.parts:
+        for r, sidx in zip(self.parts, self._part_sidx):
             nb = -(-r // self.block[0])
-            sidx = scale_row_index([r], self.block[0], self.weight.device)
             outs.append(fp8_linear(x, self.weight[r0:r0 + r], self.weight_scale_inv[b0:b0 + nb], sidx))
             r0, b0 = r0 + r, b0 + nb
         return tuple(outs)
