@@ -276,12 +276,28 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 block={self.block}"
 
 
+class StackedLinear(nn.Linear):
+    """nn.Linear whose output rows are several projections stacked (parts, as Fp8Linear's): forward_parts
+    gives each one's output, as views of one GEMM."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, parts: tuple[int, ...]):
+        super().__init__(in_features, out_features, bias=bias)
+        self.parts = tuple(parts)
+        if sum(self.parts) != out_features:
+            raise ValueError(f"StackedLinear: parts {self.parts} do not add up to out_features {out_features}")
+
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self(x).split(self.parts, dim=-1)
+
+
 def make_linear(in_features: int, out_features: int, bias: bool = False,
                 fp8_block: tuple[int, int] | None = None, parts: tuple[int, ...] | None = None) -> nn.Module:
     """nn.Linear, or Fp8Linear when the model runs natively in FP8 (no FP8 projection has a bias in R1).
-    parts: row counts of stacked projections (their FP8 scale blocks stay separate)."""
+    parts: row counts of stacked projections (their FP8 scale blocks stay separate); either class then has
+    forward_parts."""
     if fp8_block is None:
-        return nn.Linear(in_features, out_features, bias=bias)
+        return StackedLinear(in_features, out_features, bias, parts) if parts else nn.Linear(in_features, out_features,
+                                                                                             bias=bias)
     if bias:
         raise ValueError("native FP8 projections with a bias are not supported (attention_bias must be false)")
     return Fp8Linear(in_features, out_features, fp8_block, parts)
