@@ -90,8 +90,8 @@ def test_bf16_stacked_equals_separate():
     w = torch.randn(attn.fused_qkv_a_proj.weight.shape, generator=g).to(torch.bfloat16) * 0.05
     attn.fused_qkv_a_proj.weight.data = w
     x = torch.randn(5, cfg.hidden_size, generator=g).to(torch.bfloat16)
-    q_a, kv = attn._qkv_a(x)
-    wq, wkv = w.split(attn.qkv_a_parts)
+    q_a, kv = attn.fused_qkv_a_proj.forward_parts(x)
+    wq, wkv = w.split(attn.fused_qkv_a_proj.parts)
     assert torch.equal(q_a, torch.nn.functional.linear(x, wq))
     assert torch.equal(kv, torch.nn.functional.linear(x, wkv))
 

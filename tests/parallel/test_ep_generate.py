@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+from ep_helpers import run_to_completion
 
 from wideep.engine.api import EngineRequest, SamplingParams
 from wideep.engine.config import EngineArgs
@@ -25,16 +26,7 @@ def _tokens(per_request) -> dict[str, list[int]]:
 
 
 def _reference(model_dir) -> dict[str, list[int]]:
-    from wideep.engine.core import EngineCore
-
-    core = EngineCore(EngineArgs(model=str(model_dir), **SMALL))
-    for r in _requests():
-        core.add_request(r)
-    out: dict[str, list[int]] = {}
-    while core.has_unfinished():
-        for o in core.step():
-            out.setdefault(o.request_id, []).extend(o.new_token_ids)
-    return out
+    return run_to_completion(model_dir, _requests(), **SMALL)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from ep_helpers import kill_a_rank_mid_generation, run_to_completion
 
 from wideep.engine.api import EngineRequest, SamplingParams
 from wideep.engine.config import EngineArgs
@@ -22,16 +23,7 @@ def _requests():
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir) -> dict[str, list[int]]:
-    from wideep.engine.core import EngineCore
-
-    core = EngineCore(EngineArgs(model=str(tiny_model_dir), **SMALL))
-    for r in _requests():
-        core.add_request(r)
-    out: dict[str, list[int]] = {}
-    while core.has_unfinished():
-        for o in core.step():
-            out.setdefault(o.request_id, []).extend(o.new_token_ids)
-    return out
+    return run_to_completion(tiny_model_dir, _requests(), **SMALL)
 
 
 def _run(model_dir, ep, backend, **extra):
@@ -85,13 +77,6 @@ def test_dbo_graph_path_ep4_matches_ep1(tiny_model_dir, reference, tmp_path, mon
 def test_dead_rank_during_split_steps_is_a_lost_ep_group(tiny_model_dir):
     """Every step splits (thresholds 0): a peer killed mid-generation fails a micro-batch's in-flight
     collective, and the survivor reports the lost EP group and exits."""
-    import asyncio
-    import dataclasses
-    import os
-    import signal
-
-    from wideep.engine.client import AsyncEngineClient, EngineDeadError, ipc_addresses, spawn_engine_process
-    from wideep.engine.dp import run_dp_engine_process
     from wideep.utils.net import free_port
 
     base = EngineArgs(model=str(tiny_model_dir), data_parallel_size=2, data_parallel_size_local=2,
@@ -99,34 +84,5 @@ def test_dead_rank_during_split_steps_is_a_lost_ep_group(tiny_model_dir):
                       block_size=16, enforce_eager=True, enable_dbo=True, dbo_decode_token_threshold=0,
                       dbo_prefill_token_threshold=0)
 
-    async def scenario() -> str:
-        clients = []
-        try:
-            for rank in range(2):
-                inp, out = ipc_addresses()
-                c = AsyncEngineClient(inp, out)
-                c.process = spawn_engine_process(dataclasses.replace(base, data_parallel_rank=rank), inp, out,
-                                                 target=run_dp_engine_process)
-                clients.append(c)
-            await asyncio.wait_for(asyncio.gather(*(c.wait_ready(180) for c in clients)), 180)
-            sp = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
-            stream = clients[0].generate(EngineRequest("long", [5, 6, 7], sp))
-            assert (await asyncio.wait_for(stream.__anext__(), 60)).new_token_ids
-            os.kill(clients[1].process.pid, signal.SIGKILL)
-            with pytest.raises(EngineDeadError) as err:
-                async def drain():
-                    async for _ in stream:
-                        pass
-                await asyncio.wait_for(drain(), 90)
-            clients[0].process.join(timeout=30)
-            assert not clients[0].process.is_alive(), "surviving rank did not exit"
-            return str(err.value)
-        finally:
-            for c in clients:
-                if c.process is not None and c.process.is_alive():
-                    c.process.kill()
-                    c.process.join(timeout=5)
-                c.close()
-
-    message = asyncio.run(scenario())
+    message = kill_a_rank_mid_generation(base)
     assert "lost the EP group" in message, message

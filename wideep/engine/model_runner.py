@@ -155,7 +155,7 @@ class ModelRunner:
                 staging.arrays[6][:n] = src
                 dst_rows, src_rows = (t[:n].to(dev, non_blocking=True) for t in staging.tensors[5:])
             else:
-                dst_rows, src_rows = (torch.tensor(v, dtype=torch.long).to(dev, non_blocking=True) for v in (rows, src))
+                dst_rows, src_rows = (host_to_device(v, torch.long, dev) for v in (rows, src))
             ids[dst_rows] = self._last_tokens[src_rows]
 
     # ---- execution ----------------------------------------------------------------------------

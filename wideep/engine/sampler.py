@@ -205,9 +205,9 @@ class Sampler:
             noise = torch.empty((len(unseeded), vocab), device=probs.device).exponential_(generator=self.generator)
         else:
             noise = torch.empty_like(probs)
-        if unseeded and len(unseeded) < len(params):
-            noise[host_to_device(unseeded, torch.long, probs.device)] = torch.empty(
-                (len(unseeded), vocab), device=probs.device).exponential_(generator=self.generator)
+            if unseeded:
+                noise[host_to_device(unseeded, torch.long, probs.device)] = torch.empty(
+                    (len(unseeded), vocab), device=probs.device).exponential_(generator=self.generator)
         for i, (p, r) in enumerate(zip(params, reqs)):
             if p.seed is not None:
                 noise[i].exponential_(generator=self._request_generator(r))

@@ -243,6 +243,7 @@ class Fp8Linear(nn.Module):
             torch.empty(sum(-(-r // block[0]) for r in self.parts), -(-in_features // block[1]), dtype=torch.float32),
             requires_grad=False)
         self._sidx: torch.Tensor | None = None  # made on first use, on the weight's device (not state)
+        self._part_sidx: list[torch.Tensor] = []   # per part, for forward_parts' prefill path (same)
 
     @property
     def scale_row(self) -> torch.Tensor:
@@ -259,10 +260,11 @@ class Fp8Linear(nn.Module):
         whose rows fill whole 128-row blocks (the stacked weight's rows need not)."""
         if len(self.parts) == 1 or x.reshape(-1, x.shape[-1]).shape[0] < CUBLAS_MIN_ROWS:
             return self(x).split(self.parts, dim=-1)
+        if not self._part_sidx or self._part_sidx[0].device != self.weight.device:
+            self._part_sidx = [scale_row_index([r], self.block[0], self.weight.device) for r in self.parts]
         outs, r0, b0 = [], 0, 0
-        for r in self.parts:
+        for r, sidx in zip(self.parts, self._part_sidx):
             nb = -(-r // self.block[0])
-            sidx = scale_row_index([r], self.block[0], self.weight.device)
             outs.append(fp8_linear(x, self.weight[r0:r0 + r], self.weight_scale_inv[b0:b0 + nb], sidx))
             r0, b0 = r0 + r, b0 + nb
         return tuple(outs)
@@ -274,12 +276,28 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 block={self.block}"
 
 
+class StackedLinear(nn.Linear):
+    """nn.Linear whose output rows are several projections stacked (parts, as Fp8Linear's): forward_parts
+    gives each one's output, as views of one GEMM."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, parts: tuple[int, ...]):
+        super().__init__(in_features, out_features, bias=bias)
+        self.parts = tuple(parts)
+        if sum(self.parts) != out_features:
+            raise ValueError(f"StackedLinear: parts {self.parts} do not add up to out_features {out_features}")
+
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self(x).split(self.parts, dim=-1)
+
+
 def make_linear(in_features: int, out_features: int, bias: bool = False,
                 fp8_block: tuple[int, int] | None = None, parts: tuple[int, ...] | None = None) -> nn.Module:
     """nn.Linear, or Fp8Linear when the model runs natively in FP8 (no FP8 projection has a bias in R1).
-    parts: row counts of stacked projections (their FP8 scale blocks stay separate)."""
+    parts: row counts of stacked projections (their FP8 scale blocks stay separate); either class then has
+    forward_parts."""
     if fp8_block is None:
-        return nn.Linear(in_features, out_features, bias=bias)
+        return StackedLinear(in_features, out_features, bias, parts) if parts else nn.Linear(in_features, out_features,
+                                                                                             bias=bias)
     if bias:
         raise ValueError("native FP8 projections with a bias are not supported (attention_bias must be false)")
     return Fp8Linear(in_features, out_features, fp8_block, parts)

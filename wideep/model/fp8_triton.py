@@ -194,38 +194,32 @@ if triton is not None:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def act_quant(x: torch.Tensor, pad_rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (e4m3 [M', K], fp32 scales [M', ceil(K/128)] with strides (1, M')), M' = M rounded up to
-    pad_rows (cuBLAS's block scaling wants 16-byte aligned scale columns); rows past M are left unset."""
-    m, k = x.shape
-    x = x.contiguous()
-    ng = triton.cdiv(k, GROUP)
+def _quantize_rows(kernel, src: torch.Tensor, m: int, width: int, pad_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs a per-token-group quantization kernel over m rows of `width` output channels: e4m3 [M', width] and
+    fp32 scales [M', ceil(width/128)] with strides (1, M'), M' = m rounded up to pad_rows (cuBLAS's block scaling
+    wants 16-byte aligned scale columns); rows past m are left unset."""
+    ng = triton.cdiv(width, GROUP)
     mp = -(-m // pad_rows) * pad_rows
-    q = torch.empty((mp, k), dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty((ng, mp), dtype=torch.float32, device=x.device)
+    q = torch.empty((mp, width), dtype=torch.float8_e4m3fn, device=src.device)
+    s = torch.empty((ng, mp), dtype=torch.float32, device=src.device)
     if m:
         groups = 8 if ng >= 8 else triton.next_power_of_2(ng)
-        _act_quant_kernel[(m, triton.cdiv(ng, groups))](x, q, s, mp, k, x.stride(0), q.stride(0), GROUP_K=GROUP,
-                                                        GROUPS=groups, num_warps=4 if groups >= 4 else 1)
+        kernel[(m, triton.cdiv(ng, groups))](src, q, s, mp, width, src.stride(0), q.stride(0), GROUP_K=GROUP,
+                                             GROUPS=groups, num_warps=4 if groups >= 4 else 1)
     return q, s.t()
+
+
+def act_quant(x: torch.Tensor, pad_rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M', K], fp32 scales [M', ceil(K/128)]), as _quantize_rows lays them out."""
+    x = x.contiguous()
+    return _quantize_rows(_act_quant_kernel, x, x.shape[0], x.shape[1], pad_rows)
 
 
 def silu_mul_quant(h: torch.Tensor, pad_rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """h [M, 2I] -> quantized silu(h[:, :I]) * h[:, I:]: (e4m3 [M', I], fp32 scales [M', ceil(I/128)], strides
-    (1, M')), M' as in act_quant."""
-    m, two_i = h.shape
-    inter = two_i // 2
+    """h [M, 2I] -> quantized silu(h[:, :I]) * h[:, I:]: (e4m3 [M', I], fp32 scales [M', ceil(I/128)]), as
+    _quantize_rows lays them out."""
     h = h.contiguous()
-    ng = triton.cdiv(inter, GROUP)
-    mp = -(-m // pad_rows) * pad_rows
-    q = torch.empty((mp, inter), dtype=torch.float8_e4m3fn, device=h.device)
-    s = torch.empty((ng, mp), dtype=torch.float32, device=h.device)
-    if m:
-        groups = 8 if ng >= 8 else triton.next_power_of_2(ng)
-        _silu_mul_quant_kernel[(m, triton.cdiv(ng, groups))](h, q, s, mp, inter, h.stride(0), q.stride(0),
-                                                             GROUP_K=GROUP, GROUPS=groups,
-                                                             num_warps=4 if groups >= 4 else 1)
-    return q, s.t()
+    return _quantize_rows(_silu_mul_quant_kernel, h, h.shape[0], h.shape[1] // 2, pad_rows)
 
 
 class GemmConfig(NamedTuple):

@@ -38,9 +38,8 @@ class MLAttention(nn.Module):
         else:
             # q_a_proj ‖ kv_a_proj_with_mqa stacked into one weight (the loader concatenates the checkpoint's
             # two): both read the same x, so one activation quantization and one GEMM instead of two each
-            self.qkv_a_parts = (c.q_lora_rank, kv_a)
             self.fused_qkv_a_proj = make_linear(c.hidden_size, c.q_lora_rank + kv_a, c.attention_bias, fp8_block,
-                                                parts=self.qkv_a_parts)
+                                                parts=(c.q_lora_rank, kv_a))
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
             self.q_b_proj = make_linear(c.q_lora_rank, self.num_heads * self.qk_head_dim, False, fp8_block)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
@@ -82,7 +81,7 @@ class MLAttention(nn.Module):
         if self.q_lora_rank is None:
             q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         else:
-            q_a, kv = self._qkv_a(x)
+            q_a, kv = self.fused_qkv_a_proj.forward_parts(x)
             q = self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.view(t, self.num_heads, self.qk_head_dim)
         q_nope = q[..., : self.nope]
@@ -99,13 +98,6 @@ class MLAttention(nn.Module):
         if attn.num_seqs > nd:
             self._prefill(q, attn, kv_cache, out)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
-
-    def _qkv_a(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q_a_proj(x), kv_a_proj_with_mqa(x)) from the stacked weight: views into one output."""
-        proj = self.fused_qkv_a_proj
-        if isinstance(proj, Fp8Linear):
-            return proj.forward_parts(x)
-        return proj(x).split(self.qkv_a_parts, dim=-1)
 
     def _decode(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache, out: torch.Tensor | None = None
                 ) -> torch.Tensor:
