@@ -31,6 +31,7 @@ import torch
 from wideep import envs
 from wideep.model.triton_compat import constexpr, tl, triton
 
+from . import mla_decode_hopper
 from .attention import MAX_SPLITS, SPLIT_ALIGN, is_fp8, split_tokens
 
 log = logging.getLogger(__name__)
@@ -49,25 +50,29 @@ class DecodeConfig:
     num_stages: int   # software-pipelining depth of the latent tile loads
     split_v: bool = False   # the Hopper variant: value accumulator as two 256-wide halves
     f16: bool = False       # fp8 cache only: widen tiles to fp16 (one conversion instruction) instead of bf16
+    tma: bool = False       # Hopper: whole pages by bulk tensor copies (mla_decode_hopper); needs block_n == page, sv
 
     def __str__(self) -> str:
         return (f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}" + (",sv" if self.split_v else "")
-                + (",f16" if self.f16 else ""))
+                + (",f16" if self.f16 else "") + (",tma" if self.tma else ""))
 
     @classmethod
     def parse(cls, text: str) -> "DecodeConfig":
         parts = [x.strip() for x in text.split(",")]
         flags = set(parts[4:])
         try:
-            if len(parts) < 4 or flags - {"sv", "f16"}:
+            if len(parts) < 4 or flags - {"sv", "f16", "tma"}:
                 raise ValueError(text)
             bh, bn, w, st = (int(x) for x in parts[:4])
         except ValueError as exc:
-            raise ValueError(f"{CONFIG_ENV} must be 'block_h,block_n,num_warps,num_stages[,sv][,f16]', got {text!r}") from exc
+            raise ValueError(f"{CONFIG_ENV} must be 'block_h,block_n,num_warps,num_stages[,sv][,f16][,tma]', got "
+                             f"{text!r}") from exc
         if bh < 16 or bn < 16 or bh & (bh - 1) or bn & (bn - 1) or bn > SPLIT_ALIGN:
             raise ValueError(f"{CONFIG_ENV}: block_h and block_n must be powers of two >= 16 (block_n <= "
                              f"{SPLIT_ALIGN}), got {text!r}")
-        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags)
+        if "tma" in flags and "sv" not in flags:
+            raise ValueError(f"{CONFIG_ENV}: the tma variant is a split-value kernel (add sv), got {text!r}")
+        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags)
 
 
 # Candidates in order of preference; a config that fails to compile (e.g. out of shared memory) is
@@ -325,7 +330,8 @@ def _kernels(interpret: bool):
                            "triton is imported) and on CUDA tensors only without it")
     # chunk / max_splits are runtime values: one compiled variant for all of them
     return (triton.jit(_mla_decode_split_kernel, do_not_specialize=["chunk", "max_splits"]),
-            triton.jit(_mla_decode_combine_kernel, do_not_specialize=["chunk", "max_splits"]))
+            triton.jit(_mla_decode_combine_kernel, do_not_specialize=["chunk", "max_splits"]),
+            triton.jit(mla_decode_hopper._mla_decode_tma_kernel, do_not_specialize=["chunk", "max_splits"]))
 
 
 # ---- launch -----------------------------------------------------------------------------------------
@@ -468,26 +474,41 @@ def _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, k_scale, 
         q_lat = q_lat.clamp(-65504.0, 65504.0).to(torch.float16)
         q_pe = q_pe.clamp(-65504.0, 65504.0).to(torch.float16)
     dot_f32 = interpret and q_lat.dtype != torch.float32
-    split_kernel, combine_kernel = _kernels(interpret)
+    split_kernel, combine_kernel, tma_kernel = _kernels(interpret)
     b, nq, h, lat = q_lat.shape
     rope = q_pe.shape[3]
     rows = nq * h
+    page = kv_cache.shape[1]
     block_l, block_r = _pow2(lat), _pow2(rope)
     if cfg.split_v and block_l != lat:
         raise ValueError(f"the split-value variant needs a power-of-two kv_lora_rank, got {lat}")
     head_groups = -(-rows // cfg.block_h)
     splits = grid_splits(max_ctx, chunk)
     grid = (head_groups, b, splits)
-    common = dict(L=lat, R=rope, PAGE=kv_cache.shape[1], BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_H=cfg.block_h,
-                  BLOCK_N=cfg.block_n, HALF=block_l // 2, NUM_Q=nq, ALIGN=SPLIT_ALIGN, IEEE=ieee, SPLIT_V=cfg.split_v, KV_FP8=fp8,
-                  DOT_F32=dot_f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.tma:
+        why = mla_decode_hopper.tma_supported(kv_cache, page, lat, rope, cfg.block_n)
+        if why is None and (q_lat.dtype == torch.float32 or rope != block_r or SPLIT_ALIGN % page):
+            why = "fp32 compute, or a rope width / page size the TMA tile does not cover"
+        if why is not None:
+            raise ValueError(f"MLA decode config {cfg} does not apply: {why}")
+        kernel = tma_kernel
+        descs = mla_decode_hopper.make_descriptors(kv_cache, lat, rope)
+        common = dict(L=lat, R=rope, PAGE=page, BLOCK_H=cfg.block_h, HALF=lat // 2, NUM_Q=nq, ALIGN=SPLIT_ALIGN,
+                      KV_FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        kernel = split_kernel
+        descs = ()
+        common = dict(L=lat, R=rope, PAGE=page, BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_H=cfg.block_h,
+                      BLOCK_N=cfg.block_n, HALF=block_l // 2, NUM_Q=nq, ALIGN=SPLIT_ALIGN, IEEE=ieee,
+                      SPLIT_V=cfg.split_v, KV_FP8=fp8, DOT_F32=dot_f32, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages)
     qs = (q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2))
     kvs = (kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0))
     sm = scale * _LOG2E * k_scale
     flat_out = out.view(b, rows, lat)
     if splits == 1:
-        split_kernel[grid](
-            q_lat, q_pe, kv_cache, block_tables, seq_lens, flat_out, flat_out,
+        kernel[grid](
+            q_lat, q_pe, kv_cache, *descs, block_tables, seq_lens, flat_out, flat_out,
             sm, k_scale, chunk, MAX_SPLITS, h, *qs, *kvs,
             flat_out.stride(0), flat_out.stride(1), 0, 0, 0,
             SPLIT=False, **common,
@@ -495,8 +516,8 @@ def _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, k_scale, 
         return
     part = torch.empty((b, rows, splits, lat), dtype=torch.float32, device=q_lat.device)
     lse = torch.empty((b, rows, splits), dtype=torch.float32, device=q_lat.device)
-    split_kernel[grid](
-        q_lat, q_pe, kv_cache, block_tables, seq_lens, part, lse,
+    kernel[grid](
+        q_lat, q_pe, kv_cache, *descs, block_tables, seq_lens, part, lse,
         sm, k_scale, chunk, MAX_SPLITS, h, *qs, *kvs,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         SPLIT=True, **common,
