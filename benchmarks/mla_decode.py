@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--study", action="store_true", help="tokens per split vs batch size, fp8 compute variants")
     p.add_argument("--old", default=None, help="path of the present kernel's module (mla_decode_triton.py of main) "
                    "to time beside the new one")
-    p.add_argument("--suite-configs", default="64,64,8,2;64,64,8,2,sv;64,64,8,2,sv,f16")
+    p.add_argument("--suite-configs", default="64,64,8,2,sv;64,64,8,2,sv,tma;64,64,8,2,sv,f16,tma;64,64,8,2,sv,f16")
     return p.parse_args(argv)
 
 

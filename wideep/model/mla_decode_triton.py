@@ -91,9 +91,11 @@ CUDA_CONFIGS_MANY_HEADS = (
 # every bf16 shape (0.318 ms vs 0.344 at B=128 ctx 2048, 2048 tokens per split); over an fp8 cache it needs
 # the fp16 widening to beat the bf16 one (0.371 ms vs 0.464).
 HOPPER_CONFIGS_MANY_HEADS = (
+    DecodeConfig(64, 64, 8, 2, split_v=True, tma=True),
     DecodeConfig(64, 64, 8, 2, split_v=True),
 )
 HOPPER_CONFIGS_FP8 = (
+    DecodeConfig(64, 64, 8, 2, split_v=True, f16=True, tma=True),
     DecodeConfig(64, 64, 8, 2, split_v=True, f16=True),
     DecodeConfig(64, 64, 8, 2, split_v=True),
 )
