@@ -155,6 +155,22 @@ def run_suite(args):
         report["checks"].append(dict(what=f"oracle {cfg} H={heads} Q={nq}", err=err, ok=ok))
         print(f"oracle {cfg} H={heads} Q={nq}: rel {err[1]:.2e} -> {'ok' if ok else 'FAIL'}", flush=True)
 
+    # -- the cross-layer cache layout: a layer's cache is a strided view (block stride = layers * page * 576)
+    for dt in (torch.bfloat16, FP8):
+        q_lat, q_pe, stored, table, lens = ragged_case(24, 128, page, 3000, 2560, dt, 11)
+        pool = torch.full((stored.shape[0], 3) + tuple(stored.shape[1:]), float("nan"), device="cuda").to(dt)
+        pool[:, 1] = stored
+        view = pool[:, 1]
+        truth = oracle(q_lat, q_pe, stored, table, lens)
+        out = mdt.mla_decode(q_lat, q_pe, view, table, lens, SCALE, K_SCALE if dt == FP8 else 1.0)
+        flat = mdt.mla_decode(q_lat, q_pe, stored, table, lens, SCALE, K_SCALE if dt == FP8 else 1.0)
+        err = errors(torch, out, truth)
+        ok = err[2] and err[1] < 2e-2 and bool(torch.equal(out, flat))
+        report["checks"].append(dict(what=f"cross-layer strided view {dt}", err=err, ok=ok))
+        print(f"cross-layer strided view {dt}: rel {err[1]:.2e}, bits equal to the flat cache "
+              f"{bool(torch.equal(out, flat))} -> {'ok' if ok else 'FAIL'}", flush=True)
+        del pool, view
+
     # -- batch invariance of the kernel (default config): alone vs in a batch of 37, narrow vs wide table
     q_lat, q_pe, stored, table, lens = ragged_case(37, 128, page, 5000, 2560, torch.bfloat16, 9)
     batch = mdt.mla_decode(q_lat, q_pe, stored, table, lens, SCALE)

@@ -90,12 +90,15 @@ CUDA_CONFIGS_MANY_HEADS = (
 # (benchmarks/mla_decode.py --suite/--study, 2026-11-30): the split-value variant beat the present tile at
 # every bf16 shape (0.318 ms vs 0.344 at B=128 ctx 2048, 2048 tokens per split); over an fp8 cache it needs
 # the fp16 widening to beat the bf16 one (0.371 ms vs 0.464).
+# The TMA variant (whole pages by bulk tensor copies, mla_decode_hopper) beat it over a bf16 cache at every
+# shape (H200, 2026-11-30: 0.267 ms vs 0.314 at B=128 ctx 2048, 15-17% less everywhere); over an fp8 cache
+# it lost (0.421 ms vs 0.371: the e4m3 tile is widened in registers either way and spills), so fp8 keeps
+# the pointer-load tile. A cache the bulk copy cannot describe (unaligned strides, page != 64) falls back.
 HOPPER_CONFIGS_MANY_HEADS = (
     DecodeConfig(64, 64, 8, 2, split_v=True, tma=True),
     DecodeConfig(64, 64, 8, 2, split_v=True),
 )
 HOPPER_CONFIGS_FP8 = (
-    DecodeConfig(64, 64, 8, 2, split_v=True, f16=True, tma=True),
     DecodeConfig(64, 64, 8, 2, split_v=True, f16=True),
     DecodeConfig(64, 64, 8, 2, split_v=True),
 )
