@@ -209,7 +209,10 @@ def test_config_flags_and_hopper_preference(monkeypatch):
     monkeypatch.delenv(mdt.CONFIG_ENV, raising=False)
     bf16 = mdt._candidates(128, False, torch.bfloat16, hopper=True)
     fp8 = mdt._candidates(128, False, torch.bfloat16, hopper=True, fp8=True)
-    assert bf16[0].split_v and fp8[0].f16
+    assert bf16[0].split_v and bf16[0].tma and fp8[0].f16 and not fp8[0].tma   # measured: TMA loses over fp8
+    assert mdt.DecodeConfig.parse(str(bf16[0])) == bf16[0]
+    with pytest.raises(ValueError, match="sv"):
+        mdt.DecodeConfig.parse("64,64,8,2,tma")
     assert bf16[-len(mdt.CUDA_CONFIGS_MANY_HEADS):] == mdt.CUDA_CONFIGS_MANY_HEADS   # the present kernel backs it
     assert not any(c.split_v for c in mdt._candidates(128, False, torch.bfloat16, hopper=False))
     monkeypatch.setenv(SPLIT_TOKENS_ENV, "1000")
@@ -217,3 +220,69 @@ def test_config_flags_and_hopper_preference(monkeypatch):
         split_tokens()
     monkeypatch.setenv(SPLIT_TOKENS_ENV, "1024")
     assert split_tokens() == 1024
+
+
+TMA = mdt.DecodeConfig(16, 16, 1, 1, split_v=True, tma=True)
+
+
+def test_tma_kernel_against_fp32_oracle():
+    """The Hopper TMA kernel (whole pages by tensor descriptors, the partial last page by masked loads) on
+    fp16 (the interpreter's bf16 dot is not exact): NaN past seq_len and in unowned blocks, empty rows,
+    several splits, 1 and 3 query tokens."""
+    lens = [300, 0, 129, 517, 16]
+    for nq in (1, 3):
+        q_lat, q_pe, cache, tables, seq_lens = make_case(16, lens, heads=6, table_width=40, seed=31 + nq)
+        g = torch.Generator().manual_seed(nq)
+        ql = torch.randn(len(lens), nq, 6, 64, generator=g).to(q_lat).half()
+        qp = torch.randn(len(lens), nq, 6, 16, generator=g).to(q_pe).half()
+        c16 = cache.half()
+        ref = paged_mla_decode_torch(ql.float(), qp.float(), c16.float(), tables, seq_lens, 64, 0.2, chunk=128)
+        for chunk in (128, 1024):
+            out = mdt.mla_decode(ql, qp, c16, tables, seq_lens, 0.2, config=TMA, chunk=chunk)
+            assert out.shape == ql.shape and torch.isfinite(out).all()
+            assert out[1].abs().max() == 0
+            torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-3)
+
+
+def test_tma_kernel_strided_cross_layer_view_and_batch_invariance():
+    """A layer's cache as a view into a cross-layer pool (block stride = layers * page * width) gives the
+    flat cache's bits; a sequence alone gives the bits it gets inside a batch (narrow vs wide table)."""
+    q_lat, q_pe, cache, tables, seq_lens = make_case(16, [77, 200, 0, 33], heads=4, table_width=30, seed=41)
+    q_lat, q_pe, cache = q_lat.half(), q_pe.half(), cache.half()
+    pool = torch.full((cache.shape[0], 3) + tuple(cache.shape[1:]), float("nan"), dtype=cache.dtype)
+    pool[:, 2] = cache
+    flat = mdt.mla_decode(q_lat, q_pe, cache, tables, seq_lens, 0.2, config=TMA, chunk=128)
+    view = mdt.mla_decode(q_lat, q_pe, pool[:, 2], tables, seq_lens, 0.2, config=TMA, chunk=128)
+    assert torch.equal(flat, view)
+    alone = mdt.mla_decode(q_lat[1:2], q_pe[1:2], cache, tables[1:2, :13], seq_lens[1:2], 0.2, config=TMA, chunk=128)
+    assert torch.equal(alone, flat[1:2])
+
+
+def test_tma_applicability_and_logged_fallback(monkeypatch, caplog):
+    from wideep.model import mla_decode_hopper as mh
+
+    cache = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
+    assert mh.tma_supported(cache, 64, 512, 64, 64) is None
+    assert mh.tma_supported(torch.zeros(4, 3, 64, 576, dtype=torch.bfloat16)[:, 1], 64, 512, 64, 64) is None
+    assert "block_n" in mh.tma_supported(cache, 64, 512, 64, 32)
+    odd_rows = torch.zeros(4, 64, 580, dtype=torch.bfloat16)[..., :576]   # row stride 1160 B: not 16-aligned
+    assert "aligned" in mh.tma_supported(odd_rows, 64, 512, 64, 64)
+    half, pe = mh.make_descriptors(torch.zeros(4, 3, 64, 576, dtype=torch.bfloat16)[:, 1], 512, 64)
+    assert half.strides == [3 * 64 * 576, 576, 1] and half.block_shape == [1, 64, 256] and pe.block_shape == [1, 64, 64]
+
+    # a cache the bulk copy cannot describe: the TMA config is refused, the next candidate serves, logged once
+    q_lat, q_pe, cache, tables, seq_lens = make_case(16, [40, 7], heads=4, seed=43)
+    padded = torch.full(cache.shape[:2] + (cache.shape[2] + 3,), float("nan")).half()
+    padded[..., :80] = cache.half()
+    odd = padded[..., :80]                                  # row stride 83 halves: not 16-byte aligned
+    q_lat, q_pe = q_lat.half(), q_pe.half()
+    with pytest.raises(RuntimeError):
+        mdt.mla_decode(q_lat, q_pe, odd, tables, seq_lens, 0.2, config=TMA)
+    monkeypatch.setattr(mdt, "_candidates", lambda *a, **k: (TMA, mdt.INTERPRET_CONFIG))
+    monkeypatch.setattr(mdt, "_chosen", {})
+    monkeypatch.setattr(mdt, "_logged", set())
+    ref = mdt.mla_decode(q_lat, q_pe, odd, tables, seq_lens, 0.2, config=mdt.INTERPRET_CONFIG)
+    with caplog.at_level("WARNING", logger=mdt.log.name):
+        for _ in range(2):
+            assert torch.equal(mdt.mla_decode(q_lat, q_pe, odd, tables, seq_lens, 0.2), ref)
+    assert sum("did not run here" in r.message for r in caplog.records) == 1
