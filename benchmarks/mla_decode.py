@@ -51,6 +51,7 @@ def parse_args(argv=None):
                         "present kernel vs new configs at B=128/256 x ctx 2k/4k/8k, bf16 and fp8 cache, and graph vs "
                         "eager tokens of the tiny model")
     p.add_argument("--study", action="store_true", help="tokens per split vs batch size, fp8 compute variants")
+    p.add_argument("--smoke", action="store_true", help="each --suite-configs entry on a small case vs the oracle")
     p.add_argument("--old", default=None, help="path of the present kernel's module (mla_decode_triton.py of main) "
                    "to time beside the new one")
     p.add_argument("--suite-configs", default="64,64,8,2,sv;64,64,8,2,sv,tma;64,64,8,2,sv,f16,tma;64,64,8,2,sv,f16")
@@ -449,6 +450,9 @@ def main(argv=None):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--aot-child", "--configs", args.configs]
         return subprocess.run(cmd, env=env).returncode
     import torch
+    if torch.cuda.is_available() and args.smoke:
+        from mla_decode_suite import run_smoke
+        return run_smoke(args)
     if torch.cuda.is_available() and (args.suite or args.study):
         from mla_decode_suite import run_study, run_suite
         if args.suite:

@@ -286,3 +286,35 @@ def test_tma_applicability_and_logged_fallback(monkeypatch, caplog):
         for _ in range(2):
             assert torch.equal(mdt.mla_decode(q_lat, q_pe, odd, tables, seq_lens, 0.2), ref)
     assert sum("did not run here" in r.message for r in caplog.records) == 1
+
+
+def test_gluon_config_rules_and_applicability(monkeypatch, caplog):
+    """The Gluon kernel cannot run on the CPU (no interpreter for it): its config rules, the cache layouts it
+    accepts, its descriptor geometry, and that where it does not apply the next config serves, logged once."""
+    cfg = mdt.DecodeConfig.parse("64,64,4,2,gluon,ov")
+    assert cfg.gluon and cfg.overlap and mdt.DecodeConfig.parse(str(cfg)) == cfg
+    for bad in ("64,64,8,2,gluon", "64,64,4,2,sv,gluon", "64,64,8,2,sv,ov"):
+        with pytest.raises(ValueError, match=mdt.CONFIG_ENV):
+            mdt.DecodeConfig.parse(bad)
+    try:
+        from wideep.model import mla_decode_gluon as mg
+    except ImportError:
+        mg = None
+    if mg is not None:
+        flat = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
+        layered = torch.zeros(4, 3, 64, 576, dtype=torch.bfloat16)[:, 1]   # the cross-layer per-layer view
+        assert mg.supported(flat, torch.bfloat16, 512, 64, 64, 128) is None
+        assert mg.supported(layered, torch.bfloat16, 512, 64, 64, 128) is None
+        assert "bf16" in mg.supported(flat.to(torch.float8_e4m3fn), torch.bfloat16, 512, 64, 64, 128)
+        assert "tile" in mg.supported(torch.zeros(4, 32, 576, dtype=torch.bfloat16), torch.bfloat16, 512, 64, 32, 128)
+        desc, blk_rows = mg.make_descriptor(layered)
+        assert blk_rows == 3 * 64 and desc.shape == [3 * 192 + 64, 576] and desc.block_shape == [64, 64]
+
+    q_lat, q_pe, cache, tables, seq_lens = make_case(16, [40, 7], heads=4, seed=47)
+    monkeypatch.setattr(mdt, "_candidates", lambda *a, **k: (cfg, mdt.INTERPRET_CONFIG))
+    monkeypatch.setattr(mdt, "_chosen", {})
+    monkeypatch.setattr(mdt, "_logged", set())
+    ref = mdt.mla_decode(q_lat, q_pe, cache, tables, seq_lens, 0.2, config=mdt.INTERPRET_CONFIG)
+    with caplog.at_level("WARNING", logger=mdt.log.name):
+        assert torch.equal(mdt.mla_decode(q_lat, q_pe, cache, tables, seq_lens, 0.2), ref)
+    assert sum("did not run here" in r.message for r in caplog.records) == 1

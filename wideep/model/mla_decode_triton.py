@@ -51,17 +51,20 @@ class DecodeConfig:
     split_v: bool = False   # the Hopper variant: value accumulator as two 256-wide halves
     f16: bool = False       # fp8 cache only: widen tiles to fp16 (one conversion instruction) instead of bf16
     tma: bool = False       # Hopper: whole pages by bulk tensor copies (mla_decode_hopper); needs block_n == page, sv
+    gluon: bool = False     # Hopper: the warp-specialized Gluon kernel (mla_decode_gluon); 64,64,4,<stages>
+    overlap: bool = False   # gluon only: a page's PV product runs behind the next page's scores
 
     def __str__(self) -> str:
         return (f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}" + (",sv" if self.split_v else "")
-                + (",f16" if self.f16 else "") + (",tma" if self.tma else ""))
+                + (",f16" if self.f16 else "") + (",tma" if self.tma else "") + (",gluon" if self.gluon else "")
+                + (",ov" if self.overlap else ""))
 
     @classmethod
     def parse(cls, text: str) -> "DecodeConfig":
         parts = [x.strip() for x in text.split(",")]
         flags = set(parts[4:])
         try:
-            if len(parts) < 4 or flags - {"sv", "f16", "tma"}:
+            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "ov"}:
                 raise ValueError(text)
             bh, bn, w, st = (int(x) for x in parts[:4])
         except ValueError as exc:
@@ -72,7 +75,11 @@ class DecodeConfig:
                              f"{SPLIT_ALIGN}), got {text!r}")
         if "tma" in flags and "sv" not in flags:
             raise ValueError(f"{CONFIG_ENV}: the tma variant is a split-value kernel (add sv), got {text!r}")
-        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags)
+        if "gluon" in flags and (bh, bn, w) != (64, 64, 4) or "gluon" in flags and flags & {"sv", "f16", "tma"}:
+            raise ValueError(f"{CONFIG_ENV}: the gluon kernel is '64,64,4,<stages>,gluon[,ov]', got {text!r}")
+        if "ov" in flags and "gluon" not in flags:
+            raise ValueError(f"{CONFIG_ENV}: ov applies to the gluon kernel only, got {text!r}")
+        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags, "gluon" in flags, "ov" in flags)
 
 
 # Candidates in order of preference; a config that fails to compile (e.g. out of shared memory) is
@@ -490,6 +497,10 @@ def _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, k_scale, 
     head_groups = -(-rows // cfg.block_h)
     splits = grid_splits(max_ctx, chunk)
     grid = (head_groups, b, splits)
+    if cfg.gluon:
+        _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale * _LOG2E * k_scale, k_scale, cfg,
+                      chunk, grid, fp8, combine_kernel)
+        return
     if cfg.tma:
         why = mla_decode_hopper.tma_supported(kv_cache, page, lat, rope, cfg.block_n)
         if why is None and (q_lat.dtype == torch.float32 or rope != block_r or SPLIT_ALIGN % page):
@@ -532,6 +543,39 @@ def _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, k_scale, 
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         flat_out.stride(0), flat_out.stride(1),
         BLOCK_L=block_l, num_warps=4,
+    )
+
+
+def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_scale, cfg: DecodeConfig, chunk, grid,
+                  fp8, combine_kernel):
+    """The warp-specialized Gluon kernel; a ValueError says it does not apply here (the next config serves)."""
+    if fp8 or not q_lat.is_cuda:
+        raise ValueError(f"MLA decode config {cfg} does not apply: needs a bf16/fp16 cache on CUDA")
+    try:
+        from . import mla_decode_gluon
+    except ImportError as exc:
+        raise ValueError(f"MLA decode config {cfg} does not apply: Triton without Gluon ({exc})") from exc
+    b, nq, h, lat = q_lat.shape
+    why = mla_decode_gluon.supported(kv_cache, q_lat.dtype, lat, q_pe.shape[3], kv_cache.shape[1], SPLIT_ALIGN)
+    if why is not None:
+        raise ValueError(f"MLA decode config {cfg} does not apply: {why}")
+    rows = nq * h
+    splits = grid[2]
+    flat_out = out.view(b, rows, lat)
+    common = dict(stages=cfg.num_stages, align=SPLIT_ALIGN, overlap=cfg.overlap)
+    if splits == 1:
+        mla_decode_gluon.launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, flat_out, flat_out, sm, out_scale,
+                                chunk, MAX_SPLITS, grid, split=False, **common)
+        return
+    part = torch.empty((b, rows, splits, lat), dtype=torch.float32, device=q_lat.device)
+    lse = torch.empty((b, rows, splits), dtype=torch.float32, device=q_lat.device)
+    mla_decode_gluon.launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, part, lse, sm, out_scale, chunk,
+                            MAX_SPLITS, grid, split=True, **common)
+    combine_kernel[(rows, b)](
+        part, lse, seq_lens, flat_out, chunk, MAX_SPLITS, rows, lat,
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        flat_out.stride(0), flat_out.stride(1),
+        BLOCK_L=_pow2(lat), num_warps=4,
     )
 
 

@@ -1,0 +1,289 @@
+"""Hopper (sm_90) paged MLA decode written in Gluon: warp-specialized, TMA-fed, full-width score tiles.
+
+WHY: the Triton kernels (mla_decode_triton, mla_decode_hopper) run 64 heads x 64 tokens per step on two
+warpgroups, and Triton splits the 64 score columns between them, so the QK^T product (53% of the FLOPs)
+runs as m64n32 wgmma that re-read the 64x576 query tile from shared memory for every 32 columns: shared
+memory bandwidth, not the tensor cores, bounds it, and the softmax waits on it. Here the roles are explicit:
+
+- a 1-warp producer streams each page of the split (64 rows x 576) into a ring of shared-memory stages
+  with bulk tensor copies (9 boxes of 64x64), completing on the stage's "ready" mbarrier;
+- two consumer warpgroups each compute the full 64x64 score tile (m64n64 wgmma, query tile resident in
+  shared memory), the same online softmax, and the PV product for their own half of the 512-wide value
+  (4 accumulators of 64x64 each: 128 fp32 registers per thread). Recomputing the scores in both
+  warpgroups costs tensor-core work but needs no exchange between them; the stage is released to the
+  producer when both have finished with it ("empty" mbarrier, count 2).
+
+Masking: the partial last page of a sequence may hold stale values or NaN past seq_len; scores there are
+set to -inf, and each consumer zeroes those rows of its own value chunks in shared memory before the PV
+product (0 * NaN = NaN inside an MMA). The split schedule (attention.split_plan), grid, merge kernel and
+output contract are the portable kernel's, so batch invariance and CUDA-graph safety carry over.
+
+bf16/fp16 caches only (an fp8 tile would have to be widened through registers; the Triton kernels serve
+fp8). Needs Triton with Gluon (3.6 on the device); imported only when this variant is selected.
+"""
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+CHUNK = 64        # columns per TMA box / smem tile (128 bytes of bf16: the widest swizzle)
+BLOCK_H = 64      # query rows per program (one wgmma M)
+NUM_WARPS = 4     # the default partition = consumer warpgroup 0
+MAXNREG = 168     # 12 warps x 32 x 168 <= 64K registers; setmaxnreg then gives the consumers 240 each
+CONSUMER_REGS = gl.constexpr(240)
+PRODUCER_REGS = gl.constexpr(24)
+
+
+def supported(kv_cache: torch.Tensor, q_dtype: torch.dtype, lat: int, rope: int, page: int, align: int) -> str | None:
+    """Why this kernel cannot serve the call (None = it can)."""
+    if kv_cache.dtype not in (torch.bfloat16, torch.float16) or q_dtype != kv_cache.dtype:
+        return f"needs a bf16/fp16 cache and queries of the same dtype, got {kv_cache.dtype}/{q_dtype}"
+    if page != CHUNK or lat % CHUNK or rope != CHUNK or (lat // CHUNK) % 2 or align % page:
+        return f"tile shape page {page}, latent {lat}, rope {rope} not covered (needs 64, 2k*64, 64)"
+    width = lat + rope
+    if kv_cache.stride(2) != 1 or kv_cache.stride(1) != width or kv_cache.stride(0) % width:
+        return "the cache rows must be contiguous and the block stride a multiple of the row width"
+    if kv_cache.data_ptr() % 16 or (width * kv_cache.element_size()) % 16:
+        return "cache base or row stride not 16-byte aligned"
+    if (kv_cache.shape[0] - 1) * (kv_cache.stride(0) // width) + page >= 2 ** 31:
+        return "more cache rows than a 32-bit copy coordinate reaches"
+    return None
+
+
+def make_descriptor(kv_cache: torch.Tensor) -> tuple[TensorDescriptor, int]:
+    """A 2-D descriptor over the cache's rows [rows, L+R] (row stride L+R) from the view's own base, and
+    the rows per block stride: block b's token t is row b * blk_rows + t, for a contiguous cache and for
+    a per-layer view of the cross-layer pool alike."""
+    nb, page, width = kv_cache.shape
+    blk_rows = kv_cache.stride(0) // width
+    rows = (nb - 1) * blk_rows + page
+    gdt = gl.bfloat16 if kv_cache.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([page, CHUNK], gdt)
+    return TensorDescriptor(kv_cache, [rows, width], [width, 1], [page, CHUNK], layout), blk_rows
+
+
+@gluon.jit
+def _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+              sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+              stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+              HALF_IDX: gl.constexpr, NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
+              NUM_Q: gl.constexpr, ALIGN: gl.constexpr, SPLIT: gl.constexpr, OVERLAP: gl.constexpr):
+    """One consumer warpgroup: scores, softmax, and the PV product for value chunks
+    HALF_IDX*4 .. HALF_IDX*4+3 (of 8)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+    row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    NV: gl.constexpr = (NC - 1) // 2     # value chunks per warpgroup
+    cdt: gl.constexpr = q_smem.dtype
+
+    seq_len = gl.load(SEQ_LENS + b)
+    n_splits = gl.minimum(gl.maximum((seq_len + chunk - 1) // chunk, 1), max_splits)
+    per = (seq_len + n_splits - 1) // n_splits
+    per = gl.maximum((per + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+    start = split * per
+    end = gl.minimum(seq_len, start + per)
+    n_pages = gl.maximum(end - start + PAGE - 1, 0) // PAGE
+
+    rows = pid_h * 64 + gl.arange(0, 64, layout=row_l)
+    qi = rows // H
+    row_end = seq_len - (NUM_Q - 1 - qi)
+    m_i = gl.full([64], float("-inf"), gl.float32, layout=row_l)
+    l_i = gl.full([64], 0.0, gl.float32, layout=row_l)
+    acc0 = gl.zeros([64, 64], gl.float32, layout=s_layout)
+    acc1 = gl.zeros([64, 64], gl.float32, layout=s_layout)
+    acc2 = gl.zeros([64, 64], gl.float32, layout=s_layout)
+    acc3 = gl.zeros([64, 64], gl.float32, layout=s_layout)
+    if OVERLAP:   # the accumulators stay in flight across iterations: carried as wgmma tokens
+        acc0 = warpgroup_mma_init(acc0)
+        acc1 = warpgroup_mma_init(acc1)
+        acc2 = warpgroup_mma_init(acc2)
+        acc3 = warpgroup_mma_init(acc3)
+    vbase: gl.constexpr = HALF_IDX * 4
+    for i in range(n_pages):
+        st = i % STAGES
+        mbarrier.wait(ready.index(st), (i // STAGES) & 1)
+        kb = st * NC
+        n0 = start + i * PAGE
+        if n0 + PAGE > end:   # the sequence's partial last page: zero this warpgroup's value rows past end
+            toks_ld = n0 + gl.arange(0, PAGE, layout=gl.SliceLayout(1, ld_layout))
+            keep = gl.expand_dims(toks_ld < end, 1)
+            for c in gl.static_range(NV):
+                buf = kv_smem.index(kb + vbase + c)
+                x = buf.load(ld_layout)
+                buf.store(gl.where(keep, x, gl.zeros_like(x)))
+            fence_async_shared()
+            gl.thread_barrier()
+        s = gl.zeros([64, 64], gl.float32, layout=s_layout)
+        for c in gl.static_range(NC):
+            s = warpgroup_mma(q_smem.index(c), kv_smem.index(kb + c).permute((1, 0)), s, is_async=True)
+        if OVERLAP:   # the previous page's PV ran behind these scores: both done now, hand its stage back
+            s, acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(s, acc0, acc1, acc2, acc3))
+            if i > 0:
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
+        else:
+            s = warpgroup_mma_wait(0, deps=(s, ))
+        toks = n0 + gl.arange(0, PAGE, layout=col_l)
+        visible = gl.expand_dims(toks, 0) < gl.expand_dims(row_end, 1)
+        s = gl.where(visible, s * sm_scale_log2, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s - gl.expand_dims(m_safe, 1))
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        pa = gl.convert_layout(p.to(cdt), p_layout)
+        a2 = gl.expand_dims(alpha, 1)
+        acc0 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 0), acc0 * a2, is_async=True)
+        acc1 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 1), acc1 * a2, is_async=True)
+        acc2 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 2), acc2 * a2, is_async=True)
+        acc3 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 3), acc3 * a2, is_async=True)
+        if not OVERLAP:
+            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
+            gl.thread_barrier()   # every warp of the group is done with the stage before it is handed back
+            mbarrier.arrive(empty.index(st), count=1)
+    if OVERLAP:
+        acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
+
+    live = (rows < H * NUM_Q) & ((rows * 0 + split) < n_splits)
+    has = l_i > 0.0
+    inv = out_scale / gl.where(has, l_i, 1.0)   # empty range: the accumulators are 0 -> zeros
+    inv2 = gl.expand_dims(inv, 1)
+    cols = gl.arange(0, 64, layout=col_l)
+    omask = gl.expand_dims(live, 1) & gl.expand_dims(cols < 64, 0)
+    if SPLIT:
+        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s
+        if HALF_IDX == 0:
+            lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
+            gl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
+    else:
+        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r
+    ptr = base + gl.expand_dims(cols, 0) + vbase * 64
+    gl.store(ptr, (acc0 * inv2).to(OUT.dtype.element_ty), mask=omask)
+    gl.store(ptr + 64, (acc1 * inv2).to(OUT.dtype.element_ty), mask=omask)
+    gl.store(ptr + 128, (acc2 * inv2).to(OUT.dtype.element_ty), mask=omask)
+    gl.store(ptr + 192, (acc3 * inv2).to(OUT.dtype.element_ty), mask=omask)
+
+
+@gluon.jit
+def _consumer1(q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+               sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
+               stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+               NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
+               ALIGN: gl.constexpr, SPLIT: gl.constexpr, OVERLAP: gl.constexpr):
+    _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+              sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+              stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+              1, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, OVERLAP)
+
+
+@gluon.jit
+def _producer(q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+              sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
+              stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+              NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
+              ALIGN: gl.constexpr, SPLIT: gl.constexpr, OVERLAP: gl.constexpr):
+    """1 warp: page ids from the block table, 9 bulk copies per page into the next free stage."""
+    seq_len = gl.load(SEQ_LENS + b)
+    n_splits = gl.minimum(gl.maximum((seq_len + chunk - 1) // chunk, 1), max_splits)
+    per = (seq_len + n_splits - 1) // n_splits
+    per = gl.maximum((per + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+    start = split * per
+    end = gl.minimum(seq_len, start + per)
+    n_pages = gl.maximum(end - start + PAGE - 1, 0) // PAGE
+    bt_row = BLOCK_TABLES + b.to(gl.int64) * stride_bt_b + start // PAGE
+    for i in range(n_pages):
+        st = i % STAGES
+        mbarrier.wait(empty.index(st), ((i // STAGES) & 1) ^ 1)
+        row0 = gl.load(bt_row + i) * blk_rows
+        mbarrier.expect(ready.index(st), NC * kv_desc.block_type.nbytes)
+        for c in gl.static_range(NC):
+            tma.async_copy_global_to_shared(kv_desc, [row0, c * 64], ready.index(st), kv_smem.index(st * NC + c))
+
+
+@gluon.jit
+def _mla_decode_gluon_kernel(
+    Q_LAT, Q_PE, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+    sm_scale_log2, out_scale, chunk, max_splits, H, blk_rows,
+    stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h, stride_bt_b,
+    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+    L: gl.constexpr, R: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
+    ALIGN: gl.constexpr, SPLIT: gl.constexpr, OVERLAP: gl.constexpr,
+):
+    pid_h = gl.program_id(0)
+    b = gl.program_id(1)
+    split = gl.program_id(2)
+    NC: gl.constexpr = (L + R) // 64
+    smem_layout: gl.constexpr = kv_desc.layout
+    cdt: gl.constexpr = kv_desc.dtype
+    q_smem = gl.allocate_shared_memory(cdt, [NC, 64, 64], smem_layout)
+    kv_smem = gl.allocate_shared_memory(cdt, [STAGES * NC, PAGE, 64], smem_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)
+
+    # the query tile (64 rows of (query token, head) x 576) into shared memory, once
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    rows = pid_h * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, ld_layout))
+    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ld_layout))
+    rmask = gl.expand_dims(rows < H * NUM_Q, 1) & gl.expand_dims(cols < 64, 0)
+    qi = rows // H
+    head = rows % H
+    ql = Q_LAT + b.to(gl.int64) * stride_ql_b + gl.expand_dims(qi * stride_ql_q + head * stride_ql_h, 1) \
+        + gl.expand_dims(cols, 0)
+    for c in gl.static_range(NC - 1):
+        q_smem.index(c).store(gl.load(ql + c * 64, mask=rmask, other=0.0))
+    qp = Q_PE + b.to(gl.int64) * stride_qp_b + gl.expand_dims(qi * stride_qp_q + head * stride_qp_h, 1) \
+        + gl.expand_dims(cols, 0)
+    q_smem.index(NC - 1).store(gl.load(qp, mask=rmask, other=0.0))
+    fence_async_shared()
+    gl.thread_barrier()
+
+    # (the argument tuples are written out in the call: a tuple bound to a name first turns constexprs into
+    # run-time values inside the worker partitions)
+    gl.warp_specialize([
+        (_consumer, (q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+                     sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                     0, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, OVERLAP)),
+        (_consumer1, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+                      sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
+                      stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                      NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, OVERLAP)),
+        (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+                     sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
+                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                     NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, OVERLAP)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, lse, sm_scale_log2, out_scale, chunk, max_splits,
+           grid, split: bool, stages: int, align: int, overlap: bool):
+    """q_lat [B, Q, H, L], q_pe [B, Q, H, R] (last dims contiguous), out [B, Q*H, L] (split=False) or the
+    fp32 partials [B, Q*H, S, L] with lse [B, Q*H, S] (split=True)."""
+    b, nq, h, lat = q_lat.shape
+    desc, blk_rows = make_descriptor(kv_cache)
+    if split:
+        so = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1))
+    else:
+        so = (out.stride(0), out.stride(1), 0, 0, 0)
+    _mla_decode_gluon_kernel[grid](
+        q_lat, q_pe, desc, block_tables, seq_lens, out, lse,
+        sm_scale_log2, out_scale, chunk, max_splits, h, blk_rows,
+        q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
+        block_tables.stride(0), *so,
+        L=lat, R=q_pe.shape[3], PAGE=kv_cache.shape[1], STAGES=stages, NUM_Q=nq, ALIGN=align, SPLIT=split, OVERLAP=overlap,
+        num_warps=NUM_WARPS, maxnreg=MAXNREG,
+    )
