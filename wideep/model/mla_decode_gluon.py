@@ -18,8 +18,7 @@ set to -inf, and each consumer zeroes those rows of its own value chunks in shar
 product (0 * NaN = NaN inside an MMA). The split schedule (attention.split_plan), grid, merge kernel and
 output contract are the portable kernel's, so batch invariance and CUDA-graph safety carry over.
 
-bf16/fp16 caches only (an fp8 tile would have to be widened through registers; the Triton kernels serve
-fp8). Needs Triton with Gluon (3.6 on the device); imported only when this variant is selected.
+bf16 caches only (an fp8 tile would have to be widened through registers; the Triton kernels serve fp8). Needs Triton with Gluon (3.6 on the device); imported only when this variant is selected.
 """
 import torch
 from triton.experimental import gluon
@@ -44,8 +43,8 @@ PRODUCER_REGS = gl.constexpr(24)
 
 def supported(kv_cache: torch.Tensor, q_dtype: torch.dtype, lat: int, rope: int, page: int, align: int) -> str | None:
     """Why this kernel cannot serve the call (None = it can)."""
-    if kv_cache.dtype not in (torch.bfloat16, torch.float16) or q_dtype != kv_cache.dtype:
-        return f"needs a bf16/fp16 cache and queries of the same dtype, got {kv_cache.dtype}/{q_dtype}"
+    if kv_cache.dtype != torch.bfloat16 or q_dtype != kv_cache.dtype:   # fp16 would compile; only bf16 was run
+        return f"needs a bf16 cache and bf16 queries, got {kv_cache.dtype}/{q_dtype}"
     if page != CHUNK or lat % CHUNK or rope != CHUNK or (lat // CHUNK) % 2 or align % page:
         return f"tile shape page {page}, latent {lat}, rope {rope} not covered (needs 64, 2k*64, 64)"
     width = lat + rope
