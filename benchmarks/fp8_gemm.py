@@ -6,7 +6,7 @@ R1's decode and prefill shapes against bf16 (F.linear, torch._grouped_mm) and cu
 
   python benchmarks/fp8_gemm.py [--sweep] [--json out.json]   # prints tables; exits 1 if a check fails
   python benchmarks/fp8_gemm.py --pairs --skip-linear         # + expert-MLP config pairs; - the projection table
-  python benchmarks/fp8_gemm.py --sweep --only q_kv_a,kv_a    # only these decode shapes' sweep, then exit
+  python benchmarks/fp8_gemm.py --sweep --only q_kv_a,experts --no-tables   # these shapes' sweep + the checks
   python benchmarks/fp8_gemm.py --device cpu                  # smoke: tiny sweep + checks under Triton's interpreter
 """
 from __future__ import annotations
@@ -146,22 +146,27 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
     """Times Triton configs (tile, stages, split-K, swap-AB, fused quantization) and cuBLAS at R1's decode
     shapes, installs the fastest per weight shape into fp8_triton.DECODE_CONFIGS / fp8.CUBLAS_DECODE, and
     returns what it chose (every candidate's output is also checked against the first one's). only: these
-    plain shapes (names of PLAIN) and no grouped ones."""
+    plain shapes (names of PLAIN), and the expert GEMMs if it names "experts"."""
     from wideep.model import fp8 as fp8mod
 
     timer = _timer(dev)
     chosen: dict = {"plain": {}, "grouped": {}}
+    before = dict(fp8_triton.DECODE_CONFIGS)
     sms = fp8_triton._num_sms(dev)
-    plain = {"q_a": (192, 256), "o": (64, 384)} if small else {k: PLAIN[k] for k in (only or SWEPT_PLAIN)}
-    grouped = [(2, (5,)), (3, (4,))] if small else ([] if only else GROUPED)
+    plain = ({"q_a": (192, 256), "o": (64, 384)} if small else
+             {k: PLAIN[k] for k in ([o for o in only if o in PLAIN] if only else SWEPT_PLAIN)})
+    grouped = [(2, (5,)), (3, (4,))] if small else (GROUPED if not only or "experts" in only else [])
     rows_plain = (3,) if small else (128, 256)
     tiles_p = ([(16, 64, 4, 1, False), (16, 64, 4, 1, True), G(16, 64, 4, 1, swap=True, tma=True, persist=1)]
-               if small else PLAIN_TILES + PLAIN_TMA)
+               if small else PLAIN_TMA)
     tiles_g = ([G(16, 64, 4, 1), G(16, 64, 4, 1, swap=True), G(16, 64, 4, 1, swap=True, tma=True, persist=1)]
                if small else GROUPED_CANDIDATES)
 
     def candidates(tiles, n, k, rows_tiles, allow_fuse):
         n_kb = -(-k // 128)
+        committed = fp8_triton.DECODE_CONFIGS.get(("plain", n, k)) if allow_fuse else None
+        if committed and not small:   # the config in force (the pointer kernel's earlier sweep pick)
+            yield committed
         for tile in tiles:
             if isinstance(tile, fp8_triton.GemmConfig):
                 if not allow_fuse:   # grouped: as listed
@@ -270,6 +275,20 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
             print(f"sweep grouped E={e}+1 shared {which} N={n} K={k} rows/group {per_list} (GEMM alone): "
                   + "; ".join(f"{c} {t / nr:.1f}us {wbytes / (t / nr) / 1e3:,.0f}GB/s" for t, c in res[:12])
                   + f" | {len(res)} tried, {sum(r[0] == float('inf') for r in res)} failed", flush=True)
+        # the whole MLP as the model runs it (quantization, w13, SiLU-quantization, w2), before and after
+        if dev.type == "cuda":
+            for per in per_list:
+                cnt = torch.full((g,), per, device=dev)
+                x = torch.randn(g * per, hidden, device=dev, dtype=torch.bfloat16)
+                row = {}
+                for label, cfgs in (("before", before), ("after", dict(fp8_triton.DECODE_CONFIGS))):
+                    fp8_triton.DECODE_CONFIGS.update(cfgs)
+                    row[label] = timer(lambda: fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, cnt, impl="triton",
+                                                               config_experts=e), 20)
+                chosen["grouped"][f"E{e} mlp x{per}"] = row
+                print(f"grouped MLP E={e}+1 shared x {per} rows: before {row['before']:.1f} us, after "
+                      f"{row['after']:.1f} us ({3 * g * inter * hidden / row['after'] / 1e3:,.0f} GB/s of weights)",
+                      flush=True)
     return chosen
 
 
@@ -361,17 +380,13 @@ def main() -> int:
     if "--pairs" in sys.argv:
         mlp_pairs(dev)
     only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
-    if only and not set(only) <= set(PLAIN):
-        raise SystemExit(f"--only: names from {', '.join(PLAIN)}; got {only}")
+    if only and not set(only) <= set(PLAIN) | {"experts"}:
+        raise SystemExit(f"--only: names from {', '.join(PLAIN)}, experts; got {only}")
     if "--sweep" in sys.argv or small:
         report["sweep"] = sweep(dev, small, only)
         print("chosen decode configs:", {str(k): str(v) for k, v in fp8_triton.DECODE_CONFIGS.items()})
         from wideep.model import fp8 as fp8mod
         print("cuBLAS at decode:", fp8mod.CUBLAS_DECODE)
-        if only:   # --sweep --only NAMES: just those shapes' sweep
-            if "--json" in sys.argv:
-                Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps(report, indent=1))
-            return 0
     ok = invariance(dev, small)
     report["batch_invariant"] = ok
     if small:
@@ -443,6 +458,12 @@ def main() -> int:
           f"gather_sum rel {g_err:.1e}")
     ok &= r_ok and n_err < 1e-2 and s_ok and g_err < 1e-6
 
+    if "--no-tables" in sys.argv:
+        report["pass"] = bool(ok)
+        if "--json" in sys.argv:
+            Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps(report, indent=1))
+        print(f"\nRESULT: {'PASS' if ok else 'FAIL'}")
+        return 0 if ok else 1
     # ---- timing (the configs in force: the sweep's when it ran) ----
     print("\n| shape (M x K x N) | bf16 us | cuBLAS fp8 block us (incl. act quant) | fp8_linear us (as chosen) "
           "| fp8 weight GB/s |")
