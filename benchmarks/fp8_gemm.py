@@ -90,17 +90,16 @@ PLAIN_TMA = [G(128, 64, 4, 4, swap=True, prefetch=True, tma=True), G(128, 64, 4,
              G(128, 128, 8, 3, swap=True, prefetch=True, tma=True),
              G(128, 64, 4, 4, swap=True, prefetch=True, tma=True, persist=2)]
 # grouped candidates (the expert MLPs' two GEMMs): the committed pointer config and TMA variants
-GROUPED_CANDIDATES = [G(128, 64, 4, 4, swap=True, prefetch=True),
-                      G(128, 64, 4, 4, swap=True, prefetch=True, tma=True),
-                      G(128, 64, 4, 4, swap=True, tma=True),
-                      G(128, 64, 4, 3, swap=True, prefetch=True, tma=True),
-                      G(128, 64, 4, 5, swap=True, prefetch=True, tma=True),
+GROUPED_CANDIDATES = [G(128, 64, 4, 4, swap=True, prefetch=True),   # the pointer kernel's pick before the TMA kernel
                       G(128, 64, 4, 4, swap=True, prefetch=True, tma=True, persist=2),
-                      G(128, 64, 4, 6, swap=True, prefetch=True, tma=True, persist=1),
-                      G(64, 128, 4, 4, swap=True, prefetch=True, tma=True),
-                      G(128, 128, 8, 3, swap=True, prefetch=True, tma=True),
-                      G(64, 64, 4, 6, swap=True, prefetch=True, tma=True),
-                      G(256, 64, 8, 3, swap=True, prefetch=True, tma=True)]
+                      G(128, 64, 4, 4, swap=True, tma=True, persist=2),
+                      G(128, 64, 4, 4, swap=True, tma=True, persist=1),
+                      G(128, 64, 4, 4, swap=True, tma=True),
+                      G(128, 64, 4, 3, swap=True, tma=True, persist=2),
+                      G(64, 128, 4, 4, tma=True),
+                      G(64, 128, 4, 4, tma=True, persist=2),
+                      G(64, 256, 8, 3, tma=True),
+                      G(128, 128, 8, 4, tma=True)]
 
 
 def _compile_job(spec) -> str:

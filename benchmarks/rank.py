@@ -833,6 +833,8 @@ def install_fp8_configs(path: str) -> None:
         if r["triton_us"] < float("inf"):   # else every Triton candidate failed: the committed one stays
             fp8_triton.DECODE_CONFIGS[("plain", r["n"], r["k"])] = fp8_triton.GemmConfig.parse(r["triton"])
     for name, r in sweep["grouped"].items():
+        if "pick" not in r:   # the whole-MLP timings beside the GEMM picks
+            continue
         experts = int(name.split()[0][1:])   # "E8 w13"
         fp8_triton.DECODE_CONFIGS[("grouped", experts, r["n"], r["k"])] = fp8_triton.GemmConfig.parse(r["pick"])
     print(f"# FP8 decode configs from {path}: "
