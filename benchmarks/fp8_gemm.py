@@ -93,13 +93,14 @@ PLAIN_TMA = [G(128, 64, 4, 4, swap=True, prefetch=True, tma=True), G(128, 64, 4,
 GROUPED_CANDIDATES = [G(128, 64, 4, 4, swap=True, prefetch=True),   # the pointer kernel's pick before the TMA kernel
                       G(128, 64, 4, 4, swap=True, prefetch=True, tma=True, persist=2),
                       G(128, 64, 4, 4, swap=True, tma=True, persist=2),
-                      G(128, 64, 4, 4, swap=True, tma=True, persist=1),
-                      G(128, 64, 4, 4, swap=True, tma=True),
-                      G(128, 64, 4, 3, swap=True, tma=True, persist=2),
+                      G(128, 64, 4, 3, swap=True, tma=True, persist=3, maxnreg=168),
+                      G(128, 64, 4, 2, swap=True, tma=True, persist=3, maxnreg=168),
+                      G(64, 64, 4, 4, swap=True, tma=True, persist=3, maxnreg=168),
+                      G(64, 64, 4, 3, swap=True, tma=True, persist=4, maxnreg=128),
                       G(64, 128, 4, 4, tma=True),
-                      G(64, 128, 4, 4, tma=True, persist=2),
-                      G(64, 256, 8, 3, tma=True),
-                      G(128, 128, 8, 4, tma=True)]
+                      G(64, 128, 4, 3, tma=True, persist=2),
+                      G(128, 128, 8, 4, swap=True, tma=True, persist=1),
+                      G(128, 128, 8, 4, tma=True, persist=1)]
 
 
 def _compile_job(spec) -> str:

@@ -326,14 +326,16 @@ class GemmConfig(NamedTuple):
     prefetch: bool = False
     tma: bool = False
     persist: int = 0
+    maxnreg: int = 0
 
     @classmethod
     def parse(cls, text: str) -> "GemmConfig":
-        """'block_m,block_n,warps,stages[,split[,swap[,fuse_quant[,prefetch[,tma[,persist]]]]]]' (flags as
-        0/1; persist: programs per SM, 0 = one program per tile)."""
+        """'block_m,block_n,warps,stages[,split[,swap[,fuse_quant[,prefetch[,tma[,persist[,maxnreg]]]]]]]'
+        (flags as 0/1; persist: programs per SM, 0 = one program per tile; maxnreg: a register cap per thread
+        so more programs fit on an SM, 0 = the compiler's choice)."""
         parts = [int(t) for t in text.split(",")]
-        if not 4 <= len(parts) <= 10:
-            raise ValueError(f"{CONFIG_ENV}: expected 4 to 10 integers, got {text!r}")
+        if not 4 <= len(parts) <= 11:
+            raise ValueError(f"{CONFIG_ENV}: expected 4 to 11 integers, got {text!r}")
         cfg = cls(*parts[:5], *(bool(p) for p in parts[5:9]), *parts[9:])
         if cfg.split < 1 or any(v & (v - 1) or v < 1 for v in (cfg.block_m, cfg.block_n)):
             raise ValueError(f"{CONFIG_ENV}: block sizes must be powers of two and split >= 1, got {text!r}")
@@ -342,8 +344,8 @@ class GemmConfig(NamedTuple):
 
     def check(self) -> None:
         """Rejects combinations the kernels do not implement."""
-        if self.persist < 0:
-            raise ValueError(f"GemmConfig: persist must be >= 0, got {self.persist}")
+        if self.persist < 0 or self.maxnreg < 0:
+            raise ValueError(f"GemmConfig: persist and maxnreg must be >= 0, got {self.persist}, {self.maxnreg}")
         if self.persist and not self.tma:
             raise ValueError("GemmConfig: the persistent tile loop exists in the TMA kernel only (tma=1)")
         if self.tma and self.fuse_quant:
@@ -413,6 +415,11 @@ def pick_config(n: int, k: int, experts: int = 0, large: bool = False, device: t
     return GemmConfig(64, block_n, 4, 3, split=split)
 
 
+def _reg_cap(cfg: GemmConfig, a: torch.Tensor) -> dict:
+    """The launch option capping registers per thread (a compile option: on the GPU only)."""
+    return {"maxnreg": cfg.maxnreg} if cfg.maxnreg and a.is_cuda else {}
+
+
 def _tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the copy engine can read both operands: e4m3 A and weights, each row-contiguous with 16-byte
     aligned rows and base, the weights' experts back to back (one [E*N, K] view). A config with tma=1 runs
@@ -476,7 +483,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: to
             m, n, k, ws_e, ws2d.stride(0), stride_cs, target.stride(-2), kb_per, progs,
             GROUPED=grouped, SWAP=cfg.swap, PREFETCH=cfg.prefetch, E_POW2=triton.next_power_of_2(n_exp),
             SPLIT=split, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
-            num_warps=cfg.warps, num_stages=cfg.stages if a.is_cuda else 1,
+            num_warps=cfg.warps, num_stages=cfg.stages if a.is_cuda else 1, **_reg_cap(cfg, a),
         )
     else:
         _fp8_gemm_kernel[(grid_m, grid_n, split)](
@@ -484,7 +491,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: to
             m, n, k, a.stride(0), we, w2d.stride(0), ws_e, ws2d.stride(0), stride_cs, target.stride(-2),
             kb_per, GROUPED=grouped, QUANT_A=quant_a, SWAP=cfg.swap, PREFETCH=cfg.prefetch,
             E_POW2=triton.next_power_of_2(n_exp), BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
-            num_warps=cfg.warps, num_stages=cfg.stages if a.is_cuda else 1,
+            num_warps=cfg.warps, num_stages=cfg.stages if a.is_cuda else 1, **_reg_cap(cfg, a),
         )
     if split > 1:
         if not out.is_contiguous():
