@@ -86,21 +86,19 @@ G = fp8_triton.GemmConfig
 # plain candidates: (block_m, block_n, warps, stages, swap) tiles of the pointer kernel, each with split-K
 # variants, and TMA configs whose split is filled in per shape ("auto" fills the GPU twice, or half that)
 PLAIN_TILES = [(64, 128, 4, 3, False), (64, 64, 4, 4, False), (128, 64, 4, 4, True)]
-PLAIN_TMA = [G(128, 64, 4, 4, swap=True, prefetch=True, tma=True), G(128, 64, 4, 4, swap=True, tma=True),
-             G(128, 128, 8, 3, swap=True, prefetch=True, tma=True),
-             G(128, 64, 4, 4, swap=True, prefetch=True, tma=True, persist=2)]
-# grouped candidates (the expert MLPs' two GEMMs): the committed pointer config and TMA variants
-GROUPED_CANDIDATES = [G(128, 64, 4, 4, swap=True, prefetch=True),   # the pointer kernel's pick before the TMA kernel
-                      G(128, 64, 4, 4, swap=True, prefetch=True, tma=True, persist=2),
-                      G(128, 64, 4, 4, swap=True, tma=True, persist=2),
+PLAIN_TMA = [G(128, 64, 4, 4, swap=True, prefetch=True, tma=True),
+             G(128, 64, 4, 3, swap=True, tma=True, persist=3, maxnreg=168)]
+# grouped candidates (the expert MLPs' two GEMMs): the pointer kernel's pick before the TMA kernel, then TMA
+# configs (the H200 sweeps of docs/perf.md: latency-bound at 2 programs of 4 warps per SM, so the register
+# cap that fits a third one, with its small spill, won)
+GROUPED_CANDIDATES = [G(128, 64, 4, 4, swap=True, prefetch=True),
                       G(128, 64, 4, 3, swap=True, tma=True, persist=3, maxnreg=168),
-                      G(128, 64, 4, 2, swap=True, tma=True, persist=3, maxnreg=168),
-                      G(64, 64, 4, 4, swap=True, tma=True, persist=3, maxnreg=168),
-                      G(64, 64, 4, 3, swap=True, tma=True, persist=4, maxnreg=128),
-                      G(64, 128, 4, 4, tma=True),
-                      G(64, 128, 4, 3, tma=True, persist=2),
-                      G(128, 128, 8, 4, swap=True, tma=True, persist=1),
-                      G(128, 128, 8, 4, tma=True, persist=1)]
+                      G(128, 64, 4, 3, swap=True, prefetch=True, tma=True, persist=3, maxnreg=168),
+                      G(128, 64, 4, 3, swap=True, tma=True, persist=2),
+                      G(128, 64, 4, 4, swap=True, tma=True, persist=2),
+                      G(128, 64, 8, 3, swap=True, tma=True, persist=2, maxnreg=128),
+                      G(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),
+                      G(128, 64, 4, 3, swap=True, tma=True, persist=3, maxnreg=184)]
 
 
 def _compile_job(spec) -> str:
@@ -257,13 +255,14 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
                     y = fn(0)
                     ref = y if ref is None else ref
                     if rel(y, ref) > 1e-2:
-                        res.append((float("inf"), f"{cfg} (wrong: rel {rel(y, ref):.1e})"))
+                        res.append((float("inf"), f"{cfg} (wrong: rel {rel(y, ref):.1e})", []))
                         continue
-                    res.append((sum(timer(lambda i=i: fn(i), 20) for i in range(len(data))), cfg))
+                    ts = [timer(lambda i=i: fn(i), 20) for i in range(len(data))]
+                    res.append((sum(ts), cfg, ts))
                 except Exception as exc:  # noqa: BLE001
-                    res.append((float("inf"), f"{cfg} ({type(exc).__name__}: {str(exc)[:60]})"))
+                    res.append((float("inf"), f"{cfg} ({type(exc).__name__}: {str(exc)[:60]})", []))
             res.sort(key=lambda r: r[0])
-            best_t, best = res[0]
+            best_t, best, _ = res[0]
             if isinstance(best, fp8_triton.GemmConfig):
                 fp8_triton.DECODE_CONFIGS[("grouped", e, n, k)] = best
             nr = len(per_list)
@@ -271,9 +270,10 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
             chosen["grouped"][f"E{e} {which}"] = {
                 "n": n, "k": k, "groups": g, "rows_per_group": list(per_list), "pick": str(best),
                 "us": best_t / nr, "GB/s": wbytes / (best_t / nr) / 1e3,
-                "all": [(str(c), t / nr, wbytes / (t / nr) / 1e3) for t, c in res]}
+                "all": [(str(c), ts, [wbytes / t / 1e3 for t in ts]) for _, c, ts in res]}
             print(f"sweep grouped E={e}+1 shared {which} N={n} K={k} rows/group {per_list} (GEMM alone): "
-                  + "; ".join(f"{c} {t / nr:.1f}us {wbytes / (t / nr) / 1e3:,.0f}GB/s" for t, c in res[:12])
+                  + "; ".join(f"{c} " + "/".join(f"{t:.1f}" for t in ts) + "us "
+                              + "/".join(f"{wbytes / t / 1e3:,.0f}" for t in ts) + "GB/s" for _, c, ts in res[:12])
                   + f" | {len(res)} tried, {sum(r[0] == float('inf') for r in res)} failed", flush=True)
         # the whole MLP as the model runs it (quantization, w13, SiLU-quantization, w2), before and after
         if dev.type == "cuda":
@@ -281,12 +281,15 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
                 cnt = torch.full((g,), per, device=dev)
                 x = torch.randn(g * per, hidden, device=dev, dtype=torch.bfloat16)
                 row = {}
-                for label, cfgs in (("before", before), ("after", dict(fp8_triton.DECODE_CONFIGS))):
+                pointer = {("grouped", e, n_, k_): GROUPED_CANDIDATES[0] for n_, k_ in ((4096, 7168), (7168, 2048))}
+                for label, cfgs in (("pointer kernel", pointer), ("before", before),
+                                    ("after", dict(fp8_triton.DECODE_CONFIGS))):
                     fp8_triton.DECODE_CONFIGS.update(cfgs)
                     row[label] = timer(lambda: fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, cnt, impl="triton",
                                                                config_experts=e), 20)
                 chosen["grouped"][f"E{e} mlp x{per}"] = row
-                print(f"grouped MLP E={e}+1 shared x {per} rows: before {row['before']:.1f} us, after "
+                print(f"grouped MLP E={e}+1 shared x {per} rows: pointer kernel {row['pointer kernel']:.1f} us, "
+                      f"committed before this sweep {row['before']:.1f} us, after "
                       f"{row['after']:.1f} us ({3 * g * inter * hidden / row['after'] / 1e3:,.0f} GB/s of weights)",
                       flush=True)
     return chosen
