@@ -365,19 +365,20 @@ LARGE_ROWS = CUBLAS_MIN_ROWS   # rows (plain) or mean rows per expert (grouped) 
 DECODE_CONFIGS: dict[tuple, GemmConfig] = {
     ("plain", 1536, 7168): GemmConfig(64, 128, 4, 3, split=5),        # q_a
     ("plain", 576, 7168): GemmConfig(64, 64, 4, 4, split=7),          # kv_a (q_lora_rank null)
-    ("plain", 2112, 7168): GemmConfig(128, 64, 4, 4, split=4, swap=True, prefetch=True, tma=True, persist=2),
-    # (q_a ‖ kv_a stacked, MLAttention: 17.7 us with the TMA kernel vs 20.1 the pointer kernel, incl. act quant)
+    ("plain", 2112, 7168): GemmConfig(128, 64, 4, 3, split=4, swap=True, tma=True, persist=3, maxnreg=168),
+    # (q_a ‖ kv_a stacked, MLAttention: 16.9 us with the TMA kernel vs 20.1 the pointer kernel, incl. act quant)
     # (served by cuBLAS at decode, fp8.CUBLAS_DECODE; these are the Triton fallbacks)
-    ("plain", 24576, 1536): GemmConfig(64, 128, 4, 3),                # q_b
-    ("plain", 7168, 16384): GemmConfig(64, 128, 4, 3, split=2),       # o
+    ("plain", 24576, 1536): GemmConfig(128, 64, 4, 3, swap=True, tma=True, persist=3, maxnreg=168),   # q_b
+    ("plain", 7168, 16384): GemmConfig(128, 64, 4, 3, split=3, swap=True, tma=True, persist=3, maxnreg=168),  # o
     ("plain", 4096, 7168): GemmConfig(64, 128, 4, 3, split=2),        # shared / dense-slice w13
     ("plain", 7168, 2048): GemmConfig(128, 64, 4, 4, swap=True),      # shared w2
     ("plain", 36864, 7168): GemmConfig(64, 64, 4, 4, swap=True),      # dense w13
     ("plain", 7168, 18432): GemmConfig(64, 128, 4, 3, split=2),       # dense w2
     # routed experts (+ the shared slot), EP=32: 8 local experts. The TMA kernel, persistent, 3 programs per SM
-    # (the register cap makes room for the third; latency-bound at 2): docs/perf.md's sweeps
-    ("grouped", 8, 4096, 7168): GemmConfig(128, 64, 4, 3, swap=True, tma=True, persist=3, maxnreg=168),
-    ("grouped", 8, 7168, 2048): GemmConfig(128, 64, 4, 3, swap=True, tma=True, persist=3, maxnreg=168),
+    # (the register cap makes room for the third; at 2 it is latency-bound), 64 rows x 128 weight rows per
+    # tile (the swapped 128 x 64 tile within 2%): docs/perf.md's sweeps
+    ("grouped", 8, 4096, 7168): GemmConfig(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),
+    ("grouped", 8, 7168, 2048): GemmConfig(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),
     ("grouped", 32, 4096, 7168): GemmConfig(32, 64, 4, 4, swap=True, prefetch=True),   # EP=8: 32 local experts
     ("grouped", 32, 7168, 2048): GemmConfig(32, 64, 4, 4, swap=True, prefetch=True),
 }
