@@ -1,6 +1,8 @@
 """Triton kernels of the native FP8 path (GPU): per-token-group activation quantization, SiLU-and-mul fused
-with that quantization, and one block-scaled FP8 GEMM that serves both plain projections and the routed
-experts' grouped GEMM (rows contiguous per expert).
+with that quantization, and a block-scaled FP8 GEMM that serves both plain projections and the routed
+experts' grouped GEMM (rows contiguous per expert), in two kernels: pointer loads (any alignment, in-kernel
+activation quantization) and copy-engine (TMA) operands with a persistent tile loop (the decode configs of
+R1's big weights: it keeps a multi-stage shared-memory ring where the pointer loads were not pipelined).
 
 Why our own GEMM: cuBLAS's block-scaled FP8 matmul has a ~12-25 us floor at decode sizes (M <= 256), so small
 projections never reach bandwidth, and it cannot run the routed experts without the per-expert counts on the
