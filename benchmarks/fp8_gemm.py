@@ -78,7 +78,7 @@ def _timer(dev):
 # R1 weights at one EP=32 rank: decode projections (N, K) and routed experts (E local, rows per expert)
 PLAIN = {"q_kv_a": (2112, 7168), "q_a": (1536, 7168), "kv_a": (576, 7168), "q_b": (24576, 1536), "o": (7168, 16384),
          "shared w13": (4096, 7168), "shared w2": (7168, 2048), "dense w13": (36864, 7168), "dense w2": (7168, 18432)}
-GROUPED = [(8, (128, 256))]   # EP=32 (B=128, 256); EP=8 (32 x 32) keeps its committed configs
+GROUPED = [(8, (128, 256)), (32, (32,))]   # EP=32 (B=128, 256) and EP=8 (B=128)
 # the decode projections swept (Triton against cuBLAS): q_a ‖ kv_a stacked (the model's path), kv_a alone
 # (q_lora_rank null), and the big ones cuBLAS served before the TMA kernel (q_b, o)
 SWEPT_PLAIN = ("q_kv_a", "kv_a", "q_b", "o")
@@ -160,10 +160,10 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
     tiles_g = ([G(16, 64, 4, 1), G(16, 64, 4, 1, swap=True), G(16, 64, 4, 1, swap=True, tma=True, persist=1)]
                if small else GROUPED_CANDIDATES)
 
-    def candidates(tiles, n, k, rows_tiles, allow_fuse):
+    def candidates(tiles, n, k, rows_tiles, allow_fuse, experts=0):
         n_kb = -(-k // 128)
-        committed = fp8_triton.DECODE_CONFIGS.get(("plain", n, k)) if allow_fuse else None
-        if committed and not small:   # the config in force (the pointer kernel's earlier sweep pick)
+        committed = fp8_triton.DECODE_CONFIGS.get(("grouped", experts, n, k) if experts else ("plain", n, k))
+        if committed and not small and committed not in tiles:   # the config in force
             yield committed
         for tile in tiles:
             if isinstance(tile, fp8_triton.GemmConfig):
@@ -185,7 +185,7 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
         specs = [(n, k, 0, str(c)) for n, k in plain.values()
                  for c in candidates(tiles_p, n, k, lambda bm: -(-rows_plain[0] // bm), True)]
         specs += [(n, k, e + 1, str(c)) for e, _ in grouped for n, k in ((4096, 7168), (7168, 2048))
-                  for c in candidates(tiles_g, n, k, None, False)]
+                  for c in candidates(tiles_g, n, k, None, False, e)]
         precompile(specs)
 
     for name, (n, k) in plain.items():
@@ -246,7 +246,7 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
                 x = torch.randn(g * per, k, device=dev, dtype=torch.bfloat16)
                 data.append((cnt, x, *fp8_triton.act_quant(x)))
             res, ref = [], None
-            for cfg in candidates(tiles_g, n, k, None, False):
+            for cfg in candidates(tiles_g, n, k, None, False, e):
                 def fn(i, cfg=cfg):
                     cnt, x, q, s = data[i]
                     return fp8_triton.fp8_gemm(*((x, None) if cfg.fuse_quant else (q, s)), w, ws, sidx,
@@ -281,7 +281,9 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
                 cnt = torch.full((g,), per, device=dev)
                 x = torch.randn(g * per, hidden, device=dev, dtype=torch.bfloat16)
                 row = {}
-                pointer = {("grouped", e, n_, k_): GROUPED_CANDIDATES[0] for n_, k_ in ((4096, 7168), (7168, 2048))}
+                # the pointer kernel: the committed config where it is one, else the E=8 pointer pick
+                pointer = {key: before[key] if not before[key].tma else GROUPED_CANDIDATES[0]
+                           for key in (("grouped", e, 2 * inter, hidden), ("grouped", e, hidden, inter))}
                 for label, cfgs in (("pointer kernel", pointer), ("before", before),
                                     ("after", dict(fp8_triton.DECODE_CONFIGS))):
                     fp8_triton.DECODE_CONFIGS.update(cfgs)
