@@ -812,12 +812,33 @@ def parse(argv=None):
     p.add_argument("--kv-gib", type=float, default=None, help="KV cache budget (default: what the cases need, "
                    "capped by free memory)")
     p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--fp8-configs", default=None, help="a JSON written by benchmarks/fp8_gemm.py --sweep --json: "
+                   "its picks replace the FP8 GEMM decode configs (and cuBLAS choices) for this run")
     a = p.parse_args(argv)
     if a.ep < 1 or 256 % a.ep:
         p.error("--ep must divide 256")
     if a.engine_steps < 0:
         p.error("--engine-steps must be >= 0")
     return a
+
+
+def install_fp8_configs(path: str) -> None:
+    """Installs a sweep's picks (fp8_gemm.py --sweep --json) as the FP8 GEMM decode configs of this process."""
+    from wideep.model import fp8 as fp8mod
+    from wideep.model import fp8_triton
+
+    sweep = json.loads(Path(path).read_text())["sweep"]
+    for r in sweep["plain"].values():
+        fp8mod.CUBLAS_DECODE[(r["n"], r["k"])] = r["pick"] == "cublas"
+        if r["triton_us"] < float("inf"):   # else every Triton candidate failed: the committed one stays
+            fp8_triton.DECODE_CONFIGS[("plain", r["n"], r["k"])] = fp8_triton.GemmConfig.parse(r["triton"])
+    for name, r in sweep["grouped"].items():
+        if "pick" not in r:   # the whole-MLP timings beside the GEMM picks
+            continue
+        experts = int(name.split()[0][1:])   # "E8 w13"
+        fp8_triton.DECODE_CONFIGS[("grouped", experts, r["n"], r["k"])] = fp8_triton.GemmConfig.parse(r["pick"])
+    print(f"# FP8 decode configs from {path}: "
+          + ", ".join(f"{k}={v}" for k, v in fp8_triton.DECODE_CONFIGS.items()), flush=True)
 
 
 def main(argv=None) -> dict:
@@ -827,6 +848,8 @@ def main(argv=None) -> dict:
         device = torch.device("cuda", torch.cuda.current_device())
     precisions = a.precision or (["bf16", "fp8"] if device.type == "cuda" else ["fp8"])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if a.fp8_configs:
+        install_fp8_configs(a.fp8_configs)
     ceil = measure_ceilings(device)
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv,

@@ -14,6 +14,7 @@ import yaml
 
 from wideep.deploy.render import render_bundle, write_bundle
 from wideep.deploy.spec import load_spec
+from wideep.errors import ConfigError
 from crd_validate import CRDValidators
 
 HERE = Path(__file__).resolve().parent
@@ -226,3 +227,21 @@ def test_cli_render_writes_folder(tmp_path):
                  "--provider", "coreweave", "--out", str(out)]) == 0
     assert (out / "kustomization.yaml").is_file() and (out / "podcliqueset.yaml").is_file()
     assert (out / "httproute.yaml").is_file()
+
+
+def _decode_script(spec, model_server: str = "wideep") -> str:
+    lws = render_bundle(spec, model_server=model_server)["decode.yaml"][0]
+    return lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["args"][0]
+
+
+def test_kv_cross_layer_blocks_per_model_server():
+    """wideep pods register one block-major KV region (cross-layer blocks); vLLM pods and an explicit
+    `kv_cross_layer_blocks: false` (to pair with vLLM) stay per layer; true with vLLM is refused."""
+    spec = load_spec(ROOT / "examples" / "deepseek-r1-32xh200.yaml")
+    assert '"enable_cross_layers_blocks":true' in _decode_script(spec)
+    assert "enable_cross_layers_blocks" not in _decode_script(spec, "vllm")
+    spec.kv_cross_layer_blocks = False
+    assert "enable_cross_layers_blocks" not in _decode_script(spec)
+    spec.kv_cross_layer_blocks = True
+    with pytest.raises(ConfigError, match="kv_cross_layer_blocks"):
+        _decode_script(spec, "vllm")

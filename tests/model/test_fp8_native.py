@@ -152,11 +152,91 @@ def test_triton_gemm_fused_quant_and_batch_invariance(cfg):
     assert torch.equal(yg[33:40], y1)
 
 
+# the TMA kernel (copy-engine operands, tile loop): swapped and not, split-K, one program per tile and persistent
+TMA_CONFIGS = [fp8_triton.GemmConfig(16, 64, 4, 1, swap=True, tma=True),
+               fp8_triton.GemmConfig(16, 64, 4, 1, split=3, swap=True, prefetch=True, tma=True, persist=1),
+               fp8_triton.GemmConfig(32, 32, 4, 1, split=2, tma=True, persist=2, maxnreg=168)]
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg", TMA_CONFIGS, ids=str)
+def test_tma_gemm_matches_reference_and_is_batch_invariant(cfg):
+    """K a multiple of 16 (the copy engine's row alignment): the TMA kernel equals the dequantized product,
+    bit-identically to itself whatever the row count."""
+    g = _gen(21)
+    m, k, n = 37, 512, 200
+    q, s = act_quant_ref(torch.randn(m, k, generator=g))
+    w, ws = quantize_block_fp8(torch.randn(n, k, generator=g))
+    sidx = scale_row_index([n], 128)
+    assert fp8_triton._tma_ok(q, w)
+    ref = dequant_act(q, s) @ dequant_rows(w, ws, sidx).t()
+    full = fp8_triton.fp8_gemm(q, s.t().contiguous().t(), w, ws, sidx, torch.float32, cfg)
+    torch.testing.assert_close(full, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    for rows in (1, 5, 16):
+        y = fp8_triton.fp8_gemm(q[:rows], s[:rows].t().contiguous().t(), w, ws, sidx, torch.float32, cfg)
+        assert torch.equal(y, full[:rows])
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg", TMA_CONFIGS, ids=str)
+@pytest.mark.parametrize("counts,pad", [([3, 0, 20, 1], 2), ([0, 0, 17], 3)])
+def test_tma_grouped_gemm_zero_rows_padding_and_invariance(cfg, counts, pad):
+    """Grouped over expert-contiguous rows: zero-row experts, padding rows never written, each expert's rows
+    bit-identical to that expert alone. inter 64 + 64 (gate ‖ up, in separate scale blocks), hidden 256."""
+    inter, hidden = 64, 256
+    w13, s13, i13, _, _, _ = _experts(len(counts), inter, hidden, 7)
+    n = sum(counts) + pad
+    q, s = act_quant_ref(torch.randn(n, hidden, generator=_gen(n)))
+    s = s.t().contiguous().t()
+    h = torch.full((n, 2 * inter), 7.0)
+    fp8_triton.fp8_gemm(q, s, w13, s13, i13, torch.float32, cfg, counts=torch.tensor(counts), out=h)
+    xd = dequant_act(q, s)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            ref = xd[start:start + c] @ dequant_rows(w13[e], s13[e], i13).t()
+            torch.testing.assert_close(h[start:start + c], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+            alone = [0] * len(counts)
+            alone[e] = c
+            qa, sa = q[start:start + c], s[start:start + c].t().contiguous().t()
+            y = fp8_triton.fp8_gemm(qa, sa, w13, s13, i13, torch.float32, cfg, counts=torch.tensor(alone))
+            assert torch.equal(y, h[start:start + c])
+        start += c
+    assert (h[start:] == 7.0).all()
+
+
+@needs_triton
+def test_tma_config_falls_back_where_the_copy_engine_cannot_read():
+    """K = 200 rows are not 16-byte aligned: a tma config runs the pointer kernel with the same tiles."""
+    g = _gen(5)
+    q, s = act_quant_ref(torch.randn(9, 200, generator=g))
+    w, ws = quantize_block_fp8(torch.randn(70, 200, generator=g))
+    sidx = scale_row_index([70], 128)
+    assert not fp8_triton._tma_ok(q, w)
+    cfg = TMA_CONFIGS[1]
+    y = fp8_triton.fp8_gemm(q, s.t().contiguous().t(), w, ws, sidx, torch.float32, cfg)
+    ptr = fp8_triton.fp8_gemm(q, s.t().contiguous().t(), w, ws, sidx, torch.float32,
+                              cfg._replace(tma=False, persist=0))
+    assert torch.equal(y, ptr)
+
+
+def test_decode_configs_are_valid():
+    for key, cfg in fp8_triton.DECODE_CONFIGS.items():
+        cfg.check()
+        assert fp8_triton.GemmConfig.parse(str(cfg)) == cfg, key
+    assert fp8_triton.pick_config(4096, 7168, 8).tma   # R1's EP=32 expert GEMMs run on the TMA kernel
+
+
 def test_gemm_config_parse():
     assert fp8_triton.GemmConfig.parse("64,128,4,3") == fp8_triton.GemmConfig(64, 128, 4, 3)
     assert fp8_triton.GemmConfig.parse("32,64,4,4,2,1,0") == fp8_triton.GemmConfig(32, 64, 4, 4, 2, True, False)
     assert fp8_triton.GemmConfig.parse("32,64,4,4,2,1,0,1").prefetch
-    for bad in ("64,128,4", "48,128,4,3", "64,128,4,3,0"):
+    cfg = fp8_triton.GemmConfig.parse("64,128,4,3,1,0,0,0,1,3,168")
+    assert cfg.tma and cfg.persist == 3 and cfg.maxnreg == 168
+    for bad in ("64,128,4", "48,128,4,3", "64,128,4,3,0",
+                "64,128,4,3,1,0,0,0,0,2",       # persistent without the TMA kernel
+                "64,128,4,3,1,0,1,0,1",         # the TMA kernel reads quantized activations only
+                "64,128,4,3,1,0,0,0,1,0,-1", "64,128,4,3,1,0,0,0,1,0,0,0"):
         with pytest.raises(ValueError):
             fp8_triton.GemmConfig.parse(bad)
 

@@ -9,7 +9,7 @@ import json
 import shlex
 from dataclasses import dataclass
 
-from wideep.deploy.spec import DeploySpec, RoleSpec, engine_flag_args, serve_flag_args
+from wideep.deploy.spec import DeploySpec, RoleSpec, SpecError, engine_flag_args, serve_flag_args
 
 
 class Raw(str):
@@ -19,8 +19,13 @@ class Raw(str):
 Word = str  # str or Raw
 
 
-def kv_transfer_config(role: RoleSpec) -> str:
-    cfg = {"kv_connector": "NixlConnector", "kv_role": role.kv_role, "kv_load_failure_policy": "fail"}
+def kv_transfer_config(role: RoleSpec, cross_layers: bool = False) -> str:
+    """NixlConnector on both roles. cross_layers: one block-major KV region per engine instead of one per
+    layer, so a transfer is one descriptor per block rather than per block and layer (both roles must agree;
+    vLLM's MLA backends register per layer, so a vLLM pod never gets it)."""
+    cfg: dict = {"kv_connector": "NixlConnector", "kv_role": role.kv_role, "kv_load_failure_policy": "fail"}
+    if cross_layers:
+        cfg["kv_connector_extra_config"] = {"enable_cross_layers_blocks": True}
     return json.dumps(cfg, separators=(",", ":"))
 
 
@@ -53,7 +58,7 @@ def serve_argv(spec: DeploySpec, role: RoleSpec, layout: RankLayout, *, executab
     if role.expert_parallel:
         argv.append("--enable-expert-parallel")
     argv += ["--all2all-backend", role.all2all_backend,
-             "--kv-transfer-config", kv_transfer_config(role)]
+             "--kv-transfer-config", kv_transfer_config(role, spec.kv_cross_layer_blocks is not False)]
     args = dict(role.engine_args)
     if kv_events_config is not None:
         args = {k: v for k, v in args.items() if k.replace("_", "-") != "kv-events-config"}
@@ -64,6 +69,9 @@ def serve_argv(spec: DeploySpec, role: RoleSpec, layout: RankLayout, *, executab
 
 def vllm_serve_argv(spec: DeploySpec, role: RoleSpec, layout: RankLayout) -> list[Word]:
     """llm-d's wide-ep-lws `vllm serve` line (multi-port external LB) for one node."""
+    if spec.kv_cross_layer_blocks:
+        raise SpecError("kv_cross_layer_blocks", "vLLM's MLA backends register the KV cache per layer; "
+                        "leave it unset or false with --model-server vllm")
     argv: list[Word] = ["vllm", "serve", spec.model.path,
                         "--served-model-name", spec.model.name,
                         "--port", layout.port,

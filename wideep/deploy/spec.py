@@ -130,6 +130,9 @@ class DeploySpec:
     monitoring: MonitoringSpec = field(default_factory=MonitoringSpec)
     grove: GroveSpec = field(default_factory=GroveSpec)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    # NIXL KV layout of both roles: None = cross-layer blocks for wideep model servers (one descriptor per
+    # block instead of per block and layer), per-layer for vLLM ones; false = per layer, to pair with vLLM pods
+    kv_cross_layer_blocks: bool | None = None
 
     def roles(self) -> list[tuple[str, RoleSpec]]:
         return [("prefill", self.prefill), ("decode", self.decode)]

@@ -1,6 +1,8 @@
 """Triton kernels of the native FP8 path (GPU): per-token-group activation quantization, SiLU-and-mul fused
-with that quantization, and one block-scaled FP8 GEMM that serves both plain projections and the routed
-experts' grouped GEMM (rows contiguous per expert).
+with that quantization, and a block-scaled FP8 GEMM that serves both plain projections and the routed
+experts' grouped GEMM (rows contiguous per expert), in two kernels: pointer loads (any alignment, in-kernel
+activation quantization) and copy-engine (TMA) operands with a persistent tile loop (the decode configs of
+R1's big weights: it keeps a multi-stage shared-memory ring where the pointer loads were not pipelined).
 
 Why our own GEMM: cuBLAS's block-scaled FP8 matmul has a ~12-25 us floor at decode sizes (M <= 256), so small
 projections never reach bandwidth, and it cannot run the routed experts without the per-expert counts on the
@@ -23,6 +25,11 @@ from wideep import envs
 
 from wideep.model.fp8 import CUBLAS_MIN_ROWS
 from wideep.model.triton_compat import constexpr, tl, triton
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - no triton, or one without host tensor descriptors
+    TensorDescriptor = None
 
 FP8_MAX = 448.0
 GROUP = 128
@@ -177,6 +184,92 @@ if triton is not None:
                 c = c + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
                 tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
+    @triton.jit(do_not_specialize=["M", "KB_PER_SPLIT", "NUM_PROGS"])
+    def _fp8_gemm_tma_kernel(
+        a_desc, as_ptr, b_desc, bs_ptr, sidx_ptr, c_ptr,
+        counts_ptr, E,
+        M, N, K, stride_bse, stride_bsn, stride_cs, stride_cm,
+        KB_PER_SPLIT, NUM_PROGS,
+        GROUPED: constexpr, SWAP: constexpr, PREFETCH: constexpr, E_POW2: constexpr, SPLIT: constexpr,
+        BLOCK_M: constexpr, BLOCK_N: constexpr, BLOCK_K: constexpr,
+    ):
+        """_fp8_gemm_kernel's product with both operands fed by the copy engine (TMA: host tensor descriptors
+        over A [M, K] and the weights as [E*N, K], so no address arithmetic or masks in the K loop) and a tile
+        loop: program p computes tiles p, p + NUM_PROGS, ... (NUM_PROGS programs: persistent when that is a
+        few per SM, one tile each when it is the largest possible tile count). Tiles are numbered row block fastest,
+        then weight block, then K slice; grouped row blocks come from the counts as in _fp8_gemm_kernel, so
+        the tile count is known only here. A weight block that runs past N reads the next expert's rows (or
+        zeros past the end) into output columns that are never stored; likewise A rows past an expert's end.
+        Each output element's K reduction is the same per-128-block sequence as _fp8_gemm_kernel's."""
+        pid = tl.program_id(0)
+        if GROUPED:
+            eo = tl.arange(0, E_POW2)
+            cnt = tl.load(counts_ptr + eo, mask=eo < E, other=0).to(tl.int32)
+            tiles_e = (cnt + BLOCK_M - 1) // BLOCK_M
+            cum = tl.cumsum(tiles_e, axis=0)
+            ends = tl.cumsum(cnt, axis=0)
+            m_tiles = tl.sum(tiles_e, axis=0)
+        else:
+            m_tiles = tl.cdiv(M, BLOCK_M)
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        total = m_tiles * n_tiles * SPLIT
+        n_kb = tl.cdiv(K, BLOCK_K)
+        for t in range(pid, total, NUM_PROGS):
+            pid_m = t % m_tiles
+            rest = t // m_tiles
+            pid_n = rest % n_tiles
+            pid_k = rest // n_tiles
+            if GROUPED:
+                e = tl.sum((cum <= pid_m).to(tl.int32), axis=0)
+                sel = eo == e
+                first_tile = tl.sum(tl.where(sel, cum - tiles_e, 0), axis=0)
+                row_end = tl.sum(tl.where(sel, ends, 0), axis=0)
+                row0 = row_end - tl.sum(tl.where(sel, cnt, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+            else:
+                e = 0
+                row0 = pid_m * BLOCK_M
+                row_end = M
+            offs_m = row0 + tl.arange(0, BLOCK_M)
+            n0 = pid_n * BLOCK_N
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_m = offs_m < row_end
+            mask_n = offs_n < N
+            sidx = tl.load(sidx_ptr + offs_n, mask=mask_n, other=0)
+            bs_rows = bs_ptr + e.to(tl.int64) * stride_bse + sidx * stride_bsn
+            b_row = e * N + n0
+            kb_lo = pid_k * KB_PER_SPLIT
+            kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, n_kb)
+            if SWAP:
+                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            kb_first = tl.minimum(kb_lo, n_kb - 1)
+            b_s_next = tl.load(bs_rows + kb_first, mask=mask_n, other=0.0)
+            a_s_next = tl.load(as_ptr + kb_first * M + offs_m, mask=mask_m, other=0.0)
+            for kb in range(kb_lo, kb_hi):
+                if PREFETCH:
+                    b_s = b_s_next
+                    a_s = a_s_next
+                    kb_next = tl.minimum(kb + 1, n_kb - 1)
+                    b_s_next = tl.load(bs_rows + kb_next, mask=mask_n, other=0.0)
+                    a_s_next = tl.load(as_ptr + kb_next * M + offs_m, mask=mask_m, other=0.0)
+                else:
+                    b_s = tl.load(bs_rows + kb, mask=mask_n, other=0.0)
+                    a_s = tl.load(as_ptr + kb * M + offs_m, mask=mask_m, other=0.0)
+                a = a_desc.load([row0, kb * BLOCK_K])        # [BM, BK]
+                b = b_desc.load([b_row, kb * BLOCK_K])       # [BN, BK]
+                if SWAP:
+                    acc += tl.dot(b, a.T) * a_s[None, :] * b_s[:, None]
+                else:
+                    acc += tl.dot(a, b.T) * a_s[:, None] * b_s[None, :]
+            c = c_ptr + pid_k.to(tl.int64) * stride_cs
+            if SWAP:
+                c = c + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+                tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+            else:
+                c = c + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+                tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
     @triton.jit
     def _splitk_sum_kernel(p_ptr, out_ptr, counts_ptr, E, MN, N, SPLIT: constexpr, HAS_VALID: constexpr,
                            E_POW2: constexpr, BLOCK: constexpr):
@@ -233,17 +326,32 @@ class GemmConfig(NamedTuple):
     swap: bool = False
     fuse_quant: bool = False
     prefetch: bool = False
+    tma: bool = False
+    persist: int = 0
+    maxnreg: int = 0
 
     @classmethod
     def parse(cls, text: str) -> "GemmConfig":
-        """'block_m,block_n,warps,stages[,split[,swap[,fuse_quant[,prefetch]]]]' (flags as 0/1)."""
+        """'block_m,block_n,warps,stages[,split[,swap[,fuse_quant[,prefetch[,tma[,persist[,maxnreg]]]]]]]'
+        (flags as 0/1; persist: programs per SM, 0 = one program per tile; maxnreg: a register cap per thread
+        so more programs fit on an SM, 0 = the compiler's choice)."""
         parts = [int(t) for t in text.split(",")]
-        if not 4 <= len(parts) <= 8:
-            raise ValueError(f"{CONFIG_ENV}: expected 4 to 8 integers, got {text!r}")
-        cfg = cls(*parts[:5], *(bool(p) for p in parts[5:]))
+        if not 4 <= len(parts) <= 11:
+            raise ValueError(f"{CONFIG_ENV}: expected 4 to 11 integers, got {text!r}")
+        cfg = cls(*parts[:5], *(bool(p) for p in parts[5:9]), *parts[9:])
         if cfg.split < 1 or any(v & (v - 1) or v < 1 for v in (cfg.block_m, cfg.block_n)):
             raise ValueError(f"{CONFIG_ENV}: block sizes must be powers of two and split >= 1, got {text!r}")
+        cfg.check()
         return cfg
+
+    def check(self) -> None:
+        """Rejects combinations the kernels do not implement."""
+        if self.persist < 0 or self.maxnreg < 0:
+            raise ValueError(f"GemmConfig: persist and maxnreg must be >= 0, got {self.persist}, {self.maxnreg}")
+        if self.persist and not self.tma:
+            raise ValueError("GemmConfig: the persistent tile loop exists in the TMA kernel only (tma=1)")
+        if self.tma and self.fuse_quant:
+            raise ValueError("GemmConfig: the TMA kernel reads quantized activations (fuse_quant=0)")
 
     def __str__(self) -> str:
         return ",".join(str(int(v)) for v in self)
@@ -259,17 +367,20 @@ LARGE_ROWS = CUBLAS_MIN_ROWS   # rows (plain) or mean rows per expert (grouped) 
 DECODE_CONFIGS: dict[tuple, GemmConfig] = {
     ("plain", 1536, 7168): GemmConfig(64, 128, 4, 3, split=5),        # q_a
     ("plain", 576, 7168): GemmConfig(64, 64, 4, 4, split=7),          # kv_a (q_lora_rank null)
-    ("plain", 2112, 7168): GemmConfig(128, 64, 4, 4, split=4, swap=True),   # q_a ‖ kv_a stacked (MLAttention)
+    ("plain", 2112, 7168): GemmConfig(128, 64, 4, 3, split=4, swap=True, tma=True, persist=3, maxnreg=168),
+    # (q_a ‖ kv_a stacked, MLAttention: 16.9 us with the TMA kernel vs 20.1 the pointer kernel, incl. act quant)
     # (served by cuBLAS at decode, fp8.CUBLAS_DECODE; these are the Triton fallbacks)
-    ("plain", 24576, 1536): GemmConfig(64, 128, 4, 3),                # q_b
-    ("plain", 7168, 16384): GemmConfig(64, 128, 4, 3, split=2),       # o
+    ("plain", 24576, 1536): GemmConfig(128, 64, 4, 3, swap=True, tma=True, persist=3, maxnreg=168),   # q_b
+    ("plain", 7168, 16384): GemmConfig(128, 64, 4, 3, split=3, swap=True, tma=True, persist=3, maxnreg=168),  # o
     ("plain", 4096, 7168): GemmConfig(64, 128, 4, 3, split=2),        # shared / dense-slice w13
     ("plain", 7168, 2048): GemmConfig(128, 64, 4, 4, swap=True),      # shared w2
     ("plain", 36864, 7168): GemmConfig(64, 64, 4, 4, swap=True),      # dense w13
     ("plain", 7168, 18432): GemmConfig(64, 128, 4, 3, split=2),       # dense w2
-    # routed experts: timed as the whole MLP in one graph (benchmarks/fp8_gemm.py --pairs)
-    ("grouped", 8, 4096, 7168): GemmConfig(128, 64, 4, 4, swap=True, prefetch=True),   # EP=32: 8 local experts
-    ("grouped", 8, 7168, 2048): GemmConfig(128, 64, 4, 4, swap=True, prefetch=True),
+    # routed experts (+ the shared slot), EP=32: 8 local experts. The TMA kernel, persistent, 3 programs per SM
+    # (the register cap makes room for the third; at 2 it is latency-bound), 64 rows x 128 weight rows per
+    # tile (the swapped 128 x 64 tile within 2%): docs/perf.md's sweeps
+    ("grouped", 8, 4096, 7168): GemmConfig(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),
+    ("grouped", 8, 7168, 2048): GemmConfig(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),
     ("grouped", 32, 4096, 7168): GemmConfig(32, 64, 4, 4, swap=True, prefetch=True),   # EP=8: 32 local experts
     ("grouped", 32, 7168, 2048): GemmConfig(32, 64, 4, 4, swap=True, prefetch=True),
 }
@@ -305,6 +416,21 @@ def pick_config(n: int, k: int, experts: int = 0, large: bool = False, device: t
     sms = _num_sms(device) if device is not None else 132
     split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(n, block_n)), triton.cdiv(k, GROUP) // 4))
     return GemmConfig(64, block_n, 4, 3, split=split)
+
+
+def _reg_cap(cfg: GemmConfig, a: torch.Tensor) -> dict:
+    """The launch option capping registers per thread (a compile option: on the GPU only)."""
+    return {"maxnreg": cfg.maxnreg} if cfg.maxnreg and a.is_cuda else {}
+
+
+def _tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the copy engine can read both operands: e4m3 A and weights, each row-contiguous with 16-byte
+    aligned rows and base, the weights' experts back to back (one [E*N, K] view). A config with tma=1 runs
+    the pointer kernel with the same tiles otherwise (the choice depends on the shapes only)."""
+    k = a.shape[1]
+    return (TensorDescriptor is not None and a.dtype == torch.float8_e4m3fn and k % 16 == 0
+            and a.stride(1) == 1 and a.stride(0) % 16 == 0 and a.data_ptr() % 16 == 0
+            and w.is_contiguous() and w.data_ptr() % 16 == 0)
 
 
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor, sidx: torch.Tensor,
@@ -349,13 +475,27 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: to
     split = triton.cdiv(n_kb, kb_per)
     target = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=a.device)
     stride_cs = 0 if split == 1 else target.stride(0)
-    _fp8_gemm_kernel[(grid_m, grid_n, split)](
-        a, a_s, w, w_s, sidx, target, counts, n_exp,
-        m, n, k, a.stride(0), we, w2d.stride(0), ws_e, ws2d.stride(0), stride_cs, target.stride(-2),
-        kb_per, GROUPED=grouped, QUANT_A=quant_a, SWAP=cfg.swap, PREFETCH=cfg.prefetch,
-        E_POW2=triton.next_power_of_2(n_exp), BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
-        num_warps=cfg.warps, num_stages=cfg.stages if a.is_cuda else 1,
-    )
+    cfg.check()
+    if cfg.tma and _tma_ok(a, w):
+        tiles = grid_m * grid_n * split
+        progs = min(tiles, cfg.persist * _num_sms(a.device)) if cfg.persist else tiles
+        a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [bm, GROUP])
+        b_desc = TensorDescriptor(w, [w.numel() // k, k], [k, 1], [cfg.block_n, GROUP])
+        _fp8_gemm_tma_kernel[(progs,)](
+            a_desc, a_s, b_desc, w_s, sidx, target, counts, n_exp,
+            m, n, k, ws_e, ws2d.stride(0), stride_cs, target.stride(-2), kb_per, progs,
+            GROUPED=grouped, SWAP=cfg.swap, PREFETCH=cfg.prefetch, E_POW2=triton.next_power_of_2(n_exp),
+            SPLIT=split, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
+            num_warps=cfg.warps, num_stages=cfg.stages if a.is_cuda else 1, **_reg_cap(cfg, a),
+        )
+    else:
+        _fp8_gemm_kernel[(grid_m, grid_n, split)](
+            a, a_s, w, w_s, sidx, target, counts, n_exp,
+            m, n, k, a.stride(0), we, w2d.stride(0), ws_e, ws2d.stride(0), stride_cs, target.stride(-2),
+            kb_per, GROUPED=grouped, QUANT_A=quant_a, SWAP=cfg.swap, PREFETCH=cfg.prefetch,
+            E_POW2=triton.next_power_of_2(n_exp), BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
+            num_warps=cfg.warps, num_stages=cfg.stages if a.is_cuda else 1, **_reg_cap(cfg, a),
+        )
     if split > 1:
         if not out.is_contiguous():
             raise ValueError("fp8_gemm: split-K needs a contiguous output")
