@@ -440,11 +440,81 @@ def aot_child(configs):
                 print(f"  {tag}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
 
 
+def aot_hopper():
+    """The Hopper kernels (TMA tile, Gluon kernel) compiled for sm_90 without a GPU: shared memory,
+    registers, spills, wgmma and bulk-copy counts (what to check before spending device time)."""
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from wideep.model import mla_decode_hopper
+
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    ints = ["chunk", "max_splits", "H", "stride_ql_b", "stride_ql_q", "stride_ql_h", "stride_qp_b", "stride_qp_q",
+            "stride_qp_h", "stride_kv_blk", "stride_kv_tok", "stride_bt_b", "stride_o_b", "stride_o_r", "stride_o_s",
+            "stride_lse_b", "stride_lse_r"]
+
+    def report(tag, k):
+        cubin = Path(f"/tmp/mla_decode_{re.sub('[^a-z0-9]+', '_', tag)}.cubin")
+        cubin.write_bytes(k.asm["cubin"])
+        res = subprocess.run([str(bindir / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+        regs = " ".join(w for line in res.splitlines() if "REG" in line for w in line.split()[:2])
+        sass = subprocess.run([str(bindir / "nvdisasm"), str(cubin)], capture_output=True, text=True).stdout
+        shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", k.asm["ptx"])))
+        print(f"  {tag}: smem {k.metadata.shared:6d} B  {regs}  local ld/st {sass.count('LDL')}/{sass.count('STL')}"
+              f"  HGMMA {sass.count('HGMMA')} {shapes}  UTMALDG {sass.count('UTMALDG')}", flush=True)
+
+    kern = triton.jit(mla_decode_hopper._mla_decode_tma_kernel, do_not_specialize=["chunk", "max_splits"])
+    aligned = {"Q_LAT", "Q_PE", "KV", "BLOCK_TABLES", "SEQ_LENS", "OUT", "LSE", "stride_ql_b", "stride_ql_q",
+               "stride_ql_h", "stride_qp_b", "stride_qp_q", "stride_kv_blk", "stride_kv_tok", "stride_o_b",
+               "stride_o_r", "stride_o_s"}
+    for kv, qd in (("bf16", "bf16"), ("fp8e4nv", "fp16")):
+        sig = {"Q_LAT": f"*{qd}", "Q_PE": f"*{qd}", "KV": f"*{kv}", "KV_DESC": f"tensordesc<{kv}[1,64,256]>",
+               "PE_DESC": f"tensordesc<{kv}[1,64,64]>", "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32",
+               "LSE": "*fp32", "sm_scale_log2": "fp32", "out_scale": "fp32"}
+        sig.update({n: "i32" for n in ints})
+        consts = dict(L=L, R=R, PAGE=64, BLOCK_H=64, HALF=L // 2, NUM_Q=1, ALIGN=128, SPLIT=True, KV_FP8=kv != "bf16")
+        sig.update({k: "constexpr" for k in consts})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if n in aligned}   # as the launcher sees them
+        try:
+            k = triton.compile(ASTSource(kern, sig, consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=8, num_stages=2))
+            report(f"tma 64,64,8,2 kv={kv}", k)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  tma kv={kv}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    try:
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon._runtime import GluonASTSource
+        from wideep.model import mla_decode_gluon as mg
+    except ImportError as exc:
+        print(f"  gluon: not available in this Triton ({exc})")
+        return
+    lay = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16)
+    gints = ["chunk", "max_splits", "H", "blk_rows", "stride_ql_b", "stride_ql_q", "stride_ql_h", "stride_qp_b",
+             "stride_qp_q", "stride_qp_h", "stride_bt_b", "stride_o_b", "stride_o_r", "stride_o_s", "stride_lse_b",
+             "stride_lse_r"]
+    for overlap in (False, True):
+        sig = {"Q_LAT": "*bf16", "Q_PE": "*bf16", "kv_desc": f"tensordesc<bf16[64,64],{lay!r}>",
+               "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32",
+               "out_scale": "fp32"}
+        sig.update({n: "i32" for n in gints})
+        consts = dict(L=L, R=R, PAGE=64, STAGES=2, NUM_Q=1, ALIGN=128, SPLIT=True, OVERLAP=overlap)
+        sig.update({k: "constexpr" for k in consts})
+        try:
+            k = triton.compile(GluonASTSource(mg._mla_decode_gluon_kernel, sig, consts),
+                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=mg.NUM_WARPS,
+                                                                               maxnreg=mg.MAXNREG))
+            report(f"gluon 64,64,4,2{',ov' if overlap else ''}", k)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  gluon ov={overlap}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     configs = parse_configs(args.configs)
     if args.aot_child:
-        return aot_child(configs)
+        aot_child(configs)
+        return aot_hopper()
     if args.aot:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         cmd = [sys.executable, str(Path(__file__).resolve()), "--aot-child", "--configs", args.configs]
