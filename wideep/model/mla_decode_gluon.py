@@ -2,8 +2,9 @@
 
 WHY: the Triton kernels (mla_decode_triton, mla_decode_hopper) run 64 heads x 64 tokens per step on two
 warpgroups, and Triton splits the 64 score columns between them, so the QK^T product (53% of the FLOPs)
-runs as m64n32 wgmma that re-read the 64x576 query tile from shared memory for every 32 columns: shared
-memory bandwidth, not the tensor cores, bounds it, and the softmax waits on it. Here the roles are explicit:
+runs as m64n32 wgmma that re-read the 64x576 query tile from shared memory for every 32 columns (likely
+bounded by shared-memory bandwidth rather than the tensor cores), and the softmax waits on it. Here the
+roles are explicit:
 
 - a 1-warp producer streams each page of the split (64 rows x 576) into a ring of shared-memory stages
   with bulk tensor copies (9 boxes of 64x64), completing on the stage's "ready" mbarrier;
@@ -19,6 +20,7 @@ product (0 * NaN = NaN inside an MMA). The split schedule (attention.split_plan)
 output contract are the portable kernel's, so batch invariance and CUDA-graph safety carry over.
 
 bf16 caches only (an fp8 tile would have to be widened through registers; the Triton kernels serve fp8). Needs Triton with Gluon (3.6 on the device); imported only when this variant is selected.
+Measured on an H200: 0.182 ms per layer at B=128, ctx 2048, H=128 (docs/perf.md).
 """
 import torch
 from triton.experimental import gluon
