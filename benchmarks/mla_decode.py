@@ -457,7 +457,8 @@ def aot_hopper():
     def report(tag, k):
         cubin = Path(f"/tmp/mla_decode_{re.sub('[^a-z0-9]+', '_', tag)}.cubin")
         cubin.write_bytes(k.asm["cubin"])
-        res = subprocess.run([str(bindir / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+        res = subprocess.run([str(bindir / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
+                             text=True).stdout
         regs = " ".join(w for line in res.splitlines() if "REG" in line for w in line.split()[:2])
         sass = subprocess.run([str(bindir / "nvdisasm"), str(cubin)], capture_output=True, text=True).stdout
         shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", k.asm["ptx"])))
@@ -475,7 +476,7 @@ def aot_hopper():
         sig.update({n: "i32" for n in ints})
         consts = dict(L=L, R=R, PAGE=64, BLOCK_H=64, HALF=L // 2, NUM_Q=1, ALIGN=128, SPLIT=True, KV_FP8=kv != "bf16")
         sig.update({k: "constexpr" for k in consts})
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if n in aligned}   # as the launcher sees them
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if n in aligned}   # as launched
         try:
             k = triton.compile(ASTSource(kern, sig, consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                                options=dict(num_warps=8, num_stages=2))

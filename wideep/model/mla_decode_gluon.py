@@ -19,7 +19,8 @@ set to -inf, and each consumer zeroes those rows of its own value chunks in shar
 product (0 * NaN = NaN inside an MMA). The split schedule (attention.split_plan), grid, merge kernel and
 output contract are the portable kernel's, so batch invariance and CUDA-graph safety carry over.
 
-bf16 caches only (an fp8 tile would have to be widened through registers; the Triton kernels serve fp8). Needs Triton with Gluon (3.6 on the device); imported only when this variant is selected.
+bf16 caches only (an fp8 tile would have to be widened through registers; the Triton kernels serve fp8).
+Needs Triton with Gluon (3.6 on the device); imported only when this variant is selected.
 Measured on an H200: 0.182 ms per layer at B=128, ctx 2048, H=128 (docs/perf.md).
 """
 import torch
@@ -285,6 +286,7 @@ def launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, lse, sm_scale_log
         sm_scale_log2, out_scale, chunk, max_splits, h, blk_rows,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         block_tables.stride(0), *so,
-        L=lat, R=q_pe.shape[3], PAGE=kv_cache.shape[1], STAGES=stages, NUM_Q=nq, ALIGN=align, SPLIT=split, OVERLAP=overlap,
+        L=lat, R=q_pe.shape[3], PAGE=kv_cache.shape[1], STAGES=stages, NUM_Q=nq, ALIGN=align, SPLIT=split,
+        OVERLAP=overlap,
         num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )

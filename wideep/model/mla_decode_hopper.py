@@ -1,9 +1,9 @@
 """Hopper (sm_90) paged MLA decode: whole pages of latent rows through the tensor-memory accelerator (TMA).
 
 WHY: the portable kernel (mla_decode_triton) gathers a tile of latent rows with per-thread pointer loads
-(cp.async): every thread computes 18 addresses per tile and the tile's masks. When a loop step is exactly one page (BLOCK_N == page size), a tile is one
-page's contiguous rows, so one bulk tensor copy per operand moves it into shared memory asynchronously
-and the tensor cores read it from there.
+(cp.async): every thread computes 18 addresses per tile and the tile's masks. When a loop step is exactly
+one page (BLOCK_N == page size), a tile is one page's contiguous rows, so one bulk tensor copy per operand
+moves it into shared memory asynchronously and the tensor cores read it from there.
 
 The cache is described as a 3-D tensor [num_blocks, page, L+R] with its real strides (block stride, row
 stride, 1), so the per-layer view of a cross-layer cache (block stride = layers * page * (L+R)) works as
