@@ -51,6 +51,7 @@ from wideep.model.layers import RMSNorm  # noqa: E402
 from wideep.model.make_model import FP8_QUANT_CONFIG, PRESETS  # noqa: E402
 from wideep.model.rope import RotaryEmbedding  # noqa: E402
 from wideep.model import fused_ops  # noqa: E402
+from wideep.model.triton_compat import tl, triton  # noqa: E402
 from wideep.model.moe import fuse_shared_expert  # noqa: E402
 from wideep.model.moe_permute import gather_sum  # noqa: E402
 from wideep.model.moe_permute import group_pairs, own_then  # noqa: E402
@@ -239,6 +240,88 @@ def measure_ceilings(device) -> dict:
     except (RuntimeError, TypeError):
         pass
     return {"copy_GBps": bw / 1e9, "bf16_TFLOPs": 2 * m**3 / tb / 1e12, "fp8_TFLOPs": fp8}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _touch_kernel(p_ptr):
+        """The least a Triton kernel can do: each program reads and writes one 4-byte word."""
+        i = tl.program_id(0)
+        tl.store(p_ptr + i, tl.load(p_ptr + i) + 1)
+
+
+def _kernel_durations_us(fn, n: int) -> list[float]:
+    """Device durations (us) of the kernels n eager calls of fn launch, as the torch profiler reports them
+    (the same measure the per-phase table sums)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    path = Path(tempfile.mkstemp(suffix=".json")[1])
+    try:
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    finally:
+        path.unlink(missing_ok=True)
+    return [float(e["dur"]) for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
+
+
+def measure_launch_floor(device, n: int = 500) -> dict:
+    """What one kernel costs when it does (almost) nothing, on this GPU, in us: n back-to-back launches
+    replayed from one CUDA graph (per launch: what a graph-replayed step pays at least for each kernel), and
+    the profiler's device duration of one such kernel (what the eager per-phase table counts for it).
+    Kernels: torch's add on a 1-element tensor, a Triton kernel of 1 program and one of 128 programs (a
+    per-token kernel's grid at B=128) each touching 4 bytes. `per_launch_us` is the smallest of all: a floor."""
+    if device.type != "cuda":
+        return {"per_launch_us": float("nan")}
+    buf = torch.zeros(256, dtype=torch.int32, device=device)
+    one = buf[:1]
+    kinds = {"torch_add_1elem": lambda: one.add_(1)}
+    if triton is not None:
+        kinds["triton_1prog"] = lambda: _touch_kernel[(1,)](buf)
+        kinds["triton_128prog"] = lambda: _touch_kernel[(128,)](buf)
+    out: dict = {}
+    for name, fn in kinds.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            with torch.cuda.graph(g, stream=s):
+                for _ in range(n):
+                    fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g.replay()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(7):
+            st, en = torch.cuda.Event(True), torch.cuda.Event(True)
+            st.record()
+            g.replay()
+            en.record()
+            torch.cuda.synchronize()
+            ts.append(st.elapsed_time(en) * 1e3 / n)
+        out[f"{name}_graph_us"] = sorted(ts)[len(ts) // 2]
+        d = sorted(_kernel_durations_us(fn, 200))
+        out[f"{name}_kernel_us"] = d[len(d) // 2] if d else float("nan")
+        del g
+    out["per_launch_us"] = min(v for v in out.values() if v == v)
+    out["launches_per_graph"] = n
+    return out
+
+
+def phase_floors(roof: dict, launches: dict, per_launch_us: float) -> dict:
+    """Each phase's floor (ms): its roofline (bytes / copy bandwidth or FLOPs / peak) or its launch count x
+    the measured per-launch floor, whichever is larger (NaN where neither is known)."""
+    out = {}
+    for p, n in launches.items():
+        r = roof.get(p, float("nan"))
+        lf = n * per_launch_us / 1e3
+        out[p] = max(r, lf) if r == r else lf
+    return out
 
 
 def check_fused_ops(cfg: ModelConfig, device, tokens: int = 128) -> dict:
@@ -570,9 +653,10 @@ def profile_phases(run: RankRun, out: SchedulerOutput, device, trace_dir: str | 
             "top_kernels_by_phase": res["top_kernels_by_phase"]}
 
 
-def _profile_into(res: dict, run: RankRun, out: SchedulerOutput, device) -> None:
+def _profile_into(res: dict, run: RankRun, out: SchedulerOutput, device, ceil: dict) -> None:
     try:
         res.update(profile_phases(run, out, device))
+        res["floor_ms"] = phase_floors(res["roofline_ms"], res["launches"], ceil["launch"]["per_launch_us"])
     except Exception as exc:  # noqa: BLE001 - the throughput numbers stand without the breakdown
         res["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
         print(f"    profile FAILED: {res['profile_error']}", flush=True)
@@ -645,7 +729,7 @@ def _decode_case(run: RankRun, reqs: list[Request], b: int, ctx: int, a, device,
         res["graph_replay_ms"] = timed(lambda: runner._replay_graph(g, b), device, a.iters) * 1e3
     res["roofline_ms"] = rooflines(run.cfg, run.dispatcher.num_local_experts, run.fp8, b, ctx, ceil)
     if a.profile:
-        _profile_into(res, run, out, device)
+        _profile_into(res, run, out, device, ceil)
     return res
 
 
@@ -672,7 +756,7 @@ def _prefill_case(run: RankRun, reqs: list[Request], n: int, seq_len: int, a, de
     res["roofline_ms"] = rooflines(run.cfg, run.dispatcher.num_local_experts, run.fp8, n, None, ceil,
                                    prefill_tokens=n * seq_len)
     if a.profile:
-        _profile_into(res, run, out, device)
+        _profile_into(res, run, out, device, ceil)
     return res
 
 
@@ -851,12 +935,15 @@ def main(argv=None) -> dict:
     if a.fp8_configs:
         install_fp8_configs(a.fp8_configs)
     ceil = measure_ceilings(device)
+    ceil["launch"] = measure_launch_floor(device)
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv,
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ceilings": ceil,
                     "ep": a.ep, "routing": a.routing, "runs": {}}
     print(f"# {report['device']}  copy {ceil['copy_GBps']:.0f} GB/s  bf16 {ceil['bf16_TFLOPs']:.0f} TFLOP/s  "
           f"fp8 {ceil['fp8_TFLOPs']:.0f} TFLOP/s  EP={a.ep}  routing={a.routing}", flush=True)
+    print(f"# launch floor (us per near-empty kernel; graph replay / profiler duration): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in ceil["launch"].items() if k.endswith("_us")), flush=True)
     if device.type == "cuda":
         report["fused_check"] = check_fused_ops(rank_config(a.size, a.layers, a.dense_layers, False), device)
         print(f"# fused ops vs torch references: {report['fused_check']}", flush=True)
@@ -966,16 +1053,23 @@ def main(argv=None) -> dict:
 
 
 def print_phases(res: dict) -> None:
-    """The per-phase table: eager-step device ms, launches, roofline ms and the ratio; the phases sum to the
-    step's device total (every kernel counted once)."""
+    """The per-phase table: eager-step device ms, launches, roofline ms and the ratio; then the floor
+    (max of the roofline and launches x the measured per-launch floor), the ratio to it and which term
+    bounds the phase. The phases sum to the step's device total (every kernel counted once)."""
     if "phases_ms" not in res:
         return
     roof = res["roofline_ms"]
-    print(f"    {'phase':<22} {'eager ms':>9} {'launches':>8} {'roofline ms':>11} {'ratio':>6}", flush=True)
+    floor = res.get("floor_ms", {})
+    print(f"    {'phase':<22} {'eager ms':>9} {'launches':>8} {'roofline ms':>11} {'ratio':>6} {'floor ms':>9} "
+          f"{'x floor':>7} {'bound':>7}", flush=True)
     for k, v in res["phases_ms"].items():
         r = roof.get(k, float("nan"))
         ratio = v / r if r == r and r > 0 else float("nan")
-        print(f"    {k:<22} {v:9.3f} {res['launches'][k]:8d} {r:11.3f} {ratio:6.2f}", flush=True)
+        f = floor.get(k, float("nan"))
+        fr = v / f if f == f and f > 0 else float("nan")
+        bound = "-" if f != f else ("launch" if not (r == r) or f > r else "bytes")
+        print(f"    {k:<22} {v:9.3f} {res['launches'][k]:8d} {r:11.3f} {ratio:6.2f} {f:9.3f} {fr:7.2f} {bound:>7}",
+              flush=True)
     print(f"    {'sum = device total':<22} {res['step_gpu_ms']:9.3f} {sum(res['launches'].values()):8d}", flush=True)
 
 

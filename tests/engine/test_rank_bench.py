@@ -50,6 +50,7 @@ def test_tiny_rank_smoke(rank, tmp_path):
         # the shared expert runs inside the routed grouped MLP (its floor counted there)
         assert ph["shared_expert"] == 0 and res["launches"]["shared_expert"] == 0
         assert res["roofline_ms"]["shared_expert"] == 0
+        assert set(res["floor_ms"]) == set(rank.PHASES)   # NaN on a CPU: no launch floor measured there
     assert "tok_s_gpu_comm_unoverlapped" not in d  # no published LL figure for EP=4
     p = run["prefill"]
     assert p["tokens"] == 24 and p["seqs"] == 2 and p["tok_s_gpu_comm_overlapped"] >= p["tok_s_gpu_comm_unoverlapped"]
@@ -122,3 +123,13 @@ def test_attribute_trace_gives_every_kernel_one_phase(rank):
     assert ph["routed_experts"] == pytest.approx(0.070) and ph["other"] == pytest.approx(0.011)
     assert r["total_ms"] == pytest.approx(0.439) and sum(ph.values()) == pytest.approx(r["total_ms"])
     assert r["launches"]["other"] == 3 and sum(r["launches"].values()) == 10
+
+
+def test_phase_floor_is_roofline_or_launches_times_floor(rank):
+    """A phase's floor: its roofline, or launches x the measured per-launch floor where that is larger
+    (launch-bound); a phase without a roofline gets the launch term alone."""
+    roof = {"router": 0.05, "routed_experts": 5.0, "other": float("nan")}
+    launches = {"router": 116, "routed_experts": 290, "other": 10}
+    f = rank.phase_floors(roof, launches, 2.0)
+    assert f["router"] == pytest.approx(0.232) and f["routed_experts"] == 5.0 and f["other"] == pytest.approx(0.02)
+    assert all(v != v for v in rank.phase_floors(roof, launches, float("nan")).values() if v != 5.0)
