@@ -315,12 +315,101 @@ def measure_launch_floor(device, n: int = 500) -> dict:
 
 def phase_floors(roof: dict, launches: dict, per_launch_us: float) -> dict:
     """Each phase's floor (ms): its roofline (bytes / copy bandwidth or FLOPs / peak) or its launch count x
-    the measured per-launch floor, whichever is larger (NaN where neither is known)."""
+    the measured per-launch floor, whichever is larger (NaN without a measured launch floor, i.e. on a CPU)."""
     out = {}
     for p, n in launches.items():
         r = roof.get(p, float("nan"))
         lf = n * per_launch_us / 1e3
-        out[p] = max(r, lf) if r == r else lf
+        out[p] = max(r, lf) if r == r and lf == lf else lf
+    return out
+
+
+def _graph_us(fn, reps: int = 20) -> float:
+    """Median device us per call of fn, replayed as reps back-to-back calls from one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(7):
+        st, en = torch.cuda.Event(True), torch.cuda.Event(True)
+        st.record()
+        g.replay()
+        en.record()
+        torch.cuda.synchronize()
+        ts.append(st.elapsed_time(en) * 1e3 / reps)
+    return sorted(ts)[len(ts) // 2]
+
+
+# router variants timed by check_router: the two-kernel path with its selection program at 4 / 2 / 1 warps, and
+# the one-launch fused kernel at (token block, rows selected at once, warps)
+ROUTER_FUSED_VARIANTS = ((64, 4, 4), (64, 8, 4), (32, 8, 4), (16, 8, 4))
+
+
+def check_router(cfg: ModelConfig, device, tokens=(128, 256)) -> dict:
+    """The router variants at R1 sizes against the present two-kernel path (4-warp selection): ids and weights
+    bit for bit, a token's bits independent of the batch (fused), the graph-replayed time per call. Installs
+    the fastest bit-exact variant as this process's router (fused_ops.GATE_ROUTE_FUSED / GATE_FUSED /
+    GATE_SELECT_WARPS) and returns the table and the pick."""
+    h, e = cfg.hidden_size, cfg.n_routed_experts
+    args = (cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    g = torch.Generator(device=device)
+    g.manual_seed(2)
+    w = (torch.randn(e, h, device=device, generator=g) * 0.02).to(torch.bfloat16)
+    bias = torch.randn(e, device=device, generator=g) * 0.01
+    saved = (fused_ops.GATE_ROUTE_FUSED, dict(fused_ops.GATE_FUSED), fused_ops.GATE_SELECT_WARPS)
+    variants = {f"two_kernel_sel{nw}w": ("two", nw) for nw in (4, 2, 1)}
+    variants.update({f"fused_bt{bt}_sub{st}_{nw}w": ("fused", (bt, st, nw)) for bt, st, nw in ROUTER_FUSED_VARIANTS})
+    out: dict = {"variants": {}}
+    try:
+        for t in tokens:
+            x = torch.randn(t, h, device=device, generator=g).to(torch.bfloat16)
+            fused_ops.GATE_ROUTE_FUSED, fused_ops.GATE_SELECT_WARPS = False, 4
+            ids0, w0 = fused_ops.gate_route(x, w, bias, *args)
+            rid, _ = fused_ops.route_ref(x.float() @ w.float().t(), bias, *args)
+            out[f"T{t}_present_ids_vs_fp32_ref_rows_equal"] = int((ids0.sort(1)[0] == rid.sort(1)[0]).all(1).sum())
+            for name, (kind, conf) in variants.items():
+                r = out["variants"].setdefault(name, {})
+                try:
+                    if kind == "two":
+                        fused_ops.GATE_ROUTE_FUSED, fused_ops.GATE_SELECT_WARPS = False, conf
+                    else:
+                        fused_ops.GATE_ROUTE_FUSED, fused_ops.GATE_SELECT_WARPS = True, 4
+                        fused_ops.GATE_FUSED.update(block_t=conf[0], sub_t=conf[1], num_warps=conf[2])
+                    fn = lambda: fused_ops.gate_route(x, w, bias, *args)  # noqa: E731
+                    ids1, w1 = fn()
+                    again = fn()   # the arrival counters re-armed by the first call
+                    exact = bool(torch.equal(ids1, ids0) and torch.equal(w1, w0) and torch.equal(again[0], ids0)
+                                 and torch.equal(again[1], w0))
+                    inv = all(torch.equal(fused_ops.gate_route(x[lo:hi], w, bias, *args)[1], w0[lo:hi])
+                              for lo, hi in [(0, 1), (5, 12), (40, 111)])
+                    r[f"T{t}"] = {"us": _graph_us(fn), "bit_exact": exact, "batch_invariant": inv}
+                    r[f"T{t}"]["after_graph_exact"] = bool(torch.equal(fn()[1], w0))
+                except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or run is not picked
+                    r[f"T{t}"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+    finally:
+        fused_ops.GATE_ROUTE_FUSED, fused_ops.GATE_SELECT_WARPS = saved[0], saved[2]
+        fused_ops.GATE_FUSED.update(saved[1])
+    ok = {n: sum(r[f"T{t}"]["us"] for t in tokens) for n, r in out["variants"].items()
+          if all(r[f"T{t}"].get("bit_exact") and r[f"T{t}"].get("batch_invariant")
+                 and r[f"T{t}"].get("after_graph_exact") for t in tokens)}
+    if ok:
+        pick = min(ok, key=ok.get)
+        kind, conf = variants[pick]
+        if kind == "two":
+            fused_ops.GATE_ROUTE_FUSED, fused_ops.GATE_SELECT_WARPS = False, conf
+        else:
+            fused_ops.GATE_ROUTE_FUSED = True
+            fused_ops.GATE_FUSED.update(block_t=conf[0], sub_t=conf[1], num_warps=conf[2])
+        out["pick"] = pick
     return out
 
 
@@ -896,6 +985,9 @@ def parse(argv=None):
     p.add_argument("--kv-gib", type=float, default=None, help="KV cache budget (default: what the cases need, "
                    "capped by free memory)")
     p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--router", default="auto", choices=["auto", "default"],
+                   help="auto (CUDA): time the router variants (check_router) and run the fastest bit-exact one; "
+                   "default: the committed fused_ops defaults")
     p.add_argument("--fp8-configs", default=None, help="a JSON written by benchmarks/fp8_gemm.py --sweep --json: "
                    "its picks replace the FP8 GEMM decode configs (and cuBLAS choices) for this run")
     a = p.parse_args(argv)
@@ -947,6 +1039,13 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         report["fused_check"] = check_fused_ops(rank_config(a.size, a.layers, a.dense_layers, False), device)
         print(f"# fused ops vs torch references: {report['fused_check']}", flush=True)
+        if a.router == "auto":
+            report["router_check"] = check_router(rank_config(a.size, a.layers, a.dense_layers, False), device)
+            print(f"# router variants (graph us per call; bit-exact vs the 2-kernel/4-warp path): "
+                  f"{json.dumps(report['router_check'])}", flush=True)
+        report["router"] = {"fused": fused_ops.GATE_ROUTE_FUSED, "fused_conf": dict(fused_ops.GATE_FUSED),
+                            "select_warps": fused_ops.GATE_SELECT_WARPS}
+        print(f"# router in this run: {report['router']}", flush=True)
     for prec in precisions:
         cfg = rank_config(a.size, a.layers, a.dense_layers, prec == "fp8")
         bs = a.block_size
