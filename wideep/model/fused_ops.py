@@ -283,21 +283,21 @@ if triton is not None:
         s = tl.sigmoid(logit)
         b = s + tl.load(bias_ptr + e)[None, :]
         b3 = tl.reshape(b, (ROWS, G, PER))
-        col = tl.arange(0, PER)[None, None, :] + tl.zeros((ROWS, G, PER), dtype=tl.int32)
+        col = tl.arange(0, PER)[None, None, :]
         first = tl.max(b3, axis=2)
         first_col = tl.min(tl.where(b3 == first[:, :, None], col, PER), axis=2)
         second = tl.max(tl.where(col == first_col[:, :, None], neg, b3), axis=2)
         gscore = first + second                                                     # [ROWS, G]
-        gidx = tl.arange(0, G)[None, :] + tl.zeros((ROWS, G), dtype=tl.int32)
-        keep = gidx < 0
+        gidx = tl.arange(0, G)[None, :]
+        keep = tl.zeros((ROWS, G), dtype=tl.int1)
         for _ in tl.static_range(TOPK_GROUP):
             cand = tl.where(keep, neg, gscore)
             best = tl.max(cand, axis=1)
             pick = tl.min(tl.where(cand == best[:, None], gidx, G), axis=1)
             keep = keep | (gidx == pick[:, None])
         masked = tl.reshape(tl.where(keep[:, :, None], b3, neg), (ROWS, E))
-        flat = e[None, :] + tl.zeros((ROWS, E), dtype=tl.int32)
-        kk = tl.arange(0, K)[None, :] + tl.zeros((ROWS, K), dtype=tl.int32)
+        flat = e[None, :]
+        kk = tl.arange(0, K)[None, :]
         wvec = tl.zeros((ROWS, K), dtype=tl.float32)
         ivec = tl.zeros((ROWS, K), dtype=tl.int64)
         tot = tl.zeros((ROWS,), dtype=tl.float32)
