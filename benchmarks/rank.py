@@ -349,67 +349,73 @@ def _graph_us(fn, reps: int = 20) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-# router variants timed by check_router: the two-kernel path with its selection program at 4 / 2 / 1 warps, and
-# the one-launch fused kernel at (token block, rows selected at once, warps)
-ROUTER_FUSED_VARIANTS = ((64, 4, 4), (64, 8, 4), (32, 8, 4))
+# router variants timed by check_router (fused_ops settings): the two-kernel path with its selection program at
+# 4 or 1 warps, and the one-launch fused kernel at (token block, rows selected at once, warps); the gate GEMM's K
+# loop unrolled (as before) or software-pipelined
+ROUTER_VARIANTS = {
+    "two_kernel_sel4w": dict(fused=False, select_warps=4, unroll=True),   # the present path: the reference
+    "two_kernel_sel1w": dict(fused=False, select_warps=1, unroll=True),
+    "two_kernel_sel1w_pipe": dict(fused=False, select_warps=1, unroll=False),
+    "fused_bt64_sub4_4w": dict(fused=True, unroll=True, block_t=64, sub_t=4, num_warps=4),
+    "fused_bt64_sub4_4w_pipe": dict(fused=True, unroll=False, block_t=64, sub_t=4, num_warps=4),
+    "fused_bt32_sub8_4w_pipe": dict(fused=True, unroll=False, block_t=32, sub_t=8, num_warps=4),
+}
+
+
+def set_router(v: dict) -> None:
+    """Installs one router variant's settings into fused_ops for this process."""
+    fused_ops.GATE_ROUTE_FUSED = v["fused"]
+    fused_ops.GATE_UNROLL = v["unroll"]
+    fused_ops.GATE_SELECT_WARPS = v.get("select_warps", fused_ops.GATE_SELECT_WARPS)
+    if v["fused"]:
+        fused_ops.GATE_FUSED.update(block_t=v["block_t"], sub_t=v["sub_t"], num_warps=v["num_warps"])
 
 
 def check_router(cfg: ModelConfig, device, tokens=(128, 256)) -> dict:
-    """The router variants at R1 sizes against the present two-kernel path (4-warp selection): ids and weights
-    bit for bit, a token's bits independent of the batch (fused), the graph-replayed time per call. Installs
-    the fastest bit-exact variant as this process's router (fused_ops.GATE_ROUTE_FUSED / GATE_FUSED /
-    GATE_SELECT_WARPS) and returns the table and the pick."""
+    """The router variants at R1 sizes against the present two-kernel path (ROUTER_VARIANTS' first): ids and
+    weights bit for bit (also on a second call and after graph replays: the arrival counters re-arm), a token's
+    bits independent of the batch, the graph-replayed time per call. Installs the fastest variant that passes
+    every check at every size as this process's router and returns the table and the pick."""
     h, e = cfg.hidden_size, cfg.n_routed_experts
     args = (cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
     g = torch.Generator(device=device)
     g.manual_seed(2)
     w = (torch.randn(e, h, device=device, generator=g) * 0.02).to(torch.bfloat16)
     bias = torch.randn(e, device=device, generator=g) * 0.01
-    saved = (fused_ops.GATE_ROUTE_FUSED, dict(fused_ops.GATE_FUSED), fused_ops.GATE_SELECT_WARPS)
-    variants = {f"two_kernel_sel{nw}w": ("two", nw) for nw in (4, 2, 1)}
-    variants.update({f"fused_bt{bt}_sub{st}_{nw}w": ("fused", (bt, st, nw)) for bt, st, nw in ROUTER_FUSED_VARIANTS})
+    saved = dict(fused=fused_ops.GATE_ROUTE_FUSED, unroll=fused_ops.GATE_UNROLL,
+                 select_warps=fused_ops.GATE_SELECT_WARPS, **fused_ops.GATE_FUSED)
+    ref = next(iter(ROUTER_VARIANTS.values()))
     out: dict = {"variants": {}}
     try:
         for t in tokens:
             x = torch.randn(t, h, device=device, generator=g).to(torch.bfloat16)
-            fused_ops.GATE_ROUTE_FUSED, fused_ops.GATE_SELECT_WARPS = False, 4
+            set_router(ref)
             ids0, w0 = fused_ops.gate_route(x, w, bias, *args)
             rid, _ = fused_ops.route_ref(x.float() @ w.float().t(), bias, *args)
             out[f"T{t}_present_ids_vs_fp32_ref_rows_equal"] = int((ids0.sort(1)[0] == rid.sort(1)[0]).all(1).sum())
-            for name, (kind, conf) in variants.items():
+            for name, v in ROUTER_VARIANTS.items():
                 r = out["variants"].setdefault(name, {})
                 try:
-                    if kind == "two":
-                        fused_ops.GATE_ROUTE_FUSED, fused_ops.GATE_SELECT_WARPS = False, conf
-                    else:
-                        fused_ops.GATE_ROUTE_FUSED, fused_ops.GATE_SELECT_WARPS = True, 4
-                        fused_ops.GATE_FUSED.update(block_t=conf[0], sub_t=conf[1], num_warps=conf[2])
+                    set_router(v)
                     fn = lambda: fused_ops.gate_route(x, w, bias, *args)  # noqa: E731
                     ids1, w1 = fn()
-                    again = fn()   # the arrival counters re-armed by the first call
+                    again = fn()
                     exact = bool(torch.equal(ids1, ids0) and torch.equal(w1, w0) and torch.equal(again[0], ids0)
                                  and torch.equal(again[1], w0))
                     inv = all(torch.equal(fused_ops.gate_route(x[lo:hi], w, bias, *args)[1], w0[lo:hi])
                               for lo, hi in [(5, 12), (40, 111)])
-                    r[f"T{t}"] = {"us": _graph_us(fn), "bit_exact": exact, "batch_invariant": inv}
+                    r[f"T{t}"] = {"us": round(_graph_us(fn), 2), "bit_exact": exact, "batch_invariant": inv}
                     r[f"T{t}"]["after_graph_exact"] = bool(torch.equal(fn()[1], w0))
                 except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or run is not picked
                     r[f"T{t}"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
     finally:
-        fused_ops.GATE_ROUTE_FUSED, fused_ops.GATE_SELECT_WARPS = saved[0], saved[2]
-        fused_ops.GATE_FUSED.update(saved[1])
+        set_router(saved)
     ok = {n: sum(r[f"T{t}"]["us"] for t in tokens) for n, r in out["variants"].items()
           if all(r[f"T{t}"].get("bit_exact") and r[f"T{t}"].get("batch_invariant")
                  and r[f"T{t}"].get("after_graph_exact") for t in tokens)}
     if ok:
-        pick = min(ok, key=ok.get)
-        kind, conf = variants[pick]
-        if kind == "two":
-            fused_ops.GATE_ROUTE_FUSED, fused_ops.GATE_SELECT_WARPS = False, conf
-        else:
-            fused_ops.GATE_ROUTE_FUSED = True
-            fused_ops.GATE_FUSED.update(block_t=conf[0], sub_t=conf[1], num_warps=conf[2])
-        out["pick"] = pick
+        out["pick"] = min(ok, key=ok.get)
+        set_router(ROUTER_VARIANTS[out["pick"]])
     return out
 
 
@@ -1044,7 +1050,7 @@ def main(argv=None) -> dict:
             print(f"# router variants (graph us per call; bit-exact vs the 2-kernel/4-warp path): "
                   f"{json.dumps(report['router_check'])}", flush=True)
         report["router"] = {"fused": fused_ops.GATE_ROUTE_FUSED, "fused_conf": dict(fused_ops.GATE_FUSED),
-                            "select_warps": fused_ops.GATE_SELECT_WARPS}
+                            "select_warps": fused_ops.GATE_SELECT_WARPS, "unroll": fused_ops.GATE_UNROLL}
         print(f"# router in this run: {report['router']}", flush=True)
     for prec in precisions:
         cfg = rank_config(a.size, a.layers, a.dense_layers, prec == "fp8")

@@ -189,30 +189,52 @@ def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, to
 GATE_KERNEL_MAX_TOKENS = 512
 GATE_BLOCK_T, GATE_BLOCK_E, GATE_BLOCK_K, GATE_KB_PER_SLICE = 64, 64, 128, 4
 GATE_SELECT_WARPS = 4   # warps of the two-kernel path's selection program (one token each)
+GATE_UNROLL = True      # the gate GEMM's K loop unrolled, else software-pipelined (_gate_slice; same bits)
 
 if triton is not None:
 
     @triton.jit
+    def _gate_kblock(x_ptr, w_ptr, T, H, E, stride_x, stride_w, rt, re, kidx, acc, BLOCK_K: constexpr,
+                     UPCAST: constexpr):
+        k = kidx * BLOCK_K + tl.arange(0, BLOCK_K)
+        km = k < H
+        a = tl.load(x_ptr + rt[:, None].to(tl.int64) * stride_x + k[None, :],
+                    mask=(rt < T)[:, None] & km[None, :], other=0.0)
+        b = tl.load(w_ptr + re[:, None].to(tl.int64) * stride_w + k[None, :],
+                    mask=(re < E)[:, None] & km[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, tl.trans(b), acc)
+
+    @triton.jit
+    def _gate_slice(x_ptr, w_ptr, T, H, E, stride_x, stride_w, rt, re, sl, KB_PER: constexpr, BLOCK_T: constexpr,
+                    BLOCK_E: constexpr, BLOCK_K: constexpr, UPCAST: constexpr, UNROLL: constexpr):
+        """One K slice's fp32 partial of x[rt] @ w[re]^T: KB_PER blocks accumulated in order. UNROLL: the loop
+        unrolled (every block's loads issued up front: at 64 x 64 tiles ptxas spills ~2 KB, sm_90 AOT); else a
+        software-pipelined loop through shared memory. The same products summed in the same order either way."""
+        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+        if UNROLL:
+            for kb in tl.static_range(KB_PER):
+                acc = _gate_kblock(x_ptr, w_ptr, T, H, E, stride_x, stride_w, rt, re, sl * KB_PER + kb, acc,
+                                   BLOCK_K, UPCAST)
+        else:
+            for kb in range(KB_PER):
+                acc = _gate_kblock(x_ptr, w_ptr, T, H, E, stride_x, stride_w, rt, re, sl * KB_PER + kb, acc,
+                                   BLOCK_K, UPCAST)
+        return acc
+
+    @triton.jit
     def _gate_partial_kernel(x_ptr, w_ptr, p_ptr, T, H, E, stride_x, stride_w, stride_ps,
                              KB_PER: constexpr, BLOCK_T: constexpr, BLOCK_E: constexpr, BLOCK_K: constexpr,
-                             UPCAST: constexpr):
+                             UPCAST: constexpr, UNROLL: constexpr = True):
         """Program (token block, expert block, K slice): the slice's fp32 partial of x @ w^T. UPCAST (the CPU
         interpreter, whose dot mishandles bf16): operands widened to fp32 first, the same exact products."""
         rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         re = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
         sl = tl.program_id(2)
-        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-        for kb in tl.static_range(KB_PER):
-            k = (sl * KB_PER + kb) * BLOCK_K + tl.arange(0, BLOCK_K)
-            km = k < H
-            a = tl.load(x_ptr + rt[:, None].to(tl.int64) * stride_x + k[None, :],
-                        mask=(rt < T)[:, None] & km[None, :], other=0.0)
-            b = tl.load(w_ptr + re[:, None].to(tl.int64) * stride_w + k[None, :],
-                        mask=(re < E)[:, None] & km[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc)
+        acc = _gate_slice(x_ptr, w_ptr, T, H, E, stride_x, stride_w, rt, re, sl, KB_PER, BLOCK_T, BLOCK_E, BLOCK_K,
+                          UPCAST, UNROLL)
         tl.store(p_ptr + sl * stride_ps + rt[:, None].to(tl.int64) * E + re[None, :], acc,
                  mask=(rt < T)[:, None] & (re < E)[None, :])
 
@@ -232,7 +254,8 @@ def gate_partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if t:
         _gate_partial_kernel[(triton.cdiv(t, GATE_BLOCK_T), triton.cdiv(e, GATE_BLOCK_E), n)](
             x, weight, p, t, h, e, x.stride(0), weight.stride(0), p.stride(0), KB_PER=GATE_KB_PER_SLICE,
-            BLOCK_T=GATE_BLOCK_T, BLOCK_E=GATE_BLOCK_E, BLOCK_K=GATE_BLOCK_K, UPCAST=not x.is_cuda, num_warps=4,
+            BLOCK_T=GATE_BLOCK_T, BLOCK_E=GATE_BLOCK_E, BLOCK_K=GATE_BLOCK_K, UPCAST=not x.is_cuda, UNROLL=GATE_UNROLL,
+            num_warps=4,
             num_stages=3 if x.is_cuda else 1)
     return p
 
@@ -320,23 +343,13 @@ if triton is not None:
                                  E: constexpr, G: constexpr, PER: constexpr, TOPK_GROUP: constexpr, K: constexpr,
                                  RENORM: constexpr, N_SPLIT: constexpr, N_EB: constexpr, KB_PER: constexpr,
                                  BLOCK_T: constexpr, BLOCK_E: constexpr, BLOCK_K: constexpr, SUB_T: constexpr,
-                                 UPCAST: constexpr):
+                                 UPCAST: constexpr, UNROLL: constexpr = True):
         tb = tl.program_id(0)
         rt = tb * BLOCK_T + tl.arange(0, BLOCK_T)
         re = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
         sl = tl.program_id(2)
-        acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-        for kb in tl.static_range(KB_PER):
-            k = (sl * KB_PER + kb) * BLOCK_K + tl.arange(0, BLOCK_K)
-            km = k < H
-            a = tl.load(x_ptr + rt[:, None].to(tl.int64) * stride_x + k[None, :],
-                        mask=(rt < T)[:, None] & km[None, :], other=0.0)
-            b = tl.load(w_ptr + re[:, None].to(tl.int64) * stride_w + k[None, :],
-                        mask=(re < E)[:, None] & km[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc)
+        acc = _gate_slice(x_ptr, w_ptr, T, H, E, stride_x, stride_w, rt, re, sl, KB_PER, BLOCK_T, BLOCK_E, BLOCK_K,
+                          UPCAST, UNROLL)
         tl.store(p_ptr + sl * stride_ps + rt[:, None].to(tl.int64) * E + re[None, :], acc,
                  mask=(rt < T)[:, None] & (re < E)[None, :])
         tl.debug_barrier()   # every thread's partial is stored before the (one-thread, releasing) arrival
@@ -397,7 +410,7 @@ def gate_route_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
             x, weight, p, _arrivals(x.device, n_tb), bias.float().contiguous(), ids, w, t, h, x.stride(0),
             weight.stride(0), p.stride(0), float(scaling), E=e, G=n_group, PER=e // n_group, TOPK_GROUP=topk_group,
             K=top_k, RENORM=renormalize, N_SPLIT=n, N_EB=n_eb, KB_PER=GATE_KB_PER_SLICE, BLOCK_T=bt,
-            BLOCK_E=GATE_BLOCK_E, BLOCK_K=GATE_BLOCK_K, SUB_T=st, UPCAST=not x.is_cuda,
+            BLOCK_E=GATE_BLOCK_E, BLOCK_K=GATE_BLOCK_K, SUB_T=st, UPCAST=not x.is_cuda, UNROLL=GATE_UNROLL,
             num_warps=num_warps or GATE_FUSED["num_warps"], num_stages=3 if x.is_cuda else 1)
     return ids, w
 
