@@ -356,8 +356,6 @@ ROUTER_VARIANTS = {
     "two_kernel_sel4w": dict(fused=False, select_warps=4, unroll=True),   # the present path: the reference
     "two_kernel_sel1w": dict(fused=False, select_warps=1, unroll=True),
     "two_kernel_sel1w_pipe": dict(fused=False, select_warps=1, unroll=False),
-    "fused_bt64_sub4_4w": dict(fused=True, unroll=True, block_t=64, sub_t=4, num_warps=4),
-    "fused_bt64_sub4_4w_pipe": dict(fused=True, unroll=False, block_t=64, sub_t=4, num_warps=4),
     "fused_bt32_sub8_4w_pipe": dict(fused=True, unroll=False, block_t=32, sub_t=8, num_warps=4),
 }
 

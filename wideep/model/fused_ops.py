@@ -188,8 +188,11 @@ def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, to
 # fixed by H alone). Beyond GATE_KERNEL_MAX_TOKENS (prefill) the partials would outweigh the weight: cuBLAS.
 GATE_KERNEL_MAX_TOKENS = 512
 GATE_BLOCK_T, GATE_BLOCK_E, GATE_BLOCK_K, GATE_KB_PER_SLICE = 64, 64, 128, 4
-GATE_SELECT_WARPS = 4   # warps of the two-kernel path's selection program (one token each)
-GATE_UNROLL = True      # the gate GEMM's K loop unrolled, else software-pipelined (_gate_slice; same bits)
+# Measured on an H200 (benchmarks/rank.py's router check, CUDA-graph replay, R1 sizes, 128 / 256 tokens): the
+# selection at 4 warps and the unrolled K loop 12.0 / 13.4 us per call; one warp (no block barriers in the
+# top-k chain) 10.0 / 11.7; plus the pipelined K loop 8.9 / 10.6 - the same bits each time.
+GATE_SELECT_WARPS = 1   # warps of the two-kernel path's selection program (one token each)
+GATE_UNROLL = False     # the gate GEMM's K loop unrolled, else software-pipelined (_gate_slice; same bits)
 
 if triton is not None:
 
@@ -373,7 +376,10 @@ if triton is not None:
 # the fused router's launch shape (block_t, sub_t, num_warps); the gate tiles (expert block, K block, K blocks per
 # slice) stay the two-kernel path's, so the logits are the same sums in the same order
 GATE_FUSED = {"block_t": 32, "sub_t": 8, "num_warps": 4}
-# the two-kernel path or the fused one by default (chosen on the device: benchmarks/rank.py's router check)
+# The fused kernel is bit-exact on the H200 but slower there (rank.py's router check, 128 / 256 tokens:
+# 51 / 55 us with 32-token blocks, 163-166 us with 64-token blocks, against 8.9 / 10.6 us for the two
+# kernels): the selection of a block's tokens runs in the one program that arrives last, serially, after the
+# GEMM, where the two-kernel path gives every token its own program. So the two kernels stay the default.
 GATE_ROUTE_FUSED = False
 _ARRIVALS: dict[tuple, torch.Tensor] = {}
 
