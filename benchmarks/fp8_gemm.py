@@ -98,7 +98,23 @@ GROUPED_CANDIDATES = [G(128, 64, 4, 4, swap=True, prefetch=True),
                       G(128, 64, 4, 4, swap=True, tma=True, persist=2),
                       G(128, 64, 8, 3, swap=True, tma=True, persist=2, maxnreg=128),
                       G(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),
-                      G(128, 64, 4, 3, swap=True, tma=True, persist=3, maxnreg=184)]
+                      G(128, 64, 4, 3, swap=True, tma=True, persist=3, maxnreg=184),
+                      # rows per group 256 (B=256) is MMA-bound: wider tiles and more programs per SM
+                      G(64, 128, 4, 3, prefetch=True, tma=True, persist=3, maxnreg=168),
+                      G(64, 128, 4, 2, tma=True, persist=4, maxnreg=128),
+                      G(64, 128, 4, 4, tma=True, persist=2),
+                      G(128, 128, 8, 4, tma=True, persist=1),
+                      G(64, 256, 8, 3, tma=True, persist=1)]
+# per-shape TMA candidates with their split fixed (yielded as listed): o_proj's long K (128 blocks) over few
+# output tiles wants split-K, its weight tile of 128 rows halves the activation re-reads of the 64-row one
+_O_LIKE = ([G(128, 64, 4, 3, split=s, swap=True, tma=True, persist=3, maxnreg=168) for s in (2, 4, 6)]
+           + [G(128, 128, 8, 4, split=s, swap=True, tma=True, persist=1) for s in (2, 4)]
+           + [G(64, 128, 4, 3, split=s, tma=True, persist=3, maxnreg=168) for s in (2, 4)]
+           + [G(128, 64, 4, 4, split=4, swap=True, prefetch=True, tma=True, persist=2)])
+_WIDE = [G(64, 128, 4, 3, tma=True, persist=3, maxnreg=168), G(64, 128, 4, 4, tma=True, persist=2),
+         G(128, 128, 8, 4, swap=True, tma=True, persist=1), G(128, 64, 4, 4, swap=True, tma=True, persist=2),
+         G(64, 128, 4, 3, tma=True)]
+PLAIN_EXTRA = {"o": _O_LIKE, "dense w2": _O_LIKE, "q_b": _WIDE, "dense w13": _WIDE}
 
 
 def _compile_job(spec) -> str:
@@ -165,6 +181,9 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
         committed = fp8_triton.DECODE_CONFIGS.get(("grouped", experts, n, k) if experts else ("plain", n, k))
         if committed and not small and committed not in tiles:   # the config in force
             yield committed
+        if allow_fuse and not small:
+            name = next((nm for nm, shape in PLAIN.items() if shape == (n, k)), None)
+            yield from (c for c in PLAIN_EXTRA.get(name, ()) if c != committed)
         for tile in tiles:
             if isinstance(tile, fp8_triton.GemmConfig):
                 if not allow_fuse:   # grouped: as listed
