@@ -389,19 +389,19 @@ DECODE_CONFIGS: dict[tuple, GemmConfig] = {
     # (q_a ‖ kv_a stacked, MLAttention: 16.9 us with the TMA kernel vs 20.1 the pointer kernel, incl. act quant)
     # (served by cuBLAS at decode, fp8.CUBLAS_DECODE; these are the Triton fallbacks)
     ("plain", 24576, 1536): GemmConfig(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),   # q_b
-    ("plain", 7168, 16384): GemmConfig(128, 64, 4, 3, split=3, swap=True, tma=True, persist=3, maxnreg=168),  # o
+    ("plain", 7168, 16384): GemmConfig(64, 128, 4, 3, split=3, tma=True, persist=3, maxnreg=168),  # o
     ("plain", 4096, 7168): GemmConfig(64, 128, 4, 3, split=2),        # shared / dense-slice w13
     ("plain", 7168, 2048): GemmConfig(128, 64, 4, 4, swap=True),      # shared w2
     ("plain", 36864, 7168): GemmConfig(64, 64, 4, 4, swap=True),      # dense w13
     ("plain", 7168, 18432): GemmConfig(64, 128, 4, 3, split=2),       # dense w2
     # routed experts (+ the shared slot), EP=32: 8 local experts. The TMA kernel, persistent, 64 rows x 128
-    # weight rows per tile; w13 (K = 7168) at 3 programs per SM (the register cap makes room for the third)
-    # with the scales loaded one K block ahead, w2 (K = 2048) at 2 per SM with a 4-deep ring: docs/perf.md
+    # weight rows per tile (one weight scale per tile and K block), 3 programs per SM (the register cap makes
+    # room for the third), scales loaded one K block ahead: docs/perf.md
     ("grouped", 8, 4096, 7168): GemmConfig(64, 128, 4, 3, prefetch=True, tma=True, persist=3, maxnreg=168),
-    ("grouped", 8, 7168, 2048): GemmConfig(64, 128, 4, 4, tma=True, persist=2),
+    ("grouped", 8, 7168, 2048): GemmConfig(64, 128, 4, 3, prefetch=True, tma=True, persist=3, maxnreg=168),
     # EP=8: 32 local experts x 32 rows (4.0 / 3.7 TB/s against 3.5 / 3.6 for the pointer kernel's 32 x 64)
     ("grouped", 32, 4096, 7168): GemmConfig(64, 128, 4, 4, tma=True, persist=2),
-    ("grouped", 32, 7168, 2048): GemmConfig(64, 128, 4, 3, prefetch=True, tma=True, persist=3, maxnreg=168),
+    ("grouped", 32, 7168, 2048): GemmConfig(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),
 }
 
 
