@@ -15,8 +15,11 @@ host schedules and prepares step n+1 while the device runs step n, vLLM's --asyn
 Reports decode tok/s/GPU at B sequences x ctx, prefill tok/s/GPU at P tokens/rank, a per-phase breakdown
 (torch profiler over one eager step: every kernel tied to its launch by correlation id and given the phase of
 the innermost module range around that launch, so phases sum to the step) beside each phase's roofline, bf16 and
-FP8 side by side, and a plain-PyTorch version of the same shape measured in the same run. On a GPU it first
-checks the step's fused kernels against their torch references at the model's sizes (check_fused_ops).
+FP8 side by side, and a plain-PyTorch version of the same shape measured in the same run. Beside each roofline
+stands the phase's floor: the roofline or its launch count x the measured cost of a near-empty kernel on this GPU
+(measure_launch_floor), whichever is larger, so the table says which phases are launch-bound. On a GPU it first
+checks the step's fused kernels against their torch references at the model's sizes (check_fused_ops) and times
+the router variants, bit-exact against the previous path, running the fastest (check_router).
 
   python benchmarks/rank.py --ep 32                      # H200: full R1 rank, bf16 and fp8
   python benchmarks/rank.py --size tiny --device cpu     # smoke run (tiny dims, few layers)
