@@ -1041,7 +1041,7 @@ def main(argv=None) -> dict:
                     "ep": a.ep, "routing": a.routing, "runs": {}}
     print(f"# {report['device']}  copy {ceil['copy_GBps']:.0f} GB/s  bf16 {ceil['bf16_TFLOPs']:.0f} TFLOP/s  "
           f"fp8 {ceil['fp8_TFLOPs']:.0f} TFLOP/s  EP={a.ep}  routing={a.routing}", flush=True)
-    print(f"# launch floor (us per near-empty kernel; graph replay / profiler duration): "
+    print("# launch floor (us per near-empty kernel; graph replay / profiler duration): "
           + ", ".join(f"{k} {v:.2f}" for k, v in ceil["launch"].items() if k.endswith("_us")), flush=True)
     if device.type == "cuda":
         report["fused_check"] = check_fused_ops(rank_config(a.size, a.layers, a.dense_layers, False), device)
