@@ -787,8 +787,9 @@ def rooflines(cfg: ModelConfig, n_local: int, fp8: bool, b: int, ctx: int | None
         # gather rows in, weighted rows out, summed back: ~3 passes over rows x hidden in bf16
         "dispatch_combine_glue": t(moe_layers * 3 * rows * h * 2, 0),
         "lm_head_sampling": t(cfg.vocab_size * h * 2, 2 * b * cfg.vocab_size * h, peak_bf16),
-        # per layer: 2 hidden norms (one with the residual add: x, r in, s, y out) + the q_a latent norm
-        "norms_residual": t(layers * tokens * (4 * h + 2 * (cfg.q_lora_rank or 0)) * 2, 0),
+        # per layer: 2 hidden norms, each with the residual add (x, r in; s, y out: 4h) except layer 0's input
+        # norm (x in, y out), + the q_a latent norm (in, out)
+        "norms_residual": t((layers * (8 * h + 2 * (cfg.q_lora_rank or 0)) - 2 * h) * tokens * 2, 0),
         # q_pe read + written, the kv_a output read, the cache row written (bf16 cache)
         "rope_cache_write": t(layers * tokens * (2 * nh * cfg.qk_rope_head_dim + 2 * cfg.kv_cache_dim) * 2, 0),
         "other": float("nan"),
