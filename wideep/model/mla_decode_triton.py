@@ -53,18 +53,19 @@ class DecodeConfig:
     tma: bool = False       # Hopper: whole pages by bulk tensor copies (mla_decode_hopper); needs block_n == page, sv
     gluon: bool = False     # Hopper: the warp-specialized Gluon kernel (mla_decode_gluon); 64,64,4,<stages>
     overlap: bool = False   # gluon only: a page's PV product runs behind the next page's scores
+    seesaw: bool = False    # gluon only: the warpgroups score alternate pages (mla_decode_seesaw); 2 stages
 
     def __str__(self) -> str:
         return (f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}" + (",sv" if self.split_v else "")
                 + (",f16" if self.f16 else "") + (",tma" if self.tma else "") + (",gluon" if self.gluon else "")
-                + (",ov" if self.overlap else ""))
+                + (",ov" if self.overlap else "") + (",ss" if self.seesaw else ""))
 
     @classmethod
     def parse(cls, text: str) -> "DecodeConfig":
         parts = [x.strip() for x in text.split(",")]
         flags = set(parts[4:])
         try:
-            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "ov"}:
+            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "ov", "ss"}:
                 raise ValueError(text)
             bh, bn, w, st = (int(x) for x in parts[:4])
         except ValueError as exc:
@@ -79,7 +80,10 @@ class DecodeConfig:
             raise ValueError(f"{CONFIG_ENV}: the gluon kernel is '64,64,4,<stages>,gluon[,ov]', got {text!r}")
         if "ov" in flags and "gluon" not in flags:
             raise ValueError(f"{CONFIG_ENV}: ov applies to the gluon kernel only, got {text!r}")
-        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags, "gluon" in flags, "ov" in flags)
+        if "ss" in flags and ("gluon" not in flags or "ov" in flags or st != 2):
+            raise ValueError(f"{CONFIG_ENV}: the seesaw kernel is '64,64,4,2,gluon,ss', got {text!r}")
+        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags, "gluon" in flags, "ov" in flags,
+                   "ss" in flags)
 
 
 # Candidates in order of preference; a config that fails to compile (e.g. out of shared memory) is
@@ -558,6 +562,8 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
         raise ValueError(f"MLA decode config {cfg} does not apply: needs a bf16/fp16 cache on CUDA")
     try:
         from . import mla_decode_gluon
+        if cfg.seesaw:
+            from . import mla_decode_seesaw
     except ImportError as exc:
         raise ValueError(f"MLA decode config {cfg} does not apply: Triton without Gluon ({exc})") from exc
     b, nq, h, lat = q_lat.shape
@@ -567,15 +573,18 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
     rows = nq * h
     splits = grid[2]
     flat_out = out.view(b, rows, lat)
-    common = dict(stages=cfg.num_stages, align=SPLIT_ALIGN, overlap=cfg.overlap)
+    if cfg.seesaw:
+        kernel, common = mla_decode_seesaw.launch, dict(align=SPLIT_ALIGN)
+    else:
+        kernel, common = mla_decode_gluon.launch, dict(stages=cfg.num_stages, align=SPLIT_ALIGN, overlap=cfg.overlap)
     if splits == 1:
-        mla_decode_gluon.launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, flat_out, flat_out, sm, out_scale,
-                                chunk, MAX_SPLITS, grid, split=False, **common)
+        kernel(q_lat, q_pe, kv_cache, block_tables, seq_lens, flat_out, flat_out, sm, out_scale,
+               chunk, MAX_SPLITS, grid, split=False, **common)
         return
     part = torch.empty((b, rows, splits, lat), dtype=torch.float32, device=q_lat.device)
     lse = torch.empty((b, rows, splits), dtype=torch.float32, device=q_lat.device)
-    mla_decode_gluon.launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, part, lse, sm, out_scale, chunk,
-                            MAX_SPLITS, grid, split=True, **common)
+    kernel(q_lat, q_pe, kv_cache, block_tables, seq_lens, part, lse, sm, out_scale, chunk,
+           MAX_SPLITS, grid, split=True, **common)
     combine_kernel[(rows, b)](
         part, lse, seq_lens, flat_out, chunk, MAX_SPLITS, rows, lat,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
