@@ -206,6 +206,18 @@ def _wg1(q_smem, kv_smem, ready, empty, xbar, m0_s, sum0_s, m1_s, sum1_s, SEQ_LE
             sum0 = sum0_s.load(row_l)
             m1 = gl.maximum(m0, gl.max(s, 1))
             m1_safe = gl.where(m1 == float("-inf"), 0.0, m1)
+            m0_safe = gl.where(m0 == float("-inf"), 0.0, m0)
+            alpha = gl.exp2(m_i - m0_safe)
+            beta = gl.where(m0 == float("-inf"), 0.0, gl.exp2(m0_safe - m1_safe))
+            # page 0's product first (it needs only the new max): it runs under this warpgroup's exponentials
+            # and hands stage 0 back to the producer sooner
+            p0 = kv_smem.index(NC - 1).load(s_layout).to(gl.float32) * gl.expand_dims(beta, 1)
+            p0a = gl.convert_layout(p0.to(cdt), p_layout)
+            ab = gl.expand_dims(alpha * beta, 1)
+            acc0 = warpgroup_mma(p0a, kv_smem.index(4), acc0 * ab, is_async=True)
+            acc1 = warpgroup_mma(p0a, kv_smem.index(5), acc1 * ab, is_async=True)
+            acc2 = warpgroup_mma(p0a, kv_smem.index(6), acc2 * ab, is_async=True)
+            acc3 = warpgroup_mma(p0a, kv_smem.index(7), acc3 * ab, is_async=True)
             p = gl.exp2(s - gl.expand_dims(m1_safe, 1))
             sum1 = gl.sum(p, 1)
             pb = p.to(cdt)
@@ -215,16 +227,6 @@ def _wg1(q_smem, kv_smem, ready, empty, xbar, m0_s, sum0_s, m1_s, sum1_s, SEQ_LE
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.arrive(xbar.index(1), count=1)
-            m0_safe = gl.where(m0 == float("-inf"), 0.0, m0)
-            alpha = gl.exp2(m_i - m0_safe)
-            beta = gl.where(m0 == float("-inf"), 0.0, gl.exp2(m0_safe - m1_safe))
-            p0 = kv_smem.index(NC - 1).load(s_layout).to(gl.float32) * gl.expand_dims(beta, 1)
-            p0a = gl.convert_layout(p0.to(cdt), p_layout)
-            ab = gl.expand_dims(alpha * beta, 1)
-            acc0 = warpgroup_mma(p0a, kv_smem.index(4), acc0 * ab, is_async=True)
-            acc1 = warpgroup_mma(p0a, kv_smem.index(5), acc1 * ab, is_async=True)
-            acc2 = warpgroup_mma(p0a, kv_smem.index(6), acc2 * ab, is_async=True)
-            acc3 = warpgroup_mma(p0a, kv_smem.index(7), acc3 * ab, is_async=True)
             p1 = gl.convert_layout(pb, p_layout)
             acc0 = warpgroup_mma(p1, kv_smem.index(NC + 4), acc0, is_async=True)
             acc1 = warpgroup_mma(p1, kv_smem.index(NC + 5), acc1, is_async=True)
@@ -232,9 +234,11 @@ def _wg1(q_smem, kv_smem, ready, empty, xbar, m0_s, sum0_s, m1_s, sum1_s, SEQ_LE
             acc3 = warpgroup_mma(p1, kv_smem.index(NC + 7), acc3, is_async=True)
             l_i = (l_i * alpha + sum0) * beta + sum1   # WG0's operations in WG0's order: the same bits
             m_i = m1
+            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(4, deps=(acc0, acc1, acc2, acc3))
+            gl.thread_barrier()
+            mbarrier.arrive(empty.index(0), count=1)   # page 0's products are done: its refill may start
             acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
             gl.thread_barrier()
-            mbarrier.arrive(empty.index(0), count=1)
             mbarrier.arrive(empty.index(1), count=1)
         else:   # the split's odd page count: the last pair has only WG0's page
             mbarrier.wait(xbar.index(0), ph)
