@@ -54,18 +54,20 @@ class DecodeConfig:
     gluon: bool = False     # Hopper: the warp-specialized Gluon kernel (mla_decode_gluon); 64,64,4,<stages>
     overlap: bool = False   # gluon only: a page's PV product runs behind the next page's scores
     seesaw: bool = False    # gluon only: the warpgroups score alternate pages (mla_decode_seesaw); 2 stages
+    halfpage: bool = False  # gluon only: the warpgroups score the two halves of each page (mla_decode_halfpage)
 
     def __str__(self) -> str:
         return (f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}" + (",sv" if self.split_v else "")
                 + (",f16" if self.f16 else "") + (",tma" if self.tma else "") + (",gluon" if self.gluon else "")
-                + (",ov" if self.overlap else "") + (",ss" if self.seesaw else ""))
+                + (",ov" if self.overlap else "") + (",ss" if self.seesaw else "")
+                + (",hp" if self.halfpage else ""))
 
     @classmethod
     def parse(cls, text: str) -> "DecodeConfig":
         parts = [x.strip() for x in text.split(",")]
         flags = set(parts[4:])
         try:
-            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "ov", "ss"}:
+            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "ov", "ss", "hp"}:
                 raise ValueError(text)
             bh, bn, w, st = (int(x) for x in parts[:4])
         except ValueError as exc:
@@ -80,10 +82,11 @@ class DecodeConfig:
             raise ValueError(f"{CONFIG_ENV}: the gluon kernel is '64,64,4,<stages>,gluon[,ov]', got {text!r}")
         if "ov" in flags and "gluon" not in flags:
             raise ValueError(f"{CONFIG_ENV}: ov applies to the gluon kernel only, got {text!r}")
-        if "ss" in flags and ("gluon" not in flags or "ov" in flags or st != 2):
-            raise ValueError(f"{CONFIG_ENV}: the seesaw kernel is '64,64,4,2,gluon,ss', got {text!r}")
+        for flag, name in (("ss", "seesaw"), ("hp", "half-page")):
+            if flag in flags and ("gluon" not in flags or flags & {"ov", "ss", "hp"} != {flag} or st != 2):
+                raise ValueError(f"{CONFIG_ENV}: the {name} kernel is '64,64,4,2,gluon,{flag}', got {text!r}")
         return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags, "gluon" in flags, "ov" in flags,
-                   "ss" in flags)
+                   "ss" in flags, "hp" in flags)
 
 
 # Candidates in order of preference; a config that fails to compile (e.g. out of shared memory) is
@@ -564,6 +567,8 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
         from . import mla_decode_gluon
         if cfg.seesaw:
             from . import mla_decode_seesaw
+        if cfg.halfpage:
+            from . import mla_decode_halfpage
     except ImportError as exc:
         raise ValueError(f"MLA decode config {cfg} does not apply: Triton without Gluon ({exc})") from exc
     b, nq, h, lat = q_lat.shape
@@ -575,6 +580,8 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
     flat_out = out.view(b, rows, lat)
     if cfg.seesaw:
         kernel, common = mla_decode_seesaw.launch, dict(align=SPLIT_ALIGN)
+    elif cfg.halfpage:
+        kernel, common = mla_decode_halfpage.launch, dict(align=SPLIT_ALIGN)
     else:
         kernel, common = mla_decode_gluon.launch, dict(stages=cfg.num_stages, align=SPLIT_ALIGN, overlap=cfg.overlap)
     if splits == 1:
