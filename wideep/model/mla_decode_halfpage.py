@@ -15,8 +15,8 @@ the page is split between the warpgroups instead:
 
 Both warpgroups apply the same operations to the same statistics (max is exact; the two row sums are added
 in one fixed order), so their halves are normalized identically. Shared memory: query 72 KB + two 72 KB
-stages + two 4 KB probability tiles + 1 KB of statistics (about 226 of
-the 227 KB a block may have).
+stages + two 4 KB probability tiles + 1 KB of statistics (`shared_bytes`: 225 of the 227 KiB an sm_90
+block may have; the sm_90 build reports 230,728 bytes with alignment).
 Split schedule, masking (scores past seq_len -inf; each warpgroup zeroes the rows past seq_len of its own
 value chunks before its products), merge kernel and output contract are mla_decode_gluon's, so batch
 invariance and CUDA-graph safety carry over. bf16 caches only.
@@ -33,6 +33,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from .mla_decode_gluon import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS, _producer, make_descriptor
 
 HALF = gl.constexpr(32)   # tokens per warpgroup per page
+SM90_BLOCK_SMEM = 232448  # bytes of shared memory one block may use on sm_90
+
+
+def shared_bytes(lat: int, rope: int, page: int, stages: int = 2) -> int:
+    """Shared memory the kernel allocates (query tile, page stages, the two probability half-tiles, row
+    statistics, mbarriers), before the compiler's alignment padding."""
+    width, half = lat + rope, page // 2
+    return 2 * (64 * width + stages * page * width + 2 * 64 * half) + 4 * 4 * 64 + 8 * (2 * stages + 4)
 
 
 @gluon.jit
@@ -214,11 +222,13 @@ def _mla_decode_halfpage_kernel(
     gl.thread_barrier()
 
     gl.warp_specialize([
-        (_half, (q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx0_s, mx1_s, sum0_s, sum0_s, sum1_s, SEQ_LENS, OUT, LSE,
+        (_half, (q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx0_s, mx1_s, sum0_s, sum0_s, sum1_s,
+                 SEQ_LENS, OUT, LSE,
                  sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
                  stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
                  0, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
-        (_half1, (q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx1_s, mx0_s, sum1_s, sum0_s, sum1_s, SEQ_LENS, OUT, LSE,
+        (_half1, (q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx1_s, mx0_s, sum1_s, sum0_s, sum1_s,
+                  SEQ_LENS, OUT, LSE,
                   sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
                   stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
                   NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),

@@ -104,14 +104,18 @@ CUDA_CONFIGS_MANY_HEADS = (
 # (benchmarks/mla_decode.py --suite/--study, 2026-11-30): the split-value variant beat the present tile at
 # every bf16 shape (0.318 ms vs 0.344 at B=128 ctx 2048, 2048 tokens per split); over an fp8 cache it needs
 # the fp16 widening to beat the bf16 one (0.371 ms vs 0.464).
-# Over a bf16 cache the warp-specialized Gluon kernel (mla_decode_gluon) comes first: 0.182 ms at B=128
-# ctx 2048 against 0.267 for the TMA tile and 0.316 for the present one (H200, 2026-11-30, 30-33% under
-# the TMA tile at every measured shape; its "ov" variant, PV behind the next scores, was slower: 0.247).
-# The TMA tile (whole pages by bulk tensor copies, mla_decode_hopper) backs it where Gluon is missing or
+# Over a bf16 cache the warp-specialized Gluon kernels come first. The half-page one (mla_decode_halfpage:
+# each warpgroup scores 32 tokens of the page, no duplicated QK^T) beat the full-tile one (mla_decode_gluon)
+# at every measured shape: 0.171 ms at B=128 ctx 2048 against 0.181, 0.696 against 0.805 at ctx 8192 (H200,
+# 2026-11-30); the full-tile kernel follows it (0.182 ms against 0.267 for the TMA tile and 0.316 for the
+# present one; its "ov" variant, PV behind the next scores, was slower: 0.247). The seesaw schedule
+# (mla_decode_seesaw, a page per warpgroup) was slower than both (0.215 ms) and stays opt-in ("ss").
+# The TMA tile (whole pages by bulk tensor copies, mla_decode_hopper) backs them where Gluon is missing or
 # does not apply. Over an fp8 cache TMA lost (0.421 ms vs 0.371: the e4m3 tile is widened in registers
 # either way and spills) and Gluon does not read fp8, so fp8 keeps the pointer-load tile. A cache the bulk
 # copy cannot describe (unaligned strides, page != 64) falls back to the next config, logged once.
 HOPPER_CONFIGS_MANY_HEADS = (
+    DecodeConfig(64, 64, 4, 2, gluon=True, halfpage=True),
     DecodeConfig(64, 64, 4, 2, gluon=True),
     DecodeConfig(64, 64, 8, 2, split_v=True, tma=True),
     DecodeConfig(64, 64, 8, 2, split_v=True),
@@ -486,8 +490,10 @@ def mla_decode(
                                 candidates[0], last_exc, cfg)
                 else:
                     log.info("MLA decode: Triton kernel, tile config %s (%s)", cfg,
-                             "Hopper Gluon kernel" if cfg.gluon else "Hopper TMA variant" if cfg.tma
-                             else "Hopper variant" if cfg.split_v else "portable variant")
+                             "Hopper Gluon kernel, half pages" if cfg.halfpage
+                             else "Hopper Gluon kernel, seesaw" if cfg.seesaw else "Hopper Gluon kernel" if cfg.gluon
+                             else "Hopper TMA variant" if cfg.tma else "Hopper variant" if cfg.split_v
+                             else "portable variant")
         return out[:, 0] if squeeze else out
     raise RuntimeError(f"no MLA decode tile config compiled (tried {[str(c) for c in candidates]})") from last_exc
 
