@@ -20,6 +20,8 @@ block may have; the sm_90 build reports 230,728 bytes with alignment).
 Split schedule, masking (scores past seq_len -inf; each warpgroup zeroes the rows past seq_len of its own
 value chunks before its products), merge kernel and output contract are mla_decode_gluon's, so batch
 invariance and CUDA-graph safety carry over. bf16 caches only.
+Measured on an H200 (docs/perf.md, two runs): 0.170 ms per layer at B=128 ctx 2048 against 0.182 for the
+full-tile kernel, 3-12% faster on average at every measured shape; the bf16 default on Hopper.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
