@@ -98,14 +98,41 @@ GROUPED_CANDIDATES = [G(128, 64, 4, 4, swap=True, prefetch=True),
                       G(128, 64, 4, 4, swap=True, tma=True, persist=2),
                       G(128, 64, 8, 3, swap=True, tma=True, persist=2, maxnreg=128),
                       G(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),
-                      G(128, 64, 4, 3, swap=True, tma=True, persist=3, maxnreg=184)]
+                      G(128, 64, 4, 3, swap=True, tma=True, persist=3, maxnreg=184),
+                      # rows per group 256 (B=256) is MMA-bound: wider tiles and more programs per SM
+                      G(64, 128, 4, 3, prefetch=True, tma=True, persist=3, maxnreg=168),
+                      G(64, 128, 4, 2, tma=True, persist=4, maxnreg=128),
+                      G(64, 128, 4, 4, tma=True, persist=2),
+                      G(64, 128, 4, 4, prefetch=True, tma=True, persist=2)]
+# (measured and dropped, docs/perf.md: 128x128 of 8 warps at 1 program/SM 177/289 us for w13 at 128/256 rows,
+# 64x256 of 8 warps 141/222 us: one program per SM is latency-bound)
+# per-shape TMA candidates with their split fixed (yielded as listed): o_proj's long K (128 blocks) over few
+# output tiles wants split-K, its weight tile of 128 rows halves the activation re-reads of the 64-row one
+_O_LIKE = ([G(128, 64, 4, 3, split=s, swap=True, tma=True, persist=3, maxnreg=168) for s in (2, 4, 6)]
+           + [G(64, 128, 4, 3, split=s, tma=True, persist=3, maxnreg=168) for s in (2, 3, 4)]
+           + [G(64, 128, 4, 4, split=3, tma=True, persist=2), G(128, 64, 4, 4, split=3, swap=True, tma=True, persist=2)])
+# (measured and dropped: 128x128 swapped tiles of 8 warps, split 2 / 4, 98.7 / 105.7 us for o_proj)
+_WIDE = [G(64, 128, 4, 3, tma=True, persist=3, maxnreg=168), G(64, 128, 4, 4, tma=True, persist=2),
+         G(128, 128, 8, 4, swap=True, tma=True, persist=1), G(128, 64, 4, 4, swap=True, tma=True, persist=2),
+         G(64, 128, 4, 3, tma=True)]
+PLAIN_EXTRA = {"o": _O_LIKE, "dense w2": _O_LIKE, "q_b": _WIDE, "dense w13": _WIDE}
+
+
+def _vector_scales(fn):
+    """fn() with the TMA kernel loading a weight-scale vector per tile (the path before SCALAR_BS)."""
+    fp8_triton.SCALAR_WEIGHT_SCALES = False
+    try:
+        return fn()
+    finally:
+        fp8_triton.SCALAR_WEIGHT_SCALES = True
 
 
 def _compile_job(spec) -> str:
     """Runs one config once on its real shape (its own process): compiles it into Triton's on-disk cache, so
     the timing process finds it built. Returns '' or the error."""
-    n, k, groups, text = spec
+    n, k, groups, text, scalar = spec
     try:
+        fp8_triton.SCALAR_WEIGHT_SCALES = scalar
         cfg = fp8_triton.GemmConfig.parse(text)
         dev = torch.device("cuda")
         rows = 128 * max(groups, 1)
@@ -165,6 +192,9 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
         committed = fp8_triton.DECODE_CONFIGS.get(("grouped", experts, n, k) if experts else ("plain", n, k))
         if committed and not small and committed not in tiles:   # the config in force
             yield committed
+        if allow_fuse and not small:
+            name = next((nm for nm, shape in PLAIN.items() if shape == (n, k)), None)
+            yield from (c for c in PLAIN_EXTRA.get(name, ()) if c != committed)
         for tile in tiles:
             if isinstance(tile, fp8_triton.GemmConfig):
                 if not allow_fuse:   # grouped: as listed
@@ -182,10 +212,11 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
                         yield fp8_triton.GemmConfig(bm, bn, wp, st, split, swap, fuse, prefetch)
 
     if dev.type == "cuda":   # build every candidate first, in parallel processes
-        specs = [(n, k, 0, str(c)) for n, k in plain.values()
-                 for c in candidates(tiles_p, n, k, lambda bm: -(-rows_plain[0] // bm), True)]
-        specs += [(n, k, e + 1, str(c)) for e, _ in grouped for n, k in ((4096, 7168), (7168, 2048))
-                  for c in candidates(tiles_g, n, k, None, False, e)]
+        specs = [(n, k, 0, str(c), sc) for n, k in plain.values()
+                 for c in candidates(tiles_p, n, k, lambda bm: -(-rows_plain[0] // bm), True)
+                 for sc in ((True, False) if c.tma else (True,))]
+        specs += [(n, k, e + 1, str(c), sc) for e, _ in grouped for n, k in ((4096, 7168), (7168, 2048))
+                  for c in candidates(tiles_g, n, k, None, False, e) for sc in ((True, False) if c.tma else (True,))]
         precompile(specs)
 
     for name, (n, k) in plain.items():
@@ -199,7 +230,7 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
                 t += timer(lambda: fp8mod._cublas_block_fp8(*fp8_triton.act_quant(xa, fp8mod.CUBLAS_PAD_ROWS), w, ws,
                                                             torch.bfloat16, xa.shape[0]), 20)
             res.append((t, "cublas"))
-        ref = None
+        ref, detail = None, {}
         for cfg in candidates(tiles_p, n, k, lambda bm: -(-rows_plain[0] // bm), True):
             def fn(xa, cfg=cfg):
                 q, s = (xa, None) if cfg.fuse_quant else fp8_triton.act_quant(xa)
@@ -210,7 +241,10 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
                 if rel(y, ref) > 1e-2:
                     res.append((float("inf"), f"{cfg} (wrong: rel {rel(y, ref):.1e})"))
                     continue
-                res.append((sum(timer(lambda xa=xa: fn(xa), 20) for xa in xs.values()), cfg))
+                tm = [timer(lambda xa=xa: fn(xa), 20) for xa in xs.values()]
+                res.append((sum(tm), cfg))
+                detail[str(cfg)] = {"per_m": tm, "vector_scales_per_m": _vector_scales(
+                    lambda: [timer(lambda xa=xa: fn(xa), 20) for xa in xs.values()]) if cfg.tma else None}
             except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported and skipped
                 res.append((float("inf"), f"{cfg} ({type(exc).__name__}: {str(exc)[:60]})"))
         res.sort(key=lambda r: r[0])
@@ -224,10 +258,16 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
         chosen["plain"][name] = {"n": n, "k": k, "pick": str(best), "us": best_t / nr, "cublas_us": cub / nr,
                                  "triton": str(triton_best[1]), "triton_us": triton_best[0] / nr,
                                  "GB/s": n * k / (best_t / nr) / 1e3,
-                                 "all": [(str(c), t / nr, n * k / (t / nr) / 1e3) for t, c in res]}
+                                 "all": [(str(c), t / nr, n * k / (t / nr) / 1e3) for t, c in res],
+                                 "rows": list(rows_plain), "detail": detail}
         print(f"sweep plain {name} N={n} K={k} (mean over M={rows_plain}, incl. act quant): "
               + "; ".join(f"{c} {t / nr:.1f}us" for t, c in res[:6]) + f" | cublas {cub / nr:.1f}us"
               + f" | {len(res)} tried, {sum(r[0] == float('inf') for r in res)} failed", flush=True)
+        print(f"  per M={rows_plain} (scalar weight scales / vector): " + "; ".join(
+            f"{c} " + "/".join(f"{t:.1f}" for t in detail[str(c)]["per_m"]) + "us"
+            + ("" if detail[str(c)]["vector_scales_per_m"] is None else
+               " vs " + "/".join(f"{t:.1f}" for t in detail[str(c)]["vector_scales_per_m"]) + "us")
+            for t, c in res[:5] if str(c) in detail), flush=True)
 
     hidden, inter = (256, 192) if small else (7168, 2048)
     for e, per_list in grouped:
@@ -245,7 +285,7 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
                 cnt = torch.full((g,), per, device=dev)
                 x = torch.randn(g * per, k, device=dev, dtype=torch.bfloat16)
                 data.append((cnt, x, *fp8_triton.act_quant(x)))
-            res, ref = [], None
+            res, ref, vec = [], None, {}
             for cfg in candidates(tiles_g, n, k, None, False, e):
                 def fn(i, cfg=cfg):
                     cnt, x, q, s = data[i]
@@ -259,6 +299,8 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
                         continue
                     ts = [timer(lambda i=i: fn(i), 20) for i in range(len(data))]
                     res.append((sum(ts), cfg, ts))
+                    if cfg.tma:
+                        vec[str(cfg)] = _vector_scales(lambda: [timer(lambda i=i: fn(i), 20) for i in range(len(data))])
                 except Exception as exc:  # noqa: BLE001
                     res.append((float("inf"), f"{cfg} ({type(exc).__name__}: {str(exc)[:60]})", []))
             res.sort(key=lambda r: r[0])
@@ -270,11 +312,15 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
             chosen["grouped"][f"E{e} {which}"] = {
                 "n": n, "k": k, "groups": g, "rows_per_group": list(per_list), "pick": str(best),
                 "us": best_t / nr, "GB/s": wbytes / (best_t / nr) / 1e3,
-                "all": [(str(c), ts, [wbytes / t / 1e3 for t in ts]) for _, c, ts in res]}
+                "all": [(str(c), ts, [wbytes / t / 1e3 for t in ts]) for _, c, ts in res],
+                "vector_scales": vec}
             print(f"sweep grouped E={e}+1 shared {which} N={n} K={k} rows/group {per_list} (GEMM alone): "
                   + "; ".join(f"{c} " + "/".join(f"{t:.1f}" for t in ts) + "us "
                               + "/".join(f"{wbytes / t / 1e3:,.0f}" for t in ts) + "GB/s" for _, c, ts in res[:12])
                   + f" | {len(res)} tried, {sum(r[0] == float('inf') for r in res)} failed", flush=True)
+            print("  the same with a weight-scale vector per tile (SCALAR_BS off): "
+                  + "; ".join(f"{c} " + "/".join(f"{t:.1f}" for t in vec[str(c)]) + "us"
+                              for _, c, _ in res[:4] if str(c) in vec), flush=True)
         # the whole MLP as the model runs it (quantization, w13, SiLU-quantization, w2), before and after
         if dev.type == "cuda":
             for per in per_list:
@@ -289,10 +335,13 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
                     fp8_triton.DECODE_CONFIGS.update(cfgs)
                     row[label] = timer(lambda: fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, cnt, impl="triton",
                                                                config_experts=e), 20)
+                row["after, weight-scale vectors"] = _vector_scales(lambda: timer(
+                    lambda: fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, cnt, impl="triton", config_experts=e), 20))
                 chosen["grouped"][f"E{e} mlp x{per}"] = row
                 print(f"grouped MLP E={e}+1 shared x {per} rows: pointer kernel {row['pointer kernel']:.1f} us, "
                       f"committed before this sweep {row['before']:.1f} us, after "
-                      f"{row['after']:.1f} us ({3 * g * inter * hidden / row['after'] / 1e3:,.0f} GB/s of weights)",
+                      f"{row['after']:.1f} us ({3 * g * inter * hidden / row['after'] / 1e3:,.0f} GB/s of weights), "
+                      f"after with weight-scale vectors {row['after, weight-scale vectors']:.1f} us",
                       flush=True)
     return chosen
 

@@ -205,6 +205,44 @@ def test_tma_grouped_gemm_zero_rows_padding_and_invariance(cfg, counts, pad):
     assert (h[start:] == 7.0).all()
 
 
+def test_uniform_scale_width():
+    """The column windows over which a stacked weight's scale row is constant: R1's q_a ‖ kv_a (1536 + 576)
+    keeps whole 128-blocks, tiny parts narrow it, an index the GEMM did not see made is unknown (0)."""
+    from wideep.model.fp8 import uniform_scale_cols, uniform_width
+
+    assert uniform_width([1536, 576], 128) == 128
+    assert uniform_width([7168], 128) == 128
+    assert uniform_width([64, 64], 128) == 64
+    assert uniform_width([100, 200], 128) == 4
+    for rows in ([100, 200], [64, 64, 64], [1536, 576]):
+        sidx = scale_row_index(rows, 128)
+        w = uniform_scale_cols(sidx)
+        assert w == uniform_width(rows, 128)
+        assert all((sidx[j:j + w] == sidx[j]).all() for j in range(0, sidx.numel(), w))
+    assert uniform_scale_cols(scale_row_index([256], 128).clone()) == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("swap", [False, True])
+def test_tma_scalar_weight_scales_bit_identical_to_vector(swap, monkeypatch):
+    """One weight scale per tile and K block (SCALAR_BS) gives the same bits as the per-column vector, plain
+    and grouped (gate ‖ up parts of 64 rows: 64-wide windows, so 64-wide tiles take the scalar path)."""
+    cfg = fp8_triton.GemmConfig(16, 64, 4, 1, split=2, swap=swap, prefetch=True, tma=True, persist=1)
+    g = _gen(8)
+    q, s = act_quant_ref(torch.randn(21, 256, generator=g))
+    s = s.t().contiguous().t()
+    w13, s13, i13, _, _, _ = _experts(3, 64, 256, 9)
+    w, ws = quantize_block_fp8(torch.randn(200, 256, generator=g))
+    sidx = scale_row_index([200], 128)
+    counts = torch.tensor([5, 0, 16])
+    outs = []
+    for scalar in (True, False):
+        monkeypatch.setattr(fp8_triton, "SCALAR_WEIGHT_SCALES", scalar)
+        outs.append((fp8_triton.fp8_gemm(q, s, w, ws, sidx, torch.float32, cfg),
+                     fp8_triton.fp8_gemm(q, s, w13, s13, i13, torch.float32, cfg, counts=counts)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 @needs_triton
 def test_tma_config_falls_back_where_the_copy_engine_cannot_read():
     """K = 200 rows are not 16-byte aligned: a tma config runs the pointer kernel with the same tiles."""

@@ -9,6 +9,7 @@ and the product is taken over dequantized operands (the correctness reference of
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 from torch import nn
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -74,13 +75,38 @@ def dequant_rows(w: torch.Tensor, scale: torch.Tensor, sidx: torch.Tensor, group
     return w.float() * scale[sidx.long()].repeat_interleave(group, 1)[:, : w.shape[1]]
 
 
+# scale_row_index's results -> the width of the aligned column windows over which each is constant (weakly
+# keyed by the tensor itself, so a freed index's entry goes with it): lets the GEMM load one weight scale per
+# tile and K block instead of a vector, without reading the index on the host (graph capture)
+_UNIFORM_COLS = WeakIdKeyDictionary()
+
+
 def scale_row_index(rows: list[int], block: int, device=None) -> torch.Tensor:
-    """Scale row of each output row of a weight stacked from parts of `rows` rows, each in its own blocks."""
+    """Scale row of each output row of a weight stacked from parts of `rows` rows, each in its own blocks
+    (non-decreasing)."""
     idx, base = [], 0
     for r in rows:
         idx.append(torch.arange(r) // block + base)
         base += -(-r // block)
-    return torch.cat(idx).to(device=device, dtype=torch.int32)
+    out = torch.cat(idx).to(device=device, dtype=torch.int32)
+    _UNIFORM_COLS[out] = uniform_width(rows, block)
+    return out
+
+
+def uniform_width(rows: list[int], block: int) -> int:
+    """The largest power of two W <= block such that scale_row_index(rows, block) is constant over every
+    column window [j*W, (j+1)*W): W divides the block (when block is a power of two) and every part start."""
+    w = block & -block   # the largest power of two dividing the block
+    start = 0
+    for r in rows[:-1]:
+        start += r
+        w = min(w, start & -start)
+    return w
+
+
+def uniform_scale_cols(sidx: torch.Tensor) -> int:
+    """uniform_width of an index made by scale_row_index; 0 for any other tensor (nothing is known of it)."""
+    return _UNIFORM_COLS.get(sidx, 0)
 
 
 # cuBLAS's block-scaled FP8 GEMM (torch._scaled_mm, 1x128 activation and 128x128 weight scales, both

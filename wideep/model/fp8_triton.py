@@ -23,7 +23,7 @@ import torch
 
 from wideep import envs
 
-from wideep.model.fp8 import CUBLAS_MIN_ROWS
+from wideep.model.fp8 import CUBLAS_MIN_ROWS, uniform_scale_cols
 from wideep.model.triton_compat import constexpr, tl, triton
 
 try:
@@ -33,6 +33,9 @@ except ImportError:  # pragma: no cover - no triton, or one without host tensor 
 
 FP8_MAX = 448.0
 GROUP = 128
+# the TMA kernel loads one weight scale per tile and K block where the scale index allows it (SCALAR_BS);
+# False: always the per-column vector (the same results; benchmarks/fp8_gemm.py times both)
+SCALAR_WEIGHT_SCALES = True
 
 
 def available() -> bool:
@@ -191,7 +194,7 @@ if triton is not None:
         M, N, K, stride_bse, stride_bsn, stride_cs, stride_cm,
         KB_PER_SPLIT, NUM_PROGS,
         GROUPED: constexpr, SWAP: constexpr, PREFETCH: constexpr, E_POW2: constexpr, SPLIT: constexpr,
-        BLOCK_M: constexpr, BLOCK_N: constexpr, BLOCK_K: constexpr,
+        BLOCK_M: constexpr, BLOCK_N: constexpr, BLOCK_K: constexpr, SCALAR_BS: constexpr = False,
     ):
         """_fp8_gemm_kernel's product with both operands fed by the copy engine (TMA: host tensor descriptors
         over A [M, K] and the weights as [E*N, K], so no address arithmetic or masks in the K loop) and a tile
@@ -200,7 +203,11 @@ if triton is not None:
         then weight block, then K slice; grouped row blocks come from the counts as in _fp8_gemm_kernel, so
         the tile count is known only here. A weight block that runs past N reads the next expert's rows (or
         zeros past the end) into output columns that are never stored; likewise A rows past an expert's end.
-        Each output element's K reduction is the same per-128-block sequence as _fp8_gemm_kernel's."""
+        Each output element's K reduction is the same per-128-block sequence as _fp8_gemm_kernel's.
+        SCALAR_BS: every tile's columns share one weight scale row (the host knows it from how the scale index
+        was made), so one scale per K block is loaded instead of a BLOCK_N vector that had to be moved into
+        the accumulator's layout through shared memory (a store, a barrier and 8 loads per K block); the
+        products are the same ((dot * a_s) * b_s), so the result is bit-identical to the vector path."""
         pid = tl.program_id(0)
         if GROUPED:
             eo = tl.arange(0, E_POW2)
@@ -234,8 +241,13 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_m = offs_m < row_end
             mask_n = offs_n < N
-            sidx = tl.load(sidx_ptr + offs_n, mask=mask_n, other=0)
-            bs_rows = bs_ptr + e.to(tl.int64) * stride_bse + sidx * stride_bsn
+            if SCALAR_BS:
+                bs_rows = bs_ptr + e.to(tl.int64) * stride_bse + tl.load(sidx_ptr + n0) * stride_bsn
+                bs_mask = True
+            else:
+                sidx = tl.load(sidx_ptr + offs_n, mask=mask_n, other=0)
+                bs_rows = bs_ptr + e.to(tl.int64) * stride_bse + sidx * stride_bsn
+                bs_mask = mask_n
             b_row = e * N + n0
             kb_lo = pid_k * KB_PER_SPLIT
             kb_hi = tl.minimum(kb_lo + KB_PER_SPLIT, n_kb)
@@ -244,24 +256,30 @@ if triton is not None:
             else:
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             kb_first = tl.minimum(kb_lo, n_kb - 1)
-            b_s_next = tl.load(bs_rows + kb_first, mask=mask_n, other=0.0)
+            b_s_next = tl.load(bs_rows + kb_first, mask=bs_mask, other=0.0)
             a_s_next = tl.load(as_ptr + kb_first * M + offs_m, mask=mask_m, other=0.0)
             for kb in range(kb_lo, kb_hi):
                 if PREFETCH:
                     b_s = b_s_next
                     a_s = a_s_next
                     kb_next = tl.minimum(kb + 1, n_kb - 1)
-                    b_s_next = tl.load(bs_rows + kb_next, mask=mask_n, other=0.0)
+                    b_s_next = tl.load(bs_rows + kb_next, mask=bs_mask, other=0.0)
                     a_s_next = tl.load(as_ptr + kb_next * M + offs_m, mask=mask_m, other=0.0)
                 else:
-                    b_s = tl.load(bs_rows + kb, mask=mask_n, other=0.0)
+                    b_s = tl.load(bs_rows + kb, mask=bs_mask, other=0.0)
                     a_s = tl.load(as_ptr + kb * M + offs_m, mask=mask_m, other=0.0)
                 a = a_desc.load([row0, kb * BLOCK_K])        # [BM, BK]
                 b = b_desc.load([b_row, kb * BLOCK_K])       # [BN, BK]
                 if SWAP:
-                    acc += tl.dot(b, a.T) * a_s[None, :] * b_s[:, None]
+                    if SCALAR_BS:
+                        acc += tl.dot(b, a.T) * a_s[None, :] * b_s
+                    else:
+                        acc += tl.dot(b, a.T) * a_s[None, :] * b_s[:, None]
                 else:
-                    acc += tl.dot(a, b.T) * a_s[:, None] * b_s[None, :]
+                    if SCALAR_BS:
+                        acc += tl.dot(a, b.T) * a_s[:, None] * b_s
+                    else:
+                        acc += tl.dot(a, b.T) * a_s[:, None] * b_s[None, :]
             c = c_ptr + pid_k.to(tl.int64) * stride_cs
             if SWAP:
                 c = c + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
@@ -370,19 +388,20 @@ DECODE_CONFIGS: dict[tuple, GemmConfig] = {
     ("plain", 2112, 7168): GemmConfig(128, 64, 4, 3, split=4, swap=True, tma=True, persist=3, maxnreg=168),
     # (q_a ‖ kv_a stacked, MLAttention: 16.9 us with the TMA kernel vs 20.1 the pointer kernel, incl. act quant)
     # (served by cuBLAS at decode, fp8.CUBLAS_DECODE; these are the Triton fallbacks)
-    ("plain", 24576, 1536): GemmConfig(128, 64, 4, 3, swap=True, tma=True, persist=3, maxnreg=168),   # q_b
-    ("plain", 7168, 16384): GemmConfig(128, 64, 4, 3, split=3, swap=True, tma=True, persist=3, maxnreg=168),  # o
+    ("plain", 24576, 1536): GemmConfig(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),   # q_b
+    ("plain", 7168, 16384): GemmConfig(64, 128, 4, 3, split=3, tma=True, persist=3, maxnreg=168),  # o
     ("plain", 4096, 7168): GemmConfig(64, 128, 4, 3, split=2),        # shared / dense-slice w13
     ("plain", 7168, 2048): GemmConfig(128, 64, 4, 4, swap=True),      # shared w2
     ("plain", 36864, 7168): GemmConfig(64, 64, 4, 4, swap=True),      # dense w13
     ("plain", 7168, 18432): GemmConfig(64, 128, 4, 3, split=2),       # dense w2
-    # routed experts (+ the shared slot), EP=32: 8 local experts. The TMA kernel, persistent, 3 programs per SM
-    # (the register cap makes room for the third; at 2 it is latency-bound), 64 rows x 128 weight rows per
-    # tile (the swapped 128 x 64 tile within 2%): docs/perf.md's sweeps
-    ("grouped", 8, 4096, 7168): GemmConfig(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),
-    ("grouped", 8, 7168, 2048): GemmConfig(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),
-    ("grouped", 32, 4096, 7168): GemmConfig(32, 64, 4, 4, swap=True, prefetch=True),   # EP=8: 32 local experts
-    ("grouped", 32, 7168, 2048): GemmConfig(32, 64, 4, 4, swap=True, prefetch=True),
+    # routed experts (+ the shared slot), EP=32: 8 local experts. The TMA kernel, persistent, 64 rows x 128
+    # weight rows per tile (one weight scale per tile and K block), 3 programs per SM (the register cap makes
+    # room for the third), scales loaded one K block ahead: docs/perf.md
+    ("grouped", 8, 4096, 7168): GemmConfig(64, 128, 4, 3, prefetch=True, tma=True, persist=3, maxnreg=168),
+    ("grouped", 8, 7168, 2048): GemmConfig(64, 128, 4, 3, prefetch=True, tma=True, persist=3, maxnreg=168),
+    # EP=8: 32 local experts x 32 rows (4.0 / 3.7 TB/s against 3.5 / 3.6 for the pointer kernel's 32 x 64)
+    ("grouped", 32, 4096, 7168): GemmConfig(64, 128, 4, 4, tma=True, persist=2),
+    ("grouped", 32, 7168, 2048): GemmConfig(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),
 }
 
 
@@ -486,6 +505,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: to
             m, n, k, ws_e, ws2d.stride(0), stride_cs, target.stride(-2), kb_per, progs,
             GROUPED=grouped, SWAP=cfg.swap, PREFETCH=cfg.prefetch, E_POW2=triton.next_power_of_2(n_exp),
             SPLIT=split, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=GROUP,
+            SCALAR_BS=SCALAR_WEIGHT_SCALES and cfg.block_n <= uniform_scale_cols(sidx),
             num_warps=cfg.warps, num_stages=cfg.stages if a.is_cuda else 1, **_reg_cap(cfg, a),
         )
     else:
