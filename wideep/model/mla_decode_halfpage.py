@@ -60,7 +60,7 @@ def _half(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_o
     ocol_l: gl.constexpr = gl.SliceLayout(0, o_layout)
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     cdt: gl.constexpr = q_smem.dtype
-    O: gl.constexpr = 1 - W
+    OTHER: gl.constexpr = 1 - W
 
     seq_len = gl.load(SEQ_LENS + b)
     n_splits = gl.minimum(gl.maximum((seq_len + chunk - 1) // chunk, 1), max_splits)
@@ -106,7 +106,7 @@ def _half(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_o
         mx_own.store(mx)
         gl.thread_barrier()
         mbarrier.arrive(xmax.index(W), count=1)
-        mbarrier.wait(xmax.index(O), ph)
+        mbarrier.wait(xmax.index(OTHER), ph)
         m_new = gl.maximum(m_i, gl.maximum(mx, mx_oth.load(row_l)))
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_safe)
@@ -123,15 +123,15 @@ def _half(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_o
         acc1 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 1).slice(W * HALF, HALF, dim=0), acc1 * a2, is_async=True)
         acc2 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 2).slice(W * HALF, HALF, dim=0), acc2 * a2, is_async=True)
         acc3 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 3).slice(W * HALF, HALF, dim=0), acc3 * a2, is_async=True)
-        mbarrier.wait(xp.index(O), ph)
+        mbarrier.wait(xp.index(OTHER), ph)
         sums = sum0_s.load(row_l) + sum1_s.load(row_l)   # one order in both warpgroups
         l_i = l_i * alpha + sums
         m_i = m_new
-        po = p_smem.index(O)
-        acc0 = warpgroup_mma(po, kv_smem.index(kb + vbase + 0).slice(O * HALF, HALF, dim=0), acc0, is_async=True)
-        acc1 = warpgroup_mma(po, kv_smem.index(kb + vbase + 1).slice(O * HALF, HALF, dim=0), acc1, is_async=True)
-        acc2 = warpgroup_mma(po, kv_smem.index(kb + vbase + 2).slice(O * HALF, HALF, dim=0), acc2, is_async=True)
-        acc3 = warpgroup_mma(po, kv_smem.index(kb + vbase + 3).slice(O * HALF, HALF, dim=0), acc3, is_async=True)
+        po = p_smem.index(OTHER)
+        acc0 = warpgroup_mma(po, kv_smem.index(kb + vbase + 0).slice(OTHER * HALF, HALF, dim=0), acc0, is_async=True)
+        acc1 = warpgroup_mma(po, kv_smem.index(kb + vbase + 1).slice(OTHER * HALF, HALF, dim=0), acc1, is_async=True)
+        acc2 = warpgroup_mma(po, kv_smem.index(kb + vbase + 2).slice(OTHER * HALF, HALF, dim=0), acc2, is_async=True)
+        acc3 = warpgroup_mma(po, kv_smem.index(kb + vbase + 3).slice(OTHER * HALF, HALF, dim=0), acc3, is_async=True)
         acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
         gl.thread_barrier()
         mbarrier.arrive(empty.index(st), count=1)

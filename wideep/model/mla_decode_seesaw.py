@@ -23,7 +23,6 @@ Measured on an H200 (docs/perf.md): 0.215 ms per layer at B=128 ctx 2048, slower
 (0.181) and the half-page kernel (0.171): both stages are in use at once, so a pair's pages are refilled
 only after the pair's products (no prefetch), and WG1's softmax waits for WG0's. Opt-in ("ss").
 """
-import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (

@@ -107,8 +107,8 @@ CUDA_CONFIGS_MANY_HEADS = (
 # Over a bf16 cache the warp-specialized Gluon kernels come first. The half-page one (mla_decode_halfpage:
 # each warpgroup scores 32 tokens of the page, no duplicated QK^T) beat the full-tile one (mla_decode_gluon)
 # on average at every measured shape (two runs): 0.170 ms at B=128 ctx 2048 against 0.182, 1.44 against
-# 1.63 at B=256 ctx 8192 (H200, 2026-11-30); the full-tile kernel follows it (0.182 ms against 0.267 for the TMA tile and 0.316 for the
-# present one; its "ov" variant, PV behind the next scores, was slower: 0.247). The seesaw schedule
+# 1.63 at B=256 ctx 8192 (H200, 2026-11-30); the full-tile kernel follows it (0.182 ms against 0.267 for
+# the TMA tile and 0.316 for the present one; its "ov" variant, PV behind the next scores, was slower: 0.247). The seesaw schedule
 # (mla_decode_seesaw, a page per warpgroup) was slower than both (0.215 ms) and stays opt-in ("ss").
 # The TMA tile (whole pages by bulk tensor copies, mla_decode_hopper) backs them where Gluon is missing or
 # does not apply. Over an fp8 cache TMA lost (0.421 ms vs 0.371: the e4m3 tile is widened in registers
