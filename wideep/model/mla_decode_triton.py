@@ -108,8 +108,9 @@ CUDA_CONFIGS_MANY_HEADS = (
 # each warpgroup scores 32 tokens of the page, no duplicated QK^T) beat the full-tile one (mla_decode_gluon)
 # on average at every measured shape (two runs): 0.170 ms at B=128 ctx 2048 against 0.182, 1.44 against
 # 1.63 at B=256 ctx 8192 (H200, 2026-11-30); the full-tile kernel follows it (0.182 ms against 0.267 for
-# the TMA tile and 0.316 for the present one; its "ov" variant, PV behind the next scores, was slower: 0.247). The seesaw schedule
-# (mla_decode_seesaw, a page per warpgroup) was slower than both (0.215 ms) and stays opt-in ("ss").
+# the TMA tile and 0.316 for the present one; its "ov" variant, PV behind the next scores, was slower:
+# 0.247). The seesaw schedule (mla_decode_seesaw, a page per warpgroup) was slower than both (0.215 ms) and
+# stays opt-in ("ss").
 # The TMA tile (whole pages by bulk tensor copies, mla_decode_hopper) backs them where Gluon is missing or
 # does not apply. Over an fp8 cache TMA lost (0.421 ms vs 0.371: the e4m3 tile is widened in registers
 # either way and spills) and Gluon does not read fp8, so fp8 keeps the pointer-load tile. A cache the bulk
