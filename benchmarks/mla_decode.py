@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="each --suite-configs entry on a small case vs the oracle")
     p.add_argument("--old", default=None, help="path of the present kernel's module (mla_decode_triton.py of main) "
                    "to time beside the new one")
+    p.add_argument("--no-fp8-timings", dest="suite_fp8_timings", action="store_false",
+                   help="--suite: time the bf16 cache only (the fp8 checks still run)")
     p.add_argument("--suite-configs", default="64,64,8,2,sv;64,64,8,2,sv,tma;64,64,8,2,sv,f16,tma;64,64,8,2,sv,f16")
     return p.parse_args(argv)
 
@@ -508,6 +510,19 @@ def aot_hopper():
             report(f"gluon 64,64,4,2{',ov' if overlap else ''}", k)
         except Exception as exc:  # noqa: BLE001
             print(f"  gluon ov={overlap}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    from wideep.model import mla_decode_halfpage as mh
+    from wideep.model import mla_decode_seesaw as ms
+    for tag, kern, extra in (("gluon 64,64,4,2,hp", mh._mla_decode_halfpage_kernel, dict(STAGES=2)),
+                             ("gluon 64,64,4,2,ss", ms._mla_decode_seesaw_kernel, {})):
+        consts = dict(L=L, R=R, PAGE=64, NUM_Q=1, ALIGN=128, SPLIT=True, **extra)
+        sig = {k: v for k, v in sig.items() if k not in ("STAGES", "OVERLAP")}
+        sig.update({k: "constexpr" for k in consts})
+        try:
+            k = triton.compile(GluonASTSource(kern, sig, consts), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=mg.NUM_WARPS, maxnreg=mg.MAXNREG))
+            report(tag, k)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  {tag}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
 
 
 def main(argv=None):

@@ -220,7 +220,7 @@ def run_suite(args):
     rows = []
     for ctx in (2048, 4096, 8192):
         for b in (128, 256):
-            for dt in (torch.bfloat16, FP8):
+            for dt in (torch.bfloat16, FP8) if args.suite_fp8_timings else (torch.bfloat16,):
                 esz = 1 if dt == FP8 else 2
                 cache_bytes = b * ctx * (L + R) * esz
                 sets = max(1, min(8, math.ceil(400e6 / cache_bytes)))

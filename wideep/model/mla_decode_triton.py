@@ -53,18 +53,21 @@ class DecodeConfig:
     tma: bool = False       # Hopper: whole pages by bulk tensor copies (mla_decode_hopper); needs block_n == page, sv
     gluon: bool = False     # Hopper: the warp-specialized Gluon kernel (mla_decode_gluon); 64,64,4,<stages>
     overlap: bool = False   # gluon only: a page's PV product runs behind the next page's scores
+    seesaw: bool = False    # gluon only: the warpgroups score alternate pages (mla_decode_seesaw); 2 stages
+    halfpage: bool = False  # gluon only: the warpgroups score the two halves of each page (mla_decode_halfpage)
 
     def __str__(self) -> str:
         return (f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}" + (",sv" if self.split_v else "")
                 + (",f16" if self.f16 else "") + (",tma" if self.tma else "") + (",gluon" if self.gluon else "")
-                + (",ov" if self.overlap else ""))
+                + (",ov" if self.overlap else "") + (",ss" if self.seesaw else "")
+                + (",hp" if self.halfpage else ""))
 
     @classmethod
     def parse(cls, text: str) -> "DecodeConfig":
         parts = [x.strip() for x in text.split(",")]
         flags = set(parts[4:])
         try:
-            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "ov"}:
+            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "ov", "ss", "hp"}:
                 raise ValueError(text)
             bh, bn, w, st = (int(x) for x in parts[:4])
         except ValueError as exc:
@@ -79,7 +82,11 @@ class DecodeConfig:
             raise ValueError(f"{CONFIG_ENV}: the gluon kernel is '64,64,4,<stages>,gluon[,ov]', got {text!r}")
         if "ov" in flags and "gluon" not in flags:
             raise ValueError(f"{CONFIG_ENV}: ov applies to the gluon kernel only, got {text!r}")
-        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags, "gluon" in flags, "ov" in flags)
+        for flag, name in (("ss", "seesaw"), ("hp", "half-page")):
+            if flag in flags and ("gluon" not in flags or flags & {"ov", "ss", "hp"} != {flag} or st != 2):
+                raise ValueError(f"{CONFIG_ENV}: the {name} kernel is '64,64,4,2,gluon,{flag}', got {text!r}")
+        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags, "gluon" in flags, "ov" in flags,
+                   "ss" in flags, "hp" in flags)
 
 
 # Candidates in order of preference; a config that fails to compile (e.g. out of shared memory) is
@@ -97,14 +104,19 @@ CUDA_CONFIGS_MANY_HEADS = (
 # (benchmarks/mla_decode.py --suite/--study, 2026-11-30): the split-value variant beat the present tile at
 # every bf16 shape (0.318 ms vs 0.344 at B=128 ctx 2048, 2048 tokens per split); over an fp8 cache it needs
 # the fp16 widening to beat the bf16 one (0.371 ms vs 0.464).
-# Over a bf16 cache the warp-specialized Gluon kernel (mla_decode_gluon) comes first: 0.182 ms at B=128
-# ctx 2048 against 0.267 for the TMA tile and 0.316 for the present one (H200, 2026-11-30, 30-33% under
-# the TMA tile at every measured shape; its "ov" variant, PV behind the next scores, was slower: 0.247).
-# The TMA tile (whole pages by bulk tensor copies, mla_decode_hopper) backs it where Gluon is missing or
+# Over a bf16 cache the warp-specialized Gluon kernels come first. The half-page one (mla_decode_halfpage:
+# each warpgroup scores 32 tokens of the page, no duplicated QK^T) beat the full-tile one (mla_decode_gluon)
+# on average at every measured shape (two runs): 0.170 ms at B=128 ctx 2048 against 0.182, 1.44 against
+# 1.63 at B=256 ctx 8192 (H200, 2026-11-30); the full-tile kernel follows it (0.182 ms against 0.267 for
+# the TMA tile and 0.316 for the present one; its "ov" variant, PV behind the next scores, was slower:
+# 0.247). The seesaw schedule (mla_decode_seesaw, a page per warpgroup) was slower than both (0.215 ms) and
+# stays opt-in ("ss").
+# The TMA tile (whole pages by bulk tensor copies, mla_decode_hopper) backs them where Gluon is missing or
 # does not apply. Over an fp8 cache TMA lost (0.421 ms vs 0.371: the e4m3 tile is widened in registers
 # either way and spills) and Gluon does not read fp8, so fp8 keeps the pointer-load tile. A cache the bulk
 # copy cannot describe (unaligned strides, page != 64) falls back to the next config, logged once.
 HOPPER_CONFIGS_MANY_HEADS = (
+    DecodeConfig(64, 64, 4, 2, gluon=True, halfpage=True),
     DecodeConfig(64, 64, 4, 2, gluon=True),
     DecodeConfig(64, 64, 8, 2, split_v=True, tma=True),
     DecodeConfig(64, 64, 8, 2, split_v=True),
@@ -479,8 +491,10 @@ def mla_decode(
                                 candidates[0], last_exc, cfg)
                 else:
                     log.info("MLA decode: Triton kernel, tile config %s (%s)", cfg,
-                             "Hopper Gluon kernel" if cfg.gluon else "Hopper TMA variant" if cfg.tma
-                             else "Hopper variant" if cfg.split_v else "portable variant")
+                             "Hopper Gluon kernel, half pages" if cfg.halfpage
+                             else "Hopper Gluon kernel, seesaw" if cfg.seesaw else "Hopper Gluon kernel" if cfg.gluon
+                             else "Hopper TMA variant" if cfg.tma else "Hopper variant" if cfg.split_v
+                             else "portable variant")
         return out[:, 0] if squeeze else out
     raise RuntimeError(f"no MLA decode tile config compiled (tried {[str(c) for c in candidates]})") from last_exc
 
@@ -558,6 +572,10 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
         raise ValueError(f"MLA decode config {cfg} does not apply: needs a bf16/fp16 cache on CUDA")
     try:
         from . import mla_decode_gluon
+        if cfg.seesaw:
+            from . import mla_decode_seesaw
+        if cfg.halfpage:
+            from . import mla_decode_halfpage
     except ImportError as exc:
         raise ValueError(f"MLA decode config {cfg} does not apply: Triton without Gluon ({exc})") from exc
     b, nq, h, lat = q_lat.shape
@@ -567,15 +585,20 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
     rows = nq * h
     splits = grid[2]
     flat_out = out.view(b, rows, lat)
-    common = dict(stages=cfg.num_stages, align=SPLIT_ALIGN, overlap=cfg.overlap)
+    if cfg.seesaw:
+        kernel, common = mla_decode_seesaw.launch, dict(align=SPLIT_ALIGN)
+    elif cfg.halfpage:
+        kernel, common = mla_decode_halfpage.launch, dict(align=SPLIT_ALIGN)
+    else:
+        kernel, common = mla_decode_gluon.launch, dict(stages=cfg.num_stages, align=SPLIT_ALIGN, overlap=cfg.overlap)
     if splits == 1:
-        mla_decode_gluon.launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, flat_out, flat_out, sm, out_scale,
-                                chunk, MAX_SPLITS, grid, split=False, **common)
+        kernel(q_lat, q_pe, kv_cache, block_tables, seq_lens, flat_out, flat_out, sm, out_scale,
+               chunk, MAX_SPLITS, grid, split=False, **common)
         return
     part = torch.empty((b, rows, splits, lat), dtype=torch.float32, device=q_lat.device)
     lse = torch.empty((b, rows, splits), dtype=torch.float32, device=q_lat.device)
-    mla_decode_gluon.launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, part, lse, sm, out_scale, chunk,
-                            MAX_SPLITS, grid, split=True, **common)
+    kernel(q_lat, q_pe, kv_cache, block_tables, seq_lens, part, lse, sm, out_scale, chunk,
+           MAX_SPLITS, grid, split=True, **common)
     combine_kernel[(rows, b)](
         part, lse, seq_lens, flat_out, chunk, MAX_SPLITS, rows, lat,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
