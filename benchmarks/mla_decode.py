@@ -496,26 +496,14 @@ def aot_hopper():
     gints = ["chunk", "max_splits", "H", "blk_rows", "stride_ql_b", "stride_ql_q", "stride_ql_h", "stride_qp_b",
              "stride_qp_q", "stride_qp_h", "stride_bt_b", "stride_o_b", "stride_o_r", "stride_o_s", "stride_lse_b",
              "stride_lse_r"]
-    for overlap in (False, True):
-        sig = {"Q_LAT": "*bf16", "Q_PE": "*bf16", "kv_desc": f"tensordesc<bf16[64,64],{lay!r}>",
-               "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32",
-               "out_scale": "fp32"}
-        sig.update({n: "i32" for n in gints})
-        consts = dict(L=L, R=R, PAGE=64, STAGES=2, NUM_Q=1, ALIGN=128, SPLIT=True, OVERLAP=overlap)
-        sig.update({k: "constexpr" for k in consts})
-        try:
-            k = triton.compile(GluonASTSource(mg._mla_decode_gluon_kernel, sig, consts),
-                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=mg.NUM_WARPS,
-                                                                               maxnreg=mg.MAXNREG))
-            report(f"gluon 64,64,4,2{',ov' if overlap else ''}", k)
-        except Exception as exc:  # noqa: BLE001
-            print(f"  gluon ov={overlap}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
     from wideep.model import mla_decode_halfpage as mh
-    from wideep.model import mla_decode_seesaw as ms
-    for tag, kern, extra in (("gluon 64,64,4,2,hp", mh._mla_decode_halfpage_kernel, dict(STAGES=2)),
-                             ("gluon 64,64,4,2,ss", ms._mla_decode_seesaw_kernel, {})):
-        consts = dict(L=L, R=R, PAGE=64, NUM_Q=1, ALIGN=128, SPLIT=True, **extra)
-        sig = {k: v for k, v in sig.items() if k not in ("STAGES", "OVERLAP")}
+    sig = {"Q_LAT": "*bf16", "Q_PE": "*bf16", "kv_desc": f"tensordesc<bf16[64,64],{lay!r}>",
+           "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32",
+           "out_scale": "fp32"}
+    sig.update({n: "i32" for n in gints})
+    for tag, kern in (("gluon 64,64,4,2", mg._mla_decode_gluon_kernel),
+                      ("gluon 64,64,4,2,hp", mh._mla_decode_halfpage_kernel)):
+        consts = dict(L=L, R=R, PAGE=64, STAGES=2, NUM_Q=1, ALIGN=128, SPLIT=True)
         sig.update({k: "constexpr" for k in consts})
         try:
             k = triton.compile(GluonASTSource(kern, sig, consts), target=GPUTarget("cuda", 90, 32),

@@ -209,7 +209,7 @@ def test_config_flags_and_hopper_preference(monkeypatch):
     monkeypatch.delenv(mdt.CONFIG_ENV, raising=False)
     bf16 = mdt._candidates(128, False, torch.bfloat16, hopper=True)
     fp8 = mdt._candidates(128, False, torch.bfloat16, hopper=True, fp8=True)
-    assert bf16[0].halfpage and bf16[1].gluon and not (bf16[1].halfpage or bf16[1].seesaw)   # measured order
+    assert bf16[0].halfpage and bf16[1].gluon and not bf16[1].halfpage   # measured order
     assert bf16[2].tma and fp8[0].f16 and not (fp8[0].tma or fp8[0].gluon)
     assert mdt.DecodeConfig.parse(str(bf16[0])) == bf16[0]
     with pytest.raises(ValueError, match="sv"):
@@ -289,15 +289,15 @@ def test_tma_applicability_and_logged_fallback(monkeypatch, caplog):
     assert sum("did not run here" in r.message for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("text", ["64,64,4,2,gluon,ov", "64,64,4,2,gluon,hp", "64,64,4,2,gluon,ss"])
+@pytest.mark.parametrize("text", ["64,64,4,2,gluon", "64,64,4,2,gluon,hp"])
 def test_gluon_config_rules_and_applicability(monkeypatch, caplog, text):
     """The Gluon kernels cannot run on the CPU (no interpreter for them): their config rules, the cache layouts
     they accept, the descriptor geometry, and that where they do not apply the next config serves, logged once."""
     cfg = mdt.DecodeConfig.parse(text)
-    assert cfg.gluon and (cfg.overlap, cfg.halfpage, cfg.seesaw) == ("ov" in text, "hp" in text, "ss" in text)
+    assert cfg.gluon and cfg.halfpage == ("hp" in text)
     assert mdt.DecodeConfig.parse(str(cfg)) == cfg
-    for bad in ("64,64,8,2,gluon", "64,64,4,2,sv,gluon", "64,64,8,2,sv,ov", "64,64,4,2,hp", "64,64,4,3,gluon,hp",
-                "64,64,4,2,gluon,hp,ss", "64,64,4,2,gluon,ov,ss", "64,64,4,2,gluon,ov,hp", "64,64,8,2,sv,ss"):
+    for bad in ("64,64,8,2,gluon", "64,64,4,2,sv,gluon", "64,64,4,2,gluon,ov", "64,64,4,2,hp", "64,64,4,3,gluon,hp",
+                "64,64,4,2,gluon,ss", "64,64,8,2,sv,hp"):
         with pytest.raises(ValueError, match=mdt.CONFIG_ENV):
             mdt.DecodeConfig.parse(bad)
     try:
@@ -314,8 +314,7 @@ def test_gluon_config_rules_and_applicability(monkeypatch, caplog, text):
         desc, blk_rows = mg.make_descriptor(layered)
         assert blk_rows == 3 * 64 and desc.shape == [3 * 192 + 64, 576] and desc.block_shape == [64, 64]
         from wideep.model import mla_decode_halfpage as mh
-        # R1's tile plan fits an sm_90 block with two page stages (and the seesaw kernel's, which has no
-        # probability tiles of its own, too); a third 72 KB stage would not
+        # R1's tile plan fits an sm_90 block with two page stages; a third 72 KB stage would not
         assert mh.shared_bytes(512, 64, 64) <= mh.SM90_BLOCK_SMEM < mh.shared_bytes(512, 64, 64, stages=3)
         assert 2 * mh.HALF == 64
 

@@ -31,7 +31,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
     tma,
     warpgroup_mma,
-    warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -77,7 +76,7 @@ def _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
               sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
               stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
               HALF_IDX: gl.constexpr, NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
-              NUM_Q: gl.constexpr, ALIGN: gl.constexpr, SPLIT: gl.constexpr, OVERLAP: gl.constexpr):
+              NUM_Q: gl.constexpr, ALIGN: gl.constexpr, SPLIT: gl.constexpr):
     """One consumer warpgroup: scores, softmax, and the PV product for value chunks
     HALF_IDX*4 .. HALF_IDX*4+3 (of 8)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
@@ -105,11 +104,6 @@ def _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
     acc1 = gl.zeros([64, 64], gl.float32, layout=s_layout)
     acc2 = gl.zeros([64, 64], gl.float32, layout=s_layout)
     acc3 = gl.zeros([64, 64], gl.float32, layout=s_layout)
-    if OVERLAP:   # the accumulators stay in flight across iterations: carried as wgmma tokens
-        acc0 = warpgroup_mma_init(acc0)
-        acc1 = warpgroup_mma_init(acc1)
-        acc2 = warpgroup_mma_init(acc2)
-        acc3 = warpgroup_mma_init(acc3)
     vbase: gl.constexpr = HALF_IDX * 4
     for i in range(n_pages):
         st = i % STAGES
@@ -128,13 +122,7 @@ def _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
         s = gl.zeros([64, 64], gl.float32, layout=s_layout)
         for c in gl.static_range(NC):
             s = warpgroup_mma(q_smem.index(c), kv_smem.index(kb + c).permute((1, 0)), s, is_async=True)
-        if OVERLAP:   # the previous page's PV ran behind these scores: both done now, hand its stage back
-            s, acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(s, acc0, acc1, acc2, acc3))
-            if i > 0:
-                gl.thread_barrier()
-                mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
-        else:
-            s = warpgroup_mma_wait(0, deps=(s, ))
+        s = warpgroup_mma_wait(0, deps=(s, ))
         toks = n0 + gl.arange(0, PAGE, layout=col_l)
         visible = gl.expand_dims(toks, 0) < gl.expand_dims(row_end, 1)
         s = gl.where(visible, s * sm_scale_log2, float("-inf"))
@@ -150,12 +138,9 @@ def _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
         acc1 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 1), acc1 * a2, is_async=True)
         acc2 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 2), acc2 * a2, is_async=True)
         acc3 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 3), acc3 * a2, is_async=True)
-        if not OVERLAP:
-            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
-            gl.thread_barrier()   # every warp of the group is done with the stage before it is handed back
-            mbarrier.arrive(empty.index(st), count=1)
-    if OVERLAP:
         acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
+        gl.thread_barrier()   # every warp of the group is done with the stage before it is handed back
+        mbarrier.arrive(empty.index(st), count=1)
 
     live = (rows < H * NUM_Q) & ((rows * 0 + split) < n_splits)
     has = l_i > 0.0
@@ -182,11 +167,11 @@ def _consumer1(q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, O
                sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
                stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
                NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-               ALIGN: gl.constexpr, SPLIT: gl.constexpr, OVERLAP: gl.constexpr):
+               ALIGN: gl.constexpr, SPLIT: gl.constexpr):
     _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
               sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
               stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
-              1, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, OVERLAP)
+              1, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)
 
 
 @gluon.jit
@@ -194,7 +179,7 @@ def _producer(q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OU
               sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
               stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
               NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-              ALIGN: gl.constexpr, SPLIT: gl.constexpr, OVERLAP: gl.constexpr):
+              ALIGN: gl.constexpr, SPLIT: gl.constexpr):
     """1 warp: page ids from the block table, 9 bulk copies per page into the next free stage."""
     seq_len = gl.load(SEQ_LENS + b)
     n_splits = gl.minimum(gl.maximum((seq_len + chunk - 1) // chunk, 1), max_splits)
@@ -220,7 +205,7 @@ def _mla_decode_gluon_kernel(
     stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h, stride_bt_b,
     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
     L: gl.constexpr, R: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-    ALIGN: gl.constexpr, SPLIT: gl.constexpr, OVERLAP: gl.constexpr,
+    ALIGN: gl.constexpr, SPLIT: gl.constexpr,
 ):
     pid_h = gl.program_id(0)
     b = gl.program_id(1)
@@ -259,20 +244,20 @@ def _mla_decode_gluon_kernel(
         (_consumer, (q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
                      sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
                      stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
-                     0, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, OVERLAP)),
+                     0, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
         (_consumer1, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
                       sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
                       stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
-                      NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, OVERLAP)),
+                      NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
         (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
                      sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
                      stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
-                     NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, OVERLAP)),
+                     NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, lse, sm_scale_log2, out_scale, chunk, max_splits,
-           grid, split: bool, stages: int, align: int, overlap: bool):
+           grid, split: bool, stages: int, align: int):
     """q_lat [B, Q, H, L], q_pe [B, Q, H, R] (last dims contiguous), out [B, Q*H, L] (split=False) or the
     fp32 partials [B, Q*H, S, L] with lse [B, Q*H, S] (split=True)."""
     b, nq, h, lat = q_lat.shape
@@ -287,6 +272,5 @@ def launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, lse, sm_scale_log
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         block_tables.stride(0), *so,
         L=lat, R=q_pe.shape[3], PAGE=kv_cache.shape[1], STAGES=stages, NUM_Q=nq, ALIGN=align, SPLIT=split,
-        OVERLAP=overlap,
         num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )

@@ -2,8 +2,8 @@
 
 WHY: the warp-specialized kernel in mla_decode_gluon has both consumer warpgroups compute the same 64x64
 score tile (the tensor cores issue 1.53x the needed work, and each warpgroup runs the whole page's
-exponentials). The seesaw schedule (mla_decode_seesaw: a page per warpgroup) removes that, but with two
-72 KB stages both pages are in use at once, so nothing is prefetched. Here the page pipeline stays as in
+exponentials). A seesaw schedule (a page per warpgroup) removes that too, but with two 72 KB stages both
+pages are in use at once, so nothing is prefetched (measured slower and removed). Here the page pipeline stays as in
 mla_decode_gluon (a page per stage, two stages, the producer loads page i+1 while page i is computed) and
 the page is split between the warpgroups instead:
 
@@ -237,7 +237,7 @@ def _mla_decode_halfpage_kernel(
         (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
                      sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
                      stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
-                     NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, False)),
+                     NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 

@@ -52,14 +52,11 @@ class DecodeConfig:
     f16: bool = False       # fp8 cache only: widen tiles to fp16 (one conversion instruction) instead of bf16
     tma: bool = False       # Hopper: whole pages by bulk tensor copies (mla_decode_hopper); needs block_n == page, sv
     gluon: bool = False     # Hopper: the warp-specialized Gluon kernel (mla_decode_gluon); 64,64,4,<stages>
-    overlap: bool = False   # gluon only: a page's PV product runs behind the next page's scores
-    seesaw: bool = False    # gluon only: the warpgroups score alternate pages (mla_decode_seesaw); 2 stages
     halfpage: bool = False  # gluon only: the warpgroups score the two halves of each page (mla_decode_halfpage)
 
     def __str__(self) -> str:
         return (f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}" + (",sv" if self.split_v else "")
                 + (",f16" if self.f16 else "") + (",tma" if self.tma else "") + (",gluon" if self.gluon else "")
-                + (",ov" if self.overlap else "") + (",ss" if self.seesaw else "")
                 + (",hp" if self.halfpage else ""))
 
     @classmethod
@@ -67,7 +64,7 @@ class DecodeConfig:
         parts = [x.strip() for x in text.split(",")]
         flags = set(parts[4:])
         try:
-            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "ov", "ss", "hp"}:
+            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "hp"}:
                 raise ValueError(text)
             bh, bn, w, st = (int(x) for x in parts[:4])
         except ValueError as exc:
@@ -79,14 +76,10 @@ class DecodeConfig:
         if "tma" in flags and "sv" not in flags:
             raise ValueError(f"{CONFIG_ENV}: the tma variant is a split-value kernel (add sv), got {text!r}")
         if "gluon" in flags and (bh, bn, w) != (64, 64, 4) or "gluon" in flags and flags & {"sv", "f16", "tma"}:
-            raise ValueError(f"{CONFIG_ENV}: the gluon kernel is '64,64,4,<stages>,gluon[,ov]', got {text!r}")
-        if "ov" in flags and "gluon" not in flags:
-            raise ValueError(f"{CONFIG_ENV}: ov applies to the gluon kernel only, got {text!r}")
-        for flag, name in (("ss", "seesaw"), ("hp", "half-page")):
-            if flag in flags and ("gluon" not in flags or flags & {"ov", "ss", "hp"} != {flag} or st != 2):
-                raise ValueError(f"{CONFIG_ENV}: the {name} kernel is '64,64,4,2,gluon,{flag}', got {text!r}")
-        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags, "gluon" in flags, "ov" in flags,
-                   "ss" in flags, "hp" in flags)
+            raise ValueError(f"{CONFIG_ENV}: the gluon kernel is '64,64,4,<stages>,gluon[,hp]', got {text!r}")
+        if "hp" in flags and ("gluon" not in flags or st != 2):
+            raise ValueError(f"{CONFIG_ENV}: the half-page kernel is '64,64,4,2,gluon,hp', got {text!r}")
+        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags, "gluon" in flags, "hp" in flags)
 
 
 # Candidates in order of preference; a config that fails to compile (e.g. out of shared memory) is
@@ -108,9 +101,9 @@ CUDA_CONFIGS_MANY_HEADS = (
 # each warpgroup scores 32 tokens of the page, no duplicated QK^T) beat the full-tile one (mla_decode_gluon)
 # on average at every measured shape (two runs): 0.170 ms at B=128 ctx 2048 against 0.182, 1.44 against
 # 1.63 at B=256 ctx 8192 (H200, 2026-11-30); the full-tile kernel follows it (0.182 ms against 0.267 for
-# the TMA tile and 0.316 for the present one; its "ov" variant, PV behind the next scores, was slower:
-# 0.247). The seesaw schedule (mla_decode_seesaw, a page per warpgroup) was slower than both (0.215 ms) and
-# stays opt-in ("ss").
+# the TMA tile and 0.316 for the present one). Two more variants measured slower and were removed: the
+# full-tile kernel with a page's PV behind the next page's scores (0.247 ms) and the seesaw schedule (the
+# warpgroups score alternate pages, FlashMLA's published scheme; 0.215 ms, no prefetch fits).
 # The TMA tile (whole pages by bulk tensor copies, mla_decode_hopper) backs them where Gluon is missing or
 # does not apply. Over an fp8 cache TMA lost (0.421 ms vs 0.371: the e4m3 tile is widened in registers
 # either way and spills) and Gluon does not read fp8, so fp8 keeps the pointer-load tile. A cache the bulk
@@ -492,7 +485,7 @@ def mla_decode(
                 else:
                     log.info("MLA decode: Triton kernel, tile config %s (%s)", cfg,
                              "Hopper Gluon kernel, half pages" if cfg.halfpage
-                             else "Hopper Gluon kernel, seesaw" if cfg.seesaw else "Hopper Gluon kernel" if cfg.gluon
+                             else "Hopper Gluon kernel" if cfg.gluon
                              else "Hopper TMA variant" if cfg.tma else "Hopper variant" if cfg.split_v
                              else "portable variant")
         return out[:, 0] if squeeze else out
@@ -572,8 +565,6 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
         raise ValueError(f"MLA decode config {cfg} does not apply: needs a bf16/fp16 cache on CUDA")
     try:
         from . import mla_decode_gluon
-        if cfg.seesaw:
-            from . import mla_decode_seesaw
         if cfg.halfpage:
             from . import mla_decode_halfpage
     except ImportError as exc:
@@ -585,12 +576,10 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
     rows = nq * h
     splits = grid[2]
     flat_out = out.view(b, rows, lat)
-    if cfg.seesaw:
-        kernel, common = mla_decode_seesaw.launch, dict(align=SPLIT_ALIGN)
-    elif cfg.halfpage:
+    if cfg.halfpage:
         kernel, common = mla_decode_halfpage.launch, dict(align=SPLIT_ALIGN)
     else:
-        kernel, common = mla_decode_gluon.launch, dict(stages=cfg.num_stages, align=SPLIT_ALIGN, overlap=cfg.overlap)
+        kernel, common = mla_decode_gluon.launch, dict(stages=cfg.num_stages, align=SPLIT_ALIGN)
     if splits == 1:
         kernel(q_lat, q_pe, kv_cache, block_tables, seq_lens, flat_out, flat_out, sm, out_scale,
                chunk, MAX_SPLITS, grid, split=False, **common)
