@@ -286,31 +286,9 @@ def measure_launch_floor(device, n: int = 500) -> dict:
         kinds["triton_128prog"] = lambda: _touch_kernel[(128,)](buf)
     out: dict = {}
     for name, fn in kinds.items():
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            with torch.cuda.graph(g, stream=s):
-                for _ in range(n):
-                    fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g.replay()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(7):
-            st, en = torch.cuda.Event(True), torch.cuda.Event(True)
-            st.record()
-            g.replay()
-            en.record()
-            torch.cuda.synchronize()
-            ts.append(st.elapsed_time(en) * 1e3 / n)
-        out[f"{name}_graph_us"] = sorted(ts)[len(ts) // 2]
+        out[f"{name}_graph_us"] = _graph_us(fn, n)
         d = sorted(_kernel_durations_us(fn, 200))
         out[f"{name}_kernel_us"] = d[len(d) // 2] if d else float("nan")
-        del g
     out["per_launch_us"] = min(v for v in out.values() if v == v)
     out["launches_per_graph"] = n
     return out

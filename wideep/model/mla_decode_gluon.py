@@ -72,6 +72,42 @@ def make_descriptor(kv_cache: torch.Tensor) -> tuple[TensorDescriptor, int]:
 
 
 @gluon.jit
+def _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE: gl.constexpr, ALIGN: gl.constexpr):
+    """attention.split_plan on device: sequence b's length and split count, and this split's token range
+    [start, end) with its page count (a function of the sequence's own length only: batch invariance)."""
+    seq_len = gl.load(SEQ_LENS + b)
+    n_splits = gl.minimum(gl.maximum((seq_len + chunk - 1) // chunk, 1), max_splits)
+    per = (seq_len + n_splits - 1) // n_splits
+    per = gl.maximum((per + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+    start = split * per
+    end = gl.minimum(seq_len, start + per)
+    n_pages = gl.maximum(end - start + PAGE - 1, 0) // PAGE
+    return seq_len, n_splits, start, end, n_pages
+
+
+@gluon.jit
+def _load_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q,
+                stride_qp_h, NC: gl.constexpr, NUM_Q: gl.constexpr):
+    """The program's query tile (64 rows of (query token, head) x 576: NC-1 latent chunks, then the rope
+    chunk) into shared memory, once, visible to the async proxy before the workers start."""
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    rows = pid_h * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, ld_layout))
+    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ld_layout))
+    rmask = gl.expand_dims(rows < H * NUM_Q, 1) & gl.expand_dims(cols < 64, 0)
+    qi = rows // H
+    head = rows % H
+    ql = Q_LAT + b.to(gl.int64) * stride_ql_b + gl.expand_dims(qi * stride_ql_q + head * stride_ql_h, 1) \
+        + gl.expand_dims(cols, 0)
+    for c in gl.static_range(NC - 1):
+        q_smem.index(c).store(gl.load(ql + c * 64, mask=rmask, other=0.0))
+    qp = Q_PE + b.to(gl.int64) * stride_qp_b + gl.expand_dims(qi * stride_qp_q + head * stride_qp_h, 1) \
+        + gl.expand_dims(cols, 0)
+    q_smem.index(NC - 1).store(gl.load(qp, mask=rmask, other=0.0))
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
 def _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
               sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
               stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
@@ -87,13 +123,7 @@ def _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
     NV: gl.constexpr = (NC - 1) // 2     # value chunks per warpgroup
     cdt: gl.constexpr = q_smem.dtype
 
-    seq_len = gl.load(SEQ_LENS + b)
-    n_splits = gl.minimum(gl.maximum((seq_len + chunk - 1) // chunk, 1), max_splits)
-    per = (seq_len + n_splits - 1) // n_splits
-    per = gl.maximum((per + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
-    start = split * per
-    end = gl.minimum(seq_len, start + per)
-    n_pages = gl.maximum(end - start + PAGE - 1, 0) // PAGE
+    seq_len, n_splits, start, end, n_pages = _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE, ALIGN)
 
     rows = pid_h * 64 + gl.arange(0, 64, layout=row_l)
     qi = rows // H
@@ -181,13 +211,7 @@ def _producer(q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OU
               NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
               ALIGN: gl.constexpr, SPLIT: gl.constexpr):
     """1 warp: page ids from the block table, 9 bulk copies per page into the next free stage."""
-    seq_len = gl.load(SEQ_LENS + b)
-    n_splits = gl.minimum(gl.maximum((seq_len + chunk - 1) // chunk, 1), max_splits)
-    per = (seq_len + n_splits - 1) // n_splits
-    per = gl.maximum((per + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
-    start = split * per
-    end = gl.minimum(seq_len, start + per)
-    n_pages = gl.maximum(end - start + PAGE - 1, 0) // PAGE
+    seq_len, n_splits, start, end, n_pages = _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE, ALIGN)
     bt_row = BLOCK_TABLES + b.to(gl.int64) * stride_bt_b + start // PAGE
     for i in range(n_pages):
         st = i % STAGES
@@ -221,22 +245,8 @@ def _mla_decode_gluon_kernel(
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)
 
-    # the query tile (64 rows of (query token, head) x 576) into shared memory, once
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    rows = pid_h * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, ld_layout))
-    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ld_layout))
-    rmask = gl.expand_dims(rows < H * NUM_Q, 1) & gl.expand_dims(cols < 64, 0)
-    qi = rows // H
-    head = rows % H
-    ql = Q_LAT + b.to(gl.int64) * stride_ql_b + gl.expand_dims(qi * stride_ql_q + head * stride_ql_h, 1) \
-        + gl.expand_dims(cols, 0)
-    for c in gl.static_range(NC - 1):
-        q_smem.index(c).store(gl.load(ql + c * 64, mask=rmask, other=0.0))
-    qp = Q_PE + b.to(gl.int64) * stride_qp_b + gl.expand_dims(qi * stride_qp_q + head * stride_qp_h, 1) \
-        + gl.expand_dims(cols, 0)
-    q_smem.index(NC - 1).store(gl.load(qp, mask=rmask, other=0.0))
-    fence_async_shared()
-    gl.thread_barrier()
+    _load_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q,
+                stride_qp_h, NC, NUM_Q)
 
     # (the argument tuples are written out in the call: a tuple bound to a name first turns constexprs into
     # run-time values inside the worker partitions)

@@ -32,7 +32,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .mla_decode_gluon import CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS, _producer, make_descriptor
+from .mla_decode_gluon import (CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS, _load_query, _producer, _split_range,
+                               make_descriptor)
 
 HALF = gl.constexpr(32)   # tokens per warpgroup per page
 SM90_BLOCK_SMEM = 232448  # bytes of shared memory one block may use on sm_90
@@ -62,13 +63,7 @@ def _half(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_o
     cdt: gl.constexpr = q_smem.dtype
     OTHER: gl.constexpr = 1 - W
 
-    seq_len = gl.load(SEQ_LENS + b)
-    n_splits = gl.minimum(gl.maximum((seq_len + chunk - 1) // chunk, 1), max_splits)
-    per = (seq_len + n_splits - 1) // n_splits
-    per = gl.maximum((per + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
-    start = split * per
-    end = gl.minimum(seq_len, start + per)
-    n_pages = gl.maximum(end - start + PAGE - 1, 0) // PAGE
+    seq_len, n_splits, start, end, n_pages = _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE, ALIGN)
 
     rows = pid_h * 64 + gl.arange(0, 64, layout=row_l)
     row_end = seq_len - (NUM_Q - 1 - rows // H)
@@ -207,21 +202,8 @@ def _mla_decode_halfpage_kernel(
         mbarrier.init(xmax.index(s), count=1)
         mbarrier.init(xp.index(s), count=1)
 
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    rows = pid_h * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, ld_layout))
-    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ld_layout))
-    rmask = gl.expand_dims(rows < H * NUM_Q, 1) & gl.expand_dims(cols < 64, 0)
-    qi = rows // H
-    head = rows % H
-    ql = Q_LAT + b.to(gl.int64) * stride_ql_b + gl.expand_dims(qi * stride_ql_q + head * stride_ql_h, 1) \
-        + gl.expand_dims(cols, 0)
-    for c in gl.static_range(NC - 1):
-        q_smem.index(c).store(gl.load(ql + c * 64, mask=rmask, other=0.0))
-    qp = Q_PE + b.to(gl.int64) * stride_qp_b + gl.expand_dims(qi * stride_qp_q + head * stride_qp_h, 1) \
-        + gl.expand_dims(cols, 0)
-    q_smem.index(NC - 1).store(gl.load(qp, mask=rmask, other=0.0))
-    fence_async_shared()
-    gl.thread_barrier()
+    _load_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q,
+                stride_qp_h, NC, NUM_Q)
 
     gl.warp_specialize([
         (_half, (q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx0_s, mx1_s, sum0_s, sum0_s, sum1_s,
