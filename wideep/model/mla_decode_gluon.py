@@ -108,6 +108,31 @@ def _load_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stri
 
 
 @gluon.jit
+def _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_i, l_i, rows, cols, out_scale, H, b, split, n_splits,
+                stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                W: gl.constexpr, NUM_Q: gl.constexpr, SPLIT: gl.constexpr):
+    """Warpgroup W's 256 output columns (4 accumulators of 64) normalized by its row sums, as the split's fp32
+    partial (and, from warpgroup 0, the split's log-sum-exp) or the final output; programs past the
+    sequence's split count store nothing."""
+    live = (rows < H * NUM_Q) & ((rows * 0 + split) < n_splits)
+    has = l_i > 0.0
+    inv2 = gl.expand_dims(out_scale / gl.where(has, l_i, 1.0), 1)   # empty range: the accumulators are 0 -> zeros
+    omask = gl.expand_dims(live, 1) & gl.expand_dims(cols < 64, 0)
+    if SPLIT:
+        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s
+        if W == 0:
+            lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
+            gl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
+    else:
+        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r
+    ptr = base + gl.expand_dims(cols, 0) + W * 256
+    gl.store(ptr, (acc0 * inv2).to(OUT.dtype.element_ty), mask=omask)
+    gl.store(ptr + 64, (acc1 * inv2).to(OUT.dtype.element_ty), mask=omask)
+    gl.store(ptr + 128, (acc2 * inv2).to(OUT.dtype.element_ty), mask=omask)
+    gl.store(ptr + 192, (acc3 * inv2).to(OUT.dtype.element_ty), mask=omask)
+
+
+@gluon.jit
 def _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
               sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
               stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
@@ -172,24 +197,8 @@ def _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
         gl.thread_barrier()   # every warp of the group is done with the stage before it is handed back
         mbarrier.arrive(empty.index(st), count=1)
 
-    live = (rows < H * NUM_Q) & ((rows * 0 + split) < n_splits)
-    has = l_i > 0.0
-    inv = out_scale / gl.where(has, l_i, 1.0)   # empty range: the accumulators are 0 -> zeros
-    inv2 = gl.expand_dims(inv, 1)
-    cols = gl.arange(0, 64, layout=col_l)
-    omask = gl.expand_dims(live, 1) & gl.expand_dims(cols < 64, 0)
-    if SPLIT:
-        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s
-        if HALF_IDX == 0:
-            lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
-            gl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
-    else:
-        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r
-    ptr = base + gl.expand_dims(cols, 0) + vbase * 64
-    gl.store(ptr, (acc0 * inv2).to(OUT.dtype.element_ty), mask=omask)
-    gl.store(ptr + 64, (acc1 * inv2).to(OUT.dtype.element_ty), mask=omask)
-    gl.store(ptr + 128, (acc2 * inv2).to(OUT.dtype.element_ty), mask=omask)
-    gl.store(ptr + 192, (acc3 * inv2).to(OUT.dtype.element_ty), mask=omask)
+    _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_i, l_i, rows, gl.arange(0, 64, layout=col_l), out_scale, H, b,
+                split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, HALF_IDX, NUM_Q, SPLIT)
 
 
 @gluon.jit

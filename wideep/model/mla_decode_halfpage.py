@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .mla_decode_gluon import (CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS, _load_query, _producer, _split_range,
-                               make_descriptor)
+                               _store_half, make_descriptor)
 
 HALF = gl.constexpr(32)   # tokens per warpgroup per page
 SM90_BLOCK_SMEM = 232448  # bytes of shared memory one block may use on sm_90
@@ -134,23 +134,8 @@ def _half(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_o
     m_o = gl.convert_layout(m_i, orow_l)
     l_o = gl.convert_layout(l_i, orow_l)
     orows = pid_h * 64 + gl.arange(0, 64, layout=orow_l)
-    live = (orows < H * NUM_Q) & ((orows * 0 + split) < n_splits)
-    has = l_o > 0.0
-    inv2 = gl.expand_dims(out_scale / gl.where(has, l_o, 1.0), 1)   # empty range: the accumulators are 0
-    cols = gl.arange(0, 64, layout=ocol_l)
-    omask = gl.expand_dims(live, 1) & gl.expand_dims(cols < 64, 0)
-    if SPLIT:
-        base = OUT + b * stride_o_b + gl.expand_dims(orows, 1) * stride_o_r + split * stride_o_s
-        if W == 0:
-            lse = gl.where(has, m_o + gl.log2(gl.where(has, l_o, 1.0)), float("-inf"))
-            gl.store(LSE + b * stride_lse_b + orows * stride_lse_r + split, lse, mask=live)
-    else:
-        base = OUT + b * stride_o_b + gl.expand_dims(orows, 1) * stride_o_r
-    ptr = base + gl.expand_dims(cols, 0) + vbase * 64
-    gl.store(ptr, (acc0 * inv2).to(OUT.dtype.element_ty), mask=omask)
-    gl.store(ptr + 64, (acc1 * inv2).to(OUT.dtype.element_ty), mask=omask)
-    gl.store(ptr + 128, (acc2 * inv2).to(OUT.dtype.element_ty), mask=omask)
-    gl.store(ptr + 192, (acc3 * inv2).to(OUT.dtype.element_ty), mask=omask)
+    _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_o, l_o, orows, gl.arange(0, 64, layout=ocol_l), out_scale, H, b,
+                split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, W, NUM_Q, SPLIT)
 
 
 @gluon.jit
