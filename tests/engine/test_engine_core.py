@@ -152,6 +152,10 @@ def test_abort_anywhere_frees_blocks(make_core):
     (dict(prompt=list(range(2, 300))), "prompt"),          # longer than max_model_len 256
     (dict(prompt=[5, 6], max_tokens=255), "max_tokens"),    # prompt + max_tokens > max_model_len
     (dict(prompt=[5, 99999]), "prompt"),                    # not a token id
+    (dict(prompt=[5, -1]), "prompt"),
+    (dict(prompt=[5, 6.0]), "prompt"),                      # not an integer
+    (dict(prompt=[5, "6"]), "prompt"),
+    (dict(prompt=[5, 2 ** 70]), "prompt"),                  # beyond int64
 ])
 def test_bad_requests_name_the_field(make_core, bad, param):
     core = make_core(max_model_len=256)

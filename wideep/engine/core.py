@@ -10,11 +10,13 @@ reported one step late. An empty schedule (nothing left to launch) applies the s
 """
 from __future__ import annotations
 
+import array
 import json
 import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from wideep.engine.api import EngineRequest, EngineStats, InvalidRequest, KVEvent, RequestOutput
@@ -53,6 +55,17 @@ def load_eos_token_ids(model_dir: str | Path, config=None) -> set[int]:
         ids.update(v if isinstance(v, list) else [v])
     return ids
 
+
+
+def token_ids_in_range(ids, vocab_size: int) -> bool:
+    """All of ids are integers in [0, vocab_size). One C pass into an int64 array and two vectorized
+    reductions: this runs on the engine loop for every request, and a Python loop over a 2k-token prompt
+    cost ~0.25 ms of the loop's time (measured on a CPU; it is on P/D's decode-side TTFT path)."""
+    try:
+        a = np.frombuffer(array.array("q", ids), dtype=np.int64)
+    except (TypeError, OverflowError):   # not an integer, or beyond int64
+        return False
+    return a.size == 0 or (int(a.min()) >= 0 and int(a.max()) < vocab_size)
 
 class EngineCore:
     def __init__(self, args: EngineArgs, *, model=None, dispatcher=None, ep_rank: int = 0, ep_size: int = 1,
@@ -127,7 +140,7 @@ class EngineCore:
         ids = req.prompt_token_ids
         if not ids:
             raise InvalidRequest("prompt must not be empty", "prompt")
-        if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in ids):
+        if not token_ids_in_range(ids, self.vocab_size):
             raise InvalidRequest(f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt")
         V = self.vocab_size
         for name, toks in (("logit_bias", list(sp.logit_bias)), ("allowed_token_ids", sp.allowed_token_ids or []),
