@@ -19,7 +19,7 @@ FP8 side by side, and a plain-PyTorch version of the same shape measured in the 
 stands the phase's floor: the roofline or its launch count x the measured cost of a near-empty kernel on this GPU
 (measure_launch_floor), whichever is larger, so the table says which phases are launch-bound. On a GPU it first
 checks the step's fused kernels against their torch references at the model's sizes (check_fused_ops) and times
-the router variants, bit-exact against the previous path, running the fastest (check_router).
+the router's kernel settings against each other, bit for bit (check_router); the run uses the committed ones.
 
   python benchmarks/rank.py --ep 32                      # H200: full R1 rank, bf16 and fp8
   python benchmarks/rank.py --size tiny --device cpu     # smoke run (tiny dims, few layers)
@@ -330,39 +330,33 @@ def _graph_us(fn, reps: int = 20) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-# router variants timed by check_router (fused_ops settings): the two-kernel path with its selection program at
-# 4 or 1 warps, and the one-launch fused kernel at (token block, rows selected at once, warps); the gate GEMM's K
-# loop unrolled (as before) or software-pipelined
+# router kernel settings timed by check_router (fused_ops' two-kernel path): the selection program at 4 or 1
+# warps, the gate GEMM's K loop unrolled or software-pipelined (the committed default: 1 warp, pipelined)
 ROUTER_VARIANTS = {
-    "two_kernel_sel4w": dict(fused=False, select_warps=4, unroll=True),   # the present path: the reference
-    "two_kernel_sel1w": dict(fused=False, select_warps=1, unroll=True),
-    "two_kernel_sel1w_pipe": dict(fused=False, select_warps=1, unroll=False),
-    "fused_bt32_sub8_4w_pipe": dict(fused=True, unroll=False, block_t=32, sub_t=8, num_warps=4),
+    "sel4w_unrolled": dict(select_warps=4, unroll=True),   # the earlier path: the reference
+    "sel1w_unrolled": dict(select_warps=1, unroll=True),
+    "sel1w_pipelined": dict(select_warps=1, unroll=False),
 }
 
 
 def set_router(v: dict) -> None:
     """Installs one router variant's settings into fused_ops for this process."""
-    fused_ops.GATE_ROUTE_FUSED = v["fused"]
     fused_ops.GATE_UNROLL = v["unroll"]
-    fused_ops.GATE_SELECT_WARPS = v.get("select_warps", fused_ops.GATE_SELECT_WARPS)
-    if v["fused"]:
-        fused_ops.GATE_FUSED.update(block_t=v["block_t"], sub_t=v["sub_t"], num_warps=v["num_warps"])
+    fused_ops.GATE_SELECT_WARPS = v["select_warps"]
 
 
 def check_router(cfg: ModelConfig, device, tokens=(128, 256)) -> dict:
-    """The router variants at R1 sizes against the present two-kernel path (ROUTER_VARIANTS' first): ids and
-    weights bit for bit (also on a second call and after graph replays: the arrival counters re-arm), a token's
-    bits independent of the batch, the graph-replayed time per call. Installs the fastest variant that passes
-    every check at every size as this process's router and returns the table and the pick."""
+    """The router kernel settings at R1 sizes against the earlier ones (ROUTER_VARIANTS' first): ids and weights
+    bit for bit (also on a second call and after graph replays), a token's bits independent of the batch, the
+    graph-replayed time per call, and which passing variant is fastest. The committed settings are restored:
+    the run measures what ships."""
     h, e = cfg.hidden_size, cfg.n_routed_experts
     args = (cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
     g = torch.Generator(device=device)
     g.manual_seed(2)
     w = (torch.randn(e, h, device=device, generator=g) * 0.02).to(torch.bfloat16)
     bias = torch.randn(e, device=device, generator=g) * 0.01
-    saved = dict(fused=fused_ops.GATE_ROUTE_FUSED, unroll=fused_ops.GATE_UNROLL,
-                 select_warps=fused_ops.GATE_SELECT_WARPS, **fused_ops.GATE_FUSED)
+    saved = dict(unroll=fused_ops.GATE_UNROLL, select_warps=fused_ops.GATE_SELECT_WARPS)
     ref = next(iter(ROUTER_VARIANTS.values()))
     out: dict = {"variants": {}}
     try:
@@ -385,7 +379,7 @@ def check_router(cfg: ModelConfig, device, tokens=(128, 256)) -> dict:
                               for lo, hi in [(5, 12), (40, 111)])
                     r[f"T{t}"] = {"us": round(_graph_us(fn), 2), "bit_exact": exact, "batch_invariant": inv}
                     r[f"T{t}"]["after_graph_exact"] = bool(torch.equal(fn()[1], w0))
-                except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or run is not picked
+                except Exception as exc:  # noqa: BLE001 - a variant that fails to compile or run is reported
                     r[f"T{t}"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
     finally:
         set_router(saved)
@@ -393,8 +387,7 @@ def check_router(cfg: ModelConfig, device, tokens=(128, 256)) -> dict:
           if all(r[f"T{t}"].get("bit_exact") and r[f"T{t}"].get("batch_invariant")
                  and r[f"T{t}"].get("after_graph_exact") for t in tokens)}
     if ok:
-        out["pick"] = min(ok, key=ok.get)
-        set_router(ROUTER_VARIANTS[out["pick"]])
+        out["fastest"] = min(ok, key=ok.get)
     return out
 
 
@@ -971,9 +964,6 @@ def parse(argv=None):
     p.add_argument("--kv-gib", type=float, default=None, help="KV cache budget (default: what the cases need, "
                    "capped by free memory)")
     p.add_argument("--json", default=None, help="write all results here")
-    p.add_argument("--router", default="auto", choices=["auto", "default"],
-                   help="auto (CUDA): time the router variants (check_router) and run the fastest bit-exact one; "
-                   "default: the committed fused_ops defaults")
     p.add_argument("--fp8-configs", default=None, help="a JSON written by benchmarks/fp8_gemm.py --sweep --json: "
                    "its picks replace the FP8 GEMM decode configs (and cuBLAS choices) for this run")
     a = p.parse_args(argv)
@@ -1025,13 +1015,9 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         report["fused_check"] = check_fused_ops(rank_config(a.size, a.layers, a.dense_layers, False), device)
         print(f"# fused ops vs torch references: {report['fused_check']}", flush=True)
-        if a.router == "auto":
-            report["router_check"] = check_router(rank_config(a.size, a.layers, a.dense_layers, False), device)
-            print(f"# router variants (graph us per call; bit-exact vs the 2-kernel/4-warp path): "
-                  f"{json.dumps(report['router_check'])}", flush=True)
-        report["router"] = {"fused": fused_ops.GATE_ROUTE_FUSED, "fused_conf": dict(fused_ops.GATE_FUSED),
-                            "select_warps": fused_ops.GATE_SELECT_WARPS, "unroll": fused_ops.GATE_UNROLL}
-        print(f"# router in this run: {report['router']}", flush=True)
+        report["router_check"] = check_router(rank_config(a.size, a.layers, a.dense_layers, False), device)
+        print(f"# router kernel settings (graph us per call; bit-exact vs the 4-warp unrolled path): "
+              f"{json.dumps(report['router_check'])}", flush=True)
     for prec in precisions:
         cfg = rank_config(a.size, a.layers, a.dense_layers, prec == "fp8")
         bs = a.block_size

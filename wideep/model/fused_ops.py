@@ -276,10 +276,9 @@ def gate_route_applies(x: torch.Tensor, weight: torch.Tensor, top_k: int, n_grou
 
 def gate_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int,
                topk_group: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """route(x @ weight^T in fp32, ...) as a split-K gate GEMM and the selection kernel (gate_route_applies),
-    or both in one launch (gate_route_fused) where GATE_ROUTE_FUSED says so."""
-    if GATE_ROUTE_FUSED:
-        return gate_route_fused(x, weight, bias, top_k, n_group, topk_group, renormalize, scaling)
+    """route(x @ weight^T in fp32, ...) as a split-K gate GEMM and the selection kernel (gate_route_applies).
+    (One launch for both, the last-arriving program summing the partials and selecting, was bit-exact but 5x
+    slower on an H200: the selection of a token block then runs in one program; see docs/perf.md.)"""
     p = gate_partials(x, weight)
     t, e = p.shape[1], p.shape[2]
     ids = torch.empty((t, top_k), dtype=torch.int64, device=x.device)
@@ -288,136 +287,6 @@ def gate_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k:
         _route_kernel[(t,)](p, bias.float().contiguous(), ids, w, p.stride(1), float(scaling), p.stride(0),
                             E=e, G=n_group, PER=e // n_group, TOPK_GROUP=topk_group, K=top_k, RENORM=renormalize,
                             SPLIT=p.shape[0], num_warps=GATE_SELECT_WARPS)
-    return ids, w
-
-
-# One launch instead of two: every (token block, expert block, K slice) program stores its fp32 partial as
-# above, then counts itself in with an atomic on its token block's arrival counter; the program that arrives
-# last sums the block's partials in slice order (the selection kernel's order: the same logits bits) and runs
-# the selection for the block's tokens, SUB_T at a time, then re-arms the counter (zero) for the next launch
-# or graph replay. Nothing waits on another program, so any grid size is safe.
-
-if triton is not None:
-
-    @triton.jit
-    def _select_tile(logit, bias_ptr, scaling, E: constexpr, G: constexpr, PER: constexpr,
-                     TOPK_GROUP: constexpr, K: constexpr, RENORM: constexpr, ROWS: constexpr):
-        """_route_kernel's selection for ROWS tokens at once (logit [ROWS, E] fp32): the same operations per
-        row in the same order, hence the same bits. Returns (ids [ROWS, K] int64, weights [ROWS, K] fp32)."""
-        neg = float("-inf")
-        e = tl.arange(0, E)
-        s = tl.sigmoid(logit)
-        b = s + tl.load(bias_ptr + e)[None, :]
-        b3 = tl.reshape(b, (ROWS, G, PER))
-        col = tl.arange(0, PER)[None, None, :]
-        first = tl.max(b3, axis=2)
-        first_col = tl.min(tl.where(b3 == first[:, :, None], col, PER), axis=2)
-        second = tl.max(tl.where(col == first_col[:, :, None], neg, b3), axis=2)
-        gscore = first + second                                                     # [ROWS, G]
-        gidx = tl.arange(0, G)[None, :]
-        keep = tl.zeros((ROWS, G), dtype=tl.int1)
-        for _ in tl.static_range(TOPK_GROUP):
-            cand = tl.where(keep, neg, gscore)
-            best = tl.max(cand, axis=1)
-            pick = tl.min(tl.where(cand == best[:, None], gidx, G), axis=1)
-            keep = keep | (gidx == pick[:, None])
-        masked = tl.reshape(tl.where(keep[:, :, None], b3, neg), (ROWS, E))
-        flat = e[None, :]
-        kk = tl.arange(0, K)[None, :]
-        wvec = tl.zeros((ROWS, K), dtype=tl.float32)
-        ivec = tl.zeros((ROWS, K), dtype=tl.int64)
-        tot = tl.zeros((ROWS,), dtype=tl.float32)
-        for k in tl.static_range(K):
-            best = tl.max(masked, axis=1)
-            pick = tl.min(tl.where(masked == best[:, None], flat, E), axis=1)
-            hit = flat == pick[:, None]
-            wk = tl.sum(tl.where(hit, s, 0.0), axis=1)
-            wvec = tl.where(kk == k, wk[:, None], wvec)
-            ivec = tl.where(kk == k, pick[:, None].to(tl.int64), ivec)
-            masked = tl.where(hit, neg, masked)
-            tot = tot + wk
-        if RENORM:
-            wvec = wvec / (tot[:, None] + 1e-20)
-        return ivec, wvec * scaling
-
-    @triton.jit
-    def _gate_route_fused_kernel(x_ptr, w_ptr, p_ptr, cnt_ptr, bias_ptr, ids_ptr, wt_ptr, T, H, stride_x, stride_w,
-                                 stride_ps, scaling,
-                                 E: constexpr, G: constexpr, PER: constexpr, TOPK_GROUP: constexpr, K: constexpr,
-                                 RENORM: constexpr, N_SPLIT: constexpr, N_EB: constexpr, KB_PER: constexpr,
-                                 BLOCK_T: constexpr, BLOCK_E: constexpr, BLOCK_K: constexpr, SUB_T: constexpr,
-                                 UPCAST: constexpr, UNROLL: constexpr = True):
-        tb = tl.program_id(0)
-        rt = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-        re = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-        sl = tl.program_id(2)
-        acc = _gate_slice(x_ptr, w_ptr, T, H, E, stride_x, stride_w, rt, re, sl, KB_PER, BLOCK_T, BLOCK_E, BLOCK_K,
-                          UPCAST, UNROLL)
-        tl.store(p_ptr + sl * stride_ps + rt[:, None].to(tl.int64) * E + re[None, :], acc,
-                 mask=(rt < T)[:, None] & (re < E)[None, :])
-        tl.debug_barrier()   # every thread's partial is stored before the (one-thread, releasing) arrival
-        arrived = tl.atomic_add(cnt_ptr + tb, 1, sem="acq_rel", scope="gpu")
-        if arrived == N_EB * N_SPLIT - 1:
-            tl.store(cnt_ptr + tb, 0)
-            e = tl.arange(0, E)
-            for sub in tl.static_range(0, BLOCK_T, SUB_T):
-                r = tb * BLOCK_T + sub + tl.arange(0, SUB_T)
-                rm = r < T
-                ptrs = p_ptr + r[:, None].to(tl.int64) * E + e[None, :]
-                logit = tl.load(ptrs, mask=rm[:, None], other=0.0, cache_modifier=".cg")
-                for sp in range(1, N_SPLIT):   # a loop, not unrolled: N_SPLIT tiles in flight would spill
-                    logit += tl.load(ptrs + sp * stride_ps, mask=rm[:, None], other=0.0, cache_modifier=".cg")
-                ivec, wvec = _select_tile(logit, bias_ptr, scaling, E, G, PER, TOPK_GROUP, K, RENORM, SUB_T)
-                o = r[:, None].to(tl.int64) * K + tl.arange(0, K)[None, :]
-                tl.store(ids_ptr + o, ivec, mask=rm[:, None])
-                tl.store(wt_ptr + o, wvec, mask=rm[:, None])
-
-
-# the fused router's launch shape (block_t, sub_t, num_warps); the gate tiles (expert block, K block, K blocks per
-# slice) stay the two-kernel path's, so the logits are the same sums in the same order
-GATE_FUSED = {"block_t": 32, "sub_t": 8, "num_warps": 4}
-# The fused kernel is bit-exact on the H200 but slower there (rank.py's router check, 128 / 256 tokens:
-# 51 / 55 us with 32-token blocks, 163-166 us with 64-token blocks, against 8.9 / 10.6 us for the two
-# kernels): the selection of a block's tokens runs in the one program that arrives last, serially, after the
-# GEMM, where the two-kernel path gives every token its own program. So the two kernels stay the default.
-GATE_ROUTE_FUSED = False
-_ARRIVALS: dict[tuple, torch.Tensor] = {}
-
-
-def _arrivals(device: torch.device, n: int) -> torch.Tensor:
-    """Per-token-block arrival counters (int32, zero between launches: the last program re-arms its own).
-    One buffer per device, grown on demand; kernels on one stream use it one after another."""
-    key = (device.type, device.index)
-    buf = _ARRIVALS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-        _ARRIVALS[key] = buf
-    return buf
-
-
-def gate_route_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int,
-                     topk_group: int, renormalize: bool, scaling: float, block_t: int | None = None,
-                     sub_t: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate_route in one launch (same logits bits, same selection): see _gate_route_fused_kernel."""
-    t, h = x.shape
-    e = weight.shape[0]
-    bt = block_t or GATE_FUSED["block_t"]
-    st = min(sub_t or GATE_FUSED["sub_t"], bt)
-    if bt & (bt - 1) or st & (st - 1) or bt < 16:
-        raise ValueError(f"block_t (>= 16) and sub_t must be powers of two; got {bt}, {st}")
-    x, weight = x.contiguous(), weight.contiguous()
-    n = gate_slices(h)
-    p = torch.empty((n, t, e), dtype=torch.float32, device=x.device)
-    ids = torch.empty((t, top_k), dtype=torch.int64, device=x.device)
-    w = torch.empty((t, top_k), dtype=torch.float32, device=x.device)
-    if t:
-        n_tb, n_eb = triton.cdiv(t, bt), triton.cdiv(e, GATE_BLOCK_E)
-        _gate_route_fused_kernel[(n_tb, n_eb, n)](
-            x, weight, p, _arrivals(x.device, n_tb), bias.float().contiguous(), ids, w, t, h, x.stride(0),
-            weight.stride(0), p.stride(0), float(scaling), E=e, G=n_group, PER=e // n_group, TOPK_GROUP=topk_group,
-            K=top_k, RENORM=renormalize, N_SPLIT=n, N_EB=n_eb, KB_PER=GATE_KB_PER_SLICE, BLOCK_T=bt,
-            BLOCK_E=GATE_BLOCK_E, BLOCK_K=GATE_BLOCK_K, SUB_T=st, UPCAST=not x.is_cuda, UNROLL=GATE_UNROLL,
-            num_warps=num_warps or GATE_FUSED["num_warps"], num_stages=3 if x.is_cuda else 1)
     return ids, w
 
 
