@@ -133,7 +133,7 @@ class KVConnector(KVConnectorBase):
         if cfg.transport == "nixl":
             raise RuntimeError("kv_connector_extra_config.transport=nixl but NIXL is not importable "
                                "(pip install 'wideep[nixl]')")
-        nixl_mod.warn_fallback_once()
+        nixl_mod.warn_fallback_once(cfg.cross_layers_blocks)
         return False
 
     @property

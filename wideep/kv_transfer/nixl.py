@@ -77,12 +77,14 @@ def nixl_available() -> bool:
     return True
 
 
-def warn_fallback_once() -> None:
+def warn_fallback_once(cross_layers: bool = False) -> None:
     global _warned
     if not _warned:
         _warned = True
-        log.warning("kv_transfer: NIXL is not importable (%s); NixlConnector falls back to the TCP side channel",
-                    _import_error or "not installed")
+        log.warning("kv_transfer: NIXL is not importable (%s); NixlConnector falls back to the TCP side channel%s",
+                    _import_error or "not installed",
+                    " (enable_cross_layers_blocks, a NIXL layout, does not apply: the cache stays per layer)"
+                    if cross_layers else "")
 
 
 # ------------------------------------------------------------------------------------ wire format
