@@ -275,21 +275,18 @@ def _mla_decode_gluon_kernel(
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, lse, sm_scale_log2, out_scale, chunk, max_splits,
-           grid, split: bool, stages: int, align: int):
-    """q_lat [B, Q, H, L], q_pe [B, Q, H, R] (last dims contiguous), out [B, Q*H, L] (split=False) or the
-    fp32 partials [B, Q*H, S, L] with lse [B, Q*H, S] (split=True)."""
+def launch(kernel, q_lat, q_pe, kv_cache, block_tables, seq_lens, out, lse, out_strides, sm_scale_log2, out_scale,
+           chunk, max_splits, grid, split: bool, stages: int, align: int):
+    """One of the Gluon decode kernels (this module's or mla_decode_halfpage's: same arguments and output
+    contract). q_lat [B, Q, H, L], q_pe [B, Q, H, R] (last dims contiguous), out [B, Q*H, L] (split=False) or
+    the fp32 partials [B, Q*H, S, L] with lse [B, Q*H, S] (split=True); out_strides as the Triton kernels take them."""
     b, nq, h, lat = q_lat.shape
     desc, blk_rows = make_descriptor(kv_cache)
-    if split:
-        so = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1))
-    else:
-        so = (out.stride(0), out.stride(1), 0, 0, 0)
-    _mla_decode_gluon_kernel[grid](
+    kernel[grid](
         q_lat, q_pe, desc, block_tables, seq_lens, out, lse,
         sm_scale_log2, out_scale, chunk, max_splits, h, blk_rows,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
-        block_tables.stride(0), *so,
+        block_tables.stride(0), *out_strides,
         L=lat, R=q_pe.shape[3], PAGE=kv_cache.shape[1], STAGES=stages, NUM_Q=nq, ALIGN=align, SPLIT=split,
         num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )

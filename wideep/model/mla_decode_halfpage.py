@@ -32,8 +32,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .mla_decode_gluon import (CONSUMER_REGS, MAXNREG, NUM_WARPS, PRODUCER_REGS, _load_query, _producer, _split_range,
-                               _store_half, make_descriptor)
+from .mla_decode_gluon import CONSUMER_REGS, PRODUCER_REGS, _load_query, _producer, _split_range, _store_half
 
 HALF = gl.constexpr(32)   # tokens per warpgroup per page
 SM90_BLOCK_SMEM = 232448  # bytes of shared memory one block may use on sm_90
@@ -206,22 +205,3 @@ def _mla_decode_halfpage_kernel(
                      stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
                      NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-
-
-def launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, lse, sm_scale_log2, out_scale, chunk, max_splits,
-           grid, split: bool, align: int):
-    """As mla_decode_gluon.launch (same arguments and output contract), half pages per warpgroup, two stages."""
-    b, nq, h, lat = q_lat.shape
-    desc, blk_rows = make_descriptor(kv_cache)
-    if split:
-        so = (out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1))
-    else:
-        so = (out.stride(0), out.stride(1), 0, 0, 0)
-    _mla_decode_halfpage_kernel[grid](
-        q_lat, q_pe, desc, block_tables, seq_lens, out, lse,
-        sm_scale_log2, out_scale, chunk, max_splits, h, blk_rows,
-        q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
-        block_tables.stride(0), *so,
-        L=lat, R=q_pe.shape[3], PAGE=kv_cache.shape[1], STAGES=2, NUM_Q=nq, ALIGN=align, SPLIT=split,
-        num_warps=NUM_WARPS, maxnreg=MAXNREG,
-    )

@@ -533,28 +533,36 @@ def _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, k_scale, 
     qs = (q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2))
     kvs = (kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0))
     sm = scale * _LOG2E * k_scale
-    flat_out = out.view(b, rows, lat)
+
+    def run(o, lse, split):
+        kernel[grid](q_lat, q_pe, kv_cache, *descs, block_tables, seq_lens, o, lse, sm, k_scale, chunk, MAX_SPLITS, h,
+                     *qs, *kvs, *_out_strides(o, lse, split), SPLIT=split, **common)
+    _split_and_merge(run, combine_kernel, out.view(b, rows, lat), seq_lens, splits, chunk)
+
+
+def _out_strides(out, lse, split: bool) -> tuple:
+    """The split kernels' output strides: (b, row, split) of the fp32 partials and (b, row) of their log-sum-exps,
+    or (b, row) of the final output when the kernel writes it directly."""
+    if split:
+        return out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1)
+    return out.stride(0), out.stride(1), 0, 0, 0
+
+
+def _split_and_merge(run, combine_kernel, flat_out, seq_lens, splits: int, chunk: int) -> None:
+    """run(out, lse, split) launches a split kernel. One split: straight into flat_out [B, rows, L]; else into fp32
+    partials [B, rows, S, L] with their log-sum-exps, merged in split order by the combine kernel."""
+    b, rows, lat = flat_out.shape
     if splits == 1:
-        kernel[grid](
-            q_lat, q_pe, kv_cache, *descs, block_tables, seq_lens, flat_out, flat_out,
-            sm, k_scale, chunk, MAX_SPLITS, h, *qs, *kvs,
-            flat_out.stride(0), flat_out.stride(1), 0, 0, 0,
-            SPLIT=False, **common,
-        )
+        run(flat_out, flat_out, False)
         return
-    part = torch.empty((b, rows, splits, lat), dtype=torch.float32, device=q_lat.device)
-    lse = torch.empty((b, rows, splits), dtype=torch.float32, device=q_lat.device)
-    kernel[grid](
-        q_lat, q_pe, kv_cache, *descs, block_tables, seq_lens, part, lse,
-        sm, k_scale, chunk, MAX_SPLITS, h, *qs, *kvs,
-        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        SPLIT=True, **common,
-    )
+    part = torch.empty((b, rows, splits, lat), dtype=torch.float32, device=flat_out.device)
+    lse = torch.empty((b, rows, splits), dtype=torch.float32, device=flat_out.device)
+    run(part, lse, True)
     combine_kernel[(rows, b)](
         part, lse, seq_lens, flat_out, chunk, MAX_SPLITS, rows, lat,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         flat_out.stride(0), flat_out.stride(1),
-        BLOCK_L=block_l, num_warps=4,
+        BLOCK_L=_pow2(lat), num_warps=4,
     )
 
 
@@ -573,27 +581,14 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
     why = mla_decode_gluon.supported(kv_cache, q_lat.dtype, lat, q_pe.shape[3], kv_cache.shape[1], SPLIT_ALIGN)
     if why is not None:
         raise ValueError(f"MLA decode config {cfg} does not apply: {why}")
-    rows = nq * h
-    splits = grid[2]
-    flat_out = out.view(b, rows, lat)
-    if cfg.halfpage:
-        kernel, common = mla_decode_halfpage.launch, dict(align=SPLIT_ALIGN)
-    else:
-        kernel, common = mla_decode_gluon.launch, dict(stages=cfg.num_stages, align=SPLIT_ALIGN)
-    if splits == 1:
-        kernel(q_lat, q_pe, kv_cache, block_tables, seq_lens, flat_out, flat_out, sm, out_scale,
-               chunk, MAX_SPLITS, grid, split=False, **common)
-        return
-    part = torch.empty((b, rows, splits, lat), dtype=torch.float32, device=q_lat.device)
-    lse = torch.empty((b, rows, splits), dtype=torch.float32, device=q_lat.device)
-    kernel(q_lat, q_pe, kv_cache, block_tables, seq_lens, part, lse, sm, out_scale, chunk,
-           MAX_SPLITS, grid, split=True, **common)
-    combine_kernel[(rows, b)](
-        part, lse, seq_lens, flat_out, chunk, MAX_SPLITS, rows, lat,
-        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        flat_out.stride(0), flat_out.stride(1),
-        BLOCK_L=_pow2(lat), num_warps=4,
-    )
+    kernel = (mla_decode_halfpage._mla_decode_halfpage_kernel if cfg.halfpage
+              else mla_decode_gluon._mla_decode_gluon_kernel)   # (the half-page kernel's stages are 2: parse checks)
+
+    def run(o, lse, split):
+        mla_decode_gluon.launch(kernel, q_lat, q_pe, kv_cache, block_tables, seq_lens, o, lse,
+                                _out_strides(o, lse, split), sm, out_scale, chunk, MAX_SPLITS, grid, split,
+                                cfg.num_stages, SPLIT_ALIGN)
+    _split_and_merge(run, combine_kernel, out.view(b, nq * h, lat), seq_lens, grid[2], chunk)
 
 
 def paged_mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lora_rank: int, scale: float,
