@@ -80,6 +80,39 @@ if triton is not None:
         tl.store(q_ptr + m.to(tl.int64) * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + gi * M + m, scale, mask=gi * GROUP_K < N_INTER)
 
+    @triton.jit
+    def _expert_tiles(counts_ptr, E, E_POW2: constexpr, BLOCK_M: constexpr):
+        """A grouped GEMM's experts (padded to E_POW2): row counts, BLOCK_M row tiles each, and the running
+        sums of both (the tiles and rows of every expert up to and including it)."""
+        eo = tl.arange(0, E_POW2)
+        cnt = tl.load(counts_ptr + eo, mask=eo < E, other=0).to(tl.int32)
+        tiles_e = (cnt + BLOCK_M - 1) // BLOCK_M
+        cum = tl.cumsum(tiles_e, axis=0)
+        ends = tl.cumsum(cnt, axis=0)
+        return eo, cnt, tiles_e, cum, ends
+
+    @triton.jit
+    def _expert_tile(eo, cnt, tiles_e, cum, ends, pid_m, BLOCK_M: constexpr):
+        """Row tile pid_m of a grouped GEMM: its expert (E_POW2-padded count of experts whose tiles all come
+        before; past the last expert when the tile is unused), its first row and its expert's row end."""
+        e = tl.sum((cum <= pid_m).to(tl.int32), axis=0)
+        sel = eo == e                                           # none when the tile is unused
+        first_tile = tl.sum(tl.where(sel, cum - tiles_e, 0), axis=0)
+        row_end = tl.sum(tl.where(sel, ends, 0), axis=0)
+        row0 = row_end - tl.sum(tl.where(sel, cnt, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+        return e, row0, row_end
+
+    @triton.jit
+    def _store_tile(c_ptr, acc, pid_k, stride_cs, stride_cm, offs_m, offs_n, mask_m, mask_n, SWAP: constexpr):
+        """A tile's result (acc [BN, BM] when SWAP, else [BM, BN]) into K slice pid_k of C."""
+        c = c_ptr + pid_k.to(tl.int64) * stride_cs
+        if SWAP:
+            c = c + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+            tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+        else:
+            c = c + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+            tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
     @triton.jit(do_not_specialize=["M", "KB_PER_SPLIT"])
     def _fp8_gemm_kernel(
         a_ptr, as_ptr, b_ptr, bs_ptr, sidx_ptr, c_ptr,
@@ -104,16 +137,8 @@ if triton is not None:
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         if GROUPED:
-            eo = tl.arange(0, E_POW2)
-            cnt = tl.load(counts_ptr + eo, mask=eo < E, other=0).to(tl.int32)
-            tiles_e = (cnt + BLOCK_M - 1) // BLOCK_M
-            cum = tl.cumsum(tiles_e, axis=0)
-            ends = tl.cumsum(cnt, axis=0)
-            e = tl.sum((cum <= pid_m).to(tl.int32), axis=0)        # experts whose tiles all come before
-            sel = eo == e                                           # none when the tile is unused
-            first_tile = tl.sum(tl.where(sel, cum - tiles_e, 0), axis=0)
-            row_end = tl.sum(tl.where(sel, ends, 0), axis=0)
-            row0 = row_end - tl.sum(tl.where(sel, cnt, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+            eo, cnt, tiles_e, cum, ends = _expert_tiles(counts_ptr, E, E_POW2, BLOCK_M)
+            e, row0, row_end = _expert_tile(eo, cnt, tiles_e, cum, ends, pid_m, BLOCK_M)
             e = tl.minimum(e, E - 1)
         else:
             e = 0
@@ -179,13 +204,7 @@ if triton is not None:
                     b = tl.load(b_rows[None, :] + offs_k[:, None], mask=mask_n[None, :] & mask_k[:, None],
                                 other=0.0)                                               # [BK, BN]
                     acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-            c = c_ptr + pid_k.to(tl.int64) * stride_cs
-            if SWAP:
-                c = c + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
-                tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
-            else:
-                c = c + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-                tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            _store_tile(c_ptr, acc, pid_k, stride_cs, stride_cm, offs_m, offs_n, mask_m, mask_n, SWAP)
 
     @triton.jit(do_not_specialize=["M", "KB_PER_SPLIT", "NUM_PROGS"])
     def _fp8_gemm_tma_kernel(
@@ -210,11 +229,7 @@ if triton is not None:
         products are the same ((dot * a_s) * b_s), so the result is bit-identical to the vector path."""
         pid = tl.program_id(0)
         if GROUPED:
-            eo = tl.arange(0, E_POW2)
-            cnt = tl.load(counts_ptr + eo, mask=eo < E, other=0).to(tl.int32)
-            tiles_e = (cnt + BLOCK_M - 1) // BLOCK_M
-            cum = tl.cumsum(tiles_e, axis=0)
-            ends = tl.cumsum(cnt, axis=0)
+            eo, cnt, tiles_e, cum, ends = _expert_tiles(counts_ptr, E, E_POW2, BLOCK_M)
             m_tiles = tl.sum(tiles_e, axis=0)
         else:
             m_tiles = tl.cdiv(M, BLOCK_M)
@@ -227,11 +242,7 @@ if triton is not None:
             pid_n = rest % n_tiles
             pid_k = rest // n_tiles
             if GROUPED:
-                e = tl.sum((cum <= pid_m).to(tl.int32), axis=0)
-                sel = eo == e
-                first_tile = tl.sum(tl.where(sel, cum - tiles_e, 0), axis=0)
-                row_end = tl.sum(tl.where(sel, ends, 0), axis=0)
-                row0 = row_end - tl.sum(tl.where(sel, cnt, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+                e, row0, row_end = _expert_tile(eo, cnt, tiles_e, cum, ends, pid_m, BLOCK_M)
             else:
                 e = 0
                 row0 = pid_m * BLOCK_M
@@ -280,13 +291,7 @@ if triton is not None:
                         acc += tl.dot(a, b.T) * a_s[:, None] * b_s
                     else:
                         acc += tl.dot(a, b.T) * a_s[:, None] * b_s[None, :]
-            c = c_ptr + pid_k.to(tl.int64) * stride_cs
-            if SWAP:
-                c = c + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
-                tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
-            else:
-                c = c + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-                tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            _store_tile(c_ptr, acc, pid_k, stride_cs, stride_cm, offs_m, offs_n, mask_m, mask_n, SWAP)
 
     @triton.jit
     def _splitk_sum_kernel(p_ptr, out_ptr, counts_ptr, E, MN, N, SPLIT: constexpr, HAS_VALID: constexpr,
