@@ -45,6 +45,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -899,7 +900,8 @@ def compare_steps(model, ref: torch.Tensor, other: torch.Tensor) -> dict:
     ta, tb = la.argmax(-1), lb.argmax(-1)
     flip = ta != tb
     top2 = la[flip].topk(2, dim=-1).values if bool(flip.any()) else None
-    return {"rows": int(ref.shape[0]), "greedy_tokens_equal": int((~flip).sum()),
+    return {"rows": int(ref.shape[0]), "finite": bool(torch.isfinite(ref).all() and torch.isfinite(other).all()),
+            "greedy_tokens_equal": int((~flip).sum()),
             "rows_bit_equal": int((ref == other).all(-1).sum()),
             "hidden_max_rel": float((ref.float() - other.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)),
             "logits_max_abs_diff": float((la - lb).abs().max()),
@@ -932,7 +934,9 @@ class DBOStageMarks:
             _mark("dbo::issue_combine")
             return p
 
-        disp.set_ubatch, disp.dispatch_async, disp.combine_async = marked_set_ubatch, marked_dispatch, marked_combine
+        disp.set_ubatch = marked_set_ubatch  # type: ignore[method-assign]
+        disp.dispatch_async = marked_dispatch  # type: ignore[method-assign]
+        disp.combine_async = marked_combine  # type: ignore[method-assign]
         for e in self.experts:
             e.shared = functools.partial(_in_range, "shared_expert", e.shared)
 
@@ -1006,7 +1010,8 @@ def dbo_stage_times(events: list[dict]) -> dict:
     if len(starts) < 2:
         raise ValueError(f"a split step has at least 2 stage marks; found {len(starts)} (was the step split?)")
     bounds = [t for t, _ in starts]
-    stages = [{"ubatch": int(n[len("dbo::stage"):]), "ms": 0.0, "issues": []} for _, n in starts[:-1]]
+    stages: list[dict[str, Any]] = [{"ubatch": int(n[len("dbo::stage"):]), "ms": 0.0, "issues": []}
+                                    for _, n in starts[:-1]]
     for t, n in marks:
         if n.startswith("dbo::issue_"):
             j = bisect.bisect_right(bounds, t) - 1
@@ -1076,8 +1081,8 @@ def dbo_case(run: RankRun, b: int, ctx: int, a, device, unsplit: dict) -> dict:
             res["graph_split"] = runner.dbo.should_split(b, True)
             step = timed(lambda: runner.execute(out), device, a.iters)
             res.update(step_ms=step * 1e3, tok_s_gpu=b / step, graph=bool(runner._graph_for(b, None)))
-            if device.type == "cuda" and res["graph"]:
-                g = runner._graph_for(b, None)
+            g = runner._graph_for(b, None)
+            if device.type == "cuda" and g is not None:
                 res["graph_replay_ms"] = timed(lambda: runner._replay_graph(g, b), device, a.iters) * 1e3
             res.update(profile_dbo_step(run, out, device))
             res["eager_split_steps"] = runner.split_steps - split_before
@@ -1118,12 +1123,13 @@ def print_dbo(res: dict) -> None:
     cmp_ = res["compare"]
     u = res["unsplit"]
     print(f"    DBO split {res['ubatch_tokens'][0]}+{res['ubatch_tokens'][1]}: step {res['step_ms']:.2f} ms -> "
-          f"{res['tok_s_gpu']:,.0f} tok/s/GPU (unsplit {u['step_ms']:.2f} ms -> {u['tok_s_gpu']:,.0f})"
+          f"{res['tok_s_gpu']:,.0f} tok/s/GPU (unsplit {u['step_ms']:.2f} ms -> {u['tok_s_gpu']:,.0f}; split graph: "
+          f"{res['graph'] and res['graph_split']})"
           + (f"; graph replay {res['graph_replay_ms']:.2f} ms" if "graph_replay_ms" in res else ""), flush=True)
     print(f"    DBO vs unsplit outputs: greedy tokens equal {cmp_['greedy_tokens_equal']}/{cmp_['rows']}, rows bit-equal "
           f"{cmp_['rows_bit_equal']}, hidden max rel {cmp_['hidden_max_rel']:.2e}, logits max |diff| "
           f"{cmp_['logits_max_abs_diff']:.3g} (flipped rows' top-2 gap <= {cmp_['flipped_rows_top2_gap_max']:.3g}); "
-          f"unsplit twice bit-equal: {cmp_['unsplit_repeat_bit_equal']}", flush=True)
+          f"unsplit twice bit-equal: {cmp_['unsplit_repeat_bit_equal']}, finite: {cmp_['finite']}", flush=True)
     s = stage_summary(res["stages"])
     print(f"    DBO eager device total {res['step_gpu_ms']:.2f} ms: {len(res['stages'])} stages {res['stage_sum_ms']:.2f}"
           f" + head {res['head_ms']:.3f} + tail {res['tail_ms']:.3f} ms; per micro-batch stage (us): "
