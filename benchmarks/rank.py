@@ -875,8 +875,13 @@ def set_dbo(run: RankRun, enabled: bool) -> None:
     runner = run.core.runner
     runner.dbo = DBOConfig.from_args(dataclasses.replace(run.core.args, enable_dbo=enabled))
     if runner.graphs:
-        runner.graphs = {}
+        # a fresh memory pool: the old graphs were the old pool's only users, and capturing into a pool whose
+        # graphs are all freed trips the caching allocator's use-count assert
+        runner.graphs, runner.graph_pool = {}, None
+        gc.collect()
         runner.capture_cuda_graphs()
+        if not runner.graphs:   # the runner logged why; timing an eager step as the graph step would mislead
+            raise RuntimeError(f"decode graphs could not be recaptured with enable_dbo={enabled}")
 
 
 @torch.inference_mode()
