@@ -32,8 +32,9 @@ mla_decode_gluon's (batch invariance, CUDA-graph safety carry over). bf16 querie
 Measured on an H200 (docs/perf.md): 0.280 ms per layer at B=128 ctx 2048 against 0.371 for the Triton
 fp8 tile (`64,64,8,2,sv,f16`), 21-27% less time at every measured shape (B 128/256 x ctx 2k/4k/8k); the
 fp32 oracle over NaN-poisoned fp8 pages (k_scale 0.5), 4 query tokens x 16 heads, the cross-layer strided
-view, batch invariance and graph replay passed there. Still 1.6x the bf16 kernel's time over the same
-tokens (the widening pass runs with the tensor cores idle); what fp8 buys is twice the tokens per GiB.
+view, batch invariance and graph replay passed there. Still 1.5-1.7x the bf16 kernel's time over the same
+tokens (likely the widening pass: shared-memory traffic with the tensor cores idle; not profiled); what fp8
+buys is twice the tokens per GiB.
 """
 import torch
 from triton.experimental import gluon
