@@ -180,6 +180,24 @@ class _NoComm:
         from wideep.model.dispatch import done
         return done(self.combine(y, result))
 
+    # the MoE layer's path with a fused shared expert (split or not): the own rows first, the weight in the combine
+    def dispatch_with_own(self, x, ids, w):
+        import torch
+        r = self.dispatch(x, ids, w)
+        r.x = torch.cat([x, r.x])
+        return r
+
+    def combine_weighted(self, y, result):
+        return self.combine(y * result.weights.to(y.dtype)[:, None], result)
+
+    def dispatch_with_own_async(self, x, ids, w):
+        from wideep.model.dispatch import done
+        return done(self.dispatch_with_own(x, ids, w))
+
+    def combine_weighted_async(self, y, result):
+        from wideep.model.dispatch import done
+        return done(self.combine_weighted(y, result))
+
     def dispatch(self, x, ids, w):
         import torch
 

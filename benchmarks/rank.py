@@ -156,6 +156,14 @@ class EmulatedEPDispatcher(MoEDispatcher):
         """The per-token sum runs at issue, as the EP backends sum their partial rows before sending them."""
         return done(gather_sum(y, result.handle))
 
+    def dispatch_with_own_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+        """dispatch_async with the own rows in front, gathered at wait() with the rest (one row gather)."""
+        return Pending(lambda: self._dispatch(x, topk_weights, own_first=True))
+
+    def combine_weighted_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        """combine_async with the routing weight folded into the sum, at issue."""
+        return done(gather_sum(y, result.handle, weights=result.weights))
+
 
 # ---- model -----------------------------------------------------------------------------------------------
 
@@ -916,39 +924,55 @@ def compare_steps(model, ref: torch.Tensor, other: torch.Tensor) -> dict:
 class DBOStageMarks:
     """Profiler marks of a split step's stages: one at each micro-batch switch (the driver calls the
     dispatcher's set_ubatch before every stage, and once with defaults after the last) and one right after each
-    dispatch / combine is issued; the dispatch's wait and the combine's issue run in a `moe` phase range and
-    the shared expert (run apart from the routed experts in a split step) in a `shared_expert` range, so the
-    per-phase table places them. Installed on the instances for one profiled step, then removed."""
+    dispatch / combine is issued. Each MoE layer's stages run in a `moe` phase range, as its forward does in an
+    unsplit step (there the module's hooks open it), and each layer's in a `layer` range (the fused add + norms),
+so the per-phase tables of both steps place the same
+    kernels alike. Installed on the instances for one profiled step, then removed. The emulated dispatcher's
+    four async methods do not call one another, so each issue is marked once."""
+
+    ISSUES = {"dispatch_async": "dispatch", "dispatch_with_own_async": "dispatch",
+              "combine_async": "combine", "combine_weighted_async": "combine"}
 
     def __init__(self, run: RankRun):
         self.disp = disp = run.dispatcher
-        self.experts = [layer.mlp.experts for layer in run.core.model.model.layers if hasattr(layer.mlp, "experts")]
-        set_ubatch, dispatch_async, combine_async = disp.set_ubatch, disp.dispatch_async, disp.combine_async
+        self.layers = list(run.core.model.model.layers)
+        self.moes = [layer.mlp for layer in self.layers if hasattr(layer.mlp, "experts")]
+        set_ubatch = disp.set_ubatch
 
         def marked_set_ubatch(row_offset: int = 0, max_tokens: int | None = None, index: int = 0) -> None:
             _mark(f"dbo::stage{index}")
             set_ubatch(row_offset, max_tokens, index)
 
-        def marked_dispatch(x, topk_ids, topk_weights) -> Pending:
-            p = dispatch_async(x, topk_ids, topk_weights)
-            _mark("dbo::issue_dispatch")
-            return Pending(lambda: _in_range("moe", p.wait))
-
-        def marked_combine(y, result) -> Pending:
-            p = _in_range("moe", lambda: combine_async(y, result))
-            _mark("dbo::issue_combine")
-            return p
+        def marked(method, kind):
+            def issue(*args) -> Pending:
+                p = method(*args)
+                _mark(f"dbo::issue_{kind}")
+                return p
+            return issue
 
         disp.set_ubatch = marked_set_ubatch  # type: ignore[method-assign]
-        disp.dispatch_async = marked_dispatch  # type: ignore[method-assign]
-        disp.combine_async = marked_combine  # type: ignore[method-assign]
-        for e in self.experts:
-            e.shared = functools.partial(_in_range, "shared_expert", e.shared)
+        for name, kind in self.ISSUES.items():
+            setattr(disp, name, marked(getattr(disp, name), kind))
+        for m in self.layers + self.moes:
+            m.forward_stages = functools.partial(_ranged_stages, "moe" if m in self.moes else "layer", m.forward_stages)
 
     def remove(self) -> None:
-        del self.disp.set_ubatch, self.disp.dispatch_async, self.disp.combine_async
-        for e in self.experts:
-            del e.shared
+        del self.disp.set_ubatch
+        for name in self.ISSUES:
+            delattr(self.disp, name)
+        for m in self.layers + self.moes:
+            del m.forward_stages
+
+
+def _ranged_stages(phase: str, stages, *args):
+    """A stage generator whose every resumption runs inside a `phase::` profiler range."""
+    gen = stages(*args)
+    while True:
+        try:
+            _in_range(phase, next, gen)
+        except StopIteration as stop:
+            return stop.value
+        yield
 
 
 def _mark(name: str) -> None:
@@ -1111,7 +1135,8 @@ def dbo_case(run: RankRun, b: int, ctx: int, a, device, unsplit: dict) -> dict:
 
 def stage_summary(stages: list[dict]) -> dict:
     """Mean device us per micro-batch stage by what it issues: the attention stage (ends with a dispatch) and
-    the experts stage (ends with a combine; its shared expert runs after the issue)."""
+    the experts stage (ends with a combine; whatever runs after the issue, e.g. an unfused shared expert, runs
+    beside it)."""
     out = {}
     for kind in ("dispatch", "combine"):
         sel = [st for st in stages if any(i["kind"] == kind for i in st["issues"])]

@@ -80,6 +80,10 @@ def _one_backend(rank, world, backend, tokens_per_rank, static):
         assert torch.equal(own.x[:hi - lo], x[lo:hi]) and torch.equal(own.x[hi - lo:], res.x), (backend, static)
         assert torch.equal(own.tokens_per_expert, res.tokens_per_expert) and torch.equal(own.weights, res.weights)
         assert torch.equal(d.combine_weighted(y, own), out), (backend, static)
+        # their async forms (the MoE layer's path, split into micro-batches or not) give the same bits
+        owna = d.dispatch_with_own_async(x[lo:hi], ids[lo:hi], w[lo:hi]).wait()
+        assert torch.equal(owna.x, own.x) and torch.equal(owna.weights, own.weights), (backend, static)
+        assert torch.equal(d.combine_weighted_async(y, owna).wait(), out), (backend, static)
         outs.append(out)
     dist.barrier()
     return [o.tolist() for o in outs]

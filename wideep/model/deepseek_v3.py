@@ -35,13 +35,28 @@ class DecoderLayer(nn.Module):
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mlp output, residual stream before it): the residual add of each sub-block is done by the next
         norm (fused add + RMSNorm), so the hidden state is h + residual (residual None: h alone)."""
+        x, residual = self._attention(h, cos, sin, attn, kv_cache, residual)
+        return self.mlp(x), residual
+
+    def forward_stages(self, h, cos, sin, attn: AttentionMetadata, kv_cache: torch.Tensor,
+                       residual: torch.Tensor | None = None):
+        """forward() as a generator that yields while the MoE's dispatch / combine is in flight (dual-batch
+        overlap, model/ubatch.py): the same pieces, so a micro-batch runs the unsplit math."""
+        x, residual = self._attention(h, cos, sin, attn, kv_cache, residual)
+        out = (yield from self.mlp.forward_stages(x)) if isinstance(self.mlp, DeepseekV3MoE) else self.mlp(x)
+        return out, residual
+
+    def _attention(self, h, cos, sin, attn: AttentionMetadata, kv_cache: torch.Tensor,
+                   residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(post-attention-normed input of the MLP, residual stream): the layer up to its MLP."""
+        if h.shape[0] == 0:     # an empty micro-batch (dual-batch overlap) still joins the MoE collectives
+            return h, h if residual is None else residual
         if residual is None:
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm.add_norm(h, residual)
         a = self.self_attn(x, cos, sin, attn, kv_cache)
-        x, residual = self.post_attention_layernorm.add_norm(a, residual)
-        return self.mlp(x), residual
+        return self.post_attention_layernorm.add_norm(a, residual)
 
 
 class DeepseekV3Model(nn.Module):
@@ -113,6 +128,20 @@ class DeepseekV3ForCausalLM(nn.Module):
         residual = None
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             h, residual = layer(h, cos, sin, attn, cache, residual)
+        return self._final_norm(h, residual)
+
+    def forward_stages(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                       kv_caches: list[torch.Tensor]):
+        """forward() as a generator that yields while an MoE dispatch / combine is in flight: one micro-batch
+        of dual-batch overlap (model/ubatch.py), layer by layer the same math as forward()."""
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb.cos_sin(positions, h.dtype)
+        residual = None
+        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
+            h, residual = yield from layer.forward_stages(h, cos, sin, attn, cache, residual)
+        return self._final_norm(h, residual)
+
+    def _final_norm(self, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         return self.model.norm(h) if residual is None else self.model.norm.add_norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -127,3 +127,19 @@ class MoEDispatcher:
     def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
         """Starts combine; the [T, H] output comes from `.wait()`. Default: synchronous."""
         return done(self.combine(y, result))
+
+    def dispatch_with_own_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+        """Starts dispatch_with_own (the MoE layer's path, split or not). Default: dispatch_async, with the own
+        rows put in front at wait(); backends whose dispatch gathers its rows gather both at once."""
+        pending = self.dispatch_async(x, topk_ids, topk_weights)
+
+        def finish() -> DispatchResult:
+            r = pending.wait()
+            r.x = torch.cat([x, r.x])
+            return r
+        return Pending(finish)
+
+    def combine_weighted_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        """Starts combine_weighted (the MoE layer's path, split or not). Default: the multiply, then
+        combine_async; backends whose combine gathers rows fold the weight into that gather."""
+        return self.combine_async(y * result.weights.to(y.dtype)[:, None], result)

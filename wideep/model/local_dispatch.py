@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from wideep.model.dispatch import DispatchResult, MoEDispatcher
+from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending, done
 from wideep.model.moe_permute import gather_sum, group_pairs, own_then
 
 
@@ -27,3 +27,10 @@ class LocalDispatcher(MoEDispatcher):
 
     def combine_weighted(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         return gather_sum(y, result.handle, weights=result.weights)
+
+    # nothing travels: the async forms are the synchronous ones (one row gather, the weight in the combine)
+    def dispatch_with_own_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+        return done(self.dispatch_with_own(x, topk_ids, topk_weights))
+
+    def combine_weighted_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        return done(self.combine_weighted(y, result))

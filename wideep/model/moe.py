@@ -5,7 +5,7 @@ a per-expert loop elsewhere - never a loop over tokens).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 import torch.nn.functional as F
@@ -188,7 +188,7 @@ class RoutedExperts(nn.Module):
         return self._mlp(x, tokens_per_expert, self._all())
 
     def shared(self, x: torch.Tensor) -> torch.Tensor:
-        """The shared slot alone as a plain MLP (dual-batch overlap runs it beside the combine)."""
+        """The shared slot alone as a plain MLP: the unfused reference of the fused slot (tests, benchmarks)."""
         if self.fp8_block is None:
             h = F.linear(x, self.w13[0])
             return F.linear(F.silu(h[..., :self.inter]) * h[..., self.inter:], self.w2[0])
@@ -230,38 +230,41 @@ class DeepseekV3MoE(nn.Module):
         self.expert_map: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_stages(self.forward_stages(x))
+
+    def forward_stages(self, x: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """The layer as a generator that yields while its dispatch, then its combine, is in flight: dual-batch
+        overlap (model/ubatch.py) runs the other micro-batch meanwhile; forward() runs it straight through, so
+        a split step does exactly the unsplit math per micro-batch. Returns the output."""
         topk_ids, topk_weights = self.gate(x)
         if self.expert_map is not None:
             topk_ids = self.expert_map(topk_ids)
+        d = self.dispatcher
         if self.experts.n_shared:
             # [own tokens; dispatched rows] through one grouped MLP, shared slot first: out = combine(routed)
             # + shared(x), the unfused math (the shared output is added unweighted)
             t = x.shape[0]
-            result = self.dispatcher.dispatch_with_own(x, topk_ids, topk_weights)
+            pending = d.dispatch_with_own_async(x, topk_ids, topk_weights)
+            yield
+            result = pending.wait()
             counts = F.pad(result.tokens_per_expert, (1, 0), value=t)   # [T, routed counts...], one launch
             y = self.experts(result.x, counts, with_shared=True)
-            return self.dispatcher.combine_weighted(y[t:], result) + y[:t]
-        result = self.dispatcher.dispatch(x, topk_ids, topk_weights)
-        y = self.experts(result.x, result.tokens_per_expert)
-        out = self.dispatcher.combine_weighted(y, result)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
-
-    def forward_stages(self, x: torch.Tensor):
-        """forward() as a generator for dual-batch overlap (model/ubatch.py): it yields while its dispatch,
-        then its combine, is in flight, so the other micro-batch computes meanwhile; returns the output."""
-        topk_ids, topk_weights = self.gate(x)
-        if self.expert_map is not None:
-            topk_ids = self.expert_map(topk_ids)
-        pending = self.dispatcher.dispatch_async(x, topk_ids, topk_weights)
-        yield
-        result = pending.wait()
-        y = self.experts(result.x, result.tokens_per_expert)
-        y = y * result.weights.to(y.dtype)[:, None]
-        pending = self.dispatcher.combine_async(y, result)
-        shared = (self.shared_experts(x) if self.shared_experts is not None
-                  else self.experts.shared(x) if self.experts.n_shared else None)
+            pending, shared = d.combine_weighted_async(y[t:], result), y[:t]
+        else:
+            pending = d.dispatch_async(x, topk_ids, topk_weights)
+            yield
+            result = pending.wait()
+            pending = d.combine_weighted_async(self.experts(result.x, result.tokens_per_expert), result)
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
         yield
         out = pending.wait()
         return out if shared is None else out + shared
+
+
+def run_stages(stages: Generator[None, None, torch.Tensor]) -> torch.Tensor:
+    """Runs a stage generator (forward_stages) to its end without interleaving: the unsplit forward."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as stop:
+            return stop.value

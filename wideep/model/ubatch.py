@@ -7,11 +7,14 @@ must split the same steps (the same number of collectives in the same order): th
 only on the group's agreed step shape (`should_split`), and a rank whose batch cannot be cut (one
 sequence, or a dummy token) runs B with zero tokens.
 
-Results equal the unsplit forward row for row: attention is per sequence, experts per token.
-Overlap comes from the dispatcher's dispatch_async/combine_async: allgather_reducescatter issues NCCL
-(or gloo) async collectives, symm_mem_ll writes peers from a side stream; a backend without them
-(all_to_all, whose host-side count exchange blocks) runs its collectives in place: same result,
-no overlap.
+Each micro-batch runs the model's own forward_stages: the pieces of the unsplit forward (residual carried
+into the next fused add + norm, the shared expert as slot 0 of the grouped MLP, the routing weight folded
+into the combine), so results equal the unsplit forward row for row: attention is per sequence, experts
+per token. Overlap comes from the dispatcher's async dispatch/combine (dispatch_with_own_async and
+combine_weighted_async, or their plain forms without a fused shared expert): allgather_reducescatter
+issues NCCL (or gloo) async collectives, symm_mem_ll writes peers from a side stream; a backend without
+them (all_to_all, whose host-side count exchange blocks) runs its collectives in place: same result, no
+overlap.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from .attention import AttentionMetadata
-from .moe import DeepseekV3MoE
 
 
 @dataclass(frozen=True)
@@ -76,22 +78,6 @@ def slice_metadata(attn: AttentionMetadata, s0: int, s1: int, t0: int, t1: int) 
         seq_lens_cpu=list(attn.seq_lens_cpu[s0:s1]))
 
 
-def _layer_stages(layer, h, cos, sin, attn, cache):
-    if h.shape[0]:      # an empty micro-batch still joins the MoE collectives
-        h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, attn, cache)
-    x = layer.post_attention_layernorm(h)
-    out = (yield from layer.mlp.forward_stages(x)) if isinstance(layer.mlp, DeepseekV3MoE) else layer.mlp(x)
-    return h + out
-
-
-def _ubatch(model, input_ids, positions, attn, kv_caches):
-    h = model.model.embed_tokens(input_ids)
-    cos, sin = model.model.rotary_emb.cos_sin(positions, h.dtype)
-    for layer, cache in zip(model.model.layers, kv_caches, strict=True):
-        h = yield from _layer_stages(layer, h, cos, sin, attn, cache)
-    return model.model.norm(h)
-
-
 def forward_dual_batch(model, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                        kv_caches: list[torch.Tensor], ubatch_max_tokens: int | None = None) -> torch.Tensor:
     """model.forward over two interleaved micro-batches; same result. `ubatch_max_tokens`: the bound on
@@ -101,7 +87,7 @@ def forward_dual_batch(model, input_ids: torch.Tensor, positions: torch.Tensor, 
     t_total = input_ids.shape[0]
     n = attn.num_seqs
     parts = [(0, split, 0, t_split), (split, n, t_split, t_total)]
-    gens = [_ubatch(model, input_ids[t0:t1], positions[t0:t1], slice_metadata(attn, s0, s1, t0, t1), kv_caches)
+    gens = [model.forward_stages(input_ids[t0:t1], positions[t0:t1], slice_metadata(attn, s0, s1, t0, t1), kv_caches)
             for s0, s1, t0, t1 in parts]
     dispatcher = model.dispatcher
     results: list[torch.Tensor | None] = [None, None]

@@ -69,7 +69,7 @@ class AllGatherReduceScatterDispatcher(MoEDispatcher):
         return self.dispatch_async(x, topk_ids, topk_weights).wait()
 
     def dispatch_with_own(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
-        return self.dispatch_async(x, topk_ids, topk_weights, own_first=True).wait()
+        return self.dispatch_with_own_async(x, topk_ids, topk_weights).wait()
 
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                        own_first: bool = False) -> Pending:
@@ -113,7 +113,13 @@ class AllGatherReduceScatterDispatcher(MoEDispatcher):
         return self._combine(y, result, None)
 
     def combine_weighted(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
-        return self._combine(y, result, result.weights).wait()
+        return self.combine_weighted_async(y, result).wait()
+
+    def dispatch_with_own_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+        return self.dispatch_async(x, topk_ids, topk_weights, own_first=True)
+
+    def combine_weighted_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        return self._combine(y, result, result.weights)
 
     def _combine(self, y: torch.Tensor, result: DispatchResult, weights: torch.Tensor | None) -> Pending:
         h: _Handle = result.handle

@@ -119,6 +119,14 @@ class GraphModeDispatcher(MoEDispatcher):
     def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
         return self.active.combine_async(y, result)
 
+    def dispatch_with_own_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+        if self.graph_size is not None:
+            topk_ids = self._drop_padding_rows(topk_ids)
+        return self.active.dispatch_with_own_async(x, topk_ids, topk_weights)
+
+    def combine_weighted_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        return self.active.combine_weighted_async(y, result)
+
     def real_rows(self, num_rows: int, device: torch.device) -> torch.Tensor | None:
         """Inside graph_mode: bool [num_rows], True for real rows (read from a device scalar at replay)."""
         if self.graph_size is None:
