@@ -53,18 +53,19 @@ class DecodeConfig:
     tma: bool = False       # Hopper: whole pages by bulk tensor copies (mla_decode_hopper); needs block_n == page, sv
     gluon: bool = False     # Hopper: the warp-specialized Gluon kernel (mla_decode_gluon); 64,64,4,<stages>
     halfpage: bool = False  # gluon only: the warpgroups score the two halves of each page (mla_decode_halfpage)
+    scorer: bool = False    # gluon only: warpgroup 0 scores each page, both accumulate values (mla_decode_scorer)
 
     def __str__(self) -> str:
         return (f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}" + (",sv" if self.split_v else "")
                 + (",f16" if self.f16 else "") + (",tma" if self.tma else "") + (",gluon" if self.gluon else "")
-                + (",hp" if self.halfpage else ""))
+                + (",hp" if self.halfpage else "") + (",sc" if self.scorer else ""))
 
     @classmethod
     def parse(cls, text: str) -> "DecodeConfig":
         parts = [x.strip() for x in text.split(",")]
         flags = set(parts[4:])
         try:
-            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "hp"}:
+            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "hp", "sc"}:
                 raise ValueError(text)
             bh, bn, w, st = (int(x) for x in parts[:4])
         except ValueError as exc:
@@ -79,7 +80,10 @@ class DecodeConfig:
             raise ValueError(f"{CONFIG_ENV}: the gluon kernel is '64,64,4,<stages>,gluon[,hp]', got {text!r}")
         if "hp" in flags and ("gluon" not in flags or st != 2):
             raise ValueError(f"{CONFIG_ENV}: the half-page kernel is '64,64,4,2,gluon,hp', got {text!r}")
-        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags, "gluon" in flags, "hp" in flags)
+        if "sc" in flags and ("gluon" not in flags or st != 2 or "hp" in flags):
+            raise ValueError(f"{CONFIG_ENV}: the one-scorer kernel is '64,64,4,2,gluon,sc', got {text!r}")
+        return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags, "gluon" in flags, "hp" in flags,
+                   "sc" in flags)
 
 
 # Candidates in order of preference; a config that fails to compile (e.g. out of shared memory) is
@@ -575,6 +579,8 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
         from . import mla_decode_gluon
         if cfg.halfpage:
             from . import mla_decode_halfpage
+        if cfg.scorer:
+            from . import mla_decode_scorer
     except ImportError as exc:
         raise ValueError(f"MLA decode config {cfg} does not apply: Triton without Gluon ({exc})") from exc
     b, nq, h, lat = q_lat.shape
@@ -582,7 +588,8 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
     if why is not None:
         raise ValueError(f"MLA decode config {cfg} does not apply: {why}")
     kernel = (mla_decode_halfpage._mla_decode_halfpage_kernel if cfg.halfpage
-              else mla_decode_gluon._mla_decode_gluon_kernel)   # (the half-page kernel's stages are 2: parse checks)
+              else mla_decode_scorer._mla_decode_scorer_kernel if cfg.scorer
+              else mla_decode_gluon._mla_decode_gluon_kernel)   # (hp and sc have 2 stages: parse checks)
 
     def run(o, lse, split):
         mla_decode_gluon.launch(kernel, q_lat, q_pe, kv_cache, block_tables, seq_lens, o, lse,
