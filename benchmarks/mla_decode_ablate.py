@@ -30,6 +30,7 @@ def run_ablate(args):
 
     t0 = time.perf_counter()
     extra = [c for c in (args.ablate_extra or "").split(";") if c]
+    configs = [c for c in extra if c != "sc-early"]
     rows = []
     for b in (66, 128, 256):
         ctx, heads, page = 2048, 128, 64
@@ -49,14 +50,14 @@ def run_ablate(args):
 
         variants = [(c, lambda i, c=c: mdt.mla_decode(qs[i][0], qs[i][1], cache, tables[i], seq_lens, SCALE,
                                                       config=mdt.DecodeConfig.parse(c)))
-                    for c in CONFIGS + tuple(extra)]
+                    for c in CONFIGS + tuple(configs)]
         variants += [(f"{HP} ABLATE={m}", direct(mh._mla_decode_halfpage_kernel, ABLATE=m)) for m in (1, 2, 3, 4, 5)]
-        if "64,64,4,2,gluon,sc" in extra:
+        if "sc-early" in extra:
             from wideep.model import mla_decode_scorer as ms
             variants.append(("64,64,4,2,gluon,sc EARLY=1", direct(ms._mla_decode_scorer_kernel, EARLY=1)))
         variants += [(f"{c} chunk{ch}", lambda i, c=c, ch=ch: mdt.mla_decode(
             qs[i][0], qs[i][1], cache, tables[i], seq_lens, SCALE, config=mdt.DecodeConfig.parse(c), chunk=ch))
-            for c in [HP] + extra for ch in (1024, 512)]
+            for c in [HP] + configs for ch in (1024, 512)]
         # the merge kernel alone, 2 splits per sequence (what chunk 1024 adds at ctx 2048)
         combine = mdt._kernels(False)[1]
         part = torch.randn(b, heads, 2, L, device="cuda")
@@ -80,9 +81,40 @@ def run_ablate(args):
     return rows
 
 
+def smoke_early():
+    """The one-scorer kernel with EARLY=1 (next page's scores issued behind this page's PV) against the fp32
+    oracle on ragged lengths up to 2000 (one split each), zeros for seq_len 0."""
+    from mla_decode import errors
+    from mla_decode_suite import oracle, ragged_case
+    from wideep.model import mla_decode_gluon as mg
+    from wideep.model import mla_decode_scorer as ms
+    from wideep.model.attention import MAX_SPLITS, SPLIT_ALIGN
+
+    ok = True
+    for b, nq, heads in ((6, 1, 128), (5, 4, 16)):
+        case = ragged_case(b, heads, 64, 2000, 128, torch.bfloat16, 3 + nq, nq)
+        q_lat, q_pe = (x if x.dim() == 4 else x[:, None] for x in case[:2])
+        out = torch.full((b, nq * heads, L), float("nan"), dtype=torch.bfloat16, device="cuda")
+        mg.launch(ms._mla_decode_scorer_kernel, q_lat, q_pe, case[2], case[3], case[4], out, out,
+                  (out.stride(0), out.stride(1), 0, 0, 0), SCALE * 1.4426950408889634, 1.0, 2048, MAX_SPLITS,
+                  (-(-nq * heads // 64), b, 1), False, 2, SPLIT_ALIGN, EARLY=1)
+        torch.cuda.synchronize()
+        truth = oracle(*case).reshape(b, nq * heads, L)
+        err = errors(torch, out, truth)
+        good = err[2] and err[1] < 2e-2 and bool((out[0] == 0).all())
+        ok &= good
+        print(f"smoke sc EARLY=1 B={b} Q={nq} H={heads}: rel {err[1]:.2e} finite={err[2]} -> "
+              f"{'ok' if good else 'FAIL'}", flush=True)
+    return 0 if ok else 1
+
+
 def run_target(cfg_text: str):
-    """A few eager calls of one config at B=128 ctx 2048 (for `ncu --launch-skip 2 --launch-count 1`)."""
+    """A few eager calls of one config at B=128 ctx 2048 (for `ncu --launch-skip 2 --launch-count 1`);
+    'sc-early': the EARLY=1 smoke check instead."""
     from wideep.model import mla_decode_triton as mdt
+
+    if cfg_text == "sc-early":
+        return smoke_early()
 
     cache, tables, qs, seq_lens = build_case(torch, 128, 2048, 128, 64, 1, "cuda", torch.bfloat16)
     cfg = mdt.DecodeConfig.parse(cfg_text)
