@@ -97,27 +97,30 @@ def _scorer(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LE
         if not EARLY:
             s = _scores(q_smem, kv_smem, kb, gl.zeros([64, 64], gl.float32, layout=s_layout), NC)
             s = warpgroup_mma_wait(0, deps=(s, ))
-        toks = n0 + gl.arange(0, PAGE, layout=col_l)
-        visible = gl.expand_dims(toks, 0) < gl.expand_dims(row_end, 1)
-        s = gl.where(visible, s * sm_scale_log2, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
+        if n0 + PAGE + NUM_Q - 1 > end:   # the split's last page (or a query token's causal limit): mask
+            toks = n0 + gl.arange(0, PAGE, layout=col_l)
+            visible = gl.expand_dims(toks, 0) < gl.expand_dims(row_end, 1)
+            s = gl.where(visible, s, float("-inf"))
+        # the scale is folded into the exponent (one FFMA per score): max(s) * c == max(s * c) for c > 0
+        m_new = gl.maximum(m_i, gl.max(s, 1) * sm_scale_log2)
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - gl.expand_dims(m_safe, 1))
-        l_i = l_i * alpha + gl.sum(p, 1)
+        p = gl.exp2(s * sm_scale_log2 - gl.expand_dims(m_safe, 1))
         m_i = m_new
         pb = p.to(cdt)
+        pa = gl.convert_layout(pb, p_layout)
+        a2 = gl.expand_dims(alpha, 1)
+        # this warpgroup's products first (the critical path), then the probabilities for warpgroup 1
+        acc0 = warpgroup_mma(pa, kv_smem.index(kb + 0), acc0 * a2, is_async=True)
+        acc1 = warpgroup_mma(pa, kv_smem.index(kb + 1), acc1 * a2, is_async=True)
+        acc2 = warpgroup_mma(pa, kv_smem.index(kb + 2), acc2 * a2, is_async=True)
+        acc3 = warpgroup_mma(pa, kv_smem.index(kb + 3), acc3 * a2, is_async=True)
         kv_smem.index(kb + NC - 1).store(pb)   # the rope chunk: its scores are done
         alpha_s.index(st).store(alpha)
         fence_async_shared()
         gl.thread_barrier()
         mbarrier.arrive(p_ready.index(st), count=1)
-        pa = gl.convert_layout(pb, p_layout)
-        a2 = gl.expand_dims(alpha, 1)
-        acc0 = warpgroup_mma(pa, kv_smem.index(kb + 0), acc0 * a2, is_async=True)
-        acc1 = warpgroup_mma(pa, kv_smem.index(kb + 1), acc1 * a2, is_async=True)
-        acc2 = warpgroup_mma(pa, kv_smem.index(kb + 2), acc2 * a2, is_async=True)
-        acc3 = warpgroup_mma(pa, kv_smem.index(kb + 3), acc3 * a2, is_async=True)
+        l_i = l_i * alpha + gl.sum(p, 1)
         if EARLY and i + 1 < n_pages:
             nxt = (i + 1) % STAGES
             mbarrier.wait(ready.index(nxt), ((i + 1) // STAGES) & 1)
