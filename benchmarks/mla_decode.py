@@ -57,6 +57,7 @@ def parse_args(argv=None):
                         "the merge kernel alone (benchmarks/mla_decode_ablate.py)")
     p.add_argument("--ablate-target", default=None, help="run one config a few times eagerly (an ncu target)")
     p.add_argument("--ablate-extra", default="", help="--ablate: more configs to time (';'-separated)")
+    p.add_argument("--ablate-quick", action="store_true", help="--ablate: B=128/256 only, no split-count variants")
     p.add_argument("--smoke", action="store_true", help="each --suite-configs entry on a small case vs the oracle")
     p.add_argument("--old", default=None, help="path of the present kernel's module (mla_decode_triton.py of main) "
                    "to time beside the new one")

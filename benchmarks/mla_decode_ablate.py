@@ -5,8 +5,9 @@ Times (CUDA graph, rotating cache sets, as the suite does) at H=128, ctx 2048, B
 - the half-page kernel as it ships, and with one part left out (its benchmark-only ABLATE switch: 1 no
   cross-warpgroup exchange, 2 no PV, 3 no QK, 4 only the page ring, 5 no PV over the other warpgroup's
   probabilities); the differences say what is on the critical path;
-- the full-tile kernel beside it, and `--ablate-extra` configs (';'-separated; e.g. the one-scorer kernel
-  `64,64,4,2,gluon,sc` once its smoke run passed);
+- the full-tile kernel beside it, and `--ablate-extra` entries (';'-separated): configs (e.g. the one-scorer
+  kernel `64,64,4,2,gluon,sc` once its smoke run passed) and one-scorer variants by their benchmark-only
+  constexprs (`sc:EARLY=1`, `sc:WIDE=1`; `--ablate-target smoke:sc:WIDE=1;...` checks them first);
 - the split count: 1024 and 512 tokens per split (2 and 4 splits, plus the merge kernel), and the merge
   kernel alone on 2 splits.
 `--ablate-target CFG` instead runs one config a few times eagerly (the target of an `ncu` profile).
@@ -30,9 +31,10 @@ def run_ablate(args):
 
     t0 = time.perf_counter()
     extra = [c for c in (args.ablate_extra or "").split(";") if c]
-    configs = [c for c in extra if c != "sc-early"]
+    configs = [c for c in extra if not c.startswith("sc:")]
+    variant_texts = [c for c in extra if c.startswith("sc:")]
     rows = []
-    for b in (66, 128, 256):
+    for b in (128, 256) if args.ablate_quick else (66, 128, 256):
         ctx, heads, page = 2048, 128, 64
         sets = max(1, min(8, math.ceil(400e6 / (b * ctx * (L + R) * 2))))
         cache, tables, qs, seq_lens = build_case(torch, b, ctx, heads, page, sets, "cuda", torch.bfloat16)
@@ -52,10 +54,11 @@ def run_ablate(args):
                                                       config=mdt.DecodeConfig.parse(c)))
                     for c in CONFIGS + tuple(configs)]
         variants += [(f"{HP} ABLATE={m}", direct(mh._mla_decode_halfpage_kernel, ABLATE=m)) for m in (1, 2, 3, 4, 5)]
-        if "sc-early" in extra:
+        if variant_texts:
             from wideep.model import mla_decode_scorer as ms
-            variants.append(("64,64,4,2,gluon,sc EARLY=1", direct(ms._mla_decode_scorer_kernel, EARLY=1)))
-        variants += [(f"{c} chunk{ch}", lambda i, c=c, ch=ch: mdt.mla_decode(
+            variants += [(f"64,64,4,2,gluon,{t}", direct(ms._mla_decode_scorer_kernel, **parse_variant(t)))
+                         for t in variant_texts]
+        variants += [] if args.ablate_quick else [(f"{c} chunk{ch}", lambda i, c=c, ch=ch: mdt.mla_decode(
             qs[i][0], qs[i][1], cache, tables[i], seq_lens, SCALE, config=mdt.DecodeConfig.parse(c), chunk=ch))
             for c in [HP] + configs for ch in (1024, 512)]
         # the merge kernel alone, 2 splits per sequence (what chunk 1024 adds at ctx 2048)
@@ -67,7 +70,8 @@ def run_ablate(args):
             combine[(heads, b)](part, lse, seq_lens, out, 1024, MAX_SPLITS, heads, L, part.stride(0), part.stride(1),
                                 part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
                                 BLOCK_L=L, num_warps=4)
-        variants.append(("merge kernel alone (2 splits)", merge))
+        if not args.ablate_quick:
+            variants.append(("merge kernel alone (2 splits)", merge))
         for name, fn in variants:
             try:
                 t = time_graph(torch, fn, sets, reps=10)
@@ -81,40 +85,65 @@ def run_ablate(args):
     return rows
 
 
-def smoke_early():
-    """The one-scorer kernel with EARLY=1 (next page's scores issued behind this page's PV) against the fp32
-    oracle on ragged lengths up to 2000 (one split each), zeros for seq_len 0."""
+def parse_variant(text: str) -> dict:
+    """'sc:EARLY=1,WIDE=1' -> the one-scorer kernel's benchmark-only constexprs {'EARLY': 1, 'WIDE': 1}."""
+    return {k: int(v) for k, v in (kv.split("=") for kv in text.split(":", 1)[1].split(",") if kv)}
+
+
+def smoke_variants(texts):
+    """Each one-scorer variant ('sc:K=V,...') against the fp32 oracle on ragged lengths: one split per sequence
+    (straight into the output) and up to 3 splits (fp32 partials + the merge kernel); zeros for seq_len 0.
+    Prints one line per case; returns the variants that passed every case."""
     from mla_decode import errors
     from mla_decode_suite import oracle, ragged_case
     from wideep.model import mla_decode_gluon as mg
     from wideep.model import mla_decode_scorer as ms
+    from wideep.model import mla_decode_triton as mdt
     from wideep.model.attention import MAX_SPLITS, SPLIT_ALIGN
 
-    ok = True
-    for b, nq, heads in ((6, 1, 128), (5, 4, 16)):
-        case = ragged_case(b, heads, 64, 2000, 128, torch.bfloat16, 3 + nq, nq)
-        q_lat, q_pe = (x if x.dim() == 4 else x[:, None] for x in case[:2])
-        out = torch.full((b, nq * heads, L), float("nan"), dtype=torch.bfloat16, device="cuda")
-        mg.launch(ms._mla_decode_scorer_kernel, q_lat, q_pe, case[2], case[3], case[4], out, out,
-                  (out.stride(0), out.stride(1), 0, 0, 0), SCALE * 1.4426950408889634, 1.0, 2048, MAX_SPLITS,
-                  (-(-nq * heads // 64), b, 1), False, 2, SPLIT_ALIGN, EARLY=1)
-        torch.cuda.synchronize()
-        truth = oracle(*case).reshape(b, nq * heads, L)
-        err = errors(torch, out, truth)
-        good = err[2] and err[1] < 2e-2 and bool((out[0] == 0).all())
-        ok &= good
-        print(f"smoke sc EARLY=1 B={b} Q={nq} H={heads}: rel {err[1]:.2e} finite={err[2]} -> "
-              f"{'ok' if good else 'FAIL'}", flush=True)
-    return 0 if ok else 1
+    combine = mdt._kernels(False)[1]
+    passed = []
+    for text in texts:
+        cx = parse_variant(text)
+        ok = True
+        for b, nq, heads, max_ctx, width, chunk in ((6, 1, 128, 2048, 32, 2048), (6, 1, 128, 3000, 128, 1024),
+                                                    (5, 4, 16, 3000, 128, 1024)):
+            case = ragged_case(b, heads, 64, max_ctx, width, torch.bfloat16, 3 + nq, nq)
+            q_lat, q_pe = (x if x.dim() == 4 else x[:, None] for x in case[:2])
+            rows = nq * heads
+            out = torch.full((b, rows, L), float("nan"), dtype=torch.bfloat16, device="cuda")
+            grid = (-(-rows // 64), b, mdt.grid_splits(width * 64, chunk))
+
+            def run(o, lse, split):
+                mg.launch(ms._mla_decode_scorer_kernel, q_lat, q_pe, case[2], case[3], case[4], o, lse,
+                          mdt._out_strides(o, lse, split), SCALE * 1.4426950408889634, 1.0, chunk, MAX_SPLITS, grid,
+                          split, 2, SPLIT_ALIGN, **cx)
+            try:
+                mdt._split_and_merge(run, combine, out, case[4], grid[2], chunk)
+                torch.cuda.synchronize()
+                err = errors(torch, out, oracle(*case).reshape(b, rows, L))
+            except Exception as exc:  # noqa: BLE001
+                print(f"smoke {text}: failed {exc!r}"[:400], flush=True)
+                ok = False
+                break
+            good = err[2] and err[1] < 2e-2 and bool((out[0] == 0).all())
+            ok &= good
+            print(f"smoke {text} B={b} Q={nq} H={heads} splits<={grid[2]}: rel {err[1]:.2e} finite={err[2]} -> "
+                  f"{'ok' if good else 'FAIL'}", flush=True)
+        if ok:
+            passed.append(text)
+    print(f"PASSED: {';'.join(passed)}", flush=True)
+    return passed
 
 
 def run_target(cfg_text: str):
     """A few eager calls of one config at B=128 ctx 2048 (for `ncu --launch-skip 2 --launch-count 1`);
-    'sc-early': the EARLY=1 smoke check instead."""
+    'smoke:sc:K=V;sc:K=V...': the smoke check of those one-scorer variants instead (exit 0 if all passed)."""
     from wideep.model import mla_decode_triton as mdt
 
-    if cfg_text == "sc-early":
-        return smoke_early()
+    if cfg_text.startswith("smoke:"):
+        texts = cfg_text.removeprefix("smoke:").split(";")
+        return 0 if smoke_variants(texts) == texts else 1
 
     cache, tables, qs, seq_lens = build_case(torch, 128, 2048, 128, 64, 1, "cuda", torch.bfloat16)
     cfg = mdt.DecodeConfig.parse(cfg_text)

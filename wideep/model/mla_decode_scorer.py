@@ -23,6 +23,12 @@ Shared memory: query 72 KB + two 72 KB page stages + 1.5 KB of row statistics.
 Split schedule, masking (scores past seq_len are -inf; each warpgroup zeroes the rows past seq_len of its own
 value chunks before its products), merge kernel and output contract are mla_decode_gluon's, so batch
 invariance and CUDA-graph safety carry over. bf16 caches only.
+
+Benchmark-only variant switches (constexprs, default 0 = the kernel the config runs; `benchmarks/mla_decode.py
+--ablate`): EARLY=1 issues the next page's scores right behind this page's PV products (waits for the PV group
+alone, then the scores); WIDE=1 has warpgroup 1 run one m64n256 product per k-step over its four value chunks
+(one 64x256 accumulator) instead of four m64n64 ones, so the probability tile is read from shared memory once
+per k-step instead of four times.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -143,11 +149,25 @@ def _scorer(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LE
 
 
 @gluon.jit
+def _store_wide(OUT, LSE, acc, l_i, rows, cols, out_scale, H, b, split, n_splits, stride_o_b, stride_o_r, stride_o_s,
+                NUM_Q: gl.constexpr, SPLIT: gl.constexpr):
+    """Warpgroup 1's 256 output columns held as one 64x256 accumulator (WIDE), normalized by the row sums."""
+    live = (rows < H * NUM_Q) & ((rows * 0 + split) < n_splits)
+    inv2 = gl.expand_dims(out_scale / gl.where(l_i > 0.0, l_i, 1.0), 1)
+    omask = gl.expand_dims(live, 1) & gl.expand_dims(cols < 256, 0)
+    if SPLIT:
+        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s
+    else:
+        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r
+    gl.store(base + gl.expand_dims(cols, 0) + 256, (acc * inv2).to(OUT.dtype.element_ty), mask=omask)
+
+
+@gluon.jit
 def _accumulator(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
                  sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
                  stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
                  NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-                 ALIGN: gl.constexpr, SPLIT: gl.constexpr):
+                 ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE: gl.constexpr):
     """Warpgroup 1: value columns 256..511 from the scorer's probabilities in shared memory."""
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
     row_l: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -159,6 +179,9 @@ def _accumulator(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, S
     acc1 = gl.zeros([64, 64], gl.float32, layout=o_layout)
     acc2 = gl.zeros([64, 64], gl.float32, layout=o_layout)
     acc3 = gl.zeros([64, 64], gl.float32, layout=o_layout)
+    w_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+    wide_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([PAGE, 256], kv_smem.dtype)
+    accw = gl.zeros([64, 256 if WIDE else 1], gl.float32, layout=w_layout)
     for i in range(n_pages):
         st = i % STAGES
         ph = (i // STAGES) & 1
@@ -170,18 +193,29 @@ def _accumulator(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, S
         mbarrier.wait(p_ready.index(st), ph)
         a2 = gl.expand_dims(alpha_s.index(st).load(row_l), 1)
         pt = kv_smem.index(kb + NC - 1)
-        acc0 = warpgroup_mma(pt, kv_smem.index(kb + 4), acc0 * a2, is_async=True)
-        acc1 = warpgroup_mma(pt, kv_smem.index(kb + 5), acc1 * a2, is_async=True)
-        acc2 = warpgroup_mma(pt, kv_smem.index(kb + 6), acc2 * a2, is_async=True)
-        acc3 = warpgroup_mma(pt, kv_smem.index(kb + 7), acc3 * a2, is_async=True)
-        acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
+        if WIDE:   # one m64n256 product over chunks 4..7 (the probabilities read once per k-step, not 4 times)
+            vw = kv_smem.index(kb + 4)._reinterpret(kv_smem.dtype, [PAGE, 256], wide_l)
+            accw = warpgroup_mma(pt, vw, accw * gl.convert_layout(a2, w_layout), is_async=True)
+            accw = warpgroup_mma_wait(0, deps=(accw, ))
+        else:
+            acc0 = warpgroup_mma(pt, kv_smem.index(kb + 4), acc0 * a2, is_async=True)
+            acc1 = warpgroup_mma(pt, kv_smem.index(kb + 5), acc1 * a2, is_async=True)
+            acc2 = warpgroup_mma(pt, kv_smem.index(kb + 6), acc2 * a2, is_async=True)
+            acc3 = warpgroup_mma(pt, kv_smem.index(kb + 7), acc3 * a2, is_async=True)
+            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
         gl.thread_barrier()
         mbarrier.arrive(empty.index(st), count=1)
     mbarrier.wait(fin.index(0), 0)
     m_i = stat_s.index(0).load(row_l)
     l_i = stat_s.index(1).load(row_l)
-    _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_i, l_i, rows, gl.arange(0, 64, layout=col_l), out_scale, H, b,
-                split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, 1, NUM_Q, SPLIT)
+    if WIDE:
+        wrows = pid_h * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, w_layout))
+        _store_wide(OUT, LSE, accw, gl.convert_layout(l_i, gl.SliceLayout(1, w_layout)), wrows,
+                    gl.arange(0, 256, layout=gl.SliceLayout(0, w_layout)), out_scale, H, b, split, n_splits,
+                    stride_o_b, stride_o_r, stride_o_s, NUM_Q, SPLIT)
+    else:
+        _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_i, l_i, rows, gl.arange(0, 64, layout=col_l), out_scale, H,
+                    b, split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, 1, NUM_Q, SPLIT)
 
 
 @gluon.jit
@@ -191,7 +225,7 @@ def _mla_decode_scorer_kernel(
     stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h, stride_bt_b,
     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
     L: gl.constexpr, R: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-    ALIGN: gl.constexpr, SPLIT: gl.constexpr, EARLY: gl.constexpr = 0,
+    ALIGN: gl.constexpr, SPLIT: gl.constexpr, EARLY: gl.constexpr = 0, WIDE: gl.constexpr = 0,
 ):
     pid_h = gl.program_id(0)
     b = gl.program_id(1)
@@ -225,7 +259,7 @@ def _mla_decode_scorer_kernel(
         (_accumulator, (q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
                         sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
                         stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
-                        NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
+                        NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, WIDE)),
         (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
                      sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
                      stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
