@@ -504,12 +504,14 @@ def aot_hopper():
              "stride_qp_q", "stride_qp_h", "stride_bt_b", "stride_o_b", "stride_o_r", "stride_o_s", "stride_lse_b",
              "stride_lse_r"]
     from wideep.model import mla_decode_halfpage as mh
+    from wideep.model import mla_decode_scorer as ms
     sig = {"Q_LAT": "*bf16", "Q_PE": "*bf16", "kv_desc": f"tensordesc<bf16[64,64],{lay!r}>",
            "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32",
            "out_scale": "fp32"}
     sig.update({n: "i32" for n in gints})
     for tag, kern in (("gluon 64,64,4,2", mg._mla_decode_gluon_kernel),
-                      ("gluon 64,64,4,2,hp", mh._mla_decode_halfpage_kernel)):
+                      ("gluon 64,64,4,2,hp", mh._mla_decode_halfpage_kernel),
+                      ("gluon 64,64,4,2,sc", ms._mla_decode_scorer_kernel)):
         consts = dict(L=L, R=R, PAGE=64, STAGES=2, NUM_Q=1, ALIGN=128, SPLIT=True)
         sig.update({k: "constexpr" for k in consts})
         try:

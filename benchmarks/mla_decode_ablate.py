@@ -7,7 +7,7 @@ Times (CUDA graph, rotating cache sets, as the suite does) at H=128, ctx 2048, B
   probabilities); the differences say what is on the critical path;
 - the full-tile kernel beside it, and `--ablate-extra` entries (';'-separated): configs (e.g. the one-scorer
   kernel `64,64,4,2,gluon,sc` once its smoke run passed) and one-scorer variants by their benchmark-only
-  constexprs (`sc:EARLY=1`, `sc:WIDE=1`; `--ablate-target smoke:sc:WIDE=1;...` checks them first);
+  constexprs (`sc:WIDE0=1`; `--ablate-target smoke:sc:WIDE0=1;...` checks them first);
 - the split count: 1024 and 512 tokens per split (2 and 4 splits, plus the merge kernel), and the merge
   kernel alone on 2 splits.
 `--ablate-target CFG` instead runs one config a few times eagerly (the target of an `ncu` profile).
@@ -86,7 +86,7 @@ def run_ablate(args):
 
 
 def parse_variant(text: str) -> dict:
-    """'sc:EARLY=1,WIDE=1' -> the one-scorer kernel's benchmark-only constexprs {'EARLY': 1, 'WIDE': 1}."""
+    """'sc:WIDE0=1' -> the one-scorer kernel's benchmark-only constexprs {'WIDE0': 1}."""
     return {k: int(v) for k, v in (kv.split("=") for kv in text.split(":", 1)[1].split(",") if kv)}
 
 

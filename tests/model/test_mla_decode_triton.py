@@ -209,8 +209,9 @@ def test_config_flags_and_hopper_preference(monkeypatch):
     monkeypatch.delenv(mdt.CONFIG_ENV, raising=False)
     bf16 = mdt._candidates(128, False, torch.bfloat16, hopper=True)
     fp8 = mdt._candidates(128, False, torch.bfloat16, hopper=True, fp8=True)
-    assert bf16[0].halfpage and bf16[1].gluon and not bf16[1].halfpage   # measured order
-    assert bf16[2].tma and fp8[0].f16 and not (fp8[0].tma or fp8[0].gluon)
+    assert bf16[0].scorer and bf16[1].halfpage and not bf16[1].scorer   # measured order
+    assert bf16[2].gluon and not (bf16[2].halfpage or bf16[2].scorer)
+    assert bf16[3].tma and fp8[0].f16 and not (fp8[0].tma or fp8[0].gluon)
     assert mdt.DecodeConfig.parse(str(bf16[0])) == bf16[0]
     with pytest.raises(ValueError, match="sv"):
         mdt.DecodeConfig.parse("64,64,8,2,tma")

@@ -25,7 +25,8 @@ out to see what is on the critical path: 1 the cross-warpgroup exchanges (own ro
 products, 3 the QK products, 4 everything but the page ring (wait for a page, hand it back), 5 the PV products
 over the other warpgroup's probabilities. Results are wrong under ABLATE != 0.
 Measured on an H200 (docs/perf.md, two runs): 0.170 ms per layer at B=128 ctx 2048 against 0.182 for the
-full-tile kernel, 3-12% faster on average at every measured shape; the bf16 default on Hopper.
+full-tile kernel, 3-12% faster on average at every measured shape. The one-scorer kernel (mla_decode_scorer)
+measured faster still and comes first on Hopper; this one is its fallback.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl

@@ -3,32 +3,31 @@
 WHY: in the half-page kernel (mla_decode_halfpage) both consumer warpgroups score half a page each with
 m64n32 wgmma (3 KB of shared memory read per 16 tensor-core cycles: bound by shared-memory bandwidth, not the
 tensor cores) and then wait on each other twice per page (row max, then probabilities), so they run in
-lockstep and the tensor cores idle through both softmaxes. Here the roles differ (FlashMLA's first published
-layout):
+lockstep. Here the roles differ (FlashMLA's first published layout):
 
 - warpgroup 0 (the scorer) computes the whole 64x64 score tile (m64n64 wgmma over the resident query tile),
-  the online softmax, publishes the bf16 probabilities and the rescale factor, and accumulates value columns
-  0..255 with the probabilities from registers;
-- warpgroup 1 waits for them and accumulates columns 256..511 with the probabilities as the wgmma A operand
-  from shared memory; it never waits on the scorer's softmax of the next page, so its products fill the
-  tensor cores while the scorer runs its exponentials, and the scorer never waits on it (except through the
-  page ring).
+  the online softmax, and accumulates value columns 0..255 with the probabilities from registers; it issues
+  those products first and only then publishes the bf16 probabilities and the rescale factors;
+- warpgroup 1 waits for them and accumulates columns 256..511 as one m64n256 product per k-step (the four
+  value chunks of a stage are consecutive 64x64 tiles, i.e. one 64x256 operand in the same swizzled layout),
+  the probabilities as the wgmma A operand from shared memory, read once per k-step. It never waits on the
+  scorer's next softmax, and the scorer never waits on it except through the page ring.
 
 The probabilities of page i go into page i's rope chunk (dead once its scores are computed), so they are
 double-buffered with the pages and freed with them: no extra buffer and no "P free" barrier. Per stage a
 "P ready" mbarrier carries the probabilities and the 64 rescale factors; after the last page the scorer
 publishes its row max and row sum ("final" mbarrier), so both halves are normalized with the same bits.
-Shared memory: query 72 KB + two 72 KB page stages + 1.5 KB of row statistics.
+The softmax scale is folded into the exponent (one FFMA per score), and scores are masked only on a split's
+last page. Shared memory: query 72 KB + two 72 KB page stages + 1.5 KB of row statistics.
 
 Split schedule, masking (scores past seq_len are -inf; each warpgroup zeroes the rows past seq_len of its own
 value chunks before its products), merge kernel and output contract are mla_decode_gluon's, so batch
 invariance and CUDA-graph safety carry over. bf16 caches only.
 
-Benchmark-only variant switches (constexprs, default 0 = the kernel the config runs; `benchmarks/mla_decode.py
---ablate`): EARLY=1 issues the next page's scores right behind this page's PV products (waits for the PV group
-alone, then the scores); WIDE=1 has warpgroup 1 run one m64n256 product per k-step over its four value chunks
-(one 64x256 accumulator) instead of four m64n64 ones, so the probability tile is read from shared memory once
-per k-step instead of four times.
+WIDE0 (benchmark-only, default 0 = the kernel the config runs; `benchmarks/mla_decode.py --ablate`): warpgroup
+0's products as one m64n256 per k-step too (A from registers: fewer instructions, no shared-memory saving).
+Measured on an H200 (docs/perf.md, issue 15 fifth pass): 0.146 ms per layer at B=128 ctx 2048 against 0.170
+for the half-page kernel, ahead at every measured shape; the bf16 default on Hopper.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -57,52 +56,42 @@ def _zero_tail(kv_smem, kb, n0, end, PAGE: gl.constexpr, VBASE: gl.constexpr):
 
 
 @gluon.jit
-def _scores(q_smem, kv_smem, kb, s, NC: gl.constexpr):
-    """Issue the page's QK^T (one async wgmma group per 64-column chunk) into s."""
-    for c in gl.static_range(NC):
-        s = warpgroup_mma(q_smem.index(c), kv_smem.index(kb + c).permute((1, 0)), s, is_async=True)
-    return s
-
-
-@gluon.jit
 def _scorer(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
             sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
             stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
             NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-            ALIGN: gl.constexpr, SPLIT: gl.constexpr, EARLY: gl.constexpr):
-    """Warpgroup 0: scores, softmax, probabilities out, value columns 0..255."""
+            ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr):
+    """Warpgroup 0: scores, softmax, value columns 0..255, probabilities out."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+    w_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+    o_layout: gl.constexpr = w_layout if WIDE0 else s_layout
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
     cdt: gl.constexpr = q_smem.dtype
+    wide_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([PAGE, 256], cdt)
 
     seq_len, n_splits, start, end, n_pages = _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE, ALIGN)
     rows = pid_h * 64 + gl.arange(0, 64, layout=row_l)
     row_end = seq_len - (NUM_Q - 1 - rows // H)
     m_i = gl.full([64], float("-inf"), gl.float32, layout=row_l)
     l_i = gl.full([64], 0.0, gl.float32, layout=row_l)
-    acc0 = gl.zeros([64, 64], gl.float32, layout=s_layout)
-    acc1 = gl.zeros([64, 64], gl.float32, layout=s_layout)
-    acc2 = gl.zeros([64, 64], gl.float32, layout=s_layout)
-    acc3 = gl.zeros([64, 64], gl.float32, layout=s_layout)
-    s = gl.zeros([64, 64], gl.float32, layout=s_layout)
-    if EARLY:   # page 0's scores before the loop; each iteration issues the next page's behind its own PV
-        if n_pages > 0:
-            mbarrier.wait(ready.index(0), 0)
-            s = _scores(q_smem, kv_smem, 0, s, NC)
-            s = warpgroup_mma_wait(0, deps=(s, ))
+    acc0 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
+    acc1 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
+    acc2 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
+    acc3 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
+    accw = gl.zeros([64, 256 if WIDE0 else 1], gl.float32, layout=w_layout)
     for i in range(n_pages):
         st = i % STAGES
         kb = st * NC
         n0 = start + i * PAGE
-        if not EARLY:
-            mbarrier.wait(ready.index(st), (i // STAGES) & 1)
+        mbarrier.wait(ready.index(st), (i // STAGES) & 1)
         if n0 + PAGE > end:
             _zero_tail(kv_smem, kb, n0, end, PAGE, 0)
-        if not EARLY:
-            s = _scores(q_smem, kv_smem, kb, gl.zeros([64, 64], gl.float32, layout=s_layout), NC)
-            s = warpgroup_mma_wait(0, deps=(s, ))
+        s = gl.zeros([64, 64], gl.float32, layout=s_layout)
+        for c in gl.static_range(NC):
+            s = warpgroup_mma(q_smem.index(c), kv_smem.index(kb + c).permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, ))
         if n0 + PAGE + NUM_Q - 1 > end:   # the split's last page (or a query token's causal limit): mask
             toks = n0 + gl.arange(0, PAGE, layout=col_l)
             visible = gl.expand_dims(toks, 0) < gl.expand_dims(row_end, 1)
@@ -115,51 +104,61 @@ def _scorer(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LE
         m_i = m_new
         pb = p.to(cdt)
         pa = gl.convert_layout(pb, p_layout)
-        a2 = gl.expand_dims(alpha, 1)
         # this warpgroup's products first (the critical path), then the probabilities for warpgroup 1
-        acc0 = warpgroup_mma(pa, kv_smem.index(kb + 0), acc0 * a2, is_async=True)
-        acc1 = warpgroup_mma(pa, kv_smem.index(kb + 1), acc1 * a2, is_async=True)
-        acc2 = warpgroup_mma(pa, kv_smem.index(kb + 2), acc2 * a2, is_async=True)
-        acc3 = warpgroup_mma(pa, kv_smem.index(kb + 3), acc3 * a2, is_async=True)
+        if WIDE0:
+            aw = gl.convert_layout(gl.expand_dims(alpha, 1), w_layout)
+            accw = warpgroup_mma(pa, kv_smem.index(kb)._reinterpret(cdt, [PAGE, 256], wide_l), accw * aw,
+                                 is_async=True)
+        else:
+            a2 = gl.expand_dims(alpha, 1)
+            acc0 = warpgroup_mma(pa, kv_smem.index(kb + 0), acc0 * a2, is_async=True)
+            acc1 = warpgroup_mma(pa, kv_smem.index(kb + 1), acc1 * a2, is_async=True)
+            acc2 = warpgroup_mma(pa, kv_smem.index(kb + 2), acc2 * a2, is_async=True)
+            acc3 = warpgroup_mma(pa, kv_smem.index(kb + 3), acc3 * a2, is_async=True)
         kv_smem.index(kb + NC - 1).store(pb)   # the rope chunk: its scores are done
         alpha_s.index(st).store(alpha)
         fence_async_shared()
         gl.thread_barrier()
         mbarrier.arrive(p_ready.index(st), count=1)
         l_i = l_i * alpha + gl.sum(p, 1)
-        if EARLY and i + 1 < n_pages:
-            nxt = (i + 1) % STAGES
-            mbarrier.wait(ready.index(nxt), ((i + 1) // STAGES) & 1)
-            s = _scores(q_smem, kv_smem, nxt * NC, gl.zeros([64, 64], gl.float32, layout=s_layout), NC)
-            o0, o1, o2, o3 = warpgroup_mma_wait(NC, deps=(acc0, acc1, acc2, acc3))   # this page's PV
-            gl.thread_barrier()
-            mbarrier.arrive(empty.index(st), count=1)
-            s = warpgroup_mma_wait(0, deps=(s, ))
+        if WIDE0:
+            accw = warpgroup_mma_wait(0, deps=(accw, ))
         else:
-            o0, o1, o2, o3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
-            gl.thread_barrier()
-            mbarrier.arrive(empty.index(st), count=1)
-        acc0, acc1, acc2, acc3 = o0, o1, o2, o3
+            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(st), count=1)
     stat_s.index(0).store(m_i)
     stat_s.index(1).store(l_i)
     gl.thread_barrier()
     mbarrier.arrive(fin.index(0), count=1)
-    _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_i, l_i, rows, gl.arange(0, 64, layout=col_l), out_scale, H, b,
-                split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, 0, NUM_Q, SPLIT)
+    if WIDE0:
+        wrow_l: gl.constexpr = gl.SliceLayout(1, w_layout)
+        _store_wide(OUT, LSE, accw, gl.convert_layout(m_i, wrow_l), gl.convert_layout(l_i, wrow_l),
+                    pid_h * 64 + gl.arange(0, 64, layout=wrow_l), gl.arange(0, 256, layout=gl.SliceLayout(0, w_layout)),
+                    out_scale, H, b, split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                    0, NUM_Q, SPLIT)
+    else:
+        _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_i, l_i, rows, gl.arange(0, 64, layout=col_l), out_scale, H,
+                    b, split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, 0, NUM_Q, SPLIT)
 
 
 @gluon.jit
-def _store_wide(OUT, LSE, acc, l_i, rows, cols, out_scale, H, b, split, n_splits, stride_o_b, stride_o_r, stride_o_s,
-                NUM_Q: gl.constexpr, SPLIT: gl.constexpr):
-    """Warpgroup 1's 256 output columns held as one 64x256 accumulator (WIDE), normalized by the row sums."""
+def _store_wide(OUT, LSE, acc, m_i, l_i, rows, cols, out_scale, H, b, split, n_splits,
+                stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                W: gl.constexpr, NUM_Q: gl.constexpr, SPLIT: gl.constexpr):
+    """mla_decode_gluon._store_half for warpgroup W's 256 output columns held as one 64x256 accumulator."""
     live = (rows < H * NUM_Q) & ((rows * 0 + split) < n_splits)
-    inv2 = gl.expand_dims(out_scale / gl.where(l_i > 0.0, l_i, 1.0), 1)
+    has = l_i > 0.0
+    inv2 = gl.expand_dims(out_scale / gl.where(has, l_i, 1.0), 1)   # empty range: the accumulator is 0 -> zeros
     omask = gl.expand_dims(live, 1) & gl.expand_dims(cols < 256, 0)
     if SPLIT:
         base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s
+        if W == 0:
+            lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
+            gl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
     else:
         base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r
-    gl.store(base + gl.expand_dims(cols, 0) + 256, (acc * inv2).to(OUT.dtype.element_ty), mask=omask)
+    gl.store(base + gl.expand_dims(cols, 0) + W * 256, (acc * inv2).to(OUT.dtype.element_ty), mask=omask)
 
 
 @gluon.jit
@@ -167,21 +166,14 @@ def _accumulator(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, S
                  sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
                  stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
                  NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-                 ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE: gl.constexpr):
+                 ALIGN: gl.constexpr, SPLIT: gl.constexpr):
     """Warpgroup 1: value columns 256..511 from the scorer's probabilities in shared memory."""
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-    row_l: gl.constexpr = gl.SliceLayout(1, o_layout)
-    col_l: gl.constexpr = gl.SliceLayout(0, o_layout)
+    w_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+    row_l: gl.constexpr = gl.SliceLayout(1, w_layout)
+    wide_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([PAGE, 256], kv_smem.dtype)
 
     seq_len, n_splits, start, end, n_pages = _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE, ALIGN)
-    rows = pid_h * 64 + gl.arange(0, 64, layout=row_l)
-    acc0 = gl.zeros([64, 64], gl.float32, layout=o_layout)
-    acc1 = gl.zeros([64, 64], gl.float32, layout=o_layout)
-    acc2 = gl.zeros([64, 64], gl.float32, layout=o_layout)
-    acc3 = gl.zeros([64, 64], gl.float32, layout=o_layout)
-    w_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
-    wide_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([PAGE, 256], kv_smem.dtype)
-    accw = gl.zeros([64, 256 if WIDE else 1], gl.float32, layout=w_layout)
+    acc = gl.zeros([64, 256], gl.float32, layout=w_layout)
     for i in range(n_pages):
         st = i % STAGES
         ph = (i // STAGES) & 1
@@ -192,30 +184,18 @@ def _accumulator(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, S
             _zero_tail(kv_smem, kb, n0, end, PAGE, 4)
         mbarrier.wait(p_ready.index(st), ph)
         a2 = gl.expand_dims(alpha_s.index(st).load(row_l), 1)
-        pt = kv_smem.index(kb + NC - 1)
-        if WIDE:   # one m64n256 product over chunks 4..7 (the probabilities read once per k-step, not 4 times)
-            vw = kv_smem.index(kb + 4)._reinterpret(kv_smem.dtype, [PAGE, 256], wide_l)
-            accw = warpgroup_mma(pt, vw, accw * gl.convert_layout(a2, w_layout), is_async=True)
-            accw = warpgroup_mma_wait(0, deps=(accw, ))
-        else:
-            acc0 = warpgroup_mma(pt, kv_smem.index(kb + 4), acc0 * a2, is_async=True)
-            acc1 = warpgroup_mma(pt, kv_smem.index(kb + 5), acc1 * a2, is_async=True)
-            acc2 = warpgroup_mma(pt, kv_smem.index(kb + 6), acc2 * a2, is_async=True)
-            acc3 = warpgroup_mma(pt, kv_smem.index(kb + 7), acc3 * a2, is_async=True)
-            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
+        # value chunks 4..7 of the stage: four consecutive 64x64 swizzled tiles = one 64x256 operand
+        v = kv_smem.index(kb + 4)._reinterpret(kv_smem.dtype, [PAGE, 256], wide_l)
+        acc = warpgroup_mma(kv_smem.index(kb + NC - 1), v, acc * a2, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
         gl.thread_barrier()
         mbarrier.arrive(empty.index(st), count=1)
     mbarrier.wait(fin.index(0), 0)
     m_i = stat_s.index(0).load(row_l)
     l_i = stat_s.index(1).load(row_l)
-    if WIDE:
-        wrows = pid_h * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, w_layout))
-        _store_wide(OUT, LSE, accw, gl.convert_layout(l_i, gl.SliceLayout(1, w_layout)), wrows,
-                    gl.arange(0, 256, layout=gl.SliceLayout(0, w_layout)), out_scale, H, b, split, n_splits,
-                    stride_o_b, stride_o_r, stride_o_s, NUM_Q, SPLIT)
-    else:
-        _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_i, l_i, rows, gl.arange(0, 64, layout=col_l), out_scale, H,
-                    b, split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, 1, NUM_Q, SPLIT)
+    _store_wide(OUT, LSE, acc, m_i, l_i, pid_h * 64 + gl.arange(0, 64, layout=row_l),
+                gl.arange(0, 256, layout=gl.SliceLayout(0, w_layout)), out_scale, H, b, split, n_splits,
+                stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, 1, NUM_Q, SPLIT)
 
 
 @gluon.jit
@@ -225,7 +205,7 @@ def _mla_decode_scorer_kernel(
     stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h, stride_bt_b,
     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
     L: gl.constexpr, R: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-    ALIGN: gl.constexpr, SPLIT: gl.constexpr, EARLY: gl.constexpr = 0, WIDE: gl.constexpr = 0,
+    ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr = 0,
 ):
     pid_h = gl.program_id(0)
     b = gl.program_id(1)
@@ -255,11 +235,11 @@ def _mla_decode_scorer_kernel(
         (_scorer, (q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
                    sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
                    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
-                   NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, EARLY)),
+                   NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, WIDE0)),
         (_accumulator, (q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
                         sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
                         stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
-                        NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, WIDE)),
+                        NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
         (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
                      sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
                      stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,

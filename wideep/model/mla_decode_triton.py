@@ -101,11 +101,13 @@ CUDA_CONFIGS_MANY_HEADS = (
 # (benchmarks/mla_decode.py --suite/--study, 2026-11-30): the split-value variant beat the present tile at
 # every bf16 shape (0.318 ms vs 0.344 at B=128 ctx 2048, 2048 tokens per split); over an fp8 cache it needs
 # the fp16 widening to beat the bf16 one (0.371 ms vs 0.464).
-# Over a bf16 cache the warp-specialized Gluon kernels come first. The half-page one (mla_decode_halfpage:
-# each warpgroup scores 32 tokens of the page, no duplicated QK^T) beat the full-tile one (mla_decode_gluon)
-# on average at every measured shape (two runs): 0.170 ms at B=128 ctx 2048 against 0.182, 1.44 against
-# 1.63 at B=256 ctx 8192 (H200, 2026-11-30); the full-tile kernel follows it (0.182 ms against 0.267 for
-# the TMA tile and 0.316 for the present one). Two more variants measured slower and were removed: the
+# Over a bf16 cache the warp-specialized Gluon kernels come first. The one-scorer one (mla_decode_scorer:
+# warpgroup 0 scores each whole page and runs the softmax, both warpgroups accumulate half of the value
+# columns) beat the half-page one at every measured shape: 0.146-0.150 ms at B=128 ctx 2048 against 0.169-0.173,
+# 1.32 against 1.45 at B=256 ctx 8192 (H200, 2026-11-30, docs/perf.md, fifth pass). The half-page one
+# (mla_decode_halfpage: each warpgroup scores 32 tokens of the page, no duplicated QK^T) follows; it beat the
+# full-tile one (mla_decode_gluon) on average at every measured shape (0.170 ms against 0.182). Two more
+# variants measured slower and were removed: the
 # full-tile kernel with a page's PV behind the next page's scores (0.247 ms) and the seesaw schedule (the
 # warpgroups score alternate pages, FlashMLA's published scheme; 0.215 ms, no prefetch fits).
 # The TMA tile (whole pages by bulk tensor copies, mla_decode_hopper) backs them where Gluon is missing or
@@ -113,6 +115,7 @@ CUDA_CONFIGS_MANY_HEADS = (
 # either way and spills) and Gluon does not read fp8, so fp8 keeps the pointer-load tile. A cache the bulk
 # copy cannot describe (unaligned strides, page != 64) falls back to the next config, logged once.
 HOPPER_CONFIGS_MANY_HEADS = (
+    DecodeConfig(64, 64, 4, 2, gluon=True, scorer=True),
     DecodeConfig(64, 64, 4, 2, gluon=True, halfpage=True),
     DecodeConfig(64, 64, 4, 2, gluon=True),
     DecodeConfig(64, 64, 8, 2, split_v=True, tma=True),
@@ -488,7 +491,8 @@ def mla_decode(
                                 candidates[0], last_exc, cfg)
                 else:
                     log.info("MLA decode: Triton kernel, tile config %s (%s)", cfg,
-                             "Hopper Gluon kernel, half pages" if cfg.halfpage
+                             "Hopper Gluon kernel, one scorer" if cfg.scorer
+                             else "Hopper Gluon kernel, half pages" if cfg.halfpage
                              else "Hopper Gluon kernel" if cfg.gluon
                              else "Hopper TMA variant" if cfg.tma else "Hopper variant" if cfg.split_v
                              else "portable variant")
