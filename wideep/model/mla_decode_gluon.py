@@ -277,8 +277,8 @@ def _mla_decode_gluon_kernel(
 
 def launch(kernel, q_lat, q_pe, kv_cache, block_tables, seq_lens, out, lse, out_strides, sm_scale_log2, out_scale,
            chunk, max_splits, grid, split: bool, stages: int, align: int, **constexprs):
-    """One of the Gluon decode kernels (this module's, mla_decode_halfpage's or mla_decode_scorer's: same arguments and output
-    contract). q_lat [B, Q, H, L], q_pe [B, Q, H, R] (last dims contiguous), out [B, Q*H, L] (split=False) or
+    """One of the Gluon decode kernels (this module's, mla_decode_halfpage's or mla_decode_scorer's: same arguments
+    and output contract). q_lat [B, Q, H, L], q_pe [B, Q, H, R] (last dims contiguous), out [B, Q*H, L] (split=False) or
     the fp32 partials [B, Q*H, S, L] with lse [B, Q*H, S] (split=True); out_strides as the Triton kernels take them.
     `constexprs`: extra compile-time arguments of that kernel (the half-page kernel's benchmark-only ABLATE)."""
     b, nq, h, lat = q_lat.shape
