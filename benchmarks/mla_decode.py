@@ -15,7 +15,8 @@ table, replay, compare with the oracle.
          vs eager tokens; --study: tokens per split vs batch size; ~40 s each on an H200)
   H200: PYTHONPATH=$PWD python3 benchmarks/mla_decode.py --ablate   (where the Gluon kernels' time goes)
   AOT:  .venv/bin/python benchmarks/mla_decode.py --aot             (no GPU: compile for sm_90, print
-                                                                     shared memory, registers, spills)
+                                                                     shared memory, registers, spills;
+        MLA_AOT_ONLY=e4m3 compiles only the Hopper kernels whose tag contains the text)
 """
 import argparse
 import json
@@ -58,7 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--ablate-target", default=None, help="run one config a few times eagerly (an ncu target)")
     p.add_argument("--ablate-extra", default="", help="--ablate: more configs to time (';'-separated)")
     p.add_argument("--ablate-quick", action="store_true", help="--ablate: B=128/256 only, no split-count variants")
-    p.add_argument("--smoke", action="store_true", help="each --suite-configs entry on a small case vs the oracle")
+    p.add_argument("--smoke", action="store_true",
+                   help="each --suite-configs entry, then the automatic choice over a bf16 and an fp8 cache, on a "
+                        "small case vs the oracle")
     p.add_argument("--old", default=None, help="path of the present kernel's module (mla_decode_triton.py of main) "
                    "to time beside the new one")
     p.add_argument("--no-fp8-timings", dest="suite_fp8_timings", action="store_false",
@@ -478,7 +481,10 @@ def aot_hopper():
     aligned = {"Q_LAT", "Q_PE", "KV", "BLOCK_TABLES", "SEQ_LENS", "OUT", "LSE", "stride_ql_b", "stride_ql_q",
                "stride_ql_h", "stride_qp_b", "stride_qp_q", "stride_kv_blk", "stride_kv_tok", "stride_o_b",
                "stride_o_r", "stride_o_s"}
+    only = os.environ.get("MLA_AOT_ONLY")   # a substring of the tags: compile just those (iterating on one kernel)
     for kv, qd in (("bf16", "bf16"), ("fp8e4nv", "fp16")):
+        if only and only not in f"tma 64,64,8,2 kv={kv}":
+            continue
         sig = {"Q_LAT": f"*{qd}", "Q_PE": f"*{qd}", "KV": f"*{kv}", "KV_DESC": f"tensordesc<{kv}[1,64,256]>",
                "PE_DESC": f"tensordesc<{kv}[1,64,64]>", "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32",
                "LSE": "*fp32", "sm_scale_log2": "fp32", "out_scale": "fp32"}
@@ -499,19 +505,24 @@ def aot_hopper():
     except ImportError as exc:
         print(f"  gluon: not available in this Triton ({exc})")
         return
-    lay = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16)
     gints = ["chunk", "max_splits", "H", "blk_rows", "stride_ql_b", "stride_ql_q", "stride_ql_h", "stride_qp_b",
              "stride_qp_q", "stride_qp_h", "stride_bt_b", "stride_o_b", "stride_o_r", "stride_o_s", "stride_lse_b",
              "stride_lse_r"]
+    from wideep.model import mla_decode_e4m3 as me
     from wideep.model import mla_decode_halfpage as mh
     from wideep.model import mla_decode_scorer as ms
-    sig = {"Q_LAT": "*bf16", "Q_PE": "*bf16", "kv_desc": f"tensordesc<bf16[64,64],{lay!r}>",
-           "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32",
-           "out_scale": "fp32"}
-    sig.update({n: "i32" for n in gints})
-    for tag, kern in (("gluon 64,64,4,2", mg._mla_decode_gluon_kernel),
-                      ("gluon 64,64,4,2,hp", mh._mla_decode_halfpage_kernel),
-                      ("gluon 64,64,4,2,sc", ms._mla_decode_scorer_kernel)):
+    kernels = [("gluon 64,64,4,2", mg._mla_decode_gluon_kernel, "bf16"),
+               ("gluon 64,64,4,2,hp", mh._mla_decode_halfpage_kernel, "bf16"),
+               ("gluon 64,64,4,2,hp,e4m3", me._mla_decode_e4m3_kernel, "fp8e4nv"),
+               ("gluon 64,64,4,2,sc", ms._mla_decode_scorer_kernel, "bf16")]
+    for tag, kern, kv in kernels:
+        if only and only not in tag:
+            continue
+        lay = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16 if kv == "bf16" else gl.float8e4nv)
+        sig = {"Q_LAT": "*bf16", "Q_PE": "*bf16", "kv_desc": f"tensordesc<{kv}[64,64],{lay!r}>",
+               "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32",
+               "out_scale": "fp32"}
+        sig.update({n: "i32" for n in gints})
         consts = dict(L=L, R=R, PAGE=64, STAGES=2, NUM_Q=1, ALIGN=128, SPLIT=True)
         sig.update({k: "constexpr" for k in consts})
         try:
@@ -526,7 +537,8 @@ def main(argv=None):
     args = parse_args(argv)
     configs = parse_configs(args.configs)
     if args.aot_child:
-        aot_child(configs)
+        if not os.environ.get("MLA_AOT_ONLY"):
+            aot_child(configs)
         return aot_hopper()
     if args.aot:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
