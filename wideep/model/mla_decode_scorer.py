@@ -27,7 +27,7 @@ invariance and CUDA-graph safety carry over. bf16 caches only.
 WIDE0 (benchmark-only, default 0 = the kernel the config runs; `benchmarks/mla_decode.py --ablate`): warpgroup
 0's products as one m64n256 per k-step too (A from registers: fewer instructions, no shared-memory saving).
 Measured on an H200 (docs/perf.md, issue 15 fifth pass): 0.145 ms per layer at B=128 ctx 2048 against 0.169
-for the half-page kernel, 12-20% less time at every measured shape; the bf16 default on Hopper. WIDE0=1
+for the half-page kernel, 11-16% less time at every measured shape; the bf16 default on Hopper. WIDE0=1
 measured 0.140 (oracle-checked, not yet through the suite's invariance and graph checks).
 """
 from triton.experimental import gluon

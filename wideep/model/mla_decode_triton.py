@@ -106,12 +106,13 @@ CUDA_CONFIGS_MANY_HEADS = (
 # the fp16 widening to beat the bf16 one (0.371 ms vs 0.464).
 # Over a bf16 cache the warp-specialized Gluon kernels come first. The one-scorer one (mla_decode_scorer:
 # warpgroup 0 scores each whole page and runs the softmax, both warpgroups accumulate half of the value
-# columns) beat the half-page one at every measured shape, 12-20%: 0.145 ms at B=128 ctx 2048 against 0.169,
-# 0.287 against 0.338 at B=256, 1.30 against 1.46 at B=256 ctx 8192 (H200, 2026-11-30, docs/perf.md, fifth
-# pass). The half-page one (mla_decode_halfpage: each warpgroup scores 32 tokens of the page, no duplicated
-# QK^T) follows; it beat the full-tile one (mla_decode_gluon) on average at every measured shape (0.170 ms
-# against 0.182). Two more variants measured slower and were removed: the full-tile kernel with a page's PV behind the next page's scores (0.247 ms) and the seesaw schedule (the
-# warpgroups score alternate pages, FlashMLA's published scheme; 0.215 ms, no prefetch fits).
+# columns) beat the half-page one at every measured shape, 11-16% less time: 0.145 ms at B=128 ctx 2048
+# against 0.169, 0.287 against 0.338 at B=256, 1.30 against 1.46 at B=256 ctx 8192 (H200, 2026-11-30,
+# docs/perf.md, fifth pass). The half-page one (mla_decode_halfpage: each warpgroup scores 32 tokens of the
+# page, no duplicated QK^T) follows; it beat the full-tile one (mla_decode_gluon) on average at every measured
+# shape (0.170 ms against 0.182). Two more variants measured slower and were removed: the full-tile kernel
+# with a page's PV behind the next page's scores (0.247 ms) and the seesaw schedule (the warpgroups score
+# alternate pages, FlashMLA's published scheme; 0.215 ms, no prefetch fits).
 # The TMA tile (whole pages by bulk tensor copies, mla_decode_hopper) backs them where Gluon is missing or
 # does not apply. Over an fp8 cache the Gluon half-page kernel over e4m3 pages comes first (mla_decode_e4m3:
 # each warpgroup widens its 32 rows of the page to bf16 in shared memory): 0.280 ms at B=128 ctx 2048
