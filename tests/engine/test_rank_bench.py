@@ -148,3 +148,24 @@ def test_check_router_compares_variants_bit_for_bit(rank, monkeypatch):
     assert set(out["variants"]) == set(rank.ROUTER_VARIANTS)
     assert all(r["T8"]["bit_exact"] and r["T8"]["after_graph_exact"] for r in out["variants"].values())
     assert (fused_ops.GATE_UNROLL, fused_ops.GATE_SELECT_WARPS) == before
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_reference_work_matches_the_roofline_bytes(rank, fp8):
+    """The vendor reference's GEMMs and the same-work floor's kernels move the bytes the roofline counts: the
+    GEMM weights of each GEMM phase, and the norm / RoPE kernels' reads and writes (R1 at full size, B=128)."""
+    cfg = rank.rank_config("full", None, None, fp8)
+    a = rank.parse(["--ep", "32"])
+    t = 128
+    counts, pairs = rank.expert_counts(cfg, a, t)
+    assert counts == [128] * 8 and pairs == t * 8
+    ceil = {"copy_GBps": 1.0, "bf16_TFLOPs": 1e9, "fp8_TFLOPs": 1e9}   # bytes bind: roofline ms = bytes / 1e6
+    roof = rank.rooflines(cfg, 8, fp8, t, 2048, ceil)
+    for phase, gs in rank.step_gemms(cfg, counts, fp8, t).items():
+        wbytes = sum(len(g.rows) * g.n * g.k * g.batch * (1 if g.fp8 else 2) * g.count for g in gs)
+        assert wbytes == pytest.approx(roof[phase] * 1e6, rel=1e-9), phase
+    work = rank.small_phase_work(cfg, t, pairs, t)
+    for phase in ("norms_residual", "rope_cache_write"):
+        assert sum(n * b for _, n, b in work[phase]) == pytest.approx(roof[phase] * 1e6, rel=1e-9), phase
+    assert sum(n for _, n, _ in work["norms_residual"]) == 3 * cfg.num_hidden_layers
+    assert set(work) == set(rank.SMALL_PHASES)
