@@ -702,6 +702,24 @@ def check_fused_ops(cfg: ModelConfig, device, tokens: int = 128) -> dict:
             sep = fp8_linear(x, w_, s_, scale_row_index([p_], 128, device)).float()
             rel = max(rel, float((y.float() - sep).abs().max() / sep.abs().max()))
         out["qkv_a_stacked_vs_separate_max_rel"] = rel
+    # RMSNorm + FP8 activation quantization in one kernel against rms_norm then act_quant (codes, scales, sum)
+    from wideep.model import fp8_triton
+    nq = 0
+    for d, res, pad in [(cfg.hidden_size, True, 1), (cfg.hidden_size, False, 16), (cfg.q_lora_rank or 0, False, 16)]:
+        if not d:
+            continue
+        xs = (r(tokens, d + 64) * 3).to(dt)[:, :d]   # a strided view, as the q_a part of the stacked output
+        rs = r(tokens, d).to(dt) if res else None
+        wn = (r(d).abs() + 0.5).to(dt)
+        got = fused_ops.rms_norm_quant(xs, wn, 1e-6, rs, pad_rows=pad)
+        normed = fused_ops.rms_norm(xs, wn, 1e-6, rs)
+        if res:
+            normed, total = normed
+            nq += int((got[2] != total).sum())
+        qr, sr = fp8_triton.act_quant(normed, pad)
+        nq += int((got[0][:tokens].view(torch.uint8) != qr[:tokens].view(torch.uint8)).sum())
+        nq += int((got[1][:tokens] != sr[:tokens]).sum())
+    out["norm_quant_diff"] = nq
     wk = r(nh, cfg.qk_nope_head_dim, lat).to(dt)
     qn = q[..., : cfg.qk_nope_head_dim]
     out["absorbed_bmm_equal_einsum"] = bool(torch.equal(torch.bmm(qn.transpose(0, 1), wk).transpose(0, 1),
