@@ -384,22 +384,32 @@ def step_gemms(cfg: ModelConfig, counts: list[int], fp8: bool, tokens: int) -> d
     return {p: g for p, g in out.items() if g}
 
 
-def small_phase_work(cfg: ModelConfig, tokens: int, pairs: int, own_rows: int) -> dict[str, list[tuple]]:
+def norm_work(cfg: ModelConfig, t: int, fp8_out: bool) -> list[tuple]:
+    """The norm kernels of one step over t tokens: (label, launches, bytes each). fp8_out: the input and q_a norms
+    write the next FP8 projection's e4m3 codes (RMSNorm + quantization in one kernel) instead of bf16 rows."""
+    h, layers, ql = cfg.hidden_size, cfg.num_hidden_layers, cfg.q_lora_rank or 0
+    o = 1 if fp8_out and ql else 2   # bytes per channel of the input norm's output
+    out = [("add_norm hidden, input (x, r in; s, y out)", layers - 1, (6 * h + o * h) * t),
+           ("norm hidden, layer 0 input (x in, y out)", 1, (2 * h + o * h) * t),
+           ("add_norm hidden, post-attention", layers, 8 * h * t)]
+    if ql:
+        out.append(("q_a norm", layers, (2 * ql + (1 if fp8_out else 2) * ql) * t))
+    return out
+
+
+def small_phase_work(cfg: ModelConfig, tokens: int, pairs: int, own_rows: int,
+                     fp8: bool = False) -> dict[str, list[tuple]]:
     """The kernels of each small phase in one decode step: (label, launches, bytes each: read + written), from
     the shapes the model code runs (pairs: routed (token, slot) pairs per MoE layer; own_rows: rows of the
-    fused shared slot gathered beside them)."""
+    fused shared slot gathered beside them; fp8: the FP8 model, whose norms write e4m3 codes where fused)."""
     h, nh, layers, t = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, tokens
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(layers))
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     slices = fused_ops.gate_slices(h)
-    norms = [("add_norm hidden (x, r in; y, s out)", 2 * layers - 1, 4 * h * t * 2),
-             ("norm hidden (layer 0 input)", 1, 2 * h * t * 2)]
-    if cfg.q_lora_rank:
-        norms.append(("q_a norm", layers, 2 * cfg.q_lora_rank * t * 2))
     return {
         "rope_cache_write": [("rope q_pe + latent norm + cache row", layers,
                               t * (2 * nh * cfg.qk_rope_head_dim + 2 * cfg.kv_cache_dim) * 2)],
-        "norms_residual": norms,
+        "norms_residual": norm_work(cfg, t, fp8),
         "router": [("gate GEMM: weight + x in, fp32 partials out", moe_layers, (e * h + t * h) * 2 + slices * t * e * 4),
                    ("selection: partials in, ids + weights out", moe_layers, slices * t * e * 4 + e * 4 + t * k * 16)],
         "dispatch_combine_glue": [
@@ -583,7 +593,8 @@ def explain_phases(res: dict, cfg: ModelConfig, a, tokens: int, device, vendor: 
         ref[p] = {"kind": "vendor", **v}
     counts, pairs = expert_counts(cfg, a, tokens)
     own = tokens if fuse_shared_expert(cfg) else 0
-    for p, v in same_work_floor(small_phase_work(cfg, tokens, pairs, own), res["launches"], device).items():
+    fp8 = cfg.quantization_config is not None
+    for p, v in same_work_floor(small_phase_work(cfg, tokens, pairs, own, fp8), res["launches"], device).items():
         ref[p] = {"kind": "same-work", **v}
     res["reference"] = ref
 
@@ -1036,8 +1047,9 @@ def rooflines(cfg: ModelConfig, n_local: int, fp8: bool, b: int, ctx: int | None
         "dispatch_combine_glue": t(moe_layers * 3 * rows * h * 2, 0),
         "lm_head_sampling": t(cfg.vocab_size * h * 2, 2 * b * cfg.vocab_size * h, peak_bf16),
         # per layer: 2 hidden norms, each with the residual add (x, r in; s, y out: 4h) except layer 0's input
-        # norm (x in, y out), + the q_a latent norm (in, out)
-        "norms_residual": t((layers * (8 * h + 2 * (cfg.q_lora_rank or 0)) - 2 * h) * tokens * 2, 0),
+        # norm (x in, y out), + the q_a latent norm (in, out); FP8 decode: the input and q_a norms write their
+        # output as the next projection's e4m3 codes (1 byte; the scales, 1/32 of that, not counted)
+        "norms_residual": t(sum(n * b for _, n, b in norm_work(cfg, tokens, fp8 and not prefill_tokens)), 0),
         # q_pe read + written, the kv_a output read, the cache row written (bf16 cache)
         "rope_cache_write": t(layers * tokens * (2 * nh * cfg.qk_rope_head_dim + 2 * cfg.kv_cache_dim) * 2, 0),
         "other": float("nan"),

@@ -164,8 +164,11 @@ def test_reference_work_matches_the_roofline_bytes(rank, fp8):
     for phase, gs in rank.step_gemms(cfg, counts, fp8, t).items():
         wbytes = sum(len(g.rows) * g.n * g.k * g.batch * (1 if g.fp8 else 2) * g.count for g in gs)
         assert wbytes == pytest.approx(roof[phase] * 1e6, rel=1e-9), phase
-    work = rank.small_phase_work(cfg, t, pairs, t)
+    work = rank.small_phase_work(cfg, t, pairs, t, fp8)
     for phase in ("norms_residual", "rope_cache_write"):
         assert sum(n * b for _, n, b in work[phase]) == pytest.approx(roof[phase] * 1e6, rel=1e-9), phase
     assert sum(n for _, n, _ in work["norms_residual"]) == 3 * cfg.num_hidden_layers
+    # the bf16 rows the unfused norms wrote: 2 bytes a channel of the input and q_a norms' outputs
+    saved = (cfg.num_hidden_layers * (cfg.hidden_size + cfg.q_lora_rank) * t) if fp8 else 0
+    assert sum(n * b for _, n, b in rank.norm_work(cfg, t, False)) - sum(n * b for _, n, b in work["norms_residual"]) == saved
     assert set(work) == set(rank.SMALL_PHASES)

@@ -393,10 +393,11 @@ if triton is not None:
                            inv_k_scale,
                            Q_OFF: constexpr, HALF: constexpr, BLOCK_H: constexpr, BLOCK_HALF: constexpr,
                            BLOCK_L: constexpr, FP8: constexpr):
-        """Program (token, head block): q_pe of BLOCK_H heads roped in place (de-interleaved layout); the head
-        block 0 program also writes the cache row [RMSNorm(c_kv) * w ‖ rope(k_pe)] (fp8: value / k_scale
-        saturated to e4m3) at the token's slot. Rope rounds to the activation dtype after each op (x1*cos, x2*sin,
-        their difference), as the torch reference's elementwise ops do."""
+        """Program (token, head block): q_pe of BLOCK_H heads roped in place (de-interleaved layout); the last
+        program of each token (head block index = the head blocks' count) writes the cache row
+        [RMSNorm(c_kv) * w ‖ rope(k_pe)] (fp8: value / k_scale saturated to e4m3) at the token's slot, beside
+        the head blocks rather than after one of them. Rope rounds to the activation dtype after each op
+        (x1*cos, x2*sin, their difference), as the torch reference's elementwise ops do."""
         t = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
         ty = q_ptr.dtype.element_ty
@@ -404,20 +405,22 @@ if triton is not None:
         jm = j < HALF
         cos = tl.load(cos_ptr + t * stride_cs + j, mask=jm, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + t * stride_cs + j, mask=jm, other=0.0).to(tl.float32)
-        h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-        qm = (h < H)[:, None] & jm[None, :]
-        qbase = q_ptr + t * stride_qt + h[:, None].to(tl.int64) * stride_qh + Q_OFF
-        x1 = tl.load(qbase + 2 * j[None, :], mask=qm, other=0.0).to(tl.float32)
-        x2 = tl.load(qbase + 2 * j[None, :] + 1, mask=qm, other=0.0).to(tl.float32)
-        c2, s2 = cos[None, :], sin[None, :]
-        qa = ((x1 * c2).to(ty).to(tl.float32) - (x2 * s2).to(ty).to(tl.float32)).to(ty)
-        qb = ((x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)).to(ty)
-        # in place: every thread's reads are done before any thread overwrites the interleaved pairs
-        tl.debug_barrier()
-        tl.store(qbase + j[None, :], qa, mask=qm)
-        tl.store(qbase + HALF + j[None, :], qb, mask=qm)
+        latent = hb == tl.num_programs(1) - 1
+        if not latent:
+            h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+            qm = (h < H)[:, None] & jm[None, :]
+            qbase = q_ptr + t * stride_qt + h[:, None].to(tl.int64) * stride_qh + Q_OFF
+            x1 = tl.load(qbase + 2 * j[None, :], mask=qm, other=0.0).to(tl.float32)
+            x2 = tl.load(qbase + 2 * j[None, :] + 1, mask=qm, other=0.0).to(tl.float32)
+            c2, s2 = cos[None, :], sin[None, :]
+            qa = ((x1 * c2).to(ty).to(tl.float32) - (x2 * s2).to(ty).to(tl.float32)).to(ty)
+            qb = ((x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)).to(ty)
+            # in place: every thread's reads are done before any thread overwrites the interleaved pairs
+            tl.debug_barrier()
+            tl.store(qbase + j[None, :], qa, mask=qm)
+            tl.store(qbase + HALF + j[None, :], qb, mask=qm)
         slot = tl.load(slot_ptr + t)
-        if (hb == 0) & (slot >= 0):
+        if latent & (slot >= 0):
             ctype = cache_ptr.dtype.element_ty
             slot64 = slot.to(tl.int64)
             row = cache_ptr + (slot64 // PAGE) * stride_cblk + (slot64 % PAGE) * stride_c
@@ -470,7 +473,7 @@ def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tenso
     bh = min(triton.next_power_of_2(nh), 16)
     if t:
         # (block, offset) strides: a cross-layer cache's layer is a strided view (engine/kv_cache.py)
-        _rope_cache_kernel[(t, triton.cdiv(nh, bh))](q, kv, norm_weight, cos, sin, kv_cache, slot_mapping.contiguous(),
+        _rope_cache_kernel[(t, triton.cdiv(nh, bh) + 1)](q, kv, norm_weight, cos, sin, kv_cache, slot_mapping.contiguous(),
                                  nh, lat, q.stride(0), q.stride(1), kv.stride(0), cos.stride(0), kv_cache.stride(0),
                                  kv_cache.stride(1), kv_cache.shape[1], eps, inv,
                                  Q_OFF=d - 2 * half, HALF=half, BLOCK_H=bh,
