@@ -731,6 +731,23 @@ def check_fused_ops(cfg: ModelConfig, device, tokens: int = 128) -> dict:
         nq += int((got[0][:tokens].view(torch.uint8) != qr[:tokens].view(torch.uint8)).sum())
         nq += int((got[1][:tokens] != sr[:tokens]).sum())
     out["norm_quant_diff"] = nq
+    # the grouped FP8 expert MLP: every counted row written, the padding rows past them zero (zero_tail; the
+    # output's memory held NaN just before), the values against the per-expert torch path
+    from wideep.model.fp8 import fp8_grouped_mlp
+    inter, hid, counts = cfg.moe_intermediate_size, cfg.hidden_size, [50, 0, 70]
+    w13 = r(3, 2 * inter, hid).to(FP8_DTYPE)
+    w2_ = r(3, hid, inter).to(FP8_DTYPE)
+    s13 = torch.full((3, 2 * inter // 128, hid // 128), 0.02, device=device)
+    s2_ = torch.full((3, hid // 128, inter // 128), 0.02, device=device)
+    i13, i2 = scale_row_index([inter, inter], 128, device), scale_row_index([hid], 128, device)
+    xg = r(136, hid).to(dt)
+    tpe = torch.tensor(counts, device=device)
+    del_me = torch.full((136, hid), float("nan"), dtype=dt, device=device)
+    del del_me
+    yg = fp8_grouped_mlp(xg, w13, s13, i13, w2_, s2_, i2, tpe, impl="triton")
+    yr = fp8_grouped_mlp(xg, w13, s13, i13, w2_, s2_, i2, tpe, impl="torch")
+    out["grouped_mlp_padding_zero"] = bool((yg[120:] == 0).all()) and not bool(yg.isnan().any())
+    out["grouped_mlp_vs_torch_max_rel"] = float((yg.float() - yr.float()).abs().max() / yr.float().abs().max())
     wk = r(nh, cfg.qk_nope_head_dim, lat).to(dt)
     qn = q[..., : cfg.qk_nope_head_dim]
     out["absorbed_bmm_equal_einsum"] = bool(torch.equal(torch.bmm(qn.transpose(0, 1), wk).transpose(0, 1),

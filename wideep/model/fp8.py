@@ -258,13 +258,19 @@ def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, sidx1
     n_rows = x.shape[0]
     inter = w2.shape[-1]
     e = w13.shape[0]
-    y = torch.zeros((n_rows, w2.shape[1]), dtype=x.dtype, device=x.device)
     kernels = _use_kernels(x)
     if impl == "auto" and kernels:
         from . import fp8_triton
 
         large = n_rows >= fp8_triton.LARGE_ROWS * e and not _capturing(x)
         impl = "cublas" if large else "triton"
+    if impl == "triton":   # the GEMM writes the counted rows; only the padding rows past them are zeroed
+        from . import fp8_triton
+
+        y = fp8_triton.zero_tail(torch.empty((n_rows, w2.shape[1]), dtype=x.dtype, device=x.device),
+                                 tokens_per_expert)
+    else:
+        y = torch.zeros((n_rows, w2.shape[1]), dtype=x.dtype, device=x.device)
     if impl == "cublas":
         if not kernels or _capturing(x):
             raise ValueError("fp8_grouped_mlp: impl 'cublas' needs CUDA and an eager (not captured) step")
