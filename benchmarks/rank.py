@@ -659,6 +659,74 @@ def check_router(cfg: ModelConfig, device, tokens=(128, 256)) -> dict:
     return out
 
 
+# launch settings of two small kernels whose results do not depend on them (check_small_kernels times them):
+# RoPE + cache write (heads per program, warps; the first is the committed default) and the grouping kernel
+# (pairs per program, pairs per histogram step, warps)
+ROPE_VARIANTS = [(16, 4), (8, 4), (32, 4), (64, 4), (128, 4), (16, 2), (32, 8), (128, 8), (8, 1)]
+GROUP_VARIANTS = [(128, 512, 4), (64, 512, 4), (256, 512, 4), (128, 1024, 8), (64, 1024, 8), (32, 1024, 4),
+                  (128, 256, 4), (32, 512, 2)]
+
+
+def check_small_kernels(cfg: ModelConfig, device, tokens=(128, 256)) -> dict:
+    """RoPE + cache write and the grouping kernel at R1 sizes under each launch setting: outputs bit for bit
+    against the committed setting's, graph-replayed us per call; the fastest setting that passes at every size
+    is installed for this run (printed, so the run says what it measured)."""
+    from wideep.model import moe_permute
+
+    g = torch.Generator(device=device)
+    g.manual_seed(3)
+    dt = torch.bfloat16
+    nh, d, half, lat = cfg.num_attention_heads, cfg.qk_head_dim, cfg.qk_rope_head_dim // 2, cfg.kv_lora_rank
+    out: dict = {"rope": {}, "group": {}}
+    saved_rope = (fused_ops.ROPE_BLOCK_H, fused_ops.ROPE_WARPS)
+    saved_group = (moe_permute.GROUP_BLOCK, moe_permute.GROUP_SCAN, moe_permute.GROUP_WARPS)
+    for t in tokens:
+        q0 = torch.randn(t, nh, d, device=device, generator=g).to(dt)
+        kv = torch.randn(t, lat + 2 * half, device=device, generator=g).to(dt)
+        w = torch.rand(lat, device=device, generator=g).to(dt) + 0.5
+        ang = torch.randn(t, half, device=device, generator=g) * 3
+        cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+        cache0 = torch.zeros(8 * t // 64 + 1, 64, lat + 2 * half, device=device, dtype=dt)
+        slots = torch.randperm(8 * t, device=device, generator=g)[:t]
+        ref = None
+        for bh, nw in ROPE_VARIANTS:
+            fused_ops.ROPE_BLOCK_H, fused_ops.ROPE_WARPS = bh, nw
+            try:
+                qx, cx = q0.clone(), cache0.clone()
+                fused_ops.rope_cache_write(qx, kv, w, 1e-6, cos, sin, cx, slots)
+                ref = ref or (qx.clone(), cx.clone())   # the timing below ropes qx again, in place
+                exact = bool(torch.equal(qx, ref[0]) and torch.equal(cx, ref[1]))
+                us = _graph_us(lambda: fused_ops.rope_cache_write(qx, kv, w, 1e-6, cos, sin, cx, slots))
+                res = {"us": round(us, 2), "exact": exact}
+            except Exception as exc:  # noqa: BLE001 - a setting that fails to compile or run is reported
+                res = {"us": float("inf"), "exact": False, "error": f"{type(exc).__name__}: {exc}"[:160]}
+            out["rope"].setdefault(f"{bh}h/{nw}w", {})[f"T{t}"] = res
+        ids = torch.randint(-1, 9, (t, cfg.num_experts_per_tok), device=device, generator=g)
+        tw = torch.rand(t, cfg.num_experts_per_tok, device=device, generator=g)
+        ref = None
+        for blk, scan, nw in GROUP_VARIANTS:
+            moe_permute.GROUP_BLOCK, moe_permute.GROUP_SCAN, moe_permute.GROUP_WARPS = blk, scan, nw
+            try:
+                gr, pr, wr = group_pairs(ids, 8, tw)
+                got = (gr.order, gr.rows, gr.valid, gr.tokens_per_expert, pr, wr)
+                ref = ref or got
+                exact = all(torch.equal(a_, b_) for a_, b_ in zip(got, ref))
+                res = {"us": round(_graph_us(lambda: group_pairs(ids, 8, tw)), 2), "exact": exact}
+            except Exception as exc:  # noqa: BLE001
+                res = {"us": float("inf"), "exact": False, "error": f"{type(exc).__name__}: {exc}"[:160]}
+            out["group"].setdefault(f"{blk}/{scan}/{nw}w", {})[f"T{t}"] = res
+    for name, variants, committed in (("rope", ROPE_VARIANTS, saved_rope), ("group", GROUP_VARIANTS, saved_group)):
+        keys = list(out[name])
+        ok = {k: sum(v["us"] for v in out[name][k].values()) for k in keys if all(v["exact"] for v in out[name][k].values())}
+        pick = variants[keys.index(min(ok, key=ok.get))] if ok else committed
+        out[f"{name}_pick"] = list(pick)
+        if name == "rope":
+            fused_ops.ROPE_BLOCK_H, fused_ops.ROPE_WARPS = pick
+        else:
+            moe_permute.GROUP_BLOCK, moe_permute.GROUP_SCAN, moe_permute.GROUP_WARPS = pick
+    return out
+
+
 def check_fused_ops(cfg: ModelConfig, device, tokens: int = 128) -> dict:
     """The step's fused kernels against their torch references at this model's sizes, on the device (the CPU
     tests run them under Triton's interpreter, whose float casts differ): counts of differing elements."""
@@ -1321,6 +1389,9 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         report["fused_check"] = check_fused_ops(rank_config(a.size, a.layers, a.dense_layers, False), device)
         print(f"# fused ops vs torch references: {report['fused_check']}", flush=True)
+        report["small_kernels"] = check_small_kernels(rank_config(a.size, a.layers, a.dense_layers, False), device)
+        print(f"# small-kernel launch settings (graph us per call, bits vs the committed setting; the fastest exact "
+              f"one is installed): {json.dumps(report['small_kernels'])}", flush=True)
         report["router_check"] = check_router(rank_config(a.size, a.layers, a.dense_layers, False), device)
         print(f"# router kernel settings (graph us per call; bit-exact vs the 4-warp unrolled path): "
               f"{json.dumps(report['router_check'])}", flush=True)

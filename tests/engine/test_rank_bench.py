@@ -172,3 +172,25 @@ def test_reference_work_matches_the_roofline_bytes(rank, fp8):
     saved = (cfg.num_hidden_layers * (cfg.hidden_size + cfg.q_lora_rank) * t) if fp8 else 0
     assert sum(n * b for _, n, b in rank.norm_work(cfg, t, False)) - sum(n * b for _, n, b in work["norms_residual"]) == saved
     assert set(work) == set(rank.SMALL_PHASES)
+
+
+def test_check_small_kernels_compares_launch_settings_bit_for_bit(rank, monkeypatch):
+    """check_small_kernels at tiny sizes (Triton interpreter): every RoPE and grouping launch setting gives the
+    committed setting's bits, and the fastest is installed (here: the timings are made up)."""
+    from wideep.model import fused_ops, moe_permute
+
+    if fused_ops.triton is None:
+        pytest.skip("triton not installed")
+    monkeypatch.setattr(fused_ops, "use_triton", lambda x, impl: impl != "torch")
+    real = moe_permute.group_pairs
+    monkeypatch.setattr(rank, "group_pairs", lambda ids, nl, w: real(ids, nl, w, impl="triton"))
+    for mod, names in ((fused_ops, ("ROPE_BLOCK_H", "ROPE_WARPS")),
+                       (moe_permute, ("GROUP_BLOCK", "GROUP_SCAN", "GROUP_WARPS"))):
+        for n in names:
+            monkeypatch.setattr(mod, n, getattr(mod, n))   # restored after the test
+    fake = iter(range(100, 0, -1))
+    monkeypatch.setattr(rank, "_graph_us", lambda fn, reps=20: (fn(), next(fake))[1])   # later = faster
+    out = rank.check_small_kernels(rank.rank_config("tiny", None, None, False), torch.device("cpu"), tokens=(8,))
+    assert all(v["T8"]["exact"] for k in ("rope", "group") for v in out[k].values())
+    assert out["rope_pick"] == list(rank.ROPE_VARIANTS[-1]) and out["group_pick"] == list(rank.GROUP_VARIANTS[-1])
+    assert (fused_ops.ROPE_BLOCK_H, fused_ops.ROPE_WARPS) == rank.ROPE_VARIANTS[-1]

@@ -444,6 +444,12 @@ if triton is not None:
             tl.store(row + LAT + HALF + j, kb.to(ctype), mask=jm)
 
 
+# heads per program and warps of the RoPE + cache kernel (the results do not depend on them: elementwise per
+# head, one program per token's latent row); benchmarks/rank.py times the alternatives on the device
+ROPE_BLOCK_H = 16
+ROPE_WARPS = 4
+
+
 def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                      cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                      k_scale: float = 1.0, impl: str = "auto") -> torch.Tensor:
@@ -470,7 +476,7 @@ def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tenso
     else:
         inv = 1.0
     cos, sin = cos.contiguous(), sin.contiguous()
-    bh = min(triton.next_power_of_2(nh), 16)
+    bh = min(triton.next_power_of_2(nh), ROPE_BLOCK_H)
     if t:
         # (block, offset) strides: a cross-layer cache's layer is a strided view (engine/kv_cache.py)
         _rope_cache_kernel[(t, triton.cdiv(nh, bh) + 1)](q, kv, norm_weight, cos, sin, kv_cache, slot_mapping.contiguous(),
@@ -478,7 +484,7 @@ def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tenso
                                  kv_cache.stride(1), kv_cache.shape[1], eps, inv,
                                  Q_OFF=d - 2 * half, HALF=half, BLOCK_H=bh,
                                  BLOCK_HALF=triton.next_power_of_2(half), BLOCK_L=triton.next_power_of_2(lat),
-                                 FP8=fp8, num_warps=4, **NO_FP_FUSION)
+                                 FP8=fp8, num_warps=ROPE_WARPS, **NO_FP_FUSION)
     return q[..., d - 2 * half:]
 
 

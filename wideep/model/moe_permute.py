@@ -112,6 +112,9 @@ class Grouping:
 
 
 GROUP_KERNEL_MAX_PAIRS = 4096
+# pairs per program, pairs per histogram step and warps of the grouping kernel (capped by the bucket count: a
+# step holds buckets x pairs flags); the integers do not depend on them; benchmarks/rank.py times alternatives
+GROUP_BLOCK, GROUP_SCAN, GROUP_WARPS = 128, 512, 4
 
 if triton is not None:
 
@@ -178,10 +181,11 @@ def group_pairs(local_ids: torch.Tensor, num_local: int, weights: torch.Tensor |
         w_out = torch.empty(n, dtype=weights.dtype, device=dev) if weights is not None else order
         nb = triton.next_power_of_2(num_local + 1)
         if n:
-            block = max(16, min(128, 8192 // nb))
+            block = max(16, min(GROUP_BLOCK, 16384 // nb))
             _group_kernel[(triton.cdiv(n, block),)](
                 local_ids.reshape(-1).contiguous(), w_in, order, rows, valid, inv, w_out, counts, n, num_local, K=k,
-                NB=nb, BLOCK=block, SCAN=max(16, min(512, 8192 // nb)), HAS_W=weights is not None, num_warps=4)
+                NB=nb, BLOCK=block, SCAN=max(16, min(GROUP_SCAN, 16384 // nb)), HAS_W=weights is not None,
+                num_warps=GROUP_WARPS)
         else:
             counts.zero_()
         g = Grouping(order=order, rows=rows, tokens_per_expert=counts, valid=valid.view(torch.bool))
