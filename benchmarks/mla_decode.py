@@ -14,7 +14,8 @@ table, replay, compare with the oracle.
         (issue 15: bf16 + fp8 correctness, batch invariance, present kernel vs new configs, tiny model graph
          vs eager tokens; --study: tokens per split vs batch size; ~40 s each on an H200)
   AOT:  .venv/bin/python benchmarks/mla_decode.py --aot             (no GPU: compile for sm_90, print
-                                                                     shared memory, registers, spills)
+                                                                     shared memory, registers, spills;
+        MLA_AOT_ONLY=e4m3 compiles only the Hopper kernels whose tag contains the text)
 """
 import argparse
 import json
@@ -51,7 +52,9 @@ def parse_args(argv=None):
                         "present kernel vs new configs at B=128/256 x ctx 2k/4k/8k, bf16 and fp8 cache, and graph vs "
                         "eager tokens of the tiny model")
     p.add_argument("--study", action="store_true", help="tokens per split vs batch size, fp8 compute variants")
-    p.add_argument("--smoke", action="store_true", help="each --suite-configs entry on a small case vs the oracle")
+    p.add_argument("--smoke", action="store_true",
+                   help="each --suite-configs entry, then the automatic choice over a bf16 and an fp8 cache, on a "
+                        "small case vs the oracle")
     p.add_argument("--old", default=None, help="path of the present kernel's module (mla_decode_triton.py of main) "
                    "to time beside the new one")
     p.add_argument("--no-fp8-timings", dest="suite_fp8_timings", action="store_false",
@@ -471,7 +474,10 @@ def aot_hopper():
     aligned = {"Q_LAT", "Q_PE", "KV", "BLOCK_TABLES", "SEQ_LENS", "OUT", "LSE", "stride_ql_b", "stride_ql_q",
                "stride_ql_h", "stride_qp_b", "stride_qp_q", "stride_kv_blk", "stride_kv_tok", "stride_o_b",
                "stride_o_r", "stride_o_s"}
+    only = os.environ.get("MLA_AOT_ONLY")   # a substring of the tags: compile just those (iterating on one kernel)
     for kv, qd in (("bf16", "bf16"), ("fp8e4nv", "fp16")):
+        if only and only not in f"tma 64,64,8,2 kv={kv}":
+            continue
         sig = {"Q_LAT": f"*{qd}", "Q_PE": f"*{qd}", "KV": f"*{kv}", "KV_DESC": f"tensordesc<{kv}[1,64,256]>",
                "PE_DESC": f"tensordesc<{kv}[1,64,64]>", "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32",
                "LSE": "*fp32", "sm_scale_log2": "fp32", "out_scale": "fp32"}
@@ -492,17 +498,22 @@ def aot_hopper():
     except ImportError as exc:
         print(f"  gluon: not available in this Triton ({exc})")
         return
-    lay = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16)
     gints = ["chunk", "max_splits", "H", "blk_rows", "stride_ql_b", "stride_ql_q", "stride_ql_h", "stride_qp_b",
              "stride_qp_q", "stride_qp_h", "stride_bt_b", "stride_o_b", "stride_o_r", "stride_o_s", "stride_lse_b",
              "stride_lse_r"]
+    from wideep.model import mla_decode_e4m3 as me
     from wideep.model import mla_decode_halfpage as mh
-    sig = {"Q_LAT": "*bf16", "Q_PE": "*bf16", "kv_desc": f"tensordesc<bf16[64,64],{lay!r}>",
-           "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32",
-           "out_scale": "fp32"}
-    sig.update({n: "i32" for n in gints})
-    for tag, kern in (("gluon 64,64,4,2", mg._mla_decode_gluon_kernel),
-                      ("gluon 64,64,4,2,hp", mh._mla_decode_halfpage_kernel)):
+    kernels = [("gluon 64,64,4,2", mg._mla_decode_gluon_kernel, "bf16"),
+               ("gluon 64,64,4,2,hp", mh._mla_decode_halfpage_kernel, "bf16"),
+               ("gluon 64,64,4,2,hp,e4m3", me._mla_decode_e4m3_kernel, "fp8e4nv")]
+    for tag, kern, kv in kernels:
+        if only and only not in tag:
+            continue
+        lay = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16 if kv == "bf16" else gl.float8e4nv)
+        sig = {"Q_LAT": "*bf16", "Q_PE": "*bf16", "kv_desc": f"tensordesc<{kv}[64,64],{lay!r}>",
+               "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32", "LSE": "*fp32", "sm_scale_log2": "fp32",
+               "out_scale": "fp32"}
+        sig.update({n: "i32" for n in gints})
         consts = dict(L=L, R=R, PAGE=64, STAGES=2, NUM_Q=1, ALIGN=128, SPLIT=True)
         sig.update({k: "constexpr" for k in consts})
         try:
@@ -517,7 +528,8 @@ def main(argv=None):
     args = parse_args(argv)
     configs = parse_configs(args.configs)
     if args.aot_child:
-        aot_child(configs)
+        if not os.environ.get("MLA_AOT_ONLY"):
+            aot_child(configs)
         return aot_hopper()
     if args.aot:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

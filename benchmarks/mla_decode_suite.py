@@ -2,7 +2,8 @@
 
 1. ceilings: device-to-device copy bandwidth and a bf16 matmul rate, measured here;
 2. correctness against the fp32 oracle (NaN-poisoned pages, ragged lengths, a graph-wide table): every new
-   config with a bf16 and an fp8 cache, 4 query tokens x 16 heads, 2 x 128;
+   config with each cache dtype it reads (the Gluon kernels: bf16, except `...,gluon,hp,e4m3`: fp8 only),
+   4 query tokens x 16 heads, 2 x 128;
 3. batch invariance of the kernel: one sequence alone and inside a batch of 37 (wide table), bit-identical;
 4. time per layer (CUDA graph, rotating cache sets), the present kernel (`--old`, main's module, its own
    batch-dependent split heuristic) against the new configs, B=128/256 x ctx 2k/4k/8k, H=128, bf16 and fp8;
@@ -26,6 +27,16 @@ from mla_decode import L, R, SCALE, build_case, copy_bandwidth, errors, time_gra
 
 FP8 = torch.float8_e4m3fn
 K_SCALE = 0.5   # an fp8 scale that is not 1, so a forgotten scale shows up as an error
+
+
+def serves(cfg, dt) -> bool:
+    """Whether config `cfg` reads a cache of dtype `dt`: the Gluon kernels read bf16, except the e4m3 one."""
+    return not cfg.gluon or cfg.e4m3 == (dt == FP8)
+
+
+def home_dtype(cfg):
+    """The cache dtype a config's single-dtype checks (batch invariance, graph replay, Q=4) run on."""
+    return FP8 if cfg.e4m3 else torch.bfloat16
 
 
 def matmul_rate():
@@ -112,8 +123,8 @@ def run_suite(args):
         except Exception as exc:  # noqa: BLE001
             return f"{cfg} {dt}: {''.join(traceback.format_exception_only(type(exc), exc))[-600:]}"
 
-    jobs = [(c, dt, 128, 1) for c in configs for dt in (torch.bfloat16, FP8) if not (c.gluon and dt == FP8)]
-    jobs += [(c, torch.bfloat16, 16, 4) for c in configs if c.tma or c.gluon]
+    jobs = [(c, dt, 128, 1) for c in configs for dt in (torch.bfloat16, FP8) if serves(c, dt)]
+    jobs += [(c, home_dtype(c), 16, 4) for c in configs if c.tma or c.gluon]
     with ThreadPoolExecutor(len(jobs)) as ex:
         bad = {j: r for j, r in zip(jobs, ex.map(warm, jobs)) if r}
     bad = {j: r for j, r in ((j, warm(j)) for j in bad) if r}   # a concurrent-compile hiccup gets a serial retry
@@ -137,7 +148,7 @@ def run_suite(args):
     # -- correctness vs the fp32 oracle
     for cfg in configs:
         for dt in (torch.bfloat16, FP8):
-            if any(j[0] == cfg and j[1] == dt for j in bad) or (cfg.gluon and dt == FP8):
+            if any(j[0] == cfg and j[1] == dt for j in bad) or not serves(cfg, dt):
                 continue
             case = ragged_case(24, 128, page, 3000, 2560, dt, 7)
             truth = oracle(*case)
@@ -148,9 +159,9 @@ def run_suite(args):
             print(f"oracle {str(cfg):>14s} {str(dt):>22s}: max abs {err[0]:.2e} rel {err[1]:.2e} -> "
                   f"{'ok' if ok else 'FAIL'}", flush=True)
     for cfg, heads, nq in [(c, 16, 4) for c in configs if c.tma or c.gluon]:
-        case = ragged_case(24, heads, page, 3000, 2560, torch.bfloat16, 8, nq)
+        case = ragged_case(24, heads, page, 3000, 2560, home_dtype(cfg), 8, nq)
         truth = oracle(*case)
-        out = mdt.mla_decode(*case[:5], SCALE, config=cfg)
+        out = mdt.mla_decode(*case[:5], SCALE, K_SCALE if cfg.e4m3 else 1.0, config=cfg)
         err = errors(torch, out, truth)
         ok = err[2] and err[1] < 2e-2
         report["checks"].append(dict(what=f"oracle {cfg} H={heads} Q={nq}", err=err, ok=ok))
@@ -159,7 +170,7 @@ def run_suite(args):
     # -- the cross-layer cache layout: a layer's cache is a strided view (block stride = layers * page * 576)
     for cfg in [None] + configs:
         for dt in (torch.bfloat16, FP8):
-            if cfg is not None and (cfg.gluon and dt == FP8 or cfg.f16 and dt != FP8):
+            if cfg is not None and (not serves(cfg, dt) or cfg.f16 and dt != FP8):
                 continue
             q_lat, q_pe, stored, table, lens = ragged_case(24, 128, page, 3000, 2560, dt, 11)
             pool = torch.full((stored.shape[0], 3) + tuple(stored.shape[1:]), float("nan"), device="cuda").to(dt)
@@ -177,14 +188,18 @@ def run_suite(args):
             del pool, view
 
     # -- batch invariance of the kernel (default + every config): alone vs in a batch of 37, narrow vs wide table
-    q_lat, q_pe, stored, table, lens = ragged_case(37, 128, page, 5000, 2560, torch.bfloat16, 9)
+    cases = {dt: ragged_case(37, 128, page, 5000, 2560, dt, 9) for dt in {home_dtype(c) for c in configs}
+             | {torch.bfloat16}}
     for cfg in [None] + configs:
-        batch = mdt.mla_decode(q_lat, q_pe, stored, table, lens, SCALE, config=cfg)
+        dt = torch.bfloat16 if cfg is None else home_dtype(cfg)
+        q_lat, q_pe, stored, table, lens = cases[dt]
+        k = K_SCALE if dt == FP8 else 1.0
+        batch = mdt.mla_decode(q_lat, q_pe, stored, table, lens, SCALE, k, config=cfg)
         same = []
         for i in (3, 17, 36):
             n = -(-int(lens[i]) // page)
             alone = mdt.mla_decode(q_lat[i:i + 1], q_pe[i:i + 1], stored, table[i:i + 1, :max(n, 1)], lens[i:i + 1],
-                                   SCALE, config=cfg)
+                                   SCALE, k, config=cfg)
             same.append(bool(torch.equal(alone, batch[i:i + 1])))
         report["checks"].append(dict(what=f"kernel batch invariance {cfg or 'default'} (alone vs batch of 37)",
                                      ok=all(same)))
@@ -194,14 +209,15 @@ def run_suite(args):
 
     # -- CUDA graph replay vs eager, bit for bit, per config (the graph captured at seq_len 0, then filled)
     for cfg in configs:
-        case = ragged_case(24, 128, page, 3000, 2560, torch.bfloat16, 10)
-        eager = mdt.mla_decode(*case[:5], SCALE, config=cfg)
+        case = ragged_case(24, 128, page, 3000, 2560, home_dtype(cfg), 10)
+        k = K_SCALE if cfg.e4m3 else 1.0
+        eager = mdt.mla_decode(*case[:5], SCALE, k, config=cfg)
         lens = torch.zeros_like(case[4])
-        mdt.mla_decode(*case[:4], lens, SCALE, config=cfg)
+        mdt.mla_decode(*case[:4], lens, SCALE, k, config=cfg)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            replayed = mdt.mla_decode(*case[:4], lens, SCALE, config=cfg)
+            replayed = mdt.mla_decode(*case[:4], lens, SCALE, k, config=cfg)
         lens.copy_(case[4])
         graph.replay()
         torch.cuda.synchronize()
@@ -240,7 +256,7 @@ def run_suite(args):
                                                                     SCALE, k, config=c)))
                             for c in configs if not any(j[0] == c and j[1] == dt for j in bad)
                             and (dt == FP8 or not c.f16)   # f16 only changes the fp8-cache kernel
-                            and not (dt == FP8 and c.gluon)]
+                            and serves(c, dt)]
                 variants.insert(0, ("default", lambda i: mdt.mla_decode(qs[i][0], qs[i][1], cache, tables[i],
                                                                         seq_lens, SCALE, k)))
                 if dt == torch.bfloat16:
@@ -360,20 +376,26 @@ def run_study(args):
 
 def run_smoke(args):
     """First, in its own process under a timeout: each new config on a small ragged case against the fp32
-    oracle (a pipeline that deadlocks shows up here, not inside the suite)."""
+    oracle (a pipeline that deadlocks shows up here, not inside the suite), then the automatic choice over a
+    bf16 and an fp8 cache (which config it took, and that it too matches the oracle)."""
     from wideep.model import mla_decode_triton as mdt
 
     ok = True
-    for text in args.suite_configs.split(";"):
-        cfg = mdt.DecodeConfig.parse(text)
+    runs = [(text, mdt.DecodeConfig.parse(text)) for text in args.suite_configs.split(";")]
+    runs = [(text, cfg, home_dtype(cfg)) for text, cfg in runs] + [("default", None, torch.bfloat16),
+                                                                    ("default", None, FP8)]
+    for text, cfg, dt in runs:
         for b, nq, heads in ((6, 1, 128), (5, 4, 16)):
             t = time.perf_counter()
-            case = ragged_case(b, heads, 64, 3000, 128, torch.bfloat16, 3 + nq, nq)
-            out = mdt.mla_decode(*case[:5], SCALE, config=cfg)
+            case = ragged_case(b, heads, 64, 3000, 128, dt, 3 + nq, nq)
+            out = mdt.mla_decode(*case[:5], SCALE, K_SCALE if dt == FP8 else 1.0, config=cfg)
             torch.cuda.synchronize()
             err = errors(torch, out, oracle(*case))
             good = err[2] and err[1] < 2e-2 and bool((out[0] == 0).all())
             ok &= good
-            print(f"smoke {text} B={b} Q={nq} H={heads}: rel {err[1]:.2e} finite={err[2]} "
-                  f"({time.perf_counter() - t:.1f}s) -> {'ok' if good else 'FAIL'}", flush=True)
+            chose = "" if cfg is not None else " -> " + ", ".join(
+                str(v) for k, v in mdt._chosen.items() if k[5] == dt and k[1] == nq * heads)
+            print(f"smoke {text}{chose} {str(dt).removeprefix('torch.')} cache B={b} Q={nq} H={heads}: "
+                  f"rel {err[1]:.2e} finite={err[2]} ({time.perf_counter() - t:.1f}s) -> {'ok' if good else 'FAIL'}",
+                  flush=True)
     return 0 if ok else 1

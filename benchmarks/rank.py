@@ -7,6 +7,12 @@ ranks would deliver (uniform: B*8 rows spread evenly; zipf: the hottest rank of 
 popularity) and groups them with the same permutation the EP backends use. Communication is not run: a
 table of published DeepEP low-latency figures is added per MoE layer, unoverlapped and fully overlapped.
 
+--dbo measures what dual-batch overlap costs at this shape: the same decode step with the engine's DBO on (two
+micro-batches of B/2, each re-reading every weight), and models the overlap from measured parts: each
+micro-batch's dispatch and combine (the published per-layer figure scaled to its B/2 tokens, linearly: the
+published rates are at the link's bandwidth) hides under the other micro-batch's stage that runs while it is in
+flight; exposed = max(0, comm - that stage's measured compute), and the overlapped step = split step + exposed.
+
 Decode is measured twice: one step as `ModelRunner.execute` (host prep + graph replay + sampling + the tokens
 back on the host: the synchronous step), and the engine loop in steady state (`EngineCore.step()`: schedule ->
 launch -> apply, the B sequences admitted as running decodes), synchronous and with async scheduling (the
@@ -30,7 +36,10 @@ the router's kernel settings against each other, bit for bit (check_router); the
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
+import dataclasses
+import functools
 import gc
 import json
 import math
@@ -39,6 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +71,8 @@ from wideep.model.triton_compat import tl, triton  # noqa: E402
 from wideep.model.moe import fuse_shared_expert  # noqa: E402
 from wideep.model.moe_permute import gather_sum  # noqa: E402
 from wideep.model.moe_permute import group_pairs, own_then  # noqa: E402
-from wideep.model.dispatch import DispatchResult, MoEDispatcher  # noqa: E402
+from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending, done  # noqa: E402
+from wideep.model.ubatch import DBOConfig  # noqa: E402
 
 # Published DeepEP low-latency dispatch / combine per MoE layer, 128 tokens per rank, FP8 dispatch and
 # BF16 combine, H800 + CX7 InfiniBand (DeepEP README, June 2025), in microseconds. Scaled linearly in B.
@@ -138,6 +149,15 @@ class EmulatedEPDispatcher(MoEDispatcher):
 
     def combine_weighted(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         return gather_sum(y, result.handle, weights=result.weights)
+
+    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+        """Dual-batch overlap: the grouping and row gather run at wait(), where the EP backends run theirs (on
+        the received rows, after the transfer), so the split step's stages hold the same work as a real rank's."""
+        return Pending(lambda: self._dispatch(x, topk_weights, own_first=False))
+
+    def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        """The per-token sum runs at issue, as the EP backends sum their partial rows before sending them."""
+        return done(gather_sum(y, result.handle))
 
 
 # ---- model -----------------------------------------------------------------------------------------------
@@ -1220,6 +1240,294 @@ def with_comm(res: dict, ep: int, moe_layers: int, prefill: bool, hidden: int, t
     res["tok_s_gpu_comm_overlapped"] = n / max(step, comm)
 
 
+# ---- dual-batch overlap at the rank's shape (--dbo) ------------------------------------------------------------
+
+def set_dbo(run: RankRun, enabled: bool) -> None:
+    """Turns the engine's dual-batch overlap on or off (what --enable-dbo sets, with the engine's thresholds:
+    decode steps above 32 tokens split, vLLM's default) and recaptures the decode graphs, whose forward is
+    chosen at capture."""
+    runner = run.core.runner
+    runner.dbo = DBOConfig.from_args(dataclasses.replace(run.core.args, enable_dbo=enabled))
+    if runner.graphs:
+        # a fresh memory pool: the old graphs were the old pool's only users, and capturing into a pool whose
+        # graphs are all freed trips the caching allocator's use-count assert
+        runner.graphs, runner.graph_pool = {}, None
+        gc.collect()
+        runner.capture_cuda_graphs()
+        if not runner.graphs:   # the runner logged why; timing an eager step as the graph step would mislead
+            raise RuntimeError(f"decode graphs could not be recaptured with enable_dbo={enabled}")
+
+
+@torch.inference_mode()
+def step_hidden(run: RankRun, out: SchedulerOutput) -> torch.Tensor:
+    """The final hidden states of one decode step (graph replay where a graph holds the batch, else eager)."""
+    runner = run.core.runner
+    b = len(out.seqs)
+    g = runner._graph_for(b, None)
+    if g is not None:
+        runner.execute(out)
+        return g.hidden[:b].clone()
+    ids, pos, attn, _ = runner._prepare(out)
+    return runner._forward(ids, pos, attn, True).clone()
+
+
+def compare_steps(model, ref: torch.Tensor, other: torch.Tensor) -> dict:
+    """Split vs unsplit step: greedy tokens (argmax of the logits) equal, rows bit-equal, the largest hidden
+    difference relative to the largest |hidden|, and for rows whose greedy token differs, the unsplit top-1 vs
+    top-2 logit gap (a flip within that gap is rounding, not a wrong row)."""
+    la, lb = model.compute_logits(ref), model.compute_logits(other)
+    ta, tb = la.argmax(-1), lb.argmax(-1)
+    flip = ta != tb
+    top2 = la[flip].topk(2, dim=-1).values if bool(flip.any()) else None
+    return {"rows": int(ref.shape[0]), "finite": bool(torch.isfinite(ref).all() and torch.isfinite(other).all()),
+            "greedy_tokens_equal": int((~flip).sum()),
+            "rows_bit_equal": int((ref == other).all(-1).sum()),
+            "hidden_max_rel": float((ref.float() - other.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)),
+            "logits_max_abs_diff": float((la - lb).abs().max()),
+            "flipped_rows_top2_gap_max": float((top2[:, 0] - top2[:, 1]).max()) if top2 is not None else 0.0}
+
+
+class DBOStageMarks:
+    """Profiler marks of a split step's stages: one at each micro-batch switch (the driver calls the
+    dispatcher's set_ubatch before every stage, and once with defaults after the last) and one right after each
+    dispatch / combine is issued; the dispatch's wait and the combine's issue run in a `moe` phase range and
+    the shared expert (run apart from the routed experts in a split step) in a `shared_expert` range, so the
+    per-phase table places them. Installed on the instances for one profiled step, then removed."""
+
+    def __init__(self, run: RankRun):
+        self.disp = disp = run.dispatcher
+        self.experts = [layer.mlp.experts for layer in run.core.model.model.layers if hasattr(layer.mlp, "experts")]
+        set_ubatch, dispatch_async, combine_async = disp.set_ubatch, disp.dispatch_async, disp.combine_async
+
+        def marked_set_ubatch(row_offset: int = 0, max_tokens: int | None = None, index: int = 0) -> None:
+            _mark(f"dbo::stage{index}")
+            set_ubatch(row_offset, max_tokens, index)
+
+        def marked_dispatch(x, topk_ids, topk_weights) -> Pending:
+            p = dispatch_async(x, topk_ids, topk_weights)
+            _mark("dbo::issue_dispatch")
+            return Pending(lambda: _in_range("moe", p.wait))
+
+        def marked_combine(y, result) -> Pending:
+            p = _in_range("moe", lambda: combine_async(y, result))
+            _mark("dbo::issue_combine")
+            return p
+
+        disp.set_ubatch = marked_set_ubatch  # type: ignore[method-assign]
+        disp.dispatch_async = marked_dispatch  # type: ignore[method-assign]
+        disp.combine_async = marked_combine  # type: ignore[method-assign]
+        for e in self.experts:
+            e.shared = functools.partial(_in_range, "shared_expert", e.shared)
+
+    def remove(self) -> None:
+        del self.disp.set_ubatch, self.disp.dispatch_async, self.disp.combine_async
+        for e in self.experts:
+            del e.shared
+
+
+def _mark(name: str) -> None:
+    with torch.profiler.record_function(name):
+        pass
+
+
+def _in_range(phase: str, fn, *args):
+    with torch.profiler.record_function(f"phase::{phase}"):
+        return fn(*args)
+
+
+def profile_dbo_step(run: RankRun, out: SchedulerOutput, device) -> dict:
+    """One eager split step under the profiler: device ms per phase (attribute_trace) and per stage
+    (dbo_stage_times)."""
+    runner = run.core.runner
+    ranges = PhaseRanges(run.core.model, runner.sampler)
+    marks = DBOStageMarks(run)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        runner.execute(out, use_graphs=False)
+        _sync(device)
+        with torch.profiler.profile(activities=acts) as prof:
+            with torch.profiler.record_function("phase::step"):
+                runner.execute(out, use_graphs=False)
+            _sync(device)
+    finally:
+        marks.remove()
+        ranges.remove()
+    path = Path(tempfile.mkstemp(suffix=".json")[1])
+    try:
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    finally:
+        path.unlink(missing_ok=True)
+    res = attribute_trace(events)
+    return {"phases_ms": res["phases_ms"], "launches": res["launches"], "step_gpu_ms": res["total_ms"],
+            **dbo_stage_times(events)}
+
+
+def dbo_stage_times(events: list[dict]) -> dict:
+    """Device ms of each stage of a profiled split step, from DBOStageMarks' marks. A device kernel (or copy)
+    belongs to the stage in which the host launched it (correlation id; on a CPU the outermost host ops, by
+    their start). Stages alternate micro-batches A, B, A, B...; the last mark (the driver's reset) starts the
+    tail (final norm's successors: lm_head, sampling). `after_issue_ms`: the stage's time after its transfer
+    was issued (the shared expert after a combine), which runs beside that transfer too."""
+    marks = sorted((float(e["ts"]), e["name"]) for e in events
+                   if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e.get("name", "").startswith("dbo::"))
+    launch_at = {e["args"]["correlation"]: float(e["ts"]) for e in events
+                 if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {})}
+    items = [(launch_at.get(e.get("args", {}).get("correlation"), float("-inf")), float(e.get("dur", 0.0)) / 1e3)
+             for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS]
+    if not items:   # CPU: outermost host ops of each thread
+        end: dict = {}
+        for e in sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"),
+                        key=lambda e: (e.get("tid"), float(e["ts"]), -float(e.get("dur", 0.0)))):
+            ts, dur = float(e["ts"]), float(e.get("dur", 0.0))
+            if ts >= end.get(e.get("tid"), float("-inf")):
+                items.append((ts, dur / 1e3))
+                end[e.get("tid")] = ts + dur
+    starts = [(t, n) for t, n in marks if n.startswith("dbo::stage")]
+    if len(starts) < 2:
+        raise ValueError(f"a split step has at least 2 stage marks; found {len(starts)} (was the step split?)")
+    bounds = [t for t, _ in starts]
+    stages: list[dict[str, Any]] = [{"ubatch": int(n[len("dbo::stage"):]), "ms": 0.0, "issues": []}
+                                    for _, n in starts[:-1]]
+    for t, n in marks:
+        if n.startswith("dbo::issue_"):
+            j = bisect.bisect_right(bounds, t) - 1
+            if 0 <= j < len(stages):
+                stages[j]["issues"].append({"kind": n[len("dbo::issue_"):], "t": t, "after_ms": 0.0})
+    head = tail = 0.0
+    for t, ms in items:
+        j = bisect.bisect_right(bounds, t) - 1
+        if j < 0:
+            head += ms
+        elif j >= len(stages):
+            tail += ms
+        else:
+            stages[j]["ms"] += ms
+            for iss in stages[j]["issues"]:
+                if t >= iss["t"]:
+                    iss["after_ms"] += ms
+    for st in stages:
+        for iss in st["issues"]:
+            del iss["t"]
+    return {"stages": stages, "head_ms": head, "tail_ms": tail,
+            "stage_sum_ms": sum(st["ms"] for st in stages)}
+
+
+def dbo_overlap(stages: list[dict], comm_us: dict[tuple[str, int], float]) -> dict:
+    """Exposed communication of a split step, from its measured stages. A transfer issued in stage s (micro-batch
+    u's dispatch or combine, comm_us[(kind, u)] us) runs beside the rest of stage s after its issue and the
+    whole next stage, the other micro-batch's, and is waited for when u's next stage starts: exposed =
+    max(0, comm - that compute), summed over transfers. An idle wait for one transfer also covers the other
+    micro-batch's transfer in flight; that is not credited (an upper bound on the exposure), and two
+    transfers in flight at once are not slowed by sharing the link (a lower bound)."""
+    out = {"dispatch_ms": 0.0, "combine_ms": 0.0, "exposed_dispatch_ms": 0.0, "exposed_combine_ms": 0.0,
+           "transfers": 0}
+    for s, st in enumerate(stages):
+        nxt = stages[s + 1]["ms"] if s + 1 < len(stages) else 0.0
+        for iss in st["issues"]:
+            comm = comm_us[(iss["kind"], st["ubatch"])] / 1e3
+            out[f"{iss['kind']}_ms"] += comm
+            out[f"exposed_{iss['kind']}_ms"] += max(0.0, comm - iss["after_ms"] - nxt)
+            out["transfers"] += 1
+    out["comm_ms"] = out["dispatch_ms"] + out["combine_ms"]
+    out["exposed_ms"] = out["exposed_dispatch_ms"] + out["exposed_combine_ms"]
+    out["hidden_frac"] = 1 - out["exposed_ms"] / out["comm_ms"] if out["comm_ms"] else float("nan")
+    return out
+
+
+def dbo_case(run: RankRun, b: int, ctx: int, a, device, unsplit: dict) -> dict:
+    """The same decode step with the engine's dual-batch overlap on: the split step's time (ModelRunner.execute,
+    its graph replayed), per phase and per stage (one eager step), its outputs against the unsplit step's, and
+    the step with published LL communication overlapped as dbo_overlap models it (each micro-batch's transfer
+    the published per-layer figure for 128 tokens x its tokens / 128: linear, as with_comm scales B)."""
+    threshold = DBOConfig.from_args(dataclasses.replace(run.core.args, enable_dbo=True)).decode_token_threshold
+    if b <= threshold:
+        return {"B": b, "ctx": ctx, "split": False, "why": f"B={b} <= the decode threshold {threshold}"}
+    reqs = fake_requests(run, b, ctx, f"dbo{b}-{ctx}")
+    runner = run.core.runner
+    out = SchedulerOutput(seqs=[ScheduledSeq(r, ctx - 1, 1, samples=True) for r in reqs], num_decodes=b, num_tokens=b)
+    try:
+        ref = step_hidden(run, out)
+        again = step_hidden(run, out)
+        set_dbo(run, True)
+        try:
+            split_before = runner.split_steps
+            res: dict = {"B": b, "ctx": ctx, "split": True, "ubatch_tokens": [-(-b // 2), b // 2]}
+            res["compare"] = compare_steps(run.core.model, ref, step_hidden(run, out))
+            res["compare"]["unsplit_repeat_bit_equal"] = bool(torch.equal(ref, again))
+            res["graph_split"] = runner.dbo.should_split(b, True)
+            step = timed(lambda: runner.execute(out), device, a.iters)
+            res.update(step_ms=step * 1e3, tok_s_gpu=b / step, graph=bool(runner._graph_for(b, None)))
+            g = runner._graph_for(b, None)
+            if device.type == "cuda" and g is not None:
+                res["graph_replay_ms"] = timed(lambda: runner._replay_graph(g, b), device, a.iters) * 1e3
+            res.update(profile_dbo_step(run, out, device))
+            res["eager_split_steps"] = runner.split_steps - split_before
+        finally:
+            set_dbo(run, False)
+    finally:
+        release(run, reqs)
+    if a.ep in DEEPEP_LL_US:
+        d, c = DEEPEP_LL_US[a.ep]
+        comm = {(kind, u): us * n / 128 for kind, us in (("dispatch", d), ("combine", c))
+                for u, n in enumerate(res["ubatch_tokens"])}
+        m = dbo_overlap(res["stages"], comm)
+        res["overlap"] = m
+        res["step_overlapped_ms"] = res["step_ms"] + m["exposed_ms"]
+        res["tok_s_gpu_overlapped"] = b / (res["step_overlapped_ms"] / 1e3)
+    res["unsplit"] = {k: unsplit[k] for k in ("step_ms", "tok_s_gpu", "graph_replay_ms", "comm_ms",
+                                               "tok_s_gpu_comm_unoverlapped", "phases_ms", "launches",
+                                               "step_gpu_ms") if k in unsplit}
+    return res
+
+
+def stage_summary(stages: list[dict]) -> dict:
+    """Mean device us per micro-batch stage by what it issues: the attention stage (ends with a dispatch) and
+    the experts stage (ends with a combine; its shared expert runs after the issue)."""
+    out = {}
+    for kind in ("dispatch", "combine"):
+        sel = [st for st in stages if any(i["kind"] == kind for i in st["issues"])]
+        if sel:
+            out[f"{kind}_stage_us"] = 1e3 * sum(st["ms"] for st in sel) / len(sel)
+            out[f"{kind}_after_issue_us"] = 1e3 * sum(i["after_ms"] for st in sel for i in st["issues"]) / len(sel)
+    return out
+
+
+def print_dbo(res: dict) -> None:
+    if not res.get("split"):
+        print(f"    DBO: not split ({res.get('why', res.get('error'))})", flush=True)
+        return
+    cmp_ = res["compare"]
+    u = res["unsplit"]
+    print(f"    DBO split {res['ubatch_tokens'][0]}+{res['ubatch_tokens'][1]}: step {res['step_ms']:.2f} ms -> "
+          f"{res['tok_s_gpu']:,.0f} tok/s/GPU (unsplit {u['step_ms']:.2f} ms -> {u['tok_s_gpu']:,.0f}; split graph: "
+          f"{res['graph'] and res['graph_split']})"
+          + (f"; graph replay {res['graph_replay_ms']:.2f} ms" if "graph_replay_ms" in res else ""), flush=True)
+    print(f"    DBO vs unsplit outputs: greedy tokens equal {cmp_['greedy_tokens_equal']}/{cmp_['rows']}, rows bit-equal "
+          f"{cmp_['rows_bit_equal']}, hidden max rel {cmp_['hidden_max_rel']:.2e}, logits max |diff| "
+          f"{cmp_['logits_max_abs_diff']:.3g} (flipped rows' top-2 gap <= {cmp_['flipped_rows_top2_gap_max']:.3g}); "
+          f"unsplit twice bit-equal: {cmp_['unsplit_repeat_bit_equal']}, finite: {cmp_['finite']}", flush=True)
+    s = stage_summary(res["stages"])
+    print(f"    DBO eager device total {res['step_gpu_ms']:.2f} ms: {len(res['stages'])} stages {res['stage_sum_ms']:.2f}"
+          f" + head {res['head_ms']:.3f} + tail {res['tail_ms']:.3f} ms; per micro-batch stage (us): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in s.items()), flush=True)
+    if "overlap" in res:
+        m = res["overlap"]
+        print(f"    DBO + LL comm modeled: comm {m['comm_ms']:.2f} ms ({m['transfers']} transfers), exposed "
+              f"{m['exposed_ms']:.2f} ms (dispatch {m['exposed_dispatch_ms']:.2f}, combine {m['exposed_combine_ms']:.2f}; "
+              f"hidden {100 * m['hidden_frac']:.0f}%) -> step {res['step_overlapped_ms']:.2f} ms -> "
+              f"{res['tok_s_gpu_overlapped']:,.0f} tok/s/GPU; unsplit + comm unoverlapped "
+              f"{u.get('tok_s_gpu_comm_unoverlapped', float('nan')):,.0f}", flush=True)
+    up, ul = u.get("phases_ms", {}), u.get("launches", {})
+    print(f"    {'phase (eager device ms)':<24} {'unsplit':>9} {'launches':>8} {'split':>9} {'launches':>8}", flush=True)
+    for k, v in res["phases_ms"].items():
+        print(f"    {k:<24} {up.get(k, float('nan')):9.3f} {ul.get(k, 0):8d} {v:9.3f} {res['launches'][k]:8d}", flush=True)
+    print(f"    {'sum = device total':<24} {u.get('step_gpu_ms', float('nan')):9.3f} {sum(ul.values()):8d} "
+          f"{res['step_gpu_ms']:9.3f} {sum(res['launches'].values()):8d}", flush=True)
+
+
 # ---- plain PyTorch, same shape ---------------------------------------------------------------------------
 
 def plain_torch(cfg: ModelConfig, n_local: int, b: int, ctx: int, device, dtype, iters: int) -> dict:
@@ -1331,6 +1639,12 @@ def parse(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--engine-steps", type=int, default=16, help="timed steps of the engine loop's decode steady "
                    "state, synchronous and with async scheduling (0: skip)")
+    p.add_argument("--dbo", action="store_true", help="also run each decode step (B > 32) with the engine's "
+                   "dual-batch overlap (two micro-batches) and report the split step's compute per phase and per "
+                   "stage, its outputs against the unsplit step's, and the step with the published LL comm "
+                   "overlapped: each micro-batch's dispatch / combine (the published per-layer time x its tokens / "
+                   "128) hides under the other micro-batch's next stage; exposed = max(0, comm - that stage's "
+                   "compute); step = split step + exposed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-phase profile")
@@ -1452,6 +1766,12 @@ def main(argv=None) -> dict:
                       + (f"; +LL comm {d['tok_s_gpu_comm_unoverlapped']:,.0f} unoverlapped, "
                          f"{d['tok_s_gpu_comm_overlapped']:,.0f} overlapped" if "comm_ms" in d else ""), flush=True)
                 print_phases(d)
+                if a.dbo:
+                    try:
+                        d["dbo"] = dbo_case(run, b, ctx, a, device, d)
+                    except Exception as exc:  # noqa: BLE001 - the unsplit numbers stand without it
+                        d["dbo"] = {"B": b, "ctx": ctx, "split": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
+                    print_dbo(d["dbo"])
                 if a.engine_steps:
                     try:
                         d["engine"] = engine_case(run, b, ctx, a, device)

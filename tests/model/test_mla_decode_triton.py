@@ -210,7 +210,8 @@ def test_config_flags_and_hopper_preference(monkeypatch):
     bf16 = mdt._candidates(128, False, torch.bfloat16, hopper=True)
     fp8 = mdt._candidates(128, False, torch.bfloat16, hopper=True, fp8=True)
     assert bf16[0].halfpage and bf16[1].gluon and not bf16[1].halfpage   # measured order
-    assert bf16[2].tma and fp8[0].f16 and not (fp8[0].tma or fp8[0].gluon)
+    assert bf16[2].tma and not any(c.e4m3 for c in bf16)
+    assert fp8[0].e4m3 and fp8[0].halfpage and fp8[1].f16 and not (fp8[1].tma or fp8[1].gluon)   # measured order
     assert mdt.DecodeConfig.parse(str(bf16[0])) == bf16[0]
     with pytest.raises(ValueError, match="sv"):
         mdt.DecodeConfig.parse("64,64,8,2,tma")
@@ -289,7 +290,7 @@ def test_tma_applicability_and_logged_fallback(monkeypatch, caplog):
     assert sum("did not run here" in r.message for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("text", ["64,64,4,2,gluon", "64,64,4,2,gluon,hp"])
+@pytest.mark.parametrize("text", ["64,64,4,2,gluon", "64,64,4,2,gluon,hp", "64,64,4,2,gluon,hp,e4m3"])
 def test_gluon_config_rules_and_applicability(monkeypatch, caplog, text):
     """The Gluon kernels cannot run on the CPU (no interpreter for them): their config rules, the cache layouts
     they accept, the descriptor geometry, and that where they do not apply the next config serves, logged once."""
@@ -325,4 +326,66 @@ def test_gluon_config_rules_and_applicability(monkeypatch, caplog, text):
     ref = mdt.mla_decode(q_lat, q_pe, cache, tables, seq_lens, 0.2, config=mdt.INTERPRET_CONFIG)
     with caplog.at_level("WARNING", logger=mdt.log.name):
         assert torch.equal(mdt.mla_decode(q_lat, q_pe, cache, tables, seq_lens, 0.2), ref)
+    assert sum("did not run here" in r.message for r in caplog.records) == 1
+
+
+def test_e4m3_gluon_config_rules_plan_and_numerics(monkeypatch, caplog):
+    """The e4m3-cache Gluon kernel (mla_decode_e4m3) cannot run on the CPU: its config rules, that it leads the
+    fp8 candidates on Hopper (and only those), the caches it accepts, its shared-memory plan, its fp8
+    descriptor, the exactness of the e4m3 -> bf16 widening its numerics rest on, and that over an fp8 cache it
+    does not serve (here: no CUDA) the next config serves, logged once."""
+    cfg = mdt.DecodeConfig.parse("64,64,4,2,gluon,hp,e4m3")
+    assert cfg.e4m3 and cfg.halfpage and cfg.gluon and str(cfg) == "64,64,4,2,gluon,hp,e4m3"
+    for bad in ("64,64,4,2,gluon,e4m3", "64,64,4,2,e4m3", "64,64,8,2,sv,e4m3", "64,64,4,2,gluon,hp,e4m3,f16",
+                "64,64,4,3,gluon,hp,e4m3", "64,64,4,2,gluon,hp,pp"):
+        with pytest.raises(ValueError, match=mdt.CONFIG_ENV):
+            mdt.DecodeConfig.parse(bad)
+    monkeypatch.delenv(mdt.CONFIG_ENV, raising=False)
+    assert mdt._candidates(128, False, torch.bfloat16, hopper=True, fp8=True)[0] == cfg
+    assert mdt.HOPPER_CONFIGS_FP8[0] == cfg and mdt.HOPPER_CONFIGS_FP8[1] == mdt.DecodeConfig.parse("64,64,8,2,sv,f16")
+    assert not any(c.e4m3 for c in mdt._candidates(128, False, torch.bfloat16, hopper=True, fp8=False))
+    assert not any(c.e4m3 for c in mdt._candidates(128, False, torch.bfloat16, hopper=False, fp8=True))
+    monkeypatch.setenv(mdt.CONFIG_ENV, str(cfg))
+    assert mdt._candidates(128, False, torch.bfloat16, hopper=True, fp8=True) == (cfg,)
+    monkeypatch.delenv(mdt.CONFIG_ENV)
+
+    # widening: every finite e4m3 value is a bf16 value (3 mantissa bits, exponents inside bf16's range)
+    e4m3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    wide = e4m3.float()
+    finite = torch.isfinite(wide)
+    assert int(finite.sum()) == 254 and torch.equal(e4m3.to(torch.bfloat16).float()[finite], wide[finite])
+
+    try:
+        from wideep.model import mla_decode_e4m3 as me
+    except ImportError:
+        me = None
+    if me is not None:
+        flat = torch.zeros(4, 64, 576, dtype=torch.float8_e4m3fn)
+        layered = torch.zeros(4, 3, 64, 576, dtype=torch.float8_e4m3fn)[:, 1]   # the cross-layer per-layer view
+        assert me.supported(flat, torch.bfloat16, 512, 64, 64, 128) is None
+        assert me.supported(layered, torch.bfloat16, 512, 64, 64, 128) is None
+        assert "e4m3" in me.supported(flat.to(torch.bfloat16), torch.bfloat16, 512, 64, 64, 128)
+        assert "e4m3" in me.supported(flat, torch.float16, 512, 64, 64, 128)
+        assert "tile" in me.supported(torch.zeros(4, 32, 576, dtype=torch.float8_e4m3fn), torch.bfloat16, 512, 64,
+                                      32, 128)
+        assert "shared memory" in me.supported(torch.zeros(4, 64, 1088, dtype=torch.float8_e4m3fn), torch.bfloat16,
+                                               1024, 64, 64, 128)
+        # R1's plan: bf16 query + bf16 page + two 36 KB fp8 stages + P tiles fit an sm_90 block; a third stage not
+        assert me.shared_bytes(512, 64, 64) <= me.SM90_BLOCK_SMEM < me.shared_bytes(512, 64, 64, stages=3)
+        assert me.shared_bytes(512, 64, 64, stages=3) - me.shared_bytes(512, 64, 64) == 64 * 576 + 16
+        from wideep.model import mla_decode_gluon as mg
+        desc, blk_rows = mg.make_descriptor(layered)
+        assert blk_rows == 3 * 64 and desc.shape == [3 * 192 + 64, 576] and desc.block_shape == [64, 64]
+        assert desc.layout.element_bitwidth == 8 and desc.layout.swizzle_byte_width == 64   # a 64-byte fp8 row
+
+    # over an fp8 cache the e4m3 kernel does not apply here (CPU): the next candidate serves, logged once
+    q_lat, q_pe, cache, tables, seq_lens = make_case(16, [40, 7], heads=4, seed=53)
+    cache8 = (cache / 0.5).to(torch.float8_e4m3fn)
+    monkeypatch.setattr(mdt, "_candidates", lambda *a, **k: (cfg, mdt.INTERPRET_CONFIG))
+    monkeypatch.setattr(mdt, "_chosen", {})
+    monkeypatch.setattr(mdt, "_logged", set())
+    ref = mdt.mla_decode(q_lat, q_pe, cache8, tables, seq_lens, 0.2, 0.5, config=mdt.INTERPRET_CONFIG)
+    with caplog.at_level("WARNING", logger=mdt.log.name):
+        for _ in range(2):
+            assert torch.equal(mdt.mla_decode(q_lat, q_pe, cache8, tables, seq_lens, 0.2, 0.5), ref)
     assert sum("did not run here" in r.message for r in caplog.records) == 1

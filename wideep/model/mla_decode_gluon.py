@@ -19,7 +19,7 @@ set to -inf, and each consumer zeroes those rows of its own value chunks in shar
 product (0 * NaN = NaN inside an MMA). The split schedule (attention.split_plan), grid, merge kernel and
 output contract are the portable kernel's, so batch invariance and CUDA-graph safety carry over.
 
-bf16 caches only (an fp8 tile would have to be widened through registers; the Triton kernels serve fp8).
+bf16 caches only (an fp8 page cannot be a wgmma operand here; mla_decode_e4m3 widens it in shared memory).
 Needs Triton with Gluon (3.6 on the device); imported only when this variant is selected.
 Measured on an H200: 0.182 ms per layer at B=128, ctx 2048, H=128 (docs/perf.md).
 """
@@ -47,6 +47,12 @@ def supported(kv_cache: torch.Tensor, q_dtype: torch.dtype, lat: int, rope: int,
     """Why this kernel cannot serve the call (None = it can)."""
     if kv_cache.dtype != torch.bfloat16 or q_dtype != kv_cache.dtype:   # fp16 would compile; only bf16 was run
         return f"needs a bf16 cache and bf16 queries, got {kv_cache.dtype}/{q_dtype}"
+    return layout_unsupported(kv_cache, lat, rope, page, align)
+
+
+def layout_unsupported(kv_cache: torch.Tensor, lat: int, rope: int, page: int, align: int) -> str | None:
+    """Why the page geometry or the cache's strides do not fit the Gluon kernels' bulk copies (None = they do);
+    any element type."""
     if page != CHUNK or lat % CHUNK or rope != CHUNK or (lat // CHUNK) % 2 or align % page:
         return f"tile shape page {page}, latent {lat}, rope {rope} not covered (needs 64, 2k*64, 64)"
     width = lat + rope
@@ -66,7 +72,7 @@ def make_descriptor(kv_cache: torch.Tensor) -> tuple[TensorDescriptor, int]:
     nb, page, width = kv_cache.shape
     blk_rows = kv_cache.stride(0) // width
     rows = (nb - 1) * blk_rows + page
-    gdt = gl.bfloat16 if kv_cache.dtype == torch.bfloat16 else gl.float16
+    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv}[kv_cache.dtype]
     layout = gl.NVMMASharedLayout.get_default_for([page, CHUNK], gdt)
     return TensorDescriptor(kv_cache, [rows, width], [width, 1], [page, CHUNK], layout), blk_rows
 
@@ -277,8 +283,8 @@ def _mla_decode_gluon_kernel(
 
 def launch(kernel, q_lat, q_pe, kv_cache, block_tables, seq_lens, out, lse, out_strides, sm_scale_log2, out_scale,
            chunk, max_splits, grid, split: bool, stages: int, align: int):
-    """One of the Gluon decode kernels (this module's or mla_decode_halfpage's: same arguments and output
-    contract). q_lat [B, Q, H, L], q_pe [B, Q, H, R] (last dims contiguous), out [B, Q*H, L] (split=False) or
+    """One of the Gluon decode kernels (this module's, mla_decode_halfpage's or mla_decode_e4m3's: same arguments
+    and output contract). q_lat [B, Q, H, L], q_pe [B, Q, H, R] (last dims contiguous), out [B, Q*H, L] (split=False) or
     the fp32 partials [B, Q*H, S, L] with lse [B, Q*H, S] (split=True); out_strides as the Triton kernels take them."""
     b, nq, h, lat = q_lat.shape
     desc, blk_rows = make_descriptor(kv_cache)
