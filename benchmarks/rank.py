@@ -682,9 +682,9 @@ def check_router(cfg: ModelConfig, device, tokens=(128, 256)) -> dict:
 # launch settings of two small kernels whose results do not depend on them (check_small_kernels times them):
 # RoPE + cache write (heads per program, warps; the first is the committed default) and the grouping kernel
 # (pairs per program, pairs per histogram step, warps)
-ROPE_VARIANTS = [(16, 4), (8, 4), (32, 4), (64, 4), (128, 4), (16, 2), (32, 8), (128, 8), (8, 1)]
-GROUP_VARIANTS = [(128, 512, 4), (64, 512, 4), (256, 512, 4), (128, 1024, 8), (64, 1024, 8), (32, 1024, 4),
-                  (128, 256, 4), (32, 512, 2)]
+ROPE_VARIANTS = [(8, 1), (16, 4), (8, 4), (4, 1), (8, 2), (16, 1), (16, 2), (32, 4), (128, 8)]
+GROUP_VARIANTS = [(32, 1024, 4), (128, 512, 4), (64, 1024, 8), (16, 1024, 4), (32, 1024, 8), (32, 2048, 8),
+                  (128, 1024, 8), (32, 512, 2)]
 
 
 def check_small_kernels(cfg: ModelConfig, device, tokens=(128, 256)) -> dict:

@@ -445,9 +445,11 @@ if triton is not None:
 
 
 # heads per program and warps of the RoPE + cache kernel (the results do not depend on them: elementwise per
-# head, one program per token's latent row); benchmarks/rank.py times the alternatives on the device
-ROPE_BLOCK_H = 16
-ROPE_WARPS = 4
+# head, one program per token's latent row); benchmarks/rank.py times the alternatives on the device. H200, R1
+# sizes, graph us per call at 128 / 256 tokens: 8 heads at 1 warp 4.33 / 5.92, the former 16 at 4 warps 5.86 / 8.43,
+# 32-128 heads 7.3-16.9 (docs/perf.md, issue 14)
+ROPE_BLOCK_H = 8
+ROPE_WARPS = 1
 
 
 def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,

@@ -113,8 +113,10 @@ class Grouping:
 
 GROUP_KERNEL_MAX_PAIRS = 4096
 # pairs per program, pairs per histogram step and warps of the grouping kernel (capped by the bucket count: a
-# step holds buckets x pairs flags); the integers do not depend on them; benchmarks/rank.py times alternatives
-GROUP_BLOCK, GROUP_SCAN, GROUP_WARPS = 128, 512, 4
+# step holds buckets x pairs flags); the integers do not depend on them; benchmarks/rank.py times alternatives.
+# H200, 8 local experts, graph us per call at 1,024 / 2,048 pairs: 32 / 1024 / 4 warps 3.95 / 5.71, 128 / 512 / 4
+# 5.41 / 7.05 (the single-program kernel before: 9.3 us per layer at 1,024 in the step's profile)
+GROUP_BLOCK, GROUP_SCAN, GROUP_WARPS = 32, 1024, 4
 
 if triton is not None:
 
