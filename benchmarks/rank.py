@@ -27,8 +27,9 @@ stands the phase's floor: the roofline or its launch count x the measured cost o
 measured reference per phase: for GEMM phases cuBLAS timed on the phase's own shapes in a CUDA graph (the vendor
 library's best at that shape on this GPU), for the small phases the same number of launches each copying its
 kernel's bytes (the same-work floor); the ratio to it is the phase's measured explanation. On a GPU it first
-checks the step's fused kernels against their torch references at the model's sizes (check_fused_ops) and times
-the router's kernel settings against each other, bit for bit (check_router); the run uses the committed ones.
+checks the step's fused kernels against their torch references at the model's sizes (check_fused_ops), times the launch
+settings of the RoPE and grouping kernels (check_small_kernels; the fastest bit-exact one runs, and says so) and the
+router's kernel settings against each other, bit for bit (check_router); the run uses the committed ones.
 
   python benchmarks/rank.py --ep 32                      # H200: full R1 rank, bf16 and fp8
   python benchmarks/rank.py --size tiny --device cpu     # smoke run (tiny dims, few layers)
