@@ -28,8 +28,10 @@ measured reference per phase: for GEMM phases cuBLAS timed on the phase's own sh
 library's best at that shape on this GPU), for the small phases the same number of launches each copying its
 kernel's bytes (the same-work floor); the ratio to it is the phase's measured explanation. On a GPU it first
 checks the step's fused kernels against their torch references at the model's sizes (check_fused_ops), times the launch
-settings of the RoPE and grouping kernels (check_small_kernels; the fastest bit-exact one runs, and says so) and the
-router's kernel settings against each other, bit for bit (check_router); the run uses the committed ones.
+settings of the RoPE and grouping kernels (check_small_kernels) and the router's kernel settings (check_router)
+against each other, bit for bit, and times the small phases' kernels at 1 to 256 tokens (small_kernel_latency:
+a time that does not grow with the tokens is the kernel's own latency, not its bytes); the run uses the
+committed settings.
 
   python benchmarks/rank.py --ep 32                      # H200: full R1 rank, bf16 and fp8
   python benchmarks/rank.py --size tiny --device cpu     # smoke run (tiny dims, few layers)
@@ -739,12 +741,44 @@ def check_small_kernels(cfg: ModelConfig, device, tokens=(128, 256)) -> dict:
     for name, variants, committed in (("rope", ROPE_VARIANTS, saved_rope), ("group", GROUP_VARIANTS, saved_group)):
         keys = list(out[name])
         ok = {k: sum(v["us"] for v in out[name][k].values()) for k in keys if all(v["exact"] for v in out[name][k].values())}
-        pick = variants[keys.index(min(ok, key=ok.get))] if ok else committed
-        out[f"{name}_pick"] = list(pick)
-        if name == "rope":
-            fused_ops.ROPE_BLOCK_H, fused_ops.ROPE_WARPS = pick
-        else:
-            moe_permute.GROUP_BLOCK, moe_permute.GROUP_SCAN, moe_permute.GROUP_WARPS = pick
+        out[f"{name}_fastest"] = list(variants[keys.index(min(ok, key=ok.get))] if ok else committed)
+    fused_ops.ROPE_BLOCK_H, fused_ops.ROPE_WARPS = saved_rope
+    moe_permute.GROUP_BLOCK, moe_permute.GROUP_SCAN, moe_permute.GROUP_WARPS = saved_group
+    return out
+
+
+def small_kernel_latency(cfg: ModelConfig, device, tokens=(1, 32, 128, 256)) -> dict:
+    """Graph-replayed us per call of the small phases' kernels at R1 sizes over 1..256 tokens, beside an empty
+    kernel: where 128 tokens cost about what 1 token costs, the kernel's time is its own dependent chain
+    (load, reduce, store of one row in one program), not the bytes a roofline counts."""
+    g = torch.Generator(device=device)
+    g.manual_seed(4)
+    dt = torch.bfloat16
+    h, ql = cfg.hidden_size, cfg.q_lora_rank or cfg.hidden_size
+    nh, d, half, lat = cfg.num_attention_heads, cfg.qk_head_dim, cfg.qk_rope_head_dim // 2, cfg.kv_lora_rank
+    e = cfg.n_routed_experts
+    args = (cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    rnd = lambda *shape: torch.randn(*shape, device=device, generator=g).to(dt)  # noqa: E731
+    wh, wq, wl = rnd(h) + 2, rnd(ql) + 2, rnd(lat) + 2
+    gate_w, bias = rnd(e, h) * 0.02, torch.randn(e, device=device, generator=g) * 0.01
+    one = torch.zeros(1, dtype=torch.int32, device=device)
+    out: dict = {"empty kernel": {f"T{t}": round(_graph_us(lambda: one.add_(1)), 2) for t in tokens}}
+    for t in tokens:
+        x, r = rnd(t, h), rnd(t, h)
+        xq = rnd(t, ql)
+        q, kv = rnd(t, nh, d), rnd(t, lat + 2 * half)
+        ang = torch.randn(t, half, device=device, generator=g)
+        cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+        cache = torch.zeros(t // 64 + 1, 64, lat + 2 * half, device=device, dtype=dt)
+        slots = torch.arange(t, device=device)
+        cases = {"add + RMSNorm, hidden (bf16 out)": lambda: fused_ops.rms_norm(x, wh, 1e-6, r),
+                 "add + RMSNorm + FP8 quant, hidden": lambda: fused_ops.rms_norm_quant(x, wh, 1e-6, r),
+                 "RMSNorm + FP8 quant, q_a": lambda: fused_ops.rms_norm_quant(xq, wq, 1e-6),
+                 "RoPE + latent norm + cache write": lambda: fused_ops.rope_cache_write(q, kv, wl, 1e-6, cos, sin,
+                                                                                          cache, slots),
+                 "router: gate GEMM + selection (2 launches)": lambda: fused_ops.gate_route(x, gate_w, bias, *args)}
+        for name, fn in cases.items():
+            out.setdefault(name, {})[f"T{t}"] = round(_graph_us(fn), 2)
     return out
 
 
@@ -1705,8 +1739,12 @@ def main(argv=None) -> dict:
         report["fused_check"] = check_fused_ops(rank_config(a.size, a.layers, a.dense_layers, False), device)
         print(f"# fused ops vs torch references: {report['fused_check']}", flush=True)
         report["small_kernels"] = check_small_kernels(rank_config(a.size, a.layers, a.dense_layers, False), device)
-        print(f"# small-kernel launch settings (graph us per call, bits vs the committed setting; the fastest exact "
-              f"one is installed): {json.dumps(report['small_kernels'])}", flush=True)
+        print(f"# small-kernel launch settings (graph us per call, bits vs the committed setting, which runs): "
+              f"{json.dumps(report['small_kernels'])}", flush=True)
+        report["small_latency"] = small_kernel_latency(rank_config(a.size, a.layers, a.dense_layers, False), device)
+        print("# small kernels, graph us per call at 1 / 32 / 128 / 256 tokens: " + "; ".join(
+            f"{k} " + " / ".join(f"{v:.2f}" for v in row.values()) for k, row in report["small_latency"].items()),
+            flush=True)
         report["router_check"] = check_router(rank_config(a.size, a.layers, a.dense_layers, False), device)
         print(f"# router kernel settings (graph us per call; bit-exact vs the 4-warp unrolled path): "
               f"{json.dumps(report['router_check'])}", flush=True)

@@ -176,7 +176,7 @@ def test_reference_work_matches_the_roofline_bytes(rank, fp8):
 
 def test_check_small_kernels_compares_launch_settings_bit_for_bit(rank, monkeypatch):
     """check_small_kernels at tiny sizes (Triton interpreter): every RoPE and grouping launch setting gives the
-    committed setting's bits, and the fastest is installed (here: the timings are made up)."""
+    committed setting's bits; the fastest is reported and the committed setting restored (timings made up)."""
     from wideep.model import fused_ops, moe_permute
 
     if fused_ops.triton is None:
@@ -192,5 +192,19 @@ def test_check_small_kernels_compares_launch_settings_bit_for_bit(rank, monkeypa
     monkeypatch.setattr(rank, "_graph_us", lambda fn, reps=20: (fn(), next(fake))[1])   # later = faster
     out = rank.check_small_kernels(rank.rank_config("tiny", None, None, False), torch.device("cpu"), tokens=(8,))
     assert all(v["T8"]["exact"] for k in ("rope", "group") for v in out[k].values())
-    assert out["rope_pick"] == list(rank.ROPE_VARIANTS[-1]) and out["group_pick"] == list(rank.GROUP_VARIANTS[-1])
-    assert (fused_ops.ROPE_BLOCK_H, fused_ops.ROPE_WARPS) == rank.ROPE_VARIANTS[-1]
+    assert out["rope_fastest"] == list(rank.ROPE_VARIANTS[-1]) and out["group_fastest"] == list(rank.GROUP_VARIANTS[-1])
+    assert (fused_ops.ROPE_BLOCK_H, fused_ops.ROPE_WARPS) == rank.ROPE_VARIANTS[0]
+
+
+def test_small_kernel_latency_runs_each_kernel_at_each_size(rank, monkeypatch):
+    """small_kernel_latency at tiny sizes (Triton interpreter): every kernel is called at every token count."""
+    from wideep.model import fused_ops
+
+    if fused_ops.triton is None:
+        pytest.skip("triton not installed")
+    monkeypatch.setattr(fused_ops, "use_triton", lambda x, impl: impl != "torch")
+    calls = []
+    monkeypatch.setattr(rank, "_graph_us", lambda fn, reps=20: (calls.append(fn()), 1.0)[1])
+    out = rank.small_kernel_latency(rank.rank_config("tiny", None, None, False), torch.device("cpu"), tokens=(1, 8))
+    assert len(out) == 6 and all(set(row) == {"T1", "T8"} for row in out.values())
+    assert len(calls) == 2 + 5 * 2
