@@ -35,10 +35,12 @@ class DecoderLayer(nn.Module):
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mlp output, residual stream before it): the residual add of each sub-block is done by the next
         norm (fused add + RMSNorm), so the hidden state is h + residual (residual None: h alone)."""
+        # an FP8 q_a ‖ kv_a projection takes the norm's rows quantized (one kernel for norm and quantization)
+        pad = self.self_attn.input_quant_pad(h) if self.input_layernorm.quant_applies(h) else None
         if residual is None:
-            x, residual = self.input_layernorm(h), h
+            x, residual = self.input_layernorm(h, quant_pad=pad), h
         else:
-            x, residual = self.input_layernorm.add_norm(h, residual)
+            x, residual = self.input_layernorm.add_norm(h, residual, quant_pad=pad)
         a = self.self_attn(x, cos, sin, attn, kv_cache)
         x, residual = self.post_attention_layernorm.add_norm(a, residual)
         return self.mlp(x), residual
