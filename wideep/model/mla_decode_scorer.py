@@ -206,7 +206,7 @@ def _mla_decode_scorer_kernel(
     stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h, stride_bt_b,
     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
     L: gl.constexpr, R: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-    ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr = 0,
+    ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr = 1,
 ):
     pid_h = gl.program_id(0)
     b = gl.program_id(1)
