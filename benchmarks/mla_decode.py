@@ -13,6 +13,7 @@ table, replay, compare with the oracle.
   H200: PYTHONPATH=$PWD python3 benchmarks/mla_decode.py --suite [--study] --old OLD_MODULE.py
         (issue 15: bf16 + fp8 correctness, batch invariance, present kernel vs new configs, tiny model graph
          vs eager tokens; --study: tokens per split vs batch size; ~40 s each on an H200)
+  H200: PYTHONPATH=$PWD python3 benchmarks/mla_decode.py --ablate   (where the Gluon kernels' time goes)
   AOT:  .venv/bin/python benchmarks/mla_decode.py --aot             (no GPU: compile for sm_90, print
                                                                      shared memory, registers, spills;
         MLA_AOT_ONLY=e4m3 compiles only the Hopper kernels whose tag contains the text)
@@ -52,6 +53,12 @@ def parse_args(argv=None):
                         "present kernel vs new configs at B=128/256 x ctx 2k/4k/8k, bf16 and fp8 cache, and graph vs "
                         "eager tokens of the tiny model")
     p.add_argument("--study", action="store_true", help="tokens per split vs batch size, fp8 compute variants")
+    p.add_argument("--ablate", action="store_true",
+                   help="where the Gluon kernels' time goes: the half-page kernel with parts left out, split counts, "
+                        "the merge kernel alone (benchmarks/mla_decode_ablate.py)")
+    p.add_argument("--ablate-target", default=None, help="run one config a few times eagerly (an ncu target)")
+    p.add_argument("--ablate-extra", default="", help="--ablate: more configs to time (';'-separated)")
+    p.add_argument("--ablate-quick", action="store_true", help="--ablate: B=128/256 only, no split-count variants")
     p.add_argument("--smoke", action="store_true",
                    help="each --suite-configs entry, then the automatic choice over a bf16 and an fp8 cache, on a "
                         "small case vs the oracle")
@@ -503,9 +510,11 @@ def aot_hopper():
              "stride_lse_r"]
     from wideep.model import mla_decode_e4m3 as me
     from wideep.model import mla_decode_halfpage as mh
+    from wideep.model import mla_decode_scorer as ms
     kernels = [("gluon 64,64,4,2", mg._mla_decode_gluon_kernel, "bf16"),
                ("gluon 64,64,4,2,hp", mh._mla_decode_halfpage_kernel, "bf16"),
-               ("gluon 64,64,4,2,hp,e4m3", me._mla_decode_e4m3_kernel, "fp8e4nv")]
+               ("gluon 64,64,4,2,hp,e4m3", me._mla_decode_e4m3_kernel, "fp8e4nv"),
+               ("gluon 64,64,4,2,sc", ms._mla_decode_scorer_kernel, "bf16")]
     for tag, kern, kv in kernels:
         if only and only not in tag:
             continue
@@ -536,6 +545,12 @@ def main(argv=None):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--aot-child", "--configs", args.configs]
         return subprocess.run(cmd, env=env).returncode
     import torch
+    if torch.cuda.is_available() and (args.ablate or args.ablate_target):
+        from mla_decode_ablate import run_ablate, run_target
+        if args.ablate_target:
+            return run_target(args.ablate_target)
+        run_ablate(args)
+        return 0
     if torch.cuda.is_available() and args.smoke:
         from mla_decode_suite import run_smoke
         return run_smoke(args)

@@ -23,9 +23,15 @@ Reports decode tok/s/GPU at B sequences x ctx, prefill tok/s/GPU at P tokens/ran
 the innermost module range around that launch, so phases sum to the step) beside each phase's roofline, bf16 and
 FP8 side by side, and a plain-PyTorch version of the same shape measured in the same run. Beside each roofline
 stands the phase's floor: the roofline or its launch count x the measured cost of a near-empty kernel on this GPU
-(measure_launch_floor), whichever is larger, so the table says which phases are launch-bound. On a GPU it first
-checks the step's fused kernels against their torch references at the model's sizes (check_fused_ops) and times
-the router's kernel settings against each other, bit for bit (check_router); the run uses the committed ones.
+(measure_launch_floor), whichever is larger, so the table says which phases are launch-bound. Beside that stands a
+measured reference per phase: for GEMM phases cuBLAS timed on the phase's own shapes in a CUDA graph (the vendor
+library's best at that shape on this GPU), for the small phases the same number of launches each copying its
+kernel's bytes (the same-work floor); the ratio to it is the phase's measured explanation. On a GPU it first
+checks the step's fused kernels against their torch references at the model's sizes (check_fused_ops), times the launch
+settings of the RoPE and grouping kernels (check_small_kernels) and the router's kernel settings (check_router)
+against each other, bit for bit, and times the small phases' kernels at 1 to 256 tokens (small_kernel_latency:
+a time that does not grow with the tokens is the kernel's own latency, not its bytes); the run uses the
+committed settings.
 
   python benchmarks/rank.py --ep 32                      # H200: full R1 rank, bf16 and fp8
   python benchmarks/rank.py --size tiny --device cpu     # smoke run (tiny dims, few layers)
@@ -282,9 +288,9 @@ if triton is not None:
         tl.store(p_ptr + i, tl.load(p_ptr + i) + 1)
 
 
-def _kernel_durations_us(fn, n: int) -> list[float]:
-    """Device durations (us) of the kernels n eager calls of fn launch, as the torch profiler reports them
-    (the same measure the per-phase table sums)."""
+def _kernel_durations_us(fn, n: int, cats: tuple[str, ...] = ("kernel",)) -> list[float]:
+    """Device durations (us) of the kernels (cats: also copies) n eager calls of fn launch, as the torch
+    profiler reports them (the same measure the per-phase table sums)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             fn()
@@ -295,7 +301,7 @@ def _kernel_durations_us(fn, n: int) -> list[float]:
         events = json.loads(path.read_text()).get("traceEvents", [])
     finally:
         path.unlink(missing_ok=True)
-    return [float(e["dur"]) for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    return [float(e["dur"]) for e in events if e.get("ph") == "X" and e.get("cat") in cats]
 
 
 def measure_launch_floor(device, n: int = 500) -> dict:
@@ -358,6 +364,271 @@ def _graph_us(fn, reps: int = 20) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
+# ---- measured explanations: a vendor reference for each GEMM phase, a same-work floor for each small one ------
+# A phase above 1.5x its roofline is explained by a measurement on the same GPU: for GEMM phases, cuBLAS (the
+# vendor's library) timed on the phase's own shapes in a CUDA graph - the best this GPU's library reaches at that
+# shape; for the small memory-bound phases, a CUDA graph of the same number of launches, each a device copy of
+# that kernel's own bytes (an empty kernel where they are tiny) - what the same launches and bytes cost at least.
+
+GEMM_PHASES = ("attention_proj", "routed_experts", "shared_expert", "dense_mlp", "lm_head_sampling")
+SMALL_PHASES = ("rope_cache_write", "norms_residual", "router", "dispatch_combine_glue")
+TINY_BYTES = 64 * 1024   # below this a same-work launch is an empty kernel (its bytes take < 20 ns at copy speed)
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One GEMM of a step: rows [m] (grouped: one entry per group) x weight [n, k]; kind mm / grouped / bmm
+    (bf16, `batch` independent products); fp8: the weight is e4m3; `count`: how many times per step."""
+    kind: str
+    rows: tuple[int, ...]
+    n: int
+    k: int
+    fp8: bool
+    count: int
+    batch: int = 1
+
+
+def step_gemms(cfg: ModelConfig, counts: list[int], fp8: bool, tokens: int) -> dict[str, list[Gemm]]:
+    """The GEMMs of one decode step per phase, as the model code runs them (counts: rows per local expert)."""
+    h, nh, layers = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(layers))
+    dense_layers = layers - moe_layers
+    t, lat, nope, v = tokens, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim
+    attn = [Gemm("mm", (t,), cfg.q_lora_rank + cfg.kv_cache_dim, h, fp8, layers),
+            Gemm("mm", (t,), nh * cfg.qk_head_dim, cfg.q_lora_rank, fp8, layers)] if cfg.q_lora_rank else \
+        [Gemm("mm", (t,), nh * cfg.qk_head_dim, h, fp8, layers), Gemm("mm", (t,), cfg.kv_cache_dim, h, fp8, layers)]
+    attn += [Gemm("bmm", (t,), lat, nope, False, layers, nh),    # absorbed W_UK (bf16, dequantized kv_b)
+             Gemm("bmm", (t,), v, lat, False, layers, nh),       # absorbed W_UV
+             Gemm("mm", (t,), h, nh * v, fp8, layers)]
+    inter = cfg.moe_intermediate_size
+    fused = fuse_shared_expert(cfg)
+    groups = tuple(([t] if fused else []) + list(counts))
+    out = {"attention_proj": attn,
+           "routed_experts": [Gemm("grouped", groups, 2 * inter, h, fp8, moe_layers),
+                              Gemm("grouped", groups, h, inter, fp8, moe_layers)],
+           "shared_expert": [] if fused else [
+               Gemm("mm", (t,), inter * cfg.n_shared_experts, h, fp8, 2 * moe_layers),
+               Gemm("mm", (t,), h, inter * cfg.n_shared_experts, fp8, moe_layers)],
+           "dense_mlp": [Gemm("mm", (t,), cfg.intermediate_size, h, fp8, 2 * dense_layers),
+                         Gemm("mm", (t,), h, cfg.intermediate_size, fp8, dense_layers)],
+           "lm_head_sampling": [Gemm("mm", (t,), cfg.vocab_size, h, False, 1)]}
+    return {p: g for p, g in out.items() if g}
+
+
+def norm_work(cfg: ModelConfig, t: int, fp8_out: bool) -> list[tuple]:
+    """The norm kernels of one step over t tokens: (label, launches, bytes each). fp8_out: the input and q_a norms
+    write the next FP8 projection's e4m3 codes (RMSNorm + quantization in one kernel) instead of bf16 rows."""
+    h, layers, ql = cfg.hidden_size, cfg.num_hidden_layers, cfg.q_lora_rank or 0
+    o = 1 if fp8_out and ql else 2   # bytes per channel of the input norm's output
+    out = [("add_norm hidden, input (x, r in; s, y out)", layers - 1, (6 * h + o * h) * t),
+           ("norm hidden, layer 0 input (x in, y out)", 1, (2 * h + o * h) * t),
+           ("add_norm hidden, post-attention", layers, 8 * h * t)]
+    if ql:
+        out.append(("q_a norm", layers, (2 * ql + (1 if fp8_out else 2) * ql) * t))
+    return out
+
+
+def small_phase_work(cfg: ModelConfig, tokens: int, pairs: int, own_rows: int,
+                     fp8: bool = False) -> dict[str, list[tuple]]:
+    """The kernels of each small phase in one decode step: (label, launches, bytes each: read + written), from
+    the shapes the model code runs (pairs: routed (token, slot) pairs per MoE layer; own_rows: rows of the
+    fused shared slot gathered beside them; fp8: the FP8 model, whose norms write e4m3 codes where fused)."""
+    h, nh, layers, t = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, tokens
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(layers))
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    slices = fused_ops.gate_slices(h)
+    return {
+        "rope_cache_write": [("rope q_pe + latent norm + cache row", layers,
+                              t * (2 * nh * cfg.qk_rope_head_dim + 2 * cfg.kv_cache_dim) * 2)],
+        "norms_residual": norm_work(cfg, t, fp8),
+        "router": [("gate GEMM: weight + x in, fp32 partials out", moe_layers, (e * h + t * h) * 2 + slices * t * e * 4),
+                   ("selection: partials in, ids + weights out", moe_layers, slices * t * e * 4 + e * 4 + t * k * 16)],
+        "dispatch_combine_glue": [
+            ("group pairs (ids, weights in; order, rows, slot, valid, weight out)", moe_layers, pairs * 41),
+            ("row gather x[rows]", moe_layers, (own_rows + pairs) * h * 2 * 2),
+            ("weighted gather-sum (rows in, token rows out)", moe_layers, pairs * (h * 2 + 8) + t * h * 2),
+            ("add shared-slot output", moe_layers, 3 * t * h * 2)],
+    }
+
+
+def _event_ms(g: "torch.cuda.CUDAGraph", reps: int = 5) -> float:
+    ts = []
+    for _ in range(reps):
+        st, en = torch.cuda.Event(True), torch.cuda.Event(True)
+        st.record()
+        g.replay()
+        en.record()
+        torch.cuda.synchronize()
+        ts.append(st.elapsed_time(en))
+    return sorted(ts)[len(ts) // 2]
+
+
+def _graph_of(fns: list, warm: int = 2) -> "torch.cuda.CUDAGraph":
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warm):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    return g
+
+
+def _gemm_variants(gm: Gemm, device, copies: int) -> dict[str, list]:
+    """Callables (one per weight copy) of each cuBLAS way to run gm; variants this torch refuses are left out.
+    fp8: per-tensor scales (cuBLAS's fastest FP8 path) and DeepSeek's block scales (1x128 activation, 128x128
+    weight), as one call per group or torch._scaled_grouped_mm (rowwise scales); bf16: mm / bmm / _grouped_mm."""
+    f8, bf = FP8_DTYPE, torch.bfloat16
+    m = sum(gm.rows)
+    a = torch.randn(m, gm.k, device=device).to(f8 if gm.fp8 else bf)
+    groups = len(gm.rows)
+    ws = [torch.randn(groups * gm.n, gm.k, device=device).to(f8 if gm.fp8 else bf) for _ in range(copies)]
+    starts = [sum(gm.rows[:i]) for i in range(groups)]
+    out: dict[str, list] = {}
+    if gm.kind == "bmm":
+        qa = torch.randn(gm.batch, m, gm.k, device=device, dtype=bf)
+        wb = [torch.randn(gm.batch, gm.k, gm.n, device=device, dtype=bf) for _ in range(copies)]
+        out["bmm"] = [lambda w=w: torch.bmm(qa, w) for w in wb]
+        return out
+    if not gm.fp8:
+        if gm.kind == "grouped":
+            offs = torch.tensor([s + r for s, r in zip(starts, gm.rows)], dtype=torch.int32, device=device)
+            out["_grouped_mm"] = [lambda w=w: torch._grouped_mm(a, w.view(groups, gm.n, gm.k).transpose(1, 2), offs=offs)
+                                  for w in ws]
+        out["mm"] = [lambda w=w: [a[s:s + r] @ w[i * gm.n:(i + 1) * gm.n].t()
+                                  for i, (s, r) in enumerate(zip(starts, gm.rows))] for w in ws]
+        return out
+    one = torch.ones((), device=device)
+    pt = [lambda w=w: [torch._scaled_mm(a[s:s + r], w[i * gm.n:(i + 1) * gm.n].t(), scale_a=one, scale_b=one,
+                                        out_dtype=bf) for i, (s, r) in enumerate(zip(starts, gm.rows))] for w in ws]
+    out["scaled_mm per-tensor"] = pt
+    if gm.n % 128 == 0 and gm.k % 128 == 0 and all(r % 16 == 0 for r in gm.rows):
+        sa = [torch.ones(gm.k // 128, r, device=device).t() for r in gm.rows]
+        sb = torch.ones(gm.n // 128, gm.k // 128, device=device)
+        out["scaled_mm block"] = [
+            lambda w=w: [torch._scaled_mm(a[s:s + r], w[i * gm.n:(i + 1) * gm.n].t(), scale_a=sa[i], scale_b=sb.t(),
+                                          out_dtype=bf) for i, (s, r) in enumerate(zip(starts, gm.rows))] for w in ws]
+    if gm.kind == "grouped" and hasattr(torch, "_scaled_grouped_mm") and all(r % 16 == 0 for r in gm.rows):
+        offs = torch.tensor([s + r for s, r in zip(starts, gm.rows)], dtype=torch.int32, device=device)
+        ra = torch.ones(m, device=device)
+        rb = torch.ones(groups, gm.n, device=device)
+        out["_scaled_grouped_mm rowwise"] = [
+            lambda w=w: torch._scaled_grouped_mm(a, w.view(groups, gm.n, gm.k).transpose(1, 2), ra, rb, offs=offs,
+                                                 out_dtype=bf) for w in ws]
+    return out
+
+
+def gemm_reference(gemms: dict[str, list[Gemm]], device, l2_bytes: int) -> dict[str, dict]:
+    """Per GEMM phase: the fastest cuBLAS variant of each of its GEMMs, timed in a CUDA graph over enough weight
+    copies that no weight is still in L2 when it is read again (the step reads every layer's weights once), and
+    summed over the step (ms). Each GEMM's variants and times are kept."""
+    out: dict[str, dict] = {}
+    for phase, gs in gemms.items():
+        total, detail = 0.0, []
+        for gm in gs:
+            wbytes = len(gm.rows) * gm.n * gm.k * (1 if gm.fp8 else 2) * gm.batch
+            copies = max(1, min(8, -(-3 * l2_bytes // max(wbytes, 1))))
+            best, times = float("inf"), {}
+            try:
+                variants = _gemm_variants(gm, device, copies)
+            except (RuntimeError, TypeError) as exc:
+                variants, times["error"] = {}, f"{type(exc).__name__}: {exc}"[:120]
+            for name, fns in variants.items():
+                try:
+                    reps = max(2, 4 // copies) * copies
+                    g = _graph_of([fns[i % copies] for i in range(reps)])
+                    us = _event_ms(g) * 1e3 / reps
+                    del g
+                except (RuntimeError, TypeError, ValueError) as exc:
+                    times[name] = f"refused: {type(exc).__name__}: {str(exc)[:80]}"
+                    continue
+                times[name] = round(us, 2)
+                best = min(best, us)
+            del variants
+            total += best * gm.count / 1e3 if best < float("inf") else float("nan")
+            detail.append({"kind": gm.kind, "rows": list(gm.rows) if len(gm.rows) <= 12 else sum(gm.rows), "n": gm.n,
+                           "k": gm.k, "fp8": gm.fp8, "batch": gm.batch, "per_step": gm.count, "us": times,
+                           "best_us": round(best, 2)})
+        out[phase] = {"ms": total, "gemms": detail}
+        torch.cuda.empty_cache()
+    return out
+
+
+def same_work_floor(work: dict[str, list[tuple]], launches: dict[str, int], device) -> dict[str, dict]:
+    """Per small phase: its kernels' launches, each a device copy of that kernel's bytes (an empty kernel below
+    TINY_BYTES), plus empty kernels for the phase's launches beyond those listed; run back to back eagerly
+    (the profiler's summed device durations: the measure the phase column sums) and as one CUDA graph (its
+    replay time). The copies reuse one buffer pair, so bytes that fit stay in L2, as the step's activations
+    mostly do: a floor, not an estimate of the kernels."""
+    out: dict[str, dict] = {}
+    for phase, items in work.items():
+        listed = sum(n for _, n, _ in items)
+        extra = max(0, launches.get(phase, 0) - listed)
+        big = max([b for _, _, b in items if b >= TINY_BYTES] + [2])
+        src = torch.empty(big // 2, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        one = torch.zeros(1, dtype=torch.int32, device=device)
+        fns = []
+        for _, n, b in items:
+            if b >= TINY_BYTES:
+                s, d = src[: b // 2], dst[: b // 2]
+                fns += [lambda s=s, d=d: d.copy_(s)] * n
+            else:
+                fns += [lambda: one.add_(1)] * n
+        fns += [lambda: one.add_(1)] * extra
+
+        def run_all():
+            for f in fns:
+                f()
+        run_all()
+        dur = _kernel_durations_us(run_all, 1, DEVICE_CATS)
+        g = _graph_of(fns, warm=1)
+        out[phase] = {"ms": sum(dur) / 1e3, "graph_ms": _event_ms(g), "launches": len(fns), "listed": listed,
+                      "bytes": sum(n * b for _, n, b in items),
+                      "items": [[lbl, n, b] for lbl, n, b in items] + ([["empty (unlisted launches)", extra, 0]]
+                                                                       if extra else [])}
+        del g, src, dst
+    return out
+
+
+def expert_counts(cfg: ModelConfig, a, tokens: int) -> tuple[list[int], int]:
+    """Rows per local expert and routed (token, slot) pairs per MoE layer, as the emulated dispatcher delivers them."""
+    disp = EmulatedEPDispatcher(cfg.n_routed_experts, a.ep, cfg.num_experts_per_tok, a.routing, a.zipf_s)
+    ids = disp._local_ids(tokens, torch.device("cpu"))
+    valid = ids[(ids >= 0) & (ids < disp.num_local_experts)]
+    return torch.bincount(valid, minlength=disp.num_local_experts).tolist(), ids.numel()
+
+
+def vendor_references(cfg_of, precisions: list[str], a, device) -> dict:
+    """{precision: {B: gemm_reference(...)}} for the decode batch sizes, measured before any model is built."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    out: dict = {}
+    for prec in precisions:
+        cfg = cfg_of(prec)
+        for b in a.batch:
+            counts, _ = expert_counts(cfg, a, b)
+            out.setdefault(prec, {})[b] = gemm_reference(step_gemms(cfg, counts, prec == "fp8", b), device, l2)
+    return out
+
+
+def explain_phases(res: dict, cfg: ModelConfig, a, tokens: int, device, vendor: dict | None) -> None:
+    """Adds res['reference'] = {phase: {'ms', 'kind': vendor | same-work, ...}} (decode; on a GPU)."""
+    ref: dict = {}
+    for p, v in (vendor or {}).items():
+        ref[p] = {"kind": "vendor", **v}
+    counts, pairs = expert_counts(cfg, a, tokens)
+    own = tokens if fuse_shared_expert(cfg) else 0
+    fp8 = cfg.quantization_config is not None
+    for p, v in same_work_floor(small_phase_work(cfg, tokens, pairs, own, fp8), res["launches"], device).items():
+        ref[p] = {"kind": "same-work", **v}
+    res["reference"] = ref
+
 # router kernel settings timed by check_router (fused_ops' two-kernel path): the selection program at 4 or 1
 # warps, the gate GEMM's K loop unrolled or software-pipelined (the committed default: 1 warp, pipelined)
 ROUTER_VARIANTS = {
@@ -419,6 +690,106 @@ def check_router(cfg: ModelConfig, device, tokens=(128, 256)) -> dict:
     return out
 
 
+# launch settings of two small kernels whose results do not depend on them (check_small_kernels times them):
+# RoPE + cache write (heads per program, warps; the first is the committed default) and the grouping kernel
+# (pairs per program, pairs per histogram step, warps)
+ROPE_VARIANTS = [(8, 1), (16, 4), (8, 4), (4, 1), (8, 2), (16, 1), (16, 2), (32, 4), (128, 8)]
+GROUP_VARIANTS = [(32, 1024, 4), (128, 512, 4), (64, 1024, 8), (16, 1024, 4), (32, 1024, 8), (32, 2048, 8),
+                  (128, 1024, 8), (32, 512, 2)]
+
+
+def check_small_kernels(cfg: ModelConfig, device, tokens=(128, 256)) -> dict:
+    """RoPE + cache write and the grouping kernel at R1 sizes under each launch setting: outputs bit for bit
+    against the committed setting's, graph-replayed us per call; the fastest setting that passes at every size
+    is installed for this run (printed, so the run says what it measured)."""
+    from wideep.model import moe_permute
+
+    g = torch.Generator(device=device)
+    g.manual_seed(3)
+    dt = torch.bfloat16
+    nh, d, half, lat = cfg.num_attention_heads, cfg.qk_head_dim, cfg.qk_rope_head_dim // 2, cfg.kv_lora_rank
+    out: dict = {"rope": {}, "group": {}}
+    saved_rope = (fused_ops.ROPE_BLOCK_H, fused_ops.ROPE_WARPS)
+    saved_group = (moe_permute.GROUP_BLOCK, moe_permute.GROUP_SCAN, moe_permute.GROUP_WARPS)
+    for t in tokens:
+        q0 = torch.randn(t, nh, d, device=device, generator=g).to(dt)
+        kv = torch.randn(t, lat + 2 * half, device=device, generator=g).to(dt)
+        w = torch.rand(lat, device=device, generator=g).to(dt) + 0.5
+        ang = torch.randn(t, half, device=device, generator=g) * 3
+        cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+        cache0 = torch.zeros(8 * t // 64 + 1, 64, lat + 2 * half, device=device, dtype=dt)
+        slots = torch.randperm(8 * t, device=device, generator=g)[:t]
+        ref = None
+        for bh, nw in ROPE_VARIANTS:
+            fused_ops.ROPE_BLOCK_H, fused_ops.ROPE_WARPS = bh, nw
+            try:
+                qx, cx = q0.clone(), cache0.clone()
+                fused_ops.rope_cache_write(qx, kv, w, 1e-6, cos, sin, cx, slots)
+                ref = ref or (qx.clone(), cx.clone())   # the timing below ropes qx again, in place
+                exact = bool(torch.equal(qx, ref[0]) and torch.equal(cx, ref[1]))
+                us = _graph_us(lambda: fused_ops.rope_cache_write(qx, kv, w, 1e-6, cos, sin, cx, slots))
+                res = {"us": round(us, 2), "exact": exact}
+            except Exception as exc:  # noqa: BLE001 - a setting that fails to compile or run is reported
+                res = {"us": float("inf"), "exact": False, "error": f"{type(exc).__name__}: {exc}"[:160]}
+            out["rope"].setdefault(f"{bh}h/{nw}w", {})[f"T{t}"] = res
+        ids = torch.randint(-1, 9, (t, cfg.num_experts_per_tok), device=device, generator=g)
+        tw = torch.rand(t, cfg.num_experts_per_tok, device=device, generator=g)
+        ref = None
+        for blk, scan, nw in GROUP_VARIANTS:
+            moe_permute.GROUP_BLOCK, moe_permute.GROUP_SCAN, moe_permute.GROUP_WARPS = blk, scan, nw
+            try:
+                gr, pr, wr = group_pairs(ids, 8, tw)
+                got = (gr.order, gr.rows, gr.valid, gr.tokens_per_expert, pr, wr)
+                ref = ref or got
+                exact = all(torch.equal(a_, b_) for a_, b_ in zip(got, ref))
+                res = {"us": round(_graph_us(lambda: group_pairs(ids, 8, tw)), 2), "exact": exact}
+            except Exception as exc:  # noqa: BLE001
+                res = {"us": float("inf"), "exact": False, "error": f"{type(exc).__name__}: {exc}"[:160]}
+            out["group"].setdefault(f"{blk}/{scan}/{nw}w", {})[f"T{t}"] = res
+    for name, variants, committed in (("rope", ROPE_VARIANTS, saved_rope), ("group", GROUP_VARIANTS, saved_group)):
+        keys = list(out[name])
+        ok = {k: sum(v["us"] for v in out[name][k].values()) for k in keys if all(v["exact"] for v in out[name][k].values())}
+        out[f"{name}_fastest"] = list(variants[keys.index(min(ok, key=ok.get))] if ok else committed)
+    fused_ops.ROPE_BLOCK_H, fused_ops.ROPE_WARPS = saved_rope
+    moe_permute.GROUP_BLOCK, moe_permute.GROUP_SCAN, moe_permute.GROUP_WARPS = saved_group
+    return out
+
+
+def small_kernel_latency(cfg: ModelConfig, device, tokens=(1, 32, 128, 256)) -> dict:
+    """Graph-replayed us per call of the small phases' kernels at R1 sizes over 1..256 tokens, beside an empty
+    kernel: where 128 tokens cost about what 1 token costs, the kernel's time is its own dependent chain
+    (load, reduce, store of one row in one program), not the bytes a roofline counts."""
+    g = torch.Generator(device=device)
+    g.manual_seed(4)
+    dt = torch.bfloat16
+    h, ql = cfg.hidden_size, cfg.q_lora_rank or cfg.hidden_size
+    nh, d, half, lat = cfg.num_attention_heads, cfg.qk_head_dim, cfg.qk_rope_head_dim // 2, cfg.kv_lora_rank
+    e = cfg.n_routed_experts
+    args = (cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    rnd = lambda *shape: torch.randn(*shape, device=device, generator=g).to(dt)  # noqa: E731
+    wh, wq, wl = rnd(h) + 2, rnd(ql) + 2, rnd(lat) + 2
+    gate_w, bias = rnd(e, h) * 0.02, torch.randn(e, device=device, generator=g) * 0.01
+    one = torch.zeros(1, dtype=torch.int32, device=device)
+    out: dict = {"empty kernel": {f"T{t}": round(_graph_us(lambda: one.add_(1)), 2) for t in tokens}}
+    for t in tokens:
+        x, r = rnd(t, h), rnd(t, h)
+        xq = rnd(t, ql)
+        q, kv = rnd(t, nh, d), rnd(t, lat + 2 * half)
+        ang = torch.randn(t, half, device=device, generator=g)
+        cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+        cache = torch.zeros(t // 64 + 1, 64, lat + 2 * half, device=device, dtype=dt)
+        slots = torch.arange(t, device=device)
+        cases = {"add + RMSNorm, hidden (bf16 out)": lambda: fused_ops.rms_norm(x, wh, 1e-6, r),
+                 "add + RMSNorm + FP8 quant, hidden": lambda: fused_ops.rms_norm_quant(x, wh, 1e-6, r),
+                 "RMSNorm + FP8 quant, q_a": lambda: fused_ops.rms_norm_quant(xq, wq, 1e-6),
+                 "RoPE + latent norm + cache write": lambda: fused_ops.rope_cache_write(q, kv, wl, 1e-6, cos, sin,
+                                                                                          cache, slots),
+                 "router: gate GEMM + selection (2 launches)": lambda: fused_ops.gate_route(x, gate_w, bias, *args)}
+        for name, fn in cases.items():
+            out.setdefault(name, {})[f"T{t}"] = round(_graph_us(fn), 2)
+    return out
+
+
 def check_fused_ops(cfg: ModelConfig, device, tokens: int = 128) -> dict:
     """The step's fused kernels against their torch references at this model's sizes, on the device (the CPU
     tests run them under Triton's interpreter, whose float casts differ): counts of differing elements."""
@@ -473,6 +844,41 @@ def check_fused_ops(cfg: ModelConfig, device, tokens: int = 128) -> dict:
             sep = fp8_linear(x, w_, s_, scale_row_index([p_], 128, device)).float()
             rel = max(rel, float((y.float() - sep).abs().max() / sep.abs().max()))
         out["qkv_a_stacked_vs_separate_max_rel"] = rel
+    # RMSNorm + FP8 activation quantization in one kernel against rms_norm then act_quant (codes, scales, sum)
+    from wideep.model import fp8_triton
+    nq = 0
+    for d, res, pad in [(cfg.hidden_size, True, 1), (cfg.hidden_size, False, 16), (cfg.q_lora_rank or 0, False, 16)]:
+        if not d:
+            continue
+        xs = (r(tokens, d + 64) * 3).to(dt)[:, :d]   # a strided view, as the q_a part of the stacked output
+        rs = r(tokens, d).to(dt) if res else None
+        wn = (r(d).abs() + 0.5).to(dt)
+        got = fused_ops.rms_norm_quant(xs, wn, 1e-6, rs, pad_rows=pad)
+        normed = fused_ops.rms_norm(xs, wn, 1e-6, rs)
+        if res:
+            normed, total = normed
+            nq += int((got[2] != total).sum())
+        qr, sr = fp8_triton.act_quant(normed, pad)
+        nq += int((got[0][:tokens].view(torch.uint8) != qr[:tokens].view(torch.uint8)).sum())
+        nq += int((got[1][:tokens] != sr[:tokens]).sum())
+    out["norm_quant_diff"] = nq
+    # the grouped FP8 expert MLP: every counted row written, the padding rows past them zero (zero_tail; the
+    # output's memory held NaN just before), the values against the per-expert torch path
+    from wideep.model.fp8 import fp8_grouped_mlp
+    inter, hid, counts = cfg.moe_intermediate_size, cfg.hidden_size, [50, 0, 70]
+    w13 = r(3, 2 * inter, hid).to(FP8_DTYPE)
+    w2_ = r(3, hid, inter).to(FP8_DTYPE)
+    s13 = torch.full((3, 2 * inter // 128, hid // 128), 0.02, device=device)
+    s2_ = torch.full((3, hid // 128, inter // 128), 0.02, device=device)
+    i13, i2 = scale_row_index([inter, inter], 128, device), scale_row_index([hid], 128, device)
+    xg = r(136, hid).to(dt)
+    tpe = torch.tensor(counts, device=device)
+    del_me = torch.full((136, hid), float("nan"), dtype=dt, device=device)
+    del del_me
+    yg = fp8_grouped_mlp(xg, w13, s13, i13, w2_, s2_, i2, tpe, impl="triton")
+    yr = fp8_grouped_mlp(xg, w13, s13, i13, w2_, s2_, i2, tpe, impl="torch")
+    out["grouped_mlp_padding_zero"] = bool((yg[120:] == 0).all()) and not bool(yg.isnan().any())
+    out["grouped_mlp_vs_torch_max_rel"] = float((yg.float() - yr.float()).abs().max() / yr.float().abs().max())
     wk = r(nh, cfg.qk_nope_head_dim, lat).to(dt)
     qn = q[..., : cfg.qk_nope_head_dim]
     out["absorbed_bmm_equal_einsum"] = bool(torch.equal(torch.bmm(qn.transpose(0, 1), wk).transpose(0, 1),
@@ -666,7 +1072,7 @@ def attribute_trace(events: list[dict]) -> dict:
         k[1] += 1
     top: dict[str, list] = {p: [] for p in PHASES}
     for (p, name), (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
-        if len(top[p]) < 4:
+        if len(top[p]) < 5:
             top[p].append([name[:90], round(ms, 4), n])
     return {"phases_ms": phases, "launches": launches, "total_ms": sum(phases.values()),
             "top_kernels_by_phase": top}
@@ -775,8 +1181,10 @@ def rooflines(cfg: ModelConfig, n_local: int, fp8: bool, b: int, ctx: int | None
     expert_w = 3 * cfg.moe_intermediate_size * h
     rows = tokens * cfg.num_experts_per_tok
     fused = int(fuse_shared_expert(cfg))   # the shared expert runs as one more group of the routed experts
+    # decode runs kv_b as the absorbed bmm's over its bf16 copy (the FP8 weight is not read); prefill as kv_b_proj
+    kvb = nh * (cfg.qk_nope_head_dim + v) * lat
     out = {
-        "attention_proj": t(layers * attn_w * wb + (layers * nh * (cfg.qk_nope_head_dim + v) * lat * 2 if fp8 else 0),
+        "attention_proj": t(layers * (attn_w * wb if prefill_tokens else (attn_w - kvb) * wb + kvb * 2),
                              layers * 2 * tokens * attn_w),
         "router": t(moe_layers * cfg.n_routed_experts * h * 2, moe_layers * 2 * tokens * cfg.n_routed_experts * h, peak_bf16),
         "routed_experts": t(moe_layers * (n_local + fused) * expert_w * wb, moe_layers * 2 * (rows + fused * tokens) * expert_w),
@@ -787,8 +1195,9 @@ def rooflines(cfg: ModelConfig, n_local: int, fp8: bool, b: int, ctx: int | None
         "dispatch_combine_glue": t(moe_layers * 3 * rows * h * 2, 0),
         "lm_head_sampling": t(cfg.vocab_size * h * 2, 2 * b * cfg.vocab_size * h, peak_bf16),
         # per layer: 2 hidden norms, each with the residual add (x, r in; s, y out: 4h) except layer 0's input
-        # norm (x in, y out), + the q_a latent norm (in, out)
-        "norms_residual": t((layers * (8 * h + 2 * (cfg.q_lora_rank or 0)) - 2 * h) * tokens * 2, 0),
+        # norm (x in, y out), + the q_a latent norm (in, out); FP8 decode: the input and q_a norms write their
+        # output as the next projection's e4m3 codes (1 byte; the scales, 1/32 of that, not counted)
+        "norms_residual": t(sum(n * b for _, n, b in norm_work(cfg, tokens, fp8 and not prefill_tokens)), 0),
         # q_pe read + written, the kv_a output read, the cache row written (bf16 cache)
         "rope_cache_write": t(layers * tokens * (2 * nh * cfg.qk_rope_head_dim + 2 * cfg.kv_cache_dim) * 2, 0),
         "other": float("nan"),
@@ -1354,9 +1763,21 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         report["fused_check"] = check_fused_ops(rank_config(a.size, a.layers, a.dense_layers, False), device)
         print(f"# fused ops vs torch references: {report['fused_check']}", flush=True)
+        report["small_kernels"] = check_small_kernels(rank_config(a.size, a.layers, a.dense_layers, False), device)
+        print(f"# small-kernel launch settings (graph us per call, bits vs the committed setting, which runs): "
+              f"{json.dumps(report['small_kernels'])}", flush=True)
+        report["small_latency"] = small_kernel_latency(rank_config(a.size, a.layers, a.dense_layers, False), device)
+        print("# small kernels, graph us per call at 1 / 32 / 128 / 256 tokens: " + "; ".join(
+            f"{k} " + " / ".join(f"{v:.2f}" for v in row.values()) for k, row in report["small_latency"].items()),
+            flush=True)
         report["router_check"] = check_router(rank_config(a.size, a.layers, a.dense_layers, False), device)
         print(f"# router kernel settings (graph us per call; bit-exact vs the 4-warp unrolled path): "
               f"{json.dumps(report['router_check'])}", flush=True)
+    vendor: dict = {}
+    if device.type == "cuda" and a.profile:
+        vendor = vendor_references(lambda p: rank_config(a.size, a.layers, a.dense_layers, p == "fp8"), precisions,
+                                   a, device)
+        report["vendor_reference"] = vendor
     for prec in precisions:
         cfg = rank_config(a.size, a.layers, a.dense_layers, prec == "fp8")
         bs = a.block_size
@@ -1397,6 +1818,12 @@ def main(argv=None) -> dict:
                     print(f"  decode B={b} ctx={ctx}: FAILED {d['error']}", flush=True)
                     continue
                 with_comm(d, a.ep, moe_layers, False, cfg.hidden_size, cfg.num_experts_per_tok)
+                if device.type == "cuda" and "launches" in d:
+                    try:
+                        explain_phases(d, cfg, a, b, device, vendor.get(prec, {}).get(b))
+                    except Exception as exc:  # noqa: BLE001 - the step's numbers stand without the explanation
+                        d["reference_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                        print(f"    reference FAILED: {d['reference_error']}", flush=True)
                 res["decode"].append(d)
                 print(f"  decode B={b:4d} ctx={ctx}: step {d['step_ms']:.2f} ms -> {d['tok_s_gpu']:,.0f} tok/s/GPU"
                       + (f" (graph replay {d['graph_replay_ms']:.2f} ms)" if "graph_replay_ms" in d else "")
@@ -1468,26 +1895,50 @@ def main(argv=None) -> dict:
     return report
 
 
+def _rows_text(rows) -> str:
+    if isinstance(rows, int):
+        return str(rows)
+    return str(rows[0]) if len(rows) == 1 else (f"{len(rows)}x{rows[0]}" if len(set(rows)) == 1 else
+                                                 f"{sum(rows)} in {len(rows)} groups")
+
+
 def print_phases(res: dict) -> None:
     """The per-phase table: eager-step device ms, launches, roofline ms and the ratio; then the floor
     (max of the roofline and launches x the measured per-launch floor), the ratio to it and which term
-    bounds the phase. The phases sum to the step's device total (every kernel counted once)."""
+    bounds the phase; then the measured reference (GEMM phases: cuBLAS on the same shapes, "vendor"; small
+    phases: the same launches copying the same bytes, "same-work") and the ratio to it. The phases sum to the
+    step's device total (every kernel counted once). Below it, each phase's largest kernels (launches, us)."""
     if "phases_ms" not in res:
         return
     roof = res["roofline_ms"]
     floor = res.get("floor_ms", {})
+    ref = res.get("reference", {})
     print(f"    {'phase':<22} {'eager ms':>9} {'launches':>8} {'roofline ms':>11} {'ratio':>6} {'floor ms':>9} "
-          f"{'x floor':>7} {'bound':>7}", flush=True)
+          f"{'x floor':>7} {'bound':>7} {'ref ms':>8} {'x ref':>6} {'ref':>9}", flush=True)
     for k, v in res["phases_ms"].items():
         r = roof.get(k, float("nan"))
         ratio = v / r if r == r and r > 0 else float("nan")
         f = floor.get(k, float("nan"))
         fr = v / f if f == f and f > 0 else float("nan")
         bound = "-" if f != f else ("launch" if not (r == r) or f > r else "bytes")
-        print(f"    {k:<22} {v:9.3f} {res['launches'][k]:8d} {r:11.3f} {ratio:6.2f} {f:9.3f} {fr:7.2f} {bound:>7}",
-              flush=True)
+        rf = ref.get(k, {})
+        rm = rf.get("ms", float("nan"))
+        xr = v / rm if rm == rm and rm > 0 else float("nan")
+        print(f"    {k:<22} {v:9.3f} {res['launches'][k]:8d} {r:11.3f} {ratio:6.2f} {f:9.3f} {fr:7.2f} {bound:>7} "
+              f"{rm:8.3f} {xr:6.2f} {rf.get('kind', '-'):>9}", flush=True)
     print(f"    {'sum = device total':<22} {res['step_gpu_ms']:9.3f} {sum(res['launches'].values()):8d}", flush=True)
-
+    for k, ks in res.get("top_kernels_by_phase", {}).items():
+        if ks:
+            print(f"      {k}: " + "; ".join(f"{n[:48]} x{c} {ms * 1e3:.0f} us" for n, ms, c in ks), flush=True)
+    for k, rf in ref.items():
+        if rf.get("kind") == "vendor":
+            print(f"      {k} vendor: " + "; ".join(
+                f"{g['kind']}{'/' + str(g['batch']) if g['batch'] > 1 else ''} M={_rows_text(g['rows'])} N={g['n']} "
+                f"K={g['k']}{' fp8' if g['fp8'] else ''} x{g['per_step']}: {g['best_us']} us" for g in rf["gemms"]),
+                flush=True)
+        else:
+            print(f"      {k} same-work: {rf['launches']} launches ({rf['listed']} listed), "
+                  f"{rf['bytes'] / 1e6:.1f} MB, graph {rf['graph_ms']:.3f} ms", flush=True)
 
 if __name__ == "__main__":
     with contextlib.suppress(BrokenPipeError):

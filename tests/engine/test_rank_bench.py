@@ -148,3 +148,63 @@ def test_check_router_compares_variants_bit_for_bit(rank, monkeypatch):
     assert set(out["variants"]) == set(rank.ROUTER_VARIANTS)
     assert all(r["T8"]["bit_exact"] and r["T8"]["after_graph_exact"] for r in out["variants"].values())
     assert (fused_ops.GATE_UNROLL, fused_ops.GATE_SELECT_WARPS) == before
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_reference_work_matches_the_roofline_bytes(rank, fp8):
+    """The vendor reference's GEMMs and the same-work floor's kernels move the bytes the roofline counts: the
+    GEMM weights of each GEMM phase, and the norm / RoPE kernels' reads and writes (R1 at full size, B=128)."""
+    cfg = rank.rank_config("full", None, None, fp8)
+    a = rank.parse(["--ep", "32"])
+    t = 128
+    counts, pairs = rank.expert_counts(cfg, a, t)
+    assert counts == [128] * 8 and pairs == t * 8
+    ceil = {"copy_GBps": 1.0, "bf16_TFLOPs": 1e9, "fp8_TFLOPs": 1e9}   # bytes bind: roofline ms = bytes / 1e6
+    roof = rank.rooflines(cfg, 8, fp8, t, 2048, ceil)
+    for phase, gs in rank.step_gemms(cfg, counts, fp8, t).items():
+        wbytes = sum(len(g.rows) * g.n * g.k * g.batch * (1 if g.fp8 else 2) * g.count for g in gs)
+        assert wbytes == pytest.approx(roof[phase] * 1e6, rel=1e-9), phase
+    work = rank.small_phase_work(cfg, t, pairs, t, fp8)
+    for phase in ("norms_residual", "rope_cache_write"):
+        assert sum(n * b for _, n, b in work[phase]) == pytest.approx(roof[phase] * 1e6, rel=1e-9), phase
+    assert sum(n for _, n, _ in work["norms_residual"]) == 3 * cfg.num_hidden_layers
+    # the bf16 rows the unfused norms wrote: 2 bytes a channel of the input and q_a norms' outputs
+    saved = (cfg.num_hidden_layers * (cfg.hidden_size + cfg.q_lora_rank) * t) if fp8 else 0
+    assert sum(n * b for _, n, b in rank.norm_work(cfg, t, False)) - sum(n * b for _, n, b in work["norms_residual"]) == saved
+    assert set(work) == set(rank.SMALL_PHASES)
+
+
+def test_check_small_kernels_compares_launch_settings_bit_for_bit(rank, monkeypatch):
+    """check_small_kernels at tiny sizes (Triton interpreter): every RoPE and grouping launch setting gives the
+    committed setting's bits; the fastest is reported and the committed setting restored (timings made up)."""
+    from wideep.model import fused_ops, moe_permute
+
+    if fused_ops.triton is None:
+        pytest.skip("triton not installed")
+    monkeypatch.setattr(fused_ops, "use_triton", lambda x, impl: impl != "torch")
+    real = moe_permute.group_pairs
+    monkeypatch.setattr(rank, "group_pairs", lambda ids, nl, w: real(ids, nl, w, impl="triton"))
+    for mod, names in ((fused_ops, ("ROPE_BLOCK_H", "ROPE_WARPS")),
+                       (moe_permute, ("GROUP_BLOCK", "GROUP_SCAN", "GROUP_WARPS"))):
+        for n in names:
+            monkeypatch.setattr(mod, n, getattr(mod, n))   # restored after the test
+    fake = iter(range(100, 0, -1))
+    monkeypatch.setattr(rank, "_graph_us", lambda fn, reps=20: (fn(), next(fake))[1])   # later = faster
+    out = rank.check_small_kernels(rank.rank_config("tiny", None, None, False), torch.device("cpu"), tokens=(8,))
+    assert all(v["T8"]["exact"] for k in ("rope", "group") for v in out[k].values())
+    assert out["rope_fastest"] == list(rank.ROPE_VARIANTS[-1]) and out["group_fastest"] == list(rank.GROUP_VARIANTS[-1])
+    assert (fused_ops.ROPE_BLOCK_H, fused_ops.ROPE_WARPS) == rank.ROPE_VARIANTS[0]
+
+
+def test_small_kernel_latency_runs_each_kernel_at_each_size(rank, monkeypatch):
+    """small_kernel_latency at tiny sizes (Triton interpreter): every kernel is called at every token count."""
+    from wideep.model import fused_ops
+
+    if fused_ops.triton is None:
+        pytest.skip("triton not installed")
+    monkeypatch.setattr(fused_ops, "use_triton", lambda x, impl: impl != "torch")
+    calls = []
+    monkeypatch.setattr(rank, "_graph_us", lambda fn, reps=20: (calls.append(fn()), 1.0)[1])
+    out = rank.small_kernel_latency(rank.rank_config("tiny", None, None, False), torch.device("cpu"), tokens=(1, 8))
+    assert len(out) == 6 and all(set(row) == {"T1", "T8"} for row in out.values())
+    assert len(calls) == 2 + 5 * 2

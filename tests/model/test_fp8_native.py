@@ -327,13 +327,26 @@ def test_quantization_fp8_needs_fp8_checkpoint(variant_dir):
 
 
 @needs_triton
-def test_fp8_grouped_mlp_triton_matches_torch_path():
+@pytest.mark.parametrize("m,n,counts", [(7, 200, [3, 0, 2]), (40, 1030, [17, 23]), (5, 9, [0, 0]), (1, 3, [1])])
+def test_zero_tail_zeroes_only_rows_past_the_counts(m, n, counts):
+    y = torch.full((m, n), float("nan"))
+    fp8_triton.zero_tail(y, torch.tensor(counts))
+    c = sum(counts)
+    assert torch.equal(y[c:], torch.zeros(m - c, n)) and bool(y[:c].isnan().all())
+
+
+@needs_triton
+def test_fp8_grouped_mlp_triton_matches_torch_path(monkeypatch):
     """The whole Triton expert MLP (quantize, w13, SiLU-and-quantize, w2) against the torch path: zero-row
-    expert, padding rows left zero; impl 'cublas' is refused off CUDA."""
+    expert, padding rows zero, every counted row written (the output starts as NaN here); impl 'cublas' is
+    refused off CUDA."""
     counts = [3, 0, 2]
     w13, s13, i13, w2, s2, i2 = _experts(3, 72, 200, 6)
     x = torch.randn(7, 200, generator=_gen(10))
+    real = fp8_triton.zero_tail
+    monkeypatch.setattr(fp8_triton, "zero_tail", lambda y, c: real(y.fill_(float("nan")), c))
     y = fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, torch.tensor(counts), impl="triton")
+    assert not bool(y.isnan().any())
     ref = fp8_grouped_mlp(x, w13, s13, i13, w2, s2, i2, torch.tensor(counts), impl="torch")
     assert torch.equal(y[5:], torch.zeros(2, 200))
     # the interpreter rounds e4m3 its own way: codes may differ by one step from the torch reference

@@ -159,7 +159,8 @@ def test_rope_cache_write_matches_unfused(t, nh, lat, half, nope, dtype, cache_d
 
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
-@pytest.mark.parametrize("m,k,nl", [(1, 1, 1), (1, 8, 3), (37, 4, 5), (129, 8, 8), (50, 3, 40), (21, 8, 256)])
+@pytest.mark.parametrize("m,k,nl", [(1, 1, 1), (1, 8, 3), (37, 4, 5), (129, 8, 8), (50, 3, 40), (21, 8, 256),
+                                    (512, 8, 8), (300, 8, 32)])
 def test_group_pairs_is_the_static_grouping(impl, m, k, nl):
     """One-kernel grouping == counting sort + pair_rows + weight gather: odd sizes, a single token, pairs of
     other ranks / padding (-1), experts with no rows."""

@@ -209,8 +209,9 @@ def test_config_flags_and_hopper_preference(monkeypatch):
     monkeypatch.delenv(mdt.CONFIG_ENV, raising=False)
     bf16 = mdt._candidates(128, False, torch.bfloat16, hopper=True)
     fp8 = mdt._candidates(128, False, torch.bfloat16, hopper=True, fp8=True)
-    assert bf16[0].halfpage and bf16[1].gluon and not bf16[1].halfpage   # measured order
-    assert bf16[2].tma and not any(c.e4m3 for c in bf16)
+    assert bf16[0].scorer and bf16[1].halfpage and not bf16[1].scorer   # measured order
+    assert bf16[2].gluon and not (bf16[2].halfpage or bf16[2].scorer)
+    assert bf16[3].tma and not any(c.e4m3 for c in bf16) and not any(c.scorer for c in fp8)
     assert fp8[0].e4m3 and fp8[0].halfpage and fp8[1].f16 and not (fp8[1].tma or fp8[1].gluon)   # measured order
     assert mdt.DecodeConfig.parse(str(bf16[0])) == bf16[0]
     with pytest.raises(ValueError, match="sv"):
@@ -290,15 +291,17 @@ def test_tma_applicability_and_logged_fallback(monkeypatch, caplog):
     assert sum("did not run here" in r.message for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("text", ["64,64,4,2,gluon", "64,64,4,2,gluon,hp", "64,64,4,2,gluon,hp,e4m3"])
+@pytest.mark.parametrize("text", ["64,64,4,2,gluon", "64,64,4,2,gluon,hp", "64,64,4,2,gluon,hp,e4m3",
+                                  "64,64,4,2,gluon,sc"])
 def test_gluon_config_rules_and_applicability(monkeypatch, caplog, text):
     """The Gluon kernels cannot run on the CPU (no interpreter for them): their config rules, the cache layouts
     they accept, the descriptor geometry, and that where they do not apply the next config serves, logged once."""
     cfg = mdt.DecodeConfig.parse(text)
-    assert cfg.gluon and cfg.halfpage == ("hp" in text)
+    assert cfg.gluon and cfg.halfpage == ("hp" in text) and cfg.scorer == ("sc" in text)
     assert mdt.DecodeConfig.parse(str(cfg)) == cfg
     for bad in ("64,64,8,2,gluon", "64,64,4,2,sv,gluon", "64,64,4,2,gluon,ov", "64,64,4,2,hp", "64,64,4,3,gluon,hp",
-                "64,64,4,2,gluon,ss", "64,64,8,2,sv,hp"):
+                "64,64,4,2,gluon,ss", "64,64,8,2,sv,hp", "64,64,4,2,sc", "64,64,4,3,gluon,sc", "64,64,4,2,gluon,hp,sc",
+                "64,64,4,2,gluon,sc,e4m3"):
         with pytest.raises(ValueError, match=mdt.CONFIG_ENV):
             mdt.DecodeConfig.parse(bad)
     try:

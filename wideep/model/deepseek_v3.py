@@ -51,10 +51,12 @@ class DecoderLayer(nn.Module):
         """(post-attention-normed input of the MLP, residual stream): the layer up to its MLP."""
         if h.shape[0] == 0:     # an empty micro-batch (dual-batch overlap) still joins the MoE collectives
             return h, h if residual is None else residual
+        # an FP8 q_a ‖ kv_a projection takes the norm's rows quantized (one kernel for norm and quantization)
+        pad = self.self_attn.input_quant_pad(h) if self.input_layernorm.quant_applies(h) else None
         if residual is None:
-            x, residual = self.input_layernorm(h), h
+            x, residual = self.input_layernorm(h, quant_pad=pad), h
         else:
-            x, residual = self.input_layernorm.add_norm(h, residual)
+            x, residual = self.input_layernorm.add_norm(h, residual, quant_pad=pad)
         a = self.self_attn(x, cos, sin, attn, kv_cache)
         return self.post_attention_layernorm.add_norm(a, residual)
 

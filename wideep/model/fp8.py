@@ -8,6 +8,8 @@ and the product is taken over dequantized operands (the correctness reference of
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 from torch import nn
@@ -176,6 +178,45 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, sidx: torc
     return y.view(*lead, w.shape[0])
 
 
+class Fp8Rows(NamedTuple):
+    """Activation rows already quantized for an Fp8Linear (a fused norm made them): e4m3 codes [M', K] and fp32
+    scales [M', K/128] laid out as fp8_triton.act_quant lays them out, M' = rows padded as fp8_linear_quant_pad
+    said; `rows` real rows; `dtype` of the projection's output."""
+    q: torch.Tensor
+    s: torch.Tensor
+    rows: int
+    dtype: torch.dtype
+
+
+def fp8_linear_quant_pad(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> int | None:
+    """The row padding of the e4m3 activations fp8_linear(x, w, ...) quantizes in a separate kernel
+    (CUBLAS_PAD_ROWS where cuBLAS serves the weight, 1 for a Triton GEMM), or None where it makes none (no
+    kernels; a Triton config that quantizes inside the GEMM): where not None, a caller may hand it Fp8Rows."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows == 0 or not _use_kernels(x):
+        return None
+    from . import fp8_triton
+
+    large = rows >= CUBLAS_MIN_ROWS
+    if (large or _decode_uses_cublas(w)) and _cublas_block_fp8_ok(w, scale):
+        return CUBLAS_PAD_ROWS
+    return None if fp8_triton.pick_config(w.shape[0], w.shape[1], large=large, device=x.device).fuse_quant else 1
+
+
+def fp8_linear_rows(x: Fp8Rows, w: torch.Tensor, scale: torch.Tensor, sidx: torch.Tensor) -> torch.Tensor:
+    """fp8_linear over pre-quantized rows [x.rows, N]: the same GEMM fp8_linear would run on the same codes."""
+    from . import fp8_triton
+
+    large = x.rows >= CUBLAS_MIN_ROWS
+    y = None
+    if x.q.shape[0] % CUBLAS_PAD_ROWS == 0 and (large or _decode_uses_cublas(w)) and _cublas_block_fp8_ok(w, scale):
+        y = _cublas_block_fp8(x.q, x.s, w, scale, x.dtype, x.rows)
+    if y is None:   # a Triton GEMM (or cuBLAS refused this shape just now): the codes as they are
+        cfg = fp8_triton.pick_config(w.shape[0], w.shape[1], large=large, device=x.q.device)._replace(fuse_quant=False)
+        y = fp8_triton.fp8_gemm(x.q, x.s, w, scale, sidx, x.dtype, cfg)[: x.rows]
+    return y
+
+
 def _grouped_mlp_cublas(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, sidx13: torch.Tensor,
                         w2: torch.Tensor, s2: torch.Tensor, sidx2: torch.Tensor, counts: list[int],
                         y: torch.Tensor) -> torch.Tensor:
@@ -217,13 +258,19 @@ def fp8_grouped_mlp(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, sidx1
     n_rows = x.shape[0]
     inter = w2.shape[-1]
     e = w13.shape[0]
-    y = torch.zeros((n_rows, w2.shape[1]), dtype=x.dtype, device=x.device)
     kernels = _use_kernels(x)
     if impl == "auto" and kernels:
         from . import fp8_triton
 
         large = n_rows >= fp8_triton.LARGE_ROWS * e and not _capturing(x)
         impl = "cublas" if large else "triton"
+    if impl == "triton":   # the GEMM writes the counted rows; only the padding rows past them are zeroed
+        from . import fp8_triton
+
+        y = fp8_triton.zero_tail(torch.empty((n_rows, w2.shape[1]), dtype=x.dtype, device=x.device),
+                                 tokens_per_expert)
+    else:
+        y = torch.zeros((n_rows, w2.shape[1]), dtype=x.dtype, device=x.device)
     if impl == "cublas":
         if not kernels or _capturing(x):
             raise ValueError("fp8_grouped_mlp: impl 'cublas' needs CUDA and an eager (not captured) step")
@@ -277,14 +324,23 @@ class Fp8Linear(nn.Module):
             self._sidx = scale_row_index(list(self.parts), self.block[0], self.weight.device)
         return self._sidx
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        if isinstance(x, Fp8Rows):
+            return fp8_linear_rows(x, self.weight, self.weight_scale_inv, self.scale_row)
         return fp8_linear(x, self.weight, self.weight_scale_inv, self.scale_row)
 
-    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def quant_pad(self, x: torch.Tensor) -> int | None:
+        """The row padding of Fp8Rows this projection takes for input x (fp8_linear_quant_pad), None where it
+        takes none: an input larger than one GEMM of the stacked parts serves (forward_parts) takes none."""
+        if len(self.parts) > 1 and x.numel() // x.shape[-1] >= CUBLAS_MIN_ROWS:
+            return None
+        return fp8_linear_quant_pad(x, self.weight, self.weight_scale_inv)
+
+    def forward_parts(self, x: torch.Tensor | Fp8Rows) -> tuple[torch.Tensor, ...]:
         """Each stacked projection's output. Decode sizes: one activation quantization and one GEMM, split
         into views. Prefill sizes (>= CUBLAS_MIN_ROWS rows): one GEMM per part, so cuBLAS serves the parts
         whose rows fill whole 128-row blocks (the stacked weight's rows need not)."""
-        if len(self.parts) == 1 or x.reshape(-1, x.shape[-1]).shape[0] < CUBLAS_MIN_ROWS:
+        if isinstance(x, Fp8Rows) or len(self.parts) == 1 or x.reshape(-1, x.shape[-1]).shape[0] < CUBLAS_MIN_ROWS:
             return self(x).split(self.parts, dim=-1)
         if not self._part_sidx or self._part_sidx[0].device != self.weight.device:
             self._part_sidx = [scale_row_index([r], self.block[0], self.weight.device) for r in self.parts]

@@ -310,6 +310,38 @@ if triton is not None:
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _zero_tail_kernel(y_ptr, counts_ptr, E, M, N, stride_y, E_POW2: constexpr, BLOCK_M: constexpr,
+                          BLOCK_N: constexpr):
+        """Rows [sum(counts), M) of y set to zero; a program whose rows are all counted only reads the counts."""
+        eo = tl.arange(0, E_POW2)
+        valid = tl.sum(tl.load(counts_ptr + eo, mask=eo < E, other=0).to(tl.int32), axis=0)
+        r0 = tl.program_id(0) * BLOCK_M
+        if r0 + BLOCK_M > valid:
+            rows = r0 + tl.arange(0, BLOCK_M)
+            rm = (rows >= valid) & (rows < M)
+            for c in range(0, N, BLOCK_N):
+                cols = c + tl.arange(0, BLOCK_N)
+                tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :],
+                         tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty),
+                         mask=rm[:, None] & (cols < N)[None, :])
+
+
+def zero_tail(y: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """y [M, N] with its rows past sum(counts) (padding rows of a grouped layout) zeroed, in place, reading the
+    counts on the device: a whole-tensor fill costs a pass over y even when no row is padding (decode at
+    uniform routing), this only a launch then."""
+    m, n = y.shape
+    if m:
+        bm = 16
+        _zero_tail_kernel[(triton.cdiv(m, bm),)](y, counts, counts.shape[0], m, n, y.stride(0),
+                                                 E_POW2=triton.next_power_of_2(counts.shape[0]), BLOCK_M=bm,
+                                                 BLOCK_N=min(512, triton.next_power_of_2(n)), num_warps=4)
+    return y
+
+
 def _quantize_rows(kernel, src: torch.Tensor, m: int, width: int, pad_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs a per-token-group quantization kernel over m rows of `width` output channels: e4m3 [M', width] and
     fp32 scales [M', ceil(width/128)] with strides (1, M'), M' = m rounded up to pad_rows (cuBLAS's block scaling

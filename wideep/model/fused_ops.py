@@ -90,6 +90,80 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out.view(shape), res_out.view(shape)
 
 
+
+# ---- RMSNorm (+ residual) with the next projection's FP8 activation quantization ------------------------------
+# The normed rows feed one FP8 projection only (q_a_layernorm -> q_b, input_layernorm -> q_a ‖ kv_a): writing
+# them in bf16 for a separate quantization kernel to read back costs a launch and a round trip per norm. This
+# kernel normalizes exactly as _rms_norm_kernel does (the same row load, the same fp32 sum, the same roundings,
+# the same warps) and quantizes the bf16 result per 128-channel group exactly as fp8_triton's act_quant does, so
+# its codes and scales equal that pair's bit for bit.
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_quant_kernel(x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, D, MP, stride_x, stride_r, stride_ro,
+                               stride_q, eps, HAS_RES: constexpr, BLOCK: constexpr, GROUPS: constexpr,
+                               GROUP_K: constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < D
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(res_out_ptr.dtype.element_ty)
+            tl.store(res_out_ptr + row * stride_ro + offs, x, mask=mask)
+        ty = x_ptr.dtype.element_ty
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+        n = (xf * rstd).to(ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.reshape((n * w).to(ty).to(tl.float32), (GROUPS, GROUP_K))     # the bf16 normed row, by group
+        amax = tl.max(tl.abs(y), axis=1)
+        scale = tl.maximum(amax, 1e-10) / 448.0
+        q = tl.clamp(y / scale[:, None], -448.0, 448.0)
+        g = tl.arange(0, GROUPS)
+        qo = g[:, None] * GROUP_K + tl.arange(0, GROUP_K)[None, :]
+        tl.store(q_ptr + row * stride_q + qo, q.to(q_ptr.dtype.element_ty), mask=qo < D)
+        tl.store(s_ptr + g * MP + row, scale, mask=g * GROUP_K < D)
+
+
+def rms_norm_quant_applies(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> bool:
+    """Whether rms_norm_quant runs its kernel for x (else the caller norms and quantizes apart)."""
+    return use_triton(x, impl) and weight.dtype == x.dtype and x.stride(-1) == 1
+
+
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                   pad_rows: int = 1, impl: str = "auto"):
+    """rms_norm(x [+ residual]) quantized per token per 128 channels, in one kernel: (e4m3 [M', D], fp32 scales
+    [M', ceil(D/128)] with strides (1, M'), M' = M rounded up to pad_rows, rows past M unset) - the layout
+    fp8_triton.act_quant(rms_norm(...), pad_rows) returns, with the same bits - and, with residual, the sum
+    x + residual as rms_norm returns it. Needs rms_norm_quant_applies."""
+    if not rms_norm_quant_applies(x, weight, impl):
+        raise ValueError("rms_norm_quant: needs Triton, x's dtype for the weight and unit channel stride")
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    m = x2.shape[0]
+    ng = -(-d // 128)
+    mp = -(-m // pad_rows) * pad_rows
+    q = torch.empty((mp, d), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((ng, mp), dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r2 = residual.reshape(-1, d)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+        res_out = torch.empty((m, d), dtype=x.dtype, device=x.device)
+    else:
+        r2, res_out = x2, x2
+    if m:
+        block = triton.next_power_of_2(d)
+        _rms_norm_quant_kernel[(m,)](x2, r2, weight, q, s, res_out, d, mp, x2.stride(0), r2.stride(0),
+                                     res_out.stride(0), q.stride(0), eps, HAS_RES=residual is not None, BLOCK=block,
+                                     GROUPS=max(1, block // 128), GROUP_K=min(block, 128),
+                                     num_warps=4 if d <= 2048 else 8)
+    if residual is None:
+        return q, s.t()
+    return q, s.t(), res_out.view(residual.shape)
+
 # ---- noaux_tc routing --------------------------------------------------------------------------------------
 
 def route_ref(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
@@ -319,10 +393,11 @@ if triton is not None:
                            inv_k_scale,
                            Q_OFF: constexpr, HALF: constexpr, BLOCK_H: constexpr, BLOCK_HALF: constexpr,
                            BLOCK_L: constexpr, FP8: constexpr):
-        """Program (token, head block): q_pe of BLOCK_H heads roped in place (de-interleaved layout); the head
-        block 0 program also writes the cache row [RMSNorm(c_kv) * w ‖ rope(k_pe)] (fp8: value / k_scale
-        saturated to e4m3) at the token's slot. Rope rounds to the activation dtype after each op (x1*cos, x2*sin,
-        their difference), as the torch reference's elementwise ops do."""
+        """Program (token, head block): q_pe of BLOCK_H heads roped in place (de-interleaved layout); the last
+        program of each token (head block index = the head blocks' count) writes the cache row
+        [RMSNorm(c_kv) * w ‖ rope(k_pe)] (fp8: value / k_scale saturated to e4m3) at the token's slot, beside
+        the head blocks rather than after one of them. Rope rounds to the activation dtype after each op
+        (x1*cos, x2*sin, their difference), as the torch reference's elementwise ops do."""
         t = tl.program_id(0).to(tl.int64)
         hb = tl.program_id(1)
         ty = q_ptr.dtype.element_ty
@@ -330,20 +405,22 @@ if triton is not None:
         jm = j < HALF
         cos = tl.load(cos_ptr + t * stride_cs + j, mask=jm, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + t * stride_cs + j, mask=jm, other=0.0).to(tl.float32)
-        h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-        qm = (h < H)[:, None] & jm[None, :]
-        qbase = q_ptr + t * stride_qt + h[:, None].to(tl.int64) * stride_qh + Q_OFF
-        x1 = tl.load(qbase + 2 * j[None, :], mask=qm, other=0.0).to(tl.float32)
-        x2 = tl.load(qbase + 2 * j[None, :] + 1, mask=qm, other=0.0).to(tl.float32)
-        c2, s2 = cos[None, :], sin[None, :]
-        qa = ((x1 * c2).to(ty).to(tl.float32) - (x2 * s2).to(ty).to(tl.float32)).to(ty)
-        qb = ((x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)).to(ty)
-        # in place: every thread's reads are done before any thread overwrites the interleaved pairs
-        tl.debug_barrier()
-        tl.store(qbase + j[None, :], qa, mask=qm)
-        tl.store(qbase + HALF + j[None, :], qb, mask=qm)
+        latent = hb == tl.num_programs(1) - 1
+        if not latent:
+            h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+            qm = (h < H)[:, None] & jm[None, :]
+            qbase = q_ptr + t * stride_qt + h[:, None].to(tl.int64) * stride_qh + Q_OFF
+            x1 = tl.load(qbase + 2 * j[None, :], mask=qm, other=0.0).to(tl.float32)
+            x2 = tl.load(qbase + 2 * j[None, :] + 1, mask=qm, other=0.0).to(tl.float32)
+            c2, s2 = cos[None, :], sin[None, :]
+            qa = ((x1 * c2).to(ty).to(tl.float32) - (x2 * s2).to(ty).to(tl.float32)).to(ty)
+            qb = ((x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)).to(ty)
+            # in place: every thread's reads are done before any thread overwrites the interleaved pairs
+            tl.debug_barrier()
+            tl.store(qbase + j[None, :], qa, mask=qm)
+            tl.store(qbase + HALF + j[None, :], qb, mask=qm)
         slot = tl.load(slot_ptr + t)
-        if (hb == 0) & (slot >= 0):
+        if latent & (slot >= 0):
             ctype = cache_ptr.dtype.element_ty
             slot64 = slot.to(tl.int64)
             row = cache_ptr + (slot64 // PAGE) * stride_cblk + (slot64 % PAGE) * stride_c
@@ -365,6 +442,14 @@ if triton is not None:
             tl.store(row + offs, n.to(ctype), mask=lm)
             tl.store(row + LAT + j, ka.to(ctype), mask=jm)
             tl.store(row + LAT + HALF + j, kb.to(ctype), mask=jm)
+
+
+# heads per program and warps of the RoPE + cache kernel (the results do not depend on them: elementwise per
+# head, one program per token's latent row); benchmarks/rank.py times the alternatives on the device. H200, R1
+# sizes, graph us per call at 128 / 256 tokens: 8 heads at 1 warp 4.33 / 5.92, the former 16 at 4 warps 5.86 / 8.43,
+# 32-128 heads 7.3-16.9 (docs/perf.md, issue 14)
+ROPE_BLOCK_H = 8
+ROPE_WARPS = 1
 
 
 def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -393,15 +478,15 @@ def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tenso
     else:
         inv = 1.0
     cos, sin = cos.contiguous(), sin.contiguous()
-    bh = min(triton.next_power_of_2(nh), 16)
+    bh = min(triton.next_power_of_2(nh), ROPE_BLOCK_H)
     if t:
         # (block, offset) strides: a cross-layer cache's layer is a strided view (engine/kv_cache.py)
-        _rope_cache_kernel[(t, triton.cdiv(nh, bh))](q, kv, norm_weight, cos, sin, kv_cache, slot_mapping.contiguous(),
+        _rope_cache_kernel[(t, triton.cdiv(nh, bh) + 1)](q, kv, norm_weight, cos, sin, kv_cache, slot_mapping.contiguous(),
                                  nh, lat, q.stride(0), q.stride(1), kv.stride(0), cos.stride(0), kv_cache.stride(0),
                                  kv_cache.stride(1), kv_cache.shape[1], eps, inv,
                                  Q_OFF=d - 2 * half, HALF=half, BLOCK_H=bh,
                                  BLOCK_HALF=triton.next_power_of_2(half), BLOCK_L=triton.next_power_of_2(lat),
-                                 FP8=fp8, num_warps=4, **NO_FP_FUSION)
+                                 FP8=fp8, num_warps=ROPE_WARPS, **NO_FP_FUSION)
     return q[..., d - 2 * half:]
 
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8 import make_linear
-from .fused_ops import rms_norm
+from .fp8 import Fp8Rows, make_linear
+from .fused_ops import rms_norm, rms_norm_quant, rms_norm_quant_applies
 
 
 class RMSNorm(nn.Module):
@@ -15,12 +15,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, quant_pad: int | None = None) -> torch.Tensor | Fp8Rows:
+        """quant_pad: the normed rows quantized for an FP8 projection (Fp8Rows padded to quant_pad rows, one
+        kernel; see quant_applies), not written in x's dtype."""
+        if quant_pad is None:
+            return rms_norm(x, self.weight, self.eps)
+        q, s = rms_norm_quant(x, self.weight, self.eps, pad_rows=quant_pad)
+        return Fp8Rows(q, s, x.numel() // x.shape[-1], x.dtype)
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual) in one pass (one kernel on CUDA)."""
-        return rms_norm(x, self.weight, self.eps, residual)
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor,
+                 quant_pad: int | None = None) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+        """(norm(x + residual), x + residual) in one pass (one kernel on CUDA); quant_pad as in forward."""
+        if quant_pad is None:
+            return rms_norm(x, self.weight, self.eps, residual)
+        q, s, total = rms_norm_quant(x, self.weight, self.eps, residual, pad_rows=quant_pad)
+        return Fp8Rows(q, s, x.numel() // x.shape[-1], x.dtype), total
+
+    def quant_applies(self, x: torch.Tensor) -> bool:
+        """Whether forward / add_norm can hand x's normed rows over quantized (quant_pad)."""
+        return rms_norm_quant_applies(x, self.weight)
 
 
 class GatedMLP(nn.Module):

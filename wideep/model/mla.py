@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import AttentionMetadata, dequantize_latent, paged_mla_decode
 from .config import ModelConfig
-from .fp8 import Fp8Linear, make_linear
+from .fp8 import Fp8Linear, Fp8Rows, make_linear
 from .fused_ops import mla_prefill_kv, rope_cache_write
 from .layers import RMSNorm
 from .rope import softmax_scale
@@ -69,20 +69,33 @@ class MLAttention(nn.Module):
             self._kv_b_key = key
         return self._kv_b_cache
 
+    def input_quant_pad(self, x: torch.Tensor) -> int | None:
+        """Where the normed input x may come quantized (Fp8Rows padded to this many rows; None: it may not): an
+        FP8 q_a ‖ kv_a projection that quantizes its input in a separate kernel, which the input norm then does."""
+        proj = self.fused_qkv_a_proj if self.q_lora_rank is not None else None
+        return proj.quant_pad(x) if isinstance(proj, Fp8Linear) else None
+
+    def _q_b(self, q_a: torch.Tensor) -> torch.Tensor:
+        """q_b_proj(q_a_layernorm(q_a)); an FP8 q_b that quantizes its input apart takes it from the norm."""
+        norm, proj = self.q_a_layernorm, self.q_b_proj
+        pad = proj.quant_pad(q_a) if isinstance(proj, Fp8Linear) and norm.quant_applies(q_a) else None
+        return proj(norm(q_a, quant_pad=pad))
+
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | Fp8Rows,
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn: AttentionMetadata,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
-        t = x.shape[0]
+        """x: the normed hidden rows, or those rows quantized where input_quant_pad allowed it."""
+        t = x.rows if isinstance(x, Fp8Rows) else x.shape[0]
         if self.q_lora_rank is None:
             q, kv = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         else:
             q_a, kv = self.fused_qkv_a_proj.forward_parts(x)
-            q = self.q_b_proj(self.q_a_layernorm(q_a))
+            q = self._q_b(q_a)
         q = q.view(t, self.num_heads, self.qk_head_dim)
         q_nope = q[..., : self.nope]
         # q_pe roped; the new tokens' latents (c_kv normed ‖ k_pe roped) written into the cache: one kernel
@@ -92,7 +105,7 @@ class MLAttention(nn.Module):
         nd = attn.num_decodes
         if nd == t and attn.num_seqs == nd:   # decode-only: no copy into a shared output
             return self.o_proj(self._decode(q_nope, q_pe, attn, kv_cache).reshape(t, self.num_heads * self.v_dim))
-        out = x.new_empty(t, self.num_heads, self.v_dim)
+        out = q.new_empty(t, self.num_heads, self.v_dim)
         if nd > 0:
             self._decode(q_nope[:nd], q_pe[:nd], attn, kv_cache, out[:nd])
         if attn.num_seqs > nd:

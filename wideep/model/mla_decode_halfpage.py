@@ -20,8 +20,13 @@ block may have; the sm_90 build reports 230,728 bytes with alignment).
 Split schedule, masking (scores past seq_len -inf; each warpgroup zeroes the rows past seq_len of its own
 value chunks before its products), merge kernel and output contract are mla_decode_gluon's, so batch
 invariance and CUDA-graph safety carry over. bf16 caches only.
+ABLATE (benchmark-only, default 0 = the kernel that ships; `benchmarks/mla_decode.py --ablate`) leaves one part
+out to see what is on the critical path: 1 the cross-warpgroup exchanges (own row max and sum only), 2 all PV
+products, 3 the QK products, 4 everything but the page ring (wait for a page, hand it back), 5 the PV products
+over the other warpgroup's probabilities. Results are wrong under ABLATE != 0.
 Measured on an H200 (docs/perf.md, two runs): 0.170 ms per layer at B=128 ctx 2048 against 0.182 for the
-full-tile kernel, 3-12% faster on average at every measured shape; the bf16 default on Hopper.
+full-tile kernel, 3-12% faster on average at every measured shape. The one-scorer kernel (mla_decode_scorer)
+measured faster still and comes first on Hopper; this one is its fallback.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -50,7 +55,7 @@ def _half(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_o
           sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
           stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
           W: gl.constexpr, NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-          ALIGN: gl.constexpr, SPLIT: gl.constexpr):
+          ALIGN: gl.constexpr, SPLIT: gl.constexpr, ABLATE: gl.constexpr):
     """Warpgroup W: scores of tokens 32W..32W+31, value columns 256W..256W+255."""
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 32, 16])
@@ -79,54 +84,74 @@ def _half(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_o
         mbarrier.wait(ready.index(st), (i // STAGES) & 1)
         kb = st * NC
         n0 = start + i * PAGE
-        if n0 + PAGE > end:   # the partial last page: zero this warpgroup's value chunks past end (all rows)
-            toks_ld = n0 + gl.arange(0, PAGE, layout=gl.SliceLayout(1, ld_layout))
-            keep = gl.expand_dims(toks_ld < end, 1)
-            for c in gl.static_range(4):
-                buf = kv_smem.index(kb + vbase + c)
-                x = buf.load(ld_layout)
-                buf.store(gl.where(keep, x, gl.zeros_like(x)))
+        if ABLATE != 4:
+            if n0 + PAGE > end:   # the partial last page: zero this warpgroup's value chunks past end (all rows)
+                toks_ld = n0 + gl.arange(0, PAGE, layout=gl.SliceLayout(1, ld_layout))
+                keep = gl.expand_dims(toks_ld < end, 1)
+                for c in gl.static_range(4):
+                    buf = kv_smem.index(kb + vbase + c)
+                    x = buf.load(ld_layout)
+                    buf.store(gl.where(keep, x, gl.zeros_like(x)))
+                fence_async_shared()
+                gl.thread_barrier()
+            s = gl.zeros([64, HALF], gl.float32, layout=s_layout)
+            if ABLATE != 3:
+                for c in gl.static_range(NC):
+                    s = warpgroup_mma(q_smem.index(c),
+                                      kv_smem.index(kb + c).slice(W * HALF, HALF, dim=0).permute((1, 0)),
+                                      s, is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s, ))
+            toks = n0 + W * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, s_layout))
+            visible = gl.expand_dims(toks, 0) < gl.expand_dims(row_end, 1)
+            s = gl.where(visible, s * sm_scale_log2, float("-inf"))
+            mx = gl.max(s, 1)
+            if ABLATE != 1:
+                mx_own.store(mx)
+                gl.thread_barrier()
+                mbarrier.arrive(xmax.index(W), count=1)
+                mbarrier.wait(xmax.index(OTHER), ph)
+                m_new = gl.maximum(m_i, gl.maximum(mx, mx_oth.load(row_l)))
+            else:
+                m_new = gl.maximum(m_i, mx)
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_safe)
+            p = gl.exp2(s - gl.expand_dims(m_safe, 1))
+            pb = p.to(cdt)
+            p_smem.index(W).store(pb)
+            sum_own.store(gl.sum(p, 1))
             fence_async_shared()
-            gl.thread_barrier()
-        s = gl.zeros([64, HALF], gl.float32, layout=s_layout)
-        for c in gl.static_range(NC):
-            s = warpgroup_mma(q_smem.index(c), kv_smem.index(kb + c).slice(W * HALF, HALF, dim=0).permute((1, 0)),
-                              s, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s, ))
-        toks = n0 + W * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, s_layout))
-        visible = gl.expand_dims(toks, 0) < gl.expand_dims(row_end, 1)
-        s = gl.where(visible, s * sm_scale_log2, float("-inf"))
-        mx = gl.max(s, 1)
-        mx_own.store(mx)
-        gl.thread_barrier()
-        mbarrier.arrive(xmax.index(W), count=1)
-        mbarrier.wait(xmax.index(OTHER), ph)
-        m_new = gl.maximum(m_i, gl.maximum(mx, mx_oth.load(row_l)))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - gl.expand_dims(m_safe, 1))
-        pb = p.to(cdt)
-        p_smem.index(W).store(pb)
-        sum_own.store(gl.sum(p, 1))
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.arrive(xp.index(W), count=1)
-        pa = gl.convert_layout(pb, p_layout)
-        a2 = gl.convert_layout(gl.expand_dims(alpha, 1), o_layout)
-        acc0 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 0).slice(W * HALF, HALF, dim=0), acc0 * a2, is_async=True)
-        acc1 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 1).slice(W * HALF, HALF, dim=0), acc1 * a2, is_async=True)
-        acc2 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 2).slice(W * HALF, HALF, dim=0), acc2 * a2, is_async=True)
-        acc3 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 3).slice(W * HALF, HALF, dim=0), acc3 * a2, is_async=True)
-        mbarrier.wait(xp.index(OTHER), ph)
-        sums = sum0_s.load(row_l) + sum1_s.load(row_l)   # one order in both warpgroups
-        l_i = l_i * alpha + sums
-        m_i = m_new
-        po = p_smem.index(OTHER)
-        acc0 = warpgroup_mma(po, kv_smem.index(kb + vbase + 0).slice(OTHER * HALF, HALF, dim=0), acc0, is_async=True)
-        acc1 = warpgroup_mma(po, kv_smem.index(kb + vbase + 1).slice(OTHER * HALF, HALF, dim=0), acc1, is_async=True)
-        acc2 = warpgroup_mma(po, kv_smem.index(kb + vbase + 2).slice(OTHER * HALF, HALF, dim=0), acc2, is_async=True)
-        acc3 = warpgroup_mma(po, kv_smem.index(kb + vbase + 3).slice(OTHER * HALF, HALF, dim=0), acc3, is_async=True)
-        acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
+            if ABLATE != 1:
+                gl.thread_barrier()
+                mbarrier.arrive(xp.index(W), count=1)
+            pa = gl.convert_layout(pb, p_layout)
+            a2 = gl.convert_layout(gl.expand_dims(alpha, 1), o_layout)
+            if ABLATE != 2:
+                acc0 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 0).slice(W * HALF, HALF, dim=0), acc0 * a2,
+                                     is_async=True)
+                acc1 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 1).slice(W * HALF, HALF, dim=0), acc1 * a2,
+                                     is_async=True)
+                acc2 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 2).slice(W * HALF, HALF, dim=0), acc2 * a2,
+                                     is_async=True)
+                acc3 = warpgroup_mma(pa, kv_smem.index(kb + vbase + 3).slice(W * HALF, HALF, dim=0), acc3 * a2,
+                                     is_async=True)
+            if ABLATE != 1:
+                mbarrier.wait(xp.index(OTHER), ph)
+                sums = sum0_s.load(row_l) + sum1_s.load(row_l)   # one order in both warpgroups
+            else:
+                sums = gl.sum(p, 1)
+            l_i = l_i * alpha + sums
+            m_i = m_new
+            po = p_smem.index(OTHER)
+            if ABLATE != 2 and ABLATE != 5:
+                acc0 = warpgroup_mma(po, kv_smem.index(kb + vbase + 0).slice(OTHER * HALF, HALF, dim=0), acc0,
+                                     is_async=True)
+                acc1 = warpgroup_mma(po, kv_smem.index(kb + vbase + 1).slice(OTHER * HALF, HALF, dim=0), acc1,
+                                     is_async=True)
+                acc2 = warpgroup_mma(po, kv_smem.index(kb + vbase + 2).slice(OTHER * HALF, HALF, dim=0), acc2,
+                                     is_async=True)
+                acc3 = warpgroup_mma(po, kv_smem.index(kb + vbase + 3).slice(OTHER * HALF, HALF, dim=0), acc3,
+                                     is_async=True)
+            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
         gl.thread_barrier()
         mbarrier.arrive(empty.index(st), count=1)
 
@@ -142,11 +167,11 @@ def _half1(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_
            sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
            stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
            NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-           ALIGN: gl.constexpr, SPLIT: gl.constexpr):
+           ALIGN: gl.constexpr, SPLIT: gl.constexpr, ABLATE: gl.constexpr):
     _half(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_own, sum0_s, sum1_s, SEQ_LENS, OUT, LSE,
           sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
           stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
-          1, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)
+          1, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, ABLATE)
 
 
 @gluon.jit
@@ -156,7 +181,7 @@ def _mla_decode_halfpage_kernel(
     stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h, stride_bt_b,
     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
     L: gl.constexpr, R: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-    ALIGN: gl.constexpr, SPLIT: gl.constexpr,
+    ALIGN: gl.constexpr, SPLIT: gl.constexpr, ABLATE: gl.constexpr = 0,
 ):
     pid_h = gl.program_id(0)
     b = gl.program_id(1)
@@ -194,12 +219,12 @@ def _mla_decode_halfpage_kernel(
                  SEQ_LENS, OUT, LSE,
                  sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
                  stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
-                 0, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
+                 0, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, ABLATE)),
         (_half1, (q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx1_s, mx0_s, sum1_s, sum0_s, sum1_s,
                   SEQ_LENS, OUT, LSE,
                   sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
                   stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
-                  NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
+                  NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, ABLATE)),
         (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
                      sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
                      stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,

@@ -54,18 +54,19 @@ class DecodeConfig:
     gluon: bool = False     # Hopper: the warp-specialized Gluon kernel (mla_decode_gluon); 64,64,4,<stages>
     halfpage: bool = False  # gluon only: the warpgroups score the two halves of each page (mla_decode_halfpage)
     e4m3: bool = False      # gluon,hp only: e4m3 cache, pages widened to bf16 in shared memory (mla_decode_e4m3)
+    scorer: bool = False    # gluon only: warpgroup 0 scores each page, both accumulate values (mla_decode_scorer)
 
     def __str__(self) -> str:
         return (f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}" + (",sv" if self.split_v else "")
                 + (",f16" if self.f16 else "") + (",tma" if self.tma else "") + (",gluon" if self.gluon else "")
-                + (",hp" if self.halfpage else "") + (",e4m3" if self.e4m3 else ""))
+                + (",hp" if self.halfpage else "") + (",e4m3" if self.e4m3 else "") + (",sc" if self.scorer else ""))
 
     @classmethod
     def parse(cls, text: str) -> "DecodeConfig":
         parts = [x.strip() for x in text.split(",")]
         flags = set(parts[4:])
         try:
-            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "hp", "e4m3"}:
+            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "hp", "e4m3", "sc"}:
                 raise ValueError(text)
             bh, bn, w, st = (int(x) for x in parts[:4])
         except ValueError as exc:
@@ -82,8 +83,10 @@ class DecodeConfig:
             raise ValueError(f"{CONFIG_ENV}: the half-page kernel is '64,64,4,2,gluon,hp', got {text!r}")
         if "e4m3" in flags and "hp" not in flags:
             raise ValueError(f"{CONFIG_ENV}: the e4m3-cache Gluon kernel is '64,64,4,2,gluon,hp,e4m3', got {text!r}")
+        if "sc" in flags and ("gluon" not in flags or st != 2 or "hp" in flags):
+            raise ValueError(f"{CONFIG_ENV}: the one-scorer kernel is '64,64,4,2,gluon,sc', got {text!r}")
         return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags, "gluon" in flags, "hp" in flags,
-                   "e4m3" in flags)
+                   "e4m3" in flags, "sc" in flags)
 
 
 # Candidates in order of preference; a config that fails to compile (e.g. out of shared memory) is
@@ -101,13 +104,15 @@ CUDA_CONFIGS_MANY_HEADS = (
 # (benchmarks/mla_decode.py --suite/--study, 2026-11-30): the split-value variant beat the present tile at
 # every bf16 shape (0.318 ms vs 0.344 at B=128 ctx 2048, 2048 tokens per split); over an fp8 cache it needs
 # the fp16 widening to beat the bf16 one (0.371 ms vs 0.464).
-# Over a bf16 cache the warp-specialized Gluon kernels come first. The half-page one (mla_decode_halfpage:
-# each warpgroup scores 32 tokens of the page, no duplicated QK^T) beat the full-tile one (mla_decode_gluon)
-# on average at every measured shape (two runs): 0.170 ms at B=128 ctx 2048 against 0.182, 1.44 against
-# 1.63 at B=256 ctx 8192 (H200, 2026-11-30); the full-tile kernel follows it (0.182 ms against 0.267 for
-# the TMA tile and 0.316 for the present one). Two more variants measured slower and were removed: the
-# full-tile kernel with a page's PV behind the next page's scores (0.247 ms) and the seesaw schedule (the
-# warpgroups score alternate pages, FlashMLA's published scheme; 0.215 ms, no prefetch fits).
+# Over a bf16 cache the warp-specialized Gluon kernels come first. The one-scorer one (mla_decode_scorer:
+# warpgroup 0 scores each whole page and runs the softmax, both warpgroups accumulate half of the value
+# columns) beat the half-page one at every measured shape, 11-16% less time: 0.145 ms at B=128 ctx 2048
+# against 0.169, 0.287 against 0.338 at B=256, 1.30 against 1.46 at B=256 ctx 8192 (H200, 2026-11-30,
+# docs/perf.md, fifth pass). The half-page one (mla_decode_halfpage: each warpgroup scores 32 tokens of the
+# page, no duplicated QK^T) follows; it beat the full-tile one (mla_decode_gluon) on average at every measured
+# shape (0.170 ms against 0.182). Two more variants measured slower and were removed: the full-tile kernel
+# with a page's PV behind the next page's scores (0.247 ms) and the seesaw schedule (the warpgroups score
+# alternate pages, FlashMLA's published scheme; 0.215 ms, no prefetch fits).
 # The TMA tile (whole pages by bulk tensor copies, mla_decode_hopper) backs them where Gluon is missing or
 # does not apply. Over an fp8 cache the Gluon half-page kernel over e4m3 pages comes first (mla_decode_e4m3:
 # each warpgroup widens its 32 rows of the page to bf16 in shared memory): 0.280 ms at B=128 ctx 2048
@@ -116,6 +121,7 @@ CUDA_CONFIGS_MANY_HEADS = (
 # in registers either way and spills). A cache the bulk copy cannot describe (unaligned strides,
 # page != 64), fp16 queries over fp8, or a Triton without Gluon fall back to the next config, logged once.
 HOPPER_CONFIGS_MANY_HEADS = (
+    DecodeConfig(64, 64, 4, 2, gluon=True, scorer=True),
     DecodeConfig(64, 64, 4, 2, gluon=True, halfpage=True),
     DecodeConfig(64, 64, 4, 2, gluon=True),
     DecodeConfig(64, 64, 8, 2, split_v=True, tma=True),
@@ -492,7 +498,8 @@ def mla_decode(
                                 candidates[0], last_exc, cfg)
                 else:
                     log.info("MLA decode: Triton kernel, tile config %s (%s)", cfg,
-                             "Hopper Gluon kernel, half pages, e4m3 cache" if cfg.e4m3
+                             "Hopper Gluon kernel, one scorer" if cfg.scorer
+                             else "Hopper Gluon kernel, half pages, e4m3 cache" if cfg.e4m3
                              else "Hopper Gluon kernel, half pages" if cfg.halfpage
                              else "Hopper Gluon kernel" if cfg.gluon
                              else "Hopper TMA variant" if cfg.tma else "Hopper variant" if cfg.split_v
@@ -587,6 +594,8 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
             from . import mla_decode_e4m3
         elif cfg.halfpage:
             from . import mla_decode_halfpage
+        if cfg.scorer:
+            from . import mla_decode_scorer
     except ImportError as exc:
         raise ValueError(f"MLA decode config {cfg} does not apply: Triton without Gluon ({exc})") from exc
     b, nq, h, lat = q_lat.shape
@@ -594,9 +603,10 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
     why = check(kv_cache, q_lat.dtype, lat, q_pe.shape[3], kv_cache.shape[1], SPLIT_ALIGN)
     if why is not None:
         raise ValueError(f"MLA decode config {cfg} does not apply: {why}")
-    # (the half-page kernels' stages are 2: parse checks)
+    # (the half-page and one-scorer kernels' stages are 2: parse checks)
     kernel = (mla_decode_e4m3._mla_decode_e4m3_kernel if cfg.e4m3
               else mla_decode_halfpage._mla_decode_halfpage_kernel if cfg.halfpage
+              else mla_decode_scorer._mla_decode_scorer_kernel if cfg.scorer
               else mla_decode_gluon._mla_decode_gluon_kernel)
 
     def run(o, lse, split):

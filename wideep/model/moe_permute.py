@@ -112,44 +112,53 @@ class Grouping:
 
 
 GROUP_KERNEL_MAX_PAIRS = 4096
+# pairs per program, pairs per histogram step and warps of the grouping kernel (capped by the bucket count: a
+# step holds buckets x pairs flags); the integers do not depend on them; benchmarks/rank.py times alternatives.
+# H200, 8 local experts, graph us per call at 1,024 / 2,048 pairs: 32 / 1024 / 4 warps 3.95 / 5.71, 128 / 512 / 4
+# 5.41 / 7.05 (the single-program kernel before: 9.3 us per layer at 1,024 in the step's profile)
+GROUP_BLOCK, GROUP_SCAN, GROUP_WARPS = 32, 1024, 4
 
 if triton is not None:
 
     @triton.jit
     def _group_kernel(ids_ptr, w_ptr, order_ptr, rows_ptr, valid_ptr, inv_ptr, wout_ptr, counts_ptr, N, NUM_LOCAL,
-                      K: constexpr, NB: constexpr, BLOCK: constexpr, HAS_W: constexpr):
-        """One program: the stable counting sort of N pairs by local expert (not-mine pairs last), in two
-        passes over BLOCK-pair chunks - histogram, then each pair's slot = start of its bucket + pairs of
-        its bucket before it. Writes the grouped layout (order, source row, valid, weight) at the slots,
-        each pair's slot (or -1) and the per-expert counts."""
+                      K: constexpr, NB: constexpr, BLOCK: constexpr, SCAN: constexpr, HAS_W: constexpr):
+        """Program p: the stable counting sort's slots of pairs [p*BLOCK, (p+1)*BLOCK) by local expert (not-mine
+        pairs last). Each program histograms all N pairs itself (per bucket: all of them, and those before its
+        chunk), so no program waits for another: slot = start of the pair's bucket + the bucket's pairs before
+        the chunk + those before it within the chunk. Writes the grouped layout (order, source row, valid,
+        weight) at the slots, each pair's slot (or -1); program 0 the per-expert counts."""
+        pid = tl.program_id(0)
+        lo = pid * BLOCK
         b = tl.arange(0, NB)
         counts = tl.zeros((NB,), dtype=tl.int32)
-        for c in range(0, N, BLOCK):
-            i = c + tl.arange(0, BLOCK)
+        before = tl.zeros((NB,), dtype=tl.int32)
+        for c in range(0, N, SCAN):
+            i = c + tl.arange(0, SCAN)
             m = i < N
             e = tl.load(ids_ptr + i, mask=m, other=-1)
             key = tl.where((e >= 0) & (e < NUM_LOCAL), e, NUM_LOCAL).to(tl.int32)
-            hit = (key[None, :] == b[:, None]) & m[None, :]
-            counts += tl.sum(hit.to(tl.int32), axis=1)
-        tl.store(counts_ptr + b, counts.to(tl.int64), mask=b < NUM_LOCAL)
-        run = tl.cumsum(counts, axis=0) - counts          # first slot of each bucket
-        for c in range(0, N, BLOCK):
-            i = c + tl.arange(0, BLOCK)
-            m = i < N
-            e = tl.load(ids_ptr + i, mask=m, other=-1)
-            mine = (e >= 0) & (e < NUM_LOCAL)
-            key = tl.where(mine, e, NUM_LOCAL).to(tl.int32)
-            hit = ((key[None, :] == b[:, None]) & m[None, :]).to(tl.int32)     # [NB, BLOCK]
-            before = tl.cumsum(hit, axis=1) - hit + run[:, None]               # slot if the pair is in bucket b
-            slot = tl.sum(hit * before, axis=0)                                # [BLOCK]
-            run += tl.sum(hit, axis=1)
-            tl.store(order_ptr + slot, i.to(tl.int64), mask=m)
-            tl.store(rows_ptr + slot, (i // K).to(tl.int64), mask=m)
-            tl.store(valid_ptr + slot, mine.to(tl.int8), mask=m)
-            tl.store(inv_ptr + i, tl.where(mine, slot, -1).to(tl.int64), mask=m)
-            if HAS_W:
-                w = tl.load(w_ptr + i, mask=m, other=0.0)
-                tl.store(wout_ptr + slot, tl.where(mine, w, 0.0), mask=m)
+            hit = ((key[None, :] == b[:, None]) & m[None, :]).to(tl.int32)
+            counts += tl.sum(hit, axis=1)
+            before += tl.sum(hit * (i < lo).to(tl.int32)[None, :], axis=1)
+        if pid == 0:
+            tl.store(counts_ptr + b, counts.to(tl.int64), mask=b < NUM_LOCAL)
+        run = tl.cumsum(counts, axis=0) - counts + before      # this chunk's first slot in each bucket
+        i = lo + tl.arange(0, BLOCK)
+        m = i < N
+        e = tl.load(ids_ptr + i, mask=m, other=-1)
+        mine = (e >= 0) & (e < NUM_LOCAL)
+        key = tl.where(mine, e, NUM_LOCAL).to(tl.int32)
+        hit = ((key[None, :] == b[:, None]) & m[None, :]).to(tl.int32)         # [NB, BLOCK]
+        at = tl.cumsum(hit, axis=1) - hit + run[:, None]                       # slot if the pair is in bucket b
+        slot = tl.sum(hit * at, axis=0)                                        # [BLOCK]
+        tl.store(order_ptr + slot, i.to(tl.int64), mask=m)
+        tl.store(rows_ptr + slot, (i // K).to(tl.int64), mask=m)
+        tl.store(valid_ptr + slot, mine.to(tl.int8), mask=m)
+        tl.store(inv_ptr + i, tl.where(mine, slot, -1).to(tl.int64), mask=m)
+        if HAS_W:
+            w = tl.load(w_ptr + i, mask=m, other=0.0)
+            tl.store(wout_ptr + slot, tl.where(mine, w, 0.0), mask=m)
 
 
 def group_pairs(local_ids: torch.Tensor, num_local: int, weights: torch.Tensor | None = None,
@@ -159,9 +168,9 @@ def group_pairs(local_ids: torch.Tensor, num_local: int, weights: torch.Tensor |
     to GROUP_KERNEL_MAX_PAIRS pairs, one kernel instead of ~25 small ones; else the torch reference (the same
     integers)."""
     m, k = local_ids.shape
-    # one CTA walks the pairs twice, ~10 ns per pair on an H200 (9 us at 1k pairs, 0.68 ms at 64k); the
-    # reference path's ~20 launches cost ~0.09 ms at 64k: the kernel up to a few thousand pairs (decode),
-    # the device-wide scan beyond (the same integers either way)
+    # every program histograms all pairs (O(N) each: the kernel serves decode sizes, up to a few thousand
+    # pairs; the device-wide scan beyond, the same integers either way). The earlier single-program kernel
+    # (one CTA walking the pairs twice) took 9.3 us per layer at 1k pairs on an H200.
     if impl == "triton" or (impl == "auto" and local_ids.is_cuda and triton is not None and m * k <= GROUP_KERNEL_MAX_PAIRS):
         n = m * k
         dev = local_ids.device
@@ -174,9 +183,11 @@ def group_pairs(local_ids: torch.Tensor, num_local: int, weights: torch.Tensor |
         w_out = torch.empty(n, dtype=weights.dtype, device=dev) if weights is not None else order
         nb = triton.next_power_of_2(num_local + 1)
         if n:
-            _group_kernel[(1,)](local_ids.reshape(-1).contiguous(), w_in, order, rows, valid, inv, w_out, counts,
-                                n, num_local, K=k, NB=nb, BLOCK=max(16, min(1024, 8192 // nb)),
-                                HAS_W=weights is not None, num_warps=8)
+            block = max(16, min(GROUP_BLOCK, 16384 // nb))
+            _group_kernel[(triton.cdiv(n, block),)](
+                local_ids.reshape(-1).contiguous(), w_in, order, rows, valid, inv, w_out, counts, n, num_local, K=k,
+                NB=nb, BLOCK=block, SCAN=max(16, min(GROUP_SCAN, 16384 // nb)), HAS_W=weights is not None,
+                num_warps=GROUP_WARPS)
         else:
             counts.zero_()
         g = Grouping(order=order, rows=rows, tokens_per_expert=counts, valid=valid.view(torch.bool))

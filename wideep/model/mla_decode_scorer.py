@@ -1,0 +1,248 @@
+"""Hopper (sm_90) paged MLA decode in Gluon: one warpgroup scores each page, both accumulate its values.
+
+WHY: in the half-page kernel (mla_decode_halfpage) both consumer warpgroups score half a page each with
+m64n32 wgmma (3 KB of shared memory read per 16 tensor-core cycles: bound by shared-memory bandwidth, not the
+tensor cores) and then wait on each other twice per page (row max, then probabilities), so they run in
+lockstep. Here the roles differ (FlashMLA's first published layout):
+
+- warpgroup 0 (the scorer) computes the whole 64x64 score tile (m64n64 wgmma over the resident query tile),
+  the online softmax, and accumulates value columns 0..255 with the probabilities from registers; it issues
+  those products first and only then publishes the bf16 probabilities and the rescale factors;
+- warpgroup 1 waits for them and accumulates columns 256..511 as one m64n256 product per k-step (the four
+  value chunks of a stage are consecutive 64x64 tiles, i.e. one 64x256 operand in the same swizzled layout),
+  the probabilities as the wgmma A operand from shared memory, read once per k-step. It never waits on the
+  scorer's next softmax, and the scorer never waits on it except through the page ring.
+
+The probabilities of page i go into page i's rope chunk (dead once its scores are computed), so they are
+double-buffered with the pages and freed with them: no extra buffer and no "P free" barrier. Per stage a
+"P ready" mbarrier carries the probabilities and the 64 rescale factors; after the last page the scorer
+publishes its row max and row sum ("final" mbarrier), so both halves are normalized with the same bits.
+The softmax scale is folded into the exponent (one FFMA per score), and scores are masked only on a split's
+last page. Shared memory: query 72 KB + two 72 KB page stages + 1.5 KB of row statistics.
+
+Split schedule, masking (scores past seq_len are -inf; each warpgroup zeroes the rows past seq_len of its own
+value chunks before its products), merge kernel and output contract are mla_decode_gluon's, so batch
+invariance and CUDA-graph safety carry over. bf16 caches only.
+
+WIDE0 (benchmark-only, default 0 = the kernel the config runs; `benchmarks/mla_decode.py --ablate`): warpgroup
+0's products as one m64n256 per k-step too (A from registers: fewer instructions, no shared-memory saving).
+Measured on an H200 (docs/perf.md, issue 15 fifth pass): 0.145 ms per layer at B=128 ctx 2048 against 0.169
+for the half-page kernel, 11-16% less time at every measured shape; the bf16 default on Hopper. WIDE0=1
+measured 0.140 (oracle-checked, not yet through the suite's invariance and graph checks).
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from .mla_decode_gluon import CONSUMER_REGS, PRODUCER_REGS, _load_query, _producer, _split_range, _store_half
+
+
+@gluon.jit
+def _zero_tail(kv_smem, kb, n0, end, PAGE: gl.constexpr, VBASE: gl.constexpr):
+    """The partial last page: zero rows past `end` of value chunks VBASE..VBASE+3 (0 * NaN = NaN in an MMA)."""
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    toks_ld = n0 + gl.arange(0, PAGE, layout=gl.SliceLayout(1, ld_layout))
+    keep = gl.expand_dims(toks_ld < end, 1)
+    for c in gl.static_range(4):
+        buf = kv_smem.index(kb + VBASE + c)
+        x = buf.load(ld_layout)
+        buf.store(gl.where(keep, x, gl.zeros_like(x)))
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _scorer(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
+            sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+            stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+            NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
+            ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr):
+    """Warpgroup 0: scores, softmax, value columns 0..255, probabilities out."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    w_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+    o_layout: gl.constexpr = w_layout if WIDE0 else s_layout
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
+    cdt: gl.constexpr = q_smem.dtype
+    wide_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([PAGE, 256], cdt)
+
+    seq_len, n_splits, start, end, n_pages = _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE, ALIGN)
+    rows = pid_h * 64 + gl.arange(0, 64, layout=row_l)
+    row_end = seq_len - (NUM_Q - 1 - rows // H)
+    m_i = gl.full([64], float("-inf"), gl.float32, layout=row_l)
+    l_i = gl.full([64], 0.0, gl.float32, layout=row_l)
+    acc0 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
+    acc1 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
+    acc2 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
+    acc3 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
+    accw = gl.zeros([64, 256 if WIDE0 else 1], gl.float32, layout=w_layout)
+    for i in range(n_pages):
+        st = i % STAGES
+        kb = st * NC
+        n0 = start + i * PAGE
+        mbarrier.wait(ready.index(st), (i // STAGES) & 1)
+        if n0 + PAGE > end:
+            _zero_tail(kv_smem, kb, n0, end, PAGE, 0)
+        s = gl.zeros([64, 64], gl.float32, layout=s_layout)
+        for c in gl.static_range(NC):
+            s = warpgroup_mma(q_smem.index(c), kv_smem.index(kb + c).permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        if n0 + PAGE + NUM_Q - 1 > end:   # the split's last page (or a query token's causal limit): mask
+            toks = n0 + gl.arange(0, PAGE, layout=col_l)
+            visible = gl.expand_dims(toks, 0) < gl.expand_dims(row_end, 1)
+            s = gl.where(visible, s, float("-inf"))
+        # the scale is folded into the exponent (one FFMA per score): max(s) * c == max(s * c) for c > 0
+        m_new = gl.maximum(m_i, gl.max(s, 1) * sm_scale_log2)
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s * sm_scale_log2 - gl.expand_dims(m_safe, 1))
+        m_i = m_new
+        pb = p.to(cdt)
+        pa = gl.convert_layout(pb, p_layout)
+        # this warpgroup's products first (the critical path), then the probabilities for warpgroup 1
+        if WIDE0:
+            aw = gl.convert_layout(gl.expand_dims(alpha, 1), w_layout)
+            accw = warpgroup_mma(pa, kv_smem.index(kb)._reinterpret(cdt, [PAGE, 256], wide_l), accw * aw,
+                                 is_async=True)
+        else:
+            a2 = gl.expand_dims(alpha, 1)
+            acc0 = warpgroup_mma(pa, kv_smem.index(kb + 0), acc0 * a2, is_async=True)
+            acc1 = warpgroup_mma(pa, kv_smem.index(kb + 1), acc1 * a2, is_async=True)
+            acc2 = warpgroup_mma(pa, kv_smem.index(kb + 2), acc2 * a2, is_async=True)
+            acc3 = warpgroup_mma(pa, kv_smem.index(kb + 3), acc3 * a2, is_async=True)
+        kv_smem.index(kb + NC - 1).store(pb)   # the rope chunk: its scores are done
+        alpha_s.index(st).store(alpha)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(p_ready.index(st), count=1)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        if WIDE0:
+            accw = warpgroup_mma_wait(0, deps=(accw, ))
+        else:
+            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(st), count=1)
+    stat_s.index(0).store(m_i)
+    stat_s.index(1).store(l_i)
+    gl.thread_barrier()
+    mbarrier.arrive(fin.index(0), count=1)
+    if WIDE0:
+        wrow_l: gl.constexpr = gl.SliceLayout(1, w_layout)
+        _store_wide(OUT, LSE, accw, gl.convert_layout(m_i, wrow_l), gl.convert_layout(l_i, wrow_l),
+                    pid_h * 64 + gl.arange(0, 64, layout=wrow_l), gl.arange(0, 256, layout=gl.SliceLayout(0, w_layout)),
+                    out_scale, H, b, split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                    0, NUM_Q, SPLIT)
+    else:
+        _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_i, l_i, rows, gl.arange(0, 64, layout=col_l), out_scale, H,
+                    b, split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, 0, NUM_Q, SPLIT)
+
+
+@gluon.jit
+def _store_wide(OUT, LSE, acc, m_i, l_i, rows, cols, out_scale, H, b, split, n_splits,
+                stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                W: gl.constexpr, NUM_Q: gl.constexpr, SPLIT: gl.constexpr):
+    """mla_decode_gluon._store_half for warpgroup W's 256 output columns held as one 64x256 accumulator."""
+    live = (rows < H * NUM_Q) & ((rows * 0 + split) < n_splits)
+    has = l_i > 0.0
+    inv2 = gl.expand_dims(out_scale / gl.where(has, l_i, 1.0), 1)   # empty range: the accumulator is 0 -> zeros
+    omask = gl.expand_dims(live, 1) & gl.expand_dims(cols < 256, 0)
+    if SPLIT:
+        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s
+        if W == 0:
+            lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
+            gl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
+    else:
+        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r
+    gl.store(base + gl.expand_dims(cols, 0) + W * 256, (acc * inv2).to(OUT.dtype.element_ty), mask=omask)
+
+
+@gluon.jit
+def _accumulator(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
+                 sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+                 stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                 NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
+                 ALIGN: gl.constexpr, SPLIT: gl.constexpr):
+    """Warpgroup 1: value columns 256..511 from the scorer's probabilities in shared memory."""
+    w_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+    row_l: gl.constexpr = gl.SliceLayout(1, w_layout)
+    wide_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([PAGE, 256], kv_smem.dtype)
+
+    seq_len, n_splits, start, end, n_pages = _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE, ALIGN)
+    acc = gl.zeros([64, 256], gl.float32, layout=w_layout)
+    for i in range(n_pages):
+        st = i % STAGES
+        ph = (i // STAGES) & 1
+        mbarrier.wait(ready.index(st), ph)
+        kb = st * NC
+        n0 = start + i * PAGE
+        if n0 + PAGE > end:
+            _zero_tail(kv_smem, kb, n0, end, PAGE, 4)
+        mbarrier.wait(p_ready.index(st), ph)
+        a2 = gl.expand_dims(alpha_s.index(st).load(row_l), 1)
+        # value chunks 4..7 of the stage: four consecutive 64x64 swizzled tiles = one 64x256 operand
+        v = kv_smem.index(kb + 4)._reinterpret(kv_smem.dtype, [PAGE, 256], wide_l)
+        acc = warpgroup_mma(kv_smem.index(kb + NC - 1), v, acc * a2, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(st), count=1)
+    mbarrier.wait(fin.index(0), 0)
+    m_i = stat_s.index(0).load(row_l)
+    l_i = stat_s.index(1).load(row_l)
+    _store_wide(OUT, LSE, acc, m_i, l_i, pid_h * 64 + gl.arange(0, 64, layout=row_l),
+                gl.arange(0, 256, layout=gl.SliceLayout(0, w_layout)), out_scale, H, b, split, n_splits,
+                stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, 1, NUM_Q, SPLIT)
+
+
+@gluon.jit
+def _mla_decode_scorer_kernel(
+    Q_LAT, Q_PE, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+    sm_scale_log2, out_scale, chunk, max_splits, H, blk_rows,
+    stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h, stride_bt_b,
+    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+    L: gl.constexpr, R: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
+    ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr = 1,
+):
+    pid_h = gl.program_id(0)
+    b = gl.program_id(1)
+    split = gl.program_id(2)
+    NC: gl.constexpr = (L + R) // 64
+    smem_layout: gl.constexpr = kv_desc.layout
+    cdt: gl.constexpr = kv_desc.dtype
+    q_smem = gl.allocate_shared_memory(cdt, [NC, 64, 64], smem_layout)
+    kv_smem = gl.allocate_shared_memory(cdt, [STAGES * NC, PAGE, 64], smem_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    p_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    fin = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    stat_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    alpha_s = gl.allocate_shared_memory(gl.float32, [STAGES, 64], stat_layout)   # per stage: the page's rescale
+    stat_s = gl.allocate_shared_memory(gl.float32, [2, 64], stat_layout)         # final row max, row sum
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)
+        mbarrier.init(p_ready.index(s), count=1)
+    mbarrier.init(fin.index(0), count=1)
+
+    _load_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q,
+                stride_qp_h, NC, NUM_Q)
+
+    gl.warp_specialize([
+        (_scorer, (q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
+                   sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+                   stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                   NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, WIDE0)),
+        (_accumulator, (q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
+                        sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+                        stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                        NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
+        (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+                     sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
+                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                     NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
