@@ -39,6 +39,7 @@ class _Graph:
     hidden: torch.Tensor
     staging: list = field(default_factory=list)     # two _Staging sets of host input buffers, used in turn
     next_staging: int = 0
+    host_table: "_HostBlockTable | None" = None     # the block table as last staged (host mirror)
 
 
 class PendingTokens:
@@ -136,27 +137,35 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
         return ids, pos, attn, qsl
 
-    def _fill_pending_inputs(self, ids: torch.Tensor, out: SchedulerOutput, qsl: list[int],
-                             staging: "_Staging | None" = None) -> None:
-        """Rows whose token is still on the device (the last step's sample) take it from there
-        (`staging`: the index lists go through its pinned buffers)."""
-        rows, src = [], []
-        for i, s in enumerate(out.seqs):
-            if s.start >= s.request.num_tokens:
-                if s.request.request_id not in self._last_rows:
-                    raise RuntimeError(f"request {s.request.request_id!r}: input token was not sampled by the last step")
-                rows.append(qsl[i])
-                src.append(self._last_rows[s.request.request_id])
+    def _fill_pending_inputs(self, ids: torch.Tensor, out: SchedulerOutput, qsl: list[int]) -> None:
+        """Rows whose token is still on the device (the last step's sample) take it from there."""
+        rows = [qsl[i] for i, s in enumerate(out.seqs) if s.start >= s.request.num_tokens]
         if rows:
-            dev = self.device
-            if staging is not None:
-                n = len(rows)
-                staging.arrays[5][:n] = rows
-                staging.arrays[6][:n] = src
-                dst_rows, src_rows = (t[:n].to(dev, non_blocking=True) for t in staging.tensors[5:])
-            else:
-                dst_rows, src_rows = (host_to_device(v, torch.long, dev) for v in (rows, src))
-            ids[dst_rows] = self._last_tokens[src_rows]
+            pending = [s for s in out.seqs if s.start >= s.request.num_tokens]
+            self._copy_last_tokens(ids, rows, [s.request for s in pending])
+
+    def _copy_last_tokens(self, ids: torch.Tensor, rows: list[int], reqs: list, staging: "_Staging | None" = None) -> None:
+        """ids[rows[j]] = the last step's sample of reqs[j], on the device. When row j takes the last
+        step's row j for every j (a decode batch in the same order as the step before: async steady
+        state) it is one slice copy, else an indexed copy (`staging`: the index lists go through its
+        pinned buffers)."""
+        last = self._last_rows
+        try:
+            src = [last[r.request_id] for r in reqs]
+        except KeyError as e:
+            raise RuntimeError(f"request {e.args[0]!r}: input token was not sampled by the last step") from None
+        n = len(rows)
+        if rows[-1] == n - 1 and src == rows:   # rows (increasing) are 0..n-1, and so are their sources
+            ids[:n].copy_(self._last_tokens[:n])
+            return
+        dev = self.device
+        if staging is not None:
+            staging.arrays[5][:n] = rows
+            staging.arrays[6][:n] = src
+            dst_rows, src_rows = (t[:n].to(dev, non_blocking=True) for t in staging.tensors[5:])
+        else:
+            dst_rows, src_rows = (host_to_device(v, torch.long, dev) for v in (rows, src))
+        ids[dst_rows] = self._last_tokens[src_rows]
 
     # ---- execution ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -296,28 +305,58 @@ class ModelRunner:
         """Fills the graph's static inputs (real rows, then padding rows: slot -1, seq_len 0) from one
         host staging buffer per input, copied without blocking the host, and replays."""
         b = len(out.seqs)
-        bs = self.block_size
         st = self._staging(g)
-        ids, pos, slots, lens, table = st.arrays[:5]
-        ids[:] = 0
-        pos[:] = 0
-        slots[:] = -1
-        lens[:] = 0
-        table[:] = 0
-        for i, s in enumerate(out.seqs):
-            req = s.request
-            p = s.start
-            ids[i] = req.all_token_ids[p] if p < req.num_tokens else -1
-            pos[i] = p
-            slots[i] = req.block_ids[p // bs] * bs + p % bs
-            lens[i] = p + 1
-            table[i, :len(req.block_ids)] = req.block_ids
+        pending_rows, pending_reqs = self._stage(g, out, st)
         for dst, src in zip((g.input_ids, g.positions, g.slot_mapping, g.seq_lens, g.block_tables), st.tensors[:5]):
             dst.copy_(src, non_blocking=True)
-        self._fill_pending_inputs(g.input_ids, out, list(range(b + 1)), st)
+        if pending_rows:
+            self._copy_last_tokens(g.input_ids, pending_rows, pending_reqs, st)
         st.issued()
         self._replay_graph(g, b)
         return g.hidden[:b]
+
+    def _stage(self, g: _Graph, out: SchedulerOutput, st: "_Staging") -> tuple[list[int], list]:
+        """Writes the step's decode inputs into `st`: one Python pass over the rows for what only the
+        requests know (input token, position, block list), the rest vectorized; the block table from
+        the graph's host mirror, which rewrites a row only where its blocks changed. Returns the rows
+        whose input token is the last step's sample (still on the device) and their requests."""
+        b = len(out.seqs)
+        bs = self.block_size
+        if g.host_table is None:
+            g.host_table = _HostBlockTable(g.input_ids.shape[0], g.block_tables.shape[1])
+        ht = g.host_table
+        starts = [0] * b
+        tokens = [-1] * b
+        pending_rows: list[int] = []
+        pending_reqs: list = []
+        for i, s in enumerate(out.seqs):
+            req = s.request
+            p = s.start
+            starts[i] = p
+            known = req.all_token_ids
+            if p < len(known):
+                tokens[i] = known[p]
+            else:
+                pending_rows.append(i)
+                pending_reqs.append(req)
+            ht.set_row(i, req.block_ids)
+        ht.clear_from(b)
+        ids, pos, slots, lens, table = st.arrays[:5]
+        p = np.array(starts, dtype=np.int64)
+        blk = p // bs
+        if b and (blk >= ht.lens[:b]).any():
+            i = int(np.argmax(blk >= ht.lens[:b]))
+            raise RuntimeError(f"request {out.seqs[i].request.request_id!r}: position {starts[i]} has no KV block")
+        ids[:b] = tokens
+        ids[b:] = 0
+        pos[:b] = p
+        pos[b:] = 0
+        slots[:b] = ht.table[np.arange(b), blk].astype(np.int64) * bs + p % bs
+        slots[b:] = -1
+        lens[:b] = p + 1
+        lens[b:] = 0
+        table[:] = ht.table
+        return pending_rows, pending_reqs
 
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
@@ -403,6 +442,50 @@ class _Staging:
         if self._pending:
             self._event.synchronize()
             self._pending = False
+
+
+class _HostBlockTable:
+    """A decode graph's block table on the host, kept across steps: row i remembers the block list it
+    was written from and how much of it, so a step rewrites only the rows whose request changed and
+    appends the blocks a running request gained (a request's `block_ids` only grows, or is replaced by
+    a new list when its blocks are freed: preemption, abort, finish). Entries past a row's blocks are 0,
+    as in a freshly built table."""
+
+    def __init__(self, rows: int, width: int):
+        self.table = np.zeros((rows, width), dtype=np.int32)
+        self.lens = np.zeros(rows, dtype=np.int64)      # blocks written per row
+        self._src: list = [None] * rows                  # the block list each row was written from
+        self._n: list[int] = [0] * rows                  # len(self._src[i]) when written
+        self._rows = 0                                   # rows in use at the last step
+
+    def set_row(self, i: int, blocks: list[int]) -> None:
+        n = len(blocks)
+        if self._src[i] is blocks:
+            k = self._n[i]
+            if n == k:
+                return
+            if n > k:
+                self.table[i, k:n] = blocks[k:]
+                self._n[i] = n
+                self.lens[i] = n
+                return
+        old = self._n[i]
+        self.table[i, :n] = blocks
+        if old > n:
+            self.table[i, n:old] = 0
+        self._src[i] = blocks
+        self._n[i] = n
+        self.lens[i] = n
+
+    def clear_from(self, b: int) -> None:
+        """Rows b.. are padding this step: all zeros."""
+        for i in range(b, self._rows):
+            if self._n[i]:
+                self.table[i, :self._n[i]] = 0
+            self._src[i] = None
+            self._n[i] = 0
+            self.lens[i] = 0
+        self._rows = b
 
 
 class _EagerReplay:
