@@ -325,6 +325,7 @@ class ModelRunner:
         if g.host_table is None:
             g.host_table = _HostBlockTable(g.input_ids.shape[0], g.block_tables.shape[1])
         ht = g.host_table
+        src, written = ht.src, ht.written
         starts = [0] * b
         tokens = [-1] * b
         pending_rows: list[int] = []
@@ -339,7 +340,9 @@ class ModelRunner:
             else:
                 pending_rows.append(i)
                 pending_reqs.append(req)
-            ht.set_row(i, req.block_ids)
+            blocks = req.block_ids
+            if src[i] is not blocks or written[i] != len(blocks):
+                ht.set_row(i, blocks)
         ht.clear_from(b)
         ids, pos, slots, lens, table = st.arrays[:5]
         p = np.array(starts, dtype=np.int64)
@@ -454,36 +457,36 @@ class _HostBlockTable:
     def __init__(self, rows: int, width: int):
         self.table = np.zeros((rows, width), dtype=np.int32)
         self.lens = np.zeros(rows, dtype=np.int64)      # blocks written per row
-        self._src: list = [None] * rows                  # the block list each row was written from
-        self._n: list[int] = [0] * rows                  # len(self._src[i]) when written
+        self.src: list = [None] * rows                  # the block list each row was written from
+        self.written: list[int] = [0] * rows                  # len(self.src[i]) when written
         self._rows = 0                                   # rows in use at the last step
 
     def set_row(self, i: int, blocks: list[int]) -> None:
         n = len(blocks)
-        if self._src[i] is blocks:
-            k = self._n[i]
+        if self.src[i] is blocks:
+            k = self.written[i]
             if n == k:
                 return
             if n > k:
                 self.table[i, k:n] = blocks[k:]
-                self._n[i] = n
+                self.written[i] = n
                 self.lens[i] = n
                 return
-        old = self._n[i]
+        old = self.written[i]
         self.table[i, :n] = blocks
         if old > n:
             self.table[i, n:old] = 0
-        self._src[i] = blocks
-        self._n[i] = n
+        self.src[i] = blocks
+        self.written[i] = n
         self.lens[i] = n
 
     def clear_from(self, b: int) -> None:
         """Rows b.. are padding this step: all zeros."""
         for i in range(b, self._rows):
-            if self._n[i]:
-                self.table[i, :self._n[i]] = 0
-            self._src[i] = None
-            self._n[i] = 0
+            if self.written[i]:
+                self.table[i, :self.written[i]] = 0
+            self.src[i] = None
+            self.written[i] = 0
             self.lens[i] = 0
         self._rows = b
 
