@@ -74,6 +74,8 @@ class BlockManager:
     def allocate(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Gives the request blocks for `num_new_tokens` more tokens (after `cached_blocks`, a prefix
         from find_cached_prefix that becomes computed). False, changing nothing, if they don't fit."""
+        if not cached_blocks and request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size:
+            return True     # its blocks hold them already (a decode inside its last block: most steps)
         if not self.can_allocate(request, num_new_tokens, cached_blocks):
             return False
         for b in cached_blocks:

@@ -90,18 +90,20 @@ class Request:
     def check_stop(self, max_model_len: int) -> bool:
         """Sets finish_reason after a token was appended; True when the request is done."""
         sp = self.sampling_params
-        last = self.all_token_ids[-1]
+        tokens = self.all_token_ids
+        last = tokens[-1]
         if self.grammar is not None and self.grammar.terminated:
             self.finish_reason, self.stop_reason = "stop", (last if last in sp.stop_token_ids else None)
             return True
-        if self.num_output_tokens >= sp.min_tokens:
+        num_output = len(tokens) - len(self.prompt_token_ids)
+        if num_output >= sp.min_tokens:
             if not sp.ignore_eos and last in self.eos_token_ids:
                 self.finish_reason, self.stop_reason = "stop", None
                 return True
             if last in sp.stop_token_ids:
                 self.finish_reason, self.stop_reason = "stop", last
                 return True
-        if self.num_output_tokens >= self.max_tokens or self.num_tokens >= max_model_len:
+        if num_output >= self.max_tokens or len(tokens) >= max_model_len:
             self.finish_reason = "length"
             return True
         return False

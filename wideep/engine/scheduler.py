@@ -202,9 +202,11 @@ class Scheduler:
             scheduled.append(self._scheduled(req, req.num_computed_tokens, n))
             budget -= n
 
-        scheduled.sort(key=lambda s: s.num_new_tokens != 1)   # stable: decodes first
+        num_decodes = sum(1 for s in scheduled if s.num_new_tokens == 1)
+        if 0 < num_decodes < len(scheduled):
+            scheduled.sort(key=lambda s: s.num_new_tokens != 1)   # stable: decodes first
         out.seqs = scheduled
-        out.num_decodes = sum(1 for s in scheduled if s.num_new_tokens == 1)
+        out.num_decodes = num_decodes
         out.num_tokens = sum(s.num_new_tokens for s in scheduled)
         return out
 
@@ -225,41 +227,56 @@ class Scheduler:
         outputs: list[RequestOutput] = self.finished_outputs
         self.finished_outputs = []
         it = iter(sampled)
+        finished, running = RequestStatus.FINISHED, RequestStatus.RUNNING
+        cache_blocks = self.bm.cache_full_blocks if self.bm.enable_prefix_caching else None
+        max_model_len = self.max_model_len
         for s in out.seqs:
             req = s.request
             req.num_inflight_tokens -= s.num_new_tokens
-            token = next(it) if s.samples else None
-            req.num_pending_samples -= int(s.samples)
-            if req.status == RequestStatus.FINISHED:
+            if s.samples:
+                token = next(it)
+                req.num_pending_samples -= 1
+            else:
+                token = None
+            if req.status is finished:
                 continue    # aborted, or stopped by the previous step's token (async): the result is dropped
             if s.epoch == req.num_preemptions:
-                req.num_computed_tokens = s.start + s.num_new_tokens
-                self.prompt_tokens += max(0, min(req.num_computed_tokens, req.num_prompt_tokens) - s.start)
-                self.bm.cache_full_blocks(req)
+                computed = req.num_computed_tokens = s.start + s.num_new_tokens
+                num_prompt = len(req.prompt_token_ids)
+                if s.start < num_prompt:
+                    self.prompt_tokens += min(computed, num_prompt) - s.start
+                if cache_blocks is not None:
+                    cache_blocks(req)
             if token is None:
                 continue
-            req.append_token(token)
+            tokens = req.all_token_ids
+            tokens.append(token)
             self.generation_tokens += 1
-            new = req.all_token_ids[req.num_prompt_tokens + req.num_emitted:]
-            req.num_emitted = req.num_output_tokens
+            new = tokens[len(req.prompt_token_ids) + req.num_emitted:]
+            req.num_emitted = len(tokens) - len(req.prompt_token_ids)
             params = None
-            if req.check_stop(self.max_model_len):
-                if req.status == RequestStatus.RUNNING:
+            if req.check_stop(max_model_len):
+                if req.status is running:
                     self.running.remove(req)
                 else:   # async: preempted after this step was launched
                     self.waiting.remove(req)
                 params = self._finish(req)
-            outputs.append(self._output(req, new, params))
+            outputs.append(self._output(req, new, params, copy=False))
         return outputs
 
-    def _output(self, req: Request, new_token_ids: list[int], params: dict[str, Any] | None = None) -> RequestOutput:
+    def _output(self, req: Request, new_token_ids: list[int], params: dict[str, Any] | None = None,
+                copy: bool = True) -> RequestOutput:
+        """copy=False: new_token_ids is the caller's own fresh list, handed over."""
+        fin = req.status is RequestStatus.FINISHED
+        sp = req.sampling_params
         return RequestOutput(
-            request_id=req.request_id, new_token_ids=list(new_token_ids), finished=req.is_finished,
-            finish_reason=req.finish_reason if req.is_finished else None,
-            stop_reason=req.stop_reason if req.is_finished else None,
-            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
-            kv_transfer_params=params, logprobs=self._take_logprobs(req, len(new_token_ids)),
-            prompt_logprobs=self._take_prompt_logprobs(req))
+            request_id=req.request_id, new_token_ids=list(new_token_ids) if copy else new_token_ids,
+            finished=fin, finish_reason=req.finish_reason if fin else None,
+            stop_reason=req.stop_reason if fin else None,
+            num_prompt_tokens=len(req.prompt_token_ids), num_cached_tokens=max(req.num_cached_tokens, 0),
+            kv_transfer_params=params,
+            logprobs=None if sp.logprobs is None else self._take_logprobs(req, len(new_token_ids)),
+            prompt_logprobs=None if sp.prompt_logprobs is None else self._take_prompt_logprobs(req))
 
     @staticmethod
     def _take_logprobs(req: Request, n: int) -> list[list] | None:
