@@ -83,7 +83,8 @@ class ModelRunner:
         # every capture and replay of a graph of that size (a no-op for single-rank dispatchers).
         # the last launched step's samples on the device, and the row of each request in them
         self._last_tokens: torch.Tensor | None = None
-        self._last_rows: dict[str, int] = {}
+        self._last_reqs: list = []                    # the requests that sampled them, in row order
+        self._last_rows: dict[str, int] | None = {}   # request id -> row (built when first needed)
         self.wait_s = 0.0   # host time spent waiting for sampled tokens (benchmarks: host time per step)
         self.dbo = DBOConfig.from_args(args)
         self.split_steps = 0    # forwards run as two micro-batches (eager; graphs count at capture)
@@ -149,15 +150,17 @@ class ModelRunner:
         step's row j for every j (a decode batch in the same order as the step before: async steady
         state) it is one slice copy, else an indexed copy (`staging`: the index lists go through its
         pinned buffers)."""
+        n = len(rows)
+        if rows[-1] == n - 1 and self._last_reqs[:n] == reqs:   # rows (increasing) are 0..n-1, so are their sources
+            ids[:n].copy_(self._last_tokens[:n])
+            return
+        if self._last_rows is None:
+            self._last_rows = {r.request_id: i for i, r in enumerate(self._last_reqs)}
         last = self._last_rows
         try:
             src = [last[r.request_id] for r in reqs]
         except KeyError as e:
             raise RuntimeError(f"request {e.args[0]!r}: input token was not sampled by the last step") from None
-        n = len(rows)
-        if rows[-1] == n - 1 and src == rows:   # rows (increasing) are 0..n-1, and so are their sources
-            ids[:n].copy_(self._last_tokens[:n])
-            return
         dev = self.device
         if staging is not None:
             staging.arrays[5][:n] = rows
@@ -188,11 +191,17 @@ class ModelRunner:
         else:
             ids, pos, attn, qsl = self._prepare(out)
             hidden = self._forward(ids, pos, attn, out.is_decode_only, dbo_group)
-        self._prompt_logprobs(out, hidden, qsl)
-        sampling = [s.request for s in out.seqs if s.samples]
-        sample_rows = [qsl[i + 1] - 1 for i, s in enumerate(out.seqs) if s.samples]
+        sampling, sample_rows, prompt_lp = [], [], False
+        for i, s in enumerate(out.seqs):
+            if s.samples:
+                sampling.append(s.request)
+                sample_rows.append(qsl[i + 1] - 1)
+            if s.request.sampling_params.prompt_logprobs is not None:
+                prompt_lp = True
+        if prompt_lp:
+            self._prompt_logprobs(out, hidden, qsl)
         if not sample_rows:
-            self._last_tokens, self._last_rows = None, {}
+            self._last_tokens, self._last_reqs, self._last_rows = None, [], {}
             return PendingTokens(None, self)
         n = len(sample_rows)
         if sample_rows[-1] == n - 1:   # rows 0..n-1 (every decode row samples): no index to copy over
@@ -201,8 +210,7 @@ class ModelRunner:
             rows = hidden[host_to_device(sample_rows, torch.long, self.device)]
         logits = self.model.compute_logits(rows)
         tokens = self.sampler.sample(logits, sampling)
-        self._last_tokens = tokens
-        self._last_rows = {r.request_id: i for i, r in enumerate(sampling)}
+        self._last_tokens, self._last_reqs, self._last_rows = tokens, sampling, None
         return PendingTokens(tokens, self)
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, qsl: list[int]) -> None:
