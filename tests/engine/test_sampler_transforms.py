@@ -144,6 +144,28 @@ def test_mixed_batch_rows_draw_as_in_uniform_batches():
     assert got[3] == int(logits[3].argmax())
 
 
+def test_kept_batch_settings_follow_the_batch():
+    """The sampler keeps a batch's per-row settings while the same requests come back; a reordered,
+    shrunk or changed batch gets its own (each call equals a fresh sampler's on that batch)."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, V, generator=g)
+    reqs = [make_req([1], [], temperature=0.7, top_k=3, seed=1), make_req([1], [], temperature=0.0),
+            make_req([1, 2], [3], temperature=1.1, top_p=0.5, seed=2, repetition_penalty=1.5),
+            make_req([1], [], temperature=0.9, min_p=0.2, seed=3, logit_bias={5: 4.0})]
+    kept = Sampler(torch.device("cpu"))
+    for batch in (reqs, reqs, reqs[::-1], reqs[1:3], reqs[:1] + reqs[3:], reqs):
+        for r in batch:
+            r.generator = None      # the seeded streams restart, for the fresh sampler and for the kept one
+        want = Sampler(torch.device("cpu")).distribution(logits[:len(batch)], batch)
+        assert torch.allclose(kept.distribution(logits[:len(batch)], batch), want)
+        for r in batch:
+            r.generator = None
+        fresh = Sampler(torch.device("cpu"))(logits[:len(batch)], batch)
+        for r in batch:
+            r.generator = None
+        assert kept(logits[:len(batch)], batch) == fresh
+
+
 @pytest.mark.parametrize("field,value", [
     ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("repetition_penalty", 0.0), ("min_p", 1.5),
     ("allowed_token_ids", []), ("bad_words_token_ids", [[]]), ("logprobs", -2), ("logit_bias", {-1: 1.0}),
