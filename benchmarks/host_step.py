@@ -9,7 +9,8 @@ eagerly), and times each host piece apart from the model's forward and the sampl
 
   schedule      Scheduler.schedule
   stage_inputs  ModelRunner._replay minus the forward: ids, positions, slots, seq lens, block tables
-  forward       the static decode forward (the graph replay on a GPU; CPU compute here, not host work)
+  forward       the static decode forward (the graph replay on a GPU; CPU compute here, not host work;
+                skipped unless --forward: the CPU forward only evicts the host's caches between pieces)
   logits        lm_head (device work on a GPU)
   sample        Sampler.sample (torch ops on the logits; host-side lists and launches)
   launch_other  the rest of ModelRunner.launch (sample rows, PendingTokens)
@@ -19,7 +20,8 @@ eagerly), and times each host piece apart from the model's forward and the sampl
 The model is tiny with a small vocabulary (the forward and sampling math are cheap and counted apart);
 the host pieces depend on B, the blocks per sequence and the engine's Python, not on the model's size.
 
-  python benchmarks/host_step.py --batch 128 --ctx 2048 --steps 50
+  python benchmarks/host_step.py --batch 128 --ctx 2048                      # synchronous loop
+  python benchmarks/host_step.py --batch 128 --ctx 2048 --async-scheduling   # async scheduling
 """
 from __future__ import annotations
 
@@ -118,6 +120,8 @@ def run(a) -> dict:
     torch.set_num_threads(1)
     core = build_core(a)
     runner = core.runner
+    if not a.forward:   # the GPU runs it; on the CPU it would only evict the host's caches between pieces
+        runner._replay_graph = lambda g, num_real: None
     tm = Timers()
     tm.wrap(core.scheduler, "schedule", "schedule")
     tm.wrap(core.scheduler, "update", "update")
@@ -175,10 +179,12 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=50, help="timed engine steps (medians reported)")
+    p.add_argument("--steps", type=int, default=200, help="timed engine steps (medians reported)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--vocab", type=int, default=256, help="small: the sampler's math stays cheap on a CPU")
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--forward", action="store_true", help="run the decode forward too (default: skipped, its "
+                   "hidden states are the last ones; the host pieces do not depend on their values)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--async-scheduling", action="store_true")
     p.add_argument("--json", default=None)
@@ -186,7 +192,7 @@ def main(argv=None) -> dict:
     res = run(a)
     res["argv"] = sys.argv[1:] if argv is None else argv
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"# B={a.batch} ctx={a.ctx} block={a.block_size} async={a.async_scheduling}  "
+    print(f"# B={a.batch} ctx={a.ctx} block={a.block_size} async={a.async_scheduling} forward={a.forward}  "
           f"median us per step over {a.steps} steps, {res['date']}")
     for k in PIECES + ("host_total", "step"):
         print(f"{k:14s} {res[k]:10.1f}{'' if k in HOST or k in ('host_total', 'step') else '   (not host work on a GPU)'}")

@@ -21,6 +21,16 @@ def test_every_kind_round_trips():
         assert wire.decode_from_engine(wire.encode(msg)) == msg
 
 
+def test_outputs_with_every_field_round_trip_as_plain_maps():
+    full = RequestOutput("r2", [5, 6], finished=True, finish_reason="stop", stop_reason=6, num_prompt_tokens=3,
+                         num_cached_tokens=2, kv_transfer_params={"remote_block_ids": [1, 2], "remote_port": 9},
+                         error=None, logprobs=[[-0.5, 1, [5, 4], [-0.5, -1.0]], [-0.1, 2, [3, 6], [-0.05, -0.1]]],
+                         prompt_logprobs=[[-2.0, 4, [], []], [-1.0, 1, [], []]])
+    body = wire.unpack(wire.encode(wire.Outputs([full])))
+    assert body["outputs"] == [full.to_dict()]
+    assert wire.decode_from_engine(wire.encode(wire.Outputs([full]))) == wire.Outputs([full])
+
+
 def test_the_wire_stays_plain_maps():
     assert wire.unpack(wire.encode(wire.Abort(["x"]))) == {"type": "abort", "request_ids": ["x"]}
     assert wire.unpack(wire.encode(wire.Rejected("r", "m"))) == {"type": "error", "request_id": "r", "message": "m",

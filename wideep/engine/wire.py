@@ -10,6 +10,7 @@ socket and dispatched on its type.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, Union
@@ -130,7 +131,7 @@ def encode(msg: ToEngine | FromEngine) -> bytes:
     elif isinstance(msg, Ready):
         body["info"] = msg.info
     elif isinstance(msg, Outputs):
-        body["outputs"] = [o.to_dict() for o in msg.outputs]
+        body["outputs"] = [_output_map(o) for o in msg.outputs]
         body["stats"] = msg.stats.to_dict() if msg.stats is not None else None
     elif isinstance(msg, Rejected):
         body.update(request_id=msg.request_id, message=msg.message, param=msg.param)
@@ -141,6 +142,17 @@ def encode(msg: ToEngine | FromEngine) -> bytes:
     elif isinstance(msg, Heartbeat):
         body.update(steps=msg.steps, busy_s=msg.busy_s)
     return pack(body)
+
+
+_OUTPUT_FIELDS = tuple(f.name for f in dataclasses.fields(RequestOutput))
+
+
+def _output_map(o: RequestOutput) -> dict[str, Any]:
+    """A RequestOutput's fields as a map for packing: its values as they are (plain lists, dicts and
+    scalars, which msgpack only reads). dataclasses.asdict deep-copies every list and took ~15 us per
+    output (2 ms per 128-sequence decode step on the engine loop, measured on a CPU)."""
+    d = o.__dict__
+    return {k: d[k] for k in _OUTPUT_FIELDS}
 
 
 def _kind(m: Any) -> Kind:
