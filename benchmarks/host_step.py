@@ -16,6 +16,7 @@ eagerly), and times each host piece apart from the model's forward and the sampl
   launch_other  the rest of ModelRunner.launch (sample rows, PendingTokens)
   result        PendingTokens.result (the tokens to a Python list)
   update        Scheduler.update (append tokens, stop checks, outputs)
+  publish       the step's outputs encoded for the frontend (wire.encode), as the engine process sends them
 
 The model is tiny with a small vocabulary (the forward and sampling math are cheap and counted apart);
 the host pieces depend on B, the blocks per sequence and the engine's Python, not on the model's size.
@@ -42,15 +43,15 @@ from wideep.engine.api import EngineRequest, SamplingParams  # noqa: E402
 from wideep.engine.config import EngineArgs  # noqa: E402
 from wideep.engine.core import EngineCore  # noqa: E402
 from wideep.engine.request import Request, RequestStatus  # noqa: E402
-from wideep.engine.scheduler import Scheduler  # noqa: E402
+from wideep.engine.wire import Outputs, encode  # noqa: E402
 from wideep.model.config import ModelConfig  # noqa: E402
 from wideep.model.deepseek_v3 import DeepseekV3ForCausalLM, materialize  # noqa: E402
 from wideep.model.local_dispatch import LocalDispatcher  # noqa: E402
 from wideep.model.make_model import PRESETS  # noqa: E402
 from wideep.model.rope import RotaryEmbedding  # noqa: E402
 
-PIECES = ("schedule", "stage_inputs", "forward", "logits", "sample", "launch_other", "result", "update")
-HOST = ("schedule", "stage_inputs", "sample", "launch_other", "result", "update")
+PIECES = ("schedule", "stage_inputs", "forward", "logits", "sample", "launch_other", "result", "update", "publish")
+HOST = ("schedule", "stage_inputs", "sample", "launch_other", "result", "update", "publish")
 
 
 class Timers:
@@ -147,6 +148,9 @@ def run(a) -> dict:
             t0 = time.perf_counter()
             outs = core.step()
             tm.t["step"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            encode(Outputs(outs, None))
+            tm.t["publish"] = time.perf_counter() - t1
             assert a.async_scheduling and i == 0 or sum(len(o.new_token_ids) for o in outs) == a.batch
             if i < a.warmup:
                 continue
@@ -181,7 +185,8 @@ def main(argv=None) -> dict:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=200, help="timed engine steps (medians reported)")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--vocab", type=int, default=256, help="small: the sampler's math stays cheap on a CPU")
+    p.add_argument("--vocab", type=int, default=16, help="small: the sampler's math (device work on a GPU) stays "
+                   "negligible on the CPU, so `sample` is its host side")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--forward", action="store_true", help="run the decode forward too (default: skipped, its "
                    "hidden states are the last ones; the host pieces do not depend on their values)")
