@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--ablate-target", default=None, help="run one config a few times eagerly (an ncu target)")
     p.add_argument("--ablate-extra", default="", help="--ablate: more configs to time (';'-separated)")
     p.add_argument("--ablate-quick", action="store_true", help="--ablate: B=128/256 only, no split-count variants")
+    p.add_argument("--ablate-only-extra", action="store_true",
+                   help="--ablate: time only the --ablate-extra entries (no built-in variants, split counts, merge)")
     p.add_argument("--smoke", action="store_true",
                    help="each --suite-configs entry, then the automatic choice over a bf16 and an fp8 cache, on a "
                         "small case vs the oracle")
