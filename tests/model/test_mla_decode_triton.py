@@ -292,17 +292,16 @@ def test_tma_applicability_and_logged_fallback(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("text", ["64,64,4,2,gluon", "64,64,4,2,gluon,hp", "64,64,4,2,gluon,hp,e4m3",
-                                  "64,64,4,2,gluon,sc", "64,64,4,2,gluon,sc,lz,hr"])
+                                  "64,64,4,2,gluon,sc"])
 def test_gluon_config_rules_and_applicability(monkeypatch, caplog, text):
     """The Gluon kernels cannot run on the CPU (no interpreter for them): their config rules, the cache layouts
     they accept, the descriptor geometry, and that where they do not apply the next config serves, logged once."""
     cfg = mdt.DecodeConfig.parse(text)
     assert cfg.gluon and cfg.halfpage == ("hp" in text) and cfg.scorer == ("sc" in text)
-    assert cfg.lazy == ("lz" in text) and cfg.halves == ("hr" in text)
     assert mdt.DecodeConfig.parse(str(cfg)) == cfg
     for bad in ("64,64,8,2,gluon", "64,64,4,2,sv,gluon", "64,64,4,2,gluon,ov", "64,64,4,2,hp", "64,64,4,3,gluon,hp",
                 "64,64,4,2,gluon,ss", "64,64,8,2,sv,hp", "64,64,4,2,sc", "64,64,4,3,gluon,sc", "64,64,4,2,gluon,hp,sc",
-                "64,64,4,2,gluon,sc,e4m3", "64,64,4,2,gluon,lz", "64,64,4,2,gluon,hp,hr", "64,64,8,2,sv,lz"):
+                "64,64,4,2,gluon,sc,e4m3"):
         with pytest.raises(ValueError, match=mdt.CONFIG_ENV):
             mdt.DecodeConfig.parse(bad)
     try:

@@ -26,14 +26,11 @@ invariance and CUDA-graph safety carry over. bf16 caches only.
 
 WIDE0 (default 1): warpgroup 0's products as one m64n256 per k-step too (A from registers: fewer instructions, no
 shared-memory saving); 0 is the four-m64n64 form (benchmark-only, `benchmarks/mla_decode.py --ablate`).
-Measured on an H200 (docs/perf.md, issue 15 fifth pass): 0.141 ms per layer at B=128 ctx 2048 against 0.169 for the
-half-page kernel; the bf16 default on Hopper.
-
-Opt-in options (config flags, sixth pass): LAZY (`lz`) keeps each row's reference max until a page's max exceeds it
-by more than 2^LAZY_TAU, so probabilities stay <= 256 (exact range in bf16) and most pages need no rescale; a
-warpgroup skips its 128 accumulator multiplies when none of its rows grew. HALVES (`hr`) gives chunks 0..3 and 4..8
-of each stage their own ready/free barriers: warpgroup 0 scores the first four chunks while the rest land, and
-frees chunks 0..3 (its value columns) as soon as its products are done, independent of warpgroup 1.
+Measured on an H200 (docs/perf.md, issue 15 fifth and sixth passes): 0.140 ms per layer at B=128 ctx 2048 against
+0.169 for the half-page kernel; the bf16 default on Hopper. Tried on top and removed (sixth pass): a lazy rescale
+(skip the accumulator multiplies while no row's max grew by > 2^8: the warpgroup-wide vote costs more than the
+multiplies, which already hide behind the exponentials) 5-6% slower; per-half ready/free barriers per stage
+(score chunks 0..3 while 4..8 land) no change beyond run-to-run spread: the consumers rarely wait for pages.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -44,11 +41,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from triton.experimental.gluon.language.nvidia.hopper import tma
-
-from .mla_decode_gluon import CONSUMER_REGS, PRODUCER_REGS, _load_query, _split_range, _store_half
-
-LAZY_TAU = gl.constexpr(8.0)   # LAZY: log2 of the largest probability kept unrescaled (256: exact in bf16's range)
+from .mla_decode_gluon import CONSUMER_REGS, PRODUCER_REGS, _load_query, _producer, _split_range, _store_half
 
 
 @gluon.jit
@@ -66,12 +59,11 @@ def _zero_tail(kv_smem, kb, n0, end, PAGE: gl.constexpr, VBASE: gl.constexpr):
 
 
 @gluon.jit
-def _scorer(q_smem, kv_smem, ready, empty, ready2, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
+def _scorer(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
             sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
             stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
             NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-            ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr, LAZY: gl.constexpr,
-            HALVES: gl.constexpr):
+            ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr):
     """Warpgroup 0: scores, softmax, value columns 0..255, probabilities out."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
     w_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
@@ -100,12 +92,8 @@ def _scorer(q_smem, kv_smem, ready, empty, ready2, p_ready, fin, alpha_s, stat_s
         if n0 + PAGE > end:
             _zero_tail(kv_smem, kb, n0, end, PAGE, 0)
         s = gl.zeros([64, 64], gl.float32, layout=s_layout)
-        for c in gl.static_range(4 if HALVES else NC):
+        for c in gl.static_range(NC):
             s = warpgroup_mma(q_smem.index(c), kv_smem.index(kb + c).permute((1, 0)), s, is_async=True)
-        if HALVES:   # chunks 4..8 of the page complete on their own barrier: score the first four meanwhile
-            mbarrier.wait(ready2.index(st), (i // STAGES) & 1)
-            for c in gl.static_range(4, NC):
-                s = warpgroup_mma(q_smem.index(c), kv_smem.index(kb + c).permute((1, 0)), s, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s, ))
         if n0 + PAGE + NUM_Q - 1 > end:   # the split's last page (or a query token's causal limit): mask
             toks = n0 + gl.arange(0, PAGE, layout=col_l)
@@ -113,15 +101,8 @@ def _scorer(q_smem, kv_smem, ready, empty, ready2, p_ready, fin, alpha_s, stat_s
             s = gl.where(visible, s, float("-inf"))
         # the scale is folded into the exponent (one FFMA per score): max(s) * c == max(s * c) for c > 0
         m_new = gl.maximum(m_i, gl.max(s, 1) * sm_scale_log2)
-        if LAZY:   # keep a row's reference max until the page's max exceeds it by more than 2^LAZY_TAU
-            grow = m_new > m_i + LAZY_TAU   # -inf + tau = -inf: a row's first finite score always grows
-            m_new = gl.where(grow, m_new, m_i)
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.where(grow, gl.exp2(m_i - m_safe), 1.0)
-            rescale = gl.max(grow.to(gl.int32), 0) > 0
-        else:
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_safe)
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
         p = gl.exp2(s * sm_scale_log2 - gl.expand_dims(m_safe, 1))
         m_i = m_new
         pb = p.to(cdt)
@@ -129,12 +110,7 @@ def _scorer(q_smem, kv_smem, ready, empty, ready2, p_ready, fin, alpha_s, stat_s
         # this warpgroup's products first (the critical path), then the probabilities for warpgroup 1
         if WIDE0:
             aw = gl.convert_layout(gl.expand_dims(alpha, 1), w_layout)
-            if LAZY:
-                if rescale:   # the whole warpgroup's rows kept their reference: alpha == 1, skip 128 FMUL
-                    accw = accw * aw
-            else:
-                accw = accw * aw
-            accw = warpgroup_mma(pa, kv_smem.index(kb)._reinterpret(cdt, [PAGE, 256], wide_l), accw,
+            accw = warpgroup_mma(pa, kv_smem.index(kb)._reinterpret(cdt, [PAGE, 256], wide_l), accw * aw,
                                  is_async=True)
         else:
             a2 = gl.expand_dims(alpha, 1)
@@ -189,11 +165,11 @@ def _store_wide(OUT, LSE, acc, m_i, l_i, rows, cols, out_scale, H, b, split, n_s
 
 
 @gluon.jit
-def _accumulator(q_smem, kv_smem, ready, empty, ready2, empty2, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT,
-                 LSE, sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+def _accumulator(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
+                 sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
                  stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
                  NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-                 ALIGN: gl.constexpr, SPLIT: gl.constexpr, LAZY: gl.constexpr, HALVES: gl.constexpr):
+                 ALIGN: gl.constexpr, SPLIT: gl.constexpr):
     """Warpgroup 1: value columns 256..511 from the scorer's probabilities in shared memory."""
     w_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
     row_l: gl.constexpr = gl.SliceLayout(1, w_layout)
@@ -204,31 +180,19 @@ def _accumulator(q_smem, kv_smem, ready, empty, ready2, empty2, p_ready, fin, al
     for i in range(n_pages):
         st = i % STAGES
         ph = (i // STAGES) & 1
-        if HALVES:   # this warpgroup reads chunks 4..8 only
-            mbarrier.wait(ready2.index(st), ph)
-        else:
-            mbarrier.wait(ready.index(st), ph)
+        mbarrier.wait(ready.index(st), ph)
         kb = st * NC
         n0 = start + i * PAGE
         if n0 + PAGE > end:
             _zero_tail(kv_smem, kb, n0, end, PAGE, 4)
         mbarrier.wait(p_ready.index(st), ph)
-        alpha = alpha_s.index(st).load(row_l)
-        a2 = gl.expand_dims(alpha, 1)
-        if LAZY:
-            if gl.min(alpha, 0) < 1.0:
-                acc = acc * a2
-        else:
-            acc = acc * a2
+        a2 = gl.expand_dims(alpha_s.index(st).load(row_l), 1)
         # value chunks 4..7 of the stage: four consecutive 64x64 swizzled tiles = one 64x256 operand
         v = kv_smem.index(kb + 4)._reinterpret(kv_smem.dtype, [PAGE, 256], wide_l)
-        acc = warpgroup_mma(kv_smem.index(kb + NC - 1), v, acc, is_async=True)
+        acc = warpgroup_mma(kv_smem.index(kb + NC - 1), v, acc * a2, is_async=True)
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         gl.thread_barrier()
-        if HALVES:
-            mbarrier.arrive(empty2.index(st), count=1)
-        else:
-            mbarrier.arrive(empty.index(st), count=1)
+        mbarrier.arrive(empty.index(st), count=1)
     mbarrier.wait(fin.index(0), 0)
     m_i = stat_s.index(0).load(row_l)
     l_i = stat_s.index(1).load(row_l)
@@ -238,42 +202,13 @@ def _accumulator(q_smem, kv_smem, ready, empty, ready2, empty2, p_ready, fin, al
 
 
 @gluon.jit
-def _producer(kv_smem, ready, empty, ready2, empty2, kv_desc, BLOCK_TABLES, SEQ_LENS, chunk, max_splits, b, split,
-              blk_rows, stride_bt_b, NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
-              ALIGN: gl.constexpr, HALVES: gl.constexpr):
-    """1 warp: page ids from the block table, 9 bulk copies per page into the next free stage (HALVES: chunks
-    0..3 when warpgroup 0 has freed them, then 4..8 when warpgroup 1 has, each half on its own barrier)."""
-    seq_len, n_splits, start, end, n_pages = _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE, ALIGN)
-    bt_row = BLOCK_TABLES + b.to(gl.int64) * stride_bt_b + start // PAGE
-    for i in range(n_pages):
-        st = i % STAGES
-        ph = ((i // STAGES) & 1) ^ 1
-        row0 = gl.load(bt_row + i) * blk_rows
-        mbarrier.wait(empty.index(st), ph)
-        if HALVES:
-            mbarrier.expect(ready.index(st), 4 * kv_desc.block_type.nbytes)
-            for c in gl.static_range(4):
-                tma.async_copy_global_to_shared(kv_desc, [row0, c * 64], ready.index(st), kv_smem.index(st * NC + c))
-            mbarrier.wait(empty2.index(st), ph)
-            mbarrier.expect(ready2.index(st), (NC - 4) * kv_desc.block_type.nbytes)
-            for c in gl.static_range(4, NC):
-                tma.async_copy_global_to_shared(kv_desc, [row0, c * 64], ready2.index(st),
-                                                kv_smem.index(st * NC + c))
-        else:
-            mbarrier.expect(ready.index(st), NC * kv_desc.block_type.nbytes)
-            for c in gl.static_range(NC):
-                tma.async_copy_global_to_shared(kv_desc, [row0, c * 64], ready.index(st), kv_smem.index(st * NC + c))
-
-
-@gluon.jit
 def _mla_decode_scorer_kernel(
     Q_LAT, Q_PE, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
     sm_scale_log2, out_scale, chunk, max_splits, H, blk_rows,
     stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h, stride_bt_b,
     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
     L: gl.constexpr, R: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
-    ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr = 1, LAZY: gl.constexpr = 0,
-    HALVES: gl.constexpr = 0,
+    ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr = 1,
 ):
     pid_h = gl.program_id(0)
     b = gl.program_id(1)
@@ -285,8 +220,6 @@ def _mla_decode_scorer_kernel(
     kv_smem = gl.allocate_shared_memory(cdt, [STAGES * NC, PAGE, 64], smem_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ready2 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())   # HALVES: chunks 4..8
-    empty2 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     p_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     fin = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     stat_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
@@ -294,9 +227,7 @@ def _mla_decode_scorer_kernel(
     stat_s = gl.allocate_shared_memory(gl.float32, [2, 64], stat_layout)         # final row max, row sum
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1 if HALVES else 2)
-        mbarrier.init(ready2.index(s), count=1)
-        mbarrier.init(empty2.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)
         mbarrier.init(p_ready.index(s), count=1)
     mbarrier.init(fin.index(0), count=1)
 
@@ -304,14 +235,16 @@ def _mla_decode_scorer_kernel(
                 stride_qp_h, NC, NUM_Q)
 
     gl.warp_specialize([
-        (_scorer, (q_smem, kv_smem, ready, empty, ready2, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
+        (_scorer, (q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
                    sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
                    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
-                   NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, WIDE0, LAZY, HALVES)),
-        (_accumulator, (q_smem, kv_smem, ready, empty, ready2, empty2, p_ready, fin, alpha_s, stat_s, SEQ_LENS,
-                        OUT, LSE, sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+                   NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, WIDE0)),
+        (_accumulator, (q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
+                        sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
                         stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
-                        NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, LAZY, HALVES)),
-        (_producer, (kv_smem, ready, empty, ready2, empty2, kv_desc, BLOCK_TABLES, SEQ_LENS, chunk, max_splits, b,
-                     split, blk_rows, stride_bt_b, NC, PAGE, STAGES, ALIGN, HALVES)),
+                        NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
+        (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+                     sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
+                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                     NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

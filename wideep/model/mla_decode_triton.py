@@ -55,21 +55,18 @@ class DecodeConfig:
     halfpage: bool = False  # gluon only: the warpgroups score the two halves of each page (mla_decode_halfpage)
     e4m3: bool = False      # gluon,hp only: e4m3 cache, pages widened to bf16 in shared memory (mla_decode_e4m3)
     scorer: bool = False    # gluon only: warpgroup 0 scores each page, both accumulate values (mla_decode_scorer)
-    lazy: bool = False      # sc only: rescale the accumulators only when a row's max grew by > 2^8 (LAZY)
-    halves: bool = False    # sc only: each page's chunks 0..3 and 4..8 on their own ready/free barriers (HALVES)
 
     def __str__(self) -> str:
         return (f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}" + (",sv" if self.split_v else "")
                 + (",f16" if self.f16 else "") + (",tma" if self.tma else "") + (",gluon" if self.gluon else "")
-                + (",hp" if self.halfpage else "") + (",e4m3" if self.e4m3 else "") + (",sc" if self.scorer else "")
-                + (",lz" if self.lazy else "") + (",hr" if self.halves else ""))
+                + (",hp" if self.halfpage else "") + (",e4m3" if self.e4m3 else "") + (",sc" if self.scorer else ""))
 
     @classmethod
     def parse(cls, text: str) -> "DecodeConfig":
         parts = [x.strip() for x in text.split(",")]
         flags = set(parts[4:])
         try:
-            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "hp", "e4m3", "sc", "lz", "hr"}:
+            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "hp", "e4m3", "sc"}:
                 raise ValueError(text)
             bh, bn, w, st = (int(x) for x in parts[:4])
         except ValueError as exc:
@@ -88,11 +85,8 @@ class DecodeConfig:
             raise ValueError(f"{CONFIG_ENV}: the e4m3-cache Gluon kernel is '64,64,4,2,gluon,hp,e4m3', got {text!r}")
         if "sc" in flags and ("gluon" not in flags or st != 2 or "hp" in flags):
             raise ValueError(f"{CONFIG_ENV}: the one-scorer kernel is '64,64,4,2,gluon,sc', got {text!r}")
-        if flags & {"lz", "hr"} and "sc" not in flags:
-            raise ValueError(f"{CONFIG_ENV}: lz and hr are options of the one-scorer kernel "
-                             f"('64,64,4,2,gluon,sc[,lz][,hr]'), got {text!r}")
         return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags, "gluon" in flags, "hp" in flags,
-                   "e4m3" in flags, "sc" in flags, "lz" in flags, "hr" in flags)
+                   "e4m3" in flags, "sc" in flags)
 
 
 # Candidates in order of preference; a config that fails to compile (e.g. out of shared memory) is
@@ -615,12 +609,10 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
               else mla_decode_scorer._mla_decode_scorer_kernel if cfg.scorer
               else mla_decode_gluon._mla_decode_gluon_kernel)
 
-    options = dict(LAZY=int(cfg.lazy), HALVES=int(cfg.halves)) if cfg.scorer else {}
-
     def run(o, lse, split):
         mla_decode_gluon.launch(kernel, q_lat, q_pe, kv_cache, block_tables, seq_lens, o, lse,
                                 _out_strides(o, lse, split), sm, out_scale, chunk, MAX_SPLITS, grid, split,
-                                cfg.num_stages, SPLIT_ALIGN, **options)
+                                cfg.num_stages, SPLIT_ALIGN)
     _split_and_merge(run, combine_kernel, out.view(b, nq * h, lat), seq_lens, grid[2], chunk)
 
 
