@@ -24,11 +24,11 @@ Split schedule, masking (scores past seq_len are -inf; each warpgroup zeroes the
 value chunks before its products), merge kernel and output contract are mla_decode_gluon's, so batch
 invariance and CUDA-graph safety carry over. bf16 caches only.
 
-WIDE0 (benchmark-only, default 0 = the kernel the config runs; `benchmarks/mla_decode.py --ablate`): warpgroup
-0's products as one m64n256 per k-step too (A from registers: fewer instructions, no shared-memory saving).
-Measured on an H200 (docs/perf.md, issue 15 fifth pass): 0.145 ms per layer at B=128 ctx 2048 against 0.169
-for the half-page kernel, 11-16% less time at every measured shape; the bf16 default on Hopper. WIDE0=1
-measured 0.140 (oracle-checked, not yet through the suite's invariance and graph checks).
+WIDE0 (default 1; 0 only from `benchmarks/mla_decode.py --ablate`): warpgroup 0's value products as one
+m64n256 per k-step too, as warpgroup 1's (A from registers: fewer instructions, no shared-memory saving).
+Measured on an H200 (docs/perf.md): 0.141 ms per layer at B=128 ctx 2048 with WIDE0 (0.145 without, 0.172 for
+the half-page kernel), 0.273 at B=256; the bf16 default on Hopper, through the suite's checks (oracle, alone vs
+a batch of 37, graph vs eager, tiny model).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
