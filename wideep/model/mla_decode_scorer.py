@@ -30,7 +30,7 @@ Measured on an H200 (docs/perf.md): 0.141 ms per layer at B=128 ctx 2048 with WI
 the half-page kernel), 0.273 at B=256; the bf16 default on Hopper, through the suite's checks (oracle, alone vs
 a batch of 37, graph vs eager, tiny model).
 Tried on top and removed (sixth pass): a lazy rescale (skip the accumulator multiplies while no row's max grew by
-> 2^8: the warpgroup-wide vote costs more than the multiplies, which already hide behind the exponentials) 5-6%
+> 2^8: the warpgroup-wide vote costs more than the multiplies, which already hide behind the exponentials) 6%
 slower; per-half ready/free barriers per stage (score chunks 0..3 while 4..8 land) no change beyond the run's
 spread: the consumers rarely wait for pages.
 """
