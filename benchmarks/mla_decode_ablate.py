@@ -10,6 +10,7 @@ Times (CUDA graph, rotating cache sets, as the suite does) at H=128, ctx 2048, B
   constexprs (`sc:WIDE0=1`; `--ablate-target smoke:sc:WIDE0=1;...` checks them first);
 - the split count: 1024 and 512 tokens per split (2 and 4 splits, plus the merge kernel), and the merge
   kernel alone on 2 splits.
+`--ablate-only-extra` times the `--ablate-extra` entries alone (with `--ablate-quick`: B=128/256).
 `--ablate-target CFG` instead runs one config a few times eagerly (the target of an `ncu` profile).
 """
 import math
@@ -45,20 +46,23 @@ def run_ablate(args):
 
         def direct(kernel, **constexprs):   # one split per sequence (ctx 2048), straight into `out`
             def fn(i):
-                mg.launch(kernel, qs[i][0][:, None], qs[i][1][:, None], cache, tables[i], seq_lens, out, out,
-                          (out.stride(0), out.stride(1), 0, 0, 0), sm, 1.0, 2048, MAX_SPLITS, (2, b, 1), False, 2,
+                mg.launch(kernel, qs[i][0][:, None], qs[i][1][:, None], cache, tables[i], seq_lens, out, out, out,
+                          mdt._out_strides(out, out, out, False), sm, 1.0, 2048, MAX_SPLITS, (2, b, 1), False, 2,
                           SPLIT_ALIGN, **constexprs)
             return fn
 
         variants = [(c, lambda i, c=c: mdt.mla_decode(qs[i][0], qs[i][1], cache, tables[i], seq_lens, SCALE,
                                                       config=mdt.DecodeConfig.parse(c)))
-                    for c in CONFIGS + tuple(configs)]
-        variants += [(f"{HP} ABLATE={m}", direct(mh._mla_decode_halfpage_kernel, ABLATE=m)) for m in (1, 2, 3, 4, 5)]
+                    for c in (() if args.ablate_only_extra else CONFIGS) + tuple(configs)]
+        if not args.ablate_only_extra:
+            variants += [(f"{HP} ABLATE={m}", direct(mh._mla_decode_halfpage_kernel, ABLATE=m))
+                         for m in (1, 2, 3, 4, 5)]
         if variant_texts:
             from wideep.model import mla_decode_scorer as ms
             variants += [(f"64,64,4,2,gluon,{t}", direct(ms._mla_decode_scorer_kernel, **parse_variant(t)))
                          for t in variant_texts]
-        variants += [] if args.ablate_quick else [(f"{c} chunk{ch}", lambda i, c=c, ch=ch: mdt.mla_decode(
+        short = args.ablate_quick or args.ablate_only_extra
+        variants += [] if short else [(f"{c} chunk{ch}", lambda i, c=c, ch=ch: mdt.mla_decode(
             qs[i][0], qs[i][1], cache, tables[i], seq_lens, SCALE, config=mdt.DecodeConfig.parse(c), chunk=ch))
             for c in [HP] + configs for ch in (1024, 512)]
         # the merge kernel alone, 2 splits per sequence (what chunk 1024 adds at ctx 2048)
@@ -70,7 +74,7 @@ def run_ablate(args):
             combine[(heads, b)](part, lse, seq_lens, out, 1024, MAX_SPLITS, heads, L, part.stride(0), part.stride(1),
                                 part.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
                                 BLOCK_L=L, num_warps=4)
-        if not args.ablate_quick:
+        if not short:
             variants.append(("merge kernel alone (2 splits)", merge))
         for name, fn in variants:
             try:
@@ -114,9 +118,9 @@ def smoke_variants(texts):
             out = torch.full((b, rows, L), float("nan"), dtype=torch.bfloat16, device="cuda")
             grid = (-(-rows // 64), b, mdt.grid_splits(width * 64, chunk))
 
-            def run(o, lse, split):
-                mg.launch(ms._mla_decode_scorer_kernel, q_lat, q_pe, case[2], case[3], case[4], o, lse,
-                          mdt._out_strides(o, lse, split), SCALE * 1.4426950408889634, 1.0, chunk, MAX_SPLITS, grid,
+            def run(o, lse, fin, split):
+                mg.launch(ms._mla_decode_scorer_kernel, q_lat, q_pe, case[2], case[3], case[4], o, lse, fin,
+                          mdt._out_strides(o, lse, fin, split), SCALE * 1.4426950408889634, 1.0, chunk, MAX_SPLITS, grid,
                           split, 2, SPLIT_ALIGN, **cx)
             try:
                 mdt._split_and_merge(run, combine, out, case[4], grid[2], chunk)

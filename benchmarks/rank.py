@@ -1127,10 +1127,13 @@ class PhaseRanges:
             del self.sampler.sample   # back to the class's method
 
 
-def profile_phases(run: RankRun, out: SchedulerOutput, device, trace_dir: str | None = None) -> dict:
-    """Device time per phase of one eager step (ms): every kernel attributed once (attribute_trace)."""
+def _step_events(run: RankRun, out: SchedulerOutput, device, extra_marks: tuple = (),
+                 trace_dir: str | None = None) -> list[dict]:
+    """The trace events of one eager step (after one warm-up step) under the profiler, with PhaseRanges and then
+    each of `extra_marks` (classes taking the run, with remove()) installed for its duration."""
     runner = run.core.runner
-    ranges = PhaseRanges(run.core.model, runner.sampler)
+    hooks = [PhaseRanges(run.core.model, runner.sampler)]
+    hooks += [m(run) for m in extra_marks]
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -1142,14 +1145,19 @@ def profile_phases(run: RankRun, out: SchedulerOutput, device, trace_dir: str | 
                 runner.execute(out, use_graphs=False)
             _sync(device)
     finally:
-        ranges.remove()
+        for h in reversed(hooks):
+            h.remove()
     path = Path(tempfile.mkstemp(suffix=".json", dir=trace_dir)[1])
     try:
         prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text()).get("traceEvents", [])
+        return json.loads(path.read_text()).get("traceEvents", [])
     finally:
         path.unlink(missing_ok=True)
-    res = attribute_trace(events)
+
+
+def profile_phases(run: RankRun, out: SchedulerOutput, device, trace_dir: str | None = None) -> dict:
+    """Device time per phase of one eager step (ms): every kernel attributed once (attribute_trace)."""
+    res = attribute_trace(_step_events(run, out, device, trace_dir=trace_dir))
     return {"phases_ms": res["phases_ms"], "launches": res["launches"], "step_gpu_ms": res["total_ms"],
             "top_kernels_by_phase": res["top_kernels_by_phase"]}
 
@@ -1335,9 +1343,9 @@ class DBOStageMarks:
     dispatcher's set_ubatch before every stage, and once with defaults after the last) and one right after each
     dispatch / combine is issued. Each MoE layer's stages run in a `moe` phase range, as its forward does in an
     unsplit step (there the module's hooks open it), and each layer's in a `layer` range (the fused add + norms),
-so the per-phase tables of both steps place the same
-    kernels alike. Installed on the instances for one profiled step, then removed. The emulated dispatcher's
-    four async methods do not call one another, so each issue is marked once."""
+    so the per-phase tables of both steps place the same kernels alike. Installed on the instances for one
+    profiled step, then removed. The emulated dispatcher's four async methods do not call one another, so each
+    issue is marked once."""
 
     ISSUES = {"dispatch_async": "dispatch", "dispatch_with_own_async": "dispatch",
               "combine_async": "combine", "combine_weighted_async": "combine"}
@@ -1397,28 +1405,7 @@ def _in_range(phase: str, fn, *args):
 def profile_dbo_step(run: RankRun, out: SchedulerOutput, device) -> dict:
     """One eager split step under the profiler: device ms per phase (attribute_trace) and per stage
     (dbo_stage_times)."""
-    runner = run.core.runner
-    ranges = PhaseRanges(run.core.model, runner.sampler)
-    marks = DBOStageMarks(run)
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    try:
-        runner.execute(out, use_graphs=False)
-        _sync(device)
-        with torch.profiler.profile(activities=acts) as prof:
-            with torch.profiler.record_function("phase::step"):
-                runner.execute(out, use_graphs=False)
-            _sync(device)
-    finally:
-        marks.remove()
-        ranges.remove()
-    path = Path(tempfile.mkstemp(suffix=".json")[1])
-    try:
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text()).get("traceEvents", [])
-    finally:
-        path.unlink(missing_ok=True)
+    events = _step_events(run, out, device, (DBOStageMarks,))
     res = attribute_trace(events)
     return {"phases_ms": res["phases_ms"], "launches": res["launches"], "step_gpu_ms": res["total_ms"],
             **dbo_stage_times(events)}

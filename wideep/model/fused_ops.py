@@ -58,6 +58,12 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + offs, (n * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _residual_rows(residual: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual as rows with unit channel stride, and the buffer the kernels write x + residual into."""
+    r2 = residual.reshape(-1, x2.shape[1])
+    return (r2 if r2.stride(-1) == 1 else r2.contiguous()), torch.empty_like(x2, memory_format=torch.contiguous_format)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              impl: str = "auto"):
     """RMSNorm over the last dim. With residual: s = x + residual (rounded to x's dtype) is normalized and
@@ -74,13 +80,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         x2 = x2.contiguous()
     m = x2.shape[0]
     out = torch.empty((m, d), dtype=x.dtype, device=x.device)
-    if residual is not None:
-        r2 = residual.reshape(-1, d)
-        if r2.stride(-1) != 1:
-            r2 = r2.contiguous()
-        res_out = torch.empty((m, d), dtype=x.dtype, device=x.device)
-    else:
-        r2, res_out = x2, out
+    r2, res_out = _residual_rows(residual, x2) if residual is not None else (x2, out)
     if m:
         _rms_norm_kernel[(m,)](x2, r2, weight, out, res_out, d, x2.stride(0), r2.stride(0), out.stride(0),
                                res_out.stride(0), eps, HAS_RES=residual is not None,
@@ -147,13 +147,7 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
     mp = -(-m // pad_rows) * pad_rows
     q = torch.empty((mp, d), dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty((ng, mp), dtype=torch.float32, device=x.device)
-    if residual is not None:
-        r2 = residual.reshape(-1, d)
-        if r2.stride(-1) != 1:
-            r2 = r2.contiguous()
-        res_out = torch.empty((m, d), dtype=x.dtype, device=x.device)
-    else:
-        r2, res_out = x2, x2
+    r2, res_out = _residual_rows(residual, x2) if residual is not None else (x2, x2)
     if m:
         block = triton.next_power_of_2(d)
         _rms_norm_quant_kernel[(m,)](x2, r2, weight, q, s, res_out, d, mp, x2.stride(0), r2.stride(0),
