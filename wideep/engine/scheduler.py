@@ -152,8 +152,9 @@ class Scheduler:
         while idx < len(self.running) and budget > 0:
             req = self.running[idx]
             start = req.num_computed_tokens + req.num_inflight_tokens
-            total = req.num_scheduled_tokens
-            if start >= total or (req.num_pending_samples and (self._reaches_limit(req) or req.needs_sampled_tokens)):
+            pending = req.num_pending_samples
+            total = len(req.all_token_ids) + pending     # req.num_scheduled_tokens
+            if start >= total or (pending and (self._reaches_limit(req, total) or req.needs_sampled_tokens)):
                 idx += 1    # async: its in-flight step ends it (length), has not produced its token yet,
                 continue    # or its next sampling needs that token on the host (grammar, penalties)
             n = min(total - start, budget)
@@ -216,10 +217,11 @@ class Scheduler:
         req.num_pending_samples += int(samples)
         return ScheduledSeq(req, start, n, samples, req.num_preemptions)
 
-    def _reaches_limit(self, req: Request) -> bool:
-        """With its in-flight samples the request has max_tokens (or max_model_len) tokens: it ends there."""
-        return (req.num_output_tokens + req.num_pending_samples >= req.max_tokens
-                or req.num_scheduled_tokens >= self.max_model_len)
+    def _reaches_limit(self, req: Request, scheduled_tokens: int) -> bool:
+        """With its in-flight samples the request has max_tokens (or max_model_len) tokens: it ends there.
+        scheduled_tokens: req.num_scheduled_tokens (the caller has it)."""
+        return (scheduled_tokens - len(req.prompt_token_ids) >= req.max_tokens
+                or scheduled_tokens >= self.max_model_len)
 
     def update(self, out: SchedulerOutput, sampled: list[int]) -> list[RequestOutput]:
         """Applies a step's result (steps in the order they were scheduled); `sampled` has one token
