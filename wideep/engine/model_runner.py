@@ -140,10 +140,13 @@ class ModelRunner:
 
     def _fill_pending_inputs(self, ids: torch.Tensor, out: SchedulerOutput, qsl: list[int]) -> None:
         """Rows whose token is still on the device (the last step's sample) take it from there."""
-        rows = [qsl[i] for i, s in enumerate(out.seqs) if s.start >= s.request.num_tokens]
+        rows, reqs = [], []
+        for i, s in enumerate(out.seqs):
+            if s.start >= s.request.num_tokens:
+                rows.append(qsl[i])
+                reqs.append(s.request)
         if rows:
-            pending = [s for s in out.seqs if s.start >= s.request.num_tokens]
-            self._copy_last_tokens(ids, rows, [s.request for s in pending])
+            self._copy_last_tokens(ids, rows, reqs)
 
     def _copy_last_tokens(self, ids: torch.Tensor, rows: list[int], reqs: list, staging: "_Staging | None" = None) -> None:
         """ids[rows[j]] = the last step's sample of reqs[j], on the device. When row j takes the last
@@ -355,8 +358,8 @@ class ModelRunner:
         ids, pos, slots, lens, table = st.arrays[:5]
         p = np.array(starts, dtype=np.int64)
         blk = p // bs
-        if b and (blk >= ht.lens[:b]).any():
-            i = int(np.argmax(blk >= ht.lens[:b]))
+        if b and (blk >= ht.num_blocks[:b]).any():
+            i = int(np.argmax(blk >= ht.num_blocks[:b]))
             raise RuntimeError(f"request {out.seqs[i].request.request_id!r}: position {starts[i]} has no KV block")
         ids[:b] = tokens
         ids[b:] = 0
@@ -464,10 +467,10 @@ class _HostBlockTable:
 
     def __init__(self, rows: int, width: int):
         self.table = np.zeros((rows, width), dtype=np.int32)
-        self.lens = np.zeros(rows, dtype=np.int64)      # blocks written per row
-        self.src: list = [None] * rows                  # the block list each row was written from
-        self.written: list[int] = [0] * rows                  # len(self.src[i]) when written
-        self._rows = 0                                   # rows in use at the last step
+        self.num_blocks = np.zeros(rows, dtype=np.int64)   # blocks in each row (= written, as an array)
+        self.src: list = [None] * rows      # the block list each row was written from
+        self.written: list[int] = [0] * rows   # len(self.src[i]) when written
+        self._rows = 0                      # rows in use at the last step
 
     def set_row(self, i: int, blocks: list[int]) -> None:
         n = len(blocks)
@@ -478,7 +481,7 @@ class _HostBlockTable:
             if n > k:
                 self.table[i, k:n] = blocks[k:]
                 self.written[i] = n
-                self.lens[i] = n
+                self.num_blocks[i] = n
                 return
         old = self.written[i]
         self.table[i, :n] = blocks
@@ -486,7 +489,7 @@ class _HostBlockTable:
             self.table[i, n:old] = 0
         self.src[i] = blocks
         self.written[i] = n
-        self.lens[i] = n
+        self.num_blocks[i] = n
 
     def clear_from(self, b: int) -> None:
         """Rows b.. are padding this step: all zeros."""
@@ -495,7 +498,7 @@ class _HostBlockTable:
                 self.table[i, :self.written[i]] = 0
             self.src[i] = None
             self.written[i] = 0
-            self.lens[i] = 0
+            self.num_blocks[i] = 0
         self._rows = b
 
 
