@@ -92,10 +92,7 @@ class Sampler:
         raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
         # Rows whose bans could leave nothing (min_tokens vs. a grammar that must end, allowed ids vs.
         # bad words): keep their masked logits to fall back on.
-        risky = [i for i in b.maybe_risky if reqs[i].sampling_params.allowed_token_ids or
-                 reqs[i].sampling_params.bad_words_token_ids or
-                 (reqs[i].grammar is not None and reqs[i].num_output_tokens + max(reqs[i].num_pending_samples - 1, 0)
-                  < reqs[i].sampling_params.min_tokens)]
+        risky = [i for i in b.maybe_risky if _bans_may_leave_nothing(reqs[i])]
         fallback = logits[risky].clone() if risky else None
         if b.processor_rows:
             self._apply_processors(logits, reqs, b.processor_rows)
@@ -224,6 +221,12 @@ class Sampler:
             r.pending_logprobs.append(entry)
 
 
+def _bans_may_leave_nothing(r: Request) -> bool:
+    sp = r.sampling_params
+    return bool(sp.allowed_token_ids or sp.bad_words_token_ids or
+                (r.grammar is not None and r.num_output_tokens + max(r.num_pending_samples - 1, 0) < sp.min_tokens))
+
+
 def logprob_entries(logprobs: torch.Tensor, tokens: list[int], ks: list[int]) -> list[list]:
     """Per row: [logprob of tokens[i], its rank (1 = most likely), top-k ids, top-k logprobs]."""
     vocab = logprobs.shape[1]
@@ -269,7 +272,7 @@ class _Batch:
         self.any_greedy = any(greedy)
         self.want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
         self.grammar_rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
-        # rows that can be "risky" (see Sampler._process); which of them are is decided per step
+        # rows whose bans may leave nothing (Sampler._process); which of them do is decided per step
         self.maybe_risky = [i for i, r in enumerate(reqs) if r.sampling_params.allowed_token_ids
                             or r.sampling_params.bad_words_token_ids or r.grammar is not None]
         self.processor_rows = [i for i, p in enumerate(params) if p.allowed_token_ids or p.bad_words_token_ids
