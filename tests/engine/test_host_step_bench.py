@@ -1,0 +1,30 @@
+"""benchmarks/host_step.py at a small size on the CPU: the engine loop's host pieces are timed and reported,
+synchronous and with async scheduling, and every request's blocks come back (no timing asserted)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def host_step():
+    spec = importlib.util.spec_from_file_location("host_step_bench", ROOT / "benchmarks" / "host_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["host_step_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("extra", [[], ["--async-scheduling"], ["--forward"]])
+def test_host_step_smoke(host_step, tmp_path, extra):
+    out = tmp_path / "h.json"
+    res = host_step.main(["--batch", "5", "--ctx", "40", "--block-size", "16", "--steps", "4", "--warmup", "2",
+                          "--json", str(out)] + extra)
+    assert set(host_step.PIECES) <= set(res) and res["host_total"] > 0
+    assert json.loads(out.read_text())["argv"][-1] == (extra[-1] if extra else str(out))
