@@ -65,3 +65,64 @@ def test_staged_decode_inputs_equal_fresh_ones(make_core, async_scheduling):
         core.step()
     assert core.stats().num_preemptions > 0
     assert len(set(checked)) > 1 and len(checked) > 10
+
+
+def _fresh_eager(out, bs: int) -> dict:
+    """The eager path's inputs of `out`, sequence by sequence (the reference)."""
+    ids, pos, slots, qsl, lens, tables = [], [], [], [0], [], []
+    for s in out.seqs:
+        req, end = s.request, s.start + s.num_new_tokens
+        ids.extend([-1] if end > req.num_tokens else req.all_token_ids[s.start:end])
+        for p in range(s.start, end):
+            pos.append(p)
+            slots.append(req.block_ids[p // bs] * bs + p % bs)
+        qsl.append(qsl[-1] + s.num_new_tokens)
+        lens.append(end)
+        tables.append(req.block_ids)
+    width = max(len(t) for t in tables)
+    return dict(pos=pos, slots=slots, qsl=qsl, lens=lens, table=[t + [0] * (width - len(t)) for t in tables],
+                ids=ids)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_eager_inputs_equal_fresh_ones(make_core, async_scheduling):
+    """Prefill chunks, mixed batches and eager decodes (no static path): the vectorized inputs equal
+    sequence-by-sequence ones."""
+    bs = 4
+    per_block = 4 * bs * make_core().model.kv_cache_dim * 4
+    core = make_core(block_size=bs, kv_cache_memory_bytes=16 * per_block, async_scheduling=async_scheduling,
+                     max_model_len=128, max_num_batched_tokens=12)
+    runner = core.runner
+    prepare = runner._prepare
+    checked = []
+
+    def checking_prepare(out, *args):
+        want = _fresh_eager(out, bs)
+        ids, pos, attn, qsl = prepare(out, *args)
+        assert pos.tolist() == want["pos"] and attn.slot_mapping.tolist() == want["slots"]
+        assert qsl == want["qsl"] and attn.query_start_loc.tolist() == want["qsl"]
+        assert attn.seq_lens.tolist() == want["lens"] == attn.seq_lens_cpu
+        assert attn.query_lens == [s.num_new_tokens for s in out.seqs]
+        assert attn.block_tables.tolist() == want["table"]
+        known = [i for i, t in enumerate(want["ids"]) if t != -1]
+        assert [ids.tolist()[i] for i in known] == [want["ids"][i] for i in known]
+        checked.append(out.num_decodes < len(out.seqs))
+        return ids, pos, attn, qsl
+    runner._prepare = checking_prepare
+
+    prompts = random_prompts(6, [9, 3, 14, 6, 11], seed=7)
+    params = [SamplingParams(max_tokens=8 + 5 * (i % 3), temperature=0, ignore_eos=True) for i in range(6)]
+    for i in range(4):
+        core.add_request(EngineRequest(f"r{i}", prompts[i], params[i]))
+    steps = 0
+    while core.has_unfinished():
+        steps += 1
+        assert steps < 500
+        if steps == 5:
+            assert core.abort_request("r1")
+        if steps == 7:
+            core.add_request(EngineRequest("r4", prompts[4], params[4]))
+            core.add_request(EngineRequest("r5", prompts[5], params[5]))
+        core.step()
+    assert core.stats().num_preemptions > 0
+    assert any(checked) and not all(checked)    # mixed / prefill steps and pure decode steps

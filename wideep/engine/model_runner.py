@@ -10,6 +10,7 @@ it from that step's output tensor, so the host never waits for it before prepari
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -97,45 +98,54 @@ class ModelRunner:
 
     # ---- inputs -------------------------------------------------------------------------------
     def _prepare(self, out: SchedulerOutput, block_table_width: int | None = None):
+        """The eager forward's inputs (prefill, mixed and eager decode batches): one Python pass over the
+        sequences for what only the requests know (their new tokens, start, block list); positions,
+        slots, lengths and the padded block table are numpy operations over all rows at once."""
+        n = len(out.seqs)
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
-        tables: list[list[int]] = []
-        bs = self.block_size
-        for s in out.seqs:
+        starts = [0] * n
+        qlens = [0] * n
+        tables: list[list[int]] = [None] * n   # type: ignore[list-item]
+        for i, s in enumerate(out.seqs):
             req = s.request
             end = s.start + s.num_new_tokens
             if end > req.num_tokens:    # a decode of the previous step's sample (async scheduling)
                 input_ids.append(-1)
             else:
                 input_ids.extend(req.all_token_ids[s.start:end])
-            blocks = req.block_ids
-            if s.num_new_tokens == 1:
-                positions.append(s.start)
-                slots.append(blocks[s.start // bs] * bs + s.start % bs)
-            else:
-                p = np.arange(s.start, end)
-                positions.extend(p.tolist())
-                slots.extend((np.asarray(blocks, dtype=np.int64)[p // bs] * bs + p % bs).tolist())
-            qsl.append(qsl[-1] + s.num_new_tokens)
-            seq_lens.append(end)
-            query_lens.append(s.num_new_tokens)
-            tables.append(blocks)
-        width = block_table_width or max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+            starts[i] = s.start
+            qlens[i] = s.num_new_tokens
+            tables[i] = req.block_ids
+        bs = self.block_size
+        start = np.array(starts, dtype=np.int64)
+        q = np.array(qlens, dtype=np.int64)
+        qsl_np = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(q, out=qsl_np[1:])
+        seq_lens_np = start + q
+        row = np.repeat(np.arange(n), q)                          # each token's sequence
+        positions = np.arange(int(qsl_np[-1]), dtype=np.int64) - qsl_np[:-1][row] + start[row]
+        num_blocks = np.fromiter(map(len, tables), dtype=np.int64, count=n)
+        width = block_table_width or int(num_blocks.max())
+        table = np.zeros((n, width), dtype=np.int32)
+        table[np.arange(width) < num_blocks[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(tables), dtype=np.int32, count=int(num_blocks.sum()))
+        blk = positions // bs
+        if (blk >= num_blocks[row]).any():
+            i = int(row[np.argmax(blk >= num_blocks[row])])
+            raise RuntimeError(f"request {out.seqs[i].request.request_id!r}: a position past its KV blocks")
+        slots = table[row, blk].astype(np.int64) * bs + positions % bs
+        qsl = qsl_np.tolist()
+        seq_lens = seq_lens_np.tolist()
         dev = self.device
         attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=torch.tensor(padded, dtype=torch.int32).to(dev, non_blocking=True),
-            num_decodes=out.num_decodes, query_lens=query_lens, seq_lens_cpu=seq_lens)
+            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(qsl_np.astype(np.int32)).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(seq_lens_np.astype(np.int32)).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(table).to(dev, non_blocking=True),
+            num_decodes=out.num_decodes, query_lens=qlens, seq_lens_cpu=seq_lens)
         ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
         self._fill_pending_inputs(ids, out, qsl)
-        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.from_numpy(positions).to(dev, non_blocking=True)
         return ids, pos, attn, qsl
 
     def _fill_pending_inputs(self, ids: torch.Tensor, out: SchedulerOutput, qsl: list[int]) -> None:
