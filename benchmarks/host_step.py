@@ -9,6 +9,7 @@ eagerly), and times each host piece apart from the model's forward and the sampl
 
   schedule      Scheduler.schedule
   stage_inputs  ModelRunner._replay minus the forward: ids, positions, slots, seq lens, block tables
+                (--eager: ModelRunner._prepare, the eager path's inputs)
   forward       the static decode forward (the graph replay on a GPU; CPU compute here, not host work;
                 skipped unless --forward: the CPU forward only evicts the host's caches between pieces)
   logits        lm_head (device work on a GPU)
@@ -58,7 +59,7 @@ class Timers:
     """Accumulates perf_counter time per piece by wrapping methods of the engine's objects."""
 
     def __init__(self):
-        self.t = {k: 0.0 for k in PIECES + ("replay", "launch", "step")}
+        self.t = {k: 0.0 for k in PIECES + ("replay", "launch", "step", "prepare", "eager_forward")}
 
     def wrap(self, obj, name: str, key: str):
         fn = getattr(obj, name)
@@ -96,7 +97,8 @@ def build_core(a) -> EngineCore:
                       kv_cache_memory_bytes=blocks * per_block, enable_prefix_caching=False,
                       async_scheduling=a.async_scheduling, seed=0)
     core = EngineCore(args, model=model)
-    core.runner.use_static_decode([a.batch])   # the CUDA-graph input path (static buffers, staging), eager
+    if not a.eager:
+        core.runner.use_static_decode([a.batch])   # the CUDA-graph input path (static buffers, staging), eager
     return core
 
 
@@ -123,7 +125,11 @@ def run(a) -> dict:
     runner = core.runner
     if not a.forward:   # the GPU runs it; on the CPU it would only evict the host's caches between pieces
         runner._replay_graph = lambda g, num_real: None
+        hidden = torch.zeros(a.batch, runner.model.config.hidden_size)
+        runner._forward = lambda ids, pos, attn, decode_only, dbo_group=None: hidden[:ids.shape[0]]
     tm = Timers()
+    tm.wrap(runner, "_prepare", "prepare")
+    tm.wrap(runner, "_forward", "eager_forward")
     tm.wrap(core.scheduler, "schedule", "schedule")
     tm.wrap(core.scheduler, "update", "update")
     tm.wrap(runner, "_replay", "replay")
@@ -155,8 +161,13 @@ def run(a) -> dict:
             if i < a.warmup:
                 continue
             t = dict(tm.t)
-            t["stage_inputs"] = t["replay"] - t["forward"]
-            t["launch_other"] = t["launch"] - t["replay"] - t["logits"] - t["sample"]
+            if a.eager:     # the eager path: _prepare builds the inputs, _forward runs the model
+                t["stage_inputs"] = t["prepare"]
+                t["forward"] = t["eager_forward"]
+                t["launch_other"] = t["launch"] - t["prepare"] - t["eager_forward"] - t["logits"] - t["sample"]
+            else:
+                t["stage_inputs"] = t["replay"] - t["forward"]
+                t["launch_other"] = t["launch"] - t["replay"] - t["logits"] - t["sample"]
             for k in per_step:
                 per_step[k].append(t[k])
         for r in reqs:
@@ -192,12 +203,15 @@ def main(argv=None) -> dict:
                    "hidden states are the last ones; the host pieces do not depend on their values)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--async-scheduling", action="store_true")
+    p.add_argument("--eager", action="store_true", help="the eager input path (ModelRunner._prepare: prefill, mixed "
+                   "and eager decode batches) instead of the CUDA-graph one")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     res = run(a)
     res["argv"] = sys.argv[1:] if argv is None else argv
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"# B={a.batch} ctx={a.ctx} block={a.block_size} async={a.async_scheduling} forward={a.forward}  "
+    print(f"# B={a.batch} ctx={a.ctx} block={a.block_size} async={a.async_scheduling} forward={a.forward} "
+          f"eager={a.eager}  "
           f"median us per step over {a.steps} steps, {res['date']}")
     for k in PIECES + ("host_total", "step"):
         print(f"{k:14s} {res[k]:10.1f}{'' if k in HOST or k in ('host_total', 'step') else '   (not host work on a GPU)'}")

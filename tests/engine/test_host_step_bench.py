@@ -21,7 +21,7 @@ def host_step():
     return mod
 
 
-@pytest.mark.parametrize("extra", [[], ["--async-scheduling"], ["--forward"]])
+@pytest.mark.parametrize("extra", [[], ["--async-scheduling"], ["--forward"], ["--eager"], ["--eager", "--forward"]])
 def test_host_step_smoke(host_step, tmp_path, extra):
     out = tmp_path / "h.json"
     res = host_step.main(["--batch", "5", "--ctx", "40", "--block-size", "16", "--steps", "4", "--warmup", "2",
