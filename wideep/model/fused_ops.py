@@ -41,11 +41,10 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, D, stride_x, stride_r, stride_o, stride_ro, eps,
-                         HAS_RES: constexpr, BLOCK: constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK)
-        mask = offs < D
+    def _normed_row(x_ptr, r_ptr, w_ptr, res_out_ptr, row, offs, mask, D, stride_x, stride_r, stride_ro, eps,
+                    HAS_RES: constexpr):
+        """Row `row` of x (+ r, stored to res_out), RMS-normalized and scaled by w, rounded to x's dtype."""
+        ty = x_ptr.dtype.element_ty
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
         if HAS_RES:
             x = (x.to(tl.float32) + tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
@@ -53,9 +52,19 @@ if triton is not None:
             tl.store(res_out_ptr + row * stride_ro + offs, x, mask=mask)
         xf = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
-        n = (xf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+        n = (xf * rstd).to(ty).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_o + offs, (n * w).to(out_ptr.dtype.element_ty), mask=mask)
+        return (n * w).to(ty)
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, D, stride_x, stride_r, stride_o, stride_ro, eps,
+                         HAS_RES: constexpr, BLOCK: constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < D
+        y = _normed_row(x_ptr, r_ptr, w_ptr, res_out_ptr, row, offs, mask, D, stride_x, stride_r, stride_ro, eps,
+                        HAS_RES)
+        tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _residual_rows(residual: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,17 +116,9 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < D
-        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-        if HAS_RES:
-            x = (x.to(tl.float32) + tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
-            x = x.to(res_out_ptr.dtype.element_ty)
-            tl.store(res_out_ptr + row * stride_ro + offs, x, mask=mask)
-        ty = x_ptr.dtype.element_ty
-        xf = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
-        n = (xf * rstd).to(ty).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.reshape((n * w).to(ty).to(tl.float32), (GROUPS, GROUP_K))     # the bf16 normed row, by group
+        y = _normed_row(x_ptr, r_ptr, w_ptr, res_out_ptr, row, offs, mask, D, stride_x, stride_r, stride_ro, eps,
+                        HAS_RES)
+        y = tl.reshape(y.to(tl.float32), (GROUPS, GROUP_K))     # the bf16 normed row, by group
         amax = tl.max(tl.abs(y), axis=1)
         scale = tl.maximum(amax, 1e-10) / 448.0
         q = tl.clamp(y / scale[:, None], -448.0, 448.0)
