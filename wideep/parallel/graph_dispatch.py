@@ -102,27 +102,19 @@ class GraphModeDispatcher(MoEDispatcher):
             self.graph.set_ubatch(row_offset, max_tokens, index)
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
-        if self.graph_size is not None:
-            topk_ids = self._drop_padding_rows(topk_ids)
-        return self.active.dispatch(x, topk_ids, topk_weights)
+        return self.active.dispatch(x, self._drop_padding_rows(topk_ids), topk_weights)
 
     def dispatch_with_own(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
-        if self.graph_size is not None:
-            topk_ids = self._drop_padding_rows(topk_ids)
-        return self.active.dispatch_with_own(x, topk_ids, topk_weights)
+        return self.active.dispatch_with_own(x, self._drop_padding_rows(topk_ids), topk_weights)
 
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
-        if self.graph_size is not None:
-            topk_ids = self._drop_padding_rows(topk_ids)
-        return self.active.dispatch_async(x, topk_ids, topk_weights)
+        return self.active.dispatch_async(x, self._drop_padding_rows(topk_ids), topk_weights)
 
     def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
         return self.active.combine_async(y, result)
 
     def dispatch_with_own_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
-        if self.graph_size is not None:
-            topk_ids = self._drop_padding_rows(topk_ids)
-        return self.active.dispatch_with_own_async(x, topk_ids, topk_weights)
+        return self.active.dispatch_with_own_async(x, self._drop_padding_rows(topk_ids), topk_weights)
 
     def combine_weighted_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
         return self.active.combine_weighted_async(y, result)
@@ -141,7 +133,10 @@ class GraphModeDispatcher(MoEDispatcher):
         return torch.arange(self.ubatch_row_offset, self.ubatch_row_offset + num_rows, device=device) < self._real
 
     def _drop_padding_rows(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Inside graph_mode, the padding rows' ids set to -1 (routed nowhere); outside it, topk_ids."""
         real = self.real_rows(topk_ids.shape[0], topk_ids.device)
+        if real is None:
+            return topk_ids
         return torch.where(real.unsqueeze(1), topk_ids, torch.full_like(topk_ids, -1))
 
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
