@@ -341,27 +341,7 @@ def phase_floors(roof: dict, launches: dict, per_launch_us: float) -> dict:
 
 def _graph_us(fn, reps: int = 20) -> float:
     """Median device us per call of fn, replayed as reps back-to-back calls from one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(7):
-        st, en = torch.cuda.Event(True), torch.cuda.Event(True)
-        st.record()
-        g.replay()
-        en.record()
-        torch.cuda.synchronize()
-        ts.append(st.elapsed_time(en) * 1e3 / reps)
-    return sorted(ts)[len(ts) // 2]
+    return _event_ms(_graph_of([fn] * reps, warm=1), reps=7) * 1e3 / reps
 
 
 # ---- measured explanations: a vendor reference for each GEMM phase, a same-work floor for each small one ------
@@ -452,6 +432,7 @@ def small_phase_work(cfg: ModelConfig, tokens: int, pairs: int, own_rows: int,
 
 
 def _event_ms(g: "torch.cuda.CUDAGraph", reps: int = 5) -> float:
+    """Median ms of a replay of g over reps replays."""
     ts = []
     for _ in range(reps):
         st, en = torch.cuda.Event(True), torch.cuda.Event(True)
@@ -464,6 +445,7 @@ def _event_ms(g: "torch.cuda.CUDAGraph", reps: int = 5) -> float:
 
 
 def _graph_of(fns: list, warm: int = 2) -> "torch.cuda.CUDAGraph":
+    """fns captured back to back in one CUDA graph (after `warm` eager passes on a side stream), replayed once."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
