@@ -27,6 +27,28 @@ def _fresh(out, size: int, width: int, bs: int) -> list[np.ndarray]:
     return [ids, pos, slots, lens, table]
 
 
+def _run_with_churn(core, n: int, seed: int, base_tokens: int, step_tokens: int, abort: tuple[int, str],
+                    add_at: int) -> None:
+    """Greedy requests r0..r{n-1} of three lengths: all but the last two from the start, `abort` = (step,
+    request) aborted then, the last two added at step `add_at` (taking rows freed by the abort and by
+    finished requests); run to the end."""
+    prompts = random_prompts(n, [9, 3, 14, 6, 11], seed=seed)
+    params = [SamplingParams(max_tokens=base_tokens + step_tokens * (i % 3), temperature=0, ignore_eos=True)
+              for i in range(n)]
+    for i in range(n - 2):
+        core.add_request(EngineRequest(f"r{i}", prompts[i], params[i]))
+    steps = 0
+    while core.has_unfinished():
+        steps += 1
+        assert steps < 500
+        if steps == abort[0]:
+            assert core.abort_request(abort[1])
+        if steps == add_at:
+            for i in (n - 2, n - 1):
+                core.add_request(EngineRequest(f"r{i}", prompts[i], params[i]))
+        core.step()
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_staged_decode_inputs_equal_fresh_ones(make_core, async_scheduling):
     bs = 4
@@ -49,20 +71,7 @@ def test_staged_decode_inputs_equal_fresh_ones(make_core, async_scheduling):
         return res
     runner._stage = checking_stage
 
-    prompts = random_prompts(7, [9, 3, 14, 6, 11], seed=3)
-    params = [SamplingParams(max_tokens=10 + 6 * (i % 3), temperature=0, ignore_eos=True) for i in range(7)]
-    for i in range(5):
-        core.add_request(EngineRequest(f"r{i}", prompts[i], params[i]))
-    steps = 0
-    while core.has_unfinished():
-        steps += 1
-        assert steps < 500
-        if steps == 6:
-            assert core.abort_request("r2")
-        if steps == 8:      # new requests take rows freed by the abort (and by finished ones later)
-            core.add_request(EngineRequest("r5", prompts[5], params[5]))
-            core.add_request(EngineRequest("r6", prompts[6], params[6]))
-        core.step()
+    _run_with_churn(core, 7, seed=3, base_tokens=10, step_tokens=6, abort=(6, "r2"), add_at=8)
     assert core.stats().num_preemptions > 0
     assert len(set(checked)) > 1 and len(checked) > 10
 
@@ -110,19 +119,6 @@ def test_eager_inputs_equal_fresh_ones(make_core, async_scheduling):
         return ids, pos, attn, qsl
     runner._prepare = checking_prepare
 
-    prompts = random_prompts(6, [9, 3, 14, 6, 11], seed=7)
-    params = [SamplingParams(max_tokens=8 + 5 * (i % 3), temperature=0, ignore_eos=True) for i in range(6)]
-    for i in range(4):
-        core.add_request(EngineRequest(f"r{i}", prompts[i], params[i]))
-    steps = 0
-    while core.has_unfinished():
-        steps += 1
-        assert steps < 500
-        if steps == 5:
-            assert core.abort_request("r1")
-        if steps == 7:
-            core.add_request(EngineRequest("r4", prompts[4], params[4]))
-            core.add_request(EngineRequest("r5", prompts[5], params[5]))
-        core.step()
+    _run_with_churn(core, 6, seed=7, base_tokens=8, step_tokens=5, abort=(5, "r1"), add_at=7)
     assert core.stats().num_preemptions > 0
     assert any(checked) and not all(checked)    # mixed / prefill steps and pure decode steps
