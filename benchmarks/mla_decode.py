@@ -418,18 +418,18 @@ def aot_child(configs):
 
     kern = triton.jit(mdt._mla_decode_split_kernel, do_not_specialize=["chunk", "max_splits"])
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    aligned = {"Q_LAT", "Q_PE", "KV", "BLOCK_TABLES", "SEQ_LENS", "OUT", "LSE", "stride_ql_b", "stride_ql_q",
+    aligned = {"Q_LAT", "Q_PE", "KV", "BLOCK_TABLES", "SEQ_LENS", "OUT", "LSE", "FIN", "stride_ql_b", "stride_ql_q",
                "stride_ql_h", "stride_qp_b", "stride_qp_q", "stride_kv_blk", "stride_kv_tok", "stride_o_b",
                "stride_o_r", "stride_o_s"}
     ints = ["chunk", "max_splits", "H", "stride_ql_b", "stride_ql_q", "stride_ql_h", "stride_qp_b", "stride_qp_q",
             "stride_qp_h", "stride_kv_blk", "stride_kv_tok", "stride_bt_b", "stride_o_b", "stride_o_r", "stride_o_s",
-            "stride_lse_b", "stride_lse_r"]
+            "stride_lse_b", "stride_lse_r", "stride_f_b", "stride_f_r"]
     print(f"triton {triton.__version__}, target sm_90 (page 64, L 512, R 64, bf16 queries)")
     for text in configs:
         cfg = mdt.DecodeConfig.parse(text)
         for split, kv in ((False, "bf16"), (True, "bf16"), (True, "fp8e4nv")):
             sig = {"Q_LAT": "*bf16", "Q_PE": "*bf16", "KV": f"*{kv}", "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32",
-                   "OUT": "*fp32" if split else "*bf16", "LSE": "*fp32", "sm_scale_log2": "fp32", "out_scale": "fp32"}
+                   "OUT": "*fp32" if split else "*bf16", "LSE": "*fp32", "FIN": "*bf16", "sm_scale_log2": "fp32", "out_scale": "fp32"}
             sig.update({n: "i32" for n in ints})
             consts = dict(L=L, R=R, PAGE=64, BLOCK_L=L, BLOCK_R=R, BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n,
                           HALF=L // 2, NUM_Q=1, ALIGN=128, SPLIT=split, IEEE=False, SPLIT_V=cfg.split_v,
@@ -466,7 +466,7 @@ def aot_hopper():
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     ints = ["chunk", "max_splits", "H", "stride_ql_b", "stride_ql_q", "stride_ql_h", "stride_qp_b", "stride_qp_q",
             "stride_qp_h", "stride_kv_blk", "stride_kv_tok", "stride_bt_b", "stride_o_b", "stride_o_r", "stride_o_s",
-            "stride_lse_b", "stride_lse_r"]
+            "stride_lse_b", "stride_lse_r", "stride_f_b", "stride_f_r"]
 
     def report(tag, k):
         cubin = Path(f"/tmp/mla_decode_{re.sub('[^a-z0-9]+', '_', tag)}.cubin")
@@ -480,7 +480,7 @@ def aot_hopper():
               f"  HGMMA {sass.count('HGMMA')} {shapes}  UTMALDG {sass.count('UTMALDG')}", flush=True)
 
     kern = triton.jit(mla_decode_hopper._mla_decode_tma_kernel, do_not_specialize=["chunk", "max_splits"])
-    aligned = {"Q_LAT", "Q_PE", "KV", "BLOCK_TABLES", "SEQ_LENS", "OUT", "LSE", "stride_ql_b", "stride_ql_q",
+    aligned = {"Q_LAT", "Q_PE", "KV", "BLOCK_TABLES", "SEQ_LENS", "OUT", "LSE", "FIN", "stride_ql_b", "stride_ql_q",
                "stride_ql_h", "stride_qp_b", "stride_qp_q", "stride_kv_blk", "stride_kv_tok", "stride_o_b",
                "stride_o_r", "stride_o_s"}
     only = os.environ.get("MLA_AOT_ONLY")   # a substring of the tags: compile just those (iterating on one kernel)
@@ -489,7 +489,7 @@ def aot_hopper():
             continue
         sig = {"Q_LAT": f"*{qd}", "Q_PE": f"*{qd}", "KV": f"*{kv}", "KV_DESC": f"tensordesc<{kv}[1,64,256]>",
                "PE_DESC": f"tensordesc<{kv}[1,64,64]>", "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32",
-               "LSE": "*fp32", "sm_scale_log2": "fp32", "out_scale": "fp32"}
+               "LSE": "*fp32", "FIN": f"*{qd}", "sm_scale_log2": "fp32", "out_scale": "fp32"}
         sig.update({n: "i32" for n in ints})
         consts = dict(L=L, R=R, PAGE=64, BLOCK_H=64, HALF=L // 2, NUM_Q=1, ALIGN=128, SPLIT=True, KV_FP8=kv != "bf16")
         sig.update({k: "constexpr" for k in consts})
@@ -509,7 +509,7 @@ def aot_hopper():
         return
     gints = ["chunk", "max_splits", "H", "blk_rows", "stride_ql_b", "stride_ql_q", "stride_ql_h", "stride_qp_b",
              "stride_qp_q", "stride_qp_h", "stride_bt_b", "stride_o_b", "stride_o_r", "stride_o_s", "stride_lse_b",
-             "stride_lse_r"]
+             "stride_lse_r", "stride_f_b", "stride_f_r"]
     from wideep.model import mla_decode_e4m3 as me
     from wideep.model import mla_decode_halfpage as mh
     from wideep.model import mla_decode_scorer as ms
@@ -517,18 +517,16 @@ def aot_hopper():
                ("gluon 64,64,4,2,hp", mh._mla_decode_halfpage_kernel, "bf16"),
                ("gluon 64,64,4,2,hp,e4m3", me._mla_decode_e4m3_kernel, "fp8e4nv"),
                ("gluon 64,64,4,2,sc", ms._mla_decode_scorer_kernel, "bf16")]
-    for (tag, kern, kv), split in ((k, s) for k in kernels for s in (True, False)):
+    for tag, kern, kv in kernels:
         if only and only not in tag:
             continue
         lay = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16 if kv == "bf16" else gl.float8e4nv)
-        part = "*fp32" if split else "*bf16"   # unsplit: out = lse, the output itself
         sig = {"Q_LAT": "*bf16", "Q_PE": "*bf16", "kv_desc": f"tensordesc<{kv}[64,64],{lay!r}>",
-               "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": part, "LSE": part, "sm_scale_log2": "fp32",
-               "out_scale": "fp32"}
+               "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32", "LSE": "*fp32", "FIN": "*bf16",
+               "sm_scale_log2": "fp32", "out_scale": "fp32"}
         sig.update({n: "i32" for n in gints})
-        consts = dict(L=L, R=R, PAGE=64, STAGES=2, NUM_Q=1, ALIGN=128, SPLIT=split)
+        consts = dict(L=L, R=R, PAGE=64, STAGES=2, NUM_Q=1, ALIGN=128, SPLIT=True)
         sig.update({k: "constexpr" for k in consts})
-        tag = f"{tag} split={int(split)}"
         try:
             k = triton.compile(GluonASTSource(kern, sig, consts), target=GPUTarget("cuda", 90, 32),
                                options=dict(num_warps=mg.NUM_WARPS, maxnreg=mg.MAXNREG))

@@ -46,8 +46,8 @@ def run_ablate(args):
 
         def direct(kernel, **constexprs):   # one split per sequence (ctx 2048), straight into `out`
             def fn(i):
-                mg.launch(kernel, qs[i][0][:, None], qs[i][1][:, None], cache, tables[i], seq_lens, out, out,
-                          (out.stride(0), out.stride(1), 0, 0, 0), sm, 1.0, 2048, MAX_SPLITS, (2, b, 1), False, 2,
+                mg.launch(kernel, qs[i][0][:, None], qs[i][1][:, None], cache, tables[i], seq_lens, out, out, out,
+                          mdt._out_strides(out, out, out, False), sm, 1.0, 2048, MAX_SPLITS, (2, b, 1), False, 2,
                           SPLIT_ALIGN, **constexprs)
             return fn
 
@@ -118,9 +118,9 @@ def smoke_variants(texts):
             out = torch.full((b, rows, L), float("nan"), dtype=torch.bfloat16, device="cuda")
             grid = (-(-rows // 64), b, mdt.grid_splits(width * 64, chunk))
 
-            def run(o, lse, split):
-                mg.launch(ms._mla_decode_scorer_kernel, q_lat, q_pe, case[2], case[3], case[4], o, lse,
-                          mdt._out_strides(o, lse, split), SCALE * 1.4426950408889634, 1.0, chunk, MAX_SPLITS, grid,
+            def run(o, lse, fin, split):
+                mg.launch(ms._mla_decode_scorer_kernel, q_lat, q_pe, case[2], case[3], case[4], o, lse, fin,
+                          mdt._out_strides(o, lse, fin, split), SCALE * 1.4426950408889634, 1.0, chunk, MAX_SPLITS, grid,
                           split, 2, SPLIT_ALIGN, **cx)
             try:
                 mdt._split_and_merge(run, combine, out, case[4], grid[2], chunk)

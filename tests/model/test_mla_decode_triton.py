@@ -77,8 +77,8 @@ def test_batch_rows_are_independent():
     alone = mdt.mla_decode(q_lat[2:], q_pe[2:], cache, tables[2:, :2], seq_lens[2:], 0.2, chunk=128)
     assert torch.equal(out[2:], alone)   # split schedule from the row's own length: bit-identical
     assert out[1].abs().max() == 0
-    # a graph-wide table (19 blocks = 304 tokens > chunk: a split launch and a merge): the one-split rows get the
-    # bits of their unsplit launch; the 300-token row is merged from three splits
+    # a graph-wide table (16 blocks = 256 tokens > chunk: a split launch and a merge): the one-split rows are
+    # written by the split kernel itself, with the same bits as the unsplit launch; the 300-token row is merged
     q_lat, q_pe, cache, tables, seq_lens = make_case(16, [40, 0, 17, 300], table_width=19, seed=6)
     wide = mdt.mla_decode(q_lat, q_pe, cache, tables, seq_lens, 0.2, chunk=128)
     for i, w in ((0, 3), (2, 2)):

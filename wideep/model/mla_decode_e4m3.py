@@ -87,8 +87,8 @@ def _widen(kv8_smem, kvb_smem, kb8, n0, end, W: gl.constexpr, NC: gl.constexpr):
 
 @gluon.jit
 def _half8(q_smem, kv8_smem, kvb_smem, p_smem, ready, empty, free, xmax, xp, mx_own, mx_oth, sum_own, sum0_s, sum1_s,
-           SEQ_LENS, OUT, LSE, sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-           stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+           SEQ_LENS, OUT, LSE, FIN, sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+           stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
            W: gl.constexpr, NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
            ALIGN: gl.constexpr, SPLIT: gl.constexpr):
     """Warpgroup W: widens tokens 32W..32W+31, scores them, accumulates value columns 256W..256W+255."""
@@ -175,28 +175,28 @@ def _half8(q_smem, kv8_smem, kvb_smem, p_smem, ready, empty, free, xmax, xp, mx_
     m_o = gl.convert_layout(m_i, orow_l)
     l_o = gl.convert_layout(l_i, orow_l)
     orows = pid_h * 64 + gl.arange(0, 64, layout=orow_l)
-    _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_o, l_o, orows, gl.arange(0, 64, layout=ocol_l), out_scale, H, b,
-                split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, W, NUM_Q, SPLIT)
+    _store_half(OUT, LSE, FIN, acc0, acc1, acc2, acc3, m_o, l_o, orows, gl.arange(0, 64, layout=ocol_l), out_scale, H, b,
+                split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r, W, NUM_Q, SPLIT)
 
 
 @gluon.jit
 def _half8_1(q_smem, kv8_smem, kvb_smem, p_smem, ready, empty, free, xmax, xp, mx_own, mx_oth, sum_own, sum0_s,
-             sum1_s, SEQ_LENS, OUT, LSE, sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-             stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+             sum1_s, SEQ_LENS, OUT, LSE, FIN, sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+             stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
              NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
              ALIGN: gl.constexpr, SPLIT: gl.constexpr):
     _half8(q_smem, kv8_smem, kvb_smem, p_smem, ready, empty, free, xmax, xp, mx_own, mx_oth, sum_own, sum0_s, sum1_s,
-           SEQ_LENS, OUT, LSE, sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-           stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+           SEQ_LENS, OUT, LSE, FIN, sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+           stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
            1, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)
 
 
 @gluon.jit
 def _mla_decode_e4m3_kernel(
-    Q_LAT, Q_PE, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+    Q_LAT, Q_PE, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
     sm_scale_log2, out_scale, chunk, max_splits, H, blk_rows,
     stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h, stride_bt_b,
-    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
     L: gl.constexpr, R: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
     ALIGN: gl.constexpr, SPLIT: gl.constexpr,
 ):
@@ -235,18 +235,18 @@ def _mla_decode_e4m3_kernel(
 
     gl.warp_specialize([
         (_half8, (q_smem, kv8_smem, kvb_smem, p_smem, ready, empty, free, xmax, xp, mx0_s, mx1_s, sum0_s, sum0_s,
-                  sum1_s, SEQ_LENS, OUT, LSE,
+                  sum1_s, SEQ_LENS, OUT, LSE, FIN,
                   sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-                  stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                  stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                   0, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
         (_half8_1, (q_smem, kv8_smem, kvb_smem, p_smem, ready, empty, free, xmax, xp, mx1_s, mx0_s, sum1_s, sum0_s,
-                    sum1_s, SEQ_LENS, OUT, LSE,
+                    sum1_s, SEQ_LENS, OUT, LSE, FIN,
                     sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-                    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                     NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
-        (_producer, (q_smem, kv8_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+        (_producer, (q_smem, kv8_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
                      sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
-                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                      NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 

@@ -114,34 +114,41 @@ def _load_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stri
 
 
 @gluon.jit
-def _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_i, l_i, rows, cols, out_scale, H, b, split, n_splits,
-                stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+def _store_half(OUT, LSE, FIN, acc0, acc1, acc2, acc3, m_i, l_i, rows, cols, out_scale, H, b, split, n_splits,
+                stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                 W: gl.constexpr, NUM_Q: gl.constexpr, SPLIT: gl.constexpr):
-    """Warpgroup W's 256 output columns (4 accumulators of 64) normalized by its row sums, as the split's fp32
-    partial (and, from warpgroup 0, the split's log-sum-exp) or the final output; programs past the
-    sequence's split count store nothing."""
+    """Warpgroup W's 256 output columns (4 accumulators of 64) normalized by its row sums: the final output
+    into FIN, or, for a sequence of several splits, the split's fp32 partial (and, from warpgroup 0, its
+    log-sum-exp) for the combine kernel; programs past the sequence's split count store nothing."""
     live = (rows < H * NUM_Q) & ((rows * 0 + split) < n_splits)
     has = l_i > 0.0
     inv2 = gl.expand_dims(out_scale / gl.where(has, l_i, 1.0), 1)   # empty range: the accumulators are 0 -> zeros
     omask = gl.expand_dims(live, 1) & gl.expand_dims(cols < 64, 0)
+    partial = False
     if SPLIT:
-        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s
+        partial = n_splits > 1
+    if partial:
         if W == 0:
             lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
             gl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
-    else:
-        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r
-    ptr = base + gl.expand_dims(cols, 0) + W * 256
-    gl.store(ptr, (acc0 * inv2).to(OUT.dtype.element_ty), mask=omask)
-    gl.store(ptr + 64, (acc1 * inv2).to(OUT.dtype.element_ty), mask=omask)
-    gl.store(ptr + 128, (acc2 * inv2).to(OUT.dtype.element_ty), mask=omask)
-    gl.store(ptr + 192, (acc3 * inv2).to(OUT.dtype.element_ty), mask=omask)
+        ptr = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s
+        ptr = ptr + gl.expand_dims(cols, 0) + W * 256
+        gl.store(ptr, acc0 * inv2, mask=omask)
+        gl.store(ptr + 64, acc1 * inv2, mask=omask)
+        gl.store(ptr + 128, acc2 * inv2, mask=omask)
+        gl.store(ptr + 192, acc3 * inv2, mask=omask)
+    else:   # one split (the combine kernel skips such a row) or an unsplit launch: the output itself
+        fptr = FIN + b * stride_f_b + gl.expand_dims(rows, 1) * stride_f_r + gl.expand_dims(cols, 0) + W * 256
+        gl.store(fptr, (acc0 * inv2).to(FIN.dtype.element_ty), mask=omask)
+        gl.store(fptr + 64, (acc1 * inv2).to(FIN.dtype.element_ty), mask=omask)
+        gl.store(fptr + 128, (acc2 * inv2).to(FIN.dtype.element_ty), mask=omask)
+        gl.store(fptr + 192, (acc3 * inv2).to(FIN.dtype.element_ty), mask=omask)
 
 
 @gluon.jit
-def _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+def _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
               sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-              stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+              stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
               HALF_IDX: gl.constexpr, NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
               NUM_Q: gl.constexpr, ALIGN: gl.constexpr, SPLIT: gl.constexpr):
     """One consumer warpgroup: scores, softmax, and the PV product for value chunks
@@ -203,26 +210,26 @@ def _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
         gl.thread_barrier()   # every warp of the group is done with the stage before it is handed back
         mbarrier.arrive(empty.index(st), count=1)
 
-    _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_i, l_i, rows, gl.arange(0, 64, layout=col_l), out_scale, H, b,
-                split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, HALF_IDX, NUM_Q, SPLIT)
+    _store_half(OUT, LSE, FIN, acc0, acc1, acc2, acc3, m_i, l_i, rows, gl.arange(0, 64, layout=col_l), out_scale, H, b,
+                split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r, HALF_IDX, NUM_Q, SPLIT)
 
 
 @gluon.jit
-def _consumer1(q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+def _consumer1(q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
                sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
-               stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+               stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
                ALIGN: gl.constexpr, SPLIT: gl.constexpr):
-    _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+    _consumer(q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
               sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-              stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+              stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
               1, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)
 
 
 @gluon.jit
-def _producer(q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+def _producer(q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
               sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
-              stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+              stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
               NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
               ALIGN: gl.constexpr, SPLIT: gl.constexpr):
     """1 warp: page ids from the block table, 9 bulk copies per page into the next free stage."""
@@ -239,10 +246,10 @@ def _producer(q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OU
 
 @gluon.jit
 def _mla_decode_gluon_kernel(
-    Q_LAT, Q_PE, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+    Q_LAT, Q_PE, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
     sm_scale_log2, out_scale, chunk, max_splits, H, blk_rows,
     stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h, stride_bt_b,
-    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
     L: gl.constexpr, R: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
     ALIGN: gl.constexpr, SPLIT: gl.constexpr,
 ):
@@ -266,32 +273,32 @@ def _mla_decode_gluon_kernel(
     # (the argument tuples are written out in the call: a tuple bound to a name first turns constexprs into
     # run-time values inside the worker partitions)
     gl.warp_specialize([
-        (_consumer, (q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+        (_consumer, (q_smem, kv_smem, ready, empty, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
                      sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                      0, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
-        (_consumer1, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+        (_consumer1, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
                       sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
-                      stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                      stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                       NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
-        (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+        (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
                      sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
-                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                      NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def launch(kernel, q_lat, q_pe, kv_cache, block_tables, seq_lens, out, lse, out_strides, sm_scale_log2, out_scale,
+def launch(kernel, q_lat, q_pe, kv_cache, block_tables, seq_lens, out, lse, fin, out_strides, sm_scale_log2, out_scale,
            chunk, max_splits, grid, split: bool, stages: int, align: int, **constexprs):
     """One of the Gluon decode kernels (this module's, mla_decode_halfpage's, mla_decode_e4m3's or
     mla_decode_scorer's: same arguments and output contract). q_lat [B, Q, H, L], q_pe [B, Q, H, R] (last dims
-    contiguous), out [B, Q*H, L] (split=False) or the fp32 partials [B, Q*H, S, L] with lse [B, Q*H, S]
-    (split=True); out_strides as the Triton kernels take them. `constexprs`: extra compile-time arguments of that
+    contiguous), fin [B, Q*H, L] the output; out = fin (split=False) or the fp32 partials [B, Q*H, S, L] with
+    lse [B, Q*H, S] (split=True); out_strides as the Triton kernels take them. `constexprs`: extra compile-time arguments of that
     kernel (the benchmark-only switches of the half-page and one-scorer kernels)."""
     b, nq, h, lat = q_lat.shape
     desc, blk_rows = make_descriptor(kv_cache)
     kernel[grid](
-        q_lat, q_pe, desc, block_tables, seq_lens, out, lse,
+        q_lat, q_pe, desc, block_tables, seq_lens, out, lse, fin,
         sm_scale_log2, out_scale, chunk, max_splits, h, blk_rows,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
         block_tables.stride(0), *out_strides,

@@ -51,9 +51,9 @@ def shared_bytes(lat: int, rope: int, page: int, stages: int = 2) -> int:
 
 
 @gluon.jit
-def _half(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_own, sum0_s, sum1_s, SEQ_LENS, OUT, LSE,
+def _half(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_own, sum0_s, sum1_s, SEQ_LENS, OUT, LSE, FIN,
           sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-          stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+          stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
           W: gl.constexpr, NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
           ALIGN: gl.constexpr, SPLIT: gl.constexpr, ABLATE: gl.constexpr):
     """Warpgroup W: scores of tokens 32W..32W+31, value columns 256W..256W+255."""
@@ -158,28 +158,28 @@ def _half(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_o
     m_o = gl.convert_layout(m_i, orow_l)
     l_o = gl.convert_layout(l_i, orow_l)
     orows = pid_h * 64 + gl.arange(0, 64, layout=orow_l)
-    _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_o, l_o, orows, gl.arange(0, 64, layout=ocol_l), out_scale, H, b,
-                split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, W, NUM_Q, SPLIT)
+    _store_half(OUT, LSE, FIN, acc0, acc1, acc2, acc3, m_o, l_o, orows, gl.arange(0, 64, layout=ocol_l), out_scale, H, b,
+                split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r, W, NUM_Q, SPLIT)
 
 
 @gluon.jit
-def _half1(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_own, sum0_s, sum1_s, SEQ_LENS, OUT, LSE,
+def _half1(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_own, sum0_s, sum1_s, SEQ_LENS, OUT, LSE, FIN,
            sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-           stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+           stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
            NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
            ALIGN: gl.constexpr, SPLIT: gl.constexpr, ABLATE: gl.constexpr):
-    _half(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_own, sum0_s, sum1_s, SEQ_LENS, OUT, LSE,
+    _half(q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx_own, mx_oth, sum_own, sum0_s, sum1_s, SEQ_LENS, OUT, LSE, FIN,
           sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-          stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+          stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
           1, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, ABLATE)
 
 
 @gluon.jit
 def _mla_decode_halfpage_kernel(
-    Q_LAT, Q_PE, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+    Q_LAT, Q_PE, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
     sm_scale_log2, out_scale, chunk, max_splits, H, blk_rows,
     stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h, stride_bt_b,
-    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
     L: gl.constexpr, R: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
     ALIGN: gl.constexpr, SPLIT: gl.constexpr, ABLATE: gl.constexpr = 0,
 ):
@@ -216,17 +216,17 @@ def _mla_decode_halfpage_kernel(
 
     gl.warp_specialize([
         (_half, (q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx0_s, mx1_s, sum0_s, sum0_s, sum1_s,
-                 SEQ_LENS, OUT, LSE,
+                 SEQ_LENS, OUT, LSE, FIN,
                  sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-                 stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                 stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                  0, NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, ABLATE)),
         (_half1, (q_smem, kv_smem, p_smem, ready, empty, xmax, xp, mx1_s, mx0_s, sum1_s, sum0_s, sum1_s,
-                  SEQ_LENS, OUT, LSE,
+                  SEQ_LENS, OUT, LSE, FIN,
                   sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-                  stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                  stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                   NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, ABLATE)),
-        (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+        (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
                      sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
-                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                      NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -68,11 +68,11 @@ def _tile_step(q0, q1, qp, kv0, kv1, kpe, acc0, acc1, m_i, l_i, s_mask, sm_scale
 
 
 def _mla_decode_tma_kernel(
-    Q_LAT, Q_PE, KV, KV_DESC, PE_DESC, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+    Q_LAT, Q_PE, KV, KV_DESC, PE_DESC, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
     sm_scale_log2, out_scale, chunk, max_splits, H,
     stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h,
     stride_kv_blk, stride_kv_tok, stride_bt_b,
-    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
     L: constexpr, R: constexpr, PAGE: constexpr, BLOCK_H: constexpr, HALF: constexpr, NUM_Q: constexpr,
     ALIGN: constexpr, SPLIT: constexpr, KV_FP8: constexpr,
 ):
@@ -135,19 +135,21 @@ def _mla_decode_tma_kernel(
 
     has = l_i > 0.0
     inv = out_scale / tl.where(has, l_i, 1.0)   # empty range: acc is 0 -> zeros
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    if SPLIT:
-        o_base = OUT + b * stride_o_b + rows[:, None] * stride_o_r + split * stride_o_s
-        tl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
-    else:
-        o_base = OUT + b * stride_o_b + rows[:, None] * stride_o_r
     out0 = acc0 * inv[:, None]
     out1 = acc1 * inv[:, None]
-    if not SPLIT:
-        out0 = out0.to(OUT.dtype.element_ty)
-        out1 = out1.to(OUT.dtype.element_ty)
-    tl.store(o_base + offs_a[None, :], out0, mask=live[:, None])
-    tl.store(o_base + HALF + offs_a[None, :], out1, mask=live[:, None])
+    partial = False
+    if SPLIT:
+        partial = n_splits > 1   # else one split: the output itself (the combine kernel skips the row)
+    if partial:
+        o_base = OUT + b * stride_o_b + rows[:, None] * stride_o_r + split * stride_o_s
+        tl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split,
+                 tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=live)
+        tl.store(o_base + offs_a[None, :], out0, mask=live[:, None])
+        tl.store(o_base + HALF + offs_a[None, :], out1, mask=live[:, None])
+    else:
+        f_base = FIN + b * stride_f_b + rows[:, None] * stride_f_r
+        tl.store(f_base + offs_a[None, :], out0.to(FIN.dtype.element_ty), mask=live[:, None])
+        tl.store(f_base + HALF + offs_a[None, :], out1.to(FIN.dtype.element_ty), mask=live[:, None])
 
 
 if triton is not None:

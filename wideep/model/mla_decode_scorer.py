@@ -61,9 +61,9 @@ def _zero_tail(kv_smem, kb, n0, end, PAGE: gl.constexpr, VBASE: gl.constexpr):
 
 
 @gluon.jit
-def _scorer(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
+def _scorer(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE, FIN,
             sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-            stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+            stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
             NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
             ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr):
     """Warpgroup 0: scores, softmax, value columns 0..255, probabilities out."""
@@ -138,38 +138,42 @@ def _scorer(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LE
     mbarrier.arrive(fin.index(0), count=1)
     if WIDE0:
         wrow_l: gl.constexpr = gl.SliceLayout(1, w_layout)
-        _store_wide(OUT, LSE, accw, gl.convert_layout(m_i, wrow_l), gl.convert_layout(l_i, wrow_l),
+        _store_wide(OUT, LSE, FIN, accw, gl.convert_layout(m_i, wrow_l), gl.convert_layout(l_i, wrow_l),
                     pid_h * 64 + gl.arange(0, 64, layout=wrow_l), gl.arange(0, 256, layout=gl.SliceLayout(0, w_layout)),
-                    out_scale, H, b, split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                    out_scale, H, b, split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                     0, NUM_Q, SPLIT)
     else:
-        _store_half(OUT, LSE, acc0, acc1, acc2, acc3, m_i, l_i, rows, gl.arange(0, 64, layout=col_l), out_scale, H,
-                    b, split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, 0, NUM_Q, SPLIT)
+        _store_half(OUT, LSE, FIN, acc0, acc1, acc2, acc3, m_i, l_i, rows, gl.arange(0, 64, layout=col_l), out_scale, H,
+                    b, split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r, 0, NUM_Q, SPLIT)
 
 
 @gluon.jit
-def _store_wide(OUT, LSE, acc, m_i, l_i, rows, cols, out_scale, H, b, split, n_splits,
-                stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+def _store_wide(OUT, LSE, FIN, acc, m_i, l_i, rows, cols, out_scale, H, b, split, n_splits,
+                stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                 W: gl.constexpr, NUM_Q: gl.constexpr, SPLIT: gl.constexpr):
     """mla_decode_gluon._store_half for warpgroup W's 256 output columns held as one 64x256 accumulator."""
     live = (rows < H * NUM_Q) & ((rows * 0 + split) < n_splits)
     has = l_i > 0.0
     inv2 = gl.expand_dims(out_scale / gl.where(has, l_i, 1.0), 1)   # empty range: the accumulator is 0 -> zeros
     omask = gl.expand_dims(live, 1) & gl.expand_dims(cols < 256, 0)
+    partial = False
     if SPLIT:
-        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s
+        partial = n_splits > 1
+    if partial:
         if W == 0:
             lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
             gl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
+        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s
+        gl.store(base + gl.expand_dims(cols, 0) + W * 256, acc * inv2, mask=omask)
     else:
-        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r
-    gl.store(base + gl.expand_dims(cols, 0) + W * 256, (acc * inv2).to(OUT.dtype.element_ty), mask=omask)
+        fbase = FIN + b * stride_f_b + gl.expand_dims(rows, 1) * stride_f_r
+        gl.store(fbase + gl.expand_dims(cols, 0) + W * 256, (acc * inv2).to(FIN.dtype.element_ty), mask=omask)
 
 
 @gluon.jit
-def _accumulator(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
+def _accumulator(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE, FIN,
                  sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-                 stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                 stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                  NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
                  ALIGN: gl.constexpr, SPLIT: gl.constexpr):
     """Warpgroup 1: value columns 256..511 from the scorer's probabilities in shared memory."""
@@ -198,17 +202,17 @@ def _accumulator(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, S
     mbarrier.wait(fin.index(0), 0)
     m_i = stat_s.index(0).load(row_l)
     l_i = stat_s.index(1).load(row_l)
-    _store_wide(OUT, LSE, acc, m_i, l_i, pid_h * 64 + gl.arange(0, 64, layout=row_l),
+    _store_wide(OUT, LSE, FIN, acc, m_i, l_i, pid_h * 64 + gl.arange(0, 64, layout=row_l),
                 gl.arange(0, 256, layout=gl.SliceLayout(0, w_layout)), out_scale, H, b, split, n_splits,
-                stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, 1, NUM_Q, SPLIT)
+                stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r, 1, NUM_Q, SPLIT)
 
 
 @gluon.jit
 def _mla_decode_scorer_kernel(
-    Q_LAT, Q_PE, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+    Q_LAT, Q_PE, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
     sm_scale_log2, out_scale, chunk, max_splits, H, blk_rows,
     stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h, stride_bt_b,
-    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
     L: gl.constexpr, R: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
     ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr = 1,
 ):
@@ -237,16 +241,16 @@ def _mla_decode_scorer_kernel(
                 stride_qp_h, NC, NUM_Q)
 
     gl.warp_specialize([
-        (_scorer, (q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
+        (_scorer, (q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE, FIN,
                    sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-                   stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                   stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                    NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, WIDE0)),
-        (_accumulator, (q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE,
+        (_accumulator, (q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE, FIN,
                         sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
-                        stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                        stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                         NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
-        (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+        (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
                      sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
-                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                      NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

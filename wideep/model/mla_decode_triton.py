@@ -164,11 +164,11 @@ def use_triton(q: torch.Tensor) -> bool:
 # ---- kernels (plain functions, wrapped per target in _kernels) ------------------------------------
 
 def _mla_decode_split_kernel(
-    Q_LAT, Q_PE, KV, BLOCK_TABLES, SEQ_LENS, OUT, LSE,
+    Q_LAT, Q_PE, KV, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
     sm_scale_log2, out_scale, chunk, max_splits, H,
     stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h,
     stride_kv_blk, stride_kv_tok, stride_bt_b,
-    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r,
+    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
     L: constexpr, R: constexpr, PAGE: constexpr, BLOCK_L: constexpr, BLOCK_R: constexpr,
     BLOCK_H: constexpr, BLOCK_N: constexpr, HALF: constexpr, NUM_Q: constexpr, ALIGN: constexpr, SPLIT: constexpr,
     IEEE: constexpr, SPLIT_V: constexpr, KV_FP8: constexpr,
@@ -300,27 +300,33 @@ def _mla_decode_split_kernel(
 
     has = l_i > 0.0
     inv = out_scale / tl.where(has, l_i, 1.0)   # empty range: acc is 0 -> zeros
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    partial = False
     if SPLIT:
-        o_base = OUT + b * stride_o_b + rows[:, None] * stride_o_r + split * stride_o_s
-        tl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
-    else:
-        o_base = OUT + b * stride_o_b + rows[:, None] * stride_o_r
+        partial = n_splits > 1   # else one split: the output itself (the combine kernel skips the row)
     if SPLIT_V:
         out0 = acc0 * inv[:, None]
         out1 = acc1 * inv[:, None]
-        omask = live[:, None]
-        if not SPLIT:
-            out0 = out0.to(OUT.dtype.element_ty)
-            out1 = out1.to(OUT.dtype.element_ty)
-        tl.store(o_base + offs_a[None, :], out0, mask=omask)
-        tl.store(o_base + HALF + offs_a[None, :], out1, mask=omask)
+        if partial:
+            o_base = OUT + b * stride_o_b + rows[:, None] * stride_o_r + split * stride_o_s
+            tl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split,
+                     tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=live)
+            tl.store(o_base + offs_a[None, :], out0, mask=live[:, None])
+            tl.store(o_base + HALF + offs_a[None, :], out1, mask=live[:, None])
+        else:
+            f_base = FIN + b * stride_f_b + rows[:, None] * stride_f_r
+            tl.store(f_base + offs_a[None, :], out0.to(FIN.dtype.element_ty), mask=live[:, None])
+            tl.store(f_base + HALF + offs_a[None, :], out1.to(FIN.dtype.element_ty), mask=live[:, None])
     else:
         out = acc * inv[:, None]
         omask = live[:, None] & lmask[None, :]
-        if not SPLIT:
-            out = out.to(OUT.dtype.element_ty)
-        tl.store(o_base + offs_l[None, :], out, mask=omask)
+        if partial:
+            tl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split,
+                     tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=live)
+            tl.store(OUT + b * stride_o_b + rows[:, None] * stride_o_r + split * stride_o_s + offs_l[None, :], out,
+                     mask=omask)
+        else:
+            tl.store(FIN + b * stride_f_b + rows[:, None] * stride_f_r + offs_l[None, :],
+                     out.to(FIN.dtype.element_ty), mask=omask)
 
 
 def _mla_decode_combine_kernel(
@@ -333,23 +339,25 @@ def _mla_decode_combine_kernel(
     b = tl.program_id(1)
     seq_len = tl.load(SEQ_LENS + b)
     n_splits = tl.minimum((seq_len + chunk - 1) // chunk, max_splits)   # 0 for a padding row
+    n_merge = tl.where(n_splits == 1, 0, n_splits)   # one split: the split kernel wrote the row's output itself
     offs_l = tl.arange(0, BLOCK_L)
     lmask = offs_l < L
     lse_row = LSE + b * stride_lse_b + r * stride_lse_r
     one = tl.arange(0, 1)   # [1]-shaped scalars keep the loop-carried types fixed
     mx = tl.full([1], float("-inf"), tl.float32)
-    for s in range(0, n_splits):
+    for s in range(0, n_merge):
         mx = tl.maximum(mx, tl.load(lse_row + s + one))
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     acc = tl.zeros([BLOCK_L], dtype=tl.float32)
     den = tl.zeros([1], dtype=tl.float32)
-    for s in range(0, n_splits):
+    for s in range(0, n_merge):
         w = tl.exp2(tl.load(lse_row + s + one) - mx)
         part = tl.load(PART + b * stride_p_b + r * stride_p_r + s * stride_p_s + offs_l, mask=lmask, other=0.0)
         acc = acc + w * part
         den = den + w
     out = acc / tl.where(den > 0.0, den, 1.0)
-    tl.store(OUT + b * stride_o_b + r * stride_o_r + offs_l, out.to(OUT.dtype.element_ty), mask=lmask)
+    tl.store(OUT + b * stride_o_b + r * stride_o_r + offs_l, out.to(OUT.dtype.element_ty),
+             mask=lmask & ((offs_l * 0 + n_splits) != 1))
 
 
 def interpreter_active() -> bool:
@@ -550,30 +558,33 @@ def _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, k_scale, 
     kvs = (kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0))
     sm = scale * _LOG2E * k_scale
 
-    def run(o, lse, split):
-        kernel[grid](q_lat, q_pe, kv_cache, *descs, block_tables, seq_lens, o, lse, sm, k_scale, chunk, MAX_SPLITS, h,
-                     *qs, *kvs, *_out_strides(o, lse, split), SPLIT=split, **common)
+    def run(o, lse, fin, split):
+        kernel[grid](q_lat, q_pe, kv_cache, *descs, block_tables, seq_lens, o, lse, fin, sm, k_scale, chunk,
+                     MAX_SPLITS, h, *qs, *kvs, *_out_strides(o, lse, fin, split), SPLIT=split, **common)
     _split_and_merge(run, combine_kernel, out.view(b, rows, lat), seq_lens, splits, chunk)
 
 
-def _out_strides(out, lse, split: bool) -> tuple:
-    """The split kernels' output strides: (b, row, split) of the fp32 partials and (b, row) of their log-sum-exps,
-    or (b, row) of the final output when the kernel writes it directly."""
+def _out_strides(out, lse, fin, split: bool) -> tuple:
+    """The split kernels' output strides: (b, row, split) of the fp32 partials, (b, row) of their log-sum-exps and
+    (b, row) of the final output fin, which one-split sequences (and an unsplit launch, out = fin) write."""
     if split:
-        return out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1)
-    return out.stride(0), out.stride(1), 0, 0, 0
+        return out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), fin.stride(0), fin.stride(1)
+    return out.stride(0), out.stride(1), 0, 0, 0, fin.stride(0), fin.stride(1)
 
 
 def _split_and_merge(run, combine_kernel, flat_out, seq_lens, splits: int, chunk: int) -> None:
-    """run(out, lse, split) launches a split kernel. One split: straight into flat_out [B, rows, L]; else into fp32
-    partials [B, rows, S, L] with their log-sum-exps, merged in split order by the combine kernel."""
+    """run(out, lse, fin, split) launches a split kernel. One split: straight into flat_out [B, rows, L]; else into
+    fp32 partials [B, rows, S, L] with their log-sum-exps, merged in split order by the combine kernel, except
+    for the sequences that have one split, whose rows the split kernel writes into flat_out itself (a CUDA
+    graph is captured with the splits its longest context needs: shorter sequences then skip the fp32 round
+    trip and the merge)."""
     b, rows, lat = flat_out.shape
     if splits == 1:
-        run(flat_out, flat_out, False)
+        run(flat_out, flat_out, flat_out, False)
         return
     part = torch.empty((b, rows, splits, lat), dtype=torch.float32, device=flat_out.device)
     lse = torch.empty((b, rows, splits), dtype=torch.float32, device=flat_out.device)
-    run(part, lse, True)
+    run(part, lse, flat_out, True)
     combine_kernel[(rows, b)](
         part, lse, seq_lens, flat_out, chunk, MAX_SPLITS, rows, lat,
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
@@ -609,9 +620,9 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
               else mla_decode_scorer._mla_decode_scorer_kernel if cfg.scorer
               else mla_decode_gluon._mla_decode_gluon_kernel)
 
-    def run(o, lse, split):
-        mla_decode_gluon.launch(kernel, q_lat, q_pe, kv_cache, block_tables, seq_lens, o, lse,
-                                _out_strides(o, lse, split), sm, out_scale, chunk, MAX_SPLITS, grid, split,
+    def run(o, lse, fin, split):
+        mla_decode_gluon.launch(kernel, q_lat, q_pe, kv_cache, block_tables, seq_lens, o, lse, fin,
+                                _out_strides(o, lse, fin, split), sm, out_scale, chunk, MAX_SPLITS, grid, split,
                                 cfg.num_stages, SPLIT_ALIGN)
     _split_and_merge(run, combine_kernel, out.view(b, nq * h, lat), seq_lens, grid[2], chunk)
 
