@@ -114,35 +114,41 @@ def _load_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stri
 
 
 @gluon.jit
+def _store_cols(ptr, acc0, acc1, acc2, acc3, inv2, omask):
+    """Four 64-column accumulators, normalized, at ptr, ptr + 64, + 128, + 192 (in ptr's element type)."""
+    gl.store(ptr, (acc0 * inv2).to(ptr.dtype.element_ty), mask=omask)
+    gl.store(ptr + 64, (acc1 * inv2).to(ptr.dtype.element_ty), mask=omask)
+    gl.store(ptr + 128, (acc2 * inv2).to(ptr.dtype.element_ty), mask=omask)
+    gl.store(ptr + 192, (acc3 * inv2).to(ptr.dtype.element_ty), mask=omask)
+
+
+@gluon.jit
 def _store_half(OUT, LSE, FIN, acc0, acc1, acc2, acc3, m_i, l_i, rows, cols, out_scale, H, b, split, n_splits,
                 stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                 W: gl.constexpr, NUM_Q: gl.constexpr, SPLIT: gl.constexpr):
-    """Warpgroup W's 256 output columns (4 accumulators of 64) normalized by its row sums: the final output
-    into FIN, or, for a sequence of several splits, the split's fp32 partial (and, from warpgroup 0, its
-    log-sum-exp) for the combine kernel; programs past the sequence's split count store nothing."""
+    """Warpgroup W's 256 output columns (4 accumulators of 64) normalized by its row sums. An unsplit launch
+    writes the output (OUT; storing to FIN there, with OUT and LSE both unused, crashes Triton 3.6's lowering);
+    a split launch writes, for a sequence of several splits, the split's fp32 partial (and, from warpgroup 0,
+    its log-sum-exp), and for a one-split sequence the output itself into FIN (the combine kernel skips that
+    row); programs past the sequence's split count store nothing."""
     live = (rows < H * NUM_Q) & ((rows * 0 + split) < n_splits)
     has = l_i > 0.0
     inv2 = gl.expand_dims(out_scale / gl.where(has, l_i, 1.0), 1)   # empty range: the accumulators are 0 -> zeros
     omask = gl.expand_dims(live, 1) & gl.expand_dims(cols < 64, 0)
-    partial = False
+    col = gl.expand_dims(cols, 0) + W * 256
     if SPLIT:
-        partial = n_splits > 1
-    if partial:
-        if W == 0:
-            lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
-            gl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
-        ptr = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s
-        ptr = ptr + gl.expand_dims(cols, 0) + W * 256
-        gl.store(ptr, acc0 * inv2, mask=omask)
-        gl.store(ptr + 64, acc1 * inv2, mask=omask)
-        gl.store(ptr + 128, acc2 * inv2, mask=omask)
-        gl.store(ptr + 192, acc3 * inv2, mask=omask)
-    else:   # one split (the combine kernel skips such a row) or an unsplit launch: the output itself
-        fptr = FIN + b * stride_f_b + gl.expand_dims(rows, 1) * stride_f_r + gl.expand_dims(cols, 0) + W * 256
-        gl.store(fptr, (acc0 * inv2).to(FIN.dtype.element_ty), mask=omask)
-        gl.store(fptr + 64, (acc1 * inv2).to(FIN.dtype.element_ty), mask=omask)
-        gl.store(fptr + 128, (acc2 * inv2).to(FIN.dtype.element_ty), mask=omask)
-        gl.store(fptr + 192, (acc3 * inv2).to(FIN.dtype.element_ty), mask=omask)
+        if n_splits > 1:
+            if W == 0:
+                lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
+                gl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
+            _store_cols(OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s + col,
+                        acc0, acc1, acc2, acc3, inv2, omask)
+        else:
+            _store_cols(FIN + b * stride_f_b + gl.expand_dims(rows, 1) * stride_f_r + col,
+                        acc0, acc1, acc2, acc3, inv2, omask)
+    else:
+        _store_cols(OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + col, acc0, acc1, acc2, acc3,
+                    inv2, omask)
 
 
 @gluon.jit

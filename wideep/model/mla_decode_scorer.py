@@ -154,20 +154,22 @@ def _store_wide(OUT, LSE, FIN, acc, m_i, l_i, rows, cols, out_scale, H, b, split
     """mla_decode_gluon._store_half for warpgroup W's 256 output columns held as one 64x256 accumulator."""
     live = (rows < H * NUM_Q) & ((rows * 0 + split) < n_splits)
     has = l_i > 0.0
-    inv2 = gl.expand_dims(out_scale / gl.where(has, l_i, 1.0), 1)   # empty range: the accumulator is 0 -> zeros
+    out = acc * gl.expand_dims(out_scale / gl.where(has, l_i, 1.0), 1)   # empty range: acc is 0 -> zeros
     omask = gl.expand_dims(live, 1) & gl.expand_dims(cols < 256, 0)
-    partial = False
+    col = gl.expand_dims(cols, 0) + W * 256
     if SPLIT:
-        partial = n_splits > 1
-    if partial:
-        if W == 0:
-            lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
-            gl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
-        base = OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s
-        gl.store(base + gl.expand_dims(cols, 0) + W * 256, acc * inv2, mask=omask)
+        if n_splits > 1:
+            if W == 0:
+                lse = gl.where(has, m_i + gl.log2(gl.where(has, l_i, 1.0)), float("-inf"))
+                gl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split, lse, mask=live)
+            gl.store(OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + split * stride_o_s + col, out,
+                     mask=omask)
+        else:
+            gl.store(FIN + b * stride_f_b + gl.expand_dims(rows, 1) * stride_f_r + col,
+                     out.to(FIN.dtype.element_ty), mask=omask)
     else:
-        fbase = FIN + b * stride_f_b + gl.expand_dims(rows, 1) * stride_f_r
-        gl.store(fbase + gl.expand_dims(cols, 0) + W * 256, (acc * inv2).to(FIN.dtype.element_ty), mask=omask)
+        gl.store(OUT + b * stride_o_b + gl.expand_dims(rows, 1) * stride_o_r + col, out.to(OUT.dtype.element_ty),
+                 mask=omask)
 
 
 @gluon.jit
