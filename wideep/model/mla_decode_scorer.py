@@ -81,6 +81,16 @@ def schedule(head_groups: int, batch: int, splits: int, persistent: bool, device
     return (n_items,), (batch, splits)
 
 
+def aligned_queries(q_lat: torch.Tensor, q_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query operands as the kernel's 16-byte asynchronous copies need them: 16-byte aligned bases and row
+    strides that are multiples of 16 elements (what a launch specializes as divisible; else the copies cannot be
+    vectorized and the kernel does not compile); fresh contiguous copies where they are not."""
+    def fits(x):
+        return x.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in x.stride()[:3])
+    return (q_lat if fits(q_lat) else q_lat.clone(memory_format=torch.contiguous_format),
+            q_pe if fits(q_pe) else q_pe.clone(memory_format=torch.contiguous_format))
+
+
 @gluon.jit
 def _item(item, HG, NB):
     """Item number -> (head group, sequence, split): split-major, head group fastest."""
