@@ -409,13 +409,15 @@ def test_e4m3_gluon_config_rules_plan_and_numerics(monkeypatch, caplog):
 
 def test_scorer_item_space_and_query_operands():
     """The one-scorer kernel's launch geometry (it cannot run on the CPU): one program per (head group, sequence,
-    split) item, the batch and the grid's split count as its trailing arguments; and the query operands it
+    split) item, or (persistent) at most the given count; the batch and the grid's split count as its trailing
+    arguments; and the query operands it
     copies 16 bytes at a time: kept when aligned, fresh aligned copies (same values) when not."""
     try:
         from wideep.model import mla_decode_scorer as ms
     except ImportError:
         pytest.skip("Triton without Gluon")
-    assert ms.schedule(2, 37, 4, False, torch.device("cpu")) == ((2 * 37 * 4,), (37, 4))
+    assert ms.schedule(2, 37, 4, None) == ((2 * 37 * 4,), (37, 4))
+    assert ms.schedule(2, 37, 4, 132) == ((132,), (37, 4)) and ms.schedule(2, 3, 1, 132) == ((6,), (3, 1))
     q_lat = torch.randn(3, 1, 8, 512, dtype=torch.bfloat16)
     q_pe = torch.randn(3, 1, 8, 64, dtype=torch.bfloat16)
     lat, pe = ms.aligned_queries(q_lat, q_pe)

@@ -64,21 +64,22 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from .mla_decode_gluon import CONSUMER_REGS, PRODUCER_REGS, _split_range, _store_half
 
 
+def sm_count(device: torch.device) -> int:
+    """The persistent grid's size: one program per SM (one fits an SM: ~222 KB of shared memory)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def schedule(head_groups: int, batch: int, splits: int, persistent: bool, device: torch.device
-             ) -> tuple[tuple[int], tuple[int, int]]:
+def schedule(head_groups: int, batch: int, splits: int, programs: int | None) -> tuple[tuple[int], tuple[int, int]]:
     """The kernel's 1-D grid and its trailing run-time arguments (batch, grid splits) for a (head groups, batch,
-    splits) item space: one program per item, or (persistent) one per SM walking the items. Static shapes and
-    the device only: graph safe."""
+    splits) item space: one program per item (programs None), or at most `programs` programs walking the items
+    (persistent: the SM count; fewer only to test the walk). Static shapes only: graph safe."""
     n_items = head_groups * batch * splits
-    if persistent:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        n_items = min(n_items, _sm_count(index))
-    return (n_items,), (batch, splits)
+    return (n_items if programs is None else min(n_items, programs),), (batch, splits)
 
 
 def aligned_queries(q_lat: torch.Tensor, q_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

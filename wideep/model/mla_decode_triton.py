@@ -629,7 +629,8 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
     extra: tuple = ()
     if cfg.scorer:   # a 1-D grid over the (head group, sequence, split) items
         q_lat, q_pe = mla_decode_scorer.aligned_queries(q_lat, q_pe)
-        grid, extra = mla_decode_scorer.schedule(*grid, cfg.persistent, q_lat.device)
+        programs = mla_decode_scorer.sm_count(q_lat.device) if cfg.persistent else None
+        grid, extra = mla_decode_scorer.schedule(*grid, programs)
 
     def run(o, lse, fin, split):
         mla_decode_gluon.launch(kernel, q_lat, q_pe, kv_cache, block_tables, seq_lens, o, lse, fin,
