@@ -35,13 +35,17 @@ the neighbouring items' pages instead of adding up. Items past the longest seque
 walked (a graph's split axis is sized for the block table's width), and an item past its own sequence's split
 count is skipped by every partition alike (no pages, no handshake, no store: the merge kernel reads only a
 sequence's own splits). Each item runs the same instructions on the same data whichever program runs it, so
-the bits do not depend on the grid (batch invariance).
+the bits do not depend on the grid (batch invariance). Handoffs across items: the page ring's barriers keep
+their phases (position = pages this program consumed so far); the final row statistics go through one buffer
+guarded both ways ("final" from the scorer, "statistics free" back from warpgroup 1), phases from the count
+of items done. The query tile comes by cp.async in both grids (the producer starts its pages meanwhile); its
+copies are 16-byte, so the launcher hands over queries with 16-element-aligned strides (aligned_queries).
 
 WIDE0 (default 1; 0 only from `benchmarks/mla_decode.py --ablate`): warpgroup 0's value products as one
 m64n256 per k-step too, as warpgroup 1's (A from registers: fewer instructions, no shared-memory saving).
 Measured on an H200 (docs/perf.md): 0.141 ms per layer at B=128 ctx 2048 with WIDE0 (0.145 without, 0.172 for
 the half-page kernel), 0.273 at B=256; the bf16 default on Hopper, through the suite's checks (oracle, alone vs
-a batch of 37, graph vs eager, tiny model).
+a batch of 37, graph vs eager, tiny model). (Those numbers are of the 3-D grid before the item walk above.)
 Tried on top and removed (sixth pass): a lazy rescale (skip the accumulator multiplies while no row's max grew by
 > 2^8: the warpgroup-wide vote costs more than the multiplies, which already hide behind the exponentials) 6%
 slower; per-half ready/free barriers per stage (score chunks 0..3 while 4..8 land) no change beyond the run's
