@@ -62,3 +62,25 @@ def test_split_forward_equals_forward(tiny_model_dir, dtype):
         assert torch.equal(got, ref)
     else:
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_prefix_runs_once_on_the_whole_batch(tiny_model_dir):
+    """The leading dense layers make no EP collective: a split step runs them once over all rows (reading their
+    weights once), and only the MoE layers per micro-batch."""
+    from wideep.engine.kv_cache import allocate_kv_caches
+    from wideep.model.loader import load_model
+    from wideep.model.ubatch import forward_dual_batch
+
+    torch.manual_seed(0)
+    model = load_model(str(tiny_model_dir), torch.device("cpu"), torch.bfloat16)
+    first = model.dense_prefix_layers
+    assert 0 < first < model.num_layers
+    rows: dict[int, list[int]] = {0: [], first: []}
+    for i in rows:
+        model.model.layers[i].self_attn.register_forward_hook(lambda _m, args, _o, i=i: rows[i].append(args[0].shape[0]))
+    lens = [1] * 6
+    m = AttentionMetadata.build(lens, [5] * 6, [[1 + i] for i in range(6)], 16, num_decodes=6)
+    caches = allocate_kv_caches(model.num_layers, 8, 16, model.kv_cache_dim, torch.bfloat16, torch.device("cpu"))
+    with torch.inference_mode():
+        forward_dual_batch(model, torch.randint(0, 100, (6,)), torch.full((6,), 4), m, caches)
+    assert rows == {0: [6], first: [3, 3]}

@@ -125,21 +125,38 @@ class DeepseekV3ForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
     ) -> torch.Tensor:
         """input_ids/positions [T] -> final-normed hidden states [T, H]; writes new latents into kv_caches."""
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb.cos_sin(positions, h.dtype)
-        residual = None
-        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
+        h, residual, cos, sin = self.forward_prefix(input_ids, positions, attn, kv_caches)
+        first = self.dense_prefix_layers
+        for layer, cache in zip(self.model.layers[first:], kv_caches[first:], strict=True):
             h, residual = layer(h, cos, sin, attn, cache, residual)
         return self._final_norm(h, residual)
 
-    def forward_stages(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+    @property
+    def dense_prefix_layers(self) -> int:
+        """Leading layers without an MoE (R1: 3): they make no EP collective, so there is nothing to overlap."""
+        return next((i for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, DeepseekV3MoE)),
+                    len(self.model.layers))
+
+    def forward_prefix(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                        kv_caches: list[torch.Tensor]):
-        """forward() as a generator that yields while an MoE dispatch / combine is in flight: one micro-batch
-        of dual-batch overlap (model/ubatch.py), layer by layer the same math as forward()."""
+        """Embedding, rotary tables and the dense prefix layers: (hidden, residual or None, cos, sin), one row per
+        token. Dual-batch overlap runs it once on the whole batch (splitting it would only read its weights
+        twice) and the rest per micro-batch (forward_stages)."""
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb.cos_sin(positions, h.dtype)
         residual = None
-        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
+        n = self.dense_prefix_layers
+        for layer, cache in zip(self.model.layers[:n], kv_caches[:n], strict=True):
+            h, residual = layer(h, cos, sin, attn, cache, residual)
+        return h, residual, cos, sin
+
+    def forward_stages(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                       attn: AttentionMetadata, kv_caches: list[torch.Tensor]):
+        """The layers after the dense prefix as a generator that yields while an MoE dispatch / combine is in
+        flight: one micro-batch of dual-batch overlap (model/ubatch.py), layer by layer the same math as
+        forward(). h, residual, cos, sin: this micro-batch's rows of forward_prefix's outputs."""
+        first = self.dense_prefix_layers
+        for layer, cache in zip(self.model.layers[first:], kv_caches[first:], strict=True):
             h, residual = yield from layer.forward_stages(h, cos, sin, attn, cache, residual)
         return self._final_norm(h, residual)
 

@@ -1,11 +1,12 @@
 """Dual-batch overlap (vLLM's --enable-dbo): one step's forward as two interleaved micro-batches.
 
-The batch is cut at a sequence boundary into micro-batches A and B. Each runs the whole model as a
-generator that yields while its MoE dispatch or combine is in flight; the driver alternates them, so
-A's all-to-all overlaps B's attention/experts and the other way round. Every rank of the EP group
-must split the same steps (the same number of collectives in the same order): the decision depends
-only on the group's agreed step shape (`should_split`), and a rank whose batch cannot be cut (one
-sequence, or a dummy token) runs B with zero tokens.
+The batch is cut at a sequence boundary into micro-batches A and B. The embedding and the dense prefix
+layers (no EP collectives there) run once on the whole batch (forward_prefix); then each micro-batch runs
+the remaining layers as a generator that yields while its MoE dispatch or combine is in flight; the driver
+alternates them, so A's all-to-all overlaps B's attention/experts and the other way round. Every rank
+of the EP group must split the same steps (the same number of collectives in the same order): the
+decision depends only on the group's agreed step shape (`should_split`), and a rank whose batch cannot
+be cut (one sequence, or a dummy token) runs B with zero tokens.
 
 Each micro-batch runs the model's own forward_stages: the pieces of the unsplit forward (residual carried
 into the next fused add + norm, the shared expert as slot 0 of the grouped MLP, the routing weight folded
@@ -87,7 +88,9 @@ def forward_dual_batch(model, input_ids: torch.Tensor, positions: torch.Tensor, 
     t_total = input_ids.shape[0]
     n = attn.num_seqs
     parts = [(0, split, 0, t_split), (split, n, t_split, t_total)]
-    gens = [model.forward_stages(input_ids[t0:t1], positions[t0:t1], slice_metadata(attn, s0, s1, t0, t1), kv_caches)
+    h, residual, cos, sin = model.forward_prefix(input_ids, positions, attn, kv_caches)
+    gens = [model.forward_stages(h[t0:t1], None if residual is None else residual[t0:t1], cos[t0:t1], sin[t0:t1],
+                                 slice_metadata(attn, s0, s1, t0, t1), kv_caches)
             for s0, s1, t0, t1 in parts]
     dispatcher = model.dispatcher
     results: list[torch.Tensor | None] = [None, None]
