@@ -513,22 +513,30 @@ def aot_hopper():
     from wideep.model import mla_decode_e4m3 as me
     from wideep.model import mla_decode_halfpage as mh
     from wideep.model import mla_decode_scorer as ms
-    kernels = [("gluon 64,64,4,2", mg._mla_decode_gluon_kernel, "bf16"),
-               ("gluon 64,64,4,2,hp", mh._mla_decode_halfpage_kernel, "bf16"),
-               ("gluon 64,64,4,2,hp,e4m3", me._mla_decode_e4m3_kernel, "fp8e4nv"),
-               ("gluon 64,64,4,2,sc", ms._mla_decode_scorer_kernel, "bf16")]
-    for tag, kern, kv in kernels:
+    # what a launch specializes as 16-divisible (bases of fresh tensors, the query's strides: multiples of 64)
+    galigned = {"Q_LAT", "Q_PE", "BLOCK_TABLES", "SEQ_LENS", "OUT", "LSE", "FIN", "stride_ql_b", "stride_ql_q",
+                "stride_ql_h", "stride_qp_b", "stride_qp_q", "stride_qp_h"}
+    # (tag, kernel, cache dtype, run-time arguments after the strides); the one-scorer kernel serves `sc` and
+    # `sc,ps` alike (they differ in the grid only)
+    kernels = [("gluon 64,64,4,2", mg._mla_decode_gluon_kernel, "bf16", []),
+               ("gluon 64,64,4,2,hp", mh._mla_decode_halfpage_kernel, "bf16", []),
+               ("gluon 64,64,4,2,hp,e4m3", me._mla_decode_e4m3_kernel, "fp8e4nv", []),
+               ("gluon 64,64,4,2,sc and sc,ps", ms._mla_decode_scorer_kernel, "bf16", ["NB", "n_splits_grid"])]
+    for (tag, kern, kv, extra), split in ((k, s) for k in kernels for s in (True, False)):
         if only and only not in tag:
             continue
         lay = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16 if kv == "bf16" else gl.float8e4nv)
+        part = "*fp32" if split else "*bf16"   # unsplit: out = lse = fin, the output itself
         sig = {"Q_LAT": "*bf16", "Q_PE": "*bf16", "kv_desc": f"tensordesc<{kv}[64,64],{lay!r}>",
-               "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": "*fp32", "LSE": "*fp32", "FIN": "*bf16",
+               "BLOCK_TABLES": "*i32", "SEQ_LENS": "*i32", "OUT": part, "LSE": part, "FIN": "*bf16",
                "sm_scale_log2": "fp32", "out_scale": "fp32"}
-        sig.update({n: "i32" for n in gints})
-        consts = dict(L=L, R=R, PAGE=64, STAGES=2, NUM_Q=1, ALIGN=128, SPLIT=True)
+        sig.update({n: "i32" for n in gints + extra})
+        consts = dict(L=L, R=R, PAGE=64, STAGES=2, NUM_Q=1, ALIGN=128, SPLIT=split)
         sig.update({k: "constexpr" for k in consts})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if n in galigned}   # as launched
+        tag = f"{tag} split={int(split)}"
         try:
-            k = triton.compile(GluonASTSource(kern, sig, consts), target=GPUTarget("cuda", 90, 32),
+            k = triton.compile(GluonASTSource(kern, sig, consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                                options=dict(num_warps=mg.NUM_WARPS, maxnreg=mg.MAXNREG))
             report(tag, k)
         except Exception as exc:  # noqa: BLE001

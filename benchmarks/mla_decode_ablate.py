@@ -7,7 +7,8 @@ Times (CUDA graph, rotating cache sets, as the suite does) at H=128, ctx 2048, B
   probabilities); the differences say what is on the critical path;
 - the full-tile kernel beside it, and `--ablate-extra` entries (';'-separated): configs (e.g. the one-scorer
   kernel `64,64,4,2,gluon,sc` once its smoke run passed) and one-scorer variants by their benchmark-only
-  constexprs (`sc:WIDE0=1`; `--ablate-target smoke:sc:WIDE0=1;...` checks them first);
+  constexprs (`sc:WIDE0=1`; `PS=n`: n programs walk the items, the persistent grid with n = the SM count;
+  `--ablate-target smoke:sc:WIDE0=1;sc:PS=3;...` checks them first, few programs walking many items included);
 - the split count: 1024 and 512 tokens per split (2 and 4 splits, plus the merge kernel), and the merge
   kernel alone on 2 splits.
 `--ablate-only-extra` times the `--ablate-extra` entries alone (with `--ablate-quick`: B=128/256).
@@ -44,11 +45,11 @@ def run_ablate(args):
         out = torch.empty(b, heads, L, dtype=torch.bfloat16, device="cuda")
         sm = SCALE * 1.4426950408889634
 
-        def direct(kernel, **constexprs):   # one split per sequence (ctx 2048), straight into `out`
+        def direct(kernel, grid=(2, b, 1), extra=(), **constexprs):   # one split per sequence, straight into `out`
             def fn(i):
                 mg.launch(kernel, qs[i][0][:, None], qs[i][1][:, None], cache, tables[i], seq_lens, out, out, out,
-                          mdt._out_strides(out, out, out, False), sm, 1.0, 2048, MAX_SPLITS, (2, b, 1), False, 2,
-                          SPLIT_ALIGN, **constexprs)
+                          mdt._out_strides(out, out, out, False), sm, 1.0, 2048, MAX_SPLITS, grid, False, 2,
+                          SPLIT_ALIGN, extra, **constexprs)
             return fn
 
         variants = [(c, lambda i, c=c: mdt.mla_decode(qs[i][0], qs[i][1], cache, tables[i], seq_lens, SCALE,
@@ -59,8 +60,9 @@ def run_ablate(args):
                          for m in (1, 2, 3, 4, 5)]
         if variant_texts:
             from wideep.model import mla_decode_scorer as ms
-            variants += [(f"64,64,4,2,gluon,{t}", direct(ms._mla_decode_scorer_kernel, **parse_variant(t)))
-                         for t in variant_texts]
+            variants += [(f"64,64,4,2,gluon,{t}", direct(ms._mla_decode_scorer_kernel,
+                                                         *ms.schedule(2, b, 1, cx.pop("PS", None)), **cx))
+                         for t in variant_texts for cx in [parse_variant(t)]]
         short = args.ablate_quick or args.ablate_only_extra
         variants += [] if short else [(f"{c} chunk{ch}", lambda i, c=c, ch=ch: mdt.mla_decode(
             qs[i][0], qs[i][1], cache, tables[i], seq_lens, SCALE, config=mdt.DecodeConfig.parse(c), chunk=ch))
@@ -90,13 +92,15 @@ def run_ablate(args):
 
 
 def parse_variant(text: str) -> dict:
-    """'sc:WIDE0=1' -> the one-scorer kernel's benchmark-only constexprs {'WIDE0': 1}."""
+    """'sc:WIDE0=1' -> the one-scorer kernel's benchmark-only constexprs {'WIDE0': 1} (and PS=n: n programs walk
+    the items, the persistent grid; not a constexpr, the launchers take it out)."""
     return {k: int(v) for k, v in (kv.split("=") for kv in text.split(":", 1)[1].split(",") if kv)}
 
 
 def smoke_variants(texts):
     """Each one-scorer variant ('sc:K=V,...') against the fp32 oracle on ragged lengths: one split per sequence
-    (straight into the output) and up to 3 splits (fp32 partials + the merge kernel); zeros for seq_len 0.
+    (straight into the output) and up to 3 splits (fp32 partials + the merge kernel; a sequence's items past its
+    own split count skipped); 240 items (several per program under PS=n); zeros for seq_len 0.
     Prints one line per case; returns the variants that passed every case."""
     from mla_decode import errors
     from mla_decode_suite import oracle, ragged_case
@@ -111,19 +115,21 @@ def smoke_variants(texts):
         cx = parse_variant(text)
         ok = True
         for b, nq, heads, max_ctx, width, chunk in ((6, 1, 128, 2048, 32, 2048), (6, 1, 128, 3000, 128, 1024),
-                                                    (5, 4, 16, 3000, 128, 1024)):
+                                                    (5, 4, 16, 3000, 128, 1024), (40, 1, 128, 3000, 128, 1024)):
             case = ragged_case(b, heads, 64, max_ctx, width, torch.bfloat16, 3 + nq, nq)
             q_lat, q_pe = (x if x.dim() == 4 else x[:, None] for x in case[:2])
             rows = nq * heads
             out = torch.full((b, rows, L), float("nan"), dtype=torch.bfloat16, device="cuda")
-            grid = (-(-rows // 64), b, mdt.grid_splits(width * 64, chunk))
+            splits = mdt.grid_splits(width * 64, chunk)
+            consts = dict(cx)
+            grid, extra = ms.schedule(-(-rows // 64), b, splits, consts.pop("PS", None))
 
             def run(o, lse, fin, split):
                 mg.launch(ms._mla_decode_scorer_kernel, q_lat, q_pe, case[2], case[3], case[4], o, lse, fin,
                           mdt._out_strides(o, lse, fin, split), SCALE * 1.4426950408889634, 1.0, chunk, MAX_SPLITS, grid,
-                          split, 2, SPLIT_ALIGN, **cx)
+                          split, 2, SPLIT_ALIGN, extra, **consts)
             try:
-                mdt._split_and_merge(run, combine, out, case[4], grid[2], chunk)
+                mdt._split_and_merge(run, combine, out, case[4], splits, chunk)
                 torch.cuda.synchronize()
                 err = errors(torch, out, oracle(*case).reshape(b, rows, L))
             except Exception as exc:  # noqa: BLE001
@@ -132,7 +138,7 @@ def smoke_variants(texts):
                 break
             good = err[2] and err[1] < 2e-2 and bool((out[0] == 0).all())
             ok &= good
-            print(f"smoke {text} B={b} Q={nq} H={heads} splits<={grid[2]}: rel {err[1]:.2e} finite={err[2]} -> "
+            print(f"smoke {text} B={b} Q={nq} H={heads} splits<={splits}: rel {err[1]:.2e} finite={err[2]} -> "
                   f"{'ok' if good else 'FAIL'}", flush=True)
         if ok:
             passed.append(text)

@@ -385,7 +385,7 @@ def run_smoke(args):
     runs = [(text, cfg, home_dtype(cfg)) for text, cfg in runs] + [("default", None, torch.bfloat16),
                                                                     ("default", None, FP8)]
     for text, cfg, dt in runs:
-        for b, nq, heads in ((6, 1, 128), (5, 4, 16)):
+        for b, nq, heads in ((6, 1, 128), (5, 4, 16), (160, 1, 128)):   # 160: more items than SMs
             t = time.perf_counter()
             case = ragged_case(b, heads, 64, 3000, 128, dt, 3 + nq, nq)
             out = mdt.mla_decode(*case[:5], SCALE, K_SCALE if dt == FP8 else 1.0, config=cfg)

@@ -303,16 +303,18 @@ def test_tma_applicability_and_logged_fallback(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("text", ["64,64,4,2,gluon", "64,64,4,2,gluon,hp", "64,64,4,2,gluon,hp,e4m3",
-                                  "64,64,4,2,gluon,sc"])
+                                  "64,64,4,2,gluon,sc", "64,64,4,2,gluon,sc,ps"])
 def test_gluon_config_rules_and_applicability(monkeypatch, caplog, text):
     """The Gluon kernels cannot run on the CPU (no interpreter for them): their config rules, the cache layouts
     they accept, the descriptor geometry, and that where they do not apply the next config serves, logged once."""
     cfg = mdt.DecodeConfig.parse(text)
     assert cfg.gluon and cfg.halfpage == ("hp" in text) and cfg.scorer == ("sc" in text)
+    assert cfg.persistent == ("ps" in text)
     assert mdt.DecodeConfig.parse(str(cfg)) == cfg
     for bad in ("64,64,8,2,gluon", "64,64,4,2,sv,gluon", "64,64,4,2,gluon,ov", "64,64,4,2,hp", "64,64,4,3,gluon,hp",
                 "64,64,4,2,gluon,ss", "64,64,8,2,sv,hp", "64,64,4,2,sc", "64,64,4,3,gluon,sc", "64,64,4,2,gluon,hp,sc",
-                "64,64,4,2,gluon,sc,e4m3"):
+                "64,64,4,2,gluon,sc,e4m3", "64,64,4,2,gluon,ps", "64,64,4,2,gluon,hp,ps", "64,64,8,2,sv,ps",
+                "64,64,4,2,ps", "64,64,4,3,gluon,sc,ps", "64,64,4,2,gluon,hp,e4m3,ps"):
         with pytest.raises(ValueError, match=mdt.CONFIG_ENV):
             mdt.DecodeConfig.parse(bad)
     try:
@@ -403,3 +405,26 @@ def test_e4m3_gluon_config_rules_plan_and_numerics(monkeypatch, caplog):
         for _ in range(2):
             assert torch.equal(mdt.mla_decode(q_lat, q_pe, cache8, tables, seq_lens, 0.2, 0.5), ref)
     assert sum("did not run here" in r.message for r in caplog.records) == 1
+
+
+def test_scorer_item_space_and_query_operands():
+    """The one-scorer kernel's launch geometry (it cannot run on the CPU): one program per (head group, sequence,
+    split) item, or (persistent) at most the given count; the batch and the grid's split count as its trailing
+    arguments; and the query operands it
+    copies 16 bytes at a time: kept when aligned, fresh aligned copies (same values) when not."""
+    try:
+        from wideep.model import mla_decode_scorer as ms
+    except ImportError:
+        pytest.skip("Triton without Gluon")
+    assert ms.schedule(2, 37, 4, None) == ((2 * 37 * 4,), (37, 4))
+    assert ms.schedule(2, 37, 4, 132) == ((132,), (37, 4)) and ms.schedule(2, 3, 1, 132) == ((6,), (3, 1))
+    q_lat = torch.randn(3, 1, 8, 512, dtype=torch.bfloat16)
+    q_pe = torch.randn(3, 1, 8, 64, dtype=torch.bfloat16)
+    lat, pe = ms.aligned_queries(q_lat, q_pe)
+    assert lat is q_lat and pe is q_pe
+    heads = torch.randn(3, 1, 8, 192, dtype=torch.bfloat16)   # q_pe as a view into per-head rows
+    odd_rows = torch.randn(3, 1, 8, 72, dtype=torch.bfloat16)[..., :64]   # row stride 72: not a multiple of 16
+    for view, kept in ((heads[..., 128:], True), (heads[..., 124:188], False), (odd_rows, False)):
+        _, pe = ms.aligned_queries(q_lat, view)
+        assert (pe is view) == kept and torch.equal(pe, view)
+        assert pe.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in pe.stride()[:3])

@@ -295,19 +295,20 @@ def _mla_decode_gluon_kernel(
 
 
 def launch(kernel, q_lat, q_pe, kv_cache, block_tables, seq_lens, out, lse, fin, out_strides, sm_scale_log2, out_scale,
-           chunk, max_splits, grid, split: bool, stages: int, align: int, **constexprs):
+           chunk, max_splits, grid, split: bool, stages: int, align: int, extra: tuple = (), **constexprs):
     """One of the Gluon decode kernels (this module's, mla_decode_halfpage's, mla_decode_e4m3's or
     mla_decode_scorer's: same arguments and output contract). q_lat [B, Q, H, L], q_pe [B, Q, H, R] (last dims
     contiguous), fin [B, Q*H, L] the output; out = fin (split=False) or the fp32 partials [B, Q*H, S, L] with
-    lse [B, Q*H, S] (split=True); out_strides as the Triton kernels take them. `constexprs`: extra compile-time arguments of that
-    kernel (the benchmark-only switches of the half-page and one-scorer kernels)."""
+    lse [B, Q*H, S] (split=True); out_strides as the Triton kernels take them. `extra`: run-time arguments of that kernel
+    after the strides (the one-scorer kernel's item space); `constexprs`: its extra compile-time arguments (the
+    benchmark-only switches of the half-page and one-scorer kernels)."""
     b, nq, h, lat = q_lat.shape
     desc, blk_rows = make_descriptor(kv_cache)
     kernel[grid](
         q_lat, q_pe, desc, block_tables, seq_lens, out, lse, fin,
         sm_scale_log2, out_scale, chunk, max_splits, h, blk_rows,
         q_lat.stride(0), q_lat.stride(1), q_lat.stride(2), q_pe.stride(0), q_pe.stride(1), q_pe.stride(2),
-        block_tables.stride(0), *out_strides,
+        block_tables.stride(0), *out_strides, *extra,
         L=lat, R=q_pe.shape[3], PAGE=kv_cache.shape[1], STAGES=stages, NUM_Q=nq, ALIGN=align, SPLIT=split,
         num_warps=NUM_WARPS, maxnreg=MAXNREG, **constexprs,
     )

@@ -24,26 +24,116 @@ Split schedule, masking (scores past seq_len are -inf; each warpgroup zeroes the
 value chunks before its products), merge kernel and output contract are mla_decode_gluon's, so batch
 invariance and CUDA-graph safety carry over. bf16 caches only.
 
+Work items and the persistent schedule: an item is one (head group, sequence, split), numbered split-major with
+the head group fastest (item = (split * B + b) * HG + head group, so the head groups of a sequence's split run
+side by side and share its pages through L2). The grid is 1-D; program p walks items p, p + P, p + 2P, ...
+With P = the item count (`sc`) that is one item per program. With P = the SM count (`sc,ps`) each program keeps
+its shared memory, barriers and page ring across items: the ring position runs on over items, the next item's
+query tile is fetched (cp.async, by the scorer, which alone reads it) while the last page of the present item
+is still being multiplied and stored, so the per-program costs (query load, ring fill and drain, store) overlap
+the neighbouring items' pages instead of adding up. Items past the longest sequence's split count are not
+walked (a graph's split axis is sized for the block table's width), and an item past its own sequence's split
+count is skipped by every partition alike (no pages, no handshake, no store: the merge kernel reads only a
+sequence's own splits). Each item runs the same instructions on the same data whichever program runs it, so
+the bits do not depend on the grid (batch invariance). Handoffs across items: the page ring's barriers keep
+their phases (position = pages this program consumed so far); the final row statistics go through one buffer
+guarded both ways ("final" from the scorer, "statistics free" back from warpgroup 1), phases from the count
+of items done. The query tile comes by cp.async in both grids (the producer starts its pages meanwhile); its
+copies are 16-byte, so the launcher hands over queries with 16-element-aligned strides (aligned_queries).
+
 WIDE0 (default 1; 0 only from `benchmarks/mla_decode.py --ablate`): warpgroup 0's value products as one
 m64n256 per k-step too, as warpgroup 1's (A from registers: fewer instructions, no shared-memory saving).
 Measured on an H200 (docs/perf.md): 0.141 ms per layer at B=128 ctx 2048 with WIDE0 (0.145 without, 0.172 for
 the half-page kernel), 0.273 at B=256; the bf16 default on Hopper, through the suite's checks (oracle, alone vs
-a batch of 37, graph vs eager, tiny model).
+a batch of 37, graph vs eager, tiny model). (Those numbers are of the 3-D grid before the item walk above.)
 Tried on top and removed (sixth pass): a lazy rescale (skip the accumulator multiplies while no row's max grew by
 > 2^8: the warpgroup-wide vote costs more than the multiplies, which already hide behind the exponentials) 6%
 slower; per-half ready/free barriers per stage (score chunks 0..3 while 4..8 land) no change beyond the run's
 spread: the consumers rarely wait for pages.
 """
+import functools
+
+import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
+    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
 
-from .mla_decode_gluon import CONSUMER_REGS, PRODUCER_REGS, _load_query, _producer, _split_range, _store_half
+from .mla_decode_gluon import CONSUMER_REGS, PRODUCER_REGS, _split_range, _store_half
+
+
+def sm_count(device: torch.device) -> int:
+    """The persistent grid's size: one program per SM (one fits an SM: ~222 KB of shared memory)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def schedule(head_groups: int, batch: int, splits: int, programs: int | None) -> tuple[tuple[int], tuple[int, int]]:
+    """The kernel's 1-D grid and its trailing run-time arguments (batch, grid splits) for a (head groups, batch,
+    splits) item space: one program per item (programs None), or at most `programs` programs walking the items
+    (persistent: the SM count; fewer only to test the walk). Static shapes only: graph safe."""
+    n_items = head_groups * batch * splits
+    return (n_items if programs is None else min(n_items, programs),), (batch, splits)
+
+
+def aligned_queries(q_lat: torch.Tensor, q_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query operands as the kernel's 16-byte asynchronous copies need them: 16-byte aligned bases and row
+    strides that are multiples of 16 elements (what a launch specializes as divisible; else the copies cannot be
+    vectorized and the kernel does not compile); fresh contiguous copies where they are not."""
+    def fits(x):
+        return x.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in x.stride()[:3])
+    return (q_lat if fits(q_lat) else q_lat.clone(memory_format=torch.contiguous_format),
+            q_pe if fits(q_pe) else q_pe.clone(memory_format=torch.contiguous_format))
+
+
+@gluon.jit
+def _item(item, HG, NB):
+    """Item number -> (head group, sequence, split): split-major, head group fastest."""
+    return item % HG, (item // HG) % NB, item // (HG * NB)
+
+
+@gluon.jit
+def _items_needed(SEQ_LENS, NB, HG, n_items, chunk, max_splits):
+    """How many leading items can hold work: those of the splits the longest sequence has (the split count is
+    monotonic in the length), at most the grid's."""
+    lay: gl.constexpr = gl.BlockedLayout([4], [32], [4], [0])   # the kernel's 4 warps, before warp_specialize
+    offs = gl.arange(0, 512, layout=lay)
+    longest = gl.max(gl.load(SEQ_LENS + offs, mask=offs < NB, other=0), 0)
+    for i in range(512, NB, 512):
+        longest = gl.maximum(longest, gl.max(gl.load(SEQ_LENS + i + offs, mask=i + offs < NB, other=0), 0))
+    splits = gl.minimum(gl.maximum((longest + chunk - 1) // chunk, 1), max_splits)
+    return gl.minimum(n_items, splits * NB * HG)
+
+
+@gluon.jit
+def _fetch_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q,
+                 stride_qp_h, NC: gl.constexpr, NUM_Q: gl.constexpr):
+    """mla_decode_gluon._load_query as asynchronous copies (one commit group; rows past the heads are zero-filled):
+    the caller waits for the group, fences and syncs the warpgroup before the first product reads the tile."""
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    rows = pid_h * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, ld_layout))
+    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ld_layout))
+    rmask = gl.expand_dims(rows < H * NUM_Q, 1) & gl.expand_dims(cols < 64, 0)
+    qi = rows // H
+    head = rows % H
+    ql = Q_LAT + b.to(gl.int64) * stride_ql_b + gl.expand_dims(qi * stride_ql_q + head * stride_ql_h, 1) \
+        + gl.expand_dims(cols, 0)
+    for c in gl.static_range(NC - 1):
+        async_copy.async_copy_global_to_shared(q_smem.index(c), ql + c * 64, mask=rmask)
+    qp = Q_PE + b.to(gl.int64) * stride_qp_b + gl.expand_dims(qi * stride_qp_q + head * stride_qp_h, 1) \
+        + gl.expand_dims(cols, 0)
+    async_copy.async_copy_global_to_shared(q_smem.index(NC - 1), qp, mask=rmask)
+    async_copy.commit_group()
 
 
 @gluon.jit
@@ -61,12 +151,14 @@ def _zero_tail(kv_smem, kb, n0, end, PAGE: gl.constexpr, VBASE: gl.constexpr):
 
 
 @gluon.jit
-def _scorer(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE, FIN,
-            sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+def _scorer(q_smem, kv_smem, ready, empty, p_ready, fin, stat_free, alpha_s, stat_s, Q_LAT, Q_PE, SEQ_LENS,
+            OUT, LSE, FIN, sm_scale_log2, out_scale, chunk, max_splits, H, pid, nprog, n_items, HG, NB,
+            stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h,
             stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
             NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
             ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr):
-    """Warpgroup 0: scores, softmax, value columns 0..255, probabilities out."""
+    """Warpgroup 0: per item, the query tile, then per page scores, softmax, value columns 0..255,
+    probabilities out; the row statistics to warpgroup 1; its half of the output."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
     w_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
     o_layout: gl.constexpr = w_layout if WIDE0 else s_layout
@@ -76,75 +168,107 @@ def _scorer(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LE
     cdt: gl.constexpr = q_smem.dtype
     wide_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([PAGE, 256], cdt)
 
-    seq_len, n_splits, start, end, n_pages = _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE, ALIGN)
-    rows = pid_h * 64 + gl.arange(0, 64, layout=row_l)
-    row_end = seq_len - (NUM_Q - 1 - rows // H)
-    m_i = gl.full([64], float("-inf"), gl.float32, layout=row_l)
-    l_i = gl.full([64], 0.0, gl.float32, layout=row_l)
-    acc0 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
-    acc1 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
-    acc2 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
-    acc3 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
-    accw = gl.zeros([64, 256 if WIDE0 else 1], gl.float32, layout=w_layout)
-    for i in range(n_pages):
-        st = i % STAGES
-        kb = st * NC
-        n0 = start + i * PAGE
-        mbarrier.wait(ready.index(st), (i // STAGES) & 1)
-        if n0 + PAGE > end:
-            _zero_tail(kv_smem, kb, n0, end, PAGE, 0)
-        s = gl.zeros([64, 64], gl.float32, layout=s_layout)
-        for c in gl.static_range(NC):
-            s = warpgroup_mma(q_smem.index(c), kv_smem.index(kb + c).permute((1, 0)), s, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s, ))
-        if n0 + PAGE + NUM_Q - 1 > end:   # the split's last page (or a query token's causal limit): mask
-            toks = n0 + gl.arange(0, PAGE, layout=col_l)
-            visible = gl.expand_dims(toks, 0) < gl.expand_dims(row_end, 1)
-            s = gl.where(visible, s, float("-inf"))
-        # the scale is folded into the exponent (one FFMA per score): max(s) * c == max(s * c) for c > 0
-        m_new = gl.maximum(m_i, gl.max(s, 1) * sm_scale_log2)
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s * sm_scale_log2 - gl.expand_dims(m_safe, 1))
-        m_i = m_new
-        pb = p.to(cdt)
-        pa = gl.convert_layout(pb, p_layout)
-        # this warpgroup's products first (the critical path), then the probabilities for warpgroup 1
-        if WIDE0:
-            aw = gl.convert_layout(gl.expand_dims(alpha, 1), w_layout)
-            accw = warpgroup_mma(pa, kv_smem.index(kb)._reinterpret(cdt, [PAGE, 256], wide_l), accw * aw,
-                                 is_async=True)
-        else:
-            a2 = gl.expand_dims(alpha, 1)
-            acc0 = warpgroup_mma(pa, kv_smem.index(kb + 0), acc0 * a2, is_async=True)
-            acc1 = warpgroup_mma(pa, kv_smem.index(kb + 1), acc1 * a2, is_async=True)
-            acc2 = warpgroup_mma(pa, kv_smem.index(kb + 2), acc2 * a2, is_async=True)
-            acc3 = warpgroup_mma(pa, kv_smem.index(kb + 3), acc3 * a2, is_async=True)
-        kv_smem.index(kb + NC - 1).store(pb)   # the rope chunk: its scores are done
-        alpha_s.index(st).store(alpha)
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.arrive(p_ready.index(st), count=1)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        if WIDE0:
-            accw = warpgroup_mma_wait(0, deps=(accw, ))
-        else:
-            acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(st), count=1)
-    stat_s.index(0).store(m_i)
-    stat_s.index(1).store(l_i)
-    gl.thread_barrier()
-    mbarrier.arrive(fin.index(0), count=1)
-    if WIDE0:
-        wrow_l: gl.constexpr = gl.SliceLayout(1, w_layout)
-        _store_wide(OUT, LSE, FIN, accw, gl.convert_layout(m_i, wrow_l), gl.convert_layout(l_i, wrow_l),
-                    pid_h * 64 + gl.arange(0, 64, layout=wrow_l), gl.arange(0, 256, layout=gl.SliceLayout(0, w_layout)),
-                    out_scale, H, b, split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
-                    0, NUM_Q, SPLIT)
-    else:
-        _store_half(OUT, LSE, FIN, acc0, acc1, acc2, acc3, m_i, l_i, rows, gl.arange(0, 64, layout=col_l), out_scale, H,
-                    b, split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r, 0, NUM_Q, SPLIT)
+    it = pid * 0         # pages consumed by this program so far: the ring position
+    done = pid * 0       # items finished: the phase of the statistics handoff
+    q_key = pid * 0 - 1  # b * HG + head group of the query tile in (or on its way to) shared memory
+    for item in range(pid, n_items, nprog):
+        pid_h, b, split = _item(item, HG, NB)
+        seq_len, n_splits, start, end, n_pages = _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE, ALIGN)
+        if split < n_splits:
+            key = item % (HG * NB)
+            if key != q_key:   # the first item, or the prefetched one was skipped: fetch now
+                async_copy.wait_group(0)   # a stale prefetch lands before this copy of the same addresses
+                _fetch_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b,
+                             stride_qp_q, stride_qp_h, NC, NUM_Q)
+                q_key = key
+            async_copy.wait_group(0)
+            fence_async_shared()
+            gl.thread_barrier()
+            nxt = item + nprog
+            rows = pid_h * 64 + gl.arange(0, 64, layout=row_l)
+            row_end = seq_len - (NUM_Q - 1 - rows // H)
+            m_i = gl.full([64], float("-inf"), gl.float32, layout=row_l)
+            l_i = gl.full([64], 0.0, gl.float32, layout=row_l)
+            acc0 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
+            acc1 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
+            acc2 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
+            acc3 = gl.zeros([64, 1 if WIDE0 else 64], gl.float32, layout=s_layout)
+            accw = gl.zeros([64, 256 if WIDE0 else 1], gl.float32, layout=w_layout)
+            for i in range(n_pages):
+                g = it + i
+                st = g % STAGES
+                kb = st * NC
+                n0 = start + i * PAGE
+                mbarrier.wait(ready.index(st), (g // STAGES) & 1)
+                if n0 + PAGE > end:
+                    _zero_tail(kv_smem, kb, n0, end, PAGE, 0)
+                s = gl.zeros([64, 64], gl.float32, layout=s_layout)
+                for c in gl.static_range(NC):
+                    s = warpgroup_mma(q_smem.index(c), kv_smem.index(kb + c).permute((1, 0)), s, is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s, ))
+                if i == n_pages - 1:   # the tile's last reader is done: fetch the next item's under this page
+                    if nxt < n_items:
+                        nkey = nxt % (HG * NB)
+                        if nkey != key:
+                            nh, nb, ns = _item(nxt, HG, NB)
+                            gl.thread_barrier()   # every warp's products have read the tile
+                            _fetch_query(q_smem, Q_LAT, Q_PE, nb, nh, H, stride_ql_b, stride_ql_q, stride_ql_h,
+                                         stride_qp_b, stride_qp_q, stride_qp_h, NC, NUM_Q)
+                            q_key = nkey
+                if n0 + PAGE + NUM_Q - 1 > end:   # the split's last page (or a query token's causal limit): mask
+                    toks = n0 + gl.arange(0, PAGE, layout=col_l)
+                    visible = gl.expand_dims(toks, 0) < gl.expand_dims(row_end, 1)
+                    s = gl.where(visible, s, float("-inf"))
+                # the scale is folded into the exponent (one FFMA per score): max(s) * c == max(s * c) for c > 0
+                m_new = gl.maximum(m_i, gl.max(s, 1) * sm_scale_log2)
+                m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = gl.exp2(m_i - m_safe)
+                p = gl.exp2(s * sm_scale_log2 - gl.expand_dims(m_safe, 1))
+                m_i = m_new
+                pb = p.to(cdt)
+                pa = gl.convert_layout(pb, p_layout)
+                # this warpgroup's products first (the critical path), then the probabilities for warpgroup 1
+                if WIDE0:
+                    aw = gl.convert_layout(gl.expand_dims(alpha, 1), w_layout)
+                    accw = warpgroup_mma(pa, kv_smem.index(kb)._reinterpret(cdt, [PAGE, 256], wide_l), accw * aw,
+                                         is_async=True)
+                else:
+                    a2 = gl.expand_dims(alpha, 1)
+                    acc0 = warpgroup_mma(pa, kv_smem.index(kb + 0), acc0 * a2, is_async=True)
+                    acc1 = warpgroup_mma(pa, kv_smem.index(kb + 1), acc1 * a2, is_async=True)
+                    acc2 = warpgroup_mma(pa, kv_smem.index(kb + 2), acc2 * a2, is_async=True)
+                    acc3 = warpgroup_mma(pa, kv_smem.index(kb + 3), acc3 * a2, is_async=True)
+                kv_smem.index(kb + NC - 1).store(pb)   # the rope chunk: its scores are done
+                alpha_s.index(st).store(alpha)
+                fence_async_shared()
+                gl.thread_barrier()
+                mbarrier.arrive(p_ready.index(st), count=1)
+                l_i = l_i * alpha + gl.sum(p, 1)
+                if WIDE0:
+                    accw = warpgroup_mma_wait(0, deps=(accw, ))
+                else:
+                    acc0, acc1, acc2, acc3 = warpgroup_mma_wait(0, deps=(acc0, acc1, acc2, acc3))
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(st), count=1)
+            it += n_pages
+            mbarrier.wait(stat_free.index(0), (done & 1) ^ 1)   # warpgroup 1 has read the previous item's
+            stat_s.index(0).store(m_i)
+            stat_s.index(1).store(l_i)
+            gl.thread_barrier()
+            mbarrier.arrive(fin.index(0), count=1)
+            done += 1
+            if WIDE0:
+                wrow_l: gl.constexpr = gl.SliceLayout(1, w_layout)
+                _store_wide(OUT, LSE, FIN, accw, gl.convert_layout(m_i, wrow_l), gl.convert_layout(l_i, wrow_l),
+                            pid_h * 64 + gl.arange(0, 64, layout=wrow_l),
+                            gl.arange(0, 256, layout=gl.SliceLayout(0, w_layout)), out_scale, H, b, split, n_splits,
+                            stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
+                            0, NUM_Q, SPLIT)
+            else:
+                _store_half(OUT, LSE, FIN, acc0, acc1, acc2, acc3, m_i, l_i, rows, gl.arange(0, 64, layout=col_l),
+                            out_scale, H, b, split, n_splits, stride_o_b, stride_o_r, stride_o_s, stride_lse_b,
+                            stride_lse_r, stride_f_b, stride_f_r, 0, NUM_Q, SPLIT)
+    async_copy.wait_group(0)   # a prefetch for a skipped last item lands before the program exits
 
 
 @gluon.jit
@@ -173,8 +297,8 @@ def _store_wide(OUT, LSE, FIN, acc, m_i, l_i, rows, cols, out_scale, H, b, split
 
 
 @gluon.jit
-def _accumulator(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE, FIN,
-                 sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+def _accumulator(kv_smem, ready, empty, p_ready, fin, stat_free, alpha_s, stat_s, SEQ_LENS, OUT, LSE, FIN,
+                 out_scale, chunk, max_splits, H, pid, nprog, n_items, HG, NB,
                  stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                  NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
                  ALIGN: gl.constexpr, SPLIT: gl.constexpr):
@@ -183,44 +307,80 @@ def _accumulator(q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, S
     row_l: gl.constexpr = gl.SliceLayout(1, w_layout)
     wide_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([PAGE, 256], kv_smem.dtype)
 
-    seq_len, n_splits, start, end, n_pages = _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE, ALIGN)
-    acc = gl.zeros([64, 256], gl.float32, layout=w_layout)
-    for i in range(n_pages):
-        st = i % STAGES
-        ph = (i // STAGES) & 1
-        mbarrier.wait(ready.index(st), ph)
-        kb = st * NC
-        n0 = start + i * PAGE
-        if n0 + PAGE > end:
-            _zero_tail(kv_smem, kb, n0, end, PAGE, 4)
-        mbarrier.wait(p_ready.index(st), ph)
-        a2 = gl.expand_dims(alpha_s.index(st).load(row_l), 1)
-        # value chunks 4..7 of the stage: four consecutive 64x64 swizzled tiles = one 64x256 operand
-        v = kv_smem.index(kb + 4)._reinterpret(kv_smem.dtype, [PAGE, 256], wide_l)
-        acc = warpgroup_mma(kv_smem.index(kb + NC - 1), v, acc * a2, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(st), count=1)
-    mbarrier.wait(fin.index(0), 0)
-    m_i = stat_s.index(0).load(row_l)
-    l_i = stat_s.index(1).load(row_l)
-    _store_wide(OUT, LSE, FIN, acc, m_i, l_i, pid_h * 64 + gl.arange(0, 64, layout=row_l),
-                gl.arange(0, 256, layout=gl.SliceLayout(0, w_layout)), out_scale, H, b, split, n_splits,
-                stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r, 1, NUM_Q, SPLIT)
+    it = pid * 0
+    done = pid * 0
+    for item in range(pid, n_items, nprog):
+        pid_h, b, split = _item(item, HG, NB)
+        seq_len, n_splits, start, end, n_pages = _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE, ALIGN)
+        if split < n_splits:
+            acc = gl.zeros([64, 256], gl.float32, layout=w_layout)
+            for i in range(n_pages):
+                g = it + i
+                st = g % STAGES
+                ph = (g // STAGES) & 1
+                mbarrier.wait(ready.index(st), ph)
+                kb = st * NC
+                n0 = start + i * PAGE
+                if n0 + PAGE > end:
+                    _zero_tail(kv_smem, kb, n0, end, PAGE, 4)
+                mbarrier.wait(p_ready.index(st), ph)
+                a2 = gl.expand_dims(alpha_s.index(st).load(row_l), 1)
+                # value chunks 4..7 of the stage: four consecutive 64x64 swizzled tiles = one 64x256 operand
+                v = kv_smem.index(kb + 4)._reinterpret(kv_smem.dtype, [PAGE, 256], wide_l)
+                acc = warpgroup_mma(kv_smem.index(kb + NC - 1), v, acc * a2, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc, ))
+                gl.thread_barrier()
+                mbarrier.arrive(empty.index(st), count=1)
+            it += n_pages
+            mbarrier.wait(fin.index(0), done & 1)
+            m_i = stat_s.index(0).load(row_l)
+            l_i = stat_s.index(1).load(row_l)
+            gl.thread_barrier()   # every warp has read the statistics before the scorer may overwrite them
+            mbarrier.arrive(stat_free.index(0), count=1)
+            done += 1
+            _store_wide(OUT, LSE, FIN, acc, m_i, l_i, pid_h * 64 + gl.arange(0, 64, layout=row_l),
+                        gl.arange(0, 256, layout=gl.SliceLayout(0, w_layout)), out_scale, H, b, split, n_splits,
+                        stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r, 1,
+                        NUM_Q, SPLIT)
 
 
 @gluon.jit
+def _producer(kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, chunk, max_splits, pid, nprog, n_items, HG,
+              NB, blk_rows, stride_bt_b, NC: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
+              ALIGN: gl.constexpr):
+    """1 warp: per item, page ids from the block table, 9 bulk copies per page into the next free stage. (An item
+    past its sequence's split count has no pages: the consumers' skip needs no test here.)"""
+    it = pid * 0
+    for item in range(pid, n_items, nprog):
+        pid_h, b, split = _item(item, HG, NB)
+        seq_len, n_splits, start, end, n_pages = _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE, ALIGN)
+        bt_row = BLOCK_TABLES + b.to(gl.int64) * stride_bt_b + start // PAGE
+        for i in range(n_pages):
+            g = it + i
+            st = g % STAGES
+            mbarrier.wait(empty.index(st), ((g // STAGES) & 1) ^ 1)
+            row0 = gl.load(bt_row + i) * blk_rows
+            mbarrier.expect(ready.index(st), NC * kv_desc.block_type.nbytes)
+            for c in gl.static_range(NC):
+                tma.async_copy_global_to_shared(kv_desc, [row0, c * 64], ready.index(st), kv_smem.index(st * NC + c))
+        it += n_pages
+
+
+@gluon.jit(do_not_specialize=["NB", "n_splits_grid"])   # one compiled variant for every batch size
 def _mla_decode_scorer_kernel(
     Q_LAT, Q_PE, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
     sm_scale_log2, out_scale, chunk, max_splits, H, blk_rows,
     stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h, stride_bt_b,
     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
+    NB, n_splits_grid,
     L: gl.constexpr, R: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, NUM_Q: gl.constexpr,
     ALIGN: gl.constexpr, SPLIT: gl.constexpr, WIDE0: gl.constexpr = 1,
 ):
-    pid_h = gl.program_id(0)
-    b = gl.program_id(1)
-    split = gl.program_id(2)
+    """Grid (P,): program p runs items p, p + P, ... of the (head group, sequence, split) items (see schedule)."""
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    HG = (H * NUM_Q + 63) // 64
+    n_items = _items_needed(SEQ_LENS, NB, HG, HG * NB * n_splits_grid, chunk, max_splits)
     NC: gl.constexpr = (L + R) // 64
     smem_layout: gl.constexpr = kv_desc.layout
     cdt: gl.constexpr = kv_desc.dtype
@@ -230,6 +390,7 @@ def _mla_decode_scorer_kernel(
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     p_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     fin = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    stat_free = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     stat_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     alpha_s = gl.allocate_shared_memory(gl.float32, [STAGES, 64], stat_layout)   # per stage: the page's rescale
     stat_s = gl.allocate_shared_memory(gl.float32, [2, 64], stat_layout)         # final row max, row sum
@@ -238,21 +399,22 @@ def _mla_decode_scorer_kernel(
         mbarrier.init(empty.index(s), count=2)
         mbarrier.init(p_ready.index(s), count=1)
     mbarrier.init(fin.index(0), count=1)
+    mbarrier.init(stat_free.index(0), count=1)
+    fence_async_shared()
+    gl.thread_barrier()
 
-    _load_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q,
-                stride_qp_h, NC, NUM_Q)
-
+    # (the argument tuples are written out in the call: a tuple bound to a name first turns constexprs into
+    # run-time values inside the worker partitions)
     gl.warp_specialize([
-        (_scorer, (q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE, FIN,
-                   sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+        (_scorer, (q_smem, kv_smem, ready, empty, p_ready, fin, stat_free, alpha_s, stat_s, Q_LAT, Q_PE, SEQ_LENS,
+                   OUT, LSE, FIN, sm_scale_log2, out_scale, chunk, max_splits, H, pid, nprog, n_items, HG, NB,
+                   stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h,
                    stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                    NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT, WIDE0)),
-        (_accumulator, (q_smem, kv_smem, ready, empty, p_ready, fin, alpha_s, stat_s, SEQ_LENS, OUT, LSE, FIN,
-                        sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split,
+        (_accumulator, (kv_smem, ready, empty, p_ready, fin, stat_free, alpha_s, stat_s, SEQ_LENS, OUT, LSE, FIN,
+                        out_scale, chunk, max_splits, H, pid, nprog, n_items, HG, NB,
                         stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
                         NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
-        (_producer, (q_smem, kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, OUT, LSE, FIN,
-                     sm_scale_log2, out_scale, chunk, max_splits, H, b, pid_h, split, blk_rows, stride_bt_b,
-                     stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
-                     NC, PAGE, STAGES, NUM_Q, ALIGN, SPLIT)),
+        (_producer, (kv_smem, ready, empty, kv_desc, BLOCK_TABLES, SEQ_LENS, chunk, max_splits, pid, nprog, n_items,
+                     HG, NB, blk_rows, stride_bt_b, NC, PAGE, STAGES, ALIGN)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

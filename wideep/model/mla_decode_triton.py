@@ -55,18 +55,20 @@ class DecodeConfig:
     halfpage: bool = False  # gluon only: the warpgroups score the two halves of each page (mla_decode_halfpage)
     e4m3: bool = False      # gluon,hp only: e4m3 cache, pages widened to bf16 in shared memory (mla_decode_e4m3)
     scorer: bool = False    # gluon only: warpgroup 0 scores each page, both accumulate values (mla_decode_scorer)
+    persistent: bool = False   # gluon,sc only: one program per SM walks the work items (mla_decode_scorer.schedule)
 
     def __str__(self) -> str:
         return (f"{self.block_h},{self.block_n},{self.num_warps},{self.num_stages}" + (",sv" if self.split_v else "")
                 + (",f16" if self.f16 else "") + (",tma" if self.tma else "") + (",gluon" if self.gluon else "")
-                + (",hp" if self.halfpage else "") + (",e4m3" if self.e4m3 else "") + (",sc" if self.scorer else ""))
+                + (",hp" if self.halfpage else "") + (",e4m3" if self.e4m3 else "") + (",sc" if self.scorer else "")
+                + (",ps" if self.persistent else ""))
 
     @classmethod
     def parse(cls, text: str) -> "DecodeConfig":
         parts = [x.strip() for x in text.split(",")]
         flags = set(parts[4:])
         try:
-            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "hp", "e4m3", "sc"}:
+            if len(parts) < 4 or flags - {"sv", "f16", "tma", "gluon", "hp", "e4m3", "sc", "ps"}:
                 raise ValueError(text)
             bh, bn, w, st = (int(x) for x in parts[:4])
         except ValueError as exc:
@@ -85,8 +87,10 @@ class DecodeConfig:
             raise ValueError(f"{CONFIG_ENV}: the e4m3-cache Gluon kernel is '64,64,4,2,gluon,hp,e4m3', got {text!r}")
         if "sc" in flags and ("gluon" not in flags or st != 2 or "hp" in flags):
             raise ValueError(f"{CONFIG_ENV}: the one-scorer kernel is '64,64,4,2,gluon,sc', got {text!r}")
+        if "ps" in flags and "sc" not in flags:
+            raise ValueError(f"{CONFIG_ENV}: the persistent one-scorer kernel is '64,64,4,2,gluon,sc,ps', got {text!r}")
         return cls(bh, bn, w, st, "sv" in flags, "f16" in flags, "tma" in flags, "gluon" in flags, "hp" in flags,
-                   "e4m3" in flags, "sc" in flags)
+                   "e4m3" in flags, "sc" in flags, "ps" in flags)
 
 
 # Candidates in order of preference; a config that fails to compile (e.g. out of shared memory) is
@@ -506,7 +510,8 @@ def mla_decode(
                                 candidates[0], last_exc, cfg)
                 else:
                     log.info("MLA decode: Triton kernel, tile config %s (%s)", cfg,
-                             "Hopper Gluon kernel, one scorer" if cfg.scorer
+                             "Hopper Gluon kernel, one scorer, persistent" if cfg.persistent
+                             else "Hopper Gluon kernel, one scorer" if cfg.scorer
                              else "Hopper Gluon kernel, half pages, e4m3 cache" if cfg.e4m3
                              else "Hopper Gluon kernel, half pages" if cfg.halfpage
                              else "Hopper Gluon kernel" if cfg.gluon
@@ -610,6 +615,7 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
     except ImportError as exc:
         raise ValueError(f"MLA decode config {cfg} does not apply: Triton without Gluon ({exc})") from exc
     b, nq, h, lat = q_lat.shape
+    splits = grid[2]
     check = mla_decode_e4m3.supported if cfg.e4m3 else mla_decode_gluon.supported
     why = check(kv_cache, q_lat.dtype, lat, q_pe.shape[3], kv_cache.shape[1], SPLIT_ALIGN)
     if why is not None:
@@ -620,11 +626,17 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
               else mla_decode_scorer._mla_decode_scorer_kernel if cfg.scorer
               else mla_decode_gluon._mla_decode_gluon_kernel)
 
+    extra: tuple = ()
+    if cfg.scorer:   # a 1-D grid over the (head group, sequence, split) items
+        q_lat, q_pe = mla_decode_scorer.aligned_queries(q_lat, q_pe)
+        programs = mla_decode_scorer.sm_count(q_lat.device) if cfg.persistent else None
+        grid, extra = mla_decode_scorer.schedule(*grid, programs)
+
     def run(o, lse, fin, split):
         mla_decode_gluon.launch(kernel, q_lat, q_pe, kv_cache, block_tables, seq_lens, o, lse, fin,
                                 _out_strides(o, lse, fin, split), sm, out_scale, chunk, MAX_SPLITS, grid, split,
-                                cfg.num_stages, SPLIT_ALIGN)
-    _split_and_merge(run, combine_kernel, out.view(b, nq * h, lat), seq_lens, grid[2], chunk)
+                                cfg.num_stages, SPLIT_ALIGN, extra)
+    _split_and_merge(run, combine_kernel, out.view(b, nq * h, lat), seq_lens, splits, chunk)
 
 
 def paged_mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lora_rank: int, scale: float,
