@@ -92,10 +92,10 @@ def _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE: gl.constexpr, ALIG
 
 
 @gluon.jit
-def _load_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q,
-                stride_qp_h, NC: gl.constexpr, NUM_Q: gl.constexpr):
-    """The program's query tile (64 rows of (query token, head) x 576: NC-1 latent chunks, then the rope
-    chunk) into shared memory, once, visible to the async proxy before the workers start."""
+def _query_tile(Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q, stride_qp_h,
+                NUM_Q: gl.constexpr):
+    """Where the program's query tile is: 64 rows of (query token, head), pointers to the first 64 latent columns
+    and to the 64 rope columns of each row, and the mask of rows that exist (4 warps, 16-byte vectors)."""
     ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     rows = pid_h * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, ld_layout))
     cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ld_layout))
@@ -104,10 +104,20 @@ def _load_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stri
     head = rows % H
     ql = Q_LAT + b.to(gl.int64) * stride_ql_b + gl.expand_dims(qi * stride_ql_q + head * stride_ql_h, 1) \
         + gl.expand_dims(cols, 0)
-    for c in gl.static_range(NC - 1):
-        q_smem.index(c).store(gl.load(ql + c * 64, mask=rmask, other=0.0))
     qp = Q_PE + b.to(gl.int64) * stride_qp_b + gl.expand_dims(qi * stride_qp_q + head * stride_qp_h, 1) \
         + gl.expand_dims(cols, 0)
+    return ql, qp, rmask
+
+
+@gluon.jit
+def _load_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b, stride_qp_q,
+                stride_qp_h, NC: gl.constexpr, NUM_Q: gl.constexpr):
+    """The program's query tile (64 rows of (query token, head) x 576: NC-1 latent chunks, then the rope
+    chunk) into shared memory, once, visible to the async proxy before the workers start."""
+    ql, qp, rmask = _query_tile(Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b,
+                                stride_qp_q, stride_qp_h, NUM_Q)
+    for c in gl.static_range(NC - 1):
+        q_smem.index(c).store(gl.load(ql + c * 64, mask=rmask, other=0.0))
     q_smem.index(NC - 1).store(gl.load(qp, mask=rmask, other=0.0))
     fence_async_shared()
     gl.thread_barrier()

@@ -140,6 +140,15 @@ def _mla_decode_tma_kernel(
     partial = False
     if SPLIT:
         partial = n_splits > 1   # else one split: the output itself (the combine kernel skips the row)
+    _store_halves(OUT, LSE, FIN, out0, out1, m_i, l_i, has, live, rows, offs_a, b, split, partial,
+                  stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r, HALF)
+
+
+def _store_halves(OUT, LSE, FIN, out0, out1, m_i, l_i, has, live, rows, offs_a, b, split, partial,
+                  stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r,
+                  HALF: constexpr):
+    """A split-value program's two normalized value halves: fp32 partials and the split's LSE (partial), or the
+    output itself in FIN's dtype (a one-split sequence: the merge kernel skips its row)."""
     if partial:
         o_base = OUT + b * stride_o_b + rows[:, None] * stride_o_r + split * stride_o_s
         tl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split,
@@ -154,3 +163,4 @@ def _mla_decode_tma_kernel(
 
 if triton is not None:
     _tile_step = triton.jit(_tile_step)
+    _store_halves = triton.jit(_store_halves)

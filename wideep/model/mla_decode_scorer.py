@@ -69,7 +69,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .mla_decode_gluon import CONSUMER_REGS, PRODUCER_REGS, _split_range, _store_half
+from .mla_decode_gluon import CONSUMER_REGS, PRODUCER_REGS, _query_tile, _split_range, _store_half
 
 
 def sm_count(device: torch.device) -> int:
@@ -124,18 +124,10 @@ def _fetch_query(q_smem, Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, str
                  stride_qp_h, NC: gl.constexpr, NUM_Q: gl.constexpr):
     """mla_decode_gluon._load_query as asynchronous copies (one commit group; rows past the heads are zero-filled):
     the caller waits for the group, fences and syncs the warpgroup before the first product reads the tile."""
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    rows = pid_h * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, ld_layout))
-    cols = gl.arange(0, 64, layout=gl.SliceLayout(0, ld_layout))
-    rmask = gl.expand_dims(rows < H * NUM_Q, 1) & gl.expand_dims(cols < 64, 0)
-    qi = rows // H
-    head = rows % H
-    ql = Q_LAT + b.to(gl.int64) * stride_ql_b + gl.expand_dims(qi * stride_ql_q + head * stride_ql_h, 1) \
-        + gl.expand_dims(cols, 0)
+    ql, qp, rmask = _query_tile(Q_LAT, Q_PE, b, pid_h, H, stride_ql_b, stride_ql_q, stride_ql_h, stride_qp_b,
+                                stride_qp_q, stride_qp_h, NUM_Q)
     for c in gl.static_range(NC - 1):
         async_copy.async_copy_global_to_shared(q_smem.index(c), ql + c * 64, mask=rmask)
-    qp = Q_PE + b.to(gl.int64) * stride_qp_b + gl.expand_dims(qi * stride_qp_q + head * stride_qp_h, 1) \
-        + gl.expand_dims(cols, 0)
     async_copy.async_copy_global_to_shared(q_smem.index(NC - 1), qp, mask=rmask)
     async_copy.commit_group()
 

@@ -32,6 +32,7 @@ from wideep import envs
 from wideep.model.triton_compat import constexpr, tl, triton
 
 from . import mla_decode_hopper
+from .mla_decode_hopper import _store_halves
 from .attention import MAX_SPLITS, SPLIT_ALIGN, is_fp8, split_tokens
 
 log = logging.getLogger(__name__)
@@ -310,16 +311,8 @@ def _mla_decode_split_kernel(
     if SPLIT_V:
         out0 = acc0 * inv[:, None]
         out1 = acc1 * inv[:, None]
-        if partial:
-            o_base = OUT + b * stride_o_b + rows[:, None] * stride_o_r + split * stride_o_s
-            tl.store(LSE + b * stride_lse_b + rows * stride_lse_r + split,
-                     tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=live)
-            tl.store(o_base + offs_a[None, :], out0, mask=live[:, None])
-            tl.store(o_base + HALF + offs_a[None, :], out1, mask=live[:, None])
-        else:
-            f_base = FIN + b * stride_f_b + rows[:, None] * stride_f_r
-            tl.store(f_base + offs_a[None, :], out0.to(FIN.dtype.element_ty), mask=live[:, None])
-            tl.store(f_base + HALF + offs_a[None, :], out1.to(FIN.dtype.element_ty), mask=live[:, None])
+        _store_halves(OUT, LSE, FIN, out0, out1, m_i, l_i, has, live, rows, offs_a, b, split, partial,
+                      stride_o_b, stride_o_r, stride_o_s, stride_lse_b, stride_lse_r, stride_f_b, stride_f_r, HALF)
     else:
         out = acc * inv[:, None]
         omask = live[:, None] & lmask[None, :]
