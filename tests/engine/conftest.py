@@ -1,7 +1,10 @@
 """Engine test helpers: build EngineCores on the tiny checkpoint and check they end clean."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,29 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 from wideep.engine.config import EngineArgs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_benchmark(script: str, name: str):
+    """benchmarks/<script> imported as module `name` (registered in sys.modules: dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def rank():
+    """benchmarks/rank.py, loaded once per test module."""
+    return load_benchmark("rank.py", "rank_bench")
+
+
+@pytest.fixture(scope="module")
+def host_step():
+    """benchmarks/host_step.py, loaded once per test module."""
+    return load_benchmark("host_step.py", "host_step_bench")
 
 
 @pytest.fixture

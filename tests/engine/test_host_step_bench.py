@@ -2,24 +2,9 @@
 synchronous and with async scheduling, and every request's blocks come back (no timing asserted)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def host_step():
-    spec = importlib.util.spec_from_file_location("host_step_bench", ROOT / "benchmarks" / "host_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["host_step_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.mark.parametrize("extra", [[], ["--async-scheduling"], ["--forward"], ["--eager"], ["--eager", "--forward"]])
 def test_host_step_smoke(host_step, tmp_path, extra):

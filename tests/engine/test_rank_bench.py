@@ -3,24 +3,10 @@ breakdown, the engine loop's steady state (sync and async scheduling), the plain
 communication columns all run and report (no timing asserted)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def rank():
-    spec = importlib.util.spec_from_file_location("rank_bench", ROOT / "benchmarks" / "rank.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["rank_bench"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_tiny_rank_smoke(rank, tmp_path):

@@ -2,23 +2,9 @@
 in the profile, and the overlap model's arithmetic on synthetic stage times (no timing asserted)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def rank():
-    spec = importlib.util.spec_from_file_location("rank_bench_dbo", ROOT / "benchmarks" / "rank.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["rank_bench_dbo"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _stage(u, ms, kind=None, after=0.0):
