@@ -2,7 +2,6 @@
 in the profile, and the overlap model's arithmetic on synthetic stage times (no timing asserted)."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
