@@ -105,6 +105,9 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.num_local_experts = num_local_experts if num_local_experts is not None else dispatcher.num_local_experts
         self.model = DeepseekV3Model(config, dispatcher, self.num_local_experts, self.fp8_block)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # leading layers without an MoE (R1: 3): they make no EP collective, so there is nothing to overlap
+        self.dense_prefix_layers = next((i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)),
+                                        config.num_hidden_layers)
 
     @property
     def num_layers(self) -> int:
@@ -130,12 +133,6 @@ class DeepseekV3ForCausalLM(nn.Module):
         for layer, cache in zip(self.model.layers[first:], kv_caches[first:], strict=True):
             h, residual = layer(h, cos, sin, attn, cache, residual)
         return self._final_norm(h, residual)
-
-    @property
-    def dense_prefix_layers(self) -> int:
-        """Leading layers without an MoE (R1: 3): they make no EP collective, so there is nothing to overlap."""
-        return next((i for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, DeepseekV3MoE)),
-                    len(self.model.layers))
 
     def forward_prefix(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                        kv_caches: list[torch.Tensor]):
