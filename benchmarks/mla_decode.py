@@ -87,8 +87,10 @@ def build_case(torch, b, ctx, heads, page, sets, device, dtype, seed=0):
     cache[-1] = float("nan")              # a block nobody owns: any stray read poisons the result
     perm = torch.randperm(pool - 1, generator=torch.Generator().manual_seed(seed)).to(torch.int32)
     tables = perm[: sets * b * pages].view(sets, b, pages).to(device)
-    qs = [(torch.randn(b, heads, L, generator=g, device=device, dtype=dtype),
-           torch.randn(b, heads, R, generator=g, device=device, dtype=dtype)) for _ in range(sets)]
+    # the model's layout: [q_lat ‖ q_pe] per head in one head-major [H, B, L + R] buffer (MLA._decode)
+    bufs = [torch.randn(heads, b, L + R, generator=g, device=device, dtype=dtype).transpose(0, 1)
+            for _ in range(sets)]
+    qs = [(buf[..., :L], buf[..., L:]) for buf in bufs]
     seq_lens = torch.full((b,), ctx, dtype=torch.int32, device=device)
     return cache, tables, qs, seq_lens
 

@@ -1,13 +1,15 @@
-"""MLA decode against a maintained kernel library: FlashInfer's batch MLA (the FA3 template on Hopper).
+"""MLA decode against maintained kernel libraries: FlashInfer's batch MLA, DeepSeek's FlashMLA.
 
 Issue 15 asks what each way of building the kernel measures; this one is "a library from the package
-index". Same shapes, cache layout (packed [blocks, 64, 576] bf16 pages), timing method (CUDA graph,
-rotating cache sets, median) and oracle as benchmarks/mla_decode.py, with wideep's default kernel timed in
-the same process beside it. Also checks FlashInfer's batch invariance (3 sequences alone vs inside a batch
-of 37), which wideep's decode graphs need (graph replay at a padded size must give eager's tokens).
+index": FlashInfer (`flashinfer-python`, its FA3 template on Hopper, JIT-compiled) or FlashMLA (the
+`sgl-flash-mla` wheel, whose legacy extension keeps FlashMLA's SM90 dense decode kernel). Same shapes,
+cache layout (packed [blocks, 64, 576] bf16 pages), timing method (CUDA graph, rotating cache sets,
+median) and oracle as benchmarks/mla_decode.py, with wideep's default kernel timed in the same process
+beside it. Also checks the library's batch invariance (3 sequences alone vs inside a batch of 37), which
+wideep's decode graphs need (graph replay at a padded size must give eager's tokens).
 
-  H200: PYTHONPATH=$PWD python3 benchmarks/mla_decode_peer.py [--backend fa3] [--json out.json]
-        (flashinfer-python is not a wideep dependency: install it, or put it on PYTHONPATH, to run this)
+  H200: PYTHONPATH=$PWD python3 benchmarks/mla_decode_peer.py [--library flashinfer|flashmla] [--json out.json]
+        (neither library is a wideep dependency: install it, or put it on PYTHONPATH, to run this)
 """
 import argparse
 import json
@@ -43,76 +45,115 @@ class FlashInferMLA:
                     SCALE, torch.bfloat16, torch.bfloat16)
         self.backend = getattr(self.w, "_planned_backend_name", None) or backend
 
-    def __call__(self, q_lat, q_pe, cache):
-        return self.w.run(q_lat, q_pe, cache[..., :L], cache[..., L:])
+    @staticmethod
+    def query(q_lat, q_pe):
+        return q_lat, q_pe
+
+    def __call__(self, q, cache):
+        return self.w.run(*q, cache[..., :L], cache[..., L:])
 
 
-def invariance(flashinfer, backend):
+class FlashMLA:
+    """FlashMLA's SM90 dense decode (`dense_decode_fwd`); its split plan is made on the first call."""
+
+    backend = "sm90 dense"
+
+    def __init__(self, ops, table: torch.Tensor, lens: torch.Tensor):
+        self.ops, self.table, self.lens = ops, table.to(torch.int32).contiguous(), lens.to(torch.int32)
+        self.meta = self.splits = None
+
+    @staticmethod
+    def query(q_lat, q_pe):
+        """[B, 1, H, 576]: FlashMLA takes the latent and rope parts as one query (built outside the timing)."""
+        return torch.cat([q_lat, q_pe], -1).unsqueeze(1).contiguous()
+
+    def __call__(self, q, cache):
+        out, _, self.meta, self.splits = self.ops.dense_decode_fwd(
+            q, cache.unsqueeze(2), L, self.lens, self.table, SCALE, False, self.meta, self.splits)
+        return out[:, 0]
+
+
+def load_library(name: str, backend: str):
+    """(version, factory(table, lens) -> callable) for the named library."""
+    if name == "flashinfer":
+        import flashinfer
+        return flashinfer.__version__, lambda table, lens: FlashInferMLA(flashinfer, backend, table, lens)
+    import flash_mla
+    from flash_mla._loader import get_ops
+    ops = get_ops(use_legacy=True)
+    print(f"flash_mla {flash_mla.__version__}: {ops.dense_decode_fwd.default._schema}", flush=True)
+    return flash_mla.__version__, lambda table, lens: FlashMLA(ops, table, lens)
+
+
+def invariance(make):
     """3 sequences alone vs inside a batch of 37: bit-identical outputs?"""
     q_lat, q_pe, stored, table, lens = ragged_case(37, HEADS, PAGE, 5000, 2560, torch.bfloat16, 9)
     keep = lens > 0
     q_lat, q_pe, table, lens = q_lat[keep], q_pe[keep], table[keep], lens[keep]
-    batch = FlashInferMLA(flashinfer, backend, table, lens)(q_lat, q_pe, stored)
+    lib = make(table, lens)
+    batch = lib(lib.query(q_lat, q_pe), stored)
     same = []
     for i in (3, 17, 35):
-        alone = FlashInferMLA(flashinfer, backend, table[i:i + 1], lens[i:i + 1])(
-            q_lat[i:i + 1], q_pe[i:i + 1], stored)
+        one = make(table[i:i + 1], lens[i:i + 1])
+        alone = one(one.query(q_lat[i:i + 1], q_pe[i:i + 1]), stored)
         same.append(bool(torch.equal(alone[0], batch[i])))
     truth = oracle(q_lat, q_pe, stored, table, lens)
     return same, errors(torch, batch, truth)
 
 
-def time_shape(flashinfer, mdt, args, b, ctx):
+def time_shape(make, mdt, args, b, ctx):
     """Both kernels on the same full-length batch: ms per call, TFLOP/s, their max relative difference."""
     cache, tables, qs, seq_lens = build_case(torch, b, ctx, HEADS, PAGE, args.sets, "cuda", torch.bfloat16)
-    fis = [FlashInferMLA(flashinfer, args.backend, tables[s], seq_lens) for s in range(args.sets)]
+    libs = [make(tables[s], seq_lens) for s in range(args.sets)]
+    lqs = [libs[s].query(*qs[s]) for s in range(args.sets)]
     ours = mdt.mla_decode(*qs[0], cache, tables[0], seq_lens, SCALE)
-    theirs = fis[0](*qs[0], cache)
+    theirs = libs[0](lqs[0], cache)
     diff = float((ours.float() - theirs.float()).abs().max() / ours.float().abs().max())
-    t_fi = time_graph(torch, lambda s: fis[s](*qs[s], cache), args.sets)
+    t_lib = time_graph(torch, lambda s: libs[s](lqs[s], cache), args.sets)
     t_us = time_graph(torch, lambda s: mdt.mla_decode(*qs[s], cache, tables[s], seq_lens, SCALE), args.sets)
     flops = 2 * b * HEADS * ctx * (L + R + L)
-    return dict(B=b, ctx=ctx, backend=fis[0].backend, flashinfer_ms=t_fi * 1e3, wideep_ms=t_us * 1e3,
-                flashinfer_tflops=flops / t_fi / 1e12, wideep_tflops=flops / t_us / 1e12, rel_diff=diff)
+    return dict(B=b, ctx=ctx, backend=libs[0].backend, library_ms=t_lib * 1e3, wideep_ms=t_us * 1e3,
+                library_tflops=flops / t_lib / 1e12, wideep_tflops=flops / t_us / 1e12, rel_diff=diff)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--library", default="flashinfer", choices=["flashinfer", "flashmla"])
     p.add_argument("--backend", default="fa3", help="FlashInfer MLA backend (fa3, fa2, auto)")
     p.add_argument("--sets", type=int, default=2, help="cache sets rotated inside one graph")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     try:
-        import flashinfer
+        version, make = load_library(args.library, args.backend)
     except ImportError as exc:
-        print(f"flashinfer is not importable ({exc}); install flashinfer-python to run this peer benchmark")
+        print(f"{args.library} is not importable ({exc}); install it (flashinfer-python or sgl-flash-mla) "
+              "to run this peer benchmark")
         return 2
     from wideep.model import mla_decode_triton as mdt
 
     t0 = time.perf_counter()
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, flashinfer {flashinfer.__version__}, "
-          f"backend {args.backend}", flush=True)
-    same, err = invariance(flashinfer, args.backend)
-    print(f"flashinfer oracle (ragged, 36 seqs): rel {err[1]:.2e} finite {err[2]}; alone vs batch of 36 "
+    name = args.library
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {name} {version}", flush=True)
+    same, err = invariance(make)
+    print(f"{name} oracle (ragged, 36 seqs): rel {err[1]:.2e} finite {err[2]}; alone vs batch of 36 "
           f"bit-identical {sum(same)}/{len(same)}  (compiled + checked in {time.perf_counter() - t0:.0f}s)",
           flush=True)
     rows = []
     for b, ctx in SHAPES:
-        row = time_shape(flashinfer, mdt, args, b, ctx)
+        row = time_shape(make, mdt, args, b, ctx)
         rows.append(row)
-        print(f"B={b:4d} ctx={ctx:5d}: flashinfer[{row['backend']}] {row['flashinfer_ms']:.4f} ms "
-              f"({row['flashinfer_tflops']:.0f} TFLOP/s)  wideep default {row['wideep_ms']:.4f} ms "
+        print(f"B={b:4d} ctx={ctx:5d}: {name}[{row['backend']}] {row['library_ms']:.4f} ms "
+              f"({row['library_tflops']:.0f} TFLOP/s)  wideep default {row['wideep_ms']:.4f} ms "
               f"({row['wideep_tflops']:.0f})  max rel diff {row['rel_diff']:.1e}", flush=True)
         torch.cuda.empty_cache()
-    print("\n| B | ctx | FlashInfer ms | TFLOP/s | wideep default ms | TFLOP/s |\n|---|---|---|---|---|---|")
+    print(f"\n| B | ctx | {name} ms | TFLOP/s | wideep default ms | TFLOP/s |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['B']} | {r['ctx']} | {r['flashinfer_ms']:.4f} | {r['flashinfer_tflops']:.0f} | "
+        print(f"| {r['B']} | {r['ctx']} | {r['library_ms']:.4f} | {r['library_tflops']:.0f} | "
               f"{r['wideep_ms']:.4f} | {r['wideep_tflops']:.0f} |")
-    print(f"median ratio wideep/flashinfer: {statistics.median(r['wideep_ms'] / r['flashinfer_ms'] for r in rows):.3f}")
+    print(f"median ratio wideep/{name}: {statistics.median(r['wideep_ms'] / r['library_ms'] for r in rows):.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(rows=rows, invariance=same, oracle=err,
-                                                   flashinfer=flashinfer.__version__, backend=args.backend),
-                                              indent=1))
+        Path(args.json).write_text(json.dumps(dict(rows=rows, invariance=same, oracle=err, library=name,
+                                                   version=version, backend=args.backend), indent=1))
     return 0
 
 

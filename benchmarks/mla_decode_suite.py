@@ -208,9 +208,9 @@ def run_suite(args):
           flush=True)
 
     # -- CUDA graph replay vs eager, bit for bit, per config (the graph captured at seq_len 0, then filled)
-    for cfg in configs:
-        case = ragged_case(24, 128, page, 3000, 2560, home_dtype(cfg), 10)
-        k = K_SCALE if cfg.e4m3 else 1.0
+    for cfg in [None] + configs:
+        case = ragged_case(24, 128, page, 3000, 2560, torch.bfloat16 if cfg is None else home_dtype(cfg), 10)
+        k = K_SCALE if cfg is not None and cfg.e4m3 else 1.0
         eager = mdt.mla_decode(*case[:5], SCALE, k, config=cfg)
         lens = torch.zeros_like(case[4])
         mdt.mla_decode(*case[:4], lens, SCALE, k, config=cfg)
@@ -222,12 +222,13 @@ def run_suite(args):
         graph.replay()
         torch.cuda.synchronize()
         same = bool(torch.equal(eager, replayed))
-        report["checks"].append(dict(what=f"graph vs eager bits {cfg}", ok=same))
-        print(f"graph replay vs eager {cfg}: bit-identical {same}", flush=True)
+        report["checks"].append(dict(what=f"graph vs eager bits {cfg or 'default'}", ok=same))
+        print(f"graph replay vs eager {cfg or 'default'}: bit-identical {same}", flush=True)
 
     # -- tiny model: graph (padded) vs eager greedy tokens
     try:
         report["tiny"] = tiny_graph_vs_eager()
+        report["tiny_r1_latent"] = tiny_graph_vs_eager(**R1_LATENT)
     except Exception as exc:  # noqa: BLE001
         report["tiny"] = dict(error=repr(exc))
         print(f"tiny model check failed to run: {exc!r}\n{traceback.format_exc()[-1500:]}", flush=True)
@@ -283,12 +284,16 @@ def run_suite(args):
     print(f"total {time.perf_counter() - t0:.0f}s", flush=True)
 
 
-def tiny_graph_vs_eager():
+# the tiny preset with R1's latent widths (512 + 64) and 16 heads: the shape FlashMLA (when installed) takes
+R1_LATENT = dict(kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=16, num_key_value_heads=16)
+
+
+def tiny_graph_vs_eager(**overrides):
     from wideep import LLM, SamplingParams
     from wideep.model.make_model import make_model
 
     d = Path(tempfile.mkdtemp()) / "tiny"
-    make_model("tiny", d)
+    make_model("tiny", d, **overrides)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 400, (int(n),), generator=g).tolist()
                for n in torch.randint(3, 60, (16,), generator=g)]
@@ -303,8 +308,9 @@ def tiny_graph_vs_eager():
         del llm
         torch.cuda.empty_cache()
     same = sum(a == b for a, b in zip(res["graph"], res["eager"]))
-    print(f"tiny model bf16: graph (padded) vs eager greedy tokens identical on {same}/16 requests", flush=True)
-    return dict(identical=same, total=16)
+    print(f"tiny model bf16 {overrides or ''}: graph (padded) vs eager greedy tokens identical on {same}/16 "
+          "requests", flush=True)
+    return dict(identical=same, total=16, overrides=overrides)
 
 
 def print_table(rows, report):

@@ -57,7 +57,8 @@ VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     "WIDEEP_LOCKSTEP_REPORT": (_str("WIDEEP_LOCKSTEP_REPORT"), "file each DP rank appends its lockstep counts to"),
     "WIDEEP_EPLB_REPORT": (_str("WIDEEP_EPLB_REPORT"), "file EPLB appends its rebalancing records to"),
     # MLA decode kernel
-    "WIDEEP_MLA_DECODE": (_str("WIDEEP_MLA_DECODE", "auto"), "MLA decode backend: auto, torch or triton"),
+    "WIDEEP_MLA_DECODE": (_str("WIDEEP_MLA_DECODE", "auto"), "MLA decode backend: auto, torch, triton (wideep's kernels "
+                          "only) or flashmla (FlashMLA required where it applies)"),
     "WIDEEP_FP8_GEMM_CONFIG": (_str("WIDEEP_FP8_GEMM_CONFIG"),
                                "force the FP8 GEMM tile config: block_m,block_n,num_warps,num_stages"
                                "[,split[,swap[,fuse_quant[,prefetch]]]]"),

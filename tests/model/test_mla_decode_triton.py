@@ -428,3 +428,18 @@ def test_scorer_item_space_and_query_operands():
         _, pe = ms.aligned_queries(q_lat, view)
         assert (pe is view) == kept and torch.equal(pe, view)
         assert pe.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in pe.stride()[:3])
+
+
+@pytest.mark.parametrize("chunk", [None, 128])
+def test_negative_length_rows_are_left_to_another_kernel(chunk):
+    """A negative length marks a row another kernel (FlashMLA) wrote: no split, no store, no merge; the other rows
+    get the bits of a call without it."""
+    lens = [0, 70, 2 * 64 + 3, 300, 5]
+    q_lat, q_pe, cache, tables, seq_lens = make_case(64, lens, table_width=6)
+    full = mdt.mla_decode(q_lat, q_pe, cache, tables, seq_lens, 0.25, chunk=chunk)
+    owned = torch.tensor([False, True, False, True, False], device=DEVICE)
+    sentinel = torch.full_like(full, 7.0)
+    out = mdt.mla_decode(q_lat, q_pe, cache, tables, torch.where(owned, -1, seq_lens), 0.25, chunk=chunk,
+                         out=sentinel.clone())
+    assert torch.equal(out[owned], sentinel[owned])
+    assert torch.equal(out[~owned], full[~owned])

@@ -26,6 +26,9 @@ class AttentionMetadata:
     num_decodes: int = 0            # the first num_decodes sequences have one new token each
     query_lens: list[int] = field(default_factory=list)    # host copy of new-token counts (prefill loop)
     seq_lens_cpu: list[int] = field(default_factory=list)  # host copy of seq_lens (prefill loop)
+    # what a kernel derives from these tensors once per step for every layer (a decode schedule), keyed by
+    # what it was derived from (mla_decode_flashmla.plan_for)
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -151,15 +154,17 @@ def paged_mla_decode(
     kv_lora_rank: int,
     scale: float,
     k_scale: float = 1.0,
+    plans: dict | None = None,
 ) -> torch.Tensor:
-    """Absorbed-MLA decode: the fused Triton kernel (mla_decode_triton) on CUDA when triton imports, else the
-    torch reference below. Env WIDEEP_MLA_DECODE=torch|triton forces one (triton on CPU = its interpreter)."""
+    """Absorbed-MLA decode: the fused Triton kernel (mla_decode_triton; with FlashMLA where it applies) on CUDA
+    when triton imports, else the torch reference below. Env WIDEEP_MLA_DECODE=torch|triton forces one (triton
+    on CPU = its interpreter). `plans`: the step's AttentionMetadata.plans (a schedule made once per step)."""
     if q_lat.is_cuda or envs.WIDEEP_MLA_DECODE == "triton":
         from .mla_decode_triton import paged_mla_decode_triton, use_triton
 
         if use_triton(q_lat):
             return paged_mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lora_rank, scale,
-                                           k_scale)
+                                           k_scale, plans)
     return paged_mla_decode_torch(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lora_rank, scale, k_scale)
 
 

@@ -119,10 +119,16 @@ class MLAttention(nn.Module):
         the MLA kernel."""
         nd = attn.num_decodes
         w_uk, w_uv = self._w_uk_uv(q_nope.dtype)
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)        # [B, H, L] (head-major)
+        # [q_lat ‖ q_pe] per head in one head-major buffer: the bmm writes the latent columns in place, and a
+        # kernel that reads one 576-wide query row per head (FlashMLA) takes it without a copy
+        lat, rope = self.kv_lora_rank, q_pe.shape[-1]
+        q_buf = q_nope.new_empty(self.num_heads, nd, lat + rope)
+        torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_buf[..., :lat])
+        q_buf[..., lat:].copy_(q_pe.transpose(0, 1))
+        q_all = q_buf.transpose(0, 1)                                           # [B, H, L + R] (head-major)
         o_lat = paged_mla_decode(
-            q_lat, q_pe, kv_cache, attn.block_tables[:nd], attn.seq_lens[:nd], self.kv_lora_rank, self.scale,
-            self.k_scale,
+            q_all[..., :lat], q_all[..., lat:], kv_cache, attn.block_tables[:nd], attn.seq_lens[:nd],
+            self.kv_lora_rank, self.scale, self.k_scale, attn.plans,
         )
         if out is None:
             out = o_lat.new_empty(o_lat.shape[0], self.num_heads, self.v_dim)

@@ -80,7 +80,8 @@ def make_descriptor(kv_cache: torch.Tensor) -> tuple[TensorDescriptor, int]:
 @gluon.jit
 def _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE: gl.constexpr, ALIGN: gl.constexpr):
     """attention.split_plan on device: sequence b's length and split count, and this split's token range
-    [start, end) with its page count (a function of the sequence's own length only: batch invariance)."""
+    [start, end) with its page count (a function of the sequence's own length only: batch invariance). A
+    negative length marks a row another kernel writes: no split, no page, no store."""
     seq_len = gl.load(SEQ_LENS + b)
     n_splits = gl.minimum(gl.maximum((seq_len + chunk - 1) // chunk, 1), max_splits)
     per = (seq_len + n_splits - 1) // n_splits
@@ -88,6 +89,7 @@ def _split_range(SEQ_LENS, b, split, chunk, max_splits, PAGE: gl.constexpr, ALIG
     start = split * per
     end = gl.minimum(seq_len, start + per)
     n_pages = gl.maximum(end - start + PAGE - 1, 0) // PAGE
+    n_splits = gl.where(seq_len < 0, 0, n_splits)
     return seq_len, n_splits, start, end, n_pages
 
 

@@ -87,6 +87,7 @@ def _mla_decode_tma_kernel(
     per = tl.maximum((per + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
     start = split * per
     end = tl.minimum(seq_len, start + per)
+    n_splits = tl.where(seq_len < 0, 0, n_splits)   # a row another kernel writes (negative length): no store
     full_end = tl.maximum(start + (end - start) // PAGE * PAGE, start)   # start is page aligned (ALIGN % PAGE == 0)
     rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     rmask_h = rows < H * NUM_Q

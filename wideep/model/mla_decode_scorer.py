@@ -112,10 +112,11 @@ def _items_needed(SEQ_LENS, NB, HG, n_items, chunk, max_splits):
     monotonic in the length), at most the grid's."""
     lay: gl.constexpr = gl.BlockedLayout([4], [32], [4], [0])   # the kernel's 4 warps, before warp_specialize
     offs = gl.arange(0, 512, layout=lay)
-    longest = gl.max(gl.load(SEQ_LENS + offs, mask=offs < NB, other=0), 0)
+    longest = gl.max(gl.load(SEQ_LENS + offs, mask=offs < NB, other=-1), 0)
     for i in range(512, NB, 512):
-        longest = gl.maximum(longest, gl.max(gl.load(SEQ_LENS + i + offs, mask=i + offs < NB, other=0), 0))
+        longest = gl.maximum(longest, gl.max(gl.load(SEQ_LENS + i + offs, mask=i + offs < NB, other=-1), 0))
     splits = gl.minimum(gl.maximum((longest + chunk - 1) // chunk, 1), max_splits)
+    splits = gl.where(longest < 0, 0, splits)   # every row written by another kernel
     return gl.minimum(n_items, splits * NB * HG)
 
 

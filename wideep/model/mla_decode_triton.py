@@ -31,7 +31,7 @@ import torch
 from wideep import envs
 from wideep.model.triton_compat import constexpr, tl, triton
 
-from . import mla_decode_hopper
+from . import mla_decode_flashmla, mla_decode_hopper
 from .mla_decode_hopper import _store_halves
 from .attention import MAX_SPLITS, SPLIT_ALIGN, is_fp8, split_tokens
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 _broken = False   # auto mode saw the kernel fail: the torch reference serves from then on
 
 _LOG2E = 1.4426950408889634
-BACKEND_ENV = "WIDEEP_MLA_DECODE"          # auto (default) | torch | triton
+BACKEND_ENV = "WIDEEP_MLA_DECODE"          # auto (default) | torch | triton | flashmla
 CONFIG_ENV = "WIDEEP_MLA_DECODE_CONFIG"    # "block_h,block_n,num_warps,num_stages[,sv]" to force a tile config
 COMBINE_ROWS = 8   # rows (heads x query tokens) of one sequence per merge program
 
@@ -154,7 +154,8 @@ def _mode() -> str:
 
 
 def use_triton(q: torch.Tensor) -> bool:
-    """Backend choice: env WIDEEP_MLA_DECODE=torch|triton forces one; auto = triton on CUDA if importable."""
+    """Backend choice: env WIDEEP_MLA_DECODE=torch|triton forces one (triton: wideep's kernels only); auto = these
+    kernels on CUDA if triton imports, with FlashMLA where it applies; flashmla = that, FlashMLA required."""
     mode = _mode()
     if mode == "torch":
         return False
@@ -162,8 +163,8 @@ def use_triton(q: torch.Tensor) -> bool:
         if triton is None:
             raise RuntimeError(f"{BACKEND_ENV}=triton but triton is not installed")
         return True
-    if mode != "auto":
-        raise ValueError(f"{BACKEND_ENV} must be auto, torch or triton, got {mode!r}")
+    if mode not in ("auto", "flashmla"):
+        raise ValueError(f"{BACKEND_ENV} must be auto, torch, triton or flashmla, got {mode!r}")
     return q.is_cuda and triton is not None and not _broken
 
 
@@ -197,6 +198,7 @@ def _mla_decode_split_kernel(
     per = tl.maximum((per + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
     start = split * per
     end = tl.minimum(seq_len, start + per)
+    n_splits = tl.where(seq_len < 0, 0, n_splits)   # a row another kernel writes (negative length): no store
     rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     rmask_h = rows < H * NUM_Q
     live = rmask_h & ((rows * 0 + split) < n_splits)   # programs past this sequence's splits store nothing
@@ -339,7 +341,8 @@ def _mla_decode_combine_kernel(
     b = tl.program_id(1)
     seq_len = tl.load(SEQ_LENS + b)
     n_splits = tl.minimum((seq_len + chunk - 1) // chunk, max_splits)   # 0 for a padding row
-    if n_splits != 1:   # one split: the split kernel wrote the rows' output itself
+    # one split: the split kernel wrote the rows' output itself; a negative length: another kernel did
+    if (n_splits != 1) & (seq_len >= 0):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         rmask = rows < H_ROWS
         offs_l = tl.arange(0, BLOCK_L)
@@ -424,12 +427,17 @@ def mla_decode(
     *,
     config: DecodeConfig | None = None,
     chunk: int | None = None,
+    out: torch.Tensor | None = None,
+    plans: dict | None = None,
 ) -> torch.Tensor:
     """q_lat [B, H, L] or [B, Q, H, L] (Q query tokens per sequence), q_pe likewise with R, kv_cache
     [num_blocks, page, L+R] (model dtype, or float8_e4m3fn holding value / k_scale) -> o_lat like q_lat.
 
-    block_tables [B, max_blocks] (int32), seq_lens [B] (int32, 0 = padding row -> zeros).
-    `config` / `chunk` (tokens per split, see attention.split_plan) override the defaults (benchmarks, tests).
+    block_tables [B, max_blocks] (int32), seq_lens [B] (int32, 0 = padding row -> zeros; negative: the row is
+    left as it is in `out`, which another kernel wrote). `config` / `chunk` (tokens per split, see
+    attention.split_plan) override the defaults (benchmarks, tests). Where FlashMLA applies
+    (mla_decode_flashmla; not with a forced config) it takes the sequences of at most one split and these
+    kernels the rest; `plans` is the step's memo for its schedule (AttentionMetadata.plans).
     """
     squeeze = q_lat.dim() == 3
     if squeeze and q_pe.dim() == 3:
@@ -447,7 +455,11 @@ def mla_decode(
         raise ValueError(f"block_tables must be [{b}, max_blocks], got {tuple(block_tables.shape)}")
     if seq_lens.shape != (b,):
         raise ValueError(f"seq_lens must be [{b}], got {tuple(seq_lens.shape)}")
-    out = torch.empty((b, nq, h, lat), dtype=q_lat.dtype, device=q_lat.device)
+    given = out is not None
+    if out is None:
+        out = torch.empty((b, nq, h, lat), dtype=q_lat.dtype, device=q_lat.device)
+    elif out.shape != (b, nq, h, lat):
+        out = out.view(b, nq, h, lat)
     if b == 0 or h == 0:
         return out[:, 0] if squeeze else out
 
@@ -474,6 +486,17 @@ def mla_decode(
     chunk = chunk or split_tokens()
     if chunk <= 0 or chunk % SPLIT_ALIGN:
         raise ValueError(f"chunk must be a positive multiple of {SPLIT_ALIGN}, got {chunk}")
+    if config is None and mla_decode_flashmla.applies(q_lat, kv_cache):
+        plan = mla_decode_flashmla.plan_for(seq_lens, nq * h, chunk, plans)
+        mine = mla_decode_flashmla.decode(q_lat, q_pe, kv_cache, block_tables, plan, scale)
+        if given:
+            out.copy_(mine)
+        else:
+            out = mine
+        seq_lens = plan.rest
+    elif _mode() == "flashmla" and q_lat.is_cuda:
+        raise RuntimeError(f"{BACKEND_ENV}=flashmla but FlashMLA does not apply here (sgl-flash-mla installed? "
+                           "sm_90, bf16 cache, 512 + 64 latent, 64-token pages, one query token, <= 128 heads)")
 
     interpret = not q_lat.is_cuda
     page = kv_cache.shape[1]
@@ -638,7 +661,7 @@ def _launch_gluon(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, sm, out_sc
 
 
 def paged_mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lora_rank: int, scale: float,
-                            k_scale: float = 1.0):
+                            k_scale: float = 1.0, plans: dict | None = None):
     """Drop-in for `attention.paged_mla_decode` (same signature).
 
     In auto mode a kernel that cannot run here (no config compiles, a launcher error) must not take the
@@ -648,7 +671,7 @@ def paged_mla_decode_triton(q_lat, q_pe, kv_cache, block_tables, seq_lens, kv_lo
     if q_lat.shape[-1] != kv_lora_rank:
         raise ValueError(f"q_lat's last dim {q_lat.shape[-1]} != kv_lora_rank {kv_lora_rank}")
     try:
-        return mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, scale, k_scale)
+        return mla_decode(q_lat, q_pe, kv_cache, block_tables, seq_lens, scale, k_scale, plans=plans)
     except Exception as exc:
         capturing = q_lat.is_cuda and torch.cuda.is_current_stream_capturing()
         if _mode() == "triton" or capturing or isinstance(exc, ValueError):

@@ -1,0 +1,87 @@
+"""FlashMLA's schedule, made by wideep for batch invariance (mla_decode_flashmla), checked against the semantics
+of FlashMLA's SM90 kernel loop on the CPU; the kernel itself runs on an H200 (benchmarks/mla_decode.py)."""
+import pytest
+import torch
+
+from wideep.model import mla_decode_flashmla as fm
+
+
+def walk(plan: fm.Plan, b: int) -> list[tuple[int, int, int, bool, int]]:
+    """What FlashMLA's kernel does with the metadata, per part: (sequence, first page, end page, written
+    directly, split index), in the order of its loop over a part's sequences."""
+    done = []
+    for row in plan.meta.tolist():
+        first, last, first_page, end_page, split0, first_split, last_split, _ = row
+        if first >= b:
+            continue
+        for i in range(first, last + 1):
+            pages = -(-int(plan.lens[i]) // fm.PAGE)
+            start = first_page if i == first else 0
+            end = end_page if i == last else pages
+            direct = not first_split if i == first else (not last_split if i == last else True)
+            done.append((i, start, end, direct, int(plan.splits[i]) + (split0 if i == first else 0)))
+    return done
+
+
+@pytest.mark.parametrize("lens,rows,sms", [
+    ([2048] * 128, 128, 132),
+    ([2048] * 256, 128, 132),
+    ([0, 1, 64, 65, 2047, 2048, 2049, 5000, 0, 100], 128, 132),
+    ([3000] * 7 + [10] * 3, 16, 132),
+    ([5], 128, 132),
+    ([0] * 40, 64, 114),
+])
+def test_plan_takes_each_short_sequence_whole_and_leaves_the_rest(lens, rows, sms):
+    chunk = 2048
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    plan = fm.make_plan(seq_lens, rows, chunk, sms)
+    b = len(lens)
+    parts = max(sms // -(-rows // 64), 1)
+    assert plan.meta.shape == (parts, fm.META_INTS) and plan.meta.dtype == torch.int32
+    assert plan.meta.is_contiguous() and plan.splits.tolist() == list(range(b + 1))
+    short = [n <= chunk for n in lens]
+    assert plan.lens.tolist() == [n if s else 0 for n, s in zip(lens, short)]
+    assert plan.rest.tolist() == [-1 if s else n for n, s in zip(lens, short)]
+    done = walk(plan, b)
+    assert sorted(i for i, *_ in done) == list(range(b))       # every sequence once, in one part
+    for i, start, end, direct, split in done:
+        assert (start, end, direct, split) == (0, -(-int(plan.lens[i]) // fm.PAGE), True, i)
+    # parts take contiguous runs in order, each about the mean cost (+ at most one sequence)
+    cost = [-(-int(n) // fm.PAGE) + fm.OVERHEAD_PAGES for n in plan.lens.tolist()]
+    loads = {}
+    for row in plan.meta.tolist():
+        if row[0] < b:
+            loads[(row[0], row[1])] = sum(cost[row[0]:row[1] + 1])
+    firsts = sorted(loads)
+    assert all(a[1] + 1 == c[0] for a, c in zip(firsts, firsts[1:]))
+    assert max(loads.values()) <= sum(cost) / parts + max(cost)
+
+
+def test_plan_depends_on_each_sequence_alone_for_what_it_computes():
+    """Alone or in a batch of 37 (graph padding is such a batch: zero-length rows), a sequence is taken by the
+    same kernel over the same pages, written directly."""
+    g = torch.Generator().manual_seed(3)
+    lens = torch.randint(0, 5000, (37,), generator=g, dtype=torch.int32)
+    batch = fm.make_plan(lens, 128, 2048, 132)
+    walked = {i: (s, e, d) for i, s, e, d, _ in walk(batch, 37)}
+    for i in (0, 5, 17, 36):
+        alone = fm.make_plan(lens[i:i + 1], 128, 2048, 132)
+        (_, s, e, d, _), = walk(alone, 1)
+        assert (s, e, d) == walked[i] and alone.rest.item() == batch.rest[i].item()
+
+
+def test_fused_query_is_a_view_else_a_copy():
+    buf = torch.randn(6, 3, 576).transpose(0, 1)          # [B, H, 576] head-major, as MLA._decode writes it
+    q_lat, q_pe = buf[..., :512][:, None], buf[..., 512:][:, None]
+    q = fm._query(q_lat, q_pe)
+    assert q.data_ptr() == q_lat.data_ptr() and torch.equal(q, torch.cat([q_lat, q_pe], -1))
+    apart = fm._query(q_lat.clone(), q_pe.clone())
+    assert apart.data_ptr() != q_lat.data_ptr() and torch.equal(apart, q)
+
+
+def test_applies_only_where_the_kernel_exists(monkeypatch):
+    q = torch.zeros(2, 1, 128, 512, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
+    assert not fm.applies(q, cache)                         # CPU
+    monkeypatch.setenv("WIDEEP_MLA_DECODE", "triton")
+    assert not fm.applies(q, cache)
