@@ -106,8 +106,10 @@ def run_suite(args):
     report = dict(checks=[], timings=[], errors=[])
     props = torch.cuda.get_device_properties(0)
     import triton
+    from wideep.model import mla_decode_flashmla
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
-          f"triton {triton.__version__}", flush=True)
+          f"triton {triton.__version__}; FlashMLA in the default path: {mla_decode_flashmla._ops() is not None}",
+          flush=True)
     configs = [mdt.DecodeConfig.parse(c) for c in args.suite_configs.split(";")]
     old = load_old(args.old) if args.old else None
     page = 64
@@ -258,8 +260,9 @@ def run_suite(args):
                             for c in configs if not any(j[0] == c and j[1] == dt for j in bad)
                             and (dt == FP8 or not c.f16)   # f16 only changes the fp8-cache kernel
                             and serves(c, dt)]
+                plans: dict = {}   # one schedule per step for every layer, as AttentionMetadata.plans in the model
                 variants.insert(0, ("default", lambda i: mdt.mla_decode(qs[i][0], qs[i][1], cache, tables[i],
-                                                                        seq_lens, SCALE, k)))
+                                                                        seq_lens, SCALE, k, plans=plans)))
                 if dt == torch.bfloat16:
                     if old is not None:
                         variants.insert(0, ("present", lambda i: old.mla_decode(qs[i][0], qs[i][1], cache, tables[i],

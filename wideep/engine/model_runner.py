@@ -414,8 +414,11 @@ class ModelRunner:
         forward = self._graph_forward(size)
         if not capture:
             hidden = forward(ids, pos, attn)
-            return _Graph(_EagerReplay(lambda: hidden.copy_(forward(ids, pos, attn))),
-                          ids, pos, slots, seq_lens, tables, hidden)
+
+            def replay():
+                attn.plans.clear()   # the buffers hold a new step's values
+                hidden.copy_(forward(ids, pos, attn))
+            return _Graph(_EagerReplay(replay), ids, pos, slots, seq_lens, tables, hidden)
         for _ in range(2):  # warm up (allocator, lazy inits) outside the graph
             forward(ids, pos, attn)
         torch.cuda.synchronize(dev)

@@ -27,7 +27,8 @@ class AttentionMetadata:
     query_lens: list[int] = field(default_factory=list)    # host copy of new-token counts (prefill loop)
     seq_lens_cpu: list[int] = field(default_factory=list)  # host copy of seq_lens (prefill loop)
     # what a kernel derives from these tensors once per step for every layer (a decode schedule), keyed by
-    # what it was derived from (mla_decode_flashmla.plan_for)
+    # what it was derived from (mla_decode_flashmla.plan_for); whoever reuses this object for another step with
+    # new values in its tensors empties it first
     plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property

@@ -110,12 +110,12 @@ def make_plan(seq_lens: torch.Tensor, rows: int, chunk: int, num_sms: int) -> Pl
 
 
 def plan_for(seq_lens: torch.Tensor, rows: int, chunk: int, memo: dict | None) -> Plan:
-    """make_plan once per step: `memo` (the step's AttentionMetadata.plans) keeps it for the next layers, keyed
-    by the lengths tensor's identity and version, and by whether a graph is being captured (a plan made eagerly
-    in a warm-up must not stand in for the one a graph has to recompute at every replay)."""
+    """make_plan once per step: `memo` (the step's AttentionMetadata.plans, emptied by whoever reuses that object
+    for another step) keeps it for the next layers, keyed by the lengths tensor's storage and size, and by
+    whether a graph is being captured (a plan made eagerly in a warm-up must not stand in for the one a graph
+    has to recompute at every replay)."""
     index = seq_lens.device.index if seq_lens.device.index is not None else torch.cuda.current_device()
-    key = ("flashmla", seq_lens.data_ptr(), seq_lens.shape[0], seq_lens._version, rows, chunk,
-           torch.cuda.is_current_stream_capturing())
+    key = ("flashmla", seq_lens.data_ptr(), seq_lens.shape[0], rows, chunk, torch.cuda.is_current_stream_capturing())
     plan = memo.get(key) if memo is not None else None
     if plan is None:
         plan = make_plan(seq_lens, rows, chunk, _num_sms(index))
