@@ -94,15 +94,19 @@ def make_plan(seq_lens: torch.Tensor, rows: int, chunk: int, num_sms: int) -> Pl
     mine = lens <= chunk
     fl_lens = torch.where(mine, lens, 0)
     pages = (fl_lens + PAGE - 1) // PAGE
-    cost = pages.to(torch.int64) + OVERHEAD_PAGES
+    cost = torch.where(mine, pages.to(torch.int64) + OVERHEAD_PAGES, 0)
     end = torch.cumsum(cost, 0)
-    part_of = (end - cost) * parts // end[-1:]           # the part a sequence starts in: non-decreasing, < parts
-    ids = torch.arange(parts, device=dev, dtype=torch.int64)
-    first = torch.searchsorted(part_of, ids)
-    last = torch.searchsorted(part_of, ids, right=True) - 1
+    part_of = (end - cost) * parts // end[-1:].clamp_min(1)   # the part a sequence starts in: non-decreasing
+    # each part runs from its first to its last own sequence: runs of the others (length 0 for FlashMLA, which
+    # still loads their queries) at part boundaries are left out, and with none of its own a part is empty
+    bucket = torch.where(mine, part_of, parts)
+    idx = torch.arange(b, device=dev, dtype=torch.int64)
+    first = torch.full((parts + 1,), b, device=dev, dtype=torch.int64).scatter_reduce(0, bucket, idx, "amin")
+    last = torch.full((parts + 1,), -1, device=dev, dtype=torch.int64).scatter_reduce(0, bucket, idx, "amax")
+    first, last = first[:parts], last[:parts]
     empty = last < first
     last = last.clamp(0, b - 1)
-    zero = torch.zeros_like(ids)
+    zero = torch.zeros_like(first)
     meta = torch.stack([torch.where(empty, b, first), last, zero, pages[last].to(torch.int64),
                         zero, zero, zero, zero], 1).to(torch.int32)
     splits = torch.arange(b + 1, device=dev, dtype=torch.int32)

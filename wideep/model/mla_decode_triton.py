@@ -22,6 +22,7 @@ k_scale is applied once to the scores' scale and once to the output.
 
 Without CUDA the kernels run under the Triton interpreter (numpy), which is what the unit tests use.
 """
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -486,6 +487,7 @@ def mla_decode(
     chunk = chunk or split_tokens()
     if chunk <= 0 or chunk % SPLIT_ALIGN:
         raise ValueError(f"chunk must be a positive multiple of {SPLIT_ALIGN}, got {chunk}")
+    rest_persistent = False
     if config is None and mla_decode_flashmla.applies(q_lat, kv_cache):
         plan = mla_decode_flashmla.plan_for(seq_lens, nq * h, chunk, plans)
         mine = mla_decode_flashmla.decode(q_lat, q_pe, kv_cache, block_tables, plan, scale)
@@ -494,6 +496,7 @@ def mla_decode(
         else:
             out = mine
         seq_lens = plan.rest
+        rest_persistent = True   # the rows left are few or none: one wave of programs, not one per item
     elif _mode() == "flashmla" and q_lat.is_cuda:
         raise RuntimeError(f"{BACKEND_ENV}=flashmla but FlashMLA does not apply here (sgl-flash-mla installed? "
                            "sm_90, bf16 cache, 512 + 64 latent, 64-token pages, one query token, <= 128 heads)")
@@ -515,7 +518,8 @@ def mla_decode(
     last_exc: Exception | None = None
     for i, cfg in enumerate(candidates):
         try:
-            _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, k_scale, cfg, chunk, max_ctx,
+            run_cfg = dataclasses.replace(cfg, persistent=True) if rest_persistent and cfg.scorer else cfg
+            _launch(q_lat, q_pe, kv_cache, block_tables, seq_lens, out, scale, k_scale, run_cfg, chunk, max_ctx,
                     interpret, ieee, fp8)
         except Exception as exc:  # compile failure (e.g. out of resources): try the next tile config
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
