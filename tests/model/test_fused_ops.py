@@ -159,6 +159,22 @@ def test_rope_cache_write_matches_unfused(t, nh, lat, half, nope, dtype, cache_d
 
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_rope_cache_write_into_another_buffer(impl):
+    """q_pe_out: the roped q_pe lands in a strided buffer (decode's head-major query buffer) with the in-place
+    result's bits and the same cache writes; q itself is left as it was."""
+    t, nh, lat, half, nope = 5, 3, 20, 4, 6
+    q, kv, w, cos, sin, cache, slots = _rope_case(t, nh, lat, half, nope, torch.bfloat16, torch.bfloat16, seed=2)
+    q_in, cache_in = q.clone(), cache.clone()
+    pe_in = fused_ops.rope_cache_write(q_in, kv, w, 1e-6, cos, sin, cache_in, slots, impl=impl)
+    buf = torch.full((nh, t, lat + 2 * half), 7.0, dtype=torch.bfloat16)
+    out = buf[..., lat:].transpose(0, 1)
+    q0 = q.clone()
+    pe = fused_ops.rope_cache_write(q, kv, w, 1e-6, cos, sin, cache, slots, impl=impl, q_pe_out=out)
+    assert pe.data_ptr() == out.data_ptr() and torch.equal(out, pe_in)
+    assert torch.equal(q, q0) and torch.equal(cache, cache_in) and (buf[..., :lat] == 7).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("m,k,nl", [(1, 1, 1), (1, 8, 3), (37, 4, 5), (129, 8, 8), (50, 3, 40), (21, 8, 256),
                                     (512, 8, 8), (300, 8, 32)])
 def test_group_pairs_is_the_static_grouping(impl, m, k, nl):

@@ -383,12 +383,13 @@ def rope_cache_write_ref(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.T
 if triton is not None:
 
     @triton.jit
-    def _rope_cache_kernel(q_ptr, kv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
-                           H, LAT, stride_qt, stride_qh, stride_kv, stride_cs, stride_cblk, stride_c, PAGE, eps,
-                           inv_k_scale,
+    def _rope_cache_kernel(q_ptr, kv_ptr, w_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, qo_ptr,
+                           H, LAT, stride_qt, stride_qh, stride_ot, stride_oh, stride_kv, stride_cs, stride_cblk,
+                           stride_c, PAGE, eps, inv_k_scale,
                            Q_OFF: constexpr, HALF: constexpr, BLOCK_H: constexpr, BLOCK_HALF: constexpr,
                            BLOCK_L: constexpr, FP8: constexpr):
-        """Program (token, head block): q_pe of BLOCK_H heads roped in place (de-interleaved layout); the last
+        """Program (token, head block): q_pe of BLOCK_H heads roped (de-interleaved layout) into qo_ptr's rows (q's
+        own rope columns: in place); the last
         program of each token (head block index = the head blocks' count) writes the cache row
         [RMSNorm(c_kv) * w ‖ rope(k_pe)] (fp8: value / k_scale saturated to e4m3) at the token's slot, beside
         the head blocks rather than after one of them. Rope rounds to the activation dtype after each op
@@ -412,8 +413,9 @@ if triton is not None:
             qb = ((x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)).to(ty)
             # in place: every thread's reads are done before any thread overwrites the interleaved pairs
             tl.debug_barrier()
-            tl.store(qbase + j[None, :], qa, mask=qm)
-            tl.store(qbase + HALF + j[None, :], qb, mask=qm)
+            obase = qo_ptr + t * stride_ot + h[:, None].to(tl.int64) * stride_oh
+            tl.store(obase + j[None, :], qa, mask=qm)
+            tl.store(obase + HALF + j[None, :], qb, mask=qm)
         slot = tl.load(slot_ptr + t)
         if latent & (slot >= 0):
             ctype = cache_ptr.dtype.element_ty
@@ -449,17 +451,25 @@ ROPE_WARPS = 1
 
 def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                      cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                     k_scale: float = 1.0, impl: str = "auto") -> torch.Tensor:
+                     k_scale: float = 1.0, impl: str = "auto", q_pe_out: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D] (rope part last), kv [T, L + R] (kv_a_proj's output), cos/sin [T, R/2] -> roped q_pe
     [T, H, R]; writes [RMSNorm(c_kv) ‖ rope(k_pe)] of every token with a slot into kv_cache, in the cache's
     dtype (fp8: value / k_scale). q_pe is roped in place and returned as a view, so q becomes
-    [q_nope ‖ roped q_pe] as prefill attention wants it. On CUDA one kernel instead of ~25 (two ropes, the
-    norm, a concat and the padded scatter); elsewhere the unfused reference."""
+    [q_nope ‖ roped q_pe] as prefill attention wants it; or, with q_pe_out [T, H, R] (any strides, last
+    contiguous), written there and returned (q's rope columns then stay as they were: where decode reads its
+    query from another buffer). On CUDA one kernel instead of ~25 (two ropes, the norm, a concat and the
+    padded scatter); elsewhere the unfused reference."""
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     ok = (q.dtype == kv.dtype == norm_weight.dtype == cos.dtype and q.stride(-1) == 1 and kv.stride(-1) == 1
           and kv_cache.stride(-1) == 1 and (fp8 or kv_cache.dtype == q.dtype))
+    ok = ok and (q_pe_out is None or q_pe_out.dtype == q.dtype and q_pe_out.stride(-1) == 1)
     if not use_triton(q, impl) or not ok:
-        return rope_cache_write_ref(q, kv, norm_weight, eps, cos, sin, kv_cache, slot_mapping, k_scale)
+        if q_pe_out is None:
+            return rope_cache_write_ref(q, kv, norm_weight, eps, cos, sin, kv_cache, slot_mapping, k_scale)
+        r = 2 * cos.shape[1]
+        q_pe_out.copy_(rope_cache_write_ref(q[..., q.shape[-1] - r:].clone(), kv, norm_weight, eps, cos, sin,
+                                            kv_cache, slot_mapping, k_scale))
+        return q_pe_out
     t, nh, d = q.shape
     half = cos.shape[1]
     lat = kv.shape[1] - 2 * half
@@ -468,21 +478,23 @@ def rope_cache_write(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tenso
     elif fp8:
         # the reference divides by k_scale; multiplying by its inverse is exact only for powers of two
         if math.frexp(k_scale)[0] != 0.5:
-            return rope_cache_write_ref(q, kv, norm_weight, eps, cos, sin, kv_cache, slot_mapping, k_scale)
+            return rope_cache_write(q, kv, norm_weight, eps, cos, sin, kv_cache, slot_mapping, k_scale, "torch",
+                                    q_pe_out)
         inv = 1.0 / k_scale
     else:
         inv = 1.0
     cos, sin = cos.contiguous(), sin.contiguous()
     bh = min(triton.next_power_of_2(nh), ROPE_BLOCK_H)
+    q_pe = q[..., d - 2 * half:] if q_pe_out is None else q_pe_out
     if t:
         # (block, offset) strides: a cross-layer cache's layer is a strided view (engine/kv_cache.py)
         _rope_cache_kernel[(t, triton.cdiv(nh, bh) + 1)](q, kv, norm_weight, cos, sin, kv_cache, slot_mapping.contiguous(),
-                                 nh, lat, q.stride(0), q.stride(1), kv.stride(0), cos.stride(0), kv_cache.stride(0),
-                                 kv_cache.stride(1), kv_cache.shape[1], eps, inv,
+                                 q_pe, nh, lat, q.stride(0), q.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0),
+                                 cos.stride(0), kv_cache.stride(0), kv_cache.stride(1), kv_cache.shape[1], eps, inv,
                                  Q_OFF=d - 2 * half, HALF=half, BLOCK_H=bh,
                                  BLOCK_HALF=triton.next_power_of_2(half), BLOCK_L=triton.next_power_of_2(lat),
                                  FP8=fp8, num_warps=ROPE_WARPS, **NO_FP_FUSION)
-    return q[..., d - 2 * half:]
+    return q_pe
 
 
 # ---- prefill K / V of MLA's MHA form -----------------------------------------------------------------------------

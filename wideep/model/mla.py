@@ -98,13 +98,18 @@ class MLAttention(nn.Module):
             q = self._q_b(q_a)
         q = q.view(t, self.num_heads, self.qk_head_dim)
         q_nope = q[..., : self.nope]
-        # q_pe roped; the new tokens' latents (c_kv normed ‖ k_pe roped) written into the cache: one kernel
-        q_pe = rope_cache_write(q, kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
-                                cos, sin, kv_cache, attn.slot_mapping, self.k_scale)
-
         nd = attn.num_decodes
-        if nd == t and attn.num_seqs == nd:   # decode-only: no copy into a shared output
-            return self.o_proj(self._decode(q_nope, q_pe, attn, kv_cache).reshape(t, self.num_heads * self.v_dim))
+        decode_only = nd == t and attn.num_seqs == nd
+        # decode's query buffer: [q_lat ‖ q_pe] per head, head-major (see _decode); the rope lands in it directly
+        q_buf = q_nope.new_empty(self.num_heads, t, self.kv_lora_rank + self.rope_dim) if decode_only else None
+        # q_pe roped; the new tokens' latents (c_kv normed ‖ k_pe roped) written into the cache: one kernel
+        q_pe = rope_cache_write(q, kv, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin, kv_cache,
+                                attn.slot_mapping, self.k_scale,
+                                q_pe_out=None if q_buf is None else q_buf[..., self.kv_lora_rank:].transpose(0, 1))
+
+        if decode_only:   # no copy into a shared output
+            return self.o_proj(self._decode(q_nope, q_pe, attn, kv_cache, q_buf=q_buf)
+                               .reshape(t, self.num_heads * self.v_dim))
         out = q.new_empty(t, self.num_heads, self.v_dim)
         if nd > 0:
             self._decode(q_nope[:nd], q_pe[:nd], attn, kv_cache, out[:nd])
@@ -112,19 +117,20 @@ class MLAttention(nn.Module):
             self._prefill(q, attn, kv_cache, out)
         return self.o_proj(out.reshape(t, self.num_heads * self.v_dim))
 
-    def _decode(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache, out: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def _decode(self, q_nope, q_pe, attn: AttentionMetadata, kv_cache, out: torch.Tensor | None = None,
+                q_buf: torch.Tensor | None = None) -> torch.Tensor:
         """Absorbed decode into out [B, H, v] (made when None). The per-head bmm's read q_nope and write the
         W_UV output through strides (head-major operands as transposed views): no copy on either side of
-        the MLA kernel."""
+        the MLA kernel. The query is [q_lat ‖ q_pe] per head in one head-major buffer [H, B, L + R] (q_buf,
+        whose rope columns already hold q_pe; else made here and q_pe copied in): the bmm writes the latent
+        columns in place, and a kernel that reads one 576-wide query row per head (FlashMLA) takes it as is."""
         nd = attn.num_decodes
         w_uk, w_uv = self._w_uk_uv(q_nope.dtype)
-        # [q_lat ‖ q_pe] per head in one head-major buffer: the bmm writes the latent columns in place, and a
-        # kernel that reads one 576-wide query row per head (FlashMLA) takes it without a copy
-        lat, rope = self.kv_lora_rank, q_pe.shape[-1]
-        q_buf = q_nope.new_empty(self.num_heads, nd, lat + rope)
+        lat = self.kv_lora_rank
+        if q_buf is None:
+            q_buf = q_nope.new_empty(self.num_heads, nd, lat + self.rope_dim)
+            q_buf[..., lat:].copy_(q_pe.transpose(0, 1))
         torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_buf[..., :lat])
-        q_buf[..., lat:].copy_(q_pe.transpose(0, 1))
         q_all = q_buf.transpose(0, 1)                                           # [B, H, L + R] (head-major)
         o_lat = paged_mla_decode(
             q_all[..., :lat], q_all[..., lat:], kv_cache, attn.block_tables[:nd], attn.seq_lens[:nd],
