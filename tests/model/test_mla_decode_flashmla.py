@@ -1,5 +1,7 @@
 """FlashMLA's schedule, made by wideep for batch invariance (mla_decode_flashmla), checked against the semantics
 of FlashMLA's SM90 kernel loop on the CPU; the kernel itself runs on an H200 (benchmarks/mla_decode.py)."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -98,3 +100,23 @@ def test_applies_only_where_the_kernel_exists(monkeypatch):
     assert not fm.applies(q, cache)                         # CPU
     monkeypatch.setenv("WIDEEP_MLA_DECODE", "triton")
     assert not fm.applies(q, cache)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("lens,rows,sms", [
+    ([2048] * 128, 128, 132),
+    ([0, 1, 64, 65, 2047, 2048, 2049, 5000, 0, 100], 128, 132),
+    ([3000] * 7 + [10] * 3, 16, 132),
+    ([4096] * 9, 128, 132),
+    ([5], 128, 132),
+    (list(range(0, 6000, 37)), 64, 114),
+])
+def test_plan_kernel_gives_the_reference_integers(lens, rows, sms):
+    from wideep.model import mla_decode_triton as mdt
+    if not mdt.interpreter_active():
+        pytest.skip("triton was imported before its interpreter could be selected")
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    ref = fm.make_plan(seq_lens, rows, 2048, sms)
+    got = fm.make_plan_on_device(seq_lens, rows, 2048, sms)
+    for name in ("meta", "splits", "lens", "rest"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name

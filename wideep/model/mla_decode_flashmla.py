@@ -12,8 +12,8 @@ whole: one pass over its pages on one SM part, written directly, never split. Lo
 kernel, which cuts them at fixed boundaries of their own length, and which skips the rows FlashMLA wrote
 (marked by a negative length). Which kernel takes a sequence, and how, depends on its length only.
 
-The plan is FlashMLA's scheduling metadata, made on the device by a few torch ops (fixed shapes, no host
-sync: CUDA-graph capturable) once per step and shared by every layer: the sequences are dealt to the SM parts
+The plan is FlashMLA's scheduling metadata, made on the device by one Triton program (make_plan is its torch
+reference; fixed shapes, no host sync: CUDA-graph capturable) once per step and shared by every layer: the sequences are dealt to the SM parts
 as contiguous runs of about equal cost (pages + a fixed per-sequence overhead, FlashMLA's own cost model).
 Metadata row of a part (FlashMLA's DecodingSchedMeta, int32 x 8): first and last sequence (inclusive; a first
 sequence >= B means an empty part), the first sequence's first page, the last sequence's end page (exclusive),
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from wideep import envs
+from wideep.model.triton_compat import constexpr, tl, triton
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,58 @@ def make_plan(seq_lens: torch.Tensor, rows: int, chunk: int, num_sms: int) -> Pl
     return Plan(meta, splits, fl_lens, torch.where(mine, -1, lens))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _plan_kernel(SEQ_LENS, META, SPLITS, LENS, REST, B, parts, chunk,
+                     BLOCK: constexpr, PARTS_STEP: constexpr, PAGE_: constexpr, OVERHEAD: constexpr,
+                     INTS: constexpr):
+        """make_plan in one program (one launch per step instead of ~30): the same integers."""
+        idx = tl.arange(0, BLOCK)
+        valid = idx < B
+        lens = tl.load(SEQ_LENS + idx, mask=valid, other=0)
+        mine = (lens <= chunk) & valid
+        fl = tl.where(mine, lens, 0)
+        pages = (fl + PAGE_ - 1) // PAGE_
+        cost = tl.where(mine, pages + OVERHEAD, 0).to(tl.int64)
+        end = tl.cumsum(cost, 0)
+        part_of = tl.where(mine, (end - cost) * parts // tl.maximum(tl.sum(cost, 0), 1), -1)
+        tl.store(LENS + idx, fl, mask=valid)
+        tl.store(REST + idx, tl.where(mine, -1, lens), mask=valid)
+        tl.store(SPLITS + idx, idx, mask=idx <= B)
+        pages0 = tl.sum(tl.where(idx == 0, pages, 0), 0)
+        for p0 in range(0, parts, PARTS_STEP):
+            ps = p0 + tl.arange(0, PARTS_STEP)
+            hit = part_of[None, :] == ps[:, None]
+            first = tl.min(tl.where(hit, idx[None, :], B), 1)
+            last = tl.max(tl.where(hit, idx[None, :], -1), 1)
+            empty = last < first
+            end_page = tl.sum(tl.where(idx[None, :] == last[:, None], pages[None, :], 0), 1)
+            row = META + ps * INTS
+            live = ps < parts
+            tl.store(row, tl.where(empty, B, first), mask=live)
+            tl.store(row + 1, tl.maximum(last, 0), mask=live)
+            tl.store(row + 2, 0, mask=live)
+            tl.store(row + 3, tl.where(empty, pages0, end_page), mask=live)
+            for c in tl.static_range(4, INTS):
+                tl.store(row + c, 0, mask=live)
+
+
+def make_plan_on_device(seq_lens: torch.Tensor, rows: int, chunk: int, num_sms: int) -> Plan:
+    """make_plan by _plan_kernel (CUDA, or Triton's interpreter): one launch."""
+    b = seq_lens.shape[0]
+    parts = max(num_sms // -(-rows // ROWS_PER_PART), 1)
+    dev = seq_lens.device
+    meta = torch.empty((parts, META_INTS), dtype=torch.int32, device=dev)
+    splits = torch.empty(b + 1, dtype=torch.int32, device=dev)
+    lens = torch.empty(b, dtype=torch.int32, device=dev)
+    rest = torch.empty(b, dtype=torch.int32, device=dev)
+    _plan_kernel[(1,)](seq_lens.to(torch.int32).contiguous(), meta, splits, lens, rest, b, parts, chunk,
+                       BLOCK=triton.next_power_of_2(b + 1), PARTS_STEP=8, PAGE_=PAGE, OVERHEAD=OVERHEAD_PAGES,
+                       INTS=META_INTS, num_warps=4)
+    return Plan(meta, splits, lens, rest)
+
+
 def plan_for(seq_lens: torch.Tensor, rows: int, chunk: int, memo: dict | None) -> Plan:
     """make_plan once per step: `memo` (the step's AttentionMetadata.plans, emptied by whoever reuses that object
     for another step) keeps it for the next layers, keyed by the lengths tensor's storage and size, and by
@@ -122,7 +175,7 @@ def plan_for(seq_lens: torch.Tensor, rows: int, chunk: int, memo: dict | None) -
     key = ("flashmla", seq_lens.data_ptr(), seq_lens.shape[0], rows, chunk, torch.cuda.is_current_stream_capturing())
     plan = memo.get(key) if memo is not None else None
     if plan is None:
-        plan = make_plan(seq_lens, rows, chunk, _num_sms(index))
+        plan = make_plan_on_device(seq_lens, rows, chunk, _num_sms(index))
         if memo is not None:
             memo[key] = plan
     return plan
