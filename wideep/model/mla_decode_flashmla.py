@@ -13,8 +13,9 @@ kernel, which cuts them at fixed boundaries of their own length, and which skips
 (marked by a negative length). Which kernel takes a sequence, and how, depends on its length only.
 
 The plan is FlashMLA's scheduling metadata, made on the device by one Triton program (make_plan is its torch
-reference; fixed shapes, no host sync: CUDA-graph capturable) once per step and shared by every layer: the sequences are dealt to the SM parts
-as contiguous runs of about equal cost (pages + a fixed per-sequence overhead, FlashMLA's own cost model).
+reference; fixed shapes, no host sync: CUDA-graph capturable) once per step and shared by every layer: the
+sequences are dealt to the SM parts as contiguous runs of about equal cost (pages + a fixed per-sequence
+overhead, FlashMLA's own cost model).
 Metadata row of a part (FlashMLA's DecodingSchedMeta, int32 x 8): first and last sequence (inclusive; a first
 sequence >= B means an empty part), the first sequence's first page, the last sequence's end page (exclusive),
 the first sequence's split index, whether the first / last sequence is split, padding.
@@ -85,12 +86,17 @@ def applies(q_lat: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     return shape_ok and _ops() is not None
 
 
+def _parts(rows: int, num_sms: int) -> int:
+    """FlashMLA's num_sm_parts for one KV head (its kernel checks the metadata has exactly this many rows)."""
+    return max(num_sms // -(-rows // ROWS_PER_PART), 1)
+
+
 def make_plan(seq_lens: torch.Tensor, rows: int, chunk: int, num_sms: int) -> Plan:
     """The plan for these lengths [B] (int32, 0 = padding), `rows` query rows per sequence, wideep's split size
     `chunk` (the longest sequence FlashMLA takes) and the device's SM count."""
     b = seq_lens.shape[0]
     dev = seq_lens.device
-    parts = max(num_sms // -(-rows // ROWS_PER_PART), 1)   # FlashMLA's num_sm_parts for one KV head
+    parts = _parts(rows, num_sms)
     lens = seq_lens.to(torch.int32)
     mine = lens <= chunk
     fl_lens = torch.where(mine, lens, 0)
@@ -154,7 +160,7 @@ if triton is not None:
 def make_plan_on_device(seq_lens: torch.Tensor, rows: int, chunk: int, num_sms: int) -> Plan:
     """make_plan by _plan_kernel (CUDA, or Triton's interpreter): one launch."""
     b = seq_lens.shape[0]
-    parts = max(num_sms // -(-rows // ROWS_PER_PART), 1)
+    parts = _parts(rows, num_sms)
     dev = seq_lens.device
     meta = torch.empty((parts, META_INTS), dtype=torch.int32, device=dev)
     splits = torch.empty(b + 1, dtype=torch.int32, device=dev)
@@ -167,7 +173,7 @@ def make_plan_on_device(seq_lens: torch.Tensor, rows: int, chunk: int, num_sms: 
 
 
 def plan_for(seq_lens: torch.Tensor, rows: int, chunk: int, memo: dict | None) -> Plan:
-    """make_plan once per step: `memo` (the step's AttentionMetadata.plans, emptied by whoever reuses that object
+    """The plan once per step: `memo` (the step's AttentionMetadata.plans, emptied by whoever reuses that object
     for another step) keeps it for the next layers, keyed by the lengths tensor's storage and size, and by
     whether a graph is being captured (a plan made eagerly in a warm-up must not stand in for the one a graph
     has to recompute at every replay)."""
