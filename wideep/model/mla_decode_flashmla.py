@@ -73,15 +73,16 @@ def _num_sms(index: int) -> int:
 
 
 def applies(q_lat: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """FlashMLA can take this call: CUDA on sm_90, one query token, bf16/fp16 queries over a cache of the same
-    dtype, R1's latent and rope widths, 64-token pages, at most 128 heads, and the library loads."""
+    """FlashMLA can take this call: CUDA on sm_90, one query token, bf16 queries over a bf16 cache (what was checked
+    on the device; fp16 builds of the wheel may leave that kernel out), R1's latent and rope widths, 64-token
+    pages, at most 128 heads, and the library loads."""
     mode = envs.WIDEEP_MLA_DECODE.strip().lower()
     if mode not in ("auto", "flashmla") or not q_lat.is_cuda:
         return False
     _, nq, h, lat = q_lat.shape
     index = q_lat.device.index if q_lat.device.index is not None else torch.cuda.current_device()
     shape_ok = (nq == 1 and 1 <= h <= 128 and lat == LATENT and kv_cache.shape[1:] == (PAGE, LATENT + ROPE)
-                and kv_cache.dtype == q_lat.dtype and q_lat.dtype in (torch.bfloat16, torch.float16)
+                and kv_cache.dtype == q_lat.dtype == torch.bfloat16
                 and torch.cuda.get_device_capability(index) == (9, 0))
     return shape_ok and _ops() is not None
 
