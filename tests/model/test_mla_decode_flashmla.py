@@ -120,3 +120,30 @@ def test_plan_kernel_gives_the_reference_integers(lens, rows, sms):
     got = fm.make_plan_on_device(seq_lens, rows, 2048, sms)
     for name in ("meta", "splits", "lens", "rest"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_a_library_that_fails_to_run_hands_every_sequence_back(monkeypatch, caplog):
+    """FlashMLA imports but its launch fails (another driver, another sm_90 part): wideep's kernels take every
+    sequence, with one warning, instead of the torch reference taking the whole decode."""
+    from wideep.model import mla_decode_triton as mdt
+    from wideep.model.attention import paged_mla_decode_torch
+    if not mdt.interpreter_active():
+        pytest.skip("triton was imported before its interpreter could be selected")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("no kernel image for this device")
+    monkeypatch.setattr(fm, "applies", lambda q_lat, kv_cache: True)
+    monkeypatch.setattr(fm, "plan_for", lambda seq_lens, rows, chunk, memo: fm.make_plan(seq_lens, rows, chunk, 132))
+    monkeypatch.setattr(fm, "decode", boom)
+    monkeypatch.setattr(fm, "_failed", [])
+    g = torch.Generator().manual_seed(0)
+    lens = torch.tensor([5, 40, 0], dtype=torch.int32)
+    cache = torch.randn(8, 16, 24, generator=g)
+    tables = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 7]], dtype=torch.int32)
+    q_lat, q_pe = torch.randn(3, 2, 16, generator=g), torch.randn(3, 2, 8, generator=g)
+    with caplog.at_level("WARNING"):
+        out = mdt.mla_decode(q_lat, q_pe, cache, tables, lens, 0.3)
+    ref = paged_mla_decode_torch(q_lat, q_pe, cache, tables, lens, 16, 0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert fm._failed and "FlashMLA decode failed" in caplog.text and not mdt._broken

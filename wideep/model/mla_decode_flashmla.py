@@ -67,6 +67,16 @@ def _ops():
     return torch.ops.flash_mla_legacy
 
 
+_failed: list[str] = []   # why FlashMLA stopped being used in this process (a launch failed), if it did
+
+
+def disable(reason: str) -> None:
+    """A FlashMLA launch failed here: wideep's kernels take every sequence from now on (logged once)."""
+    if not _failed:
+        log.warning("FlashMLA decode failed (%s); wideep's MLA decode kernels take every sequence from now on", reason)
+    _failed.append(reason)
+
+
 @functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -77,7 +87,7 @@ def applies(q_lat: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     on the device; fp16 builds of the wheel may leave that kernel out), R1's latent and rope widths, 64-token
     pages, at most 128 heads, and the library loads."""
     mode = envs.WIDEEP_MLA_DECODE.strip().lower()
-    if mode not in ("auto", "flashmla") or not q_lat.is_cuda:
+    if mode not in ("auto", "flashmla") or not q_lat.is_cuda or _failed:
         return False
     _, nq, h, lat = q_lat.shape
     index = q_lat.device.index if q_lat.device.index is not None else torch.cuda.current_device()

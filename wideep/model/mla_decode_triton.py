@@ -489,14 +489,20 @@ def mla_decode(
         raise ValueError(f"chunk must be a positive multiple of {SPLIT_ALIGN}, got {chunk}")
     rest_persistent = False
     if config is None and mla_decode_flashmla.applies(q_lat, kv_cache):
-        plan = mla_decode_flashmla.plan_for(seq_lens, nq * h, chunk, plans)
-        mine = mla_decode_flashmla.decode(q_lat, q_pe, kv_cache, block_tables, plan, scale)
-        if given:
-            out.copy_(mine)
+        try:
+            plan = mla_decode_flashmla.plan_for(seq_lens, nq * h, chunk, plans)
+            mine = mla_decode_flashmla.decode(q_lat, q_pe, kv_cache, block_tables, plan, scale)
+        except Exception as exc:   # a library that loads but cannot run here: wideep's kernels take over
+            if q_lat.is_cuda and torch.cuda.is_current_stream_capturing() or _mode() == "flashmla":
+                raise
+            mla_decode_flashmla.disable(repr(exc))
         else:
-            out = mine
-        seq_lens = plan.rest
-        rest_persistent = True   # the rows left are few or none: one wave of programs, not one per item
+            if given:
+                out.copy_(mine)
+            else:
+                out = mine
+            seq_lens = plan.rest
+            rest_persistent = True   # the rows left are few or none: one wave of programs, not one per item
     elif _mode() == "flashmla" and q_lat.is_cuda:
         raise RuntimeError(f"{BACKEND_ENV}=flashmla but FlashMLA does not apply here (sgl-flash-mla installed? "
                            "sm_90, bf16 cache, 512 + 64 latent, 64-token pages, one query token, <= 128 heads)")
