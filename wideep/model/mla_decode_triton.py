@@ -456,12 +456,10 @@ def mla_decode(
         raise ValueError(f"block_tables must be [{b}, max_blocks], got {tuple(block_tables.shape)}")
     if seq_lens.shape != (b,):
         raise ValueError(f"seq_lens must be [{b}], got {tuple(seq_lens.shape)}")
-    given = out is not None
-    if out is None:
-        out = torch.empty((b, nq, h, lat), dtype=q_lat.dtype, device=q_lat.device)
-    elif out.shape != (b, nq, h, lat):
+    if out is not None and out.shape != (b, nq, h, lat):
         out = out.view(b, nq, h, lat)
     if b == 0 or h == 0:
+        out = torch.empty((b, nq, h, lat), dtype=q_lat.dtype, device=q_lat.device) if out is None else out
         return out[:, 0] if squeeze else out
 
     dt = kv_cache.dtype
@@ -497,16 +495,18 @@ def mla_decode(
                 raise
             mla_decode_flashmla.disable(repr(exc))
         else:
-            if given:
-                out.copy_(mine)
-            else:
+            if out is None:
                 out = mine
+            else:
+                out.copy_(mine)
             seq_lens = plan.rest
             rest_persistent = True   # the rows left are few or none: one wave of programs, not one per item
     elif _mode() == "flashmla" and q_lat.is_cuda:
         raise RuntimeError(f"{BACKEND_ENV}=flashmla but FlashMLA does not apply here (sgl-flash-mla installed? "
                            "sm_90, bf16 cache, 512 + 64 latent, 64-token pages, one query token, <= 128 heads)")
 
+    if out is None:
+        out = torch.empty((b, nq, h, lat), dtype=q_lat.dtype, device=q_lat.device)
     interpret = not q_lat.is_cuda
     page = kv_cache.shape[1]
     max_ctx = block_tables.shape[1] * page
