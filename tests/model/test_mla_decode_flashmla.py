@@ -97,9 +97,10 @@ def test_fused_query_is_a_view_else_a_copy():
 def test_applies_only_where_the_kernel_exists(monkeypatch):
     q = torch.zeros(2, 1, 128, 512, dtype=torch.bfloat16)
     cache = torch.zeros(4, 64, 576, dtype=torch.bfloat16)
-    assert not fm.applies(q, cache)                         # CPU
+    assert not fm.applies(q, cache, True)                   # CPU
+    assert not fm.applies(q, cache, False)
     monkeypatch.setenv("WIDEEP_MLA_DECODE", "triton")
-    assert not fm.applies(q, cache)
+    assert not fm.applies(q, cache, True)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -133,8 +134,9 @@ def test_a_library_that_fails_to_run_hands_every_sequence_back(monkeypatch, capl
 
     def boom(*args, **kwargs):
         raise RuntimeError("no kernel image for this device")
-    monkeypatch.setattr(fm, "applies", lambda q_lat, kv_cache: True)
-    monkeypatch.setattr(fm, "plan_for", lambda seq_lens, rows, chunk, memo: fm.make_plan(seq_lens, rows, chunk, 132))
+    monkeypatch.setattr(fm, "applies", lambda q_lat, kv_cache, hopper: True)
+    monkeypatch.setattr(fm, "plan_for", lambda seq_lens, rows, chunk, memo, index: fm.make_plan(seq_lens, rows, chunk,
+                                                                                                132))
     monkeypatch.setattr(fm, "decode", boom)
     monkeypatch.setattr(fm, "_failed", [])
     g = torch.Generator().manual_seed(0)

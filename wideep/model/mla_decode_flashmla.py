@@ -82,18 +82,16 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def applies(q_lat: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """FlashMLA can take this call: CUDA on sm_90, one query token, bf16 queries over a bf16 cache (what was checked
-    on the device; fp16 builds of the wheel may leave that kernel out), R1's latent and rope widths, 64-token
-    pages, at most 128 heads, and the library loads."""
+def applies(q_lat: torch.Tensor, kv_cache: torch.Tensor, hopper: bool) -> bool:
+    """FlashMLA can take this call: on an sm_90 device (`hopper`, which the caller has looked up), one query
+    token, bf16 queries over a bf16 cache (what was checked on the device; fp16 builds of the wheel may leave that kernel out), R1's
+    latent and rope widths, 64-token pages, at most 128 heads, and the library loads."""
     mode = envs.WIDEEP_MLA_DECODE.strip().lower()
-    if mode not in ("auto", "flashmla") or not q_lat.is_cuda or _failed:
+    if mode not in ("auto", "flashmla") or not hopper or not q_lat.is_cuda or _failed:
         return False
     _, nq, h, lat = q_lat.shape
-    index = q_lat.device.index if q_lat.device.index is not None else torch.cuda.current_device()
     shape_ok = (nq == 1 and 1 <= h <= 128 and lat == LATENT and kv_cache.shape[1:] == (PAGE, LATENT + ROPE)
-                and kv_cache.dtype == q_lat.dtype == torch.bfloat16
-                and torch.cuda.get_device_capability(index) == (9, 0))
+                and kv_cache.dtype == q_lat.dtype == torch.bfloat16)
     return shape_ok and _ops() is not None
 
 
@@ -183,16 +181,15 @@ def make_plan_on_device(seq_lens: torch.Tensor, rows: int, chunk: int, num_sms: 
     return Plan(meta, splits, lens, rest)
 
 
-def plan_for(seq_lens: torch.Tensor, rows: int, chunk: int, memo: dict | None) -> Plan:
+def plan_for(seq_lens: torch.Tensor, rows: int, chunk: int, memo: dict | None, device_index: int) -> Plan:
     """The plan once per step: `memo` (the step's AttentionMetadata.plans, emptied by whoever reuses that object
     for another step) keeps it for the next layers, keyed by the lengths tensor's storage and size, and by
     whether a graph is being captured (a plan made eagerly in a warm-up must not stand in for the one a graph
     has to recompute at every replay)."""
-    index = seq_lens.device.index if seq_lens.device.index is not None else torch.cuda.current_device()
     key = ("flashmla", seq_lens.data_ptr(), seq_lens.shape[0], rows, chunk, torch.cuda.is_current_stream_capturing())
     plan = memo.get(key) if memo is not None else None
     if plan is None:
-        plan = make_plan_on_device(seq_lens, rows, chunk, _num_sms(index))
+        plan = make_plan_on_device(seq_lens, rows, chunk, _num_sms(device_index))
         if memo is not None:
             memo[key] = plan
     return plan

@@ -485,10 +485,14 @@ def mla_decode(
     chunk = chunk or split_tokens()
     if chunk <= 0 or chunk % SPLIT_ALIGN:
         raise ValueError(f"chunk must be a positive multiple of {SPLIT_ALIGN}, got {chunk}")
+    interpret = not q_lat.is_cuda
+    dev_index = None if interpret else (q_lat.device.index if q_lat.device.index is not None
+                                        else torch.cuda.current_device())
+    hopper = dev_index is not None and _is_hopper(dev_index)
     rest_persistent = False
-    if config is None and mla_decode_flashmla.applies(q_lat, kv_cache):
+    if config is None and mla_decode_flashmla.applies(q_lat, kv_cache, hopper):
         try:
-            plan = mla_decode_flashmla.plan_for(seq_lens, nq * h, chunk, plans)
+            plan = mla_decode_flashmla.plan_for(seq_lens, nq * h, chunk, plans, dev_index)
             mine = mla_decode_flashmla.decode(q_lat, q_pe, kv_cache, block_tables, plan, scale)
         except Exception as exc:   # a library that loads but cannot run here: wideep's kernels take over
             if q_lat.is_cuda and torch.cuda.is_current_stream_capturing() or _mode() == "flashmla":
@@ -507,13 +511,9 @@ def mla_decode(
 
     if out is None:
         out = torch.empty((b, nq, h, lat), dtype=q_lat.dtype, device=q_lat.device)
-    interpret = not q_lat.is_cuda
     page = kv_cache.shape[1]
     max_ctx = block_tables.shape[1] * page
     ieee = cdt == torch.float32 or interpret
-    dev_index = None if interpret else (q_lat.device.index if q_lat.device.index is not None
-                                        else torch.cuda.current_device())
-    hopper = dev_index is not None and _is_hopper(dev_index)
     key = (q_lat.device, h * nq, lat, rope, page, dt, cdt)
     if config is not None:
         candidates = (config,)
