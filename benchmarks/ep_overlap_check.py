@@ -10,7 +10,7 @@ all_to_all, and dual-batch overlap in a captured decode step.
 3. dual-batch overlap: a DeepSeek-V3 layer slice (1 dense + N MoE layers, random weights) decoding
    128 sequences per rank, captured as a CUDA graph with and without DBO, for each capturable
    backend, with all 256 experts (128 per GPU) and with 16 (8 per GPU, EP=32's per-GPU count).
-   Each graph is profiled (torch profiler, 3 replays): comm = the transfer work only (NCCL kernels,
+   Each graph is profiled (torch profiler, 10 replays, the ranks barrier-synchronized before each): comm = the transfer work only (NCCL kernels,
    symmetric-memory barriers, peer memcpys); the local grouping and fp32 combine sums are compute;
    exposed comm = comm time during which no compute kernel runs; hidden share = 1 - exposed(DBO) /
    exposed(no DBO). The same step with communication replaced by a local stand-in (identical shapes,
@@ -134,9 +134,11 @@ def _device_events(trace: dict) -> list[dict]:
             if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
 
 
-def _profiled(replay, replays: int, dump: str | None = None) -> dict:
-    """kernel_overlap of `replays` calls of replay() (torch profiler, CUDA activity only); `dump`: a
-    file that gets the device events (name, ts, dur, stream) as JSON."""
+def _profiled(replay, replays: int, dump: str | None = None, before=None) -> dict:
+    """kernel_overlap of `replays` calls of replay() (torch profiler, CUDA activity only); `before()`
+    runs ahead of each call (the ranks' barrier: a rank that starts a step first would otherwise wait
+    inside its first transfer, and that wait reads as exposed comm); `dump`: a file that gets the
+    device events (name, ts, dur, stream) as JSON."""
     import os
     import tempfile
 
@@ -146,6 +148,8 @@ def _profiled(replay, replays: int, dump: str | None = None) -> dict:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
+            if before is not None:
+                before()
             replay()
         torch.cuda.synchronize()
     fd, path = tempfile.mkstemp(suffix=".json")
@@ -316,6 +320,11 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
         return rows
 
     # ---- 3. decode step with / without DBO ------------------------------------------------------------
+    def in_step():
+        """Both ranks start the next step together: the device idles, then a CPU barrier."""
+        torch.cuda.synchronize()
+        torch.distributed.barrier(group=grp.cpu_group)
+
     def dbo():
         rows = []
         for experts in opts["dbo_experts"]:
@@ -379,7 +388,7 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
                             if opts["profile"]:
                                 dump = (f"{opts['trace_dir']}/trace_{name}_{E // world}_{int(comm)}{int(split)}.json"
                                         if opts["trace_dir"] and rank == 0 else None)
-                                label["profile"] = _profiled(g.replay, 3, dump)
+                                label["profile"] = _profiled(g.replay, opts["profile_replays"], dump, in_step)
                         del g
                     except Exception as exc:  # noqa: BLE001
                         label["error"] = repr(exc)[:400]
@@ -400,6 +409,26 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
     return out
 
 
+def dbo_summary(per_rank: list[dict]) -> list[dict]:
+    """Per (experts per GPU, backend): the hidden share of both ranks' exposed comm,
+    1 - sum(exposed, DBO) / sum(exposed, no DBO), and the steps with and without DBO."""
+    acc: dict[tuple, dict] = {}
+    for r in per_rank:
+        for row in r.get("dbo", []):
+            if not row["comm"] or "profile" not in row or "exposed_comm_ms" not in row["profile"]:
+                continue
+            key = (row["experts_per_gpu"], row["backend"])
+            a = acc.setdefault(key, {"experts_per_gpu": key[0], "backend": key[1], "exposed_ms": [0.0, 0.0],
+                                     "step_ms": [[], []]})
+            a["exposed_ms"][row["dbo"]] += row["profile"]["exposed_comm_ms"]
+            a["step_ms"][row["dbo"]].append(round(row["step_ms"], 3))
+    out = []
+    for a in acc.values():
+        no, yes = a["exposed_ms"]
+        out.append({**a, "hidden": round(1 - yes / no, 3) if no > 0 else None})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="32,128,256")
@@ -411,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dbo-experts", default="256,16",
                     help="routed experts of the layer slice; 16 = 8 per GPU, the per-GPU expert count of EP=32")
     ap.add_argument("--sections", default="correctness,latency,dbo")
+    ap.add_argument("--profile-replays", type=int, default=10)
     ap.add_argument("--no-profile", action="store_true", help="skip the torch-profiler kernel overlap of each DBO graph")
     ap.add_argument("--trace-dir", default=None, help="rank 0 writes each DBO graph's device events here")
     ap.add_argument("--timeout", type=float, default=400.0)
@@ -421,11 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     opts = {"tokens": [int(x) for x in a.tokens.split(",")], "iters": a.iters, "batch": a.batch,
             "context": a.context, "moe_layers": a.moe_layers, "dbo_backends": a.dbo_backends.split(","),
             "dbo_experts": [int(x) for x in a.dbo_experts.split(",")],
-            "sections": a.sections.split(","), "profile": not a.no_profile,
+            "sections": a.sections.split(","), "profile": not a.no_profile, "profile_replays": a.profile_replays,
             "trace_dir": a.trace_dir}
     per_rank = run_ranks(_rank, 2, args=(opts,), timeout_s=a.timeout, env=NCCL_ENV, threads_per_rank=0)
-    report = {"config": opts, "ranks": per_rank}
+    report = {"config": opts, "ranks": per_rank, "dbo_summary": dbo_summary(per_rank)}
     print(json.dumps(report, indent=1))
+    for row in report["dbo_summary"]:
+        print("DBO", json.dumps(row))
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(report, indent=2))

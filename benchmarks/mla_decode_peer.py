@@ -9,6 +9,7 @@ beside it. Also checks the library's batch invariance (3 sequences alone vs insi
 wideep's decode graphs need (graph replay at a padded size must give eager's tokens).
 
   H200: PYTHONPATH=$PWD python3 benchmarks/mla_decode_peer.py [--library flashinfer|flashmla] [--json out.json]
+        PYTHONPATH=$PWD python3 benchmarks/mla_decode_peer.py --library flashmla --plan-sweep 132,198,256,264
         (neither library is a wideep dependency: install it, or put it on PYTHONPATH, to run this)
 """
 import argparse
@@ -73,6 +74,47 @@ class FlashMLA:
         return out[:, 0]
 
 
+def plan_sweep(ops, mdt, batches, ctx=2048, sets=2):
+    """FlashMLA's kernel under its own scheduler vs under wideep's batch-invariant plan, by batch size.
+
+    Under the plan a part takes whole sequences, so its time steps with ceil(B / parts) (66 parts of
+    two 64-head CTAs on 132 SMs); FlashMLA's own scheduler splits sequences wherever the batch's total
+    work puts a part boundary, so its time follows B / parts. Printed beside wideep's default path."""
+    from wideep.model import mla_decode_flashmla as fm
+
+    n_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    parts = fm._parts(HEADS, n_sms)
+    rows = []
+    for b in batches:
+        cache, tables, qs, lens = build_case(torch, b, ctx, HEADS, PAGE, sets, "cuda", torch.bfloat16)
+        lens = lens.to(torch.int32)
+        q = [torch.cat(qs[s], -1)[:, None].contiguous() for s in range(sets)]
+        kc = cache.unsqueeze(2)
+        tab = [t.to(torch.int32).contiguous() for t in tables]
+        _, _, meta, spl = ops.dense_decode_fwd(q[0], kc, L, lens, tab[0], SCALE, False, None, None)
+        plan = fm.make_plan_on_device(lens, HEADS, ctx, n_sms)
+
+        def own(s):
+            return ops.dense_decode_fwd(q[s], kc, L, lens, tab[s], SCALE, False, meta, spl)
+
+        def planned(s):
+            return ops.dense_decode_fwd(q[s], kc, L, plan.lens, tab[s], SCALE, False, plan.meta, plan.splits)
+        plans: dict = {}
+        row = dict(B=b, ctx=ctx, parts=parts, seqs_per_part_mean=b / parts, seqs_per_part_max=-(-b // parts),
+                   own_ms=time_graph(torch, own, sets) * 1e3, planned_ms=time_graph(torch, planned, sets) * 1e3,
+                   plan_kernel_ms=time_graph(torch, lambda s: fm.make_plan_on_device(lens, HEADS, ctx, n_sms),
+                                             sets) * 1e3,
+                   wideep_ms=time_graph(torch, lambda s: mdt.mla_decode(*qs[s], cache, tables[s], lens, SCALE,
+                                                                        plans=plans), sets) * 1e3)
+        rows.append(row)
+        print(f"B={b:4d}: parts {parts}, sequences per part mean {row['seqs_per_part_mean']:.3f} max "
+              f"{row['seqs_per_part_max']}; FlashMLA own scheduler {row['own_ms']:.4f} ms, under wideep's plan "
+              f"{row['planned_ms']:.4f} (+ the plan, once per step: {row['plan_kernel_ms'] * 1e3:.1f} us); wideep default "
+              f"{row['wideep_ms']:.4f}", flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def load_library(name: str, backend: str):
     """(version, factory(table, lens) -> callable) for the named library."""
     if name == "flashinfer":
@@ -124,6 +166,9 @@ def main(argv=None):
     p.add_argument("--backend", default="fa3", help="FlashInfer MLA backend (fa3, fa2, auto)")
     p.add_argument("--sets", type=int, default=2, help="cache sets rotated inside one graph")
     p.add_argument("--json", default=None)
+    p.add_argument("--plan-sweep", default=None,
+                   help="flashmla: only time its kernel under its own scheduler vs wideep's plan at these batch "
+                        "sizes (comma-separated, ctx 2048)")
     args = p.parse_args(argv)
     try:
         version, make = load_library(args.library, args.backend)
@@ -133,6 +178,14 @@ def main(argv=None):
         return 2
     from wideep.model import mla_decode_triton as mdt
 
+    if args.plan_sweep:
+        if args.library != "flashmla":
+            p.error("--plan-sweep is for --library flashmla")
+        from flash_mla._loader import get_ops
+        rows = plan_sweep(get_ops(use_legacy=True), mdt, [int(x) for x in args.plan_sweep.split(",")])
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(plan_sweep=rows), indent=1))
+        return 0
     t0 = time.perf_counter()
     name = args.library
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, {name} {version}", flush=True)

@@ -184,20 +184,30 @@ def test_dummy_batch_writes_nothing(make_core):
     assert all(torch.equal(a, b) for a, b in zip(before, core.runner.kv_caches))
 
 
-def test_static_decode_path_equals_eager(make_core):
+@pytest.mark.parametrize("split_tokens", [None, 128])
+def test_static_decode_path_equals_eager(make_core, monkeypatch, split_tokens):
     """The CUDA-graph path's static buffers (padded batch, full-width block table, slot -1 and
-    seq_len 0 padding rows), run eagerly on CPU, give the same tokens as plain eager decode."""
-    prompts = random_prompts(5, [20, 45, 7, 70, 33], seed=11)
+    seq_len 0 padding rows), run eagerly on CPU, give the same tokens as plain eager decode. With a
+    128-token attention split each size also has an 8-block-wide twin, replayed while every sequence fits
+    it: the 124-token prompt crosses 128 tokens while it decodes."""
+    if split_tokens:
+        monkeypatch.setenv("WIDEEP_MLA_SPLIT_TOKENS", str(split_tokens))
+    prompts = random_prompts(5, [20, 45, 7, 124 if split_tokens else 70, 33], seed=11)
     sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     ref = run(make_core(max_model_len=256), prompts, sp)
     core = make_core(max_model_len=256)
     core.runner.use_static_decode([2, 8])        # 5 and 3 running seqs pad to 8, 1 and 2 fit in 2
-    replays = []
+    replays: list[int] = []
     for g in core.runner.graphs.values():
-        inner = g.graph.replay
-        g.graph.replay = lambda inner=inner: (replays.append(1), inner())
+        assert (g.short is not None) == bool(split_tokens)
+        for twin in (g, g.short) if g.short else (g,):
+            width = twin.block_tables.shape[1]
+            inner = twin.graph.replay
+            twin.graph.replay = lambda inner=inner, width=width: (replays.append(width), inner())
     got = run(core, prompts, sp)
     assert replays, "decode steps did not take the static path"
+    if split_tokens:
+        assert set(replays) == {8, 16}
     for i in range(len(prompts)):
         assert got[i][:2] == ref[i][:2], f"prompt {i}"
     # a dummy decode batch through the static path writes nothing

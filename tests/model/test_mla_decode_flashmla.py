@@ -149,3 +149,36 @@ def test_a_library_that_fails_to_run_hands_every_sequence_back(monkeypatch, capl
     ref = paged_mla_decode_torch(q_lat, q_pe, cache, tables, lens, 16, 0.3)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert fm._failed and "FlashMLA decode failed" in caplog.text and not mdt._broken
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("width,launches", [(8, 0), (40, 1)])
+def test_a_one_split_table_leaves_wideep_nothing_to_launch(monkeypatch, width, launches):
+    """With FlashMLA taking every sequence of at most one split, a block table no wider than one split (the engine's
+    narrow decode graphs) can hold no other: wideep's kernels are not launched at all; a wider one keeps their
+    launch (in a graph it must serve any length). Both give the reference's values."""
+    from wideep.model import mla_decode_triton as mdt
+    from wideep.model.attention import paged_mla_decode_torch
+    if not mdt.interpreter_active():
+        pytest.skip("triton was imported before its interpreter could be selected")
+    g = torch.Generator().manual_seed(1)
+    page, chunk, lat = 16, 128, 16
+    lens = torch.tensor([5, 128, 0, 77] + ([600] if width > 8 else []), dtype=torch.int32)
+    b = lens.shape[0]
+    cache = torch.randn(b * width + 1, page, lat + 8, generator=g)
+    tables = torch.arange(b * width, dtype=torch.int32).reshape(b, width)
+    q_lat, q_pe = torch.randn(b, 2, lat, generator=g), torch.randn(b, 2, 8, generator=g)
+
+    def flashmla(q_lat, q_pe, kv_cache, block_tables, plan, scale):   # the rows the plan gives it, by the reference
+        return paged_mla_decode_torch(q_lat[:, 0], q_pe[:, 0], kv_cache, block_tables, plan.lens, lat, scale)[:, None]
+    calls = []
+    launch = mdt._launch
+    monkeypatch.setattr(mdt, "_launch", lambda *a: (calls.append(1), launch(*a)))
+    monkeypatch.setattr(fm, "applies", lambda q_lat, kv_cache, hopper: True)
+    monkeypatch.setattr(fm, "plan_for", lambda seq_lens, rows, chunk, memo, index: fm.make_plan(seq_lens, rows, chunk,
+                                                                                                132))
+    monkeypatch.setattr(fm, "decode", flashmla)
+    out = mdt.mla_decode(q_lat, q_pe, cache, tables, lens, 0.3, chunk=chunk)
+    assert len(calls) == launches
+    ref = paged_mla_decode_torch(q_lat, q_pe, cache, tables, lens, lat, 0.3, chunk=chunk)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -2,7 +2,10 @@
 
 Decode-only batches on CUDA replay a CUDA graph captured for the next larger size in
 `cuda_graph_sizes` (static input buffers, padding rows have slot -1 and seq_len 0); prefill and
-mixed batches run eagerly. The graph's block table is `max_model_len / block_size` wide.
+mixed batches run eagerly. The graph's block table is `max_model_len / block_size` wide; where that
+is more than one attention split (`split_tokens()`), each size also gets a twin whose table is one
+split wide, replayed while every sequence fits in it: there the attention launches no merge of
+splits (and, under FlashMLA, nothing for long sequences), which a wide graph must keep for any length.
 
 `launch` queues a step and returns a `PendingTokens` without waiting for the device (async
 scheduling): a decode whose input token is the previous step's sample (still on the device) reads
@@ -22,7 +25,7 @@ from wideep.engine.config import EngineArgs
 from wideep.engine.kv_cache import allocate_kv_caches
 from wideep.engine.sampler import Sampler, logprob_entries
 from wideep.engine.scheduler import SchedulerOutput
-from wideep.model.attention import AttentionMetadata, resolve_kv_cache_dtype
+from wideep.model.attention import AttentionMetadata, resolve_kv_cache_dtype, split_tokens
 from wideep.model.ubatch import DBOConfig, forward_dual_batch
 from wideep.utils.device import host_to_device
 
@@ -41,6 +44,7 @@ class _Graph:
     staging: list = field(default_factory=list)     # two _Staging sets of host input buffers, used in turn
     next_staging: int = 0
     host_table: "_HostBlockTable | None" = None     # the block table as last staged (host mirror)
+    short: "_Graph | None" = None    # the same size with a one-split-wide block table (see the module doc)
 
 
 class PendingTokens:
@@ -74,6 +78,8 @@ class ModelRunner:
         self.block_size = args.block_size
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        short = split_tokens() // self.block_size
+        self.short_blocks = short if 0 < short < self.max_blocks_per_seq else 0   # 0: no narrow twins
         self.dtype = next(model.parameters()).dtype
         self.kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.sampler = Sampler(device, args.seed)
@@ -197,7 +203,9 @@ class ModelRunner:
         use_graphs=False runs a decode batch eagerly (DP lockstep: one eager rank makes the step eager);
         dbo_group: the EP group's (max tokens per rank, decode-only), so every rank splits the same
         steps into micro-batches (None: decide from this batch)."""
-        graph = self._graph_for(len(out.seqs), pad_to) if out.is_decode_only and use_graphs else None
+        graph = None
+        if out.is_decode_only and use_graphs and self.graphs:
+            graph = self._graph_for(len(out.seqs), pad_to, max(s.start + s.num_new_tokens for s in out.seqs))
         if graph is not None:
             hidden = self._replay(graph, out)
             qsl = list(range(len(out.seqs) + 1))
@@ -248,7 +256,7 @@ class ModelRunner:
         """A forward over `num_tokens` dummy tokens that writes nothing to the cache (slot -1):
         keeps MoE collectives in step across DP ranks, and profiles activation memory."""
         if decode:
-            graph = self._graph_for(num_tokens, None) if use_graphs else None
+            graph = self._graph_for(num_tokens, None, 0) if use_graphs else None
             if graph is not None:
                 self._fill_graph_padding(graph, 0)
                 self._replay_graph(graph, 0)
@@ -289,11 +297,16 @@ class ModelRunner:
         return lambda ids, pos, attn: forward_dual_batch(self.model, ids, pos, attn, self.kv_caches, bound)
 
     # ---- CUDA graphs -----------------------------------------------------------------------------
-    def _graph_for(self, batch: int, pad_to: int | None) -> _Graph | None:
+    def _graph_for(self, batch: int, pad_to: int | None, longest: int | None = None) -> _Graph | None:
+        """The graph of the next size up; its narrow twin when `longest` (the longest sequence after the
+        step) fits the twin's table."""
         need = max(batch, pad_to or 0)
         for size in sorted(self.graphs):
             if size >= need:
-                return self.graphs[size]
+                g = self.graphs[size]
+                if g.short is not None and longest is not None and longest <= self.short_blocks * self.block_size:
+                    return g.short
+                return g
         return None
 
     def _dispatch_mode(self, size: int, num_real: int | None = None):
@@ -392,25 +405,31 @@ class ModelRunner:
             try:
                 with self._dispatch_mode(size):
                     self.graphs[size] = self._capture(size)
+                    if self.short_blocks:
+                        self.graphs[size].short = self._capture(size, width=self.short_blocks)
             except Exception as exc:  # a non-capturable model/dispatcher: stay eager
                 log.warning("CUDA graph capture failed at batch %d (%s); decode runs eagerly", size, exc)
                 self.graphs.clear()
                 return
-        log.info("captured %d CUDA graphs in %.1fs", len(self.graphs), time.perf_counter() - t0)
+        log.info("captured %d CUDA graphs in %.1fs (sizes %s%s)", len(self.graphs) * (1 + bool(self.short_blocks)),
+                 time.perf_counter() - t0, sorted(self.graphs),
+                 f", each also with a {self.short_blocks}-block table" if self.short_blocks else "")
 
-    def _capture(self, size: int, capture: bool = True) -> _Graph:
-        """Static buffers for a decode batch of `size` and a CUDA graph of the forward over them.
-        capture=False gives an eager stand-in with the same buffers (tests the static-shape path on CPU)."""
+    def _capture(self, size: int, capture: bool = True, width: int | None = None) -> _Graph:
+        """Static buffers for a decode batch of `size` (a block table `width` blocks wide, default the
+        longest sequence's) and a CUDA graph of the forward over them. capture=False gives an eager
+        stand-in with the same buffers (tests the static-shape path on CPU)."""
         dev = self.device
         ids = torch.zeros(size, dtype=torch.long, device=dev)
         pos = torch.zeros(size, dtype=torch.long, device=dev)
         slots = torch.full((size,), -1, dtype=torch.long, device=dev)
         seq_lens = torch.zeros(size, dtype=torch.int32, device=dev)
-        tables = torch.zeros((size, self.max_blocks_per_seq), dtype=torch.int32, device=dev)
+        width = width or self.max_blocks_per_seq
+        tables = torch.zeros((size, width), dtype=torch.int32, device=dev)
         attn = AttentionMetadata(
             slot_mapping=slots, query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=dev),
             seq_lens=seq_lens, block_tables=tables, num_decodes=size,
-            query_lens=[1] * size, seq_lens_cpu=[self.max_model_len] * size)
+            query_lens=[1] * size, seq_lens_cpu=[min(self.max_model_len, width * self.block_size)] * size)
         forward = self._graph_forward(size)
         if not capture:
             hidden = forward(ids, pos, attn)
@@ -437,6 +456,8 @@ class ModelRunner:
         for size in sizes:
             with self._dispatch_mode(size):
                 self.graphs[size] = self._capture(size, capture=False)
+                if self.short_blocks:
+                    self.graphs[size].short = self._capture(size, capture=False, width=self.short_blocks)
 
 
 class _Staging:

@@ -489,6 +489,8 @@ def mla_decode(
     dev_index = None if interpret else (q_lat.device.index if q_lat.device.index is not None
                                         else torch.cuda.current_device())
     hopper = dev_index is not None and _is_hopper(dev_index)
+    page = kv_cache.shape[1]
+    max_ctx = block_tables.shape[1] * page
     rest_persistent = False
     if config is None and mla_decode_flashmla.applies(q_lat, kv_cache, hopper):
         try:
@@ -503,6 +505,8 @@ def mla_decode(
                 out = mine
             else:
                 out.copy_(mine)
+            if max_ctx <= chunk:     # the table holds no sequence over one split: FlashMLA took every row
+                return out[:, 0] if squeeze else out
             seq_lens = plan.rest
             rest_persistent = True   # the rows left are few or none: one wave of programs, not one per item
     elif _mode() == "flashmla" and q_lat.is_cuda:
@@ -511,8 +515,6 @@ def mla_decode(
 
     if out is None:
         out = torch.empty((b, nq, h, lat), dtype=q_lat.dtype, device=q_lat.device)
-    page = kv_cache.shape[1]
-    max_ctx = block_tables.shape[1] * page
     ieee = cdt == torch.float32 or interpret
     key = (q_lat.device, h * nq, lat, rope, page, dt, cdt)
     if config is not None:
