@@ -1218,9 +1218,9 @@ def _decode_case(run: RankRun, reqs: list[Request], b: int, ctx: int, a, device,
     runner = run.core.runner
     step = timed(lambda: runner.execute(out), device, a.iters)
     res = {"B": b, "ctx": ctx, "step_ms": step * 1e3, "tok_s_gpu": b / step,
-           "graph": bool(runner._graph_for(b, None))}
+           "graph": bool(runner.graph_for(out))}
     if device.type == "cuda" and res["graph"]:
-        g = runner._graph_for(b, None)
+        g = runner.graph_for(out)
         res["graph_replay_ms"] = timed(lambda: runner._replay_graph(g, b), device, a.iters) * 1e3
     res["roofline_ms"] = rooflines(run.cfg, run.dispatcher.num_local_experts, run.fp8, b, ctx, ceil)
     if a.profile:
@@ -1296,7 +1296,7 @@ def step_hidden(run: RankRun, out: SchedulerOutput) -> torch.Tensor:
     """The final hidden states of one decode step (graph replay where a graph holds the batch, else eager)."""
     runner = run.core.runner
     b = len(out.seqs)
-    g = runner._graph_for(b, None)
+    g = runner.graph_for(out)
     if g is not None:
         runner.execute(out)
         return g.hidden[:b].clone()
@@ -1487,8 +1487,8 @@ def dbo_case(run: RankRun, b: int, ctx: int, a, device, unsplit: dict) -> dict:
             res["compare"]["unsplit_repeat_bit_equal"] = bool(torch.equal(ref, again))
             res["graph_split"] = runner.dbo.should_split(b, True)
             step = timed(lambda: runner.execute(out), device, a.iters)
-            res.update(step_ms=step * 1e3, tok_s_gpu=b / step, graph=bool(runner._graph_for(b, None)))
-            g = runner._graph_for(b, None)
+            res.update(step_ms=step * 1e3, tok_s_gpu=b / step, graph=bool(runner.graph_for(out)))
+            g = runner.graph_for(out)
             if device.type == "cuda" and g is not None:
                 res["graph_replay_ms"] = timed(lambda: runner._replay_graph(g, b), device, a.iters) * 1e3
             res.update(profile_dbo_step(run, out, device))

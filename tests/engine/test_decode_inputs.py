@@ -122,3 +122,31 @@ def test_eager_inputs_equal_fresh_ones(make_core, async_scheduling):
     _run_with_churn(core, 6, seed=7, base_tokens=8, step_tokens=5, abort=(5, "r1"), add_at=7)
     assert core.stats().num_preemptions > 0
     assert any(checked) and not all(checked)    # mixed / prefill steps and pure decode steps
+
+
+def test_host_block_table_keeps_the_first_width_blocks_of_longer_lists():
+    """A narrow decode graph's table holds each row's first `width` blocks, while requests grow, are replaced
+    and leave, even when a request holds more blocks than that (it may: only its length picks the graph)."""
+    from wideep.engine.model_runner import _HostBlockTable
+
+    rng = np.random.default_rng(0)
+    rows, width = 4, 5
+    ht = _HostBlockTable(rows, width)
+    lists: list[list[int]] = [[] for _ in range(rows)]
+    for _ in range(300):
+        b = int(rng.integers(0, rows + 1))
+        for i in range(b):
+            op = rng.integers(0, 3)
+            if op == 0:       # the running request gained blocks
+                lists[i].extend(rng.integers(1, 99, size=int(rng.integers(1, 4))).tolist())
+            elif op == 1:     # another request took the row (or this one was preempted and came back)
+                lists[i] = rng.integers(1, 99, size=int(rng.integers(0, 2 * width))).tolist()
+            ht.set_row(i, lists[i])
+        ht.clear_from(b)
+        want = np.zeros((rows, width), dtype=np.int32)
+        for i in range(b):
+            want[i, :min(len(lists[i]), width)] = lists[i][:width]
+        assert np.array_equal(ht.table, want)
+        assert ht.num_blocks[:b].tolist() == [len(x) for x in lists[:b]]
+        for i in range(b, rows):
+            lists[i] = []

@@ -203,9 +203,7 @@ class ModelRunner:
         use_graphs=False runs a decode batch eagerly (DP lockstep: one eager rank makes the step eager);
         dbo_group: the EP group's (max tokens per rank, decode-only), so every rank splits the same
         steps into micro-batches (None: decide from this batch)."""
-        graph = None
-        if out.is_decode_only and use_graphs and self.graphs:
-            graph = self._graph_for(len(out.seqs), pad_to, max(s.start + s.num_new_tokens for s in out.seqs))
+        graph = self.graph_for(out, pad_to) if use_graphs else None
         if graph is not None:
             hidden = self._replay(graph, out)
             qsl = list(range(len(out.seqs) + 1))
@@ -297,6 +295,12 @@ class ModelRunner:
         return lambda ids, pos, attn: forward_dual_batch(self.model, ids, pos, attn, self.kv_caches, bound)
 
     # ---- CUDA graphs -----------------------------------------------------------------------------
+    def graph_for(self, out: SchedulerOutput, pad_to: int | None = None) -> _Graph | None:
+        """The graph this step replays; None: it runs eagerly (not decode-only, or no graph holds it)."""
+        if not (out.is_decode_only and self.graphs):
+            return None
+        return self._graph_for(len(out.seqs), pad_to, max(s.start + s.num_new_tokens for s in out.seqs))
+
     def _graph_for(self, batch: int, pad_to: int | None, longest: int | None = None) -> _Graph | None:
         """The graph of the next size up; its narrow twin when `longest` (the longest sequence after the
         step) fits the twin's table."""
@@ -507,20 +511,24 @@ class _HostBlockTable:
         self._rows = 0                      # rows in use at the last step
 
     def set_row(self, i: int, blocks: list[int]) -> None:
+        """Row i from `blocks`: its first `width` entries (a narrow graph's sequences use no more, though a
+        request may hold blocks beyond them)."""
         n = len(blocks)
+        w = self.table.shape[1]
         if self.src[i] is blocks:
             k = self.written[i]
             if n == k:
                 return
             if n > k:
-                self.table[i, k:n] = blocks[k:]
+                if k < w:
+                    self.table[i, k:min(n, w)] = blocks[k:w]
                 self.written[i] = n
                 self.num_blocks[i] = n
                 return
-        old = self.written[i]
-        self.table[i, :n] = blocks
-        if old > n:
-            self.table[i, n:old] = 0
+        old, m = min(self.written[i], w), min(n, w)
+        self.table[i, :m] = blocks[:m]
+        if old > m:
+            self.table[i, m:old] = 0
         self.src[i] = blocks
         self.written[i] = n
         self.num_blocks[i] = n
