@@ -13,7 +13,7 @@ all_to_all, and dual-batch overlap in a captured decode step.
    Each graph is profiled (torch profiler, 10 replays, the ranks barrier-synchronized before each): comm = the transfer work only (NCCL kernels,
    symmetric-memory barriers, peer memcpys); the local grouping and fp32 combine sums are compute;
    exposed comm = comm time during which no compute kernel runs; hidden share = 1 - exposed(DBO) /
-   exposed(no DBO). The same step with communication replaced by a local stand-in (identical shapes,
+   exposed(no DBO), summed over both ranks, over all replays and for each rank's median replay. The same step with communication replaced by a local stand-in (identical shapes,
    its own grouping/combine code, no transfer) is also timed: it bounds the cost of the split itself.
 
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -119,12 +120,37 @@ def kernel_overlap(events: list[dict], replays: int) -> dict:
     cu, pu = _union(comm_iv), _union(comp_iv)
     span = max(e["ts"] + e["dur"] for e in dev) - min(e["ts"] for e in dev)
     top = sorted(names.items(), key=lambda kv: -kv[1][1])[:10]
+    per = _exposed_per_replay(dev, replays)
     return {"comm_ms": _measure(cu) / 1e3 / replays, "exposed_comm_ms": _minus(cu, pu) / 1e3 / replays,
+            "exposed_comm_ms_per_replay": per, "exposed_comm_ms_median": statistics.median(per) if per else None,
             "compute_ms": _measure(pu) / 1e3 / replays, "span_ms": span / 1e3 / replays,
             "comm_events_per_step": len(comm_iv) / replays,
             "comm_kernel_sum_ms": sum(b - a for a, b in comm_iv) / 1e3 / replays,
             "memcpy_per_step": sum(1 for e in dev if e.get("cat") == "gpu_memcpy") / replays,
             "top_kernels": [[k, n / replays, d / 1e3 / replays] for k, (n, d) in top]}
+
+
+def _exposed_per_replay(dev: list[dict], replays: int, gap_us: float = 500.0) -> list[float]:
+    """Exposed comm of each replay, ms: the replays are the runs of device activity between idle gaps of more
+    than `gap_us` (the host barrier before each; inside a replay the device is never idle that long). Empty
+    when the trace does not split into `replays` runs. A replay in which a peer started late (a host hiccup)
+    shows its wait as exposed comm: the median replay is the step without it."""
+    ev = sorted(dev, key=lambda e: float(e["ts"]))
+    runs: list[list[dict]] = [[]]
+    end = None
+    for e in ev:
+        ts = float(e["ts"])
+        if end is not None and ts - end > gap_us:
+            runs.append([])
+        runs[-1].append(e)
+        end = max(end or ts, ts + float(e["dur"]))
+    if len(runs) != replays:
+        return []
+    out = []
+    for run in runs:
+        iv = [(float(e["ts"]), float(e["ts"]) + float(e["dur"]), is_comm_event(e)) for e in run]
+        out.append(_minus(_union([(a, b) for a, b, c in iv if c]), _union([(a, b) for a, b, c in iv if not c])) / 1e3)
+    return out
 
 
 def _device_events(trace: dict) -> list[dict]:
@@ -411,7 +437,8 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
 
 def dbo_summary(per_rank: list[dict]) -> list[dict]:
     """Per (experts per GPU, backend): the hidden share of both ranks' exposed comm,
-    1 - sum(exposed, DBO) / sum(exposed, no DBO), and the steps with and without DBO."""
+    1 - sum(exposed, DBO) / sum(exposed, no DBO), over all profiled replays (`hidden`) and of each rank's median
+    replay (`hidden_median_replay`), and the steps with and without DBO."""
     acc: dict[tuple, dict] = {}
     for r in per_rank:
         for row in r.get("dbo", []):
@@ -419,13 +446,16 @@ def dbo_summary(per_rank: list[dict]) -> list[dict]:
                 continue
             key = (row["experts_per_gpu"], row["backend"])
             a = acc.setdefault(key, {"experts_per_gpu": key[0], "backend": key[1], "exposed_ms": [0.0, 0.0],
-                                     "step_ms": [[], []]})
-            a["exposed_ms"][row["dbo"]] += row["profile"]["exposed_comm_ms"]
+                                     "exposed_median_ms": [0.0, 0.0], "step_ms": [[], []]})
+            prof = row["profile"]
+            a["exposed_ms"][row["dbo"]] += prof["exposed_comm_ms"]
+            a["exposed_median_ms"][row["dbo"]] += prof.get("exposed_comm_ms_median") or float("nan")
             a["step_ms"][row["dbo"]].append(round(row["step_ms"], 3))
     out = []
     for a in acc.values():
-        no, yes = a["exposed_ms"]
-        out.append({**a, "hidden": round(1 - yes / no, 3) if no > 0 else None})
+        (no, yes), (no_med, yes_med) = a["exposed_ms"], a["exposed_median_ms"]
+        out.append({**a, "hidden": round(1 - yes / no, 3) if no > 0 else None,
+                    "hidden_median_replay": round(1 - yes_med / no_med, 3) if no_med > 0 else None})
     return out
 
 
