@@ -403,14 +403,22 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
                 model.dispatcher = d
                 for layer in model.moe_layers():
                     layer.dispatcher = d
+                unsplit = None
                 for split in (False, True):
                     label = {"experts": E, "experts_per_gpu": E // world, "backend": name, "comm": comm, "dbo": split}
                     try:
                         with torch.inference_mode(), gd.graph_mode(b):
                             fwd = (lambda: forward_dual_batch(model, ids, pos, attn, kv, -(-b // 2))) if split \
                                 else (lambda: model.forward(ids, pos, attn, kv))
-                            g, _ = _graph(fwd)
+                            g, hidden = _graph(fwd)
                             label["step_ms"] = _timed(g.replay, opts["iters"]) * 1e3
+                            # the split step's output against the unsplit one (bf16 GEMMs at other row counts
+                            # round differently; a transfer racing its buffer's reuse would be far off or NaN)
+                            if split and unsplit is not None:
+                                label["max_rel_diff_vs_unsplit"] = float(
+                                    (hidden.float() - unsplit).abs().max() / unsplit.abs().max())
+                            elif not split:
+                                unsplit = hidden.float().clone()
                             if opts["profile"]:
                                 dump = (f"{opts['trace_dir']}/trace_{name}_{E // world}_{int(comm)}{int(split)}.json"
                                         if opts["trace_dir"] and rank == 0 else None)
@@ -451,6 +459,8 @@ def dbo_summary(per_rank: list[dict]) -> list[dict]:
             a["exposed_ms"][row["dbo"]] += prof["exposed_comm_ms"]
             a["exposed_median_ms"][row["dbo"]] += prof.get("exposed_comm_ms_median") or float("nan")
             a["step_ms"][row["dbo"]].append(round(row["step_ms"], 3))
+            if "max_rel_diff_vs_unsplit" in row:
+                a["dbo_max_rel_diff"] = max(a.get("dbo_max_rel_diff", 0.0), row["max_rel_diff_vs_unsplit"])
     out = []
     for a in acc.values():
         (no, yes), (no_med, yes_med) = a["exposed_ms"], a["exposed_median_ms"]
