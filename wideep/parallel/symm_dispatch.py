@@ -10,9 +10,8 @@ Fixed shapes: receive buffers hold `capacity` tokens per source rank; a step use
 `max_tokens_per_rank` of them (the same bound on every rank, set by the DP lockstep), padding rows
 route nowhere. No host synchronization, so it is CUDA-graph capturable. Issue and completion are
 split: the writes and barrier run on a side stream and `wait()` joins it, so with dual-batch overlap
-one micro-batch's transfer proceeds while the other computes. Separate buffers, barrier channels and
-side streams per micro-batch: a barrier still waiting for a late peer's transfer of one micro-batch
-does not hold back the other's (one side stream would queue them).
+one micro-batch's transfer proceeds while the other computes. Separate buffers and barrier channels
+per micro-batch.
 
 Every token goes to every rank (like allgather_reducescatter, but FP8 and written by the sender): at
 EP=2 with top-8 routing nearly every token touches both ranks anyway. Sending only the routed rows
@@ -97,7 +96,7 @@ class SymmMemDispatcher(MoEDispatcher):
         self.static_shapes = True       # always fixed-shape; graph_mode sets it too
         self._slots: dict[int, _Slot] = {}
         self._slot_key: tuple | None = None
-        self._streams: dict[int, torch.cuda.Stream] = {}   # per micro-batch
+        self._stream: torch.cuda.Stream | None = None
         self._ubatch_index = 0
 
     def set_ubatch(self, row_offset: int = 0, max_tokens: int | None = None, index: int = 0) -> None:
@@ -117,8 +116,6 @@ class SymmMemDispatcher(MoEDispatcher):
             self._slot_key = key
         if index not in self._slots:
             self._slots[index] = self._allocate(hidden, k, device)
-            if index not in self._streams:   # high priority: ahead of queued compute blocks
-                self._streams[index] = torch.cuda.Stream(device=device, priority=-1)
         return self._slots[index]
 
     def _allocate(self, hidden: int, k: int, device: torch.device) -> _Slot:
@@ -138,6 +135,8 @@ class SymmMemDispatcher(MoEDispatcher):
         group = self.group if self.group is not None else dist.group.WORLD
         handles = tuple(symm_mem.rendezvous(b, group) for b in bufs)
         peers = [[h.get_buffer(p, tuple(b.shape), b.dtype) for p in range(ep)] for b, h in zip(bufs, handles)]
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device, priority=-1)   # ahead of queued compute blocks
         return _Slot(*bufs, handles=handles, peers=peers)
 
     @staticmethod
@@ -152,12 +151,12 @@ class SymmMemDispatcher(MoEDispatcher):
             raise ValueError(f"{t} tokens on rank {self.ep_rank} exceed max_tokens_per_rank={bound}")
         return bound
 
-    def _on_side_stream(self, index: int, work, keep: tuple) -> Pending:
-        """Runs `work()` (peer writes + barrier) on micro-batch `index`'s side stream after everything queued
-        so far; wait() makes the current stream wait for it. `keep`: tensors made on the current stream that
+    def _on_side_stream(self, work, keep: tuple) -> Pending:
+        """Runs `work()` (peer writes + barrier) on the side stream after everything queued so far;
+        wait() makes the current stream wait for it. `keep`: tensors made on the current stream that
         the side stream reads; referenced until wait() so their memory is not reused meanwhile."""
         main = torch.cuda.current_stream()
-        side = self._streams[index]    # made with the micro-batch's buffers (_slot), outside any capture
+        side = self._stream
         side.wait_stream(main)
         with torch.cuda.stream(side):
             finish = work()
@@ -214,7 +213,7 @@ class SymmMemDispatcher(MoEDispatcher):
                 return DispatchResult(x=xs[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
                                       handle=_Handle(t, bound, g.rows, g.valid, index))
             return finish
-        return self._on_side_stream(index, work, (staging,))
+        return self._on_side_stream(work, (staging,))
 
     def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
         h: _Handle = result.handle
@@ -231,7 +230,7 @@ class SymmMemDispatcher(MoEDispatcher):
                 self._peer(slot, 1, p)[me, :bound].copy_(part[p])
             slot.handles[1].barrier(channel=2 * h.slot + 1)
             return lambda: slot.out[:, :h.num_tokens].float().sum(dim=0).to(dtype)
-        return self._on_side_stream(h.slot, work, (part,))
+        return self._on_side_stream(work, (part,))
 
 
 def _nccl_group(group) -> bool:
