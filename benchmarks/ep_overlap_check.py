@@ -130,26 +130,27 @@ def kernel_overlap(events: list[dict], replays: int) -> dict:
             "top_kernels": [[k, n / replays, d / 1e3 / replays] for k, (n, d) in top]}
 
 
-def _exposed_per_replay(dev: list[dict], replays: int, gap_us: float = 500.0) -> list[float]:
-    """Exposed comm of each replay, ms: the replays are the runs of device activity between idle gaps of more
-    than `gap_us` (the host barrier before each; inside a replay the device is never idle that long). Empty
-    when the trace does not split into `replays` runs. A replay in which a peer started late (a host hiccup)
+def _exposed_per_replay(dev: list[dict], replays: int) -> list[float]:
+    """Exposed comm of each replay, ms. The replays are split at the `replays - 1` longest idle gaps of the
+    device (the host barrier before each; inside a graph replay the device idles for microseconds); empty unless
+    each of those gaps is over 4x longer than any other. A replay in which a peer started late (a host hiccup)
     shows its wait as exposed comm: the median replay is the step without it."""
     ev = sorted(dev, key=lambda e: float(e["ts"]))
-    runs: list[list[dict]] = [[]]
-    end = None
-    for e in ev:
+    end, gaps = float("-inf"), []
+    for i, e in enumerate(ev):
         ts = float(e["ts"])
-        if end is not None and ts - end > gap_us:
-            runs.append([])
-        runs[-1].append(e)
-        end = max(end or ts, ts + float(e["dur"]))
-    if len(runs) != replays:
+        if i:
+            gaps.append((ts - end, i))
+        end = max(end, ts + float(e["dur"]))
+    gaps.sort(reverse=True)
+    cut, rest = gaps[:replays - 1], gaps[replays - 1:]
+    if len(cut) != replays - 1 or (cut and rest and cut[-1][0] <= 4 * rest[0][0]):
         return []
+    bounds = [0] + sorted(i for _, i in cut) + [len(ev)]
     out = []
-    for run in runs:
-        iv = [(float(e["ts"]), float(e["ts"]) + float(e["dur"]), is_comm_event(e)) for e in run]
-        out.append(_minus(_union([(a, b) for a, b, c in iv if c]), _union([(a, b) for a, b, c in iv if not c])) / 1e3)
+    for a, b in zip(bounds, bounds[1:]):
+        iv = [(float(e["ts"]), float(e["ts"]) + float(e["dur"]), is_comm_event(e)) for e in ev[a:b]]
+        out.append(_minus(_union([(x, y) for x, y, c in iv if c]), _union([(x, y) for x, y, c in iv if not c])) / 1e3)
     return out
 
 
