@@ -10,11 +10,13 @@ all_to_all, and dual-batch overlap in a captured decode step.
 3. dual-batch overlap: a DeepSeek-V3 layer slice (1 dense + N MoE layers, random weights) decoding
    128 sequences per rank, captured as a CUDA graph with and without DBO, for each capturable
    backend, with all 256 experts (128 per GPU) and with 16 (8 per GPU, EP=32's per-GPU count).
-   Each graph is profiled (torch profiler, 10 replays, the ranks barrier-synchronized before each): comm = the transfer work only (NCCL kernels,
-   symmetric-memory barriers, peer memcpys); the local grouping and fp32 combine sums are compute;
-   exposed comm = comm time during which no compute kernel runs; hidden share = 1 - exposed(DBO) /
-   exposed(no DBO), summed over both ranks, over all replays and for each rank's median replay. The same step with communication replaced by a local stand-in (identical shapes,
-   its own grouping/combine code, no transfer) is also timed: it bounds the cost of the split itself.
+   Each graph is profiled (torch profiler, 10 replays, the ranks barrier-synchronized before each):
+   comm = the transfer work only (NCCL kernels, symmetric-memory barriers, peer memcpys); the local
+   grouping and fp32 combine sums are compute; exposed comm = comm time during which no compute kernel
+   runs; hidden share = 1 - exposed(DBO) / exposed(no DBO), summed over both ranks, over all replays
+   and for each rank's median replay. The same step with communication replaced by a local stand-in
+   (identical shapes, its own grouping/combine code, no transfer) is also timed: it bounds the cost of
+   the split itself.
 
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
       python benchmarks/ep_overlap_check.py --out ep_overlap.json [--trace-dir DIR]

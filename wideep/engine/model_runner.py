@@ -254,7 +254,7 @@ class ModelRunner:
         """A forward over `num_tokens` dummy tokens that writes nothing to the cache (slot -1):
         keeps MoE collectives in step across DP ranks, and profiles activation memory."""
         if decode:
-            graph = self._graph_for(num_tokens, None, 0) if use_graphs else None
+            graph = self._graph_for(num_tokens, None, 0) if use_graphs else None   # no sequence: a narrow twin
             if graph is not None:
                 self._fill_graph_padding(graph, 0)
                 self._replay_graph(graph, 0)
@@ -299,7 +299,7 @@ class ModelRunner:
         """The graph this step replays; None: it runs eagerly (not decode-only, or no graph holds it)."""
         if not (out.is_decode_only and self.graphs):
             return None
-        return self._graph_for(len(out.seqs), pad_to, max(s.start + s.num_new_tokens for s in out.seqs))
+        return self._graph_for(len(out.seqs), pad_to, max((s.start + s.num_new_tokens for s in out.seqs), default=0))
 
     def _graph_for(self, batch: int, pad_to: int | None, longest: int | None = None) -> _Graph | None:
         """The graph of the next size up; its narrow twin when `longest` (the longest sequence after the
@@ -408,9 +408,7 @@ class ModelRunner:
         for size in sizes:
             try:
                 with self._dispatch_mode(size):
-                    self.graphs[size] = self._capture(size)
-                    if self.short_blocks:
-                        self.graphs[size].short = self._capture(size, width=self.short_blocks)
+                    self.graphs[size] = self._capture_size(size)
             except Exception as exc:  # a non-capturable model/dispatcher: stay eager
                 log.warning("CUDA graph capture failed at batch %d (%s); decode runs eagerly", size, exc)
                 self.graphs.clear()
@@ -418,6 +416,13 @@ class ModelRunner:
         log.info("captured %d CUDA graphs in %.1fs (sizes %s%s)", len(self.graphs) * (1 + bool(self.short_blocks)),
                  time.perf_counter() - t0, sorted(self.graphs),
                  f", each also with a {self.short_blocks}-block table" if self.short_blocks else "")
+
+    def _capture_size(self, size: int, capture: bool = True) -> _Graph:
+        """The graph of `size` and, where `max_model_len` is over one split, its narrow twin."""
+        g = self._capture(size, capture)
+        if self.short_blocks:
+            g.short = self._capture(size, capture, self.short_blocks)
+        return g
 
     def _capture(self, size: int, capture: bool = True, width: int | None = None) -> _Graph:
         """Static buffers for a decode batch of `size` (a block table `width` blocks wide, default the
@@ -459,9 +464,7 @@ class ModelRunner:
         self.graphs = {}
         for size in sizes:
             with self._dispatch_mode(size):
-                self.graphs[size] = self._capture(size, capture=False)
-                if self.short_blocks:
-                    self.graphs[size].short = self._capture(size, capture=False, width=self.short_blocks)
+                self.graphs[size] = self._capture_size(size, capture=False)
 
 
 class _Staging:
