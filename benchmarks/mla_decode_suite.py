@@ -231,6 +231,7 @@ def run_suite(args):
     try:
         report["tiny"] = tiny_graph_vs_eager()
         report["tiny_r1_latent"] = tiny_graph_vs_eager(**R1_LATENT)
+        report["tiny_r1_latent_split128"] = tiny_graph_vs_eager(split_tokens=128, **R1_LATENT)
     except Exception as exc:  # noqa: BLE001
         report["tiny"] = dict(error=repr(exc))
         print(f"tiny model check failed to run: {exc!r}\n{traceback.format_exc()[-1500:]}", flush=True)
@@ -291,7 +292,9 @@ def run_suite(args):
 R1_LATENT = dict(kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=16, num_key_value_heads=16)
 
 
-def tiny_graph_vs_eager(**overrides):
+def tiny_graph_vs_eager(split_tokens: int | None = None, **overrides):
+    """split_tokens: a small attention split (WIDEEP_MLA_SPLIT_TOKENS) and prompts up to 200 tokens, so steps
+    move between the decode graphs' one-split-wide twins and the full-width graphs, and long rows merge splits."""
     from wideep import LLM, SamplingParams
     from wideep.model.make_model import make_model
 
@@ -299,21 +302,30 @@ def tiny_graph_vs_eager(**overrides):
     make_model("tiny", d, **overrides)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 400, (int(n),), generator=g).tolist()
-               for n in torch.randint(3, 60, (16,), generator=g)]
+               for n in torch.randint(3, 200 if split_tokens else 60, (16,), generator=g)]
+    saved = os.environ.get("WIDEEP_MLA_SPLIT_TOKENS")
+    if split_tokens:
+        os.environ["WIDEEP_MLA_SPLIT_TOKENS"] = str(split_tokens)
     # different lengths: requests finish at different steps, so decode batches shrink through 16..1 and the
     # graph runs padded to the next captured size
     params = [SamplingParams(max_tokens=8 + 3 * i, temperature=0, ignore_eos=True) for i in range(16)]
     res = {}
-    for mode, eager in (("graph", False), ("eager", True)):
-        llm = LLM(str(d), dtype="bfloat16", block_size=64, kv_cache_memory_bytes=256 << 20, enforce_eager=eager,
-                  max_model_len=2048, cuda_graph_sizes=[1, 2, 4, 8, 16])
-        res[mode] = [o.token_ids for o in llm.generate(prompts, params)]
-        del llm
-        torch.cuda.empty_cache()
+    try:
+        for mode, eager in (("graph", False), ("eager", True)):
+            llm = LLM(str(d), dtype="bfloat16", block_size=64, kv_cache_memory_bytes=256 << 20, enforce_eager=eager,
+                      max_model_len=2048, cuda_graph_sizes=[1, 2, 4, 8, 16])
+            res[mode] = [o.token_ids for o in llm.generate(prompts, params)]
+            del llm
+            torch.cuda.empty_cache()
+    finally:
+        if saved is None:
+            os.environ.pop("WIDEEP_MLA_SPLIT_TOKENS", None)
+        else:
+            os.environ["WIDEEP_MLA_SPLIT_TOKENS"] = saved
     same = sum(a == b for a, b in zip(res["graph"], res["eager"]))
-    print(f"tiny model bf16 {overrides or ''}: graph (padded) vs eager greedy tokens identical on {same}/16 "
-          "requests", flush=True)
-    return dict(identical=same, total=16, overrides=overrides)
+    print(f"tiny model bf16 {overrides or ''}{f' split {split_tokens}' if split_tokens else ''}: graph (padded) vs "
+          f"eager greedy tokens identical on {same}/16 requests", flush=True)
+    return dict(identical=same, total=16, overrides=overrides, split_tokens=split_tokens)
 
 
 def print_table(rows, report):
