@@ -123,6 +123,15 @@ def test_plan_kernel_gives_the_reference_integers(lens, rows, sms):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
 
 
+def _stand_in_for_flashmla(monkeypatch, decode):
+    """FlashMLA as if it applied here (an H200 with the wheel): wideep's plan on 132 SMs, `decode` as its kernel."""
+    monkeypatch.setattr(fm, "applies", lambda q_lat, kv_cache, hopper: True)
+    monkeypatch.setattr(fm, "plan_for", lambda seq_lens, rows, chunk, memo, index: fm.make_plan(seq_lens, rows, chunk,
+                                                                                                132))
+    monkeypatch.setattr(fm, "decode", decode)
+    monkeypatch.setattr(fm, "_failed", [])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_a_library_that_fails_to_run_hands_every_sequence_back(monkeypatch, caplog):
     """FlashMLA imports but its launch fails (another driver, another sm_90 part): wideep's kernels take every
@@ -134,11 +143,7 @@ def test_a_library_that_fails_to_run_hands_every_sequence_back(monkeypatch, capl
 
     def boom(*args, **kwargs):
         raise RuntimeError("no kernel image for this device")
-    monkeypatch.setattr(fm, "applies", lambda q_lat, kv_cache, hopper: True)
-    monkeypatch.setattr(fm, "plan_for", lambda seq_lens, rows, chunk, memo, index: fm.make_plan(seq_lens, rows, chunk,
-                                                                                                132))
-    monkeypatch.setattr(fm, "decode", boom)
-    monkeypatch.setattr(fm, "_failed", [])
+    _stand_in_for_flashmla(monkeypatch, boom)
     g = torch.Generator().manual_seed(0)
     lens = torch.tensor([5, 40, 0], dtype=torch.int32)
     cache = torch.randn(8, 16, 24, generator=g)
@@ -174,10 +179,7 @@ def test_a_one_split_table_leaves_wideep_nothing_to_launch(monkeypatch, width, l
     calls = []
     launch = mdt._launch
     monkeypatch.setattr(mdt, "_launch", lambda *a: (calls.append(1), launch(*a)))
-    monkeypatch.setattr(fm, "applies", lambda q_lat, kv_cache, hopper: True)
-    monkeypatch.setattr(fm, "plan_for", lambda seq_lens, rows, chunk, memo, index: fm.make_plan(seq_lens, rows, chunk,
-                                                                                                132))
-    monkeypatch.setattr(fm, "decode", flashmla)
+    _stand_in_for_flashmla(monkeypatch, flashmla)
     out = mdt.mla_decode(q_lat, q_pe, cache, tables, lens, 0.3, chunk=chunk)
     assert len(calls) == launches
     ref = paged_mla_decode_torch(q_lat, q_pe, cache, tables, lens, lat, 0.3, chunk=chunk)
