@@ -10,13 +10,21 @@ all_to_all, and dual-batch overlap in a captured decode step.
 3. dual-batch overlap: a DeepSeek-V3 layer slice (1 dense + N MoE layers, random weights) decoding
    128 sequences per rank, captured as a CUDA graph with and without DBO, for each capturable
    backend, with all 256 experts (128 per GPU) and with 16 (8 per GPU, EP=32's per-GPU count).
-   Each graph is profiled (torch profiler, 10 replays, the ranks barrier-synchronized before each):
-   comm = the transfer work only (NCCL kernels, symmetric-memory barriers, peer memcpys); the local
-   grouping and fp32 combine sums are compute; exposed comm = comm time during which no compute kernel
-   runs; hidden share = 1 - exposed(DBO) / exposed(no DBO), summed over both ranks, over all replays
-   and for each rank's median replay. The same step with communication replaced by a local stand-in
-   (identical shapes, its own grouping/combine code, no transfer) is also timed: it bounds the cost of
-   the split itself.
+   Two measures of how much of the communication DBO hides, both summed over the two ranks:
+   - step time: allgather_reducescatter's step also runs as its compute twin, each collective replaced
+     by a copy of what it delivered in a recorded real step (the same kernels and values, no transfer,
+     no wait for the peer; its output is checked against the real step's). What communication costs a
+     step = step(real) - step(twin); hidden_step = 1 - cost(DBO) / cost(no DBO). This counts everything
+     comm does to the step: transfer time left uncovered, waits for the slower peer, and the compute it
+     slows down by sharing SMs and memory bandwidth. The twins' split vs unsplit steps give the cost of
+     the split itself.
+   - timeline: each graph profiled (torch profiler, 10 replays, the ranks barrier-synchronized before
+     each); comm = the transfer work only (NCCL kernels, symmetric-memory barriers, peer memcpys); the
+     local grouping and fp32 combine sums are compute; exposed comm = comm time during which no compute
+     kernel runs, hidden = 1 - exposed(DBO) / exposed(no DBO), over all replays and for each rank's
+     median replay. Under DBO this also counts the compute stream's own sub-microsecond gaps between
+     kernels that fall inside a transfer, so it understates what is hidden; it is the measure for
+     symm_mem_ll, which has no twin.
 
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
       python benchmarks/ep_overlap_check.py --out ep_overlap.json [--trace-dir DIR]
@@ -24,6 +32,7 @@ all_to_all, and dual-batch overlap in a captured decode step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -36,12 +45,15 @@ BF16_TOL = 2 ** -6      # 4 bf16 ulps of the largest output magnitude
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def _timed(fn, iters: int) -> float:
-    """Mean seconds per call of fn() (device time between events, after a warm-up call)."""
+def _timed(fn, iters: int, before=None) -> float:
+    """Mean seconds per call of fn() (device time between events, after a warm-up call); `before()` runs
+    once ahead of the timed calls (the ranks' barrier, so that no rank's first call waits for a late peer)."""
     import torch
 
     fn()
     torch.cuda.synchronize()
+    if before is not None:
+        before()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
     for _ in range(iters):
@@ -96,25 +108,30 @@ def _minus(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
     return left
 
 
-def is_comm_event(e: dict) -> bool:
-    """The transfer work: NCCL kernels, symmetric-memory barriers, and memcpys (symm_mem_ll's peer
-    writes are copy-engine memcpys; the compute path has none, see memcpy_per_step of the other backends).
+def is_comm_event(e: dict, copies_are_comm: bool = True) -> bool:
+    """The transfer work: NCCL kernels, symmetric-memory barriers, peer-to-peer memcpys, and other memcpys
+    when the backend's transfers are copies (copies_are_comm: symm_mem_ll writes its own rank's slot with a
+    device-to-device copy; allgather_reducescatter's only memcpys are the compute path's small copies).
     By name, not by stream: a graph replay runs its kernels on the driver's own streams."""
     n = e["name"].lower()
-    return "nccl" in n or "barrier_kernel" in n or e.get("cat") == "gpu_memcpy"
+    if e.get("cat") == "gpu_memcpy":
+        return copies_are_comm or "ptop" in n
+    return "nccl" in n or "barrier_kernel" in n
 
 
-def kernel_overlap(events: list[dict], replays: int) -> dict:
+def kernel_overlap(events: list[dict], replays: int, copies_are_comm: bool = True) -> dict:
     """Device activity of `replays` graph replays (chrome-trace 'X' events of kernels/memcpys/memsets):
     comm = transfer work (is_comm_event); everything else, the local grouping and combine sums
-    included, is compute; exposed comm = comm time during which no compute kernel runs. Per replay, ms."""
+    included, is compute; exposed comm = comm time during which no compute kernel runs. Per replay, ms.
+    Exposed time includes the compute stream's own gaps between kernels (~0.4-1 us each) that fall inside a
+    transfer; the step-time twin (_collectives) measures the cost without that."""
     dev = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not dev:
         return {"error": "no device events in the trace"}
     comm_iv, comp_iv, names = [], [], {}
     for e in dev:
         iv = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
-        comm = is_comm_event(e)
+        comm = is_comm_event(e, copies_are_comm)
         (comm_iv if comm else comp_iv).append(iv)
         key = ("comm: " if comm else "compute: ") + e["name"][:60]
         n, d = names.get(key, (0, 0.0))
@@ -122,7 +139,7 @@ def kernel_overlap(events: list[dict], replays: int) -> dict:
     cu, pu = _union(comm_iv), _union(comp_iv)
     span = max(e["ts"] + e["dur"] for e in dev) - min(e["ts"] for e in dev)
     top = sorted(names.items(), key=lambda kv: -kv[1][1])[:10]
-    per = _exposed_per_replay(dev, replays)
+    per = _exposed_per_replay(dev, replays, copies_are_comm)
     return {"comm_ms": _measure(cu) / 1e3 / replays, "exposed_comm_ms": _minus(cu, pu) / 1e3 / replays,
             "exposed_comm_ms_per_replay": per, "exposed_comm_ms_median": statistics.median(per) if per else None,
             "compute_ms": _measure(pu) / 1e3 / replays, "span_ms": span / 1e3 / replays,
@@ -132,11 +149,10 @@ def kernel_overlap(events: list[dict], replays: int) -> dict:
             "top_kernels": [[k, n / replays, d / 1e3 / replays] for k, (n, d) in top]}
 
 
-def _exposed_per_replay(dev: list[dict], replays: int) -> list[float]:
-    """Exposed comm of each replay, ms. The replays are split at the `replays - 1` longest idle gaps of the
-    device (the host barrier before each; inside a graph replay the device idles for microseconds); empty unless
-    each of those gaps is over 4x longer than any other. A replay in which a peer started late (a host hiccup)
-    shows its wait as exposed comm: the median replay is the step without it."""
+def split_replays(dev: list[dict], replays: int) -> list[list[dict]]:
+    """The device events of `replays` profiled replays, one list per replay, split at the device's
+    `replays - 1` longest idle gaps (the host barrier before each; inside a graph replay the device idles for
+    microseconds); empty unless each of those gaps is over 4x longer than any other."""
     ev = sorted(dev, key=lambda e: float(e["ts"]))
     end, gaps = float("-inf"), []
     for i, e in enumerate(ev):
@@ -149,11 +165,42 @@ def _exposed_per_replay(dev: list[dict], replays: int) -> list[float]:
     if len(cut) != replays - 1 or (cut and rest and cut[-1][0] <= 4 * rest[0][0]):
         return []
     bounds = [0] + sorted(i for _, i in cut) + [len(ev)]
+    return [ev[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _exposed_per_replay(dev: list[dict], replays: int, copies_are_comm: bool = True) -> list[float]:
+    """Exposed comm of each replay, ms (split_replays). A replay in which a peer started late (a host hiccup)
+    shows its wait as exposed comm: the median replay is the step without it."""
     out = []
-    for a, b in zip(bounds, bounds[1:]):
-        iv = [(float(e["ts"]), float(e["ts"]) + float(e["dur"]), is_comm_event(e)) for e in ev[a:b]]
+    for rep in split_replays(dev, replays):
+        iv = [(float(e["ts"]), float(e["ts"]) + float(e["dur"]), is_comm_event(e, copies_are_comm)) for e in rep]
         out.append(_minus(_union([(x, y) for x, y, c in iv if c]), _union([(x, y) for x, y, c in iv if not c])) / 1e3)
     return out
+
+
+def twin_delays(real: list[dict], twin: list[dict], replays: int) -> dict:
+    """Where communication's cost goes: the real step's compute kernels aligned one to one with its twin's
+    (transfers and copies left out: the twin copies where the real step transfers). wait_ms = sum over
+    kernels of the idle gap before it, real - twin (compute waiting for a transfer); slowdown_ms = sum of
+    its duration, real - twin (compute slowed beside a transfer kernel). Means per replay."""
+    def compute(rep):
+        return [e for e in rep if e.get("cat") == "kernel" and not is_comm_event(e)
+                and "memcpy" not in e["name"].lower()]
+
+    def end(e):
+        return e["ts"] + e["dur"]
+    ra, rb = split_replays(real, replays), split_replays(twin, replays)
+    if not ra or not rb:
+        return {"error": "the replays could not be told apart"}
+    waits, slows = [], []
+    for a, b in zip(ra, rb):
+        ca, cb = compute(a), compute(b)
+        if [e["name"] for e in ca] != [e["name"] for e in cb]:
+            return {"error": f"the compute kernels differ ({len(ca)} real, {len(cb)} twin)"}
+        waits.append(sum((ca[i]["ts"] - end(ca[i - 1])) - (cb[i]["ts"] - end(cb[i - 1])) for i in range(1, len(ca))))
+        slows.append(sum(x["dur"] - y["dur"] for x, y in zip(ca, cb)))
+    return {"wait_ms": statistics.mean(waits) / 1e3, "slowdown_ms": statistics.mean(slows) / 1e3,
+            "compute_kernels": len(ca)}
 
 
 def _device_events(trace: dict) -> list[dict]:
@@ -163,8 +210,8 @@ def _device_events(trace: dict) -> list[dict]:
             if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
 
 
-def _profiled(replay, replays: int, dump: str | None = None, before=None) -> dict:
-    """kernel_overlap of `replays` calls of replay() (torch profiler, CUDA activity only); `before()`
+def _device_trace(replay, replays: int, dump: str | None = None, before=None) -> list[dict]:
+    """The device events of `replays` calls of replay() (torch profiler, CUDA activity only); `before()`
     runs ahead of each call (the ranks' barrier: a rank that starts a step first would otherwise wait
     inside its first transfer, and that wait reads as exposed comm); `dump`: a file that gets the
     device events (name, ts, dur, stream) as JSON."""
@@ -192,67 +239,41 @@ def _profiled(replay, replays: int, dump: str | None = None, before=None) -> dic
     if dump:
         with open(dump, "w") as f:
             json.dump(events, f)
-    return kernel_overlap(events, replays)
+    return events
 
 
-class _NoComm:
-    """Stand-in with allgather_reducescatter's shapes and expert work but no transfer: the peer's
-    tokens are this rank's own (dispatch), the peer's partial sums are dropped (combine)."""
+class _NoWait:
+    def wait(self) -> None:
+        pass
 
-    def __init__(self, inner):
-        self.inner = inner
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+@contextlib.contextmanager
+def _collectives(saved: list, replay: bool):
+    """allgather_reducescatter's collectives, recorded or replayed. Recording (replay=False) runs them and
+    keeps each output in call order; replaying makes each one a device copy of the output it delivered in
+    the recorded step: the same kernels, routing and values on this rank, no transfer and no wait for a
+    peer. The replayed step is the compute twin of the real one: step(real) - step(twin) is what
+    communication costs the step, waiting for a slower peer included."""
+    from wideep.parallel import _comm
+    real = _comm.all_gather_rows, _comm.reduce_scatter_rows
+    calls = [0]
 
-    def dispatch_async(self, x, ids, w):
-        from wideep.model.dispatch import done
-        return done(self.dispatch(x, ids, w))
+    def record(fn):
+        def call(*args, **kwargs):
+            res = fn(*args, **kwargs)
+            saved.append(res[0] if isinstance(res, tuple) else res)
+            return res
+        return call
 
-    def combine_async(self, y, result):
-        from wideep.model.dispatch import done
-        return done(self.combine(y, result))
-
-    # the MoE layer's path with a fused shared expert (split or not): the own rows first, the weight in the combine
-    def dispatch_with_own(self, x, ids, w):
-        import torch
-        r = self.dispatch(x, ids, w)
-        r.x = torch.cat([x, r.x])
-        return r
-
-    def combine_weighted(self, y, result):
-        return self.combine(y * result.weights.to(y.dtype)[:, None], result)
-
-    def dispatch_with_own_async(self, x, ids, w):
-        from wideep.model.dispatch import done
-        return done(self.dispatch_with_own(x, ids, w))
-
-    def combine_weighted_async(self, y, result):
-        from wideep.model.dispatch import done
-        return done(self.combine_weighted(y, result))
-
-    def dispatch(self, x, ids, w):
-        import torch
-
-        from wideep.model.dispatch import DispatchResult
-        from wideep.model.moe_permute import group_by_local_expert
-        inner, ep = self.inner, self.inner.ep_size
-        first, _ = inner.local_expert_range
-        xs, ids_all, w_all = (torch.cat([v] * ep) for v in (x, ids, w))
-        ids_all = torch.where(inner.real_rows(ids_all.shape[0] // ep, x.device).repeat(ep)[:, None], ids_all,
-                              torch.full_like(ids_all, -1)) if inner.graph_size is not None else ids_all
-        g = group_by_local_expert(ids_all - first, inner.num_local_experts, True)
-        weights = torch.where(g.valid, w_all.reshape(-1)[g.order], torch.zeros((), device=x.device))
-        return DispatchResult(x=xs[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
-                              handle=(x.shape[0], g.rows, g.valid))
-
-    def combine(self, y, result):
-        import torch
-        t, rows, valid = result.handle
-        y = torch.where(valid[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
-        out = torch.zeros((t * self.inner.ep_size, y.shape[1]), dtype=torch.float32, device=y.device)
-        out.index_add_(0, rows, y.float())
-        return out[:t].to(y.dtype)
+    def copy(x, world, group=None, async_op=False):
+        out = saved[calls[0] % len(saved)].clone()
+        calls[0] += 1
+        return (out, _NoWait()) if async_op else out
+    _comm.all_gather_rows, _comm.reduce_scatter_rows = (copy, copy) if replay else tuple(map(record, real))
+    try:
+        yield
+    finally:
+        _comm.all_gather_rows, _comm.reduce_scatter_rows = real
 
 
 def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
@@ -401,20 +422,29 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
         rows = []
         for name in opts["dbo_backends"]:
             gd = make_graph_mode_dispatcher(name, E, ep_rank=rank, ep_size=world, group=grp.group)
-            for comm in (True, False):
-                d = gd if comm else _NoComm(gd)
-                model.dispatcher = d
-                for layer in model.moe_layers():
-                    layer.dispatcher = d
+            model.dispatcher = gd
+            for layer in model.moe_layers():
+                layer.dispatcher = gd
+            # the compute twin (collectives replayed as copies) exists for allgather_reducescatter, whose
+            # transfers are two collectives; symm_mem_ll's are peer writes inside its dispatcher
+            real: dict[bool, Any] = {}          # split -> the real step's output
+            real_events: dict[bool, list] = {}  # split -> the real step's profiled device events
+            for comm in (True, False) if name == "allgather_reducescatter" else (True,):
                 unsplit = None
                 for split in (False, True):
                     label = {"experts": E, "experts_per_gpu": E // world, "backend": name, "comm": comm, "dbo": split}
+                    saved: list = []
                     try:
                         with torch.inference_mode(), gd.graph_mode(b):
                             fwd = (lambda: forward_dual_batch(model, ids, pos, attn, kv, -(-b // 2))) if split \
                                 else (lambda: model.forward(ids, pos, attn, kv))
-                            g, hidden = _graph(fwd)
-                            label["step_ms"] = _timed(g.replay, opts["iters"]) * 1e3
+                            if not comm:
+                                with _collectives(saved, replay=False):
+                                    fwd()
+                                torch.cuda.synchronize()
+                            with _collectives(saved, replay=True) if not comm else contextlib.nullcontext():
+                                g, hidden = _graph(fwd)
+                            label["step_ms"] = _timed(g.replay, opts["iters"], before=in_step) * 1e3
                             # the split step's output against the unsplit one (bf16 GEMMs at other row counts
                             # round differently; a transfer racing its buffer's reuse would be far off or NaN)
                             if split and unsplit is not None:
@@ -422,10 +452,20 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
                                     (hidden.float() - unsplit).abs().max() / unsplit.abs().max())
                             elif not split:
                                 unsplit = hidden.float().clone()
+                            if comm:
+                                real[split] = hidden.float().clone()
+                            else:   # the twin must compute what the real step did (0: the same bits)
+                                label["twin_max_abs_diff_vs_real"] = float((hidden.float() - real[split]).abs().max())
                             if opts["profile"]:
-                                dump = (f"{opts['trace_dir']}/trace_{name}_{E // world}_{int(comm)}{int(split)}.json"
-                                        if opts["trace_dir"] and rank == 0 else None)
-                                label["profile"] = _profiled(g.replay, opts["profile_replays"], dump, in_step)
+                                dump = (f"{opts['trace_dir']}/trace_{name}_{E // world}_{int(comm)}{int(split)}"
+                                        f"_r{rank}.json" if opts["trace_dir"] else None)
+                                events = _device_trace(g.replay, opts["profile_replays"], dump, in_step)
+                                if comm:
+                                    real_events[split] = events
+                                    label["profile"] = kernel_overlap(events, opts["profile_replays"],
+                                                                      copies_are_comm=name != "allgather_reducescatter")
+                                elif split in real_events:
+                                    label["delays"] = twin_delays(real_events[split], events, opts["profile_replays"])
                         del g
                     except Exception as exc:  # noqa: BLE001
                         label["error"] = repr(exc)[:400]
@@ -447,28 +487,48 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
 
 
 def dbo_summary(per_rank: list[dict]) -> list[dict]:
-    """Per (experts per GPU, backend): the hidden share of both ranks' exposed comm,
+    """Per (experts per GPU, backend), summed over both ranks: the hidden share of the exposed comm,
     1 - sum(exposed, DBO) / sum(exposed, no DBO), over all profiled replays (`hidden`) and of each rank's median
-    replay (`hidden_median_replay`), and the steps with and without DBO."""
+    replay (`hidden_median_replay`); where the compute twin ran, the hidden share of what communication costs
+    the step, 1 - sum(real - twin, DBO) / sum(real - twin, no DBO) (`hidden_step`), and of the time compute
+    waits for transfers (`hidden_wait`, from twin_delays, beside the slowdown of compute next to them);
+    the steps themselves."""
     acc: dict[tuple, dict] = {}
     for r in per_rank:
         for row in r.get("dbo", []):
-            if not row["comm"] or "profile" not in row or "exposed_comm_ms" not in row["profile"]:
+            if "step_ms" not in row:
                 continue
             key = (row["experts_per_gpu"], row["backend"])
             a = acc.setdefault(key, {"experts_per_gpu": key[0], "backend": key[1], "exposed_ms": [0.0, 0.0],
-                                     "exposed_median_ms": [0.0, 0.0], "step_ms": [[], []]})
-            prof = row["profile"]
-            a["exposed_ms"][row["dbo"]] += prof["exposed_comm_ms"]
-            a["exposed_median_ms"][row["dbo"]] += prof.get("exposed_comm_ms_median") or float("nan")
-            a["step_ms"][row["dbo"]].append(round(row["step_ms"], 3))
+                                     "exposed_median_ms": [0.0, 0.0], "step_ms": [[], []],
+                                     "comm_cost_ms": [0.0, 0.0], "twin_step_ms": [[], []]})
+            d = row["dbo"]
+            if not row["comm"]:     # the twin: this step without transfers
+                a["twin_step_ms"][d].append(round(row["step_ms"], 3))
+                a["comm_cost_ms"][d] -= row["step_ms"]
+                for k in ("wait_ms", "slowdown_ms"):
+                    a.setdefault(k, [0.0, 0.0])[d] += row.get("delays", {}).get(k, float("nan"))
+                continue
+            a["step_ms"][d].append(round(row["step_ms"], 3))
+            a["comm_cost_ms"][d] += row["step_ms"]
+            prof = row.get("profile", {})
+            a["exposed_ms"][d] += prof.get("exposed_comm_ms", float("nan"))
+            a["exposed_median_ms"][d] += prof.get("exposed_comm_ms_median") or float("nan")
             if "max_rel_diff_vs_unsplit" in row:
                 a["dbo_max_rel_diff"] = max(a.get("dbo_max_rel_diff", 0.0), row["max_rel_diff_vs_unsplit"])
     out = []
     for a in acc.values():
         (no, yes), (no_med, yes_med) = a["exposed_ms"], a["exposed_median_ms"]
-        out.append({**a, "hidden": round(1 - yes / no, 3) if no > 0 else None,
-                    "hidden_median_replay": round(1 - yes_med / no_med, 3) if no_med > 0 else None})
+        row = {**a, "hidden": round(1 - yes / no, 3) if no > 0 else None,
+               "hidden_median_replay": round(1 - yes_med / no_med, 3) if no_med > 0 else None}
+        if all(len(t) == len(s) for t, s in zip(a["twin_step_ms"], a["step_ms"])) and a["twin_step_ms"][0]:
+            no_c, yes_c = a["comm_cost_ms"]
+            row["hidden_step"] = round(1 - yes_c / no_c, 3) if no_c > 0 else None
+            no_w, yes_w = a.get("wait_ms", (float("nan"),) * 2)
+            row["hidden_wait"] = round(1 - yes_w / no_w, 3) if no_w > 0 else None
+        else:
+            del row["comm_cost_ms"], row["twin_step_ms"]
+        out.append(row)
     return out
 
 
@@ -485,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default="correctness,latency,dbo")
     ap.add_argument("--profile-replays", type=int, default=10)
     ap.add_argument("--no-profile", action="store_true", help="skip the torch-profiler kernel overlap of each DBO graph")
-    ap.add_argument("--trace-dir", default=None, help="rank 0 writes each DBO graph's device events here")
+    ap.add_argument("--trace-dir", default=None, help="each rank writes each DBO graph's device events here")
     ap.add_argument("--timeout", type=float, default=400.0)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
