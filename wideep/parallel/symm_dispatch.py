@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending
-from wideep.model.moe_permute import group_by_local_expert
+from wideep.model.moe_permute import gather_sum, group_pairs
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,7 @@ class _Slot:
 class _Handle:
     num_tokens: int
     bound: int
-    rows: torch.Tensor
-    valid: torch.Tensor
+    pair_rows: torch.Tensor   # [ep * bound, K] grouped row of each received (token, slot), -1 when not here
     slot: int
 
 
@@ -206,23 +205,27 @@ class SymmMemDispatcher(MoEDispatcher):
                 first, _ = self.local_expert_range
                 rx, rscale, rids, rw = row_fields(slot.rows[:, :bound], hidden, k)
                 recv_ids = rids.reshape(ep * bound, k).to(torch.int64)
-                g = group_by_local_expert(recv_ids - first, self.num_local_experts, True)
-                weights = rw.reshape(-1)[g.order]
-                weights = torch.where(g.valid, weights, torch.zeros_like(weights))
+                # one kernel on CUDA: the grouping, each grouped row's weight, and each (token, slot)'s row
+                g, pairs, weights = group_pairs(recv_ids - first, self.num_local_experts, rw.reshape(ep * bound, k))
                 xs = dequantize_rows_fp8(rx.reshape(ep * bound, hidden), rscale.reshape(-1), dtype)
                 return DispatchResult(x=xs[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
-                                      handle=_Handle(t, bound, g.rows, g.valid, index))
+                                      handle=_Handle(t, bound, pairs, index))
             return finish
         return self._on_side_stream(work, (staging,))
 
     def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        return self._combine(y, result, None)
+
+    def combine_weighted_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
+        return self._combine(y, result, result.weights)
+
+    def _combine(self, y: torch.Tensor, result: DispatchResult, weights: torch.Tensor | None) -> Pending:
         h: _Handle = result.handle
         slot = self._slots[h.slot]
         me, ep, bound = self.ep_rank, self.ep_size, h.bound
-        y = torch.where(h.valid.unsqueeze(1), y, torch.zeros_like(y))
-        part = torch.zeros((ep * bound, y.shape[1]), dtype=torch.float32, device=y.device)
-        part.index_add_(0, h.rows, y.float())
-        part = part.to(torch.bfloat16).view(ep, bound, -1)
+        # each source token's BF16 partial sum over its slots here (fp32 in slot order, one rounding; the
+        # routing weight folded in), one kernel on CUDA; padding rows and other ranks' slots add nothing
+        part = gather_sum(y, h.pair_rows, torch.bfloat16, weights=weights).view(ep, bound, -1)
         dtype = y.dtype
 
         def work():
