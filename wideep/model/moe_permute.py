@@ -117,15 +117,34 @@ GROUP_KERNEL_MAX_PAIRS = 4096
 # H200, 8 local experts, graph us per call at 1,024 / 2,048 pairs: 32 / 1024 / 4 warps 3.95 / 5.71, 128 / 512 / 4
 # 5.41 / 7.05 (the single-program kernel before: 9.3 us per layer at 1,024 in the step's profile)
 GROUP_BLOCK, GROUP_SCAN, GROUP_WARPS = 32, 1024, 4
+# from this many buckets (local experts + 1) on, each program reads the per-chunk histograms of a first pass
+# instead of histogramming all pairs itself: O(chunks x buckets) per program, not O(pairs x buckets). H200, 128
+# local experts (EP=2 of 256), 2,048 pairs: one pass 190 us per call
+GROUP_HIST_MIN_BUCKETS = 64
 
 if triton is not None:
 
     @triton.jit
-    def _group_kernel(ids_ptr, w_ptr, order_ptr, rows_ptr, valid_ptr, inv_ptr, wout_ptr, counts_ptr, N, NUM_LOCAL,
-                      K: constexpr, NB: constexpr, BLOCK: constexpr, SCAN: constexpr, HAS_W: constexpr):
+    def _group_hist_kernel(ids_ptr, hist_ptr, N, NUM_LOCAL, NB: constexpr, BLOCK: constexpr):
+        """Program p: the bucket histogram of pairs [p*BLOCK, (p+1)*BLOCK) into hist[p] (first pass of
+        _group_kernel with HIST)."""
+        pid = tl.program_id(0)
+        b = tl.arange(0, NB)
+        i = pid * BLOCK + tl.arange(0, BLOCK)
+        m = i < N
+        e = tl.load(ids_ptr + i, mask=m, other=-1)
+        key = tl.where((e >= 0) & (e < NUM_LOCAL), e, NUM_LOCAL).to(tl.int32)
+        hit = ((key[None, :] == b[:, None]) & m[None, :]).to(tl.int32)
+        tl.store(hist_ptr + pid * NB + b, tl.sum(hit, axis=1))
+
+    @triton.jit
+    def _group_kernel(ids_ptr, w_ptr, order_ptr, rows_ptr, valid_ptr, inv_ptr, wout_ptr, counts_ptr, hist_ptr, N,
+                      NUM_LOCAL, NCHUNK, K: constexpr, NB: constexpr, BLOCK: constexpr, SCAN: constexpr,
+                      HAS_W: constexpr, HIST: constexpr):
         """Program p: the stable counting sort's slots of pairs [p*BLOCK, (p+1)*BLOCK) by local expert (not-mine
-        pairs last). Each program histograms all N pairs itself (per bucket: all of them, and those before its
-        chunk), so no program waits for another: slot = start of the pair's bucket + the bucket's pairs before
+        pairs last). Each program finds per bucket the pairs of all chunks and of the chunks before its own, so no
+        program waits for another: by histogramming all N pairs itself, or (HIST) by summing the first pass's
+        per-chunk histograms, SCAN chunks a step. slot = start of the pair's bucket + the bucket's pairs before
         the chunk + those before it within the chunk. Writes the grouped layout (order, source row, valid,
         weight) at the slots, each pair's slot (or -1); program 0 the per-expert counts."""
         pid = tl.program_id(0)
@@ -133,14 +152,21 @@ if triton is not None:
         b = tl.arange(0, NB)
         counts = tl.zeros((NB,), dtype=tl.int32)
         before = tl.zeros((NB,), dtype=tl.int32)
-        for c in range(0, N, SCAN):
-            i = c + tl.arange(0, SCAN)
-            m = i < N
-            e = tl.load(ids_ptr + i, mask=m, other=-1)
-            key = tl.where((e >= 0) & (e < NUM_LOCAL), e, NUM_LOCAL).to(tl.int32)
-            hit = ((key[None, :] == b[:, None]) & m[None, :]).to(tl.int32)
-            counts += tl.sum(hit, axis=1)
-            before += tl.sum(hit * (i < lo).to(tl.int32)[None, :], axis=1)
+        if HIST:
+            for c in range(0, NCHUNK, SCAN):
+                j = c + tl.arange(0, SCAN)
+                h = tl.load(hist_ptr + j[:, None] * NB + b[None, :], mask=(j < NCHUNK)[:, None], other=0)
+                counts += tl.sum(h, axis=0)
+                before += tl.sum(h * (j < pid).to(tl.int32)[:, None], axis=0)
+        else:
+            for c in range(0, N, SCAN):
+                i = c + tl.arange(0, SCAN)
+                m = i < N
+                e = tl.load(ids_ptr + i, mask=m, other=-1)
+                key = tl.where((e >= 0) & (e < NUM_LOCAL), e, NUM_LOCAL).to(tl.int32)
+                hit = ((key[None, :] == b[:, None]) & m[None, :]).to(tl.int32)
+                counts += tl.sum(hit, axis=1)
+                before += tl.sum(hit * (i < lo).to(tl.int32)[None, :], axis=1)
         if pid == 0:
             tl.store(counts_ptr + b, counts.to(tl.int64), mask=b < NUM_LOCAL)
         run = tl.cumsum(counts, axis=0) - counts + before      # this chunk's first slot in each bucket
@@ -184,10 +210,16 @@ def group_pairs(local_ids: torch.Tensor, num_local: int, weights: torch.Tensor |
         nb = triton.next_power_of_2(num_local + 1)
         if n:
             block = max(16, min(GROUP_BLOCK, 16384 // nb))
-            _group_kernel[(triton.cdiv(n, block),)](
-                local_ids.reshape(-1).contiguous(), w_in, order, rows, valid, inv, w_out, counts, n, num_local, K=k,
+            chunks = triton.cdiv(n, block)
+            flat = local_ids.reshape(-1).contiguous()
+            hist = nb >= GROUP_HIST_MIN_BUCKETS
+            hist_buf = torch.empty((chunks, nb) if hist else (1,), dtype=torch.int32, device=dev)
+            if hist:
+                _group_hist_kernel[(chunks,)](flat, hist_buf, n, num_local, NB=nb, BLOCK=block, num_warps=GROUP_WARPS)
+            _group_kernel[(chunks,)](
+                flat, w_in, order, rows, valid, inv, w_out, counts, hist_buf, n, num_local, chunks, K=k,
                 NB=nb, BLOCK=block, SCAN=max(16, min(GROUP_SCAN, 16384 // nb)), HAS_W=weights is not None,
-                num_warps=GROUP_WARPS)
+                HIST=hist, num_warps=GROUP_WARPS)
         else:
             counts.zero_()
         g = Grouping(order=order, rows=rows, tokens_per_expert=counts, valid=valid.view(torch.bool))
