@@ -342,7 +342,17 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
         res["ref_abs_max"] = scale
         # bf16 tolerance: a few units in the last place of bf16 (2^-8 relative) of the output's magnitude
         res["tolerance"] = BF16_TOL
-        res["pass"] = max(res["eager_rel_max_err"], res["graph_rel_max_err"]) <= BF16_TOL
+        # symm_mem_ll's fused packing and dequantize-gather kernels give the torch path's bits (the GPU rounds)
+        from wideep.parallel.symm_dispatch import dequant_gather, pack_rows, row_bytes, row_fields
+        bufs = [torch.zeros((t + 3, row_bytes(H, K)), dtype=torch.uint8, device=dev) for _ in range(2)]
+        for buf, impl in zip(bufs, ("torch", "triton")):
+            pack_rows(x, ids, w, buf, impl=impl)
+        q, qs, _, _ = row_fields(bufs[0].view(1, t + 3, -1), H, K)
+        rows = torch.randint(0, t + 3, (3 * t,), device=dev, generator=gw)
+        res["fused_kernels_bits_equal"] = torch.equal(bufs[0], bufs[1]) and torch.equal(
+            *(dequant_gather(q, qs, rows, x, torch.bfloat16, impl=impl) for impl in ("torch", "triton")))
+        res["pass"] = max(res["eager_rel_max_err"], res["graph_rel_max_err"]) <= BF16_TOL and \
+            res["fused_kernels_bits_equal"]
         return res
 
     # ---- 2. dispatch + combine latency --------------------------------------------------------------

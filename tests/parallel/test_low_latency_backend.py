@@ -54,3 +54,51 @@ def test_packed_rows_round_trip_through_a_byte_buffer():
     assert torch.equal(dequantize_rows_fp8(rx[1].reshape(n, hidden), rs[1].reshape(-1), torch.float32),
                        dequantize_rows_fp8(q, scale, torch.float32))
     assert not ri[0].any()    # the other rank's block is untouched
+
+
+needs_triton = pytest.mark.skipif(__import__("wideep.model.triton_compat", fromlist=["triton"]).triton is None,
+                                  reason="triton not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("t,bound,hidden,k", [(5, 8, 64, 3), (8, 8, 96, 8), (0, 4, 32, 2), (1, 1, 16, 1)])
+def test_packing_in_one_kernel_writes_the_bytes_of_the_torch_path(t, bound, hidden, k):
+    from wideep.parallel.symm_dispatch import pack_rows, row_bytes
+
+    g = torch.Generator().manual_seed(t * 100 + hidden)
+    # e4m3 values with 448 in every row, times a power of two per row: every quotient is an exact e4m3 code, so
+    # the bytes do not depend on the rounding of the interpreter, which truncates (the GPU's rounding is checked
+    # by benchmarks/ep_overlap_check.py)
+    codes = torch.randint(0, 255, (t, hidden), dtype=torch.uint8, generator=g).bitwise_and_(0xF7)
+    x = codes.view(torch.float8_e4m3fn).float()
+    x[:, 0] = 448.0
+    x = (x * 2.0 ** torch.randint(-20, 20, (t, 1), generator=g)).to(torch.bfloat16)
+    if t > 2:
+        x[1] = 0                                   # an all-zero token
+    ids = torch.randint(0, 64, (t, k), generator=g)
+    w = torch.rand(t, k, generator=g)
+    bufs = [torch.full((bound, row_bytes(hidden, k)), 7, dtype=torch.uint8) for _ in range(2)]
+    pack_rows(x, ids, w, bufs[0], impl="torch")
+    pack_rows(x, ids, w, bufs[1], impl="triton")
+    assert torch.equal(bufs[0], bufs[1])
+
+
+@needs_triton
+@pytest.mark.parametrize("own", [False, True])
+def test_dequantize_and_gather_in_one_kernel_equals_the_torch_path(own):
+    from wideep.parallel.symm_dispatch import dequant_gather, row_fields
+
+    g = torch.Generator().manual_seed(3)
+    hidden, k, ranks, cap, bound = 48, 2, 3, 6, 4          # a receive buffer wider than the step's bound
+    buf = torch.randint(0, 255, (ranks, cap, hidden + 4 + 8 * k), dtype=torch.uint8, generator=g)
+    q, scale, _, _ = row_fields(buf[:, :bound], hidden, k)
+    # finite e4m3 codes times powers of two: exact in bf16 (the interpreter truncates where the GPU rounds)
+    scale.copy_(2.0 ** torch.randint(-8, 8, (ranks, bound), generator=g).float())
+    q.view(torch.uint8).bitwise_and_(0x77)
+    rows = torch.tensor([11, 0, 5, 5, 4, 7, 2], dtype=torch.int64)
+    x_own = torch.randn(3, hidden, generator=g).to(torch.bfloat16) if own else None
+    ref = dequant_gather(q, scale, rows, x_own, torch.bfloat16, impl="torch")
+    got = dequant_gather(q, scale, rows, x_own, torch.bfloat16, impl="triton")
+    assert got.shape == (rows.numel() + (3 if own else 0), hidden) and torch.equal(got, ref)
+    first = dequantize_rows_fp8(q[2, 3:4], scale[2, 3:4], torch.bfloat16)        # rows index p * bound + t
+    assert torch.equal(got[3 if own else 0], first[0])

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending
 from wideep.model.moe_permute import gather_sum, group_pairs
+from wideep.model.triton_compat import constexpr, tl, triton
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ DEFAULT_CAPACITY = 256      # tokens per rank the receive buffers hold (grown ou
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] -> (fp8 [T, H], fp32 scale [T]) with x ≈ q * scale per row."""
     amax = x.float().abs().amax(dim=-1).clamp(min=1e-12)
-    scale = amax / FP8_MAX
+    scale = amax * (1.0 / FP8_MAX)      # a multiply by the fp32 reciprocal, as the packing kernel does
     q = (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
 
@@ -62,6 +63,98 @@ def row_fields(buf: torch.Tensor, hidden: int, k: int):
     ids = buf[..., hidden + 4:hidden + 4 + 4 * k].view(torch.int32)
     weights = buf[..., hidden + 4 + 4 * k:].view(torch.float32)
     return x, scale, ids, weights
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pack_rows_kernel(x_ptr, ids_ptr, w_ptr, q_ptr, s_ptr, sid_ptr, sw_ptr, T, H, stride_x, stride_q, stride_s,
+                          stride_sid, K: constexpr, KP: constexpr, BLOCK_H: constexpr):
+        """Row r of the staging buffer: token r's FP8 row, scale, routing (quantize_rows_fp8's arithmetic),
+        or for r >= T a padding row (zeros, ids -1)."""
+        r = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_H)
+        kk = tl.arange(0, KP)
+        h_real = tl.where(r < T, H, 0)     # a padding row loads nothing
+        k_real = tl.where(r < T, K, 0)
+        x = tl.load(x_ptr + r.to(tl.int64) * stride_x + offs, mask=offs < h_real, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
+        scale = amax * (1.0 / 448.0)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+        tl.store(q_ptr + r.to(tl.int64) * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=offs < H)
+        tl.store(s_ptr + r * stride_s, tl.where(r < T, scale, 0.0))
+        ids = tl.load(ids_ptr + r * K + kk, mask=kk < k_real, other=-1)
+        w = tl.load(w_ptr + r * K + kk, mask=kk < k_real, other=0.0)
+        tl.store(sid_ptr + r * stride_sid + kk, ids.to(tl.int32), mask=kk < K)
+        tl.store(sw_ptr + r * stride_sid + kk, w.to(tl.float32), mask=kk < K)
+
+    @triton.jit
+    def _dequant_gather_kernel(q_ptr, s_ptr, rows_ptr, own_ptr, out_ptr, T_OWN, H, BOUND, stride_qp, stride_qt,
+                               stride_sp, stride_st, stride_own, stride_out, BLOCK_H: constexpr):
+        """Output row r: own row r (r < T_OWN), else received row g = rows[r - T_OWN] (source rank g // BOUND,
+        its token g % BOUND) dequantized: q * scale in fp32, rounded once to the output's dtype."""
+        r = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = offs < H
+        if r < T_OWN:
+            v = tl.load(own_ptr + r.to(tl.int64) * stride_own + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            g = tl.load(rows_ptr + r - T_OWN)
+            p, t = (g // BOUND).to(tl.int64), (g % BOUND).to(tl.int64)
+            q = tl.load(q_ptr + p * stride_qp + t * stride_qt + offs, mask=mask, other=0.0).to(tl.float32)
+            v = q * tl.load(s_ptr + p * stride_sp + t * stride_st)
+        # (own rows: bf16 -> fp32 -> bf16, exact)
+        tl.store(out_ptr + r.to(tl.int64) * stride_out + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def pack_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, staging: torch.Tensor,
+              impl: str = "auto") -> None:
+    """Writes tokens x [T, H] with their routing (ids, weights [T, K]) into the first T packed rows of staging
+    [bound, row_bytes] and padding rows (zeros, ids -1) after them: one kernel on CUDA (impl: auto, triton,
+    torch; the same bytes)."""
+    t, hidden = x.shape
+    k = ids.shape[1]
+    sx, sscale, sids, sw = row_fields(staging, hidden, k)
+    if impl == "triton" or (impl == "auto" and x.is_cuda and triton is not None):
+        if staging.shape[0]:
+            _pack_rows_kernel[(staging.shape[0],)](
+                x.contiguous(), ids.contiguous(), weights.float().contiguous(), sx, sscale, sids, sw, t, hidden,
+                x.stride(0), sx.stride(0), sscale.stride(0), sids.stride(0), K=k, KP=triton.next_power_of_2(k),
+                BLOCK_H=triton.next_power_of_2(hidden), num_warps=8)
+        return
+    if impl not in ("auto", "torch"):
+        raise ValueError(f"pack_rows: unknown impl {impl!r}")
+    q, scale = quantize_rows_fp8(x)
+    sx[:t] = q
+    sscale[:t] = scale
+    sids[:t] = ids.to(torch.int32)
+    sw[:t] = weights.float()
+    if t < staging.shape[0]:
+        staging[t:].zero_()
+        sids[t:] = -1
+
+
+def dequant_gather(q: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, own: torch.Tensor | None,
+                   dtype: torch.dtype, impl: str = "auto") -> torch.Tensor:
+    """[own rows; received rows `rows` dequantized] as one [T_own + len(rows), H] tensor of `dtype`: the grouped
+    MLP's input. q [P, B, H] fp8 and scale [P, B]: the received rows of P source ranks, B each (strided views of
+    the receive buffer); rows index them as p * B + t; own: this rank's own tokens, for a shared expert run as
+    one more group, or None. One kernel on CUDA (impl: auto, triton, torch; the same bits)."""
+    t_own = 0 if own is None else own.shape[0]
+    n, (ranks, bound, hidden) = t_own + rows.shape[0], q.shape
+    if impl == "triton" or (impl == "auto" and q.is_cuda and triton is not None):
+        out = torch.empty((n, hidden), dtype=dtype, device=q.device)
+        own_t = own if own is not None else out
+        if n:
+            bh = 1024
+            _dequant_gather_kernel[(n, triton.cdiv(hidden, bh))](
+                q, scale, rows.contiguous(), own_t, out, t_own, hidden, bound, q.stride(0), q.stride(1),
+                scale.stride(0), scale.stride(1), own_t.stride(0), out.stride(0), BLOCK_H=bh, num_warps=4)
+        return out
+    if impl not in ("auto", "torch"):
+        raise ValueError(f"dequant_gather: unknown impl {impl!r}")
+    got = dequantize_rows_fp8(q.reshape(ranks * bound, hidden), scale.reshape(-1), dtype)[rows]
+    return got if own is None else torch.cat([own.to(dtype), got])
 
 
 @dataclass
@@ -176,7 +269,10 @@ class SymmMemDispatcher(MoEDispatcher):
     def combine(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
         return self.combine_async(y, result).wait()
 
-    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+    def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       own_first: bool = False) -> Pending:
+        """own_first: this rank's own tokens (x itself) head the rows (dispatch_with_own), in the same kernel
+        that dequantizes the received ones."""
         t, hidden = x.shape
         k = topk_ids.shape[1]
         bound = self._bound(t)
@@ -186,15 +282,7 @@ class SymmMemDispatcher(MoEDispatcher):
         dtype = x.dtype
         # pack the tokens on this stream: FP8 rows, per-token scales, routing (padding routes nowhere)
         staging = torch.empty((bound, row_bytes(hidden, k)), dtype=torch.uint8, device=x.device)
-        sx, sscale, sids, sw = row_fields(staging, hidden, k)
-        q, scale = quantize_rows_fp8(x)
-        sx[:t] = q
-        sscale[:t] = scale
-        sids[:t] = topk_ids.to(torch.int32)
-        sw[:t] = topk_weights.float()
-        if t < bound:
-            staging[t:].zero_()
-            sids[t:] = -1
+        pack_rows(x, topk_ids, topk_weights, staging)
 
         def work():
             for p in range(ep):
@@ -207,11 +295,17 @@ class SymmMemDispatcher(MoEDispatcher):
                 recv_ids = rids.reshape(ep * bound, k).to(torch.int64)
                 # one kernel on CUDA: the grouping, each grouped row's weight, and each (token, slot)'s row
                 g, pairs, weights = group_pairs(recv_ids - first, self.num_local_experts, rw.reshape(ep * bound, k))
-                xs = dequantize_rows_fp8(rx.reshape(ep * bound, hidden), rscale.reshape(-1), dtype)
-                return DispatchResult(x=xs[g.rows], tokens_per_expert=g.tokens_per_expert, weights=weights,
+                xs = dequant_gather(rx, rscale, g.rows, x if own_first else None, dtype)
+                return DispatchResult(x=xs, tokens_per_expert=g.tokens_per_expert, weights=weights,
                                       handle=_Handle(t, bound, pairs, index))
             return finish
         return self._on_side_stream(work, (staging,))
+
+    def dispatch_with_own(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
+        return self.dispatch_with_own_async(x, topk_ids, topk_weights).wait()
+
+    def dispatch_with_own_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
+        return self.dispatch_async(x, topk_ids, topk_weights, own_first=True)
 
     def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
         return self._combine(y, result, None)
