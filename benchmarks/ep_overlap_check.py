@@ -10,21 +10,23 @@ all_to_all, and dual-batch overlap in a captured decode step.
 3. dual-batch overlap: a DeepSeek-V3 layer slice (1 dense + N MoE layers, random weights) decoding
    128 sequences per rank, captured as a CUDA graph with and without DBO, for each capturable
    backend, with all 256 experts (128 per GPU) and with 16 (8 per GPU, EP=32's per-GPU count).
-   Two measures of how much of the communication DBO hides, both summed over the two ranks:
-   - step time: allgather_reducescatter's step also runs as its compute twin, each collective replaced
+   Three measures of how much of the communication DBO hides, each summed over the two ranks:
+   - step time: each backend's step also runs as its compute twin (_transfers), each transfer replaced
      by a copy of what it delivered in a recorded real step (the same kernels and values, no transfer,
      no wait for the peer; its output is checked against the real step's). What communication costs a
      step = step(real) - step(twin); hidden_step = 1 - cost(DBO) / cost(no DBO). This counts everything
      comm does to the step: transfer time left uncovered, waits for the slower peer, and the compute it
      slows down by sharing SMs and memory bandwidth. The twins' split vs unsplit steps give the cost of
      the split itself.
+   - waiting: the real step's compute kernels aligned one to one with the twin's (twin_delays): the
+     longer idle gaps before them are compute waiting for a transfer (hidden_wait = 1 - wait(DBO) /
+     wait(no DBO)); their longer durations are compute slowed beside one.
    - timeline: each graph profiled (torch profiler, 10 replays, the ranks barrier-synchronized before
      each); comm = the transfer work only (NCCL kernels, symmetric-memory barriers, peer memcpys); the
      local grouping and fp32 combine sums are compute; exposed comm = comm time during which no compute
      kernel runs, hidden = 1 - exposed(DBO) / exposed(no DBO), over all replays and for each rank's
      median replay. Under DBO this also counts the compute stream's own sub-microsecond gaps between
-     kernels that fall inside a transfer, so it understates what is hidden; it is the measure for
-     symm_mem_ll, which has no twin.
+     kernels that fall inside a transfer, so it understates what is hidden.
 
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
       python benchmarks/ep_overlap_check.py --out ep_overlap.json [--trace-dir DIR]
@@ -124,7 +126,7 @@ def kernel_overlap(events: list[dict], replays: int, copies_are_comm: bool = Tru
     comm = transfer work (is_comm_event); everything else, the local grouping and combine sums
     included, is compute; exposed comm = comm time during which no compute kernel runs. Per replay, ms.
     Exposed time includes the compute stream's own gaps between kernels (~0.4-1 us each) that fall inside a
-    transfer; the step-time twin (_collectives) measures the cost without that."""
+    transfer; the step-time twin (_transfers) measures the cost without that."""
     dev = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not dev:
         return {"error": "no device events in the trace"}
@@ -248,15 +250,40 @@ class _NoWait:
 
 
 @contextlib.contextmanager
-def _collectives(saved: list, replay: bool):
-    """allgather_reducescatter's collectives, recorded or replayed. Recording (replay=False) runs them and
-    keeps each output in call order; replaying makes each one a device copy of the output it delivered in
-    the recorded step: the same kernels, routing and values on this rank, no transfer and no wait for a
-    peer. The replayed step is the compute twin of the real one: step(real) - step(twin) is what
-    communication costs the step, waiting for a slower peer included."""
+def _transfers(dispatcher, saved: list, replay: bool):
+    """A backend's transfers, recorded or replayed: allgather_reducescatter's two collectives, or symm_mem_ll's
+    peer writes + barrier (`_send`). Recording (replay=False) runs them and keeps what each delivered, in call
+    order; replaying makes each one a device copy of what it delivered in the recorded step: the same kernels,
+    routing and values on this rank, no transfer and no wait for a peer. The replayed step is the compute twin
+    of the real one: step(real) - step(twin) is what communication costs the step, waiting for a slower peer
+    included."""
     from wideep.parallel import _comm
-    real = _comm.all_gather_rows, _comm.reduce_scatter_rows
+    from wideep.parallel.symm_dispatch import SymmMemDispatcher
     calls = [0]
+
+    def next_saved() -> Any:
+        got = saved[calls[0] % len(saved)]
+        calls[0] += 1
+        return got
+    if isinstance(dispatcher, SymmMemDispatcher):
+        real_send = dispatcher._send
+
+        def send(slot, which, rows_for, bound, channel):
+            received = slot.buffer(which)[:, :bound]
+            if replay:        # on the side stream, as the transfer would be; one copy per source rank's block
+                got = next_saved()
+                for p in range(received.shape[0]):
+                    received[p].copy_(got[p])
+            else:
+                real_send(slot, which, rows_for, bound, channel)
+                saved.append(received.clone())
+        dispatcher._send = send
+        try:
+            yield
+        finally:
+            del dispatcher._send          # the class's method again
+        return
+    real = _comm.all_gather_rows, _comm.reduce_scatter_rows
 
     def record(fn):
         def call(*args, **kwargs):
@@ -266,8 +293,7 @@ def _collectives(saved: list, replay: bool):
         return call
 
     def copy(x, world, group=None, async_op=False):
-        out = saved[calls[0] % len(saved)].clone()
-        calls[0] += 1
+        out = next_saved().clone()
         return (out, _NoWait()) if async_op else out
     _comm.all_gather_rows, _comm.reduce_scatter_rows = (copy, copy) if replay else tuple(map(record, real))
     try:
@@ -435,11 +461,9 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
             model.dispatcher = gd
             for layer in model.moe_layers():
                 layer.dispatcher = gd
-            # the compute twin (collectives replayed as copies) exists for allgather_reducescatter, whose
-            # transfers are two collectives; symm_mem_ll's are peer writes inside its dispatcher
             real: dict[bool, Any] = {}          # split -> the real step's output
             real_events: dict[bool, list] = {}  # split -> the real step's profiled device events
-            for comm in (True, False) if name == "allgather_reducescatter" else (True,):
+            for comm in (True, False):          # the real step, then its compute twin (_transfers)
                 unsplit = None
                 for split in (False, True):
                     label = {"experts": E, "experts_per_gpu": E // world, "backend": name, "comm": comm, "dbo": split}
@@ -449,10 +473,10 @@ def _rank(rank: int, world: int, port: int, opts: dict) -> dict[str, Any]:
                             fwd = (lambda: forward_dual_batch(model, ids, pos, attn, kv, -(-b // 2))) if split \
                                 else (lambda: model.forward(ids, pos, attn, kv))
                             if not comm:
-                                with _collectives(saved, replay=False):
+                                with _transfers(gd.graph, saved, replay=False):
                                     fwd()
                                 torch.cuda.synchronize()
-                            with _collectives(saved, replay=True) if not comm else contextlib.nullcontext():
+                            with _transfers(gd.graph, saved, replay=True) if not comm else contextlib.nullcontext():
                                 g, hidden = _graph(fwd)
                             label["step_ms"] = _timed(g.replay, opts["iters"], before=in_step) * 1e3
                             # the split step's output against the unsplit one (bf16 GEMMs at other row counts

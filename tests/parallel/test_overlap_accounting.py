@@ -98,11 +98,11 @@ def test_the_twin_replays_each_recorded_collective_in_call_order_and_restores_th
     monkeypatch.setattr(_comm, "all_gather_rows", fake)
     monkeypatch.setattr(_comm, "reduce_scatter_rows", fake)
     saved: list = []
-    with eoc._collectives(saved, replay=False):
+    with eoc._transfers(None, saved, replay=False):
         _comm.all_gather_rows(torch.ones(2), 2, async_op=True)
         _comm.reduce_scatter_rows(torch.ones(2), 3)
     assert [t.tolist() for t in saved] == [[2.0, 2.0], [3.0, 3.0]]
-    with eoc._collectives(saved, replay=True):
+    with eoc._transfers(None, saved, replay=True):
         got = [_comm.all_gather_rows(torch.zeros(2), 2, async_op=True), _comm.reduce_scatter_rows(torch.zeros(2), 3),
                _comm.all_gather_rows(torch.zeros(2), 2)]
     out, work = got[0]
@@ -126,3 +126,36 @@ def test_twin_delays_split_what_comm_costs_into_waiting_and_slower_compute():
     other = [dict(e, name="gemm") if e["name"] == "norm" else e for e in twin]
     assert "error" in eoc.twin_delays(real, other, replays=2)         # not the same kernels: no alignment
     assert "error" in eoc.twin_delays(real, twin, replays=3)          # replays not told apart
+
+
+def test_the_twin_of_symm_mem_ll_replays_what_landed_in_the_receive_buffer():
+    """symm_mem_ll's transfer (_send: peer writes + barrier) is recorded as what landed in this rank's buffer,
+    then replayed as a local copy of it, without the peer writes; the class's _send is back afterwards."""
+    import torch
+
+    from wideep.parallel.symm_dispatch import SymmMemDispatcher
+
+    class Slot:
+        rows, out = torch.zeros(2, 4, 3), torch.zeros(2, 4, 5)
+
+        def buffer(self, which):
+            return (self.rows, self.out)[which]
+    d, slot, sent = object.__new__(SymmMemDispatcher), Slot(), []
+
+    def arrive(slot, which, rows_for, bound, channel):   # the peers' rows land (stands in for the transfer)
+        sent.append(which)
+        slot.buffer(which)[:, :bound] = rows_for(0) + 1
+    d._send = arrive
+    saved: list = []
+    with eoc._transfers(d, saved, replay=False):
+        d._send(slot, 0, lambda p: torch.full((2, 3), 2.0), 2, 0)
+        d._send(slot, 1, lambda p: torch.full((3, 5), 4.0), 3, 1)
+    assert sent == [0, 1] and [tuple(t.shape) for t in saved] == [(2, 2, 3), (2, 3, 5)]
+    d._send = arrive
+    slot.rows.zero_(), slot.out.zero_()
+    with eoc._transfers(d, saved, replay=True):
+        d._send(slot, 0, lambda p: torch.zeros(2, 3), 2, 0)
+        d._send(slot, 1, lambda p: torch.zeros(3, 5), 3, 1)
+    assert sent == [0, 1]                                       # nothing sent while replaying
+    assert (slot.rows[:, :2] == 3).all() and (slot.rows[:, 2:] == 0).all() and (slot.out[:, :3] == 5).all()
+    assert d._send.__func__ is SymmMemDispatcher._send

@@ -165,6 +165,10 @@ class _Slot:
     handles: tuple            # symmetric-memory handles of the two buffers
     peers: list               # peers[which][p]: buffer `which` as mapped from rank p's memory
 
+    def buffer(self, which: int) -> torch.Tensor:
+        """This rank's receive buffer `which` (0: rows, 1: out)."""
+        return (self.rows, self.out)[which]
+
 
 @dataclass
 class _Handle:
@@ -235,6 +239,14 @@ class SymmMemDispatcher(MoEDispatcher):
     def _peer(slot: _Slot, which: int, peer: int) -> torch.Tensor:
         return slot.peers[which][peer]
 
+    def _send(self, slot: _Slot, which: int, rows_for, bound: int, channel: int) -> None:
+        """The transfer, on the side stream: rows_for(p) [bound, ...] into this rank's block of rank p's buffer
+        `which` (0: dispatch rows, 1: combine sums) for every p, then the barrier after which every rank's rows
+        have landed in this rank's buffer."""
+        for p in range(self.ep_size):
+            self._peer(slot, which, p)[self.ep_rank, :bound].copy_(rows_for(p))
+        slot.handles[which].barrier(channel=channel)
+
     def _bound(self, t: int) -> int:
         bound = self.step_max_tokens
         if bound is None:
@@ -278,16 +290,14 @@ class SymmMemDispatcher(MoEDispatcher):
         bound = self._bound(t)
         index = self._ubatch_index
         slot = self._slot(index, hidden, k, x.device, bound)
-        me, ep = self.ep_rank, self.ep_size
+        ep = self.ep_size
         dtype = x.dtype
         # pack the tokens on this stream: FP8 rows, per-token scales, routing (padding routes nowhere)
         staging = torch.empty((bound, row_bytes(hidden, k)), dtype=torch.uint8, device=x.device)
         pack_rows(x, topk_ids, topk_weights, staging)
 
         def work():
-            for p in range(ep):
-                self._peer(slot, 0, p)[me, :bound].copy_(staging)
-            slot.handles[0].barrier(channel=2 * index)
+            self._send(slot, 0, lambda p: staging, bound, 2 * index)
 
             def finish() -> DispatchResult:
                 first, _ = self.local_expert_range
@@ -316,16 +326,14 @@ class SymmMemDispatcher(MoEDispatcher):
     def _combine(self, y: torch.Tensor, result: DispatchResult, weights: torch.Tensor | None) -> Pending:
         h: _Handle = result.handle
         slot = self._slots[h.slot]
-        me, ep, bound = self.ep_rank, self.ep_size, h.bound
+        ep, bound = self.ep_size, h.bound
         # each source token's BF16 partial sum over its slots here (fp32 in slot order, one rounding; the
         # routing weight folded in), one kernel on CUDA; padding rows and other ranks' slots add nothing
         part = gather_sum(y, h.pair_rows, torch.bfloat16, weights=weights).view(ep, bound, -1)
         dtype = y.dtype
 
         def work():
-            for p in range(ep):
-                self._peer(slot, 1, p)[me, :bound].copy_(part[p])
-            slot.handles[1].barrier(channel=2 * h.slot + 1)
+            self._send(slot, 1, lambda p: part[p], bound, 2 * h.slot + 1)
             return lambda: slot.out[:, :h.num_tokens].float().sum(dim=0).to(dtype)
         return self._on_side_stream(work, (part,))
 
