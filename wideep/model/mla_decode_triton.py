@@ -509,7 +509,7 @@ def mla_decode(
                 return out[:, 0] if squeeze else out
             seq_lens = plan.rest
             rest_persistent = True   # the rows left are few or none: one wave of programs, not one per item
-    elif _mode() == "flashmla" and q_lat.is_cuda:
+    elif config is None and _mode() == "flashmla" and q_lat.is_cuda:    # a forced config skips FlashMLA on purpose
         raise RuntimeError(f"{BACKEND_ENV}=flashmla but FlashMLA does not apply here (sgl-flash-mla installed? "
                            "sm_90, bf16 cache, 512 + 64 latent, 64-token pages, one query token, <= 128 heads)")
 
