@@ -191,6 +191,7 @@ class SymmMemDispatcher(MoEDispatcher):
         self.capacity = int(capacity)
         self.static_shapes = True       # always fixed-shape; graph_mode sets it too
         self._slots: dict[int, _Slot] = {}
+        self._sum_index: dict[tuple, torch.Tensor] = {}
         self._slot_key: tuple | None = None
         self._stream: torch.cuda.Stream | None = None
         self._ubatch_index = 0
@@ -332,10 +333,23 @@ class SymmMemDispatcher(MoEDispatcher):
         part = gather_sum(y, h.pair_rows, torch.bfloat16, weights=weights).view(ep, bound, -1)
         dtype = y.dtype
 
+        rows = self._sum_rows(h.num_tokens, y.device)
+
         def work():
             self._send(slot, 1, lambda p: part[p], bound, 2 * h.slot + 1)
-            return lambda: slot.out[:, :h.num_tokens].float().sum(dim=0).to(dtype)
+            # each own token's sum over the ranks' partials, fp32 in rank order, one rounding; one kernel on CUDA
+            return lambda: gather_sum(slot.out.view(-1, slot.out.shape[-1]), rows, dtype)
         return self._on_side_stream(work, (part,))
+
+    def _sum_rows(self, t: int, device: torch.device) -> torch.Tensor:
+        """[t, ep]: the row of token i's partial sum from rank p in the flattened combine buffer (p * C + i)."""
+        key = (t, self.capacity, device)
+        rows = self._sum_index.get(key)
+        if rows is None:
+            rows = torch.arange(t, device=device)[:, None] + torch.arange(self.ep_size, device=device)[None, :] * self.capacity
+            if not torch.cuda.is_current_stream_capturing():    # made inside a capture it is filled only by replays
+                self._sum_index[key] = rows
+        return rows
 
 
 def _nccl_group(group) -> bool:
