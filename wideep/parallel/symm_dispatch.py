@@ -331,9 +331,7 @@ class SymmMemDispatcher(MoEDispatcher):
         # each source token's BF16 partial sum over its slots here (fp32 in slot order, one rounding; the
         # routing weight folded in), one kernel on CUDA; padding rows and other ranks' slots add nothing
         part = gather_sum(y, h.pair_rows, torch.bfloat16, weights=weights).view(ep, bound, -1)
-        dtype = y.dtype
-
-        rows = self._sum_rows(h.num_tokens, y.device)
+        dtype, rows = y.dtype, self._sum_rows(h.num_tokens, y.device)
 
         def work():
             self._send(slot, 1, lambda p: part[p], bound, 2 * h.slot + 1)
@@ -346,7 +344,8 @@ class SymmMemDispatcher(MoEDispatcher):
         key = (t, self.capacity, device)
         rows = self._sum_index.get(key)
         if rows is None:
-            rows = torch.arange(t, device=device)[:, None] + torch.arange(self.ep_size, device=device)[None, :] * self.capacity
+            ranks = torch.arange(self.ep_size, dtype=torch.int32, device=device) * self.capacity
+            rows = torch.arange(t, dtype=torch.int32, device=device)[:, None] + ranks[None, :]
             if not torch.cuda.is_current_stream_capturing():    # made inside a capture it is filled only by replays
                 self._sum_index[key] = rows
         return rows
