@@ -109,16 +109,14 @@ class MoEDispatcher:
     def dispatch_with_own(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         """dispatch() whose rows start with this rank's own T tokens (x itself), then the dispatched rows: the
         input of a shared expert run as one more group of the grouped MLP. tokens_per_expert, weights and the
-        handle describe the dispatched rows only, and combine takes their outputs (rows T onward). Default: a
-        concatenation; backends whose dispatch gathers its rows gather both at once."""
-        r = self.dispatch(x, topk_ids, topk_weights)
-        r.x = torch.cat([x, r.x])
-        return r
+        handle describe the dispatched rows only, and combine takes their outputs (rows T onward). Default:
+        dispatch_with_own_async, waited for."""
+        return self.dispatch_with_own_async(x, topk_ids, topk_weights).wait()
 
     def combine_weighted(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
-        """combine() of expert outputs not yet multiplied by result.weights. Default: the multiply (rounded to
-        y's dtype), then combine; backends whose combine gathers rows fold the weight into that gather."""
-        return self.combine(y * result.weights.to(y.dtype)[:, None], result)
+        """combine() of expert outputs not yet multiplied by result.weights. Default: combine_weighted_async,
+        waited for."""
+        return self.combine_weighted_async(y, result).wait()
 
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
         """Starts dispatch; the result comes from `.wait()`. Default: synchronous."""

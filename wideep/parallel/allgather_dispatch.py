@@ -68,9 +68,6 @@ class AllGatherReduceScatterDispatcher(MoEDispatcher):
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
         return self.dispatch_async(x, topk_ids, topk_weights).wait()
 
-    def dispatch_with_own(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
-        return self.dispatch_with_own_async(x, topk_ids, topk_weights).wait()
-
     def dispatch_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                        own_first: bool = False) -> Pending:
         """own_first: this rank's own tokens head the rows (dispatch_with_own), gathered with the rest."""
@@ -111,9 +108,6 @@ class AllGatherReduceScatterDispatcher(MoEDispatcher):
 
     def combine_async(self, y: torch.Tensor, result: DispatchResult) -> Pending:
         return self._combine(y, result, None)
-
-    def combine_weighted(self, y: torch.Tensor, result: DispatchResult) -> torch.Tensor:
-        return self.combine_weighted_async(y, result).wait()
 
     def dispatch_with_own_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
         return self.dispatch_async(x, topk_ids, topk_weights, own_first=True)

@@ -312,9 +312,6 @@ class SymmMemDispatcher(MoEDispatcher):
             return finish
         return self._on_side_stream(work, (staging,))
 
-    def dispatch_with_own(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchResult:
-        return self.dispatch_with_own_async(x, topk_ids, topk_weights).wait()
-
     def dispatch_with_own_async(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
         return self.dispatch_async(x, topk_ids, topk_weights, own_first=True)
 
