@@ -7,6 +7,7 @@ R1's decode and prefill shapes against bf16 (F.linear, torch._grouped_mm) and cu
   python benchmarks/fp8_gemm.py [--sweep] [--json out.json]   # prints tables; exits 1 if a check fails
   python benchmarks/fp8_gemm.py --pairs --skip-linear         # + expert-MLP config pairs; - the projection table
   python benchmarks/fp8_gemm.py --sweep --only q_kv_a,experts --no-tables   # these shapes' sweep + the checks
+  python benchmarks/fp8_gemm.py --sweep --rows 64,128 ...     # rows (per group) timed: a DBO micro-batch's and B=128's
   python benchmarks/fp8_gemm.py --device cpu                  # smoke: tiny sweep + checks under Triton's interpreter
 """
 from __future__ import annotations
@@ -103,7 +104,10 @@ GROUPED_CANDIDATES = [G(128, 64, 4, 4, swap=True, prefetch=True),
                       G(64, 128, 4, 3, prefetch=True, tma=True, persist=3, maxnreg=168),
                       G(64, 128, 4, 2, tma=True, persist=4, maxnreg=128),
                       G(64, 128, 4, 4, tma=True, persist=2),
-                      G(64, 128, 4, 4, prefetch=True, tma=True, persist=2)]
+                      G(64, 128, 4, 4, prefetch=True, tma=True, persist=2),
+                      # 64 rows per group (a DBO micro-batch at B=128): K split in two, or 64-row weight tiles
+                      G(64, 128, 4, 3, split=2, prefetch=True, tma=True, persist=3, maxnreg=168),
+                      G(64, 64, 4, 4, prefetch=True, tma=True, persist=3)]
 # (measured and dropped, docs/perf.md: 128x128 of 8 warps at 1 program/SM 177/289 us for w13 at 128/256 rows,
 # 64x256 of 8 warps 141/222 us: one program per SM is latency-bound)
 # per-shape TMA candidates with their split fixed (yielded as listed): o_proj's long K (128 blocks) over few
@@ -115,7 +119,14 @@ _O_LIKE = ([G(128, 64, 4, 3, split=s, swap=True, tma=True, persist=3, maxnreg=16
 _WIDE = [G(64, 128, 4, 3, tma=True, persist=3, maxnreg=168), G(64, 128, 4, 4, tma=True, persist=2),
          G(128, 128, 8, 4, swap=True, tma=True, persist=1), G(128, 64, 4, 4, swap=True, tma=True, persist=2),
          G(64, 128, 4, 3, tma=True)]
-PLAIN_EXTRA = {"o": _O_LIKE, "dense w2": _O_LIKE, "q_b": _WIDE, "dense w13": _WIDE}
+# 64 rows (a DBO micro-batch at B=128) leave one row tile, so more of the GPU comes from K splits or narrower
+# weight tiles: o_proj split up to 7 (392 tiles, ~3 per SM), q_b / q_kv_a with 64-row weight tiles
+_ROWS64 = ([G(64, 128, 4, 3, split=s, tma=True, persist=3, maxnreg=168) for s in (5, 7)]
+           + [G(64, 64, 4, 4, split=s, tma=True, persist=3) for s in (2, 3)])
+_NARROW = [G(64, 64, 4, 4, tma=True, persist=3), G(64, 64, 4, 3, tma=True, persist=4, maxnreg=128)]
+_KV_A = [G(64, s_n, 4, 3, split=s, tma=True, persist=3, maxnreg=168) for s_n in (64, 128) for s in (4, 8)]
+PLAIN_EXTRA = {"o": _O_LIKE + _ROWS64, "dense w2": _O_LIKE, "q_b": _WIDE + _NARROW, "dense w13": _WIDE,
+               "q_kv_a": _KV_A}
 
 
 def _vector_scales(fn):
@@ -167,11 +178,12 @@ def precompile(specs) -> None:
           + "".join(f"\n  {sp}: {e}" for sp, e in errs), flush=True)
 
 
-def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
+def sweep(dev, small: bool, only: list[str] | None = None, rows: tuple[int, ...] | None = None) -> dict:
     """Times Triton configs (tile, stages, split-K, swap-AB, fused quantization) and cuBLAS at R1's decode
     shapes, installs the fastest per weight shape into fp8_triton.DECODE_CONFIGS / fp8.CUBLAS_DECODE, and
     returns what it chose (every candidate's output is also checked against the first one's). only: these
-    plain shapes (names of PLAIN), and the expert GEMMs if it names "experts"."""
+    plain shapes (names of PLAIN), and the expert GEMMs if it names "experts". rows: the plain GEMMs' row
+    counts and the EP=32 experts' rows per group, each timed and summed (default 128, 256)."""
     from wideep.model import fp8 as fp8mod
 
     timer = _timer(dev)
@@ -182,6 +194,9 @@ def sweep(dev, small: bool, only: list[str] | None = None) -> dict:
              {k: PLAIN[k] for k in ([o for o in only if o in PLAIN] if only else SWEPT_PLAIN)})
     grouped = [(2, (5,)), (3, (4,))] if small else (GROUPED if not only or "experts" in only else [])
     rows_plain = (3,) if small else (128, 256)
+    if rows and not small:
+        rows_plain = rows
+        grouped = [(e, rows if e == 8 else per) for e, per in grouped]
     tiles_p = ([(16, 64, 4, 1, False), (16, 64, 4, 1, True), G(16, 64, 4, 1, swap=True, tma=True, persist=1)]
                if small else PLAIN_TMA)
     tiles_g = ([G(16, 64, 4, 1), G(16, 64, 4, 1, swap=True), G(16, 64, 4, 1, swap=True, tma=True, persist=1)]
@@ -436,8 +451,9 @@ def main() -> int:
     only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
     if only and not set(only) <= set(PLAIN) | {"experts"}:
         raise SystemExit(f"--only: names from {', '.join(PLAIN)}, experts; got {only}")
+    rows = tuple(int(r) for r in sys.argv[sys.argv.index("--rows") + 1].split(",")) if "--rows" in sys.argv else None
     if "--sweep" in sys.argv or small:
-        report["sweep"] = sweep(dev, small, only)
+        report["sweep"] = sweep(dev, small, only, rows)
         print("chosen decode configs:", {str(k): str(v) for k, v in fp8_triton.DECODE_CONFIGS.items()})
         from wideep.model import fp8 as fp8mod
         print("cuBLAS at decode:", fp8mod.CUBLAS_DECODE)

@@ -11,7 +11,8 @@ table of published DeepEP low-latency figures is added per MoE layer, unoverlapp
 micro-batches of B/2, each re-reading every weight), and models the overlap from measured parts: each
 micro-batch's dispatch and combine (the published per-layer figure scaled to its B/2 tokens, linearly: the
 published rates are at the link's bandwidth) hides under the other micro-batch's stage that runs while it is in
-flight; exposed = max(0, comm - that stage's measured compute), and the overlapped step = split step + exposed.
+flight; exposed = max(0, comm - that stage's measured compute), and the overlapped step = split step x (1 +
+--comm-slowdown, what transfers beside it cost the compute, measured on 2x H200) + exposed.
 
 Decode is measured twice: one step as `ModelRunner.execute` (host prep + graph replay + sampling + the tokens
 back on the host: the synchronous step), and the engine loop in steady state (`EngineCore.step()`: schedule ->
@@ -80,6 +81,10 @@ from wideep.model.ubatch import DBOConfig  # noqa: E402
 # Published DeepEP low-latency dispatch / combine per MoE layer, 128 tokens per rank, FP8 dispatch and
 # BF16 combine, H800 + CX7 InfiniBand (DeepEP README, June 2025), in microseconds. Scaled linearly in B.
 DEEPEP_LL_US = {8: (77, 114), 16: (118, 195), 32: (155, 273), 64: (173, 314)}
+# How much slower a DBO split step's compute runs with transfers beside it (a share of the step): measured on
+# 2x H200 against a compute twin (benchmarks/ep_overlap_check.py): 0.4-0.5% for symm_mem_ll, whose copy-engine
+# writes leave the SMs to compute as DeepEP LL's receive hooks do; 2% for NCCL's collective kernels.
+COMM_SLOWDOWN = 0.005
 # Prefill (high-throughput kernels): published internode RDMA bandwidth of DeepEP HT, GB/s (low end).
 DEEPEP_HT_RDMA_GBPS = 43.0
 
@@ -925,12 +930,13 @@ def engine_tokens(a) -> int:
 
 def engine_steady_state(run: RankRun, b: int, ctx: int, steps: int, async_scheduling: bool, device) -> dict:
     """Per-step time of the engine loop (EngineCore.step(): schedule, launch, apply) over B running decodes
-    of ctx tokens, with async scheduling on or off. The sequences enter the scheduler as running decodes
-    whose ctx-1 tokens hold KV already (not computed: its values do not change the work); they are aborted
-    through the engine afterwards (blocks freed)."""
+    that reach ctx tokens in the last timed step (the one-step figure's context; past a 2,048-token attention
+    split the MLA kernel's work changes), with async scheduling on or off. The sequences enter the scheduler as
+    running decodes whose tokens hold KV already (not computed: its values do not change the work); they are
+    aborted through the engine afterwards (blocks freed)."""
     core = run.core
     free0 = core.num_free_blocks
-    reqs = fake_requests(run, b, ctx, f"e{int(async_scheduling)}-{b}-{ctx}")
+    reqs = fake_requests(run, b, max(2, ctx + 1 - ENGINE_WARMUP - steps), f"e{int(async_scheduling)}-{b}-{ctx}")
     for r in reqs:
         r.status = RequestStatus.RUNNING
         core.scheduler.requests[r.request_id] = r
@@ -1390,7 +1396,7 @@ def profile_dbo_step(run: RankRun, out: SchedulerOutput, device) -> dict:
     events = _step_events(run, out, device, (DBOStageMarks,))
     res = attribute_trace(events)
     return {"phases_ms": res["phases_ms"], "launches": res["launches"], "step_gpu_ms": res["total_ms"],
-            **dbo_stage_times(events)}
+            "top_kernels_by_phase": res["top_kernels_by_phase"], **dbo_stage_times(events)}
 
 
 def dbo_stage_times(events: list[dict]) -> dict:
@@ -1493,6 +1499,12 @@ def dbo_case(run: RankRun, b: int, ctx: int, a, device, unsplit: dict) -> dict:
                 res["graph_replay_ms"] = timed(lambda: runner._replay_graph(g, b), device, a.iters) * 1e3
             res.update(profile_dbo_step(run, out, device))
             res["eager_split_steps"] = runner.split_steps - split_before
+            if a.engine_steps:   # the split step as a served decode pod runs it: async scheduling, graphs
+                release(run, reqs)
+                reqs = []
+                split_before = runner.split_steps
+                res["engine_async"] = engine_steady_state(run, b, ctx, a.engine_steps, True, device)
+                res["engine_async"]["eager_split_steps"] = runner.split_steps - split_before
         finally:
             set_dbo(run, False)
     finally:
@@ -1503,8 +1515,13 @@ def dbo_case(run: RankRun, b: int, ctx: int, a, device, unsplit: dict) -> dict:
                 for u, n in enumerate(res["ubatch_tokens"])}
         m = dbo_overlap(res["stages"], comm)
         res["overlap"] = m
-        res["step_overlapped_ms"] = res["step_ms"] + m["exposed_ms"]
+        m["slowdown_ms"] = res["step_ms"] * a.comm_slowdown
+        res["step_overlapped_ms"] = res["step_ms"] + m["slowdown_ms"] + m["exposed_ms"]
         res["tok_s_gpu_overlapped"] = b / (res["step_overlapped_ms"] / 1e3)
+        if "engine_async" in res:
+            loop = res["engine_async"]["step_ms"]
+            res["engine_async"]["step_overlapped_ms"] = ms = loop * (1 + a.comm_slowdown) + m["exposed_ms"]
+            res["engine_async"]["tok_s_gpu_overlapped"] = b / (ms / 1e3)
     res["unsplit"] = {k: unsplit[k] for k in ("step_ms", "tok_s_gpu", "graph_replay_ms", "comm_ms",
                                                "tok_s_gpu_comm_unoverlapped", "phases_ms", "launches",
                                                "step_gpu_ms") if k in unsplit}
@@ -1546,9 +1563,14 @@ def print_dbo(res: dict) -> None:
         m = res["overlap"]
         print(f"    DBO + LL comm modeled: comm {m['comm_ms']:.2f} ms ({m['transfers']} transfers), exposed "
               f"{m['exposed_ms']:.2f} ms (dispatch {m['exposed_dispatch_ms']:.2f}, combine {m['exposed_combine_ms']:.2f}; "
-              f"hidden {100 * m['hidden_frac']:.0f}%) -> step {res['step_overlapped_ms']:.2f} ms -> "
+              f"hidden {100 * m['hidden_frac']:.0f}%), compute slowed beside them {m['slowdown_ms']:.2f} ms -> step "
+              f"{res['step_overlapped_ms']:.2f} ms -> "
               f"{res['tok_s_gpu_overlapped']:,.0f} tok/s/GPU; unsplit + comm unoverlapped "
               f"{u.get('tok_s_gpu_comm_unoverlapped', float('nan')):,.0f}", flush=True)
+    if "tok_s_gpu_overlapped" in res.get("engine_async", {}):
+        e = res["engine_async"]
+        print(f"    DBO in the engine loop with async scheduling, {e['steps']} steps: {e['step_ms']:.2f} ms; + the same "
+              f"modeled comm -> {e['step_overlapped_ms']:.2f} ms -> {e['tok_s_gpu_overlapped']:,.0f} tok/s/GPU", flush=True)
     up, ul = u.get("phases_ms", {}), u.get("launches", {})
     print(f"    {'phase (eager device ms)':<24} {'unsplit':>9} {'launches':>8} {'split':>9} {'launches':>8}", flush=True)
     for k, v in res["phases_ms"].items():
@@ -1673,7 +1695,10 @@ def parse(argv=None):
                    "stage, its outputs against the unsplit step's, and the step with the published LL comm "
                    "overlapped: each micro-batch's dispatch / combine (the published per-layer time x its tokens / "
                    "128) hides under the other micro-batch's next stage; exposed = max(0, comm - that stage's "
-                   "compute); step = split step + exposed")
+                   "compute); step = split step x (1 + --comm-slowdown) + exposed")
+    p.add_argument("--comm-slowdown", type=float, default=COMM_SLOWDOWN,
+                   help="share by which the split step's compute runs slower beside the transfers (default: "
+                        "symm_mem_ll's, measured on 2x H200; NCCL's collectives measured 0.02)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-phase profile")
@@ -1686,6 +1711,8 @@ def parse(argv=None):
     a = p.parse_args(argv)
     if a.ep < 1 or 256 % a.ep:
         p.error("--ep must divide 256")
+    if not 0 <= a.comm_slowdown < 1:
+        p.error("--comm-slowdown must be in [0, 1)")
     if a.engine_steps < 0:
         p.error("--engine-steps must be >= 0")
     return a

@@ -89,7 +89,7 @@ def test_tiny_rank_dbo_split_equals_unsplit(rank):
     (2 MoE layers: 2 x (2 x 2 + 1) stages, one dispatch and one combine per micro-batch and layer), and the
     published EP16 comm is modeled over them."""
     rep = rank.main(["--size", "tiny", "--device", "cpu", "--layers", "3", "--ep", "16", "--batch", "40", "8",
-                     "--ctx", "20", "--prefill-tokens", "0", "--iters", "1", "--engine-steps", "0",
+                     "--ctx", "20", "--prefill-tokens", "0", "--iters", "1", "--engine-steps", "2",
                      "--no-baseline", "--dbo"])
     by_b = {d["B"]: d for d in rep["runs"]["fp8"]["decode"]}
     assert by_b[8]["dbo"] == {"B": 8, "ctx": 20, "split": False, "why": "B=8 <= the decode threshold 32"}
@@ -121,5 +121,9 @@ def test_tiny_rank_dbo_split_equals_unsplit(rank):
     assert m["transfers"] == 8 and m["comm_ms"] == pytest.approx(2 * 2 * (d16 + c16) * 20 / 128 / 1e3)
     assert m["comm_ms"] == pytest.approx(by_b[40]["comm_ms"])   # linear: the two halves add up to the whole
     assert 0 <= m["exposed_ms"] <= m["comm_ms"]
-    assert res["step_overlapped_ms"] == pytest.approx(res["step_ms"] + m["exposed_ms"])
+    assert m["slowdown_ms"] == pytest.approx(res["step_ms"] * rank.COMM_SLOWDOWN)
+    assert res["step_overlapped_ms"] == pytest.approx(res["step_ms"] + m["slowdown_ms"] + m["exposed_ms"])
     assert res["unsplit"]["tok_s_gpu_comm_unoverlapped"] == by_b[40]["tok_s_gpu_comm_unoverlapped"]
+    e = res["engine_async"]   # the split step in the engine loop (async scheduling), the same comm modeled
+    assert e["async_scheduling"] and e["steps"] == 2 and e["eager_split_steps"] >= 2 + rank.ENGINE_WARMUP
+    assert e["step_overlapped_ms"] == pytest.approx(e["step_ms"] * (1 + rank.COMM_SLOWDOWN) + m["exposed_ms"])

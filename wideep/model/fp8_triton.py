@@ -422,8 +422,9 @@ LARGE_ROWS = CUBLAS_MIN_ROWS   # rows (plain) or mean rows per expert (grouped) 
 DECODE_CONFIGS: dict[tuple, GemmConfig] = {
     ("plain", 1536, 7168): GemmConfig(64, 128, 4, 3, split=5),        # q_a
     ("plain", 576, 7168): GemmConfig(64, 64, 4, 4, split=7),          # kv_a (q_lora_rank null)
-    ("plain", 2112, 7168): GemmConfig(128, 64, 4, 3, split=4, swap=True, tma=True, persist=3, maxnreg=168),
-    # (q_a ‖ kv_a stacked, MLAttention: 16.9 us with the TMA kernel vs 20.1 the pointer kernel, incl. act quant)
+    ("plain", 2112, 7168): GemmConfig(64, 64, 4, 3, split=4, tma=True, persist=3, maxnreg=168),
+    # (q_a ‖ kv_a stacked, MLAttention: 12.4 / 14.2 / 23.8 us at 64 / 128 / 256 rows incl. act quant, against
+    # 16.2 / 17.6 / 20.8 for the 128 x 64 swapped tile it replaced; 64 rows are a DBO micro-batch at B=128)
     # (served by cuBLAS at decode, fp8.CUBLAS_DECODE; these are the Triton fallbacks)
     ("plain", 24576, 1536): GemmConfig(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),   # q_b
     ("plain", 7168, 16384): GemmConfig(64, 128, 4, 3, split=3, tma=True, persist=3, maxnreg=168),  # o
@@ -432,10 +433,11 @@ DECODE_CONFIGS: dict[tuple, GemmConfig] = {
     ("plain", 36864, 7168): GemmConfig(64, 64, 4, 4, swap=True),      # dense w13
     ("plain", 7168, 18432): GemmConfig(64, 128, 4, 3, split=2),       # dense w2
     # routed experts (+ the shared slot), EP=32: 8 local experts. The TMA kernel, persistent, 64 rows x 128
-    # weight rows per tile (one weight scale per tile and K block), 3 programs per SM (the register cap makes
-    # room for the third), scales loaded one K block ahead: docs/perf.md
+    # weight rows per tile (one weight scale per tile and K block); w13: 3 programs per SM (the register cap
+    # makes room for the third), scales loaded one K block ahead; w2: 4 stages, 2 per SM (picked over 64, 128
+    # and 256 rows per group: 41.3 / 53.0 / 93.9 us against 45.4 / 54.2 / 90.7): docs/perf.md
     ("grouped", 8, 4096, 7168): GemmConfig(64, 128, 4, 3, prefetch=True, tma=True, persist=3, maxnreg=168),
-    ("grouped", 8, 7168, 2048): GemmConfig(64, 128, 4, 3, prefetch=True, tma=True, persist=3, maxnreg=168),
+    ("grouped", 8, 7168, 2048): GemmConfig(64, 128, 4, 4, tma=True, persist=2),
     # EP=8: 32 local experts x 32 rows (4.0 / 3.7 TB/s against 3.5 / 3.6 for the pointer kernel's 32 x 64)
     ("grouped", 32, 4096, 7168): GemmConfig(64, 128, 4, 4, tma=True, persist=2),
     ("grouped", 32, 7168, 2048): GemmConfig(64, 128, 4, 3, tma=True, persist=3, maxnreg=168),
