@@ -435,7 +435,7 @@ DECODE_CONFIGS: dict[tuple, GemmConfig] = {
     # routed experts (+ the shared slot), EP=32: 8 local experts. The TMA kernel, persistent, 64 rows x 128
     # weight rows per tile (one weight scale per tile and K block); w13: 3 programs per SM (the register cap
     # makes room for the third), scales loaded one K block ahead; w2: 4 stages, 2 per SM (picked over 64, 128
-    # and 256 rows per group: 41.3 / 53.0 / 93.9 us against 45.4 / 54.2 / 90.7): docs/perf.md
+    # and 256 rows per group: 41.3 / 53.0 / 93.9 us against 45.3 / 54.8 / 90.2): docs/perf.md
     ("grouped", 8, 4096, 7168): GemmConfig(64, 128, 4, 3, prefetch=True, tma=True, persist=3, maxnreg=168),
     ("grouped", 8, 7168, 2048): GemmConfig(64, 128, 4, 4, tma=True, persist=2),
     # EP=8: 32 local experts x 32 rows (4.0 / 3.7 TB/s against 3.5 / 3.6 for the pointer kernel's 32 x 64)
