@@ -8,6 +8,10 @@ step on rank 0 (agreement + forward + sampling), read from WIDEEP_LOCKSTEP_REPOR
 
   GPU (2 GPUs): NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
                 timeout 300 python benchmarks/ep_graphs_check.py
+                [--backend deepep_low_latency]   (symm_mem_ll: prefill steps past its 256-token
+                buffers grow them after the graphs were captured)
+                [--profile-kv]   (no KV budget given: the engine profiles a forward at start-up, outside
+                the DP lockstep)
   CPU (small):  python benchmarks/ep_graphs_check.py --device cpu --prompts 4 --max-tokens 6
                 (no CUDA graphs over gloo: on CPU the graph path runs as eager stand-ins, see
                 WIDEEP_STATIC_DECODE_SIZES, so the agreement and padding logic still run)
@@ -117,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--max-num-seqs", type=int, default=64, help="also bounds the captured graph sizes")
+    ap.add_argument("--backend", default=None, help="--all2all-backend of the EP=N runs (default: the engine's)")
+    ap.add_argument("--profile-kv", action="store_true",
+                    help="EP=N runs size their KV cache by profiling a forward at start-up (no budget given)")
     ap.add_argument("--timeout", type=float, default=290.0, help="hard deadline for the whole script (s)")
     ap.add_argument("--min-prefix", type=float, default=0.9,
                     help="PASS needs EP=N graphs to agree with EP=1 on at least this mean token-prefix fraction")
@@ -158,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         label = f"EP={a.ep} " + ("eager" if eager else "graphs")
         t = time.time()
         args = dataclasses.replace(base, data_parallel_size=a.ep, enforce_eager=eager,
-                                   device="auto" if on_cuda else a.device)
+                                   device="auto" if on_cuda else a.device,
+                                   all2all_backend=a.backend or base.all2all_backend,
+                                   kv_cache_memory_bytes=None if a.profile_kv else base.kv_cache_memory_bytes)
         try:
             r = run_epn(args, reqs, a.ep, left())
         except Exception as exc:  # noqa: BLE001 - reported as the verdict

@@ -48,7 +48,8 @@ VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     "OMP_NUM_THREADS": (_int("OMP_NUM_THREADS"), "OpenMP threads; an engine process keeps it when set"),
     # data / expert parallelism
     "WIDEEP_DIST_TIMEOUT_S": (_float("WIDEEP_DIST_TIMEOUT_S", 120.0),
-                              "seconds an EP-group collective may wait for a peer before the group is lost"),
+                              "seconds an EP-group collective (and symm_mem_ll's device barrier) may wait for a peer before the "
+                              "group is lost"),
     "WIDEEP_HOST_IP": (_str("WIDEEP_HOST_IP"), "address peers dial for this rank's DP-lockstep wake socket"),
     "WIDEEP_STATIC_DECODE_SIZES": (_str("WIDEEP_STATIC_DECODE_SIZES", ""),
                                    "CPU only: decode batch sizes run through the static (graph) path"),

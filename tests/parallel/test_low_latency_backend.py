@@ -102,3 +102,53 @@ def test_dequantize_and_gather_in_one_kernel_equals_the_torch_path(own):
     assert got.shape == (rows.numel() + (3 if own else 0), hidden) and torch.equal(got, ref)
     first = dequantize_rows_fp8(q[2, 3:4], scale[2, 3:4], torch.bfloat16)        # rows index p * bound + t
     assert torch.equal(got[3 if own else 0], first[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("own", [False, True])
+def test_a_bf16_payload_travels_as_it_is(own):
+    """A model whose experts take bf16 (not a native FP8 checkpoint) dispatches BF16 rows: packed, received and
+    gathered bit for bit, by the kernels and by the torch path alike."""
+    from wideep.parallel.symm_dispatch import dequant_gather, pack_rows, row_bytes, row_fields
+
+    g = torch.Generator().manual_seed(4)
+    t, bound, hidden, k = 5, 8, 64, 3
+    x = torch.randn(t, hidden, generator=g).to(torch.bfloat16)
+    ids = torch.randint(0, 64, (t, k), generator=g)
+    w = torch.rand(t, k, generator=g)
+    assert row_bytes(hidden, k, fp8=False) == 2 * hidden + 8 * k
+    bufs = [torch.full((bound, row_bytes(hidden, k, fp8=False)), 7, dtype=torch.uint8) for _ in range(2)]
+    pack_rows(x, ids, w, bufs[0], impl="torch", fp8=False)
+    pack_rows(x, ids, w, bufs[1], impl="triton", fp8=False)
+    assert torch.equal(bufs[0], bufs[1])
+    bx, scale, bi, bw = row_fields(bufs[1], hidden, k, fp8=False)
+    assert scale is None and torch.equal(bx[:t], x) and not bx[t:].any()
+    assert torch.equal(bi[:t], ids.to(torch.int32)) and (bi[t:] == -1).all() and torch.equal(bw[:t], w)
+    recv = torch.stack([bufs[1], bufs[1]])                  # what two source ranks' blocks hold
+    q, none, _, _ = row_fields(recv, hidden, k, fp8=False)
+    rows = torch.tensor([bound + 4, 0, 2, 2], dtype=torch.int64)    # p * bound + token
+    x_own = x[:2] if own else None
+    ref = dequant_gather(q, none, rows, x_own, torch.bfloat16, impl="torch")
+    got = dequant_gather(q, none, rows, x_own, torch.bfloat16, impl="triton")
+    want = torch.cat(([x[:2]] if own else []) + [x[[4, 0, 2, 2]]])
+    assert torch.equal(ref, want) and torch.equal(got, want)
+
+
+def test_the_model_tells_its_dispatcher_whether_the_experts_take_fp8(tiny_model_dir):
+    """Building the model sets the dispatcher's payload: FP8 for a native FP8 model, the activations' own dtype
+    otherwise (the base class's no-op keeps every other backend as it is)."""
+    from wideep.model.config import ModelConfig
+    from wideep.model.deepseek_v3 import DeepseekV3ForCausalLM
+    from wideep.model.local_dispatch import LocalDispatcher
+
+    said = []
+
+    class Recording(LocalDispatcher):
+        def set_fp8_payload(self, enabled: bool) -> None:
+            said.append(enabled)
+
+    cfg = ModelConfig.from_dir(tiny_model_dir)
+    with torch.device("meta"):
+        DeepseekV3ForCausalLM(cfg, Recording(cfg.n_routed_experts), fp8=False)
+        DeepseekV3ForCausalLM(cfg, Recording(cfg.n_routed_experts), fp8=True)
+    assert said == [False, True]

@@ -102,6 +102,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             dispatcher = LocalDispatcher(config.n_routed_experts)
         self.config = config
         self.dispatcher = dispatcher
+        dispatcher.set_fp8_payload(self.fp8_block is not None)
         self.num_local_experts = num_local_experts if num_local_experts is not None else dispatcher.num_local_experts
         self.model = DeepseekV3Model(config, dispatcher, self.num_local_experts, self.fp8_block)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

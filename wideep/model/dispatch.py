@@ -90,6 +90,11 @@ class MoEDispatcher:
         self.ubatch_row_offset = row_offset
         self.ubatch_max_tokens = max_tokens
 
+    def set_fp8_payload(self, enabled: bool) -> None:
+        """The model says whether its experts take FP8 activations (a native FP8 checkpoint): a backend
+        that can move its dispatch payload as FP8 does so only then (vLLM's FP8 dispatch), so a bf16 model's
+        tokens are not quantized on the way. No-op here: the others move the activations as they are."""
+
     @property
     def step_max_tokens(self) -> int | None:
         """The bound on tokens per rank for the forward (or micro-batch) being run."""

@@ -95,6 +95,11 @@ class GraphModeDispatcher(MoEDispatcher):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.agree_group)
         return int(t.item()) == 0
 
+    def set_fp8_payload(self, enabled: bool) -> None:
+        self.eager.set_fp8_payload(enabled)
+        if self.graph is not self.eager:
+            self.graph.set_fp8_payload(enabled)
+
     def set_ubatch(self, row_offset: int = 0, max_tokens: int | None = None, index: int = 0) -> None:
         super().set_ubatch(row_offset, max_tokens, index)
         self.eager.set_ubatch(row_offset, max_tokens, index)

@@ -2,20 +2,24 @@
 
 Each rank writes its tokens straight into every peer's receive buffer (NVLink loads/stores through
 torch symmetric memory; NVLink multicast is never used), then a device-side barrier says the data
-landed. Dispatch moves FP8 (e4m3) rows with one fp32 scale per token, plus the routing, packed into
-one row per token (one copy per peer); combine sends
-each rank's BF16 partial sums for the peer's tokens home, where they are summed in fp32.
+landed. Dispatch moves each token packed into one row with its routing (one copy per peer): FP8 (e4m3)
+with one fp32 scale per token when the model's experts take FP8 (a native FP8 checkpoint, as vLLM
+dispatches FP8 there), BF16 otherwise, so a bf16 model's activations are not quantized on the way.
+Combine sends each rank's BF16 partial sums for the peer's tokens home, where they are summed in fp32.
 
 Fixed shapes: receive buffers hold `capacity` tokens per source rank; a step uses the first
-`max_tokens_per_rank` of them (the same bound on every rank, set by the DP lockstep), padding rows
-route nowhere. No host synchronization, so it is CUDA-graph capturable. Issue and completion are
-split: the writes and barrier run on a side stream and `wait()` joins it, so with dual-batch overlap
-one micro-batch's transfer proceeds while the other computes. Separate buffers and barrier channels
-per micro-batch.
+`max_tokens_per_rank` of them (the same bound on every rank, set by the DP lockstep; a forward outside
+it, such as the engine's start-up memory profile, agrees on it by an all-reduce), padding rows route
+nowhere. No host synchronization, so it is CUDA-graph capturable. A larger step grows the buffers
+eagerly; graphs captured before keep the old ones. The device barrier gives up after the EP group's
+timeout (WIDEEP_DIST_TIMEOUT_S) and traps, so a dead peer brings the engine down instead of hanging
+it. Issue and completion are split: the writes and barrier run on a side stream and `wait()` joins it,
+so with dual-batch overlap one micro-batch's transfer proceeds while the other computes. Separate
+buffers and barrier channels per micro-batch.
 
-Every token goes to every rank (like allgather_reducescatter, but FP8 and written by the sender): at
-EP=2 with top-8 routing nearly every token touches both ranks anyway. Sending only the routed rows
-(per-expert slots, as DeepEP's low-latency kernels do) is the next step for wide EP.
+Every token goes to every rank (like allgather_reducescatter, but written by the sender): at EP=2 with
+top-8 routing nearly every token touches both ranks anyway. Sending only the routed rows (per-expert
+slots, as DeepEP's low-latency kernels do) is the next step for wide EP.
 
 `deepep_low_latency` (vLLM's name) resolves to this backend on CUDA with an NCCL group and to
 allgather_reducescatter elsewhere (CPU/gloo), with a log line naming the backend that runs.
@@ -28,9 +32,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from wideep import envs
 from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending
 from wideep.model.moe_permute import gather_sum, group_pairs
 from wideep.model.triton_compat import constexpr, tl, triton
+from wideep.parallel import _comm
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +57,21 @@ def dequantize_rows_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return (q.float() * scale[:, None]).to(dtype)
 
 
-def row_bytes(hidden: int, k: int) -> int:
-    """One dispatched token: hidden FP8 bytes, its fp32 scale, K int32 expert ids, K fp32 weights."""
-    return hidden + 4 + 8 * k
+def row_bytes(hidden: int, k: int, fp8: bool = True) -> int:
+    """One dispatched token: hidden FP8 bytes and its fp32 scale (fp8), or hidden BF16 values; then K int32
+    expert ids and K fp32 weights."""
+    return (hidden + 4 if fp8 else 2 * hidden) + 8 * k
 
 
-def row_fields(buf: torch.Tensor, hidden: int, k: int):
-    """Views (x fp8 [.., H], scale fp32 [..], ids int32 [.., K], weights fp32 [.., K]) of packed rows."""
-    x = buf[..., :hidden].view(FP8)
-    scale = buf[..., hidden:hidden + 4].view(torch.float32)[..., 0]
-    ids = buf[..., hidden + 4:hidden + 4 + 4 * k].view(torch.int32)
-    weights = buf[..., hidden + 4 + 4 * k:].view(torch.float32)
+def row_fields(buf: torch.Tensor, hidden: int, k: int, fp8: bool = True):
+    """Views (x fp8 or bf16 [.., H], scale fp32 [..] or None, ids int32 [.., K], weights fp32 [.., K]) of
+    packed rows."""
+    if fp8:
+        x, scale, end = buf[..., :hidden].view(FP8), buf[..., hidden:hidden + 4].view(torch.float32)[..., 0], hidden + 4
+    else:
+        x, scale, end = buf[..., :2 * hidden].view(torch.bfloat16), None, 2 * hidden
+    ids = buf[..., end:end + 4 * k].view(torch.int32)
+    weights = buf[..., end + 4 * k:].view(torch.float32)
     return x, scale, ids, weights
 
 
@@ -69,20 +79,23 @@ if triton is not None:
 
     @triton.jit
     def _pack_rows_kernel(x_ptr, ids_ptr, w_ptr, q_ptr, s_ptr, sid_ptr, sw_ptr, T, H, stride_x, stride_q, stride_s,
-                          stride_sid, K: constexpr, KP: constexpr, BLOCK_H: constexpr):
-        """Row r of the staging buffer: token r's FP8 row, scale, routing (quantize_rows_fp8's arithmetic),
-        or for r >= T a padding row (zeros, ids -1)."""
+                          stride_sid, K: constexpr, KP: constexpr, BLOCK_H: constexpr, FP8_: constexpr):
+        """Row r of the staging buffer: token r's FP8 row and scale (quantize_rows_fp8's arithmetic) or its
+        BF16 row, and its routing; or for r >= T a padding row (zeros, ids -1)."""
         r = tl.program_id(0)
         offs = tl.arange(0, BLOCK_H)
         kk = tl.arange(0, KP)
         h_real = tl.where(r < T, H, 0)     # a padding row loads nothing
         k_real = tl.where(r < T, K, 0)
         x = tl.load(x_ptr + r.to(tl.int64) * stride_x + offs, mask=offs < h_real, other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
-        scale = amax * (1.0 / 448.0)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+        if FP8_:
+            amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
+            scale = amax * (1.0 / 448.0)
+            q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+            tl.store(s_ptr + r * stride_s, tl.where(r < T, scale, 0.0))
+        else:
+            q = x
         tl.store(q_ptr + r.to(tl.int64) * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=offs < H)
-        tl.store(s_ptr + r * stride_s, tl.where(r < T, scale, 0.0))
         ids = tl.load(ids_ptr + r * K + kk, mask=kk < k_real, other=-1)
         w = tl.load(w_ptr + r * K + kk, mask=kk < k_real, other=0.0)
         tl.store(sid_ptr + r * stride_sid + kk, ids.to(tl.int32), mask=kk < K)
@@ -90,9 +103,9 @@ if triton is not None:
 
     @triton.jit
     def _dequant_gather_kernel(q_ptr, s_ptr, rows_ptr, own_ptr, out_ptr, T_OWN, H, BOUND, stride_qp, stride_qt,
-                               stride_sp, stride_st, stride_own, stride_out, BLOCK_H: constexpr):
+                               stride_sp, stride_st, stride_own, stride_out, BLOCK_H: constexpr, FP8_: constexpr):
         """Output row r: own row r (r < T_OWN), else received row g = rows[r - T_OWN] (source rank g // BOUND,
-        its token g % BOUND) dequantized: q * scale in fp32, rounded once to the output's dtype."""
+        its token g % BOUND), dequantized (q * scale in fp32, rounded once to the output's dtype) or as sent."""
         r = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         mask = offs < H
@@ -101,32 +114,35 @@ if triton is not None:
         else:
             g = tl.load(rows_ptr + r - T_OWN)
             p, t = (g // BOUND).to(tl.int64), (g % BOUND).to(tl.int64)
-            q = tl.load(q_ptr + p * stride_qp + t * stride_qt + offs, mask=mask, other=0.0).to(tl.float32)
-            v = q * tl.load(s_ptr + p * stride_sp + t * stride_st)
+            v = tl.load(q_ptr + p * stride_qp + t * stride_qt + offs, mask=mask, other=0.0).to(tl.float32)
+            if FP8_:
+                v = v * tl.load(s_ptr + p * stride_sp + t * stride_st)
         # (own rows: bf16 -> fp32 -> bf16, exact)
         tl.store(out_ptr + r.to(tl.int64) * stride_out + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def pack_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, staging: torch.Tensor,
-              impl: str = "auto") -> None:
-    """Writes tokens x [T, H] with their routing (ids, weights [T, K]) into the first T packed rows of staging
-    [bound, row_bytes] and padding rows (zeros, ids -1) after them: one kernel on CUDA (impl: auto, triton,
-    torch; the same bytes)."""
+              impl: str = "auto", fp8: bool = True) -> None:
+    """Writes tokens x [T, H] (as FP8 with a scale, or as BF16) with their routing (ids, weights [T, K]) into
+    the first T packed rows of staging [bound, row_bytes] and padding rows (zeros, ids -1) after them: one
+    kernel on CUDA (impl: auto, triton, torch; the same bytes)."""
     t, hidden = x.shape
     k = ids.shape[1]
-    sx, sscale, sids, sw = row_fields(staging, hidden, k)
+    sx, sscale, sids, sw = row_fields(staging, hidden, k, fp8)
     if impl == "triton" or (impl == "auto" and x.is_cuda and triton is not None):
         if staging.shape[0]:
+            s_arg = sscale if fp8 else sx
             _pack_rows_kernel[(staging.shape[0],)](
-                x.contiguous(), ids.contiguous(), weights.float().contiguous(), sx, sscale, sids, sw, t, hidden,
-                x.stride(0), sx.stride(0), sscale.stride(0), sids.stride(0), K=k, KP=triton.next_power_of_2(k),
-                BLOCK_H=triton.next_power_of_2(hidden), num_warps=8)
+                x.contiguous(), ids.contiguous(), weights.float().contiguous(), sx, s_arg, sids, sw, t, hidden,
+                x.stride(0), sx.stride(0), s_arg.stride(0), sids.stride(0), K=k, KP=triton.next_power_of_2(k),
+                BLOCK_H=triton.next_power_of_2(hidden), FP8_=fp8, num_warps=8)
         return
     if impl not in ("auto", "torch"):
         raise ValueError(f"pack_rows: unknown impl {impl!r}")
-    q, scale = quantize_rows_fp8(x)
-    sx[:t] = q
-    sscale[:t] = scale
+    if fp8:
+        sx[:t], sscale[:t] = quantize_rows_fp8(x)
+    else:
+        sx[:t] = x.to(torch.bfloat16)
     sids[:t] = ids.to(torch.int32)
     sw[:t] = weights.float()
     if t < staging.shape[0]:
@@ -134,12 +150,13 @@ def pack_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, staging
         sids[t:] = -1
 
 
-def dequant_gather(q: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, own: torch.Tensor | None,
+def dequant_gather(q: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor, own: torch.Tensor | None,
                    dtype: torch.dtype, impl: str = "auto") -> torch.Tensor:
     """[own rows; received rows `rows` dequantized] as one [T_own + len(rows), H] tensor of `dtype`: the grouped
-    MLP's input. q [P, B, H] fp8 and scale [P, B]: the received rows of P source ranks, B each (strided views of
-    the receive buffer); rows index them as p * B + t; own: this rank's own tokens, for a shared expert run as
-    one more group, or None. One kernel on CUDA (impl: auto, triton, torch; the same bits)."""
+    MLP's input. q [P, B, H] fp8 with scale [P, B], or bf16 with scale None: the received rows of P source
+    ranks, B each (strided views of the receive buffer); rows index them as p * B + t; own: this rank's own
+    tokens, for a shared expert run as one more group, or None. One kernel on CUDA (impl: auto, triton, torch;
+    the same bits)."""
     t_own = 0 if own is None else own.shape[0]
     n, (ranks, bound, hidden) = t_own + rows.shape[0], q.shape
     if impl == "triton" or (impl == "auto" and q.is_cuda and triton is not None):
@@ -147,13 +164,16 @@ def dequant_gather(q: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, own
         own_t = own if own is not None else out
         if n:
             bh = 1024
+            s_arg = scale if scale is not None else q[:, :, 0]
             _dequant_gather_kernel[(n, triton.cdiv(hidden, bh))](
-                q, scale, rows.contiguous(), own_t, out, t_own, hidden, bound, q.stride(0), q.stride(1),
-                scale.stride(0), scale.stride(1), own_t.stride(0), out.stride(0), BLOCK_H=bh, num_warps=4)
+                q, s_arg, rows.contiguous(), own_t, out, t_own, hidden, bound, q.stride(0), q.stride(1),
+                s_arg.stride(0), s_arg.stride(1), own_t.stride(0), out.stride(0), BLOCK_H=bh,
+                FP8_=scale is not None, num_warps=4)
         return out
     if impl not in ("auto", "torch"):
         raise ValueError(f"dequant_gather: unknown impl {impl!r}")
-    got = dequantize_rows_fp8(q.reshape(ranks * bound, hidden), scale.reshape(-1), dtype)[rows]
+    flat = q.reshape(ranks * bound, hidden)
+    got = (dequantize_rows_fp8(flat, scale.reshape(-1), dtype) if scale is not None else flat.to(dtype))[rows]
     return got if own is None else torch.cat([own.to(dtype), got])
 
 
@@ -191,10 +211,17 @@ class SymmMemDispatcher(MoEDispatcher):
         self.capacity = int(capacity)
         self.static_shapes = True       # always fixed-shape; graph_mode sets it too
         self._slots: dict[int, _Slot] = {}
+        # buffers replaced by larger ones: CUDA graphs captured before still write and read them, and
+        # their barriers wait on these buffers' signal pads, so they stay mapped for the process's life
+        self._retired: list[_Slot] = []
         self._sum_index: dict[tuple, torch.Tensor] = {}
         self._slot_key: tuple | None = None
         self._stream: torch.cuda.Stream | None = None
         self._ubatch_index = 0
+        self.fp8_payload = True     # until the model says its experts take bf16 (set_fp8_payload)
+
+    def set_fp8_payload(self, enabled: bool) -> None:
+        self.fp8_payload = bool(enabled)   # the next dispatch sizes its buffers for it (_slot's key)
 
     def set_ubatch(self, row_offset: int = 0, max_tokens: int | None = None, index: int = 0) -> None:
         super().set_ubatch(row_offset, max_tokens, index)
@@ -203,12 +230,16 @@ class SymmMemDispatcher(MoEDispatcher):
     # ---- buffers ------------------------------------------------------------------------------
     def _slot(self, index: int, hidden: int, k: int, device: torch.device, bound: int) -> _Slot:
         """The micro-batch's buffers; (re)allocated (a collective rendezvous) when the shape grows,
-        which must happen outside CUDA-graph capture (the runner warms every size up eagerly first)."""
-        key = (hidden, k, device)
+        which must happen outside CUDA-graph capture (the runner warms every size up eagerly first).
+        Growth at least doubles the capacity; the buffers it replaces are retired, never freed."""
+        key = (hidden, k, self.fp8_payload, device)
         if self._slot_key != key or bound > self.capacity:
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(f"symm_mem_ll: buffers for {bound} tokens/rank must exist before capture")
-            self.capacity = max(self.capacity, bound)
+            if bound > self.capacity:
+                self.capacity = max(bound, 2 * self.capacity)
+                log.info("symm_mem_ll: receive buffers grow to %d tokens per rank", self.capacity)
+            self._retired.extend(self._slots.values())
             self._slots.clear()
             self._slot_key = key
         if index not in self._slots:
@@ -227,7 +258,7 @@ class SymmMemDispatcher(MoEDispatcher):
         if hidden % 4:
             raise ValueError(f"symm_mem_ll needs a hidden size divisible by 4, got {hidden}")
         ep, c = self.ep_size, self.capacity
-        bufs = [symm_mem.empty(ep, c, row_bytes(hidden, k), dtype=torch.uint8, device=device),
+        bufs = [symm_mem.empty(ep, c, row_bytes(hidden, k, self.fp8_payload), dtype=torch.uint8, device=device),
                 symm_mem.empty(ep, c, hidden, dtype=torch.bfloat16, device=device)]
         group = self.group if self.group is not None else dist.group.WORLD
         handles = tuple(symm_mem.rendezvous(b, group) for b in bufs)
@@ -246,12 +277,18 @@ class SymmMemDispatcher(MoEDispatcher):
         have landed in this rank's buffer."""
         for p in range(self.ep_size):
             self._peer(slot, which, p)[self.ep_rank, :bound].copy_(rows_for(p))
-        slot.handles[which].barrier(channel=channel)
+        # a peer that never arrives (dead, or stuck) traps this device after the EP group's timeout
+        # instead of spinning forever: the engine's next synchronization fails and it goes down
+        slot.handles[which].barrier(channel=channel, timeout_ms=int(envs.WIDEEP_DIST_TIMEOUT_S * 1000))
 
-    def _bound(self, t: int) -> int:
+    def _bound(self, t: int, device: torch.device) -> int:
         bound = self.step_max_tokens
         if bound is None:
-            raise RuntimeError("symm_mem_ll needs the step's max tokens per rank (set by the DP lockstep)")
+            # a forward outside the DP lockstep (the engine's memory-profiling run at start-up): the ranks
+            # agree on the bound here, as allgather_reducescatter does
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("symm_mem_ll: a captured step needs its max tokens per rank set beforehand")
+            return _comm.all_reduce_max_int(t, device, self.group)
         if t > bound:
             raise ValueError(f"{t} tokens on rank {self.ep_rank} exceed max_tokens_per_rank={bound}")
         return bound
@@ -288,21 +325,22 @@ class SymmMemDispatcher(MoEDispatcher):
         that dequantizes the received ones."""
         t, hidden = x.shape
         k = topk_ids.shape[1]
-        bound = self._bound(t)
+        bound = self._bound(t, x.device)
         index = self._ubatch_index
         slot = self._slot(index, hidden, k, x.device, bound)
         ep = self.ep_size
-        dtype = x.dtype
-        # pack the tokens on this stream: FP8 rows, per-token scales, routing (padding routes nowhere)
-        staging = torch.empty((bound, row_bytes(hidden, k)), dtype=torch.uint8, device=x.device)
-        pack_rows(x, topk_ids, topk_weights, staging)
+        dtype, fp8 = x.dtype, self.fp8_payload
+        # pack the tokens on this stream: FP8 rows and per-token scales (or BF16 rows), routing (padding routes
+        # nowhere)
+        staging = torch.empty((bound, row_bytes(hidden, k, fp8)), dtype=torch.uint8, device=x.device)
+        pack_rows(x, topk_ids, topk_weights, staging, fp8=fp8)
 
         def work():
             self._send(slot, 0, lambda p: staging, bound, 2 * index)
 
             def finish() -> DispatchResult:
                 first, _ = self.local_expert_range
-                rx, rscale, rids, rw = row_fields(slot.rows[:, :bound], hidden, k)
+                rx, rscale, rids, rw = row_fields(slot.rows[:, :bound], hidden, k, fp8)
                 recv_ids = rids.reshape(ep * bound, k).to(torch.int64)
                 # one kernel on CUDA: the grouping, each grouped row's weight, and each (token, slot)'s row
                 g, pairs, weights = group_pairs(recv_ids - first, self.num_local_experts, rw.reshape(ep * bound, k))
