@@ -3,8 +3,9 @@
 Each rank writes its tokens straight into every peer's receive buffer (NVLink loads/stores through
 torch symmetric memory; NVLink multicast is never used), then a device-side barrier says the data
 landed. Dispatch moves each token packed into one row with its routing (one copy per peer): FP8 (e4m3)
-with one fp32 scale per token when the model's experts take FP8 (a native FP8 checkpoint, as vLLM
-dispatches FP8 there), BF16 otherwise, so a bf16 model's activations are not quantized on the way.
+with an fp32 scale per 128 channels when the model's experts take FP8 (a native FP8 checkpoint, as vLLM
+dispatches FP8 there; the experts' own activation quantization, so they re-quantize the rows to the same
+codes), BF16 otherwise, so a bf16 model's activations are not quantized on the way.
 Combine sends each rank's BF16 partial sums for the peer's tokens home, where they are summed in fp32.
 
 Fixed shapes: receive buffers hold `capacity` tokens per source rank; a step uses the first
@@ -34,6 +35,7 @@ import torch.distributed as dist
 
 from wideep import envs
 from wideep.model.dispatch import DispatchResult, MoEDispatcher, Pending
+from wideep.model.fp8 import GROUP, act_quant_ref, dequant_act
 from wideep.model.moe_permute import gather_sum, group_pairs
 from wideep.model.triton_compat import constexpr, tl, triton
 from wideep.parallel import _comm
@@ -41,33 +43,32 @@ from wideep.parallel import _comm
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 DEFAULT_CAPACITY = 256      # tokens per rank the receive buffers hold (grown outside graph capture)
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] -> (fp8 [T, H], fp32 scale [T]) with x ≈ q * scale per row."""
-    amax = x.float().abs().amax(dim=-1).clamp(min=1e-12)
-    scale = amax * (1.0 / FP8_MAX)      # a multiply by the fp32 reciprocal, as the packing kernel does
-    q = (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q, scale
+    """x [T, H] -> (fp8 [T, H], fp32 scales [T, ceil(H/128)]): the experts' activation quantization (per token
+    and 128-channel group, act_quant's arithmetic), so an FP8 expert re-quantizing the received rows gets
+    the same codes back."""
+    return act_quant_ref(x)
 
 
 def dequantize_rows_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale[:, None]).to(dtype)
+    return dequant_act(q, scale).to(dtype)
 
 
 def row_bytes(hidden: int, k: int, fp8: bool = True) -> int:
-    """One dispatched token: hidden FP8 bytes and its fp32 scale (fp8), or hidden BF16 values; then K int32
-    expert ids and K fp32 weights."""
-    return (hidden + 4 if fp8 else 2 * hidden) + 8 * k
+    """One dispatched token: hidden FP8 bytes and an fp32 scale per 128 channels (fp8), or hidden BF16 values;
+    then K int32 expert ids and K fp32 weights."""
+    return (hidden + 4 * -(-hidden // GROUP) if fp8 else 2 * hidden) + 8 * k
 
 
 def row_fields(buf: torch.Tensor, hidden: int, k: int, fp8: bool = True):
-    """Views (x fp8 or bf16 [.., H], scale fp32 [..] or None, ids int32 [.., K], weights fp32 [.., K]) of
-    packed rows."""
+    """Views (x fp8 or bf16 [.., H], scales fp32 [.., ceil(H/128)] or None, ids int32 [.., K], weights fp32
+    [.., K]) of packed rows."""
     if fp8:
-        x, scale, end = buf[..., :hidden].view(FP8), buf[..., hidden:hidden + 4].view(torch.float32)[..., 0], hidden + 4
+        end = hidden + 4 * -(-hidden // GROUP)
+        x, scale = buf[..., :hidden].view(FP8), buf[..., hidden:end].view(torch.float32)
     else:
         x, scale, end = buf[..., :2 * hidden].view(torch.bfloat16), None, 2 * hidden
     ids = buf[..., end:end + 4 * k].view(torch.int32)
@@ -79,9 +80,10 @@ if triton is not None:
 
     @triton.jit
     def _pack_rows_kernel(x_ptr, ids_ptr, w_ptr, q_ptr, s_ptr, sid_ptr, sw_ptr, T, H, stride_x, stride_q, stride_s,
-                          stride_sid, K: constexpr, KP: constexpr, BLOCK_H: constexpr, FP8_: constexpr):
-        """Row r of the staging buffer: token r's FP8 row and scale (quantize_rows_fp8's arithmetic) or its
-        BF16 row, and its routing; or for r >= T a padding row (zeros, ids -1)."""
+                          stride_sid, K: constexpr, KP: constexpr, BLOCK_H: constexpr, GROUP_: constexpr,
+                          FP8_: constexpr):
+        """Row r of the staging buffer: token r's FP8 row and its scale per GROUP_ channels (act_quant's
+        arithmetic) or its BF16 row, and its routing; or for r >= T a padding row (zeros, ids -1)."""
         r = tl.program_id(0)
         offs = tl.arange(0, BLOCK_H)
         kk = tl.arange(0, KP)
@@ -89,10 +91,11 @@ if triton is not None:
         k_real = tl.where(r < T, K, 0)
         x = tl.load(x_ptr + r.to(tl.int64) * stride_x + offs, mask=offs < h_real, other=0.0).to(tl.float32)
         if FP8_:
-            amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
-            scale = amax * (1.0 / 448.0)
-            q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
-            tl.store(s_ptr + r * stride_s, tl.where(r < T, scale, 0.0))
+            xg = tl.reshape(x, (BLOCK_H // GROUP_, GROUP_))
+            scale = tl.maximum(tl.max(tl.abs(xg), axis=1), 1e-10) / 448.0
+            q = tl.reshape(tl.clamp(xg / scale[:, None], -448.0, 448.0), (BLOCK_H,))
+            gi = tl.arange(0, BLOCK_H // GROUP_)
+            tl.store(s_ptr + r * stride_s + gi, tl.where(r < T, scale, 0.0), mask=gi * GROUP_ < H)
         else:
             q = x
         tl.store(q_ptr + r.to(tl.int64) * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=offs < H)
@@ -103,7 +106,8 @@ if triton is not None:
 
     @triton.jit
     def _dequant_gather_kernel(q_ptr, s_ptr, rows_ptr, own_ptr, out_ptr, T_OWN, H, BOUND, stride_qp, stride_qt,
-                               stride_sp, stride_st, stride_own, stride_out, BLOCK_H: constexpr, FP8_: constexpr):
+                               stride_sp, stride_st, stride_own, stride_out, BLOCK_H: constexpr, GROUP_: constexpr,
+                               FP8_: constexpr):
         """Output row r: own row r (r < T_OWN), else received row g = rows[r - T_OWN] (source rank g // BOUND,
         its token g % BOUND), dequantized (q * scale in fp32, rounded once to the output's dtype) or as sent."""
         r = tl.program_id(0)
@@ -116,7 +120,7 @@ if triton is not None:
             p, t = (g // BOUND).to(tl.int64), (g % BOUND).to(tl.int64)
             v = tl.load(q_ptr + p * stride_qp + t * stride_qt + offs, mask=mask, other=0.0).to(tl.float32)
             if FP8_:
-                v = v * tl.load(s_ptr + p * stride_sp + t * stride_st)
+                v = v * tl.load(s_ptr + p * stride_sp + t * stride_st + offs // GROUP_, mask=mask, other=0.0)
         # (own rows: bf16 -> fp32 -> bf16, exact)
         tl.store(out_ptr + r.to(tl.int64) * stride_out + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -135,7 +139,8 @@ def pack_rows(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, staging
             _pack_rows_kernel[(staging.shape[0],)](
                 x.contiguous(), ids.contiguous(), weights.float().contiguous(), sx, s_arg, sids, sw, t, hidden,
                 x.stride(0), sx.stride(0), s_arg.stride(0), sids.stride(0), K=k, KP=triton.next_power_of_2(k),
-                BLOCK_H=triton.next_power_of_2(hidden), FP8_=fp8, num_warps=8)
+                BLOCK_H=triton.next_power_of_2(hidden), GROUP_=min(GROUP, triton.next_power_of_2(hidden)),
+                FP8_=fp8, num_warps=8)
         return
     if impl not in ("auto", "torch"):
         raise ValueError(f"pack_rows: unknown impl {impl!r}")
@@ -164,16 +169,17 @@ def dequant_gather(q: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tens
         own_t = own if own is not None else out
         if n:
             bh = 1024
-            s_arg = scale if scale is not None else q[:, :, 0]
+            s_arg = scale if scale is not None else q
             _dequant_gather_kernel[(n, triton.cdiv(hidden, bh))](
                 q, s_arg, rows.contiguous(), own_t, out, t_own, hidden, bound, q.stride(0), q.stride(1),
-                s_arg.stride(0), s_arg.stride(1), own_t.stride(0), out.stride(0), BLOCK_H=bh,
+                s_arg.stride(0), s_arg.stride(1), own_t.stride(0), out.stride(0), BLOCK_H=bh, GROUP_=GROUP,
                 FP8_=scale is not None, num_warps=4)
         return out
     if impl not in ("auto", "torch"):
         raise ValueError(f"dequant_gather: unknown impl {impl!r}")
     flat = q.reshape(ranks * bound, hidden)
-    got = (dequantize_rows_fp8(flat, scale.reshape(-1), dtype) if scale is not None else flat.to(dtype))[rows]
+    got = (dequantize_rows_fp8(flat, scale.reshape(ranks * bound, -1), dtype) if scale is not None
+           else flat.to(dtype))[rows]
     return got if own is None else torch.cat([own.to(dtype), got])
 
 
