@@ -336,8 +336,8 @@ class SymmMemDispatcher(MoEDispatcher):
         slot = self._slot(index, hidden, k, x.device, bound)
         ep = self.ep_size
         dtype, fp8 = x.dtype, self.fp8_payload
-        # pack the tokens on this stream: FP8 rows and per-token scales (or BF16 rows), routing (padding routes
-        # nowhere)
+        # pack the tokens on this stream: FP8 rows with a scale per 128 channels (or BF16 rows), routing (padding
+        # routes nowhere)
         staging = torch.empty((bound, row_bytes(hidden, k, fp8)), dtype=torch.uint8, device=x.device)
         pack_rows(x, topk_ids, topk_weights, staging, fp8=fp8)
 
